@@ -1,0 +1,3 @@
+from leco.cli import main
+
+raise SystemExit(main())

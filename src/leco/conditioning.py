@@ -1,0 +1,104 @@
+"""Prompt embeddings and the extra inputs each family's UNet takes, and the one UNet call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from leco.models import LoadedModels
+
+
+@dataclass
+class Conditioning:
+    """A batch of UNet conditions: text states, plus SDXL's pooled text and size ids."""
+
+    hidden_states: Tensor
+    pooled: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.hidden_states.shape[0]
+
+    def repeat(self, times: int) -> Conditioning:
+        """Each row `times` times in a row (row i becomes rows i*times ... i*times+times-1)."""
+        return Conditioning(
+            *(None if t is None else t.repeat_interleave(times, dim=0) for t in self._tensors())
+        )
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Conditioning:
+        return Conditioning(
+            *(None if t is None else t.to(device=device, dtype=dtype) for t in self._tensors())
+        )
+
+    def with_time_ids(self, time_ids: Tensor) -> Conditioning:
+        return replace(self, time_ids=time_ids.expand(len(self), -1).to(self.hidden_states))
+
+    @staticmethod
+    def cat(parts: list[Conditioning]) -> Conditioning:
+        fields = zip(*(p._tensors() for p in parts), strict=True)
+        return Conditioning(*(None if f[0] is None else torch.cat(f) for f in fields))
+
+    def _tensors(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.hidden_states, self.pooled, self.time_ids
+
+
+def predict(unet: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Conditioning) -> Tensor:
+    """One UNet call: noise (or v) prediction for a batch of latents at their timesteps."""
+    added = None
+    if cond.pooled is not None:
+        added = {"text_embeds": cond.pooled, "time_ids": cond.time_ids}
+    return unet(latents, timesteps, encoder_hidden_states=cond.hidden_states, added_cond_kwargs=added).sample
+
+
+def sdxl_time_ids(height: int, width: int, crop_top: int = 0, crop_left: int = 0) -> Tensor:
+    """SDXL's micro-conditioning: original size, crop corner, target size, all in pixels."""
+    return torch.tensor([[height, width, crop_top, crop_left, height, width]], dtype=torch.float32)
+
+
+class PromptEncoder:
+    """Turns prompt strings into `Conditioning` the way each family was trained.
+
+    `clip_skip` follows A1111/kohya: 1 = last layer, 2 = penultimate layer (+ final layer norm).
+    SDXL always uses the penultimate layers of both encoders and the second one's pooled output.
+    """
+
+    def __init__(self, models: LoadedModels, clip_skip: int | None = None) -> None:
+        self.models = models
+        self.clip_skip = clip_skip or 1
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        if self.models.family.is_sdxl:
+            return self._encode_sdxl(prompts)
+        tokenizer, encoder = self.models.tokenizers[0], self.models.text_encoders[0]
+        ids = _token_ids(tokenizer, prompts, encoder)
+        if self.clip_skip == 1:
+            return Conditioning(encoder(ids)[0])
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
+        return Conditioning(_final_layer_norm(encoder)(hidden))
+
+    def _encode_sdxl(self, prompts: list[str]) -> Conditioning:
+        states, pooled = [], None
+        for tokenizer, encoder in zip(self.models.tokenizers, self.models.text_encoders, strict=True):
+            out = encoder(_token_ids(tokenizer, prompts, encoder), output_hidden_states=True)
+            states.append(out.hidden_states[-1 - self.clip_skip])
+            pooled = out[0]  # the projected pooled text of the second encoder is what SDXL uses
+        return Conditioning(torch.cat(states, dim=-1), pooled=pooled)
+
+
+def _token_ids(tokenizer, prompts: list[str], encoder: torch.nn.Module) -> Tensor:
+    tokens = tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    )
+    return tokens.input_ids.to(next(encoder.parameters()).device)
+
+
+def _final_layer_norm(encoder: torch.nn.Module) -> torch.nn.Module:
+    # transformers >= 5.6 flattened CLIPTextModel; CLIPTextModelWithProjection keeps `text_model`.
+    return getattr(encoder, "text_model", encoder).final_layer_norm

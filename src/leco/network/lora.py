@@ -1,0 +1,233 @@
+"""A LoRA on a diffusers UNet (injected with peft) with a strength that can be switched.
+
+The strength (multiplier) scales every LoRA branch: 0 is the original model, 1 the trained edit,
+negative values invert it. Switching it touches no weights, so the teacher (LoRA off) and the
+student (LoRA on) share one UNet in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from leco import __version__
+from leco.config import NetworkConfig
+from leco.errors import LecoError
+from leco.models import ModelFamily
+from leco.network import kohya
+from leco.network.layers import adaptable_layers, is_conv3x3, select_layers
+
+ADAPTER = "leco"
+
+
+class LoRANetwork:
+    """LoRA modules on selected UNet layers, each with its own rank and alpha (scale = alpha/rank)."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        family: ModelFamily,
+        ranks: dict[str, tuple[int, float]],
+        network_type: str = "lierla",
+        training_method: str = "full",
+    ) -> None:
+        self.unet = unet
+        self.family = family
+        self.network_type = network_type
+        self.training_method = training_method
+        self.ranks = dict(ranks)
+        (rank, alpha), _ = Counter(self.ranks.values()).most_common(1)[0]
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=list(self.ranks),
+            rank_pattern={_exact(n): r for n, (r, _) in self.ranks.items() if r != rank},
+            alpha_pattern={_exact(n): a for n, (_, a) in self.ranks.items() if a != alpha},
+            lora_dropout=0.0,
+            init_lora_weights=True,  # down: kaiming-uniform(a=sqrt 5), up: zeros, as kohya
+        )
+        inject_adapter_in_model(config, unet, adapter_name=ADAPTER)
+        self.layers: dict[str, LoraLayer] = {name: unet.get_submodule(name) for name in self.ranks}
+        for parameter in self.parameters():
+            # Trainable weights stay fp32 whatever the UNet's dtype (autocast handles the matmuls).
+            parameter.data = parameter.data.float()
+            parameter.requires_grad_(True)
+        self._multiplier = 1.0
+
+    @classmethod
+    def create(cls, unet: nn.Module, family: ModelFamily, config: NetworkConfig) -> LoRANetwork:
+        """A fresh (identity) LoRA on the layers the config's type and preset select."""
+        ranks = {}
+        for name in select_layers(unet, config.type, config.training_method):
+            rank, alpha = config.rank, config.alpha
+            if is_conv3x3(unet.get_submodule(name)):
+                rank = config.conv_rank or rank
+                alpha = config.conv_alpha if config.conv_alpha is not None else alpha
+            ranks[name] = (rank, float(alpha or rank))  # kohya: alpha 0 means alpha = rank
+        return cls(unet, family, ranks, config.type, config.training_method)
+
+    @classmethod
+    def from_file(cls, unet: nn.Module, family: ModelFamily, path: str | Path) -> LoRANetwork:
+        """Load a kohya-format LoRA (ours or another trainer's) onto a UNet of its family."""
+        tensors, metadata = kohya.read_lora_file(path)
+        by_key = {
+            kohya.kohya_key(name, family, unet.config): name for name in adaptable_layers(unet, "c3lier")
+        }
+        modules = sorted({key.split(".", 1)[0] for key in tensors})
+        ranks = {}
+        for module in modules:
+            if module not in by_key:
+                raise LecoError(
+                    f"{path}: {module} matches no layer of this {family.name} UNet; "
+                    "the LoRA was trained for another model family (or holds text-encoder layers)"
+                )
+            rank = tensors[f"{module}.lora_down.weight"].shape[0]
+            alpha = tensors.get(f"{module}.alpha", torch.tensor(float(rank))).item()
+            ranks[by_key[module]] = (rank, alpha)
+        convs = any(".resnets." in n or "samplers." in n for n in ranks)
+        network = cls(
+            unet,
+            family,
+            ranks,
+            network_type="c3lier" if convs else "lierla",
+            training_method=metadata.get("leco.training_method", "full"),
+        )
+        network.load_kohya_state_dict(tensors, source=str(path))
+        return network
+
+    # -- strength -------------------------------------------------------------------------------
+
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: float) -> None:
+        for layer in self.layers.values():
+            layer.set_scale(ADAPTER, float(value))
+        self._multiplier = float(value)
+
+    @contextmanager
+    def strength(self, value: float) -> Iterator[LoRANetwork]:
+        """Temporarily apply the LoRA at `value` (0 = the original model)."""
+        previous = self.multiplier
+        self.multiplier = value
+        try:
+            yield self
+        finally:
+            self.multiplier = previous
+
+    # -- weights --------------------------------------------------------------------------------
+
+    def parameters(self) -> list[nn.Parameter]:
+        params = []
+        for layer in self.layers.values():
+            params += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
+        return params
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Tensors under kohya keys: down/up in `dtype`, alpha as fp32 scalars."""
+        tensors = {}
+        for name, layer in self.layers.items():
+            key = kohya.kohya_key(name, self.family, self.unet.config)
+            tensors[f"{key}.lora_down.weight"] = _export(layer.lora_A[ADAPTER].weight, dtype)
+            tensors[f"{key}.lora_up.weight"] = _export(layer.lora_B[ADAPTER].weight, dtype)
+            tensors[f"{key}.alpha"] = torch.tensor(float(self.ranks[name][1]), dtype=torch.float32)
+        return tensors
+
+    @torch.no_grad()
+    def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
+        expected = self.kohya_state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        if missing or unexpected:
+            first = (missing or unexpected)[0]
+            kind = "lacks" if missing else "has an unexpected"
+            raise LecoError(f"{source}: {kind} key {first}; it was not saved from this network's layers")
+        for name, layer in self.layers.items():
+            key = kohya.kohya_key(name, self.family, self.unet.config)
+            for target, suffix in (
+                (layer.lora_A[ADAPTER].weight, "lora_down"),
+                (layer.lora_B[ADAPTER].weight, "lora_up"),
+            ):
+                value = tensors[f"{key}.{suffix}.weight"]
+                if value.shape != target.shape:
+                    raise LecoError(
+                        f"{source}: {key}.{suffix}.weight has shape {list(value.shape)}, "
+                        f"expected {list(target.shape)}"
+                    )
+                target.copy_(value.to(target))
+            alpha = float(tensors[f"{key}.alpha"])
+            if not math.isclose(alpha, self.ranks[name][1], rel_tol=1e-6):
+                raise LecoError(f"{source}: {key}.alpha is {alpha}, the network has {self.ranks[name][1]}")
+
+    def metadata(self, resolution: int, title: str) -> dict[str, str]:
+        """kohya/A1111 (ss_*), ModelSpec and leco metadata; hashes are added when saving."""
+        (rank, alpha), _ = Counter(self.ranks.values()).most_common(1)[0]
+        args: dict[str, str] = {}
+        conv = [value for name, value in self.ranks.items() if is_conv3x3(self.layers[name].get_base_layer())]
+        if conv:
+            args = {"conv_dim": str(conv[0][0]), "conv_alpha": _number(conv[0][1])}
+        return {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(rank),
+            "ss_network_alpha": _number(alpha),
+            "ss_network_args": kohya.json_metadata(args),
+            "ss_output_name": title,
+            **kohya.family_metadata(self.family, resolution),
+            "modelspec.title": title,
+            "leco.version": __version__,
+            "leco.network_type": self.network_type,
+            "leco.training_method": self.training_method,
+        }
+
+    def save(
+        self,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        resolution: int,
+        title: str | None = None,
+        extra_metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        path = Path(path)
+        metadata = self.metadata(resolution, title or path.stem)
+        metadata.update(
+            {
+                k: v if isinstance(v, str) else kohya.json_metadata(v)
+                for k, v in (extra_metadata or {}).items()
+            }
+        )
+        return kohya.save_lora_file(path, self.kohya_state_dict(dtype), metadata)
+
+    def remove(self) -> None:
+        """Take the LoRA out of the UNet again, restoring the original layers."""
+        for name, layer in self.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.unet.get_submodule(parent_name), child, layer.get_base_layer())
+        self.layers = {}
+
+
+def _exact(name: str) -> str:
+    # peft matches rank/alpha patterns as regexes against the end of a module path.
+    return "^" + name.replace(".", r"\.")
+
+
+def _export(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight.detach().to("cpu", dtype).contiguous().clone()
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

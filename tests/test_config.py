@@ -1,0 +1,247 @@
+import contextlib
+import shutil
+import string
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from leco.config import ConfigError, LecoConfig, load_config, load_prompts, parse_optimizer_args
+
+DATA = Path(__file__).parent / "data" / "reference_style"
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "prompts_file: prompts.yaml\npretrained_model:\n  name_or_path: some/model\n"
+
+
+@pytest.fixture
+def folder(tmp_path):
+    write(tmp_path, "prompts.yaml", "- target: van gogh\n")
+    return tmp_path
+
+
+def test_reference_style_files_load_with_their_meaning():
+    config = load_config(DATA / "config.yaml")
+    assert config.pretrained_model.v2 is True and config.pretrained_model.v_pred is True
+    assert config.pretrained_model.clip_skip == 2
+    assert (config.network.type, config.network.rank, config.network.alpha) == ("c3lier", 8, 4.0)
+    assert config.network.training_method == "xattn"
+    assert config.train.precision == "bf16"  # bfloat16 is normalised
+    assert config.train.optimizer == "adamw"  # case-insensitive as in the reference tool
+    assert config.train.optimizer_args == {"weight_decay": 0.01, "betas": (0.9, 0.99)}
+    assert config.train.lr == pytest.approx(1e-4)  # YAML reads 1e-4 as a string
+    assert config.train.noise_scheduler == "euler_a"
+    assert (config.train.resolution, config.train.batch_size) == (768, 2)
+    assert config.train.max_denoising_steps == 40
+    assert config.save.precision == "fp16"
+    assert config.other.use_xformers is True
+    first, second, third = config.prompts
+    assert first.target == first.positive == "monet" and first.batch_size == 2
+    assert second.positive == "1girl, cat ears" and second.neutral == "" and second.action == "enhance"
+    assert second.guidance_scale == 2.0 and second.dynamic_crops is True
+    assert third.target == third.positive == "7" and third.unconditional == third.neutral == ""
+    assert third.action == "erase" and third.guidance_scale == 1.0
+
+
+def test_prompt_defaults_follow_the_reference_rules(tmp_path):
+    path = write(tmp_path, "p.yaml", "- target: a\n  unconditional: u\n- target: b\n  neutral: n\n")
+    a, b = load_prompts(path)
+    assert (a.positive, a.unconditional, a.neutral) == ("a", "u", "u")
+    assert (b.positive, b.unconditional, b.neutral) == ("b", "", "n")
+
+
+def test_new_keys_have_defaults(folder):
+    config = load_config(write(folder, "c.yaml", MINIMAL))
+    assert config.network.training_method == "full" and config.train.seed is None
+    assert config.train.device == "auto" and config.train.samples_per_rollout >= 1
+    assert config.train.max_denoising_steps == 50 and config.train.rollout_guidance_scale == 3.0
+
+
+def test_prompts_file_is_resolved_next_to_the_config_first(tmp_path, monkeypatch):
+    (tmp_path / "cfg").mkdir()
+    write(tmp_path / "cfg", "prompts.yaml", "- target: near\n")
+    write(tmp_path, "prompts.yaml", "- target: cwd\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(write(tmp_path / "cfg", "c.yaml", MINIMAL)).prompts[0].target == "near"
+
+
+def test_prompts_file_falls_back_to_the_working_directory(tmp_path, monkeypatch):
+    # The reference tool's own examples say prompts_file: ./examples/prompts.yaml, run from the repo root.
+    shutil.copytree(DATA, tmp_path / "examples")
+    text = (DATA / "config.yaml").read_text().replace("./prompts.yaml", "./examples/prompts.yaml")
+    write(tmp_path / "examples", "config.yaml", text)
+    monkeypatch.chdir(tmp_path)
+    assert load_config("examples/config.yaml").prompts[0].target == "monet"
+
+
+def test_empty_sections_mean_defaults(folder):
+    config = load_config(write(folder, "c.yaml", MINIMAL + "train:\nsave:\nlogging:\nother:\n"))
+    assert config.train.iterations == 500 and config.save.name == "untitled"
+
+
+def test_inline_prompts_are_accepted(tmp_path):
+    text = "pretrained_model: {name_or_path: x/y}\nprompts:\n  - target: cat\n    action: enhance\n"
+    assert load_config(write(tmp_path, "c.yaml", text)).prompts[0].action == "enhance"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL + "train:\n  guidance: 4\n", ["train.guidance: unknown key", "rollout_guidance_scale"]),
+        (MINIMAL + "netwrok:\n  rank: 4\n", ["netwrok: unknown key", "did you mean 'network'"]),
+        (MINIMAL + "train:\n  iterations: many\n", ["train.iterations:", "valid integer", "'many'"]),
+        (MINIMAL + "train:\n  precision: fp8\n", ["train.precision:", "'fp8' is not allowed", "'bf16'"]),
+        (MINIMAL + "network:\n  training_method: xatn\n", ["network.training_method:", "'xattn'"]),
+        (MINIMAL + "train:\n  device: gpu\n", ["train.device:", "cuda"]),
+        (MINIMAL + "train:\n  optimizer_args: '=3'\n", ["train.optimizer_args:", "key=value"]),
+        (MINIMAL + "save:\n  name: a/b\n", ["save.name:", "plain file name"]),
+        (
+            "pretrained_model:\n  v2: true\nprompts_file: prompts.yaml\n",
+            ["pretrained_model.name_or_path", "missing"],
+        ),
+        ("prompts_file: nowhere.yaml\npretrained_model: {name_or_path: x}\n", ["prompts_file:", "not found"]),
+        ("pretrained_model: {name_or_path: x}\n", ["prompts_file: missing"]),
+        ("train: [1, 2\n", ["line", "invalid YAML"]),
+        ("- just\n- a list\n", ["must be a YAML mapping"]),
+    ],
+)
+def test_bad_config_gives_one_clear_line(folder, text, expected):
+    path = write(folder, "c.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)), message
+    assert "\n" not in message, message
+    for part in expected:
+        assert part in message, message
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- target: a\n  guidance: 3\n", ["entry 1.guidance: unknown key", "guidance_scale"]),
+        ("- positive: a\n", ["entry 1.target: required key is missing"]),
+        ("- target: a\n  action: delete\n", ["entry 1.action:", "'erase'"]),
+        ("- target: a\n- target: b\n  batch_size: 0\n", ["entry 2.batch_size:"]),
+        ("[]\n", ["non-empty YAML list"]),
+        ("- just text\n", ["entry 1: must be a mapping"]),
+    ],
+)
+def test_bad_prompts_give_one_clear_line(folder, text, expected):
+    write(folder, "prompts.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(folder, "c.yaml", MINIMAL))
+    message = str(caught.value)
+    assert message.startswith(str(folder / "prompts.yaml")) and "\n" not in message, message
+    for part in expected:
+        assert part in message, message
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_optimizer_args_reference_string():
+    assert parse_optimizer_args("d_coef=2 decouple=True use_bias_correction=False") == {
+        "d_coef": 2,
+        "decouple": True,
+        "use_bias_correction": False,
+    }
+    assert parse_optimizer_args("") == {}
+
+
+def test_config_round_trips_through_json(folder):
+    config = load_config(write(folder, "c.yaml", MINIMAL))
+    assert LecoConfig.model_validate_json(config.to_json()) == config
+
+
+KEYS = [
+    "prompts_file",
+    "pretrained_model",
+    "name_or_path",
+    "network",
+    "train",
+    "save",
+    "logging",
+    "other",
+    "type",
+    "rank",
+    "alpha",
+    "precision",
+    "iterations",
+    "lr",
+    "target",
+    "prompts",
+    "v2",
+    "guidance",
+]
+scalars = (
+    st.none() | st.booleans() | st.integers(-10, 10**6) | st.floats(allow_nan=True) | st.text(max_size=12)
+)
+documents = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(KEYS) | st.text(string.ascii_letters, max_size=6), children, max_size=5
+        )
+    ),
+    max_leaves=20,
+)
+
+TRAIN_KEYS = [
+    "iterations",
+    "lr",
+    "precision",
+    "optimizer",
+    "optimizer_args",
+    "lr_scheduler",
+    "seed",
+    "device",
+]
+near_valid = st.fixed_dictionaries(
+    {
+        "prompts_file": st.just("prompts.yaml") | scalars,
+        "pretrained_model": st.dictionaries(
+            st.sampled_from(["name_or_path", "v2", "v_pred", "clip_skip"]), scalars
+        ),
+        "train": st.dictionaries(st.sampled_from(TRAIN_KEYS), scalars | documents),
+        "network": st.dictionaries(st.sampled_from(["type", "rank", "alpha", "training_method"]), scalars),
+    }
+)
+prompt_lists = st.lists(
+    st.dictionaries(
+        st.sampled_from(["target", "positive", "action", "guidance_scale", "batch_size"]), scalars
+    ),
+    max_size=3,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=documents | near_valid, prompts=documents | prompt_lists)
+def test_any_yaml_document_gives_a_config_or_a_config_error(folder, document, prompts):
+    config_path = folder / "fuzz.yaml"
+    config_path.write_text(yaml.safe_dump(document))
+    (folder / "prompts.yaml").write_text(yaml.safe_dump(prompts))
+    try:
+        load_config(config_path)
+    except ConfigError as error:
+        assert str(error).startswith(str(folder))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=80))
+def test_any_text_gives_a_config_or_a_config_error(folder, text):
+    path = folder / "raw.yaml"
+    path.write_text(text)
+    with contextlib.suppress(ConfigError):
+        load_config(path)

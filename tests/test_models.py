@@ -1,0 +1,151 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from leco.config import PretrainedModelConfig
+from leco.errors import LecoError
+from leco.models import arch_from_checkpoint, load_models, probe_v_prediction
+
+
+def tensors_equal(a: torch.nn.Module, b: torch.nn.Module, skip: str = "-") -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa if not k.startswith(skip))
+
+
+@pytest.mark.parametrize(
+    ("name", "arch", "v_pred", "encoders"),
+    [("sd1", "sd1", False, 1), ("sd2-v", "sd2", True, 1), ("sdxl", "sdxl", False, 2)],
+)
+def test_diffusers_folder_detects_the_family(tiny_folders, name, arch, v_pred, encoders):
+    models = load_models(str(tiny_folders[name]))
+    assert (models.family.arch, models.family.v_pred, models.family.name) == (arch, v_pred, name)
+    assert len(models.text_encoders) == len(models.tokenizers) == encoders
+    assert models.vae is None  # training never needs the VAE
+    assert models.scheduler_config["prediction_type"] == ("v_prediction" if v_pred else "epsilon")
+    assert models.resolution == 16
+    assert not any(p.requires_grad for p in models.unet.parameters())
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl"])
+def test_single_file_loads_the_same_weights_offline(tmp_path, tiny_folders, tiny_single_files, name):
+    reference = load_models(str(tiny_folders[name]))
+    path, skip = tiny_single_files[name], "-"
+    if name == "sd2-v":
+        # SD2 single files are probed; a tiny random UNet answers at random, so give it a v-model's answer.
+        path, skip = with_v_behaviour(path, tmp_path / "v.safetensors"), "conv_out"
+    spec = PretrainedModelConfig(name_or_path=str(path), config=str(tiny_folders[name]))
+    loaded = load_models(spec)
+    assert loaded.family == reference.family
+    assert tensors_equal(loaded.unet, reference.unet, skip=skip)
+    for ours, theirs in zip(loaded.text_encoders, reference.text_encoders, strict=True):
+        assert tensors_equal(ours, theirs)
+    prompt = ["a watercolor of a fox"]
+    for ours, theirs in zip(loaded.tokenizers, reference.tokenizers, strict=True):
+        assert ours(prompt, padding="max_length").input_ids == theirs(prompt, padding="max_length").input_ids
+
+
+def with_v_behaviour(path: Path, out: Path) -> Path:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    state["model.diffusion_model.out.2.bias"].fill_(-4.0)
+    state["model.diffusion_model.out.2.weight"].zero_()
+    save_file(state, str(out))
+    return out
+
+
+def test_probe_tells_v_from_epsilon(tiny_folders):
+    unet = load_models(str(tiny_folders["sd1"])).unet
+    with torch.no_grad():
+        unet.conv_out.weight.zero_()
+        unet.conv_out.bias.fill_(0.5)  # output = input: what an epsilon model does at t=999
+        assert probe_v_prediction(unet) is False
+        unet.conv_out.bias.fill_(-3.0)
+        assert probe_v_prediction(unet) is True
+
+
+def test_single_file_of_unknown_shape_is_refused(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(LecoError, match="no Stable Diffusion UNet"):
+        load_models(str(path))
+
+
+def test_single_file_needs_matching_configs(tiny_single_files):
+    # Without `config`, the shipped full-size SD1 architecture is used: a tiny file does not fit it.
+    with pytest.raises(LecoError, match="do not match the sd1 architecture"):
+        load_models(str(tiny_single_files["sd1"]))
+
+
+def test_checkpoint_structure_detection(tiny_single_files):
+    from safetensors.torch import load_file
+
+    for name, arch in (("sd1", "sd1"), ("sd2-v", "sd2"), ("sdxl", "sdxl")):
+        assert arch_from_checkpoint(load_file(str(tiny_single_files[name]))) == arch
+
+
+def test_pickle_checkpoints_need_opt_in_and_load_weights_only(tmp_path, tiny_folders, tiny_single_files):
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(str(tiny_single_files["sd1"]))}, ckpt)
+    with pytest.raises(LecoError, match="allow_pickle: true"):
+        load_models(str(ckpt))
+    spec = PretrainedModelConfig(name_or_path=str(ckpt), allow_pickle=True, config=str(tiny_folders["sd1"]))
+    assert tensors_equal(load_models(spec).unet, load_models(str(tiny_folders["sd1"])).unet)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"x": Payload()}, evil)
+    with pytest.raises(LecoError, match="cannot be read safely"):
+        load_models(PretrainedModelConfig(name_or_path=str(evil), allow_pickle=True))
+
+
+def test_contradicting_flags_are_errors(tiny_folders):
+    with pytest.raises(LecoError, match="pretrained_model.v2: is true but .* is an sd1 model"):
+        load_models(PretrainedModelConfig(name_or_path=str(tiny_folders["sd1"]), v2=True))
+    with pytest.raises(LecoError, match="pretrained_model.v2: is false .* sd2"):
+        load_models(PretrainedModelConfig(name_or_path=str(tiny_folders["sd2-v"]), v2=False))
+    with pytest.raises(LecoError, match="v_pred: is false but .*scheduler_config.json says v-prediction"):
+        load_models(PretrainedModelConfig(name_or_path=str(tiny_folders["sd2-v"]), v_pred=False))
+    agreed = load_models(PretrainedModelConfig(name_or_path=str(tiny_folders["sd2-v"]), v2=True, v_pred=True))
+    assert agreed.family.name == "sd2-v"
+
+
+def test_vae_is_loaded_only_on_request(tiny_folders):
+    assert load_models(str(tiny_folders["sd1"]), with_vae=True).vae is not None
+
+
+def test_bad_sources_give_clear_errors(tmp_path):
+    with pytest.raises(LecoError, match="neither a file, a folder nor a Hugging Face repo id"):
+        load_models(str(tmp_path / "missing" / "model.safetensors"))
+    with pytest.raises(LecoError, match="not a complete diffusers model folder"):
+        load_models(str(tmp_path))
+    with pytest.raises(LecoError, match="could not be loaded from the Hugging Face Hub or its"):
+        load_models("nobody-here/no-such-model")
+
+
+def test_hub_repo_id_loads_from_the_local_cache_offline(tmp_path, tiny_folders):
+    # Lay the folder out the way huggingface_hub caches a download, then resolve the repo id offline.
+    import shutil
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--leco-tests--tiny-sd1"
+    shutil.copytree(tiny_folders["sd1"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    code = "from leco.models import load_models; print(load_models('leco-tests/tiny-sd1').family.name)"
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "sd1"
