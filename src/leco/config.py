@@ -108,6 +108,8 @@ class TrainConfig(_Section):
     # Reference form "weight_decay=0.01 betas=(0.9,0.99)" or a mapping.
     optimizer_args: dict[str, Any] = Field(default_factory=dict)
     lr_scheduler: Annotated[Literal[LR_SCHEDULERS], BeforeValidator(_lower)] = "constant"  # type: ignore[valid-type]
+    # e.g. {num_cycles: 3} for cosine_with_restarts, {step_size: 100, gamma: 0.5} for step.
+    lr_scheduler_args: dict[str, Any] = Field(default_factory=dict)
     lr_warmup_steps: int = Field(0, ge=0)
     max_denoising_steps: int = Field(50, ge=2)
     samples_per_rollout: int = Field(DEFAULT_SAMPLES_PER_ROLLOUT, ge=1)
@@ -161,6 +163,17 @@ class OtherConfig(_Section):
     use_xformers: bool = False
 
 
+class AnchorConfig(_Section):
+    """Preservation: prompts whose predictions must stay those of the original model."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    prompts: list[str] = Field(default_factory=list)
+    weight: float = Field(1.0, ge=0)
+    # Anchors trained next to each sample (batched with the LECO prompts: no extra UNet call).
+    per_step: int = Field(1, ge=1)
+
+
 class PromptSettings(_Section):
     """One entry of prompts.yaml (the reference tool's keys and defaults)."""
 
@@ -186,7 +199,7 @@ class PromptSettings(_Section):
         return self
 
 
-_SECTIONS = ("pretrained_model", "network", "train", "save", "logging", "other")
+_SECTIONS = ("pretrained_model", "network", "train", "save", "logging", "other", "anchors")
 
 
 class LecoConfig(_Section):
@@ -198,6 +211,7 @@ class LecoConfig(_Section):
     save: SaveConfig = Field(default_factory=SaveConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     other: OtherConfig = Field(default_factory=OtherConfig)
+    anchors: AnchorConfig = Field(default_factory=AnchorConfig)
 
     @model_validator(mode="before")
     @classmethod

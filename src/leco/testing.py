@@ -1,4 +1,7 @@
-"""Tiny random-initialised SD1 / SD2(-v) / SDXL pipelines with the real layouts, built offline."""
+"""Tiny random-initialised SD1 / SD2(-v) / SDXL pipelines with the real layouts, built offline.
+
+For tests and benchmarks: they have the shapes and key names of the real families but know nothing.
+"""
 
 from __future__ import annotations
 
@@ -46,14 +49,14 @@ def _text_encoder(hidden: int, act: str, cls=CLIPTextModel, layers: int = 2) -> 
     return cls(config)
 
 
-def _unet(arch: str) -> UNet2DConditionModel:
+def _unet(arch: str, channels: tuple[int, int] = (16, 32), sample_size: int = 8) -> UNet2DConditionModel:
     common = dict(
-        sample_size=8,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
         layers_per_block=2,
         norm_num_groups=8,
-        block_out_channels=(16, 32),
+        block_out_channels=channels,
     )
     if arch == "sdxl":
         return UNet2DConditionModel(
@@ -78,10 +81,12 @@ def _unet(arch: str) -> UNet2DConditionModel:
     )
 
 
-def tiny_pipeline(arch: str = "sd1", v_pred: bool = False, seed: int = 0):
+def tiny_pipeline(
+    arch: str = "sd1", v_pred: bool = False, seed: int = 0, channels: tuple[int, int] = (16, 32), sample_size: int = 8
+):
     """A diffusers pipeline of the family's layout with a few thousand random parameters per part."""
     torch.manual_seed(seed)
-    unet = _unet(arch)
+    unet = _unet(arch, channels, sample_size)
     vae = AutoencoderKL(
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -92,6 +97,9 @@ def tiny_pipeline(arch: str = "sd1", v_pred: bool = False, seed: int = 0):
     )
     family = ModelFamily(arch, v_pred)
     tokenizers = clip_tokenizers(family)
+    for tokenizer in tokenizers:
+        # Short prompts padded to 77 tokens would drown in padding in a random model: pad to 10.
+        tokenizer.model_max_length = 10
     prediction = "v_prediction" if v_pred else "epsilon"
     if arch == "sdxl":
         scheduler = EulerDiscreteScheduler(
@@ -122,8 +130,8 @@ def tiny_pipeline(arch: str = "sd1", v_pred: bool = False, seed: int = 0):
     )
 
 
-def save_tiny_pipeline(folder: Path, arch: str = "sd1", v_pred: bool = False, seed: int = 0):
-    pipe = tiny_pipeline(arch, v_pred, seed)
+def save_tiny_pipeline(folder: Path, arch: str = "sd1", v_pred: bool = False, seed: int = 0, **sizes):
+    pipe = tiny_pipeline(arch, v_pred, seed, **sizes)
     pipe.save_pretrained(folder)
     return pipe
 

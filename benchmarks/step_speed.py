@@ -1,0 +1,149 @@
+"""Training-step speed: the reference LECO schedule against ours, on one small UNet, in one run.
+
+Reference schedule (as p1atdev/LECO's train_lora.py does it): every step rolls out k ~ U[1, S-1]
+DDIM steps from noise with a doubled CFG batch, then asks the frozen model three times for
+positive, neutral and unconditional, each call again a doubled (guidance 1) batch, and runs the
+student on a doubled batch as well. Ours: one rollout feeds m steps (samples_per_rollout), the
+teacher is one batched call without duplicates, the student one plain call.
+
+usage: python benchmarks/step_speed.py [--model DIR] [--steps 40] [--reuse 1,2,4,8] [--threads 2]
+Prints steps/s, UNet calls per step and batch rows per step for each schedule, and the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from leco.conditioning import Conditioning
+from leco.config import LecoConfig
+from leco.objectives import leco_loss, leco_target
+from leco.testing import save_tiny_pipeline
+from leco.trainer import Trainer
+
+
+def make_trainer(model: str, out: str, reuse: int, denoising_steps: int) -> Trainer:
+    config = LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": model},
+            "prompts": [{"target": "a red fox", "guidance_scale": 1.0}],
+            "train": {
+                "precision": "fp32",
+                "seed": 0,
+                "samples_per_rollout": reuse,
+                "lr": 1e-4,
+                "max_denoising_steps": denoising_steps,
+                "iterations": 10**6,
+            },
+            "save": {"path": out, "name": "bench"},
+        }
+    )
+    return Trainer(config, progress=False)
+
+
+class Counted:
+    """Counts UNet calls and the batch rows they process."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.calls = self.rows = 0
+        original = trainer.predict
+
+        def predict(latents, timesteps, cond):
+            self.calls += 1
+            self.rows += latents.shape[0]
+            return original(latents, timesteps, cond)
+
+        trainer.predict = predict
+
+
+def reference_step(trainer: Trainer, generator: torch.Generator) -> None:
+    """One step of the reference schedule with the same UNet, LoRA and optimizer."""
+    prompt = trainer.prompts[0]
+    steps = trainer.rollout.steps
+    size = (prompt.resolution, prompt.resolution)
+    unconditional = trainer.conditioning(prompt.unconditional, prompt, size, (0, 0))
+    target_cfg = Conditioning.cat([unconditional, trainer.conditioning(prompt.target, prompt, size, (0, 0))])
+    k = int(torch.randint(1, steps, (1,), generator=generator))
+    scheduler = trainer.rollout.scheduler
+    scheduler.set_timesteps(steps)
+    scale = trainer.vae_scale_factor
+    latents = torch.randn(1, 4, size[0] // scale, size[1] // scale, generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps[:k]:
+            both = trainer.predict(torch.cat([latents, latents]), t, target_cfg)
+            u, c = both.chunk(2)
+            latents = scheduler.step(u + 3.0 * (c - u), t, latents).prev_sample
+        t = torch.tensor([int(scheduler.timesteps[k])])
+        teacher = {}
+        with trainer.network.strength(0.0):
+            for role, row in prompt.teacher_rows.items():  # three separate, doubled calls
+                cond = Conditioning(prompt.teacher.hidden_states[row : row + 1])
+                out = trainer.predict(
+                    torch.cat([latents, latents]), t, Conditioning.cat([unconditional, cond])
+                )
+                teacher[role] = out.chunk(2)[1]
+    student = trainer.predict(torch.cat([latents, latents]), t, target_cfg).chunk(2)[1]
+    loss = leco_loss(
+        student, leco_target("erase", teacher["neutral"], teacher["positive"], teacher["unconditional"], 1.0)
+    )
+    trainer.optimizer.zero_grad()
+    loss.backward()
+    trainer.optimizer.step()
+
+
+def measure(step, trainer: Trainer, count: int) -> tuple[float, float, float]:
+    counter = Counted(trainer)
+    step()  # warm-up (allocations, first rollout)
+    counter.calls = counter.rows = 0
+    start = time.perf_counter()
+    for _ in range(count):
+        step()
+    elapsed = time.perf_counter() - start
+    return count / elapsed, counter.calls / count, counter.rows / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="diffusers folder (default: a random small SD1-layout UNet)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps timed per schedule")
+    parser.add_argument("--denoising-steps", type=int, default=50)
+    parser.add_argument("--reuse", default="1,2,4,8", help="samples_per_rollout values to time")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model
+        if model is None:
+            model = str(Path(tmp) / "small-sd1")
+            save_tiny_pipeline(Path(model), "sd1", channels=(32, 64), sample_size=16)
+        print(
+            f"model: {model}; {args.steps} timed steps each; S={args.denoising_steps}; "
+            f"{torch.get_num_threads()} CPU threads"
+        )
+        trainer = make_trainer(model, tmp, 1, args.denoising_steps)
+        generator = torch.Generator().manual_seed(0)
+        ref_speed, ref_calls, ref_rows = measure(
+            lambda: reference_step(trainer, generator), trainer, args.steps
+        )
+        print(f"{'schedule':<34}{'steps/s':>9}{'UNet calls/step':>17}{'rows/step':>11}{'speed-up':>10}")
+        print(
+            f"{'reference (m=1, doubled teacher)':<34}{ref_speed:>9.2f}{ref_calls:>17.1f}{ref_rows:>11.1f}"
+            f"{1.0:>10.2f}"
+        )
+        for reuse in (int(r) for r in args.reuse.split(",")):
+            trainer = make_trainer(model, tmp, reuse, args.denoising_steps)
+            speed, calls, rows = measure(trainer.train_step, trainer, args.steps)
+            print(
+                f"{f'leco (m={reuse}, batched teacher)':<34}{speed:>9.2f}{calls:>17.1f}{rows:>11.1f}"
+                f"{speed / ref_speed:>10.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Partial rollouts: latents "as the edited model would generate them" at a known timestep.
+
+A rollout starts from Gaussian latents and samples with the LoRA on (classifier-free guidance on
+the target prompt) for S steps of a diffusers scheduler. Several training samples are taken from
+ONE rollout: pick m distinct step counts k, run to the largest and keep a latent for each.
+
+The latent of sample k is labelled with the timestep it really has. With `timestep_offset`, it
+is moved to a random timestep inside its step's interval (t_k, t_(k-1)] by a DDIM jump that reuses
+the prediction the rollout made anyway, so every training timestep 1..T-1 gets trained.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, LMSDiscreteScheduler
+from torch import Tensor
+
+# (model input latents, timestep) -> the guided prediction (noise or v) of the edited model.
+GuidedModel = Callable[[Tensor, Tensor], Tensor]
+
+SAMPLERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "lms": LMSDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+}
+
+
+@dataclass
+class SamplePlan:
+    """One sample of a rollout: its latent comes from the prediction of step `step` (1-based)."""
+
+    step: int
+    timestep: int
+
+
+class Rollout:
+    """Runs partial sampling trajectories and hands out latents at chosen timesteps."""
+
+    def __init__(
+        self,
+        scheduler_config: dict[str, Any],
+        sampler: str = "ddim",
+        steps: int = 50,
+        timestep_offset: bool = True,
+    ) -> None:
+        config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+        # "trailing" spacing makes the S step intervals tile all training timesteps, 999 included.
+        self.scheduler = SAMPLERS[sampler].from_config(config, timestep_spacing="trailing")
+        self.steps = steps
+        self.timestep_offset = timestep_offset
+        self.prediction_type = config.get("prediction_type", "epsilon")
+        self.alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod
+        self.scheduler.set_timesteps(steps)
+        # Stochastic samplers (ddpm, euler_a) draw their noise from our generator, for reproducibility.
+        self.takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
+        self.grid = [int(round(float(t))) for t in self.scheduler.timesteps]
+
+    def plan(self, count: int, generator: torch.Generator) -> list[SamplePlan]:
+        """`count` samples at distinct step counts, each with its training timestep."""
+        steps = (torch.randperm(self.steps, generator=generator)[: min(count, self.steps)] + 1).tolist()
+        plans = []
+        for step in steps:
+            high = self.grid[step - 1]  # the timestep the step's prediction is made at
+            low = self.grid[step] if step < self.steps else 0  # exclusive
+            timestep = high
+            if self.timestep_offset and high - low > 1:
+                timestep = high - int(torch.randint(0, high - low, (1,), generator=generator))
+            plans.append(SamplePlan(step, timestep))
+        return plans
+
+    @torch.no_grad()
+    def run(
+        self, model: GuidedModel, noise: Tensor, plans: list[SamplePlan], generator: torch.Generator
+    ) -> list[Tensor]:
+        """One trajectory from `noise`, as far as the plans need; returns their latents in order."""
+        scheduler = self.scheduler
+        scheduler.set_timesteps(self.steps, device=noise.device)
+        latents = noise * scheduler.init_noise_sigma
+        last = max(p.step for p in plans)
+        results: dict[int, Tensor] = {}
+        for index, t in enumerate(scheduler.timesteps[:last]):
+            model_input = scheduler.scale_model_input(latents, t)  # the latent at t, VP-scaled
+            due = [(i, p) for i, p in enumerate(plans) if p.step == index + 1]
+            for i, plan in due:
+                if plan.timestep == self.grid[index]:
+                    results[i] = model_input.clone()
+            needs_prediction = index < last - 1 or len(results) < len(plans)
+            if not needs_prediction:
+                break
+            prediction = model(model_input, t)
+            for i, plan in due:
+                if i not in results:
+                    results[i] = self.jump(model_input, prediction, self.grid[index], plan.timestep)
+            if index < last - 1:
+                extra = {"generator": generator} if self.takes_generator else {}
+                latents = scheduler.step(prediction, t, latents, **extra).prev_sample
+        return [results[i] for i in range(len(plans))]
+
+    def jump(self, latents: Tensor, prediction: Tensor, timestep: int, target: int) -> Tensor:
+        """A deterministic DDIM step from `timestep` to any earlier `target` timestep.
+
+        diffusers' DDIMScheduler.step only moves to the next point of its grid; here the target
+        lies inside a grid interval, so the two-line DDIM update is written out.
+        """
+        alphas = self.alphas_cumprod.to(latents.device, torch.float32)
+        a_t, a_target = alphas[timestep], alphas[target]
+        x = latents.float()
+        if self.prediction_type == "v_prediction":
+            sample = a_t.sqrt() * x - (1 - a_t).sqrt() * prediction.float()
+            noise = a_t.sqrt() * prediction.float() + (1 - a_t).sqrt() * x
+        else:
+            noise = prediction.float()
+            sample = (x - (1 - a_t).sqrt() * noise) / a_t.sqrt()
+        return (a_target.sqrt() * sample + (1 - a_target).sqrt() * noise).to(latents.dtype)
+
+    def unet_calls(self, plans: list[SamplePlan]) -> int:
+        """How many guided predictions `run` makes for these plans."""
+        last = max(p.step for p in plans)
+        exact_last = all(p.timestep == self.grid[p.step - 1] for p in plans if p.step == last)
+        return last - 1 if exact_last else last

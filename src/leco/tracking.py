@@ -1,0 +1,58 @@
+"""Optional experiment logging to Weights & Biases and TensorBoard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from leco.config import LecoConfig
+from leco.errors import LecoError
+
+
+class Tracker:
+    """Sends scalars to the sinks the config enables; does nothing when none is."""
+
+    def __init__(self, config: LecoConfig) -> None:
+        self.sinks: list[Any] = []
+        logging = config.logging
+        if logging.use_wandb:
+            try:
+                import wandb
+            except ImportError:
+                raise LecoError("logging.use_wandb: wandb is not installed; pip install wandb") from None
+            self.sinks.append(
+                wandb.init(
+                    project=logging.wandb_project,
+                    name=config.save.name,
+                    config=config.model_dump(mode="json"),
+                )
+            )
+        if logging.use_tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise LecoError(
+                    "logging.use_tensorboard: tensorboard is not installed; pip install tensorboard"
+                ) from None
+            folder = logging.tensorboard_dir or str(Path(config.save.path) / "logs" / config.save.name)
+            self.sinks.append(_TensorBoard(SummaryWriter(folder)))
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(values, step=step)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.finish()
+
+
+class _TensorBoard:
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+
+    def finish(self) -> None:
+        self.writer.close()

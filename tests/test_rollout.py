@@ -1,0 +1,97 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from leco.rollout import Rollout, SamplePlan
+
+CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+class FakeModel:
+    """A deterministic stand-in for the guided UNet that counts its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, latents, timestep):
+        self.calls.append((latents.shape[0], int(timestep)))
+        return torch.tanh(latents * 0.7 + float(timestep) / 1000.0)
+
+
+def direct_ddim(noise, steps, count, prediction_type="epsilon"):
+    """The latent after `count` plain DDIM steps, computed with diffusers alone."""
+    scheduler = DDIMScheduler.from_config(
+        {**CONFIG, "prediction_type": prediction_type}, timestep_spacing="trailing"
+    )
+    scheduler.set_timesteps(steps)
+    model, latents = FakeModel(), noise.clone()
+    for t in scheduler.timesteps[:count]:
+        latents = scheduler.step(model(latents, t), t, latents).prev_sample
+    return latents
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_latents_carry_their_true_timestep(prediction_type):
+    rollout = Rollout({**CONFIG, "prediction_type": prediction_type}, "ddim", steps=10, timestep_offset=False)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for step in (1, 4, 10):
+        # without offset a sample of step k is the latent after k-1 steps, at the grid timestep of step k
+        plan = SamplePlan(step, rollout.grid[step - 1])
+        (latent,) = rollout.run(FakeModel(), noise, [plan], torch.Generator())
+        torch.testing.assert_close(latent, direct_ddim(noise, 10, step - 1, prediction_type))
+    for step in (1, 5, 9):
+        # the DDIM jump to the next grid timestep is exactly the scheduler's next step
+        plan = SamplePlan(step, rollout.grid[step])
+        (latent,) = rollout.run(FakeModel(), noise, [plan], torch.Generator())
+        torch.testing.assert_close(
+            latent, direct_ddim(noise, 10, step, prediction_type), rtol=1e-5, atol=1e-5
+        )
+
+
+def test_grid_and_offsets_cover_every_training_timestep():
+    rollout = Rollout(CONFIG, "ddim", steps=50)
+    assert rollout.grid[0] == 999 and len(rollout.grid) == 50
+    generator = torch.Generator().manual_seed(0)
+    seen = {plan.timestep for _ in range(4000) for plan in rollout.plan(4, generator)}
+    assert seen == set(range(1, 1000))
+    grid_only = Rollout(CONFIG, "ddim", steps=50, timestep_offset=False)
+    assert {p.timestep for _ in range(500) for p in grid_only.plan(4, generator)} == set(grid_only.grid)
+
+
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_one_rollout_hands_out_distinct_latents_and_counts_its_calls(count):
+    rollout = Rollout(CONFIG, "ddim", steps=20)
+    generator = torch.Generator().manual_seed(count)
+    plans = rollout.plan(count, generator)
+    assert len({p.step for p in plans}) == len({p.timestep for p in plans}) == count
+    model = FakeModel()
+    latents = rollout.run(model, torch.randn(1, 4, 8, 8, generator=generator), plans, generator)
+    assert len(latents) == count
+    assert all(not torch.equal(a, b) for i, a in enumerate(latents) for b in latents[i + 1 :])
+    assert len(model.calls) == rollout.unet_calls(plans) <= max(p.step for p in plans)
+    assert [t for _, t in model.calls] == rollout.grid[: len(model.calls)]  # one trajectory, in order
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "lms", "euler_a"])
+def test_every_sampler_hands_out_variance_preserving_latents(sampler):
+    rollout = Rollout(CONFIG, sampler, steps=10)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    first, later = rollout.run(
+        FakeModel(),
+        noise,
+        [SamplePlan(1, 999), SamplePlan(6, rollout.grid[5])],
+        torch.Generator().manual_seed(0),
+    )
+    # At t=999 the model input is the unit-variance noise (up to sqrt(1 - alpha_bar_999) = 0.9977 for the
+    # sigma-space samplers), whatever the sampler's own scaling of its latents.
+    torch.testing.assert_close(first, noise, rtol=3e-3, atol=1e-4)
+    assert torch.isfinite(later).all() and later.shape == noise.shape
