@@ -163,6 +163,19 @@ class OtherConfig(_Section):
     use_xformers: bool = False
 
 
+class PreviewConfig(_Section):
+    """Grids rendered while training (strengths x prompts x seeds), so users watch the concept fade."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    prompts: list[str] = Field(default_factory=list)  # none: no previews
+    strengths: list[float] = Field(default_factory=lambda: [-1.0, 0.0, 1.0])
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    steps: int = Field(20, ge=1)
+    guidance: float = 7.0
+    every: int | None = Field(None, ge=1)  # default: save.per_steps
+
+
 class AnchorConfig(_Section):
     """Preservation: prompts whose predictions must stay those of the original model."""
 
@@ -199,7 +212,7 @@ class PromptSettings(_Section):
         return self
 
 
-_SECTIONS = ("pretrained_model", "network", "train", "save", "logging", "other", "anchors")
+_SECTIONS = ("pretrained_model", "network", "train", "save", "logging", "other", "anchors", "preview")
 
 
 class LecoConfig(_Section):
@@ -212,6 +225,7 @@ class LecoConfig(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     other: OtherConfig = Field(default_factory=OtherConfig)
     anchors: AnchorConfig = Field(default_factory=AnchorConfig)
+    preview: PreviewConfig = Field(default_factory=PreviewConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -244,7 +258,7 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
 def load_config(path: str | Path) -> LecoConfig:
     """Read a config YAML (and its prompts file) into a validated `LecoConfig`."""
     path = Path(path)
-    document = _read_yaml(path)
+    document = read_yaml(path)
     if not isinstance(document, dict):
         raise ConfigError(
             f"{path}: the file must be a YAML mapping of sections (pretrained_model:, train:, ...)"
@@ -253,7 +267,7 @@ def load_config(path: str | Path) -> LecoConfig:
     try:
         config = LecoConfig.model_validate(document)
     except ValidationError as error:
-        raise ConfigError(_describe(error, path, LecoConfig)) from None
+        raise ConfigError(describe_validation_error(error, path, LecoConfig)) from None
     if config.prompts_file is not None:
         if prompts_in_config:
             raise ConfigError(f"{path}: both prompts_file and prompts are set; keep one of them")
@@ -268,7 +282,7 @@ def load_config(path: str | Path) -> LecoConfig:
 def load_prompts(path: str | Path) -> list[PromptSettings]:
     """Read a prompts YAML: a list of {target, positive, unconditional, neutral, action, ...}."""
     path = Path(path)
-    document = _read_yaml(path)
+    document = read_yaml(path)
     if not isinstance(document, list) or not document:
         raise ConfigError(f"{path}: the file must be a non-empty YAML list of prompt entries (- target: ...)")
     prompts = []
@@ -278,7 +292,9 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
         try:
             prompts.append(PromptSettings.model_validate(entry))
         except ValidationError as error:
-            raise ConfigError(_describe(error, path, PromptSettings, prefix=f"entry {index + 1}.")) from None
+            raise ConfigError(
+                describe_validation_error(error, path, PromptSettings, prefix=f"entry {index + 1}.")
+            ) from None
     return prompts
 
 
@@ -299,7 +315,7 @@ def _resolve_prompts_file(name: str, config_path: Path) -> Path:
     raise ConfigError(f"{config_path}: prompts_file: {name!r} not found (looked at {where}); fix the path")
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -317,7 +333,9 @@ def _read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: {where}invalid YAML ({problem})") from None
 
 
-def _describe(error: ValidationError, path: Path, model: type[BaseModel], prefix: str = "") -> str:
+def describe_validation_error(
+    error: ValidationError, path: Path, model: type[BaseModel], prefix: str = ""
+) -> str:
     """One line per problem: file, dotted key, what is wrong and what is allowed."""
     lines = [f"{path}: {prefix}{_problem(item, model)}" for item in error.errors()]
     return "\n".join(lines)

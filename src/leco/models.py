@@ -25,6 +25,7 @@ CONFIG_ROOT = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 Arch = Literal["sd1", "sd2", "sdxl"]
+BUNDLED_MODEL = "ink-digits"
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,18 @@ class LoadedModels:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
 
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise LecoError(f"train.device: {name} but no CUDA GPU is available; use auto or cpu")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
 def load_models(
     spec: PretrainedModelConfig | str,
     *,
@@ -75,7 +88,7 @@ def load_models(
     """Load tokenizer(s), text encoder(s), UNet and scheduler config (and optionally the VAE)."""
     if isinstance(spec, str):
         spec = PretrainedModelConfig(name_or_path=spec)
-    path = Path(spec.name_or_path).expanduser()
+    path = resolve_bundled(spec.name_or_path)
     if path.is_file():
         loaded = _load_single_file(path, spec, dtype, with_vae)
     elif path.is_dir():
@@ -91,6 +104,15 @@ def load_models(
         if module is not None:
             module.requires_grad_(False).eval()
     return loaded
+
+
+def resolve_bundled(name: str) -> Path:
+    """`ink-digits` names the small model leco ships; anything else is a path (or a repo id)."""
+    if name == BUNDLED_MODEL:
+        from leco.ink_digits import default_model_path
+
+        return default_model_path()
+    return Path(name).expanduser()
 
 
 def _looks_like_repo_id(name: str) -> bool:

@@ -82,7 +82,11 @@ def _unet(arch: str, channels: tuple[int, int] = (16, 32), sample_size: int = 8)
 
 
 def tiny_pipeline(
-    arch: str = "sd1", v_pred: bool = False, seed: int = 0, channels: tuple[int, int] = (16, 32), sample_size: int = 8
+    arch: str = "sd1",
+    v_pred: bool = False,
+    seed: int = 0,
+    channels: tuple[int, int] = (16, 32),
+    sample_size: int = 8,
 ):
     """A diffusers pipeline of the family's layout with a few thousand random parameters per part."""
     torch.manual_seed(seed)

@@ -22,10 +22,12 @@ from tqdm.auto import tqdm
 from leco.conditioning import Conditioning, predict
 from leco.config import LecoConfig, load_config
 from leco.errors import LecoError
-from leco.models import load_models
+from leco.generate import SamplingSettings, build_pipeline, generate, requests_for
+from leco.models import load_models, pick_device
 from leco.network import LoRANetwork
 from leco.objectives import guided, leco_loss, leco_target
 from leco.optim import build_lr_scheduler, build_optimizer
+from leco.preview import make_grid, save_image
 from leco.prompts import PreparedPrompt, conditioning_for, encode_texts, prepare_prompts, prompt_texts
 from leco.rollout import GuidedModel, Rollout
 from leco.tracking import Tracker
@@ -52,18 +54,7 @@ class TrainResult:
     steps: int
     interrupted: bool
     network: LoRANetwork
-
-
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise LecoError(f"train.device: {name} but no CUDA GPU is available; use auto or cpu")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    unet_calls: int  # UNet calls this run made (rollouts, teacher, student)
 
 
 class Trainer:
@@ -78,7 +69,8 @@ class Trainer:
             self.dtype = torch.float32
         self.seed = train.seed if train.seed is not None else random.SystemRandom().randrange(2**31)
 
-        models = load_models(config.pretrained_model, dtype=self.dtype)
+        models = load_models(config.pretrained_model, dtype=self.dtype, with_vae=bool(config.preview.prompts))
+        self.models = models
         self.family, self.model_source = models.family, models.source
         self.vae_scale_factor = models.vae_scale_factor
         for encoder in models.text_encoders:
@@ -328,6 +320,37 @@ class Trainer:
             for q in state["queue"]
         ]
 
+    # -- previews ---------------------------------------------------------------------------------
+
+    def preview_due(self) -> bool:
+        preview = self.config.preview
+        every = preview.every or self.config.save.per_steps
+        return bool(preview.prompts) and self.step % every == 0 and self.step < self.config.train.iterations
+
+    @torch.no_grad()
+    def render_preview(self, suffix: str) -> Path:
+        """A strengths x prompts x seeds grid of the LoRA as it is now."""
+        preview, save = self.config.preview, self.config.save
+        parts = [*self.models.text_encoders, self.models.vae]
+        for part in parts:
+            part.to(self.device)
+        pipe = build_pipeline(self.models)
+        size = self.prompts[0].resolution
+        settings = SamplingSettings(preview.steps, preview.guidance, size, size)
+        requests = requests_for(preview.prompts, preview.strengths, preview.seeds)
+
+        def set_strength(value: float) -> None:
+            self.network.multiplier = value
+
+        try:
+            with self.autocast():
+                images = dict(generate(pipe, requests, settings, set_strength, progress=False))
+        finally:
+            self.network.multiplier = 1.0
+            for part in parts:
+                part.to("cpu")
+        return save_image(make_grid(images).image, Path(save.path) / "previews" / f"{save.name}_{suffix}.png")
+
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
@@ -340,7 +363,7 @@ class Trainer:
             disable=not self.progress,
             dynamic_ncols=True,
         )
-        path, interrupted = None, False
+        interrupted = False
         try:
             with StopRequest() as stop:
                 while self.step < train.iterations:
@@ -350,18 +373,21 @@ class Trainer:
                     bar.set_postfix(loss=f"{loss:.3e}", lr=f"{lr:.2e}", refresh=False)
                     tracker.log({"loss": loss, "lr": lr}, self.step)
                     if self.step % save.per_steps == 0 and self.step < train.iterations:
-                        path = self.save(f"{self.step}steps")
+                        self.save(f"{self.step}steps")
+                    if self.preview_due():
+                        self.render_preview(f"{self.step}steps")
                     if stop.requested:
                         interrupted = True
                         break
         finally:
             bar.close()
             tracker.close()
-        path = self.save("interrupted" if interrupted else "last")
+        suffix = "interrupted" if interrupted else "last"
+        path = self.save(suffix)
+        if self.config.preview.prompts:
+            self.render_preview(suffix)
         state = state_dir(save.path, save.name)
-        return TrainResult(
-            path=path, state=state, steps=self.step, interrupted=interrupted, network=self.network
-        )
+        return TrainResult(path, state, self.step, interrupted, self.network, self.unet_calls)
 
 
 class StopRequest:
