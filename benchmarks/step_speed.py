@@ -70,7 +70,7 @@ def reference_step(trainer: Trainer, generator: torch.Generator) -> None:
     k = int(torch.randint(1, steps, (1,), generator=generator))
     scheduler = trainer.rollout.scheduler
     scheduler.set_timesteps(steps)
-    scale = trainer.vae_scale_factor
+    scale = trainer.models.vae_scale_factor
     latents = torch.randn(1, 4, size[0] // scale, size[1] // scale, generator=generator)
     with torch.no_grad():
         for t in scheduler.timesteps[:k]:

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import pytest  # noqa: E402
+
 from leco.testing import save_single_file, save_tiny_pipeline  # noqa: E402
 
 FAMILIES = {"sd1": ("sd1", False), "sd2-v": ("sd2", True), "sdxl": ("sdxl", False)}

@@ -44,10 +44,12 @@ SETTINGS = SamplingSettings(steps=4, guidance=3.0)
 def test_strength_zero_is_byte_identical_to_no_lora(tmp_path, tiny_folders, lora_files, name):
     models = load_models(str(tiny_folders[name]), with_vae=True)
     requests = requests_for(["a red fox"], [0.0, 1.0, -1.0], [3])
-    paths, grid = run_generation(models, lora_files[name], requests, SETTINGS, tmp_path / "with", "cpu", False)
+    paths, grid = run_generation(
+        models, lora_files[name], requests, SETTINGS, tmp_path / "with", "cpu", False
+    )
     assert [p.name for p in paths] == ["a-red-fox_0_3.png", "a-red-fox_1_3.png", "a-red-fox_-1_3.png"]
-    plain = load_models(str(tiny_folders[name]), with_vae=True)
-    (alone,), _ = run_generation(plain, None, requests[:1], SETTINGS, tmp_path / "plain", "cpu", False)
+    # The same loaded models again, without the LoRA: it must have been unloaded from the UNet.
+    (alone,), _ = run_generation(models, None, requests[:1], SETTINGS, tmp_path / "plain", "cpu", False)
     assert paths[0].read_bytes() == alone.read_bytes()
     pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in paths]
     assert np.abs(pixels[1] - pixels[0]).mean() > 0.5 and np.abs(pixels[2] - pixels[0]).mean() > 0.5
@@ -81,7 +83,9 @@ def test_seed_and_strength_lists():
 def test_lora_of_another_family_is_refused_before_loading(tmp_path, tiny_folders, lora_files):
     models = load_models(str(tiny_folders["sd1"]), with_vae=True)
     with pytest.raises(LecoError, match="was trained for sdxl but the model is sd1"):
-        run_generation(models, lora_files["sdxl"], requests_for(["x"], [1.0], [0]), SETTINGS, tmp_path, "cpu", False)
+        run_generation(
+            models, lora_files["sdxl"], requests_for(["x"], [1.0], [0]), SETTINGS, tmp_path, "cpu", False
+        )
 
 
 def test_cli_generate_writes_images_and_grid(tmp_path, tiny_folders, lora_files):

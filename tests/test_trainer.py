@@ -330,3 +330,34 @@ def test_ctrl_c_saves_a_loadable_file_and_resume_finishes_the_same_run(tmp_path,
     whole = train(make_config(tiny_folders["sd1"], tmp_path / "whole", iterations=end), progress=False)
     a, b = lora_tensors(resumed.path), lora_tensors(whole.path)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_python_api_is_leco_train(tmp_path, tiny_folders):
+    import leco
+
+    result = leco.train(make_config(tiny_folders["sd1"], tmp_path, iterations=1), progress=False)
+    assert result.steps == 1 and result.path.is_file()
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_folders):
+    updates = []
+    for checkpointing in (False, True):
+        trainer = Trainer(
+            make_config(tiny_folders["sd1"], tmp_path, gradient_checkpointing=checkpointing), progress=False
+        )
+        trainer.train_step()
+        updates.append([p.detach().clone() for p in trainer.network.parameters()])
+    for plain, checkpointed in zip(*updates, strict=True):
+        torch.testing.assert_close(plain, checkpointed, rtol=1e-5, atol=1e-7)
+
+
+def test_missing_logging_packages_are_named(tmp_path, tiny_folders, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=1)
+    config.logging.use_tensorboard = True
+    with pytest.raises(LecoError, match="tensorboard is not installed; pip install tensorboard"):
+        train(config, progress=False)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    config.logging.use_tensorboard, config.logging.use_wandb = False, True
+    with pytest.raises(LecoError, match="wandb is not installed; pip install wandb"):
+        train(config, progress=False)

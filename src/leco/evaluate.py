@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from leco.config import ConfigError, describe_validation_error, read_yaml
 from leco.errors import LecoError
-from leco.generate import ImageRequest, SamplingSettings, build_pipeline, generate, load_lora_strengths
+from leco.files import atomic_output
+from leco.generate import ImageRequest, SamplingSettings, build_pipeline, generate, lora_strengths
 from leco.models import LoadedModels
 
 
@@ -46,6 +47,9 @@ class EvalSpec(BaseModel):
 
 
 class Detector(Protocol):
+    def check_concept(self, concept: str) -> None:
+        """Raise LecoError if this detector cannot look for `concept` (before any image is made)."""
+
     def present(self, images: list[Image.Image], concept: str) -> list[bool]: ...
 
 
@@ -86,36 +90,40 @@ def evaluate(
 ) -> dict[str, Any]:
     """Generate, detect and summarise; returns the report (also what `leco eval` writes as JSON)."""
     detector = detector or make_detector(spec, models)
+    for item in spec.erase + spec.keep + spec.enhance:
+        detector.check_concept(item.concept)
     pipe = build_pipeline(models, spec.sampler).to(device)
-    set_strength = load_lora_strengths(pipe, lora, models.family)
     settings = SamplingSettings(spec.steps, spec.guidance, spec.height, spec.width, "", spec.sampler)
     seeds = range(spec.seed, spec.seed + spec.images_per_prompt)
     entries = [(kind, item) for kind in ("erase", "keep", "enhance") for item in getattr(spec, kind)]
     requests = [
         ImageRequest(item.prompt, s, seed) for _, item in entries for s in spec.strengths for seed in seeds
     ]
-    images = dict(generate(pipe, requests, settings, set_strength, progress))
+    with lora_strengths(pipe, lora, models.family) as set_strength:
+        images = dict(generate(pipe, requests, settings, set_strength, progress))
     if image_dir is not None:
         from leco.preview import save_image
 
         for request, image in images.items():
             save_image(image, Path(image_dir) / request.file_name)
+    clip_score = getattr(detector, "clip_score", None)  # only CLIP detectors score prompt fit
     rows = []
     for kind, item in entries:
         for strength in spec.strengths:
             batch = [images[ImageRequest(item.prompt, strength, seed)] for seed in seeds]
             base = [images[ImageRequest(item.prompt, 0.0, seed)] for seed in seeds]
             found = detector.present(batch, item.concept)
-            rows.append(
-                {
-                    "kind": kind,
-                    "prompt": item.prompt,
-                    "concept": item.concept,
-                    "strength": strength,
-                    "detected": float(np.mean(found)),
-                    "drift": float(np.mean([pixel_drift(a, b) for a, b in zip(batch, base, strict=True)])),
-                }
-            )
+            row = {
+                "kind": kind,
+                "prompt": item.prompt,
+                "concept": item.concept,
+                "strength": strength,
+                "detected": float(np.mean(found)),
+                "drift": float(np.mean([pixel_drift(a, b) for a, b in zip(batch, base, strict=True)])),
+            }
+            if clip_score is not None:
+                row["clip_score"] = clip_score(batch, item.prompt)
+            rows.append(row)
     return {
         "lora": str(lora) if lora else None,
         "model": models.source,
@@ -150,11 +158,14 @@ def pixel_drift(image: Image.Image, reference: Image.Image) -> float:
 
 def format_report(report: dict[str, Any]) -> str:
     """The table `leco eval` prints."""
-    lines = [f"{'prompt':<36}{'concept':<16}{'kind':<7}{'strength':>9}{'detected':>10}{'drift':>8}"]
+    scored = all("clip_score" in row for row in report["rows"])
+    header = f"{'prompt':<36}{'concept':<16}{'kind':<7}{'strength':>9}{'detected':>10}{'drift':>8}"
+    lines = [header + (f"{'CLIP score':>12}" if scored else "")]
     for row in report["rows"]:
         lines.append(
             f"{row['prompt'][:35]:<36}{row['concept'][:15]:<16}{row['kind']:<7}{row['strength']:>9g}"
             f"{row['detected']:>10.0%}{row['drift']:>8.3f}"
+            + (f"{row['clip_score']:>12.1f}" if scored else "")
         )
     lines.append("")
     lines.append(
@@ -178,8 +189,8 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     from leco.network.kohya import json_metadata
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(json.loads(json_metadata(report)), indent=2) + "\n")
+    with atomic_output(path) as file:
+        file.write((json.dumps(json.loads(json_metadata(report)), indent=2) + "\n").encode())
     return path
 
 
@@ -205,6 +216,9 @@ class ClipDetector:
         with torch.no_grad():
             logits = self.model(**inputs).logits_per_image
         return logits.softmax(dim=-1).numpy()
+
+    def check_concept(self, concept: str) -> None:
+        pass  # any text is a zero-shot label
 
     def present(self, images: list[Image.Image], concept: str) -> list[bool]:
         best = self.probabilities(images).argmax(axis=1)
@@ -240,6 +254,10 @@ class NudeNetDetector:
             raise LecoError("detector: nudenet needs the nudenet package; pip install nudenet") from None
         self.detector = NudeDetector()
         self.threshold = threshold
+
+    def check_concept(self, concept: str) -> None:
+        if concept != "nudity":
+            raise LecoError(f'eval spec: the nudenet detector knows one concept, "nudity", not {concept!r}')
 
     def present(self, images: list[Image.Image], concept: str) -> list[bool]:
         found = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +93,18 @@ def make_scheduler(config: dict, sampler: str):
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
-def load_lora_strengths(
+@contextmanager
+def lora_strengths(
     pipe: DiffusionPipeline, lora: str | Path | None, family: ModelFamily
-) -> Callable[[float], None]:
-    """Load a LoRA the way diffusers users do; returns a function that sets its strength."""
+) -> Iterator[Callable[[float], None]]:
+    """Load a LoRA the way diffusers users do; yields a function that sets its strength.
+
+    The LoRA is unloaded on exit: the pipeline shares its UNet with the caller's loaded models,
+    which must come back unchanged (a second evaluation on them would otherwise find it there).
+    """
     if lora is None:
-        return lambda strength: None
+        yield lambda strength: None
+        return
     path = Path(lora)
     if not path.is_file():
         raise LecoError(f"--lora: {path} not found; check the path")
@@ -117,7 +124,10 @@ def load_lora_strengths(
     def set_strength(strength: float) -> None:
         pipe.set_adapters([ADAPTER], adapter_weights=[float(strength)])
 
-    return set_strength
+    try:
+        yield set_strength
+    finally:
+        pipe.unload_lora_weights()
 
 
 @torch.no_grad()
@@ -203,11 +213,11 @@ def run_generation(
     from leco.preview import make_grid, save_image
 
     pipe = build_pipeline(models, settings.sampler).to(device)
-    set_strength = load_lora_strengths(pipe, lora, models.family)
     out = Path(out)
     paths, images = [], {}
-    for request, image in generate(pipe, requests, settings, set_strength, progress):
-        paths.append(save_image(image, out / request.file_name))
-        images[request] = image
+    with lora_strengths(pipe, lora, models.family) as set_strength:
+        for request, image in generate(pipe, requests, settings, set_strength, progress):
+            paths.append(save_image(image, out / request.file_name))
+            images[request] = image
     grid = save_image(make_grid(images).image, out / "grid.png")
     return paths, grid

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from leco.files import atomic_output
 from leco.generate import ImageRequest, format_strength
 
 MIN_CELL = 128  # small models' images are scaled up (nearest neighbour) to stay readable
@@ -58,15 +57,8 @@ def make_grid(images: dict[ImageRequest, Image.Image]) -> Grid:
 
 def save_image(image: Image.Image, path: Path) -> Path:
     """Write a PNG atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        image.save(temp, format="PNG")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as file:
+        image.save(file, format="PNG")
     return path
 
 

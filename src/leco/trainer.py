@@ -71,8 +71,6 @@ class Trainer:
 
         models = load_models(config.pretrained_model, dtype=self.dtype, with_vae=bool(config.preview.prompts))
         self.models = models
-        self.family, self.model_source = models.family, models.source
-        self.vae_scale_factor = models.vae_scale_factor
         for encoder in models.text_encoders:
             encoder.to(self.device)
         texts = prompt_texts(config.prompts) + config.anchors.prompts
@@ -85,7 +83,7 @@ class Trainer:
         self._configure_unet()
 
         torch.manual_seed(self.seed)  # the LoRA's initial down weights
-        self.network = LoRANetwork.create(self.unet, self.family, config.network)
+        self.network = LoRANetwork.create(self.unet, models.family, config.network)
         self.optimizer = build_optimizer(
             train.optimizer, self.network.parameters(), train.lr, train.optimizer_args
         )
@@ -188,7 +186,7 @@ class Trainer:
         prompt = self.prompts[index]
         height, width = prompt.image_size(self.generator)
         crop = prompt.crop(height, width, self.generator)
-        scale = self.vae_scale_factor
+        scale = self.models.vae_scale_factor
         shape = (prompt.batch_size, self.unet.config.in_channels, height // scale, width // scale)
         # Latents stay fp32 (autocast runs the UNet in the training precision); drawn on the CPU so a
         # seed gives the same run on every device.
@@ -237,7 +235,7 @@ class Trainer:
     def conditioning(
         self, embeds: Conditioning, prompt: PreparedPrompt, size: tuple[int, int], crop: tuple[int, int]
     ) -> Conditioning:
-        return conditioning_for(embeds, prompt.batch_size, *size, crop, self.family.is_sdxl)
+        return conditioning_for(embeds, prompt.batch_size, *size, crop, self.models.family.is_sdxl)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
@@ -267,7 +265,7 @@ class Trainer:
             "leco.step": str(self.step),
             "leco.seed": str(self.seed),
             "ss_steps": str(self.step),
-            "ss_sd_model_name": Path(self.model_source).name,
+            "ss_sd_model_name": Path(self.models.source).name,
         }
         self.network.save(
             path,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from leco.errors import LecoError
+from leco.files import atomic_output
 
 STATE_FILE = "training_state.pt"
 # Parts of the config that must match for a resumed run to continue the same training.
@@ -23,17 +22,8 @@ def state_dir(save_path: str | Path, name: str) -> Path:
 
 def write_state(folder: Path, state: dict[str, Any]) -> Path:
     """Write atomically: a crash while saving leaves the previous state intact."""
-    folder.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, folder / STATE_FILE)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_output(folder / STATE_FILE) as file:
+        torch.save(state, file)
     return folder / STATE_FILE
 
 

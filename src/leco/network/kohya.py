@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from leco.errors import LecoError
+from leco.files import atomic_output
 from leco.models import ModelFamily
 from leco.network.sgm_names import to_sgm_name
 
@@ -71,18 +70,8 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
     # The legacy hash reads file bytes [1 MiB, 1 MiB + 64 KiB); a placeholder of the same length
     # keeps the header size, so the hash computed here is the one of the final file.
     metadata["sshs_legacy_hash"] = legacy_hash(safetensors_bytes(tensors, metadata))
-    blob = safetensors_bytes(tensors, metadata)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(blob)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as file:
+        file.write(safetensors_bytes(tensors, metadata))
     return path
 
 

@@ -218,6 +218,13 @@ class LoRANetwork:
             parent_name, _, child = name.rpartition(".")
             setattr(self.unet.get_submodule(parent_name), child, layer.get_base_layer())
         self.layers = {}
+        # peft records the adapter on the model; left there, the next injection (ours or a
+        # diffusers load_lora_weights) warns about, or trips over, an adapter that is gone.
+        configs = getattr(self.unet, "peft_config", None)
+        if configs is not None:
+            configs.pop(ADAPTER, None)
+            if not configs:
+                del self.unet.peft_config
 
 
 def _exact(name: str) -> str:

@@ -1,0 +1,201 @@
+"""The ink-digits judge: which digit, in which ink, an image shows.
+
+The ink is read by fitting every ink's paper-to-ink colour line to the inked pixels (a faint black
+stroke is grey, not the nearest colour). The ink is then stripped (ink amount per pixel) and the
+image pooled back to 8x8, the way the data was made, for a tiny CNN trained at build time on the
+real digits. The CNN is stored as safetensors, so loading it runs no pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from leco.errors import LecoError
+from leco.ink_digits.data import INK_NAMES, INKS, PAPER, SIZE
+
+JUDGE_FILE = "judge.safetensors"
+INKED = 0.15  # a pixel this dark (0..1, strongest channel) takes part in the ink fit
+# Softmax temperature of the ink fit, in mean squared darkness residual: about 18/255 per channel.
+INK_TEMPERATURE = 0.005
+
+Images = list[Image.Image] | np.ndarray
+
+
+class DigitNet(nn.Module):
+    """8x8 ink amounts -> 10 digit logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(), nn.Linear(128, 10),
+        )  # fmt: skip
+
+    def forward(self, amounts: torch.Tensor) -> torch.Tensor:
+        return self.layers(amounts[:, None])
+
+
+@dataclass
+class Reading:
+    """What the judge read off a batch of N images."""
+
+    digits: np.ndarray  # [N] int, 0-9
+    digit_probabilities: np.ndarray  # [N, 10]
+    inks: np.ndarray  # [N] int index into INK_NAMES; -1 where the image has no ink at all
+    ink_probabilities: np.ndarray  # [N, len(INK_NAMES)]; zeros where there is no ink
+
+    @property
+    def digit_confidence(self) -> np.ndarray:
+        return self.digit_probabilities.max(axis=1)
+
+    @property
+    def ink_confidence(self) -> np.ndarray:
+        return self.ink_probabilities.max(axis=1)
+
+    @property
+    def ink_names(self) -> list[str | None]:
+        return [INK_NAMES[i] if i >= 0 else None for i in self.inks]
+
+
+def as_rgb(images: Images) -> np.ndarray:
+    """PIL images or an [N, H, W, 3] array (uint8, or float in [0, 1]) -> uint8 [N, 16, 16, 3]."""
+    if isinstance(images, np.ndarray):
+        array = images
+        if array.dtype != np.uint8:
+            array = np.clip(np.round(array.astype(np.float32) * 255), 0, 255).astype(np.uint8)
+        if array.ndim != 4 or array.shape[-1] != 3:
+            raise ValueError(f"expected images as [N, H, W, 3], got shape {array.shape}")
+        if array.shape[1:3] == (SIZE, SIZE):
+            return array
+        images = [Image.fromarray(image) for image in array]
+    if not images:
+        return np.zeros((0, SIZE, SIZE, 3), dtype=np.uint8)
+    # PIL's bilinear resize filters when shrinking, so larger renders average down like the data.
+    return np.stack([np.asarray(i.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)) for i in images])
+
+
+def _darkness(rgb: np.ndarray) -> np.ndarray:
+    """How far each channel is from the paper, 0 (paper) .. 1 (fully absorbed)."""
+    return (np.array(PAPER, dtype=np.float32) - rgb.astype(np.float32)) / 255.0
+
+
+def _ink_lines() -> np.ndarray:
+    return _darkness(np.array([INKS[name] for name in INK_NAMES], dtype=np.float32))  # [K, 3]
+
+
+def ink_probabilities(images: Images) -> np.ndarray:
+    """[N, K] probability of each ink, from how well its colour line fits the inked pixels."""
+    darkness = _darkness(as_rgb(images)).reshape(-1, SIZE * SIZE, 3)
+    lines = _ink_lines()
+    result = np.zeros((len(darkness), len(lines)), dtype=np.float32)
+    for n, pixels in enumerate(darkness):
+        inked = pixels[pixels.max(axis=1) > INKED]
+        if not len(inked):
+            continue
+        # Each pixel may hold any amount of the ink (0..1); what the amount cannot explain is the misfit.
+        amounts = np.clip(inked @ lines.T / (lines**2).sum(axis=1), 0, 1)  # [P, K]
+        misfit = ((inked[:, None, :] - amounts[..., None] * lines[None]) ** 2).sum(-1).mean(0)  # [K]
+        logits = -(misfit - misfit.min()) / INK_TEMPERATURE
+        result[n] = np.exp(logits) / np.exp(logits).sum()
+    return result
+
+
+def ink_amounts(images: Images, inks: np.ndarray) -> np.ndarray:
+    """Strip the ink: RGB -> ink amount per pixel [N, 8, 8] (about 0..1) given each image's ink."""
+    darkness = _darkness(as_rgb(images))
+    lines = _ink_lines()[np.maximum(inks, 0)]  # an image without ink reads as (almost) zero anyway
+    amounts = (darkness * lines[:, None, None, :]).sum(-1) / (lines**2).sum(-1)[:, None, None]
+    pooled = nn.functional.avg_pool2d(torch.from_numpy(amounts)[:, None], 2)[:, 0]  # 16x16 -> 8x8
+    return pooled.clamp(0, 1.5).numpy()
+
+
+class InkDigitsJudge:
+    """Reads digits and inks off images of the ink-digits model (or any 16x16-ish ink drawing)."""
+
+    def __init__(self, net: DigitNet) -> None:
+        self.net = net.eval()
+
+    @classmethod
+    def load(cls, folder: str | Path) -> InkDigitsJudge:
+        path = Path(folder) / JUDGE_FILE
+        if not path.is_file():
+            raise LecoError(
+                f"{path}: the ink-digits judge is missing; rebuild with python -m leco.ink_digits build"
+            )
+        net = DigitNet()
+        net.load_state_dict(load_file(str(path)))
+        return cls(net)
+
+    def save(self, folder: str | Path) -> None:
+        save_file(
+            {k: v.contiguous() for k, v in self.net.state_dict().items()}, str(Path(folder) / JUDGE_FILE)
+        )
+
+    def classify_inks(self, images: Images) -> tuple[np.ndarray, np.ndarray]:
+        """(ink indices into INK_NAMES, -1 for a blank image; [N, K] probabilities)."""
+        probabilities = ink_probabilities(images)
+        labels = np.where(probabilities.sum(axis=1) > 0, probabilities.argmax(axis=1), -1)
+        return labels, probabilities
+
+    @torch.no_grad()
+    def classify_digits(
+        self, images: Images, inks: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(digit labels, [N, 10] probabilities); `inks` skips reading the ink when it is known."""
+        rgb = as_rgb(images)
+        if inks is None:
+            inks, _ = self.classify_inks(rgb)
+        probabilities = self.net(torch.from_numpy(ink_amounts(rgb, inks))).softmax(dim=-1).numpy()
+        return probabilities.argmax(axis=1), probabilities
+
+    def read(self, images: Images) -> Reading:
+        rgb = as_rgb(images)
+        inks, ink_probs = self.classify_inks(rgb)
+        digits, digit_probs = self.classify_digits(rgb, inks)
+        return Reading(digits, digit_probs, inks, ink_probs)
+
+
+class InkDigitsDetector:
+    """`leco eval`'s detector for ink-digits: concepts "digit:7", "ink:red" or both ("digit:7,ink:red")."""
+
+    def __init__(self, judge: InkDigitsJudge) -> None:
+        self.judge = judge
+
+    @classmethod
+    def for_model(cls, folder: str | Path) -> InkDigitsDetector:
+        return cls(InkDigitsJudge.load(folder))
+
+    def check_concept(self, concept: str) -> None:
+        self._parse(concept)
+
+    def present(self, images: list[Image.Image], concept: str) -> list[bool]:
+        reading = self.judge.read(images)
+        found = np.ones(len(reading.digits), dtype=bool)
+        for kind, value in self._parse(concept):
+            found &= (reading.digits if kind == "digit" else reading.inks) == value
+        return found.tolist()
+
+    @staticmethod
+    def _parse(concept: str) -> list[tuple[str, int]]:
+        """ "digit:7,ink:red" -> [("digit", 7), ("ink", index of red)]."""
+        parts = []
+        for part in concept.split(","):
+            kind, _, value = part.strip().partition(":")
+            if kind == "digit" and value.isdigit() and len(value) == 1:
+                parts.append((kind, int(value)))
+            elif kind == "ink" and value in INK_NAMES:
+                parts.append((kind, INK_NAMES.index(value)))
+            else:
+                raise LecoError(
+                    f"eval spec: concept {concept!r} is not known to the ink-digits detector; "
+                    f"write digit:0..9, ink:{'|'.join(INK_NAMES)} or both, comma-separated"
+                )
+        return parts

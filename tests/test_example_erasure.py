@@ -1,0 +1,66 @@
+"""End to end on the bundled model: the example config erases the digit seven and keeps the others.
+
+This is the check the random tiny models cannot give: that a LECO LoRA trained from the model's
+own knowledge removes the named concept (also under a paraphrase it never saw) and leaves the
+rest alone, judged by the model's digit classifier.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from leco.config import load_config
+from leco.evaluate import evaluate, load_spec
+from leco.models import load_models
+from leco.network import LoRANetwork
+from leco.trainer import train
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ink-digits"
+PARAPHRASE = "the number 7 written in green"  # never a training prompt
+
+
+@pytest.fixture(scope="module")
+def models():
+    return load_models("ink-digits", with_vae=True)
+
+
+@pytest.fixture(scope="module")
+def spec():
+    spec = load_spec(EXAMPLES / "erase_seven_eval.yaml")
+    spec.images_per_prompt = 6  # the example uses 16; 6 keeps CI short and still separates 0% from 100%
+    return spec
+
+
+def rows_by_prompt(report: dict, strength: float) -> dict[str, float]:
+    return {r["prompt"]: r["detected"] for r in report["rows"] if r["strength"] == strength}
+
+
+def test_zero_lora_erases_nothing(tmp_path, models, spec):
+    config = load_config(EXAMPLES / "erase_seven.yaml")
+    network = LoRANetwork.create(models.unet, models.family, config.network)  # up-weights start at zero
+    zero = network.save(tmp_path / "zero.safetensors", resolution=models.resolution)
+    network.remove()
+    report = evaluate(models, zero, spec, "cpu", progress=False)
+    assert rows_by_prompt(report, 1.0) == rows_by_prompt(report, 0.0)
+    assert all(r["drift"] == 0.0 for r in report["rows"])
+    assert report["summary"]["1"]["erased_still_detected"] >= 0.9
+    assert report["summary"]["1"]["kept_still_right"] >= 0.9
+
+
+def test_example_config_erases_seven_and_keeps_the_other_digits(tmp_path, models, spec):
+    config = load_config(EXAMPLES / "erase_seven.yaml")
+    config.save.path = str(tmp_path)
+    config.save.per_steps = config.train.iterations  # no intermediate files or preview grids
+    config.preview.prompts = []
+    result = train(config, progress=False)
+    assert result.steps == config.train.iterations and result.path.exists()
+
+    report = evaluate(models, result.path, spec, "cpu", progress=False)
+    before, after = rows_by_prompt(report, 0.0), rows_by_prompt(report, 1.0)
+    erased = [item.prompt for item in spec.erase]
+    kept = [item.prompt for item in spec.keep]
+    assert PARAPHRASE in erased
+    assert all(before[p] >= 0.8 for p in erased), before  # the model draws sevens without the LoRA
+    assert all(after[p] <= 0.2 for p in erased), after  # ...and not with it, paraphrase included
+    assert all(after[p] >= 0.8 for p in kept), after
+    assert report["summary"]["1"]["kept_drift"] < 0.05  # other digits barely move, pixel for pixel
