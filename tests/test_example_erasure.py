@@ -8,7 +8,9 @@ rest alone, judged by the model's digit classifier.
 from pathlib import Path
 
 import pytest
+import torch
 
+from leco.conditioning import PromptEncoder, predict
 from leco.config import load_config
 from leco.evaluate import evaluate, load_spec
 from leco.models import load_models
@@ -64,3 +66,24 @@ def test_example_config_erases_seven_and_keeps_the_other_digits(tmp_path, models
     assert all(after[p] <= 0.2 for p in erased), after  # ...and not with it, paraphrase included
     assert all(after[p] >= 0.8 for p in kept), after
     assert report["summary"]["1"]["kept_drift"] < 0.05  # other digits barely move, pixel for pixel
+
+    # The same at the level the loss works on: the LoRA moves the UNet's prediction for the
+    # target far more than for unrelated prompts (random tiny models cannot show this).
+    change = prediction_change(models, result.network, ["a digit seven", "a digit three", "a digit one"])
+    assert change["a digit seven"] > 2.5 * max(change["a digit three"], change["a digit one"]), change
+
+
+def prediction_change(models, network, prompts: list[str]) -> dict[str, float]:
+    """Mean |LoRA on - LoRA off| of the noise prediction, over fixed latents and timesteps."""
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(8, 4, 8, 8, generator=generator)
+    timesteps = torch.linspace(50, 950, 8).long()
+    encoder = PromptEncoder(models)
+    change = {}
+    with torch.no_grad():
+        for prompt in prompts:
+            cond = encoder.encode([prompt]).repeat(len(latents))
+            with network.strength(0.0):
+                before = predict(network.unet, latents, timesteps, cond)
+            change[prompt] = (predict(network.unet, latents, timesteps, cond) - before).abs().mean().item()
+    return change

@@ -151,7 +151,7 @@ def test_multiplier_zero_reproduces_the_original_unet(tmp_path, tiny_folders):
 @pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl"])
 def test_trained_file_loads_in_diffusers_and_acts_like_our_network(tmp_path, tiny_folders, name):
     # Whether the edit is specific to the target prompt needs a model that knows what prompts mean:
-    # that is measured on the bundled ink-digits model (tests/test_evaluate.py), not on random weights.
+    # that is measured on the bundled ink-digits model (tests/test_example_erasure.py), not on random weights.
     config = make_config(tiny_folders[name], tmp_path, iterations=10, lr=1e-2)
     trainer = Trainer(config, progress=False)
     result = trainer.run()
