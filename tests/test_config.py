@@ -1,4 +1,5 @@
 import contextlib
+import re
 import shutil
 import string
 from pathlib import Path
@@ -245,3 +246,14 @@ def test_any_text_gives_a_config_or_a_config_error(folder, text):
     path.write_text(text)
     with contextlib.suppress(ConfigError):
         load_config(path)
+
+
+def test_the_readme_config_reference_is_a_valid_config(tmp_path):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(# config\.yaml.*?)```", readme, flags=re.S)
+    prompts = re.findall(r"```yaml\n(# prompts\.yaml.*?)```", readme, flags=re.S)
+    assert len(blocks) == 1 and len(prompts) == 1
+    (tmp_path / "config.yaml").write_text(blocks[0])
+    (tmp_path / "prompts.yaml").write_text(prompts[0])
+    config = load_config(tmp_path / "config.yaml")
+    assert config.prompts[0].target == "van gogh" and config.anchors.prompts == ["monet", "a photo of a dog"]
