@@ -10,6 +10,12 @@ usage: python benchmarks/rollout_reuse.py [--reuse 1,2,4,8] [--iterations 300] [
 
 from __future__ import annotations
 
+import os
+
+# Library notes about optional packages would bury the table; read when the libraries are imported.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
 import argparse
 import tempfile
 import time
@@ -17,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from leco.cli import quiet_libraries
 from leco.config import load_config
 from leco.evaluate import evaluate, load_spec
 from leco.models import load_models
@@ -26,6 +33,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ink-digits"
 
 
 def main() -> None:
+    quiet_libraries()  # no loading bars between the table's rows
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

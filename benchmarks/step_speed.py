@@ -12,6 +12,12 @@ Prints steps/s, UNet calls per step and batch rows per step for each schedule, a
 
 from __future__ import annotations
 
+import os
+
+# Library notes about optional packages would bury the table; read when the libraries are imported.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
 import argparse
 import tempfile
 import time
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from leco.cli import quiet_libraries
 from leco.conditioning import Conditioning
 from leco.config import LecoConfig
 from leco.objectives import leco_loss, leco_target
@@ -107,6 +114,7 @@ def measure(step, trainer: Trainer, count: int) -> tuple[float, float, float]:
 
 
 def main() -> None:
+    quiet_libraries()  # no loading bars between the table's rows
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
