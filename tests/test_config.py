@@ -10,8 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from leco.config import ConfigError, LecoConfig, load_config, load_prompts, parse_optimizer_args
+from leco.evaluate import load_spec
 
 DATA = Path(__file__).parent / "data" / "reference_style"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def write(folder: Path, name: str, text: str) -> Path:
@@ -257,3 +259,15 @@ def test_the_readme_config_reference_is_a_valid_config(tmp_path):
     (tmp_path / "prompts.yaml").write_text(prompts[0])
     config = load_config(tmp_path / "config.yaml")
     assert config.prompts[0].target == "van gogh" and config.anchors.prompts == ["monet", "a photo of a dog"]
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_example_file_loads(path):
+    if path.stem.endswith("_eval"):
+        spec = load_spec(path)
+        assert spec.erase or spec.keep or spec.enhance
+    elif path.stem.endswith("_prompts"):
+        assert load_prompts(path)
+    else:
+        config = load_config(path)
+        assert config.prompts and config.save.name
