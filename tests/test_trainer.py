@@ -72,6 +72,35 @@ def test_teacher_batch_drops_duplicate_prompts(tmp_path, tiny_folders):
     assert len(second.teacher) == 3
 
 
+def test_each_prompt_trains_at_its_own_multiplier(tmp_path, tiny_folders):
+    # A two-sided slider: the second entry's poles are swapped and it trains the LoRA at -1.
+    config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=1)
+    config.prompts[1].multiplier = -1.0
+    trainer = Trainer(config, progress=False)
+    seen: list[tuple[int, float]] = []  # (batch rows, LoRA multiplier) of every UNet call
+    original = trainer.predict
+
+    def spy(latents, timesteps, cond):
+        seen.append((latents.shape[0], trainer.network.multiplier))
+        return original(latents, timesteps, cond)
+
+    trainer.predict = spy
+    sides = set()
+    for _ in range(12):
+        seen.clear()
+        sample = trainer.next_sample()
+        rolled_out = list(seen)
+        trainer.loss(sample)
+        multiplier = config.prompts[sample.prompt].multiplier
+        sides.add(multiplier)
+        assert all(m == multiplier for _, m in rolled_out)  # the rollout: the edited model at that side
+        teacher, student = seen[len(rolled_out) :]
+        assert teacher[1] == 0.0 and student[1] == multiplier
+    assert sides == {1.0, -1.0} and trainer.network.multiplier == 1.0
+    with pytest.raises(ValueError, match="must not be 0"):
+        config.prompts[0].multiplier = 0
+
+
 class BatchCounter:
     """Wraps the UNet to record the batch size of every call."""
 

@@ -204,6 +204,16 @@ class PromptSettings(_Section):
     dynamic_resolution: bool = False
     batch_size: int | None = Field(None, ge=1)
     dynamic_crops: bool = False
+    # The LoRA strength this entry is trained at (rollout and student). A two-sided slider pairs an
+    # entry at 1 with one at -1 whose poles are swapped, so both ends of the slider are trained.
+    multiplier: float = 1.0
+
+    @field_validator("multiplier")
+    @classmethod
+    def _nonzero(cls, value: float) -> float:
+        if value == 0:
+            raise ValueError("must not be 0 (at strength 0 the LoRA does nothing to train); use 1 or -1")
+        return value
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> PromptSettings:

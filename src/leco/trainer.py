@@ -144,7 +144,7 @@ class Trainer:
             Conditioning.cat([prompt.target, *anchors]), prompt, sample.size, sample.crop
         )
         rows = 1 + len(anchors)
-        with self.autocast():
+        with self.network.strength(settings.multiplier), self.autocast():
             student = self.predict(sample.latents.repeat(rows, 1, 1, 1), sample.timesteps.repeat(rows), cond)
         student, student_anchors = student[: len(target)], student[len(target) :]
         loss = leco_loss(student, target)
@@ -193,7 +193,8 @@ class Trainer:
         noise = torch.randn(shape, generator=self.generator).to(self.device)
         plans = self.rollout.plan(self.config.train.samples_per_rollout, self.generator)
         model = self.guided_model(prompt, (height, width), crop)
-        latents = self.rollout.run(model, noise, plans, self.generator)
+        with self.network.strength(prompt.settings.multiplier):  # "as the edited model would generate"
+            latents = self.rollout.run(model, noise, plans, self.generator)
         order = torch.randperm(len(plans), generator=self.generator).tolist()
         batch = prompt.batch_size
         return [
