@@ -3,7 +3,7 @@ import stat
 
 import pytest
 
-from leco.files import atomic_output
+from leco.files import atomic_folder, atomic_output
 
 
 def test_written_file_gets_the_mode_plain_open_would_give(tmp_path):
@@ -23,3 +23,19 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         raise KeyboardInterrupt
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
+
+
+def test_a_folder_is_replaced_only_when_it_is_complete(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "weights").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic_folder(folder) as staging:
+        (staging / "weights").write_bytes(b"half")
+        raise KeyboardInterrupt
+    assert (folder / "weights").read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model"]
+    with atomic_folder(folder) as staging:
+        (staging / "weights").write_bytes(b"new")
+    assert [p.name for p in folder.iterdir()] == ["weights"] and (folder / "weights").read_bytes() == b"new"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+    (tmp_path / "plain").mkdir()
+    assert stat.S_IMODE(os.stat(folder).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)

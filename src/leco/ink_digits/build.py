@@ -21,6 +21,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from leco.files import atomic_folder
 from leco.ink_digits.data import (
     EMPTY_CAPTION_RATE,
     INK_NAMES,
@@ -270,11 +271,18 @@ def train_diffusion(
 
 
 def build(out: Path, recipe: Recipe | None = None, measure_quality: bool = True) -> dict:
-    """Retrain everything into `out` (a diffusers folder); returns the build report."""
-    recipe = recipe or Recipe()
+    """Retrain everything into `out` (a diffusers folder); returns the build report.
+
+    The folder is replaced only when the build has finished: an interrupted rebuild of the shipped
+    model leaves the shipped model intact.
+    """
+    with atomic_folder(out) as staging:
+        return _build(staging, recipe or Recipe(), measure_quality)
+
+
+def _build(out: Path, recipe: Recipe, measure_quality: bool) -> dict:
     torch.set_num_threads(recipe.threads)
     wall, cpu = time.time(), time.process_time()
-    out.mkdir(parents=True, exist_ok=True)
     log("judge")
     judge, judge_accuracy = train_judge(recipe)
     log(f"judge held-out accuracy {judge_accuracy:.3f}")
