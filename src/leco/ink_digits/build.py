@@ -4,6 +4,9 @@ Stages: the judge (digit CNN), the VAE (16x16 RGB <-> 4x8x8 latents), then the t
 UNet together on captioned latents, with EMA weights. The result is a diffusers folder in the
 Stable Diffusion 1.x layout that loads like any SD1 model. The same machine and thread count give
 the same weights: every random draw comes from a seeded generator.
+
+The judge and the VAE learn every ink of ALL_INKS, so that ink-digits-2 (build2.py), which reuses
+both, shares this model's latent space; the text encoder and UNet see only ink-digits' five inks.
 """
 
 from __future__ import annotations
@@ -17,17 +20,17 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from leco.files import atomic_folder
+from leco.ink_digits import INK_DIGITS
+from leco.ink_digits.card import write_ink_digits_card
 from leco.ink_digits.data import (
-    EMPTY_CAPTION_RATE,
-    INK_NAMES,
-    PHRASING_NAMES,
+    ALL_INKS,
+    MODEL_INKS,
     SIZE,
-    caption,
     caption_words,
     dataset,
     digits,
@@ -35,19 +38,27 @@ from leco.ink_digits.data import (
     upsample,
 )
 from leco.ink_digits.judge import DigitNet, InkDigitsJudge, ink_amounts
-from leco.ink_digits.quality import GUIDANCE, STEPS, format_quality, measure
+from leco.ink_digits.quality import GUIDANCE, STEPS, measure
 from leco.ink_digits.tokenizer import MAX_LENGTH, build_tokenizer
+from leco.ink_digits.training import (
+    EPSILON,
+    LATENT_SIZE,
+    DiffusionRecipe,
+    encode,
+    log,
+    parameter_count,
+    save_pipeline,
+    to_unit,
+    torch_threads,
+    train_diffusion,
+    write_known_prompts,
+)
 
-# SD 1.x's own noise schedule, so that LECO runs on this model exactly as on SD 1.x.
-NOISE_SCHEDULE = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                  "num_train_timesteps": 1000, "prediction_type": "epsilon"}  # fmt: skip
-LATENT_SIZE = SIZE // 2
+INKS = MODEL_INKS[INK_DIGITS]
 
 
 @dataclass
-class Recipe:
-    seed: int = 0
-    threads: int = 2
+class Recipe(DiffusionRecipe):
     judge_steps: int = 1500
     vae_channels: tuple[int, ...] = (16, 32)
     vae_steps: int = 600
@@ -57,33 +68,23 @@ class Recipe:
     down_blocks: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D")
     up_blocks: tuple[str, ...] = ("CrossAttnUpBlock2D", "UpBlock2D")
     layers_per_block: int = 1
-    unet_steps: int = 4000
-    batch: int = 64
-    lr: float = 1e-3
-    ema: float = 0.999
-    min_snr: float = 5.0
     text_hidden: int = 64
     text_layers: int = 2
-    quality_seeds: int = 2
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 # -- the judge ------------------------------------------------------------------------------------
 
 
 def train_judge(recipe: Recipe) -> tuple[InkDigitsJudge, float]:
-    """A digit CNN on ink amounts read back from rendered images; returns it and its held-out accuracy."""
+    """A digit CNN on ink amounts read back from images in every ink; returns it and its held-out accuracy."""
     amounts, labels = digits()
     order = np.random.default_rng(recipe.seed).permutation(len(labels))
     test, train = order[: len(order) // 5], order[len(order) // 5 :]
     big = upsample(amounts)
 
     def read_back(index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        inks = [ink_amounts(draw(big[index], ink), np.full(len(index), i)) for i, ink in enumerate(INK_NAMES)]
-        read_labels = np.tile(labels[index], len(INK_NAMES))
+        inks = [ink_amounts(draw(big[index], ink), np.full(len(index), i)) for i, ink in enumerate(ALL_INKS)]
+        read_labels = np.tile(labels[index], len(ALL_INKS))
         return torch.from_numpy(np.concatenate(inks)), torch.from_numpy(read_labels)
 
     x_train, y_train = read_back(train)
@@ -122,10 +123,6 @@ def make_vae(recipe: Recipe) -> AutoencoderKL:
     )  # fmt: skip
 
 
-def to_unit(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def train_vae(recipe: Recipe, images: torch.Tensor) -> AutoencoderKL:
     torch.manual_seed(recipe.seed)
     vae = make_vae(recipe)
@@ -150,22 +147,26 @@ def train_vae(recipe: Recipe, images: torch.Tensor) -> AutoencoderKL:
 
 
 @torch.no_grad()
-def encode(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    return torch.cat([vae.encode(chunk).latent_dist.mean for chunk in pixels.split(512)])
-
-
-@torch.no_grad()
-def check_vae(vae: AutoencoderKL, judge: InkDigitsJudge, pixels: torch.Tensor, labels: np.ndarray) -> dict:
-    """How well decoded latents keep the images: pixel error and the judge's accuracy on them."""
+def check_vae(vae: AutoencoderKL, judge: InkDigitsJudge) -> dict:
+    """How well decoded latents keep every fifth image of every ink: pixel error and the judge's
+    accuracy on them, overall and per ink."""
+    images, digit_labels, ink_labels = dataset(ALL_INKS)
     every = slice(None, None, 5)
-    decoded = torch.cat([vae.decode(z).sample for z in encode(vae, pixels[every]).split(512)]).clamp(-1, 1)
+    pixels, digit_labels, ink_labels = to_unit(images[every]), digit_labels[every], ink_labels[every]
+    decoded = torch.cat([vae.decode(z).sample for z in encode(vae, pixels).split(512)]).clamp(-1, 1)
     rgb = ((decoded + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
     reading = judge.read(rgb)
-    return {
-        "mean_abs_error_255": float((decoded - pixels[every]).abs().mean() * 127.5),
-        "digit_accuracy": float((reading.digits == labels[0][every]).mean()),
-        "ink_accuracy": float((reading.inks == labels[1][every]).mean()),
-    }
+    error = (decoded - pixels).abs().mean(dim=(1, 2, 3)).numpy() * 127.5
+
+    def summary(rows: np.ndarray) -> dict[str, float]:
+        return {
+            "mean_abs_error_255": float(error[rows].mean()),
+            "digit_accuracy": float((reading.digits[rows] == digit_labels[rows]).mean()),
+            "ink_accuracy": float((reading.inks[rows] == ink_labels[rows]).mean()),
+        }
+
+    per_ink = {ink: summary(ink_labels == i) for i, ink in enumerate(ALL_INKS)}
+    return {**summary(np.ones(len(error), dtype=bool)), "per_ink": per_ink}
 
 
 # -- text encoder + UNet --------------------------------------------------------------------------
@@ -191,82 +192,6 @@ def make_unet(recipe: Recipe) -> UNet2DConditionModel:
     )  # fmt: skip
 
 
-def caption_table(tokenizer: CLIPTokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of every (digit, ink, phrasing) caption [10, inks, phrasings, L] and of ""."""
-    texts = [caption(d, ink, p) for d in range(10) for ink in INK_NAMES for p in PHRASING_NAMES]
-    ids = tokenizer(texts, padding="max_length", max_length=MAX_LENGTH, truncation=True, return_tensors="pt")
-    table = ids.input_ids.view(10, len(INK_NAMES), len(PHRASING_NAMES), MAX_LENGTH)
-    empty = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids[0]
-    return table, empty
-
-
-class EMA:
-    def __init__(self, modules: list[nn.Module], decay: float) -> None:
-        self.decay = decay
-        self.live = [p for m in modules for p in m.parameters()]
-        self.shadow = [p.detach().clone() for p in self.live]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        decay = min(self.decay, (1 + step) / (10 + step))  # warm up: early weights fade fast
-        for shadow, live in zip(self.shadow, self.live, strict=True):
-            shadow.lerp_(live, 1 - decay)
-
-    @torch.no_grad()
-    def copy_to_live(self) -> None:
-        for shadow, live in zip(self.shadow, self.live, strict=True):
-            live.copy_(shadow)
-
-
-def train_diffusion(
-    recipe: Recipe,
-    latents: torch.Tensor,
-    digit_labels: torch.Tensor,
-    ink_labels: torch.Tensor,
-    tokenizer: CLIPTokenizer,
-) -> tuple[CLIPTextModel, UNet2DConditionModel]:
-    torch.manual_seed(recipe.seed)
-    text_encoder = make_text_encoder(recipe, tokenizer)
-    unet = make_unet(recipe)
-    parameters = [*text_encoder.parameters(), *unet.parameters()]
-    optimizer = torch.optim.AdamW(parameters, recipe.lr, weight_decay=1e-2)
-    warmup = 200
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / recipe.unet_steps, 1))),
-    )
-    ema = EMA([text_encoder, unet], recipe.ema)
-    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
-    snr = noise_scheduler.alphas_cumprod / (1 - noise_scheduler.alphas_cumprod)
-    table, empty = caption_table(tokenizer)
-    generator = torch.Generator().manual_seed(recipe.seed + 2)
-    start = time.time()
-    for step in range(recipe.unet_steps):
-        index = torch.randint(len(latents), (recipe.batch,), generator=generator)
-        phrasing = torch.randint(table.shape[2], (recipe.batch,), generator=generator)
-        ids = table[digit_labels[index], ink_labels[index], phrasing]
-        dropped = torch.rand(recipe.batch, generator=generator) < EMPTY_CAPTION_RATE
-        ids[dropped] = empty
-        noise = torch.randn(latents[index].shape, generator=generator)
-        t = torch.randint(0, NOISE_SCHEDULE["num_train_timesteps"], (recipe.batch,), generator=generator)
-        noisy = noise_scheduler.add_noise(latents[index], noise, t)
-        prediction = unet(noisy, t, text_encoder(ids).last_hidden_state).sample
-        # Min-SNR-gamma weighting: the easy low-noise steps stop dominating the gradient.
-        weight = snr[t].clamp(max=recipe.min_snr) / snr[t]
-        loss = (weight * (prediction - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        schedule.step()
-        ema.update(step)
-        if step % 500 == 0 or step == recipe.unet_steps - 1:
-            elapsed = time.time() - start
-            log(f"diffusion step {step}/{recipe.unet_steps}: loss {loss.item():.4f} ({elapsed:.0f}s)")
-    ema.copy_to_live()
-    return text_encoder.eval(), unet.eval()
-
-
 # -- the whole build ------------------------------------------------------------------------------
 
 
@@ -276,33 +201,45 @@ def build(out: Path, recipe: Recipe | None = None, measure_quality: bool = True)
     The folder is replaced only when the build has finished: an interrupted rebuild of the shipped
     model leaves the shipped model intact.
     """
-    with atomic_folder(out) as staging:
-        return _build(staging, recipe or Recipe(), measure_quality)
+    recipe = recipe or Recipe()
+    with atomic_folder(out) as staging, torch_threads(recipe.threads):
+        return _build(staging, recipe, measure_quality)
 
 
 def _build(out: Path, recipe: Recipe, measure_quality: bool) -> dict:
-    torch.set_num_threads(recipe.threads)
-    wall, cpu = time.time(), time.process_time()
+    started = (time.time(), time.process_time())
     log("judge")
     judge, judge_accuracy = train_judge(recipe)
     log(f"judge held-out accuracy {judge_accuracy:.3f}")
-    images, digit_labels, ink_labels = dataset()
-    pixels = to_unit(images)
-    log("vae")
-    vae = train_vae(recipe, pixels)
-    vae_check = check_vae(vae, judge, pixels, (digit_labels, ink_labels))
-    log(f"vae reconstructions: {vae_check}")
-    means = encode(vae, pixels)
+    log(f"vae, on all {len(ALL_INKS)} inks")
+    every_ink = to_unit(dataset(ALL_INKS)[0])
+    vae = train_vae(recipe, every_ink)
+    vae_check = check_vae(vae, judge)
+    log(f"vae reconstructions: {json.dumps(vae_check)}")
     # Latents of unit variance, as the UNet's noise schedule expects (SD 1.x's 0.18215 does the same).
-    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
-    latents = means * vae.config.scaling_factor
+    vae.register_to_config(scaling_factor=float(1.0 / encode(vae, every_ink).std()))
+    images, digit_labels, ink_labels = dataset(INKS)
+    latents = encode(vae, to_unit(images)) * vae.config.scaling_factor
     tokenizer = build_tokenizer(caption_words(), out / "tokenizer")
-    log("text encoder + unet")
+    log(f"text encoder + unet, on {len(INKS)} inks")
+    torch.manual_seed(recipe.seed)
+    text_encoder = make_text_encoder(recipe, tokenizer)
+    unet = make_unet(recipe)
     text_encoder, unet = train_diffusion(
-        recipe, latents, torch.from_numpy(digit_labels), torch.from_numpy(ink_labels), tokenizer
+        recipe,
+        latents,
+        torch.from_numpy(digit_labels),
+        torch.from_numpy(ink_labels),
+        tokenizer,
+        text_encoder,
+        unet,
     )
-    save_folder(out, vae, text_encoder, unet, judge)
+    save_pipeline(out, vae, text_encoder, unet, EPSILON)
+    write_known_prompts(out, INKS)
+    judge.save(out)
     report = {
+        "model": INK_DIGITS,
+        "inks": list(INKS),
         "recipe": asdict(recipe),
         "parameters": {
             "unet": parameter_count(unet),
@@ -312,122 +249,25 @@ def _build(out: Path, recipe: Recipe, measure_quality: bool) -> dict:
         },
         "judge_held_out_accuracy": judge_accuracy,
         "vae_reconstruction": vae_check,
-        "train_wall_seconds": time.time() - wall,
-        "train_cpu_seconds": time.process_time() - cpu,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
     }
-    if measure_quality:
-        log("quality")
-        report["sampling"] = {"guidance": GUIDANCE, "steps": STEPS, "seeds": recipe.quality_seeds}
-        report["quality"] = measure(out, GUIDANCE, STEPS, seeds=recipe.quality_seeds)
-    report["wall_seconds"] = time.time() - wall
-    report["cpu_seconds"] = time.process_time() - cpu
-    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    write_model_card(out, report)
-    log(f"done in {report['wall_seconds'] / 60:.1f} min ({report['cpu_seconds'] / 60:.1f} CPU min)")
+    finish(out, report, recipe, started, measure_quality)
+    write_ink_digits_card(out, report)
     return report
 
 
-def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def save_folder(
-    out: Path,
-    vae: AutoencoderKL,
-    text_encoder: CLIPTextModel,
-    unet: UNet2DConditionModel,
-    judge: InkDigitsJudge,
+def finish(
+    out: Path, report: dict, recipe: DiffusionRecipe, started: tuple[float, float], measure_quality: bool
 ) -> None:
-    vae.save_pretrained(out / "vae")
-    text_encoder.save_pretrained(out / "text_encoder")
-    unet.save_pretrained(out / "unet")
-    # "trailing" starts sampling at t=999, where training starts too; leco's own rollout does the same.
-    sampler = DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    sampler.register_to_config(timestep_spacing="trailing")
-    sampler.save_pretrained(out / "scheduler")
-    judge.save(out)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "safety_checker": [None, None],
-        "requires_safety_checker": False,
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def write_model_card(out: Path, report: dict) -> None:
-    r, n, vae = report["recipe"], report["parameters"], report["vae_reconstruction"]
-    quality = format_quality(report["quality"]) if "quality" in report else "(not measured)"
-    captions = "; ".join(f'"{caption(7, "red", p)}" ({p})' for p in PHRASING_NAMES)
-    latent = f"4x{LATENT_SIZE}x{LATENT_SIZE}"
-    blocks = " / ".join([*r["down_blocks"], "UNetMidBlock2DCrossAttn", *r["up_blocks"]])
-    table = [
-        "| part | class | parameters | shape |",
-        "|---|---|---|---|",
-        f"| tokenizer | CLIPTokenizer | - | own vocabulary, a token per caption word; {MAX_LENGTH} tokens |",
-        f"| text encoder | CLIPTextModel | {n['text_encoder']:,} | {r['text_layers']} layers of width "
-        f"{r['text_hidden']}; the UNet reads last_hidden_state, as in SD 1.x |",
-        f"| UNet | UNet2DConditionModel | {n['unet']:,} | channels {tuple(r['unet_channels'])}, "
-        f"{r['layers_per_block']} layer per block, {blocks}, on {latent} latents |",
-        f"| VAE | AutoencoderKL | {n['vae']:,} | {SIZE}x{SIZE} RGB <-> {latent} latents, "
-        f"channels {tuple(r['vae_channels'])} |",
-        "| scheduler | DDIMScheduler | - | SD 1.x betas (scaled linear 0.00085..0.012, 1000 steps), "
-        "epsilon prediction, trailing timestep spacing |",
-    ]
-    card = f"""# ink-digits
-
-A small but real text-to-image model in the Stable Diffusion 1.x layout, built by leco as its
-quick-start and measuring model. It is trained on scikit-learn's 1,797 real handwritten 8x8 digits,
-upsampled to {SIZE}x{SIZE} and drawn in {len(INK_NAMES)} inks ({", ".join(INK_NAMES)}) on white paper,
-so it knows objects (the digit) and styles (the ink): a LECO erasure, and what it leaves alone, can be
-measured on a laptop CPU.
-
-Load it like any SD 1.x folder (offline, nothing to download):
-
-```python
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-image = pipe("a digit seven in red ink", guidance_scale={GUIDANCE:g}, num_inference_steps={STEPS}).images[0]
-```
-
-**Recommended sampling: guidance {GUIDANCE:g}, {STEPS} DDIM steps, {SIZE}x{SIZE} pixels** (the default size).
-
-## Architecture
-
-{chr(10).join(table)}
-
-The judge (`judge.safetensors`, not part of the pipeline) is a digit CNN of {n["judge"]:,} parameters
-trained on the real digits ({report["judge_held_out_accuracy"]:.1%} held-out accuracy) and read after
-stripping the ink; the ink is the one whose paper-to-ink colour line fits the inked pixels best.
-
-## Training recipe
-
-- Captions, one phrasing drawn uniformly per sample: {captions};
-  {EMPTY_CAPTION_RATE:.0%} empty, for classifier-free guidance.
-- VAE: {r["vae_steps"]} steps of batch 64, MSE + 1e-5 KL. Decoded latents are off by
-  {vae["mean_abs_error_255"]:.1f}/255 per channel on average; the judge reads {vae["digit_accuracy"]:.1%}
-  of their digits and {vae["ink_accuracy"]:.1%} of their inks right.
-- Text encoder and UNet together, from scratch: {r["unet_steps"]} steps of batch {r["batch"]},
-  AdamW lr {r["lr"]:g} (200 warm-up steps, cosine decay), min-SNR-{r["min_snr"]:g} loss weighting,
-  EMA {r["ema"]}; seed {r["seed"]}.
-- `python -m leco.ink_digits build` took {report["wall_seconds"] / 60:.0f} minutes
-  ({report["cpu_seconds"] / 60:.0f} CPU minutes) on {r["threads"]} threads, torch {report["torch"]};
-  the same machine and thread count give the same weights.
-
-## Measured quality
-
-Every digit x every ink x {report.get("sampling", {}).get("seeds", "-")} seeds per phrasing, generated
-with the diffusers pipeline at the recommended settings and read by the judge; a phrasing is judged
-only on what it names. Produced by `python -m leco.ink_digits quality` (the build's last step):
-
-{quality}
-"""
-    (out / "README.md").write_text(card)
+    """Add timings, versions and (optionally) the measured quality to `report`; write build_report.json."""
+    wall, cpu = started
+    report["train_wall_seconds"] = time.time() - wall
+    report["train_cpu_seconds"] = time.process_time() - cpu
+    report["torch"], report["diffusers"] = torch.__version__, diffusers.__version__
+    if measure_quality:
+        log("quality")
+        report["sampling"] = {"guidance": GUIDANCE, "steps": STEPS, "seeds": recipe.quality_seeds}
+        report["quality"] = measure(out, GUIDANCE, STEPS, seeds=recipe.quality_seeds, inks=report["inks"])
+    report["wall_seconds"] = time.time() - wall
+    report["cpu_seconds"] = time.process_time() - cpu
+    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"done in {report['wall_seconds'] / 60:.1f} min ({report['cpu_seconds'] / 60:.1f} CPU min)")

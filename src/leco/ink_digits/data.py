@@ -3,13 +3,20 @@
 Two kinds of concept: objects (the digit) and styles (the ink). Captions come in several
 phrasings with synonyms ("seven" / "7", "digit" / "number"), so that an erasure can be tested
 against a paraphrase, and in phrasings that name only the digit or only the ink.
+
+Both bundled models share one VAE and one judge that know every ink (ALL_INKS); each model is
+trained on its own ink list (MODEL_INKS): ink-digits on five, ink-digits-2 on all seven.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
+
+from leco.ink_digits import INK_DIGITS, INK_DIGITS_2
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Ink colours (RGB at full ink). Orange sits next to red on purpose: "erase red, keep orange" is
@@ -20,8 +27,14 @@ INKS = {
     "green": (25, 140, 45),
     "blue": (35, 65, 215),
     "black": (20, 20, 20),
+    # Only ink-digits-2 is trained on these two; ink-digits has their words but never saw them drawn.
+    "purple": (120, 40, 170),
+    "teal": (0, 140, 140),
 }
-INK_NAMES = tuple(INKS)
+# Every ink, in a fixed order: the judge's ink indices and the shared VAE's training data.
+ALL_INKS = tuple(INKS)
+# The inks each bundled model is trained on (and measured on).
+MODEL_INKS = {INK_DIGITS: ALL_INKS[:5], INK_DIGITS_2: ALL_INKS}
 PAPER = (255, 255, 255)
 SIZE = 16  # image side in pixels; the 8x8 originals are upsampled 2x (bilinear)
 # The ways a caption can be written; training draws them uniformly.
@@ -47,15 +60,15 @@ def caption(digit: int | None, ink: str | None, phrasing: str) -> str:
     if phrasing in DIGIT_PHRASINGS and (digit is None or not 0 <= digit <= 9):
         raise ValueError(f"phrasing {phrasing!r} needs a digit 0-9, got {digit!r}")
     if phrasing in INK_PHRASINGS and ink not in INKS:
-        raise ValueError(f"phrasing {phrasing!r} needs an ink ({', '.join(INK_NAMES)}), got {ink!r}")
+        raise ValueError(f"phrasing {phrasing!r} needs an ink ({', '.join(ALL_INKS)}), got {ink!r}")
     word = DIGIT_WORDS[digit] if digit is not None else ""
     return PHRASINGS[phrasing].format(word=word, digit=digit, ink=ink)
 
 
 def caption_words() -> list[str]:
-    """Every word a caption can contain: the tokenizer gives each its own token."""
+    """Every word a caption of either model can contain: the shared tokenizer gives each its own token."""
     fixed = {w for text in PHRASINGS.values() for w in text.replace(",", " ").split() if "{" not in w}
-    return sorted(fixed | set(DIGIT_WORDS) | set(INK_NAMES) | {str(d) for d in range(10)} | {","})
+    return sorted(fixed | set(DIGIT_WORDS) | set(ALL_INKS) | {str(d) for d in range(10)} | {","})
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -79,10 +92,10 @@ def draw(amounts: np.ndarray, ink: str) -> np.ndarray:
     return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
 
 
-def dataset() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every digit in every ink: images [N, 16, 16, 3] uint8, digit labels, ink indices (into INK_NAMES)."""
+def dataset(inks: Sequence[str] = ALL_INKS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every digit in each of `inks`: images [N, 16, 16, 3] uint8, digit labels, ink indices into ALL_INKS."""
     amounts, labels = digits()
     big = upsample(amounts)
-    images = [draw(big, ink) for ink in INK_NAMES]
-    ink_labels = [np.full_like(labels, index) for index in range(len(INK_NAMES))]
-    return np.concatenate(images), np.tile(labels, len(INK_NAMES)), np.concatenate(ink_labels)
+    images = [draw(big, ink) for ink in inks]
+    ink_labels = [np.full_like(labels, ALL_INKS.index(ink)) for ink in inks]
+    return np.concatenate(images), np.tile(labels, len(inks)), np.concatenate(ink_labels)

@@ -8,6 +8,7 @@ real digits. The CNN is stored as safetensors, so loading it runs no pickle.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,18 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from leco.errors import LecoError
-from leco.ink_digits.data import INK_NAMES, INKS, PAPER, SIZE
+from leco.ink_digits import INK_DIGITS, MODEL_NAMES
+from leco.ink_digits.data import (
+    ALL_INKS,
+    DIGIT_PHRASINGS,
+    INK_PHRASINGS,
+    INKS,
+    MODEL_INKS,
+    PAPER,
+    PHRASING_NAMES,
+    SIZE,
+    caption,
+)
 
 JUDGE_FILE = "judge.safetensors"
 INKED = 0.15  # a pixel this dark (0..1, strongest channel) takes part in the ink fit
@@ -49,8 +61,8 @@ class Reading:
 
     digits: np.ndarray  # [N] int, 0-9
     digit_probabilities: np.ndarray  # [N, 10]
-    inks: np.ndarray  # [N] int index into INK_NAMES; -1 where the image has no ink at all
-    ink_probabilities: np.ndarray  # [N, len(INK_NAMES)]; zeros where there is no ink
+    inks: np.ndarray  # [N] int index into ALL_INKS; -1 where the image has no ink at all
+    ink_probabilities: np.ndarray  # [N, len(ALL_INKS)]; zeros where there is no ink
 
     @property
     def digit_confidence(self) -> np.ndarray:
@@ -62,7 +74,7 @@ class Reading:
 
     @property
     def ink_names(self) -> list[str | None]:
-        return [INK_NAMES[i] if i >= 0 else None for i in self.inks]
+        return [ALL_INKS[i] if i >= 0 else None for i in self.inks]
 
 
 def as_rgb(images: Images) -> np.ndarray:
@@ -88,7 +100,7 @@ def _darkness(rgb: np.ndarray) -> np.ndarray:
 
 
 def _ink_lines() -> np.ndarray:
-    return _darkness(np.array([INKS[name] for name in INK_NAMES], dtype=np.float32))  # [K, 3]
+    return _darkness(np.array([INKS[name] for name in ALL_INKS], dtype=np.float32))  # [K, 3]
 
 
 def ink_probabilities(images: Images) -> np.ndarray:
@@ -118,7 +130,11 @@ def ink_amounts(images: Images, inks: np.ndarray) -> np.ndarray:
 
 
 class InkDigitsJudge:
-    """Reads digits and inks off images of the ink-digits model (or any 16x16-ish ink drawing)."""
+    """Reads digits and inks off images of the ink-digits models (or any 16x16-ish ink drawing).
+
+    It knows every ink of ALL_INKS, whichever model drew the image; both model folders carry the
+    same judge file, so each folder is complete on its own.
+    """
 
     def __init__(self, net: DigitNet) -> None:
         self.net = net.eval()
@@ -128,7 +144,8 @@ class InkDigitsJudge:
         path = Path(folder) / JUDGE_FILE
         if not path.is_file():
             raise LecoError(
-                f"{path}: the ink-digits judge is missing; rebuild with python -m leco.ink_digits build"
+                f"{Path(folder)}: no {JUDGE_FILE} in this model folder; the ink-digits detector only judges "
+                f"the ink-digits models ({', '.join(MODEL_NAMES)}), use detector: clip for other models"
             )
         net = DigitNet()
         net.load_state_dict(load_file(str(path)))
@@ -140,7 +157,7 @@ class InkDigitsJudge:
         )
 
     def classify_inks(self, images: Images) -> tuple[np.ndarray, np.ndarray]:
-        """(ink indices into INK_NAMES, -1 for a blank image; [N, K] probabilities)."""
+        """(ink indices into ALL_INKS, -1 for a blank image; [N, K] probabilities)."""
         probabilities = ink_probabilities(images)
         labels = np.where(probabilities.sum(axis=1) > 0, probabilities.argmax(axis=1), -1)
         return labels, probabilities
@@ -166,12 +183,47 @@ class InkDigitsJudge:
 class InkDigitsDetector:
     """`leco eval`'s detector for ink-digits: concepts "digit:7", "ink:red" or both ("digit:7,ink:red")."""
 
-    def __init__(self, judge: InkDigitsJudge) -> None:
+    def __init__(self, judge: InkDigitsJudge, inks: Sequence[str] = MODEL_INKS[INK_DIGITS]) -> None:
         self.judge = judge
+        self.inks = tuple(inks)  # the inks the judged model draws: what `keep: all` covers
 
     @classmethod
     def for_model(cls, folder: str | Path) -> InkDigitsDetector:
-        return cls(InkDigitsJudge.load(folder))
+        return cls(InkDigitsJudge.load(folder), inks_for_model(folder))
+
+    def concept_universe(self, exclude: Sequence[str]) -> list[tuple[str, str]]:
+        """(prompt, concept) for every digit and every ink the model draws, minus `exclude`'s parts.
+
+        A prompt is judged on what it names ("a digit three in blue ink": "digit:3,ink:blue"); the
+        parts an erasure or enhancement touches are dropped from its concept ("a digit two in red
+        ink" is judged "digit:2" when red is erased), and a prompt with nothing left is left out.
+        """
+        excluded = {part for concept in exclude for part in self._parse(concept)}
+        universe = []
+        for prompt, parts in self._universe_prompts():
+            judged = [part for part in parts if part not in excluded]
+            if judged:
+                universe.append((prompt, ",".join(f"{kind}:{self._name(kind, v)}" for kind, v in judged)))
+        return universe
+
+    def _universe_prompts(self) -> Iterator[tuple[str, list[tuple[str, int]]]]:
+        both = [p for p in PHRASING_NAMES if p in DIGIT_PHRASINGS and p in INK_PHRASINGS]
+        digit_only = [p for p in DIGIT_PHRASINGS if p not in INK_PHRASINGS]
+        ink_only = [p for p in INK_PHRASINGS if p not in DIGIT_PHRASINGS]
+        for digit in range(10):
+            for n, ink in enumerate(self.inks):
+                # One phrasing per digit and ink, rotating: each digit and each ink meets every phrasing.
+                phrasing = both[(digit + n) % len(both)]
+                yield caption(digit, ink, phrasing), [("digit", digit), ("ink", ALL_INKS.index(ink))]
+            for phrasing in digit_only:
+                yield caption(digit, None, phrasing), [("digit", digit)]
+        for ink in self.inks:
+            for phrasing in ink_only:
+                yield caption(None, ink, phrasing), [("ink", ALL_INKS.index(ink))]
+
+    @staticmethod
+    def _name(kind: str, value: int) -> str:
+        return str(value) if kind == "digit" else ALL_INKS[value]
 
     def check_concept(self, concept: str) -> None:
         self._parse(concept)
@@ -191,11 +243,24 @@ class InkDigitsDetector:
             kind, _, value = part.strip().partition(":")
             if kind == "digit" and value.isdigit() and len(value) == 1:
                 parts.append((kind, int(value)))
-            elif kind == "ink" and value in INK_NAMES:
-                parts.append((kind, INK_NAMES.index(value)))
+            elif kind == "ink" and value in ALL_INKS:
+                parts.append((kind, ALL_INKS.index(value)))
             else:
                 raise LecoError(
                     f"eval spec: concept {concept!r} is not known to the ink-digits detector; "
-                    f"write digit:0..9, ink:{'|'.join(INK_NAMES)} or both, comma-separated"
+                    f"write digit:0..9, ink:{'|'.join(ALL_INKS)} or both, comma-separated"
                 )
         return parts
+
+
+def inks_for_model(folder: str | Path) -> tuple[str, ...]:
+    """The inks the ink-digits model in `folder` was trained on, from the build report of its build.
+
+    Folders built before build reports listed their inks are the first, five-ink ink-digits.
+    """
+    from leco.ink_digits.quality import trained_inks  # quality imports this module
+
+    try:
+        return trained_inks(folder)
+    except LecoError:
+        return MODEL_INKS[INK_DIGITS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from itertools import product
 from pathlib import Path
@@ -10,7 +11,8 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from leco.ink_digits.data import DIGIT_PHRASINGS, INK_NAMES, INK_PHRASINGS, PHRASING_NAMES, caption
+from leco.errors import LecoError
+from leco.ink_digits.data import ALL_INKS, DIGIT_PHRASINGS, INK_PHRASINGS, PHRASING_NAMES, caption
 from leco.ink_digits.judge import InkDigitsJudge
 
 # The model's recommended sampling settings (the model card repeats them).
@@ -40,7 +42,7 @@ def measure(
     seeds: int = 2,
     phrasings: Sequence[str] = PHRASING_NAMES,
     digits: Sequence[int] = range(10),
-    inks: Sequence[str] = INK_NAMES,
+    inks: Sequence[str] | None = None,
     batch: int = 50,
     judge: InkDigitsJudge | None = None,
 ) -> dict[str, dict[str, float | int | None]]:
@@ -48,21 +50,22 @@ def measure(
 
     Every phrasing gets len(digits) x len(inks) x seeds images: a phrasing that leaves out the ink
     (or the digit) repeats each caption with more seeds instead of generating the same image again.
+    `inks` defaults to the inks the model was trained on (its build_report.json says which).
     """
     pipe = model if isinstance(model, StableDiffusionPipeline) else load_pipeline(model)
     judge = judge or InkDigitsJudge.load(pipe.name_or_path)
-    ink_ids = [INK_NAMES.index(ink) for ink in inks]
+    ink_ids = [ALL_INKS.index(ink) for ink in (trained_inks(pipe.name_or_path) if inks is None else inks)]
     results: dict[str, dict[str, float | int | None]] = {}
     for phrasing in phrasings:
         names_digit, names_ink = phrasing in DIGIT_PHRASINGS, phrasing in INK_PHRASINGS
-        repeats = seeds * (1 if names_digit else len(digits)) * (1 if names_ink else len(inks))
+        repeats = seeds * (1 if names_digit else len(digits)) * (1 if names_ink else len(ink_ids))
         cases = list(
             product(digits if names_digit else [None], ink_ids if names_ink else [None], range(repeats))
         )
         digit_hits, ink_hits = [], []
         for start in range(0, len(cases), batch):
             chunk = cases[start : start + batch]
-            prompts = [caption(d, INK_NAMES[i] if i is not None else None, phrasing) for d, i, _ in chunk]
+            prompts = [caption(d, ALL_INKS[i] if i is not None else None, phrasing) for d, i, _ in chunk]
             generators = [torch.Generator().manual_seed(seed_of(d, i, r)) for d, i, r in chunk]
             images = pipe(
                 prompts,
@@ -80,6 +83,19 @@ def measure(
             "images": len(cases),
         }
     return results
+
+
+def trained_inks(folder: str | Path) -> tuple[str, ...]:
+    """The inks an ink-digits build was trained on, from the build_report.json its build wrote."""
+    report = Path(folder) / "build_report.json"
+    try:
+        inks = tuple(json.loads(report.read_text())["inks"])
+    except (OSError, ValueError, KeyError):
+        raise LecoError(f"{report}: no ink list from an ink-digits build; name the inks to measure") from None
+    unknown = [ink for ink in inks if ink not in ALL_INKS]
+    if unknown:
+        raise LecoError(f"{report}: unknown inks {', '.join(unknown)}; known: {', '.join(ALL_INKS)}")
+    return inks
 
 
 def format_quality(results: dict[str, dict[str, float | int | None]]) -> str:
