@@ -1,0 +1,26 @@
+"""Other trainers' prompt and config files, read into leco's own config.
+
+One module per format a user would name: `kohya_leco` (sd-scripts `train_leco.py` prompt TOML),
+`ai_toolkit` (ostris/ai-toolkit slider job configs) and `sliders` (rohitgandikota/sliders'
+`--attributes`). `leco.config.load_config` / `load_prompts` dispatch here, so these files run
+unchanged with `leco train`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from leco.config import ConfigError, LecoConfig
+from leco.formats.ai_toolkit import is_ai_toolkit_config, load_ai_toolkit_config, read_document
+
+
+def foreign_config(path: Path) -> LecoConfig | None:
+    """The config another trainer's file stands for, or None when `path` is leco's own YAML."""
+    if path.suffix.lower() == ".toml":
+        raise ConfigError(
+            f"{path}: a kohya train_leco TOML is a prompts file, not a training config; name it in a "
+            f"config YAML: prompts_file: {path.name}"
+        )
+    if is_ai_toolkit_config(read_document(path, quiet=path.suffix.lower() != ".json")):
+        return load_ai_toolkit_config(path)
+    return None

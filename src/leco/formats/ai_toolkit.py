@@ -1,0 +1,722 @@
+"""ostris/ai-toolkit slider configs (`job: train`, one `config.process` of `type: slider`), run as leco.
+
+The reference is ai-toolkit's own code: `toolkit/config.py` (reading, `${ENV}` and `[name]`
+substitution), `toolkit/config_modules.py` (every section's keys and defaults) and
+`jobs/process/TrainSliderProcess.py` (what a slider step trains). What it trains maps onto leco
+exactly: each target's four pairs are kohya's slider entries (`kohya_leco.slider_pairs`), guidance
+1, neutral "" (or each `slider.prompt_file` line), the rollout at CFG 3 with the LoRA on, one entry
+per step as with `batch_full_slide: false` (true sums the four pairs in one step).
+
+Keys are handled in three ways, so that nothing is dropped without a word:
+- mapped to the leco key that does the same (the table in the README);
+- accepted because they change nothing here either (e.g. `model.dtype`, which ai-toolkit replaces
+  by `train.dtype`; `train.max_grad_norm`, which its slider loop never applies), or because their
+  value is ai-toolkit's no-op default (`train.noise_offset: 0`);
+- anything else that changes what is trained is an error naming the key. Keys that only change
+  sample images, logs or file metadata and have no leco equivalent are listed in one warning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import os
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from leco.config import ConfigError, LecoConfig
+from leco.formats.kohya_leco import slider_pairs
+
+# ai-toolkit's defaults (toolkit/config_modules.py) where they differ from leco's.
+AI_TOOLKIT_TRAIN_DEFAULTS = {
+    "steps": 1000,
+    "lr": 1e-6,
+    "max_denoising_steps": 999,
+    "batch_size": 1,
+    "dtype": "fp32",
+    "gradient_checkpointing": True,
+    "noise_scheduler": "ddpm",
+    "optimizer": "adamw",
+    "lr_scheduler": "constant",
+}
+AI_TOOLKIT_SAVE_DEFAULTS = {"save_every": 1000, "dtype": "float16", "max_step_saves_to_keep": 5}
+ROLLOUT_GUIDANCE = 3.0  # TrainSliderProcess denoises the partial rollout at CFG 3
+
+# ai-toolkit optimizer name -> (leco optimizer, eps ai-toolkit passes, lr below 0.1 becomes 1.0)
+_OPTIMIZERS = {
+    "adamw": ("adamw", 1e-6, False),
+    "adam": ("adam", 1e-6, False),
+    "adamw8bit": ("adamw8bit", 1e-6, False),
+    "adam8bit": ("adam8bit", 1e-6, False),
+    "lion": ("lion", None, False),
+    "lion8bit": ("lion8bit", None, False),
+    "prodigy": ("prodigy", 1e-6, True),
+    "dadaptation": ("dadaptadam", 1e-6, True),
+    "dadaptationlion": ("dadaptlion", 1e-6, True),
+}
+_SCHEDULERS = ("ddpm", "ddim", "lms", "euler_a")
+# ai-toolkit's kinds of plain LoRA; whether the 3x3 convs are trained depends on `conv` alone.
+_NETWORK_TYPES = ("lora", "lierla", "locon", "c3lier")
+_OTHER_ARCHS = (
+    "is_v3",
+    "is_flux",
+    "is_pixart",
+    "is_pixart_sigma",
+    "is_auraflow",
+    "is_lumina2",
+    "is_ssd",
+    "is_vega",
+)
+_FLOAT = re.compile(r"^[-+]?(?:\d[\d_]*)?\.?\d[\d_]*(?:[eE][-+]?\d+)?$")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML reads `2e-4` (no dot) as text; ai-toolkit's loader, like YAML 1.2, reads a number."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d[\d_]*\.?[\d_]*[eE][-+]?\d+)$"), list("-+0123456789")
+)
+
+
+def is_ai_toolkit_config(document: Any) -> bool:
+    """ai-toolkit job files have top-level `job:` and `config:`; leco configs have neither."""
+    return isinstance(document, dict) and ("job" in document or "config" in document)
+
+
+def read_document(path: Path, quiet: bool = False) -> Any:
+    """The parsed file (JSON for .json, else YAML), `${VAR}` replaced; None if `quiet` and unreadable."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if quiet:
+            return _parse(path, text)
+        return _parse(path, _substitute_environment(path, text))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        if quiet:
+            return None
+        raise ConfigError(
+            f"{path}: cannot be read ({type(error).__name__}: {(str(error).splitlines() or [''])[0]})"
+        ) from None
+    except ConfigError:
+        if quiet:
+            return None
+        raise
+
+
+def load_ai_toolkit_config(path: Path) -> LecoConfig:
+    """Read an ai-toolkit slider job config into a leco config (its prompts expanded)."""
+    document = read_document(path)
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: must be a mapping with job: and config:")
+    return _Converter(path).convert(document)
+
+
+def _parse(path: Path, text: str) -> Any:
+    if path.suffix.lower() in (".json", ".jsonc"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{path}: line {error.lineno}: invalid JSON ({error.msg})") from None
+    return yaml.load(text, Loader=_YamlLoader)  # a SafeLoader: no Python objects
+
+
+def _substitute_environment(path: Path, text: str) -> str:
+    def value(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in os.environ:
+            raise ConfigError(
+                f"{path}: ${{{name}}}: environment variable {name} is not set; set it or write the value"
+            )
+        return os.environ[name]
+
+    return re.sub(r"\$\{([^}]+)\}", value, text)
+
+
+def _replace_name(value: Any, name: str) -> Any:
+    """ai-toolkit replaces the text [name] anywhere in the config by config.name."""
+    if isinstance(value, str):
+        return value.replace("[name]", name)
+    if isinstance(value, list):
+        return [_replace_name(v, name) for v in value]
+    if isinstance(value, dict):
+        return {k: _replace_name(v, name) for k, v in value.items()}
+    return value
+
+
+class _Section:
+    """One mapping of the file; remembers which keys were read so every other key can be reported."""
+
+    def __init__(self, data: Any, where: str, path: Path) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: {where}: must be a mapping (got {_short(data)})")
+        self.data, self.where, self.path = data, where, path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def has(self, name: str) -> bool:
+        return name in self.data
+
+    def get(self, name: str, default: Any = None) -> Any:
+        self.used.add(name)
+        value = self.data.get(name, default)
+        return default if value is None else value
+
+    def require(self, name: str) -> Any:
+        if self.data.get(name) is None:
+            raise ConfigError(f"{self.path}: {self.key(name)}: required key is missing; add it")
+        return self.get(name)
+
+    def section(self, name: str) -> _Section:
+        return _Section(self.get(name), self.key(name), self.path)
+
+    def accept(self, *names: str) -> None:
+        """Keys whose value changes nothing in leco or in ai-toolkit's slider process."""
+        self.used.update(names)
+
+    def only(self, name: str, allowed: Callable[[Any], bool], why: str) -> None:
+        """A key leco can honour only at values that do nothing (ai-toolkit's defaults)."""
+        self.used.add(name)
+        if name in self.data and self.data[name] is not None and not allowed(self.data[name]):
+            raise ConfigError(f"{self.path}: {self.key(name)}: {_short(self.data[name])} {why}")
+
+    def cosmetic(
+        self, warnings: list[str], name: str, inert: Callable[[Any], bool] = lambda v: False
+    ) -> None:
+        """A key that only changes samples, logs or metadata: noted when it would do something."""
+        self.used.add(name)
+        if name in self.data and self.data[name] is not None and not inert(self.data[name]):
+            warnings.append(self.key(name))
+
+    def finish(self) -> None:
+        for name in self.data:
+            if name not in self.used:
+                known = sorted(self.used)
+                close = difflib.get_close_matches(name, known, n=1)
+                fix = f"did you mean {close[0]!r}?" if close else "remove it"
+                raise ConfigError(
+                    f"{self.path}: {self.key(name)}: leco has no equivalent for this key; {fix} "
+                    f"(read here: {', '.join(known)})"
+                )
+
+
+class _Converter:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.warnings: list[str] = []
+        self.origin: dict[str, str] = {}  # leco key -> the ai-toolkit key it came from (for errors)
+        self.config: dict[str, Any] = {}
+
+    def convert(self, document: dict[str, Any]) -> LecoConfig:
+        root = _Section(document, "", self.path)
+        job = root.require("job")
+        if job != "train":
+            raise ConfigError(
+                f"{self.path}: job: {_short(job)}: leco runs ai-toolkit's `job: train` slider jobs"
+            )
+        name = str(root.section("config").require("name"))
+        root.data = _replace_name(document, name)
+        config = root.section("config")
+        config.accept("name")
+        root.cosmetic(self.warnings, "meta")
+        root.finish()
+        process = self.slider_process(config)
+        self.read_job(config, process, name)
+        steps = self.read_train(process.section("train"))
+        self.read_model(process.section("model"))
+        self.read_network(process)
+        self.read_save(process.section("save"), steps)
+        self.read_logging(process.section("logging"))
+        self.read_slider(process.section("slider"), steps)
+        self.read_sample(process.section("sample"))
+        for section in (config, process):
+            section.finish()
+        if self.warnings:
+            print(
+                f"leco: warning: {self.path}: not honoured (they change only samples, logs or metadata): "
+                + ", ".join(self.warnings)
+            )
+        return self.validate()
+
+    # -- sections ---------------------------------------------------------------------------------
+
+    def slider_process(self, config: _Section) -> _Section:
+        processes = config.require("process")
+        if not isinstance(processes, list) or len(processes) != 1:
+            count = len(processes) if isinstance(processes, list) else "not a list"
+            raise ConfigError(
+                f"{self.path}: config.process: leco runs one slider process per file (found {count}); "
+                "split the file"
+            )
+        process = _Section(processes[0], "config.process[0]", self.path)
+        kind = process.require("type")
+        if kind != "slider":
+            raise ConfigError(
+                f"{self.path}: config.process[0].type: {_short(kind)}: "
+                "leco runs ai-toolkit's `type: slider` only"
+            )
+        return process
+
+    def read_job(self, config: _Section, process: _Section, name: str) -> None:
+        """Job-level keys; ai-toolkit lets the process override name, folder, device and log_dir."""
+
+        def setting(key: str) -> tuple[Any, str]:
+            config.accept(key)
+            chosen = process if process.has(key) else config
+            return chosen.get(key), chosen.key(key)
+
+        folder, folder_key = setting("training_folder")
+        if folder is None:
+            raise ConfigError(f"{self.path}: config.training_folder: required key is missing; add it")
+        # Files are named after the job; a process `name` only names their folder.
+        subfolder = str(process.get("name", name))
+        self.put("save.name", name, "config.name")
+        self.put("save.path", str(Path(str(folder)) / subfolder), folder_key)
+        device, device_key = setting("device")
+        if device is not None:
+            self.put("train.device", str(device), device_key)
+        log_dir, log_key = setting("log_dir")
+        if log_dir is not None:
+            self.put("logging.use_tensorboard", True, log_key)
+            self.put("logging.tensorboard_dir", str(Path(str(log_dir)) / name), log_key)
+        config.only("is_v2", lambda v: v is False, "is not read by the slider process; set model.is_v2")
+        seed = process.get("training_seed")
+        if seed is not None:
+            self.put("train.seed", seed, process.key("training_seed"))
+        process.accept("performance_log_every")
+
+    def read_train(self, train: _Section) -> int:
+        defaults = AI_TOOLKIT_TRAIN_DEFAULTS
+        steps = self.integer(train, "steps", defaults["steps"])
+        self.put("train.iterations", steps, train.key("steps"))
+        lr_key = "unet_lr" if train.has("unet_lr") else "lr"  # the UNet LoRA trains at unet_lr
+        lr = self.number(train, lr_key, self.number(train, "lr", defaults["lr"]))
+        self.read_optimizer(train, lr, lr_key)
+        self.read_lr_scheduler(train, steps)
+        for ours, theirs in (("max_denoising_steps", "max_denoising_steps"), ("batch_size", "batch_size")):
+            self.put(f"train.{ours}", train.get(theirs, defaults[theirs]), train.key(theirs))
+        self.put("train.precision", train.get("dtype", defaults["dtype"]), train.key("dtype"))
+        self.put(
+            "train.gradient_checkpointing",
+            train.get("gradient_checkpointing", defaults["gradient_checkpointing"]),
+            train.key("gradient_checkpointing"),
+        )
+        scheduler = str(train.get("noise_scheduler", defaults["noise_scheduler"])).lower()
+        if scheduler not in _SCHEDULERS:
+            raise ConfigError(
+                f"{self.path}: {train.key('noise_scheduler')}: {scheduler!r} has no leco equivalent; "
+                f"use one of {', '.join(_SCHEDULERS)}"
+            )
+        self.put("train.noise_scheduler", scheduler, train.key("noise_scheduler"))
+        self.put("train.rollout_guidance_scale", ROLLOUT_GUIDANCE, train.where)
+        self.put("other.use_xformers", train.get("xformers", False), train.key("xformers"))
+        # Read by ai-toolkit but without effect on a slider (or on a LoRA that trains the UNet only).
+        train.accept("sdp", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr")
+        train.accept(
+            "min_denoising_steps", "snr_gamma", "max_grad_norm", "attention_backend", "weight_jitter"
+        )
+        train.only("train_unet", lambda v: v is True, "is not supported: leco trains a UNet LoRA")
+        train.only("train_text_encoder", lambda v: v is False, "is not supported: leco trains the UNet only")
+        if train.get("min_snr_gamma", 0):
+            self.put("train.min_snr_gamma", train.get("min_snr_gamma"), train.key("min_snr_gamma"))
+        train.only("noise_offset", lambda v: v == 0, "has no leco equivalent; remove it (or set it to 0)")
+        train.only("learnable_snr_gos", lambda v: v is False, "has no leco equivalent; remove it")
+        for key in ("gradient_accumulation_steps", "gradient_accumulation"):
+            train.only(key, lambda v: v == 1, "has no leco equivalent; remove it (or set it to 1)")
+        train.only(
+            "ema_config", lambda v: isinstance(v, dict) and not v.get("use_ema"), "has no leco equivalent"
+        )
+        if train.get("disable_sampling", False):
+            self.config.setdefault("preview", {})["disabled"] = True
+        train.accept("skip_first_sample", "force_first_sample")  # leco previews no step 0
+        train.finish()
+        return steps
+
+    def read_optimizer(self, train: _Section, lr: float, lr_key: str) -> None:
+        name = str(train.get("optimizer", AI_TOOLKIT_TRAIN_DEFAULTS["optimizer"])).lower()
+        if name not in _OPTIMIZERS:
+            raise ConfigError(
+                f"{self.path}: {train.key('optimizer')}: {name!r} has no leco equivalent; "
+                f"use one of {', '.join(_OPTIMIZERS)}"
+            )
+        optimizer, eps, adaptive = _OPTIMIZERS[name]
+        params = train.get("optimizer_params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(
+                f"{self.path}: {train.key('optimizer_params')}: must be a mapping of optimizer args"
+            )
+        self.put("train.optimizer", optimizer, train.key("optimizer"))
+        self.put(
+            "train.optimizer_args", ({"eps": eps} if eps else {}) | params, train.key("optimizer_params")
+        )
+        # ai-toolkit gives adaptive optimizers lr 1.0 when the config's lr looks like an Adam lr.
+        self.put("train.lr", 1.0 if adaptive and lr < 0.1 else lr, train.key(lr_key))
+
+    def read_lr_scheduler(self, train: _Section, steps: int) -> None:
+        """ai-toolkit builds torch schedulers over all steps; the leco schedule that draws the same curve."""
+        name = str(train.get("lr_scheduler", AI_TOOLKIT_TRAIN_DEFAULTS["lr_scheduler"])).lower()
+        key = train.key("lr_scheduler_params")
+        params = train.get("lr_scheduler_params", {})
+        if not isinstance(params, dict):
+            raise ConfigError(f"{self.path}: {key}: must be a mapping of scheduler args")
+        params = dict(params)
+        if params.get("total_iters", steps) != steps:
+            raise ConfigError(f"{self.path}: {key}.total_iters: leco schedules over train.steps; remove it")
+        params.pop("total_iters", None)
+        args: dict[str, Any] = {}
+        if name == "constant_with_warmup":
+            self.put("train.lr_warmup_steps", params.pop("num_warmup_steps", 1000), f"{key}.num_warmup_steps")
+        elif name == "step":  # torch StepLR: gamma 0.1 unless given
+            step_size, gamma = params.pop("step_size", None), params.pop("gamma", 0.1)
+            if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
+                raise ConfigError(
+                    f"{self.path}: {key}.step_size: lr_scheduler step needs a whole number >= 1"
+                )
+            if isinstance(gamma, bool) or not isinstance(gamma, int | float):
+                raise ConfigError(f"{self.path}: {key}.gamma: must be a number (got {_short(gamma)})")
+            args = {"step_size": step_size, "gamma": float(gamma)}
+        elif name not in ("constant", "cosine", "cosine_with_restarts"):
+            raise ConfigError(
+                f"{self.path}: {train.key('lr_scheduler')}: {name!r} has no leco equivalent (ai-toolkit's "
+                "linear rises from lr/3 to lr); use constant, constant_with_warmup, cosine, "
+                "cosine_with_restarts or step"
+            )
+        if params:
+            raise ConfigError(
+                f"{self.path}: {key}.{next(iter(params))}: has no leco equivalent for "
+                f"lr_scheduler {name}; remove it"
+            )
+        self.put("train.lr_scheduler", name, train.key("lr_scheduler"))
+        self.put("train.lr_scheduler_args", args, key)
+
+    def read_model(self, model: _Section) -> None:
+        self.put("pretrained_model.name_or_path", model.require("name_or_path"), model.key("name_or_path"))
+        for ours, theirs in (("v2", "is_v2"), ("v_pred", "is_v_pred")):
+            if model.has(theirs):
+                self.put(f"pretrained_model.{ours}", model.get(theirs), model.key(theirs))
+        arch = model.get("arch")
+        if arch is not None and str(arch).split(":")[0] not in ("sd1", "sd2", "sdxl"):
+            raise ConfigError(
+                f"{self.path}: {model.key('arch')}: {_short(arch)}: leco trains sd1, sd2 and sdxl"
+            )
+        if arch is not None and str(arch).startswith("sd2"):
+            self.put("pretrained_model.v2", True, model.key("arch"))
+        if model.get("is_xl", False) and model.get("is_v2", False):
+            raise ConfigError(f"{self.path}: {model.key('is_xl')}: is_xl and is_v2 are both true; keep one")
+        # is_xl: leco detects SDXL from the weights. dtype: ai-toolkit replaces it by train.dtype.
+        model.accept("is_xl", "dtype", "low_vram")
+        for key in _OTHER_ARCHS:
+            model.only(key, lambda v: v is False, "is not supported: leco trains SD1, SD2 and SDXL UNets")
+        for key in ("use_text_encoder_1", "use_text_encoder_2"):
+            model.only(key, lambda v: v is True, "has no leco equivalent; remove it")
+        model.cosmetic(self.warnings, "vae_path")  # the VAE draws previews only; training needs none
+        model.finish()
+
+    def read_network(self, process: _Section) -> None:
+        if not process.has("network"):
+            raise ConfigError(
+                f"{self.path}: {process.key('network')}: required key is missing; leco trains a LoRA"
+            )
+        network = process.section("network")
+        kind = str(network.get("type", "lora")).lower()
+        if kind not in _NETWORK_TYPES:
+            raise ConfigError(
+                f"{self.path}: {network.key('type')}: {kind!r} has no leco equivalent; "
+                "use lora, lierla, locon or c3lier"
+            )
+        rank = network.get("linear", network.get("rank", 4))
+        alpha = network.get("linear_alpha", network.get("alpha", 1.0))
+        self.put("network.rank", rank, network.key("linear"))
+        self.put("network.alpha", alpha, network.key("linear_alpha"))
+        conv = network.get("conv")
+        if conv:  # ai-toolkit adds the 3x3 convs whenever conv is set, whatever the type says
+            self.put("network.type", "c3lier", network.key("conv"))
+            self.put("network.conv_rank", conv, network.key("conv"))
+            self.put("network.conv_alpha", network.get("conv_alpha", conv), network.key("conv_alpha"))
+        else:
+            self.put("network.type", "lierla", network.key("type"))
+            network.accept("conv_alpha")
+        network.only("dropout", lambda v: v == 0, "has no leco equivalent; remove it")
+        network.only("network_kwargs", lambda v: v == {}, "has no leco equivalent; remove it")
+        network.accept("transformer_only")  # selects blocks of transformer models; an SD UNet keeps all
+        network.finish()
+
+    def read_save(self, save: _Section, steps: int) -> None:
+        every = self.integer(save, "save_every", AI_TOOLKIT_SAVE_DEFAULTS["save_every"])
+        self.put("save.per_steps", every, save.key("save_every"))
+        self.put("save.precision", save.get("dtype", AI_TOOLKIT_SAVE_DEFAULTS["dtype"]), save.key("dtype"))
+        keep_key = save.key("max_step_saves_to_keep")
+        keep = save.get("max_step_saves_to_keep", AI_TOOLKIT_SAVE_DEFAULTS["max_step_saves_to_keep"])
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
+            raise ConfigError(f"{self.path}: {keep_key}: must be a whole number >= 0 (got {_short(keep)})")
+        if keep:  # ai-toolkit deletes nothing at 0
+            self.put("save.max_step_files", keep, keep_key)
+        save.only(
+            "save_format", lambda v: v == "safetensors", "has no leco equivalent; leco writes safetensors"
+        )
+        save.only("push_to_hub", lambda v: v is False, "has no leco equivalent; upload the file yourself")
+        save.accept("hf_repo_id", "hf_private")
+        save.finish()
+
+    def read_logging(self, logging: _Section) -> None:
+        self.put("logging.use_wandb", logging.get("use_wandb", False), logging.key("use_wandb"))
+        self.put("logging.verbose", logging.get("verbose", False), logging.key("verbose"))
+        if logging.has("project_name"):
+            self.put("logging.wandb_project", logging.get("project_name"), logging.key("project_name"))
+        logging.accept("log_every")  # leco logs every step
+        logging.only("use_ui_logger", lambda v: v is False, "has no leco equivalent; remove it")
+        logging.cosmetic(self.warnings, "run_name")
+        logging.finish()
+
+    def read_sample(self, sample: _Section) -> None:
+        """ai-toolkit's sample images become leco's preview grids (prompts x strengths x seeds)."""
+        if not sample.data or self.config.get("preview", {}).pop("disabled", False):
+            sample.accept(*sample.data)
+            self.config.pop("preview", None)
+            return
+        default_strength = self.number(sample, "network_multiplier", 1.0)
+        items: list[Any] = [{"prompt": p} for p in self.string_list(sample, "prompts")]
+        samples = sample.get("samples", [])
+        if not isinstance(samples, list):
+            raise ConfigError(f"{self.path}: {sample.key('samples')}: must be a list of {{prompt: ...}}")
+        items += samples
+        prompts: list[str] = []
+        strengths: list[float] = []
+        for item in items:
+            text, strength = self.sample_prompt(item, default_strength, sample.key("prompts"))
+            prompts += [text] if text not in prompts else []
+            strengths += [strength] if strength not in strengths else []
+        where = sample.where
+        self.put("preview.prompts", prompts, sample.key("prompts"))
+        self.put("preview.strengths", sorted(strengths), f"{where} --m")
+        self.put("preview.seeds", [sample.get("seed", 0)], sample.key("seed"))
+        self.put("preview.steps", sample.get("sample_steps", 20), sample.key("sample_steps"))
+        self.put("preview.guidance", sample.get("guidance_scale", 7), sample.key("guidance_scale"))
+        self.put("preview.every", sample.get("sample_every", 100), sample.key("sample_every"))
+        for key in ("walk_seed", "neg", "guidance_rescale", "sample_start_step"):
+            sample.cosmetic(self.warnings, key, lambda v: not v)
+        size = self.config["prompts"][0]["resolution"]  # leco previews at the first entry's size
+        side = {"height": size if isinstance(size, int) else size[0]}
+        side["width"] = size if isinstance(size, int) else size[1]
+        for key in ("width", "height"):
+            sample.cosmetic(self.warnings, key, lambda v, key=key: v == side[key])
+        for key in ("sampler", "format", "ext", "refiner_start_at", "extra_values"):
+            sample.cosmetic(self.warnings, key)
+        sample.accept("num_frames", "fps", "adapter_conditioning_scale", "do_cfg_norm")
+        sample.finish()
+
+    def sample_prompt(self, item: Any, default: float, where: str) -> tuple[str, float]:
+        """A sample prompt without its ` --flag value` parts; --m (--network_multiplier) is its strength."""
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise ConfigError(f"{self.path}: {where}: each sample needs a prompt text (got {_short(item)})")
+        text, *flags = item["prompt"].split("--")
+        strength = item.get("network_multiplier", default)
+        unread = [f"{where} {key}" for key in item if key not in ("prompt", "network_multiplier")]
+        for flag in flags:
+            name, _, value = flag.strip().partition(" ")
+            if name in ("m", "network_multiplier"):
+                strength = value.strip()
+            else:
+                unread.append(f"{where} --{name}")
+        self.warnings += [note for note in unread if note not in self.warnings]
+        try:
+            return text.strip(), float(strength)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.path}: {where}: --m {strength!r} is not a number") from None
+
+    def read_slider(self, slider: _Section, steps: int) -> None:
+        seed = self.config.get("train", {}).get("seed")
+        rng = random.Random(seed if isinstance(seed, int) else 0)  # shuffles: fixed, reproducible
+        targets = slider.get("targets", [])
+        if not isinstance(targets, list) or not targets:
+            raise ConfigError(f"{self.path}: {slider.key('targets')}: add at least one target (a list)")
+        expanded = []
+        for number, raw in enumerate(targets, start=1):
+            target = _Section(raw, f"{slider.key('targets')}[{number - 1}]", self.path)
+            expanded += self.slider_target(target, rng)
+        expanded = expanded[:steps]  # ai-toolkit trims targets (with permutations) to the step count
+        resolutions = self.resolutions(slider)
+        neutrals = self.neutrals(slider, steps, rng)
+        batch = self.config["train"]["batch_size"]
+        entries = []
+        for neutral in neutrals:
+            for target_class, positive, negative, multiplier, weight in expanded:
+                for resolution in resolutions:
+                    for pole, other, action, strength in slider_pairs(positive, negative, multiplier):
+                        entries.append(
+                            {
+                                "target": target_class,
+                                "positive": pole,
+                                "unconditional": other,
+                                "neutral": neutral,
+                                "action": action,
+                                "guidance_scale": 1.0,
+                                "resolution": resolution,
+                                "batch_size": batch,
+                                "multiplier": strength,
+                                "weight": weight,
+                            }
+                        )
+        self.config["prompts"] = entries
+        self.origin["prompts"] = slider.key("targets")
+        self.read_anchors(slider)
+        slider.accept("batch_full_slide", "low_ram")
+        for key in ("prompt_tensors", "use_adapter", "adapter_img_dir"):
+            slider.only(key, lambda v: not v, "has no leco equivalent; remove it")
+        slider.finish()
+
+    def slider_target(self, target: _Section, rng: random.Random) -> list[tuple[str, str, str, float, float]]:
+        """(target_class, positive, negative, multiplier, weight); `shuffle` adds phrase orders."""
+        target_class = str(target.get("target_class", ""))
+        positive, negative = str(target.get("positive", "")), str(target.get("negative", ""))
+        if not positive.strip() and not negative.strip():
+            raise ConfigError(
+                f"{self.path}: {target.where}: needs positive or negative (its two ends); set one"
+            )
+        multiplier = self.number(target, "multiplier", 1.0)
+        weight = self.number(target, "weight", 1.0)
+        shuffle = target.get("shuffle", False)
+        target.finish()
+        if not shuffle:
+            return [(target_class, positive, negative, multiplier, weight)]
+        pairs = [(p, n) for p in _phrase_orders(positive, rng) for n in _phrase_orders(negative, rng)]
+        rng.shuffle(pairs)
+        return [(target_class, p, n, multiplier, weight) for p, n in pairs[:8]]
+
+    def resolutions(self, slider: _Section) -> list[int | tuple[int, int]]:
+        """[[height, width], ...]: TrainSliderProcess unpacks each as height, width."""
+        value = slider.get("resolutions", [[512, 512]])
+        if not isinstance(value, list) or not value or not all(_is_size(v) for v in value):
+            raise ConfigError(
+                f"{self.path}: {slider.key('resolutions')}: must be a list of [height, width], "
+                "e.g. [[512, 512]]"
+            )
+        return [int(h) if int(h) == int(w) else (int(h), int(w)) for h, w in value]
+
+    def neutrals(self, slider: _Section, steps: int, rng: random.Random) -> list[str]:
+        """ "" or the lines of prompt_file (shuffled and cut to the step count, as ai-toolkit does)."""
+        name = slider.get("prompt_file")
+        if name is None:
+            return [""]
+        key = slider.key("prompt_file")
+        file = Path(str(name)).expanduser()
+        # ai-toolkit opens it from the working directory; leco also looks next to the config file.
+        tried = [file] if file.is_absolute() else [Path.cwd() / file, self.path.parent / file]
+        found = next((option for option in tried if _is_file(option)), None)
+        if found is None:
+            where = " or ".join(str(option) for option in tried)
+            raise ConfigError(f"{self.path}: {key}: {name!r} not found (looked at {where}); fix the path")
+        try:
+            text = found.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{self.path}: {key}: cannot read {found} ({type(error).__name__})") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(f"{self.path}: {key}: {found} holds no prompt; write one neutral prompt a line")
+        rng.shuffle(lines)
+        return lines[:steps]
+
+    def read_anchors(self, slider: _Section) -> None:
+        """Anchors keep their prompt's prediction; ai-toolkit trained them at the pair's strength sign."""
+        anchors = slider.get("anchors", [])
+        if not isinstance(anchors, list):
+            raise ConfigError(f"{self.path}: {slider.key('anchors')}: must be a list of {{prompt: ...}}")
+        prompts = []
+        for number, raw in enumerate(anchors):
+            anchor = _Section(raw, f"{slider.key('anchors')}[{number}]", self.path)
+            prompts.append(str(anchor.get("prompt", "")))
+            anchor.only(
+                "multiplier",
+                lambda v: v == 1,
+                "has no leco equivalent: leco's anchors run at the entry's strength (+1 or -1); set 1",
+            )
+            anchor.accept("neg_prompt")  # the unconditional half of a guidance-1 prediction: no effect
+            anchor.finish()
+        if prompts:
+            self.put("anchors.prompts", prompts, slider.key("anchors"))
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def put(self, dotted: str, value: Any, origin: str) -> None:
+        section, _, key = dotted.partition(".")
+        if key:
+            self.config.setdefault(section, {})[key] = value
+        else:
+            self.config[section] = value
+        self.origin[dotted] = origin
+
+    def number(self, section: _Section, name: str, default: float) -> float:
+        value = section.get(name, default)
+        if isinstance(value, str) and _FLOAT.match(value.strip()):
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{self.path}: {section.key(name)}: must be a number (got {_short(value)})")
+        return float(value)
+
+    def integer(self, section: _Section, name: str, default: int) -> int:
+        value = section.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(
+                f"{self.path}: {section.key(name)}: must be a whole number >= 1 (got {_short(value)})"
+            )
+        return value
+
+    def string_list(self, section: _Section, name: str) -> list[str]:
+        value = section.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{self.path}: {section.key(name)}: must be a list of prompt texts")
+        return value
+
+    def validate(self) -> LecoConfig:
+        try:
+            config = LecoConfig.model_validate(self.config)
+        except ValidationError as error:
+            item = error.errors()[0]
+            loc = [str(part) for part in item["loc"]]
+            ours = ".".join(loc)
+            origin = self.origin.get(".".join(loc[:2])) or self.origin.get(loc[0]) if loc else None
+            where = f"{origin} (leco: {ours})" if origin else ours
+            message = item["msg"].replace("Value error, ", "")
+            raise ConfigError(f"{self.path}: {where}: {message} (got {_short(item.get('input'))})") from None
+        try:
+            config.check_combination()
+        except ConfigError as error:
+            raise ConfigError(f"{self.path}: {error}") from None
+        return config
+
+
+def _phrase_orders(text: str, rng: random.Random) -> list[str]:
+    """ai-toolkit's shuffle: the comma-separated phrases in up to 8 orders, from a random start."""
+    phrases = [p.strip() for p in text.split(",") if p.strip()]
+    rng.shuffle(phrases)
+    return [", ".join(order) for order in itertools.islice(itertools.permutations(phrases), 8)]
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # e.g. a NUL byte or an over-long name
+        return False
+
+
+def _is_size(value: Any) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -1,0 +1,325 @@
+"""kohya sd-scripts `train_leco.py` prompt files (TOML), read into leco prompt entries.
+
+The reference is kohya's `library/leco_train_util.py` (`load_prompt_settings`). Two forms:
+
+- `[[prompts]]`: entries with the LECO keys plus `multiplier` and `weight`; top-level keys of the
+  same names are defaults for every entry. An entry with `target_class` is a slider target.
+- slider targets: `[[targets]]` (or inside a `[slider]` table, or one target written at the top
+  level) with `target_class`, `positive`, `negative`; each expands into erase/enhance entries at
+  +multiplier and -multiplier, once per neutral prompt and per resolution.
+
+Defaults are kohya's (resolution 512, guidance_scale 1, batch_size 1, multiplier 1, weight 1).
+leco is stricter in one way: a key kohya would silently skip (an unknown key on a slider target or
+at the top level) is an error here, so a typo never goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from leco.config import ConfigError, PromptSettings, describe_validation_error
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+PROMPT_KEYS = (
+    "target",
+    "positive",
+    "unconditional",
+    "neutral",
+    "action",
+    "guidance_scale",
+    "resolution",
+    "dynamic_resolution",
+    "batch_size",
+    "dynamic_crops",
+    "multiplier",
+    "weight",
+)
+SLIDER_KEYS = (
+    "target_class",
+    "positive",
+    "negative",
+    "neutral",
+    "guidance_scale",
+    "resolution",
+    "resolutions",
+    "dynamic_resolution",
+    "batch_size",
+    "dynamic_crops",
+    "multiplier",
+    "weight",
+)
+# Lists of neutral prompts, in kohya's per-target precedence order.
+NEUTRAL_LIST_KEYS = ("neutrals", "neutral_prompt_file", "prompt_file")
+KOHYA_DEFAULTS = {
+    "guidance_scale": 1.0,
+    "resolution": 512,
+    "dynamic_resolution": False,
+    "batch_size": 1,
+    "dynamic_crops": False,
+    "multiplier": 1.0,
+    "weight": 1.0,
+}
+# Keys a slider entry copies from its target (after the defaults are merged in).
+_SLIDER_SHARED = ("guidance_scale", "dynamic_resolution", "batch_size", "dynamic_crops", "weight")
+
+Entry = tuple[str, dict[str, Any]]  # (where in the file, PromptSettings fields)
+
+
+def slider_pairs(positive: str, negative: str, multiplier: float) -> list[tuple[str, str, str, float]]:
+    """(positive, unconditional, action, multiplier) of the entries one slider target trains.
+
+    With both poles: +multiplier pushes target_class towards `positive`, -multiplier towards
+    `negative`, each end trained twice (erase the other pole, enhance this one). One pole: two.
+    """
+    if positive.strip() and negative.strip():
+        return [
+            (negative, positive, "erase", multiplier),
+            (positive, negative, "enhance", multiplier),
+            (positive, negative, "erase", -multiplier),
+            (negative, positive, "enhance", -multiplier),
+        ]
+    if negative.strip():
+        return [(negative, "", "erase", multiplier), (negative, "", "enhance", -multiplier)]
+    return [(positive, "", "enhance", multiplier), (positive, "", "erase", -multiplier)]
+
+
+def load_kohya_prompts(path: Path) -> list[PromptSettings]:
+    """Read a kohya train_leco prompt TOML into leco prompt entries (sliders expanded)."""
+    data = _read_toml(path)
+    if not data:
+        raise ConfigError(f"{path}: the file is empty; write [[prompts]] entries or slider [[targets]]")
+    reader = _KohyaReader(path)
+    entries = reader.prompts_form(data) if "prompts" in data else reader.slider_form(data)
+    if not entries:
+        raise ConfigError(f"{path}: prompts: the list is empty; add at least one [[prompts]] entry")
+    return [_validate(path, where, fields) for where, fields in entries]
+
+
+class _KohyaReader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def prompts_form(self, data: dict[str, Any]) -> list[Entry]:
+        for ignored in ("targets", "slider"):
+            if ignored in data:
+                raise ConfigError(
+                    f"{self.path}: {ignored}: kohya reads only [[prompts]] when a file has them; move the "
+                    "slider targets into [[prompts]] (they keep target_class) or drop [[prompts]]"
+                )
+        self.check_keys(data, ("prompts", *PROMPT_KEYS), "", "a file with [[prompts]]")
+        defaults = {**KOHYA_DEFAULTS, **_pick(data, PROMPT_KEYS)}
+        entries: list[Entry] = []
+        for where, item in self.tables(data["prompts"], "prompts"):
+            if "target_class" in item:
+                # kohya reads only `neutral` here; leco also honours the neutral lists (as in [[targets]]).
+                neutrals = self.item_neutrals(item, where) or [str(item.get("neutral", "") or "")]
+                entries += self.slider_entries(item, defaults, neutrals, where)
+            else:
+                entries.append(self.prompt_entry(item, defaults, where))
+        return entries
+
+    def slider_form(self, data: dict[str, Any]) -> list[Entry]:
+        config, prefix = data, ""
+        if "slider" in data:
+            self.check_keys(data, ("slider",), "", "a file with a [slider] table")
+            config, prefix = data["slider"], "slider."
+            if not isinstance(config, dict):
+                raise ConfigError(f"{self.path}: slider: must be a table ([slider]) of targets and defaults")
+        targets = config.get("targets")
+        if targets is None:
+            if "target_class" not in config and "target" not in config:
+                raise ConfigError(
+                    f"{self.path}: no [[prompts]] or [[targets]] (nor a top-level target or target_class); "
+                    "write [[prompts]] entries or slider [[targets]]"
+                )
+            return self.single_target(config, prefix)
+        items = self.tables(targets, f"{prefix}targets")
+        if not items:
+            raise ConfigError(
+                f"{self.path}: {prefix}targets: the list is empty; add at least one [[targets]]"
+            )
+        if "target" in items[0][1]:  # kohya: the first target decides how all of them are read
+            self.check_keys(config, ("targets", *PROMPT_KEYS), prefix, "a file of [[targets]] with target")
+            defaults = {**KOHYA_DEFAULTS, **_pick(config, PROMPT_KEYS)}
+            return [self.prompt_entry(item, defaults, where) for where, item in items]
+        self.check_keys(config, ("targets", *SLIDER_KEYS, *NEUTRAL_LIST_KEYS), prefix, "a slider file")
+        defaults = {**KOHYA_DEFAULTS, **_pick(config, SLIDER_KEYS)}
+        file_neutrals = self.file_neutrals(config, prefix)
+        entries: list[Entry] = []
+        for where, item in items:
+            neutrals = self.item_neutrals(item, where, with_neutral=True)
+            entries += self.slider_entries(
+                item, defaults, file_neutrals if neutrals is None else neutrals, where
+            )
+        return entries
+
+    def single_target(self, config: dict[str, Any], prefix: str) -> list[Entry]:
+        where = prefix.rstrip(".") or "(top level)"
+        if "target_class" in config:
+            # kohya reads the table as its own only target: the per-target precedence applies.
+            defaults = {**KOHYA_DEFAULTS, **_pick(config, SLIDER_KEYS)}
+            neutrals = self.item_neutrals(config, where, with_neutral=True)
+            return self.slider_entries(config, defaults, neutrals or [], where)
+        defaults = {**KOHYA_DEFAULTS, **_pick(config, PROMPT_KEYS)}
+        return [self.prompt_entry(config, defaults, where)]
+
+    # -- entries ----------------------------------------------------------------------------------
+
+    def prompt_entry(self, item: dict[str, Any], defaults: dict[str, Any], where: str) -> Entry:
+        self.check_keys(item, PROMPT_KEYS, f"{where}.", "a prompt entry")
+        fields = {**_pick(defaults, PROMPT_KEYS), **item}
+        if "resolution" in fields:
+            fields["resolution"] = self.resolution(fields["resolution"], f"{where}.resolution")
+        return where, fields
+
+    def slider_entries(
+        self, item: dict[str, Any], defaults: dict[str, Any], neutrals: list[str], where: str
+    ) -> list[Entry]:
+        self.check_keys(item, (*SLIDER_KEYS, *NEUTRAL_LIST_KEYS), f"{where}.", "a slider target")
+        merged = {**_pick(defaults, SLIDER_KEYS), **item}
+        if not neutrals:  # an empty list or file: kohya falls back to the target's `neutral`
+            neutrals = [str(merged.get("neutral", "") or "")]
+        positive = str(merged.get("positive", "") or "")
+        negative = str(merged.get("negative", "") or "")
+        if not positive.strip() and not negative.strip():
+            raise ConfigError(
+                f"{self.path}: {where}: a slider target needs positive or negative (its two ends); "
+                "set at least one"
+            )
+        multiplier = merged.get("multiplier", 1.0)
+        if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
+            raise ConfigError(f"{self.path}: {where}.multiplier: must be a number (got {multiplier!r})")
+        key = "resolutions" if "resolutions" in merged else "resolution"
+        resolutions = self.resolutions(merged.get(key, 512), f"{where}.{key}")
+        shared = {k: merged[k] for k in _SLIDER_SHARED if k in merged}
+        pairs = slider_pairs(positive, negative, multiplier)
+        return [
+            (
+                where,
+                {
+                    **shared,
+                    "target": str(merged.get("target_class", "")),
+                    "neutral": neutral,
+                    "positive": pole,
+                    "unconditional": other,
+                    "action": action,
+                    "resolution": resolution,
+                    "multiplier": strength,
+                },
+            )
+            for neutral in neutrals
+            for resolution in resolutions
+            for pole, other, action, strength in pairs
+        ]
+
+    # -- neutral prompt lists -----------------------------------------------------------------------
+
+    def file_neutrals(self, config: dict[str, Any], prefix: str) -> list[str]:
+        """The file-level list: `neutrals` + `neutral_prompt_file` + `prompt_file`, else `neutral`."""
+        values: list[str] = []
+        if "neutrals" in config:
+            values += self.string_list(config["neutrals"], f"{prefix}neutrals")
+        for key in ("neutral_prompt_file", "prompt_file"):
+            if key in config:
+                values += self.lines(config[key], f"{prefix}{key}")
+        return values or [str(config.get("neutral", "") or "")]
+
+    def item_neutrals(self, item: dict[str, Any], where: str, with_neutral: bool = False) -> list[str] | None:
+        """A target's own neutral list (kohya's precedence), or None when it names none."""
+        if "neutrals" in item:
+            return self.string_list(item["neutrals"], f"{where}.neutrals")
+        for key in ("neutral_prompt_file", "prompt_file"):
+            if key in item:
+                return self.lines(item[key], f"{where}.{key}")
+        if with_neutral and "neutral" in item:
+            return [str(item["neutral"] or "")]
+        return None
+
+    def lines(self, name: Any, key: str) -> list[str]:
+        """kohya's reading: every non-blank line, stripped (a `#` line is a prompt too)."""
+        if not isinstance(name, str):
+            raise ConfigError(f"{self.path}: {key}: must be a file name (got {name!r})")
+        file = self.path.parent / Path(name).expanduser()
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            raise ConfigError(
+                f"{self.path}: {key}: cannot read {file} ({type(error).__name__}); "
+                "paths are relative to the prompt file"
+            ) from None
+        return [line.strip() for line in text.splitlines() if line.strip()]
+
+    def string_list(self, value: Any, key: str) -> list[str]:
+        if not isinstance(value, list):
+            raise ConfigError(f'{self.path}: {key}: must be a list of prompts, e.g. ["", "a photo"]')
+        return [str(v) for v in value]
+
+    # -- values ---------------------------------------------------------------------------------------
+
+    def resolutions(self, value: Any, key: str) -> list[int | tuple[int, int]]:
+        """kohya: a list of [h, w] lists is several sizes; anything else is one size."""
+        if isinstance(value, list) and value and isinstance(value[0], list):
+            return [self.resolution(v, key) for v in value]
+        return [self.resolution(value, key)]
+
+    def resolution(self, value: Any, key: str) -> Any:
+        """An int, or [height, width] (a square one becomes its side). Other values: left to validation."""
+        if isinstance(value, list):
+            if len(value) != 2 or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value
+            ):
+                raise ConfigError(f"{self.path}: {key}: must be a number or [height, width] (got {value!r})")
+            height, width = int(value[0]), int(value[1])
+            return height if height == width else (height, width)
+        return value
+
+    def tables(self, value: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
+        if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+            raise ConfigError(f"{self.path}: {key}: must be a list of tables ([[{key.split('.')[-1]}]])")
+        return [(f"{key} {number}", item) for number, item in enumerate(value, start=1)]
+
+    def check_keys(self, table: dict[str, Any], allowed: Iterable[str], prefix: str, what: str) -> None:
+        allowed = list(dict.fromkeys(allowed))
+        for key in table:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise ConfigError(
+                    f"{self.path}: {prefix}{key}: unknown key in {what}; {hint}"
+                    f"allowed here: {', '.join(allowed)}"
+                )
+
+
+def _pick(table: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    return {k: v for k, v in table.items() if k in keys}
+
+
+def _validate(path: Path, where: str, fields: dict[str, Any]) -> PromptSettings:
+    try:
+        return PromptSettings.model_validate(fields)
+    except ValidationError as error:  # the first problem only: one line
+        first = describe_validation_error(error, path, PromptSettings, prefix=f"{where}.").splitlines()[0]
+        raise ConfigError(first) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found; check the path") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({type(error).__name__})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML ({str(error).splitlines()[0]})") from None

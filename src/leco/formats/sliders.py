@@ -1,0 +1,74 @@
+"""rohitgandikota/sliders prompt files: its `--attributes "a, b"` as an entry key `attributes:`.
+
+A sliders prompts YAML is already a leco prompts file (the same list of target / positive /
+unconditional / neutral / action / guidance_scale / resolution / ... entries). Its train script's
+`--attributes` option duplicates every entry once per attribute and prepends "<attribute> " to the
+entry's four prompts (sliders' `load_prompts_from_yaml`), so one slider is trained across e.g.
+"male" and "female" people. In leco that is a key of the entry:
+
+    - target: "person"
+      positive: "person, smiling"
+      unconditional: "person, frowning"
+      attributes: "male, female"      # or a list: [male, female]
+
+The prefix is applied after the entry's defaults are filled in (positive = target, unconditional =
+"", neutral = unconditional), which is what sliders does for entries that spell all four out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from leco.config import ConfigError
+
+ATTRIBUTES_KEY = "attributes"
+
+
+def expand_attributes(entries: list[Any], path: Path, where: str) -> list[Any]:
+    """Replace each entry that has `attributes:` by one copy per attribute, prompts prefixed."""
+    expanded: list[Any] = []
+    for number, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or ATTRIBUTES_KEY not in entry:
+            expanded.append(entry)
+            continue
+        attributes = parse_attributes(entry[ATTRIBUTES_KEY], f"{path}: {where}{number}.{ATTRIBUTES_KEY}")
+        rest = {k: v for k, v in entry.items() if k != ATTRIBUTES_KEY}
+        expanded += [with_attribute(rest, attribute) for attribute in attributes]
+    return expanded
+
+
+def parse_attributes(value: Any, where: str) -> list[str]:
+    """sliders' option text "a, b" (split at commas, stripped) or a YAML list of strings."""
+    if isinstance(value, str):
+        attributes = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+        attributes = [v.strip() for v in value]
+    else:
+        raise ConfigError(f'{where}: must be text like "male, female" or a list of strings (got {value!r})')
+    if not attributes or not all(attributes):
+        raise ConfigError(f'{where}: an attribute is empty; write e.g. "male, female"')
+    return attributes
+
+
+def with_attribute(entry: dict[str, Any], attribute: str) -> dict[str, Any]:
+    """The entry with "<attribute> " before target, positive, unconditional and neutral."""
+
+    def prefixed(text: Any) -> Any:
+        if isinstance(text, list):
+            return [prefixed(item) for item in text]
+        # Anything that is not text is left for the entry's validation to report.
+        return f"{attribute} {text}" if isinstance(text, str | int | float) else text
+
+    if "target" not in entry:
+        return dict(entry)  # validation reports the missing target
+    target = entry["target"]
+    unconditional = entry.get("unconditional", "")
+    result = {**entry, "target": prefixed(target), "unconditional": prefixed(unconditional)}
+    if entry.get("positive") is not None:
+        result["positive"] = prefixed(entry["positive"])
+    elif not isinstance(target, list):  # a list target means "each target itself" as positive
+        result["positive"] = prefixed(target)
+    neutral = entry.get("neutral")
+    result["neutral"] = prefixed(unconditional if neutral is None else neutral)
+    return result

@@ -1,0 +1,559 @@
+"""Other trainers' files (kohya train_leco TOML, ai-toolkit slider jobs, sliders prompts) run as leco."""
+
+import json
+import math
+import string
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from leco.config import ConfigError, load_config, load_prompts
+from leco.network import read_lora_file
+from leco.trainer import train
+
+DATA = Path(__file__).resolve().parent / "data" / "formats"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ink-digits"
+
+
+def fields(entry, *names):
+    return tuple(getattr(entry, name) for name in names)
+
+
+POLES = ("target", "positive", "unconditional", "neutral", "action", "multiplier")
+
+
+def slider_rows(target, positive, negative, neutral, m):
+    """kohya's four entries of a two-pole slider target, as POLES tuples."""
+    return [
+        (target, negative, positive, neutral, "erase", m),
+        (target, positive, negative, neutral, "enhance", m),
+        (target, positive, negative, neutral, "erase", -m),
+        (target, negative, positive, neutral, "enhance", -m),
+    ]
+
+
+# -- kohya sd-scripts train_leco TOML -------------------------------------------------------------
+
+
+def test_kohya_prompt_entries_take_the_file_defaults_and_their_own_keys():
+    first, second, *slider = load_prompts(DATA / "kohya_prompts.toml")
+    # Top-level guidance_scale / resolution / batch_size are defaults; kohya's own defaults fill the rest.
+    assert fields(first, "target", "positive", "unconditional", "neutral", "action") == (
+        "van gogh",
+        "van gogh",
+        "",
+        "",
+        "erase",
+    )
+    assert fields(first, "guidance_scale", "resolution", "batch_size", "multiplier", "weight") == (
+        1.5,
+        768,
+        2,
+        1.0,
+        0.5,
+    )
+    assert fields(first, "dynamic_resolution", "dynamic_crops") == (False, False)
+    assert fields(second, "positive", "unconditional", "neutral", "action") == (
+        "a photo of a fluffy cat",
+        "a photo",
+        "a photo of an animal",
+        "enhance",
+    )
+    assert fields(second, "guidance_scale", "resolution", "batch_size", "multiplier", "weight") == (
+        3.0,
+        (512, 768),
+        2,
+        -1.0,
+        1.0,
+    )
+    assert fields(second, "dynamic_resolution", "dynamic_crops") == (True, True)
+    # A slider target among [[prompts]]: positive pole only -> enhance at +m, erase at -m.
+    assert [fields(e, *POLES) for e in slider] == [
+        ("a person", "a smiling person", "", "a portrait", "enhance", 2.0),
+        ("a person", "a smiling person", "", "a portrait", "erase", -2.0),
+    ]
+    assert {(e.guidance_scale, e.resolution, e.batch_size) for e in slider} == {(1.5, 768, 2)}
+
+
+def test_kohya_slider_targets_expand_into_kohyas_entries_with_signs():
+    entries = load_prompts(DATA / "kohya_slider.toml")
+    rows = [fields(e, *POLES) for e in entries]
+    girl = "1girl", "1girl, long hair", "1girl, short hair"
+    # Both poles: four entries per file-level neutral ("" and "a photo"), +1.5 towards long hair.
+    assert rows[:8] == slider_rows(*girl, "", 1.5) + slider_rows(*girl, "a photo", 1.5)
+    assert {(e.weight, e.guidance_scale, e.resolution) for e in entries[:8]} == {(0.5, 2.0, 1024)}
+    # Only the negative pole: two entries; the target's own neutral beats the file-level list.
+    assert rows[8:10] == [
+        ("a city", "a city at night", "", "a street", "erase", 1.0),
+        ("a city", "a city at night", "", "a street", "enhance", -1.0),
+    ]
+    # Only the positive pole, per neutral line of its file (blank lines skipped) and per resolution.
+    detail = [(e.neutral, e.resolution, e.action, e.multiplier) for e in entries[10:]]
+    assert detail == [
+        (neutral, size, action, m)
+        for neutral in ("a landscape", "a room")
+        for size in (512, (768, 512))
+        for action, m in (("enhance", 1.0), ("erase", -1.0))
+    ]
+    assert {(e.target, e.positive, e.unconditional) for e in entries[10:]} == {("", "high detail", "")}
+    assert len(entries) == 18
+
+
+def test_kohya_file_level_neutral_lists_are_joined_in_order():
+    entries = load_prompts(DATA / "kohya_slider_table.toml")  # targets inside [slider]
+    neutrals = [e.neutral for e in entries[::4]]
+    assert neutrals == ["a painting", "a landscape", "a room", "a dog"]  # neutrals, then both files
+    assert [fields(e, *POLES) for e in entries[:4]] == slider_rows(
+        "a cat", "a fat cat", "a thin cat", "a painting", 1.0
+    )
+    assert {e.resolution for e in entries} == {512}
+
+
+def test_kohya_single_top_level_target_uses_the_per_target_precedence():
+    entries = load_prompts(DATA / "kohya_single_target.toml")
+    # neutrals beats neutral_prompt_file for a target's own lists (kohya joins them only file-wide).
+    assert [fields(e, *POLES) for e in entries] == slider_rows(
+        "a car", "a red car", "a blue car", "a road", 1.0
+    )
+    assert {e.resolution for e in entries} == {640}
+
+
+def test_a_config_yaml_names_a_kohya_toml_as_its_prompts_file(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"prompts_file: {DATA / 'kohya_slider.toml'}\npretrained_model: {{name_or_path: some/model}}\n"
+    )
+    assert len(load_config(config).prompts) == 18
+
+
+KOHYA_ERRORS = {
+    "empty": ("", "the file is empty"),
+    "no_prompts_or_targets": ('guidance_scale = 2.0\nneutral = "x"\n', "no [[prompts]] or [[targets]]"),
+    "empty_targets": ("targets = []\n", "targets: the list is empty"),
+    "empty_prompts": ("prompts = []\n", "prompts: the list is empty"),
+    "neither_pole": ('[[targets]]\ntarget_class = "cat"\nweight = 2.0\n', "targets 1: a slider target needs"),
+    "unknown_entry_key": ('[[prompts]]\ntarget = "cat"\nguidance = 3\n', "prompts 1.guidance: unknown key"),
+    "unknown_target_key": (
+        '[[targets]]\ntarget_class = "c"\npositive = "p"\nnegatve = "n"\n',
+        "targets 1.negatve: unknown key in a slider target; did you mean 'negative'?",
+    ),
+    "targets_beside_prompts": (
+        '[[prompts]]\ntarget = "a"\n[[targets]]\ntarget_class = "b"\npositive = "c"\n',
+        "targets: kohya reads only [[prompts]] when a file has them",
+    ),
+    "bad_value": ('[[prompts]]\ntarget = "cat"\naction = "erse"\n', "prompts 1.action"),
+    "zero_multiplier": (
+        '[[prompts]]\ntarget = "cat"\nmultiplier = 0\n',
+        "prompts 1.multiplier: must not be 0",
+    ),
+    "bad_resolution": ('[[prompts]]\ntarget = "cat"\nresolution = [512]\n', "prompts 1.resolution"),
+    "missing_neutral_file": (
+        'neutral_prompt_file = "nope.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
+        "neutral_prompt_file: cannot read",
+    ),
+    "invalid_toml": ("[[prompts]\n", "invalid TOML"),
+}
+
+
+@pytest.mark.parametrize("case", KOHYA_ERRORS, ids=str)
+def test_kohya_errors_are_one_line_naming_the_file_and_key(tmp_path, case):
+    text, expected = KOHYA_ERRORS[case]
+    path = tmp_path / "prompts.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_prompts(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert expected in message
+
+
+KOHYA_KEYS = [
+    "prompts",
+    "targets",
+    "slider",
+    "target",
+    "target_class",
+    "positive",
+    "negative",
+    "neutral",
+    "neutrals",
+    "action",
+    "resolution",
+    "resolutions",
+    "multiplier",
+    "weight",
+    "guidance_scale",
+    "batch_size",
+    "prompt_file",
+]
+scalars = st.booleans() | st.integers(-3, 2000) | st.floats(allow_nan=False) | st.text(max_size=8)
+documents = st.recursive(
+    scalars,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(
+            st.sampled_from(KOHYA_KEYS) | st.text(string.ascii_letters, max_size=5), children, max_size=4
+        )
+    ),
+    max_leaves=16,
+)
+
+
+def toml_value(value) -> str:
+    """TOML for a value (inline tables and arrays), so any generated document is a valid file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=st.dictionaries(st.sampled_from(KOHYA_KEYS), documents, max_size=5))
+def test_any_kohya_toml_gives_prompts_or_a_config_error(tmp_path, document):
+    path = tmp_path / "fuzz.toml"
+    path.write_text("\n".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in document.items()) + "\n")
+    try:
+        assert load_prompts(path)
+    except ConfigError as error:
+        assert str(error).startswith(f"{path}: ") and "\n" not in str(error)
+
+
+def test_a_kohya_toml_given_as_the_config_says_where_it_belongs(tmp_path):
+    with pytest.raises(ConfigError, match="prompts_file: slider.toml"):
+        load_config(tmp_path / "slider.toml")
+
+
+# -- ostris/ai-toolkit slider jobs ------------------------------------------------------------------
+
+
+@pytest.fixture
+def ai_toolkit_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("LECO_TEST_OUTPUT", str(tmp_path / "out"))
+    monkeypatch.setenv("LECO_TEST_MODEL", str(tmp_path / "model"))
+    monkeypatch.chdir(DATA)  # ai-toolkit opens slider.prompt_file from the working directory
+    return tmp_path
+
+
+def test_ai_toolkit_yaml_maps_every_section(ai_toolkit_env):
+    config = load_config(DATA / "ai_toolkit_slider.yaml")
+    model, network, train_, save = config.pretrained_model, config.network, config.train, config.save
+    assert (model.name_or_path, model.v2, model.v_pred) == (str(ai_toolkit_env / "model"), False, False)
+    assert (network.type, network.rank, network.alpha, network.training_method) == ("lierla", 8, 4.0, "full")
+    assert (train_.iterations, train_.lr, train_.optimizer, train_.optimizer_args) == (
+        3,
+        2e-4,  # written 2e-4: ai-toolkit's YAML reads it as a number, plain PyYAML as text
+        "adamw",
+        {"eps": 1e-6},  # ai-toolkit always passes eps=1e-6 to Adam
+    )
+    assert (train_.lr_scheduler, train_.noise_scheduler, train_.max_denoising_steps) == ("cosine", "ddpm", 6)
+    assert (train_.precision, train_.batch_size, train_.gradient_checkpointing) == ("fp32", 1, False)
+    assert (train_.device, train_.rollout_guidance_scale) == ("cpu", 3.0)
+    assert (save.name, save.path, save.per_steps, save.precision) == (
+        "eye_size_slider",
+        str(ai_toolkit_env / "out" / "eye_size_slider"),
+        2,
+        "fp16",
+    )
+    assert config.anchors.prompts == ["a house"]
+    preview = config.preview
+    assert (preview.prompts, preview.strengths, preview.seeds) == (
+        ["a person, close-up", "a dog on a couch"],
+        [-2.0, 2.0],
+        [42],
+    )
+    assert (preview.steps, preview.guidance, preview.every) == (2, 7.0, 2)
+
+
+def test_ai_toolkit_targets_become_kohyas_four_pairs_at_guidance_one(ai_toolkit_env):
+    entries = load_config(DATA / "ai_toolkit_slider.yaml").prompts
+    eyes = "person", "person with huge eyes", "person with tiny eyes"
+    face = "a face", "a face, wide open eyes"
+    expected = set()
+    for neutral in ("a photo", "a painting"):  # the lines of slider.prompt_file
+        for size in (16, (16, 24)):  # slider.resolutions, each [height, width]
+            expected |= {(*row, size, 0.8) for row in slider_rows(*eyes, neutral, 1.0)}
+            expected |= {
+                (*face, "", neutral, "enhance", 1.0, size, 1.0),
+                (*face, "", neutral, "erase", -1.0, size, 1.0),
+            }
+    got = [(*fields(e, *POLES), e.resolution, e.weight) for e in entries]
+    assert len(got) == len(expected) == 24 and set(got) == expected
+    assert {(e.guidance_scale, e.batch_size) for e in entries} == {(1.0, 1)}
+
+
+def test_ai_toolkit_json_maps_optimizer_scheduler_network_and_shuffle():
+    config = load_config(DATA / "ai_toolkit_slider.json")
+    train_ = config.train
+    # prodigy: ai-toolkit replaces an Adam-sized lr (< 0.1) by 1.0 and passes eps=1e-6.
+    assert (train_.optimizer, train_.lr, train_.optimizer_args) == (
+        "prodigy",
+        1.0,
+        {"eps": 1e-6, "weight_decay": 0.01},
+    )
+    assert (train_.lr_scheduler, train_.lr_warmup_steps, train_.seed) == ("constant_with_warmup", 20, 7)
+    assert (train_.max_denoising_steps, train_.gradient_checkpointing, train_.precision) == (
+        999,
+        True,
+        "fp32",
+    )
+    assert (train_.device, config.other.use_xformers) == ("auto", True)
+    network = config.network
+    assert (network.type, network.rank, network.alpha, network.conv_rank, network.conv_alpha) == (
+        "c3lier",
+        4,
+        4.0,
+        2,
+        2.0,  # conv_alpha defaults to conv in ai-toolkit
+    )
+    assert (config.pretrained_model.v2, config.pretrained_model.v_pred) == (None, None)
+    # Files are named after the job, in a folder named after the process.
+    assert (config.save.name, config.save.path) == (
+        "detail_slider",
+        str(Path("output/LoRA/detail_slider_run2")),
+    )
+    assert config.save.per_steps == 100 and config.save.precision == "fp16"
+    # shuffle: up to 8 (positive, negative) phrase orders, four entries each.
+    assert len(config.prompts) == 32
+    positives = {e.positive for e in config.prompts if e.action == "enhance" and e.multiplier > 0}
+    assert len(positives) > 1
+    for text in positives:
+        assert sorted(text.split(", ")) == ["high detail", "intricate", "sharp"]
+    assert load_config(DATA / "ai_toolkit_slider.json").prompts == config.prompts  # reproducible
+
+
+def test_ai_toolkit_keys_that_only_change_samples_are_named_in_one_warning(ai_toolkit_env, capsys):
+    load_config(DATA / "ai_toolkit_slider.yaml")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(lines) == 1 and "meta" in lines[0] and "sample.sampler" in lines[0]
+    assert "sample.width" not in lines[0]  # 16 is the size leco previews at anyway
+
+
+def edit(text: str, old: str, new: str) -> str:
+    assert old in text
+    return text.replace(old, new)
+
+
+AI_TOOLKIT_ERRORS = {
+    "noise_offset": (
+        ("        noise_offset: 0.0\n", "        noise_offset: 0.1\n"),
+        "config.process[0].train.noise_offset: 0.1 has no leco equivalent",
+    ),
+    "unknown_key": (
+        ("        weight: 0.8\n", "        wieght: 0.8\n"),
+        "slider.targets[0].wieght: leco has no equivalent for this key; did you mean 'weight'?",
+    ),
+    "negative_step_files": (
+        ("max_step_saves_to_keep: 3", "max_step_saves_to_keep: -1"),
+        "max_step_saves_to_keep: must be a whole number >= 0",
+    ),
+    "not_a_slider": (("- type: slider", "- type: sd_trainer"), "config.process[0].type: 'sd_trainer'"),
+    "lokr": (('type: "lierla"', 'type: "lokr"'), "network.type: 'lokr' has no leco equivalent"),
+    "linear_schedule": (('lr_scheduler: "cosine"', 'lr_scheduler: "linear"'), "train.lr_scheduler: 'linear'"),
+    "text_encoder": (("train_text_encoder: false", "train_text_encoder: true"), "train.train_text_encoder"),
+    "no_pole": (('positive: "a face, wide open eyes"', 'positive: ""'), "slider.targets[1]: needs positive"),
+    "bad_number": (
+        ("multiplier: 1.0\n            weight", "multiplier: lots\n            weight"),
+        "multiplier",
+    ),
+    "zero_multiplier": (
+        ("multiplier: 1.0\n            weight", "multiplier: 0\n            weight"),
+        "slider.targets (leco: prompts.0.multiplier): must not be 0",
+    ),
+    "missing_prompt_file": (
+        ('prompt_file: "ai_toolkit_neutrals.txt"', 'prompt_file: "gone.txt"'),
+        "gone.txt",
+    ),
+    "environment": (('"${LECO_TEST_MODEL}"', '"${LECO_UNSET_VARIABLE}"'), "${LECO_UNSET_VARIABLE}"),
+}
+
+
+@pytest.mark.parametrize("case", AI_TOOLKIT_ERRORS, ids=str)
+def test_ai_toolkit_errors_are_one_line_naming_the_file_and_key(ai_toolkit_env, case):
+    (old, new), expected = AI_TOOLKIT_ERRORS[case]
+    path = ai_toolkit_env / "job.yaml"
+    path.write_text(edit((DATA / "ai_toolkit_slider.yaml").read_text(), old, new))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert expected in message
+
+
+AI_TOOLKIT_KEYS = [
+    "job",
+    "config",
+    "name",
+    "training_folder",
+    "process",
+    "type",
+    "network",
+    "train",
+    "model",
+    "save",
+    "sample",
+    "slider",
+    "targets",
+    "resolutions",
+    "prompts",
+    "linear",
+    "steps",
+    "lr",
+    "optimizer",
+    "name_or_path",
+    "positive",
+    "negative",
+    "anchors",
+    "prompt_file",
+]
+ai_toolkit_documents = st.recursive(
+    st.none() | scalars | st.just("slider") | st.just("train"),
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(AI_TOOLKIT_KEYS), children, max_size=5)
+    ),
+    max_leaves=24,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=ai_toolkit_documents, job=st.just("train") | scalars)
+def test_any_ai_toolkit_job_gives_a_config_or_a_config_error(tmp_path, config, job):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump({"job": job, "config": config}))
+    try:
+        load_config(path)
+    except ConfigError as error:
+        assert str(error).startswith(f"{path}: ") and "\n" not in str(error)
+
+
+def test_ai_toolkit_job_with_two_processes_is_refused(tmp_path):
+    path = tmp_path / "job.json"
+    path.write_text('{"job": "train", "config": {"name": "a", "training_folder": "o", "process": [{}, {}]}}')
+    with pytest.raises(
+        ConfigError, match=r"config\.process: leco runs one slider process per file \(found 2\)"
+    ):
+        load_config(path)
+
+
+# -- rohitgandikota/sliders prompt files ---------------------------------------------------------------
+
+
+def test_a_sliders_prompt_file_loads_as_it_is():
+    old, sky = load_prompts(DATA / "sliders_prompts.yaml")
+    assert fields(old, "target", "positive", "unconditional", "neutral", "action") == (
+        "male person",
+        "male person, very old",
+        "male person, very young",
+        "male person",
+        "enhance",
+    )
+    assert fields(old, "guidance_scale", "resolution", "dynamic_resolution", "batch_size") == (
+        4.0,
+        512,
+        False,
+        1,
+    )
+    assert fields(sky, "positive", "unconditional", "neutral", "action", "dynamic_crops") == (
+        "chaotic dark sky",
+        "sky",
+        "sky",
+        "erase",
+        False,
+    )
+
+
+def test_sliders_attributes_duplicate_an_entry_with_each_attribute_before_its_four_prompts():
+    entries = load_prompts(DATA / "sliders_attributes.yaml")
+    rows = [fields(e, "target", "positive", "unconditional", "neutral") for e in entries]
+    assert rows == [
+        ("white person", "white person, smiling", "white person, frowning", "white person"),
+        ("black person", "black person, smiling", "black person, frowning", "black person"),
+        # Defaults first (positive = target, unconditional = "", neutral = unconditional), then the prefix.
+        ("small a dog", "small a dog", "small ", "small "),
+        ("big a dog", "big a dog", "big ", "big "),
+        ("sky", "dark sky", "", ""),
+    ]
+    assert [(e.action, e.guidance_scale) for e in entries[:2]] == [("enhance", 4.0)] * 2
+
+
+def test_attributes_work_in_inline_config_prompts(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "pretrained_model: {name_or_path: x/y}\nprompts:\n  - {target: cat, attributes: [a, b]}\n"
+    )
+    assert [p.target for p in load_config(path).prompts] == ["a cat", "b cat"]
+
+
+@pytest.mark.parametrize("value", ["'a,,b'", "[a, 3]", "{a: 1}"])
+def test_bad_attributes_are_one_line_errors(tmp_path, value):
+    path = tmp_path / "prompts.yaml"
+    path.write_text(f"- target: cat\n- target: dog\n  attributes: {value}\n")
+    with pytest.raises(ConfigError) as error:
+        load_prompts(path)
+    assert str(error.value).startswith(f"{path}: entry 2.attributes: ") and "\n" not in str(error.value)
+
+
+# -- the ink-digits examples -------------------------------------------------------------------------------
+
+
+def test_the_ink_digits_kohya_example_trains_red_at_plus_one_and_blue_at_minus_one():
+    config = load_config(EXAMPLES / "slider_red_blue_kohya.yaml")
+    five = "a digit five", "a digit five in red ink", "a digit five in blue ink"
+    assert [fields(e, *POLES) for e in config.prompts] == slider_rows(*five, "a digit five", 1.0)
+    assert {(e.resolution, e.guidance_scale) for e in config.prompts} == {(16, 2.0)}
+
+
+def test_the_ink_digits_ai_toolkit_example_is_the_same_slider_at_guidance_one():
+    config = load_config(EXAMPLES / "slider_red_blue_ai_toolkit.yaml")
+    five = "a digit five", "a digit five in red ink", "a digit five in blue ink"
+    assert [fields(e, *POLES) for e in config.prompts] == slider_rows(*five, "", 1.0)
+    assert {(e.resolution, e.guidance_scale) for e in config.prompts} == {(16, 1.0)}
+    assert (config.train.iterations, config.train.seed, config.pretrained_model.name_or_path) == (
+        300,
+        0,
+        "ink-digits",
+    )
+
+
+# -- training smoke tests on the tiny SD1 pipeline -----------------------------------------------------------
+
+
+def assert_trained_lora(path: Path) -> None:
+    tensors, _ = read_lora_file(path)
+    ups = [t for key, t in tensors.items() if key.endswith("lora_up.weight")]
+    assert ups and all(key.startswith("lora_unet_") for key in tensors)
+    assert any(torch.count_nonzero(t) for t in ups)  # kohya init is up = 0: training moved it
+
+
+def test_a_kohya_slider_toml_trains_on_the_tiny_sd1_model(tmp_path, tiny_folders):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"prompts_file: {DATA / 'kohya_tiny_slider.toml'}\n"
+        f"pretrained_model: {{name_or_path: {tiny_folders['sd1']}}}\n"
+        "network: {rank: 2}\n"
+        "train: {precision: fp32, iterations: 3, max_denoising_steps: 6, seed: 1, lr: 1e-2}\n"
+        f"save: {{name: kohya_slider, path: {tmp_path / 'out'}, per_steps: 100}}\n"
+    )
+    result = train(config, progress=False)
+    assert result.steps == 3 and result.path.name == "kohya_slider_last.safetensors"
+    assert_trained_lora(result.path)
+
+
+def test_an_ai_toolkit_config_trains_on_the_tiny_sd1_model(ai_toolkit_env, tiny_folders, monkeypatch):
+    monkeypatch.setenv("LECO_TEST_MODEL", str(tiny_folders["sd1"]))
+    result = train(DATA / "ai_toolkit_slider.yaml", progress=False)
+    folder = ai_toolkit_env / "out" / "eye_size_slider"
+    assert result.steps == 3 and result.path == folder / "eye_size_slider_last.safetensors"
+    assert (folder / "eye_size_slider_2steps.safetensors").is_file()  # save_every: 2
+    assert_trained_lora(result.path)
