@@ -1,0 +1,1 @@
+"""Working with other tools' files: baking LoRAs into checkpoints, converting other trainers' LoRAs."""

@@ -1,0 +1,145 @@
+"""`leco convert`: LoRAs other trainers wrote -> kohya files with our metadata.
+
+p1atdev/LECO (.safetensors) and rohitgandikota/sliders (.pt state dicts, read weights-only) write
+`lora_unet_<diffusers module path>` keys with no metadata. For SD1/SD2 those are kohya's names
+already; for SDXL they are mapped to the SGM names A1111 and ComfyUI expect. A key that names no
+layer of the model is an error, never dropped. The output gets the `ss_*`, ModelSpec and
+additional-networks hash metadata that A1111 needs to show the file for the right model.
+
+`--sd2-proj 4d` writes SD2's proj_in/proj_out as 1x1-conv (4-D) tensors, the form kohya's
+scripts build for SD2 checkpoints; diffusers needs the default 2-D form (see README).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from accelerate import init_empty_weights
+from diffusers import UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from leco.errors import LecoError
+from leco.models import CONFIG_ROOT, ModelFamily, arch_from_unet_config, load_models, resolve_bundled
+from leco.network import kohya
+from leco.network.text_encoders import TextEncoderLoRA
+
+FAMILIES = {
+    "sd1": ModelFamily("sd1"),
+    "sd2": ModelFamily("sd2"),
+    "sd2-v": ModelFamily("sd2", v_pred=True),
+    "sdxl": ModelFamily("sdxl"),
+}
+SD2_PROJ_FORMS = ("2d", "4d")
+_RECOMPUTED = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+
+
+@dataclass
+class ModelSkeleton:
+    """What a conversion checks names and shapes against: the modules, not their weights."""
+
+    family: ModelFamily
+    unet: nn.Module
+    text_encoders: list[nn.Module]
+    resolution: int
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    family: str | None = None,
+    sd2_proj: str = "2d",
+    overwrite: bool = False,
+) -> Path:
+    """Write `source` (any kohya-style LoRA file) as a kohya file with full metadata at `out`."""
+    source, out = Path(source), Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise LecoError(f"--out: {out} must end in .safetensors (the LoRA format A1111 and ComfyUI load)")
+    if out.exists() and not overwrite:
+        raise LecoError(f"--out: {out} exists; choose another path or pass --overwrite to replace it")
+    if sd2_proj not in SD2_PROJ_FORMS:
+        raise LecoError(f"--sd2-proj: {sd2_proj!r} is not known; use 2d or 4d")
+    skeleton = model_skeleton(model, family)
+    if sd2_proj == "4d" and skeleton.family.arch != "sd2":
+        raise LecoError(
+            f"--sd2-proj 4d: only SD2 models have Linear proj_in/proj_out; this is {skeleton.family.name}"
+        )
+
+    tensors, metadata = kohya.read_lora_file(source)
+    unet_tensors, text_tensors = kohya.split_by_model(tensors, str(source))
+    unet_modules = kohya.canonical_unet_modules(unet_tensors, skeleton.unet, skeleton.family, str(source))
+    text_modules = TextEncoderLoRA(text_tensors, str(source)).fitted(skeleton.text_encoders, skeleton.family)
+    if sd2_proj == "4d":
+        unet_modules = {key: _as_conv(key, weights) for key, weights in unet_modules.items()}
+    output = kohya.flatten_modules(unet_modules) | kohya.flatten_modules(text_modules)
+    new_metadata = {k: v for k, v in metadata.items() if k not in _RECOMPUTED}
+    new_metadata.update(lora_metadata(unet_modules | text_modules, skeleton, out.stem))
+    new_metadata["leco.converted_from"] = source.name
+    if sd2_proj == "4d":
+        new_metadata["leco.sd2_proj"] = "4d"
+    return kohya.save_lora_file(out, output, new_metadata)
+
+
+def lora_metadata(
+    modules: dict[str, kohya.ModuleWeights], skeleton: ModelSkeleton, title: str
+) -> dict[str, str]:
+    """ss_* and ModelSpec keys, with rank and alpha read from the tensors (the most common pair)."""
+    convs = {k: w for k, w in modules.items() if w.down.ndim == 4 and w.down.shape[2:] != (1, 1)}
+    plain = [(w.rank, w.alpha) for k, w in modules.items() if k not in convs]
+    (rank, alpha), _ = Counter(plain or [(w.rank, w.alpha) for w in convs.values()]).most_common(1)[0]
+    args = {}
+    if convs:
+        (conv_rank, conv_alpha), _ = Counter((w.rank, w.alpha) for w in convs.values()).most_common(1)[0]
+        args = {"conv_dim": str(conv_rank), "conv_alpha": kohya.metadata_number(conv_alpha)}
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": kohya.metadata_number(alpha),
+        "ss_network_args": kohya.json_metadata(args),
+        "ss_output_name": title,
+        **kohya.family_metadata(skeleton.family, skeleton.resolution),
+        "modelspec.title": title,
+    }
+
+
+def model_skeleton(model: str | None, family: str | None) -> ModelSkeleton:
+    """The family's modules on the meta device (no weights), from --family or the --model's configs."""
+    if (model is None) == (family is None):
+        raise LecoError(
+            "convert: give the model the LoRA is for, either --model M or --family sd1|sd2|sd2-v|sdxl"
+        )
+    if family is not None:
+        if family not in FAMILIES:
+            raise LecoError(f"--family: {family!r} is not known; use one of {', '.join(FAMILIES)}")
+        return _skeleton_from_configs(CONFIG_ROOT / family, FAMILIES[family])
+    folder = resolve_bundled(model)
+    if (folder / "unet" / "config.json").is_file():
+        unet_config = json.loads((folder / "unet" / "config.json").read_text())
+        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        v_pred = scheduler.get("prediction_type") == "v_prediction"
+        return _skeleton_from_configs(folder, ModelFamily(arch_from_unet_config(unet_config), v_pred))
+    models = load_models(model)  # a single file or a repo id: only the weights tell the family
+    return ModelSkeleton(models.family, models.unet, models.text_encoders, models.resolution)
+
+
+def _skeleton_from_configs(folder: Path, family: ModelFamily) -> ModelSkeleton:
+    encoders = [("text_encoder", CLIPTextModel)]
+    if family.is_sdxl:
+        encoders.append(("text_encoder_2", CLIPTextModelWithProjection))
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        text_encoders = [cls(CLIPTextConfig.from_pretrained(folder, subfolder=sub)) for sub, cls in encoders]
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    resolution = unet.config.sample_size * 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return ModelSkeleton(family, unet, text_encoders, resolution)
+
+
+def _as_conv(key: str, weights: kohya.ModuleWeights) -> kohya.ModuleWeights:
+    if not key.endswith(("_proj_in", "_proj_out")) or weights.down.ndim != 2:
+        return weights
+    return kohya.ModuleWeights(weights.down[:, :, None, None], weights.up[:, :, None, None], weights.alpha)

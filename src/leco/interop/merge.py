@@ -1,0 +1,157 @@
+"""`leco merge`: bake LoRAs at given strengths into a model and save it as a checkpoint or a folder.
+
+The weight change of each module is kohya's merge_lora math (`leco.network.kohya.delta_weight`),
+times the strength (negative strengths invert the edit). LoRAs are read as `LoRANetwork.from_file`
+reads them: kohya files, p1atdev/LECO and sliders files, text-encoder modules included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from leco.config import PretrainedModelConfig
+from leco.errors import LecoError
+from leco.files import atomic_folder, atomic_output
+from leco.interop.original_layout import original_state_dict
+from leco.models import LoadedModels, load_models
+from leco.network import kohya
+from leco.network.text_encoders import TextEncoderLoRA
+
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FOLDER_METADATA = "modelspec.json"  # diffusers folders have no header: the same keys go in this file
+
+
+@dataclass(frozen=True)
+class LoraStrength:
+    path: Path
+    strength: float = 1.0
+
+    @property
+    def title(self) -> str:
+        return self.path.stem
+
+
+def parse_lora_argument(text: str) -> LoraStrength:
+    """`FILE` or `FILE:STRENGTH` (e.g. `erase.safetensors:-0.5`); a Windows drive colon is no strength."""
+    path, sep, strength = text.rpartition(":")
+    if sep and path:
+        try:
+            value = float(strength)
+        except ValueError:
+            return LoraStrength(Path(text))
+        if not math.isfinite(value):
+            raise LecoError(f"--lora: strength {strength!r} in {text!r} is not a finite number")
+        return LoraStrength(Path(path), value)
+    return LoraStrength(Path(text))
+
+
+@torch.no_grad()
+def bake(models: LoadedModels, lora: LoraStrength) -> None:
+    """Add one LoRA's weight changes, times its strength, to the UNet and text encoders in place."""
+    source = str(lora.path)
+    tensors, _ = kohya.read_lora_file(lora.path)
+    unet_tensors, text_tensors = kohya.split_by_model(tensors, source)
+    modules = kohya.canonical_unet_modules(unet_tensors, models.unet, models.family, source)
+    text_lora = TextEncoderLoRA(text_tensors, source)
+    text_lora.fitted(models.text_encoders, models.family)  # every key checked before any weight changes
+    layers = kohya.unet_layer_keys(models.unet, models.family)
+    for key, weights in modules.items():
+        weight = models.unet.get_submodule(layers[key]).weight
+        weight += lora.strength * kohya.delta_weight(weights, weight.shape).to(weight.dtype)
+    text_lora.merge_into(models.text_encoders, models.family, lora.strength)
+
+
+def merge(
+    model: PretrainedModelConfig | str,
+    loras: Sequence[LoraStrength],
+    out: str | Path,
+    *,
+    precision: str = "fp16",
+    overwrite: bool = False,
+) -> Path:
+    """Load `model`, bake `loras` into it (fp32 math) and write `out` in `precision`.
+
+    `out` ending in .safetensors is a single-file checkpoint in the original layout; any other
+    path is a diffusers folder. An existing `out` is replaced only with `overwrite`.
+    """
+    spec = PretrainedModelConfig(name_or_path=model) if isinstance(model, str) else model
+    out = _check_output(Path(out), overwrite)
+    if precision not in PRECISIONS:
+        raise LecoError(f"--precision: {precision!r} is not known; use one of {', '.join(PRECISIONS)}")
+    if not loras:
+        raise LecoError("--lora: give at least one LoRA to merge (FILE or FILE:STRENGTH)")
+    for lora in loras:  # unreadable files fail before the (slow) model load
+        if not lora.path.is_file():
+            raise LecoError(f"--lora: {lora.path} not found; check the path")
+        kohya.split_by_model(kohya.read_lora_file(lora.path)[0], str(lora.path))
+    models = load_models(spec, dtype=torch.float32, with_vae=True)
+    for lora in loras:
+        bake(models, lora)
+    metadata = merge_metadata(models, spec.name_or_path, loras, out)
+    if _is_single_file(out):
+        return _save_single_file(models, out, metadata, PRECISIONS[precision])
+    return _save_folder(models, out, metadata, PRECISIONS[precision])
+
+
+def merge_metadata(
+    models: LoadedModels, model_name: str, loras: Sequence[LoraStrength], out: Path
+) -> dict[str, str]:
+    """ModelSpec keys of the merged checkpoint; `merged_from` lists the model and each LoRA:strength."""
+    implementation = kohya.STABILITY_IMPLEMENTATION if _is_single_file(out) else "diffusers"
+    metadata = kohya.modelspec_metadata(
+        models.family, models.resolution, kohya.model_architecture(models.family), implementation
+    )
+    base_title = Path(model_name.rstrip("/")).stem or model_name
+    titles = [base_title] + [f"{_lora_title(lora)}:{kohya.metadata_number(lora.strength)}" for lora in loras]
+    metadata["modelspec.title"] = out.stem
+    metadata["modelspec.merged_from"] = ", ".join(titles)
+    metadata["leco.merge"] = kohya.json_metadata(
+        {"model": base_title, "loras": [{"file": x.path.name, "strength": x.strength} for x in loras]}
+    )
+    return metadata
+
+
+def _lora_title(lora: LoraStrength) -> str:
+    return kohya.read_lora_file(lora.path)[1].get("modelspec.title") or lora.title
+
+
+def _is_single_file(out: Path) -> bool:
+    return out.suffix.lower() == ".safetensors"
+
+
+def _check_output(out: Path, overwrite: bool) -> Path:
+    if out.suffix.lower() in kohya.PICKLED_LORA_SUFFIXES:
+        raise LecoError(f"--out: {out} would be a pickle; write a .safetensors file or a folder path")
+    if out.exists():
+        if not overwrite:
+            raise LecoError(f"--out: {out} exists; choose another path or pass --overwrite to replace it")
+        if out.is_dir() == _is_single_file(out):
+            kind = "folder" if out.is_dir() else "file"
+            raise LecoError(f"--out: {out} is a {kind}; --overwrite replaces like with like only")
+    return out
+
+
+def _save_single_file(models: LoadedModels, out: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
+    state = original_state_dict(models, dtype)
+    with atomic_output(out) as file:
+        file.write(safetensors_bytes(state, metadata))
+    return out
+
+
+def _save_folder(models: LoadedModels, out: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
+    from leco.generate import build_pipeline
+
+    for module in (models.unet, models.vae, *models.text_encoders):
+        module.to(dtype)
+    pipe = build_pipeline(models)
+    with atomic_folder(out) as staging:
+        pipe.save_pretrained(staging)
+        (staging / FOLDER_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    return out

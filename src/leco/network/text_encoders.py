@@ -1,0 +1,69 @@
+"""Text-encoder modules of kohya LoRA files (`lora_te_*`, `lora_te1_*`, `lora_te2_*`).
+
+leco trains UNet LoRAs only, but files from other trainers may also change the text encoder(s).
+They are kept as plain tensors beside the UNet network (`LoRANetwork.text_encoder_lora`) so that
+`leco merge` bakes them in; sampling loads such files with diffusers, which applies them itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from leco.errors import LecoError
+from leco.models import ModelFamily
+from leco.network.kohya import ModuleWeights, delta_weight, fit_to_layer, group_modules
+
+
+def text_encoder_prefixes(family: ModelFamily) -> tuple[str, ...]:
+    """The key prefix of each text encoder, in the order LoadedModels holds them."""
+    return ("lora_te1_", "lora_te2_") if family.is_sdxl else ("lora_te_",)
+
+
+def text_encoder_layers(text_encoders: Sequence[nn.Module], family: ModelFamily) -> dict[str, nn.Linear]:
+    """kohya key -> Linear layer of the encoders' transformer blocks (attention q/k/v/out, MLP).
+
+    Keys use the canonical `text_model_encoder_...` path: transformers 5 dropped the `text_model.`
+    level from CLIPTextModel (not from CLIPTextModelWithProjection), files never did.
+    """
+    layers = {}
+    for prefix, encoder in zip(text_encoder_prefixes(family), text_encoders, strict=False):
+        for name, module in encoder.named_modules():
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}":
+                path = "text_model." + name.removeprefix("text_model.")
+                layers[prefix + path.replace(".", "_")] = module
+    return layers
+
+
+class TextEncoderLoRA:
+    """The text-encoder modules of a LoRA file, as tensors, ready to be checked and baked in."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        self.source = source
+        self.modules = group_modules(tensors, source)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def fitted(self, text_encoders: Sequence[nn.Module], family: ModelFamily) -> dict[str, ModuleWeights]:
+        """The modules reshaped to their layers; a key with no layer is an error naming it."""
+        layers = text_encoder_layers(text_encoders, family)
+        fitted = {}
+        for key, weights in self.modules.items():
+            if key not in layers:
+                raise LecoError(
+                    f"{self.source}: {key} matches no text-encoder layer of this {family.name} model; "
+                    "the LoRA was trained for another model family"
+                )
+            fitted[key] = fit_to_layer(weights, layers[key], f"{self.source}: {key}")
+        return fitted
+
+    @torch.no_grad()
+    def merge_into(self, text_encoders: Sequence[nn.Module], family: ModelFamily, strength: float) -> None:
+        """Add the modules' deltas times `strength` to the encoders' weights."""
+        layers = text_encoder_layers(text_encoders, family)
+        for key, weights in self.fitted(text_encoders, family).items():
+            weight = layers[key].weight
+            weight += strength * delta_weight(weights, weight.shape).to(weight.dtype)

@@ -1,0 +1,261 @@
+"""`leco convert`: p1atdev/LECO and sliders files -> kohya files that leco and diffusers load alike."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import DiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import save_file
+
+from leco import __version__
+from leco.cli import main
+from leco.conditioning import Conditioning, predict, sdxl_time_ids
+from leco.config import NetworkConfig
+from leco.errors import LecoError
+from leco.interop.convert import convert
+from leco.models import CONFIG_ROOT, ModelFamily, load_models
+from leco.network import LoRANetwork, adaptable_layers, read_lora_file
+from leco.network.kohya import data_hash_of_file, kohya_key
+
+
+def foreign_state_dict(unet, block_class: str, rank: int, alpha: float, seed: int, dtype=torch.float32):
+    """A LoRA as p1atdev/LECO (block_class Transformer2DModel) or sliders (Attention) write it.
+
+    Both wrap every Linear/Conv2d inside blocks of that class; the key is `lora_unet` + the
+    diffusers module path, dots turned into underscores; alpha is a buffer saved in the weights' dtype.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, block in unet.named_modules():
+        if block.__class__.__name__ != block_class:
+            continue
+        for child_name, child in block.named_modules():
+            if child.__class__.__name__ == "Linear":
+                down_shape, up_shape = (rank, child.in_features), (child.out_features, rank)
+            elif child.__class__.__name__ == "Conv2d":
+                down_shape = (rank, child.in_channels, *child.kernel_size)
+                up_shape = (child.out_channels, rank, 1, 1)
+            else:
+                continue
+            key = f"lora_unet.{name}.{child_name}".replace(".", "_")
+            state[f"{key}.lora_down.weight"] = (torch.randn(down_shape, generator=generator) * 0.3).to(dtype)
+            state[f"{key}.lora_up.weight"] = (torch.randn(up_shape, generator=generator) * 0.3).to(dtype)
+            state[f"{key}.alpha"] = torch.tensor(alpha).to(dtype)
+    return state
+
+
+def full_size_unet(family: str, **changes) -> UNet2DConditionModel:
+    with init_empty_weights():
+        config = UNet2DConditionModel.load_config(CONFIG_ROOT / family, subfolder="unet")
+        return UNet2DConditionModel.from_config({**config, **changes})
+
+
+def kohya_module_shape_mismatches(tensors: dict[str, torch.Tensor], unet: UNet2DConditionModel) -> int:
+    """How many tensors kohya's LoRAModule would refuse: it builds lora_down/up from the layer's type
+    (Conv2d: [r, in, kh, kw] / [out, r, 1, 1]; Linear: [r, in] / [out, r]) and loads without reshaping."""
+    layers = {"lora_unet_" + n.replace(".", "_"): unet.get_submodule(n) for n in adaptable_layers(unet)}
+    mismatches = 0
+    for key, value in tensors.items():
+        module, _, part = key.partition(".")
+        if part == "alpha":
+            continue
+        layer, rank = layers[module], tensors[f"{module}.lora_down.weight"].shape[0]
+        if isinstance(layer, torch.nn.Conv2d):
+            down, up = (rank, layer.in_channels, *layer.kernel_size), (layer.out_channels, rank, 1, 1)
+        else:
+            down, up = (rank, layer.in_features), (layer.out_features, rank)
+        mismatches += tuple(value.shape) != (down if part.startswith("lora_down") else up)
+    return mismatches
+
+
+def unet_prediction(unet, sdxl: bool, pooled_dim: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, unet.config.sample_size, unet.config.sample_size, generator=generator)
+    cond = Conditioning(torch.randn(2, 5, unet.config.cross_attention_dim, generator=generator))
+    if sdxl:
+        pooled = torch.randn(2, pooled_dim, generator=generator)
+        cond = Conditioning(cond.hidden_states, pooled=pooled).with_time_ids(sdxl_time_ids(16, 16))
+    with torch.no_grad():
+        return predict(unet, latents, torch.tensor([500, 20]), cond)
+
+
+@pytest.mark.parametrize(
+    ("name", "writer", "suffix"),
+    [
+        ("sdxl", "Transformer2DModel", ".safetensors"),
+        ("sdxl", "Attention", ".pt"),
+        ("sd1", "Attention", ".pt"),
+    ],
+    ids=["p1atdev-sdxl", "sliders-sdxl", "sliders-sd1"],
+)
+def test_foreign_file_converts_and_loads_alike_in_leco_and_diffusers(
+    tmp_path, tiny_folders, name, writer, suffix
+):
+    folder = str(tiny_folders[name])
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    foreign = foreign_state_dict(pipe.unet, writer, rank=2, alpha=1.0, seed=0, dtype=torch.bfloat16)
+    source = tmp_path / f"slider{suffix}"
+    if suffix == ".pt":
+        torch.save(foreign, source)
+    else:
+        save_file(foreign, str(source))
+    out = convert(source, tmp_path / "converted.safetensors", model=folder)
+
+    tensors, metadata = read_lora_file(out)
+    family = ModelFamily(name.split("-")[0])
+    expected = {}
+    for key, value in foreign.items():
+        module, _, part = key.partition(".")
+        path = next(n for n in adaptable_layers(pipe.unet) if "lora_unet_" + n.replace(".", "_") == module)
+        new_key = f"{kohya_key(path, family, pipe.unet.config)}.{part}"
+        expected[new_key] = value.float() if part == "alpha" else value
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(tensors[k], v) and tensors[k].dtype == v.dtype for k, v in expected.items())
+    if name == "sdxl":
+        assert all(
+            k.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))
+            for k in tensors
+        )
+
+    assert metadata["ss_network_module"] == "networks.lora"
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"]) == ("2", "1")
+    assert metadata["ss_base_model_version"] == {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}[name]
+    assert metadata["modelspec.implementation_version"] == f"leco/{__version__}"
+    assert metadata["modelspec.sai_model_spec"] == "1.0.1"
+    assert metadata["sshs_model_hash"] == data_hash_of_file(out)
+    assert metadata["leco.converted_from"] == source.name and metadata["modelspec.title"] == "converted"
+
+    models = load_models(folder)
+    pooled = getattr(models.text_encoders[-1].config, "projection_dim", 0)
+    base = unet_prediction(models.unet, family.is_sdxl, pooled)
+    network = LoRANetwork.from_file(models.unet, models.family, out)
+    ours = unet_prediction(models.unet, family.is_sdxl, pooled)
+    pipe.load_lora_weights(str(out))
+    theirs = unet_prediction(pipe.unet, family.is_sdxl, pooled)
+    assert len(network) == len(foreign) // 3
+    assert (ours - base).abs().max() > 1e-2
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-5)
+
+
+def test_family_option_needs_no_weights_and_maps_full_size_sdxl(tmp_path):
+    unet = full_size_unet("sdxl")
+    foreign = foreign_state_dict(unet, "Attention", rank=1, alpha=1.0, seed=1)
+    torch.save(foreign, tmp_path / "slider.pt")
+    out = convert(tmp_path / "slider.pt", tmp_path / "slider.safetensors", family="sdxl")
+    tensors, metadata = read_lora_file(out)
+    assert len(tensors) == len(foreign) == 3 * 560  # 70 transformer blocks x 2 attentions x q, k, v, out
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    assert "lora_unet_middle_block_1_transformer_blocks_9_attn2_to_k.lora_up.weight" in tensors
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert metadata["modelspec.resolution"] == "1024x1024"
+
+
+def test_unmappable_keys_are_errors_naming_the_first(tmp_path):
+    unet = full_size_unet("sd1")
+    foreign = foreign_state_dict(unet, "Attention", rank=1, alpha=1.0, seed=2)
+    foreign["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(1, 320)
+    foreign["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(320, 1)
+    save_file(foreign, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(
+        LecoError, match="lora_unet_down_blocks_9_attentions_0_proj_in matches no layer of this sd1"
+    ):
+        convert(tmp_path / "bad.safetensors", tmp_path / "out.safetensors", family="sd1")
+
+    sd1_file = foreign_state_dict(unet, "Attention", rank=1, alpha=1.0, seed=2)
+    save_file(sd1_file, str(tmp_path / "sd1.safetensors"))
+    # SD2 has the same module names but a wider text condition: the shapes tell them apart.
+    with pytest.raises(
+        LecoError, match=r"attn2_to_k.lora_down.weight has shape \[1, 768\] but the layer needs \[1, 1024\]"
+    ):
+        convert(tmp_path / "sd1.safetensors", tmp_path / "out.safetensors", family="sd2")
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_pickled_code_is_never_run(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"lora_unet_x.alpha": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(LecoError, match="cannot be read safely"):
+        convert(tmp_path / "evil.pt", tmp_path / "out.safetensors", family="sd1")
+    assert not (tmp_path / "pwned").exists()
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(LecoError, match="not a LoRA state dict"):
+        convert(tmp_path / "list.pt", tmp_path / "out.safetensors", family="sd1")
+
+
+def test_sd2_projections_in_the_form_each_tool_needs(tmp_path, tiny_folders):
+    # kohya's scripts build SD2 checkpoints' proj_in/proj_out as 1x1 convs; diffusers as Linear.
+    sd2 = full_size_unet("sd2")
+    foreign = foreign_state_dict(sd2, "Transformer2DModel", rank=1, alpha=1.0, seed=3)
+    save_file(foreign, str(tmp_path / "sd2.safetensors"))
+    linear = convert(tmp_path / "sd2.safetensors", tmp_path / "2d.safetensors", family="sd2")
+    conv = convert(tmp_path / "sd2.safetensors", tmp_path / "4d.safetensors", family="sd2", sd2_proj="4d")
+    kohya_unet = full_size_unet("sd2", use_linear_projection=False)
+    assert kohya_module_shape_mismatches(read_lora_file(linear)[0], kohya_unet) == 64
+    assert kohya_module_shape_mismatches(read_lora_file(conv)[0], kohya_unet) == 0
+    assert read_lora_file(conv)[1]["leco.sd2_proj"] == "4d"
+    back = convert(conv, tmp_path / "back.safetensors", family="sd2")  # 4-D in, 2-D out
+    assert all(torch.equal(v, read_lora_file(linear)[0][k]) for k, v in read_lora_file(back)[0].items())
+
+    # On a real (tiny) SD2 model: leco reads both forms the same, diffusers only the 2-D one.
+    folder = str(tiny_folders["sd2-v"])
+    models = load_models(folder)
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2))
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_()
+    ours = network.save(tmp_path / "ours.safetensors", resolution=16)
+    network.remove()
+    conv = convert(ours, tmp_path / "ours4d.safetensors", model=folder, sd2_proj="4d")
+    assert read_lora_file(conv)[0]["lora_unet_mid_block_attentions_0_proj_in.lora_down.weight"].ndim == 4
+    predictions = []
+    for path in (ours, conv):
+        loaded = LoRANetwork.from_file(models.unet, models.family, path)
+        predictions.append(unet_prediction(models.unet, False))
+        loaded.remove()
+    torch.testing.assert_close(predictions[0], predictions[1])
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.load_lora_weights(str(ours))
+    torch.testing.assert_close(unet_prediction(pipe.unet, False), predictions[0], rtol=1e-4, atol=2e-5)
+    pipe.unload_lora_weights()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        pipe.load_lora_weights(str(conv))
+
+
+def test_cli_convert(tmp_path, capsys):
+    foreign = foreign_state_dict(full_size_unet("sd1"), "Attention", rank=1, alpha=1.0, seed=4)
+    torch.save(foreign, tmp_path / "s.pt")
+    out = tmp_path / "s.safetensors"
+    assert main(["convert", str(tmp_path / "s.pt"), "--out", str(out), "--family", "sd1"]) == 0
+    assert json.loads(read_lora_file(out)[1]["ss_network_args"]) == {}
+    assert main(["convert", str(tmp_path / "s.pt"), "--out", str(out), "--family", "sd1"]) == 2
+    assert "exists; choose another path or pass --overwrite" in capsys.readouterr().err
+    assert main(["convert", str(tmp_path / "s.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "either --model M or --family" in capsys.readouterr().err
+    code = main(
+        [
+            "convert",
+            str(tmp_path / "s.pt"),
+            "--out",
+            str(tmp_path / "y.safetensors"),
+            "--family",
+            "sd1",
+            "--sd2-proj",
+            "4d",
+        ]
+    )
+    assert code == 2 and "only SD2 models" in capsys.readouterr().err
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["s.pt", "s.safetensors"]
+
+
+def test_every_lora_file_names_its_writer(tmp_path, tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]))
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig())
+    _, metadata = read_lora_file(network.save(tmp_path / "a.safetensors", resolution=16))
+    assert metadata["modelspec.implementation_version"] == f"leco/{__version__}"
+    assert metadata["modelspec.sai_model_spec"] == "1.0.1"

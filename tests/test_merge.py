@@ -1,0 +1,343 @@
+"""`leco merge`: baked weights behave as the LoRA applied at runtime; the checkpoint loads in diffusers."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_vae_checkpoint,
+    create_diffusers_clip_model_from_ldm,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from leco import __version__
+from leco.cli import main
+from leco.conditioning import Conditioning, predict, sdxl_time_ids
+from leco.config import NetworkConfig, PretrainedModelConfig
+from leco.errors import LecoError
+from leco.ink_digits import default_model_path
+from leco.interop.merge import FOLDER_METADATA, LoraStrength, merge, parse_lora_argument
+from leco.interop.original_layout import VAE_PREFIX, original_state_dict, vae_original_name
+from leco.models import CONFIG_ROOT, load_models
+from leco.network import LoRANetwork, read_lora_file, save_lora_file
+from leco.network.kohya import ModuleWeights, delta_weight
+
+C3LIER = NetworkConfig(type="c3lier", rank=3, alpha=1.5, conv_rank=2, conv_alpha=4.0)
+PIPELINES = {
+    "sd1": StableDiffusionPipeline,
+    "sd2-v": StableDiffusionPipeline,
+    "sdxl": StableDiffusionXLPipeline,
+}
+
+
+def random_lora(model: str, path: Path, seed: int, config: NetworkConfig = C3LIER) -> Path:
+    """A LoRA file with random (non-identity) weights on every layer the config selects."""
+    models = load_models(model)
+    network = LoRANetwork.create(models.unet, models.family, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return network.save(path, resolution=models.resolution)
+
+
+def with_text_encoder_modules(path: Path, model: str, seed: int) -> Path:
+    """Add text-encoder modules named as kohya names them (every attention and MLP Linear)."""
+    models = load_models(model)
+    prefixes = ["lora_te1_", "lora_te2_"] if models.family.is_sdxl else ["lora_te_"]
+    tensors, metadata = read_lora_file(path)
+    generator = torch.Generator().manual_seed(seed)
+    for prefix, encoder in zip(prefixes, models.text_encoders, strict=True):
+        config = encoder.config
+        for layer in range(config.num_hidden_layers):
+            for part, (out_dim, in_dim) in {
+                "self_attn_q_proj": (config.hidden_size, config.hidden_size),
+                "self_attn_k_proj": (config.hidden_size, config.hidden_size),
+                "self_attn_v_proj": (config.hidden_size, config.hidden_size),
+                "self_attn_out_proj": (config.hidden_size, config.hidden_size),
+                "mlp_fc1": (config.intermediate_size, config.hidden_size),
+                "mlp_fc2": (config.hidden_size, config.intermediate_size),
+            }.items():
+                key = f"{prefix}text_model_encoder_layers_{layer}_{part}"
+                tensors[f"{key}.lora_down.weight"] = torch.randn(2, in_dim, generator=generator) * 0.2
+                tensors[f"{key}.lora_up.weight"] = torch.randn(out_dim, 2, generator=generator) * 0.2
+                tensors[f"{key}.alpha"] = torch.tensor(1.0)
+    return save_lora_file(path, tensors, metadata)
+
+
+def unet_inputs(unet, family_is_sdxl: bool, pooled_dim: int = 0, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    size = unet.config.sample_size
+    latents = torch.randn(2, unet.config.in_channels, size, size, generator=generator)
+    cond = Conditioning(torch.randn(2, 5, unet.config.cross_attention_dim, generator=generator))
+    if family_is_sdxl:
+        pooled = torch.randn(2, pooled_dim, generator=generator)
+        cond = Conditioning(cond.hidden_states, pooled=pooled).with_time_ids(sdxl_time_ids(16, 16))
+    return latents, torch.tensor([500, 20]), cond
+
+
+def outputs(pipe, inputs, prompt_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The UNet prediction and every text encoder's last hidden state."""
+    with torch.no_grad():
+        result = [predict(pipe.unet, *inputs)]
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                result.append(encoder(prompt_ids).last_hidden_state)
+    return result
+
+
+def assert_all_close(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> None:
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+
+
+def pooled_dim(pipe) -> int:
+    encoder = getattr(pipe, "text_encoder_2", None)
+    return encoder.config.projection_dim if encoder is not None else 0
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl"])
+def test_merged_unet_equals_the_lora_applied_at_runtime(tmp_path, tiny_folders, name):
+    folder = str(tiny_folders[name])
+    lora = random_lora(folder, tmp_path / "lora.safetensors", seed=1)
+    merged = merge(folder, [LoraStrength(lora, 0.7)], tmp_path / "merged", precision="fp32")
+
+    models = load_models(folder)
+    inputs = unet_inputs(
+        models.unet, models.family.is_sdxl, getattr(models.text_encoders[-1].config, "projection_dim", 0)
+    )
+    network = LoRANetwork.from_file(models.unet, models.family, lora)
+    with torch.no_grad():
+        with network.strength(0.7):
+            runtime = predict(models.unet, *inputs)
+        with network.strength(0.0):
+            base = predict(models.unet, *inputs)
+        baked = predict(load_models(str(merged)).unet, *inputs)
+    assert (runtime - base).abs().max() > 1e-2  # the LoRA changes the prediction
+    torch.testing.assert_close(baked, runtime, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl"])
+def test_checkpoint_loads_in_diffusers_as_the_merged_folder(tmp_path, tiny_folders, name):
+    folder = str(tiny_folders[name])
+    lora = random_lora(folder, tmp_path / "erase.safetensors", seed=2)
+    loras = [LoraStrength(lora, -1.0)]
+    merged_folder = merge(folder, loras, tmp_path / "folder", precision="fp32")
+    checkpoint = merge(folder, loras, tmp_path / "merged.safetensors", precision="fp32")
+
+    reference = DiffusionPipeline.from_pretrained(merged_folder)
+    loaded = PIPELINES[name].from_single_file(
+        str(checkpoint), config=str(merged_folder), local_files_only=True
+    )
+    components = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if name == "sdxl" else [])
+    for component in components:
+        ours, theirs = getattr(loaded, component).state_dict(), getattr(reference, component).state_dict()
+        assert ours.keys() == theirs.keys(), component
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), component
+    original = DiffusionPipeline.from_pretrained(tiny_folders[name]).unet.state_dict()
+    assert any(not torch.equal(original[k], v) for k, v in reference.unet.state_dict().items())
+
+    with safe_open(str(checkpoint), "pt") as file:
+        metadata = file.metadata()
+        keys = list(file.keys())  # noqa: SIM118
+    prefixes = {
+        "sd1": "cond_stage_model.transformer.",
+        "sd2-v": "cond_stage_model.model.",
+        "sdxl": "conditioner.",
+    }
+    assert any(k.startswith("model.diffusion_model.") for k in keys)
+    assert any(k.startswith("first_stage_model.") for k in keys)
+    assert any(k.startswith(prefixes[name]) for k in keys)
+    architecture = {
+        "sd1": "stable-diffusion-v1",
+        "sd2-v": "stable-diffusion-v2-768-v",
+        "sdxl": "stable-diffusion-xl-v1-base",
+    }
+    assert metadata["modelspec.architecture"] == architecture[name]
+    assert metadata["modelspec.sai_model_spec"] == "1.0.1"
+    assert metadata["modelspec.implementation_version"] == f"leco/{__version__}"
+    assert metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
+    assert metadata["modelspec.merged_from"] == f"{name}, erase:-1"
+    assert metadata["modelspec.title"] == "merged"
+    assert metadata["modelspec.prediction_type"] == ("v" if name == "sd2-v" else "epsilon")
+    folder_metadata = json.loads((merged_folder / FOLDER_METADATA).read_text())
+    assert folder_metadata["modelspec.merged_from"] == f"{name}, erase:-1"
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_negative_and_stacked_loras_with_text_encoder_modules_match_diffusers(tmp_path, tiny_folders, name):
+    folder = str(tiny_folders[name])
+    first = with_text_encoder_modules(random_lora(folder, tmp_path / "a.safetensors", seed=3), folder, seed=4)
+    second = random_lora(folder, tmp_path / "b.safetensors", seed=5, config=NetworkConfig(rank=2, alpha=2.0))
+    merged = merge(
+        folder, [LoraStrength(first, -1.0), LoraStrength(second, 0.5)], tmp_path / "m", precision="fp32"
+    )
+
+    runtime = DiffusionPipeline.from_pretrained(folder)
+    runtime.load_lora_weights(str(first), adapter_name="first")
+    runtime.load_lora_weights(str(second), adapter_name="second")
+    runtime.set_adapters(["first", "second"], adapter_weights=[-1.0, 0.5])
+    baked = DiffusionPipeline.from_pretrained(merged)
+    base = DiffusionPipeline.from_pretrained(folder)
+    inputs = unet_inputs(baked.unet, name == "sdxl", pooled_dim(baked))
+    prompt_ids = torch.tensor([[0, 5, 9, 2, 1, 1]])
+
+    expected = outputs(runtime, inputs, prompt_ids)
+    assert_all_close(outputs(baked, inputs, prompt_ids), expected)
+    for changed, original in zip(expected, outputs(base, inputs, prompt_ids), strict=True):
+        assert (changed - original).abs().max() > 1e-3  # UNet and every text encoder were edited
+
+
+def test_from_file_keeps_text_encoder_modules_and_checks_their_names(tmp_path, tiny_folders):
+    folder = str(tiny_folders["sdxl"])
+    path = with_text_encoder_modules(random_lora(folder, tmp_path / "te.safetensors", seed=6), folder, seed=7)
+    models = load_models(folder)
+    network = LoRANetwork.from_file(models.unet, models.family, path, text_encoders=models.text_encoders)
+    layers = sum(e.config.num_hidden_layers for e in models.text_encoders)
+    assert len(network.text_encoder_lora) == 6 * layers
+    assert network.kohya_state_dict().keys() == {
+        k for k in read_lora_file(path)[0] if k.startswith("lora_unet_")
+    }  # the UNet part loads exactly as before
+
+    tensors, metadata = read_lora_file(path)
+    tensors["lora_te2_text_model_encoder_layers_7_mlp_fc1.lora_down.weight"] = torch.zeros(2, 40)
+    tensors["lora_te2_text_model_encoder_layers_7_mlp_fc1.lora_up.weight"] = torch.zeros(80, 2)
+    bad = save_lora_file(tmp_path / "bad.safetensors", tensors, metadata)
+    network.remove()
+    with pytest.raises(
+        LecoError, match="lora_te2_text_model_encoder_layers_7_mlp_fc1 matches no text-encoder"
+    ):
+        LoRANetwork.from_file(models.unet, models.family, bad, text_encoders=models.text_encoders)
+
+
+def test_ink_digits_checkpoint_bakes_a_lora(tmp_path):
+    lora = random_lora("ink-digits", tmp_path / "lora.safetensors", seed=8, config=NetworkConfig(rank=2))
+    checkpoint = merge(
+        "ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "ink.safetensors", precision="fp32"
+    )
+    loaded = StableDiffusionPipeline.from_single_file(
+        str(checkpoint), config=str(default_model_path()), local_files_only=True
+    )
+    models = load_models("ink-digits")
+    inputs = unet_inputs(models.unet, False)
+    network = LoRANetwork.from_file(models.unet, models.family, lora)
+    with torch.no_grad():
+        runtime = predict(models.unet, *inputs)
+        with network.strength(0.0):
+            base = predict(models.unet, *inputs)
+        baked = predict(loaded.unet, *inputs)
+    assert (runtime - base).abs().max() > 1e-2
+    torch.testing.assert_close(baked, runtime, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 5, 1, 1), (6, 5, 3, 3)])
+def test_delta_weight_equals_the_two_layers_in_a_row(shape):
+    generator = torch.Generator().manual_seed(0)
+    down = torch.randn(3, *shape[1:], generator=generator)
+    up = torch.randn(shape[0], 3, *(1, 1)[: len(shape) - 2], generator=generator)
+    delta = delta_weight(ModuleWeights(down, up, alpha=1.5), torch.Size(shape))
+    if len(shape) == 2:
+        x = torch.randn(4, shape[1], generator=generator)
+        expected = torch.nn.functional.linear(torch.nn.functional.linear(x, down), up)
+        actual = torch.nn.functional.linear(x, delta)
+    else:
+        x = torch.randn(2, shape[1], 7, 7, generator=generator)
+        padding = shape[2] // 2
+        expected = torch.nn.functional.conv2d(torch.nn.functional.conv2d(x, down, padding=padding), up)
+        actual = torch.nn.functional.conv2d(x, delta, padding=padding)
+    torch.testing.assert_close(actual, expected * 0.5, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_argument_parsing():
+    assert parse_lora_argument("a.safetensors") == LoraStrength(Path("a.safetensors"), 1.0)
+    assert parse_lora_argument("dir/a.safetensors:-0.5") == LoraStrength(Path("dir/a.safetensors"), -0.5)
+    assert parse_lora_argument(r"C:\loras\a.safetensors") == LoraStrength(
+        Path(r"C:\loras\a.safetensors"), 1.0
+    )
+    assert parse_lora_argument(r"C:\loras\a.safetensors:2") == LoraStrength(
+        Path(r"C:\loras\a.safetensors"), 2.0
+    )
+    with pytest.raises(LecoError, match="not a finite number"):
+        parse_lora_argument("a.safetensors:nan")
+
+
+def test_cli_merge_refuses_to_overwrite_and_reports_bad_input(tmp_path, tiny_folders, capsys):
+    folder = str(tiny_folders["sd1"])
+    lora = random_lora(folder, tmp_path / "l.safetensors", seed=9)
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"keep me")
+    args = ["merge", "--model", folder, "--lora", f"{lora}:-1", "--out", str(out)]
+    assert main(args) == 2
+    assert "exists; choose another path or pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"keep me"
+
+    assert main([*args, "--overwrite"]) == 0
+    with safe_open(str(out), "pt") as file:
+        assert {t.dtype for t in (file.get_tensor(k) for k in file.keys())} == {torch.float16}  # noqa: SIM118
+        assert file.metadata()["modelspec.merged_from"] == "sd1, l:-1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["l.safetensors", "out.safetensors"]  # no temp files
+
+    other = random_lora(str(tiny_folders["sdxl"]), tmp_path / "xl.safetensors", seed=10)
+    assert main(["merge", "--model", folder, "--lora", str(other), "--out", str(tmp_path / "x")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "matches no layer of this sd1 UNet" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_single_file_model_merges_like_its_folder(tmp_path, tiny_folders):
+    folder = str(tiny_folders["sd1"])
+    single = tmp_path / "model.safetensors"
+    save_file(original_state_dict(load_models(folder, with_vae=True)), str(single))
+    lora = random_lora(folder, tmp_path / "l.safetensors", seed=11)
+    spec = PretrainedModelConfig(name_or_path=str(single), config=folder)
+    from_file = merge(spec, [LoraStrength(lora, 0.5)], tmp_path / "a.safetensors", precision="fp32")
+    from_folder = merge(folder, [LoraStrength(lora, 0.5)], tmp_path / "b.safetensors")
+    a, b = read_lora_file(from_file)[0], read_lora_file(from_folder)[0]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k].half(), b[k]) for k in a)  # b was saved in the default fp16
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_vae_names_round_trip_through_diffusers_converter_at_full_size(family):
+    config = AutoencoderKL.load_config(CONFIG_ROOT / family, subfolder="vae")
+    with init_empty_weights():
+        vae = AutoencoderKL.from_config(config)
+    state = vae.state_dict()
+    original = {VAE_PREFIX + vae_original_name(k, len(config["up_block_types"])): v for k, v in state.items()}
+    assert len(original) == len(state)
+    back = convert_ldm_vae_checkpoint(original, dict(vae.config))
+    assert back.keys() == state.keys()
+    assert all(back[k] is state[k] for k in state)
+
+
+def test_sd2_checkpoint_carries_the_unused_last_open_clip_block(tmp_path, tiny_folders):
+    # SD2's real encoder: diffusers keeps 23 of OpenCLIP's 24 blocks; the file gets all 24 back.
+    models = load_models(str(tiny_folders["sd2-v"]), with_vae=True)
+    config = CLIPTextConfig(
+        hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=23, hidden_act="gelu"
+    )
+    models.text_encoders = [CLIPTextModel(config)]
+    models.text_encoders[0].save_pretrained(tmp_path / "configs" / "text_encoder")
+    state = original_state_dict(models)
+    prefix = "cond_stage_model.model."
+    assert torch.equal(
+        state[f"{prefix}transformer.resblocks.23.attn.in_proj_weight"],
+        state[f"{prefix}transformer.resblocks.22.attn.in_proj_weight"],
+    )
+    assert state[f"{prefix}text_projection"].shape == (32, 32) and f"{prefix}logit_scale" in state
+    loaded = create_diffusers_clip_model_from_ldm(
+        CLIPTextModel,
+        state,
+        subfolder="text_encoder",
+        config=str(tmp_path / "configs"),
+        local_files_only=True,
+    )
+    ours, theirs = models.text_encoders[0].state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
