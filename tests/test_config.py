@@ -1,4 +1,3 @@
-import contextlib
 import re
 import shutil
 import string
@@ -6,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from leco.config import ConfigError, LecoConfig, load_config, load_prompts, parse_optimizer_args
@@ -221,6 +220,34 @@ near_valid = st.fixed_dictionaries(
         "network": st.dictionaries(st.sampled_from(["type", "rank", "alpha", "training_method"]), scalars),
     }
 )
+# Mostly valid: so that the success path (and what it asserts) is reached, not only the errors.
+likely_valid = st.fixed_dictionaries(
+    {
+        "prompts_file": st.just("prompts.yaml"),
+        "pretrained_model": st.fixed_dictionaries({"name_or_path": st.text(min_size=1, max_size=12)}),
+        "train": st.fixed_dictionaries(
+            {},
+            optional={
+                "iterations": st.integers(1, 10_000),
+                "lr": st.floats(1e-7, 1.0) | st.sampled_from(["1e-4", "3e-3"]),
+                "precision": st.sampled_from(["fp32", "bf16", "float16", "half"]),
+                "optimizer_args": st.sampled_from(["weight_decay=0.01 betas=(0.9,0.99)", {"eps": 1e-8}]),
+                "seed": st.none() | st.integers(0, 2**31),
+            },
+        ),
+        "network": st.fixed_dictionaries(
+            {}, optional={"rank": st.integers(1, 64), "alpha": st.floats(0, 64), "type": st.just("c3lier")}
+        ),
+    }
+)
+valid_prompts = st.lists(
+    st.fixed_dictionaries(
+        {"target": st.text(min_size=1, max_size=12)},
+        optional={"action": st.sampled_from(["erase", "enhance"]), "guidance_scale": st.floats(0, 10)},
+    ),
+    min_size=1,
+    max_size=3,
+)
 prompt_lists = st.lists(
     st.dictionaries(
         st.sampled_from(["target", "positive", "action", "guidance_scale", "batch_size"]), scalars
@@ -230,15 +257,21 @@ prompt_lists = st.lists(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(document=documents | near_valid, prompts=documents | prompt_lists)
+@given(document=documents | near_valid | likely_valid, prompts=documents | prompt_lists | valid_prompts)
 def test_any_yaml_document_gives_a_config_or_a_config_error(folder, document, prompts):
     config_path = folder / "fuzz.yaml"
     config_path.write_text(yaml.safe_dump(document))
     (folder / "prompts.yaml").write_text(yaml.safe_dump(prompts))
     try:
-        load_config(config_path)
+        config = load_config(config_path)
     except ConfigError as error:
         assert str(error).startswith(str(folder))
+        return
+    event("loaded a config")
+    assert_usable(config)
+    model = document.get("pretrained_model") if isinstance(document, dict) else None
+    if isinstance(model, dict) and isinstance(model.get("name_or_path"), str):
+        assert config.pretrained_model.name_or_path == model["name_or_path"]
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -246,8 +279,19 @@ def test_any_yaml_document_gives_a_config_or_a_config_error(folder, document, pr
 def test_any_text_gives_a_config_or_a_config_error(folder, text):
     path = folder / "raw.yaml"
     path.write_text(text)
-    with contextlib.suppress(ConfigError):
-        load_config(path)
+    try:
+        config = load_config(path)
+    except ConfigError as error:
+        assert str(error).startswith(str(path))
+        return
+    assert_usable(config)
+
+
+def assert_usable(config: LecoConfig) -> None:
+    """What every loaded config must be: prompts with targets, and a JSON form that is a fixed point
+    (a resumed run compares the JSON of its sections with the saved run's)."""
+    assert config.prompts and all(prompt.targets for prompt in config.prompts)
+    assert LecoConfig.model_validate_json(config.to_json()).to_json() == config.to_json()
 
 
 def test_the_readme_config_reference_is_a_valid_config(tmp_path):
@@ -271,3 +315,42 @@ def test_every_example_file_loads(path):
     else:
         config = load_config(path)
         assert config.prompts and config.save.name
+
+
+def test_an_entry_names_many_prompts_by_list_or_file(folder):
+    write(folder, "sevens.txt", "# the erased prompts\na digit seven\n\nthe number 7\n")
+    write(
+        folder,
+        "prompts.yaml",
+        "- target_file: sevens.txt\n"
+        "- target: [a cat, a dog]\n  neutral: [an animal, a pet]\n  action: enhance\n",
+    )
+    config = load_config(write(folder, "c.yaml", MINIMAL))
+    files, listed = config.prompts
+    assert (
+        files.targets == ["a digit seven", "the number 7"]
+        and files.role_text("positive", 1) == "the number 7"
+    )
+    assert [listed.role_text("neutral", i) for i in (0, 1)] == ["an animal", "a pet"]
+    assert listed.role_text("unconditional", 1) == ""
+
+
+@pytest.mark.parametrize(
+    ("prompts", "files", "expected"),
+    [
+        ("- target_file: absent.txt\n", {}, "entry 1.target_file: "),
+        ("- target_file: empty.txt\n", {"empty.txt": "# nothing\n\n"}, "holds no prompt"),
+        ("- target_file: a.txt\n  target: x\n", {"a.txt": "x\n"}, "entry 1.target_file: target is set too"),
+        ("- target: []\n", {}, "entry 1.target: is an empty list"),
+        ("- target: [a, b]\n  neutral: [c]\n", {}, "entry 1.neutral: a list of 1 prompts, but target has 2"),
+        ("- target: a\n  action: distill\n", {}, "entry 1.guidance_scale: distill needs the CFG scale"),
+    ],
+)
+def test_bad_prompt_lists_are_one_line(folder, prompts, files, expected):
+    for name, text in files.items():
+        write(folder, name, text)
+    write(folder, "prompts.yaml", prompts)
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(folder, "c.yaml", MINIMAL))
+    message = str(caught.value)
+    assert message.startswith(str(folder)) and "\n" not in message and expected in message, message

@@ -28,8 +28,8 @@ def models():
 
 @pytest.fixture(scope="module")
 def spec():
-    spec = load_spec(EXAMPLES / "erase_seven_eval.yaml")
-    spec.images_per_prompt = 6  # the example uses 16; 6 keeps CI short and still separates 0% from 100%
+    spec = load_spec(EXAMPLES / "erase_seven_eval.yaml")  # keep: all, every other digit and ink
+    spec.images_per_prompt = 4  # the example uses 16; 4 keeps CI short and still separates 0% from 100%
     return spec
 
 
@@ -60,16 +60,17 @@ def test_example_config_erases_seven_and_keeps_the_other_digits(tmp_path, models
     report = evaluate(models, result.path, spec, "cpu", progress=False)
     before, after = rows_by_prompt(report, 0.0), rows_by_prompt(report, 1.0)
     erased = [item.prompt for item in spec.erase]
-    kept = [item.prompt for item in spec.keep]
-    assert PARAPHRASE in erased
+    kept = [r["prompt"] for r in report["rows"] if r["kind"] == "keep" and r["strength"] == 1.0]
+    assert PARAPHRASE in erased and len(kept) > 60  # every other digit in every ink, every ink
     assert all(before[p] >= 0.8 for p in erased), before  # the model draws sevens without the LoRA
     assert all(after[p] <= 0.2 for p in erased), after  # ...and not with it, paraphrase included
-    assert all(after[p] >= 0.8 for p in kept), after
+    # Every other concept, not a hand-picked few: the recipe before anchors lost the six here.
+    assert all(after[p] >= 0.75 for p in kept), {p: after[p] for p in kept if after[p] < 0.75}
     assert report["summary"]["1"]["kept_drift"] < 0.05  # other digits barely move, pixel for pixel
 
     # The same at the level the loss works on: the LoRA moves the UNet's prediction for the
     # target far more than for unrelated prompts (random tiny models cannot show this).
-    change = prediction_change(models, result.network, ["a digit seven", "a digit three", "a digit one"])
+    change = prediction_change(models, result.trainable, ["a digit seven", "a digit three", "a digit one"])
     assert change["a digit seven"] > 2.5 * max(change["a digit three"], change["a digit one"]), change
 
 
@@ -87,3 +88,14 @@ def prediction_change(models, network, prompts: list[str]) -> dict[str, float]:
                 before = predict(network.unet, latents, timesteps, cond)
             change[prompt] = (predict(network.unet, latents, timesteps, cond) - before).abs().mean().item()
     return change
+
+
+def test_the_closed_form_example_erases_seven_and_keeps_every_other_concept(tmp_path, models, spec):
+    config = load_config(EXAMPLES / "erase_seven_closed_form.yaml")
+    config.save.path = str(tmp_path)
+    result = train(config, progress=False)
+    result.trainable.remove()
+    report = evaluate(models, result.path, spec, "cpu", progress=False)
+    after = [r for r in report["rows"] if r["strength"] == 1.0]
+    assert all(r["detected"] <= 0.25 for r in after if r["kind"] == "erase"), after
+    assert all(r["detected"] >= 0.75 for r in after if r["kind"] == "keep")

@@ -1,5 +1,7 @@
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,11 +75,24 @@ def test_grid_layout_and_labels():
 
 def test_seed_and_strength_lists():
     assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
+    assert parse_seeds(" 9 , 2-3,3") == [9, 2, 3]  # order kept, repeats once
+    assert parse_seeds(str(2**64 - 1)) == [2**64 - 1]
     assert parse_strengths("-1,0,0.5") == [-1.0, 0.0, 0.5]
-    with pytest.raises(LecoError, match="--seeds"):
-        parse_seeds("a-b")
-    with pytest.raises(LecoError, match="--strengths"):
-        parse_strengths("x")
+    assert [str(s) for s in parse_strengths("-0,1,1")] == ["0.0", "1.0"]  # -0 is 0: one image, one name
+    for text, says in [
+        ("a-b", "not a list of seeds"),
+        ("5-1", "counts down; write the smaller seed first: 1-5"),
+        ("-3", "not a list of seeds"),
+        ("", "not a list of seeds"),
+        ("1,", "not a list of seeds"),
+        (str(2**64), "too large"),
+        ("0-10000", "more than 10000 seeds"),
+    ]:
+        with pytest.raises(LecoError, match=f"^--seeds: .*{re.escape(says)}"):
+            parse_seeds(text)
+    for text in ("x", "", "1,,2", "nan", "1,inf", "1e400", "-inf"):
+        with pytest.raises(LecoError, match="^--strengths: "):
+            parse_strengths(text)
 
 
 def test_lora_of_another_family_is_refused_before_loading(tmp_path, tiny_folders, lora_files):
@@ -88,16 +103,29 @@ def test_lora_of_another_family_is_refused_before_loading(tmp_path, tiny_folders
         )
 
 
-def test_cli_generate_writes_images_and_grid(tmp_path, tiny_folders, lora_files):
+def test_cli_generate_writes_images_and_grid(tmp_path, tiny_folders, lora_files, embedding_files):
     result = subprocess.run(
         [sys.executable, "-m", "leco", "generate", "--model", str(tiny_folders["sd1"]), "--lora",
          str(lora_files["sd1"]), "--prompt", "a cat", "--prompt", "a dog", "--strengths", "-1,0,1",
-         "--seeds", "0-1", "--steps", "3", "--guidance", "2", "--out", str(tmp_path), "--no-progress"],
+         "--seeds", "0-1", "--steps", "3", "--guidance", "2", "--out", str(tmp_path), "--no-progress",
+         "--embedding", str(embedding_files["sd1"][0]), "--negative", "<ugly>", "--batch-size", "5"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 2 * 2 * 3 + 1 and "grid.png" in names and "a-dog_-1_1.png" in names
+
+
+def test_cli_names_a_missing_embedding_before_loading_the_model(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "leco", "generate", "--model", str(tmp_path / "no-model"), "--prompt", "a cat",
+         "--embedding", str(tmp_path / "gone.safetensors"), "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"leco: error: --embedding: {tmp_path}/gone.safetensors not found; check the path"
+    ]
 
 
 def test_training_renders_preview_grids(tmp_path, tiny_folders):
@@ -118,4 +146,207 @@ def test_training_renders_preview_grids(tmp_path, tiny_folders):
     assert previews == ["cat_2steps.png", "cat_last.png"]
     grid = Image.open(tmp_path / "previews" / "cat_last.png")
     assert grid.width > 2 * 128 and grid.height > 6 * 128  # 2 strength columns, 2 prompts x 3 seeds
-    assert result.network.multiplier == 1.0  # previews leave the LoRA switched on
+    assert result.trainable.multiplier == 1.0  # previews leave the LoRA switched on
+
+
+# -- batching ---------------------------------------------------------------------------------
+
+
+class CountingPipeline:
+    """A pipeline stand-in that records the prompts of every call and forwards to the real one."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, []
+
+    def __call__(self, prompts, **kwargs):
+        self.calls.append((list(prompts), [g.initial_seed() for g in kwargs["generator"]]))
+        return self.pipe(prompts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_batched_images_equal_images_made_one_by_one(tiny_folders, name):
+    from leco.generate import build_pipeline, generate
+
+    pipe = CountingPipeline(build_pipeline(load_models(str(tiny_folders[name]), with_vae=True)))
+    requests = requests_for(["a red fox", "a blue car"], [0.0, 1.0], [3, 4, 5])
+    strengths_set = []
+    alone = {
+        r: np.asarray(image, dtype=np.int16)
+        for r, image in generate(
+            pipe, requests, SamplingSettings(steps=4, batch_size=1), lambda s: None, False
+        )
+    }
+    assert len(pipe.calls) == len(requests)
+    pipe.calls.clear()
+    settings = SamplingSettings(steps=4, guidance=7.0, batch_size=4)
+    batched = dict(generate(pipe, requests, settings, strengths_set.append, False))
+    # one strength per call, chunks of at most 4: 6 images at strength 0 -> 4 + 2, the same at 1
+    assert [len(prompts) for prompts, _ in pipe.calls] == [4, 2, 4, 2]
+    assert strengths_set == [0.0, 0.0, 1.0, 1.0]
+    assert pipe.calls[0] == (["a red fox"] * 3 + ["a blue car"], [3, 4, 5, 3])  # one generator per seed
+    for request, image in batched.items():
+        pixels = np.asarray(image, dtype=np.int16)
+        # Same starting noise per seed; batched kernels may round a last float bit differently,
+        # which can move a pixel by one 8-bit level, never more.
+        assert np.abs(pixels - alone[request]).max() <= 1
+        assert (pixels != alone[request]).mean() < 0.01
+    # ...and the seeds really differ inside a batch
+    a, b = (np.asarray(batched[ImageRequest("a red fox", 0.0, s)], dtype=np.int16) for s in (3, 4))
+    assert np.abs(a - b).mean() > 1
+
+
+def test_batch_size_by_image_size(tiny_folders):
+    from leco.generate import MAX_AUTO_BATCH, build_pipeline, images_per_call
+
+    pipe = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True))
+    assert images_per_call(pipe, SamplingSettings(height=512, width=512)) == 8
+    assert images_per_call(pipe, SamplingSettings(height=1024, width=1024)) == 2
+    assert images_per_call(pipe, SamplingSettings(height=2048, width=2048)) == 1
+    assert images_per_call(pipe, SamplingSettings()) == MAX_AUTO_BATCH  # the tiny model's 16x16 images
+    assert images_per_call(pipe, SamplingSettings(batch_size=3)) == 3
+
+
+# -- textual-inversion embeddings ---------------------------------------------------------------
+
+WIDTHS = {"sd1": (32,), "sdxl": (32, 40)}  # text encoder widths of the tiny test pipelines
+
+
+def _vectors(widths, count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(count, width, generator=generator) for width in widths]
+
+
+@pytest.fixture(scope="module")
+def embedding_files(tmp_path_factory):
+    """kohya/leco files for the tiny SD1 and SDXL pipelines, and an A1111 .pt, as those tools write them."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("embeddings")
+    sd1 = _vectors(WIDTHS["sd1"], 2)
+    save_file({"emb_params": sd1[0]}, root / "ugly.safetensors", metadata={"leco.token": "<ugly>"})
+    sdxl = _vectors(WIDTHS["sdxl"], 2, seed=1)
+    save_file({"clip_l": sdxl[0], "clip_g": sdxl[1]}, root / "ugly-xl.safetensors")  # token: file name
+    a1111 = _vectors(WIDTHS["sd1"], 1, seed=2)
+    torch.save(
+        {"string_to_token": {"*": 265}, "string_to_param": {"*": a1111[0]}, "name": "other", "step": 500},
+        root / "bad-hands.pt",
+    )
+    return {
+        "sd1": (root / "ugly.safetensors", "<ugly>", sd1),
+        "sdxl": (root / "ugly-xl.safetensors", "ugly-xl", sdxl),
+        "a1111": (root / "bad-hands.pt", "bad-hands", a1111),
+        "root": root,
+    }
+
+
+def _text_state(models):
+    return [
+        (len(tok), tok("a fox <ugly> ugly-xl").input_ids, enc.get_input_embeddings(),
+         enc.get_input_embeddings().weight.detach().clone(), enc.config.vocab_size)
+        for tok, enc in zip(models.tokenizers, models.text_encoders, strict=True)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl", "a1111"])
+def test_embedding_vectors_sit_behind_the_token_and_leave_on_exit(tiny_folders, embedding_files, name):
+    from leco.generate import build_pipeline, embeddings_loaded
+
+    path, token, vectors = embedding_files[name]
+    models = load_models(str(tiny_folders["sdxl" if name == "sdxl" else "sd1"]), with_vae=True)
+    pipe = build_pipeline(models)
+    before = _text_state(models)
+    with embeddings_loaded(pipe, [path]) as (embedding,):
+        assert embedding.token == token
+        tokens = [token] + [f"{token}_{i}" for i in range(1, len(vectors[0]))]
+        for tokenizer, encoder, expected in zip(
+            models.tokenizers, models.text_encoders, vectors, strict=True
+        ):
+            ids = tokenizer.convert_tokens_to_ids(tokens)
+            assert all(i >= len(before[0][1]) for i in ids)  # new rows, not existing words
+            assert torch.equal(encoder.get_input_embeddings().weight[ids], expected)
+            assert ids[0] in tokenizer(f"a fox {token}").input_ids
+    for (size, ids, module, weight, vocab), tokenizer, encoder in zip(
+        before, models.tokenizers, models.text_encoders, strict=True
+    ):
+        assert len(tokenizer) == size and tokenizer("a fox <ugly> ugly-xl").input_ids == ids
+        assert encoder.get_input_embeddings() is module and torch.equal(module.weight, weight)
+        assert encoder.config.vocab_size == vocab and not module.weight.requires_grad
+
+
+def test_embedding_token_override_and_negative_prompt_changes_the_image(
+    tmp_path, tiny_folders, embedding_files
+):
+    path, _, _ = embedding_files["sd1"]
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    requests = requests_for(["a red fox"], [0.0], [1])
+    plain, _ = run_generation(models, None, requests, SETTINGS, tmp_path / "plain", "cpu", False)
+    unused, _ = run_generation(
+        models, None, requests, SETTINGS, tmp_path / "unused", "cpu", False, [f"{path}:<blur>"]
+    )
+    negative = SamplingSettings(steps=4, guidance=3.0, negative_prompt="<blur>")
+    used, _ = run_generation(
+        models, None, requests, negative, tmp_path / "used", "cpu", False, [f"{path}:<blur>"]
+    )
+    # the same negative prompt as plain text, without the embedding
+    spelled, _ = run_generation(models, None, requests, negative, tmp_path / "spelled", "cpu", False)
+    assert unused[0].read_bytes() == plain[0].read_bytes()  # loading alone changes nothing
+    pixels = [np.asarray(Image.open(p[0]), dtype=np.int16) for p in (plain, used, spelled)]
+    assert np.abs(pixels[1] - pixels[0]).mean() > 0.5 and np.abs(pixels[1] - pixels[2]).mean() > 0.5
+
+
+def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embedding_files):
+    from safetensors.torch import save_file
+
+    from leco.generate import build_pipeline, embeddings_loaded
+
+    root = embedding_files["root"]
+    (tmp_path / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (tmp_path / "damaged.pt").write_bytes(b"PK\x03\x04 truncated")
+    save_file({"emb_params": torch.ones(1, 16)}, tmp_path / "narrow.safetensors")
+    save_file({"emb_params": torch.full((1, 32), float("nan"))}, tmp_path / "nan.safetensors")
+    save_file(
+        {"lora_unet_x.lora_up.weight": torch.ones(2, 2), "x.alpha": torch.ones(())},
+        tmp_path / "l.safetensors",
+    )
+    sd1 = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True))
+    sdxl = build_pipeline(load_models(str(tiny_folders["sdxl"]), with_vae=True))
+    cases = [
+        (sd1, [tmp_path / "missing.safetensors"], "missing.safetensors not found"),
+        (sd1, [tmp_path / "damaged.safetensors"], "damaged.safetensors cannot be read"),
+        (sd1, [tmp_path / "damaged.pt"], "damaged.pt cannot be read"),
+        (sd1, [tmp_path / "nan.safetensors"], "nan.safetensors holds no usable vectors"),
+        (
+            sd1,
+            [tmp_path / "l.safetensors"],
+            "l.safetensors holds lora_unet_x.lora_up.weight, x.alpha, not an",
+        ),
+        (
+            sd1,
+            [tmp_path / "narrow.safetensors"],
+            "narrow.safetensors has vectors of width 16, but this model's",
+        ),
+        (sd1, [f"{root / 'ugly.safetensors'}:cat"], "the token 'cat' is already a word"),
+        (sd1, [root / "ugly.safetensors", f"{root / 'bad-hands.pt'}:<ugly>"], "both use the token '<ugly>'"),
+        (sd1, [root / "ugly-xl.safetensors"], "holds clip_l \\+ clip_g \\(SDXL\\), but this model needs one"),
+        (sdxl, [root / "ugly.safetensors"], "holds one text encoder's vectors, but this model needs SDXL's"),
+    ]
+    for pipe, files, message in cases:
+        before = len(pipe.tokenizer)
+        with pytest.raises(LecoError, match=message) as caught, embeddings_loaded(pipe, files):
+            pass
+        assert "\n" not in str(caught.value) and str(caught.value).startswith("--embedding: ")
+        assert len(pipe.tokenizer) == before  # nothing stays loaded after a refused file
+
+
+def test_embedding_option_parsing(tmp_path):
+    from leco.generate import parse_embedding_option
+
+    assert parse_embedding_option("a/b.safetensors") == (Path("a/b.safetensors"), None)
+    assert parse_embedding_option("a/b.safetensors:<tok>") == (Path("a/b.safetensors"), "<tok>")
+    odd = tmp_path / "x:y.pt"
+    odd.write_bytes(b"")
+    assert parse_embedding_option(str(odd)) == (odd, None)  # an existing file is taken whole
+    assert parse_embedding_option("C:\\emb\\x.pt") == (Path("C:\\emb\\x.pt"), None)

@@ -1,3 +1,4 @@
+import math
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import yaml
 from diffusers import DiffusionPipeline
 
 from leco.conditioning import predict
-from leco.config import LecoConfig
+from leco.config import LecoConfig, PromptSettings
 from leco.errors import LecoError
 from leco.network import read_lora_file
 from leco.trainer import Trainer, train
@@ -39,37 +40,58 @@ def lora_tensors(path: Path) -> dict[str, torch.Tensor]:
     return read_lora_file(path)[0]
 
 
+class UNetCalls:
+    """Counts the UNet's forward calls and records (batch, LoRA strength) of each."""
+
+    def __init__(self, trainer):
+        self.trainer, self.calls = trainer, []
+        self.handle = trainer.unet.register_forward_pre_hook(self.record)
+
+    def record(self, module, args):
+        self.calls.append((args[0].shape[0], getattr(self.trainer.trainable, "multiplier", None)))
+
+    def __len__(self):
+        return len(self.calls)
+
+
+def frozen_rows(trainer, samples):
+    """The (sample, role -> text) requests the loss makes for the entry's own rows."""
+    prompt = trainer.prompts[samples[0].prompt]
+    roles = prompt.objective.roles + trainer.trainable.extra_roles
+    return [(i, {r: prompt.texts(s.target)[r] for r in roles}) for i, s in enumerate(samples)]
+
+
 def test_batched_teacher_equals_three_separate_calls(tmp_path, tiny_folders):
     config = make_config(tiny_folders["sdxl"], tmp_path)
     config.prompts[0].neutral = "a photo"  # three distinct teacher prompts
     trainer = Trainer(config, progress=False)
-    trainer.network.multiplier = 1.0
     with torch.no_grad():
-        for p in trainer.network.parameters():
+        for p in trainer.trainable.parameters():
             p.normal_(0, 0.3)  # a LoRA that changes things: the teacher must still see the original model
-    sample = trainer.next_sample()
-    prompt = trainer.prompts[sample.prompt]
-    calls = trainer.unet_calls
-    batched, _ = trainer.teacher_predictions(prompt, sample)
-    assert trainer.unet_calls == calls + 1
-    trainer.network.remove()  # the original UNet, no LoRA at all
-    for role, row in prompt.teacher_rows.items():
-        cond = trainer.conditioning(prompt.teacher, prompt, sample.size, sample.crop)
-        rows = cond.hidden_states.shape[0] // len(prompt.teacher)
-        single = type(cond)(
-            *(None if t is None else t[row * rows : (row + 1) * rows] for t in cond._tensors())
-        )
+    samples = trainer.samples.next()
+    calls = UNetCalls(trainer)
+    wanted = frozen_rows(trainer, samples)
+    (batched,) = trainer.teachers.predict(samples, wanted)
+    assert len(calls) == 1 and len(batched) == 3
+    trainer.trainable.remove()  # the original UNet, no LoRA at all
+    sample, edited = samples[0], trainer.edited
+    for role, text in wanted[0][1].items():
+        cond = edited.condition(edited.embeddings[text], len(sample.latents), sample.size, sample.crop)
         with torch.no_grad():
-            alone = predict(trainer.unet, sample.latents, sample.timesteps, single)
+            alone = predict(trainer.unet, sample.latents, sample.timesteps, cond)
         torch.testing.assert_close(batched[role], alone, rtol=1e-4, atol=1e-5)
 
 
 def test_teacher_batch_drops_duplicate_prompts(tmp_path, tiny_folders):
-    trainer = Trainer(make_config(tiny_folders["sd1"], tmp_path), progress=False)
-    first, second = trainer.prompts
-    # defaults: neutral == unconditional == "" -> two teacher rows, not three
-    assert len(first.teacher) == 2 and first.teacher_rows == {"positive": 0, "neutral": 1, "unconditional": 1}
-    assert len(second.teacher) == 3
+    trainer = Trainer(make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=1), progress=False)
+    for prompt, distinct in zip(trainer.prompts, (2, 3), strict=True):
+        # defaults: neutral == unconditional == "" -> two rows per sample, not three
+        texts = prompt.texts(0)
+        assert len({texts[r] for r in prompt.objective.roles}) == distinct
+    samples = [s for s in (trainer.samples.next() for _ in range(12)) if s[0].prompt == 0][0]
+    calls = UNetCalls(trainer)
+    trainer.teachers.predict(samples, frozen_rows(trainer, samples))
+    assert calls.calls[0][0] == 2 * trainer.prompts[0].batch_size
 
 
 def test_each_prompt_trains_at_its_own_multiplier(tmp_path, tiny_folders):
@@ -77,42 +99,21 @@ def test_each_prompt_trains_at_its_own_multiplier(tmp_path, tiny_folders):
     config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=1)
     config.prompts[1].multiplier = -1.0
     trainer = Trainer(config, progress=False)
-    seen: list[tuple[int, float]] = []  # (batch rows, LoRA multiplier) of every UNet call
-    original = trainer.predict
-
-    def spy(latents, timesteps, cond):
-        seen.append((latents.shape[0], trainer.network.multiplier))
-        return original(latents, timesteps, cond)
-
-    trainer.predict = spy
+    calls = UNetCalls(trainer)
     sides = set()
     for _ in range(12):
-        seen.clear()
-        sample = trainer.next_sample()
-        rolled_out = list(seen)
-        trainer.loss(sample)
-        multiplier = config.prompts[sample.prompt].multiplier
+        calls.calls.clear()
+        samples = trainer.samples.next()
+        rolled_out = list(calls.calls)
+        trainer.loss(samples)
+        multiplier = config.prompts[samples[0].prompt].multiplier
         sides.add(multiplier)
         assert all(m == multiplier for _, m in rolled_out)  # the rollout: the edited model at that side
-        teacher, student = seen[len(rolled_out) :]
+        teacher, student = calls.calls[len(rolled_out) :]
         assert teacher[1] == 0.0 and student[1] == multiplier
-    assert sides == {1.0, -1.0} and trainer.network.multiplier == 1.0
+    assert sides == {1.0, -1.0} and trainer.trainable.multiplier == 1.0
     with pytest.raises(ValueError, match="must not be 0"):
         config.prompts[0].multiplier = 0
-
-
-class BatchCounter:
-    """Wraps the UNet to record the batch size of every call."""
-
-    def __init__(self, unet):
-        self.unet, self.batches = unet, []
-
-    def __call__(self, latents, *args, **kwargs):
-        self.batches.append(latents.shape[0])
-        return self.unet(latents, *args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.unet, name)
 
 
 @pytest.mark.parametrize(("guidance", "factor"), [(1.0, 1), (3.0, 2)])
@@ -122,44 +123,84 @@ def test_rollout_doubles_the_batch_only_when_guiding(tmp_path, tiny_folders, gui
     )
     config.prompts = config.prompts[:1]
     trainer = Trainer(config, progress=False)
-    counter = BatchCounter(trainer.unet)
-    trainer.unet = counter
-    samples = trainer.rollout_samples()
+    calls = UNetCalls(trainer)
+    samples = trainer.samples.roll_out()
     batch = trainer.prompts[0].batch_size
-    assert counter.batches and set(counter.batches) == {batch * factor}
+    assert calls.calls and {b for b, _ in calls.calls} == {batch * factor}
     assert len(samples) == 2 and samples[0].timesteps[0] != samples[1].timesteps[0]
+
+
+def test_distillation_rolls_out_at_guidance_one_and_targets_the_guided_prediction(tmp_path, tiny_folders):
+    config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=1)
+    config.prompts = [PromptSettings(target=["a red fox", "a blue car"], action="distill", guidance_scale=4)]
+    trainer = Trainer(config, progress=False)
+    calls = UNetCalls(trainer)
+    samples = trainer.samples.next()
+    assert calls.calls and {b for b, _ in calls.calls} == {1}  # LoRA on, no CFG batch: how it is used
+    (frozen,) = trainer.teachers.predict(samples, frozen_rows(trainer, samples))
+    target = trainer.prompts[0].objective.target(frozen, 4.0)
+    torch.testing.assert_close(
+        target, frozen["unconditional"] + 4 * (frozen["positive"] - frozen["unconditional"])
+    )
+    assert trainer.prompts[0].texts(samples[0].target)["unconditional"] == ""
+    with pytest.raises(ValueError, match="guidance_scale: distill needs the CFG scale"):
+        PromptSettings(target="a red fox", action="distill", guidance_scale=1)
 
 
 @pytest.mark.parametrize("reuse", [1, 4])
 def test_unet_calls_per_step_follow_the_rollout_reuse(tmp_path, tiny_folders, reuse):
     config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=reuse, max_denoising_steps=20)
     trainer = Trainer(config, progress=False)
+    counter = UNetCalls(trainer)
     calls = []
     for _ in range(4 * reuse):
-        before_queue = len(trainer.queue)
-        plans_calls = trainer.unet_calls
+        waiting = len(trainer.samples.samples)
+        before = len(counter)
         trainer.train_step()
-        calls.append(trainer.unet_calls - plans_calls)
-        if before_queue == 0:
-            assert len(trainer.queue) == reuse - 1  # one rollout feeds `reuse` steps
+        calls.append(len(counter) - before)
+        if waiting == 0:
+            assert len(trainer.samples.samples) == reuse - 1  # one rollout feeds `reuse` steps
     # every step: 1 teacher call + 1 student call; rollout calls only when the queue ran dry
     assert sum(c == 2 for c in calls) == len(calls) - 4
     if reuse == 1:
         assert all(c > 2 for c in calls)
 
 
+def test_samples_of_one_rollout_share_one_teacher_and_one_student_call(tmp_path, tiny_folders):
+    config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=4, samples_per_step=4)
+    config.prompts = config.prompts[:1]
+    trainer = Trainer(config, progress=False)
+    samples = trainer.samples.next()
+    assert len(samples) == 4 and not trainer.samples.samples
+    calls = UNetCalls(trainer)
+    batched = trainer.loss(samples)
+    assert len(calls) == 2 and {b for b, _ in calls.calls} == {4 * 2 * 2, 4 * 2}  # teacher: 2 texts
+    one_by_one = sum(trainer.loss([s]) for s in samples) / 4
+    torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-7)
+
+
+def test_entry_weight_scales_its_loss(tmp_path, tiny_folders):
+    trainer = Trainer(make_config(tiny_folders["sd1"], tmp_path), progress=False)
+    with torch.no_grad():
+        for p in trainer.trainable.parameters():
+            p.normal_(0, 0.1)
+    samples = trainer.samples.next()
+    plain = trainer.loss(samples)
+    trainer.prompts[samples[0].prompt].settings.weight = 2.5
+    torch.testing.assert_close(trainer.loss(samples), 2.5 * plain)
+
+
 @pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl"])
 def test_training_reduces_the_loss_on_a_fixed_batch(tmp_path, tiny_folders, name):
     trainer = Trainer(make_config(tiny_folders[name], tmp_path, lr=1e-2), progress=False)
-    sample = trainer.next_sample()
-    trainer.queue.insert(0, sample)
+    samples = trainer.samples.next()
+    trainer.samples.next = lambda: samples
     with torch.no_grad():
-        before = trainer.loss(sample).item()
+        before = trainer.loss(samples).item()
     for _ in range(8):
-        trainer.queue.insert(0, sample)
         trainer.train_step()
     with torch.no_grad():
-        after = trainer.loss(sample).item()
+        after = trainer.loss(samples).item()
     assert after < 0.7 * before, (before, after)
 
 
@@ -167,10 +208,11 @@ def test_multiplier_zero_reproduces_the_original_unet(tmp_path, tiny_folders):
     trainer = Trainer(make_config(tiny_folders["sd1"], tmp_path), progress=False)
     for _ in range(3):
         trainer.train_step()
-    sample = trainer.next_sample()
-    prompt = trainer.prompts[sample.prompt]
-    cond = trainer.conditioning(prompt.target, prompt, sample.size, sample.crop)
-    with torch.no_grad(), trainer.network.strength(0.0):
+    (sample,) = trainer.samples.next()
+    text = trainer.prompts[sample.prompt].texts(sample.target)["target"]
+    edited = trainer.edited
+    cond = edited.condition(edited.embeddings[text], len(sample.latents), sample.size, sample.crop)
+    with torch.no_grad(), trainer.trainable.strength(0.0):
         off = predict(trainer.unet, sample.latents, sample.timesteps, cond)
     original = DiffusionPipeline.from_pretrained(tiny_folders["sd1"]).unet
     with torch.no_grad():
@@ -240,7 +282,7 @@ def test_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(tmp_path, t
     )
     assert resumed.steps == 8
     a, b = lora_tensors(whole.path), lora_tensors(resumed.path)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # a: not empty
 
 
 def test_resume_refuses_a_state_of_another_run(tmp_path, tiny_folders):
@@ -266,10 +308,10 @@ def test_optimizers_and_schedules_train(tmp_path, tiny_folders, optimizer, sched
         tiny_folders["sd1"], tmp_path, iterations=2, optimizer=optimizer, lr_scheduler=scheduler
     )
     trainer = Trainer(config, progress=False)
-    start = [p.detach().clone() for p in trainer.network.parameters()]
+    start = [p.detach().clone() for p in trainer.trainable.parameters()]
     trainer.train_step()
     trainer.train_step()
-    assert any(not torch.equal(a, b) for a, b in zip(start, trainer.network.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(start, trainer.trainable.parameters(), strict=True))
 
 
 def test_missing_optional_optimizer_names_the_package(tmp_path, tiny_folders, monkeypatch):
@@ -282,9 +324,9 @@ def test_missing_optional_optimizer_names_the_package(tmp_path, tiny_folders, mo
 def test_lora_weights_stay_fp32_under_bf16(tmp_path, tiny_folders):
     trainer = Trainer(make_config(tiny_folders["sd1"], tmp_path, precision="bf16"), progress=False)
     assert next(trainer.unet.parameters()).dtype == torch.bfloat16
-    assert {p.dtype for p in trainer.network.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.trainable.parameters()} == {torch.float32}
     loss = trainer.train_step()
-    assert loss == loss  # finite under bf16 autocast
+    assert math.isfinite(loss)  # finite under bf16 autocast
     assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
 
 
@@ -358,7 +400,7 @@ def test_ctrl_c_saves_a_loadable_file_and_resume_finishes_the_same_run(tmp_path,
     )
     whole = train(make_config(tiny_folders["sd1"], tmp_path / "whole", iterations=end), progress=False)
     a, b = lora_tensors(resumed.path), lora_tensors(whole.path)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # a: not empty
 
 
 def test_python_api_is_leco_train(tmp_path, tiny_folders):
@@ -375,7 +417,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_folders):
             make_config(tiny_folders["sd1"], tmp_path, gradient_checkpointing=checkpointing), progress=False
         )
         trainer.train_step()
-        updates.append([p.detach().clone() for p in trainer.network.parameters()])
+        updates.append([p.detach().clone() for p in trainer.trainable.parameters()])
     for plain, checkpointed in zip(*updates, strict=True):
         torch.testing.assert_close(plain, checkpointed, rtol=1e-5, atol=1e-7)
 
@@ -390,3 +432,21 @@ def test_missing_logging_packages_are_named(tmp_path, tiny_folders, monkeypatch)
     config.logging.use_tensorboard, config.logging.use_wandb = False, True
     with pytest.raises(LecoError, match="wandb is not installed; pip install wandb"):
         train(config, progress=False)
+
+
+def test_sd2_projections_can_be_saved_in_the_form_kohyas_scripts_load(tmp_path, tiny_folders):
+    from leco.models import load_models
+    from leco.network import LoRANetwork
+
+    config = make_config(tiny_folders["sd2-v"], tmp_path, iterations=2)
+    config.network.type = "lierla"
+    config.save.sd2_proj_4d = True
+    result = train(config, progress=False)
+    tensors, metadata = read_lora_file(result.path)
+    projections = [v for k, v in tensors.items() if k.split(".")[0].endswith(("_proj_in", "_proj_out"))]
+    assert metadata["leco.sd2_proj"] == "4d" and projections
+    assert all(v.ndim == 4 for v in projections if v.ndim)  # alphas stay 0-d
+    models = load_models(str(tiny_folders["sd2-v"]))
+    loaded = LoRANetwork.from_file(models.unet, models.family, result.path)  # leco reads either form
+    ours = result.trainable.state_dict()
+    assert all(torch.equal(loaded.state_dict()[k], ours[k]) for k in ours)

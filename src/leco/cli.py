@@ -3,19 +3,215 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from leco import __version__
 from leco.errors import LecoError
 
 NUMERIC_LIST_OPTIONS = ("--strengths",)
 
+TRAIN_DESCRIPTION = """\
+Train a LoRA from a config YAML (the reference LECO config.yaml + prompts.yaml load unchanged).
+
+example, on the bundled model ink-digits (about a minute on a laptop CPU):
+  leco train examples/ink-digits/erase_seven.yaml
+
+A config names the model and a prompts file; the prompts file says what to erase or enhance:
+  config.yaml:  {prompts_file: prompts.yaml, pretrained_model: {name_or_path: ink-digits}}
+  prompts.yaml: [{target: "a digit seven", action: erase}]
+More in examples/ink-digits/ (erase, enhance, slider); every key is in the README's config reference."""
+
+GENERATE_DESCRIPTION = """\
+Images of each prompt at each LoRA strength and seed, and a labelled grid (strengths as columns).
+
+example, on the bundled model ink-digits, after `leco train examples/ink-digits/erase_seven.yaml`:
+  leco generate --model ink-digits --lora output/ink-digits/no_seven_last.safetensors \\
+      --prompt "a digit seven in red ink" --strengths -1,0,1 --seeds 0-1 --out grid_seven
+
+Unset --steps and --guidance take the model's recommended values (ink-digits: 25 steps, guidance 3;
+a model folder may declare its own in its README.md), else 30 steps at guidance 7."""
+
+EVAL_DESCRIPTION = """\
+How much of a concept a LoRA erased, and how much of everything else it left alone.
+
+example, on the bundled model ink-digits, after `leco train examples/ink-digits/erase_seven.yaml`:
+  leco eval --model ink-digits --lora output/ink-digits/no_seven_last.safetensors \\
+      --spec examples/ink-digits/erase_seven_eval.yaml
+
+A spec lists prompts whose concept should go (erase), stay (keep) or appear (enhance):
+  detector: ink-digits
+  erase: [{prompt: "a digit seven in red ink", concept: "digit:7"}]
+  keep: all    # every other concept the detector knows (ink-digits: every digit and ink)
+More in examples/ink-digits/*_eval.yaml; unset steps/guidance take the model's recommended values.
+Repeat --lora to judge several LoRAs (e.g. training seeds) on the same images; the summary names
+the worst prompt per measure and the worst LoRA."""
+
+
+# Everything str.splitlines breaks a line at: a user's word carrying one must not split our one line.
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+
+
+def _escape_line_breaks(text: str) -> str:
+    return "".join(char.encode("unicode_escape").decode() if char in _LINE_BREAKS else char for char in text)
+
+
+def _error_message(error: LecoError, words: Sequence[str]) -> str:
+    """The error as printed: the user's own words shown escaped where they hold line breaks."""
+    message = str(error)
+    for word in words:
+        if any(char in _LINE_BREAKS for char in word):
+            message = message.replace(word, _escape_line_breaks(word))
+    return "\n".join(_escape_line_breaks(line) for line in message.split("\n"))
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in leco's style: one line naming the option, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        one_line = _escape_line_breaks(" ".join(message.split("\n")))
+        self.exit(2, f"{self.prog}: error: {one_line} (see {self.prog} --help)\n")
+
+
+def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from a leco parser: its LecoError becomes argparse's one-line error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except LecoError as error:  # argparse names the option itself: drop our "--option: " prefix
+            raise argparse.ArgumentTypeError(re.sub(r"^--[\w-]+: ", "", str(error))) from None
+
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _steps(text: str) -> int:
+    steps = _number(text, int, "a whole number")
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"{steps}: sampling needs at least 1 step")
+    return steps
+
+
+def _batch_size(text: str) -> int:
+    size = _number(text, int, "a whole number")
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{size}: a pipeline call makes at least 1 image")
+    return size
+
+
+def _guidance(text: str) -> float:
+    guidance = _number(text, float, "a number")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text}: the guidance scale is a finite number from 0, e.g. 3 or 7.5"
+        )
+    return guidance
+
+
+def _size(text: str) -> int:
+    pixels = _number(text, int, "a whole number of pixels")
+    if pixels <= 0 or pixels % 8:
+        raise argparse.ArgumentTypeError(
+            f"{pixels}: image sizes are positive multiples of 8 (diffusers needs them), e.g. 16, 512, 1024"
+        )
+    return pixels
+
+
+def _number(text: str, kind: type, what: str) -> Any:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
+def _output_folder(text: str) -> Path:
+    """A folder leco can create or write into (checked now, not after minutes of loading)."""
+    path = Path(text).expanduser()
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{path} is a file; name a folder for the images")
+    _check_writable(path)
+    return path
+
+
+def _output_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{path} is a folder; name the report file, e.g. {path / 'report.json'}"
+        )
+    _check_writable(path)
+    return path
+
+
+def _check_writable(path: Path) -> None:
+    """`path` exists and is writable, or the nearest existing folder above it is."""
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if existing != path.absolute() and not existing.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{existing} is a file, so {path} cannot be created; choose another path"
+        )
+    if not os.access(existing, os.W_OK):
+        raise argparse.ArgumentTypeError(
+            f"{existing} is not writable (permission denied); choose another path"
+        )
+
+
+def _lora_file(text: str) -> str:
+    from leco.generate import read_lora_header
+
+    return str(_checked(read_lora_header)(text).path)
+
+
+def _sampler(text: str) -> str:
+    from leco.generate import SAMPLERS
+
+    if text != "model" and text not in SAMPLERS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not known; use model or one of {', '.join(SAMPLERS)}")
+    return text
+
+
+def _seeds(text: str) -> list[int]:
+    from leco.generate import parse_seeds
+
+    return _checked(parse_seeds)(text)
+
+
+def _strengths(text: str) -> list[float]:
+    from leco.generate import parse_strengths
+
+    return _checked(parse_strengths)(text)
+
+
+MERGE_DESCRIPTION = """\
+Bake LoRAs at given strengths into a model and save it: X.safetensors is one checkpoint in the
+original layout (A1111, ComfyUI, diffusers from_single_file); any other --out is a diffusers folder.
+
+example, on the bundled model ink-digits, after `leco train examples/ink-digits/erase_seven.yaml`:
+  leco merge --model ink-digits --lora output/ink-digits/no_seven_last.safetensors:1 \\
+      --out ink-digits-no-seven
+
+Strength follows the colon (default 1; negative inverts the edit); repeat --lora to stack LoRAs."""
+
+CONVERT_DESCRIPTION = """\
+Rewrite a LoRA of p1atdev/LECO (.safetensors, no metadata) or rohitgandikota/sliders (.pt) as a
+kohya file with the metadata A1111 needs; SDXL layer names become the SGM names A1111 expects.
+
+examples:
+  leco convert van_gogh_last.safetensors --out van_gogh.safetensors --family sd1
+  leco convert age_slider_last.pt --out age_slider.safetensors --model sd_xl_base_1.0.safetensors
+  leco convert sd2_lora.safetensors --out sd2_lora_kohya.safetensors --family sd2 --sd2-proj 4d"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="leco",
         description="Train LoRAs that erase, weaken, strengthen or re-map concepts in Stable Diffusion "
         "models, from the model's own knowledge (LECO / ESD). No training images needed.",
@@ -23,45 +219,179 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"leco {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    train = commands.add_parser("train", help="train a LoRA from a config YAML")
+    train = commands.add_parser(
+        "train",
+        help="train a LoRA from a config YAML",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("config", nargs="?", help="config YAML (the reference LECO format)")
     train.add_argument("--config_file", help="the same, spelled as the reference tool spells it")
     train.add_argument("--resume", metavar="DIR", help="continue from the *_state folder a run saved")
+    train.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="data-parallel training on N processes (one per GPU; gloo on the CPU), through torchrun; "
+        "the same as `accelerate launch --num_processes N -m leco train ...` (default 1)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run of the same save.name in save.path (its step files and state)",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     train.set_defaults(run=run_train)
 
-    generate = commands.add_parser("generate", help="images at several LoRA strengths, and a labelled grid")
-    generate.add_argument("--model", required=True, help="repo id, diffusers folder or .safetensors file")
-    generate.add_argument("--lora", help="LoRA .safetensors (kohya format); omit for the plain model")
+    generate = commands.add_parser(
+        "generate",
+        help="images at several LoRA strengths, and a labelled grid",
+        description=GENERATE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument(
+        "--model", required=True, help="repo id, diffusers folder, .safetensors file or ink-digits"
+    )
+    generate.add_argument(
+        "--lora", type=_lora_file, help="LoRA .safetensors (kohya format); omit for the plain model"
+    )
     generate.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    generate.add_argument("--strengths", default="-1,0,1", help="LoRA strengths, e.g. -1,0,1 (default)")
-    generate.add_argument("--seeds", default="0", help="e.g. 0-7 or 1,4,9 (default 0)")
-    generate.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    generate.add_argument("--guidance", type=float, default=7.0, help="CFG scale (default 7)")
-    generate.add_argument("--height", type=int)
-    generate.add_argument("--width", type=int)
+    generate.add_argument(
+        "--strengths",
+        type=_strengths,
+        help="LoRA strengths, e.g. -1,0,1 (the default with --lora; without one only 0 is drawn)",
+    )
+    generate.add_argument("--seeds", type=_seeds, default="0", help="e.g. 0-7 or 1,4,9 (default 0)")
+    generate.add_argument(
+        "--steps", type=_steps, help="sampling steps (default: the model's recommended, else 30)"
+    )
+    generate.add_argument(
+        "--guidance", type=_guidance, help="CFG scale (default: the model's recommended, else 7)"
+    )
+    generate.add_argument(
+        "--height", type=_size, help="image height in pixels (default: the model's native size)"
+    )
+    generate.add_argument(
+        "--width", type=_size, help="image width in pixels (default: the model's native size)"
+    )
     generate.add_argument("--negative", default="", help="negative prompt")
     generate.add_argument(
-        "--sampler", default="model", help="model (its own scheduler), ddim, euler, euler_a, dpm++"
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE[:TOKEN]",
+        help="textual-inversion embedding (kohya/leco .safetensors, A1111 .pt) to use in prompts as TOKEN "
+        "(default: its leco.token metadata, else the file name); repeatable",
     )
-    generate.add_argument("--device", default="auto")
+    generate.add_argument(
+        "--batch-size", type=_batch_size, help="images per pipeline call (default: by size, 8 at 512x512)"
+    )
+    generate.add_argument(
+        "--sampler",
+        type=_sampler,
+        default="model",
+        help="model (its own scheduler), ddim, euler, euler_a, dpm++",
+    )
+    generate.add_argument(
+        "--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda:N"
+    )
     generate.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt model")
-    generate.add_argument("--out", default="generated", help="output folder (default ./generated)")
-    generate.add_argument("--no-progress", action="store_true")
+    generate.add_argument(
+        "--out", type=_output_folder, default="generated", help="output folder (default ./generated)"
+    )
+    generate.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     generate.set_defaults(run=run_generate)
 
-    evaluate = commands.add_parser("eval", help="how much of the concept is gone, how much else is unchanged")
-    evaluate.add_argument("--model", required=True, help="repo id, diffusers folder or .safetensors file")
-    evaluate.add_argument("--lora", help="LoRA to judge (omit to judge the plain model)")
-    evaluate.add_argument("--spec", required=True, help="eval spec YAML (prompts, concepts, detector)")
-    evaluate.add_argument(
-        "--out", default="eval_report.json", help="JSON report (default ./eval_report.json)"
+    evaluate = commands.add_parser(
+        "eval",
+        help="how much of the concept is gone, how much else is unchanged",
+        description=EVAL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    evaluate.add_argument("--images", help="also save every generated image into this folder")
-    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument(
+        "--model", required=True, help="repo id, diffusers folder, .safetensors file or ink-digits"
+    )
+    evaluate.add_argument(
+        "--lora",
+        type=_lora_file,
+        action="append",
+        default=[],
+        help="LoRA to judge (omit to judge the plain model); repeat to judge several on the same seeds",
+    )
+    evaluate.add_argument("--spec", required=True, help="eval spec YAML (prompts, concepts, detector)")
+    evaluate.add_argument("--negative", help="negative prompt (overrides the spec's negative_prompt:)")
+    evaluate.add_argument(
+        "--embedding",
+        action="append",
+        default=[],
+        metavar="FILE[:TOKEN]",
+        help="textual-inversion embedding the prompts may use, as for generate; repeatable",
+    )
+    evaluate.add_argument(
+        "--batch-size", type=_batch_size, help="images per pipeline call (overrides the spec's batch_size:)"
+    )
+    evaluate.add_argument(
+        "--all-rows", action="store_true", help="print every kept prompt, not only the worst ones"
+    )
+    evaluate.add_argument(
+        "--out",
+        type=_output_file,
+        default="eval_report.json",
+        help="JSON report (default ./eval_report.json)",
+    )
+    evaluate.add_argument(
+        "--images", type=_output_folder, help="also save every generated image into this folder"
+    )
+    evaluate.add_argument(
+        "--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda:N"
+    )
     evaluate.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt model")
-    evaluate.add_argument("--no-progress", action="store_true")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     evaluate.set_defaults(run=run_eval)
+
+    merge = commands.add_parser(
+        "merge",
+        help="bake LoRAs into a model: a single-file checkpoint or a folder",
+        description=MERGE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("--model", required=True, help="repo id, diffusers folder, .safetensors or ink-digits")
+    merge.add_argument(
+        "--lora",
+        action="append",
+        required=True,
+        metavar="FILE[:STRENGTH]",
+        help="LoRA to bake in at STRENGTH (default 1, negative inverts it); repeat to stack several",
+    )
+    merge.add_argument(
+        "--out",
+        required=True,
+        help="X.safetensors: one checkpoint in the original layout (A1111, ComfyUI); else a diffusers folder",
+    )
+    merge.add_argument("--precision", default="fp16", help="saved weights: fp16 (default), bf16 or fp32")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt model")
+    merge.set_defaults(run=run_merge)
+
+    convert = commands.add_parser(
+        "convert",
+        help="LoRAs of other trainers (LECO, sliders) -> kohya files",
+        description=CONVERT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("source", metavar="IN", help="LoRA .safetensors or .pt (a plain state dict)")
+    convert.add_argument("--out", required=True, help="output .safetensors (kohya format with metadata)")
+    convert.add_argument("--model", help="the model the LoRA is for (its configs tell the family)")
+    convert.add_argument("--family", help="sd1, sd2, sd2-v or sdxl, instead of --model (no weights needed)")
+    convert.add_argument(
+        "--sd2-proj",
+        default="2d",
+        choices=["2d", "4d"],
+        help="SD2 proj_in/proj_out tensors: 2d (diffusers, A1111, ComfyUI; default) or 4d (kohya's scripts)",
+    )
+    convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    convert.set_defaults(run=run_convert)
     return parser
 
 
@@ -71,62 +401,150 @@ def run_train(args: argparse.Namespace) -> int:
     config = args.config or args.config_file
     if config is None or (args.config and args.config_file):
         raise LecoError("train: give the config once: leco train CONFIG.yaml (or --config_file CONFIG.yaml)")
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.overwrite:
+        raise LecoError("train: --resume continues a run and --overwrite replaces it; give one of them")
+    if args.num_processes < 1:
+        raise LecoError(f"--num-processes: {args.num_processes} is not a number of processes; use 1 or more")
+    if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_processes(args.num_processes, args.words)
+    result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # a data-parallel process that is not the main one
+        return 130 if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted after step {result.steps}; saved {result.path}")
         print(f"continue with: leco train {config} --resume {result.state}")
         return 130
-    print(f"done: {result.steps} steps; saved {result.path}")
+    done = "closed-form edit" if result.state is None else f"{result.steps} steps"
+    print(f"done: {done}; saved {result.path}")
     return 0
+
+
+def launch_processes(count: int, words: list[str]) -> int:
+    """Run this same `leco train` command in `count` processes with torchrun (data-parallel)."""
+    import subprocess
+
+    argv, skip = [], False
+    for arg in words:  # the command line without --num-processes
+        if skip:
+            skip = False
+        elif arg == "--num-processes":
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            argv.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
+    return subprocess.call([*command, "-m", "leco", *argv])
 
 
 def load_for_images(args: argparse.Namespace):
     import torch
 
     from leco.config import PretrainedModelConfig
-    from leco.models import load_models, pick_device
+    from leco.models import CLI_OPTION_NAMES, load_models, pick_device
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, option="--device")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     spec = PretrainedModelConfig(name_or_path=args.model, allow_pickle=args.allow_pickle)
-    return load_models(spec, dtype=dtype, with_vae=True), device
+    return load_models(spec, dtype=dtype, with_vae=True, names=CLI_OPTION_NAMES), device
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from leco.evaluate import evaluate, format_report, load_spec, write_report
 
     spec = load_spec(args.spec)
+    if args.negative is not None:
+        spec.negative_prompt = args.negative
+    spec.batch_size = args.batch_size or spec.batch_size
+    _read_embeddings(args.embedding)
     models, device = load_for_images(args)
-    report = evaluate(models, args.lora, spec, device, image_dir=args.images, progress=not args.no_progress)
-    print(format_report(report))
+    report = evaluate(
+        models,
+        args.lora,
+        spec,
+        device,
+        image_dir=args.images,
+        progress=not args.no_progress,
+        embeddings=args.embedding,
+    )
+    print(format_report(report, all_rows=args.all_rows))
     print(f"report: {write_report(report, args.out)}")
     return 0
 
 
-def run_generate(args: argparse.Namespace) -> int:
-    from leco.generate import SamplingSettings, parse_seeds, parse_strengths, requests_for, run_generation
+def _read_embeddings(options: list[str]) -> None:
+    """Missing or damaged embedding files stop the run now, not after the model has loaded."""
+    from leco.generate import parse_embedding_option, read_embedding
 
-    models, device = load_for_images(args)
-    requests = requests_for(args.prompt, parse_strengths(args.strengths), parse_seeds(args.seeds))
+    for option in options:
+        read_embedding(*parse_embedding_option(option))
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from leco.generate import SamplingSettings, requests_for, run_generation
+    from leco.models import recommended_sampling
+
+    if args.lora is None and args.strengths not in (None, [0.0]):
+        raise LecoError("--strengths: without --lora every strength draws the same image; add --lora FILE")
+    strengths = args.strengths or ([-1.0, 0.0, 1.0] if args.lora else [0.0])
+    requests = requests_for(args.prompt, strengths, args.seeds)
+    recommended = recommended_sampling(args.model)
     settings = SamplingSettings(
-        args.steps, args.guidance, args.height, args.width, args.negative, args.sampler
+        args.steps or recommended.steps,
+        args.guidance if args.guidance is not None else recommended.guidance,
+        args.height,
+        args.width,
+        args.negative,
+        args.sampler,
+        args.batch_size,
     )
+    _read_embeddings(args.embedding)
+    models, device = load_for_images(args)
     paths, grid = run_generation(
-        models, args.lora, requests, settings, args.out, device, not args.no_progress
+        models, args.lora, requests, settings, args.out, device, not args.no_progress, args.embedding
     )
     print(f"wrote {len(paths)} images and {grid}")
     return 0
 
 
+def run_merge(args: argparse.Namespace) -> int:
+    from leco.config import PretrainedModelConfig
+    from leco.interop.merge import merge, parse_lora_argument
+
+    spec = PretrainedModelConfig(name_or_path=args.model, allow_pickle=args.allow_pickle)
+    loras = [parse_lora_argument(text) for text in args.lora]
+    out = merge(spec, loras, args.out, precision=args.precision, overwrite=args.overwrite)
+    print(f"merged {len(loras)} LoRA(s) into {out}")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from leco.interop.convert import convert
+
+    out = convert(
+        args.source,
+        args.out,
+        model=args.model,
+        family=args.family,
+        sd2_proj=args.sd2_proj,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
 def quiet_libraries() -> None:
     """Keep library chatter (loading bars, notes about optional packages) out of the terminal."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    _quiet_library_environment()
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+
+
+def _quiet_library_environment() -> None:
+    # Read when transformers/diffusers are first imported, which checking some options does.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 def _join_negative_values(argv: list[str]) -> list[str]:
@@ -141,16 +559,20 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_library_environment()
     parser = build_parser()
-    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    words = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(words)
+    args.words = words  # the command line, for commands that start copies of themselves
     if args.command is None:
-        parser.print_help()
-        return 0
-    quiet_libraries()
+        parser.print_usage(sys.stderr)
+        print("leco: error: name a command, e.g. leco train CONFIG.yaml (see leco --help)", file=sys.stderr)
+        return 2
     try:
+        quiet_libraries()  # imports diffusers: a Ctrl-C here must not print a traceback either
         return args.run(args)
     except LecoError as error:
-        print(f"leco: error: {error}", file=sys.stderr)
+        print(f"leco: error: {_error_message(error, words)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("leco: aborted", file=sys.stderr)

@@ -52,6 +52,16 @@ def predict(unet: torch.nn.Module, latents: Tensor, timesteps: Tensor, cond: Con
     return unet(latents, timesteps, encoder_hidden_states=cond.hidden_states, added_cond_kwargs=added).sample
 
 
+def conditioning_for(
+    embeds: Conditioning, batch: int, size: tuple[int, int], crop: tuple[int, int], sdxl: bool
+) -> Conditioning:
+    """Each prompt row repeated over the batch; SDXL also gets its size ids (image size in pixels)."""
+    cond = embeds.repeat(batch)
+    if sdxl:
+        cond = cond.with_time_ids(sdxl_time_ids(*size, *crop))
+    return cond
+
+
 def sdxl_time_ids(height: int, width: int, crop_top: int = 0, crop_left: int = 0) -> Tensor:
     """SDXL's micro-conditioning: original size, crop corner, target size, all in pixels."""
     return torch.tensor([[height, width, crop_top, crop_left, height, width]], dtype=torch.float32)
@@ -68,8 +78,8 @@ class PromptEncoder:
         self.models = models
         self.clip_skip = clip_skip or 1
 
-    @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
+        """Runs with gradients where the caller allows them (a trained embedding needs them)."""
         if self.models.family.is_sdxl:
             return self._encode_sdxl(prompts)
         tokenizer, encoder = self.models.tokenizers[0], self.models.text_encoders[0]

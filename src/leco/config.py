@@ -91,7 +91,8 @@ class PretrainedModelConfig(_Section):
 
 
 class NetworkConfig(_Section):
-    type: Literal["lierla", "c3lier"] = "lierla"
+    # lierla / c3lier: a LoRA (kohya's names); embedding: the vectors of a new token (a negative embedding).
+    type: Literal["lierla", "c3lier", "embedding"] = "lierla"
     rank: int = Field(4, ge=1)
     # kohya semantics: scale = alpha / rank; alpha 0 means alpha = rank (scale 1).
     alpha: float = Field(1.0, ge=0)
@@ -99,9 +100,42 @@ class NetworkConfig(_Section):
     conv_alpha: float | None = Field(None, ge=0)
     # The reference tool's key for the layer preset (its filters selected nothing for xattn).
     training_method: Literal["full", "xattn", "xattn-strict", "noxattn", "selfattn", "innoxattn"] = "full"
+    # type: embedding only: the new word users write in the negative prompt, its number of vectors,
+    # and the text whose token vectors it starts from (default: the vocabulary's mean vector).
+    token: str | None = None
+    vectors: int = Field(1, ge=1)
+    init_text: str | None = None
+
+    @model_validator(mode="after")
+    def _embedding_needs_a_token(self) -> NetworkConfig:
+        if self.type == "embedding" and not (self.token or "").strip():
+            raise ValueError("network.token: type embedding needs the new word, e.g. token: <no-seven>")
+        if self.token is not None and (self.token != self.token.strip() or " " in self.token):
+            raise ValueError(
+                f"network.token: {self.token!r} must be one word without spaces, e.g. <no-seven>"
+            )
+        return self
+
+
+class TeacherConfig(PretrainedModelConfig):
+    """Another model whose knowledge of the concept is transplanted (same latent space and schedule)."""
+
+    # Keep its UNet on the CPU between calls: slower, but two full-size UNets fit a 12 GB GPU.
+    offload: bool = False
+
+
+class ClosedFormConfig(_Section):
+    """`train.method: closed_form`: one least-squares solve on the cross-attention key/value layers."""
+
+    # Weight of the kept prompts' text states against the erased ones (UCE's preserve_scale).
+    preserve_scale: float = Field(0.1, ge=0)
+    # Pull towards the original weights (UCE's lambda); keeps the solve well posed.
+    regularization: float = Field(0.1, gt=0)
 
 
 class TrainConfig(_Section):
+    # leco: the LECO/ESD loss trained by gradient steps; closed_form: a closed-form cross-attention edit.
+    method: Literal["leco", "closed_form"] = "leco"
     precision: Precision = "bf16"
     noise_scheduler: Annotated[Literal["ddim", "ddpm", "lms", "euler_a"], BeforeValidator(_lower)] = "ddim"
     iterations: int = Field(500, ge=1)
@@ -115,6 +149,8 @@ class TrainConfig(_Section):
     lr_warmup_steps: int = Field(0, ge=0)
     max_denoising_steps: int = Field(50, ge=2)
     samples_per_rollout: int = Field(DEFAULT_SAMPLES_PER_ROLLOUT, ge=1)
+    # Rollout samples per optimizer step, batched into one teacher and one student UNet call.
+    samples_per_step: int = Field(1, ge=1)
     rollout_guidance_scale: float = 3.0
     # Spread each sample uniformly inside its sampling step's timestep interval (False: on the grid).
     timestep_offset: bool = True
@@ -122,6 +158,9 @@ class TrainConfig(_Section):
     device: str = "auto"
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = Field(None, gt=0)
+    # Min-SNR-gamma loss weighting (kohya's and ai-toolkit's min_snr_gamma): low-noise timesteps,
+    # whose errors are tiny but many, stop dominating. null: every timestep weighs the same.
+    min_snr_gamma: float | None = Field(None, gt=0)
     # Defaults for prompts that name none (the reference example files carry these keys).
     resolution: int | None = Field(None, ge=8)
     batch_size: int | None = Field(None, ge=1)
@@ -144,6 +183,11 @@ class SaveConfig(_Section):
     path: str = "./output"
     per_steps: int = Field(200, ge=1)
     precision: Precision = "fp32"
+    # Keep only the newest N `{name}_{N}steps` files (ai-toolkit's max_step_saves_to_keep); null: all.
+    max_step_files: int | None = Field(None, ge=0)
+    # SD2 only: proj_in/proj_out as 1x1-conv tensors, the form kohya's scripts load (diffusers needs
+    # the default 2-D form; A1111 and ComfyUI read both).
+    sd2_proj_4d: bool = False
 
     @field_validator("name")
     @classmethod
@@ -183,30 +227,51 @@ class AnchorConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
-    prompts: list[str] = Field(default_factory=list)
+    # A list, or `auto`: prompts the model knows without the edited concept's words (leco.preservation).
+    prompts: list[str] | Literal["auto"] = Field(default_factory=list)
     weight: float = Field(1.0, ge=0)
     # Anchors trained next to each sample (batched with the LECO prompts: no extra UNet call).
     per_step: int = Field(1, ge=1)
+    # auto only: more words whose prompts are left out (synonyms of the concept, e.g. "7" for seven),
+    # and how many prompts to draw (all by default).
+    exclude: list[str] = Field(default_factory=list)
+    count: int | None = Field(None, ge=1)
+    # true: the anchors are an entry of their own (action: preserve, own rollouts, drawn like any
+    # entry) instead of riding along at the latents of the edited prompts. Always so for a
+    # negative embedding, whose prediction must stay the empty prompt's wherever anchors are drawn.
+    rollouts: bool = False
+
+
+ACTIONS = ("erase", "enhance", "distill", "preserve")
 
 
 class PromptSettings(_Section):
-    """One entry of prompts.yaml (the reference tool's keys and defaults)."""
+    """One entry of prompts.yaml (the reference tool's keys and defaults, plus ours).
+
+    `target` may be one prompt or a list (or `target_file`, one prompt a line): an entry names a
+    distribution of prompts, drawn uniformly when the entry is trained; entries are drawn uniformly.
+    With a list, `positive` unset means "each target itself", and `positive`, `unconditional` and
+    `neutral` may be lists of the same length, paired with the targets one by one.
+    """
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
-    target: str
-    positive: str | None = None
-    unconditional: str = ""
-    neutral: str | None = None
-    action: Literal["erase", "enhance"] = "erase"
+    target: str | list[str]  # `target_file: F` (one prompt a line) is read into this list on loading
+    positive: str | list[str] | None = None
+    unconditional: str | list[str] = ""
+    neutral: str | list[str] | None = None
+    action: Literal[ACTIONS] = "erase"  # type: ignore[valid-type]
     guidance_scale: float = 1.0
-    resolution: int | None = Field(None, ge=8)
+    # One side (square) or [height, width] in pixels.
+    resolution: int | tuple[int, int] | None = None
     dynamic_resolution: bool = False
     batch_size: int | None = Field(None, ge=1)
     dynamic_crops: bool = False
     # The LoRA strength this entry is trained at (rollout and student). A two-sided slider pairs an
     # entry at 1 with one at -1 whose poles are swapped, so both ends of the slider are trained.
     multiplier: float = 1.0
+    # Loss factor of this entry (kohya's `weight`).
+    weight: float = Field(1.0, ge=0)
 
     @field_validator("multiplier")
     @classmethod
@@ -215,16 +280,72 @@ class PromptSettings(_Section):
             raise ValueError("must not be 0 (at strength 0 the LoRA does nothing to train); use 1 or -1")
         return value
 
+    @field_validator("resolution")
+    @classmethod
+    def _positive_size(cls, value: Any) -> Any:
+        sides = value if isinstance(value, tuple) else (value,)
+        if value is not None and any(side < 8 for side in sides):
+            raise ValueError("must be at least 8 pixels (one side, or [height, width])")
+        return value
+
+    @field_validator("target")
+    @classmethod
+    def _some_target(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("is an empty list; name at least one prompt")
+        return value
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> PromptSettings:
-        if self.positive is None:
+        if self.positive is None and isinstance(self.target, str):
             self.positive = self.target
         if self.neutral is None:
             self.neutral = self.unconditional
+        for role in ("positive", "unconditional", "neutral"):
+            value = getattr(self, role)
+            if isinstance(value, list) and len(value) != len(self.targets):
+                raise ValueError(
+                    f"{role}: a list of {len(value)} prompts, but target has {len(self.targets)}; a list "
+                    "pairs one prompt with each target"
+                )
+        if self.action == "distill" and self.guidance_scale <= 1:
+            raise ValueError(
+                "guidance_scale: distill needs the CFG scale to distill, above 1 "
+                f"(got {self.guidance_scale:g}); e.g. guidance_scale: 3"
+            )
         return self
 
+    @property
+    def targets(self) -> list[str]:
+        """Every prompt this entry trains on."""
+        return [self.target] if isinstance(self.target, str) else list(self.target)
 
-_SECTIONS = ("pretrained_model", "network", "train", "save", "logging", "other", "anchors", "preview")
+    def role_text(self, role: str, index: int) -> str:
+        """The prompt of `role` (positive, unconditional, neutral) for the entry's target `index`."""
+        value = getattr(self, role)
+        if value is None:  # positive defaults to the target itself
+            return self.targets[index]
+        return value[index] if isinstance(value, list) else value
+
+    @property
+    def size(self) -> tuple[int, int] | None:
+        """(height, width) in pixels, or None for the model's default."""
+        if self.resolution is None:
+            return None
+        return self.resolution if isinstance(self.resolution, tuple) else (self.resolution, self.resolution)
+
+
+_SECTIONS = (
+    "pretrained_model",
+    "network",
+    "train",
+    "save",
+    "logging",
+    "other",
+    "anchors",
+    "preview",
+    "closed_form",
+)
 
 
 class LecoConfig(_Section):
@@ -238,6 +359,8 @@ class LecoConfig(_Section):
     other: OtherConfig = Field(default_factory=OtherConfig)
     anchors: AnchorConfig = Field(default_factory=AnchorConfig)
     preview: PreviewConfig = Field(default_factory=PreviewConfig)
+    teacher: TeacherConfig | None = None
+    closed_form: ClosedFormConfig = Field(default_factory=ClosedFormConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -249,6 +372,38 @@ class LecoConfig(_Section):
 
     def to_json(self) -> str:
         return self.model_dump_json()
+
+    def check_combination(self) -> None:
+        """Settings that are valid alone but not together; one line naming the keys."""
+        if self.train.method == "closed_form":
+            unused = ("noxattn", "innoxattn", "selfattn")
+            if self.network.type != "lierla" or self.network.training_method in unused:
+                raise ConfigError(
+                    "train.method: closed_form edits the cross-attention key/value layers; use network.type "
+                    "lierla with training_method xattn-strict (or leave them unset)"
+                )
+            if self.teacher is not None:
+                raise ConfigError("train.method: closed_form reads the model's own text; remove teacher:")
+            for number, entry in enumerate(self.prompts, start=1):
+                if entry.action not in ("erase", "preserve"):
+                    raise ConfigError(
+                        f"prompts entry {number}: action {entry.action} has no closed form; use erase or "
+                        "preserve (or train.method: leco)"
+                    )
+        if self.network.type == "embedding":
+            if self.teacher is not None:
+                raise ConfigError("teacher: transplants train a LoRA; use network.type lierla or c3lier")
+            if self.train.rollout_guidance_scale <= 1:
+                raise ConfigError(
+                    "train.rollout_guidance_scale: a negative embedding acts through guidance; set the "
+                    "scale it will be used at, above 1 (e.g. 3)"
+                )
+            for number, entry in enumerate(self.prompts, start=1):
+                if entry.action in ("distill", "enhance"):
+                    raise ConfigError(
+                        f"prompts entry {number}: action {entry.action} cannot be trained into a negative "
+                        "embedding; use erase (and preserve for what must stay)"
+                    )
 
 
 def parse_optimizer_args(text: str) -> dict[str, Any]:
@@ -268,14 +423,27 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
 
 
 def load_config(path: str | Path) -> LecoConfig:
-    """Read a config YAML (and its prompts file) into a validated `LecoConfig`."""
+    """Read a config YAML (and its prompts file) into a validated `LecoConfig`.
+
+    An ai-toolkit job config (top-level `job:` / `config:`) is read as the leco config it stands for.
+    """
     path = Path(path)
+    from leco.formats import foreign_config  # leco.formats builds on this module
+
+    foreign = foreign_config(path)
+    if foreign is not None:
+        return foreign
     document = read_yaml(path)
     if not isinstance(document, dict):
         raise ConfigError(
             f"{path}: the file must be a YAML mapping of sections (pretrained_model:, train:, ...)"
         )
     prompts_in_config = "prompts" in document
+    if isinstance(document.get("prompts"), list):
+        from leco.formats.sliders import expand_attributes
+
+        entries = read_target_files(document["prompts"], path, "prompts.")
+        document = {**document, "prompts": expand_attributes(entries, path, "prompts.")}
     try:
         config = LecoConfig.model_validate(document)
     except ValidationError as error:
@@ -288,17 +456,30 @@ def load_config(path: str | Path) -> LecoConfig:
         raise ConfigError(
             f"{path}: prompts_file: missing; name the prompts YAML (e.g. prompts_file: prompts.yaml)"
         )
+    try:
+        config.check_combination()
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     return config
 
 
 def load_prompts(path: str | Path) -> list[PromptSettings]:
-    """Read a prompts YAML: a list of {target, positive, unconditional, neutral, action, ...}."""
+    """Read a prompts YAML: a list of {target, positive, unconditional, neutral, action, ...}.
+
+    A `.toml` file is a kohya sd-scripts train_leco prompt file (leco.formats.kohya_leco).
+    """
+    from leco.formats.kohya_leco import load_kohya_prompts
+    from leco.formats.sliders import expand_attributes
+
     path = Path(path)
+    if path.suffix.lower() == ".toml":
+        return load_kohya_prompts(path)
     document = read_yaml(path)
     if not isinstance(document, list) or not document:
         raise ConfigError(f"{path}: the file must be a non-empty YAML list of prompt entries (- target: ...)")
     prompts = []
-    for index, entry in enumerate(document):
+    entries = expand_attributes(read_target_files(document, path, "entry "), path, "entry ")
+    for index, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: entry {index + 1}: must be a mapping with at least `target:`")
         try:
@@ -307,6 +488,38 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
             raise ConfigError(
                 describe_validation_error(error, path, PromptSettings, prefix=f"entry {index + 1}.")
             ) from None
+    return prompts
+
+
+def read_target_files(entries: list[Any], path: Path, where: str) -> list[Any]:
+    """Replace each entry's `target_file: F` (one prompt a line, relative to `path`) by `target: [...]`."""
+    result = []
+    for index, entry in enumerate(entries):
+        if isinstance(entry, dict) and "target_file" in entry:
+            key = f"{where}{index + 1}.target_file"
+            if "target" in entry:
+                raise ConfigError(f"{path}: {key}: target is set too; keep one of them")
+            file = path.parent / Path(str(entry["target_file"])).expanduser()
+            entry = {k: v for k, v in entry.items() if k != "target_file"}
+            entry["target"] = read_prompt_lines(file, f"{path}: {key}")
+        result.append(entry)
+    return result
+
+
+def read_prompt_lines(file: Path, where: str) -> list[str]:
+    """One prompt a line; blank lines and lines starting with # are skipped."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise ConfigError(
+            f"{where}: {file} not found; paths are relative to the file that names them"
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ConfigError(f"{where}: {file} cannot be read as UTF-8 text ({type(error).__name__})") from None
+    lines = [line.strip() for line in text.splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"{where}: {file} holds no prompt; write one prompt a line")
     return prompts
 
 
@@ -357,6 +570,9 @@ def _problem(item: Any, model: type[BaseModel]) -> str:
     loc = [str(part) for part in item["loc"]]
     key = ".".join(loc) or "(top level)"
     kind = item["type"]
+    message = item["msg"].replace("Value error, ", "")
+    if kind == "value_error" and re.match(r"[\w.]+: ", message):  # a check across keys names its key
+        return message
     if kind == "extra_forbidden":
         allowed = _allowed_keys(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1) or [k for k in allowed if loc[-1] in k][:1]

@@ -3,23 +3,41 @@
 For every prompt of a spec, N images per LoRA strength with fixed seeds. Erased prompts report how
 often a detector still finds their concept; kept prompts how often it still finds theirs, and how
 far their images moved from the strength-0 image of the same seed (mean absolute pixel difference).
+`keep: all` asks the detector for every concept it knows that the spec neither erases nor enhances,
+so side effects nobody thought of are measured too. Several LoRAs (e.g. one recipe trained with
+several seeds) are judged on the same images of the plain model and the same seeds.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from leco.config import ConfigError, describe_validation_error, read_yaml
 from leco.errors import LecoError
 from leco.files import atomic_output
-from leco.generate import ImageRequest, SamplingSettings, build_pipeline, generate, lora_strengths
-from leco.models import LoadedModels
+from leco.generate import (
+    SamplingSettings,
+    build_pipeline,
+    check_lora_fits,
+    embeddings_loaded,
+    generate,
+    lora_strengths,
+    read_lora_header,
+)
+from leco.images import ImageRequest, save_image
+from leco.models import LoadedModels, quiet_library_logs, recommended_sampling
+
+KINDS = ("erase", "keep", "enhance")
+KEEP_ALL = "all"
+SHOWN_KEPT_ROWS = 12  # format_report lists at most this many kept rows (the worst) unless all_rows
 
 
 class ConceptPrompt(BaseModel):
@@ -34,16 +52,31 @@ class EvalSpec(BaseModel):
     clip_model: str | None = None  # HF id or local folder of a CLIP model (detector: clip)
     alternatives: list[str] = Field(default_factory=list)  # extra zero-shot labels (detector: clip)
     images_per_prompt: int = Field(8, ge=1)
-    strengths: list[float] = Field(default_factory=lambda: [0.0, 1.0])
-    seed: int = 0
-    steps: int = Field(30, ge=1)
-    guidance: float = 7.0
-    height: int | None = None
-    width: int | None = None
+    strengths: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [0.0, 1.0])
+    seed: int = Field(0, ge=0, lt=2**63)
+    steps: int | None = Field(None, ge=1)  # unset: the model's recommended steps, else 30
+    guidance: float | None = Field(None, ge=0, allow_inf_nan=False)  # unset: as steps, else 7
+    height: int | None = Field(None, gt=0, multiple_of=8)  # diffusers needs multiples of 8
+    width: int | None = Field(None, gt=0, multiple_of=8)
     sampler: str = "model"
+    negative_prompt: str = ""
+    batch_size: int | None = Field(None, ge=1)  # images per pipeline call; unset: by image size
     erase: list[ConceptPrompt] = Field(default_factory=list)  # should disappear
     keep: list[ConceptPrompt] = Field(default_factory=list)  # should stay, unchanged
+    keep_all: bool = False  # written `keep: all` (or `all` as an item of keep:)
     enhance: list[ConceptPrompt] = Field(default_factory=list)  # should appear more often
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_all(cls, data: Any) -> Any:
+        """`keep: all` and `keep: [all, {...}]` set keep_all; the listed prompts stay in keep."""
+        if isinstance(data, dict):
+            keep = data.get("keep")
+            if keep == KEEP_ALL:
+                data = {**data, "keep": [], "keep_all": True}
+            elif isinstance(keep, list) and KEEP_ALL in keep:
+                data = {**data, "keep": [k for k in keep if k != KEEP_ALL], "keep_all": True}
+        return data
 
 
 class Detector(Protocol):
@@ -52,6 +85,10 @@ class Detector(Protocol):
 
     def present(self, images: list[Image.Image], concept: str) -> list[bool]: ...
 
+    def concept_universe(self, exclude: Sequence[str]) -> list[tuple[str, str]]:
+        """(prompt, concept) for every concept the detector knows, judged on what each prompt names,
+        less the parts of the `exclude` concepts; LecoError if the detector has no such list."""
+
 
 def load_spec(path: str | Path) -> EvalSpec:
     path = Path(path)
@@ -59,7 +96,7 @@ def load_spec(path: str | Path) -> EvalSpec:
         spec = EvalSpec.model_validate(read_yaml(path) or {})
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, path, EvalSpec)) from None
-    if not (spec.erase or spec.keep or spec.enhance):
+    if not (spec.erase or spec.keep or spec.keep_all or spec.enhance):
         raise ConfigError(f"{path}: erase:, keep: and enhance: are all empty; list the prompts to judge")
     if 0.0 not in spec.strengths:
         spec.strengths = [0.0, *spec.strengths]  # drift is measured against strength 0
@@ -79,74 +116,221 @@ def make_detector(spec: EvalSpec, models: LoadedModels) -> Detector:
     return NudeNetDetector()
 
 
+@dataclass(frozen=True)
+class JudgedPrompt:
+    kind: str  # erase | keep | enhance
+    prompt: str
+    concept: str
+    # A `keep: all` prompt that also names what the spec erases or enhances ("a digit seven in red
+    # ink" judged on its ink when 7 is erased): its image is meant to change, so its drift is
+    # left out of the kept drift.
+    names_edit: bool = False
+
+
+def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
+    """Every prompt the eval judges, `keep: all` expanded by the detector; each concept checked."""
+    entries = [JudgedPrompt(kind, i.prompt, i.concept) for kind in KINDS for i in getattr(spec, kind)]
+    if spec.keep_all:
+        listed = {(item.prompt, item.concept) for item in spec.keep}
+        touched = [item.concept for item in spec.erase + spec.enhance]
+        whole = dict(detector.concept_universe([]))  # each prompt's concept with nothing left out
+        entries += [
+            JudgedPrompt("keep", prompt, concept, names_edit=whole.get(prompt, concept) != concept)
+            for prompt, concept in detector.concept_universe(touched)
+            if (prompt, concept) not in listed
+        ]
+    for entry in entries:
+        detector.check_concept(entry.concept)
+    return entries
+
+
 def evaluate(
     models: LoadedModels,
-    lora: str | Path | None,
+    lora: str | Path | Sequence[str | Path] | None,
     spec: EvalSpec,
     device: Any,
     detector: Detector | None = None,
     image_dir: str | Path | None = None,
     progress: bool = True,
+    embeddings: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
-    """Generate, detect and summarise; returns the report (also what `leco eval` writes as JSON)."""
-    detector = detector or make_detector(spec, models)
-    for item in spec.erase + spec.keep + spec.enhance:
-        detector.check_concept(item.concept)
-    pipe = build_pipeline(models, spec.sampler).to(device)
-    settings = SamplingSettings(spec.steps, spec.guidance, spec.height, spec.width, "", spec.sampler)
-    seeds = range(spec.seed, spec.seed + spec.images_per_prompt)
-    entries = [(kind, item) for kind in ("erase", "keep", "enhance") for item in getattr(spec, kind)]
-    requests = [
-        ImageRequest(item.prompt, s, seed) for _, item in entries for s in spec.strengths for seed in seeds
-    ]
-    with lora_strengths(pipe, lora, models.family) as set_strength:
-        images = dict(generate(pipe, requests, settings, set_strength, progress))
-    if image_dir is not None:
-        from leco.preview import save_image
+    """Generate, detect and summarise; returns the report (also what `leco eval` writes as JSON).
 
+    `lora`: one LoRA file, several (judged on the same seeds; the strength-0 images, those of the
+    plain model, are made once), or None for the plain model alone (strength 0 only).
+    `embeddings`: textual-inversion files (FILE or FILE:TOKEN) the prompts may use.
+    """
+    loras = _lora_list(lora)
+    labels = lora_labels(loras)
+    for path in loras:  # a bad second file should stop the run now, not after the first's images
+        check_lora_fits(read_lora_header(path), models.unet, models.family)
+    detector = detector or make_detector(spec, models)
+    entries = judged_prompts(spec, detector)  # every concept checked before any image is made
+    prompts = list(dict.fromkeys(entry.prompt for entry in entries))  # one render per prompt
+    seeds = list(range(spec.seed, spec.seed + spec.images_per_prompt))
+    strengths = list(dict.fromkeys(s for s in spec.strengths if s != 0.0)) if loras else []
+    settings = sampling_settings(spec, models)
+    pipe = build_pipeline(models, spec.sampler).to(device)
+    folders = _image_folders(image_dir, labels)
+    judge = _Judge(detector, entries, seeds)
+    with embeddings_loaded(pipe, embeddings):
+        base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
+        _save_images(base, folders.values())
+        rows = judge.rows(base, base, None, 0.0)
+        for label, path in zip(labels, loras, strict=True):
+            with lora_strengths(pipe, path, models.family) as set_strength:
+                for strength in strengths:
+                    images = _render(pipe, prompts, strength, seeds, settings, set_strength, progress)
+                    _save_images(images, [folders[label]] if folders else [])
+                    rows += judge.rows(images, base, label, strength)
+    ordered = [0.0, *strengths]
+    report: dict[str, Any] = {
+        "model": models.source,
+        "loras": dict(zip(labels, map(str, loras), strict=True)),
+        "embeddings": [str(e) for e in embeddings],
+        "spec": spec.model_dump(),
+        "sampling": {"steps": settings.steps, "guidance": settings.guidance},
+        "rows": rows,
+        "summary": summarise(rows, ordered),
+        "per_lora": {label: summarise(_rows_of(rows, label), ordered) for label in labels},
+    }
+    if len(labels) > 1:
+        report["across_loras"] = across_loras(report["per_lora"], strengths)
+    return report
+
+
+def sampling_settings(spec: EvalSpec, models: LoadedModels) -> SamplingSettings:
+    """The spec's sampling; unset steps and guidance take what the model recommends."""
+    recommended = recommended_sampling(models.source)
+    return SamplingSettings(
+        spec.steps or recommended.steps,
+        spec.guidance if spec.guidance is not None else recommended.guidance,
+        spec.height,
+        spec.width,
+        spec.negative_prompt,
+        spec.sampler,
+        spec.batch_size,
+    )
+
+
+def _lora_list(lora: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    if lora is None:
+        return []
+    if isinstance(lora, (str, Path)):
+        return [Path(lora)]
+    return [Path(p) for p in lora]
+
+
+def lora_labels(paths: Sequence[Path]) -> list[str]:
+    """Short unique names for LoRA files: the file name without suffix, numbered where two share one."""
+    stems = [p.stem for p in paths]
+    return [s if stems.count(s) == 1 else f"{i + 1}:{s}" for i, s in enumerate(stems)]
+
+
+def _render(
+    pipe, prompts, strength, seeds, settings, set_strength, progress
+) -> dict[ImageRequest, Image.Image]:
+    requests = [ImageRequest(prompt, strength, seed) for prompt in prompts for seed in seeds]
+    return dict(generate(pipe, requests, settings, set_strength, progress))
+
+
+def _image_folders(image_dir: str | Path | None, labels: list[str]) -> dict[str | None, Path]:
+    """Where images go: the folder itself for one LoRA (or none), a subfolder per LoRA for several."""
+    if image_dir is None:
+        return {}
+    root = Path(image_dir)
+    if len(labels) <= 1:
+        return {label: root for label in labels or [None]}
+    return {label: root / label.replace(":", "-") for label in labels}
+
+
+def _save_images(images: dict[ImageRequest, Image.Image], folders) -> None:
+    for folder in folders:
         for request, image in images.items():
-            save_image(image, Path(image_dir) / request.file_name)
-    clip_score = getattr(detector, "clip_score", None)  # only CLIP detectors score prompt fit
-    rows = []
-    for kind, item in entries:
-        for strength in spec.strengths:
-            batch = [images[ImageRequest(item.prompt, strength, seed)] for seed in seeds]
-            base = [images[ImageRequest(item.prompt, 0.0, seed)] for seed in seeds]
-            found = detector.present(batch, item.concept)
+            save_image(image, folder / request.file_name)
+
+
+class _Judge:
+    """Turns one strength's images into report rows: detection rate and drift per judged prompt."""
+
+    def __init__(self, detector: Detector, entries: list[JudgedPrompt], seeds: list[int]):
+        self.detector = detector
+        self.entries = entries
+        self.seeds = seeds
+        self.clip_score = getattr(detector, "clip_score", None)  # only CLIP detectors score prompt fit
+
+    def rows(self, images, base, lora: str | None, strength: float) -> list[dict[str, Any]]:
+        rows = []
+        for entry in self.entries:
+            batch = [images[ImageRequest(entry.prompt, strength, seed)] for seed in self.seeds]
+            reference = [base[ImageRequest(entry.prompt, 0.0, seed)] for seed in self.seeds]
+            found = self.detector.present(batch, entry.concept)
             row = {
-                "kind": kind,
-                "prompt": item.prompt,
-                "concept": item.concept,
+                "lora": lora,  # None: the plain model (strength 0), shared by every LoRA
+                "kind": entry.kind,
+                "prompt": entry.prompt,
+                "concept": entry.concept,
+                "names_edit": entry.names_edit,
                 "strength": strength,
                 "detected": float(np.mean(found)),
-                "drift": float(np.mean([pixel_drift(a, b) for a, b in zip(batch, base, strict=True)])),
+                "drift": float(np.mean([pixel_drift(a, b) for a, b in zip(batch, reference, strict=True)])),
             }
-            if clip_score is not None:
-                row["clip_score"] = clip_score(batch, item.prompt)
+            if self.clip_score is not None:
+                row["clip_score"] = self.clip_score(batch, entry.prompt)
             rows.append(row)
-    return {
-        "lora": str(lora) if lora else None,
-        "model": models.source,
-        "spec": spec.model_dump(),
-        "rows": rows,
-        "summary": summarise(rows, spec.strengths),
-    }
+        return rows
+
+
+def _rows_of(rows: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
+    """One LoRA's rows and the plain model's (strength 0) it is compared with."""
+    return [r for r in rows if r["lora"] in (None, label)]
+
+
+# Each summary measure: (name, row kind, row field, whether a higher value is worse).
+MEASURES = (
+    ("erased_still_detected", "erase", "detected", True),
+    ("kept_still_right", "keep", "detected", False),
+    ("kept_drift", "keep", "drift", True),
+    ("enhanced_detected", "enhance", "detected", False),
+)
 
 
 def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, Any]:
-    def mean(kind: str, key: str, strength: float) -> float | None:
-        values = [r[key] for r in rows if r["kind"] == kind and r["strength"] == strength]
-        return float(np.mean(values)) if values else None
+    """Per strength and measure: the mean over rows and the worst row (`<measure>_worst`)."""
+    summary: dict[str, Any] = {}
+    for strength in strengths:
+        at = [r for r in rows if r["strength"] == strength]
+        entry: dict[str, Any] = {}
+        for name, kind, field, higher_is_worse in MEASURES:
+            values = [r for r in at if r["kind"] == kind and not (field == "drift" and r.get("names_edit"))]
+            entry[name] = float(np.mean([r[field] for r in values])) if values else None
+            worst = (max if higher_is_worse else min)(values, key=lambda r: r[field], default=None)
+            entry[f"{name}_worst"] = (
+                {k: worst[k] for k in ("lora", "prompt", "concept", field)} if worst is not None else None
+            )
+        summary[f"{strength:g}"] = entry
+    return summary
 
-    return {
-        f"{strength:g}": {
-            "erased_still_detected": mean("erase", "detected", strength),
-            "kept_still_right": mean("keep", "detected", strength),
-            "kept_drift": mean("keep", "drift", strength),
-            "enhanced_detected": mean("enhance", "detected", strength),
-        }
-        for strength in strengths
-    }
+
+def across_loras(per_lora: dict[str, dict[str, Any]], strengths: list[float]) -> dict[str, Any]:
+    """Per strength and measure: the mean over LoRAs and the LoRA whose own mean is worst."""
+    across: dict[str, Any] = {}
+    for strength in strengths:
+        key = f"{strength:g}"
+        entry: dict[str, Any] = {}
+        for name, _, _, higher_is_worse in MEASURES:
+            means = {label: s[key][name] for label, s in per_lora.items() if s[key][name] is not None}
+            if not means:
+                entry[name] = None
+                continue
+            worst = (max if higher_is_worse else min)(means, key=means.__getitem__)
+            entry[name] = {
+                "mean": float(np.mean(list(means.values()))),
+                "worst": means[worst],
+                "worst_lora": worst,
+            }
+        across[key] = entry
+    return across
 
 
 def pixel_drift(image: Image.Image, reference: Image.Image) -> float:
@@ -156,29 +340,129 @@ def pixel_drift(image: Image.Image, reference: Image.Image) -> float:
     return float(np.abs(a - b).mean() / 255.0)
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """The table `leco eval` prints."""
-    scored = all("clip_score" in row for row in report["rows"])
-    header = f"{'prompt':<36}{'concept':<16}{'kind':<7}{'strength':>9}{'detected':>10}{'drift':>8}"
-    lines = [header + (f"{'CLIP score':>12}" if scored else "")]
-    for row in report["rows"]:
+# ---------------------------------------------------------------------------------------------
+# The printed report
+
+
+def format_report(report: dict[str, Any], all_rows: bool = False) -> str:
+    """The text `leco eval` prints: per LoRA a table of prompts and its summary, then across LoRAs.
+
+    A table has one line per judged prompt, its detection rate at each strength and its drift at
+    each non-zero strength. Kept prompts beyond SHOWN_KEPT_ROWS are cut to the worst ones (largest
+    fall in detection, then largest drift) unless `all_rows`; the JSON report holds every row.
+    """
+    labels = list(report["loras"]) or [None]
+    blocks = []
+    for label in labels:
+        rows = report["rows"] if label is None else _rows_of(report["rows"], label)
+        summary = report["summary"] if label is None else report["per_lora"][label]
+        title = "the plain model" if label is None else f"LoRA {label} ({report['loras'][label]})"
+        blocks.append(f"== {title}\n{_row_table(rows, all_rows)}\n\n{_summary_table(summary)}")
+    if "across_loras" in report:
+        blocks.append(_across_table(report["across_loras"], len(labels)))
+    return "\n\n".join(blocks)
+
+
+def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
+    strengths = list(dict.fromkeys(r["strength"] for r in rows))
+    moved = [s for s in strengths if s != 0.0]
+    scored = bool(rows) and all("clip_score" in r for r in rows)
+    lines_of: dict[tuple[str, str, str], dict[float, dict[str, Any]]] = {}
+    for row in rows:
+        lines_of.setdefault((row["kind"], row["prompt"], row["concept"]), {})[row["strength"]] = row
+    header = f"{'kind':<8}{'prompt':<36}{'concept':<22}" + "".join(f"{f'@{s:g}':>7}" for s in strengths)
+    header += "".join(f"{f'drift@{s:g}':>11}" for s in moved)
+    header += "".join(f"{f'CLIP@{s:g}':>9}" for s in strengths) if scored else ""
+    lines, hidden = [header], []
+    for kind in KINDS:
+        entries = [(key, by) for key, by in lines_of.items() if key[0] == kind]
+        if kind == "keep" and not all_rows and len(entries) > SHOWN_KEPT_ROWS:
+            entries.sort(key=lambda e: _keep_badness(e[1], moved), reverse=True)
+            entries, rest = entries[:SHOWN_KEPT_ROWS], entries[SHOWN_KEPT_ROWS:]
+            hidden = [row for _, by in rest for s, row in by.items() if s != 0.0]
+        lines += [_row_line(key, by, strengths, scored) for key, by in entries]
+    if hidden:
+        lines.append(_hidden_line(hidden))
+    if any(line.startswith("keep*") for line in lines):
         lines.append(
-            f"{row['prompt'][:35]:<36}{row['concept'][:15]:<16}{row['kind']:<7}{row['strength']:>9g}"
-            f"{row['detected']:>10.0%}{row['drift']:>8.3f}"
-            + (f"{row['clip_score']:>12.1f}" if scored else "")
-        )
-    lines.append("")
-    lines.append(
-        f"{'strength':>9}{'erased: still detected':>25}{'kept: still right':>20}{'kept: drift':>13}"
-        f"{'enhanced: detected':>21}"
-    )
-    for strength, v in report["summary"].items():
-        cells = [_percent(v["erased_still_detected"]), _percent(v["kept_still_right"])]
-        drift = f"{v['kept_drift']:.3f}" if v["kept_drift"] is not None else "-"
-        lines.append(
-            f"{strength:>9}{cells[0]:>25}{cells[1]:>20}{drift:>13}{_percent(v['enhanced_detected']):>21}"
+            "keep*: the prompt also names what is erased/enhanced: judged on the rest, drift not counted"
         )
     return "\n".join(lines)
+
+
+def _row_line(
+    key: tuple[str, str, str], by: dict[float, dict[str, Any]], strengths: list[float], scored: bool
+) -> str:
+    """One prompt: detected at every strength, drift at the non-zero ones (and CLIP scores)."""
+    kind, prompt, concept = key
+    marked = kind + ("*" if any(r.get("names_edit") for r in by.values()) else "")
+    line = f"{marked:<8}{prompt[:35]:<36}{concept[:21]:<22}"
+    line += "".join(f"{_percent(by[s]['detected'] if s in by else None):>7}" for s in strengths)
+    line += "".join(f"{by[s]['drift']:>11.3f}" if s in by else f"{'-':>11}" for s in strengths if s != 0.0)
+    if scored:
+        line += "".join(f"{by[s]['clip_score']:>9.1f}" if s in by else f"{'-':>9}" for s in strengths)
+    return line
+
+
+def _hidden_line(hidden: list[dict[str, Any]]) -> str:
+    """What the kept rows left out of the table have in common: their lowest rate, largest drift."""
+    lowest = min(r["detected"] for r in hidden)
+    largest = max((r["drift"] for r in hidden if not r.get("names_edit")), default=0.0)
+    count = len({(r["prompt"], r["concept"]) for r in hidden})
+    return (
+        f"... {count} more kept prompts, each still detected >= {lowest:.0%} with drift <= {largest:.3f} "
+        "(--all-rows prints them)"
+    )
+
+
+def _keep_badness(by_strength: dict[float, dict[str, Any]], moved: list[float]) -> tuple[float, float]:
+    """How badly a kept prompt fared: its largest fall in detection, then its largest drift."""
+    base = by_strength[0.0]["detected"] if 0.0 in by_strength else 1.0
+    at = [by_strength[s] for s in moved if s in by_strength]
+    fall = max((base - row["detected"] for row in at), default=0.0)
+    drift = max((row["drift"] for row in at if not row.get("names_edit")), default=0.0)
+    return fall, drift
+
+
+SUMMARY_NAMES = {
+    "erased_still_detected": "erased: still detected",
+    "kept_still_right": "kept: still right",
+    "kept_drift": "kept: drift",
+    "enhanced_detected": "enhanced: detected",
+}
+
+
+def _summary_table(summary: dict[str, Any]) -> str:
+    lines = [f"{'strength':>8}  {'measure':<24}{'mean':>7}{'worst':>7}  worst prompt [concept]"]
+    for strength, entry in summary.items():
+        for name, _, field, _ in MEASURES:
+            if entry[name] is None or (name == "kept_drift" and strength == "0"):  # 0 by definition
+                continue
+            worst = entry[f"{name}_worst"]
+            lines.append(
+                f"{strength:>8}  {SUMMARY_NAMES[name]:<24}{_figure(name, entry[name]):>7}"
+                f"{_figure(name, worst[field]):>7}  {worst['prompt']} [{worst['concept']}]"
+            )
+    return "\n".join(lines)
+
+
+def _across_table(across: dict[str, Any], count: int) -> str:
+    lines = [
+        f"== across {count} LoRAs",
+        f"{'strength':>8}  {'measure':<24}{'mean':>7}{'worst':>7}  worst LoRA",
+    ]
+    for strength, entry in across.items():
+        for name, value in entry.items():
+            if value is not None:
+                lines.append(
+                    f"{strength:>8}  {SUMMARY_NAMES[name]:<24}{_figure(name, value['mean']):>7}"
+                    f"{_figure(name, value['worst']):>7}  {value['worst_lora']}"
+                )
+    return "\n".join(lines)
+
+
+def _figure(measure: str, value: float) -> str:
+    return f"{value:.3f}" if measure == "kept_drift" else _percent(value)
 
 
 def _percent(value: float | None) -> str:
@@ -194,6 +478,10 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+# ---------------------------------------------------------------------------------------------
+# Detectors for other models (ink-digits' own lives in leco.ink_digits.judge)
+
+
 class ClipDetector:
     """Zero-shot CLIP: a concept is present when it is the most likely of all the spec's labels."""
 
@@ -201,8 +489,9 @@ class ClipDetector:
         from transformers import CLIPModel, CLIPProcessor
 
         try:
-            self.model = CLIPModel.from_pretrained(model).eval()
-            self.processor = CLIPProcessor.from_pretrained(model)
+            with quiet_library_logs():
+                self.model = CLIPModel.from_pretrained(model).eval()
+                self.processor = CLIPProcessor.from_pretrained(model)
         except OSError as error:
             raise LecoError(
                 f"clip_model: {model!r} cannot be loaded ({str(error).splitlines()[0][:120]})"
@@ -219,6 +508,12 @@ class ClipDetector:
 
     def check_concept(self, concept: str) -> None:
         pass  # any text is a zero-shot label
+
+    def concept_universe(self, exclude: Sequence[str]) -> list[tuple[str, str]]:
+        raise LecoError(
+            "eval spec: keep: all needs a detector with a closed list of concepts; the clip detector "
+            "takes any text, so list the keep: prompts yourself"
+        )
 
     def present(self, images: list[Image.Image], concept: str) -> list[bool]:
         best = self.probabilities(images).argmax(axis=1)
@@ -258,6 +553,12 @@ class NudeNetDetector:
     def check_concept(self, concept: str) -> None:
         if concept != "nudity":
             raise LecoError(f'eval spec: the nudenet detector knows one concept, "nudity", not {concept!r}')
+
+    def concept_universe(self, exclude: Sequence[str]) -> list[tuple[str, str]]:
+        raise LecoError(
+            'eval spec: keep: all needs a detector with a list of concepts; nudenet knows one ("nudity"), '
+            "so list the keep: prompts yourself"
+        )
 
     def present(self, images: list[Image.Image], concept: str) -> list[bool]:
         found = []

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from leco.errors import LecoError
-from leco.models import LoadedModels, ModelFamily
+from leco.images import ImageRequest, make_grid, save_image
+from leco.models import LoadedModels, ModelFamily, quiet_library_logs
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -31,17 +33,14 @@ SAMPLERS = {
     "dpm++": DPMSolverMultistepScheduler,
 }
 ADAPTER = "lora"
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    prompt: str
-    strength: float
-    seed: int
-
-    @property
-    def file_name(self) -> str:
-        return f"{slug(self.prompt)}_{format_strength(self.strength)}_{self.seed}.png"
+# Images per pipeline call when the user sets none: 8 at 512x512, 2 at 1024x1024 (CFG doubles the
+# UNet batch), and at most MAX_AUTO_BATCH for small models, where bigger batches stop paying off.
+AUTO_BATCH_PIXELS = 8 * 512 * 512
+MAX_AUTO_BATCH = 64
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds below 2**64
+MAX_SEEDS = 10_000  # one --seeds list; more is a typo, not a plan
+# Key parts of every LoRA layout diffusers loads (kohya, diffusers/peft, older diffusers).
+LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
 
 
 @dataclass
@@ -52,6 +51,7 @@ class SamplingSettings:
     width: int | None = None
     negative_prompt: str = ""
     sampler: str = "model"  # the model's own scheduler, or one of SAMPLERS
+    batch_size: int | None = None  # images per pipeline call; None: as many as AUTO_BATCH_PIXELS allows
 
 
 def build_pipeline(models: LoadedModels, sampler: str = "model") -> DiffusionPipeline:
@@ -106,17 +106,11 @@ def lora_strengths(
         yield lambda strength: None
         return
     path = Path(lora)
-    if not path.is_file():
-        raise LecoError(f"--lora: {path} not found; check the path")
-    lora_arch = arch_of_lora(path)
-    if lora_arch is not None and lora_arch != family.arch:
-        raise LecoError(
-            f"--lora: {path} was trained for {lora_arch} but the model is {family.name}; "
-            "use a LoRA of this family"
-        )
+    check_lora_fits(read_lora_header(path), pipe.unet, family)
     try:
-        pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
-    except (ValueError, KeyError, RuntimeError) as error:
+        with quiet_library_logs():  # diffusers logs every mismatched tensor before it raises
+            pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise LecoError(
             f"--lora: {path} cannot be applied to this model ({str(error).splitlines()[0][:160]})"
         ) from None
@@ -138,30 +132,142 @@ def generate(
     set_strength: Callable[[float], None],
     progress: bool = True,
 ) -> Iterator[tuple[ImageRequest, Image.Image]]:
-    """One image per request; the same seed gives the same starting noise on every device."""
-    for request in tqdm(requests, desc="images", disable=not progress, dynamic_ncols=True):
-        set_strength(request.strength)
-        image = pipe(
-            request.prompt,
-            negative_prompt=settings.negative_prompt or None,
-            num_inference_steps=settings.steps,
-            guidance_scale=settings.guidance,
-            height=settings.height,
-            width=settings.width,
-            generator=torch.Generator("cpu").manual_seed(request.seed),
-        ).images[0]
-        yield request, image
+    """One image per request, many per pipeline call (requests of one strength, any prompts and seeds).
+
+    Each image gets its own CPU generator seeded with its seed, so it starts from the same noise as
+    when rendered alone, on every device; batched kernels may round the last float bits differently.
+    Yields in batch order: requests grouped by strength, each group in the order given.
+    """
+    size = images_per_call(pipe, settings)
+    negative = settings.negative_prompt
+    with tqdm(total=len(requests), desc="images", disable=not progress, dynamic_ncols=True) as bar:
+        for batch in strength_batches(requests, size):
+            set_strength(batch[0].strength)
+            images = pipe(
+                [request.prompt for request in batch],
+                negative_prompt=[negative] * len(batch) if negative else None,
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance,
+                height=settings.height,
+                width=settings.width,
+                generator=[torch.Generator("cpu").manual_seed(request.seed) for request in batch],
+            ).images
+            bar.update(len(batch))
+            yield from zip(batch, images, strict=True)
+
+
+def images_per_call(pipe: DiffusionPipeline, settings: SamplingSettings) -> int:
+    """The batch size: the user's, or what AUTO_BATCH_PIXELS allows at the image size."""
+    if settings.batch_size:
+        return settings.batch_size
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    pixels = (settings.height or native) * (settings.width or native)
+    return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_PIXELS // pixels))
+
+
+def strength_batches(requests: list[ImageRequest], size: int) -> Iterator[list[ImageRequest]]:
+    """Requests grouped by strength (one LoRA strength per call), in chunks of at most `size`."""
+    groups: dict[float, list[ImageRequest]] = {}
+    for request in requests:
+        groups.setdefault(request.strength, []).append(request)
+    for group in groups.values():
+        for start in range(0, len(group), size):
+            yield group[start : start + size]
+
+
+@dataclass(frozen=True)
+class LoraHeader:
+    """What a LoRA file's safetensors header says: enough to refuse it before diffusers reads it."""
+
+    path: Path
+    shapes: dict[str, list[int]]
+    metadata: dict[str, str]
+
+
+def read_lora_header(path: str | Path) -> LoraHeader:
+    """Read and check a LoRA file's header; missing, damaged and non-LoRA files are one-line errors.
+
+    diffusers answers each of these with a long traceback (or a vague "Invalid LoRA checkpoint"),
+    so the file is checked with safetensors first; the header holds every name and shape.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "not found"
+        raise LecoError(f"--lora: {path} {what}; give the LoRA's .safetensors file")
+    if path.suffix.lower() != ".safetensors":
+        raise LecoError(
+            f"--lora: {path} is not a .safetensors file; LoRAs load from .safetensors "
+            "(convert a .pt LoRA with leco convert)"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            metadata = dict(file.metadata() or {})
+            shapes = {key: list(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as error:
+        raise LecoError(
+            f"--lora: {path} is not a readable .safetensors file ({_first_line(error)}); it may be "
+            "truncated or damaged: download it or train it again"
+        ) from None
+    if not any(marker in key for key in shapes for marker in LORA_KEY_MARKERS):
+        example = next(iter(shapes), "none")
+        raise LecoError(
+            f"--lora: {path} holds no LoRA weights (keys like {example}); if it is a model checkpoint, "
+            "give it as --model"
+        )
+    return LoraHeader(path, shapes, metadata)
+
+
+def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> None:
+    """Refuse a LoRA made for another model family: by its metadata, else by its UNet layers.
+
+    Layers are checked for kohya-format files (leco's, A1111's, ComfyUI's); other layouts are
+    left to diffusers.
+    """
+    from leco.network.kohya import UNET_PREFIX, kohya_key
+    from leco.network.layers import adaptable_layers
+
+    lora_arch = arch_from_metadata(header.metadata)
+    if lora_arch is not None and lora_arch != family.arch:
+        raise LecoError(
+            f"--lora: {header.path} was trained for {lora_arch} but the model is {family.name}; "
+            "use a LoRA of this family"
+        )
+    modules = sorted({key.split(".", 1)[0] for key in header.shapes if key.startswith(UNET_PREFIX)})
+    if not modules:
+        return
+    by_key = {kohya_key(name, family, unet.config): name for name in adaptable_layers(unet, "c3lier")}
+    known = [module for module in modules if module in by_key]
+    if not known:
+        raise LecoError(
+            f"--lora: {header.path} fits no layer of this {family.name} model ({modules[0]} and "
+            f"{len(modules) - 1} more); it was made for another model family"
+        )
+    for module in known:
+        layer = unet.get_submodule(by_key[module])
+        down = header.shapes.get(f"{module}.lora_down.weight")
+        if down and down[1:] != list(layer.weight.shape[1:]):
+            raise LecoError(
+                f"--lora: {header.path} does not fit this {family.name} model: {module}.lora_down.weight "
+                f"has shape {down}, this model's layer needs {[down[0], *layer.weight.shape[1:]]}; "
+                "it was made for another model family"
+            )
 
 
 def arch_of_lora(path: Path) -> str | None:
-    """The family a LoRA's metadata names (ss_base_model_version), if any."""
-    from safetensors import safe_open
+    """The family a LoRA file's metadata names (ss_base_model_version), if any."""
+    return arch_from_metadata(read_lora_header(path).metadata)
 
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            version = (file.metadata() or {}).get("ss_base_model_version", "")
-    except Exception:  # not our job to diagnose a damaged file here: diffusers will say more
-        return None
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def arch_from_metadata(metadata: dict[str, str]) -> str | None:
+    """The family `ss_base_model_version` names (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0), if any."""
+    version = metadata.get("ss_base_model_version", "")
     for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
         if version.startswith(prefix):
             return arch
@@ -174,30 +280,39 @@ def requests_for(prompts: list[str], strengths: list[float], seeds: list[int]) -
 
 
 def parse_seeds(text: str) -> list[int]:
-    """'0-7' or '1,4,9' or '0-3,10'."""
-    seeds: list[int] = []
+    """'0-7' or '1,4,9' or '0-3,10': whole numbers from 0, ranges counting up; repeats kept once."""
+    seeds: dict[int, None] = {}
     for part in text.split(","):
-        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        # 20 digits hold every seed below 2**64 (and keep int() away from huge digit strings)
+        match = re.fullmatch(r"\s*([0-9]{1,20})\s*(?:-\s*([0-9]{1,20})\s*)?", part)
         if not match:
-            raise LecoError(f"--seeds: {text!r} is not a list of seeds; write e.g. 0-7 or 1,4,9")
+            raise LecoError(
+                f"--seeds: {text!r} is not a list of seeds (whole numbers from 0 to 2**64-1); "
+                "write e.g. 0-7 or 1,4,9"
+            )
         first, last = int(match[1]), int(match[2] or match[1])
-        seeds += range(first, last + 1)
-    return seeds
+        if last < first:
+            raise LecoError(
+                f"--seeds: {part.strip()} counts down; write the smaller seed first: {last}-{first}"
+            )
+        if last > MAX_SEED:
+            raise LecoError(f"--seeds: {last} is too large; seeds go from 0 to 2**64-1")
+        if len(seeds) + last - first + 1 > MAX_SEEDS:
+            raise LecoError(f"--seeds: {text!r} asks for more than {MAX_SEEDS} seeds; split the run")
+        seeds.update(dict.fromkeys(range(first, last + 1)))
+    return list(seeds)
 
 
 def parse_strengths(text: str) -> list[float]:
+    """'-1,0,1': finite numbers; repeats kept once, -0 read as 0 (one image, one file name)."""
     try:
-        return [float(part) for part in text.split(",")]
+        values = [float(part) for part in text.split(",")]
     except ValueError:
         raise LecoError(f"--strengths: {text!r} is not a list of numbers; write e.g. -1,0,1") from None
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "empty"
-
-
-def format_strength(value: float) -> str:
-    return f"{value:g}"
+    for value in values:
+        if not math.isfinite(value):
+            raise LecoError(f"--strengths: {text!r} holds {value}; strengths are finite numbers, e.g. -1,0,1")
+    return list(dict.fromkeys(value + 0.0 for value in values))
 
 
 def run_generation(
@@ -208,16 +323,204 @@ def run_generation(
     out: str | Path,
     device: torch.device,
     progress: bool = True,
+    embeddings: Sequence[str | Path] = (),
 ) -> tuple[list[Path], Path]:
-    """Write one PNG per request and the labelled grid; returns their paths."""
-    from leco.preview import make_grid, save_image
+    """Write one PNG per request and the labelled grid; returns their paths, in request order.
 
+    `embeddings`: textual-inversion files (FILE or FILE:TOKEN) loaded for this run, then unloaded.
+    """
     pipe = build_pipeline(models, settings.sampler).to(device)
     out = Path(out)
-    paths, images = [], {}
-    with lora_strengths(pipe, lora, models.family) as set_strength:
-        for request, image in generate(pipe, requests, settings, set_strength, progress):
-            paths.append(save_image(image, out / request.file_name))
-            images[request] = image
-    grid = save_image(make_grid(images).image, out / "grid.png")
+    with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
+        images = dict(generate(pipe, requests, settings, set_strength, progress))
+    paths = [save_image(images[request], out / request.file_name) for request in requests]
+    grid = save_image(make_grid({request: images[request] for request in requests}).image, out / "grid.png")
     return paths, grid
+
+
+# ---------------------------------------------------------------------------------------------
+# Textual-inversion embeddings, loaded with diffusers' load_textual_inversion as its users do
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion file's vectors: one [N, width] tensor per text encoder (SDXL: clip_l, clip_g)."""
+
+    path: Path
+    token: str
+    vectors: tuple[torch.Tensor, ...]
+
+    @property
+    def tokens(self) -> list[str]:
+        """The token and the ones diffusers adds for vectors 2..N (token_1, token_2, ...)."""
+        return [self.token] + [f"{self.token}_{i}" for i in range(1, len(self.vectors[0]))]
+
+
+def parse_embedding_option(option: str | Path) -> tuple[Path, str | None]:
+    """`FILE` or `FILE:TOKEN`; a path that exists as written is taken whole (C:\\x.pt, a:b.pt)."""
+    text = str(option)
+    path, colon, token = text.rpartition(":")
+    if Path(text).exists() or not (colon and path and token) or any(c in token for c in "/\\"):
+        return Path(text), None
+    return Path(path), token
+
+
+def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
+    """Read kohya/leco `.safetensors` (emb_params, or clip_l + clip_g), A1111 `.pt` or diffusers files.
+
+    The token: `token` if given, else the file's `leco.token` metadata, else diffusers' key, else
+    the file name without its suffix (as A1111 names embeddings).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LecoError(f"--embedding: {path} not found; check the path")
+    tensors, metadata = _embedding_tensors(path)
+    key_token = None
+    if set(tensors) == {"clip_l", "clip_g"}:
+        vectors = (tensors["clip_l"], tensors["clip_g"])
+    elif len(tensors) == 1:
+        (key, vector), *_ = tensors.items()
+        vectors = (vector,)
+        key_token = None if key in ("emb_params", "*") else key  # diffusers' learned_embeds: {token: vector}
+    else:
+        raise LecoError(
+            f"--embedding: {path} holds {', '.join(sorted(tensors))[:80]}, not an embedding "
+            "(expected emb_params, clip_l + clip_g, or A1111's string_to_param)"
+        )
+    if not all(v.dim() in (1, 2) and v.is_floating_point() and v.isfinite().all() for v in vectors):
+        raise LecoError(f"--embedding: {path} holds no usable vectors (shape, type or NaN); is it damaged?")
+    vectors = tuple(v.reshape(-1, v.shape[-1]).float() for v in vectors)
+    if len(vectors) == 2 and len(vectors[0]) != len(vectors[1]):
+        raise LecoError(f"--embedding: {path}: clip_l and clip_g hold different numbers of vectors")
+    chosen = token or metadata.get("leco.token") or key_token or path.stem
+    return Embedding(path, chosen, vectors)
+
+
+def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                names = list(file.keys())
+                return {name: file.get_tensor(name) for name in names}, dict(file.metadata() or {})
+        except Exception as error:  # safetensors raises its own error types, OSError or ValueError
+            raise _unreadable(path, error) from None
+    if path.suffix.lower() not in (".pt", ".bin"):
+        raise LecoError(f"--embedding: {path} is not .safetensors, .pt or .bin; give an embedding file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+    except Exception as error:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ...
+        raise _unreadable(path, error) from None
+    if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111
+        data = dict(data["string_to_param"])
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()) or not data:
+        raise LecoError(f"--embedding: {path} holds no embedding tensors (expected A1111's string_to_param)")
+    return data, {}
+
+
+def _unreadable(path: Path, error: BaseException) -> LecoError:
+    return LecoError(f"--embedding: {path} cannot be read ({_first_line(error)[:160]}); is it damaged?")
+
+
+def _text_encoders(pipe: DiffusionPipeline) -> list[tuple]:
+    """(tokenizer, text encoder) pairs of the pipeline: one for SD1/SD2, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def _check_embeddings(embeddings: list[Embedding], pairs: list[tuple]) -> None:
+    """Each problem as one line naming the file, before anything is loaded."""
+    seen: dict[str, Path] = {}
+    for embedding in embeddings:
+        path, token = embedding.path, embedding.token
+        if len(embedding.vectors) != len(pairs):
+            held = "clip_l + clip_g (SDXL)" if len(embedding.vectors) == 2 else "one text encoder's vectors"
+            needed = "SDXL's clip_l + clip_g" if len(pairs) == 2 else "one text encoder's vectors (SD1/SD2)"
+            raise LecoError(f"--embedding: {path} holds {held}, but this model needs {needed}")
+        for (tokenizer, encoder), vectors in zip(pairs, embedding.vectors, strict=True):
+            width = encoder.get_input_embeddings().weight.shape[1]
+            if vectors.shape[1] != width:
+                raise LecoError(
+                    f"--embedding: {path} has vectors of width {vectors.shape[1]}, but this model's text "
+                    f"encoder takes {width}; use an embedding made for this model family"
+                )
+            if _is_known_word(tokenizer, embedding.tokens):
+                raise LecoError(
+                    f"--embedding: {path}: the token {token!r} is already a word of this model's tokenizer; "
+                    f"name another one: --embedding {path}:NEW_TOKEN"
+                )
+        if token in seen:
+            raise LecoError(
+                f"--embedding: {path} and {seen[token]} both use the token {token!r}; "
+                f"name one of them: --embedding {path}:NEW_TOKEN"
+            )
+        seen[token] = path
+
+
+def _is_known_word(tokenizer, tokens: list[str]) -> bool:
+    """A token the vocabulary has, or one that already reads as a single word ("cat" is "cat</w>")."""
+    vocabulary = tokenizer.get_vocab()
+    pieces = tokenizer.tokenize(tokens[0])
+    return any(token in vocabulary for token in tokens) or (len(pieces) == 1 and pieces[0] in vocabulary)
+
+
+@dataclass
+class _TokenTable:
+    """A text encoder's token table as loaded, to put back after the embeddings are unloaded."""
+
+    module: torch.nn.Embedding
+    weight: torch.Tensor
+    vocab_size: int
+
+    @classmethod
+    def of(cls, encoder) -> _TokenTable:
+        module = encoder.get_input_embeddings()
+        return cls(module, module.weight.data, encoder.config.vocab_size)
+
+    def restore(self, encoder) -> None:
+        # transformers grows the table by swapping its weight's data, and diffusers' unload builds a
+        # new, trainable module and leaves config.vocab_size grown: the caller's text encoder must
+        # come back exactly as it was loaded (frozen, same tensors, same config).
+        self.module.weight.data = self.weight
+        self.module.num_embeddings = self.weight.shape[0]
+        encoder.set_input_embeddings(self.module)
+        encoder.config.vocab_size = self.vocab_size
+
+
+@contextmanager
+def embeddings_loaded(pipe: DiffusionPipeline, options: Sequence[str | Path]) -> Iterator[list[Embedding]]:
+    """Load textual-inversion files (`FILE` or `FILE:TOKEN`) into the pipeline; unloaded on exit.
+
+    diffusers' `load_textual_inversion` refuses SDXL's two-key files as a whole, so clip_l goes
+    into the first tokenizer/text encoder and clip_g into the second, under the same token.
+    """
+    embeddings = [read_embedding(*parse_embedding_option(option)) for option in options]
+    if not embeddings:
+        yield []
+        return
+    pairs = _text_encoders(pipe)
+    _check_embeddings(embeddings, pairs)
+    tables = [_TokenTable.of(encoder) for _, encoder in pairs]
+    try:
+        for embedding in embeddings:
+            for (tokenizer, encoder), vectors in zip(pairs, embedding.vectors, strict=True):
+                try:
+                    with quiet_library_logs():  # transformers explains how it initialises new rows
+                        pipe.load_textual_inversion(
+                            vectors, token=embedding.token, tokenizer=tokenizer, text_encoder=encoder
+                        )
+                except (ValueError, RuntimeError) as error:
+                    raise LecoError(
+                        f"--embedding: {embedding.path} cannot be loaded ({_first_line(error)})"
+                    ) from None
+        yield embeddings
+    finally:
+        tokens = [token for embedding in embeddings for token in embedding.tokens]
+        for (tokenizer, encoder), table in zip(pairs, tables, strict=True):
+            loaded = [token for token in tokens if token in tokenizer.get_vocab()]
+            if loaded:
+                pipe.unload_textual_inversion(tokens=loaded, tokenizer=tokenizer, text_encoder=encoder)
+            table.restore(encoder)

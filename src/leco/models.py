@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +28,56 @@ CONFIG_ROOT = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 Arch = Literal["sd1", "sd2", "sdxl"]
-BUNDLED_MODEL = "ink-digits"
+BUNDLED_MODEL = "ink-digits"  # the default bundled model (SD 1.x)
+BUNDLED_MODELS = ("ink-digits", "ink-digits-2")  # = leco.ink_digits.MODEL_NAMES (a test checks)
+
+
+@dataclass(frozen=True)
+class OptionNames:
+    """How the caller's user spells the model settings, so that messages name what they can change."""
+
+    model: str = "pretrained_model.name_or_path"
+    allow_pickle: str = "set pretrained_model.allow_pickle: true"
+
+
+CONFIG_OPTION_NAMES = OptionNames()
+CLI_OPTION_NAMES = OptionNames(model="--model", allow_pickle="pass --allow-pickle")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling settings a model recommends (or SD's usual ones), for options the user left unset."""
+
+    steps: int = 30
+    guidance: float = 7.0
+
+
+@contextmanager
+def quiet_library_logs() -> Iterator[None]:
+    """diffusers' and transformers' loading chatter off (warnings, loading bars), for leco's own calls.
+
+    Their verbosity and progress bars are process-wide settings that a Python user may have chosen;
+    they are restored on exit, so only leco's loading calls are quieted. Errors still print.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = [
+        (lib, lib.get_verbosity(), lib.is_progress_bar_enabled())
+        for lib in (diffusers_logging, transformers_logging)
+    ]
+    for lib, _, _ in saved:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():  # e.g. hub arguments diffusers still passes, now deprecated
+            warnings.filterwarnings("ignore", module=r"(huggingface_hub|diffusers|transformers|peft)\b")
+            yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()
 
 
 @dataclass(frozen=True)
@@ -60,6 +112,7 @@ class LoadedModels:
     vae_scale_factor: int
     source: str
     vae: AutoencoderKL | None = None
+    latent_scaling: float = 0.18215  # the VAE's scaling_factor: latents = scaling x encoder output
 
     @property
     def resolution(self) -> int:
@@ -67,16 +120,31 @@ class LoadedModels:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise LecoError(f"train.device: {name} but no CUDA GPU is available; use auto or cpu")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def pick_device(name: str, option: str = "train.device") -> torch.device:
+    """The device `name` means (auto: cuda, then mps, then cpu); `option` is how the user set it."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise LecoError(f"{option}: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LecoError(f"{option}: {name} but no CUDA GPU is available; use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LecoError(f"{option}: {name} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type == "mps" and not _mps_available():
+        raise LecoError(f"{option}: mps but no Apple GPU (MPS) is available; use auto or cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise LecoError(
+            f"{option}: {name!r}: leco runs on cpu, cuda or mps; use auto, cpu, cuda, cuda:N or mps"
+        )
+    return device
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
 def load_models(
@@ -84,22 +152,28 @@ def load_models(
     *,
     dtype: torch.dtype = torch.float32,
     with_vae: bool = False,
+    names: OptionNames = CONFIG_OPTION_NAMES,
 ) -> LoadedModels:
     """Load tokenizer(s), text encoder(s), UNet and scheduler config (and optionally the VAE)."""
     if isinstance(spec, str):
         spec = PretrainedModelConfig(name_or_path=spec)
-    path = resolve_bundled(spec.name_or_path)
-    if path.is_file():
-        loaded = _load_single_file(path, spec, dtype, with_vae)
-    elif path.is_dir():
-        loaded = _load_diffusers(str(path), spec, dtype, with_vae)
-    elif _looks_like_repo_id(spec.name_or_path):
-        loaded = _load_diffusers(spec.name_or_path, spec, dtype, with_vae)
-    else:
+    if not spec.name_or_path.strip():  # Path("") is the working directory: never what was meant
         raise LecoError(
-            f"pretrained_model.name_or_path: {spec.name_or_path!r} is neither a file, a folder nor a "
-            "Hugging Face repo id (owner/name); fix the path"
+            f"{names.model}: empty; name a repo id, a diffusers folder, a .safetensors file or ink-digits"
         )
+    path = resolve_bundled(spec.name_or_path)
+    with quiet_library_logs():
+        if path.is_file():
+            loaded = _load_single_file(path, spec, dtype, with_vae, names)
+        elif path.is_dir():
+            loaded = _load_folder(str(path), spec, dtype, with_vae)
+        elif _looks_like_repo_id(spec.name_or_path):
+            loaded = _load_hub_repo(spec.name_or_path, spec, dtype, with_vae, names)
+        else:
+            raise LecoError(
+                f"{names.model}: {spec.name_or_path!r} is neither a file, a folder nor a "
+                "Hugging Face repo id (owner/name); fix the path"
+            )
     for module in [loaded.unet, *loaded.text_encoders, loaded.vae]:
         if module is not None:
             module.requires_grad_(False).eval()
@@ -107,12 +181,40 @@ def load_models(
 
 
 def resolve_bundled(name: str) -> Path:
-    """`ink-digits` names the small model leco ships; anything else is a path (or a repo id)."""
-    if name == BUNDLED_MODEL:
-        from leco.ink_digits import default_model_path
+    """`ink-digits`, `ink-digits-2` name the small models leco ships; anything else is a path (or repo id)."""
+    if name in BUNDLED_MODELS:
+        from leco.ink_digits import model_path
 
-        return default_model_path()
+        return model_path(name)
     return Path(name).expanduser()
+
+
+def recommended_sampling(name_or_path: str) -> SamplingDefaults:
+    """The steps and guidance a model folder recommends, else SD's usual 30 steps at guidance 7.
+
+    A folder declares them in its model card (README.md front matter `inference: parameters:
+    {num_inference_steps, guidance_scale}`, the Hugging Face widget's convention); the bundled
+    models' own settings come from their quality measurement.
+    """
+    folder = resolve_bundled(name_or_path)
+    card = folder / "README.md"
+    if card.is_file():
+        from huggingface_hub.repocard import metadata_load
+
+        try:
+            parameters = ((metadata_load(card) or {}).get("inference") or {}).get("parameters") or {}
+        except Exception:  # a card whose front matter is not YAML declares nothing
+            parameters = {}
+        steps, guidance = parameters.get("num_inference_steps"), parameters.get("guidance_scale")
+        if isinstance(steps, int) and steps >= 1 and isinstance(guidance, (int, float)):
+            return SamplingDefaults(steps, float(guidance))
+    from leco import ink_digits
+
+    if folder.resolve().is_relative_to(Path(ink_digits.__file__).parent.resolve()):
+        from leco.ink_digits.quality import GUIDANCE, STEPS
+
+        return SamplingDefaults(STEPS, GUIDANCE)
+    return SamplingDefaults()
 
 
 def _looks_like_repo_id(name: str) -> bool:
@@ -123,15 +225,106 @@ def _looks_like_repo_id(name: str) -> bool:
 # diffusers folders and Hub repos
 
 
-def _load_diffusers(
-    source: str, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool
+class _Unreadable(Exception):
+    """diffusers or transformers could not read a part of a diffusers model (missing or damaged)."""
+
+
+def _load_folder(
+    folder: str, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool
 ) -> LoadedModels:
-    common = {"revision": spec.revision} if spec.revision else {}
+    try:
+        return _load_diffusers(folder, spec, dtype, with_vae, {})
+    except _Unreadable as error:
+        raise LecoError(
+            f"{folder}: not a complete diffusers model folder ({error}); "
+            "it needs unet/, text_encoder/, tokenizer/, scheduler/"
+        ) from None
+
+
+def _load_hub_repo(
+    repo_id: str, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool, names: OptionNames
+) -> LoadedModels:
+    """The local cache first; the Hub only when it is allowed and needed, checked with one request.
+
+    Without a network huggingface_hub retries each download for about 40 s before giving up, and
+    then diffusers reports a missing config.json: an offline user learns nothing useful that way.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    revision = {"revision": spec.revision} if spec.revision else {}
+    get_it = (
+        f"download it where there is network (hf download {repo_id}; older huggingface_hub: "
+        f"huggingface-cli download {repo_id}), or point {names.model} at a diffusers folder or a "
+        ".safetensors file"
+    )
+    cached = isinstance(try_to_load_from_cache(repo_id, "unet/config.json", revision=spec.revision), str)
+    if cached:
+        try:
+            return _load_diffusers(repo_id, spec, dtype, with_vae, {**revision, "local_files_only": True})
+        except _Unreadable as error:
+            if constants.HF_HUB_OFFLINE:
+                raise LecoError(
+                    f"{names.model}: only part of {repo_id!r} is in the local Hugging Face cache ({error}) "
+                    f"and HF_HUB_OFFLINE is set; {get_it}"
+                ) from None
+    elif constants.HF_HUB_OFFLINE:
+        raise LecoError(
+            f"{names.model}: {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is "
+            f"set; {get_it}"
+        )
+    _check_hub_answers(repo_id, spec.revision, names, get_it)
+    try:
+        return _load_diffusers(repo_id, spec, dtype, with_vae, revision)
+    except _Unreadable as error:
+        raise LecoError(
+            f"{names.model}: {repo_id!r} could not be loaded from the Hugging Face Hub ({error}); "
+            "is it a diffusers Stable Diffusion repo? Or use a local folder or .safetensors file"
+        ) from None
+
+
+def _check_hub_answers(repo_id: str, revision: str | None, names: OptionNames, get_it: str) -> None:
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        model_info(repo_id, revision=revision, timeout=10)
+    except GatedRepoError:
+        raise LecoError(
+            f"{names.model}: {repo_id!r} is gated on the Hugging Face Hub; accept its terms on its page "
+            "and log in (hf auth login), or use a local copy"
+        ) from None
+    except RepositoryNotFoundError:
+        raise LecoError(
+            f"{names.model}: the Hugging Face Hub has no repo {repo_id!r} (or it is private and you are "
+            "not logged in); check the id"
+        ) from None
+    except RevisionNotFoundError:
+        raise LecoError(
+            f"pretrained_model.revision: {repo_id!r} has no revision {revision!r} on the Hub; fix it"
+        ) from None
+    except HfHubHTTPError:
+        return  # the Hub answered; the download itself reports anything else
+    except Exception as error:  # connection errors are httpx's or requests' types, by hub version
+        raise LecoError(
+            f"{names.model}: {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be "
+            f"reached ({_first_line(error)}); {get_it}"
+        ) from None
+
+
+def _load_diffusers(
+    source: str, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool, common: dict[str, Any]
+) -> LoadedModels:
+    """Load from a diffusers folder or repo; `common`: revision / local_files_only for the Hub."""
     try:
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
         scheduler_config = dict(_load_json_config(source, "scheduler", "scheduler_config.json", common))
     except (OSError, ValueError) as error:
-        raise LecoError(_unreachable(source, error)) from None
+        raise _Unreadable(_first_line(error)) from None
     arch = arch_from_unet_config(unet_config)
     declared_v = scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
     family = _reconcile(spec, arch, declared_v, evidence=f"{source}/scheduler/scheduler_config.json")
@@ -156,7 +349,7 @@ def _load_diffusers(
             else None
         )
     except (OSError, ValueError) as error:
-        raise LecoError(_unreachable(source, error)) from None
+        raise _Unreadable(_first_line(error)) from None
     return LoadedModels(
         family=family,
         unet=unet,
@@ -164,6 +357,7 @@ def _load_diffusers(
         tokenizers=tokenizers,
         scheduler_config=scheduler_config,
         vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        latent_scaling=float(vae_config.get("scaling_factor", 0.18215)),
         source=source,
         vae=vae,
     )
@@ -178,19 +372,6 @@ def _load_json_config(source: str, subfolder: str, name: str, common: dict[str, 
     return json.loads(Path(hf_hub_download(source, name, subfolder=subfolder, **common)).read_text())
 
 
-def _unreachable(source: str, error: Exception) -> str:
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    if Path(source).is_dir():
-        return (
-            f"{source}: not a complete diffusers model folder ({first_line}); "
-            "it needs unet/, text_encoder/, tokenizer/, scheduler/"
-        )
-    return (
-        f"pretrained_model.name_or_path: {source!r} could not be loaded from the Hugging Face Hub or its "
-        f"cache ({first_line}); check the repo id, download it once online, or use a local folder or file"
-    )
-
-
 def arch_from_unet_config(config: dict[str, Any]) -> Arch:
     """SDXL conditions on pooled text and size ids; SD2 replaced SD1's 1x1-conv projections by Linear."""
     if config.get("addition_embed_type") == "text_time":
@@ -203,9 +384,9 @@ def arch_from_unet_config(config: dict[str, Any]) -> Arch:
 
 
 def _load_single_file(
-    path: Path, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool
+    path: Path, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool, names: OptionNames
 ) -> LoadedModels:
-    checkpoint = read_checkpoint(path, allow_pickle=spec.allow_pickle)
+    checkpoint = read_checkpoint(path, allow_pickle=spec.allow_pickle, names=names)
     arch = arch_from_checkpoint(checkpoint, path)
     config_dir = str(Path(spec.config).expanduser()) if spec.config else str(CONFIG_ROOT / arch)
     quiet = {"config": config_dir, "local_files_only": True}
@@ -228,7 +409,17 @@ def _load_single_file(
     vae_config = AutoencoderKL.load_config(config_dir, subfolder="vae")
     vae = None
     if with_vae:
-        vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", torch_dtype=dtype, **quiet)
+        if not any(key.startswith("first_stage_model.") for key in checkpoint):
+            raise LecoError(
+                f"{path}: holds no VAE (no first_stage_model.* weights), and images need one; "
+                "use a full checkpoint or a diffusers folder"
+            )
+        try:
+            vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", torch_dtype=dtype, **quiet)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise LecoError(
+                f"{path}: the VAE weights do not match the {arch} architecture ({_first_line(error)})"
+            ) from None
     scheduler_config = json.loads((Path(config_dir) / "scheduler" / "scheduler_config.json").read_text())
     scheduler_config["prediction_type"] = family.prediction_type
     return LoadedModels(
@@ -238,12 +429,18 @@ def _load_single_file(
         tokenizers=clip_tokenizers(family),
         scheduler_config=scheduler_config,
         vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        latent_scaling=float(vae_config.get("scaling_factor", 0.18215)),
         source=str(path),
         vae=vae,
     )
 
 
-def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def read_checkpoint(
+    path: Path,
+    *,
+    allow_pickle: bool = False,
+    names: OptionNames = CONFIG_OPTION_NAMES,
+) -> dict[str, torch.Tensor]:
     """Read a single-file checkpoint; pickles only when the user opted in, and then weights-only."""
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
@@ -257,10 +454,15 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
         raise LecoError(
             f"{path}: unsupported file type {suffix!r}; use a .safetensors file or a diffusers folder"
         )
+    if not _is_torch_save_file(path):
+        raise LecoError(
+            f"{path}: not a readable PyTorch checkpoint (neither a complete zip archive nor a pickle); "
+            "it may be truncated or damaged: download it again"
+        )
     if not allow_pickle:
         raise LecoError(
             f"{path}: {suffix} files are Python pickles that can run code when opened; convert it to "
-            ".safetensors, or set pretrained_model.allow_pickle: true if you trust its source"
+            f".safetensors, or {names.allow_pickle} if you trust its source"
         )
     try:
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -271,6 +473,15 @@ def read_checkpoint(path: Path, *, allow_pickle: bool = False) -> dict[str, torc
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
+
+
+def _is_torch_save_file(path: Path) -> bool:
+    """torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol 2+ starts with 0x80)."""
+    import zipfile
+
+    with path.open("rb") as file:
+        first = file.read(1)
+    return zipfile.is_zipfile(path) or first == b"\x80"
 
 
 def arch_from_checkpoint(checkpoint: dict[str, torch.Tensor], path: Path | str = "checkpoint") -> Arch:
@@ -375,3 +586,30 @@ def _reconcile(
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def training_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The UNet's dtype for training; fp16 on the CPU falls back to fp32 (CPUs have no fast fp16)."""
+    if device.type == "cpu" and precision == "fp16":
+        print("leco: warning: fp16 is not supported well on the CPU; training in fp32")
+        return torch.float32
+    return DTYPES[precision]
+
+
+def prepare_for_training(
+    unet: UNet2DConditionModel, device: torch.device, config: Any
+) -> UNet2DConditionModel:
+    """Move the UNet to the device and switch on the memory savers a LecoConfig asks for."""
+    unet.to(device)
+    if config.other.use_xformers:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except (ModuleNotFoundError, ValueError) as error:
+            reason = str(error).splitlines()[0][:80]
+            print(f"leco: warning: xformers unavailable ({reason}); using PyTorch SDPA")
+    if config.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet

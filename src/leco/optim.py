@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
 
 import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LRScheduler
 
+from leco.config import TrainConfig
 from leco.errors import LecoError
 
 # name -> (module, class, pip package that provides it)
@@ -26,9 +26,9 @@ _OPTIMIZERS = {
 }
 
 
-def build_optimizer(
-    name: str, params: list[torch.nn.Parameter], lr: float, args: dict[str, Any]
-) -> torch.optim.Optimizer:
+def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """train.optimizer over the trained parameters, with train.lr and train.optimizer_args."""
+    name, lr, args = train.optimizer, train.lr, train.optimizer_args
     module_name, class_name, package = _OPTIMIZERS[name]
     try:
         optimizer_class = getattr(importlib.import_module(module_name), class_name)
@@ -42,10 +42,10 @@ def build_optimizer(
         raise LecoError(f"train.optimizer_args: {error} (for {class_name})") from None
 
 
-def build_lr_scheduler(
-    name: str, optimizer: torch.optim.Optimizer, iterations: int, warmup_steps: int, args: dict[str, Any]
-) -> LRScheduler:
+def build_lr_scheduler(train: TrainConfig, optimizer: torch.optim.Optimizer) -> LRScheduler:
     """diffusers' schedules by name; `step` is torch's StepLR (decay by gamma every step_size)."""
+    name, iterations, args = train.lr_scheduler, train.iterations, train.lr_scheduler_args
+    warmup_steps = train.lr_warmup_steps
     if name == "step":
         step_size = int(args.get("step_size", max(1, iterations // 4)))
         return torch.optim.lr_scheduler.StepLR(

@@ -1,4 +1,4 @@
-"""Prompt entries made ready for training: cached embeddings, image sizes, SDXL size ids."""
+"""Prompt entries made ready for training: their objective, texts per role, image sizes."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from leco.conditioning import Conditioning, PromptEncoder, sdxl_time_ids
+from leco.conditioning import Conditioning, PromptEncoder
 from leco.config import PromptSettings, TrainConfig
 from leco.errors import LecoError
 from leco.models import LoadedModels
+from leco.objectives import OBJECTIVES, Objective
 
-ROLES = ("positive", "neutral", "unconditional")
 # Aspect ratios tried by dynamic_resolution, as (width, height) shares of the square's area.
 ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
 
@@ -20,20 +20,37 @@ ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
 @dataclass
 class PreparedPrompt:
     settings: PromptSettings
-    target: Conditioning  # one row each
-    unconditional: Conditioning
-    teacher: Conditioning  # one row per distinct text among positive, neutral, unconditional
-    teacher_rows: dict[str, int]  # role -> its row in `teacher`
-    resolution: int
+    objective: Objective
+    size: tuple[int, int]  # (height, width) in pixels
     batch_size: int
     size_step: int  # height and width must be multiples of this (pixels)
 
+    @property
+    def targets(self) -> list[str]:
+        return self.settings.targets
+
+    def texts(self, target: int) -> dict[str, str]:
+        """The prompt text of every role (see leco.objectives) for one of the entry's targets."""
+        s = self.settings
+        return {
+            "target": self.targets[target],
+            "positive": s.role_text("positive", target),
+            "unconditional": s.role_text("unconditional", target),
+            "neutral": s.role_text("neutral", target),
+            "empty": "",
+        }
+
+    def pick_target(self, generator: torch.Generator) -> int:
+        if len(self.targets) == 1:  # draws nothing: one-prompt entries keep their random stream
+            return 0
+        return int(torch.randint(len(self.targets), (1,), generator=generator))
+
     def image_size(self, generator: torch.Generator) -> tuple[int, int]:
-        """(height, width) in pixels; varies around the area of resolution**2 with dynamic_resolution."""
+        """(height, width) in pixels; varies around the same area with dynamic_resolution."""
         if not self.settings.dynamic_resolution:
-            return self.resolution, self.resolution
+            return self.size
         wide, tall = ASPECTS[int(torch.randint(len(ASPECTS), (1,), generator=generator))]
-        scale = self.resolution / math.sqrt(wide * tall)
+        scale = math.sqrt(self.size[0] * self.size[1] / (wide * tall))
         return self._round(tall * scale), self._round(wide * scale)
 
     def crop(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int]:
@@ -49,56 +66,62 @@ class PreparedPrompt:
 
 
 def encode_texts(
-    models: LoadedModels, texts: list[str], clip_skip: int | None, device: str
+    models: LoadedModels, texts: list[str], clip_skip: int | None, device: torch.device | str
 ) -> dict[str, Conditioning]:
-    """Encode every distinct text once (one row each); the text encoders are not needed afterwards."""
+    """Encode every distinct text once (one row each) on `device`; the encoders go back to the CPU."""
     texts = sorted(set(texts))
     _warn_if_truncated(models, texts)
-    encoded = PromptEncoder(models, clip_skip).encode(texts)
-    return {text: _row(encoded, i).to(device) for i, text in enumerate(texts)}
+    encoder = PromptEncoder(models, clip_skip)
+    result = {}
+    for text_encoder in models.text_encoders:
+        text_encoder.to(device)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), 256):  # a 10,000-line target_file stays within memory
+                chunk = texts[start : start + 256]
+                encoded = encoder.encode(chunk)
+                result.update({text: _row(encoded, i) for i, text in enumerate(chunk)})
+    finally:
+        for text_encoder in models.text_encoders:  # embeddings are cached: the GPU is the UNet's
+            text_encoder.to("cpu")
+    return result
 
 
-def prompt_texts(prompts: list[PromptSettings]) -> list[str]:
-    return [getattr(p, role) for p in prompts for role in ("target", *ROLES)]
+def prompt_texts(prompts: list[PreparedPrompt], roles: tuple[str, ...] | None = None) -> list[str]:
+    """Every text the entries use in the given roles (all roles by default)."""
+    return [
+        text
+        for p in prompts
+        for i in range(len(p.targets))
+        for role, text in p.texts(i).items()
+        if roles is None or role in roles
+    ]
 
 
 def prepare_prompts(
-    prompts: list[PromptSettings], by_text: dict[str, Conditioning], models: LoadedModels, train: TrainConfig
+    prompts: list[PromptSettings], models: LoadedModels, train: TrainConfig
 ) -> list[PreparedPrompt]:
     size_step = models.vae_scale_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
     prepared = []
     for number, settings in enumerate(prompts, start=1):
-        resolution = settings.resolution or train.resolution or models.resolution
-        if resolution % size_step:
+        default = train.resolution or models.resolution
+        size = settings.size or (default, default)
+        if size[0] % size_step or size[1] % size_step:
+            bad = size[0] if size[0] % size_step else size[1]
             raise LecoError(
-                f"prompts entry {number}: resolution {resolution} is not a multiple of {size_step} "
-                f"(this model's latent grid); use e.g. {max(size_step, resolution // size_step * size_step)}"
+                f"prompts entry {number}: resolution {bad} is not a multiple of {size_step} "
+                f"(this model's latent grid); use e.g. {max(size_step, bad // size_step * size_step)}"
             )
-        # One teacher row per distinct text: with neutral == unconditional (the default) only two.
-        distinct = list(dict.fromkeys(getattr(settings, role) for role in ROLES))
         prepared.append(
             PreparedPrompt(
                 settings=settings,
-                target=by_text[settings.target],
-                unconditional=by_text[settings.unconditional],
-                teacher=Conditioning.cat([by_text[text] for text in distinct]),
-                teacher_rows={role: distinct.index(getattr(settings, role)) for role in ROLES},
-                resolution=resolution,
+                objective=OBJECTIVES[settings.action],
+                size=size,
                 batch_size=settings.batch_size or train.batch_size or 1,
                 size_step=size_step,
             )
         )
     return prepared
-
-
-def conditioning_for(
-    embeds: Conditioning, batch: int, height: int, width: int, crop: tuple[int, int], sdxl: bool
-) -> Conditioning:
-    """Repeat a condition over the batch; SDXL also gets its size ids."""
-    cond = embeds.repeat(batch)
-    if sdxl:
-        cond = cond.with_time_ids(sdxl_time_ids(height, width, *crop))
-    return cond
 
 
 def _row(cond: Conditioning, index: int) -> Conditioning:

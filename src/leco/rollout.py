@@ -20,6 +20,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, LMSDiscreteScheduler
 from torch import Tensor
 
+from leco.config import TrainConfig
+from leco.prompts import PreparedPrompt
+from leco.trainable import EditedModel
+
 # (model input latents, timestep) -> the guided prediction (noise or v) of the edited model.
 GuidedModel = Callable[[Tensor, Tensor], Tensor]
 
@@ -29,6 +33,39 @@ SAMPLERS = {
     "lms": LMSDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
 }
+
+
+@dataclass
+class TrainingSample:
+    """A latent from a rollout, waiting for its training step."""
+
+    prompt: int  # index of the prompt entry
+    target: int  # index of the entry's target prompt
+    latents: Tensor  # [batch, channels, h, w], at `timesteps`
+    timesteps: Tensor  # [batch], integer training timesteps
+    size: tuple[int, int]  # image (height, width) in pixels
+    crop: tuple[int, int]
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "target": self.target,
+            "latents": self.latents.cpu(),
+            "timesteps": self.timesteps.cpu(),
+            "size": list(self.size),
+            "crop": list(self.crop),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> TrainingSample:
+        return cls(
+            state["prompt"],
+            state["target"],
+            state["latents"].to(device),
+            state["timesteps"].to(device),
+            tuple(state["size"]),
+            tuple(state["crop"]),
+        )
 
 
 @dataclass
@@ -55,11 +92,21 @@ class Rollout:
         self.steps = steps
         self.timestep_offset = timestep_offset
         self.prediction_type = config.get("prediction_type", "epsilon")
-        self.alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod
+        self.alphas_cumprod = self.alphas_cumprod_of(config)
         self.scheduler.set_timesteps(steps)
         # Stochastic samplers (ddpm, euler_a) draw their noise from our generator, for reproducibility.
         self.takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
         self.grid = [int(round(float(t))) for t in self.scheduler.timesteps]
+
+    @classmethod
+    def for_training(cls, scheduler_config: dict[str, Any], train: TrainConfig) -> Rollout:
+        return cls(scheduler_config, train.noise_scheduler, train.max_denoising_steps, train.timestep_offset)
+
+    @staticmethod
+    def alphas_cumprod_of(scheduler_config: dict[str, Any]) -> Tensor:
+        """The training noise schedule's alpha_bar_t for t = 0 .. T-1."""
+        config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+        return DDPMScheduler.from_config(config).alphas_cumprod
 
     def plan(self, count: int, generator: torch.Generator) -> list[SamplePlan]:
         """`count` samples at distinct step counts, each with its training timestep."""
@@ -124,3 +171,64 @@ class Rollout:
         last = max(p.step for p in plans)
         exact_last = all(p.timestep == self.grid[p.step - 1] for p in plans if p.step == last)
         return last - 1 if exact_last else last
+
+
+class SampleQueue:
+    """Training samples: a random entry and target, one partial rollout of the edited model, m latents.
+
+    Entries are drawn uniformly, then one of the entry's targets. A step takes up to
+    `samples_per_step` latents of the current rollout; a new rollout starts when it is used up.
+    """
+
+    def __init__(
+        self,
+        rollout: Rollout,
+        prompts: list[PreparedPrompt],
+        edited: EditedModel,
+        generator: torch.Generator,
+        train: TrainConfig,
+        vae_scale_factor: int,
+        device: torch.device,
+    ) -> None:
+        self.rollout, self.prompts, self.edited, self.generator = rollout, prompts, edited, generator
+        self.train, self.vae_scale_factor, self.device = train, vae_scale_factor, device
+        self.samples: list[TrainingSample] = []
+
+    def next(self) -> list[TrainingSample]:
+        if not self.samples:
+            self.samples = self.roll_out()
+        count = min(self.train.samples_per_step, len(self.samples))
+        taken, self.samples = self.samples[:count], self.samples[count:]
+        return taken
+
+    @torch.no_grad()
+    def roll_out(self) -> list[TrainingSample]:
+        generator = self.generator
+        index = int(torch.randint(len(self.prompts), (1,), generator=generator))
+        prompt = self.prompts[index]
+        target = prompt.pick_target(generator)
+        size = prompt.image_size(generator)
+        crop = prompt.crop(*size, generator)
+        scale = self.vae_scale_factor
+        shape = (prompt.batch_size, self.edited.unet.config.in_channels, size[0] // scale, size[1] // scale)
+        # Drawn on the CPU so that a seed gives the same run on every device; latents stay fp32.
+        noise = torch.randn(shape, generator=generator).to(self.device)
+        plans = self.rollout.plan(self.train.samples_per_rollout, generator)
+        texts = prompt.texts(target)
+        guidance = prompt.objective.rollout_guidance or self.train.rollout_guidance_scale
+        model = self.edited.guided(
+            texts["target"], texts["unconditional"], guidance, size, crop, prompt.batch_size
+        )
+        with self.edited.trainable.strength(
+            prompt.settings.multiplier
+        ):  # "as the edited model would generate"
+            latents = self.rollout.run(model, noise, plans, generator)
+        order = torch.randperm(len(plans), generator=generator).tolist()
+        timesteps = [torch.full((prompt.batch_size,), plan.timestep, device=self.device) for plan in plans]
+        return [TrainingSample(index, target, latents[i], timesteps[i], size, crop) for i in order]
+
+    def state(self) -> list[dict[str, Any]]:
+        return [sample.to_state() for sample in self.samples]
+
+    def load_state(self, state: list[dict[str, Any]]) -> None:
+        self.samples = [TrainingSample.from_state(item, self.device) for item in state]

@@ -12,8 +12,11 @@ from leco.errors import LecoError
 class Tracker:
     """Sends scalars to the sinks the config enables; does nothing when none is."""
 
-    def __init__(self, config: LecoConfig) -> None:
+    def __init__(self, config: LecoConfig | None) -> None:
+        """`None`: a process that logs nothing (not the main one of a data-parallel run)."""
         self.sinks: list[Any] = []
+        if config is None:
+            return
         logging = config.logging
         if logging.use_wandb:
             try:

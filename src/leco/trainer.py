@@ -1,17 +1,16 @@
 """The LECO training loop.
 
-One step: take a latent from a partial rollout made with the LoRA on (leco.rollout), ask the frozen
-model (LoRA off) for its positive/neutral/unconditional predictions in one batched call, and move
-the LoRA's prediction for the target prompt towards neutral -/+ g * (positive - unconditional)
-(leco.objectives). Read `Trainer.train_step` first; everything else is setup and saving.
+One step: take latents from a partial rollout made by the edited model (leco.rollout), ask the
+frozen model for the predictions the entry's objective needs (leco.teacher: one batched call),
+turn them into a training target (leco.objectives) and move the trained part's prediction
+there. What is trained, a LoRA or a token embedding, sits behind leco.trainable. Read
+`Trainer.loss` first; the rest is setup, saving and the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,263 +18,189 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from leco.conditioning import Conditioning, predict
+from leco import closed_form, objectives
+from leco.checkpoints import RunFolder, StopRequest, read_state, run_metadata
 from leco.config import LecoConfig, load_config
+from leco.distributed import Ranks
 from leco.errors import LecoError
-from leco.generate import SamplingSettings, build_pipeline, generate, requests_for
-from leco.models import load_models, pick_device
-from leco.network import LoRANetwork
-from leco.objectives import guided, leco_loss, leco_target
+from leco.models import DTYPES, LoadedModels, load_models, pick_device, prepare_for_training, training_dtype
 from leco.optim import build_lr_scheduler, build_optimizer
-from leco.preview import make_grid, save_image
-from leco.prompts import PreparedPrompt, conditioning_for, encode_texts, prepare_prompts, prompt_texts
-from leco.rollout import GuidedModel, Rollout
+from leco.preservation import entries_and_anchors
+from leco.preview import render_preview
+from leco.prompts import encode_texts, prepare_prompts, prompt_texts
+from leco.rollout import Rollout, SampleQueue, TrainingSample
+from leco.teacher import Teacher, Teachers, load_teacher
 from leco.tracking import Tracker
-from leco.training_state import read_state, state_dir, write_state
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from leco.trainable import EditedModel, Trainable, create_trainable
 
 
 @dataclass
-class TrainingSample:
-    """A latent from a rollout, waiting for its training step."""
+class Row:
+    """One trained prediction: a sample's latents, the prompts of every role, and its objective."""
 
-    prompt: int
-    latents: torch.Tensor  # [batch, channels, h, w], at `timesteps`
-    timesteps: torch.Tensor  # [batch], integer training timesteps
-    size: tuple[int, int]  # image (height, width) in pixels
-    crop: tuple[int, int]
+    sample: int  # index into the step's samples
+    texts: dict[str, str]  # role -> prompt text
+    objective: objectives.Objective
+    guidance_scale: float
+    weight: float
 
 
 @dataclass
 class TrainResult:
-    path: Path  # the last LoRA file written
-    state: Path  # the resumable state folder (for --resume)
+    path: Path  # the last file written
+    state: Path | None  # the resumable state folder (for --resume); None for a closed-form edit
     steps: int
     interrupted: bool
-    network: LoRANetwork
-    unet_calls: int  # UNet calls this run made (rollouts, teacher, student)
+    trainable: Trainable
 
 
 class Trainer:
-    def __init__(self, config: LecoConfig, *, progress: bool = True) -> None:
-        self.config = config
-        self.progress = progress
+    def __init__(
+        self,
+        config: LecoConfig,
+        *,
+        progress: bool = True,
+        resume: str | Path | None = None,
+        overwrite: bool = False,
+        models: LoadedModels | None = None,  # already loaded (benchmarks on built models); default: load
+    ) -> None:
+        config.check_combination()
+        self.config, self.progress = config, progress
+        self.resuming, self.overwrite = resume is not None, overwrite
         train = config.train
-        self.device = pick_device(train.device)
-        self.dtype = DTYPES[train.precision]
-        if self.device.type == "cpu" and self.dtype == torch.float16:
-            print("leco: warning: fp16 is not supported well on the CPU; training in fp32")
-            self.dtype = torch.float32
+        self.ranks = Ranks(pick_device(train.device))  # data-parallel processes, if launched so
+        self.device = self.ranks.device(pick_device(train.device))
+        self.dtype = training_dtype(self.device, train.precision)
         self.seed = train.seed if train.seed is not None else random.SystemRandom().randrange(2**31)
+        self.folder = RunFolder(config.save.path, config.save.name)
+        self.folder.check(resuming=self.resuming, overwrite=overwrite)  # before minutes of loading
 
-        models = load_models(config.pretrained_model, dtype=self.dtype, with_vae=bool(config.preview.prompts))
-        self.models = models
-        for encoder in models.text_encoders:
-            encoder.to(self.device)
-        texts = prompt_texts(config.prompts) + config.anchors.prompts
-        embeddings = encode_texts(models, texts, config.pretrained_model.clip_skip, str(self.device))
-        self.prompts = prepare_prompts(config.prompts, embeddings, models, train)
-        self.anchors = [embeddings[text] for text in config.anchors.prompts]
-        for encoder in models.text_encoders:  # embeddings are cached: free the GPU for the UNet
-            encoder.to("cpu")
-        self.unet = models.unet.to(self.device)
-        self._configure_unet()
+        self.models = models = models or load_models(
+            config.pretrained_model, dtype=self.dtype, with_vae=bool(config.preview.prompts)
+        )
+        entries, self.anchors = entries_and_anchors(config, models.source)
+        self.prompts = prepare_prompts(entries, models, train)
+        texts = [*prompt_texts(self.prompts), *self.anchors]
+        embeddings = encode_texts(models, texts, config.pretrained_model.clip_skip, self.device)
+        self.unet = prepare_for_training(models.unet, self.device, config)
+        torch.manual_seed(self.seed)  # the trained part's initial weights
+        self.trainable = create_trainable(models, config, self.device)
+        self.edited = EditedModel(self.unet, self.trainable, embeddings, models.family.is_sdxl, self.autocast)
+        concept = None
+        if config.teacher is not None:
+            texts = prompt_texts(self.prompts, objectives.CONCEPT_ROLES)
+            concept = load_teacher(config.teacher, models, texts, self.dtype, self.device, self.autocast)
+        self.teachers = Teachers(
+            Teacher.of_student(models, embeddings, self.trainable, self.autocast), concept
+        )
 
-        torch.manual_seed(self.seed)  # the LoRA's initial down weights
-        self.network = LoRANetwork.create(self.unet, models.family, config.network)
-        self.optimizer = build_optimizer(
-            train.optimizer, self.network.parameters(), train.lr, train.optimizer_args
-        )
-        self.lr_scheduler = build_lr_scheduler(
-            train.lr_scheduler,
-            self.optimizer,
-            train.iterations,
-            train.lr_warmup_steps,
-            train.lr_scheduler_args,
-        )
+        self.optimizer = build_optimizer(train, self.trainable.parameters())
+        self.lr_scheduler = build_lr_scheduler(train, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.rollout = Rollout(
-            models.scheduler_config, train.noise_scheduler, train.max_denoising_steps, train.timestep_offset
+        rollout = Rollout.for_training(models.scheduler_config, train)
+        # Entries, rollouts, timesteps, anchors: each process draws its own.
+        self.generator = torch.Generator().manual_seed(self.seed + self.ranks.index)
+        self.samples = SampleQueue(
+            rollout, self.prompts, self.edited, self.generator, train, models.vae_scale_factor, self.device
         )
-        self.generator = torch.Generator().manual_seed(self.seed)  # prompts, rollouts, timesteps
-        self.queue: list[TrainingSample] = []
         self.step = 0
-        self.unet_calls = 0
+        if resume is not None:
+            self.resume(resume)
 
     # -- one training step ------------------------------------------------------------------------
 
     def train_step(self) -> float:
-        loss = self.loss(self.next_sample())
-        if not torch.isfinite(loss):
+        loss = self.loss(self.samples.next())
+        if self.ranks.any(not torch.isfinite(loss), self.device):
             raise LecoError(
                 f"training stopped at step {self.step + 1}: the loss became {loss.item()}; use "
                 "train.precision: bf16 or fp32 (fp16 overflows easily), or a lower train.lr"
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.ranks.mean_gradients(self.trainable.parameters())
         if self.config.train.max_grad_norm:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), self.config.train.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.config.train.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.lr_scheduler.step()
         self.step += 1
-        return loss.item()
+        return self.ranks.mean(loss.item(), self.device)
 
-    def loss(self, sample: TrainingSample) -> torch.Tensor:
-        """The LECO loss of the LoRA'd model (student) against the frozen model's target.
+    def loss(self, samples: list[TrainingSample]) -> torch.Tensor:
+        """The weighted objective losses of the step's rows, averaged over its samples.
 
-        Anchor prompts ride along in the same two UNet calls: their student predictions must stay
-        what the frozen model predicts for them.
+        Rows: the entry's target prompt at each sample, plus anchor prompts riding along at the same
+        latents (objective: preserve). The frozen predictions come in one batched call (two with a
+        teacher model), the trained ones in one UNet call.
         """
-        prompt = self.prompts[sample.prompt]
-        anchors = self.pick_anchors()
-        teacher, teacher_anchors = self.teacher_predictions(prompt, sample, anchors)
-        settings = prompt.settings
-        target = leco_target(
-            settings.action,
-            teacher["neutral"],
-            teacher["positive"],
-            teacher["unconditional"],
-            settings.guidance_scale,
-        )
-        cond = self.conditioning(
-            Conditioning.cat([prompt.target, *anchors]), prompt, sample.size, sample.crop
-        )
-        rows = 1 + len(anchors)
-        with self.network.strength(settings.multiplier), self.autocast():
-            student = self.predict(sample.latents.repeat(rows, 1, 1, 1), sample.timesteps.repeat(rows), cond)
-        student, student_anchors = student[: len(target)], student[len(target) :]
-        loss = leco_loss(student, target)
-        if anchors:
-            loss = loss + self.config.anchors.weight * leco_loss(student_anchors, teacher_anchors)
-        return loss
-
-    @torch.no_grad()
-    def teacher_predictions(
-        self, prompt: PreparedPrompt, sample: TrainingSample, anchors: list[Conditioning] | None = None
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """The frozen model's positive/neutral/unconditional (and anchor) predictions in ONE UNet call."""
-        anchors = anchors or []
-        rows = len(prompt.teacher) + len(anchors)
-        cond = self.conditioning(
-            Conditioning.cat([prompt.teacher, *anchors]), prompt, sample.size, sample.crop
-        )
-        with self.network.strength(0.0), self.autocast():
-            out = self.predict(sample.latents.repeat(rows, 1, 1, 1), sample.timesteps.repeat(rows), cond)
-        chunks = out.chunk(rows)
-        roles = {role: chunks[row] for role, row in prompt.teacher_rows.items()}
-        return roles, torch.cat(chunks[len(prompt.teacher) :]) if anchors else out[:0]
-
-    def pick_anchors(self) -> list[Conditioning]:
-        if not self.anchors:
-            return []
-        count = min(self.config.anchors.per_step, len(self.anchors))
-        return [self.anchors[i] for i in torch.randperm(len(self.anchors), generator=self.generator)[:count]]
-
-    def next_sample(self) -> TrainingSample:
-        """Pop the next latent; when none is left, run a new rollout for a randomly chosen prompt."""
-        if not self.queue:
-            self.queue = self.rollout_samples()
-        return self.queue.pop(0)
-
-    @torch.no_grad()
-    def rollout_samples(self) -> list[TrainingSample]:
-        index = int(torch.randint(len(self.prompts), (1,), generator=self.generator))
-        prompt = self.prompts[index]
-        height, width = prompt.image_size(self.generator)
-        crop = prompt.crop(height, width, self.generator)
-        scale = self.models.vae_scale_factor
-        shape = (prompt.batch_size, self.unet.config.in_channels, height // scale, width // scale)
-        # Latents stay fp32 (autocast runs the UNet in the training precision); drawn on the CPU so a
-        # seed gives the same run on every device.
-        noise = torch.randn(shape, generator=self.generator).to(self.device)
-        plans = self.rollout.plan(self.config.train.samples_per_rollout, self.generator)
-        model = self.guided_model(prompt, (height, width), crop)
-        with self.network.strength(prompt.settings.multiplier):  # "as the edited model would generate"
-            latents = self.rollout.run(model, noise, plans, self.generator)
-        order = torch.randperm(len(plans), generator=self.generator).tolist()
-        batch = prompt.batch_size
-        return [
-            TrainingSample(
-                index,
-                latents[i],
-                torch.full((batch,), plans[i].timestep, device=self.device),
-                (height, width),
-                crop,
+        prompt, settings = self.prompts[samples[0].prompt], self.prompts[samples[0].prompt].settings
+        preserve, anchors = objectives.OBJECTIVES["preserve"], self.pick_anchors()
+        rows = []
+        for i, sample in enumerate(samples):
+            rows.append(
+                Row(
+                    i, prompt.texts(sample.target), prompt.objective, settings.guidance_scale, settings.weight
+                )
             )
-            for i in order
-        ]
+            rows += [
+                Row(i, {"target": a, "empty": ""}, preserve, 1.0, self.config.anchors.weight) for a in anchors
+            ]
+        roles = [row.objective.roles + self.trainable.extra_roles for row in rows]
+        frozen = self.teachers.predict(
+            samples, [(r.sample, {k: r.texts[k] for k in ks}) for r, ks in zip(rows, roles, strict=True)]
+        )
+        with self.trainable.strength(settings.multiplier):
+            student = self.edited.student(samples, [(row.sample, row.texts["target"]) for row in rows])
+        total = torch.zeros((), device=self.device)
+        for row, predictions, prediction in zip(rows, frozen, student, strict=True):
+            conditional_target = row.objective.target(predictions, row.guidance_scale)
+            target = self.trainable.training_target(conditional_target, predictions)
+            weights = self.snr_weights(samples[row.sample].timesteps)
+            total = total + row.weight * objectives.loss(prediction, target, weights)
+        return total / len(samples)
 
-    def guided_model(
-        self, prompt: PreparedPrompt, size: tuple[int, int], crop: tuple[int, int]
-    ) -> GuidedModel:
-        """The edited model (LoRA on) with classifier-free guidance on the target prompt."""
-        scale = self.config.train.rollout_guidance_scale
-        target = self.conditioning(prompt.target, prompt, size, crop)
-        both = Conditioning.cat([self.conditioning(prompt.unconditional, prompt, size, crop), target])
+    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
+        gamma = self.config.train.min_snr_gamma
+        if gamma is None:
+            return None
+        v_prediction = self.models.family.v_pred
+        return objectives.min_snr_weights(self.teachers.frozen.alphas_cumprod, timesteps, gamma, v_prediction)
 
-        def model(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            with self.autocast():
-                if scale == 1.0:  # no guidance, no doubled batch
-                    return self.predict(latents, timestep, target)
-                unconditional, conditional = self.predict(
-                    torch.cat([latents, latents]), timestep, both
-                ).chunk(2)
-            return guided(unconditional, conditional, scale)
-
-        return model
+    def pick_anchors(self) -> list[str]:
+        prompts = self.anchors
+        if not prompts:
+            return []
+        count = min(self.config.anchors.per_step, len(prompts))
+        return [prompts[i] for i in torch.randperm(len(prompts), generator=self.generator)[:count]]
 
     # -- helpers ----------------------------------------------------------------------------------
-
-    def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        self.unet_calls += 1
-        return predict(self.unet, latents, timesteps, cond)
-
-    def conditioning(
-        self, embeds: Conditioning, prompt: PreparedPrompt, size: tuple[int, int], crop: tuple[int, int]
-    ) -> Conditioning:
-        return conditioning_for(embeds, prompt.batch_size, *size, crop, self.models.family.is_sdxl)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _configure_unet(self) -> None:
-        if self.config.other.use_xformers:
-            try:
-                self.unet.enable_xformers_memory_efficient_attention()
-            except (ModuleNotFoundError, ValueError) as error:
-                print(
-                    f"leco: warning: xformers unavailable ({str(error).splitlines()[0][:80]}); "
-                    "using PyTorch SDPA"
-                )
-        if self.config.train.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-
     # -- saving and resuming ----------------------------------------------------------------------
 
     def save(self, suffix: str) -> Path:
-        save = self.config.save
-        path = Path(save.path) / f"{save.name}_{suffix}.safetensors"
-        extra = {
-            "leco.config": self.config.model_dump(mode="json"),
-            "leco.prompts": [p.settings.model_dump() for p in self.prompts],
-            "leco.step": str(self.step),
-            "leco.seed": str(self.seed),
-            "ss_steps": str(self.step),
-            "ss_sd_model_name": Path(self.models.source).name,
-        }
-        self.network.save(
+        """The trained file and the resumable state, as of now."""
+        entries = [p.settings for p in self.prompts]
+        extra = run_metadata(self.config, entries, self.step, self.seed, self.models.source)
+        save, state = self.config.save, self.state()  # every process takes part in gathering the state
+        path = self.folder.file(suffix)
+        if not self.ranks.is_main:
+            return path
+        self.trainable.save(
             path,
             dtype=DTYPES[save.precision],
-            resolution=self.prompts[0].resolution,
+            resolution=max(self.prompts[0].size),
             title=save.name,
             extra_metadata=extra,
         )
-        write_state(state_dir(save.path, save.name), self.state())
+        self.folder.write_state(state)
+        self.folder.prune_step_files(save.max_step_files)
         return path
 
     def state(self) -> dict[str, Any]:
@@ -283,144 +208,87 @@ class Trainer:
             "step": self.step,
             "seed": self.seed,
             "config": self.config.to_json(),
-            "lora": self.network.kohya_state_dict(torch.float32),
+            "trainable": self.trainable.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(),
-            "queue": [
-                {
-                    "prompt": s.prompt,
-                    "latents": s.latents.cpu(),
-                    "timesteps": s.timesteps.cpu(),
-                    "size": list(s.size),
-                    "crop": list(s.crop),
-                }
-                for s in self.queue
-            ],
+            # Each process's own random stream and waiting latents, in rank order.
+            "ranks": self.ranks.gather(
+                {"generator": self.generator.get_state(), "queue": self.samples.state()}
+            ),
         }
 
     def resume(self, path: str | Path) -> None:
-        state = read_state(path, self.config.to_json())
-        self.network.load_kohya_state_dict(state["lora"], source=str(path))
+        state = read_state(path, self.config.to_json(), processes=self.ranks.count)
+        self.trainable.load_state_dict(state["trainable"], source=str(path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
+        own = state["ranks"][self.ranks.index]
+        self.generator.set_state(own["generator"])
+        self.samples.load_state(own["queue"])
         self.step, self.seed = state["step"], state["seed"]
-        self.queue = [
-            TrainingSample(
-                q["prompt"],
-                q["latents"].to(self.device),
-                q["timesteps"].to(self.device),
-                tuple(q["size"]),
-                tuple(q["crop"]),
-            )
-            for q in state["queue"]
-        ]
 
-    # -- previews ---------------------------------------------------------------------------------
-
-    def preview_due(self) -> bool:
-        preview = self.config.preview
-        every = preview.every or self.config.save.per_steps
-        return bool(preview.prompts) and self.step % every == 0 and self.step < self.config.train.iterations
-
-    @torch.no_grad()
     def render_preview(self, suffix: str) -> Path:
-        """A strengths x prompts x seeds grid of the LoRA as it is now."""
-        preview, save = self.config.preview, self.config.save
-        parts = [*self.models.text_encoders, self.models.vae]
-        for part in parts:
-            part.to(self.device)
-        pipe = build_pipeline(self.models)
-        size = self.prompts[0].resolution
-        settings = SamplingSettings(preview.steps, preview.guidance, size, size)
-        requests = requests_for(preview.prompts, preview.strengths, preview.seeds)
-
-        def set_strength(value: float) -> None:
-            self.network.multiplier = value
-
-        try:
-            with self.autocast():
-                images = dict(generate(pipe, requests, settings, set_strength, progress=False))
-        finally:
-            self.network.multiplier = 1.0
-            for part in parts:
-                part.to("cpu")
-        return save_image(make_grid(images).image, Path(save.path) / "previews" / f"{save.name}_{suffix}.png")
+        path = self.folder.path / "previews" / f"{self.config.save.name}_{suffix}.png"
+        size, preview = self.prompts[0].size, self.config.preview
+        return render_preview(self.models, self.trainable, preview, size, path, self.device, self.autocast())
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        train, save = self.config.train, self.config.save
-        tracker = Tracker(self.config)
+        train, save, preview = self.config.train, self.config.save, self.config.preview
+        main = self.ranks.is_main  # the one process that writes files, logs and previews
+        if main:
+            self.folder.open(resuming=self.resuming, overwrite=self.overwrite)
+        tracker = Tracker(self.config if main else None)
         bar = tqdm(
-            total=train.iterations,
-            initial=self.step,
-            desc=save.name,
-            disable=not self.progress,
-            dynamic_ncols=True,
+            total=train.iterations, initial=self.step, desc=save.name, disable=not (self.progress and main)
         )
-        interrupted = False
+        stopping = False
         try:
             with StopRequest() as stop:
-                while self.step < train.iterations:
+                while self.step < train.iterations and not stopping:
                     loss = self.train_step()
                     lr = self.lr_scheduler.get_last_lr()[0]
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.3e}", lr=f"{lr:.2e}", refresh=False)
                     tracker.log({"loss": loss, "lr": lr}, self.step)
-                    if self.step % save.per_steps == 0 and self.step < train.iterations:
+                    due = self.step < train.iterations
+                    if due and self.step % save.per_steps == 0:
                         self.save(f"{self.step}steps")
-                    if self.preview_due():
+                    if (
+                        main
+                        and due
+                        and preview.prompts
+                        and self.step % (preview.every or save.per_steps) == 0
+                    ):
                         self.render_preview(f"{self.step}steps")
-                    if stop.requested:
-                        interrupted = True
-                        break
+                    stopping = self.ranks.any(stop.requested, self.device)
+            suffix = "interrupted" if stopping else "last"
+            path = self.save(suffix)
+            if main and preview.prompts:
+                self.render_preview(suffix)
         finally:
             bar.close()
             tracker.close()
-        suffix = "interrupted" if interrupted else "last"
-        path = self.save(suffix)
-        if self.config.preview.prompts:
-            self.render_preview(suffix)
-        state = state_dir(save.path, save.name)
-        return TrainResult(path, state, self.step, interrupted, self.network, self.unet_calls)
-
-
-class StopRequest:
-    """Ctrl-C asks the loop to stop after the current step (and save); a second Ctrl-C aborts."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(
-            "\nleco: stopping after this step and saving (Ctrl-C again to abort without saving)", flush=True
-        )
+            self.folder.close()
+        return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
 
 
 def train(
-    config: LecoConfig | str | Path, *, resume: str | Path | None = None, progress: bool = True
+    config: LecoConfig | str | Path,
+    *,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
 ) -> TrainResult:
-    """Train a LECO LoRA as the config says; returns where the final file was written."""
+    """Train as the config says; returns where the final file was written."""
     if not isinstance(config, LecoConfig):
         config = load_config(config)
-    trainer = Trainer(config, progress=progress)
-    if resume is not None:
-        trainer.resume(resume)
-    return trainer.run()
+    if config.train.method == "closed_form":
+        if resume is not None:
+            raise LecoError("--resume: a closed-form edit has no steps to continue; run it again")
+        path, network, _ = closed_form.edit(config, overwrite=overwrite)
+        return TrainResult(path, None, 0, False, network)
+    return Trainer(config, progress=progress, resume=resume, overwrite=overwrite).run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -16,13 +17,21 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
+from torch import nn
 
+from leco import __version__
 from leco.errors import LecoError
 from leco.files import atomic_output
 from leco.models import ModelFamily
+from leco.network.layers import adaptable_layers
 from leco.network.sgm_names import to_sgm_name
 
 UNET_PREFIX = "lora_unet_"
+TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+IMPLEMENTATION_VERSION = f"leco/{__version__}"
+STABILITY_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+_PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+PICKLED_LORA_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _LEGACY_HASH_START, _LEGACY_HASH_END = 0x100000, 0x110000
 _PLACEHOLDER_HASH = "0" * 8
 
@@ -32,26 +41,42 @@ def kohya_key(module_name: str, family: ModelFamily, unet_config: dict[str, Any]
     return UNET_PREFIX + path.replace(".", "_")
 
 
-def family_metadata(family: ModelFamily, resolution: int) -> dict[str, str]:
-    """What A1111 and ModelSpec readers use to decide which model a LoRA belongs to."""
+def model_architecture(family: ModelFamily) -> str:
+    """The ModelSpec architecture of a family's models; LoRAs for it add "/lora"."""
     if family.arch == "sdxl":
-        base, architecture = "sdxl_base_v1-0", "stable-diffusion-xl-v1-base/lora"
-        implementation = "https://github.com/Stability-AI/generative-models"
-    elif family.arch == "sd2":
-        base = "sd_v2_v" if family.v_pred else "sd_v2"
-        architecture = "stable-diffusion-v2-768-v/lora" if family.v_pred else "stable-diffusion-v2-512/lora"
-        implementation = "diffusers"
-    else:
-        base, architecture, implementation = "sd_v1", "stable-diffusion-v1/lora", "diffusers"
+        return "stable-diffusion-xl-v1-base"
+    if family.arch == "sd2":
+        return "stable-diffusion-v2-768-v" if family.v_pred else "stable-diffusion-v2-512"
+    return "stable-diffusion-v1"
+
+
+def modelspec_metadata(
+    family: ModelFamily, resolution: int, architecture: str, implementation: str
+) -> dict[str, str]:
+    """The ModelSpec 1.0.1 keys kohya writes, for a LoRA or a checkpoint."""
     return {
-        "ss_v2": str(family.arch == "sd2"),
-        "ss_base_model_version": base,
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": architecture,
         "modelspec.implementation": implementation,
+        "modelspec.implementation_version": IMPLEMENTATION_VERSION,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.prediction_type": "v" if family.v_pred else "epsilon",
         "modelspec.date": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+    }
+
+
+def family_metadata(family: ModelFamily, resolution: int) -> dict[str, str]:
+    """What A1111 and ModelSpec readers use to decide which model a LoRA belongs to."""
+    if family.arch == "sdxl":
+        base, implementation = "sdxl_base_v1-0", STABILITY_IMPLEMENTATION
+    elif family.arch == "sd2":
+        base, implementation = ("sd_v2_v" if family.v_pred else "sd_v2"), "diffusers"
+    else:
+        base, implementation = "sd_v1", "diffusers"
+    return {
+        "ss_v2": str(family.arch == "sd2"),
+        "ss_base_model_version": base,
+        **modelspec_metadata(family, resolution, model_architecture(family) + "/lora", implementation),
     }
 
 
@@ -76,9 +101,12 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
 
 
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA: `.safetensors`, or a `.pt` state dict (sliders) read weights-only."""
     path = Path(path)
     if not path.is_file():
         raise LecoError(f"{path}: LoRA file not found; check the path")
+    if path.suffix.lower() in PICKLED_LORA_SUFFIXES:
+        return _read_pickled_state_dict(path), {}
     try:
         with safe_open(str(path), framework="pt") as file:
             metadata = dict(file.metadata() or {})
@@ -86,6 +114,22 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     except Exception as error:  # safetensors has its own error types for damaged headers
         raise LecoError(f"{path}: not a readable .safetensors LoRA ({str(error).splitlines()[0]})") from None
     return tensors, metadata
+
+
+def _read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only refuses any pickled object but tensors and plain containers: no code runs.
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError and friends; never retried unsafely
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise LecoError(
+            f"{path}: cannot be read safely as a plain state dict ({first}); only tensors are accepted"
+        ) from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise LecoError(f"{path}: not a LoRA state dict (expected a dict of named tensors)")
+    return dict(state)
 
 
 def data_hash_of_file(path: str | Path) -> str:
@@ -102,5 +146,164 @@ def _data_hash(blob: bytes) -> str:
     return hashlib.sha256(blob[8 + header_length :]).hexdigest()
 
 
+def metadata_number(value: float) -> str:
+    """A number as kohya writes it in metadata: "4" for 4.0, "0.5" for 0.5."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
 def json_metadata(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files other trainers wrote: which model each module belongs to, and one canonical form
+
+
+@dataclass(frozen=True)
+class ModuleWeights:
+    """One LoRA module of a file: delta = up @ down * alpha / rank."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def split_by_model(
+    tensors: dict[str, torch.Tensor], source: str
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(UNet tensors, text-encoder tensors); any other key is not a kohya LoRA key."""
+    unet, text = {}, {}
+    for key, value in tensors.items():
+        if key.startswith(UNET_PREFIX):
+            unet[key] = value
+        elif key.startswith(TEXT_ENCODER_PREFIXES):
+            text[key] = value
+        else:
+            raise LecoError(
+                f"{source}: {key} is not a kohya LoRA key (they start with {UNET_PREFIX} or lora_te); "
+                "this file is not a LoRA leco can read"
+            )
+    return unet, text
+
+
+def group_modules(tensors: dict[str, torch.Tensor], source: str) -> dict[str, ModuleWeights]:
+    """Group `<module>.lora_down.weight / .lora_up.weight / .alpha` by module; alpha defaults to rank."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, part = key.partition(".")
+        if part not in _PARTS:
+            raise LecoError(
+                f"{source}: {key} is not a plain LoRA tensor (lora_down/lora_up/alpha); "
+                "LyCORIS (LoHa, LoKr, DoRA, CP) files cannot be read"
+            )
+        parts.setdefault(module, {})[part] = value
+    modules = {}
+    for module, found in sorted(parts.items()):
+        if "lora_down.weight" not in found or "lora_up.weight" not in found:
+            missing = "lora_up" if "lora_down.weight" in found else "lora_down"
+            raise LecoError(f"{source}: {module} has no {missing}.weight; the file is incomplete")
+        down, up = found["lora_down.weight"], found["lora_up.weight"]
+        alpha = found.get("alpha")
+        if alpha is not None and alpha.numel() != 1:
+            raise LecoError(f"{source}: {module}.alpha holds {alpha.numel()} values, expected one number")
+        # Missing alpha means scale 1 in A1111, ComfyUI and diffusers, i.e. alpha = rank.
+        modules[module] = ModuleWeights(down, up, float(alpha.item()) if alpha is not None else down.shape[0])
+    return modules
+
+
+def flatten_modules(
+    modules: dict[str, ModuleWeights], dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
+    """Back to file tensors; alpha always written, as fp32 0-d tensors."""
+    tensors = {}
+    for module, weights in modules.items():
+        tensors[f"{module}.lora_down.weight"] = weights.down.to(dtype or weights.down.dtype).contiguous()
+        tensors[f"{module}.lora_up.weight"] = weights.up.to(dtype or weights.up.dtype).contiguous()
+        tensors[f"{module}.alpha"] = torch.tensor(weights.alpha, dtype=torch.float32)
+    return tensors
+
+
+def unet_layer_keys(unet: nn.Module, family: ModelFamily) -> dict[str, str]:
+    """Every key a LoRA file may use for a UNet layer -> its diffusers module path.
+
+    SDXL files name layers by SGM paths (kohya, ours) or by diffusers paths (p1atdev/LECO,
+    sliders); kohya's SDXL loader accepts both, and so does this table.
+    """
+    keys = {}
+    for name in adaptable_layers(unet, "c3lier"):
+        keys[kohya_key(name, family, unet.config)] = name
+        keys[UNET_PREFIX + name.replace(".", "_")] = name
+    return keys
+
+
+def canonical_unet_modules(
+    tensors: dict[str, torch.Tensor], unet: nn.Module, family: ModelFamily, source: str
+) -> dict[str, ModuleWeights]:
+    """A file's UNet modules under the keys we write, with the tensor shapes each layer needs.
+
+    kohya's SD2 trainer writes 4-D proj_in/proj_out tensors for what diffusers builds as Linear;
+    a 2-D tensor for a 1x1 conv is the reverse case. Both are reshaped; anything that still does
+    not fit the layer is an error naming the key.
+    """
+    by_key = unet_layer_keys(unet, family)
+    modules: dict[str, ModuleWeights] = {}
+    for key, weights in group_modules(tensors, source).items():
+        if key not in by_key:
+            raise LecoError(
+                f"{source}: {key} matches no layer of this {family.name} UNet; "
+                "the LoRA was trained for another model family"
+            )
+        name = by_key[key]
+        canonical = kohya_key(name, family, unet.config)
+        if canonical in modules:
+            raise LecoError(
+                f"{source}: {key} names the same layer as another key; the file mixes two namings"
+            )
+        layer = unet.get_submodule(name)
+        modules[canonical] = fit_to_layer(weights, getattr(layer, "base_layer", layer), f"{source}: {key}")
+    return modules
+
+
+def fit_to_layer(weights: ModuleWeights, layer: nn.Module, where: str) -> ModuleWeights:
+    """Reshape 1x1 tensors between Linear and 1x1-conv form; refuse shapes the layer cannot take."""
+    down, up = weights.down, weights.up
+    if isinstance(layer, nn.Linear):
+        if down.ndim == 4 and down.shape[2:] == (1, 1) and up.ndim == 4 and up.shape[2:] == (1, 1):
+            down, up = down.flatten(1), up.flatten(1)
+        expected_down = (weights.rank, layer.in_features)
+        expected_up = (layer.out_features, weights.rank)
+    else:
+        kernel = tuple(layer.kernel_size)
+        if down.ndim == 2 and kernel == (1, 1):
+            down = down[:, :, None, None]
+        if up.ndim == 2:
+            up = up[:, :, None, None]
+        expected_down = (weights.rank, layer.in_channels, *kernel)
+        expected_up = (layer.out_channels, weights.rank, 1, 1)
+    for part, value, expected in (("lora_down", down, expected_down), ("lora_up", up, expected_up)):
+        if tuple(value.shape) != expected:
+            raise LecoError(
+                f"{where}.{part}.weight has shape {list(value.shape)} but the layer needs {list(expected)}; "
+                "the LoRA was trained for another model"
+            )
+    return ModuleWeights(down, up, weights.alpha)
+
+
+def delta_weight(
+    weights: ModuleWeights, shape: torch.Size, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """The change a module makes to its layer's weight at strength 1 (kohya's merge_lora math)."""
+    down, up = weights.down.to(dtype), weights.up.to(dtype)
+    scale = weights.alpha / weights.rank
+    if len(shape) == 2:
+        delta = up.flatten(1) @ down.flatten(1)
+    elif tuple(shape[2:]) == (1, 1):
+        delta = (up.flatten(1) @ down.flatten(1))[:, :, None, None]
+    else:
+        # A 3x3 down conv followed by a 1x1 up conv is one 3x3 conv: convolve down's kernels by up.
+        delta = torch.nn.functional.conv2d(down.permute(1, 0, 2, 3), up).permute(1, 0, 2, 3)
+    return (delta * scale).reshape(shape)

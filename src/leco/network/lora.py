@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -17,20 +17,33 @@ from typing import Any
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
-from torch import nn
+from torch import Tensor, nn
 
 from leco import __version__
+from leco.conditioning import Conditioning
 from leco.config import NetworkConfig
 from leco.errors import LecoError
 from leco.models import ModelFamily
 from leco.network import kohya
-from leco.network.layers import adaptable_layers, is_conv3x3, select_layers
+from leco.network.layers import is_conv3x3, select_layers
+from leco.network.text_encoders import TextEncoderLoRA
+from leco.objectives import Predictions
 
 ADAPTER = "leco"
 
 
 class LoRANetwork:
-    """LoRA modules on selected UNet layers, each with its own rank and alpha (scale = alpha/rank)."""
+    """LoRA modules on selected UNet layers, each with its own rank and alpha (scale = alpha/rank).
+
+    Implements `leco.trainable.Trainable`: the edited model is the UNet with the LoRA on, for every
+    prompt, so the trained prediction is the target prompt's own and sampling needs no change.
+    """
+
+    extra_roles: tuple[str, ...] = ()
+    text_encoder_lora: TextEncoderLoRA | None = None  # other trainers' text-encoder modules (from_file)
+    # SD2 proj_in/proj_out saved as 1x1-conv (4-D) tensors, the form kohya's own scripts load
+    # (save.sd2_proj_4d); diffusers needs the default 2-D form, A1111 and ComfyUI read both.
+    proj_4d: bool = False
 
     def __init__(
         self,
@@ -76,23 +89,26 @@ class LoRANetwork:
         return cls(unet, family, ranks, config.type, config.training_method)
 
     @classmethod
-    def from_file(cls, unet: nn.Module, family: ModelFamily, path: str | Path) -> LoRANetwork:
-        """Load a kohya-format LoRA (ours or another trainer's) onto a UNet of its family."""
+    def from_file(
+        cls,
+        unet: nn.Module,
+        family: ModelFamily,
+        path: str | Path,
+        text_encoders: Sequence[nn.Module] | None = None,
+    ) -> LoRANetwork:
+        """Load a kohya-format LoRA (ours or another trainer's) onto a UNet of its family.
+
+        SDXL files may name layers the diffusers way (p1atdev/LECO, sliders) and SD2 files may hold
+        kohya's 4-D proj_in/proj_out: both are read. Text-encoder modules stay as tensors in
+        `network.text_encoder_lora` (None without any), checked against `text_encoders` if given.
+        """
         tensors, metadata = kohya.read_lora_file(path)
-        by_key = {
-            kohya.kohya_key(name, family, unet.config): name for name in adaptable_layers(unet, "c3lier")
-        }
-        modules = sorted({key.split(".", 1)[0] for key in tensors})
-        ranks = {}
-        for module in modules:
-            if module not in by_key:
-                raise LecoError(
-                    f"{path}: {module} matches no layer of this {family.name} UNet; "
-                    "the LoRA was trained for another model family (or holds text-encoder layers)"
-                )
-            rank = tensors[f"{module}.lora_down.weight"].shape[0]
-            alpha = tensors.get(f"{module}.alpha", torch.tensor(float(rank))).item()
-            ranks[by_key[module]] = (rank, alpha)
+        unet_tensors, text_tensors = kohya.split_by_model(tensors, str(path))
+        modules = kohya.canonical_unet_modules(unet_tensors, unet, family, source=str(path))
+        if not modules:
+            raise LecoError(f"{path}: holds no UNet layer (text-encoder layers only); leco needs a UNet LoRA")
+        by_key = kohya.unet_layer_keys(unet, family)
+        ranks = {by_key[key]: (weights.rank, weights.alpha) for key, weights in modules.items()}
         convs = any(".resnets." in n or "samplers." in n for n in ranks)
         network = cls(
             unet,
@@ -101,7 +117,10 @@ class LoRANetwork:
             network_type="c3lier" if convs else "lierla",
             training_method=metadata.get("leco.training_method", "full"),
         )
-        network.load_kohya_state_dict(tensors, source=str(path))
+        network.load_kohya_state_dict(kohya.flatten_modules(modules), source=str(path))
+        network.text_encoder_lora = TextEncoderLoRA(text_tensors, str(path)) if text_tensors else None
+        if network.text_encoder_lora is not None and text_encoders is not None:
+            network.text_encoder_lora.fitted(text_encoders, family)
         return network
 
     # -- strength -------------------------------------------------------------------------------
@@ -125,6 +144,26 @@ class LoRANetwork:
             yield self
         finally:
             self.multiplier = previous
+
+    # -- how the trainer uses it ----------------------------------------------------------------
+
+    def student_condition(self, target: Conditioning) -> Conditioning:
+        return target
+
+    def negative_condition(self, unconditional: Conditioning) -> Conditioning:
+        return unconditional
+
+    def training_target(self, conditional_target: Tensor, frozen: Predictions) -> Tensor:
+        return conditional_target
+
+    def negative_prompt(self, strength: float, negative: str = "") -> str:
+        return negative
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return self.kohya_state_dict(torch.float32)
+
+    def load_state_dict(self, tensors: dict[str, Tensor], source: str = "state dict") -> None:
+        self.load_kohya_state_dict(tensors, source)
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -210,7 +249,13 @@ class LoRANetwork:
                 for k, v in (extra_metadata or {}).items()
             }
         )
-        return kohya.save_lora_file(path, self.kohya_state_dict(dtype), metadata)
+        tensors = self.kohya_state_dict(dtype)
+        if self.proj_4d and self.family.arch == "sd2":
+            metadata["leco.sd2_proj"] = "4d"
+            for key, value in tensors.items():
+                if value.ndim == 2 and key.split(".")[0].endswith(("_proj_in", "_proj_out")):
+                    tensors[key] = value[:, :, None, None].contiguous()
+        return kohya.save_lora_file(path, tensors, metadata)
 
     def remove(self) -> None:
         """Take the LoRA out of the UNet again, restoring the original layers."""

@@ -1,0 +1,233 @@
+"""Where a run writes: its LoRA (or embedding) files and resumable state, checked before any step.
+
+A run folder is `save.path`; a run owns the files named after `save.name` in it. Before training
+starts the folder must be writable, no other run may be writing the same name (a lock held while
+training), and files of an earlier run are not overwritten unless asked (`--overwrite`), or
+continued (`--resume`). Temp files a killed process left behind are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from leco.errors import LecoError
+from leco.files import atomic_output
+
+STATE_FILE = "training_state.pt"
+# Parts of the config that must match for a resumed run to continue the same training.
+_MUST_MATCH = ("pretrained_model", "network", "prompts", "anchors", "teacher")
+
+
+class RunFolder:
+    def __init__(self, path: str | Path, name: str) -> None:
+        self.path = Path(path).expanduser()
+        self.name = name
+        self._lock: Any = None
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path / f"{self.name}_state"
+
+    def file(self, suffix: str, extension: str = ".safetensors") -> Path:
+        return self.path / f"{self.name}_{suffix}{extension}"
+
+    def check(self, *, resuming: bool, overwrite: bool) -> None:
+        """Before anything slow: the folder can be written, and no earlier run is silently replaced."""
+        self._check_writable()
+        earlier = self.earlier_files()
+        if earlier and not (resuming or overwrite):
+            raise LecoError(
+                f"save.path: {self.path} already holds the run {self.name!r} ({earlier[0].name}); "
+                "continue it with --resume, replace it with --overwrite, or choose another save.name"
+            )
+
+    def open(self, *, resuming: bool, overwrite: bool) -> None:
+        """Lock the run's name in the folder for this process, check again, and clear what may be cleared."""
+        self._check_writable()
+        self._lock = _acquire_lock(self.path / f".{self.name}.lock", self.name, self.path)
+        try:
+            self.check(resuming=resuming, overwrite=overwrite)  # a run that finished meanwhile counts
+        except LecoError:
+            self.close()
+            raise
+        temps = [(self.path, f".{self.name}_*.tmp"), (self.state_dir, f".{STATE_FILE}.*.tmp")]
+        temps.append((self.path / "previews", f".{self.name}_*.tmp"))
+        for folder, pattern in temps:  # left by a process killed mid-save
+            for temp in folder.glob(pattern) if folder.is_dir() else []:
+                temp.unlink(missing_ok=True)
+        if overwrite and not resuming:
+            for old in self.earlier_files():
+                if old.is_dir():
+                    for inner in old.iterdir():
+                        inner.unlink()
+                    old.rmdir()
+                else:
+                    old.unlink()
+
+    def earlier_files(self) -> list[Path]:
+        pattern = re.compile(rf"{re.escape(self.name)}_(\d+steps|last|interrupted)\.safetensors")
+        files = (
+            sorted(p for p in self.path.iterdir() if pattern.fullmatch(p.name)) if self.path.is_dir() else []
+        )
+        return ([self.state_dir] if self.state_dir.is_dir() else []) + files
+
+    def write_state(self, state: dict[str, Any]) -> Path:
+        """Atomically: a crash while saving leaves the previous state intact."""
+        with atomic_output(self.state_dir / STATE_FILE) as file:
+            torch.save(state, file)
+        return self.state_dir / STATE_FILE
+
+    def prune_step_files(self, keep: int | None) -> None:
+        """Keep only the newest `keep` step files (None: all)."""
+        if keep is None:
+            return
+        steps = re.compile(rf"{re.escape(self.name)}_(\d+)steps\.safetensors")
+        found = sorted(
+            ((int(m[1]), p) for p in self.path.iterdir() if (m := steps.fullmatch(p.name))), reverse=True
+        )
+        for _, old in found[keep:]:
+            old.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        if self._lock is not None:
+            _release_lock(self._lock)
+            self._lock = None
+
+    def _check_writable(self) -> None:
+        for parent in [self.path, *self.path.parents]:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise LecoError(f"save.path: {parent} is a file, not a folder; choose another save.path")
+                if not os.access(parent, os.W_OK | os.X_OK):
+                    raise LecoError(f"save.path: {parent} is not writable; choose another save.path")
+                break
+        self.path.mkdir(parents=True, exist_ok=True)
+        for suffix in ("last", "interrupted"):
+            if self.file(suffix).is_dir():
+                raise LecoError(
+                    f"save.path: {self.file(suffix)} is a folder; move it or choose another save.name"
+                )
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to stop after the current step and save; a second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(
+            "\nleco: stopping after this step and saving (Ctrl-C again to abort without saving)", flush=True
+        )
+
+
+def run_metadata(config: Any, entries: list[Any], step: int, seed: int, source: str) -> dict[str, Any]:
+    """What a trained file records about its run (besides the network's own keys)."""
+    return {
+        "leco.config": config.model_dump(mode="json"),
+        "leco.prompts": [entry.model_dump() for entry in entries],
+        "leco.step": str(step),
+        "leco.seed": str(seed),
+        "ss_steps": str(step),
+        "ss_sd_model_name": Path(source).name,
+    }
+
+
+def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[str, Any]:
+    """Load a state folder (or its file) and check it belongs to this config and process count."""
+    path = Path(path)
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise LecoError(f"--resume: {path} holds no {STATE_FILE}; pass the *_state folder a run saved")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for damaged or foreign files
+        raise LecoError(f"--resume: {file} cannot be read ({_first_line(error)})") from None
+    try:
+        saved = json.loads(state["config"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise LecoError(
+            f"--resume: {file} is not a leco training state (it holds no run config); "
+            "pass the *_state folder a leco run saved"
+        ) from None
+    current = json.loads(config_json)
+    for key in _MUST_MATCH:
+        if saved.get(key) != current.get(key):
+            raise LecoError(
+                f"--resume: {file} was trained with a different `{key}` section; resume with the config "
+                "that started the run (only train/save/logging settings may change)"
+            )
+    if len(state.get("ranks", [])) != processes:
+        raise LecoError(
+            f"--resume: {file} was saved by {len(state.get('ranks', []))} data-parallel processes; resume "
+            f"with as many (this run has {processes})"
+        )
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _acquire_lock(path: Path, name: str, folder: Path) -> Any:
+    """An OS lock on a small file: released by the OS even when the process is killed."""
+    handle = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        _lock_file(handle)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise LecoError(
+            f"save.path: another `leco train` ({owner}) is writing the run {name!r} in {folder}; "
+            "wait for it to finish or choose another save.name"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def _lock_file(handle: Any) -> None:
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+
+        msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _release_lock(handle: Any) -> None:
+    # Removed while still locked. A process that opened the old file just before could then lock it
+    # while a third locks a new one; both would still meet the files this run wrote and refuse.
+    try:
+        Path(handle.name).unlink(missing_ok=True)
+    finally:
+        handle.close()

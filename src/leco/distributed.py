@@ -1,0 +1,75 @@
+"""Data-parallel training across processes (`accelerate launch` or `torchrun`), through accelerate.
+
+Each process makes its own rollouts from its own random stream (the run's seed plus its rank), so
+N processes see N times the samples per step; their gradients are averaged before every optimizer
+step, so the trained weights stay identical everywhere. Only the main process writes files, logs
+and previews. With one process everything here is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Ranks:
+    def __init__(self, device: torch.device) -> None:
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            from accelerate import PartialState
+
+            # accelerate picks gloo for CPU processes and nccl for GPUs.
+            self.state = PartialState(cpu=device.type == "cpu")
+
+    @property
+    def count(self) -> int:
+        return self.state.num_processes if self.state else 1
+
+    @property
+    def index(self) -> int:
+        return self.state.process_index if self.state else 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    def device(self, requested: torch.device) -> torch.device:
+        """The process's own GPU when several processes share a machine."""
+        return self.state.device if self.state and requested.type == "cuda" else requested
+
+    def mean_gradients(self, parameters: list[nn.Parameter]) -> None:
+        """Average the gradients over the processes, in one collective call."""
+        if self.count == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.count
+        for parameter, chunk in zip(parameters, flat.split([g.numel() for g in grads]), strict=True):
+            parameter.grad = chunk.view_as(parameter)
+
+    def mean(self, value: float, device: torch.device) -> float:
+        if self.count == 1:
+            return value
+        tensor = torch.tensor([value], device=device, dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return float(tensor) / self.count
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every process if it is true on one (a stop request, a NaN)."""
+        if self.count == 1:
+            return flag
+        tensor = torch.tensor([float(flag)], device=device)
+        torch.distributed.all_reduce(tensor)
+        return bool(tensor.item() > 0)
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value`, in rank order (on every process)."""
+        if self.count == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.count
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered

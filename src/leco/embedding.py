@@ -1,0 +1,194 @@
+"""A trained token: textual-inversion vectors for a new word, trained as a NEGATIVE embedding.
+
+Only the new token's input vectors are trained (both text encoders on SDXL); the text encoders and
+the UNet stay frozen. The prediction for the token's prompt is the one a user puts in the negative
+prompt, so its training target is `objectives.as_negative_prompt` of the action's target: sampling
+with the embedding as negative prompt at the rollout's guidance then does what the LoRA version of
+the same action would do, and prompts it should leave alone (`preserve` entries) keep what an empty
+negative prompt gives.
+
+Files: `emb_params` [N, dim] for SD1/SD2, `clip_l` + `clip_g` for SDXL (what A1111, ComfyUI and
+kohya read), with ModelSpec metadata marking a negative embedding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from leco import __version__
+from leco.conditioning import Conditioning, PromptEncoder
+from leco.errors import LecoError
+from leco.models import LoadedModels
+from leco.network import kohya
+from leco.objectives import Predictions, as_negative_prompt
+
+SDXL_KEYS = ("clip_l", "clip_g")
+
+
+class TokenEmbedding:
+    """N new vectors per text encoder behind the token `token` (and token_1 ... token_{N-1})."""
+
+    extra_roles = ("target", "empty")  # what `training_target` reads besides the objective's roles
+
+    def __init__(
+        self,
+        models: LoadedModels,
+        token: str,
+        vectors: int = 1,
+        init_text: str | None = None,
+        clip_skip: int | None = None,
+        cfg_scale: float = 3.0,
+    ) -> None:
+        self.models = models
+        self.token = token
+        self.cfg_scale = cfg_scale
+        self.clip_skip = clip_skip
+        self.tokens = [token] + [f"{token}_{i}" for i in range(1, vectors)]  # the diffusers/A1111 convention
+        self.vectors: list[nn.Parameter] = []
+        self._hooks = []
+        for tokenizer, encoder in zip(models.tokenizers, models.text_encoders, strict=True):
+            self._check_new(tokenizer)
+            tokenizer.add_tokens(self.tokens)
+            first = tokenizer.convert_tokens_to_ids(self.tokens[0])
+            encoder.resize_token_embeddings(len(tokenizer))
+            table = encoder.get_input_embeddings()
+            start = _initial_vectors(tokenizer, table.weight, init_text, vectors)
+            table.weight.data[first : first + vectors] = start.to(table.weight.dtype)
+            vector = nn.Parameter(start.float().clone())
+            self.vectors.append(vector)
+            self._hooks.append(table.register_forward_hook(_use_vectors(first, vector)))
+
+    @property
+    def prompt(self) -> str:
+        """The text that stands for all N vectors."""
+        return " ".join(self.tokens)
+
+    # -- the Trainable interface ---------------------------------------------------------------
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.vectors)
+
+    @contextlib.contextmanager
+    def strength(self, value: float) -> Iterator[TokenEmbedding]:
+        # The UNet is untouched: the embedding acts only where its token is in a prompt.
+        yield self
+
+    def encode(self) -> Conditioning:
+        """The token prompt through the text encoder(s), with gradients to the vectors."""
+        return PromptEncoder(self.models, self.clip_skip).encode([self.prompt])
+
+    def student_condition(self, target: Conditioning) -> Conditioning:
+        return self.encode()
+
+    def negative_condition(self, unconditional: Conditioning) -> Conditioning:
+        with torch.no_grad():
+            return self.encode()
+
+    def training_target(self, conditional_target: Tensor, frozen: Predictions) -> Tensor:
+        return as_negative_prompt(conditional_target, frozen, self.cfg_scale)
+
+    def negative_prompt(self, strength: float, negative: str = "") -> str:
+        """What a sampler's negative prompt is at this 'strength' (0: without the embedding)."""
+        if strength == 0:
+            return negative
+        return f"{negative}, {self.token}" if negative else self.token
+
+    def state_dict(self) -> dict[str, Tensor]:
+        tensors = [v.detach().cpu().float().contiguous().clone() for v in self.vectors]
+        if self.models.family.is_sdxl:
+            return dict(zip(SDXL_KEYS, tensors, strict=True))
+        return {"emb_params": tensors[0]}
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, Tensor], source: str = "state dict") -> None:
+        expected = self.state_dict()
+        if set(tensors) != set(expected):
+            raise LecoError(f"{source}: holds {sorted(tensors)}, expected {sorted(expected)} for this model")
+        for vector, key in zip(self.vectors, expected, strict=True):
+            if tensors[key].shape != vector.shape:
+                raise LecoError(
+                    f"{source}: {key} has shape {list(tensors[key].shape)}, expected {list(vector.shape)}"
+                )
+            vector.copy_(tensors[key])
+
+    def save(
+        self,
+        path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        resolution: int,
+        title: str | None = None,
+        extra_metadata: dict[str, Any] | None = None,
+    ) -> Path:
+        path = Path(path)
+        metadata = kohya.family_metadata(self.models.family, resolution)
+        metadata = {k: v for k, v in metadata.items() if k.startswith("modelspec.")}
+        metadata["modelspec.architecture"] = metadata["modelspec.architecture"].replace(
+            "/lora", "/textual-inversion"
+        )
+        metadata.update(
+            {
+                "modelspec.title": title or path.stem,
+                "modelspec.is_negative_embedding": "True",
+                "leco.version": __version__,
+                "leco.token": self.token,
+                "leco.vectors": str(len(self.tokens)),
+            }
+        )
+        metadata.update(
+            {
+                k: v if isinstance(v, str) else kohya.json_metadata(v)
+                for k, v in (extra_metadata or {}).items()
+            }
+        )
+        tensors = {k: v.to(dtype) for k, v in self.state_dict().items()}
+        return kohya.save_lora_file(path, tensors, metadata)
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def _check_new(self, tokenizer) -> None:
+        vocabulary = tokenizer.get_vocab()
+        for token in self.tokens:
+            pieces = tokenizer.tokenize(token)
+            if token in vocabulary or (len(pieces) == 1 and pieces[0] in vocabulary):
+                raise LecoError(
+                    f"network.token: {token!r} is already in this model's vocabulary; choose a new word, "
+                    "e.g. <no-seven>"
+                )
+
+
+def _initial_vectors(tokenizer, table: Tensor, init_text: str | None, vectors: int) -> Tensor:
+    """The init text's token vectors, repeated to N; without one, the vocabulary's mean vector."""
+    if init_text:
+        ids = tokenizer(init_text, add_special_tokens=False).input_ids
+        if not ids:
+            raise LecoError(f"network.init_text: {init_text!r} has no tokens; give a word or leave it out")
+        rows = table[torch.tensor(ids)].detach()
+        return rows[torch.arange(vectors) % len(ids)].clone()
+    return table.detach().mean(dim=0, keepdim=True).repeat(vectors, 1)
+
+
+def _use_vectors(first: int, vector: nn.Parameter):
+    """A forward hook on the token table: rows of the new ids come from the trained vectors."""
+
+    def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        ids = inputs[0]
+        new = (ids >= first) & (ids < first + len(vector))
+        if not new.any():
+            return output
+        output = output.clone()
+        output[new] = vector[ids[new] - first].to(output.dtype)
+        return output
+
+    return hook

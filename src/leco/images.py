@@ -1,0 +1,89 @@
+"""Images and their bookkeeping: what was asked for, file names, and labelled X/Y-plot grids.
+
+Columns are LoRA strengths, rows are prompts x seeds, as users compare them in A1111's X/Y plot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from leco.files import atomic_output
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    prompt: str
+    strength: float
+    seed: int
+
+    @property
+    def file_name(self) -> str:
+        return f"{slug(self.prompt)}_{format_strength(self.strength)}_{self.seed}.png"
+
+
+MIN_CELL = 128  # small models' images are scaled up (nearest neighbour) to stay readable
+PAD = 6
+
+
+@dataclass
+class Grid:
+    image: Image.Image
+    cell: tuple[int, int]  # width, height of one scaled image
+    column_labels: list[str]
+    row_labels: list[str]
+
+
+def make_grid(images: dict[ImageRequest, Image.Image]) -> Grid:
+    """Arrange generated images like an X/Y plot and label every row and column."""
+    requests = list(images)
+    strengths = list(dict.fromkeys(r.strength for r in requests))
+    rows = list(dict.fromkeys((r.prompt, r.seed) for r in requests))
+    first = next(iter(images.values()))
+    factor = max(1, -(-MIN_CELL // min(first.size)))
+    cell_w, cell_h = first.width * factor, first.height * factor
+    font = ImageFont.load_default(size=14)
+    column_labels = [f"strength {format_strength(s)}" for s in strengths]
+    row_labels = [f"{_shorten(prompt)}\nseed {seed}" for prompt, seed in rows]
+    label_w = (
+        max(int(ImageDraw.Draw(first).multiline_textbbox((0, 0), t, font=font)[2]) for t in row_labels)
+        + 2 * PAD
+    )
+    header_h = 14 + 2 * PAD
+    grid = Image.new(
+        "RGB", (label_w + len(strengths) * (cell_w + PAD), header_h + len(rows) * (cell_h + PAD)), "white"
+    )
+    draw = ImageDraw.Draw(grid)
+    for column, label in enumerate(column_labels):
+        draw.text((label_w + column * (cell_w + PAD) + PAD, PAD), label, fill="black", font=font)
+    for row, (label, (prompt, seed)) in enumerate(zip(row_labels, rows, strict=True)):
+        top = header_h + row * (cell_h + PAD)
+        draw.multiline_text((PAD, top + PAD), label, fill="black", font=font)
+        for column, strength in enumerate(strengths):
+            picture = images.get(ImageRequest(prompt, strength, seed))
+            if picture is not None:
+                scaled = picture.convert("RGB").resize((cell_w, cell_h), Image.NEAREST)
+                grid.paste(scaled, (label_w + column * (cell_w + PAD), top))
+    return Grid(grid, (cell_w, cell_h), column_labels, row_labels)
+
+
+def save_image(image: Image.Image, path: Path) -> Path:
+    """Write a PNG atomically (temp file + rename)."""
+    with atomic_output(path) as file:
+        image.save(file, format="PNG")
+    return path
+
+
+def _shorten(text: str, width: int = 28) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "empty"
+
+
+def format_strength(value: float) -> str:
+    return f"{value:g}"

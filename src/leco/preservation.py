@@ -1,0 +1,91 @@
+"""Keep everything else without listing it: prompts the model knows, minus the edited concept's words.
+
+`anchors: {prompts: auto}` draws its anchor prompts from what the model knows: the `prompts.txt`
+beside the model (one prompt a line; the bundled models ship one listing their captions), else a
+list of everyday prompts that ships with leco. Prompts that contain a word of an edited concept
+are left out: the entries' own targets, the words named in `anchors.exclude`, and the words every
+target of an erase or enhance entry shares and its neutral prompt lacks, except function words and
+words so common among the candidates (in more than a third of them) that they cannot be what the
+concept is about.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from leco.config import AnchorConfig, LecoConfig, PromptSettings
+
+GENERIC_PROMPTS = Path(__file__).parent / "data" / "everyday_prompts.txt"
+KNOWN_PROMPTS_FILE = "prompts.txt"
+COMMON_SHARE = 1 / 3
+# Words that never name a concept on their own.
+FUNCTION_WORDS = frozenset(
+    ["a", "an", "the", "of", "in", "on", "at", "with", "and", "or", "by", "for", "to", "from", "into"]
+    + ["over", "under", "near", "its", "his", "her", "their", "this", "that", "written", "style"]
+)
+
+
+def known_prompts(model_folder: str | Path) -> list[str]:
+    """The model's own prompt list if it has one, else leco's everyday prompts."""
+    folder = Path(model_folder)
+    own = folder / KNOWN_PROMPTS_FILE if folder.is_dir() else None
+    source = own if own is not None and own.is_file() else GENERIC_PROMPTS
+    lines = (line.strip() for line in source.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[\w']+", text.lower()))
+
+
+def concept_words(prompts: list[PromptSettings], candidates: list[str]) -> set[str]:
+    """Words the edited entries add to their neutral prompt, unless most prompts share them."""
+    added: set[str] = set()
+    for entry in prompts:
+        if entry.action not in ("erase", "enhance"):
+            continue
+        # Words every target of the entry shares: its paraphrases' other words (an ink, a setting) are
+        # context, not the concept. A slider's poles (positive, unconditional) are not its concept:
+        # "a digit five" -> red/blue keeps every red and blue prompt as an anchor.
+        shared = set.intersection(*(words(t) for t in entry.targets))
+        neutral = set.union(*(words(entry.role_text("neutral", i)) for i in range(len(entry.targets))))
+        added |= shared - neutral
+    added -= FUNCTION_WORDS
+    counts = {word: sum(word in words(c) for c in candidates) for word in added}
+    return {word for word, count in counts.items() if count <= COMMON_SHARE * max(len(candidates), 1)}
+
+
+def anchor_prompts(
+    anchors: AnchorConfig, prompts: list[PromptSettings], model_folder: str | Path
+) -> list[str]:
+    """The anchor prompts a run uses: as listed, or drawn from what the model knows (`auto`)."""
+    if anchors.prompts != "auto":
+        return list(anchors.prompts)
+    candidates = known_prompts(model_folder)
+    banned = {w.lower() for w in anchors.exclude or []} | concept_words(prompts, candidates)
+    targets = {t.strip().lower() for entry in prompts for t in entry.targets}
+    kept = [c for c in candidates if not words(c) & banned and c.strip().lower() not in targets]
+    if anchors.count is not None and anchors.count < len(kept):
+        generator = torch.Generator().manual_seed(0)  # the same draw every time: resumable runs
+        kept = [
+            kept[i] for i in sorted(torch.randperm(len(kept), generator=generator)[: anchors.count].tolist())
+        ]
+    return kept
+
+
+def entries_and_anchors(
+    config: LecoConfig, model_folder: str | Path
+) -> tuple[list[PromptSettings], list[str]]:
+    """The prompt entries to train, and the anchors that ride along at their latents.
+
+    With `anchors.rollouts` (and always for a negative embedding) the anchors become one more
+    entry, `action: preserve`, with rollouts of its own, and none ride along.
+    """
+    anchors = anchor_prompts(config.anchors, config.prompts, model_folder)
+    if anchors and (config.anchors.rollouts or config.network.type == "embedding"):
+        entry = PromptSettings(target=anchors, action="preserve", weight=config.anchors.weight)
+        return [*config.prompts, entry], []
+    return list(config.prompts), anchors

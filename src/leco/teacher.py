@@ -1,0 +1,230 @@
+"""The frozen model's predictions: what the edited model is trained towards.
+
+A `Teacher` answers, for latents at known timesteps, what a frozen UNet predicts for named prompt
+texts, all in ONE batched UNet call, returned in the *student's* prediction type. The usual
+teacher is the student's own UNet with the trained part switched off; a transplant plugs in
+another model with the same latent space (its own tokenizer, text encoders and prediction type).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from leco.conditioning import Conditioning, conditioning_for, predict
+from leco.config import TeacherConfig
+from leco.errors import LecoError
+from leco.models import LoadedModels, load_models
+from leco.objectives import CONCEPT_ROLES
+from leco.prompts import encode_texts
+from leco.rollout import Rollout
+
+
+class Sample(Protocol):
+    latents: Tensor
+    timesteps: Tensor
+    size: tuple[int, int]
+    crop: tuple[int, int]
+
+
+@dataclass
+class Block:
+    """Predictions wanted at one batch of latents: one per distinct text."""
+
+    latents: Tensor  # [batch, channels, h, w]
+    timesteps: Tensor  # [batch]
+    size: tuple[int, int]  # image (height, width) in pixels, for SDXL's size ids
+    crop: tuple[int, int]
+    texts: list[str]
+
+
+class Teacher:
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        embeddings: dict[str, Conditioning],
+        *,
+        prediction_type: str,
+        student_prediction_type: str,
+        alphas_cumprod: Tensor,
+        sdxl: bool,
+        autocast: Callable[[], AbstractContextManager],
+        frozen: Callable[[], AbstractContextManager] = contextlib.nullcontext,
+        offload: bool = False,
+    ) -> None:
+        self.unet = unet
+        self.embeddings = embeddings  # text -> its encoding by this model's own text encoders
+        self.prediction_type = prediction_type
+        self.student_prediction_type = student_prediction_type
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.sdxl = sdxl
+        self.autocast = autocast
+        self.frozen = frozen  # switches the student's trained part off when the teacher is the student
+        self.offload = offload  # keep the UNet on the CPU between calls (a second model on a small GPU)
+
+    @classmethod
+    def of_student(
+        cls, models: LoadedModels, embeddings: dict[str, Conditioning], trainable, autocast
+    ) -> Teacher:
+        """The student's own UNet with the trained part switched off."""
+        return cls(
+            models.unet,
+            embeddings,
+            prediction_type=models.family.prediction_type,
+            student_prediction_type=models.family.prediction_type,
+            alphas_cumprod=Rollout.alphas_cumprod_of(models.scheduler_config),
+            sdxl=models.family.is_sdxl,
+            autocast=autocast,
+            frozen=lambda: trainable.strength(0.0),
+        )
+
+    @torch.no_grad()
+    def predict(self, blocks: list[Block]) -> list[dict[str, Tensor]]:
+        """For each block, text -> prediction (float32, the student's prediction type)."""
+        blocks_with_texts = [b for b in blocks if b.texts]
+        if not blocks_with_texts:
+            return [{} for _ in blocks]
+        if len(blocks_with_texts) < len(blocks):  # a teacher asked nothing at some samples
+            answered = iter(self.predict(blocks_with_texts))
+            return [next(answered) if b.texts else {} for b in blocks]
+        latents = torch.cat([b.latents.repeat(len(b.texts), 1, 1, 1) for b in blocks])
+        timesteps = torch.cat([b.timesteps.repeat(len(b.texts)) for b in blocks])
+        cond = Conditioning.cat([self.conditioning(b) for b in blocks])
+        device = latents.device
+        if self.offload:
+            self.unet.to(device)
+        try:
+            with self.frozen(), self.autocast():
+                out = predict(self.unet, latents, timesteps, cond).float()
+        finally:
+            if self.offload:
+                self.unet.to("cpu")
+        out = convert_prediction(
+            out, latents, timesteps, self.alphas_cumprod, self.prediction_type, self.student_prediction_type
+        )
+        results, row = [], 0
+        for block in blocks:
+            batch = block.latents.shape[0]
+            results.append(
+                {text: out[row + i * batch : row + (i + 1) * batch] for i, text in enumerate(block.texts)}
+            )
+            row += batch * len(block.texts)
+        return results
+
+    def conditioning(self, block: Block) -> Conditioning:
+        embeds = Conditioning.cat([self.embeddings[text] for text in block.texts])
+        return conditioning_for(embeds, block.latents.shape[0], block.size, block.crop, self.sdxl)
+
+
+class Teachers:
+    """Who answers which role: concept roles from the teacher model if there is one, the rest from the
+    frozen student. With no teacher model every role comes from one batched call."""
+
+    def __init__(self, frozen: Teacher, concept: Teacher | None = None) -> None:
+        self.frozen = frozen
+        self.concept = concept or frozen
+
+    def source(self, role: str) -> Teacher:
+        return self.concept if role in CONCEPT_ROLES else self.frozen
+
+    def predict(
+        self, samples: list[Sample], wanted: list[tuple[int, dict[str, str]]]
+    ) -> list[dict[str, Tensor]]:
+        """For each (sample index, role -> text) request, role -> prediction at that sample's latents."""
+        answers = {}
+        for teacher in dict.fromkeys((self.frozen, self.concept)):
+            blocks = []
+            for index, sample in enumerate(samples):
+                texts = [
+                    text
+                    for where, roles in wanted
+                    if where == index
+                    for role, text in roles.items()
+                    if self.source(role) is teacher
+                ]
+                blocks.append(
+                    Block(
+                        sample.latents, sample.timesteps, sample.size, sample.crop, list(dict.fromkeys(texts))
+                    )
+                )
+            answers[id(teacher)] = teacher.predict(blocks)
+        return [
+            {role: answers[id(self.source(role))][where][text] for role, text in roles.items()}
+            for where, roles in wanted
+        ]
+
+
+def convert_prediction(
+    prediction: Tensor, latents: Tensor, timesteps: Tensor, alphas_cumprod: Tensor, source: str, target: str
+) -> Tensor:
+    """A noise (epsilon) or v prediction at x_t, expressed as the other kind.
+
+    With a = alpha_bar_t and x_t = sqrt(a) x0 + sqrt(1 - a) eps, v = sqrt(a) eps - sqrt(1 - a) x0
+    (diffusers' `get_velocity`), so eps = sqrt(a) v + sqrt(1 - a) x_t and
+    v = (eps - sqrt(1 - a) x_t) / sqrt(a).
+    """
+    if source == target:
+        return prediction
+    a = alphas_cumprod.to(latents.device)[timesteps.long()].view(-1, *[1] * (latents.ndim - 1))
+    x = latents.float()
+    if source == "v_prediction" and target == "epsilon":
+        return a.sqrt() * prediction + (1 - a).sqrt() * x
+    if source == "epsilon" and target == "v_prediction":
+        return (prediction - (1 - a).sqrt() * x) / a.sqrt()
+    raise ValueError(f"cannot convert a {source} prediction to {target}")
+
+
+def load_teacher(
+    config: TeacherConfig,
+    student: LoadedModels,
+    texts: list[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+) -> Teacher:
+    """Another model as the teacher of the concept roles; checked for a shared latent space first."""
+    models = load_models(config, dtype=dtype)
+    check_compatible(student, models, config.name_or_path)
+    embeddings = encode_texts(models, texts, config.clip_skip, device)
+    return Teacher(
+        models.unet.to("cpu" if config.offload else device),
+        embeddings,
+        prediction_type=models.family.prediction_type,
+        student_prediction_type=student.family.prediction_type,
+        alphas_cumprod=Rollout.alphas_cumprod_of(models.scheduler_config),
+        sdxl=models.family.is_sdxl,
+        autocast=autocast,
+        offload=config.offload,
+    )
+
+
+def check_compatible(student: LoadedModels, teacher: LoadedModels, name: str) -> None:
+    """Same latent space (channels, VAE scale) and the same training noise schedule, or one line why not."""
+    checks = [
+        ("latent channels", student.unet.config.in_channels, teacher.unet.config.in_channels),
+        ("VAE downsampling factor", student.vae_scale_factor, teacher.vae_scale_factor),
+        ("VAE scaling_factor", round(student.latent_scaling, 6), round(teacher.latent_scaling, 6)),
+        (
+            "training timesteps",
+            student.scheduler_config.get("num_train_timesteps", 1000),
+            teacher.scheduler_config.get("num_train_timesteps", 1000),
+        ),
+    ]
+    for what, ours, theirs in checks:
+        if ours != theirs:
+            raise LecoError(
+                f"teacher.name_or_path: {name} has {what} {theirs}, the student {ours}: the two models do "
+                "not share a latent space; use a teacher with the student's latents (SD1 and SD2 share one)"
+            )
+    ours, theirs = (Rollout.alphas_cumprod_of(m.scheduler_config) for m in (student, teacher))
+    if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6):
+        raise LecoError(
+            f"teacher.name_or_path: {name} was trained with another noise schedule (betas) than the student; "
+            "a transplant needs the same schedule"
+        )

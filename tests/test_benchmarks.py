@@ -1,0 +1,23 @@
+"""The GPU benchmark's code path runs on the CPU at a tiny size (the figures come from a GPU)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_gpu_scale_smoke_prints_a_row_per_setting():
+    result = subprocess.run(
+        [sys.executable, "gpu_scale.py", "--smoke", "--steps", "1", "--families", "sd1.5,sdxl"],
+        cwd=BENCHMARKS,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| sd1.5", "| sdxl"))]
+    assert len(rows) == 2 * 2 * 2  # families x checkpointing x (leco, reference)
+    for row in rows:
+        seconds = float(row.split("|")[6])
+        assert seconds > 0

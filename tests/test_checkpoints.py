@@ -1,0 +1,98 @@
+"""Run folders: outputs checked before training, one run per name at a time, nothing silently lost."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from test_trainer import make_config, write_yaml_config
+
+from leco.checkpoints import RunFolder
+from leco.errors import LecoError
+from leco.network import read_lora_file
+from leco.trainer import Trainer, train
+
+
+def test_a_save_path_under_a_file_fails_before_the_model_loads(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    config = make_config(tmp_path / "no-such-model", tmp_path / "taken" / "out")
+    with pytest.raises(LecoError, match=r"save.path: .*taken is a file, not a folder"):
+        Trainer(config, progress=False)  # the model path does not exist: the folder was checked first
+
+
+def test_a_fresh_run_does_not_replace_an_earlier_one(tmp_path, tiny_folders):
+    first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=5), progress=False)
+    before = first.path.read_bytes()
+    with pytest.raises(LecoError) as caught:
+        train(make_config(tiny_folders["sd1"], tmp_path, iterations=2), progress=False)
+    message = str(caught.value)
+    assert "already holds the run 'fox'" in message and "--resume" in message and "--overwrite" in message
+    assert "\n" not in message and first.path.read_bytes() == before
+
+
+def test_overwrite_replaces_the_earlier_run_and_its_stale_step_files(tmp_path, tiny_folders):
+    train(make_config(tiny_folders["sd1"], tmp_path, iterations=9), progress=False)  # writes 4 and 8 steps
+    assert (tmp_path / "fox_8steps.safetensors").exists()
+    second = train(make_config(tiny_folders["sd1"], tmp_path, iterations=5), overwrite=True, progress=False)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["fox_4steps.safetensors", "fox_last.safetensors", "fox_state"]
+    assert read_lora_file(second.path)[1]["leco.step"] == "5"
+
+
+def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tmp_path):
+    first = RunFolder(tmp_path, "fox")
+    first.open(resuming=False, overwrite=False)
+    try:
+        with pytest.raises(LecoError, match=r"another `leco train` \(pid \d+\) is writing the run 'fox'"):
+            RunFolder(tmp_path, "fox").open(resuming=False, overwrite=False)
+        other = RunFolder(tmp_path, "other")
+        other.open(resuming=False, overwrite=False)  # other names are free
+        other.close()
+    finally:
+        first.close()
+    again = RunFolder(tmp_path, "fox")
+    again.open(resuming=False, overwrite=False)  # released when the first run ends
+    again.close()
+    assert not list(tmp_path.glob(".*lock"))
+
+
+def test_temp_files_of_a_killed_save_are_cleared_when_the_run_continues(tmp_path, tiny_folders):
+    first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=4), progress=False)
+    left = [tmp_path / ".fox_8steps.safetensors.x1y2.tmp", first.state / ".training_state.pt.a1.tmp"]
+    for path in left:
+        path.write_bytes(b"half a file")
+    train(make_config(tiny_folders["sd1"], tmp_path, iterations=6), resume=first.state, progress=False)
+    assert not any(path.exists() for path in left)
+
+
+def test_sigterm_saves_an_interrupted_file_like_ctrl_c(tmp_path, tiny_folders):
+    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=400)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "leco", "train", str(config), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not (tmp_path / "out" / "fox_2steps.safetensors").exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "continue with: leco train" in out
+    _, metadata = read_lora_file(tmp_path / "out" / "fox_interrupted.safetensors")
+    assert 2 <= int(metadata["leco.step"]) < 400
+
+
+def test_previews_are_rendered_again_when_a_run_is_resumed(tmp_path, tiny_folders):
+    def config(iterations):
+        config = make_config(tiny_folders["sd1"], tmp_path, iterations=iterations)
+        config.preview.prompts, config.preview.steps = ["a red fox"], 2
+        return config
+
+    first = train(config(4), progress=False)
+    (tmp_path / "previews" / "fox_last.png").unlink()
+    train(config(9), resume=first.state, progress=False)
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["fox_8steps.png", "fox_last.png"]

@@ -1,0 +1,587 @@
+"""The `leco` command: honest help, one-line errors (exit 2) before anything heavy loads, no tracebacks."""
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+import leco.models
+from leco.checkpoints import read_state
+from leco.cli import build_parser, main
+from leco.config import NetworkConfig, PretrainedModelConfig
+from leco.errors import LecoError
+from leco.generate import check_lora_fits, read_lora_header
+from leco.models import load_models, pick_device, quiet_library_logs, recommended_sampling
+from leco.network import LoRANetwork
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "ink-digits"
+
+
+def run_cli(argv, capsys):
+    """main() in this process: (exit code, stdout, stderr); argparse's exits count as codes."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, option):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("leco") and "error:" in lines[0] and option in lines[0], err
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if any model would be read: bad options must be refused before that."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded for an invalid command line")
+
+    for name in ("_load_single_file", "_load_folder", "_load_hub_repo"):
+        monkeypatch.setattr(leco.models, name, refuse)
+
+
+@pytest.fixture(scope="module")
+def loras(tmp_path_factory, tiny_folders):
+    """Per family: a LoRA with metadata, the same without metadata, and damaged / foreign files."""
+    root = tmp_path_factory.mktemp("cli_loras")
+    files = {}
+    for name in ("sd1", "sd2-v", "sdxl"):
+        models = load_models(str(tiny_folders[name]))
+        network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2))
+        files[name] = network.save(root / f"{name}.safetensors", resolution=16)
+        save_file(load_file(str(files[name])), str(root / f"{name}_bare.safetensors"))
+        files[f"{name}_bare"] = root / f"{name}_bare.safetensors"
+    whole = files["sd1"].read_bytes()
+    files["truncated"] = root / "truncated.safetensors"
+    files["truncated"].write_bytes(whole[: len(whole) // 2])
+    files["not_lora"] = root / "unet.safetensors"
+    files["not_lora"].write_bytes(
+        (tiny_folders["sd1"] / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    )
+    return files
+
+
+# -- help -----------------------------------------------------------------------------------------
+
+
+def test_bare_leco_prints_usage_and_exits_2():
+    result = subprocess.run([sys.executable, "-m", "leco"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: leco") and "error: name a command" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def subcommands():
+    import argparse
+
+    parser = build_parser()
+    (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return commands.choices
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "eval"])
+def test_help_shows_a_runnable_example_on_the_bundled_model(command):
+    parser = subcommands()[command]
+    text = parser.format_help()
+    example = re.search(rf"^  (leco {command} .*?)$(?:\n^      (.*?)$)?", text, flags=re.M)
+    assert example, text
+    assert "ink-digits" in text and "examples/ink-digits/" in text
+    # every example file the help names exists, and the example parses as a command line
+    for name in re.findall(r"examples/ink-digits/[\w.]+\.yaml", text):
+        assert (ROOT / name).is_file(), name
+    if command == "train":
+        args = build_parser().parse_args(example[1].split()[1:])
+        assert Path(ROOT / args.config).is_file()
+    else:  # after the train example, its LoRA exists; without it the --lora check must refuse
+        assert "leco train examples/ink-digits/erase_seven.yaml" in text
+        assert "output/ink-digits/no_seven_last.safetensors" in example[0]
+
+
+def test_every_option_of_every_command_has_help():
+    for name, parser in subcommands().items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), f"leco {name} {action.option_strings or action.dest}"
+
+
+def test_generate_help_states_the_defaults():
+    text = subcommands()["generate"].format_help()
+    assert "25 steps, guidance 3" in text and "30 steps at guidance 7" in text
+    assert "without one only 0 is drawn" in " ".join(text.split())
+
+
+# -- one-line errors before loading -----------------------------------------------------------------
+
+BAD_OPTIONS = [
+    (["--seeds", "5-1"], "--seeds", "counts down"),
+    (["--seeds", "-3"], "--seeds", "whole numbers from 0"),
+    (["--seeds", ""], "--seeds", "not a list of seeds"),
+    (["--seeds", "0-99999999999"], "--seeds", "more than 10000 seeds"),
+    (["--seeds", "1,2,99999999999999999999"], "--seeds", "too large"),
+    (["--steps", "0"], "--steps", "at least 1 step"),
+    (["--steps", "2.5"], "--steps", "not a whole number"),
+    (["--guidance", "nan"], "--guidance", "finite"),
+    (["--guidance", "inf"], "--guidance", "finite"),
+    (["--guidance", "-1"], "--guidance", "from 0"),
+    (["--height", "20"], "--height", "multiples of 8"),
+    (["--width", "0"], "--width", "multiples of 8"),
+    (["--width", "-16"], "--width", "multiples of 8"),
+    (["--strengths", "1,nan"], "--strengths", "finite"),
+    (["--strengths", "-1,inf"], "--strengths", "finite"),
+    (["--strengths", "1,,2"], "--strengths", "not a list of numbers"),
+    (["--sampler", "heun"], "--sampler", "not known"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "option", "says"), BAD_OPTIONS, ids=lambda v: " ".join(v) if isinstance(v, list) else None
+)
+def test_bad_numbers_are_one_line_errors_before_loading(
+    extra, option, says, capsys, no_loading, tiny_folders
+):
+    base = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat"]
+    code, _, err = run_cli(base + extra, capsys)
+    assert_one_line_error(code, err, option)
+    assert says in err
+
+
+def test_strengths_without_a_lora_are_refused_before_loading(capsys, no_loading, tiny_folders, tmp_path):
+    argv = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", "--strengths", "-1,1"]
+    code, _, err = run_cli([*argv, "--out", tmp_path], capsys)
+    assert_one_line_error(code, err, "--strengths")
+    assert "--lora" in err
+
+
+def test_bad_device_names_the_option_the_user_used(capsys, no_loading, tiny_folders, tmp_path):
+    argv = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", "--out", tmp_path]
+    code, _, err = run_cli([*argv, "--device", "tpu9"], capsys)
+    assert_one_line_error(code, err, "--device")
+    assert "train.device" not in err
+    with pytest.raises(LecoError, match=r"^train\.device: 'gpu' is not a device"):
+        pick_device("gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LecoError, match=r"^--device: cuda:1 but no CUDA GPU"):
+            pick_device("cuda:1", option="--device")
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "layout", "says"),
+    [
+        ("generate", "--out", "file", "is a file; name a folder"),
+        ("generate", "--out", "under_file", "cannot be created"),
+        ("eval", "--out", "folder", "is a folder; name the report file"),
+        ("eval", "--out", "under_file", "cannot be created"),
+        ("eval", "--images", "file", "is a file; name a folder"),
+        ("eval", "--images", "under_file", "cannot be created"),
+    ],
+)
+def test_unwritable_outputs_are_refused_before_loading(
+    command, option, layout, says, capsys, no_loading, tiny_folders, tmp_path
+):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    target = {"file": a_file, "under_file": a_file / "out" / "x.json", "folder": tmp_path}[layout]
+    if command == "generate":
+        argv = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", option, target]
+    else:
+        argv = [
+            "eval",
+            "--model",
+            tiny_folders["sd1"],
+            "--spec",
+            EXAMPLES / "erase_seven_eval.yaml",
+            option,
+            target,
+        ]
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, option)
+    assert says in err
+    assert a_file.read_text() == "mine"
+
+
+def test_a_missing_model_is_one_line_naming_the_option(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["generate", "--model", tmp_path / "nope", "--prompt", "a cat"], capsys)
+    assert_one_line_error(code, err, "--model")
+    assert "pretrained_model" not in err
+
+
+# -- LoRA files -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "says"),
+    [
+        ("truncated", "is not a readable .safetensors file"),
+        ("not_lora", "holds no LoRA weights"),
+        ("missing", "not found"),
+        ("pickle", "is not a .safetensors file"),
+    ],
+)
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_broken_lora_files_are_one_line_errors_naming_the_file(
+    command, kind, says, loras, capsys, no_loading, tiny_folders, tmp_path
+):
+    lora = {"missing": tmp_path / "gone.safetensors", "pickle": tmp_path / "lora.pt"}.get(kind) or loras[kind]
+    if kind == "pickle":
+        torch.save(load_file(str(loras["sd1"])), lora)
+    if command == "generate":
+        argv = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", "--out", tmp_path / "images"]
+    else:
+        argv = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
+        argv += ["--out", tmp_path / "report.json"]
+    code, _, err = run_cli([*argv, "--lora", lora], capsys)
+    assert_one_line_error(code, err, "--lora")
+    assert says in err and str(lora) in err
+
+
+@pytest.mark.parametrize(
+    ("lora", "model", "says"),
+    [
+        ("sdxl_bare", "sd1", "fits no layer of this sd1 model"),
+        ("sd1_bare", "sdxl", "fits no layer of this sdxl model"),
+        (
+            "sd1_bare",
+            "sd2-v",
+            "proj_in.lora_down.weight has shape [2, 16, 1, 1], this model's layer needs [2, 16]",
+        ),
+        ("sd2-v_bare", "sd1", "has shape [2, 16], this model's layer needs [2, 16, 1, 1]"),
+        ("sd1", "sd2-v", "was trained for sd1 but the model is sd2-v"),
+    ],
+)
+def test_a_lora_of_another_family_is_refused_by_its_layers(loras, tiny_folders, lora, model, says):
+    models = load_models(str(tiny_folders[model]))
+    with pytest.raises(LecoError, match=re.escape(says)):
+        check_lora_fits(read_lora_header(loras[lora]), models.unet, models.family)
+    # each family's own file, with or without metadata, passes
+    own = model
+    for name in (own, f"{own}_bare"):
+        check_lora_fits(read_lora_header(loras[name]), models.unet, models.family)
+
+
+def test_a_wrong_family_lora_never_reaches_diffusers_in_generation(loras, tiny_folders, tmp_path, capfd):
+    from leco.generate import SamplingSettings, requests_for, run_generation
+
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    with pytest.raises(LecoError, match="fits no layer of this sd1 model"):
+        run_generation(
+            models,
+            loras["sdxl_bare"],
+            requests_for(["x"], [1.0], [0]),
+            SamplingSettings(steps=2),
+            tmp_path,
+            "cpu",
+            False,
+        )
+    assert "size mismatch" not in capfd.readouterr().err
+
+
+# -- defaults ---------------------------------------------------------------------------------------
+
+
+def test_recommended_sampling_comes_from_the_model():
+    assert recommended_sampling("ink-digits") == leco.models.SamplingDefaults(steps=25, guidance=3.0)
+
+
+def test_a_model_card_declares_its_sampling_defaults(tmp_path, tiny_folders):
+    assert recommended_sampling(str(tiny_folders["sd1"])) == leco.models.SamplingDefaults(30, 7.0)
+    card = {"inference": {"parameters": {"num_inference_steps": 12, "guidance_scale": 4.5}}}
+    (tmp_path / "README.md").write_text(f"---\n{yaml.safe_dump(card)}---\n# a model\n")
+    assert recommended_sampling(str(tmp_path)) == leco.models.SamplingDefaults(12, 4.5)
+
+
+def test_generate_without_a_lora_draws_strength_zero_at_the_recommended_settings(
+    tmp_path, tiny_folders, capsys, monkeypatch
+):
+    import shutil
+
+    import leco.generate
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folders["sd1"], model)
+    card = {"inference": {"parameters": {"num_inference_steps": 3, "guidance_scale": 1.5}}}
+    (model / "README.md").write_text(f"---\n{yaml.safe_dump(card)}---\n")
+    seen = {}
+    real = leco.generate.run_generation
+
+    def spy(models, lora, requests, settings, *args, **kwargs):
+        seen.update(requests=requests, settings=settings)
+        return real(models, lora, requests, settings, *args, **kwargs)
+
+    monkeypatch.setattr(leco.generate, "run_generation", spy)
+    argv = ["generate", "--model", model, "--prompt", "a cat", "--seeds", "0-1", "--out", tmp_path / "out"]
+    code, out, err = run_cli([*argv, "--no-progress"], capsys)
+    assert code == 0, err
+    assert [r.strength for r in seen["requests"]] == [0.0, 0.0]
+    assert (seen["settings"].steps, seen["settings"].guidance) == (3, 1.5)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a-cat_0_0.png",
+        "a-cat_0_1.png",
+        "grid.png",
+    ]
+
+
+def test_eval_spec_checks_its_numbers_and_leaves_steps_to_the_model(tmp_path):
+    from leco.config import ConfigError
+    from leco.evaluate import load_spec
+
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump({"erase": [{"prompt": "a digit seven", "concept": "digit:7"}]}))
+    spec = load_spec(good)
+    assert spec.steps is None and spec.guidance is None
+    for key, value in [("steps", 0), ("guidance", float("nan")), ("height", 20), ("width", -8), ("seed", -1)]:
+        bad = tmp_path / f"bad_{key}.yaml"
+        bad.write_text(yaml.safe_dump({key: value, "erase": [{"prompt": "a", "concept": "digit:7"}]}))
+        with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: {key}: "):
+            load_spec(bad)
+    bad = tmp_path / "bad_strengths.yaml"
+    bad.write_text("strengths: [0, .inf]\nerase: [{prompt: a, concept: 'digit:7'}]\n")
+    with pytest.raises(ConfigError, match="strengths.1: .*finite"):
+        load_spec(bad)
+
+
+# -- loading messages -------------------------------------------------------------------------------
+
+
+def test_offline_repo_id_not_in_the_cache_says_so_at_once(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    with pytest.raises(LecoError) as error:
+        load_models("nobody-here/no-such-model")
+    message = str(error.value)
+    assert "not in the local Hugging Face cache" in message and "HF_HUB_OFFLINE" in message
+    assert "hf download nobody-here/no-such-model" in message and "\n" not in message
+
+
+def test_a_partly_cached_repo_offline_names_what_is_missing(tmp_path, monkeypatch, tiny_folders):
+    from huggingface_hub import constants
+
+    revision = "1" * 40
+    snapshot = tmp_path / "hub" / "models--leco-tests--partial" / "snapshots" / revision
+    (snapshot / "unet").mkdir(parents=True)
+    (snapshot / "unet" / "config.json").write_text((tiny_folders["sd1"] / "unet" / "config.json").read_text())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(
+        LecoError, match="only part of 'leco-tests/partial' is in the local Hugging Face cache"
+    ):
+        load_models("leco-tests/partial")
+
+
+def test_an_unreachable_hub_is_one_request_not_a_download(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    calls = []
+
+    def no_network(repo_id, **kwargs):
+        calls.append(repo_id)
+        raise ConnectionError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(huggingface_hub, "model_info", no_network)
+    monkeypatch.setattr(leco.models, "_load_diffusers", lambda *a, **k: pytest.fail("tried to download"))
+    with pytest.raises(LecoError, match="the Hub cannot be reached .*Name or service not known"):
+        load_models(
+            PretrainedModelConfig(name_or_path="nobody-here/no-such-model"),
+            names=leco.models.CLI_OPTION_NAMES,
+        )
+    assert calls == ["nobody-here/no-such-model"]
+
+
+def test_allow_pickle_is_suggested_only_for_readable_pickles(
+    tmp_path, tiny_single_files, capsys, monkeypatch
+):
+    damaged = tmp_path / "damaged.ckpt"
+    damaged.write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(LecoError) as error:
+        load_models(str(damaged))
+    assert "not a readable PyTorch checkpoint" in str(error.value) and "allow_pickle:" not in str(error.value)
+    pickled = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(str(tiny_single_files["sd1"]))}, pickled)
+    with pytest.raises(LecoError, match="set pretrained_model.allow_pickle: true"):
+        load_models(str(pickled))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["generate", "--model", pickled, "--prompt", "a cat"], capsys)
+    assert_one_line_error(code, err, str(pickled))
+    assert "pass --allow-pickle" in err and "pretrained_model" not in err
+
+
+def test_a_single_file_without_a_vae_says_so(tiny_single_files, tiny_folders):
+    spec = PretrainedModelConfig(name_or_path=str(tiny_single_files["sd1"]), config=str(tiny_folders["sd1"]))
+    with pytest.raises(LecoError, match="holds no VAE"):
+        load_models(spec, with_vae=True)
+
+
+def test_loading_is_quiet_and_leaves_the_library_settings_as_they_were(
+    tiny_folders, tiny_single_files, capfd
+):
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity(logging.INFO)
+        lib.enable_progress_bar()
+    try:
+        capfd.readouterr()
+        load_models(str(tiny_folders["sd1"]), with_vae=True)
+        spec = PretrainedModelConfig(
+            name_or_path=str(tiny_single_files["sd2-v"]), config=str(tiny_folders["sd2-v"])
+        )
+        load_models(spec)  # casts an fp32-probed UNet: diffusers warns about that cast
+        assert capfd.readouterr().err == ""
+        for lib in (diffusers_logging, transformers_logging):
+            assert lib.get_verbosity() == logging.INFO and lib.is_progress_bar_enabled()
+    finally:
+        for lib in (diffusers_logging, transformers_logging):
+            lib.set_verbosity(logging.ERROR)
+    with quiet_library_logs():
+        assert transformers_logging.get_verbosity() == logging.ERROR
+    assert transformers_logging.get_verbosity() == logging.ERROR
+
+
+def test_a_damaged_resume_state_keeps_the_whole_first_line_of_the_cause(tmp_path):
+    state = tmp_path / "run_state"
+    state.mkdir()
+    (state / "training_state.pt").write_bytes(b"garbage, not a torch file " * 20)
+    try:
+        torch.load(state / "training_state.pt", weights_only=True)
+    except Exception as error:
+        cause = str(error).strip().splitlines()[0]
+    with pytest.raises(LecoError) as raised:
+        read_state(state, "{}")
+    assert str(raised.value).endswith(f"({cause})")
+    torch.save({"step": 3}, state / "training_state.pt")  # a torch file, not a leco state
+    with pytest.raises(LecoError, match="is not a leco training state"):
+        read_state(state, "{}")
+
+
+# -- fuzz -------------------------------------------------------------------------------------------
+
+
+def options_of(command):
+    """(option, takes a value) for every option the command has today, so new ones are fuzzed too."""
+    parser = subcommands()[command] if command else build_parser()
+    return [(o, a.nargs != 0) for a in parser._actions for o in a.option_strings if o not in ("-h", "--help")]
+
+
+OPTIONS = {command: options_of(command) for command in ("train", "generate", "eval", None)}
+NUMBERS = st.sampled_from(
+    ["0", "-1", "1", "7.5", "nan", "inf", "-inf", "1e400", "16", "20", "5-1", "0-3", "1,,2", ""]
+)
+# argv cannot carry NUL bytes (C strings), so the fuzz leaves them out
+TEXT = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=12)
+
+
+@st.composite
+def command_lines(draw, paths):
+    command = draw(st.sampled_from(["train", "generate", "eval", None]))
+    values = st.one_of(NUMBERS, TEXT, st.sampled_from(paths))
+    words = [command] if command else []
+    if command in ("generate", "eval") and draw(st.booleans()):  # valid-looking: fails on the model
+        words += ["--model", paths[0]]
+        words += (
+            ["--prompt", "a cat"]
+            if command == "generate"
+            else ["--spec", str(EXAMPLES / "erase_seven_eval.yaml")]
+        )
+    for _ in range(draw(st.integers(0, 5))):
+        option, takes_value = draw(st.sampled_from([*OPTIONS[command], ("--help-me", True)]))
+        if not takes_value:
+            words.append(option)
+        else:  # --model always names the missing path: no command line may load a model
+            words += [option, paths[0] if option == "--model" else draw(values)]
+    if command == "train" and draw(st.booleans()):
+        words.append(draw(st.sampled_from(paths)))
+    return words
+
+
+@pytest.fixture(scope="module")
+def fuzz_paths(tmp_path_factory, loras):
+    root = tmp_path_factory.mktemp("fuzz")
+    (root / "a_file.txt").write_text("x")
+    # a missing model path comes first: valid-looking command lines fail fast on it
+    return [
+        str(root / "missing_model"),
+        str(root / "a_file.txt"),
+        str(root),
+        str(loras["sd1"]),
+        str(loras["truncated"]),
+    ]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_command_line_gives_success_or_a_one_line_error(data, fuzz_paths, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    for name in ("_load_single_file", "_load_folder", "_load_hub_repo"):
+        monkeypatch.setattr(leco.models, name, lambda *a, **k: pytest.fail("loaded a model"))
+    argv = data.draw(command_lines(fuzz_paths))
+    code, out, err = run_cli(argv, capsys)
+    assert "Traceback" not in err
+    event(f"exit {code}: " + ("argparse" if re.search(r"leco \w+: error", err) else "after parsing"))
+    if code == 0:  # only --help / --version succeed: nothing here can train or load
+        assert out and not err
+        return
+    assert code == 2, (argv, code, err)
+    lines = err.strip().splitlines()
+    if lines[0].startswith("usage:"):
+        lines = lines[1:]  # bare `leco` shows its usage first
+    assert len(lines) >= 1 and lines[0].startswith("leco") and "error:" in lines[0], (argv, err)
+    if not any("yaml" in line for line in lines):  # a config file may have several problems, one per line
+        assert len(lines) == 1, (argv, err)
+
+
+def test_the_fuzz_reaches_the_model_loader(fuzz_paths, capsys, monkeypatch, tmp_path):
+    """The fuzz's valid-looking command lines get as far as the model path (and fail fast there)."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["generate", "--model", fuzz_paths[0], "--prompt", "a cat"], capsys)
+    assert_one_line_error(code, err, "--model")
+    assert "neither a file, a folder nor a Hugging Face repo id" in err
+
+
+def test_report_json_is_untouched_by_a_refused_command(tmp_path, capsys, no_loading, tiny_folders):
+    report = tmp_path / "eval_report.json"
+    report.write_text(json.dumps({"mine": True}))
+    argv = [
+        "eval",
+        "--model",
+        tiny_folders["sd1"],
+        "--spec",
+        EXAMPLES / "erase_seven_eval.yaml",
+        "--out",
+        report,
+    ]
+    code, _, err = run_cli([*argv, "--images", report], capsys)
+    assert_one_line_error(code, err, "--images")
+    assert json.loads(report.read_text()) == {"mine": True}
+
+
+def test_ci_runs_exactly_the_readme_set_up_commands():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Set up and test", 1)[1]
+    documented = re.search(r"```bash\n(.*?)```", section, flags=re.S)[1].strip().splitlines()
+    script = (ROOT / ".ci" / "run").read_text().splitlines()
+    commands = [line for line in script if line.startswith("python ")]
+    assert commands == documented
+    assert '".[dev,nudenet]"' in documented[0]  # the NudeNet detector's test needs its extra

@@ -1,0 +1,95 @@
+"""train.method: closed_form: the solve, its export as a LoRA, and the file in diffusers."""
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from leco.closed_form import aligned_states, edit_prompts, last_word, text_states
+from leco.config import ConfigError, LecoConfig
+from leco.models import load_models
+from leco.network import read_lora_file
+from leco.trainer import train
+
+ERASED, GUIDE, KEPT = "a red fox", "a fox", ["a blue car", "a green house"]
+
+
+def config(folder, out, **closed_form) -> LecoConfig:
+    return LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": str(folder)},
+            "prompts": [
+                {"target": ERASED, "neutral": GUIDE, "action": "erase"},
+                {"target": KEPT, "action": "preserve"},
+            ],
+            "train": {"method": "closed_form"},
+            "network": {"rank": 32},  # the tiny text width: the rank-32 export is the exact edit
+            "closed_form": {"regularization": 1e-4, **closed_form},
+            "save": {"path": str(out), "name": "cf", "precision": "fp32"},
+        }
+    )
+
+
+def outputs(network, models, texts, layer="to_v"):
+    """Every attn2 key/value projection's output for the given texts' states, LoRA on and off."""
+    states = text_states(models, None, texts)
+    layers = [m for name, m in network.layers.items() if name.endswith(f"attn2.{layer}")]
+    results = {}
+    for strength in (0.0, 1.0):
+        with network.strength(strength), torch.no_grad():
+            results[strength] = {t: [m(states[t].float()) for m in layers] for t in texts}
+    return results, states
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_the_erased_prompt_reads_like_its_guide_and_kept_prompts_do_not_move(tmp_path, tiny_folders, name):
+    result = train(config(tiny_folders[name], tmp_path, preserve_scale=10.0), progress=False)
+    assert result.state is None and result.steps == 0
+    models, network = load_models(str(tiny_folders[name])), result.trainable
+    models.unet = network.unet
+    results, states = outputs(network, models, [ERASED, GUIDE, *KEPT])
+    before, after = results[0.0], results[1.0]
+    start, guide_start = last_word(models, ERASED), last_word(models, GUIDE)
+    length = states[ERASED].shape[0] - max(start, guide_start)
+    for erased, guide in zip(after[ERASED], before[GUIDE], strict=True):
+        moved = (erased[start : start + length] - guide[guide_start : guide_start + length]).abs().mean()
+        assert moved < 0.1 * guide.abs().mean()  # the erased prompt's values are now its guide's
+    for text in KEPT:
+        for edited, original in zip(after[text], before[text], strict=True):
+            torch.testing.assert_close(edited, original, rtol=0.05, atol=0.05 * original.abs().mean().item())
+
+
+def test_the_file_is_a_kohya_lora_diffusers_applies_the_same_way(tmp_path, tiny_folders):
+    result = train(config(tiny_folders["sd1"], tmp_path), progress=False)
+    tensors, metadata = read_lora_file(result.path)
+    assert metadata["leco.method"] == "closed_form" and metadata["ss_network_dim"] == "32"
+    assert tensors and all(k.split(".")[0].endswith(("_attn2_to_k", "_attn2_to_v")) for k in tensors)
+    pipe = DiffusionPipeline.from_pretrained(tiny_folders["sd1"])
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    embeds, _ = pipe.encode_prompt(ERASED, "cpu", 1, False)
+    with torch.no_grad():
+        before = pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
+        pipe.load_lora_weights(str(result.path))
+        theirs = pipe.unet(latents, 500, encoder_hidden_states=embeds).sample
+        ours = result.trainable.unet(latents, 500, encoder_hidden_states=embeds).sample
+    assert (theirs - before).abs().max() > 1e-4
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_erase_and_guide_states_are_aligned_from_the_last_word(tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]))
+    states = text_states(models, None, ["a big red fox", "a fox"])
+    erase, guide = aligned_states(models, states, ["a big red fox"], ["a fox"])
+    assert last_word(models, "a big red fox") == 4 and last_word(models, "a fox") == 2
+    assert erase.shape == guide.shape == (states["a fox"].shape[0] - 4, states["a fox"].shape[1])
+    torch.testing.assert_close(erase[0], states["a big red fox"][4])  # "fox" of the erased prompt
+    torch.testing.assert_close(guide[0], states["a fox"][2])
+
+
+def test_actions_without_a_closed_form_are_refused(tmp_path, tiny_folders):
+    document = config(tiny_folders["sd1"], tmp_path).model_dump(mode="json")
+    document["prompts"][0]["action"] = "enhance"
+    with pytest.raises(ConfigError, match="prompts entry 1: action enhance has no closed form"):
+        LecoConfig.model_validate(document).check_combination()
+    models = load_models(str(tiny_folders["sd1"]))
+    erased, guides, kept = edit_prompts(config(tiny_folders["sd1"], tmp_path), models)
+    assert (erased, guides, kept) == ([ERASED], [GUIDE], KEPT)

@@ -1,0 +1,61 @@
+"""Data-parallel training on the CPU (gloo): 2 processes give one file, equal to a 2-sample-stream step."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from test_trainer import make_config, write_yaml_config
+
+from leco.network import read_lora_file
+from leco.trainer import Trainer
+
+ITERATIONS = 4
+
+
+def test_two_processes_write_one_file_equal_to_averaging_two_streams_in_one(tmp_path, tiny_folders):
+    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=ITERATIONS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "leco", "train", str(config), "--no-progress", "--num-processes", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("done: 4 steps") == 1, result.stdout  # only the main process reports
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "fox_2steps.safetensors",
+        "fox_last.safetensors",
+        "fox_state",
+    ]
+    state = torch.load(out / "fox_state" / "training_state.pt", weights_only=True)
+    assert len(state["ranks"]) == 2  # each process's own random stream, for an exact resume
+    distributed = read_lora_file(out / "fox_last.safetensors")[0]
+
+    # The same global batch in one process: two trainers, the second on the stream of rank 1,
+    # gradients averaged before each step of one optimizer.
+    first = Trainer(make_config(tiny_folders["sd1"], tmp_path / "one", iterations=ITERATIONS), progress=False)
+    second = Trainer(
+        make_config(tiny_folders["sd1"], tmp_path / "two", iterations=ITERATIONS), progress=False
+    )
+    second.generator.manual_seed(second.seed + 1)
+    for _ in range(ITERATIONS):
+        grads = []
+        for trainer in (first, second):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.loss(trainer.samples.next()).backward()
+            grads.append([p.grad for p in trainer.trainable.parameters()])
+        for parameter, a, b in zip(first.trainable.parameters(), *grads, strict=True):
+            parameter.grad = (a + b) / 2
+        first.optimizer.step()
+        first.lr_scheduler.step()
+        with torch.no_grad():
+            for mine, theirs in zip(second.trainable.parameters(), first.trainable.parameters(), strict=True):
+                mine.copy_(theirs)
+    single = first.trainable.state_dict()
+    assert distributed.keys() == single.keys()
+    for key in single:
+        torch.testing.assert_close(distributed[key].float(), single[key], rtol=1e-5, atol=1e-6)

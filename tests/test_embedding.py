@@ -1,0 +1,147 @@
+"""Negative embeddings: only the new token's vectors train; the file loads where embeddings load."""
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from leco.config import ConfigError, LecoConfig
+from leco.errors import LecoError
+from leco.network import read_lora_file
+from leco.trainer import Trainer, train
+
+TOKEN = "<no-fox>"
+
+
+def embedding_config(folder, out, *, token=TOKEN, iterations=6, **network) -> LecoConfig:
+    return LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": str(folder)},
+            "network": {"type": "embedding", "token": token, "vectors": 2, "init_text": "fox", **network},
+            "prompts": [
+                {"target": ["a red fox", "a fox in the snow"]},
+                {"target": ["a blue car", "a house"], "action": "preserve"},
+            ],
+            "train": {
+                "precision": "fp32",
+                "iterations": iterations,
+                "seed": 2,
+                "max_denoising_steps": 8,
+                "lr": 5e-2,
+            },
+            "save": {"path": str(out), "name": "no_fox", "per_steps": 4},
+        }
+    )
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_only_the_tokens_vectors_train(tmp_path, tiny_folders, name):
+    trainer = Trainer(embedding_config(tiny_folders[name], tmp_path), progress=False)
+    models = trainer.models
+    frozen = {
+        "unet": {k: v.clone() for k, v in models.unet.state_dict().items()},
+        **{
+            f"te{i}": {k: v.clone() for k, v in e.state_dict().items()}
+            for i, e in enumerate(models.text_encoders)
+        },
+    }
+    start = [v.detach().clone() for v in trainer.trainable.parameters()]
+    assert [tuple(v.shape) for v in start] == [(2, e.config.hidden_size) for e in models.text_encoders]
+    for _ in range(3):
+        trainer.train_step()
+    assert all(not torch.equal(a, b) for a, b in zip(start, trainer.trainable.parameters(), strict=True))
+    assert all(torch.equal(v, models.unet.state_dict()[k]) for k, v in frozen["unet"].items())
+    for i, encoder in enumerate(models.text_encoders):
+        now = encoder.state_dict()
+        for key, before in frozen[f"te{i}"].items():
+            assert torch.equal(before, now[key]), key  # the new rows' stand-ins never change either
+
+
+def test_the_file_loads_in_diffusers_with_the_trained_vectors_sd1(tmp_path, tiny_folders):
+    result = train(embedding_config(tiny_folders["sd1"], tmp_path), progress=False)
+    tensors, metadata = read_lora_file(result.path)
+    assert list(tensors) == ["emb_params"] and tensors["emb_params"].shape[0] == 2
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+    assert metadata["modelspec.is_negative_embedding"] == "True" and metadata["leco.token"] == TOKEN
+    pipe = DiffusionPipeline.from_pretrained(tiny_folders["sd1"])
+    pipe.load_textual_inversion(str(result.path), token=TOKEN)
+    ids = pipe.tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1"])
+    loaded = pipe.text_encoder.get_input_embeddings().weight[ids]
+    torch.testing.assert_close(loaded, tensors["emb_params"].to(loaded.dtype))
+    assert pipe.maybe_convert_prompt(TOKEN, pipe.tokenizer) == f"{TOKEN} {TOKEN}_1"
+
+
+def test_the_file_loads_in_diffusers_with_the_trained_vectors_sdxl(tmp_path, tiny_folders):
+    result = train(embedding_config(tiny_folders["sdxl"], tmp_path, iterations=2), progress=False)
+    tensors, metadata = read_lora_file(result.path)
+    assert sorted(tensors) == ["clip_g", "clip_l"]
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/textual-inversion"
+    pipe = DiffusionPipeline.from_pretrained(tiny_folders["sdxl"])
+    pipe.load_textual_inversion(
+        tensors["clip_l"], token=TOKEN, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+    )
+    pipe.load_textual_inversion(
+        tensors["clip_g"], token=TOKEN, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+    )
+    for key, encoder, tokenizer in (
+        ("clip_l", pipe.text_encoder, pipe.tokenizer),
+        ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
+    ):
+        ids = tokenizer.convert_tokens_to_ids([TOKEN, f"{TOKEN}_1"])
+        torch.testing.assert_close(encoder.get_input_embeddings().weight[ids], tensors[key])
+
+
+def test_the_rollout_samples_with_the_token_as_negative_prompt(tmp_path, tiny_folders):
+    trainer = Trainer(embedding_config(tiny_folders["sd1"], tmp_path), progress=False)
+    seen = []
+    handle = trainer.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["encoder_hidden_states"]), with_kwargs=True
+    )
+    trainer.samples.roll_out()
+    handle.remove()
+    negative, positive = seen[0].chunk(2)
+    with torch.no_grad():
+        token = trainer.trainable.encode().hidden_states
+    torch.testing.assert_close(negative, token)
+    assert not torch.allclose(positive, token)
+
+
+def test_resumed_embedding_run_ends_where_an_uninterrupted_one_does(tmp_path, tiny_folders):
+    whole = train(embedding_config(tiny_folders["sd1"], tmp_path / "whole"), progress=False)
+    first = train(embedding_config(tiny_folders["sd1"], tmp_path / "split", iterations=3), progress=False)
+    resumed = train(
+        embedding_config(tiny_folders["sd1"], tmp_path / "split"), resume=first.state, progress=False
+    )
+    assert torch.equal(
+        read_lora_file(whole.path)[0]["emb_params"], read_lora_file(resumed.path)[0]["emb_params"]
+    )
+
+
+def test_a_token_already_in_the_vocabulary_is_refused(tmp_path, tiny_folders):
+    with pytest.raises(LecoError, match=r"network.token: 'fox' is already in this model's vocabulary"):
+        Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="fox"), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            {"network": {"token": None}},
+            "network.token: type embedding needs the new word",
+        ),
+        ({"network": {"type": "embedding", "token": "<a>", "vectors": 0}}, "vectors"),
+        ({"network": {"type": "embedding", "token": "no fox"}}, "must be one word"),
+        (
+            {"prompts": [{"target": "a fox", "action": "distill", "guidance_scale": 3}]},
+            "cannot be trained into",
+        ),
+        ({"train": {"rollout_guidance_scale": 1.0}}, "train.rollout_guidance_scale"),
+        ({"teacher": {"name_or_path": "x"}}, "teacher: transplants train a LoRA"),
+    ],
+)
+def test_bad_embedding_settings_are_one_line(tmp_path, tiny_folders, change, message):
+    document = embedding_config(tiny_folders["sd1"], tmp_path).model_dump(mode="json")
+    for key, value in change.items():
+        document[key] = {**document[key], **value} if isinstance(value, dict) and document.get(key) else value
+    with pytest.raises((ConfigError, ValueError)) as caught:
+        LecoConfig.model_validate(document).check_combination()
+    assert message in str(caught.value)

@@ -1,0 +1,140 @@
+"""The teacher: prediction-type conversion, and a transplant from another model."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from leco.config import LecoConfig
+from leco.errors import LecoError
+from leco.network import read_lora_file
+from leco.teacher import convert_prediction
+from leco.testing import BETAS
+from leco.trainer import Trainer, train
+
+
+def test_v_and_epsilon_conversions_match_diffusers_formulas():
+    scheduler = DDPMScheduler(**{k: BETAS[k] for k in ("beta_start", "beta_end", "beta_schedule")})
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 4, 8, 8, generator=generator)
+    noise = torch.randn(4, 4, 8, 8, generator=generator)
+    timesteps = torch.tensor([1, 250, 700, 999])
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    v = scheduler.get_velocity(x0, noise, timesteps)
+    alphas = scheduler.alphas_cumprod
+    torch.testing.assert_close(
+        convert_prediction(v, x_t, timesteps, alphas, "v_prediction", "epsilon"), noise
+    )
+    torch.testing.assert_close(
+        convert_prediction(noise, x_t, timesteps, alphas, "epsilon", "v_prediction"), v
+    )
+    assert convert_prediction(v, x_t, timesteps, alphas, "epsilon", "epsilon") is v
+
+
+def test_a_converted_prediction_takes_the_same_sampling_step():
+    # DDIM with a v model and with the converted epsilon reach the same previous latent.
+    common = {**BETAS, "timestep_spacing": "trailing"}
+    v_sampler = DDIMScheduler(**common, prediction_type="v_prediction")
+    eps_sampler = DDIMScheduler(**common, prediction_type="epsilon")
+    for sampler in (v_sampler, eps_sampler):
+        sampler.set_timesteps(10)
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    v = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    t = v_sampler.timesteps[3]
+    eps = convert_prediction(v, x_t, t.repeat(2), v_sampler.alphas_cumprod, "v_prediction", "epsilon")
+    torch.testing.assert_close(
+        v_sampler.step(v, t, x_t).prev_sample, eps_sampler.step(eps, t, x_t).prev_sample, rtol=1e-4, atol=1e-5
+    )
+
+
+def transplant_config(student, teacher, out, **train_options) -> LecoConfig:
+    train_options = {
+        "precision": "fp32",
+        "iterations": 6,
+        "seed": 5,
+        "max_denoising_steps": 8,
+        "lr": 3e-3,
+        **train_options,
+    }
+    return LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": str(student)},
+            "teacher": {"name_or_path": str(teacher)},
+            "prompts": [
+                {
+                    "target": "a red fox",
+                    "positive": "a red fox, vivid",
+                    "neutral": "a fox",
+                    "action": "enhance",
+                }
+            ],
+            "network": {"rank": 2},
+            "train": train_options,
+            "save": {"path": str(out), "name": "fox", "per_steps": 3},
+        }
+    )
+
+
+def test_concept_roles_come_from_the_teacher_in_the_students_prediction_type(tmp_path, tiny_folders):
+    trainer = Trainer(transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path), progress=False)
+    samples = trainer.samples.next()
+    prompt = trainer.prompts[0]
+    texts = prompt.texts(0)
+    wanted = [(0, {r: texts[r] for r in prompt.objective.roles})]
+    (predictions,) = trainer.teachers.predict(samples, wanted)
+    concept, frozen = trainer.teachers.concept, trainer.teachers.frozen
+    assert concept is not frozen and concept.prediction_type == "v_prediction"
+    sample = samples[0]
+    for role, teacher in (("positive", concept), ("unconditional", concept), ("neutral", frozen)):
+        cond = teacher.conditioning(_block(sample, texts[role]))
+        with torch.no_grad(), trainer.trainable.strength(0.0):
+            raw = teacher.unet(
+                sample.latents, sample.timesteps, encoder_hidden_states=cond.hidden_states
+            ).sample
+        expected = convert_prediction(
+            raw, sample.latents, sample.timesteps, frozen.alphas_cumprod, teacher.prediction_type, "epsilon"
+        )
+        torch.testing.assert_close(predictions[role], expected, rtol=1e-4, atol=1e-5)
+
+
+def _block(sample, text):
+    from leco.teacher import Block
+
+    return Block(sample.latents, sample.timesteps, sample.size, sample.crop, [text])
+
+
+def test_sd1_student_with_sd2_v_teacher_trains_saves_and_resumes_exactly(tmp_path, tiny_folders):
+    student, teacher = tiny_folders["sd1"], tiny_folders["sd2-v"]
+    whole = train(transplant_config(student, teacher, tmp_path / "whole"), progress=False)
+    first = train(transplant_config(student, teacher, tmp_path / "split", iterations=3), progress=False)
+    resumed = train(
+        transplant_config(student, teacher, tmp_path / "split"), resume=first.state, progress=False
+    )
+    a, b = read_lora_file(whole.path)[0], read_lora_file(resumed.path)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_up" in k)  # it learned something
+
+
+@pytest.mark.parametrize(
+    ("part", "key", "value", "message"),
+    [
+        ("vae", "scaling_factor", 0.13025, "VAE scaling_factor"),
+        ("scheduler", "beta_end", 0.02, "another noise schedule"),
+        ("scheduler", "num_train_timesteps", 500, "training timesteps"),
+    ],
+)
+def test_a_teacher_in_another_latent_space_fails_before_any_step(
+    tmp_path, tiny_folders, part, key, value, message
+):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_folders["sd2-v"], teacher)
+    config_file = teacher / part / ("config.json" if part == "vae" else "scheduler_config.json")
+    config = json.loads(config_file.read_text())
+    config[key] = value
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(LecoError, match=f"teacher.name_or_path: .*{message}") as caught:
+        Trainer(transplant_config(tiny_folders["sd1"], teacher, tmp_path / "out"), progress=False)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out" / "fox_last.safetensors").exists()
