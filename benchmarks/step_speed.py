@@ -1,9 +1,9 @@
 """Training-step speed: the reference LECO schedule against ours, on one small UNet, in one run.
 
-Reference schedule (as p1atdev/LECO's train_lora.py does it): every step rolls out k ~ U[1, S-1]
-DDIM steps from noise with a doubled CFG batch, then asks the frozen model three times for
-positive, neutral and unconditional, each call again a doubled (guidance 1) batch, and runs the
-student on a doubled batch as well. Ours: one rollout feeds m steps (samples_per_rollout), the
+Reference schedule (p1atdev/LECO's, emulated in benchmarks/reference.py): every step rolls out
+k ~ U[1, S-1] DDIM steps from noise with a doubled CFG batch, then asks the frozen model three
+times for positive, neutral and unconditional, each call again a doubled (guidance 1) batch, and
+runs the student on a doubled batch as well. Ours: one rollout feeds m steps (samples_per_rollout), the
 teacher is one batched call without duplicates, the student one plain call.
 
 usage: python benchmarks/step_speed.py [--model DIR] [--steps 40] [--reuse 1,2,4,8] [--threads 2]
@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import torch
+from reference import UNetCalls, reference_step
 
 from leco.cli import quiet_libraries
-from leco.conditioning import Conditioning
 from leco.config import LecoConfig
-from leco.objectives import leco_loss, leco_target
 from leco.testing import save_tiny_pipeline
 from leco.trainer import Trainer
 
@@ -52,65 +51,18 @@ def make_trainer(model: str, out: str, reuse: int, denoising_steps: int) -> Trai
     return Trainer(config, progress=False)
 
 
-class Counted:
-    """Counts UNet calls and the batch rows they process."""
-
-    def __init__(self, trainer: Trainer) -> None:
-        self.calls = self.rows = 0
-        original = trainer.predict
-
-        def predict(latents, timesteps, cond):
-            self.calls += 1
-            self.rows += latents.shape[0]
-            return original(latents, timesteps, cond)
-
-        trainer.predict = predict
-
-
-def reference_step(trainer: Trainer, generator: torch.Generator) -> None:
-    """One step of the reference schedule with the same UNet, LoRA and optimizer."""
-    prompt = trainer.prompts[0]
-    steps = trainer.rollout.steps
-    size = (prompt.resolution, prompt.resolution)
-    unconditional = trainer.conditioning(prompt.unconditional, prompt, size, (0, 0))
-    target_cfg = Conditioning.cat([unconditional, trainer.conditioning(prompt.target, prompt, size, (0, 0))])
-    k = int(torch.randint(1, steps, (1,), generator=generator))
-    scheduler = trainer.rollout.scheduler
-    scheduler.set_timesteps(steps)
-    scale = trainer.models.vae_scale_factor
-    latents = torch.randn(1, 4, size[0] // scale, size[1] // scale, generator=generator)
-    with torch.no_grad():
-        for t in scheduler.timesteps[:k]:
-            both = trainer.predict(torch.cat([latents, latents]), t, target_cfg)
-            u, c = both.chunk(2)
-            latents = scheduler.step(u + 3.0 * (c - u), t, latents).prev_sample
-        t = torch.tensor([int(scheduler.timesteps[k])])
-        teacher = {}
-        with trainer.network.strength(0.0):
-            for role, row in prompt.teacher_rows.items():  # three separate, doubled calls
-                cond = Conditioning(prompt.teacher.hidden_states[row : row + 1])
-                out = trainer.predict(
-                    torch.cat([latents, latents]), t, Conditioning.cat([unconditional, cond])
-                )
-                teacher[role] = out.chunk(2)[1]
-    student = trainer.predict(torch.cat([latents, latents]), t, target_cfg).chunk(2)[1]
-    loss = leco_loss(
-        student, leco_target("erase", teacher["neutral"], teacher["positive"], teacher["unconditional"], 1.0)
-    )
-    trainer.optimizer.zero_grad()
-    loss.backward()
-    trainer.optimizer.step()
-
-
 def measure(step, trainer: Trainer, count: int) -> tuple[float, float, float]:
-    counter = Counted(trainer)
+    """steps/s, UNet calls per step and batch rows per step over `count` steps after a warm-up."""
+    rows = []
+    trainer.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    counter = UNetCalls(trainer.unet)
     step()  # warm-up (allocations, first rollout)
-    counter.calls = counter.rows = 0
+    counter.calls, rows[:] = 0, []
     start = time.perf_counter()
     for _ in range(count):
         step()
     elapsed = time.perf_counter() - start
-    return count / elapsed, counter.calls / count, counter.rows / count
+    return count / elapsed, counter.calls / count, sum(rows) / count
 
 
 def main() -> None:

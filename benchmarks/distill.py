@@ -1,0 +1,142 @@
+"""CFG distillation: guidance 1 + the distilled LoRA against the base model at guidance 3.
+
+Trains examples/ink-digits/distill_cfg3.yaml (the "words" phrasing only) for each seed, then, on
+the phrasings it never saw, compares images of the same prompt and seed: the mean absolute pixel
+difference (0..1) to the base model at guidance 3, for the base at guidance 1 (the gap to close)
+and for guidance 1 with the LoRA; the judge's accuracy on what each phrasing names; UNet
+evaluations (batch rows) and wall time per image.
+
+usage: OMP_NUM_THREADS=1 python benchmarks/distill.py [--seeds 0,1,2] [--images 4]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leco.cli import quiet_libraries
+from leco.config import load_config
+from leco.generate import build_pipeline
+from leco.ink_digits.data import ALL_INKS, DIGIT_PHRASINGS, INK_PHRASINGS, caption
+from leco.ink_digits.judge import InkDigitsJudge
+from leco.models import load_models
+from leco.network import LoRANetwork
+from leco.trainer import train
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "distill_cfg3.yaml"
+HELD_OUT = ("number", "terse", "digit-only", "number-only", "ink-only")
+
+
+def cases(inks: tuple[str, ...]) -> list[tuple[str, int | None, str | None]]:
+    """(prompt, digit it names, ink it names) for every held-out phrasing."""
+    result = []
+    for phrasing in HELD_OUT:
+        digits = range(10) if phrasing in DIGIT_PHRASINGS else [None]
+        for digit in digits:
+            for ink in inks if phrasing in INK_PHRASINGS else [None]:
+                result.append((caption(digit, ink, phrasing), digit, ink))
+    return result
+
+
+class Sampler:
+    def __init__(self, models, jobs: list[tuple[str, int]]) -> None:
+        self.pipe, self.jobs = build_pipeline(models), jobs
+        self.rows = 0
+        models.unet.register_forward_pre_hook(
+            lambda module, args: setattr(self, "rows", self.rows + args[0].shape[0])
+        )
+
+    @torch.no_grad()
+    def __call__(self, guidance: float) -> tuple[np.ndarray, float, float]:
+        """Images [N, H, W, 3] in 0..1, UNet rows per image, seconds per image."""
+        self.rows, start, images = 0, time.perf_counter(), []
+        for begin in range(0, len(self.jobs), 250):
+            chunk = self.jobs[begin : begin + 250]
+            images.append(
+                self.pipe(
+                    [p for p, _ in chunk],
+                    num_inference_steps=25,
+                    guidance_scale=guidance,
+                    generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                    output_type="np",
+                ).images
+            )
+        seconds = time.perf_counter() - start
+        return np.concatenate(images), self.rows / len(self.jobs), seconds / len(self.jobs)
+
+
+def accuracy(judge: InkDigitsJudge, images: np.ndarray, named: list[tuple[int | None, str | None]]) -> float:
+    reading = judge.read(images)
+    hits = []
+    for digit, ink, read_digit, read_ink in zip(
+        *zip(*named, strict=True), reading.digits, reading.inks, strict=True
+    ):
+        hits.append(
+            (digit is None or read_digit == digit) and (ink is None or read_ink == ALL_INKS.index(ink))
+        )
+    return float(np.mean(hits))
+
+
+def main() -> None:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds")
+    parser.add_argument("--images", type=int, default=4, help="image seeds per prompt")
+    parser.add_argument("--iterations", type=int, help="override the example's train.iterations")
+    args = parser.parse_args()
+    models = load_models("ink-digits", with_vae=True)
+    config = load_config(EXAMPLE)
+    judge = InkDigitsJudge.load(models.source)
+    inks = tuple(sorted({p.split(" in ")[1].split()[0] for p in config.prompts[0].targets}))
+    held_out = cases(inks)
+    jobs = [(p, 500 + i) for p, _, _ in held_out for i in range(args.images)]
+    named = [(d, ink) for _, d, ink in held_out for _ in range(args.images)]
+    sampler = Sampler(models, jobs)
+    reference, rows3, seconds3 = sampler(3.0)
+    plain, rows1, seconds1 = sampler(1.0)
+    gap = float(np.abs(plain - reference).mean())
+    print(f"held-out phrasings {', '.join(HELD_OUT)}: {len(held_out)} prompts x {args.images} seeds")
+    print(
+        "| model, guidance | distance to base at 3 | gap closed | judge accuracy "
+        "| UNet rows/image | s/image |"
+    )
+    print("|---|---|---|---|---|---|")
+    print(f"| base, 3 | 0 | - | {accuracy(judge, reference, named):.1%} | {rows3:.0f} | {seconds3:.4f} |")
+    print(
+        f"| base, 1 | {gap:.4f} | 0% | {accuracy(judge, plain, named):.1%} | {rows1:.0f} | {seconds1:.4f} |"
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            config = load_config(EXAMPLE)
+            config.train.seed, config.save.path, config.save.per_steps = seed, folder + f"/{seed}", 10**9
+            if args.iterations:
+                config.train.iterations = args.iterations
+            start = time.perf_counter()
+            result = train(config, progress=False)
+            trained = time.perf_counter() - start
+            network = LoRANetwork.from_file(models.unet, models.family, result.path)
+            images, rows, seconds = sampler(1.0)
+            network.remove()
+            distance = float(np.abs(images - reference).mean())
+            print(
+                f"| LoRA seed {seed} ({trained:.0f} s to train), 1 | {distance:.4f} | "
+                f"{1 - distance / gap:.0%} | "
+                f"{accuracy(judge, images, named):.1%} | {rows:.0f} | {seconds:.4f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""Full-size models: seconds per step and peak GPU memory of leco's default config, and the reference's.
+
+Builds random-initialised UNets and text encoders of SD1.5, SD2.1-v and SDXL from the configs leco
+ships (nothing is downloaded) and trains the default config (LoRA rank 4 on every transformer
+layer, samples_per_rollout 4, 50 denoising steps, CFG 3 rollouts) at each family's native size, in
+fp16 and bf16, with and without gradient checkpointing, plus the reference LECO schedule
+(benchmarks/reference.py) in the same run.
+
+  python benchmarks/gpu_scale.py              # on a CUDA GPU: the measured table
+  python benchmarks/gpu_scale.py --estimate   # no GPU: peak memory estimated from sizes (labelled)
+  python benchmarks/gpu_scale.py --smoke      # the same code on the CPU at a tiny size (tests)
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from reference import reference_step
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from leco.cli import quiet_libraries
+from leco.config import LecoConfig
+from leco.models import CONFIG_ROOT, LoadedModels, ModelFamily, clip_tokenizers
+from leco.trainer import Trainer
+
+FAMILIES = {"sd1.5": ("sd1", False, 512), "sd2.1-v": ("sd2-v", True, 768), "sdxl": ("sdxl", False, 1024)}
+GIB = 2**30
+
+
+def unet_config(folder: Path, smoke: bool) -> dict[str, Any]:
+    config = dict(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+    if smoke:  # the same blocks, an eighth of the width; text width to match the tiny encoders below
+        config["block_out_channels"] = [c // 8 for c in config["block_out_channels"]]
+        heads = config["attention_head_dim"]
+        config["attention_head_dim"] = heads if isinstance(heads, int) else [min(h, 4) for h in heads]
+        config["cross_attention_dim"] = 64 if config.get("addition_embed_type") else 32
+        if config.get("addition_embed_type"):
+            config["addition_time_embed_dim"] = 8
+            config["projection_class_embeddings_input_dim"] = 8 * 6 + 32
+        config["norm_num_groups"] = 8
+    return config
+
+
+def text_encoder(folder: Path, subfolder: str, smoke: bool, cls: type) -> torch.nn.Module:
+    config = CLIPTextConfig.from_pretrained(folder / subfolder)
+    if smoke:
+        config.hidden_size = config.projection_dim = 32
+        config.intermediate_size, config.num_hidden_layers, config.num_attention_heads = 64, 2, 4
+    return cls(config)
+
+
+def build(family: str, dtype: torch.dtype, device: torch.device, smoke: bool) -> LoadedModels:
+    """Random weights in the family's layout, made directly on the device."""
+    name, v_pred, _ = FAMILIES[family]
+    arch = name.split("-")[0]
+    folder = CONFIG_ROOT / name
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(unet_config(folder, smoke)).to(dtype)
+        encoders = [text_encoder(folder, "text_encoder", smoke, CLIPTextModel).to(dtype)]
+        if arch == "sdxl":
+            encoders.append(
+                text_encoder(folder, "text_encoder_2", smoke, CLIPTextModelWithProjection).to(dtype)
+            )
+    for module in (unet, *encoders):
+        module.requires_grad_(False).eval()
+    scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    family_ = ModelFamily(arch, v_pred)
+    scheduler["prediction_type"] = family_.prediction_type
+    return LoadedModels(family_, unet, encoders, clip_tokenizers(family_), scheduler, 8, f"random {family}")
+
+
+def config(out: str, precision: str, size: int, checkpointing: bool, reference: bool) -> LecoConfig:
+    return LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": "unused"},
+            "prompts": [{"target": "a painting by van gogh", "resolution": size}],
+            "network": {"training_method": "full" if reference else "xattn"},
+            "train": {
+                "precision": precision,
+                "iterations": 10**6,
+                "lr": 1e-4,
+                "seed": 0,
+                "gradient_checkpointing": checkpointing,
+                "samples_per_rollout": 1 if reference else 4,
+            },
+            "save": {"path": out, "name": "bench"},
+        }
+    )
+
+
+def measure(
+    family: str, precision: str, checkpointing: bool, reference: bool, args, out: str
+) -> dict[str, Any]:
+    device = torch.device("cpu" if args.smoke else "cuda")
+    size = 64 if args.smoke else FAMILIES[family][2]
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if args.smoke:
+        dtype, precision = torch.float32, "fp32"  # the CPU has no fast half precision
+    models = build(family, dtype, device, args.smoke)
+    run = config(out, precision, size, checkpointing, reference)
+    run.train.device = device.type
+    if args.smoke:
+        run.train.max_denoising_steps = 6
+    trainer = Trainer(run, progress=False, models=models)
+    generator = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        if reference:
+            reference_step(trainer, generator)
+        else:
+            trainer.train_step()
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / args.steps
+    peak = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else float("nan")
+    trainer.trainable.remove()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"seconds_per_step": seconds, "peak_gib": peak, "size": size}
+
+
+def estimate(family: str) -> dict[str, float]:
+    """Peak GPU memory from sizes: fp16 UNet weights, fp32 LoRA + AdamW, and the activations
+    autograd saves for one student pass, measured on the CPU (bf16) at a quarter of the side and
+    scaled by the pixel count (memory-efficient attention keeps them linear in pixels), plus 1 GiB for
+    the CUDA context and allocator. The text encoders are on the CPU while the UNet trains."""
+    models = build(family, torch.bfloat16, torch.device("cpu"), smoke=False)
+    size = FAMILIES[family][2]
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(config(out, "bf16", size // 4, False, False), progress=False, models=models)
+        weights = sum(p.numel() for p in models.unet.parameters()) * 2 / GIB
+        lora = sum(p.numel() for p in trainer.trainable.parameters()) * 4 * 4 / GIB  # weight, grad, 2 moments
+        saved = []
+        samples = trainer.samples.next()
+        with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
+        ):
+            trainer.loss(samples)
+    activations = sum(saved) * 16 / GIB  # 4x the side: 16x the pixels
+    return {
+        "weights": weights,
+        "lora": lora,
+        "activations": activations,
+        "peak": weights + lora + activations + 1,
+    }
+
+
+def main() -> None:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per row (after one warm-up)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny widths: the code runs, numbers mean nothing"
+    )
+    parser.add_argument("--estimate", action="store_true", help="no GPU: estimated peak memory")
+    args = parser.parse_args()
+    families = args.families.split(",")
+    if args.estimate:
+        print("ESTIMATE (no GPU run): peak GiB = UNet fp16 weights + LoRA/AdamW + saved activations + 1")
+        print("| model | size | weights | LoRA + optimizer | activations (no checkpointing) | peak |")
+        print("|---|---|---|---|---|---|")
+        for family in families:
+            e = estimate(family)
+            print(
+                f"| {family} | {FAMILIES[family][2]} | {e['weights']:.2f} | {e['lora']:.3f} | "
+                f"{e['activations']:.2f} | {e['peak']:.1f} |",
+                flush=True,
+            )
+        return
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("gpu_scale: no CUDA GPU here; use --estimate (sizes) or --smoke (CPU check)")
+    name = "CPU (smoke, tiny widths)" if args.smoke else torch.cuda.get_device_name()
+    print(f"{name}; {args.steps} timed steps per row")
+    print("| model | size | precision | checkpointing | schedule | s/step | peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    precisions = ["fp16"] if args.smoke else ["fp16", "bf16"]
+    with tempfile.TemporaryDirectory() as out:
+        for family in families:
+            for precision in precisions:
+                for checkpointing in (False, True):
+                    for reference in (False, True):
+                        r = measure(family, precision, checkpointing, reference, args, out)
+                        schedule = "reference LECO" if reference else "leco default"
+                        print(
+                            f"| {family} | {r['size']} | {precision} | {'yes' if checkpointing else 'no'} | "
+                            f"{schedule} | {r['seconds_per_step']:.3f} | {r['peak_gib']:.2f} |",
+                            flush=True,
+                        )
+
+
+if __name__ == "__main__":
+    main()

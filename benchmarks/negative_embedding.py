@@ -1,0 +1,126 @@
+"""Negative embedding vs the plain word as negative prompt, on ink-digits at guidance 3.
+
+Trains examples/ink-digits/negative_seven.yaml for each seed, then draws the erased digit's prompts
+(several phrasings and inks) and every other digit in every ink (the `keep: all` universe of the
+ink-digits detector) with the negative prompt "", the word ("seven") and the embedding
+("<no-seven>"), same seeds. Prints how often the seven is still drawn, how often everything else
+is still right (mean and worst concept) and the pixel drift against the negative prompt "".
+
+usage: OMP_NUM_THREADS=1 python benchmarks/negative_embedding.py [--seeds 0,1,2] [--images 8]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from leco.cli import quiet_libraries
+from leco.config import load_config
+from leco.generate import build_pipeline, embeddings_loaded
+from leco.ink_digits.judge import InkDigitsDetector
+from leco.models import load_models
+from leco.trainer import train
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "negative_seven.yaml"
+ERASED = [
+    ("a digit seven in red ink", "digit:7"),
+    ("a digit seven in blue ink", "digit:7"),
+    ("the number 7 written in green", "digit:7"),
+    ("7, black ink", "digit:7"),
+    ("a digit seven", "digit:7"),
+]
+
+
+@torch.no_grad()
+def render(pipe, cases: list[tuple[str, str]], seeds: list[int], negative: str) -> np.ndarray:
+    jobs = [(p, s) for p, _ in cases for s in seeds]
+    images = []
+    for start in range(0, len(jobs), 250):
+        chunk = jobs[start : start + 250]
+        images.append(
+            pipe(
+                [p for p, _ in chunk],
+                negative_prompt=[negative] * len(chunk),
+                num_inference_steps=25,
+                guidance_scale=3.0,
+                generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+                output_type="np",
+            ).images
+        )
+    return np.concatenate(images)
+
+
+def judge(detector, cases, seeds, images: np.ndarray) -> list[float]:
+    """Share of each case's images that show its concept."""
+    per_case = images.reshape(len(cases), len(seeds), *images.shape[1:])
+    return [
+        float(np.mean(detector.present(list(batch), concept)))
+        for (_, concept), batch in zip(cases, per_case, strict=True)
+    ]
+
+
+def line(name: str, erased: list[float], kept: list[float], cases, drift: float) -> str:
+    worst = int(np.argmin(kept))
+    return (
+        f"| {name} | {np.mean(erased):.0%} (worst {max(erased):.0%}) | {np.mean(kept):.1%} | "
+        f"{cases[worst][0]} {kept[worst]:.0%} | {drift:.3f} |"
+    )
+
+
+def main() -> None:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", default="0,1,2", help="training seeds")
+    parser.add_argument("--images", type=int, default=8, help="image seeds per prompt")
+    args = parser.parse_args()
+    models = load_models("ink-digits", with_vae=True)
+    detector = InkDigitsDetector.for_model(models.source)
+    kept_cases = [(p, c) for p, c in detector.concept_universe(["digit:7"])]
+    pipe = build_pipeline(models)
+    seeds = list(range(2000, 2000 + args.images))
+    config = load_config(EXAMPLE)
+    token = config.network.token
+    print(
+        f"guidance 3, {args.images} images per prompt; {len(ERASED)} erased prompts, {len(kept_cases)} kept"
+    )
+    print('| negative prompt | seven still drawn | everything else right | worst kept | drift vs "" |')
+    print("|---|---|---|---|---|")
+    base = {}
+    for negative in ("", "seven"):
+        images = [render(pipe, cases, seeds, negative) for cases in (ERASED, kept_cases)]
+        base.setdefault("images", images)
+        drift = float(np.abs(images[1] - base["images"][1]).mean())
+        erased, kept = (
+            judge(detector, ERASED, seeds, images[0]),
+            judge(detector, kept_cases, seeds, images[1]),
+        )
+        print(line(f'"{negative}"', erased, kept, kept_cases, drift), flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            config = load_config(EXAMPLE)
+            config.train.seed, config.save.path, config.save.per_steps = seed, folder + f"/{seed}", 10**9
+            result = train(config, progress=False)
+            result.trainable.remove()
+            with embeddings_loaded(pipe, [str(result.path)]):
+                images = [render(pipe, cases, seeds, token) for cases in (ERASED, kept_cases)]
+            drift = float(np.abs(images[1] - base["images"][1]).mean())
+            erased, kept = (
+                judge(detector, ERASED, seeds, images[0]),
+                judge(detector, kept_cases, seeds, images[1]),
+            )
+            print(line(f"{token} (seed {seed})", erased, kept, kept_cases, drift), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""The reference LECO schedule (p1atdev/LECO's train_lora.py), emulated on leco's own trainer.
+
+Every step rolls out k ~ U[1, S-1] DDIM steps from fresh noise with a doubled CFG batch, labels
+the latent with the grid timestep after it, asks the frozen model three times (positive, neutral,
+unconditional: each call a doubled guidance-1 batch) and runs the student on a doubled batch too.
+Same UNet, LoRA, optimizer and loss as leco: only the schedule differs, so ratios are fair.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from leco import objectives
+from leco.conditioning import Conditioning
+from leco.trainer import Trainer
+
+
+class UNetCalls:
+    """Counts the UNet's forward calls (a forward pre-hook: every call, whoever makes it)."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        self.calls = 0
+        unet.register_forward_pre_hook(self._count)
+
+    def _count(self, module: torch.nn.Module, args: tuple) -> None:
+        self.calls += 1
+
+
+def reference_step(trainer: Trainer, generator: torch.Generator, rollout_guidance: float = 3.0) -> float:
+    """One step of the reference schedule on the trainer's first prompt entry; returns the loss."""
+    prompt = trainer.prompts[0]
+    texts = prompt.texts(0)
+    edited, size = trainer.edited, prompt.size
+
+    def condition(text: str) -> Conditioning:
+        return edited.condition(edited.embeddings[text], 1, size, (0, 0))
+
+    unconditional = condition(texts["unconditional"])
+    target_cfg = Conditioning.cat([unconditional, condition(texts["target"])])
+    rollout = trainer.samples.rollout
+    steps = rollout.steps
+    k = int(torch.randint(1, steps, (1,), generator=generator))
+    scheduler = rollout.scheduler
+    scheduler.set_timesteps(steps)
+    scale = trainer.models.vae_scale_factor
+    channels = trainer.unet.config.in_channels
+    latents = torch.randn(1, channels, size[0] // scale, size[1] // scale, generator=generator)
+    with torch.no_grad():
+        for t in scheduler.timesteps[:k]:
+            u, c = edited.predict(torch.cat([latents, latents]), t, target_cfg).chunk(2)
+            latents = scheduler.step(objectives.guided(u, c, rollout_guidance), t, latents).prev_sample
+        t = torch.tensor([int(scheduler.timesteps[k])])
+        teacher = {}
+        with trainer.trainable.strength(0.0):
+            for role in ("positive", "neutral", "unconditional"):  # three separate, doubled calls
+                cond = Conditioning.cat([unconditional, condition(texts[role])])
+                teacher[role] = edited.predict(torch.cat([latents, latents]), t, cond).chunk(2)[1]
+    student = edited.predict(torch.cat([latents, latents]), t, target_cfg).chunk(2)[1]
+    target = prompt.objective.target(teacher, prompt.settings.guidance_scale)
+    loss = objectives.loss(student, target)
+    trainer.optimizer.zero_grad()
+    loss.backward()
+    trainer.optimizer.step()
+    trainer.step += 1
+    return loss.item()

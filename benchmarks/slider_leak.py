@@ -1,0 +1,191 @@
+"""Slider leak: how often prompts a slider does not target change, per recipe, on ink-digits.
+
+A red(+1)/blue(-1) slider on "a digit five" (examples/ink-digits/slider_red_blue.yaml) is trained
+with each recipe and seed. Same seed, strength -1, 0 and +1; an image "changed" when the judge
+reads another digit or another ink than at strength 0. Untargeted prompts, by kind:
+
+- other digits with an ink named ("a digit three in green ink"),
+- other digits without an ink ("a digit three": the model picks the ink, the slider must not),
+- ink-only prompts ("red ink"),
+- the target class with an explicit other ink ("a digit five in green ink"): the prompt names the
+  ink, and a prompt's explicit words win, so these count as untargeted too.
+
+The slider's own ends: "a digit five" drawn red at +1 and blue at -1.
+
+usage: OMP_NUM_THREADS=1 python benchmarks/slider_leak.py [--recipes default,anchors] [--seeds 0,1,2]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from leco.cli import quiet_libraries
+from leco.config import load_config
+from leco.generate import build_pipeline
+from leco.ink_digits.data import DIGIT_WORDS, INK_NAMES
+from leco.ink_digits.judge import InkDigitsJudge
+from leco.models import load_models
+from leco.network import LoRANetwork
+from leco.trainer import train
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "slider_red_blue.yaml"
+TARGET, PLUS, MINUS = 5, "red", "blue"
+KINDS = ("digit+ink", "digit only", "ink only", "five + other ink")
+
+
+def prompts() -> list[tuple[str, str]]:
+    """(prompt, kind) of every untargeted prompt, and the slider's own ("own")."""
+    others = [d for d in range(10) if d != TARGET]
+    cases = [
+        (f"a digit {DIGIT_WORDS[d]} in {ink} ink", KINDS[0]) for d in others for ink in ("green", PLUS, MINUS)
+    ]
+    cases += [(f"a digit {DIGIT_WORDS[d]}", KINDS[1]) for d in others]
+    cases += [(f"{ink} ink", KINDS[2]) for ink in INK_NAMES]
+    cases += [
+        (f"a digit {DIGIT_WORDS[TARGET]} in {ink} ink", KINDS[3])
+        for ink in INK_NAMES
+        if ink not in (PLUS, MINUS)
+    ]
+    return [*cases, (f"a digit {DIGIT_WORDS[TARGET]}", "own")]
+
+
+def _set(path: str, value: Any) -> Callable[[Any], None]:
+    section, key = path.split(".")
+    return lambda config: setattr(getattr(config, section), key, value)
+
+
+def _guidance(value: float) -> Callable[[Any], None]:
+    def apply(config: Any) -> None:
+        for entry in config.prompts:
+            entry.guidance_scale = value
+
+    return apply
+
+
+def _anchors(per_step: int = 4) -> Callable[[Any], None]:
+    def apply(config: Any) -> None:
+        config.anchors.prompts, config.anchors.per_step = "auto", per_step
+
+    return apply
+
+
+RECIPES: dict[str, list[Callable[[Any], None]]] = {
+    "default": [],
+    "anchors": [_anchors()],
+    "anchors8": [_anchors(8)],
+    "full": [_set("network.training_method", "full")],
+    "rank1": [_set("network.rank", 1)],
+    "guidance1": [_guidance(1.0)],
+    "guidance4": [_guidance(4.0)],
+    "anchors+guidance4": [_anchors(), _guidance(4.0)],
+}
+
+
+def configure(recipe: str, seed: int, out: Path):
+    config = load_config(EXAMPLE)
+    config.train.seed, config.save.path, config.save.per_steps = seed, str(out), 10**9
+    config.preview.prompts = []
+    for change in RECIPES[recipe]:
+        change(config)
+    return config
+
+
+@torch.no_grad()
+def readings(pipe, network: LoRANetwork, judge: InkDigitsJudge, cases, seeds, strength: float):
+    """Digit and ink read off every (prompt, seed) image at one strength."""
+    jobs = [(p, s) for p, _ in cases for s in seeds]
+    network.multiplier = strength
+    digits, inks = [], []
+    for start in range(0, len(jobs), 200):
+        chunk = jobs[start : start + 200]
+        images = pipe(
+            [p for p, _ in chunk],
+            num_inference_steps=25,
+            guidance_scale=3.0,
+            generator=[torch.Generator().manual_seed(s) for _, s in chunk],
+            output_type="np",
+        ).images
+        reading = judge.read(images)
+        digits.append(reading.digits)
+        inks.append(reading.inks)
+    network.multiplier = 1.0
+    return np.concatenate(digits), np.concatenate(inks)
+
+
+def measure(recipe: str, seeds: list[int], images: int, models, folder: Path) -> dict[str, Any]:
+    cases = prompts()
+    kinds = np.repeat([k for _, k in cases], images)
+    changed = {kind: [] for kind in KINDS}
+    own = {"red at +1": [], "blue at -1": []}
+    seconds = []
+    for seed in seeds:
+        start = time.perf_counter()
+        result = train(configure(recipe, seed, folder / recipe / str(seed)), progress=False)
+        seconds.append(time.perf_counter() - start)
+        network = LoRANetwork.from_file(models.unet, models.family, result.path)
+        pipe = build_pipeline(models)
+        judge = InkDigitsJudge.load(models.source)
+        image_seeds = list(range(1000, 1000 + images))
+        base = readings(pipe, network, judge, cases, image_seeds, 0.0)
+        for strength in (-1.0, 1.0):
+            digit, ink = readings(pipe, network, judge, cases, image_seeds, strength)
+            moved = (digit != base[0]) | (ink != base[1])
+            for kind in KINDS:
+                changed[kind].append(float(moved[kinds == kind].mean()))
+            wanted = INK_NAMES.index(PLUS if strength > 0 else MINUS)
+            own["red at +1" if strength > 0 else "blue at -1"].append(
+                float((ink[kinds == "own"] == wanted).mean())
+            )
+        network.remove()
+    untargeted = [v for kind in KINDS for v in changed[kind]]
+    return {
+        **{kind: float(np.mean(v)) for kind, v in changed.items()},
+        "untargeted": float(np.mean(untargeted)),
+        "untargeted_worst": max(untargeted),
+        **{k: min(v) for k, v in own.items()},
+        "train_seconds": float(np.mean(seconds)),
+    }
+
+
+def main() -> None:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--images", type=int, default=8, help="images per prompt and strength")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    models = load_models("ink-digits", with_vae=True)
+    print(f"changed at +-1 vs 0 (same seed), mean over strengths and training seeds {seeds}; own ends: worst")
+    header = ["recipe", *KINDS, "all untargeted (worst)", "red at +1", "blue at -1", "train s"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    with tempfile.TemporaryDirectory() as folder:
+        for recipe in args.recipes.split(","):
+            r = measure(recipe, seeds, args.images, models, Path(folder))
+            cells = [
+                recipe,
+                *(f"{r[k]:.1%}" for k in KINDS),
+                f"{r['untargeted']:.1%} ({r['untargeted_worst']:.1%})",
+            ]
+            cells += [f"{r['red at +1']:.0%}", f"{r['blue at -1']:.0%}", f"{r['train_seconds']:.0f}"]
+            print("| " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

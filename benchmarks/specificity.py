@@ -1,0 +1,246 @@
+"""Erase only what is asked: erased vs everything else, per recipe, over several training seeds.
+
+For each task (erase 1, 3, 5 or 8 digits, or one ink) and recipe, trains one LoRA per seed on the
+bundled ink-digits model, judges all of them in one `leco eval` with `keep: all` (every other
+digit in every ink, every ink), and prints: erased concepts still detected (mean, worst row),
+everything else still right (mean, worst concept, worst seed), inks kept, drift and training time.
+
+usage: python benchmarks/specificity.py [--tasks 1,3,5,8,ink] [--recipes default,anchors,...]
+                                        [--seeds 0,1,2] [--images 8] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from leco.cli import quiet_libraries
+from leco.config import LecoConfig
+from leco.evaluate import ConceptPrompt, EvalSpec, evaluate
+from leco.ink_digits.data import DIGIT_WORDS
+from leco.models import load_models
+from leco.trainer import train
+
+TASKS: dict[str, list[int] | str] = {
+    "1": [7],
+    "3": [3, 5, 8],
+    "5": [0, 2, 4, 6, 9],
+    "8": [0, 1, 2, 3, 4, 5, 6, 7],
+    "ink": "red",
+}
+BASE_STEPS = 300  # the erase-seven example's
+
+
+def base_config(task: list[int] | str, out: Path, seed: int) -> dict[str, Any]:
+    """Today's example settings: erase_seven.yaml for digits, erase_red.yaml for the ink."""
+    if isinstance(task, str):
+        prompts = [{"target": f"{task} ink", "action": "erase", "guidance_scale": 2.0}]
+        network = {"type": "lierla", "rank": 4, "alpha": 1.0, "training_method": "noxattn"}
+        anchors = {"prompts": ["black ink", "orange ink", "blue ink", "green ink"]}
+    else:
+        prompts = [{"target": f"a digit {DIGIT_WORDS[d]}", "action": "erase"} for d in task]
+        network = {"type": "lierla", "rank": 4, "alpha": 1.0, "training_method": "xattn"}
+        anchors = {}
+    return {
+        "pretrained_model": {"name_or_path": "ink-digits"},
+        "prompts": prompts,
+        "network": network,
+        "anchors": anchors,
+        "train": {
+            "precision": "fp32",
+            "iterations": BASE_STEPS,
+            "lr": 3e-3,
+            "max_denoising_steps": 25,
+            "samples_per_rollout": 4,
+            "seed": seed,
+        },
+        "save": {"name": f"s{seed}", "path": str(out), "per_steps": 10_000, "precision": "fp32"},
+    }
+
+
+def synonyms(task: list[int] | str) -> list[str]:
+    """Words of the same concepts that a word filter cannot guess (for anchors: auto)."""
+    return [] if isinstance(task, str) else [str(d) for d in task]
+
+
+def _set(path: str, value: Any) -> Callable[[dict, Any], None]:
+    section, key = path.split(".")
+    return lambda c, task: c[section].__setitem__(key, value)
+
+
+def _auto_anchors(per_step: int = 4, weight: float = 1.0) -> Callable[[dict, Any], None]:
+    def apply(config: dict, task: Any) -> None:
+        config["anchors"] = {
+            "prompts": "auto",
+            "exclude": synonyms(task),
+            "per_step": per_step,
+            "weight": weight,
+        }
+
+    return apply
+
+
+def _scaled_steps(config: dict, task: Any) -> None:
+    concepts = 1 if isinstance(task, str) else len(task)
+    config["train"]["iterations"] = BASE_STEPS * concepts
+
+
+def _closed_form(config: dict, task: Any) -> None:
+    config["train"]["method"] = "closed_form"
+    config["network"] = {"type": "lierla", "rank": 8}
+    config["anchors"] = {"prompts": "auto", "exclude": synonyms(task)}
+    if isinstance(task, str):
+        config["prompts"] = [{"target": f"{task} ink", "action": "erase"}]
+
+
+RECIPES: dict[str, list[Callable[[dict, Any], None]]] = {
+    "default": [],
+    "anchors": [_auto_anchors()],
+    "anchors1": [_auto_anchors(per_step=1)],
+    "noxattn": [_set("network.training_method", "noxattn")],
+    "full": [_set("network.training_method", "full")],
+    "rank1": [_set("network.rank", 1)],
+    "rank8": [_set("network.rank", 8)],
+    "lr1e-3": [_set("train.lr", 1e-3)],
+    "steps150": [_set("train.iterations", 150)],
+    "scaled": [_scaled_steps],
+    "anchors+scaled": [_auto_anchors(), _scaled_steps],
+    "closed-form": [_closed_form],
+}
+
+
+def eval_spec(task: list[int] | str, images: int) -> EvalSpec:
+    if isinstance(task, str):
+        erase = [
+            ("a digit two in red ink", "ink:red"),
+            ("the number 8 written in red", "ink:red"),
+            ("5, red ink", "ink:red"),
+            ("red ink", "ink:red"),
+        ]
+    else:
+        erase = []
+        for d in task:
+            word = DIGIT_WORDS[d]
+            erase += [
+                (f"a digit {word} in red ink", f"digit:{d}"),
+                (f"a digit {word} in blue ink", f"digit:{d}"),
+                (f"the number {d} written in green", f"digit:{d}"),  # a paraphrase never trained on
+                (f"a digit {word}", f"digit:{d}"),
+            ]
+    return EvalSpec(
+        images_per_prompt=images,
+        strengths=[0.0, 1.0],
+        steps=25,
+        guidance=3.0,
+        erase=[ConceptPrompt(prompt=p, concept=c) for p, c in erase],
+        keep="all",
+    )
+
+
+def run(task_name: str, recipe: str, seeds: list[int], images: int, models, folder: Path) -> dict[str, Any]:
+    task = TASKS[task_name]
+    files, seconds = [], []
+    for seed in seeds:
+        document = base_config(task, folder / f"{task_name}-{recipe}", seed)
+        for change in RECIPES[recipe]:
+            change(document, task)
+        start = time.perf_counter()
+        result = train(LecoConfig.model_validate(document), progress=False)
+        seconds.append(time.perf_counter() - start)
+        files.append(result.path)
+    report = evaluate(models, files, eval_spec(task, images), "cpu", progress=False)
+    return summarise(report, seconds)
+
+
+def summarise(report: dict[str, Any], seconds: list[float]) -> dict[str, Any]:
+    rows = [r for r in report["rows"] if r["strength"] == 1.0]
+    labels = list(report["loras"])
+
+    def per_seed(kind: str, select: Callable[[dict], bool] = lambda r: True) -> list[float]:
+        return [
+            float(
+                np.mean(
+                    [r["detected"] for r in rows if r["lora"] == label and r["kind"] == kind and select(r)]
+                )
+            )
+            for label in labels
+        ]
+
+    kept_rows: dict[str, list[float]] = {}
+    for r in rows:
+        if r["kind"] == "keep":
+            kept_rows.setdefault(f"{r['prompt']} [{r['concept']}]", []).append(r["detected"])
+    # The worst case: one kept concept in one training seed.
+    worst_concept = min(kept_rows, key=lambda k: min(kept_rows[k]))
+    erased, kept = per_seed("erase"), per_seed("keep")
+    inks = per_seed("keep", lambda r: "ink:" in r["concept"])
+    erased_worst_row = max((r["detected"] for r in rows if r["kind"] == "erase"), default=float("nan"))
+    return {
+        "erased_mean": float(np.mean(erased)),
+        "erased_worst_seed": max(erased),
+        "erased_worst_row": erased_worst_row,
+        "kept_mean": float(np.mean(kept)),
+        "kept_worst_seed": min(kept),
+        "kept_worst_concept": worst_concept,
+        "kept_worst_concept_value": float(min(kept_rows[worst_concept])),
+        "ink_kept_mean": float(np.mean(inks)) if inks else float("nan"),
+        "drift": float(np.mean([r["drift"] for r in rows if r["kind"] == "keep"])),
+        "train_seconds": float(np.mean(seconds)),
+    }
+
+
+def format_row(task: str, recipe: str, r: dict[str, Any]) -> str:
+    return (
+        f"| {task} | {recipe} | {r['erased_mean']:.0%} / {r['erased_worst_seed']:.0%} | "
+        f"{r['kept_mean']:.1%} / {r['kept_worst_seed']:.1%} | "
+        f"{r['kept_worst_concept']} {r['kept_worst_concept_value']:.0%} | {r['ink_kept_mean']:.1%} | "
+        f"{r['drift']:.3f} | {r['train_seconds']:.1f} |"
+    )
+
+
+def main() -> None:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", default="1,3,5,8,ink")
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--images", type=int, default=8, help="images per prompt and strength")
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    models = load_models("ink-digits", with_vae=True)
+    print(f"seeds {seeds}, {args.images} images per prompt and strength, strength 1 vs 0, keep: all")
+    print(
+        "| task | recipe | erased still detected: mean / worst seed | kept right: mean / worst seed "
+        "| worst kept concept (worst seed) | inks kept | drift | train s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for task in args.tasks.split(","):
+            for recipe in args.recipes.split(","):
+                result = run(task, recipe, seeds, args.images, models, Path(folder))
+                results[f"{task}/{recipe}"] = result
+                print(format_row(task, recipe, result), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Time to erase: how long until the erase-seven example has erased the seven, per setting, in one run.
+
+Trains the erase-seven example (examples/ink-digits/erase_seven.yaml) with each setting compared
+and asks the judge every few steps whether the seven is gone (detected in at most 10% of the
+example's erase prompts) with the other digits kept (at least 95% right). The judge's images are
+not timed and its UNet calls are not counted. Prints steps to erase, seconds per step, UNet forward
+calls per step (counted by a hook on the UNet), time to erase, the kept figure at that point, and
+the speed-up against leco at samples_per_rollout 1 and against the reference schedule (p1atdev/LECO,
+emulated in benchmarks/reference.py on the same model, LoRA and optimizer).
+
+Then: time per concept for 1, 3 and 5 digits in one LoRA, and seconds per step against resolution.
+
+usage: OMP_NUM_THREADS=1 python benchmarks/time_to_erase.py [--settings a,b] [--seeds 0,1] [--max-steps 400]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from reference import UNetCalls, reference_step
+
+from leco.cli import quiet_libraries
+from leco.config import load_config
+from leco.generate import build_pipeline
+from leco.ink_digits.data import DIGIT_WORDS
+from leco.ink_digits.judge import InkDigitsJudge
+from leco.models import load_models
+from leco.trainer import Trainer
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "erase_seven.yaml"
+ERASED_AT_MOST, KEPT_AT_LEAST = 0.10, 0.95
+
+
+class Judge:
+    """The erase-seven check on the LoRA as it is: erase prompts x 8 seeds, 9 other digits x 4 seeds."""
+
+    def __init__(self, trainer: Trainer, erased: list[int]) -> None:
+        models = trainer.models
+        if models.vae is None:
+            models.vae = load_models(trainer.config.pretrained_model, with_vae=True).vae
+        self.pipe = build_pipeline(models)
+        self.judge = InkDigitsJudge.load(models.source)
+        self.trainable = trainer.trainable
+        self.cases = []  # (prompt, seed, digit, erased?)
+        for d in erased:
+            word = DIGIT_WORDS[d]
+            prompts = [
+                f"a digit {word} in red ink",
+                f"a digit {word} in blue ink",
+                f"the number {d} written in green",
+            ]
+            self.cases += [(p, s, d, True) for p in prompts for s in range(8)]
+        for d in (d for d in range(10) if d not in erased):
+            self.cases += [(f"a digit {DIGIT_WORDS[d]} in black ink", s, d, False) for s in range(4)]
+
+    @torch.no_grad()
+    def __call__(self) -> tuple[float, float]:
+        """(share of erase images still showing their digit, share of kept images right)."""
+        with self.trainable.strength(1.0):
+            images = self.pipe(
+                [c[0] for c in self.cases],
+                num_inference_steps=25,
+                guidance_scale=3.0,
+                generator=[torch.Generator().manual_seed(c[1]) for c in self.cases],
+                output_type="np",
+            ).images
+        digits = self.judge.read(images).digits
+        hits = np.array([digit == c[2] for digit, c in zip(digits, self.cases, strict=True)])
+        erased = np.array([c[3] for c in self.cases])
+        return float(hits[erased].mean()), float(hits[~erased].mean())
+
+
+def settings(name: str) -> tuple[dict[str, Any], Callable | None]:
+    """(config changes, a step function or None for leco's own), by setting name."""
+    if name.startswith("reference"):
+        # The reference trains every layer (its xattn preset selects none) on fresh rollouts.
+        return {"network.training_method": "full", "train.samples_per_rollout": 1}, reference_step
+    changes: dict[str, Any] = {}
+    for part in name.split("+"):
+        key, _, value = part.partition("=")
+        changes[ALIASES[key]] = type_of(ALIASES[key])(value)
+    return changes, None
+
+
+ALIASES = {
+    "m": "train.samples_per_rollout",
+    "batch": "train.samples_per_step",
+    "S": "train.max_denoising_steps",
+    "lr": "train.lr",
+    "preset": "network.training_method",
+    "rank": "network.rank",
+}
+
+
+def type_of(key: str) -> type:
+    return {"train.lr": float, "network.training_method": str}.get(key, int)
+
+
+def configure(changes: dict[str, Any], seed: int, out: Path, erased: list[int], max_steps: int):
+    config = load_config(EXAMPLE)
+    config.save.path, config.save.per_steps = str(out), 10**9
+    config.preview.prompts = []
+    config.train.seed, config.train.iterations = seed, max_steps
+    if erased != [7]:
+        template = config.prompts[0]
+        config.prompts = [
+            template.model_copy(
+                update={"target": f"a digit {DIGIT_WORDS[d]}", "positive": f"a digit {DIGIT_WORDS[d]}"}
+            )
+            for d in erased
+        ]
+    for key, value in changes.items():
+        section, field = key.split(".")
+        setattr(getattr(config, section), field, value)
+    return config
+
+
+def time_to_erase(
+    name: str, seed: int, out: Path, max_steps: int, check_every: int, erased: list[int]
+) -> dict[str, Any]:
+    changes, step_function = settings(name)
+    trainer = Trainer(configure(changes, seed, out, erased, max_steps), progress=False)
+    judge = Judge(trainer, erased)
+    counter = UNetCalls(trainer.unet)
+    generator = torch.Generator().manual_seed(seed)
+    step = (lambda: step_function(trainer, generator)) if step_function else trainer.train_step
+    trained, calls, steps = 0.0, 0, 0
+    erased_share, kept = 1.0, 0.0
+    while steps < max_steps:
+        before = counter.calls
+        start = time.perf_counter()
+        for _ in range(check_every):
+            step()
+        trained += time.perf_counter() - start
+        calls += counter.calls - before
+        steps += check_every
+        erased_share, kept = judge()
+        if erased_share <= ERASED_AT_MOST and kept >= KEPT_AT_LEAST:
+            break
+    done = erased_share <= ERASED_AT_MOST and kept >= KEPT_AT_LEAST
+    return {
+        "steps": steps if done else None,
+        "seconds_per_step": trained / steps,
+        "calls_per_step": calls / steps,
+        "time": trained if done else None,
+        "kept": kept,
+        "erased": erased_share,
+    }
+
+
+def row(name: str, runs: list[dict[str, Any]], baseline: float | None, reference: float | None) -> str:
+    done = [r for r in runs if r["time"] is not None]
+    time_to = float(np.mean([r["time"] for r in done])) if len(done) == len(runs) else None
+    steps = "/".join(str(r["steps"]) if r["steps"] else "-" for r in runs)
+    cells = [
+        name,
+        steps,
+        f"{np.mean([r['seconds_per_step'] for r in runs]):.3f}",
+        f"{np.mean([r['calls_per_step'] for r in runs]):.1f}",
+        f"{time_to:.1f}" if time_to else "not erased",
+        f"{min(r['kept'] for r in runs):.0%}",
+        f"{baseline / time_to:.2f}x" if time_to and baseline else "-",
+        f"{reference / time_to:.2f}x" if time_to and reference else "-",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+def main() -> None:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--settings",
+        default="reference,m=1,m=4,m=8,m=16,m=16+batch=4,m=16+S=15,m=8+lr=6e-3,preset=full",
+        help="comma-separated; each `key=value+key=value` with keys " + ", ".join(ALIASES),
+    )
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--check-every", type=int, default=10)
+    parser.add_argument("--skip-scaling", action="store_true", help="only the settings table")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(
+        f"erase-seven; judge every {args.check_every} steps; seeds {seeds}; {torch.get_num_threads()} threads"
+    )
+    print(
+        "| setting | steps to erase (per seed) | s/step | UNet calls/step | time to erase (s) | kept (worst) "
+        "| vs leco m=1 | vs reference |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    times: dict[str, float | None] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.settings.split(","):
+            runs = [
+                time_to_erase(name, s, Path(folder) / name / str(s), args.max_steps, args.check_every, [7])
+                for s in seeds
+            ]
+            done = all(r["time"] is not None for r in runs)
+            times[name] = float(np.mean([r["time"] for r in runs])) if done else None
+            print(row(name, runs, times.get("m=1"), times.get("reference")), flush=True)
+        if not args.skip_scaling:
+            scaling(folder, seeds, args)
+
+
+def scaling(folder: str, seeds: list[int], args: argparse.Namespace) -> None:
+    print("\n| digits erased in one LoRA | steps to erase | time to erase (s) | time per concept (s) |")
+    print("|---|---|---|---|")
+    for erased in ([7], [3, 5, 8], [0, 2, 4, 6, 9]):
+        runs = [
+            time_to_erase(
+                "m=4",
+                s,
+                Path(folder) / f"n{len(erased)}" / str(s),
+                args.max_steps * 3,
+                args.check_every,
+                erased,
+            )
+            for s in seeds
+        ]
+        done = [r for r in runs if r["time"] is not None]
+        if len(done) < len(runs):
+            print(f"| {len(erased)} | not erased in {args.max_steps * 3} steps | - | - |")
+            continue
+        mean = float(np.mean([r["time"] for r in done]))
+        steps = "/".join(str(r["steps"]) for r in done)
+        print(f"| {len(erased)} | {steps} | {mean:.1f} | {mean / len(erased):.1f} |")
+    print("\n| latent side | image side | s/step (m=4) |")
+    print("|---|---|---|")
+    for factor in (1, 2, 4):
+        config = configure({}, 0, Path(folder) / f"res{factor}", [7], 10**6)
+        config.prompts[0].resolution = 16 * factor
+        trainer = Trainer(config, progress=False)
+        trainer.train_step()
+        start = time.perf_counter()
+        for _ in range(20):
+            trainer.train_step()
+        print(f"| {8 * factor} | {16 * factor} | {(time.perf_counter() - start) / 20:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
