@@ -354,3 +354,14 @@ def test_bad_prompt_lists_are_one_line(folder, prompts, files, expected):
         load_config(write(folder, "c.yaml", MINIMAL))
     message = str(caught.value)
     assert message.startswith(str(folder)) and "\n" not in message and expected in message, message
+
+
+def test_imitate_without_a_teacher_is_one_line():
+    config = LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": "ink-digits"},
+            "prompts": [{"target": "x", "action": "imitate"}],
+        }
+    )
+    with pytest.raises(ConfigError, match=r"^prompts entry 1: action imitate copies a teacher model's"):
+        config.check_combination()

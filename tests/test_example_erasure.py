@@ -17,6 +17,8 @@ from leco.models import load_models
 from leco.network import LoRANetwork
 from leco.trainer import train
 
+# One worker trains and judges the examples once for all the tests below (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("bundled-example")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ink-digits"
 PARAPHRASE = "the number 7 written in green"  # never a training prompt
 
@@ -33,40 +35,56 @@ def spec():
     return spec
 
 
-def rows_by_prompt(report: dict, strength: float) -> dict[str, float]:
-    return {r["prompt"]: r["detected"] for r in report["rows"] if r["strength"] == strength}
-
-
-def test_zero_lora_erases_nothing(tmp_path, models, spec):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, models, spec):
+    """The erase-seven example, its closed-form variant and an untrained (zero) LoRA, judged in one
+    eval: the plain model's strength-0 images are made once for all three."""
+    folder = tmp_path_factory.mktemp("example")
     config = load_config(EXAMPLES / "erase_seven.yaml")
-    network = LoRANetwork.create(models.unet, models.family, config.network)  # up-weights start at zero
-    zero = network.save(tmp_path / "zero.safetensors", resolution=models.resolution)
-    network.remove()
-    report = evaluate(models, zero, spec, "cpu", progress=False)
-    assert rows_by_prompt(report, 1.0) == rows_by_prompt(report, 0.0)
-    assert all(r["drift"] == 0.0 for r in report["rows"])
-    assert report["summary"]["1"]["erased_still_detected"] >= 0.9
-    assert report["summary"]["1"]["kept_still_right"] >= 0.9
-
-
-def test_example_config_erases_seven_and_keeps_the_other_digits(tmp_path, models, spec):
-    config = load_config(EXAMPLES / "erase_seven.yaml")
-    config.save.path = str(tmp_path)
+    config.save.path = str(folder)
     config.save.per_steps = config.train.iterations  # no intermediate files or preview grids
     config.preview.prompts = []
-    result = train(config, progress=False)
-    assert result.steps == config.train.iterations and result.path.exists()
+    example = train(config, progress=False)
+    network = LoRANetwork.create(models.unet, models.family, config.network)  # up-weights start at zero
+    zero = network.save(folder / "zero.safetensors", resolution=models.resolution)
+    network.remove()
+    closed_form = load_config(EXAMPLES / "erase_seven_closed_form.yaml")
+    closed_form.save.path = str(folder)
+    edit = train(closed_form, progress=False)
+    edit.trainable.remove()
+    report = evaluate(models, [zero, example.path, edit.path], spec, "cpu", progress=False)
+    return {"example": example, "closed_form": edit, "report": report}
 
-    report = evaluate(models, result.path, spec, "cpu", progress=False)
-    before, after = rows_by_prompt(report, 0.0), rows_by_prompt(report, 1.0)
+
+def rows_by_prompt(report: dict, strength: float, lora: Path | None) -> dict[str, float]:
+    label = None if strength == 0.0 else lora.stem
+    return {
+        r["prompt"]: r["detected"] for r in report["rows"] if r["strength"] == strength and r["lora"] == label
+    }
+
+
+def test_zero_lora_erases_nothing(trained):
+    report, zero = trained["report"], trained["example"].path.parent / "zero.safetensors"
+    assert rows_by_prompt(report, 1.0, zero) == rows_by_prompt(report, 0.0, None)
+    assert all(r["drift"] == 0.0 for r in report["rows"] if r["lora"] == "zero")
+    assert report["per_lora"]["zero"]["1"]["erased_still_detected"] >= 0.9
+    assert report["per_lora"]["zero"]["1"]["kept_still_right"] >= 0.9
+
+
+def test_example_config_erases_seven_and_keeps_the_other_digits(trained, models, spec):
+    result, report = trained["example"], trained["report"]
+    assert (
+        result.steps == load_config(EXAMPLES / "erase_seven.yaml").train.iterations and result.path.exists()
+    )
+    before, after = rows_by_prompt(report, 0.0, None), rows_by_prompt(report, 1.0, result.path)
     erased = [item.prompt for item in spec.erase]
-    kept = [r["prompt"] for r in report["rows"] if r["kind"] == "keep" and r["strength"] == 1.0]
+    kept = [r["prompt"] for r in report["rows"] if r["kind"] == "keep" and r["lora"] == result.path.stem]
     assert PARAPHRASE in erased and len(kept) > 60  # every other digit in every ink, every ink
     assert all(before[p] >= 0.8 for p in erased), before  # the model draws sevens without the LoRA
     assert all(after[p] <= 0.2 for p in erased), after  # ...and not with it, paraphrase included
     # Every other concept, not a hand-picked few: the recipe before anchors lost the six here.
     assert all(after[p] >= 0.75 for p in kept), {p: after[p] for p in kept if after[p] < 0.75}
-    assert report["summary"]["1"]["kept_drift"] < 0.05  # other digits barely move, pixel for pixel
+    assert report["per_lora"][result.path.stem]["1"]["kept_drift"] < 0.05  # other digits barely move
 
     # The same at the level the loss works on: the LoRA moves the UNet's prediction for the
     # target far more than for unrelated prompts (random tiny models cannot show this).
@@ -90,12 +108,9 @@ def prediction_change(models, network, prompts: list[str]) -> dict[str, float]:
     return change
 
 
-def test_the_closed_form_example_erases_seven_and_keeps_every_other_concept(tmp_path, models, spec):
-    config = load_config(EXAMPLES / "erase_seven_closed_form.yaml")
-    config.save.path = str(tmp_path)
-    result = train(config, progress=False)
-    result.trainable.remove()
-    report = evaluate(models, result.path, spec, "cpu", progress=False)
-    after = [r for r in report["rows"] if r["strength"] == 1.0]
+def test_the_closed_form_example_erases_seven_and_keeps_every_other_concept(trained):
+    label = trained["closed_form"].path.stem
+    after = [r for r in trained["report"]["rows"] if r["strength"] == 1.0 and r["lora"] == label]
+    assert len(after) > 60
     assert all(r["detected"] <= 0.25 for r in after if r["kind"] == "erase"), after
     assert all(r["detected"] >= 0.75 for r in after if r["kind"] == "keep")

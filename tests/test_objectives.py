@@ -19,6 +19,7 @@ def test_each_action_on_hand_made_tensors():
     assert torch.equal(OBJECTIVES["enhance"].target(P, 0.0), P["neutral"])
     assert torch.equal(OBJECTIVES["distill"].target(P, 3.0), torch.tensor([8.0, -4.0]))  # u + 3 (p - u)
     assert torch.equal(OBJECTIVES["preserve"].target(P, 5.0), P["target"])
+    assert torch.equal(OBJECTIVES["imitate"].target(P, 5.0), P["positive"])  # the teacher's, in a transplant
 
 
 def test_each_objective_reads_only_the_roles_it_declares():

@@ -1,4 +1,5 @@
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -377,6 +378,8 @@ def test_ctrl_c_saves_a_loadable_file_and_resume_finishes_the_same_run(tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # the same thread count as this process: a float sum may round differently with another
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
     deadline = time.time() + 300
     while not (tmp_path / "out" / "fox_2steps.safetensors").exists():

@@ -242,7 +242,7 @@ class AnchorConfig(_Section):
     rollouts: bool = False
 
 
-ACTIONS = ("erase", "enhance", "distill", "preserve")
+ACTIONS = ("erase", "enhance", "distill", "preserve", "imitate")
 
 
 class PromptSettings(_Section):
@@ -389,6 +389,13 @@ class LecoConfig(_Section):
                     raise ConfigError(
                         f"prompts entry {number}: action {entry.action} has no closed form; use erase or "
                         "preserve (or train.method: leco)"
+                    )
+        if self.teacher is None:
+            for number, entry in enumerate(self.prompts, start=1):
+                if entry.action == "imitate":
+                    raise ConfigError(
+                        f"prompts entry {number}: action imitate copies a teacher model's prediction; add a "
+                        "teacher: section (or use enhance)"
                     )
         if self.network.type == "embedding":
             if self.teacher is not None:

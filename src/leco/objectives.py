@@ -39,6 +39,12 @@ def distill(p: Predictions, guidance_scale: float) -> Tensor:
     return guided(p["unconditional"], p["positive"], guidance_scale)
 
 
+def imitate(p: Predictions, guidance_scale: float) -> Tensor:
+    """Predict what the teacher predicts for the positive prompt: the concept as the teacher draws it
+    (transplant), where `enhance` carries over only its direction."""
+    return p["positive"]
+
+
 def preserve(p: Predictions, guidance_scale: float) -> Tensor:
     """Stay what the original model predicts for this prompt."""
     return p["target"]
@@ -58,6 +64,7 @@ OBJECTIVES: dict[str, Objective] = {
     "enhance": Objective(enhance, ("positive", "neutral", "unconditional")),
     "distill": Objective(distill, ("positive", "unconditional"), rollout_guidance=1.0),
     "preserve": Objective(preserve, ("target",)),
+    "imitate": Objective(imitate, ("positive",)),
 }
 
 

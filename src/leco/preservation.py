@@ -45,7 +45,7 @@ def concept_words(prompts: list[PromptSettings], candidates: list[str]) -> set[s
     """Words the edited entries add to their neutral prompt, unless most prompts share them."""
     added: set[str] = set()
     for entry in prompts:
-        if entry.action not in ("erase", "enhance"):
+        if entry.action not in ("erase", "enhance", "imitate"):
             continue
         # Words every target of the entry shares: its paraphrases' other words (an ink, a setting) are
         # context, not the concept. A slider's poles (positive, unconditional) are not its concept:

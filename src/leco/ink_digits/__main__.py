@@ -64,11 +64,9 @@ def run_build(args: argparse.Namespace) -> None:
 
 
 def run_quality(args: argparse.Namespace) -> None:
-    import torch
-
     from leco.ink_digits.quality import GUIDANCE, STEPS, format_quality, measure
+    from leco.ink_digits.training import torch_threads
 
-    torch.set_num_threads(args.threads)
     guidance = GUIDANCE if args.guidance is None else args.guidance
     steps = STEPS if args.steps is None else args.steps
     names = [args.model] if args.model else [INK_DIGITS, INK_DIGITS_2]
@@ -78,7 +76,8 @@ def run_quality(args: argparse.Namespace) -> None:
             known = " nor ".join(MODEL_NAMES)
             raise LecoError(f"quality --model: {name!r} is neither {known} nor a model folder")
         print(f"{folder}: guidance {guidance:g}, {steps} steps, {args.seeds} seeds per digit x ink")
-        print(format_quality(measure(folder, guidance, steps, seeds=args.seeds)))
+        with torch_threads(args.threads):  # the caller (a test, a notebook) keeps its own setting
+            print(format_quality(measure(folder, guidance, steps, seeds=args.seeds)))
 
 
 if __name__ == "__main__":
