@@ -35,11 +35,13 @@ import torch
 from leco.cli import quiet_libraries
 from leco.config import load_config
 from leco.generate import build_pipeline
-from leco.ink_digits.data import DIGIT_WORDS, INK_NAMES
+from leco.ink_digits.data import ALL_INKS, DIGIT_WORDS, MODEL_INKS
 from leco.ink_digits.judge import InkDigitsJudge
 from leco.models import load_models
 from leco.network import LoRANetwork
 from leco.trainer import train
+
+INK_NAMES_OF_MODEL = MODEL_INKS["ink-digits"]  # the inks it draws (its vocabulary knows more)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "slider_red_blue.yaml"
 TARGET, PLUS, MINUS = 5, "red", "blue"
@@ -53,10 +55,10 @@ def prompts() -> list[tuple[str, str]]:
         (f"a digit {DIGIT_WORDS[d]} in {ink} ink", KINDS[0]) for d in others for ink in ("green", PLUS, MINUS)
     ]
     cases += [(f"a digit {DIGIT_WORDS[d]}", KINDS[1]) for d in others]
-    cases += [(f"{ink} ink", KINDS[2]) for ink in INK_NAMES]
+    cases += [(f"{ink} ink", KINDS[2]) for ink in INK_NAMES_OF_MODEL]
     cases += [
         (f"a digit {DIGIT_WORDS[TARGET]} in {ink} ink", KINDS[3])
-        for ink in INK_NAMES
+        for ink in INK_NAMES_OF_MODEL
         if ink not in (PLUS, MINUS)
     ]
     return [*cases, (f"a digit {DIGIT_WORDS[TARGET]}", "own")]
@@ -145,7 +147,7 @@ def measure(recipe: str, seeds: list[int], images: int, models, folder: Path) ->
             moved = (digit != base[0]) | (ink != base[1])
             for kind in KINDS:
                 changed[kind].append(float(moved[kinds == kind].mean()))
-            wanted = INK_NAMES.index(PLUS if strength > 0 else MINUS)
+            wanted = ALL_INKS.index(PLUS if strength > 0 else MINUS)
             own["red at +1" if strength > 0 else "blue at -1"].append(
                 float((ink[kinds == "own"] == wanted).mean())
             )

@@ -78,7 +78,10 @@ class Reading:
 
 
 def as_rgb(images: Images) -> np.ndarray:
-    """PIL images or an [N, H, W, 3] array (uint8, or float in [0, 1]) -> uint8 [N, 16, 16, 3]."""
+    """PIL images, [H, W, 3] arrays or an [N, H, W, 3] array (uint8, or float in [0, 1]) -> uint8
+    [N, 16, 16, 3]."""
+    if not isinstance(images, np.ndarray) and len(images) and isinstance(images[0], np.ndarray):
+        images = np.stack(images)
     if isinstance(images, np.ndarray):
         array = images
         if array.dtype != np.uint8:
