@@ -1,12 +1,9 @@
 """Run folders: outputs checked before training, one run per name at a time, nothing silently lost."""
 
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from test_trainer import make_config, write_yaml_config
+from test_trainer import make_config, stop_a_cli_run
 
 from leco.checkpoints import RunFolder
 from leco.errors import LecoError
@@ -67,19 +64,7 @@ def test_temp_files_of_a_killed_save_are_cleared_when_the_run_continues(tmp_path
 
 
 def test_sigterm_saves_an_interrupted_file_like_ctrl_c(tmp_path, tiny_folders):
-    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=400)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "leco", "train", str(config), "--no-progress"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while not (tmp_path / "out" / "fox_2steps.safetensors").exists():
-        assert process.poll() is None and time.time() < deadline, process.communicate()
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
+    process, out, err = stop_a_cli_run(tmp_path, tiny_folders["sd1"], signal.SIGTERM)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "continue with: leco train" in out
     _, metadata = read_lora_file(tmp_path / "out" / "fox_interrupted.safetensors")

@@ -371,8 +371,9 @@ def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
     assert "'rollout_guidance_scale'" in line
 
 
-def test_ctrl_c_saves_a_loadable_file_and_resume_finishes_the_same_run(tmp_path, tiny_folders):
-    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=400)
+def stop_a_cli_run(tmp_path: Path, tiny: Path, stop_signal: int) -> tuple[subprocess.Popen, str, str]:
+    """`leco train` of 400 steps in a process, sent `stop_signal` once its 2-step file exists."""
+    config = write_yaml_config(tmp_path, tiny, iterations=400)
     process = subprocess.Popen(
         [sys.executable, "-m", "leco", "train", str(config), "--no-progress"],
         stdout=subprocess.PIPE,
@@ -385,8 +386,13 @@ def test_ctrl_c_saves_a_loadable_file_and_resume_finishes_the_same_run(tmp_path,
     while not (tmp_path / "out" / "fox_2steps.safetensors").exists():
         assert process.poll() is None and time.time() < deadline, process.communicate()
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop_signal)
     out, err = process.communicate(timeout=120)
+    return process, out, err
+
+
+def test_ctrl_c_saves_a_loadable_file_and_resume_finishes_the_same_run(tmp_path, tiny_folders):
+    process, out, err = stop_a_cli_run(tmp_path, tiny_folders["sd1"], signal.SIGINT)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "continue with: leco train" in out
     interrupted = tmp_path / "out" / "fox_interrupted.safetensors"
