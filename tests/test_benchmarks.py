@@ -9,15 +9,15 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def test_gpu_scale_smoke_prints_a_row_per_setting():
     result = subprocess.run(
-        [sys.executable, "gpu_scale.py", "--smoke", "--steps", "1", "--families", "sd1.5,sdxl"],
+        [sys.executable, "gpu_scale.py", "--smoke", "--steps", "1", "--families", "sdxl"],
         cwd=BENCHMARKS,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| sd1.5", "| sdxl"))]
-    assert len(rows) == 2 * 2 * 2  # families x checkpointing x (leco, reference)
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| sdxl")]
+    assert len(rows) == 2 * 2  # checkpointing x (leco, reference); SDXL: the most conditioning code
     for row in rows:
         seconds = float(row.split("|")[6])
         assert seconds > 0

@@ -37,22 +37,19 @@ def spec():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, models, spec):
-    """The erase-seven example, its closed-form variant and an untrained (zero) LoRA, judged in one
-    eval: the plain model's strength-0 images are made once for all three."""
+    """The erase-seven example and its closed-form variant, judged in one eval: the plain model's
+    strength-0 images are made once for both."""
     folder = tmp_path_factory.mktemp("example")
     config = load_config(EXAMPLES / "erase_seven.yaml")
     config.save.path = str(folder)
     config.save.per_steps = config.train.iterations  # no intermediate files or preview grids
     config.preview.prompts = []
     example = train(config, progress=False)
-    network = LoRANetwork.create(models.unet, models.family, config.network)  # up-weights start at zero
-    zero = network.save(folder / "zero.safetensors", resolution=models.resolution)
-    network.remove()
     closed_form = load_config(EXAMPLES / "erase_seven_closed_form.yaml")
     closed_form.save.path = str(folder)
     edit = train(closed_form, progress=False)
     edit.trainable.remove()
-    report = evaluate(models, [zero, example.path, edit.path], spec, "cpu", progress=False)
+    report = evaluate(models, [example.path, edit.path], spec, "cpu", progress=False)
     return {"example": example, "closed_form": edit, "report": report}
 
 
@@ -63,12 +60,17 @@ def rows_by_prompt(report: dict, strength: float, lora: Path | None) -> dict[str
     }
 
 
-def test_zero_lora_erases_nothing(trained):
-    report, zero = trained["report"], trained["example"].path.parent / "zero.safetensors"
+def test_zero_lora_erases_nothing(tmp_path, models, spec):
+    config = load_config(EXAMPLES / "erase_seven.yaml")
+    network = LoRANetwork.create(models.unet, models.family, config.network)  # up-weights start at zero
+    zero = network.save(tmp_path / "zero.safetensors", resolution=models.resolution)
+    network.remove()
+    # the erased prompts, fewer images: what matters is that strength 1 draws what 0 does
+    small = spec.model_copy(update={"images_per_prompt": 2, "keep": [], "keep_all": False})
+    report = evaluate(models, zero, small, "cpu", progress=False)
     assert rows_by_prompt(report, 1.0, zero) == rows_by_prompt(report, 0.0, None)
-    assert all(r["drift"] == 0.0 for r in report["rows"] if r["lora"] == "zero")
-    assert report["per_lora"]["zero"]["1"]["erased_still_detected"] >= 0.9
-    assert report["per_lora"]["zero"]["1"]["kept_still_right"] >= 0.9
+    assert all(r["drift"] == 0.0 for r in report["rows"])
+    assert report["summary"]["1"]["erased_still_detected"] >= 0.9
 
 
 def test_example_config_erases_seven_and_keeps_the_other_digits(trained, models, spec):

@@ -239,14 +239,20 @@ class Trainer:
     def run(self) -> TrainResult:
         train, save, preview = self.config.train, self.config.save, self.config.preview
         main = self.ranks.is_main  # the one process that writes files, logs and previews
-        if main:
-            self.folder.open(resuming=self.resuming, overwrite=self.overwrite)
-        tracker = Tracker(self.config if main else None)
-        bar = tqdm(
-            total=train.iterations, initial=self.step, desc=save.name, disable=not (self.progress and main)
-        )
-        stopping = False
-        try:
+        with contextlib.ExitStack() as cleanup:  # the lock, logs and bar are released on any exit
+            if main:
+                self.folder.open(resuming=self.resuming, overwrite=self.overwrite)
+                cleanup.callback(self.folder.close)
+            tracker = Tracker(self.config if main else None)
+            cleanup.callback(tracker.close)
+            bar = tqdm(
+                total=train.iterations,
+                initial=self.step,
+                desc=save.name,
+                disable=not (self.progress and main),
+            )
+            cleanup.callback(bar.close)
+            stopping = False
             with StopRequest() as stop:
                 while self.step < train.iterations and not stopping:
                     loss = self.train_step()
@@ -269,10 +275,6 @@ class Trainer:
             path = self.save(suffix)
             if main and preview.prompts:
                 self.render_preview(suffix)
-        finally:
-            bar.close()
-            tracker.close()
-            self.folder.close()
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
 
 
