@@ -547,15 +547,20 @@ def _resolve_prompts_file(name: str, config_path: Path) -> Path:
     raise ConfigError(f"{config_path}: prompts_file: {name!r} not found (looked at {where}); fix the path")
 
 
-def read_yaml(path: Path) -> Any:
+def read_config_text(path: Path, kind: str) -> str:
+    """A config or prompt file's text; a missing, folder or unreadable path is one line naming it."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found; check the path") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a YAML file") from None
+        raise ConfigError(f"{path}: is a folder, not a {kind} file") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{path}: cannot be read as UTF-8 text ({type(error).__name__})") from None
+
+
+def read_yaml(path: Path) -> Any:
+    text = read_config_text(path, "YAML")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as error:

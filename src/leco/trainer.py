@@ -68,8 +68,9 @@ class Trainer:
         self.config, self.progress = config, progress
         self.resuming, self.overwrite = resume is not None, overwrite
         train = config.train
-        self.ranks = Ranks(pick_device(train.device))  # data-parallel processes, if launched so
-        self.device = self.ranks.device(pick_device(train.device))
+        requested = pick_device(train.device)
+        self.ranks = Ranks(requested)  # data-parallel processes, if launched so
+        self.device = self.ranks.device(requested)
         self.dtype = training_dtype(self.device, train.precision)
         self.seed = train.seed if train.seed is not None else random.SystemRandom().randrange(2**31)
         self.folder = RunFolder(config.save.path, config.save.name)

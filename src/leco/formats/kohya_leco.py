@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from leco.config import ConfigError, PromptSettings, describe_validation_error
+from leco.config import ConfigError, PromptSettings, describe_validation_error, read_config_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -313,12 +313,7 @@ def _validate(path: Path, where: str, fields: dict[str, Any]) -> PromptSettings:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found; check the path") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({type(error).__name__})") from None
+    text = read_config_text(path, "TOML")
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
