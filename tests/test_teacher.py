@@ -138,3 +138,13 @@ def test_a_teacher_in_another_latent_space_fails_before_any_step(
         Trainer(transplant_config(tiny_folders["sd1"], teacher, tmp_path / "out"), progress=False)
     assert "\n" not in str(caught.value)
     assert not (tmp_path / "out" / "fox_last.safetensors").exists()
+
+
+def test_a_bad_teacher_setting_is_named_under_teacher(tmp_path, tiny_folders):
+    with pytest.raises(LecoError, match=r"^teacher\.name_or_path: .* is neither a file, a folder"):
+        missing = transplant_config(tiny_folders["sd1"], tmp_path / "missing", tmp_path / "out")
+        Trainer(missing, progress=False)
+    config = transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path / "out")
+    config.teacher.v_pred = False  # the tiny SD2 folder is a v-prediction model
+    with pytest.raises(LecoError, match=r"^teacher\.v_pred: is false but "):
+        Trainer(config, progress=False)

@@ -38,10 +38,12 @@ class OptionNames:
 
     model: str = "pretrained_model.name_or_path"
     allow_pickle: str = "set pretrained_model.allow_pickle: true"
+    section: str = "pretrained_model"  # where revision, v2 and v_pred are set
 
 
 CONFIG_OPTION_NAMES = OptionNames()
 CLI_OPTION_NAMES = OptionNames(model="--model", allow_pickle="pass --allow-pickle")
+TEACHER_OPTION_NAMES = OptionNames("teacher.name_or_path", "set teacher.allow_pickle: true", "teacher")
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ def load_models(
         if path.is_file():
             loaded = _load_single_file(path, spec, dtype, with_vae, names)
         elif path.is_dir():
-            loaded = _load_folder(str(path), spec, dtype, with_vae)
+            loaded = _load_folder(str(path), spec, dtype, with_vae, names)
         elif _looks_like_repo_id(spec.name_or_path):
             loaded = _load_hub_repo(spec.name_or_path, spec, dtype, with_vae, names)
         else:
@@ -230,10 +232,10 @@ class _Unreadable(Exception):
 
 
 def _load_folder(
-    folder: str, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool
+    folder: str, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool, names: OptionNames
 ) -> LoadedModels:
     try:
-        return _load_diffusers(folder, spec, dtype, with_vae, {})
+        return _load_diffusers(folder, spec, dtype, with_vae, {}, names)
     except _Unreadable as error:
         raise LecoError(
             f"{folder}: not a complete diffusers model folder ({error}); "
@@ -260,7 +262,9 @@ def _load_hub_repo(
     cached = isinstance(try_to_load_from_cache(repo_id, "unet/config.json", revision=spec.revision), str)
     if cached:
         try:
-            return _load_diffusers(repo_id, spec, dtype, with_vae, {**revision, "local_files_only": True})
+            return _load_diffusers(
+                repo_id, spec, dtype, with_vae, {**revision, "local_files_only": True}, names
+            )
         except _Unreadable as error:
             if constants.HF_HUB_OFFLINE:
                 raise LecoError(
@@ -274,7 +278,7 @@ def _load_hub_repo(
         )
     _check_hub_answers(repo_id, spec.revision, names, get_it)
     try:
-        return _load_diffusers(repo_id, spec, dtype, with_vae, revision)
+        return _load_diffusers(repo_id, spec, dtype, with_vae, revision, names)
     except _Unreadable as error:
         raise LecoError(
             f"{names.model}: {repo_id!r} could not be loaded from the Hugging Face Hub ({error}); "
@@ -305,7 +309,7 @@ def _check_hub_answers(repo_id: str, revision: str | None, names: OptionNames, g
         ) from None
     except RevisionNotFoundError:
         raise LecoError(
-            f"pretrained_model.revision: {repo_id!r} has no revision {revision!r} on the Hub; fix it"
+            f"{names.section}.revision: {repo_id!r} has no revision {revision!r} on the Hub; fix it"
         ) from None
     except HfHubHTTPError:
         return  # the Hub answered; the download itself reports anything else
@@ -317,7 +321,12 @@ def _check_hub_answers(repo_id: str, revision: str | None, names: OptionNames, g
 
 
 def _load_diffusers(
-    source: str, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool, common: dict[str, Any]
+    source: str,
+    spec: PretrainedModelConfig,
+    dtype: torch.dtype,
+    with_vae: bool,
+    common: dict[str, Any],
+    names: OptionNames,
 ) -> LoadedModels:
     """Load from a diffusers folder or repo; `common`: revision / local_files_only for the Hub."""
     try:
@@ -327,7 +336,7 @@ def _load_diffusers(
         raise _Unreadable(_first_line(error)) from None
     arch = arch_from_unet_config(unet_config)
     declared_v = scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
-    family = _reconcile(spec, arch, declared_v, evidence=f"{source}/scheduler/scheduler_config.json")
+    family = _reconcile(spec, arch, declared_v, f"{source}/scheduler/scheduler_config.json", names)
     scheduler_config["prediction_type"] = family.prediction_type
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
@@ -401,7 +410,7 @@ def _load_single_file(
             f"{path}: the UNet weights do not match the {arch} architecture ({_first_line(error)})"
         ) from None
     probed_v = probe_v_prediction(unet) if arch == "sd2" else None
-    family = _reconcile(spec, arch, probed_v, evidence=f"{path} (probed the UNet)")
+    family = _reconcile(spec, arch, probed_v, f"{path} (probed the UNet)", names)
     if family.arch == "sd2" and family.v_pred and not spec.config:
         _use_sd2_v_defaults(unet)
     unet.to(dtype)
@@ -565,18 +574,18 @@ def clip_tokenizers(family: ModelFamily) -> list[CLIPTokenizer]:
 
 
 def _reconcile(
-    spec: PretrainedModelConfig, arch: Arch, detected_v: bool | None, evidence: str
+    spec: PretrainedModelConfig, arch: Arch, detected_v: bool | None, evidence: str, names: OptionNames
 ) -> ModelFamily:
     """Combine what the weights say with the user's v2 / v_pred flags; contradictions are errors."""
     if spec.v2 is not None and spec.v2 != (arch == "sd2"):
         raise LecoError(
-            f"pretrained_model.v2: is {str(spec.v2).lower()} but {spec.name_or_path} is an {arch} model; "
+            f"{names.section}.v2: is {str(spec.v2).lower()} but {spec.name_or_path} is an {arch} model; "
             f"set v2: {str(arch == 'sd2').lower()} or remove the key (it is detected)"
         )
     if spec.v_pred is not None and detected_v is not None and spec.v_pred != detected_v:
         said = "v-prediction" if detected_v else "epsilon-prediction"
         raise LecoError(
-            f"pretrained_model.v_pred: is {str(spec.v_pred).lower()} but {evidence} says {said}; "
+            f"{names.section}.v_pred: is {str(spec.v_pred).lower()} but {evidence} says {said}; "
             f"set v_pred: {str(detected_v).lower()} or remove the key (it is detected)"
         )
     v_pred = detected_v if detected_v is not None else bool(spec.v_pred)

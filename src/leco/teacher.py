@@ -20,7 +20,7 @@ from torch import Tensor
 from leco.conditioning import Conditioning, conditioning_for, predict
 from leco.config import TeacherConfig
 from leco.errors import LecoError
-from leco.models import LoadedModels, load_models
+from leco.models import TEACHER_OPTION_NAMES, LoadedModels, load_models
 from leco.objectives import CONCEPT_ROLES
 from leco.prompts import encode_texts
 from leco.rollout import Rollout
@@ -189,7 +189,7 @@ def load_teacher(
     autocast: Callable[[], AbstractContextManager],
 ) -> Teacher:
     """Another model as the teacher of the concept roles; checked for a shared latent space first."""
-    models = load_models(config, dtype=dtype)
+    models = load_models(config, dtype=dtype, names=TEACHER_OPTION_NAMES)
     check_compatible(student, models, config.name_or_path)
     embeddings = encode_texts(models, texts, config.clip_skip, device)
     return Teacher(
