@@ -33,6 +33,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
 from leco.models import CONFIG_ROOT, LoadedModels, ModelFamily, clip_tokenizers
+from leco.steps import Step
 from leco.trainer import Trainer
 
 FAMILIES = {"sd1.5": ("sd1", False, 512), "sd2.1-v": ("sd2-v", True, 768), "sdxl": ("sdxl", False, 1024)}
@@ -155,7 +156,7 @@ def estimate(family: str) -> dict[str, float]:
         with torch.autograd.graph.saved_tensors_hooks(
             lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
         ):
-            trainer.loss(samples)
+            trainer.loss(Step(samples, []))
     activations = sum(saved) * 16 / GIB  # 4x the side: 16x the pixels
     return {
         "weights": weights,

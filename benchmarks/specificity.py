@@ -110,6 +110,8 @@ RECIPES: dict[str, list[Callable[[dict, Any], None]]] = {
     "default": [],
     "anchors": [_auto_anchors()],
     "anchors1": [_auto_anchors(per_step=1)],
+    "anchors1+m16": [_auto_anchors(per_step=1), _set("train.samples_per_rollout", 16)],
+    "anchors+m16": [_auto_anchors(), _set("train.samples_per_rollout", 16)],
     "noxattn": [_set("network.training_method", "noxattn")],
     "full": [_set("network.training_method", "full")],
     "rank1": [_set("network.rank", 1)],

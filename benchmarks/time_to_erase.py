@@ -37,6 +37,7 @@ from leco.generate import build_pipeline
 from leco.ink_digits.data import DIGIT_WORDS
 from leco.ink_digits.judge import InkDigitsJudge
 from leco.models import load_models
+from leco.steps import Step
 from leco.trainer import Trainer
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "erase_seven.yaml"
@@ -90,9 +91,14 @@ def settings(name: str) -> tuple[dict[str, Any], Callable | None]:
     changes: dict[str, Any] = {}
     for part in name.split("+"):
         key, _, value = part.partition("=")
+        if part == PER_STEP_TEACHER:
+            continue
         changes[ALIASES[key]] = type_of(ALIASES[key])(value)
     return changes, None
 
+
+# The frozen predictions asked for at every step, as before they came once per rollout.
+PER_STEP_TEACHER = "teacher-per-step"
 
 ALIASES = {
     "m": "train.samples_per_rollout",
@@ -101,6 +107,7 @@ ALIASES = {
     "lr": "train.lr",
     "preset": "network.training_method",
     "rank": "network.rank",
+    "anchors": "anchors.per_step",
 }
 
 
@@ -132,6 +139,8 @@ def time_to_erase(
 ) -> dict[str, Any]:
     changes, step_function = settings(name)
     trainer = Trainer(configure(changes, seed, out, erased, max_steps), progress=False)
+    if PER_STEP_TEACHER in name.split("+"):
+        trainer.next_step = lambda: Step(trainer.samples.next(), trainer.pick_anchors())
     judge = Judge(trainer, erased)
     counter = UNetCalls(trainer.unet)
     generator = torch.Generator().manual_seed(seed)
@@ -184,8 +193,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--settings",
-        default="reference,m=1,m=4,m=8,m=16,m=16+batch=4,m=16+S=15,m=8+lr=6e-3,preset=full",
-        help="comma-separated; each `key=value+key=value` with keys " + ", ".join(ALIASES),
+        default="reference,m=1,m=4,m=16+teacher-per-step,m=16,m=32,m=16+batch=4,m=16+S=15,preset=full",
+        help="comma-separated; each `key=value+key=value` with keys "
+        + ", ".join(ALIASES)
+        + f", or `{PER_STEP_TEACHER}`",
     )
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--max-steps", type=int, default=400)

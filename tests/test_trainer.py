@@ -15,6 +15,7 @@ from leco.conditioning import predict
 from leco.config import LecoConfig, PromptSettings
 from leco.errors import LecoError
 from leco.network import read_lora_file
+from leco.steps import Step, wanted
 from leco.trainer import Trainer, train
 
 PROMPTS = [
@@ -106,7 +107,7 @@ def test_each_prompt_trains_at_its_own_multiplier(tmp_path, tiny_folders):
         calls.calls.clear()
         samples = trainer.samples.next()
         rolled_out = list(calls.calls)
-        trainer.loss(samples)
+        trainer.loss(Step(samples, []))
         multiplier = config.prompts[samples[0].prompt].multiplier
         sides.add(multiplier)
         assert all(m == multiplier for _, m in rolled_out)  # the rollout: the edited model at that side
@@ -155,16 +156,37 @@ def test_unet_calls_per_step_follow_the_rollout_reuse(tmp_path, tiny_folders, re
     counter = UNetCalls(trainer)
     calls = []
     for _ in range(4 * reuse):
-        waiting = len(trainer.samples.samples)
+        waiting = len(trainer.ready)
         before = len(counter)
         trainer.train_step()
         calls.append(len(counter) - before)
         if waiting == 0:
-            assert len(trainer.samples.samples) == reuse - 1  # one rollout feeds `reuse` steps
-    # every step: 1 teacher call + 1 student call; rollout calls only when the queue ran dry
-    assert sum(c == 2 for c in calls) == len(calls) - 4
-    if reuse == 1:
-        assert all(c > 2 for c in calls)
+            assert len(trainer.ready) == reuse - 1  # one rollout feeds `reuse` steps
+    # a new rollout: its calls + 1 teacher call for all its steps + 1 student call; every other step
+    # of the rollout: the student call alone (its frozen predictions came with the rollout)
+    assert sum(c == 1 for c in calls) == len(calls) - 4
+    assert sum(c > 2 for c in calls) == 4
+
+
+def test_frozen_predictions_asked_per_rollout_equal_those_asked_per_step(tmp_path, tiny_folders):
+    config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=4)
+    config.anchors.prompts, config.anchors.per_step = ["a green tree", "a house"], 1
+    trainer = Trainer(config, progress=False)
+    with torch.no_grad():
+        for p in trainer.trainable.parameters():
+            p.normal_(0, 0.3)  # the teacher must not see the LoRA, whenever it is asked
+    calls = UNetCalls(trainer)
+    steps = [trainer.next_step() for _ in range(4)]
+    rollout_calls = len(calls)
+    assert not trainer.samples.samples and len(trainer.ready) == 0
+    for step in steps:
+        assert step.anchors and len(step.frozen) == 2 * len(step.samples)  # target row + anchor row
+        alone = trainer.teachers.predict(step.samples, wanted(trainer.rows(step), ()))
+        for batched, separate in zip(step.frozen, alone, strict=True):
+            assert batched.keys() == separate.keys()
+            for role in batched:
+                torch.testing.assert_close(batched[role], separate[role], rtol=1e-4, atol=1e-5)
+    assert len(calls) == rollout_calls + 4  # the check above: one call per step
 
 
 def test_samples_of_one_rollout_share_one_teacher_and_one_student_call(tmp_path, tiny_folders):
@@ -174,9 +196,9 @@ def test_samples_of_one_rollout_share_one_teacher_and_one_student_call(tmp_path,
     samples = trainer.samples.next()
     assert len(samples) == 4 and not trainer.samples.samples
     calls = UNetCalls(trainer)
-    batched = trainer.loss(samples)
+    batched = trainer.loss(Step(samples, []))
     assert len(calls) == 2 and {b for b, _ in calls.calls} == {4 * 2 * 2, 4 * 2}  # teacher: 2 texts
-    one_by_one = sum(trainer.loss([s]) for s in samples) / 4
+    one_by_one = sum(trainer.loss(Step([s], [])) for s in samples) / 4
     torch.testing.assert_close(batched, one_by_one, rtol=1e-4, atol=1e-7)
 
 
@@ -186,22 +208,22 @@ def test_entry_weight_scales_its_loss(tmp_path, tiny_folders):
         for p in trainer.trainable.parameters():
             p.normal_(0, 0.1)
     samples = trainer.samples.next()
-    plain = trainer.loss(samples)
+    plain = trainer.loss(Step(samples, []))
     trainer.prompts[samples[0].prompt].settings.weight = 2.5
-    torch.testing.assert_close(trainer.loss(samples), 2.5 * plain)
+    torch.testing.assert_close(trainer.loss(Step(samples, [])), 2.5 * plain)
 
 
 @pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl"])
 def test_training_reduces_the_loss_on_a_fixed_batch(tmp_path, tiny_folders, name):
     trainer = Trainer(make_config(tiny_folders[name], tmp_path, lr=1e-2), progress=False)
     samples = trainer.samples.next()
-    trainer.samples.next = lambda: samples
+    trainer.next_step = lambda: Step(samples, [])  # the same batch at every step
     with torch.no_grad():
-        before = trainer.loss(samples).item()
+        before = trainer.loss(Step(samples, [])).item()
     for _ in range(8):
         trainer.train_step()
     with torch.no_grad():
-        after = trainer.loss(samples).item()
+        after = trainer.loss(Step(samples, [])).item()
     assert after < 0.7 * before, (before, after)
 
 

@@ -27,9 +27,10 @@ from pydantic import (
 
 from leco.errors import LecoError
 
-# Samples taken from one partial rollout (see leco.rollout). benchmarks/step_speed.py: 2.2x the
-# reference's steps/s at 4 (3.4x at 8); benchmarks/rollout_reuse.py: erasure and preservation on
-# ink-digits unchanged from 1 to 8. 4 keeps each step's latents from at most 4 steps of one trajectory.
+# Samples taken from one partial rollout (see leco.rollout). benchmarks/time_to_erase.py: one entry
+# erases in as many steps at 16 as at 1, each step a third of the cost (erase_seven.yaml uses 16);
+# but entries are drawn per rollout, so a two-entry slider at 16 got a third as many rollouts per
+# entry and its -1 end fell from 100% to 25% (benchmarks/slider_leak.py). 4 is the safe default.
 DEFAULT_SAMPLES_PER_ROLLOUT = 4
 
 _PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}

@@ -201,6 +201,10 @@ class SampleQueue:
         taken, self.samples = self.samples[:count], self.samples[count:]
         return taken
 
+    def rollout_done(self) -> bool:
+        """Whether every sample of the current rollout has been handed out."""
+        return not self.samples
+
     @torch.no_grad()
     def roll_out(self) -> list[TrainingSample]:
         generator = self.generator

@@ -1,10 +1,10 @@
 """The LECO training loop.
 
-One step: take latents from a partial rollout made by the edited model (leco.rollout), ask the
-frozen model for the predictions the entry's objective needs (leco.teacher: one batched call),
-turn them into a training target (leco.objectives) and move the trained part's prediction
-there. What is trained, a LoRA or a token embedding, sits behind leco.trainable. Read
-`Trainer.loss` first; the rest is setup, saving and the loop.
+One step: take latents from a partial rollout made by the edited model (leco.rollout), with the
+frozen model's predictions that the entry's objective needs (leco.teacher; asked for a whole
+rollout's steps at once, leco.steps), turn them into a training target (leco.objectives) and move
+the trained part's prediction there. What is trained, a LoRA or a token embedding, sits behind
+leco.trainable. Read `Trainer.loss` first; the rest is setup, saving and the loop.
 """
 
 from __future__ import annotations
@@ -28,21 +28,11 @@ from leco.optim import build_lr_scheduler, build_optimizer
 from leco.preservation import entries_and_anchors
 from leco.preview import render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
-from leco.rollout import Rollout, SampleQueue, TrainingSample
+from leco.rollout import Rollout, SampleQueue
+from leco.steps import Row, Step, ask_frozen_predictions, rows_of, wanted
 from leco.teacher import Teacher, Teachers, load_teacher
 from leco.tracking import Tracker
 from leco.trainable import EditedModel, Trainable, create_trainable
-
-
-@dataclass
-class Row:
-    """One trained prediction: a sample's latents, the prompts of every role, and its objective."""
-
-    sample: int  # index into the step's samples
-    texts: dict[str, str]  # role -> prompt text
-    objective: objectives.Objective
-    guidance_scale: float
-    weight: float
 
 
 @dataclass
@@ -104,6 +94,7 @@ class Trainer:
         self.samples = SampleQueue(
             rollout, self.prompts, self.edited, self.generator, train, models.vae_scale_factor, self.device
         )
+        self.ready: list[Step] = []  # steps of the current rollout, frozen predictions included
         self.step = 0
         if resume is not None:
             self.resume(resume)
@@ -111,7 +102,7 @@ class Trainer:
     # -- one training step ------------------------------------------------------------------------
 
     def train_step(self) -> float:
-        loss = self.loss(self.samples.next())
+        loss = self.loss(self.next_step())
         if self.ranks.any(not torch.isfinite(loss), self.device):
             raise LecoError(
                 f"training stopped at step {self.step + 1}: the loss became {loss.item()}; use "
@@ -129,30 +120,16 @@ class Trainer:
         self.step += 1
         return self.ranks.mean(loss.item(), self.device)
 
-    def loss(self, samples: list[TrainingSample]) -> torch.Tensor:
+    def loss(self, step: Step) -> torch.Tensor:
         """The weighted objective losses of the step's rows, averaged over its samples.
 
         Rows: the entry's target prompt at each sample, plus anchor prompts riding along at the same
-        latents (objective: preserve). The frozen predictions come in one batched call (two with a
-        teacher model), the trained ones in one UNet call.
+        latents (objective: preserve). The frozen predictions come with the step (see `next_step`),
+        the trained ones from one UNet call.
         """
-        prompt, settings = self.prompts[samples[0].prompt], self.prompts[samples[0].prompt].settings
-        preserve, anchors = objectives.OBJECTIVES["preserve"], self.pick_anchors()
-        rows = []
-        for i, sample in enumerate(samples):
-            rows.append(
-                Row(
-                    i, prompt.texts(sample.target), prompt.objective, settings.guidance_scale, settings.weight
-                )
-            )
-            rows += [
-                Row(i, {"target": a, "empty": ""}, preserve, 1.0, self.config.anchors.weight) for a in anchors
-            ]
-        roles = [row.objective.roles + self.trainable.extra_roles for row in rows]
-        frozen = self.teachers.predict(
-            samples, [(r.sample, {k: r.texts[k] for k in ks}) for r, ks in zip(rows, roles, strict=True)]
-        )
-        with self.trainable.strength(settings.multiplier):
+        rows, samples = self.rows(step), step.samples
+        frozen = step.frozen or self.teachers.predict(samples, wanted(rows, self.trainable.extra_roles))
+        with self.trainable.strength(self.prompts[samples[0].prompt].settings.multiplier):
             student = self.edited.student(samples, [(row.sample, row.texts["target"]) for row in rows])
         total = torch.zeros((), device=self.device)
         for row, predictions, prediction in zip(rows, frozen, student, strict=True):
@@ -161,6 +138,25 @@ class Trainer:
             weights = self.snr_weights(samples[row.sample].timesteps)
             total = total + row.weight * objectives.loss(prediction, target, weights)
         return total / len(samples)
+
+    def rows(self, step: Step) -> list[Row]:
+        return rows_of(step, self.prompts, self.config.anchors.weight)
+
+    def next_step(self) -> Step:
+        """The next step's samples and anchors, with its frozen predictions.
+
+        The frozen model does not change while the samples of one rollout are trained, so the
+        predictions of all its steps are asked for when the rollout is made: one teacher call per
+        rollout instead of one per step (benchmarks/time_to_erase.py, `teacher-per-step`).
+        """
+        if not self.ready:
+            steps = [Step(self.samples.next(), self.pick_anchors())]
+            while not self.samples.rollout_done():
+                steps.append(Step(self.samples.next(), self.pick_anchors()))
+            requests = [wanted(self.rows(step), self.trainable.extra_roles) for step in steps]
+            ask_frozen_predictions(steps, requests, self.teachers)
+            self.ready = steps
+        return self.ready.pop(0)
 
     def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
         gamma = self.config.train.min_snr_gamma
@@ -215,7 +211,11 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             # Each process's own random stream and waiting latents, in rank order.
             "ranks": self.ranks.gather(
-                {"generator": self.generator.get_state(), "queue": self.samples.state()}
+                {
+                    "generator": self.generator.get_state(),
+                    "queue": self.samples.state(),
+                    "ready": [step.to_state() for step in self.ready],
+                }
             ),
         }
 
@@ -228,6 +228,7 @@ class Trainer:
         own = state["ranks"][self.ranks.index]
         self.generator.set_state(own["generator"])
         self.samples.load_state(own["queue"])
+        self.ready = [Step.from_state(step, self.device) for step in own.get("ready", [])]
         self.step, self.seed = state["step"], state["seed"]
 
     def render_preview(self, suffix: str) -> Path:

@@ -1,0 +1,97 @@
+"""What one optimizer step trains: rollout samples, the rows trained at them, and the frozen
+predictions those rows need.
+
+A row is one trained prediction: the entry's target prompt at a sample's latents, or an anchor
+prompt riding along at the same latents (objective: preserve). The frozen model's predictions for a
+step do not depend on the training so far, so they can be asked for ahead of the step, for many
+steps in one batched call (`ask_frozen_predictions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from leco import objectives
+from leco.prompts import PreparedPrompt
+from leco.rollout import TrainingSample
+from leco.teacher import Teachers
+
+# Latent elements in one batched frozen-model call: 8 SD images at 512 px (64 x 64 x 4 latents
+# each), a no-grad batch a 12 GB GPU runs; on ink-digits a whole rollout's steps fit in one call.
+TEACHER_CALL_PIXELS = 8 * 64 * 64 * 4
+
+Request = tuple[int, dict[str, str]]  # (sample index, role -> prompt text)
+
+
+@dataclass
+class Row:
+    """One trained prediction: a sample's latents, the prompts of every role, and its objective."""
+
+    sample: int  # index into the step's samples
+    texts: dict[str, str]  # role -> prompt text
+    objective: objectives.Objective
+    guidance_scale: float
+    weight: float
+
+
+@dataclass
+class Step:
+    """One optimizer step: its rollout samples, the anchors trained with them, and (once asked) the
+    frozen predictions of its rows."""
+
+    samples: list[TrainingSample]
+    anchors: list[str]
+    frozen: list[dict[str, torch.Tensor]] | None = None
+
+    def to_state(self) -> dict[str, Any]:
+        frozen = [{k: v.cpu() for k, v in p.items()} for p in self.frozen] if self.frozen else None
+        return {"samples": [s.to_state() for s in self.samples], "anchors": self.anchors, "frozen": frozen}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> Step:
+        samples = [TrainingSample.from_state(s, device) for s in state["samples"]]
+        frozen = state["frozen"] and [{k: v.to(device) for k, v in p.items()} for p in state["frozen"]]
+        return cls(samples, state["anchors"], frozen)
+
+
+def rows_of(step: Step, prompts: list[PreparedPrompt], anchor_weight: float) -> list[Row]:
+    """Each sample's target row, followed by its anchor rows."""
+    prompt = prompts[step.samples[0].prompt]
+    settings, preserve = prompt.settings, objectives.OBJECTIVES["preserve"]
+    rows = []
+    for i, sample in enumerate(step.samples):
+        rows.append(
+            Row(i, prompt.texts(sample.target), prompt.objective, settings.guidance_scale, settings.weight)
+        )
+        rows += [Row(i, {"target": a, "empty": ""}, preserve, 1.0, anchor_weight) for a in step.anchors]
+    return rows
+
+
+def wanted(rows: list[Row], extra_roles: tuple[str, ...]) -> list[Request]:
+    """The frozen predictions each row reads: its objective's roles and the trained part's extra ones."""
+    return [(row.sample, {k: row.texts[k] for k in row.objective.roles + extra_roles}) for row in rows]
+
+
+def ask_frozen_predictions(steps: list[Step], requests: list[list[Request]], teachers: Teachers) -> None:
+    """Fills each step's `frozen` (one dict per request), batching steps into few teacher calls."""
+    calls: list[list[int]] = [[]]
+    pixels = 0
+    for index, (step, asked) in enumerate(zip(steps, requests, strict=True)):
+        size = sum(len(texts) for _, texts in asked) * step.samples[0].latents.numel()
+        if calls[-1] and pixels + size > TEACHER_CALL_PIXELS:
+            calls.append([])
+            pixels = 0
+        calls[-1].append(index)
+        pixels += size
+    for call in calls:
+        samples: list[TrainingSample] = []
+        batched: list[Request] = []
+        for index in call:
+            batched += [(len(samples) + where, texts) for where, texts in requests[index]]
+            samples += steps[index].samples
+        answers = iter(teachers.predict(samples, batched))
+        for index in call:
+            steps[index].frozen = [next(answers) for _ in requests[index]]
