@@ -7,6 +7,7 @@ and for guidance 1 with the LoRA; the judge's accuracy on what each phrasing nam
 evaluations (batch rows) and wall time per image.
 
 usage: OMP_NUM_THREADS=1 python benchmarks/distill.py [--seeds 0,1,2] [--images 4]
+           [--set train.lr=3e-3 --set network.rank=16 ...]   (the example's settings, changed)
 """
 
 from __future__ import annotations
@@ -87,6 +88,15 @@ def accuracy(judge: InkDigitsJudge, images: np.ndarray, named: list[tuple[int | 
     return float(np.mean(hits))
 
 
+def number_or_text(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def main() -> None:
     quiet_libraries()
     parser = argparse.ArgumentParser(
@@ -95,6 +105,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds")
     parser.add_argument("--images", type=int, default=4, help="image seeds per prompt")
     parser.add_argument("--iterations", type=int, help="override the example's train.iterations")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change a config value"
+    )
     args = parser.parse_args()
     models = load_models("ink-digits", with_vae=True)
     config = load_config(EXAMPLE)
@@ -123,6 +136,10 @@ def main() -> None:
             config.train.seed, config.save.path, config.save.per_steps = seed, folder + f"/{seed}", 10**9
             if args.iterations:
                 config.train.iterations = args.iterations
+            for change in args.set:
+                key, _, value = change.partition("=")
+                section, field = key.split(".")
+                setattr(getattr(config, section), field, number_or_text(value))
             start = time.perf_counter()
             result = train(config, progress=False)
             trained = time.perf_counter() - start

@@ -6,7 +6,12 @@ ink-digits detector) with the negative prompt "", the word ("seven") and the emb
 ("<no-seven>"), same seeds. Prints how often the seven is still drawn, how often everything else
 is still right (mean and worst concept) and the pixel drift against the negative prompt "".
 
-usage: OMP_NUM_THREADS=1 python benchmarks/negative_embedding.py [--seeds 0,1,2] [--images 8]
+With --upper-bound it also trains, with the same objective, free text states (all 77 rows of the
+negative prompt's encoding, no text encoder in between): what any embedding could at best reach.
+That is not a file A1111 or ComfyUI can load; it tells whether a miss is the objective's or the
+token's (a token's states pass through the text encoder's final layer norm).
+
+usage: OMP_NUM_THREADS=1 python benchmarks/negative_embedding.py [--seeds 0,1,2] [--images 8] [--upper-bound]
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from leco import embedding
 from leco.cli import quiet_libraries
+from leco.conditioning import Conditioning
 from leco.config import load_config
 from leco.generate import build_pipeline, embeddings_loaded
 from leco.ink_digits.judge import InkDigitsDetector
@@ -59,6 +66,56 @@ def render(pipe, cases: list[tuple[str, str]], seeds: list[int], negative: str) 
     return np.concatenate(images)
 
 
+class FreeStates(embedding.TokenEmbedding):
+    """The negative prompt's text states themselves, trained (starting from the token's)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        with torch.no_grad():
+            start = super().encode().hidden_states
+        self.states = torch.nn.Parameter(start.detach().clone())
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [self.states]
+
+    def encode(self) -> Conditioning:
+        return Conditioning(self.states)
+
+
+@torch.no_grad()
+def render_states(pipe, cases, seeds, states: torch.Tensor) -> np.ndarray:
+    jobs = [(p, s) for p, _ in cases for s in seeds]
+    prompt_states = pipe.encode_prompt([p for p, _ in jobs], "cpu", 1, False)[0]
+    return pipe(
+        prompt_embeds=prompt_states,
+        negative_prompt_embeds=states.expand(len(jobs), -1, -1),
+        num_inference_steps=25,
+        guidance_scale=3.0,
+        generator=[torch.Generator().manual_seed(s) for _, s in jobs],
+        output_type="np",
+    ).images
+
+
+def upper_bound(pipe, detector, kept_cases, seeds, base_kept: np.ndarray, folder: str) -> str:
+    config = load_config(EXAMPLE)
+    config.save.path, config.save.per_steps = folder + "/free", 10**9
+    config.train.lr, config.train.iterations = 1e-2, 900  # the states' own scale: a smaller lr, longer
+    original, embedding.TokenEmbedding = embedding.TokenEmbedding, FreeStates  # what create_trainable builds
+    try:
+        result = train(config, progress=False)
+    finally:
+        embedding.TokenEmbedding = original
+    result.trainable.remove()
+    states = result.trainable.states.detach()
+    images = [render_states(pipe, cases, seeds, states) for cases in (ERASED, kept_cases)]
+    drift = float(np.abs(images[1] - base_kept).mean())
+    erased, kept = (
+        judge(detector, ERASED, seeds, images[0]),
+        judge(detector, kept_cases, seeds, images[1]),
+    )
+    return line("free text states (upper bound; 900 steps, lr 1e-2, seed 0)", erased, kept, kept_cases, drift)
+
+
 def judge(detector, cases, seeds, images: np.ndarray) -> list[float]:
     """Share of each case's images that show its concept."""
     per_case = images.reshape(len(cases), len(seeds), *images.shape[1:])
@@ -83,6 +140,7 @@ def main() -> None:
     )
     parser.add_argument("--seeds", default="0,1,2", help="training seeds")
     parser.add_argument("--images", type=int, default=8, help="image seeds per prompt")
+    parser.add_argument("--upper-bound", action="store_true", help="also train free text states")
     args = parser.parse_args()
     models = load_models("ink-digits", with_vae=True)
     detector = InkDigitsDetector.for_model(models.source)
@@ -120,6 +178,8 @@ def main() -> None:
                 judge(detector, kept_cases, seeds, images[1]),
             )
             print(line(f"{token} (seed {seed})", erased, kept, kept_cases, drift), flush=True)
+        if args.upper_bound:
+            print(upper_bound(pipe, detector, kept_cases, seeds, base["images"][1], folder), flush=True)
 
 
 if __name__ == "__main__":

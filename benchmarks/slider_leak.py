@@ -33,12 +33,14 @@ import numpy as np
 import torch
 
 from leco.cli import quiet_libraries
-from leco.config import load_config
+from leco.config import AnchorConfig, load_config
 from leco.generate import build_pipeline
+from leco.ink_digits import model_path
 from leco.ink_digits.data import ALL_INKS, DIGIT_WORDS, MODEL_INKS
 from leco.ink_digits.judge import InkDigitsJudge
 from leco.models import load_models
 from leco.network import LoRANetwork
+from leco.preservation import anchor_prompts
 from leco.trainer import train
 
 INK_NAMES_OF_MODEL = MODEL_INKS["ink-digits"]  # the inks it draws (its vocabulary knows more)
@@ -77,9 +79,28 @@ def _guidance(value: float) -> Callable[[Any], None]:
     return apply
 
 
-def _anchors(per_step: int = 4) -> Callable[[Any], None]:
+def _anchors(per_step: int = 4, weight: float = 1.0) -> Callable[[Any], None]:
     def apply(config: Any) -> None:
         config.anchors.prompts, config.anchors.per_step = "auto", per_step
+        config.anchors.weight = weight
+
+    return apply
+
+
+def _siblings(times: int) -> Callable[[Any], None]:
+    """Auto anchors, with the model's prompts that differ from a target in one word drawn `times` as
+    often (for "a digit five": "a digit three", ...)."""
+
+    def one_word_apart(prompt: str, target: str) -> bool:
+        a, b = prompt.split(), target.split()
+        return len(a) == len(b) and sum(x != y for x, y in zip(a, b, strict=True)) == 1
+
+    def apply(config: Any) -> None:
+        folder = model_path(config.pretrained_model.name_or_path)
+        pool = anchor_prompts(AnchorConfig(prompts="auto"), config.prompts, folder)
+        targets = [t for entry in config.prompts for t in entry.targets]
+        near = [p for p in pool if any(one_word_apart(p, t) for t in targets)]
+        config.anchors.prompts, config.anchors.per_step = pool + near * (times - 1), 4
 
     return apply
 
@@ -88,6 +109,14 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
     "default": [],
     "anchors": [_anchors()],
     "anchors8": [_anchors(8)],
+    "anchors-weight4": [_anchors(4, 4.0)],
+    "anchors+strict": [_anchors(), _set("network.training_method", "xattn-strict")],
+    # A slider that should change nothing (its poles weigh 0) but is trained the same way: how many
+    # images change merely because weights moved (the floor any recipe is measured against).
+    "null": [_anchors(), _guidance(0.0)],
+    "siblings10": [_siblings(10)],
+    # Anchors on rollouts of their own (their own latents: a three's, not the five's), one entry more.
+    "anchor-rollouts": [_anchors(), _set("anchors.rollouts", True)],
     "full": [_set("network.training_method", "full")],
     "rank1": [_set("network.rank", 1)],
     "guidance1": [_guidance(1.0)],
