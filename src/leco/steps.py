@@ -20,7 +20,8 @@ from leco.rollout import TrainingSample
 from leco.teacher import Teachers
 
 # Latent elements in one batched frozen-model call: 8 SD images at 512 px (64 x 64 x 4 latents
-# each), a no-grad batch a 12 GB GPU runs; on ink-digits a whole rollout's steps fit in one call.
+# each), the no-grad batch size sampling UIs use on 12 GB GPUs (not measured here: no GPU); on
+# ink-digits a whole rollout's steps fit in one call.
 TEACHER_CALL_PIXELS = 8 * 64 * 64 * 4
 
 Request = tuple[int, dict[str, str]]  # (sample index, role -> prompt text)
