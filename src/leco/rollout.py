@@ -201,9 +201,12 @@ class SampleQueue:
         taken, self.samples = self.samples[:count], self.samples[count:]
         return taken
 
-    def rollout_done(self) -> bool:
-        """Whether every sample of the current rollout has been handed out."""
-        return not self.samples
+    def rest_of_rollout(self) -> list[list[TrainingSample]]:
+        """Every step's samples still waiting in the current rollout (a new one if none wait)."""
+        steps = [self.next()]
+        while self.samples:
+            steps.append(self.next())
+        return steps
 
     @torch.no_grad()
     def roll_out(self) -> list[TrainingSample]:

@@ -150,9 +150,7 @@ class Trainer:
         rollout instead of one per step (benchmarks/time_to_erase.py, `teacher-per-step`).
         """
         if not self.ready:
-            steps = [Step(self.samples.next(), self.pick_anchors())]
-            while not self.samples.rollout_done():
-                steps.append(Step(self.samples.next(), self.pick_anchors()))
+            steps = [Step(samples, self.pick_anchors()) for samples in self.samples.rest_of_rollout()]
             requests = [wanted(self.rows(step), self.trainable.extra_roles) for step in steps]
             ask_frozen_predictions(steps, requests, self.teachers)
             self.ready = steps
