@@ -21,9 +21,11 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ValidationError
 
 from leco.cli import quiet_libraries
 from leco.config import load_config
@@ -88,13 +90,19 @@ def accuracy(judge: InkDigitsJudge, images: np.ndarray, named: list[tuple[int | 
     return float(np.mean(hits))
 
 
-def number_or_text(value: str) -> int | float | str:
-    for kind in (int, float):
+def apply_changes(config: Any, changes: list[str]) -> None:
+    """`section.key=value` changes, checked and converted by the section's own pydantic model."""
+    for change in changes:
+        key, equals, value = change.partition("=")
+        name, dot, field = key.partition(".")
+        section = getattr(config, name, None)
+        if not (equals and dot and isinstance(section, BaseModel)):
+            raise SystemExit(f"distill.py: --set {change!r}: give SECTION.KEY=VALUE, e.g. train.lr=3e-3")
         try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
+            updated = type(section).model_validate({**section.model_dump(), field: value})
+        except ValidationError as error:
+            raise SystemExit(f"distill.py: --set {change!r}: {error.errors()[0]['msg']}") from None
+        setattr(config, name, updated)
 
 
 def main() -> None:
@@ -109,8 +117,9 @@ def main() -> None:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change a config value"
     )
     args = parser.parse_args()
-    models = load_models("ink-digits", with_vae=True)
     config = load_config(EXAMPLE)
+    apply_changes(config, args.set)  # a bad change stops here, before minutes of sampling
+    models = load_models("ink-digits", with_vae=True)
     judge = InkDigitsJudge.load(models.source)
     inks = tuple(sorted({p.split(" in ")[1].split()[0] for p in config.prompts[0].targets}))
     held_out = cases(inks)
@@ -136,10 +145,7 @@ def main() -> None:
             config.train.seed, config.save.path, config.save.per_steps = seed, folder + f"/{seed}", 10**9
             if args.iterations:
                 config.train.iterations = args.iterations
-            for change in args.set:
-                key, _, value = change.partition("=")
-                section, field = key.split(".")
-                setattr(getattr(config, section), field, number_or_text(value))
+            apply_changes(config, args.set)
             start = time.perf_counter()
             result = train(config, progress=False)
             trained = time.perf_counter() - start

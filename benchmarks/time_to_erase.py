@@ -93,7 +93,13 @@ def settings(name: str) -> tuple[dict[str, Any], Callable | None]:
         key, _, value = part.partition("=")
         if part == PER_STEP_TEACHER:
             continue
-        changes[ALIASES[key]] = type_of(ALIASES[key])(value)
+        if key not in ALIASES or not value:
+            known = ", ".join(ALIASES)
+            raise SystemExit(f"time_to_erase.py: --settings {part!r}: use key=value with keys {known}")
+        try:
+            changes[ALIASES[key]] = type_of(ALIASES[key])(value)
+        except ValueError:
+            raise SystemExit(f"time_to_erase.py: --settings {part!r}: {value!r} is not a number") from None
     return changes, None
 
 
@@ -204,6 +210,8 @@ def main() -> None:
     parser.add_argument("--skip-scaling", action="store_true", help="only the settings table")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    for name in args.settings.split(","):
+        settings(name)  # a bad setting stops here, not after the runs before it
     print(
         f"erase-seven; judge every {args.check_every} steps; seeds {seeds}; {torch.get_num_threads()} threads"
     )
