@@ -10,7 +10,7 @@ reads another digit or another ink than at strength 0. Untargeted prompts, by ki
 - the target class with an explicit other ink ("a digit five in green ink"): the prompt names the
   ink, and a prompt's explicit words win, so these count as untargeted too.
 
-The slider's own ends: "a digit five" drawn red at +1 and blue at -1.
+The slider's own ends: "a digit five" drawn red at +1 and blue at -1 (16 image seeds).
 
 usage: OMP_NUM_THREADS=1 python benchmarks/slider_leak.py [--recipes default,anchors] [--seeds 0,1,2]
 """
@@ -47,6 +47,7 @@ INK_NAMES_OF_MODEL = MODEL_INKS["ink-digits"]  # the inks it draws (its vocabula
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "slider_red_blue.yaml"
 TARGET, PLUS, MINUS = 5, "red", "blue"
+OWN_IMAGES = 16
 KINDS = ("digit+ink", "digit only", "ink only", "five + other ink")
 
 
@@ -87,6 +88,13 @@ def _anchors(per_step: int = 4, weight: float = 1.0) -> Callable[[Any], None]:
     return apply
 
 
+def _text_anchors(weight: float) -> Callable[[Any], None]:
+    def apply(config: Any) -> None:
+        config.anchors.prompts, config.anchors.per_step, config.anchors.text_weight = "auto", 0, weight
+
+    return apply
+
+
 def _siblings(times: int) -> Callable[[Any], None]:
     """Auto anchors, with the model's prompts that differ from a target in one word drawn `times` as
     often (for "a digit five": "a digit three", ...)."""
@@ -117,6 +125,29 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
     "siblings10": [_siblings(10)],
     # Anchors on rollouts of their own (their own latents: a three's, not the five's), one entry more.
     "anchor-rollouts": [_anchors(), _set("anchors.rollouts", True)],
+    # Keep the anchors' cross-attention keys and values (anchors.text_weight), no anchor UNet rows.
+    **{
+        f"text{weight:g}+strict": [_text_anchors(weight), _set("network.training_method", "xattn-strict")]
+        for weight in (0.03, 0.1, 1, 10)
+    },
+    "text0.1+strict+600": [
+        _text_anchors(0.1),
+        _set("network.training_method", "xattn-strict"),
+        _set("train.iterations", 600),
+    ],
+    "text0.1+strict+rank16": [
+        _text_anchors(0.1),
+        _set("network.training_method", "xattn-strict"),
+        _set("network.rank", 16),
+    ],
+    "anchors+text0.1+strict": [
+        _anchors(),
+        _set("anchors.text_weight", 0.1),
+        _set("network.training_method", "xattn-strict"),
+    ],
+    "text0.1": [_text_anchors(0.1)],
+    "anchors+text0.1": [_anchors(), _set("anchors.text_weight", 0.1)],
+    "anchors+text1": [_anchors(), _set("anchors.text_weight", 1.0)],
     "full": [_set("network.training_method", "full")],
     "rank1": [_set("network.rank", 1)],
     "guidance1": [_guidance(1.0)],
@@ -176,10 +207,13 @@ def measure(recipe: str, seeds: list[int], images: int, models, folder: Path) ->
             moved = (digit != base[0]) | (ink != base[1])
             for kind in KINDS:
                 changed[kind].append(float(moved[kinds == kind].mean()))
-            wanted = ALL_INKS.index(PLUS if strength > 0 else MINUS)
-            own["red at +1" if strength > 0 else "blue at -1"].append(
-                float((ink[kinds == "own"] == wanted).mean())
+            # The slider's own ends over OWN_IMAGES seeds: one prompt, so more images cost little.
+            own_cases = [case for case in cases if case[1] == "own"]
+            _, own_ink = readings(
+                pipe, network, judge, own_cases, list(range(1000, 1000 + OWN_IMAGES)), strength
             )
+            wanted = ALL_INKS.index(PLUS if strength > 0 else MINUS)
+            own["red at +1" if strength > 0 else "blue at -1"].append(float((own_ink == wanted).mean()))
         network.remove()
     untargeted = [v for kind in KINDS for v in changed[kind]]
     return {

@@ -114,11 +114,12 @@ ALIASES = {
     "preset": "network.training_method",
     "rank": "network.rank",
     "anchors": "anchors.per_step",
+    "text": "anchors.text_weight",
 }
 
 
 def type_of(key: str) -> type:
-    return {"train.lr": float, "network.training_method": str}.get(key, int)
+    return {"train.lr": float, "anchors.text_weight": float, "network.training_method": str}.get(key, int)
 
 
 def configure(changes: dict[str, Any], seed: int, out: Path, erased: list[int], max_steps: int):

@@ -365,3 +365,45 @@ def test_imitate_without_a_teacher_is_one_line():
     )
     with pytest.raises(ConfigError, match=r"^prompts entry 1: action imitate copies a teacher model's"):
         config.check_combination()
+
+
+@pytest.mark.parametrize(
+    ("network", "anchors", "expected"),
+    [
+        (
+            {},
+            {"prompts": ["a house"], "per_step": 0},
+            r"^anchors.per_step: 0 keeps no anchor at all; set anchors.text_weight",
+        ),
+        (
+            {"training_method": "noxattn"},
+            {"prompts": ["a house"], "text_weight": 1},
+            r"^anchors.text_weight: keeps the cross-attention keys and values, which training_method noxattn",
+        ),
+        (
+            {"type": "embedding", "token": "<no-x>"},
+            {"prompts": ["a house"], "text_weight": 1},
+            r"^anchors.text_weight: a negative embedding",
+        ),
+    ],
+)
+def test_anchor_combinations_that_keep_nothing_are_one_line(network, anchors, expected):
+    config = LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": "ink-digits"},
+            "prompts": [{"target": "x"}],
+            "network": network,
+            "anchors": anchors,
+        }
+    )
+    with pytest.raises(ConfigError, match=expected):
+        config.check_combination()
+    anchors["text_weight"], network = 2.0, {}
+    LecoConfig.model_validate(  # with a text weight and a LoRA, both are fine
+        {
+            "pretrained_model": {"name_or_path": "ink-digits"},
+            "prompts": [{"target": "x"}],
+            "network": network,
+            "anchors": anchors,
+        }
+    ).check_combination()

@@ -2,9 +2,22 @@
 
 from pathlib import Path
 
-from leco.config import AnchorConfig, PromptSettings
+import torch
+
+from leco.conditioning import Conditioning, predict
+from leco.config import AnchorConfig, LecoConfig, NetworkConfig, PromptSettings
 from leco.ink_digits import model_path
-from leco.preservation import GENERIC_PROMPTS, anchor_prompts, concept_words, known_prompts
+from leco.models import load_models
+from leco.network import LoRANetwork
+from leco.preservation import (
+    GENERIC_PROMPTS,
+    anchor_prompts,
+    concept_words,
+    known_prompts,
+    text_state_moments,
+)
+from leco.prompts import encode_texts
+from leco.trainer import Trainer
 
 
 def test_the_bundled_model_lists_its_own_captions_and_others_get_everyday_prompts(tmp_path):
@@ -48,3 +61,74 @@ def test_count_draws_the_same_prompts_every_time(tmp_path: Path):
     assert first == second and len(first) == 7 and not any("dog" in p for p in first)
     listed = AnchorConfig(prompts=["a cat", "a dog"])
     assert anchor_prompts(listed, erase, tmp_path) == ["a cat", "a dog"]  # lists are used as written
+
+
+def test_text_state_change_is_the_change_of_keys_and_values_over_the_anchor_tokens(tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]))
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(training_method="xattn"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    dim = models.unet.config.cross_attention_dim
+    anchors = [Conditioning(torch.randn(1, 6, dim, generator=generator)) for _ in range(3)]
+    moments = text_state_moments(anchors)
+    states = torch.cat([a.hidden_states[0] for a in anchors])
+    direct = []
+    with torch.no_grad():
+        for name, layer in network.layers.items():
+            if name.endswith((".attn2.to_k", ".attn2.to_v")):
+                base = layer.base_layer(states)
+                direct.append((layer(states) - base).square().sum() / base.square().sum())
+        assert len(direct) > 0 and len(direct) < len(network.layers)  # q and out do not read text
+        torch.testing.assert_close(
+            network.text_state_change(moments), torch.stack(direct).mean(), rtol=1e-4, atol=0
+        )
+        with network.strength(0.0):  # the change is the trained edit's, whatever strength is applied
+            torch.testing.assert_close(
+                network.text_state_change(moments), torch.stack(direct).mean(), rtol=1e-4, atol=0
+            )
+
+
+def _anchor_run(out: Path, text_weight: float) -> LecoConfig:
+    anchors = {
+        "prompts": ["a digit three in red ink", "the number 4"],
+        "per_step": 0,
+        "text_weight": text_weight,
+    }
+    return LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": "ink-digits"},
+            "network": {"type": "lierla", "rank": 2, "training_method": "xattn-strict"},
+            "prompts": [{"target": "a digit seven", "guidance_scale": 3.0}],
+            "anchors": anchors if text_weight else {},
+            "train": {"precision": "fp32", "iterations": 12, "seed": 1, "max_denoising_steps": 6, "lr": 3e-2},
+            "save": {"path": str(out), "name": f"w{text_weight:g}", "per_steps": 100},
+        }
+    )
+
+
+def test_text_weight_keeps_the_anchors_predictions_and_still_edits_the_target(tmp_path):
+    """A key/value LoRA that leaves the anchors' text states alone leaves their predictions alone."""
+    moved = {}
+    for weight in (0.0, 1.0):
+        trainer = Trainer(_anchor_run(tmp_path, weight), progress=False)
+        for _ in range(12):
+            trainer.train_step()
+        generator = torch.Generator().manual_seed(5)
+        latents = torch.randn(2, 4, 8, 8, generator=generator)
+        timesteps = torch.tensor([700, 200])
+        moved[weight] = {}
+        with torch.no_grad():
+            for text in ("a digit seven", "a digit three in red ink"):
+                embeds = encode_texts(trainer.models, [text], None, trainer.device)[text]
+                cond = trainer.edited.condition(embeds, 2, (64, 64), (0, 0))
+                edited = predict(trainer.unet, latents, timesteps, cond)
+                with trainer.trainable.strength(0.0):
+                    original = predict(trainer.unet, latents, timesteps, cond)
+                moved[weight][text] = (edited - original).abs().mean().item()
+    kept, target = "a digit three in red ink", "a digit seven"
+    assert moved[0.0][kept] > moved[0.0][target] / 10  # without it the anchor moves along
+    assert moved[1.0][kept] < moved[0.0][kept] / 5
+    assert moved[1.0][target] > moved[0.0][target] / 4  # the target is still edited
+    assert moved[1.0][target] > 20 * moved[1.0][kept]

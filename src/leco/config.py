@@ -231,8 +231,13 @@ class AnchorConfig(_Section):
     # A list, or `auto`: prompts the model knows without the edited concept's words (leco.preservation).
     prompts: list[str] | Literal["auto"] = Field(default_factory=list)
     weight: float = Field(1.0, ge=0)
-    # Anchors trained next to each sample (batched with the LECO prompts: no extra UNet call).
-    per_step: int = Field(1, ge=1)
+    # Anchors trained next to each sample (batched with the LECO prompts: no extra UNet call); 0 with
+    # text_weight keeps them through their text states alone.
+    per_step: int = Field(1, ge=0)
+    # Keep what the anchors' text makes of the cross-attention keys and values: each step adds this
+    # weight times the LoRA's relative change of them, over every token of every anchor (no UNet call;
+    # with training_method xattn-strict the anchors' predictions then stay exactly the model's).
+    text_weight: float = Field(0.0, ge=0)
     # auto only: more words whose prompts are left out (synonyms of the concept, e.g. "7" for seven),
     # and how many prompts to draw (all by default).
     exclude: list[str] = Field(default_factory=list)
@@ -398,6 +403,22 @@ class LecoConfig(_Section):
                         f"prompts entry {number}: action imitate copies a teacher model's prediction; add a "
                         "teacher: section (or use enhance)"
                     )
+        anchors = self.anchors
+        if anchors.per_step == 0 and anchors.text_weight == 0:
+            raise ConfigError(
+                "anchors.per_step: 0 keeps no anchor at all; set anchors.text_weight above 0 or per_step >= 1"
+            )
+        if anchors.text_weight > 0 and self.network.training_method in ("noxattn", "innoxattn", "selfattn"):
+            raise ConfigError(
+                "anchors.text_weight: keeps the cross-attention keys and values, which training_method "
+                f"{self.network.training_method} does not train; use xattn-strict, xattn or full, "
+                "or remove it"
+            )
+        if anchors.text_weight > 0 and self.network.type == "embedding":
+            raise ConfigError(
+                "anchors.text_weight: a negative embedding leaves every other prompt's text states as they "
+                "are; remove it"
+            )
         if self.network.type == "embedding":
             if self.teacher is not None:
                 raise ConfigError("teacher: transplants train a LoRA; use network.type lierla or c3lier")

@@ -99,6 +99,9 @@ class TokenEmbedding:
             return negative
         return f"{negative}, {self.token}" if negative else self.token
 
+    def text_state_change(self, moments: Tensor) -> Tensor:
+        return moments.new_zeros(())  # a new token leaves every other prompt's text states as they are
+
     def state_dict(self) -> dict[str, Tensor]:
         tensors = [v.detach().cpu().float().contiguous().clone() for v in self.vectors]
         if self.models.family.is_sdxl:

@@ -7,6 +7,7 @@ diffusers' own single-file converters, so no hub call is made.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import warnings
@@ -606,6 +607,13 @@ def training_dtype(device: torch.device, precision: str) -> torch.dtype:
         print("leco: warning: fp16 is not supported well on the CPU; training in fp32")
         return torch.float32
     return DTYPES[precision]
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Mixed precision for the UNet calls of a training dtype (none for fp32)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def prepare_for_training(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from leco.conditioning import Conditioning
 from leco.config import AnchorConfig, LecoConfig, PromptSettings
 
 GENERIC_PROMPTS = Path(__file__).parent / "data" / "everyday_prompts.txt"
@@ -89,3 +90,17 @@ def entries_and_anchors(
         entry = PromptSettings(target=anchors, action="preserve", weight=config.anchors.weight)
         return [*config.prompts, entry], []
     return list(config.prompts), anchors
+
+
+def text_state_moments(anchors: list[Conditioning]) -> torch.Tensor:
+    """Mean of x xᵀ over every token state of every anchor: all `anchors.text_weight` needs of them."""
+    states = torch.cat([anchor.hidden_states.flatten(0, -2) for anchor in anchors]).float()
+    return states.T @ states / len(states)
+
+
+def draw_anchors(prompts: list[str], per_step: int, generator: torch.Generator) -> list[str]:
+    """The anchors that ride along with one step's samples."""
+    count = min(per_step, len(prompts))
+    if count == 0:
+        return []
+    return [prompts[i] for i in torch.randperm(len(prompts), generator=generator)[:count]]

@@ -41,6 +41,10 @@ class Trainable(Protocol):
     def negative_prompt(self, strength: float, negative: str = "") -> str:
         """The negative prompt to sample with at `strength`."""
 
+    def text_state_change(self, moments: Tensor) -> Tensor:
+        """The relative change of cross-attention keys and values for text states with these second
+        moments (anchors.text_weight)."""
+
     def state_dict(self) -> dict[str, Tensor]: ...
 
     def load_state_dict(self, tensors: dict[str, Tensor], source: str = "state dict") -> None: ...

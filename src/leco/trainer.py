@@ -10,6 +10,7 @@ leco.trainable. Read `Trainer.loss` first; the rest is setup, saving and the loo
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,17 @@ from leco.checkpoints import RunFolder, StopRequest, read_state, run_metadata
 from leco.config import LecoConfig, load_config
 from leco.distributed import Ranks
 from leco.errors import LecoError
-from leco.models import DTYPES, LoadedModels, load_models, pick_device, prepare_for_training, training_dtype
+from leco.models import (
+    DTYPES,
+    LoadedModels,
+    autocast_for,
+    load_models,
+    pick_device,
+    prepare_for_training,
+    training_dtype,
+)
 from leco.optim import build_lr_scheduler, build_optimizer
-from leco.preservation import entries_and_anchors
+from leco.preservation import anchor_prompts, draw_anchors, entries_and_anchors, text_state_moments
 from leco.preview import render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
 from leco.rollout import Rollout, SampleQueue
@@ -62,6 +71,7 @@ class Trainer:
         self.ranks = Ranks(requested)  # data-parallel processes, if launched so
         self.device = self.ranks.device(requested)
         self.dtype = training_dtype(self.device, train.precision)
+        self.autocast = functools.partial(autocast_for, self.device, self.dtype)
         self.seed = train.seed if train.seed is not None else random.SystemRandom().randrange(2**31)
         self.folder = RunFolder(config.save.path, config.save.name)
         self.folder.check(resuming=self.resuming, overwrite=overwrite)  # before minutes of loading
@@ -84,6 +94,11 @@ class Trainer:
         self.teachers = Teachers(
             Teacher.of_student(models, embeddings, self.trainable, self.autocast), concept
         )
+
+        self.anchor_moments = None  # anchors.text_weight: their text states (ride-along or own rollouts)
+        if config.anchors.text_weight > 0:
+            kept = anchor_prompts(config.anchors, config.prompts, models.source)
+            self.anchor_moments = text_state_moments([embeddings[text] for text in kept]) if kept else None
 
         self.optimizer = build_optimizer(train, self.trainable.parameters())
         self.lr_scheduler = build_lr_scheduler(train, self.optimizer)
@@ -137,7 +152,11 @@ class Trainer:
             target = self.trainable.training_target(conditional_target, predictions)
             weights = self.snr_weights(samples[row.sample].timesteps)
             total = total + row.weight * objectives.loss(prediction, target, weights)
-        return total / len(samples)
+        total = total / len(samples)
+        if self.anchor_moments is not None:
+            change = self.trainable.text_state_change(self.anchor_moments)
+            total = total + self.config.anchors.text_weight * change
+        return total
 
     def rows(self, step: Step) -> list[Row]:
         return rows_of(step, self.prompts, self.config.anchors.weight)
@@ -150,7 +169,11 @@ class Trainer:
         rollout instead of one per step (benchmarks/time_to_erase.py, `teacher-per-step`).
         """
         if not self.ready:
-            steps = [Step(samples, self.pick_anchors()) for samples in self.samples.rest_of_rollout()]
+            per_step = self.config.anchors.per_step
+            steps = [
+                Step(samples, draw_anchors(self.anchors, per_step, self.generator))
+                for samples in self.samples.rest_of_rollout()
+            ]
             requests = [wanted(self.rows(step), self.trainable.extra_roles) for step in steps]
             ask_frozen_predictions(steps, requests, self.teachers)
             self.ready = steps
@@ -162,20 +185,6 @@ class Trainer:
             return None
         v_prediction = self.models.family.v_pred
         return objectives.min_snr_weights(self.teachers.frozen.alphas_cumprod, timesteps, gamma, v_prediction)
-
-    def pick_anchors(self) -> list[str]:
-        prompts = self.anchors
-        if not prompts:
-            return []
-        count = min(self.config.anchors.per_step, len(prompts))
-        return [prompts[i] for i in torch.randperm(len(prompts), generator=self.generator)[:count]]
-
-    # -- helpers ----------------------------------------------------------------------------------
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
 
     # -- saving and resuming ----------------------------------------------------------------------
 

@@ -75,6 +75,7 @@ class LoRANetwork:
             parameter.data = parameter.data.float()
             parameter.requires_grad_(True)
         self._multiplier = 1.0
+        self._text_sizes: tuple[Tensor, dict[str, Tensor]] | None = None
 
     @classmethod
     def create(cls, unet: nn.Module, family: ModelFamily, config: NetworkConfig) -> LoRANetwork:
@@ -158,6 +159,32 @@ class LoRANetwork:
 
     def negative_prompt(self, strength: float, negative: str = "") -> str:
         return negative
+
+    def text_state_change(self, moments: Tensor) -> Tensor:
+        """How much the LoRA moves cross-attention keys and values, relative to their size, for text
+        states whose second moments (mean of x xᵀ over tokens) are `moments`; mean over the layers
+        that read text. sum ‖ΔW x‖² = trace(ΔW M ΔWᵀ), so no text state goes through a layer."""
+        if self._text_sizes is None or self._text_sizes[0] is not moments:
+            sizes = {}
+            for name, layer in self._text_layers():
+                base = layer.base_layer.weight.float()
+                sizes[name] = torch.einsum("oi,ij,oj->", base, moments.to(base), base).detach()
+            self._text_sizes = (moments, sizes)
+        sizes = self._text_sizes[1]
+        if not sizes:
+            return moments.new_zeros(())
+        changes = []
+        for name, layer in self._text_layers():
+            down, up = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+            rank, alpha = self.ranks[name]
+            inner = down @ moments.to(down) @ down.T
+            changes.append((alpha / rank) ** 2 * torch.trace(up.T @ up @ inner) / sizes[name])
+        return torch.stack(changes).mean()
+
+    def _text_layers(self) -> Iterator[tuple[str, LoraLayer]]:
+        for name, layer in self.layers.items():
+            if name.endswith((".attn2.to_k", ".attn2.to_v")):
+                yield name, layer
 
     def state_dict(self) -> dict[str, Tensor]:
         return self.kohya_state_dict(torch.float32)
