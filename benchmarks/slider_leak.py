@@ -145,6 +145,11 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
         _set("anchors.text_weight", 0.1),
         _set("network.training_method", "xattn-strict"),
     ],
+    "text0.1+strict+guidance4": [
+        _text_anchors(0.1),
+        _set("network.training_method", "xattn-strict"),
+        _guidance(4.0),
+    ],
     "text0.1": [_text_anchors(0.1)],
     "anchors+text0.1": [_anchors(), _set("anchors.text_weight", 0.1)],
     "anchors+text1": [_anchors(), _set("anchors.text_weight", 1.0)],

@@ -12,12 +12,17 @@ concept is about.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from leco.conditioning import Conditioning
 from leco.config import AnchorConfig, LecoConfig, PromptSettings
+
+if TYPE_CHECKING:
+    from leco.trainable import Trainable
 
 GENERIC_PROMPTS = Path(__file__).parent / "data" / "everyday_prompts.txt"
 KNOWN_PROMPTS_FILE = "prompts.txt"
@@ -96,6 +101,31 @@ def text_state_moments(anchors: list[Conditioning]) -> torch.Tensor:
     """Mean of x xᵀ over every token state of every anchor: all `anchors.text_weight` needs of them."""
     states = torch.cat([anchor.hidden_states.flatten(0, -2) for anchor in anchors]).float()
     return states.T @ states / len(states)
+
+
+@dataclass
+class TextAnchors:
+    """`anchors.text_weight`: the anchors are kept through their text. A LoRA on the cross-attention
+    keys and values changes a prompt's prediction only through what it makes of the prompt's token
+    states, so keeping those for every anchor token keeps the anchors at every latent at once."""
+
+    moments: torch.Tensor
+    weight: float
+
+    @classmethod
+    def of_run(
+        cls, config: LecoConfig, model_folder: str | Path, embeddings: dict[str, Conditioning]
+    ) -> TextAnchors | None:
+        if config.anchors.text_weight == 0:
+            return None
+        # The same prompts whether they ride along or have rollouts of their own.
+        kept = anchor_prompts(config.anchors, config.prompts, model_folder)
+        if not kept:
+            return None
+        return cls(text_state_moments([embeddings[text] for text in kept]), config.anchors.text_weight)
+
+    def loss(self, trainable: Trainable) -> torch.Tensor:
+        return self.weight * trainable.text_state_change(self.moments)
 
 
 def draw_anchors(prompts: list[str], per_step: int, generator: torch.Generator) -> list[str]:

@@ -34,7 +34,7 @@ from leco.models import (
     training_dtype,
 )
 from leco.optim import build_lr_scheduler, build_optimizer
-from leco.preservation import anchor_prompts, draw_anchors, entries_and_anchors, text_state_moments
+from leco.preservation import TextAnchors, draw_anchors, entries_and_anchors
 from leco.preview import render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
 from leco.rollout import Rollout, SampleQueue
@@ -95,11 +95,7 @@ class Trainer:
             Teacher.of_student(models, embeddings, self.trainable, self.autocast), concept
         )
 
-        self.anchor_moments = None  # anchors.text_weight: their text states (ride-along or own rollouts)
-        if config.anchors.text_weight > 0:
-            kept = anchor_prompts(config.anchors, config.prompts, models.source)
-            self.anchor_moments = text_state_moments([embeddings[text] for text in kept]) if kept else None
-
+        self.text_anchors = TextAnchors.of_run(config, models.source, embeddings)
         self.optimizer = build_optimizer(train, self.trainable.parameters())
         self.lr_scheduler = build_lr_scheduler(train, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
@@ -140,7 +136,7 @@ class Trainer:
 
         Rows: the entry's target prompt at each sample, plus anchor prompts riding along at the same
         latents (objective: preserve). The frozen predictions come with the step (see `next_step`),
-        the trained ones from one UNet call.
+        the trained ones from one UNet call. With anchors.text_weight the anchors' text term is added.
         """
         rows, samples = self.rows(step), step.samples
         frozen = step.frozen or self.teachers.predict(samples, wanted(rows, self.trainable.extra_roles))
@@ -152,11 +148,9 @@ class Trainer:
             target = self.trainable.training_target(conditional_target, predictions)
             weights = self.snr_weights(samples[row.sample].timesteps)
             total = total + row.weight * objectives.loss(prediction, target, weights)
-        total = total / len(samples)
-        if self.anchor_moments is not None:
-            change = self.trainable.text_state_change(self.anchor_moments)
-            total = total + self.config.anchors.text_weight * change
-        return total
+        if self.text_anchors is not None:
+            return total / len(samples) + self.text_anchors.loss(self.trainable)
+        return total / len(samples)
 
     def rows(self, step: Step) -> list[Row]:
         return rows_of(step, self.prompts, self.config.anchors.weight)
