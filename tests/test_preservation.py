@@ -132,3 +132,21 @@ def test_text_weight_keeps_the_anchors_predictions_and_still_edits_the_target(tm
     assert moved[1.0][kept] < moved[0.0][kept] / 5
     assert moved[1.0][target] > moved[0.0][target] / 4  # the target is still edited
     assert moved[1.0][target] > 20 * moved[1.0][kept]
+
+
+def test_text_anchors_cover_anchors_on_their_own_rollouts_too(tmp_path):
+    for rollouts in (False, True):
+        config = _anchor_run(tmp_path / str(rollouts), 1.0)
+        config.anchors.rollouts, config.anchors.per_step = rollouts, 1
+        trainer = Trainer(config, progress=False)
+        assert trainer.text_anchors is not None and trainer.text_anchors.weight == 1.0
+        expected = text_state_moments(
+            [
+                encode_texts(trainer.models, [text], None, trainer.device)[text]
+                for text in config.anchors.prompts
+            ]
+        )
+        torch.testing.assert_close(trainer.text_anchors.moments, expected)
+        assert bool(trainer.anchors) != rollouts  # riding along, or an entry of their own
+    config.anchors.text_weight = 0.0
+    assert Trainer(config, progress=False, overwrite=True).text_anchors is None
