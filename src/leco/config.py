@@ -248,6 +248,9 @@ class AnchorConfig(_Section):
     rollouts: bool = False
 
 
+# Layer presets that train no cross-attention key or value (leco.network.layers.PRESETS).
+PRESETS_WITHOUT_KEYS_VALUES = ("noxattn", "innoxattn", "selfattn")
+
 ACTIONS = ("erase", "enhance", "distill", "preserve", "imitate")
 
 
@@ -382,8 +385,7 @@ class LecoConfig(_Section):
     def check_combination(self) -> None:
         """Settings that are valid alone but not together; one line naming the keys."""
         if self.train.method == "closed_form":
-            unused = ("noxattn", "innoxattn", "selfattn")
-            if self.network.type != "lierla" or self.network.training_method in unused:
+            if self.network.type != "lierla" or self.network.training_method in PRESETS_WITHOUT_KEYS_VALUES:
                 raise ConfigError(
                     "train.method: closed_form edits the cross-attention key/value layers; use network.type "
                     "lierla with training_method xattn-strict (or leave them unset)"
@@ -408,7 +410,7 @@ class LecoConfig(_Section):
             raise ConfigError(
                 "anchors.per_step: 0 keeps no anchor at all; set anchors.text_weight above 0 or per_step >= 1"
             )
-        if anchors.text_weight > 0 and self.network.training_method in ("noxattn", "innoxattn", "selfattn"):
+        if anchors.text_weight > 0 and self.network.training_method in PRESETS_WITHOUT_KEYS_VALUES:
             raise ConfigError(
                 "anchors.text_weight: keeps the cross-attention keys and values, which training_method "
                 f"{self.network.training_method} does not train; use xattn-strict, xattn or full, "

@@ -25,7 +25,7 @@ from leco.config import NetworkConfig
 from leco.errors import LecoError
 from leco.models import ModelFamily
 from leco.network import kohya
-from leco.network.layers import is_conv3x3, select_layers
+from leco.network.layers import PRESETS, is_conv3x3, select_layers
 from leco.network.text_encoders import TextEncoderLoRA
 from leco.objectives import Predictions
 
@@ -183,7 +183,7 @@ class LoRANetwork:
 
     def _text_layers(self) -> Iterator[tuple[str, LoraLayer]]:
         for name, layer in self.layers.items():
-            if name.endswith((".attn2.to_k", ".attn2.to_v")):
+            if PRESETS["xattn-strict"](name):  # the layers that read text: cross-attention keys, values
                 yield name, layer
 
     def state_dict(self) -> dict[str, Tensor]:
