@@ -42,10 +42,12 @@ GIB = 2**30
 
 def unet_config(folder: Path, smoke: bool) -> dict[str, Any]:
     config = dict(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-    if smoke:  # the same blocks, an eighth of the width; text width to match the tiny encoders below
+    if smoke:  # the same blocks, an eighth of the width, one transformer layer each (SDXL has ten)
+        config["transformer_layers_per_block"] = 1
         config["block_out_channels"] = [c // 8 for c in config["block_out_channels"]]
         heads = config["attention_head_dim"]
         config["attention_head_dim"] = heads if isinstance(heads, int) else [min(h, 4) for h in heads]
+        # text width to match the tiny encoders below
         config["cross_attention_dim"] = 64 if config.get("addition_embed_type") else 32
         if config.get("addition_embed_type"):
             config["addition_time_embed_dim"] = 8
@@ -105,7 +107,7 @@ def measure(
     family: str, precision: str, checkpointing: bool, reference: bool, args, out: str
 ) -> dict[str, Any]:
     device = torch.device("cpu" if args.smoke else "cuda")
-    size = 64 if args.smoke else FAMILIES[family][2]
+    size = 32 if args.smoke else FAMILIES[family][2]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if args.smoke:
         dtype, precision = torch.float32, "fp32"  # the CPU has no fast half precision

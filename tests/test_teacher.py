@@ -105,8 +105,11 @@ def _block(sample, text):
     return Block(sample.latents, sample.timesteps, sample.size, sample.crop, [text])
 
 
-def test_sd1_student_with_sd2_v_teacher_trains_saves_and_resumes_exactly(tmp_path, tiny_folders):
-    student, teacher = tiny_folders["sd1"], tiny_folders["sd2-v"]
+@pytest.mark.parametrize(("student_name", "teacher_name"), [("sd1", "sd2-v"), ("sd2-v", "sd1")])
+def test_a_student_with_a_teacher_of_the_other_family_trains_saves_and_resumes_exactly(
+    tmp_path, tiny_folders, student_name, teacher_name
+):
+    student, teacher = tiny_folders[student_name], tiny_folders[teacher_name]
     whole = train(transplant_config(student, teacher, tmp_path / "whole"), progress=False)
     first = train(transplant_config(student, teacher, tmp_path / "split", iterations=3), progress=False)
     resumed = train(

@@ -1,0 +1,267 @@
+"""Concept transplant across model families, measured on the two bundled models.
+
+Task `purple` / `teal`: the student ink-digits (SD 1.x layout, epsilon) has the word but has never
+drawn the ink; the teacher ink-digits-2 (SD 2.x layout, v-prediction) draws it. For each recipe
+(trained over several seeds), prints: the ink detected on every digit in each phrasing, the
+phrasings it was trained on and those it was not, the digit right in those images, and every other
+digit and ink of the student kept (`keep: all`: mean, worst concept in a seed, drift).
+
+Task `erase7-sd2` is the other direction: student ink-digits-2 (SD 2.x, v), teacher ink-digits
+(SD 1.x, epsilon): seven erased from the student with the teacher's idea of a seven.
+
+usage: python benchmarks/transplant.py [--tasks purple,teal,erase7-sd2] [--recipes example,...]
+                                       [--seeds 0,1] [--images 4] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from leco.cli import quiet_libraries
+from leco.config import LecoConfig
+from leco.evaluate import ConceptPrompt, EvalSpec, evaluate
+from leco.ink_digits.data import ALL_INKS, INK_PHRASINGS, PHRASING_NAMES, caption
+from leco.models import load_models
+from leco.trainer import train
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "transplant_purple.yaml"
+HELD_OUT = "number"  # the phrasing the `held-out` recipes never train on
+ERASE_TASK = "erase7-sd2"
+ERASE_RECIPES = ("example", "self")  # with ink-digits as the teacher, and without
+
+
+def ink_prompts(ink: str, phrasings: tuple[str, ...]) -> list[str]:
+    """Every caption naming `ink` in the given phrasings (the ink-only phrasing once)."""
+    return list(dict.fromkeys(caption(d, ink, p) for p in phrasings for d in range(10)))
+
+
+def base_config(task: str, out: Path, seed: int) -> dict[str, Any]:
+    if task == ERASE_TASK:
+        return {
+            "pretrained_model": {"name_or_path": "ink-digits-2"},
+            "teacher": {"name_or_path": "ink-digits"},
+            "prompts": [{"target": "a digit seven", "action": "erase"}, {"target": "7", "action": "erase"}],
+            "anchors": {"prompts": "auto", "exclude": ["7"], "per_step": 0, "text_weight": 0.1},
+            "network": {"type": "lierla", "rank": 4, "alpha": 1.0, "training_method": "xattn-strict"},
+            "train": {
+                "precision": "fp32",
+                "iterations": 300,
+                "lr": 3e-3,
+                "max_denoising_steps": 25,
+                "samples_per_rollout": 16,
+                "seed": seed,
+            },
+            "save": {"name": f"s{seed}", "path": str(out), "per_steps": 10_000, "precision": "fp32"},
+        }
+    document = yaml.safe_load(EXAMPLE.read_text())
+    entry = document["prompts"][0]
+    del entry["target_file"]  # the example's prompts, written for the task's ink
+    entry["target"] = ink_prompts(task, INK_PHRASINGS)
+    document["train"]["seed"] = seed
+    document["save"] = {"name": f"s{seed}", "path": str(out), "per_steps": 10_000, "precision": "fp32"}
+    return document
+
+
+def _set(path: str, value: Any) -> Callable[[dict, str], None]:
+    section, key = path.split(".")
+    return lambda document, task: document.setdefault(section, {}).__setitem__(key, value)
+
+
+def _phrasings(*phrasings: str) -> Callable[[dict, str], None]:
+    def apply(document: dict, task: str) -> None:
+        document["prompts"][0]["target"] = ink_prompts(task, phrasings)
+
+    return apply
+
+
+def _text_anchors(weight: float, per_step: int) -> Callable[[dict, str], None]:
+    def apply(document: dict, task: str) -> None:
+        document["anchors"] = {"prompts": "auto", "per_step": per_step, "text_weight": weight}
+
+    return apply
+
+
+def _self_taught(document: dict, task: str) -> None:
+    """No teacher: the student's own idea of the concept (what a transplant is compared with)."""
+    document.pop("teacher", None)
+
+
+BUT_HELD_OUT = tuple(p for p in INK_PHRASINGS if p != HELD_OUT)
+EIGHT_HUNDRED = _set("train.iterations", 800)
+
+RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
+    "example": [],
+    "example+800": [EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags
+    # One phrasing, 800 steps and no text anchors: the previous example.
+    "words": [_phrasings("words"), _text_anchors(0.0, 4), EIGHT_HUNDRED],
+    # Every phrasing but one: does the transplant reach a phrasing it was not trained on?
+    "held-out": [_phrasings(*BUT_HELD_OUT), EIGHT_HUNDRED],
+    "held-out+no-text": [_phrasings(*BUT_HELD_OUT), _text_anchors(0.0, 4), EIGHT_HUNDRED],
+    # Keys and values only, kept for the other words: faster, and a little less of the ink.
+    "held-out+strict": [
+        _phrasings(*BUT_HELD_OUT),
+        _text_anchors(0.1, 0),
+        _set("network.training_method", "xattn-strict"),
+        _set("network.rank", 16),
+        _set("network.alpha", 16.0),
+        _set("train.lr", 3e-3),
+        EIGHT_HUNDRED,
+    ],
+    "self": [_self_taught],
+}
+
+
+def eval_spec(task: str, images: int) -> EvalSpec:
+    if task == ERASE_TASK:
+        erase = [
+            ("a digit seven in red ink", "digit:7"),
+            ("a digit seven in purple ink", "digit:7"),
+            ("the number 7 written in teal", "digit:7"),
+            ("a digit seven", "digit:7"),
+        ]
+        return EvalSpec(
+            images_per_prompt=images,
+            strengths=[0.0, 1.0],
+            steps=25,
+            guidance=3.0,
+            erase=[ConceptPrompt(prompt=p, concept=c) for p, c in erase],
+            keep="all",
+        )
+    prompts = ink_prompts(task, INK_PHRASINGS)
+    digits = [(p, f"digit:{d}") for d in range(10) for p in prompts if p in ink_prompts_of_digit(task, d)]
+    return EvalSpec(
+        images_per_prompt=images,
+        strengths=[0.0, 1.0],
+        steps=25,
+        guidance=3.0,
+        enhance=[ConceptPrompt(prompt=p, concept=f"ink:{task}") for p in prompts],
+        keep=[ConceptPrompt(prompt=p, concept=c) for p, c in digits] + ["all"],
+    )
+
+
+def ink_prompts_of_digit(ink: str, digit: int) -> set[str]:
+    return {caption(digit, ink, p) for p in INK_PHRASINGS if p != "ink-only"}
+
+
+def run(task: str, recipe: str, seeds: list[int], images: int, folder: Path) -> dict[str, Any]:
+    files, seconds, trained_on = [], [], set()
+    for seed in seeds:
+        document = base_config(task, folder / f"{task}-{recipe}", seed)
+        for change in RECIPES[recipe]:
+            change(document, task)
+        for entry in document["prompts"]:
+            targets = entry["target"]
+            trained_on |= set([targets] if isinstance(targets, str) else targets)
+        start = time.perf_counter()
+        result = train(LecoConfig.model_validate(document), progress=False)
+        seconds.append(time.perf_counter() - start)
+        files.append(result.path)
+    student = load_models(document["pretrained_model"]["name_or_path"], with_vae=True)
+    report = evaluate(student, files, eval_spec(task, images), "cpu", progress=False)
+    return summarise(report, seconds, trained_on)
+
+
+def summarise(report: dict[str, Any], seconds: list[float], trained_on: set[str]) -> dict[str, Any]:
+    rows = [r for r in report["rows"] if r["strength"] == 1.0]
+    before = [r for r in report["rows"] if r["strength"] == 0.0]
+
+    def mean(selected: list[dict]) -> float:
+        return float(np.mean([r["detected"] for r in selected])) if selected else float("nan")
+
+    enhanced = [r for r in rows if r["kind"] == "enhance"]
+    erased = [r for r in rows if r["kind"] == "erase"]
+    edited = {r["prompt"] for r in enhanced + erased}
+    digit_rows = [r for r in rows if r["kind"] == "keep" and r["prompt"] in edited]
+    kept = [r for r in rows if r["kind"] == "keep" and r["prompt"] not in edited]
+    worst = min(kept, key=lambda r: r["detected"])
+    by_phrasing = {
+        phrasing: mean([r for r in enhanced + erased if phrasing_of(r["prompt"]) == phrasing])
+        for phrasing in dict.fromkeys(phrasing_of(r["prompt"]) for r in enhanced + erased)
+    }
+    return {
+        "by_phrasing": by_phrasing,
+        "concept_before": mean([r for r in before if r["kind"] in ("enhance", "erase")]),
+        "concept_trained": mean([r for r in enhanced + erased if r["prompt"] in trained_on]),
+        "concept_untrained": mean([r for r in enhanced + erased if r["prompt"] not in trained_on]),
+        "concept_worst": min((r["detected"] for r in enhanced), default=float("nan"))
+        if enhanced
+        else max(r["detected"] for r in erased),
+        "digit_right": mean(digit_rows),
+        "kept_mean": mean(kept),
+        "kept_worst": f"{worst['prompt']} [{worst['concept']}] {worst['detected']:.0%}",
+        "drift": float(np.mean([r["drift"] for r in kept])),
+        "train_seconds": float(np.mean(seconds)),
+    }
+
+
+def phrasing_of(prompt: str) -> str:
+    """Which ink-digits phrasing wrote `prompt` ("?" for none)."""
+    for name in PHRASING_NAMES:
+        for digit in range(10):
+            for ink in ALL_INKS:
+                if caption(digit, ink, name) == prompt:
+                    return name
+    return "?"
+
+
+def format_row(task: str, recipe: str, r: dict[str, Any]) -> str:
+    return (
+        f"| {task} | {recipe} | {r['concept_before']:.0%} | {r['concept_trained']:.0%} | "
+        f"{r['concept_untrained']:.0%} | {r['concept_worst']:.0%} | {r['digit_right']:.1%} | "
+        f"{r['kept_mean']:.1%} | {r['kept_worst']} | {r['drift']:.3f} | {r['train_seconds']:.0f} |\n"
+        f"|  | by phrasing: {', '.join(f'{k} {v:.0%}' for k, v in r['by_phrasing'].items())} |"
+    )
+
+
+def main() -> None:
+    quiet_libraries()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--tasks", default="purple,teal,erase7-sd2")
+    parser.add_argument(
+        "--recipes", default="example,held-out", help=f"for the inks ({ERASE_TASK}: {ERASE_RECIPES})"
+    )
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--images", type=int, default=4, help="images per prompt and strength")
+    parser.add_argument("--json", help="also write every figure to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = [r for r in args.recipes.split(",") if r not in RECIPES]
+    if unknown:
+        parser.error(f"--recipes: {', '.join(unknown)} not known; choose from {', '.join(RECIPES)}")
+    print(f"seeds {seeds}, {args.images} images per prompt and strength, guidance 3, keep: all")
+    print(
+        "| task | recipe | concept before | after, trained prompts | after, other prompts | worst prompt "
+        "| digit right | everything else kept | worst kept (one seed) | drift | train s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for task in args.tasks.split(","):
+            for recipe in ERASE_RECIPES if task == ERASE_TASK else args.recipes.split(","):
+                result = run(task, recipe, seeds, args.images, Path(folder))
+                results[f"{task}/{recipe}"] = result
+                print(format_row(task, recipe, result), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
