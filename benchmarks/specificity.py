@@ -16,20 +16,17 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-import argparse
-import json
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser
 
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
-from leco.evaluate import ConceptPrompt, EvalSpec, evaluate
+from leco.evaluate import EvalSpec, evaluate
 from leco.ink_digits.data import DIGIT_WORDS
 from leco.models import load_models
 from leco.trainer import train
@@ -179,14 +176,7 @@ def eval_spec(task: list[int] | str, images: int) -> EvalSpec:
                 (f"the number {d} written in green", f"digit:{d}"),  # a paraphrase never trained on
                 (f"a digit {word}", f"digit:{d}"),
             ]
-    return EvalSpec(
-        images_per_prompt=images,
-        strengths=[0.0, 1.0],
-        steps=25,
-        guidance=3.0,
-        erase=[ConceptPrompt(prompt=p, concept=c) for p, c in erase],
-        keep="all",
-    )
+    return ink_digits_spec(images, erase=erase)
 
 
 def run(task_name: str, recipe: str, seeds: list[int], images: int, models, folder: Path) -> dict[str, Any]:
@@ -261,33 +251,22 @@ def format_row(task: str, recipe: str, r: dict[str, Any]) -> str:
 
 def main() -> None:
     quiet_libraries()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--tasks", default="1,3,5,8,ink")
-    parser.add_argument("--recipes", default=",".join(RECIPES))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--images", type=int, default=8, help="images per prompt and strength")
-    parser.add_argument("--json", help="also write every figure to this JSON file")
-    args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    seeds = [int(s) for s in args.seeds.split(",")]
+    parser = recipe_parser(__doc__, tasks="1,3,5,8,ink", recipes=",".join(RECIPES), seeds="0,1,2", images=8)
+    args, seeds = parse(parser, RECIPES)
     models = load_models("ink-digits", with_vae=True)
-    print(f"seeds {seeds}, {args.images} images per prompt and strength, strength 1 vs 0, keep: all")
-    print(
+    header = [
+        f"seeds {seeds}, {args.images} images per prompt and strength, strength 1 vs 0, keep: all",
         "| task | recipe | erased still detected: mean / worst seed / worst concept in a seed "
-        "| kept right: mean / worst seed | worst kept concept (worst seed) | inks kept | drift | train s |"
+        "| kept right: mean / worst seed | worst kept concept (worst seed) | inks kept | drift | train s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print_table(
+        args,
+        header,
+        lambda task: args.recipes.split(","),
+        lambda task, recipe, folder: run(task, recipe, seeds, args.images, models, folder),
+        format_row,
     )
-    print("|---|---|---|---|---|---|---|---|")
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for task in args.tasks.split(","):
-            for recipe in args.recipes.split(","):
-                result = run(task, recipe, seeds, args.images, models, Path(folder))
-                results[f"{task}/{recipe}"] = result
-                print(format_row(task, recipe, result), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,21 +20,18 @@ import os
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-import argparse
-import json
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import yaml
+from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser
 
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
-from leco.evaluate import ConceptPrompt, EvalSpec, evaluate
+from leco.evaluate import EvalSpec, evaluate
 from leco.ink_digits.data import ALL_INKS, INK_PHRASINGS, PHRASING_NAMES, caption
 from leco.models import load_models
 from leco.trainer import train
@@ -134,24 +131,10 @@ def eval_spec(task: str, images: int) -> EvalSpec:
             ("the number 7 written in teal", "digit:7"),
             ("a digit seven", "digit:7"),
         ]
-        return EvalSpec(
-            images_per_prompt=images,
-            strengths=[0.0, 1.0],
-            steps=25,
-            guidance=3.0,
-            erase=[ConceptPrompt(prompt=p, concept=c) for p, c in erase],
-            keep="all",
-        )
+        return ink_digits_spec(images, erase=erase)
     prompts = ink_prompts(task, INK_PHRASINGS)
     digits = [(p, f"digit:{d}") for d in range(10) for p in prompts if p in ink_prompts_of_digit(task, d)]
-    return EvalSpec(
-        images_per_prompt=images,
-        strengths=[0.0, 1.0],
-        steps=25,
-        guidance=3.0,
-        enhance=[ConceptPrompt(prompt=p, concept=f"ink:{task}") for p in prompts],
-        keep=[ConceptPrompt(prompt=p, concept=c) for p, c in digits] + ["all"],
-    )
+    return ink_digits_spec(images, enhance=[(p, f"ink:{task}") for p in prompts], keep=digits)
 
 
 def ink_prompts_of_digit(ink: str, digit: int) -> set[str]:
@@ -230,37 +213,28 @@ def format_row(task: str, recipe: str, r: dict[str, Any]) -> str:
 
 def main() -> None:
     quiet_libraries()
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = recipe_parser(
+        __doc__,
+        tasks="purple,teal,erase7-sd2",
+        recipes="example,held-out",
+        seeds="0,1",
+        images=4,
+        recipe_help=f"for the inks ({ERASE_TASK}: {', '.join(ERASE_RECIPES)})",
     )
-    parser.add_argument("--tasks", default="purple,teal,erase7-sd2")
-    parser.add_argument(
-        "--recipes", default="example,held-out", help=f"for the inks ({ERASE_TASK}: {ERASE_RECIPES})"
-    )
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--images", type=int, default=4, help="images per prompt and strength")
-    parser.add_argument("--json", help="also write every figure to this JSON file")
-    args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    seeds = [int(s) for s in args.seeds.split(",")]
-    unknown = [r for r in args.recipes.split(",") if r not in RECIPES]
-    if unknown:
-        parser.error(f"--recipes: {', '.join(unknown)} not known; choose from {', '.join(RECIPES)}")
-    print(f"seeds {seeds}, {args.images} images per prompt and strength, guidance 3, keep: all")
-    print(
+    args, seeds = parse(parser, RECIPES)
+    header = [
+        f"seeds {seeds}, {args.images} images per prompt and strength, guidance 3, keep: all",
         "| task | recipe | concept before | after, trained prompts | after, other prompts | worst prompt "
-        "| digit right | everything else kept | worst kept (one seed) | drift | train s |"
+        "| digit right | everything else kept | worst kept (one seed) | drift | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    print_table(
+        args,
+        header,
+        lambda task: list(ERASE_RECIPES) if task == ERASE_TASK else args.recipes.split(","),
+        lambda task, recipe, folder: run(task, recipe, seeds, args.images, folder),
+        format_row,
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    results: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as folder:
-        for task in args.tasks.split(","):
-            for recipe in ERASE_RECIPES if task == ERASE_TASK else args.recipes.split(","):
-                result = run(task, recipe, seeds, args.images, Path(folder))
-                results[f"{task}/{recipe}"] = result
-                print(format_row(task, recipe, result), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
