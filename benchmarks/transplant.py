@@ -32,7 +32,7 @@ from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
 from leco.evaluate import EvalSpec, evaluate
-from leco.ink_digits.data import ALL_INKS, INK_PHRASINGS, PHRASING_NAMES, caption
+from leco.ink_digits.data import ALL_INKS, DIGIT_PHRASINGS, INK_PHRASINGS, PHRASING_NAMES, caption
 from leco.models import load_models
 from leco.trainer import train
 
@@ -132,13 +132,11 @@ def eval_spec(task: str, images: int) -> EvalSpec:
             ("a digit seven", "digit:7"),
         ]
         return ink_digits_spec(images, erase=erase)
-    prompts = ink_prompts(task, INK_PHRASINGS)
-    digits = [(p, f"digit:{d}") for d in range(10) for p in prompts if p in ink_prompts_of_digit(task, d)]
-    return ink_digits_spec(images, enhance=[(p, f"ink:{task}") for p in prompts], keep=digits)
-
-
-def ink_prompts_of_digit(ink: str, digit: int) -> set[str]:
-    return {caption(digit, ink, p) for p in INK_PHRASINGS if p != "ink-only"}
+    enhance = [(p, f"ink:{task}") for p in ink_prompts(task, INK_PHRASINGS)]
+    digits = [
+        (caption(d, task, p), f"digit:{d}") for p in INK_PHRASINGS if p in DIGIT_PHRASINGS for d in range(10)
+    ]
+    return ink_digits_spec(images, enhance=enhance, keep=digits)
 
 
 def run(task: str, recipe: str, seeds: list[int], images: int, folder: Path) -> dict[str, Any]:
@@ -147,11 +145,10 @@ def run(task: str, recipe: str, seeds: list[int], images: int, folder: Path) -> 
         document = base_config(task, folder / f"{task}-{recipe}", seed)
         for change in RECIPES[recipe]:
             change(document, task)
-        for entry in document["prompts"]:
-            targets = entry["target"]
-            trained_on |= set([targets] if isinstance(targets, str) else targets)
+        config = LecoConfig.model_validate(document)
+        trained_on |= {target for entry in config.prompts for target in entry.targets}
         start = time.perf_counter()
-        result = train(LecoConfig.model_validate(document), progress=False)
+        result = train(config, progress=False)
         seconds.append(time.perf_counter() - start)
         files.append(result.path)
     student = load_models(document["pretrained_model"]["name_or_path"], with_vae=True)
@@ -172,12 +169,11 @@ def summarise(report: dict[str, Any], seconds: list[float], trained_on: set[str]
     digit_rows = [r for r in rows if r["kind"] == "keep" and r["prompt"] in edited]
     kept = [r for r in rows if r["kind"] == "keep" and r["prompt"] not in edited]
     worst = min(kept, key=lambda r: r["detected"])
-    by_phrasing = {
-        phrasing: mean([r for r in enhanced + erased if phrasing_of(r["prompt"]) == phrasing])
-        for phrasing in dict.fromkeys(phrasing_of(r["prompt"]) for r in enhanced + erased)
-    }
+    by_phrasing: dict[str, list[dict]] = {}
+    for r in enhanced + erased:
+        by_phrasing.setdefault(PHRASING_OF.get(r["prompt"], "?"), []).append(r)
     return {
-        "by_phrasing": by_phrasing,
+        "by_phrasing": {phrasing: mean(selected) for phrasing, selected in by_phrasing.items()},
         "concept_before": mean([r for r in before if r["kind"] in ("enhance", "erase")]),
         "concept_trained": mean([r for r in enhanced + erased if r["prompt"] in trained_on]),
         "concept_untrained": mean([r for r in enhanced + erased if r["prompt"] not in trained_on]),
@@ -192,14 +188,8 @@ def summarise(report: dict[str, Any], seconds: list[float], trained_on: set[str]
     }
 
 
-def phrasing_of(prompt: str) -> str:
-    """Which ink-digits phrasing wrote `prompt` ("?" for none)."""
-    for name in PHRASING_NAMES:
-        for digit in range(10):
-            for ink in ALL_INKS:
-                if caption(digit, ink, name) == prompt:
-                    return name
-    return "?"
+# Which phrasing wrote a caption, for every caption either bundled model knows.
+PHRASING_OF = {caption(d, ink, p): p for p in PHRASING_NAMES for d in range(10) for ink in ALL_INKS}
 
 
 def format_row(task: str, recipe: str, r: dict[str, Any]) -> str:
