@@ -38,8 +38,16 @@ def parse(
     unknown = [r for r in args.recipes.split(",") if r not in known_recipes]
     if unknown:
         parser.error(f"--recipes: {', '.join(unknown)} not known; choose from {', '.join(known_recipes)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: {args.seeds!r} is not a comma-separated list of whole numbers, e.g. 0,1,2")
+    if args.images < 1:
+        parser.error(f"--images: {args.images} must be 1 or more")
+    if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
+        parser.error(f"--json: cannot write into the folder of {args.json}; name a file in a writable folder")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-    return args, [int(s) for s in args.seeds.split(",")]
+    return args, seeds
 
 
 def print_table(
