@@ -31,10 +31,13 @@ def recipe_parser(
 
 
 def parse(
-    parser: argparse.ArgumentParser, known_recipes: Collection[str]
+    parser: argparse.ArgumentParser, known_recipes: Collection[str], known_tasks: Collection[str]
 ) -> tuple[argparse.Namespace, list[int]]:
-    """The arguments and the seeds; an unknown recipe stops here, before any training."""
+    """The arguments and the seeds; an unknown task or recipe stops here, before any training."""
     args = parser.parse_args()
+    unknown_tasks = [t for t in args.tasks.split(",") if t not in known_tasks]
+    if unknown_tasks:
+        parser.error(f"--tasks: {', '.join(unknown_tasks)} not known; choose from {', '.join(known_tasks)}")
     unknown = [r for r in args.recipes.split(",") if r not in known_recipes]
     if unknown:
         parser.error(f"--recipes: {', '.join(unknown)} not known; choose from {', '.join(known_recipes)}")

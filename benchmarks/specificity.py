@@ -5,7 +5,7 @@ bundled ink-digits model, judges all of them in one `leco eval` with `keep: all`
 digit in every ink, every ink), and prints: erased concepts still detected (mean, worst row),
 everything else still right (mean, worst concept, worst seed), inks kept, drift and training time.
 
-usage: python benchmarks/specificity.py [--tasks 1,3,5,8,ink] [--recipes default,anchors,...]
+usage: python benchmarks/specificity.py [--tasks 1,3,5,8,ink,d0,...,d9] [--recipes default,anchors,...]
                                         [--seeds 0,1,2] [--images 8] [--json results.json]
 """
 
@@ -37,6 +37,8 @@ TASKS: dict[str, list[int] | str] = {
     "5": [0, 2, 4, 6, 9],
     "8": [0, 1, 2, 3, 4, 5, 6, 7],
     "ink": "red",
+    # Each digit alone ("d0" ... "d9"): the erase-seven recipe aimed at every other digit.
+    **{f"d{d}": [d] for d in range(10)},
 }
 BASE_STEPS = 300  # the erase-seven example's
 
@@ -252,7 +254,7 @@ def format_row(task: str, recipe: str, r: dict[str, Any]) -> str:
 def main() -> None:
     quiet_libraries()
     parser = recipe_parser(__doc__, tasks="1,3,5,8,ink", recipes=",".join(RECIPES), seeds="0,1,2", images=8)
-    args, seeds = parse(parser, RECIPES)
+    args, seeds = parse(parser, RECIPES, TASKS)
     models = load_models("ink-digits", with_vae=True)
     header = [
         f"seeds {seeds}, {args.images} images per prompt and strength, strength 1 vs 0, keep: all",

@@ -152,8 +152,8 @@ def time_to_erase(
     trainer = Trainer(configure(changes, seed, out, erased, max_steps), progress=False)
     if PER_STEP_TEACHER in name.split("+"):
         per_step = trainer.config.anchors.per_step
-        trainer.next_step = lambda: Step(
-            trainer.samples.next(), draw_anchors(trainer.anchors, per_step, trainer.generator)
+        trainer.steps.next = lambda: Step(
+            trainer.samples.next(), draw_anchors(trainer.anchors, per_step, trainer.samples.generator)
         )
     judge = Judge(trainer, erased)
     counter = UNetCalls(trainer.unet)

@@ -40,6 +40,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "tra
 HELD_OUT = "number"  # the phrasing the `held-out` recipes never train on
 ERASE_TASK = "erase7-sd2"
 ERASE_RECIPES = ("example", "self")  # with ink-digits as the teacher, and without
+# The inks only ink-digits-2 draws, each transplanted in turn, and the erasure taught by ink-digits.
+TASKS = (*(ink for ink in ALL_INKS[5:]), ERASE_TASK)
 
 
 def ink_prompts(ink: str, phrasings: tuple[str, ...]) -> list[str]:
@@ -211,7 +213,7 @@ def main() -> None:
         images=4,
         recipe_help=f"for the inks ({ERASE_TASK}: {', '.join(ERASE_RECIPES)})",
     )
-    args, seeds = parse(parser, RECIPES)
+    args, seeds = parse(parser, RECIPES, TASKS)
     header = [
         f"seeds {seeds}, {args.images} images per prompt and strength, guidance 3, keep: all",
         "| task | recipe | concept before | after, trained prompts | after, other prompts | worst prompt "

@@ -156,12 +156,12 @@ def test_unet_calls_per_step_follow_the_rollout_reuse(tmp_path, tiny_folders, re
     counter = UNetCalls(trainer)
     calls = []
     for _ in range(4 * reuse):
-        waiting = len(trainer.ready)
+        waiting = len(trainer.steps.ready)
         before = len(counter)
         trainer.train_step()
         calls.append(len(counter) - before)
         if waiting == 0:
-            assert len(trainer.ready) == reuse - 1  # one rollout feeds `reuse` steps
+            assert len(trainer.steps.ready) == reuse - 1  # one rollout feeds `reuse` steps
     # a new rollout: its calls + 1 teacher call for all its steps + 1 student call; every other step
     # of the rollout: the student call alone (its frozen predictions came with the rollout)
     assert sum(c == 1 for c in calls) == len(calls) - 4
@@ -176,12 +176,12 @@ def test_frozen_predictions_asked_per_rollout_equal_those_asked_per_step(tmp_pat
         for p in trainer.trainable.parameters():
             p.normal_(0, 0.3)  # the teacher must not see the LoRA, whenever it is asked
     calls = UNetCalls(trainer)
-    steps = [trainer.next_step() for _ in range(4)]
+    steps = [trainer.steps.next() for _ in range(4)]
     rollout_calls = len(calls)
-    assert not trainer.samples.samples and len(trainer.ready) == 0
+    assert not trainer.samples.samples and len(trainer.steps.ready) == 0
     for step in steps:
         assert step.anchors and len(step.frozen) == 2 * len(step.samples)  # target row + anchor row
-        alone = trainer.teachers.predict(step.samples, wanted(trainer.rows(step), ()))
+        alone = trainer.teachers.predict(step.samples, wanted(trainer.steps.rows(step), ()))
         for batched, separate in zip(step.frozen, alone, strict=True):
             assert batched.keys() == separate.keys()
             for role in batched:
@@ -217,7 +217,7 @@ def test_entry_weight_scales_its_loss(tmp_path, tiny_folders):
 def test_training_reduces_the_loss_on_a_fixed_batch(tmp_path, tiny_folders, name):
     trainer = Trainer(make_config(tiny_folders[name], tmp_path, lr=1e-2), progress=False)
     samples = trainer.samples.next()
-    trainer.next_step = lambda: Step(samples, [])  # the same batch at every step
+    trainer.steps.next = lambda: Step(samples, [])  # the same batch at every step
     with torch.no_grad():
         before = trainer.loss(Step(samples, [])).item()
     for _ in range(8):

@@ -97,6 +97,15 @@ def min_snr_weights(alphas_cumprod: Tensor, timesteps: Tensor, gamma: float, v_p
     return snr.clamp(max=gamma) / (snr + 1 if v_prediction else snr)
 
 
+def min_snr_weighting(
+    gamma: float | None, alphas_cumprod: Tensor, v_prediction: bool
+) -> Callable[[Tensor], Tensor | None]:
+    """Timesteps -> their min-SNR-gamma loss weights; no weights (None) without a gamma."""
+    if gamma is None:
+        return lambda timesteps: None
+    return lambda timesteps: min_snr_weights(alphas_cumprod, timesteps, gamma, v_prediction)
+
+
 def guided(unconditional: Tensor, conditional: Tensor, guidance_scale: float) -> Tensor:
     """Classifier-free guidance: uncond + s * (cond - uncond)."""
     return unconditional + guidance_scale * (conditional - unconditional)

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from leco import objectives
+from leco.config import AnchorConfig
+from leco.preservation import draw_anchors
 from leco.prompts import PreparedPrompt
-from leco.rollout import TrainingSample
+from leco.rollout import SampleQueue, TrainingSample
 from leco.teacher import Teachers
 
 # Latent elements in one batched frozen-model call: 8 SD images at 512 px (64 x 64 x 4 latents
@@ -96,3 +98,58 @@ def ask_frozen_predictions(steps: list[Step], requests: list[list[Request]], tea
         answers = iter(teachers.predict(samples, batched))
         for index in call:
             steps[index].frozen = [next(answers) for _ in requests[index]]
+
+
+class StepQueue:
+    """The steps of the current rollout, each with the frozen predictions its rows need.
+
+    The frozen model does not change while the samples of one rollout are trained, so the
+    predictions of all its steps are asked for when the rollout is made: one teacher call per
+    rollout instead of one per step (benchmarks/time_to_erase.py, `teacher-per-step`).
+    """
+
+    def __init__(
+        self,
+        samples: SampleQueue,
+        anchors: list[str],
+        anchor_config: AnchorConfig,
+        teachers: Teachers,
+        extra_roles: tuple[str, ...],
+    ) -> None:
+        self.samples, self.anchors, self.anchor_config = samples, anchors, anchor_config
+        self.teachers, self.extra_roles = teachers, extra_roles
+        self.ready: list[Step] = []
+
+    def next(self) -> Step:
+        if not self.ready:
+            per_step = self.anchor_config.per_step
+            steps = [
+                Step(samples, draw_anchors(self.anchors, per_step, self.samples.generator))
+                for samples in self.samples.rest_of_rollout()
+            ]
+            ask_frozen_predictions(steps, [self.wanted(step) for step in steps], self.teachers)
+            self.ready = steps
+        return self.ready.pop(0)
+
+    def rows(self, step: Step) -> list[Row]:
+        return rows_of(step, self.samples.prompts, self.anchor_config.weight)
+
+    def wanted(self, step: Step) -> list[Request]:
+        return wanted(self.rows(step), self.extra_roles)
+
+    def frozen(self, step: Step) -> list[dict[str, torch.Tensor]]:
+        """The step's frozen predictions: asked for with its rollout, or now (a step made by hand)."""
+        return step.frozen or self.teachers.predict(step.samples, self.wanted(step))
+
+    def state(self) -> dict[str, Any]:
+        """The random stream, and the latents and steps still waiting: what an exact resume needs."""
+        return {
+            "generator": self.samples.generator.get_state(),
+            "queue": self.samples.state(),
+            "ready": [step.to_state() for step in self.ready],
+        }
+
+    def load_state(self, state: dict[str, Any], device: torch.device) -> None:
+        self.samples.generator.set_state(state["generator"])
+        self.samples.load_state(state["queue"])
+        self.ready = [Step.from_state(step, device) for step in state.get("ready", [])]

@@ -1,12 +1,32 @@
-"""Optional experiment logging to Weights & Biases and TensorBoard."""
+"""A run's progress: the bar, and optional logging to Weights & Biases and TensorBoard."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from leco.config import LecoConfig
 from leco.errors import LecoError
+
+
+class Progress:
+    """The progress bar and the trackers, one call a step; quiet on every process but the main one."""
+
+    def __init__(self, config: LecoConfig, step: int, *, show: bool, main: bool) -> None:
+        self.tracker = Tracker(config if main else None)
+        total = config.train.iterations
+        self.bar = tqdm(total=total, initial=step, desc=config.save.name, disable=not (show and main))
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss:.3e}", lr=f"{lr:.2e}", refresh=False)
+        self.tracker.log({"loss": loss, "lr": lr}, step)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.tracker.close()
 
 
 class Tracker:

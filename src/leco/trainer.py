@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from leco import closed_form, objectives
 from leco.checkpoints import RunFolder, StopRequest, read_state, run_metadata
@@ -34,13 +33,13 @@ from leco.models import (
     training_dtype,
 )
 from leco.optim import build_lr_scheduler, build_optimizer
-from leco.preservation import TextAnchors, draw_anchors, entries_and_anchors
+from leco.preservation import TextAnchors, entries_and_anchors
 from leco.preview import render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
 from leco.rollout import Rollout, SampleQueue
-from leco.steps import Row, Step, ask_frozen_predictions, rows_of, wanted
+from leco.steps import Step, StepQueue
 from leco.teacher import Teacher, Teachers, load_teacher
-from leco.tracking import Tracker
+from leco.tracking import Progress
 from leco.trainable import EditedModel, Trainable, create_trainable
 
 
@@ -105,7 +104,10 @@ class Trainer:
         self.samples = SampleQueue(
             rollout, self.prompts, self.edited, self.generator, train, models.vae_scale_factor, self.device
         )
-        self.ready: list[Step] = []  # steps of the current rollout, frozen predictions included
+        roles = self.trainable.extra_roles
+        self.steps = StepQueue(self.samples, self.anchors, config.anchors, self.teachers, roles)
+        alphas_cumprod, v_prediction = self.teachers.frozen.alphas_cumprod, models.family.v_pred
+        self.snr_weights = objectives.min_snr_weighting(train.min_snr_gamma, alphas_cumprod, v_prediction)
         self.step = 0
         if resume is not None:
             self.resume(resume)
@@ -113,7 +115,7 @@ class Trainer:
     # -- one training step ------------------------------------------------------------------------
 
     def train_step(self) -> float:
-        loss = self.loss(self.next_step())
+        loss = self.loss(self.steps.next())
         if self.ranks.any(not torch.isfinite(loss), self.device):
             raise LecoError(
                 f"training stopped at step {self.step + 1}: the loss became {loss.item()}; use "
@@ -135,11 +137,10 @@ class Trainer:
         """The weighted objective losses of the step's rows, averaged over its samples.
 
         Rows: the entry's target prompt at each sample, plus anchor prompts riding along at the same
-        latents (objective: preserve). The frozen predictions come with the step (see `next_step`),
+        latents (objective: preserve). The frozen predictions come with the step (see StepQueue),
         the trained ones from one UNet call. With anchors.text_weight the anchors' text term is added.
         """
-        rows, samples = self.rows(step), step.samples
-        frozen = step.frozen or self.teachers.predict(samples, wanted(rows, self.trainable.extra_roles))
+        rows, samples, frozen = self.steps.rows(step), step.samples, self.steps.frozen(step)
         with self.trainable.strength(self.prompts[samples[0].prompt].settings.multiplier):
             student = self.edited.student(samples, [(row.sample, row.texts["target"]) for row in rows])
         total = torch.zeros((), device=self.device)
@@ -152,34 +153,6 @@ class Trainer:
             return total / len(samples) + self.text_anchors.loss(self.trainable)
         return total / len(samples)
 
-    def rows(self, step: Step) -> list[Row]:
-        return rows_of(step, self.prompts, self.config.anchors.weight)
-
-    def next_step(self) -> Step:
-        """The next step's samples and anchors, with its frozen predictions.
-
-        The frozen model does not change while the samples of one rollout are trained, so the
-        predictions of all its steps are asked for when the rollout is made: one teacher call per
-        rollout instead of one per step (benchmarks/time_to_erase.py, `teacher-per-step`).
-        """
-        if not self.ready:
-            per_step = self.config.anchors.per_step
-            steps = [
-                Step(samples, draw_anchors(self.anchors, per_step, self.generator))
-                for samples in self.samples.rest_of_rollout()
-            ]
-            requests = [wanted(self.rows(step), self.trainable.extra_roles) for step in steps]
-            ask_frozen_predictions(steps, requests, self.teachers)
-            self.ready = steps
-        return self.ready.pop(0)
-
-    def snr_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        gamma = self.config.train.min_snr_gamma
-        if gamma is None:
-            return None
-        v_prediction = self.models.family.v_pred
-        return objectives.min_snr_weights(self.teachers.frozen.alphas_cumprod, timesteps, gamma, v_prediction)
-
     # -- saving and resuming ----------------------------------------------------------------------
 
     def save(self, suffix: str) -> Path:
@@ -187,16 +160,11 @@ class Trainer:
         entries = [p.settings for p in self.prompts]
         extra = run_metadata(self.config, entries, self.step, self.seed, self.models.source)
         save, state = self.config.save, self.state()  # every process takes part in gathering the state
-        path = self.folder.file(suffix)
+        path, resolution = self.folder.file(suffix), max(self.prompts[0].size)
         if not self.ranks.is_main:
             return path
-        self.trainable.save(
-            path,
-            dtype=DTYPES[save.precision],
-            resolution=max(self.prompts[0].size),
-            title=save.name,
-            extra_metadata=extra,
-        )
+        dtype = DTYPES[save.precision]
+        self.trainable.save(path, dtype=dtype, resolution=resolution, title=save.name, extra_metadata=extra)
         self.folder.write_state(state)
         self.folder.prune_step_files(save.max_step_files)
         return path
@@ -210,14 +178,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            # Each process's own random stream and waiting latents, in rank order.
-            "ranks": self.ranks.gather(
-                {
-                    "generator": self.generator.get_state(),
-                    "queue": self.samples.state(),
-                    "ready": [step.to_state() for step in self.ready],
-                }
-            ),
+            "ranks": self.ranks.gather(self.steps.state()),  # each process's own, in rank order
         }
 
     def resume(self, path: str | Path) -> None:
@@ -226,58 +187,46 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        own = state["ranks"][self.ranks.index]
-        self.generator.set_state(own["generator"])
-        self.samples.load_state(own["queue"])
-        self.ready = [Step.from_state(step, self.device) for step in own.get("ready", [])]
+        self.steps.load_state(state["ranks"][self.ranks.index], self.device)
         self.step, self.seed = state["step"], state["seed"]
 
-    def render_preview(self, suffix: str) -> Path:
+    def save_if_due(self) -> None:
+        save, preview, suffix = self.config.save, self.config.preview, f"{self.step}steps"
+        if self.step % save.per_steps == 0:
+            self.save(suffix)
+        if self.step % (preview.every or save.per_steps) == 0:
+            self.render_preview(suffix)
+
+    def render_preview(self, suffix: str) -> Path | None:
+        """The preview grid as of now, written by the main process when the config asks for one."""
+        preview = self.config.preview
+        if not (self.ranks.is_main and preview.prompts):
+            return None
         path = self.folder.path / "previews" / f"{self.config.save.name}_{suffix}.png"
-        size, preview = self.prompts[0].size, self.config.preview
+        size = self.prompts[0].size
         return render_preview(self.models, self.trainable, preview, size, path, self.device, self.autocast())
 
     # -- the loop ---------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
-        train, save, preview = self.config.train, self.config.save, self.config.preview
-        main = self.ranks.is_main  # the one process that writes files, logs and previews
+        iterations, main = self.config.train.iterations, self.ranks.is_main  # main: writes files and logs
         with contextlib.ExitStack() as cleanup:  # the lock, logs and bar are released on any exit
             if main:
                 self.folder.open(resuming=self.resuming, overwrite=self.overwrite)
                 cleanup.callback(self.folder.close)
-            tracker = Tracker(self.config if main else None)
-            cleanup.callback(tracker.close)
-            bar = tqdm(
-                total=train.iterations,
-                initial=self.step,
-                desc=save.name,
-                disable=not (self.progress and main),
-            )
-            cleanup.callback(bar.close)
+            progress = Progress(self.config, self.step, show=self.progress, main=main)
+            cleanup.callback(progress.close)
             stopping = False
             with StopRequest() as stop:
-                while self.step < train.iterations and not stopping:
+                while self.step < iterations and not stopping:
                     loss = self.train_step()
-                    lr = self.lr_scheduler.get_last_lr()[0]
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3e}", lr=f"{lr:.2e}", refresh=False)
-                    tracker.log({"loss": loss, "lr": lr}, self.step)
-                    due = self.step < train.iterations
-                    if due and self.step % save.per_steps == 0:
-                        self.save(f"{self.step}steps")
-                    if (
-                        main
-                        and due
-                        and preview.prompts
-                        and self.step % (preview.every or save.per_steps) == 0
-                    ):
-                        self.render_preview(f"{self.step}steps")
+                    progress.update(self.step, loss, self.lr_scheduler.get_last_lr()[0])
+                    if self.step < iterations:  # the last step is saved below
+                        self.save_if_due()
                     stopping = self.ranks.any(stop.requested, self.device)
             suffix = "interrupted" if stopping else "last"
             path = self.save(suffix)
-            if main and preview.prompts:
-                self.render_preview(suffix)
+            self.render_preview(suffix)
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
 
 
