@@ -40,15 +40,27 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "dis
 HELD_OUT = ("number", "terse", "digit-only", "number-only", "ink-only")
 
 
-def cases(inks: tuple[str, ...]) -> list[tuple[str, int | None, str | None]]:
-    """(prompt, digit it names, ink it names) for every held-out phrasing."""
+def cases(inks: tuple[str, ...]) -> list[tuple[str, int | None, str | None, str]]:
+    """(prompt, digit it names, ink it names, phrasing) for every held-out phrasing."""
     result = []
     for phrasing in HELD_OUT:
         digits = range(10) if phrasing in DIGIT_PHRASINGS else [None]
         for digit in digits:
             for ink in inks if phrasing in INK_PHRASINGS else [None]:
-                result.append((caption(digit, ink, phrasing), digit, ink))
+                result.append((caption(digit, ink, phrasing), digit, ink, phrasing))
     return result
+
+
+def gap_closed_by_phrasing(
+    images: np.ndarray, plain: np.ndarray, reference: np.ndarray, phrasings: list[str]
+) -> str:
+    """How much of the guidance-1 gap each held-out phrasing closes: where the LoRA falls short."""
+    parts = []
+    for phrasing in HELD_OUT:
+        mask = np.array([p == phrasing for p in phrasings])
+        gap = np.abs(plain[mask] - reference[mask]).mean()
+        parts.append(f"{phrasing} {1 - np.abs(images[mask] - reference[mask]).mean() / gap:.0%}")
+    return ", ".join(parts)
 
 
 class Sampler:
@@ -123,8 +135,9 @@ def main() -> None:
     judge = InkDigitsJudge.load(models.source)
     inks = tuple(sorted({p.split(" in ")[1].split()[0] for p in config.prompts[0].targets}))
     held_out = cases(inks)
-    jobs = [(p, 500 + i) for p, _, _ in held_out for i in range(args.images)]
-    named = [(d, ink) for _, d, ink in held_out for _ in range(args.images)]
+    jobs = [(p, 500 + i) for p, _, _, _ in held_out for i in range(args.images)]
+    named = [(d, ink) for _, d, ink, _ in held_out for _ in range(args.images)]
+    phrasings = [phrasing for *_, phrasing in held_out for _ in range(args.images)]
     sampler = Sampler(models, jobs)
     reference, rows3, seconds3 = sampler(3.0)
     plain, rows1, seconds1 = sampler(1.0)
@@ -153,10 +166,12 @@ def main() -> None:
             images, rows, seconds = sampler(1.0)
             network.remove()
             distance = float(np.abs(images - reference).mean())
+            by_phrasing = gap_closed_by_phrasing(images, plain, reference, phrasings)
             print(
                 f"| LoRA seed {seed} ({trained:.0f} s to train), 1 | {distance:.4f} | "
                 f"{1 - distance / gap:.0%} | "
-                f"{accuracy(judge, images, named):.1%} | {rows:.0f} | {seconds:.4f} |",
+                f"{accuracy(judge, images, named):.1%} | {rows:.0f} | {seconds:.4f} |\n"
+                f"|  | gap closed by phrasing: {by_phrasing} |",
                 flush=True,
             )
 

@@ -157,6 +157,17 @@ RECIPES: dict[str, list[Callable[[dict, Any], None]]] = {
         _scaled_steps_twice,
     ],
     "anchors1+text1": [_auto_anchors(per_step=1), _set("anchors.text_weight", 1.0)],
+    # Rank 4 is fewer directions than five concepts: one per concept and more.
+    **{
+        f"text0.1+strict+m16+scaled+rank{rank}": [
+            _text_anchors(0.1),
+            _set("train.samples_per_rollout", 16),
+            _scaled_steps,
+            _set("network.rank", rank),
+            _set("network.alpha", float(rank) / 4),
+        ]
+        for rank in (8, 16)
+    },
 }
 
 

@@ -122,6 +122,9 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
         EIGHT_HUNDRED,
     ],
     "self": [_self_taught],
+    # More of the student's own predictions kept: teal's drift lies in the blue prompts.
+    "anchors8": [_set("anchors.per_step", 8)],
+    "weight4": [_set("anchors.weight", 4.0)],
 }
 
 
