@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from pydantic import BaseModel, ValidationError
 
 from leco.cli import quiet_libraries
@@ -103,7 +104,8 @@ def accuracy(judge: InkDigitsJudge, images: np.ndarray, named: list[tuple[int | 
 
 
 def apply_changes(config: Any, changes: list[str]) -> None:
-    """`section.key=value` changes, checked and converted by the section's own pydantic model."""
+    """`section.key=value` changes, the value read as YAML (`anchors.prompts=[""]`), checked and
+    converted by the section's own pydantic model."""
     for change in changes:
         key, equals, value = change.partition("=")
         name, dot, field = key.partition(".")
@@ -111,9 +113,10 @@ def apply_changes(config: Any, changes: list[str]) -> None:
         if not (equals and dot and isinstance(section, BaseModel)):
             raise SystemExit(f"distill.py: --set {change!r}: give SECTION.KEY=VALUE, e.g. train.lr=3e-3")
         try:
-            updated = type(section).model_validate({**section.model_dump(), field: value})
-        except ValidationError as error:
-            raise SystemExit(f"distill.py: --set {change!r}: {error.errors()[0]['msg']}") from None
+            updated = type(section).model_validate({**section.model_dump(), field: yaml.safe_load(value)})
+        except (ValidationError, yaml.YAMLError) as error:
+            reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else "not valid YAML"
+            raise SystemExit(f"distill.py: --set {change!r}: {reason}") from None
         setattr(config, name, updated)
 
 

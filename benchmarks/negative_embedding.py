@@ -11,7 +11,12 @@ negative prompt's encoding, no text encoder in between): what any embedding coul
 That is not a file A1111 or ComfyUI can load; it tells whether a miss is the objective's or the
 token's (a token's states pass through the text encoder's final layer norm).
 
-usage: OMP_NUM_THREADS=1 python benchmarks/negative_embedding.py [--seeds 0,1,2] [--images 8] [--upper-bound]
+With --erase-guidance 0,0.5 it trains the embedding once per value of the erase entries'
+guidance_scale (the example's by default): how far the negative prompt's prediction must push past
+the concept, s(g+1)/(s-1) times its direction at sampling guidance s, against what it can reach.
+
+usage: OMP_NUM_THREADS=1 python benchmarks/negative_embedding.py [--seeds 0,1,2] [--images 8]
+           [--erase-guidance 0,0.5,1] [--upper-bound]
 """
 
 from __future__ import annotations
@@ -141,7 +146,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="training seeds")
     parser.add_argument("--images", type=int, default=8, help="image seeds per prompt")
     parser.add_argument("--upper-bound", action="store_true", help="also train free text states")
+    parser.add_argument(
+        "--erase-guidance", help="comma-separated guidance_scale values for the erase entries (one row each)"
+    )
     args = parser.parse_args()
+    try:
+        guidances = [float(g) for g in args.erase_guidance.split(",")] if args.erase_guidance else [None]
+    except ValueError:
+        parser.error(f"--erase-guidance: {args.erase_guidance!r} is not a comma-separated list of numbers")
     models = load_models("ink-digits", with_vae=True)
     detector = InkDigitsDetector.for_model(models.source)
     kept_cases = [(p, c) for p, c in detector.concept_universe(["digit:7"])]
@@ -165,9 +177,13 @@ def main() -> None:
         )
         print(line(f'"{negative}"', erased, kept, kept_cases, drift), flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed, guidance in ((int(s), g) for s in args.seeds.split(",") for g in guidances):
             config = load_config(EXAMPLE)
-            config.train.seed, config.save.path, config.save.per_steps = seed, folder + f"/{seed}", 10**9
+            run = f"{folder}/{seed}-{guidance}"
+            config.train.seed, config.save.path, config.save.per_steps = seed, run, 10**9
+            for entry in config.prompts:
+                if guidance is not None and entry.action == "erase":
+                    entry.guidance_scale = guidance
             result = train(config, progress=False)
             result.trainable.remove()
             with embeddings_loaded(pipe, [str(result.path)]):
@@ -177,7 +193,9 @@ def main() -> None:
                 judge(detector, ERASED, seeds, images[0]),
                 judge(detector, kept_cases, seeds, images[1]),
             )
-            print(line(f"{token} (seed {seed})", erased, kept, kept_cases, drift), flush=True)
+            changed = "" if guidance is None else f", erase guidance {guidance:g}"
+            label = f"{token} (seed {seed}{changed})"
+            print(line(label, erased, kept, kept_cases, drift), flush=True)
         if args.upper_bound:
             print(upper_bound(pipe, detector, kept_cases, seeds, base["images"][1], folder), flush=True)
 

@@ -135,10 +135,19 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
         _set("network.training_method", "xattn-strict"),
         _set("train.iterations", 600),
     ],
+    # Rank 16 at the same scale per direction (alpha / rank = 1/4): room for both ends' directions.
     "text0.1+strict+rank16": [
         _text_anchors(0.1),
         _set("network.training_method", "xattn-strict"),
         _set("network.rank", 16),
+        _set("network.alpha", 4.0),
+    ],
+    "anchors+text0.1+strict+rank16": [
+        _anchors(),
+        _set("anchors.text_weight", 0.1),
+        _set("network.training_method", "xattn-strict"),
+        _set("network.rank", 16),
+        _set("network.alpha", 4.0),
     ],
     "anchors+text0.1+strict": [
         _anchors(),

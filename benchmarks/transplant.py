@@ -125,6 +125,7 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     # More of the student's own predictions kept: teal's drift lies in the blue prompts.
     "anchors8": [_set("anchors.per_step", 8)],
     "weight4": [_set("anchors.weight", 4.0)],
+    "weight4+2400": [_set("anchors.weight", 4.0), _set("train.iterations", 2400)],
 }
 
 
