@@ -102,17 +102,24 @@ def _self_taught(document: dict, task: str) -> None:
 
 BUT_HELD_OUT = tuple(p for p in INK_PHRASINGS if p != HELD_OUT)
 EIGHT_HUNDRED = _set("train.iterations", 800)
+# The previous example: anchors at weight 1, 1600 steps (teal moved blue: drift 0.042). The recipes
+# below that change its phrasings or steps were measured on it.
+PREVIOUS = [_set("anchors.weight", 1.0), _set("train.iterations", 1600)]
 
 RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     "example": [],
-    "example+800": [EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags
-    # One phrasing, 800 steps and no text anchors: the previous example.
-    "words": [_phrasings("words"), _text_anchors(0.0, 4), EIGHT_HUNDRED],
+    "example+1600": [_set("train.iterations", 1600)],  # the anchors' weight slows the ink
+    "previous": PREVIOUS,
+    "previous+800": [*PREVIOUS, EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags
+    "previous+anchors8": [*PREVIOUS, _set("anchors.per_step", 8)],
+    # One phrasing, 800 steps and no text anchors: the example before the previous one.
+    "words": [*PREVIOUS, _phrasings("words"), _text_anchors(0.0, 4), EIGHT_HUNDRED],
     # Every phrasing but one: does the transplant reach a phrasing it was not trained on?
-    "held-out": [_phrasings(*BUT_HELD_OUT), EIGHT_HUNDRED],
-    "held-out+no-text": [_phrasings(*BUT_HELD_OUT), _text_anchors(0.0, 4), EIGHT_HUNDRED],
+    "held-out": [*PREVIOUS, _phrasings(*BUT_HELD_OUT), EIGHT_HUNDRED],
+    "held-out+no-text": [*PREVIOUS, _phrasings(*BUT_HELD_OUT), _text_anchors(0.0, 4), EIGHT_HUNDRED],
     # Keys and values only, kept for the other words: faster, and a little less of the ink.
     "held-out+strict": [
+        *PREVIOUS,
         _phrasings(*BUT_HELD_OUT),
         _text_anchors(0.1, 0),
         _set("network.training_method", "xattn-strict"),
@@ -122,10 +129,6 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
         EIGHT_HUNDRED,
     ],
     "self": [_self_taught],
-    # More of the student's own predictions kept: teal's drift lies in the blue prompts.
-    "anchors8": [_set("anchors.per_step", 8)],
-    "weight4": [_set("anchors.weight", 4.0)],
-    "weight4+2400": [_set("anchors.weight", 4.0), _set("train.iterations", 2400)],
 }
 
 
