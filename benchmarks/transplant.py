@@ -32,7 +32,15 @@ from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
 from leco.evaluate import EvalSpec, evaluate
-from leco.ink_digits.data import ALL_INKS, DIGIT_PHRASINGS, INK_PHRASINGS, PHRASING_NAMES, caption
+from leco.ink_digits import INK_DIGITS
+from leco.ink_digits.data import (
+    ALL_INKS,
+    DIGIT_PHRASINGS,
+    INK_PHRASINGS,
+    MODEL_INKS,
+    PHRASING_NAMES,
+    caption,
+)
 from leco.models import load_models
 from leco.trainer import train
 
@@ -41,7 +49,7 @@ HELD_OUT = "number"  # the phrasing the `held-out` recipes never train on
 ERASE_TASK = "erase7-sd2"
 ERASE_RECIPES = ("example", "self")  # with ink-digits as the teacher, and without
 # The inks only ink-digits-2 draws, each transplanted in turn, and the erasure taught by ink-digits.
-TASKS = (*(ink for ink in ALL_INKS[5:]), ERASE_TASK)
+TASKS = (*(ink for ink in ALL_INKS if ink not in MODEL_INKS[INK_DIGITS]), ERASE_TASK)
 
 
 def ink_prompts(ink: str, phrasings: tuple[str, ...]) -> list[str]:
