@@ -166,8 +166,17 @@ RECIPES: dict[str, list[Callable[[dict, Any], None]]] = {
             _set("network.rank", rank),
             _set("network.alpha", float(rank) / 4),
         ]
-        for rank in (8, 16)
+        for rank in (8, 16, 32)
     },
+    # Entries drawn independently per rollout (before shuffled rounds became the default).
+    "text0.1+strict+m16+scaled+rank16+random": [
+        _text_anchors(0.1),
+        _set("train.samples_per_rollout", 16),
+        _scaled_steps,
+        _set("network.rank", 16),
+        _set("network.alpha", 4.0),
+        _set("train.entry_order", "random"),
+    ],
 }
 
 

@@ -117,13 +117,15 @@ ALIASES = {
     "lr": "train.lr",
     "preset": "network.training_method",
     "rank": "network.rank",
+    "alpha": "network.alpha",
     "anchors": "anchors.per_step",
     "text": "anchors.text_weight",
 }
 
 
 def type_of(key: str) -> type:
-    return {"train.lr": float, "anchors.text_weight": float, "network.training_method": str}.get(key, int)
+    floats = ("train.lr", "anchors.text_weight", "network.alpha")
+    return float if key in floats else {"network.training_method": str}.get(key, int)
 
 
 def configure(changes: dict[str, Any], seed: int, out: Path, erased: list[int], max_steps: int):
@@ -216,9 +218,15 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--check-every", type=int, default=10)
     parser.add_argument("--skip-scaling", action="store_true", help="only the settings table")
+    parser.add_argument("--only-scaling", action="store_true", help="only the scaling tables")
+    parser.add_argument(
+        "--scaling-settings",
+        default="example",
+        help="the setting the 1/5/9-digit rows train, e.g. rank=16+alpha=4",
+    )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    for name in args.settings.split(","):
+    for name in [*args.settings.split(","), args.scaling_settings]:
         settings(name)  # a bad setting stops here, not after the runs before it
     print(
         f"erase-seven; judge every {args.check_every} steps; seeds {seeds}; {torch.get_num_threads()} threads"
@@ -230,7 +238,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     times: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory() as folder:
-        for name in args.settings.split(","):
+        for name in [] if args.only_scaling else args.settings.split(","):
             runs = [
                 time_to_erase(name, s, Path(folder) / name / str(s), args.max_steps, args.check_every, [7])
                 for s in seeds
@@ -243,13 +251,14 @@ def main() -> None:
 
 
 def scaling(folder: str, seeds: list[int], args: argparse.Namespace) -> None:
-    print("\n| digits erased in one LoRA | steps to erase | time to erase (s) | time per concept (s) |")
+    print(f"\n{args.scaling_settings}, several digits: every digit's erase prompts judged together")
+    print("| digits erased in one LoRA | steps to erase | time to erase (s) | time per concept (s) |")
     print("|---|---|---|---|")
     # ink-digits knows ten digits: nine is the most one LoRA can erase with one left to keep.
     for erased in ([7], [0, 2, 4, 6, 9], [0, 1, 2, 3, 4, 5, 6, 8, 9]):
         runs = [
             time_to_erase(
-                "example",
+                args.scaling_settings,
                 s,
                 Path(folder) / f"n{len(erased)}" / str(s),
                 args.max_steps * 3,

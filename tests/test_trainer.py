@@ -118,6 +118,27 @@ def test_each_prompt_trains_at_its_own_multiplier(tmp_path, tiny_folders):
         config.prompts[0].multiplier = 0
 
 
+def test_entries_are_dealt_in_shuffled_rounds_and_the_deck_survives_a_resume(tmp_path, tiny_folders):
+    # Each of several concepts gets its share of rollouts: 3 entries, every round deals each once.
+    config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=2)
+    config.prompts = [PromptSettings(target=t) for t in ("a red fox", "a blue car", "a green tree")]
+    trainer = Trainer(config, progress=False)
+    first = trainer.samples.roll_out()[0].prompt
+    dealt = [first] + [trainer.samples.next_entry() for _ in range(4)]
+    state = trainer.steps.state()
+    later = [trainer.samples.next_entry() for _ in range(7)]
+    rounds = dealt + later
+    assert [sorted(rounds[i : i + 3]) for i in (0, 3, 6, 9)] == [[0, 1, 2]] * 4
+    assert len({tuple(rounds[i : i + 3]) for i in (0, 3, 6, 9)}) > 1  # shuffled, not a fixed order
+    resumed = Trainer(config, progress=False)
+    resumed.steps.load_state(state, resumed.device)
+    assert [resumed.samples.next_entry() for _ in range(7)] == later
+    config.train.entry_order = "random"
+    independent = Trainer(config, progress=False).samples
+    drawn = [independent.next_entry() for _ in range(30)]
+    assert set(drawn) == {0, 1, 2} and any(sorted(drawn[i : i + 3]) != [0, 1, 2] for i in range(0, 30, 3))
+
+
 @pytest.mark.parametrize(("guidance", "factor"), [(1.0, 1), (3.0, 2)])
 def test_rollout_doubles_the_batch_only_when_guiding(tmp_path, tiny_folders, guidance, factor):
     config = make_config(

@@ -152,6 +152,9 @@ class TrainConfig(_Section):
     samples_per_rollout: int = Field(DEFAULT_SAMPLES_PER_ROLLOUT, ge=1)
     # Rollout samples per optimizer step, batched into one teacher and one student UNet call.
     samples_per_step: int = Field(1, ge=1)
+    # Which entry each rollout trains: "shuffled" deals every entry once, in a random order, before
+    # any repeats (each of several concepts gets its share of rollouts); "random": drawn independently.
+    entry_order: Literal["shuffled", "random"] = "shuffled"
     rollout_guidance_scale: float = 3.0
     # Spread each sample uniformly inside its sampling step's timestep interval (False: on the grid).
     timestep_offset: bool = True

@@ -82,15 +82,12 @@ def anchor_prompts(
     return kept
 
 
-def entries_and_anchors(
-    config: LecoConfig, model_folder: str | Path
-) -> tuple[list[PromptSettings], list[str]]:
-    """The prompt entries to train, and the anchors that ride along at their latents.
+def entries_and_anchors(config: LecoConfig, anchors: list[str]) -> tuple[list[PromptSettings], list[str]]:
+    """The prompt entries to train, and which of the run's anchor prompts ride along at their latents.
 
     With `anchors.rollouts` (and always for a negative embedding) the anchors become one more
     entry, `action: preserve`, with rollouts of its own, and none ride along.
     """
-    anchors = anchor_prompts(config.anchors, config.prompts, model_folder)
     if anchors and (config.anchors.rollouts or config.network.type == "embedding"):
         entry = PromptSettings(target=anchors, action="preserve", weight=config.anchors.weight)
         return [*config.prompts, entry], []
@@ -114,15 +111,12 @@ class TextAnchors:
 
     @classmethod
     def of_run(
-        cls, config: LecoConfig, model_folder: str | Path, embeddings: dict[str, Conditioning]
+        cls, config: LecoConfig, anchors: list[str], embeddings: dict[str, Conditioning]
     ) -> TextAnchors | None:
-        if config.anchors.text_weight == 0:
+        """The run's anchor prompts (whether they ride along or have rollouts of their own), kept."""
+        if config.anchors.text_weight == 0 or not anchors:
             return None
-        # The same prompts whether they ride along or have rollouts of their own.
-        kept = anchor_prompts(config.anchors, config.prompts, model_folder)
-        if not kept:
-            return None
-        return cls(text_state_moments([embeddings[text] for text in kept]), config.anchors.text_weight)
+        return cls(text_state_moments([embeddings[text] for text in anchors]), config.anchors.text_weight)
 
     def loss(self, trainable: Trainable) -> torch.Tensor:
         return self.weight * trainable.text_state_change(self.moments)

@@ -176,7 +176,8 @@ class Rollout:
 class SampleQueue:
     """Training samples: a random entry and target, one partial rollout of the edited model, m latents.
 
-    Entries are drawn uniformly, then one of the entry's targets. A step takes up to
+    Entries are dealt from a shuffled deck (every entry once per round; `train.entry_order: random`
+    draws each rollout's independently), then one of the entry's targets. A step takes up to
     `samples_per_step` latents of the current rollout; a new rollout starts when it is used up.
     """
 
@@ -193,6 +194,14 @@ class SampleQueue:
         self.rollout, self.prompts, self.edited, self.generator = rollout, prompts, edited, generator
         self.train, self.vae_scale_factor, self.device = train, vae_scale_factor, device
         self.samples: list[TrainingSample] = []
+        self.deck: list[int] = []  # the entries still to be dealt this round
+
+    def next_entry(self) -> int:
+        if self.train.entry_order == "random":
+            return int(torch.randint(len(self.prompts), (1,), generator=self.generator))
+        if not self.deck:
+            self.deck = torch.randperm(len(self.prompts), generator=self.generator).tolist()
+        return self.deck.pop()
 
     def next(self) -> list[TrainingSample]:
         if not self.samples:
@@ -211,7 +220,7 @@ class SampleQueue:
     @torch.no_grad()
     def roll_out(self) -> list[TrainingSample]:
         generator = self.generator
-        index = int(torch.randint(len(self.prompts), (1,), generator=generator))
+        index = self.next_entry()
         prompt = self.prompts[index]
         target = prompt.pick_target(generator)
         size = prompt.image_size(generator)

@@ -33,7 +33,7 @@ from leco.models import (
     training_dtype,
 )
 from leco.optim import build_lr_scheduler, build_optimizer
-from leco.preservation import TextAnchors, entries_and_anchors
+from leco.preservation import TextAnchors, anchor_prompts, entries_and_anchors
 from leco.preview import render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
 from leco.rollout import Rollout, SampleQueue
@@ -78,7 +78,8 @@ class Trainer:
         self.models = models = models or load_models(
             config.pretrained_model, dtype=self.dtype, with_vae=bool(config.preview.prompts)
         )
-        entries, self.anchors = entries_and_anchors(config, models.source)
+        anchors = anchor_prompts(config.anchors, config.prompts, models.source)
+        entries, self.anchors = entries_and_anchors(config, anchors)
         self.prompts = prepare_prompts(entries, models, train)
         texts = [*prompt_texts(self.prompts), *self.anchors]
         embeddings = encode_texts(models, texts, config.pretrained_model.clip_skip, self.device)
@@ -94,7 +95,7 @@ class Trainer:
             Teacher.of_student(models, embeddings, self.trainable, self.autocast), concept
         )
 
-        self.text_anchors = TextAnchors.of_run(config, models.source, embeddings)
+        self.text_anchors = TextAnchors.of_run(config, anchors, embeddings)
         self.optimizer = build_optimizer(train, self.trainable.parameters())
         self.lr_scheduler = build_lr_scheduler(train, self.optimizer)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
