@@ -156,7 +156,8 @@ def main() -> None:
     keep = np.array([p != TRAINED for p in phrasings])
     held_named = [n for n, k in zip(named, keep, strict=True) if k]
     gap = float(np.abs(plain[keep] - reference[keep]).mean())
-    print(f"held-out phrasings {', '.join(HELD_OUT)}: {len(held_out)} prompts x {args.images} seeds")
+    held = sum(phrasing != TRAINED for *_, phrasing in held_out)
+    print(f"held-out phrasings {', '.join(HELD_OUT)}: {held} prompts x {args.images} seeds")
     print(
         "| model, guidance | distance to base at 3 | gap closed | judge accuracy "
         "| UNet rows/image | s/image |"

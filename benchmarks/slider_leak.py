@@ -80,6 +80,15 @@ def _guidance(value: float) -> Callable[[Any], None]:
     return apply
 
 
+def _minus_end(key: str, value: float) -> Callable[[Any], None]:
+    def apply(config: Any) -> None:
+        for entry in config.prompts:
+            if entry.multiplier < 0:
+                setattr(entry, key, value)
+
+    return apply
+
+
 def _anchors(per_step: int = 4, weight: float = 1.0) -> Callable[[Any], None]:
     def apply(config: Any) -> None:
         config.anchors.prompts, config.anchors.per_step = "auto", per_step
@@ -167,6 +176,18 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
     "guidance1": [_guidance(1.0)],
     "guidance4": [_guidance(4.0)],
     "anchors+guidance4": [_anchors(), _guidance(4.0)],
+    # The -1 end is the weak one: its entry (the second) weighs more, or asks for more.
+    "anchors+minus-weight2": [_anchors(), _minus_end("weight", 2.0)],
+    "text0.1+strict+minus-weight3": [
+        _text_anchors(0.1),
+        _set("network.training_method", "xattn-strict"),
+        _minus_end("weight", 3.0),
+    ],
+    "text0.1+strict+minus-guidance4": [
+        _text_anchors(0.1),
+        _set("network.training_method", "xattn-strict"),
+        _minus_end("guidance_scale", 4.0),
+    ],
 }
 
 

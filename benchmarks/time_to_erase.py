@@ -141,6 +141,9 @@ def configure(changes: dict[str, Any], seed: int, out: Path, erased: list[int], 
             )
             for d in erased
         ]
+        # The example excludes the numeral "7" from its anchors; these digits' numerals instead, or
+        # "the number 2 written in green" would be an anchor, kept as it was, and judged as erased.
+        config.anchors.exclude = [str(d) for d in erased]
     for key, value in changes.items():
         section, field = key.split(".")
         setattr(getattr(config, section), field, value)
