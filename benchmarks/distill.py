@@ -21,12 +21,10 @@ import argparse
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ValidationError
+from recipe_runs import apply_changes
 
 from leco.cli import quiet_libraries
 from leco.config import load_config
@@ -104,23 +102,6 @@ def accuracy(judge: InkDigitsJudge, images: np.ndarray, named: list[tuple[int | 
             (digit is None or read_digit == digit) and (ink is None or read_ink == ALL_INKS.index(ink))
         )
     return float(np.mean(hits))
-
-
-def apply_changes(config: Any, changes: list[str]) -> None:
-    """`section.key=value` changes, the value read as YAML (`anchors.prompts=[""]`), checked and
-    converted by the section's own pydantic model."""
-    for change in changes:
-        key, equals, value = change.partition("=")
-        name, dot, field = key.partition(".")
-        section = getattr(config, name, None)
-        if not (equals and dot and isinstance(section, BaseModel)):
-            raise SystemExit(f"distill.py: --set {change!r}: give SECTION.KEY=VALUE, e.g. train.lr=3e-3")
-        try:
-            updated = type(section).model_validate({**section.model_dump(), field: yaml.safe_load(value)})
-        except (ValidationError, yaml.YAMLError) as error:
-            reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else "not valid YAML"
-            raise SystemExit(f"distill.py: --set {change!r}: {reason}") from None
-        setattr(config, name, updated)
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from recipe_runs import apply_changes
 
 from leco import embedding
 from leco.cli import quiet_libraries
@@ -149,6 +150,9 @@ def main() -> None:
     parser.add_argument(
         "--erase-guidance", help="comma-separated guidance_scale values for the erase entries (one row each)"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change a config value"
+    )
     args = parser.parse_args()
     try:
         guidances = [float(g) for g in args.erase_guidance.split(",")] if args.erase_guidance else [None]
@@ -160,6 +164,7 @@ def main() -> None:
     pipe = build_pipeline(models)
     seeds = list(range(2000, 2000 + args.images))
     config = load_config(EXAMPLE)
+    apply_changes(config, args.set)  # a bad change stops here, before minutes of sampling
     token = config.network.token
     print(
         f"guidance 3, {args.images} images per prompt; {len(ERASED)} erased prompts, {len(kept_cases)} kept"
@@ -181,6 +186,7 @@ def main() -> None:
             config = load_config(EXAMPLE)
             run = f"{folder}/{seed}-{guidance}"
             config.train.seed, config.save.path, config.save.per_steps = seed, run, 10**9
+            apply_changes(config, args.set)
             for entry in config.prompts:
                 if guidance is not None and entry.action == "erase":
                     entry.guidance_scale = guidance

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from pydantic import BaseModel, ValidationError
 
 from leco.evaluate import ConceptPrompt, EvalSpec
 
@@ -92,3 +94,20 @@ def ink_digits_spec(
         enhance=items(enhance),
         keep=[*items(keep), "all"],
     )
+
+
+def apply_changes(config: Any, changes: list[str]) -> None:
+    """`section.key=value` changes, the value read as YAML (`anchors.prompts=[""]`), checked and
+    converted by the section's own pydantic model."""
+    for change in changes:
+        key, equals, value = change.partition("=")
+        name, dot, field = key.partition(".")
+        section = getattr(config, name, None)
+        if not (equals and dot and isinstance(section, BaseModel)):
+            raise SystemExit(f"--set {change!r}: give SECTION.KEY=VALUE, e.g. train.lr=3e-3")
+        try:
+            updated = type(section).model_validate({**section.model_dump(), field: yaml.safe_load(value)})
+        except (ValidationError, yaml.YAMLError) as error:
+            reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else "not valid YAML"
+            raise SystemExit(f"--set {change!r}: {reason}") from None
+        setattr(config, name, updated)
