@@ -168,6 +168,13 @@ RECIPES: dict[str, list[Callable[[dict, Any], None]]] = {
         ]
         for rank in (8, 16, 32)
     },
+    "text0.1+strict+m16+scaled2+rank32": [
+        _text_anchors(0.1),
+        _set("train.samples_per_rollout", 16),
+        _scaled_steps_twice,
+        _set("network.rank", 32),
+        _set("network.alpha", 8.0),
+    ],
     # Entries drawn independently per rollout (before shuffled rounds became the default).
     "text0.1+strict+m16+scaled+rank16+random": [
         _text_anchors(0.1),
