@@ -85,7 +85,7 @@ class Judge:
         return float(hits[erased].mean()), float(hits[~erased].mean())
 
 
-def settings(name: str) -> tuple[dict[str, Any], Callable | None]:
+def settings(name: str, option: str = "--settings") -> tuple[dict[str, Any], Callable | None]:
     """(config changes, a step function or None for leco's own), by setting name."""
     if name.startswith("reference"):
         # The reference trains every layer (its xattn preset selects none) on fresh rollouts.
@@ -99,11 +99,11 @@ def settings(name: str) -> tuple[dict[str, Any], Callable | None]:
             continue
         if key not in ALIASES or not value:
             known = ", ".join(ALIASES)
-            raise SystemExit(f"time_to_erase.py: --settings {part!r}: use key=value with keys {known}")
+            raise SystemExit(f"time_to_erase.py: {option} {part!r}: use key=value with keys {known}")
         try:
             changes[ALIASES[key]] = type_of(ALIASES[key])(value)
         except ValueError:
-            raise SystemExit(f"time_to_erase.py: --settings {part!r}: {value!r} is not a number") from None
+            raise SystemExit(f"time_to_erase.py: {option} {part!r}: {value!r} is not a number") from None
     return changes, None
 
 
@@ -229,8 +229,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    for name in [*args.settings.split(","), args.scaling_settings]:
+    for name in args.settings.split(","):
         settings(name)  # a bad setting stops here, not after the runs before it
+    settings(args.scaling_settings, "--scaling-settings")
     print(
         f"erase-seven; judge every {args.check_every} steps; seeds {seeds}; {torch.get_num_threads()} threads"
     )
