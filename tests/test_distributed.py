@@ -46,7 +46,7 @@ def test_two_processes_write_one_file_equal_to_averaging_two_streams_in_one(tmp_
         grads = []
         for trainer in (first, second):
             trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.loss(trainer.steps.next()).backward()
+            trainer.loss(trainer.step_queue.next()).backward()
             grads.append([p.grad for p in trainer.trainable.parameters()])
         for parameter, a, b in zip(first.trainable.parameters(), *grads, strict=True):
             parameter.grad = (a + b) / 2

@@ -125,13 +125,13 @@ def test_entries_are_dealt_in_shuffled_rounds_and_the_deck_survives_a_resume(tmp
     trainer = Trainer(config, progress=False)
     first = trainer.samples.roll_out()[0].prompt
     dealt = [first] + [trainer.samples.next_entry() for _ in range(4)]
-    state = trainer.steps.state()
+    state = trainer.step_queue.state()
     later = [trainer.samples.next_entry() for _ in range(7)]
     rounds = dealt + later
     assert [sorted(rounds[i : i + 3]) for i in (0, 3, 6, 9)] == [[0, 1, 2]] * 4
     assert len({tuple(rounds[i : i + 3]) for i in (0, 3, 6, 9)}) > 1  # shuffled, not a fixed order
     resumed = Trainer(config, progress=False)
-    resumed.steps.load_state(state, resumed.device)
+    resumed.step_queue.load_state(state, resumed.device)
     assert [resumed.samples.next_entry() for _ in range(7)] == later
     config.train.entry_order = "random"
     independent = Trainer(config, progress=False).samples
@@ -177,12 +177,12 @@ def test_unet_calls_per_step_follow_the_rollout_reuse(tmp_path, tiny_folders, re
     counter = UNetCalls(trainer)
     calls = []
     for _ in range(4 * reuse):
-        waiting = len(trainer.steps.ready)
+        waiting = len(trainer.step_queue.ready)
         before = len(counter)
         trainer.train_step()
         calls.append(len(counter) - before)
         if waiting == 0:
-            assert len(trainer.steps.ready) == reuse - 1  # one rollout feeds `reuse` steps
+            assert len(trainer.step_queue.ready) == reuse - 1  # one rollout feeds `reuse` steps
     # a new rollout: its calls + 1 teacher call for all its steps + 1 student call; every other step
     # of the rollout: the student call alone (its frozen predictions came with the rollout)
     assert sum(c == 1 for c in calls) == len(calls) - 4
@@ -197,12 +197,12 @@ def test_frozen_predictions_asked_per_rollout_equal_those_asked_per_step(tmp_pat
         for p in trainer.trainable.parameters():
             p.normal_(0, 0.3)  # the teacher must not see the LoRA, whenever it is asked
     calls = UNetCalls(trainer)
-    steps = [trainer.steps.next() for _ in range(4)]
+    steps = [trainer.step_queue.next() for _ in range(4)]
     rollout_calls = len(calls)
-    assert not trainer.samples.samples and len(trainer.steps.ready) == 0
+    assert not trainer.samples.samples and len(trainer.step_queue.ready) == 0
     for step in steps:
         assert step.anchors and len(step.frozen) == 2 * len(step.samples)  # target row + anchor row
-        alone = trainer.teachers.predict(step.samples, wanted(trainer.steps.rows(step), ()))
+        alone = trainer.teachers.predict(step.samples, wanted(trainer.step_queue.rows(step), ()))
         for batched, separate in zip(step.frozen, alone, strict=True):
             assert batched.keys() == separate.keys()
             for role in batched:
@@ -238,7 +238,7 @@ def test_entry_weight_scales_its_loss(tmp_path, tiny_folders):
 def test_training_reduces_the_loss_on_a_fixed_batch(tmp_path, tiny_folders, name):
     trainer = Trainer(make_config(tiny_folders[name], tmp_path, lr=1e-2), progress=False)
     samples = trainer.samples.next()
-    trainer.steps.next = lambda: Step(samples, [])  # the same batch at every step
+    trainer.step_queue.next = lambda: Step(samples, [])  # the same batch at every step
     with torch.no_grad():
         before = trainer.loss(Step(samples, [])).item()
     for _ in range(8):

@@ -243,8 +243,15 @@ class SampleQueue:
         timesteps = [torch.full((prompt.batch_size,), plan.timestep, device=self.device) for plan in plans]
         return [TrainingSample(index, target, latents[i], timesteps[i], size, crop) for i in order]
 
-    def state(self) -> list[dict[str, Any]]:
-        return [sample.to_state() for sample in self.samples]
+    def state(self) -> dict[str, Any]:
+        """The random stream, the entries still to be dealt and the latents still waiting."""
+        return {
+            "generator": self.generator.get_state(),
+            "queue": [sample.to_state() for sample in self.samples],
+            "entry_deck": list(self.deck),
+        }
 
-    def load_state(self, state: list[dict[str, Any]]) -> None:
-        self.samples = [TrainingSample.from_state(item, self.device) for item in state]
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.samples = [TrainingSample.from_state(item, self.device) for item in state["queue"]]
+        self.deck = list(state.get("entry_deck", []))  # states saved before entries were dealt

@@ -143,15 +143,8 @@ class StepQueue:
 
     def state(self) -> dict[str, Any]:
         """The random stream, and the latents and steps still waiting: what an exact resume needs."""
-        return {
-            "generator": self.samples.generator.get_state(),
-            "queue": self.samples.state(),
-            "entry_deck": list(self.samples.deck),
-            "ready": [step.to_state() for step in self.ready],
-        }
+        return {**self.samples.state(), "ready": [step.to_state() for step in self.ready]}
 
     def load_state(self, state: dict[str, Any], device: torch.device) -> None:
-        self.samples.generator.set_state(state["generator"])
-        self.samples.load_state(state["queue"])
-        self.samples.deck = list(state.get("entry_deck", []))
+        self.samples.load_state(state)
         self.ready = [Step.from_state(step, device) for step in state.get("ready", [])]

@@ -106,7 +106,7 @@ class Trainer:
             rollout, self.prompts, self.edited, self.generator, train, models.vae_scale_factor, self.device
         )
         roles = self.trainable.extra_roles
-        self.steps = StepQueue(self.samples, self.anchors, config.anchors, self.teachers, roles)
+        self.step_queue = StepQueue(self.samples, self.anchors, config.anchors, self.teachers, roles)
         alphas_cumprod, v_prediction = self.teachers.frozen.alphas_cumprod, models.family.v_pred
         self.snr_weights = objectives.min_snr_weighting(train.min_snr_gamma, alphas_cumprod, v_prediction)
         self.step = 0
@@ -116,7 +116,7 @@ class Trainer:
     # -- one training step ------------------------------------------------------------------------
 
     def train_step(self) -> float:
-        loss = self.loss(self.steps.next())
+        loss = self.loss(self.step_queue.next())
         if self.ranks.any(not torch.isfinite(loss), self.device):
             raise LecoError(
                 f"training stopped at step {self.step + 1}: the loss became {loss.item()}; use "
@@ -141,7 +141,7 @@ class Trainer:
         latents (objective: preserve). The frozen predictions come with the step (see StepQueue),
         the trained ones from one UNet call. With anchors.text_weight the anchors' text term is added.
         """
-        rows, samples, frozen = self.steps.rows(step), step.samples, self.steps.frozen(step)
+        rows, samples, frozen = self.step_queue.rows(step), step.samples, self.step_queue.frozen(step)
         with self.trainable.strength(self.prompts[samples[0].prompt].settings.multiplier):
             student = self.edited.student(samples, [(row.sample, row.texts["target"]) for row in rows])
         total = torch.zeros((), device=self.device)
@@ -179,7 +179,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "ranks": self.ranks.gather(self.steps.state()),  # each process's own, in rank order
+            "ranks": self.ranks.gather(self.step_queue.state()),  # each process's own, in rank order
         }
 
     def resume(self, path: str | Path) -> None:
@@ -188,7 +188,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.steps.load_state(state["ranks"][self.ranks.index], self.device)
+        self.step_queue.load_state(state["ranks"][self.ranks.index], self.device)
         self.step, self.seed = state["step"], state["seed"]
 
     def save_if_due(self) -> None:
