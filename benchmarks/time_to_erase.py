@@ -8,8 +8,9 @@ calls per step (counted by a hook on the UNet), time to erase, the kept figure a
 the speed-up against leco at samples_per_rollout 1 and against the reference schedule (p1atdev/LECO,
 emulated in benchmarks/reference.py on the same model, LoRA and optimizer).
 
-Then: time per concept for 1, 5 and 9 digits in one LoRA (the example's recipe), and seconds per step
-against resolution.
+Then: time per concept for 1, 5 and 9 digits and 20 digit-ink pairs (every digit in red and in blue,
+the same digits kept in black, green and orange) in one LoRA (the example's recipe), and seconds per
+step against resolution.
 
 usage: OMP_NUM_THREADS=1 python benchmarks/time_to_erase.py [--settings a,b] [--seeds 0,1] [--max-steps 400]
 """
@@ -35,7 +36,15 @@ from reference import UNetCalls, reference_step
 from leco.cli import quiet_libraries
 from leco.config import load_config
 from leco.generate import build_pipeline
-from leco.ink_digits.data import DIGIT_WORDS
+from leco.ink_digits import INK_DIGITS
+from leco.ink_digits.data import (
+    DIGIT_PHRASINGS,
+    DIGIT_WORDS,
+    INK_PHRASINGS,
+    MODEL_INKS,
+    PHRASING_NAMES,
+    caption,
+)
 from leco.ink_digits.judge import InkDigitsJudge
 from leco.models import load_models
 from leco.preservation import draw_anchors
@@ -46,31 +55,56 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "era
 ERASED_AT_MOST, KEPT_AT_LEAST = 0.10, 0.95
 
 
-class Judge:
-    """The erase-seven check on the LoRA as it is: erase prompts x 8 seeds, 9 other digits x 4 seeds."""
+# What one run erases: a digit in every ink (ink None), or one digit in one ink (a digit-ink pair).
+Concept = tuple[int, str | None]
 
-    def __init__(self, trainer: Trainer, erased: list[int]) -> None:
+
+def erase_prompts(concept: Concept) -> list[str]:
+    digit, ink = concept
+    word = DIGIT_WORDS[digit]
+    if ink is None:
+        return [
+            f"a digit {word} in red ink",
+            f"a digit {word} in blue ink",
+            f"the number {digit} written in green",
+        ]
+    return [f"a digit {word} in {ink} ink", f"the number {digit} written in {ink}"]
+
+
+def kept_cases(erased: list[Concept]) -> list[tuple[str, int, str | None]]:
+    """(prompt, digit, ink or None) the run must keep: other digits in black ink, or, when pairs are
+    erased, every digit in each ink no pair names (the same digits, another ink)."""
+    if all(ink is None for _, ink in erased):
+        digits = [d for d in range(10) if d not in {d for d, _ in erased}]
+        return [(f"a digit {DIGIT_WORDS[d]} in black ink", d, None) for d in digits]
+    inks = [ink for ink in MODEL_INKS[INK_DIGITS] if ink not in {ink for _, ink in erased}]
+    return [(f"a digit {DIGIT_WORDS[d]} in {ink} ink", d, ink) for d in range(10) for ink in inks]
+
+
+class Judge:
+    """The erase check on the LoRA as it is: each concept's erase prompts x seeds, the kept prompts x
+    seeds. A pair counts as still there when the image shows that digit in that ink."""
+
+    def __init__(self, trainer: Trainer, erased: list[Concept]) -> None:
         models = trainer.models
         if models.vae is None:
             models.vae = load_models(trainer.config.pretrained_model, with_vae=True).vae
         self.pipe = build_pipeline(models)
         self.judge = InkDigitsJudge.load(models.source)
         self.trainable = trainer.trainable
-        self.cases = []  # (prompt, seed, digit, erased?)
-        for d in erased:
-            word = DIGIT_WORDS[d]
-            prompts = [
-                f"a digit {word} in red ink",
-                f"a digit {word} in blue ink",
-                f"the number {d} written in green",
+        pairs = any(ink is not None for _, ink in erased)
+        erase_seeds, kept_seeds = (4, 2) if pairs else (8, 4)  # 20 pairs: 160 + 60 images a check
+        self.cases = []  # (prompt, seed, digit, ink or None, erased?)
+        for digit, ink in erased:
+            self.cases += [
+                (p, s, digit, ink, True) for p in erase_prompts((digit, ink)) for s in range(erase_seeds)
             ]
-            self.cases += [(p, s, d, True) for p in prompts for s in range(8)]
-        for d in (d for d in range(10) if d not in erased):
-            self.cases += [(f"a digit {DIGIT_WORDS[d]} in black ink", s, d, False) for s in range(4)]
+        for prompt, digit, ink in kept_cases(erased):
+            self.cases += [(prompt, s, digit, ink, False) for s in range(kept_seeds)]
 
     @torch.no_grad()
     def __call__(self) -> tuple[float, float]:
-        """(share of erase images still showing their digit, share of kept images right)."""
+        """(share of erase images still showing their concept, share of kept images right)."""
         with self.trainable.strength(1.0):
             images = self.pipe(
                 [c[0] for c in self.cases],
@@ -79,9 +113,14 @@ class Judge:
                 generator=[torch.Generator().manual_seed(c[1]) for c in self.cases],
                 output_type="np",
             ).images
-        digits = self.judge.read(images).digits
-        hits = np.array([digit == c[2] for digit, c in zip(digits, self.cases, strict=True)])
-        erased = np.array([c[3] for c in self.cases])
+        reading = self.judge.read(images)
+        hits = np.array(
+            [
+                digit == c[2] and (c[3] is None or ink == c[3])
+                for digit, ink, c in zip(reading.digits, reading.ink_names, self.cases, strict=True)
+            ]
+        )
+        erased = np.array([c[4] for c in self.cases])
         return float(hits[erased].mean()), float(hits[~erased].mean())
 
 
@@ -128,22 +167,38 @@ def type_of(key: str) -> type:
     return float if key in floats else {"network.training_method": str}.get(key, int)
 
 
-def configure(changes: dict[str, Any], seed: int, out: Path, erased: list[int], max_steps: int):
+def erase_target(concept: Concept) -> str:
+    """What an erase entry names: the digit alone, or the pair the way the captions say it."""
+    digit, ink = concept
+    return f"a digit {DIGIT_WORDS[digit]}" + (f" in {ink} ink" if ink else "")
+
+
+def configure(changes: dict[str, Any], seed: int, out: Path, erased: list[Concept], max_steps: int):
     config = load_config(EXAMPLE)
     config.save.path, config.save.per_steps = str(out), 10**9
     config.preview.prompts = []
     config.train.seed, config.train.iterations = seed, max_steps
-    if erased != [7]:
+    if erased != [(7, None)]:
         template = config.prompts[0]
         config.prompts = [
-            template.model_copy(
-                update={"target": f"a digit {DIGIT_WORDS[d]}", "positive": f"a digit {DIGIT_WORDS[d]}"}
-            )
-            for d in erased
+            template.model_copy(update=dict.fromkeys(("target", "positive"), erase_target(c))) for c in erased
         ]
         # The example excludes the numeral "7" from its anchors; these digits' numerals instead, or
         # "the number 2 written in green" would be an anchor, kept as it was, and judged as erased.
-        config.anchors.exclude = [str(d) for d in erased]
+        config.anchors.exclude = [str(d) for d, _ in erased]
+        if any(ink for _, ink in erased):
+            # Pairs: the automatic anchors leave out every prompt naming an erased digit; what must be
+            # kept here is those digits in the other inks, so the anchors are every caption whose
+            # ink no pair names.
+            inks = {ink for _, ink in erased}
+            config.anchors.exclude = []
+            config.anchors.prompts = [
+                caption(d, ink, phrasing)
+                for phrasing in PHRASING_NAMES
+                for d in (range(10) if phrasing in DIGIT_PHRASINGS else [None])
+                for ink in (MODEL_INKS[INK_DIGITS] if phrasing in INK_PHRASINGS else [None])
+                if ink not in inks
+            ]
     for key, value in changes.items():
         section, field = key.split(".")
         setattr(getattr(config, section), field, value)
@@ -151,13 +206,13 @@ def configure(changes: dict[str, Any], seed: int, out: Path, erased: list[int], 
 
 
 def time_to_erase(
-    name: str, seed: int, out: Path, max_steps: int, check_every: int, erased: list[int]
+    name: str, seed: int, out: Path, max_steps: int, check_every: int, erased: list[Concept]
 ) -> dict[str, Any]:
     changes, step_function = settings(name)
     trainer = Trainer(configure(changes, seed, out, erased, max_steps), progress=False)
     if PER_STEP_TEACHER in name.split("+"):
         per_step = trainer.config.anchors.per_step
-        trainer.steps.next = lambda: Step(
+        trainer.step_queue.next = lambda: Step(
             trainer.samples.next(), draw_anchors(trainer.anchors, per_step, trainer.samples.generator)
         )
     judge = Judge(trainer, erased)
@@ -223,9 +278,12 @@ def main() -> None:
     parser.add_argument("--skip-scaling", action="store_true", help="only the settings table")
     parser.add_argument("--only-scaling", action="store_true", help="only the scaling tables")
     parser.add_argument(
+        "--concepts", default="1,5,9,20", help="the scaling rows: concepts erased in one LoRA"
+    )
+    parser.add_argument(
         "--scaling-settings",
         default="example",
-        help="the setting the 1/5/9-digit rows train, e.g. rank=16+alpha=4",
+        help="the setting the scaling rows train, e.g. rank=16+alpha=4",
     )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -235,16 +293,19 @@ def main() -> None:
     print(
         f"erase-seven; judge every {args.check_every} steps; seeds {seeds}; {torch.get_num_threads()} threads"
     )
-    print(
-        "| setting | steps to erase (per seed) | s/step | UNet calls/step | time to erase (s) | kept (worst) "
-        "| vs leco m=1 | vs reference |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    if not args.only_scaling:
+        print(
+            "| setting | steps to erase (per seed) | s/step | UNet calls/step | time to erase (s) "
+            "| kept (worst) | vs leco m=1 | vs reference |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
     times: dict[str, float | None] = {}
     with tempfile.TemporaryDirectory() as folder:
         for name in [] if args.only_scaling else args.settings.split(","):
             runs = [
-                time_to_erase(name, s, Path(folder) / name / str(s), args.max_steps, args.check_every, [7])
+                time_to_erase(
+                    name, s, Path(folder) / name / str(s), args.max_steps, args.check_every, [(7, None)]
+                )
                 for s in seeds
             ]
             done = all(r["time"] is not None for r in runs)
@@ -255,11 +316,23 @@ def main() -> None:
 
 
 def scaling(folder: str, seeds: list[int], args: argparse.Namespace) -> None:
-    print(f"\n{args.scaling_settings}, several digits: every digit's erase prompts judged together")
-    print("| digits erased in one LoRA | steps to erase | time to erase (s) | time per concept (s) |")
-    print("|---|---|---|---|")
-    # ink-digits knows ten digits: nine is the most one LoRA can erase with one left to keep.
-    for erased in ([7], [0, 2, 4, 6, 9], [0, 1, 2, 3, 4, 5, 6, 8, 9]):
+    print(f"\n{args.scaling_settings}, several concepts: every concept's erase prompts judged together")
+    print(
+        "| concepts erased in one LoRA | steps to erase | time to erase (s) | time per concept (s) "
+        "| kept (worst) |"
+    )
+    print("|---|---|---|---|---|")
+    # ink-digits knows ten digits: nine is the most one LoRA can erase with one left to keep. Twenty
+    # concepts are digit-ink pairs: every digit in red and in blue, kept in the other three inks.
+    pairs = [(d, ink) for d in range(10) for ink in ("red", "blue")]
+    rows = (
+        [(7, None)],
+        [(d, None) for d in (0, 2, 4, 6, 9)],
+        [(d, None) for d in range(10) if d != 7],
+        pairs,
+    )
+    for erased in (r for r in rows if str(len(r)) in args.concepts.split(",")):
+        name = f"{len(erased)} {'digit-ink pairs' if erased is pairs else 'digits'}"
         runs = [
             time_to_erase(
                 args.scaling_settings,
@@ -271,17 +344,21 @@ def scaling(folder: str, seeds: list[int], args: argparse.Namespace) -> None:
             )
             for s in seeds
         ]
-        done = [r for r in runs if r["time"] is not None]
-        if len(done) < len(runs):
-            print(f"| {len(erased)} | not erased in {args.max_steps * 3} steps | - | - |")
+        kept = f"{min(r['kept'] for r in runs):.0%}"
+        if any(r["time"] is None for r in runs):
+            left = "/".join(f"{r['erased']:.0%}" for r in runs)
+            print(
+                f"| {name} | not erased in {args.max_steps * 3} steps (left {left}) | - | - | {kept} |",
+                flush=True,
+            )
             continue
-        mean = float(np.mean([r["time"] for r in done]))
-        steps = "/".join(str(r["steps"]) for r in done)
-        print(f"| {len(erased)} | {steps} | {mean:.1f} | {mean / len(erased):.1f} |")
+        mean = float(np.mean([r["time"] for r in runs]))
+        steps = "/".join(str(r["steps"]) for r in runs)
+        print(f"| {name} | {steps} | {mean:.1f} | {mean / len(erased):.1f} | {kept} |", flush=True)
     print("\n| latent side | image side | s/step (the example's recipe) |")
     print("|---|---|---|")
     for factor in (1, 2, 4):
-        config = configure({}, 0, Path(folder) / f"res{factor}", [7], 10**6)
+        config = configure({}, 0, Path(folder) / f"res{factor}", [(7, None)], 10**6)
         config.prompts[0].resolution = 16 * factor
         trainer = Trainer(config, progress=False)
         trainer.train_step()
