@@ -4,7 +4,9 @@ Trains examples/ink-digits/distill_cfg3.yaml (the "words" phrasing only) for eac
 the phrasings it never saw, compares images of the same prompt and seed: the mean absolute pixel
 difference (0..1) to the base model at guidance 3, for the base at guidance 1 (the gap to close)
 and for guidance 1 with the LoRA; the judge's accuracy on what each phrasing names; UNet
-evaluations (batch rows) and wall time per image.
+evaluations (batch rows) and wall time per image. Then, at the level the LoRA is trained on, the
+error left: over latents of the LoRA's own guidance-1 rollouts at every denoising step, the squared
+distance of its conditional prediction to the guided one, as a share of the base model's.
 
 usage: OMP_NUM_THREADS=1 python benchmarks/distill.py [--seeds 0,1,2] [--images 4]
            [--set train.lr=3e-3 --set network.rank=16 ...]   (the example's settings, changed)
@@ -27,12 +29,15 @@ import torch
 from recipe_runs import apply_changes
 
 from leco.cli import quiet_libraries
+from leco.conditioning import PromptEncoder, predict
 from leco.config import load_config
 from leco.generate import build_pipeline
 from leco.ink_digits.data import ALL_INKS, DIGIT_PHRASINGS, INK_PHRASINGS, caption
 from leco.ink_digits.judge import InkDigitsJudge
 from leco.models import load_models
 from leco.network import LoRANetwork
+from leco.objectives import guided
+from leco.rollout import Rollout
 from leco.trainer import train
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "distill_cfg3.yaml"
@@ -63,6 +68,37 @@ def gap_closed_by_phrasing(
         gap = np.abs(plain[mask] - reference[mask]).mean()
         parts.append(f"{phrasing} {1 - np.abs(images[mask] - reference[mask]).mean() / gap:.0%}")
     return ", ".join(parts)
+
+
+@torch.no_grad()
+def prediction_error_left(
+    models, network: LoRANetwork, held_out: list[tuple[str, int | None, str | None, str]], steps: int = 25
+) -> str:
+    """Per phrasing: the LoRA's squared error to the guided prediction as a share of the base model's,
+    summed over one guidance-1 rollout of the LoRA per prompt and every one of its steps."""
+    prompts = [case[0] for case in held_out]
+    encoder = PromptEncoder(models)
+    conditional, empty = encoder.encode(prompts), encoder.encode([""] * len(prompts))
+    scheduler = Rollout(models.scheduler_config, "ddim", steps, False).scheduler
+    scheduler.set_timesteps(steps)
+    side, channels = models.resolution // models.vae_scale_factor, models.unet.config.in_channels
+    latents = torch.randn(len(prompts), channels, side, side, generator=torch.Generator().manual_seed(0))
+    left = torch.zeros(len(prompts))
+    base = torch.zeros(len(prompts))
+    for t in scheduler.timesteps:
+        timesteps = t.repeat(len(prompts))
+        with network.strength(0.0):
+            plain = predict(models.unet, latents, timesteps, conditional)
+            target = guided(predict(models.unet, latents, timesteps, empty), plain, 3.0)
+        trained = predict(models.unet, latents, timesteps, conditional)
+        left += (trained - target).pow(2).flatten(1).mean(1)
+        base += (plain - target).pow(2).flatten(1).mean(1)
+        latents = scheduler.step(trained, t, latents).prev_sample
+    by_phrasing = {}
+    for (*_, phrasing), share_left, share_base in zip(held_out, left, base, strict=True):
+        sums = by_phrasing.setdefault(phrasing, [0.0, 0.0])
+        sums[0], sums[1] = sums[0] + float(share_left), sums[1] + float(share_base)
+    return ", ".join(f"{phrasing} {a / b:.2f}" for phrasing, (a, b) in by_phrasing.items())
 
 
 class Sampler:
@@ -164,6 +200,7 @@ def main() -> None:
             trained = time.perf_counter() - start
             network = LoRANetwork.from_file(models.unet, models.family, result.path)
             images, rows, seconds = sampler(1.0)
+            fit = prediction_error_left(models, network, held_out)
             network.remove()
             distance = float(np.abs(images[keep] - reference[keep]).mean())
             by_phrasing = gap_closed_by_phrasing(images, plain, reference, phrasings)
@@ -171,7 +208,8 @@ def main() -> None:
                 f"| LoRA seed {seed} ({trained:.0f} s to train), 1 | {distance:.4f} | "
                 f"{1 - distance / gap:.0%} | "
                 f"{accuracy(judge, images[keep], held_named):.1%} | {rows:.0f} | {seconds:.4f} |\n"
-                f"|  | gap closed by phrasing: {by_phrasing} |",
+                f"|  | gap closed by phrasing: {by_phrasing} |\n"
+                f"|  | prediction error left (share of the base's): {fit} |",
                 flush=True,
             )
 
