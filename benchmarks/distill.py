@@ -94,11 +94,12 @@ def prediction_error_left(
         left += (trained - target).pow(2).flatten(1).mean(1)
         base += (plain - target).pow(2).flatten(1).mean(1)
         latents = scheduler.step(trained, t, latents).prev_sample
-    by_phrasing = {}
-    for (*_, phrasing), share_left, share_base in zip(held_out, left, base, strict=True):
-        sums = by_phrasing.setdefault(phrasing, [0.0, 0.0])
-        sums[0], sums[1] = sums[0] + float(share_left), sums[1] + float(share_base)
-    return ", ".join(f"{phrasing} {a / b:.2f}" for phrasing, (a, b) in by_phrasing.items())
+    phrasings = [case[3] for case in held_out]
+    parts = []
+    for phrasing in dict.fromkeys(phrasings):
+        mask = torch.tensor([p == phrasing for p in phrasings])
+        parts.append(f"{phrasing} {float(left[mask].sum() / base[mask].sum()):.2f}")
+    return ", ".join(parts)
 
 
 class Sampler:

@@ -61,6 +61,9 @@ def main() -> None:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change a config value"
     )
     args = parser.parse_args()
+    for option, value in (("--held", args.held), ("--every", args.every)):
+        if value < 1:
+            parser.error(f"{option}: {value} must be 1 or more")
     config = load_config(EXAMPLE)
     apply_changes(config, args.set)
     with tempfile.TemporaryDirectory() as folder:

@@ -36,18 +36,11 @@ from reference import UNetCalls, reference_step
 from leco.cli import quiet_libraries
 from leco.config import load_config
 from leco.generate import build_pipeline
-from leco.ink_digits import INK_DIGITS
-from leco.ink_digits.data import (
-    DIGIT_PHRASINGS,
-    DIGIT_WORDS,
-    INK_PHRASINGS,
-    MODEL_INKS,
-    PHRASING_NAMES,
-    caption,
-)
+from leco.ink_digits import INK_DIGITS, model_path
+from leco.ink_digits.data import DIGIT_WORDS, MODEL_INKS
 from leco.ink_digits.judge import InkDigitsJudge
 from leco.models import load_models
-from leco.preservation import draw_anchors
+from leco.preservation import draw_anchors, known_prompts, words
 from leco.steps import Step
 from leco.trainer import Trainer
 
@@ -57,6 +50,17 @@ ERASED_AT_MOST, KEPT_AT_LEAST = 0.10, 0.95
 
 # What one run erases: a digit in every ink (ink None), or one digit in one ink (a digit-ink pair).
 Concept = tuple[int, str | None]
+
+
+# The scaling rows, by number of concepts. ink-digits knows ten digits: nine is the most one LoRA
+# can erase with one left to keep. Twenty concepts are digit-ink pairs: every digit in red and in
+# blue, kept in the other three inks.
+SCALING_ROWS: dict[str, list[Concept]] = {
+    "1": [(7, None)],
+    "5": [(d, None) for d in (0, 2, 4, 6, 9)],
+    "9": [(d, None) for d in range(10) if d != 7],
+    "20": [(d, ink) for d in range(10) for ink in ("red", "blue")],
+}
 
 
 def erase_prompts(concept: Concept) -> list[str]:
@@ -193,11 +197,7 @@ def configure(changes: dict[str, Any], seed: int, out: Path, erased: list[Concep
             inks = {ink for _, ink in erased}
             config.anchors.exclude = []
             config.anchors.prompts = [
-                caption(d, ink, phrasing)
-                for phrasing in PHRASING_NAMES
-                for d in (range(10) if phrasing in DIGIT_PHRASINGS else [None])
-                for ink in (MODEL_INKS[INK_DIGITS] if phrasing in INK_PHRASINGS else [None])
-                if ink not in inks
+                prompt for prompt in known_prompts(model_path(INK_DIGITS)) if not words(prompt) & inks
             ]
     for key, value in changes.items():
         section, field = key.split(".")
@@ -287,6 +287,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
+    unknown = set(args.concepts.split(",")) - set(SCALING_ROWS)
+    if unknown:
+        parser.error(
+            f"--concepts: {', '.join(sorted(unknown))} not known; choose from {', '.join(SCALING_ROWS)}"
+        )
     for name in args.settings.split(","):
         settings(name)  # a bad setting stops here, not after the runs before it
     settings(args.scaling_settings, "--scaling-settings")
@@ -322,17 +327,10 @@ def scaling(folder: str, seeds: list[int], args: argparse.Namespace) -> None:
         "| kept (worst) |"
     )
     print("|---|---|---|---|---|")
-    # ink-digits knows ten digits: nine is the most one LoRA can erase with one left to keep. Twenty
-    # concepts are digit-ink pairs: every digit in red and in blue, kept in the other three inks.
-    pairs = [(d, ink) for d in range(10) for ink in ("red", "blue")]
-    rows = (
-        [(7, None)],
-        [(d, None) for d in (0, 2, 4, 6, 9)],
-        [(d, None) for d in range(10) if d != 7],
-        pairs,
-    )
-    for erased in (r for r in rows if str(len(r)) in args.concepts.split(",")):
-        name = f"{len(erased)} {'digit-ink pairs' if erased is pairs else 'digits'}"
+    for count, erased in SCALING_ROWS.items():
+        if count not in args.concepts.split(","):
+            continue
+        name = f"{count} {'digit-ink pairs' if erased[0][1] else 'digit' if count == '1' else 'digits'}"
         runs = [
             time_to_erase(
                 args.scaling_settings,
