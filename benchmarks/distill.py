@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipe_runs import apply_changes
+from recipe_runs import apply_changes, seed_list
 
 from leco.cli import quiet_libraries
 from leco.conditioning import PromptEncoder, predict
@@ -158,6 +158,7 @@ def main() -> None:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change a config value"
     )
     args = parser.parse_args()
+    training_seeds = seed_list(parser, args.seeds)  # before minutes of sampling
     config = load_config(EXAMPLE)
     apply_changes(config, args.set)  # a bad change stops here, before minutes of sampling
     models = load_models("ink-digits", with_vae=True)
@@ -190,7 +191,7 @@ def main() -> None:
         f"| {seconds1:.4f} |"
     )
     with tempfile.TemporaryDirectory() as folder:
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in training_seeds:
             config = load_config(EXAMPLE)
             config.train.seed, config.save.path, config.save.per_steps = seed, folder + f"/{seed}", 10**9
             if args.iterations:

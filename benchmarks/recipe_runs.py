@@ -43,16 +43,21 @@ def parse(
     unknown = [r for r in args.recipes.split(",") if r not in known_recipes]
     if unknown:
         parser.error(f"--recipes: {', '.join(unknown)} not known; choose from {', '.join(known_recipes)}")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        parser.error(f"--seeds: {args.seeds!r} is not a comma-separated list of whole numbers, e.g. 0,1,2")
+    seeds = seed_list(parser, args.seeds)
     if args.images < 1:
         parser.error(f"--images: {args.images} must be 1 or more")
     if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
         parser.error(f"--json: cannot write into the folder of {args.json}; name a file in a writable folder")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     return args, seeds
+
+
+def seed_list(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """--seeds as whole numbers; anything else stops with one line."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        parser.error(f"--seeds: {text!r} is not a comma-separated list of whole numbers, e.g. 0,1,2")
 
 
 def print_table(

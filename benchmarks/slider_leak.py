@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from recipe_runs import seed_list
 
 from leco.cli import quiet_libraries
 from leco.config import AnchorConfig, load_config
@@ -269,7 +270,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--images", type=int, default=8, help="images per prompt and strength")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = seed_list(parser, args.seeds)
     models = load_models("ink-digits", with_vae=True)
     print(f"changed at +-1 vs 0 (same seed), mean over strengths and training seeds {seeds}; own ends: worst")
     header = ["recipe", *KINDS, "all untargeted (worst)", "red at +1", "blue at -1", "train s"]

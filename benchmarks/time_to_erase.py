@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from recipe_runs import seed_list
 from reference import UNetCalls, reference_step
 
 from leco.cli import quiet_libraries
@@ -286,7 +287,7 @@ def main() -> None:
         help="the setting the scaling rows train, e.g. rank=16+alpha=4",
     )
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = seed_list(parser, args.seeds)
     unknown = set(args.concepts.split(",")) - set(SCALING_ROWS)
     if unknown:
         parser.error(
