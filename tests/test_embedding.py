@@ -121,6 +121,17 @@ def test_a_token_already_in_the_vocabulary_is_refused(tmp_path, tiny_folders):
         Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="fox"), progress=False)
 
 
+def test_more_vectors_than_a_prompt_holds_are_refused(tmp_path, tiny_folders):
+    config = embedding_config(tiny_folders["sd1"], tmp_path)
+    room = DiffusionPipeline.from_pretrained(tiny_folders["sd1"]).tokenizer.model_max_length - 2
+    config.network.vectors = room + 1
+    message = rf"network.vectors: {room + 1} vectors do not fit .* at most {room}$"
+    with pytest.raises(LecoError, match=message):
+        Trainer(config, progress=False)
+    config.network.vectors = room  # the most that fit still trains
+    assert Trainer(config, progress=False).trainable.parameters()[0].shape[0] == room
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

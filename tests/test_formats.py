@@ -11,8 +11,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from leco.config import ConfigError, load_config, load_prompts
+from leco.config import ConfigError, TrainConfig, load_config, load_prompts
+from leco.models import load_models
 from leco.network import read_lora_file
+from leco.prompts import prepare_prompts
 from leco.trainer import train
 
 DATA = Path(__file__).resolve().parent / "data" / "formats"
@@ -557,3 +559,15 @@ def test_an_ai_toolkit_config_trains_on_the_tiny_sd1_model(ai_toolkit_env, tiny_
     assert result.steps == 3 and result.path == folder / "eye_size_slider_last.safetensors"
     assert (folder / "eye_size_slider_2steps.safetensors").is_file()  # save_every: 2
     assert_trained_lora(result.path)
+
+
+def test_kohyas_512_default_on_a_small_model_is_pointed_out(tmp_path, tiny_folders, capsys):
+    toml = tmp_path / "p.toml"
+    toml.write_text('[[prompts]]\ntarget = "a fox"\n[[prompts]]\ntarget = "a cat"\nresolution = 32\n')
+    models = load_models(str(tiny_folders["sd1"]))
+    prepare_prompts(load_prompts(toml), models, TrainConfig())
+    warning = capsys.readouterr().out
+    assert f"prompts entries 1 train at 512x512 px; this model draws at {models.resolution} px" in warning
+    assert f"set `resolution: {models.resolution}`" in warning
+    prepare_prompts(load_prompts(toml)[1:], models, TrainConfig())  # its own size: nothing to say
+    assert capsys.readouterr().out == ""

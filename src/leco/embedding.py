@@ -161,6 +161,14 @@ class TokenEmbedding:
     # -- checks ---------------------------------------------------------------------------------
 
     def _check_new(self, tokenizer) -> None:
+        # Past the prompt length the tokenizer silently cuts the token short (its start and end
+        # tokens take two places): vectors beyond it would train nothing and load as dead weight.
+        room = tokenizer.model_max_length - 2
+        if len(self.tokens) > room:
+            raise LecoError(
+                f"network.vectors: {len(self.tokens)} vectors do not fit this model's prompts of "
+                f"{tokenizer.model_max_length} tokens; use at most {room}"
+            )
         vocabulary = tokenizer.get_vocab()
         for token in self.tokens:
             pieces = tokenizer.tokenize(token)

@@ -121,7 +121,25 @@ def prepare_prompts(
                 size_step=size_step,
             )
         )
+    _warn_if_far_from_native(prepared, models.resolution)
     return prepared
+
+
+def _warn_if_far_from_native(prepared: list[PreparedPrompt], native: int) -> None:
+    # A kohya prompt file without `resolution` means 512 px whatever the model: on a small model
+    # that makes every step hundreds of times slower, and the concept is drawn far off its size.
+    far = [
+        (n, p.size)
+        for n, p in enumerate(prepared, start=1)
+        if max(p.size) >= 4 * native or min(p.size) * 4 <= native
+    ]
+    if far:
+        entries = ", ".join(str(n) for n, _ in far)
+        height, width = far[0][1]
+        print(
+            f"leco: warning: prompts entries {entries} train at {height}x{width} px; this model draws at "
+            f"{native} px (a kohya prompt file without `resolution` means 512): set `resolution: {native}`"
+        )
 
 
 def _row(cond: Conditioning, index: int) -> Conditioning:
