@@ -250,6 +250,19 @@ def test_broken_lora_files_are_one_line_errors_naming_the_file(
     assert says in err and str(lora) in err
 
 
+def test_an_embedding_and_a_lora_given_for_each_other_say_which_option(loras, capsys, tiny_folders, tmp_path):
+    embedding = tmp_path / "no_fox.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
+    base = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", "--out", tmp_path / "images"]
+    code, _, err = run_cli([*base, "--lora", embedding], capsys)
+    assert_one_line_error(code, err, "--lora")
+    assert "is a textual-inversion embedding, not a LoRA; give it as --embedding" in err
+    code, _, err = run_cli([*base, "--embedding", loras["sd1"]], capsys)
+    assert_one_line_error(code, err, "--embedding")
+    assert "is a LoRA, not an embedding; give it as --lora" in err
+    assert not (tmp_path / "images").exists()
+
+
 @pytest.mark.parametrize(
     ("lora", "model", "says"),
     [

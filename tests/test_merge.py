@@ -20,12 +20,13 @@ from leco.cli import main
 from leco.conditioning import Conditioning, predict, sdxl_time_ids
 from leco.config import NetworkConfig, PretrainedModelConfig
 from leco.errors import LecoError
-from leco.ink_digits import default_model_path
+from leco.ink_digits import default_model_path, model_path
 from leco.interop.merge import FOLDER_METADATA, LoraStrength, merge, parse_lora_argument
 from leco.interop.original_layout import VAE_PREFIX, original_state_dict, vae_original_name
-from leco.models import CONFIG_ROOT, load_models
+from leco.models import CONFIG_ROOT, load_models, recommended_sampling
 from leco.network import LoRANetwork, read_lora_file, save_lora_file
 from leco.network.kohya import ModuleWeights, delta_weight
+from leco.preservation import known_prompts
 
 C3LIER = NetworkConfig(type="c3lier", rank=3, alpha=1.5, conv_rank=2, conv_alpha=4.0)
 PIPELINES = {
@@ -217,11 +218,12 @@ def test_from_file_keeps_text_encoder_modules_and_checks_their_names(tmp_path, t
         LoRANetwork.from_file(models.unet, models.family, bad, text_encoders=models.text_encoders)
 
 
-def test_ink_digits_checkpoint_bakes_a_lora(tmp_path):
+def test_ink_digits_checkpoint_bakes_a_lora(tmp_path, capsys):
     lora = random_lora("ink-digits", tmp_path / "lora.safetensors", seed=8, config=NetworkConfig(rank=2))
     checkpoint = merge(
         "ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "ink.safetensors", precision="fp32"
     )
+    assert "ink-digits is not laid out as a standard sd1 model" in capsys.readouterr().out
     loaded = StableDiffusionPipeline.from_single_file(
         str(checkpoint), config=str(default_model_path()), local_files_only=True
     )
@@ -266,6 +268,17 @@ def test_lora_argument_parsing():
     )
     with pytest.raises(LecoError, match="not a finite number"):
         parse_lora_argument("a.safetensors:nan")
+
+
+def test_a_strength_that_is_no_number_and_an_embedding_are_named(tmp_path, tiny_folders):
+    lora = random_lora(str(tiny_folders["sd1"]), tmp_path / "l.safetensors", seed=4)
+    with pytest.raises(LecoError, match=r"strength 'abc' in '.*l.safetensors:abc' is not a number"):
+        parse_lora_argument(f"{lora}:abc")
+    embedding = tmp_path / "no_fox.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
+    with pytest.raises(LecoError, match="is a textual-inversion embedding .* use it with --embedding"):
+        merge(str(tiny_folders["sd1"]), [LoraStrength(embedding)], tmp_path / "m", precision="fp32")
+    assert not (tmp_path / "m").exists()
 
 
 def test_cli_merge_refuses_to_overwrite_and_reports_bad_input(tmp_path, tiny_folders, capsys):
@@ -341,3 +354,13 @@ def test_sd2_checkpoint_carries_the_unused_last_open_clip_block(tmp_path, tiny_f
     )
     ours, theirs = models.text_encoders[0].state_dict(), loaded.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_merged_folder_keeps_the_models_card_prompts_and_judge(tmp_path):
+    lora = random_lora("ink-digits", tmp_path / "lora.safetensors", seed=3, config=NetworkConfig(rank=2))
+    out = merge("ink-digits", [LoraStrength(lora, 0.0)], tmp_path / "merged", precision="fp32")
+    source = model_path("ink-digits")
+    for name in ("README.md", "prompts.txt", "judge.safetensors"):
+        assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert recommended_sampling(str(out)) == recommended_sampling("ink-digits")
+    assert known_prompts(out) == known_prompts(source)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from leco.errors import LecoError
 from leco.images import ImageRequest, make_grid, save_image
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs
+from leco.network import kohya
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -210,6 +211,11 @@ def read_lora_header(path: str | Path) -> LoraHeader:
             f"--lora: {path} is not a readable .safetensors file ({_first_line(error)}); it may be "
             "truncated or damaged: download it or train it again"
         ) from None
+    if kohya.is_embedding(shapes):
+        raise LecoError(
+            f"--lora: {path} is a textual-inversion embedding, not a LoRA; give it as --embedding "
+            "and put its token in --prompt or --negative"
+        )
     if not any(marker in key for key in shapes for marker in LORA_KEY_MARKERS):
         example = next(iter(shapes), "none")
         raise LecoError(
@@ -375,6 +381,8 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     if not path.is_file():
         raise LecoError(f"--embedding: {path} not found; check the path")
     tensors, metadata = _embedding_tensors(path)
+    if any(marker in key for key in tensors for marker in LORA_KEY_MARKERS):
+        raise LecoError(f"--embedding: {path} is a LoRA, not an embedding; give it as --lora")
     key_token = None
     if set(tensors) == {"clip_l", "clip_g"}:
         vectors = (tensors["clip_l"], tensors["clip_g"])

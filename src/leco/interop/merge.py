@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from leco.config import PretrainedModelConfig
 from leco.errors import LecoError
 from leco.files import atomic_folder, atomic_output
 from leco.interop.original_layout import original_state_dict
-from leco.models import LoadedModels, load_models
+from leco.models import CONFIG_ROOT, LoadedModels, load_models
 from leco.network import kohya
 from leco.network.text_encoders import TextEncoderLoRA
 
@@ -45,6 +46,11 @@ def parse_lora_argument(text: str) -> LoraStrength:
         try:
             value = float(strength)
         except ValueError:
+            if Path(path).is_file() and not Path(text).exists():
+                raise LecoError(
+                    f"--lora: strength {strength!r} in {text!r} is not a number; write FILE:STRENGTH, "
+                    f"e.g. {path}:0.5"
+                ) from None
             return LoraStrength(Path(text))
         if not math.isfinite(value):
             raise LecoError(f"--lora: strength {strength!r} in {text!r} is not a finite number")
@@ -96,6 +102,7 @@ def merge(
         bake(models, lora)
     metadata = merge_metadata(models, spec.name_or_path, loras, out)
     if _is_single_file(out):
+        _warn_if_layout_is_its_own(models, spec.name_or_path)
         return _save_single_file(models, out, metadata, PRECISIONS[precision])
     return _save_folder(models, out, metadata, PRECISIONS[precision])
 
@@ -153,5 +160,34 @@ def _save_folder(models: LoadedModels, out: Path, metadata: dict[str, str], dtyp
     pipe = build_pipeline(models)
     with atomic_folder(out) as staging:
         pipe.save_pretrained(staging)
+        _copy_model_files(Path(models.source), staging)
         (staging / FOLDER_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def _copy_model_files(source: Path, staging: Path) -> None:
+    """The source folder's own top-level files that save_pretrained does not write: its model card
+    (recommended steps and guidance), prompt list (automatic anchors, `keep: all`) and judge. Without
+    them the merged folder samples with generic settings and anchors, silently."""
+    if not source.is_dir():
+        return
+    for file in source.iterdir():
+        if file.is_file() and not (staging / file.name).exists():
+            shutil.copy2(file, staging / file.name)
+
+
+def _warn_if_layout_is_its_own(models: LoadedModels, name: str) -> None:
+    # A single file carries weights, not the UNet's shape: loaders rebuild it from the family's
+    # standard configuration, which a small model of its own layout (ink-digits) does not fit.
+    standard = json.loads((CONFIG_ROOT / models.family.arch / "unet" / "config.json").read_text())
+    keys = ("block_out_channels", "cross_attention_dim", "layers_per_block")
+    if any(_as_list(models.unet.config.get(k)) != _as_list(standard.get(k)) for k in keys):
+        print(
+            f"leco: warning: {name} is not laid out as a standard {models.family.arch} model, and a single "
+            "file does not carry its layout: only diffusers' from_single_file(config=its folder) loads it; "
+            "to use it with leco write a folder (--out without .safetensors)"
+        )
+
+
+def _as_list(value: object) -> object:
+    return list(value) if isinstance(value, list | tuple) else value

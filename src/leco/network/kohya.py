@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -172,10 +173,21 @@ class ModuleWeights:
         return self.down.shape[0]
 
 
+def is_embedding(keys: Iterable[str]) -> bool:
+    """Whether a file's keys are a textual-inversion embedding's (A1111/kohya SD1/2, SDXL, A1111 .pt)."""
+    keys = set(keys)
+    return keys in ({"emb_params"}, {"clip_l", "clip_g"}) or "string_to_param" in keys
+
+
 def split_by_model(
     tensors: dict[str, torch.Tensor], source: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(UNet tensors, text-encoder tensors); any other key is not a kohya LoRA key."""
+    if is_embedding(tensors):
+        raise LecoError(
+            f"{source}: is a textual-inversion embedding ({', '.join(sorted(tensors))}), not a LoRA: it "
+            "changes no weights to merge or convert; use it with --embedding and its token in a prompt"
+        )
     unet, text = {}, {}
     for key, value in tensors.items():
         if key.startswith(UNET_PREFIX):
