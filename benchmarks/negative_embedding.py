@@ -6,10 +6,12 @@ ink-digits detector) with the negative prompt "", the word ("seven") and the emb
 ("<no-seven>"), same seeds. Prints how often the seven is still drawn, how often everything else
 is still right (mean and worst concept) and the pixel drift against the negative prompt "".
 
-With --upper-bound it also trains, with the same objective, free text states (all 77 rows of the
-negative prompt's encoding, no text encoder in between): what any embedding could at best reach.
-That is not a file A1111 or ComfyUI can load; it tells whether a miss is the objective's or the
-token's (a token's states pass through the text encoder's final layer norm).
+With --upper-bound it also trains, with the same objective, free text states (every row of the
+negative prompt's encoding, no text encoder in between): what no file A1111 or ComfyUI can load,
+but it tells whether a miss is the objective's or the token's. Two more rows say where between
+them the token is held: the free states passed through the text encoder's final layer norm (every
+token's states are outputs of it, its first row fixed), and a token fitted to the free states
+themselves (its vectors trained to reproduce those states, then judged).
 
 With --erase-guidance 0,0.5 it trains the embedding once per value of the erase entries'
 guidance_scale (the example's by default): how far the negative prompt's prediction must push past
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipe_runs import apply_changes
+from recipe_runs import apply_changes, seed_list
 
 from leco import embedding
 from leco.cli import quiet_libraries
@@ -88,6 +90,59 @@ class FreeStates(embedding.TokenEmbedding):
         return Conditioning(self.states)
 
 
+class NormedStates(FreeStates):
+    """Free states through the text encoder's final layer norm, the first (start) row kept fixed:
+    the room every token has, whatever the layers before can reach."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        inputs = []  # the token's states before the norm: where training starts
+        hook = self._norm().register_forward_hook(lambda module, args, out: inputs.append(args[0]))
+        with torch.no_grad():
+            super(FreeStates, self).encode()
+        hook.remove()
+        self.states = torch.nn.Parameter(inputs[-1].detach().clone())
+
+    def _norm(self) -> torch.nn.Module:
+        return self.models.text_encoders[0].final_layer_norm
+
+    def encode(self) -> Conditioning:
+        fixed_first = torch.cat([self.states[:, :1].detach(), self.states[:, 1:]], dim=1)
+        return Conditioning(self._norm()(fixed_first))
+
+
+def train_states(kind: type[FreeStates], folder: str) -> torch.Tensor:
+    """Train `kind` in place of the token with the example's objective; its final text states."""
+    config = load_config(EXAMPLE)
+    config.save.path, config.save.per_steps = folder, 10**9
+    config.train.lr, config.train.iterations = 1e-2, 900  # the states' own scale: a smaller lr, longer
+    original, embedding.TokenEmbedding = embedding.TokenEmbedding, kind  # what create_trainable builds
+    try:
+        result = train(config, progress=False)
+    finally:
+        embedding.TokenEmbedding = original
+    result.trainable.remove()
+    with torch.no_grad():
+        return result.trainable.encode().hidden_states.detach()
+
+
+def fitted_token(models, states: torch.Tensor, steps: int = 3000) -> tuple[torch.Tensor, float]:
+    """A token whose states come as near `states` as its vectors can bring them; its states and the
+    error left (relative, rows after the first)."""
+    config = load_config(EXAMPLE)
+    token = embedding.TokenEmbedding(models, "<fitted>", config.network.vectors, config.network.init_text)
+    optimizer = torch.optim.Adam(token.parameters(), lr=2e-2)
+    for _ in range(steps):
+        error = (token.encode().hidden_states - states)[:, 1:].pow(2).mean()
+        optimizer.zero_grad()
+        error.backward()
+        optimizer.step()
+    with torch.no_grad():
+        reached = token.encode().hidden_states.detach()
+    token.remove()
+    return reached, float((reached - states)[:, 1:].norm() / states[:, 1:].norm())
+
+
 @torch.no_grad()
 def render_states(pipe, cases, seeds, states: torch.Tensor) -> np.ndarray:
     jobs = [(p, s) for p, _ in cases for s in seeds]
@@ -102,24 +157,21 @@ def render_states(pipe, cases, seeds, states: torch.Tensor) -> np.ndarray:
     ).images
 
 
-def upper_bound(pipe, detector, kept_cases, seeds, base_kept: np.ndarray, folder: str) -> str:
-    config = load_config(EXAMPLE)
-    config.save.path, config.save.per_steps = folder + "/free", 10**9
-    config.train.lr, config.train.iterations = 1e-2, 900  # the states' own scale: a smaller lr, longer
-    original, embedding.TokenEmbedding = embedding.TokenEmbedding, FreeStates  # what create_trainable builds
-    try:
-        result = train(config, progress=False)
-    finally:
-        embedding.TokenEmbedding = original
-    result.trainable.remove()
-    states = result.trainable.states.detach()
-    images = [render_states(pipe, cases, seeds, states) for cases in (ERASED, kept_cases)]
-    drift = float(np.abs(images[1] - base_kept).mean())
-    erased, kept = (
-        judge(detector, ERASED, seeds, images[0]),
-        judge(detector, kept_cases, seeds, images[1]),
-    )
-    return line("free text states (upper bound; 900 steps, lr 1e-2, seed 0)", erased, kept, kept_cases, drift)
+def upper_bound(pipe, models, detector, kept_cases, seeds, base_kept: np.ndarray, folder: str) -> list[str]:
+    def row(name: str, states: torch.Tensor) -> str:
+        images = [render_states(pipe, cases, seeds, states) for cases in (ERASED, kept_cases)]
+        drift = float(np.abs(images[1] - base_kept).mean())
+        erased = judge(detector, ERASED, seeds, images[0])
+        return line(name, erased, judge(detector, kept_cases, seeds, images[1]), kept_cases, drift)
+
+    free = train_states(FreeStates, folder + "/free")
+    normed = train_states(NormedStates, folder + "/normed")
+    fitted, left = fitted_token(models, free)
+    return [
+        row("free text states (upper bound; 900 steps, lr 1e-2, seed 0)", free),
+        row("free text states through the final layer norm (as above)", normed),
+        row(f"a token fitted to the free states ({left:.0%} of them left unreached)", fitted),
+    ]
 
 
 def judge(detector, cases, seeds, images: np.ndarray) -> list[float]:
@@ -154,6 +206,7 @@ def main() -> None:
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change a config value"
     )
     args = parser.parse_args()
+    training_seeds = seed_list(parser, args.seeds)  # before minutes of sampling
     try:
         guidances = [float(g) for g in args.erase_guidance.split(",")] if args.erase_guidance else [None]
     except ValueError:
@@ -182,7 +235,7 @@ def main() -> None:
         )
         print(line(f'"{negative}"', erased, kept, kept_cases, drift), flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        for seed, guidance in ((int(s), g) for s in args.seeds.split(",") for g in guidances):
+        for seed, guidance in ((s, g) for s in training_seeds for g in guidances):
             config = load_config(EXAMPLE)
             run = f"{folder}/{seed}-{guidance}"
             config.train.seed, config.save.path, config.save.per_steps = seed, run, 10**9
@@ -203,7 +256,8 @@ def main() -> None:
             label = f"{token} (seed {seed}{changed})"
             print(line(label, erased, kept, kept_cases, drift), flush=True)
         if args.upper_bound:
-            print(upper_bound(pipe, detector, kept_cases, seeds, base["images"][1], folder), flush=True)
+            for row in upper_bound(pipe, models, detector, kept_cases, seeds, base["images"][1], folder):
+                print(row, flush=True)
 
 
 if __name__ == "__main__":
