@@ -356,11 +356,22 @@ def format_report(report: dict[str, Any], all_rows: bool = False) -> str:
     for label in labels:
         rows = report["rows"] if label is None else _rows_of(report["rows"], label)
         summary = report["summary"] if label is None else report["per_lora"][label]
-        title = "the plain model" if label is None else f"LoRA {label} ({report['loras'][label]})"
+        title = _plain_title(report) if label is None else f"LoRA {label} ({report['loras'][label]})"
         blocks.append(f"== {title}\n{_row_table(rows, all_rows)}\n\n{_summary_table(summary)}")
     if "across_loras" in report:
         blocks.append(_across_table(report["across_loras"], len(labels)))
     return "\n\n".join(blocks)
+
+
+def _plain_title(report: dict[str, Any]) -> str:
+    """The model without LoRAs, and what it sampled with beyond the prompt."""
+    extras = []
+    negative = report.get("spec", {}).get("negative_prompt")
+    if negative:
+        extras.append(f"negative prompt {negative!r}")
+    if report.get("embeddings"):
+        extras.append(f"embeddings {', '.join(Path(e).name for e in report['embeddings'])}")
+    return "the model without LoRAs" + (f" ({'; '.join(extras)})" if extras else "")
 
 
 def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
@@ -379,7 +390,8 @@ def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
         if kind == "keep" and not all_rows and len(entries) > SHOWN_KEPT_ROWS:
             entries.sort(key=lambda e: _keep_badness(e[1], moved), reverse=True)
             entries, rest = entries[:SHOWN_KEPT_ROWS], entries[SHOWN_KEPT_ROWS:]
-            hidden = [row for _, by in rest for s, row in by.items() if s != 0.0]
+            # Judged at strength 0 only (no LoRA): those rows are all there is.
+            hidden = [row for _, by in rest for s, row in by.items() if s != 0.0 or not moved]
         lines += [_row_line(key, by, strengths, scored) for key, by in entries]
     if hidden:
         lines.append(_hidden_line(hidden))
@@ -418,6 +430,8 @@ def _hidden_line(hidden: list[dict[str, Any]]) -> str:
 def _keep_badness(by_strength: dict[float, dict[str, Any]], moved: list[float]) -> tuple[float, float]:
     """How badly a kept prompt fared: its largest fall in detection, then its largest drift."""
     base = by_strength[0.0]["detected"] if 0.0 in by_strength else 1.0
+    if not moved:  # nothing to compare with: the lowest detection first
+        return 1.0 - base, 0.0
     at = [by_strength[s] for s in moved if s in by_strength]
     fall = max((base - row["detected"] for row in at), default=0.0)
     drift = max((row["drift"] for row in at if not row.get("names_edit")), default=0.0)
