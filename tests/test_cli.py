@@ -263,6 +263,17 @@ def test_an_embedding_and_a_lora_given_for_each_other_say_which_option(loras, ca
     assert not (tmp_path / "images").exists()
 
 
+def test_an_embedding_whose_token_no_prompt_uses_is_pointed_out(capsys, no_loading, tiny_folders, tmp_path):
+    embedding = tmp_path / "no_fox.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
+    base = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", "--embedding", embedding]
+    for negative, warned in (("<no-fx>", True), ("blurry, no_fox", False)):
+        with pytest.raises(AssertionError, match="a model was loaded"):  # the check comes before loading
+            main([str(a) for a in [*base, "--negative", negative]])
+        out = capsys.readouterr().out
+        assert ("its token 'no_fox' is in no prompt; write it in the prompt or the negative" in out) == warned
+
+
 @pytest.mark.parametrize(
     ("lora", "model", "says"),
     [

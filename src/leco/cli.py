@@ -454,7 +454,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.negative is not None:
         spec.negative_prompt = args.negative
     spec.batch_size = args.batch_size or spec.batch_size
-    _read_embeddings(args.embedding)
+    spec_texts = [spec.negative_prompt, *(p.prompt for p in (*spec.erase, *spec.keep, *spec.enhance))]
+    _read_embeddings(args.embedding, spec_texts)
     models, device = load_for_images(args)
     report = evaluate(
         models,
@@ -470,12 +471,18 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_embeddings(options: list[str]) -> None:
-    """Missing or damaged embedding files stop the run now, not after the model has loaded."""
+def _read_embeddings(options: list[str], texts: list[str]) -> None:
+    """Missing or damaged embedding files stop the run now, not after the model has loaded; one whose
+    token no prompt uses is pointed out (a typo in the token draws as plain words)."""
     from leco.generate import parse_embedding_option, read_embedding
 
     for option in options:
-        read_embedding(*parse_embedding_option(option))
+        embedding = read_embedding(*parse_embedding_option(option))
+        if not any(embedding.token in text for text in texts):
+            print(
+                f"leco: warning: --embedding {embedding.path}: its token {embedding.token!r} is in no "
+                f"prompt; write it in the prompt or the negative prompt (e.g. --negative {embedding.token!r})"
+            )
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -496,7 +503,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.sampler,
         args.batch_size,
     )
-    _read_embeddings(args.embedding)
+    _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
     paths, grid = run_generation(
         models, args.lora, requests, settings, args.out, device, not args.no_progress, args.embedding
