@@ -321,7 +321,7 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
         (
             sd1,
             [tmp_path / "l.safetensors"],
-            "l.safetensors holds lora_unet_x.lora_up.weight, x.alpha, not an",
+            "l.safetensors is a LoRA, not an embedding; give it as --lora",
         ),
         (
             sd1,
