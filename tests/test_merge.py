@@ -362,5 +362,6 @@ def test_a_merged_folder_keeps_the_models_card_prompts_and_judge(tmp_path):
     source = model_path("ink-digits")
     for name in ("README.md", "prompts.txt", "judge.safetensors"):
         assert (out / name).read_bytes() == (source / name).read_bytes()
+    assert (source / "build_report.json").is_file() and not (out / "build_report.json").exists()
     assert recommended_sampling(str(out)) == recommended_sampling("ink-digits")
     assert known_prompts(out) == known_prompts(source)

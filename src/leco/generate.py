@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,11 @@ MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds below 2**64
 MAX_SEEDS = 10_000  # one --seeds list; more is a typo, not a plan
 # Key parts of every LoRA layout diffusers loads (kohya, diffusers/peft, older diffusers).
 LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
+
+
+def _has_lora_keys(keys: Iterable[str]) -> bool:
+    """Whether any key names a LoRA layer, in any layout diffusers loads."""
+    return any(marker in key for key in keys for marker in LORA_KEY_MARKERS)
 
 
 @dataclass
@@ -216,7 +221,7 @@ def read_lora_header(path: str | Path) -> LoraHeader:
             f"--lora: {path} is a textual-inversion embedding, not a LoRA; give it as --embedding "
             "and put its token in --prompt or --negative"
         )
-    if not any(marker in key for key in shapes for marker in LORA_KEY_MARKERS):
+    if not _has_lora_keys(shapes):
         example = next(iter(shapes), "none")
         raise LecoError(
             f"--lora: {path} holds no LoRA weights (keys like {example}); if it is a model checkpoint, "
@@ -381,7 +386,7 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     if not path.is_file():
         raise LecoError(f"--embedding: {path} not found; check the path")
     tensors, metadata = _embedding_tensors(path)
-    if any(marker in key for key in tensors for marker in LORA_KEY_MARKERS):
+    if _has_lora_keys(tensors):
         raise LecoError(f"--embedding: {path} is a LoRA, not an embedding; give it as --lora")
     key_token = None
     if set(tensors) == {"clip_l", "clip_g"}:

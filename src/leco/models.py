@@ -29,6 +29,7 @@ CONFIG_ROOT = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 Arch = Literal["sd1", "sd2", "sdxl"]
+MODEL_CARD = "README.md"  # a model folder's card: its recommended steps and guidance
 BUNDLED_MODEL = "ink-digits"  # the default bundled model (SD 1.x)
 BUNDLED_MODELS = ("ink-digits", "ink-digits-2")  # = leco.ink_digits.MODEL_NAMES (a test checks)
 
@@ -200,7 +201,7 @@ def recommended_sampling(name_or_path: str) -> SamplingDefaults:
     models' own settings come from their quality measurement.
     """
     folder = resolve_bundled(name_or_path)
-    card = folder / "README.md"
+    card = folder / MODEL_CARD
     if card.is_file():
         from huggingface_hub.repocard import metadata_load
 

@@ -20,10 +20,12 @@ from safetensors.torch import save as safetensors_bytes
 from leco.config import PretrainedModelConfig
 from leco.errors import LecoError
 from leco.files import atomic_folder, atomic_output
+from leco.ink_digits.judge import JUDGE_FILE
 from leco.interop.original_layout import original_state_dict
-from leco.models import CONFIG_ROOT, LoadedModels, load_models
+from leco.models import CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models
 from leco.network import kohya
 from leco.network.text_encoders import TextEncoderLoRA
+from leco.preservation import KNOWN_PROMPTS_FILE
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FOLDER_METADATA = "modelspec.json"  # diffusers folders have no header: the same keys go in this file
@@ -166,14 +168,14 @@ def _save_folder(models: LoadedModels, out: Path, metadata: dict[str, str], dtyp
 
 
 def _copy_model_files(source: Path, staging: Path) -> None:
-    """The source folder's own top-level files that save_pretrained does not write: its model card
-    (recommended steps and guidance), prompt list (automatic anchors, `keep: all`) and judge. Without
-    them the merged folder samples with generic settings and anchors, silently."""
-    if not source.is_dir():
-        return
-    for file in source.iterdir():
-        if file.is_file() and not (staging / file.name).exists():
-            shutil.copy2(file, staging / file.name)
+    """The files leco reads from a model folder beside its weights, which save_pretrained does not
+    write: the model card (recommended steps and guidance), the prompt list (automatic anchors,
+    `keep: all`) and the ink-digits judge. Without them the merged folder samples with generic
+    settings and anchors, silently. Nothing else is copied: a folder may also hold the unmerged
+    weights as a single file, which must not come along."""
+    for name in (MODEL_CARD, KNOWN_PROMPTS_FILE, JUDGE_FILE):
+        if (source / name).is_file():
+            shutil.copy2(source / name, staging / name)
 
 
 def _warn_if_layout_is_its_own(models: LoadedModels, name: str) -> None:
