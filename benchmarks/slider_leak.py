@@ -173,6 +173,9 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
     "anchors+text0.1": [_anchors(), _set("anchors.text_weight", 0.1)],
     "anchors+text1": [_anchors(), _set("anchors.text_weight", 1.0)],
     "full": [_set("network.training_method", "full")],
+    # Every layer, the resnets and self-attention included: features of the drawn five, not only
+    # of the words, may tell the five from the other digits.
+    "anchors+full": [_anchors(), _set("network.training_method", "full")],
     "rank1": [_set("network.rank", 1)],
     "guidance1": [_guidance(1.0)],
     "guidance4": [_guidance(4.0)],

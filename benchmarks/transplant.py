@@ -118,6 +118,8 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     "example": [],
     "example+1600": [_set("train.iterations", 1600)],  # the anchors' weight slows the ink
     "example+weight2": [_set("anchors.weight", 2.0)],  # between the previous example's 1 and 4
+    "example+weight3": [_set("anchors.weight", 3.0)],
+    "example+3200": [_set("train.iterations", 3200)],  # a third more steps at the example's weight
     "previous": PREVIOUS,
     "previous+800": [*PREVIOUS, EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags
     "previous+anchors8": [*PREVIOUS, _set("anchors.per_step", 8)],

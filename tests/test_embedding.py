@@ -156,3 +156,20 @@ def test_bad_embedding_settings_are_one_line(tmp_path, tiny_folders, change, mes
     with pytest.raises((ConfigError, ValueError)) as caught:
         LecoConfig.model_validate(document).check_combination()
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("init_text", "vectors", "warned"),
+    [
+        ("fox", 2, []),
+        ("fox qzxj", 4, ["not one per word"]),  # an unknown word is spelt in pieces (4 of them)
+        ("fox red car", 2, ["only the first 2 start the vectors"]),
+    ],
+)
+def test_an_init_text_that_does_not_start_the_vectors_as_written_is_named(
+    tmp_path, tiny_folders, capsys, init_text, vectors, warned
+):
+    config = embedding_config(tiny_folders["sd1"], tmp_path, init_text=init_text, vectors=vectors)
+    Trainer(config, progress=False)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "network.init_text" in line]
+    assert len(lines) == len(warned) and all(w in line for w, line in zip(warned, lines, strict=True)), lines

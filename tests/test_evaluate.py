@@ -442,3 +442,42 @@ def test_cli_eval_judges_several_loras_with_an_embedding(tmp_path, tiny_folders,
         and len(report["rows"]) == 2 + 2 * 2
     )
     assert "== across 2 LoRAs" in result.stdout and "CLIP@1" in result.stdout
+
+
+def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path, tiny_folders):
+    """Strength 0: the spec's negative prompt; strength 1: that prompt with the embedding's token."""
+    from safetensors.torch import save_file
+
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    embedding = tmp_path / "no_dog.safetensors"
+    save_file({"emb_params": torch.randn(2, 32) * 3}, str(embedding), metadata={"leco.token": "<no-dog>"})
+    spec = {"images_per_prompt": 1, "steps": 3, "guidance": 3.0, "negative_prompt": "blurry"}
+    spec["keep"] = [{"prompt": "a dog", "concept": "bright>0.5"}]
+    report = evaluate(
+        models,
+        embedding,
+        EvalSpec.model_validate(spec),
+        "cpu",
+        BrightnessDetector(),
+        tmp_path / "judged",
+        False,
+    )
+    assert report["negative_embeddings"] == {"no_dog": "<no-dog>"}
+    assert [r["strength"] for r in report["rows"]] == [0.0, 1.0] and report["rows"][1]["drift"] > 0
+    assert "negative embedding no_dog" in format_report(report) and "'<no-dog>' in the negative prompt" in (
+        format_report(report)
+    )
+    by_hand = EvalSpec.model_validate({**spec, "negative_prompt": "blurry <no-dog>"})
+    evaluate(models, None, by_hand, "cpu", BrightnessDetector(), tmp_path / "by_hand", False, [embedding])
+    evaluate(
+        models, None, EvalSpec.model_validate(spec), "cpu", BrightnessDetector(), tmp_path / "plain", False
+    )
+    judged, by_hand_image, plain = (
+        np.asarray(Image.open(tmp_path / name), np.int16)
+        for name in ("judged/a-dog_1_0.png", "by_hand/a-dog_0_0.png", "plain/a-dog_0_0.png")
+    )
+    assert np.array_equal(judged, by_hand_image) and not np.array_equal(judged, plain)
+    with pytest.raises(
+        LecoError, match=r"is a negative embedding, judged at strength 1 .* strengths -1 mean"
+    ):
+        evaluate(models, embedding, EvalSpec.model_validate({**spec, "strengths": [-1, 1]}), "cpu")

@@ -148,6 +148,10 @@ KOHYA_ERRORS = {
         "targets: kohya reads only [[prompts]] when a file has them",
     ),
     "bad_value": ('[[prompts]]\ntarget = "cat"\naction = "erse"\n', "prompts 1.action"),
+    "leco_only_action": (
+        'action = "distill"\n[[prompts]]\ntarget = "cat"\n',
+        "prompts 1.action: 'distill' is not a kohya train_leco action (erase, enhance)",
+    ),
     "zero_multiplier": (
         '[[prompts]]\ntarget = "cat"\nmultiplier = 0\n',
         "prompts 1.multiplier: must not be 0",

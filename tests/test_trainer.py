@@ -410,7 +410,8 @@ def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith(f"leco: error: {tmp_path / 'c.yaml'}: train.guidance: unknown key; did you mean")
+    config_file = tmp_path / "c.yaml"
+    assert line.startswith(f"leco train: error: {config_file}: train.guidance: unknown key; did you mean")
     assert "'rollout_guidance_scale'" in line
 
 

@@ -50,7 +50,8 @@ A spec lists prompts whose concept should go (erase), stay (keep) or appear (enh
   keep: all    # every other concept the detector knows (ink-digits: every digit and ink)
 More in examples/ink-digits/*_eval.yaml; unset steps/guidance take the model's recommended values.
 Repeat --lora to judge several LoRAs (e.g. training seeds) on the same images; the summary names
-the worst prompt per measure and the worst LoRA."""
+the worst prompt per measure and the worst LoRA. A negative embedding given as --lora is judged
+with its token added to the negative prompt (strength 1) against without it (strength 0)."""
 
 
 # Everything str.splitlines breaks a line at: a user's word carrying one must not split our one line.
@@ -578,11 +579,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         quiet_libraries()  # imports diffusers: a Ctrl-C here must not print a traceback either
         return args.run(args)
-    except LecoError as error:
-        print(f"leco: error: {_error_message(error, words)}", file=sys.stderr)
+    except LecoError as error:  # prefixed as argparse prefixes a bad option of the same command
+        print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("leco: aborted", file=sys.stderr)
+        print(f"leco {args.command}: aborted", file=sys.stderr)
         return 130
 
 

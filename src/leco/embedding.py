@@ -59,6 +59,8 @@ class TokenEmbedding:
             encoder.resize_token_embeddings(len(tokenizer))
             table = encoder.get_input_embeddings()
             start = _initial_vectors(tokenizer, table.weight, init_text, vectors)
+            if init_text and not self.vectors:  # once, from the first tokenizer (SDXL's agree on words)
+                _warn_about_init_pieces(tokenizer, init_text, vectors)
             table.weight.data[first : first + vectors] = start.to(table.weight.dtype)
             vector = nn.Parameter(start.float().clone())
             self.vectors.append(vector)
@@ -188,6 +190,24 @@ def _initial_vectors(tokenizer, table: Tensor, init_text: str | None, vectors: i
         rows = table[torch.tensor(ids)].detach()
         return rows[torch.arange(vectors) % len(ids)].clone()
     return table.detach().mean(dim=0, keepdim=True).repeat(vectors, 1)
+
+
+def _warn_about_init_pieces(tokenizer, init_text: str, vectors: int) -> None:
+    """Say so when the init text does not start the vectors as the user reads it: a word the
+    vocabulary splits (ink-digits' small vocabulary spells an unknown word letter by letter, whose
+    vectors mean nothing), or more tokens than vectors (only the first ones are used)."""
+    ids = tokenizer(init_text, add_special_tokens=False).input_ids
+    pieces = [piece.removesuffix("</w>") for piece in tokenizer.convert_ids_to_tokens(ids)]
+    if len(pieces) > len(init_text.split()):
+        print(
+            f"leco: warning: network.init_text: {init_text!r} is {len(pieces)} tokens of this vocabulary "
+            f"({' '.join(pieces)}), not one per word; the vectors start from those pieces"
+        )
+    if len(ids) > vectors:
+        print(
+            f"leco: warning: network.init_text: {init_text!r} is {len(ids)} tokens but network.vectors is "
+            f"{vectors}: only the first {vectors} start the vectors; set vectors: {len(ids)} to use all"
+        )
 
 
 def _use_vectors(first: int, vector: nn.Parameter):

@@ -11,8 +11,9 @@ several seeds) are judged on the same images of the plain model and the same see
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol
 
@@ -29,7 +30,9 @@ from leco.generate import (
     check_lora_fits,
     embeddings_loaded,
     generate,
+    is_embedding_file,
     lora_strengths,
+    read_embedding,
     read_lora_header,
 )
 from leco.images import ImageRequest, save_image
@@ -157,13 +160,17 @@ def evaluate(
     """Generate, detect and summarise; returns the report (also what `leco eval` writes as JSON).
 
     `lora`: one LoRA file, several (judged on the same seeds; the strength-0 images, those of the
-    plain model, are made once), or None for the plain model alone (strength 0 only).
+    plain model, are made once), or None for the plain model alone (strength 0 only). A
+    textual-inversion file among them is judged as a negative embedding: strength 1 adds its token
+    to the spec's negative prompt, strength 0 is the negative prompt without it.
     `embeddings`: textual-inversion files (FILE or FILE:TOKEN) the prompts may use.
     """
     loras = _lora_list(lora)
     labels = lora_labels(loras)
-    for path in loras:  # a bad second file should stop the run now, not after the first's images
-        check_lora_fits(read_lora_header(path), models.unet, models.family)
+    negatives = _negative_embeddings(loras, labels, spec.strengths)
+    for label, path in zip(labels, loras, strict=True):  # a bad second file stops the run now
+        if label not in negatives:
+            check_lora_fits(read_lora_header(path), models.unet, models.family)
     detector = detector or make_detector(spec, models)
     entries = judged_prompts(spec, detector)  # every concept checked before any image is made
     prompts = list(dict.fromkeys(entry.prompt for entry in entries))  # one render per prompt
@@ -173,20 +180,23 @@ def evaluate(
     pipe = build_pipeline(models, spec.sampler).to(device)
     folders = _image_folders(image_dir, labels)
     judge = _Judge(detector, entries, seeds)
-    with embeddings_loaded(pipe, embeddings):
+    loaded = list(dict.fromkeys([*map(str, embeddings), *(str(e.path) for e in negatives.values())]))
+    with embeddings_loaded(pipe, loaded):
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
         _save_images(base, folders.values())
         rows = judge.rows(base, base, None, 0.0)
         for label, path in zip(labels, loras, strict=True):
-            with lora_strengths(pipe, path, models.family) as set_strength:
+            negative = negatives.get(label)
+            with _applied(pipe, path, models.family, settings, negative) as (set_strength, applied):
                 for strength in strengths:
-                    images = _render(pipe, prompts, strength, seeds, settings, set_strength, progress)
+                    images = _render(pipe, prompts, strength, seeds, applied, set_strength, progress)
                     _save_images(images, [folders[label]] if folders else [])
                     rows += judge.rows(images, base, label, strength)
     ordered = [0.0, *strengths]
     report: dict[str, Any] = {
         "model": models.source,
         "loras": dict(zip(labels, map(str, loras), strict=True)),
+        "negative_embeddings": {label: embedding.token for label, embedding in negatives.items()},
         "embeddings": [str(e) for e in embeddings],
         "spec": spec.model_dump(),
         "sampling": {"steps": settings.steps, "guidance": settings.guidance},
@@ -211,6 +221,34 @@ def sampling_settings(spec: EvalSpec, models: LoadedModels) -> SamplingSettings:
         spec.sampler,
         spec.batch_size,
     )
+
+
+def _negative_embeddings(loras: list[Path], labels: list[str], strengths: list[float]) -> dict[str, Any]:
+    """The embeddings among the files judged like LoRAs, by label; each is on (1) or off (0) only."""
+    negatives = {label: read_embedding(path) for label, path in zip(labels, loras, strict=True)
+                 if is_embedding_file(path)}  # fmt: skip
+    other = [s for s in strengths if s not in (0.0, 1.0)]
+    if negatives and other:
+        path = next(iter(negatives.values())).path
+        raise LecoError(
+            f"--lora: {path} is a negative embedding, judged at strength 1 (its token in the negative "
+            f"prompt) against 0 (without); strengths {', '.join(f'{s:g}' for s in other)} mean nothing "
+            "for it: use strengths [0, 1] in the spec"
+        )
+    return negatives
+
+
+@contextmanager
+def _applied(
+    pipe, path: Path, family, settings: SamplingSettings, negative: Any | None
+) -> Iterator[tuple[Callable[[float], None], SamplingSettings]]:
+    """A LoRA loaded at a settable strength, or a negative embedding's token added to the negative prompt."""
+    if negative is not None:
+        with_token = replace(settings, negative_prompt=f"{settings.negative_prompt} {negative.token}".strip())
+        yield (lambda _: None), with_token
+        return
+    with lora_strengths(pipe, path, family) as set_strength:
+        yield set_strength, settings
 
 
 def _lora_list(lora: str | Path | Sequence[str | Path] | None) -> list[Path]:
@@ -356,11 +394,19 @@ def format_report(report: dict[str, Any], all_rows: bool = False) -> str:
     for label in labels:
         rows = report["rows"] if label is None else _rows_of(report["rows"], label)
         summary = report["summary"] if label is None else report["per_lora"][label]
-        title = _plain_title(report) if label is None else f"LoRA {label} ({report['loras'][label]})"
+        title = _plain_title(report) if label is None else _lora_title(report, label)
         blocks.append(f"== {title}\n{_row_table(rows, all_rows)}\n\n{_summary_table(summary)}")
     if "across_loras" in report:
         blocks.append(_across_table(report["across_loras"], len(labels)))
     return "\n\n".join(blocks)
+
+
+def _lora_title(report: dict[str, Any], label: str) -> str:
+    token = report.get("negative_embeddings", {}).get(label)
+    if token is None:
+        return f"LoRA {label} ({report['loras'][label]})"
+    path = report["loras"][label]
+    return f"negative embedding {label} ({path}): strength 1 = {token!r} in the negative prompt"
 
 
 def _plain_title(report: dict[str, Any]) -> str:

@@ -44,6 +44,20 @@ MAX_SEEDS = 10_000  # one --seeds list; more is a typo, not a plan
 LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
 
 
+def is_embedding_file(path: str | Path) -> bool:
+    """Whether `path` is a readable .safetensors file holding a textual-inversion embedding."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
+        return False
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return kohya.is_embedding(list(file.keys()))
+    except (SafetensorError, OSError):
+        return False  # read_lora_header names the damage
+
+
 def _has_lora_keys(keys: Iterable[str]) -> bool:
     """Whether any key names a LoRA layer, in any layout diffusers loads."""
     return any(marker in key for key in keys for marker in LORA_KEY_MARKERS)

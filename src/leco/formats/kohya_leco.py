@@ -58,6 +58,7 @@ SLIDER_KEYS = (
     "multiplier",
     "weight",
 )
+KOHYA_ACTIONS = ("erase", "enhance")
 # Lists of neutral prompts, in kohya's per-target precedence order.
 NEUTRAL_LIST_KEYS = ("neutrals", "neutral_prompt_file", "prompt_file")
 KOHYA_DEFAULTS = {
@@ -178,6 +179,13 @@ class _KohyaReader:
     def prompt_entry(self, item: dict[str, Any], defaults: dict[str, Any], where: str) -> Entry:
         self.check_keys(item, PROMPT_KEYS, f"{where}.", "a prompt entry")
         fields = {**_pick(defaults, PROMPT_KEYS), **item}
+        action = fields.get("action", "erase")
+        if isinstance(action, str) and action not in KOHYA_ACTIONS:
+            # A kohya file should stay runnable by kohya; leco's other actions live in its own YAML.
+            raise ConfigError(
+                f"{self.path}: {where}.action: {action!r} is not a kohya train_leco action (erase, enhance); "
+                "write this entry in a leco prompts YAML (README: prompts.yaml) to use leco's own actions"
+            )
         if "resolution" in fields:
             fields["resolution"] = self.resolution(fields["resolution"], f"{where}.resolution")
         return where, fields
