@@ -120,6 +120,14 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     "example+weight2": [_set("anchors.weight", 2.0)],  # between the previous example's 1 and 4
     "example+weight3": [_set("anchors.weight", 3.0)],
     "example+3200": [_set("train.iterations", 3200)],  # a third more steps at the example's weight
+    "example+weight2.5": [_set("anchors.weight", 2.5)],
+    "example+lr2e-3": [_set("train.lr", 2e-3)],
+    # More anchors in each step: more of what must stay, at the same balance of the two losses.
+    "example+weight2.5+anchors8": [_set("anchors.weight", 2.5), _set("anchors.per_step", 8)],
+    "example+anchors8": [_set("anchors.per_step", 8)],
+    # Anchors on rollouts of their own: kept where the kept prompts' own images are made.
+    "example+anchor-rollouts": [_set("anchors.rollouts", True)],
+    "example+weight2.5+anchor-rollouts": [_set("anchors.weight", 2.5), _set("anchors.rollouts", True)],
     "previous": PREVIOUS,
     "previous+800": [*PREVIOUS, EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags
     "previous+anchors8": [*PREVIOUS, _set("anchors.per_step", 8)],

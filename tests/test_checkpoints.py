@@ -39,17 +39,17 @@ def test_overwrite_replaces_the_earlier_run_and_its_stale_step_files(tmp_path, t
 
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tmp_path):
     first = RunFolder(tmp_path, "fox")
-    first.open(resuming=False, overwrite=False)
+    first.open(overwrite=False)
     try:
         with pytest.raises(LecoError, match=r"another `leco train` \(pid \d+\) is writing the run 'fox'"):
-            RunFolder(tmp_path, "fox").open(resuming=False, overwrite=False)
+            RunFolder(tmp_path, "fox").open(overwrite=False)
         other = RunFolder(tmp_path, "other")
-        other.open(resuming=False, overwrite=False)  # other names are free
+        other.open(overwrite=False)  # other names are free
         other.close()
     finally:
         first.close()
     again = RunFolder(tmp_path, "fox")
-    again.open(resuming=False, overwrite=False)  # released when the first run ends
+    again.open(overwrite=False)  # released when the first run ends
     again.close()
     assert not list(tmp_path.glob(".*lock"))
 

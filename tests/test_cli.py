@@ -586,7 +586,8 @@ def test_the_fuzz_reaches_the_model_loader(fuzz_paths, capsys, monkeypatch, tmp_
 
 def test_report_json_is_untouched_by_a_refused_command(tmp_path, capsys, no_loading, tiny_folders):
     report = tmp_path / "eval_report.json"
-    report.write_text(json.dumps({"mine": True}))
+    earlier = {"rows": [], "summary": {}, "spec": {}, "mine": True}  # an earlier eval's report
+    report.write_text(json.dumps(earlier))
     argv = [
         "eval",
         "--model",
@@ -598,7 +599,26 @@ def test_report_json_is_untouched_by_a_refused_command(tmp_path, capsys, no_load
     ]
     code, _, err = run_cli([*argv, "--images", report], capsys)
     assert_one_line_error(code, err, "--images")
-    assert json.loads(report.read_text()) == {"mine": True}
+    assert json.loads(report.read_text()) == earlier
+
+
+@pytest.mark.parametrize("victim", ["lora", "spec", "notes"])
+def test_eval_replaces_no_file_but_an_earlier_report(
+    tmp_path, capsys, no_loading, tiny_folders, loras, victim
+):
+    files = {
+        "lora": tmp_path / "mine.safetensors",
+        "spec": tmp_path / "spec.yaml",
+        "notes": tmp_path / "n.json",
+    }
+    files["lora"].write_bytes(Path(loras["sd1"]).read_bytes())
+    files["spec"].write_text((EXAMPLES / "erase_seven_eval.yaml").read_text())
+    files["notes"].write_text(json.dumps({"rows": "mine"}))
+    before = files[victim].read_bytes()
+    argv = ["eval", "--model", tiny_folders["sd1"], "--spec", files["spec"], "--lora", files["lora"]]
+    code, _, err = run_cli([*argv, "--out", files[victim]], capsys)
+    assert_one_line_error(code, err, "--out")
+    assert "exists and is not a leco eval report" in err and files[victim].read_bytes() == before
 
 
 def test_ci_runs_exactly_the_readme_set_up_commands():

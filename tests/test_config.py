@@ -113,6 +113,11 @@ def test_inline_prompts_are_accepted(tmp_path):
         ("pretrained_model: {name_or_path: x}\n", ["prompts_file: missing"]),
         ("train: [1, 2\n", ["line", "invalid YAML"]),
         ("- just\n- a list\n", ["must be a YAML mapping"]),
+        (
+            MINIMAL + "train:\n  iterations: 2\ntrain:\n  iterations: 3000\n",
+            ["line", "'train' appears twice in one mapping; keep one"],
+        ),
+        (MINIMAL + "train:\n  lr: 1e-3\n  lr: 1e-4\n", ["'lr' appears twice"]),
     ],
 )
 def test_bad_config_gives_one_clear_line(folder, text, expected):
@@ -135,6 +140,7 @@ def test_bad_config_gives_one_clear_line(folder, text, expected):
         ("- target: a\n- target: b\n  batch_size: 0\n", ["entry 2.batch_size:"]),
         ("[]\n", ["non-empty YAML list"]),
         ("- just text\n", ["entry 1: must be a mapping"]),
+        ("- target: a\n  target: b\n", ["'target' appears twice"]),
     ],
 )
 def test_bad_prompts_give_one_clear_line(folder, text, expected):
@@ -407,3 +413,13 @@ def test_anchor_combinations_that_keep_nothing_are_one_line(network, anchors, ex
             "anchors": anchors,
         }
     ).check_combination()
+
+
+def test_yaml_merge_keys_may_still_be_overridden(folder):
+    """`<<:` merges are how YAML shares settings; overriding a merged key is not a duplicate."""
+    text = MINIMAL + "shared: &s {iterations: 7, lr: 0.01}\n"
+    path = write(
+        folder, "c.yaml", text.replace("shared:", "x_shared:") + "train:\n  <<: *s\n  iterations: 9\n"
+    )
+    with pytest.raises(ConfigError, match="x_shared: unknown key"):  # the merge itself reads fine
+        load_config(path)

@@ -337,6 +337,22 @@ def test_resume_refuses_a_state_of_another_run(tmp_path, tiny_folders):
         train(other, resume=first.state, progress=False)
 
 
+def test_resuming_another_runs_state_never_replaces_a_run_of_this_name(tmp_path, tiny_folders):
+    def config(name: str, iterations: int) -> LecoConfig:
+        named = make_config(tiny_folders["sd1"], tmp_path, iterations=iterations)
+        named.save.name = name
+        return named
+
+    base = train(config("base", 2), progress=False)
+    finished = train(config("runb", 3), progress=False)
+    before = finished.path.read_bytes()
+    with pytest.raises(LecoError, match=r"--resume: .*base_state is another run's state, .* 'runb'"):
+        train(config("runb", 4), resume=base.state, progress=False)
+    assert finished.path.read_bytes() == before
+    fresh = train(config("runc", 4), resume=base.state, progress=False)  # a new name may continue it
+    assert fresh.steps == 4 and fresh.path.name == "runc_last.safetensors"
+
+
 def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, tiny_folders, monkeypatch):
     trainer = Trainer(make_config(tiny_folders["sd1"], tmp_path), progress=False)
     trainer.train_step()

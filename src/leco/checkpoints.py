@@ -39,22 +39,29 @@ class RunFolder:
     def file(self, suffix: str, extension: str = ".safetensors") -> Path:
         return self.path / f"{self.name}_{suffix}{extension}"
 
-    def check(self, *, resuming: bool, overwrite: bool) -> None:
-        """Before anything slow: the folder can be written, and no earlier run is silently replaced."""
+    def check(self, *, overwrite: bool, resume_source: Path | None = None) -> None:
+        """Before anything slow: the folder can be written, and no earlier run is silently replaced
+        (continuing another run's state under this name would replace this name's files too)."""
         self._check_writable()
         earlier = self.earlier_files()
-        if earlier and not (resuming or overwrite):
+        if earlier and resume_source is not None and not self.is_own_state(resume_source):
+            raise LecoError(
+                f"--resume: {resume_source} is another run's state, and save.path {self.path} already holds "
+                f"the run {self.name!r} ({earlier[0].name}), which continuing there would replace; choose "
+                f"another save.name, or resume {self.state_dir} to continue {self.name!r} itself"
+            )
+        if earlier and not (resume_source is not None or overwrite):
             raise LecoError(
                 f"save.path: {self.path} already holds the run {self.name!r} ({earlier[0].name}); "
                 "continue it with --resume, replace it with --overwrite, or choose another save.name"
             )
 
-    def open(self, *, resuming: bool, overwrite: bool) -> None:
+    def open(self, *, overwrite: bool, resume_source: Path | None = None) -> None:
         """Lock the run's name in the folder for this process, check again, and clear what may be cleared."""
         self._check_writable()
         self._lock = _acquire_lock(self.path / f".{self.name}.lock", self.name, self.path)
-        try:
-            self.check(resuming=resuming, overwrite=overwrite)  # a run that finished meanwhile counts
+        try:  # a run that finished meanwhile counts
+            self.check(overwrite=overwrite, resume_source=resume_source)
         except LecoError:
             self.close()
             raise
@@ -63,7 +70,7 @@ class RunFolder:
         for folder, pattern in temps:  # left by a process killed mid-save
             for temp in folder.glob(pattern) if folder.is_dir() else []:
                 temp.unlink(missing_ok=True)
-        if overwrite and not resuming:
+        if overwrite and resume_source is None:
             for old in self.earlier_files():
                 if old.is_dir():
                     for inner in old.iterdir():
@@ -71,6 +78,12 @@ class RunFolder:
                     old.rmdir()
                 else:
                     old.unlink()
+
+    def is_own_state(self, path: str | Path) -> bool:
+        """Whether `path` (a state folder or its file) is this run's own state."""
+        path = Path(path).expanduser().resolve()
+        own = self.state_dir.resolve()
+        return path in (own, own / STATE_FILE)
 
     def earlier_files(self) -> list[Path]:
         pattern = re.compile(rf"{re.escape(self.name)}_(\d+steps|last|interrupted)\.safetensors")

@@ -32,7 +32,7 @@ from leco.preservation import anchor_prompts
 def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetwork, dict[str, float]]:
     """Solve, export and save; returns the file, the network (on the loaded UNet) and fit figures."""
     folder = RunFolder(config.save.path, config.save.name)
-    folder.check(resuming=False, overwrite=overwrite)
+    folder.check(overwrite=overwrite)
     models = load_models(config.pretrained_model, dtype=torch.float32)
     erased, guides, kept = edit_prompts(config, models)
     states = text_states(models, config.pretrained_model.clip_skip, [*erased, *guides, *kept])
@@ -40,7 +40,7 @@ def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetw
     keep_rows = torch.cat([states[text] for text in kept]) if kept else erase_rows[:0]
     network = LoRANetwork.create(models.unet, models.family, lora_settings(config.network))
     fit = solve_into(network, erase_rows, guide_rows, keep_rows, config)
-    folder.open(resuming=False, overwrite=overwrite)
+    folder.open(overwrite=overwrite)
     try:
         path = network.save(
             folder.file("last"),

@@ -64,7 +64,7 @@ class Trainer:
     ) -> None:
         config.check_combination()
         self.config, self.progress = config, progress
-        self.resuming, self.overwrite = resume is not None, overwrite
+        self.resume_source, self.overwrite = Path(resume) if resume is not None else None, overwrite
         train = config.train
         requested = pick_device(train.device)
         self.ranks = Ranks(requested)  # data-parallel processes, if launched so
@@ -73,7 +73,7 @@ class Trainer:
         self.autocast = functools.partial(autocast_for, self.device, self.dtype)
         self.seed = train.seed if train.seed is not None else random.SystemRandom().randrange(2**31)
         self.folder = RunFolder(config.save.path, config.save.name)
-        self.folder.check(resuming=self.resuming, overwrite=overwrite)  # before minutes of loading
+        self.folder.check(overwrite=overwrite, resume_source=self.resume_source)  # before minutes of loading
 
         self.models = models = models or load_models(
             config.pretrained_model, dtype=self.dtype, with_vae=bool(config.preview.prompts)
@@ -213,7 +213,7 @@ class Trainer:
         iterations, main = self.config.train.iterations, self.ranks.is_main  # main: writes files and logs
         with contextlib.ExitStack() as cleanup:  # the lock, logs and bar are released on any exit
             if main:
-                self.folder.open(resuming=self.resuming, overwrite=self.overwrite)
+                self.folder.open(overwrite=self.overwrite, resume_source=self.resume_source)
                 cleanup.callback(self.folder.close)
             progress = Progress(self.config, self.step, show=self.progress, main=main)
             cleanup.callback(progress.close)
