@@ -262,6 +262,10 @@ def test_an_embedding_and_a_lora_given_for_each_other_say_which_option(loras, ca
     assert "is a LoRA, not an embedding; give it as --lora" in err
     assert not (tmp_path / "images").exists()
 
+    spec = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
+    args = build_parser().parse_args([str(a) for a in [*spec, "--lora", embedding, "--lora", loras["sd1"]]])
+    assert args.lora == [str(embedding), str(loras["sd1"])]  # eval judges an embedding as a negative one
+
 
 def test_an_embedding_whose_token_no_prompt_uses_is_pointed_out(capsys, no_loading, tiny_folders, tmp_path):
     embedding = tmp_path / "no_fox.safetensors"
@@ -270,7 +274,7 @@ def test_an_embedding_whose_token_no_prompt_uses_is_pointed_out(capsys, no_loadi
     for negative, warned in (("<no-fx>", True), ("blurry, no_fox", False)):
         with pytest.raises(AssertionError, match="a model was loaded"):  # the check comes before loading
             main([str(a) for a in [*base, "--negative", negative]])
-        out = capsys.readouterr().out
+        out = capsys.readouterr().err
         assert ("its token 'no_fox' is in no prompt; write it in the prompt or the negative" in out) == warned
 
 

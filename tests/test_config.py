@@ -118,6 +118,10 @@ def test_inline_prompts_are_accepted(tmp_path):
             ["line", "'train' appears twice in one mapping; keep one"],
         ),
         (MINIMAL + "train:\n  lr: 1e-3\n  lr: 1e-4\n", ["'lr' appears twice"]),
+        (MINIMAL + "train:\n  iterations: true\n", ["train.iterations: true/false is no value"]),
+        (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.0:", "finite"]),
+        (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.0:"]),
+        (MINIMAL + "save:\n  name: '..'\n", ["save.name:", "plain file name"]),
     ],
 )
 def test_bad_config_gives_one_clear_line(folder, text, expected):
@@ -417,9 +421,19 @@ def test_anchor_combinations_that_keep_nothing_are_one_line(network, anchors, ex
 
 def test_yaml_merge_keys_may_still_be_overridden(folder):
     """`<<:` merges are how YAML shares settings; overriding a merged key is not a duplicate."""
-    text = MINIMAL + "shared: &s {iterations: 7, lr: 0.01}\n"
-    path = write(
-        folder, "c.yaml", text.replace("shared:", "x_shared:") + "train:\n  <<: *s\n  iterations: 9\n"
+    text = MINIMAL + "x_shared: &s {iterations: 7, lr: 0.01}\ntrain:\n  <<: *s\n  iterations: 9\n"
+    with pytest.raises(ConfigError, match="x_shared: unknown key"):  # the YAML itself reads fine
+        load_config(write(folder, "c.yaml", text))
+
+
+def test_a_run_whose_every_entry_weighs_0_is_refused():
+    entries = [{"target": "x", "weight": 0}, {"target": "y", "weight": 0}]
+    config = LecoConfig.model_validate(
+        {"pretrained_model": {"name_or_path": "ink-digits"}, "prompts": entries}
     )
-    with pytest.raises(ConfigError, match="x_shared: unknown key"):  # the merge itself reads fine
-        load_config(path)
+    with pytest.raises(ConfigError, match="every entry has weight 0, so the loss is 0"):
+        config.check_combination()
+    entries[1]["weight"] = 0.5  # one weighing entry is enough
+    LecoConfig.model_validate(
+        {"pretrained_model": {"name_or_path": "ink-digits"}, "prompts": entries}
+    ).check_combination()

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from test_trainer import make_config, write_yaml_config
 
+from leco.distributed import Ranks
+from leco.errors import LecoError
 from leco.network import read_lora_file
 from leco.trainer import Trainer
 
@@ -59,3 +62,19 @@ def test_two_processes_write_one_file_equal_to_averaging_two_streams_in_one(tmp_
     assert distributed.keys() == single.keys()
     for key in single:
         torch.testing.assert_close(distributed[key].float(), single[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("environment", "message"),
+    [
+        ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not a number of processes"),
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 asks for data-parallel processes, which cannot meet"),
+    ],
+)
+def test_a_stray_world_size_is_one_line(monkeypatch, environment, message):
+    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LecoError, match=message):
+        Ranks(torch.device("cpu"))

@@ -171,5 +171,5 @@ def test_an_init_text_that_does_not_start_the_vectors_as_written_is_named(
 ):
     config = embedding_config(tiny_folders["sd1"], tmp_path, init_text=init_text, vectors=vectors)
     Trainer(config, progress=False)
-    lines = [line for line in capsys.readouterr().out.splitlines() if "network.init_text" in line]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "network.init_text" in line]
     assert len(lines) == len(warned) and all(w in line for w, line in zip(warned, lines, strict=True)), lines

@@ -340,7 +340,7 @@ def test_ai_toolkit_json_maps_optimizer_scheduler_network_and_shuffle():
 
 def test_ai_toolkit_keys_that_only_change_samples_are_named_in_one_warning(ai_toolkit_env, capsys):
     load_config(DATA / "ai_toolkit_slider.yaml")
-    lines = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(lines) == 1 and "meta" in lines[0] and "sample.sampler" in lines[0]
     assert "sample.width" not in lines[0]  # 16 is the size leco previews at anyway
 
@@ -381,6 +381,10 @@ AI_TOOLKIT_ERRORS = {
         "gone.txt",
     ),
     "environment": (('"${LECO_TEST_MODEL}"', '"${LECO_UNSET_VARIABLE}"'), "${LECO_UNSET_VARIABLE}"),
+    "process_name_leaves_the_folder": (
+        ("    - type: slider\n", "    - type: slider\n      name: ../elsewhere\n"),
+        "config.process[0].name: '../elsewhere' must name one folder inside training_folder",
+    ),
 }
 
 
@@ -570,8 +574,8 @@ def test_kohyas_512_default_on_a_small_model_is_pointed_out(tmp_path, tiny_folde
     toml.write_text('[[prompts]]\ntarget = "a fox"\n[[prompts]]\ntarget = "a cat"\nresolution = 32\n')
     models = load_models(str(tiny_folders["sd1"]))
     prepare_prompts(load_prompts(toml), models, TrainConfig())
-    warning = capsys.readouterr().out
+    warning = capsys.readouterr().err
     assert f"prompts entries 1 train at 512x512 px; this model draws at {models.resolution} px" in warning
     assert f"set `resolution: {models.resolution}`" in warning
     prepare_prompts(load_prompts(toml)[1:], models, TrainConfig())  # its own size: nothing to say
-    assert capsys.readouterr().out == ""
+    assert capsys.readouterr().err == ""

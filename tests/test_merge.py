@@ -223,7 +223,7 @@ def test_ink_digits_checkpoint_bakes_a_lora(tmp_path, capsys):
     checkpoint = merge(
         "ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "ink.safetensors", precision="fp32"
     )
-    assert "ink-digits is not laid out as a standard sd1 model" in capsys.readouterr().out
+    assert "ink-digits is not laid out as a standard sd1 model" in capsys.readouterr().err
     loaded = StableDiffusionPipeline.from_single_file(
         str(checkpoint), config=str(default_model_path()), local_files_only=True
     )
@@ -292,6 +292,7 @@ def test_cli_merge_refuses_to_overwrite_and_reports_bad_input(tmp_path, tiny_fol
     assert out.read_bytes() == b"keep me"
 
     assert main([*args, "--overwrite"]) == 0
+    capsys.readouterr()  # its warning (a tiny model's layout in one file) is not what is tested below
     with safe_open(str(out), "pt") as file:
         assert {t.dtype for t in (file.get_tensor(k) for k in file.keys())} == {torch.float16}  # noqa: SIM118
         assert file.metadata()["modelspec.merged_from"] == "sd1, l:-1"
@@ -302,6 +303,63 @@ def test_cli_merge_refuses_to_overwrite_and_reports_bad_input(tmp_path, tiny_fol
     error = capsys.readouterr().err.strip()
     assert "matches no layer of this sd1 UNet" in error and len(error.splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_and_convert_never_write_over_or_into_what_the_user_has(tmp_path, tiny_folders, capsys):
+    folder = str(tiny_folders["sd1"])
+    lora = random_lora(folder, tmp_path / "l.safetensors", seed=9)
+    (tmp_path / "a_file").write_text("x")
+    models = tmp_path / "mine"
+    models.mkdir()
+    (models / "notes.txt").write_text("mine")
+    before = {p: p.read_bytes() for p in [lora, tmp_path / "a_file", models / "notes.txt"]}
+    merge_args = ["merge", "--model", folder, "--lora", str(lora), "--overwrite", "--out"]
+    cases = [
+        ([*merge_args, str(lora)], "would replace, hold or sit inside the input"),
+        ([*merge_args, str(Path(folder) / "unet")], "would replace, hold or sit inside the input"),
+        ([*merge_args, str(tmp_path)], "would replace, hold or sit inside the input"),
+        ([*merge_args, str(tmp_path / "a_file" / "m")], "is a file, so"),
+        ([*merge_args, str(models)], "holds files this command did not write (no model_index.json)"),
+        ([*merge_args, ""], "--out: name the file or folder to write"),
+        (["convert", str(lora), "--family", "sd1", "--overwrite", "--out", str(lora)], "inside the input"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1, (argv, error)
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "l.safetensors", "mine"]
+    assert (Path(folder) / "unet").is_dir()
+    assert not any(p.name.startswith(".") for p in Path(folder).iterdir())  # no staging folder left
+
+
+def test_empty_damaged_and_overflowing_loras_are_named_before_anything_is_written(tmp_path, tiny_folders):
+    from leco.generate import build_pipeline, lora_strengths
+
+    folder = str(tiny_folders["sd1"])
+    lora = random_lora(folder, tmp_path / "l.safetensors", seed=5)
+    empty, damaged = tmp_path / "empty.safetensors", tmp_path / "nan.safetensors"
+    save_file({}, str(empty))
+    tensors, metadata = read_lora_file(lora)
+    key = next(k for k in tensors if k.endswith("lora_up.weight"))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, str(damaged), metadata)
+    cases = [
+        (LoraStrength(empty), "holds no tensors"),
+        (LoraStrength(damaged), f"{key} holds NaN or inf values"),
+        (LoraStrength(lora, 1e30), "overflow in torch.float16"),
+    ]
+    for given, message in cases:
+        with pytest.raises(LecoError, match=message):
+            merge(folder, [given], tmp_path / "m", precision="fp16")
+    assert not (tmp_path / "m").exists()
+    models = load_models(folder, with_vae=True)
+    pipe = build_pipeline(models)
+    with (
+        pytest.raises(LecoError, match=f"--lora: .*nan.safetensors: {key} holds NaN"),
+        lora_strengths(pipe, damaged, models.family),
+    ):
+        pass
 
 
 def test_single_file_model_merges_like_its_folder(tmp_path, tiny_folders):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from leco import __version__
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 
 NUMERIC_LIST_OPTIONS = ("--strengths",)
 
@@ -188,6 +188,15 @@ def _lora_file(text: str) -> str:
     return str(_checked(read_lora_header)(text).path)
 
 
+def _lora_or_embedding_file(text: str) -> str:
+    """eval's --lora: a LoRA, or a negative embedding (judged with its token in the negative prompt)."""
+    from leco.generate import is_embedding_file, read_embedding
+
+    if is_embedding_file(text):
+        return str(_checked(read_embedding)(text).path)
+    return _lora_file(text)
+
+
 def _sampler(text: str) -> str:
     from leco.generate import SAMPLERS
 
@@ -332,10 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument(
         "--lora",
-        type=_lora_file,
+        type=_lora_or_embedding_file,
         action="append",
         default=[],
-        help="LoRA to judge (omit to judge the plain model); repeat to judge several on the same seeds",
+        help="LoRA to judge (omit to judge the plain model); repeat to judge several on the same seeds; "
+        "a negative embedding is judged with its token added to the negative prompt",
     )
     evaluate.add_argument("--spec", required=True, help="eval spec YAML (prompts, concepts, detector)")
     evaluate.add_argument("--negative", help="negative prompt (overrides the spec's negative_prompt:)")
@@ -497,8 +507,8 @@ def _read_embeddings(options: list[str], texts: list[str]) -> None:
     for option in options:
         embedding = read_embedding(*parse_embedding_option(option))
         if not any(embedding.token in text for text in texts):
-            print(
-                f"leco: warning: --embedding {embedding.path}: its token {embedding.token!r} is in no "
+            warn(
+                f"--embedding {embedding.path}: its token {embedding.token!r} is in no "
                 f"prompt; write it in the prompt or the negative prompt (e.g. --negative {embedding.token!r})"
             )
 
@@ -584,6 +594,14 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # while the options are read (checking some imports torch): no traceback
+        print("leco: aborted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: Sequence[str] | None) -> int:
     _quiet_library_environment()
     parser = build_parser()
     words = _join_negative_values(list(sys.argv[1:] if argv is None else argv))

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -76,6 +77,19 @@ Precision = Annotated[Literal["fp32", "fp16", "bf16"], BeforeValidator(_canonica
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads `iterations: true` as 1; in a config that is a slip, never a number.
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
+            raise ValueError("true/false is no value for this key; write a number or text")
+        return value
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    return annotation is bool or annotation is Any or any(_accepts_bool(a) for a in get_args(annotation))
 
 
 class PretrainedModelConfig(_Section):
@@ -196,8 +210,8 @@ class SaveConfig(_Section):
     @field_validator("name")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        if not value or any(c in value for c in '/\\:*?"<>|'):
-            raise ValueError('must be a plain file name without / \\ : * ? " < > |')
+        if not value or value.startswith(".") or any(c in value for c in '/\\:*?"<>|'):
+            raise ValueError('must be a plain file name, not starting with ".", without / \\ : * ? " < > |')
         return value
 
 
@@ -219,10 +233,12 @@ class PreviewConfig(_Section):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     prompts: list[str] = Field(default_factory=list)  # none: no previews
-    strengths: list[float] = Field(default_factory=lambda: [-1.0, 0.0, 1.0])
-    seeds: list[int] = Field(default_factory=lambda: [0])
+    strengths: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+        default_factory=lambda: [-1.0, 0.0, 1.0]
+    )
+    seeds: list[Annotated[int, Field(ge=0, lt=2**64)]] = Field(default_factory=lambda: [0])
     steps: int = Field(20, ge=1)
-    guidance: float = 7.0
+    guidance: float = Field(7.0, ge=0, allow_inf_nan=False)
     every: int | None = Field(None, ge=1)  # default: save.per_steps
 
 
@@ -387,6 +403,11 @@ class LecoConfig(_Section):
 
     def check_combination(self) -> None:
         """Settings that are valid alone but not together; one line naming the keys."""
+        if self.prompts and all(entry.weight == 0 for entry in self.prompts):
+            raise ConfigError(
+                "prompts: every entry has weight 0, so the loss is 0 and nothing would be trained; "
+                "give at least one entry a weight above 0 (1 is the default)"
+            )
         if self.train.method == "closed_form":
             if self.network.type != "lierla" or self.network.training_method in PRESETS_WITHOUT_KEYS_VALUES:
                 raise ConfigError(

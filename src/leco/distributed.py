@@ -14,15 +14,35 @@ from typing import Any
 import torch
 from torch import nn
 
+from leco.errors import LecoError
+
+
+def _world_size() -> int:
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise LecoError(
+            f"WORLD_SIZE={text!r} is not a number of processes; unset it (launchers such as accelerate "
+            "set it)"
+        ) from None
+
 
 class Ranks:
     def __init__(self, device: torch.device) -> None:
         self.state = None
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if _world_size() > 1:
             from accelerate import PartialState
 
-            # accelerate picks gloo for CPU processes and nccl for GPUs.
-            self.state = PartialState(cpu=device.type == "cpu")
+            try:  # accelerate picks gloo for CPU processes and nccl for GPUs.
+                self.state = PartialState(cpu=device.type == "cpu")
+            except (ValueError, RuntimeError, KeyError) as error:
+                reason = str(error).strip().splitlines()[0][:120]
+                raise LecoError(
+                    f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for data-parallel processes, which cannot "
+                    f"meet ({reason}); start them with `accelerate launch -m leco train ...` or `leco train "
+                    "--num-processes N`, or unset WORLD_SIZE"
+                ) from None
 
     @property
     def count(self) -> int:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from leco import __version__
 from leco.conditioning import Conditioning, PromptEncoder
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 from leco.models import LoadedModels
 from leco.network import kohya
 from leco.objectives import Predictions, as_negative_prompt
@@ -199,13 +199,13 @@ def _warn_about_init_pieces(tokenizer, init_text: str, vectors: int) -> None:
     ids = tokenizer(init_text, add_special_tokens=False).input_ids
     pieces = [piece.removesuffix("</w>") for piece in tokenizer.convert_ids_to_tokens(ids)]
     if len(pieces) > len(init_text.split()):
-        print(
-            f"leco: warning: network.init_text: {init_text!r} is {len(pieces)} tokens of this vocabulary "
+        warn(
+            f"network.init_text: {init_text!r} is {len(pieces)} tokens of this vocabulary "
             f"({' '.join(pieces)}), not one per word; the vectors start from those pieces"
         )
     if len(ids) > vectors:
-        print(
-            f"leco: warning: network.init_text: {init_text!r} is {len(ids)} tokens but network.vectors is "
+        warn(
+            f"network.init_text: {init_text!r} is {len(ids)} tokens but network.vectors is "
             f"{vectors}: only the first {vectors} start the vectors; set vectors: {len(ids)} to use all"
         )
 

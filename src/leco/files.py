@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+from leco.errors import LecoError
 
 
 @contextmanager
@@ -55,6 +57,42 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def check_output(
+    out: Path, *, overwrite: bool, inputs: Sequence[Path] = (), folder_marker: str | None = None
+) -> Path:
+    """Refuse an output that cannot be written or would destroy what the user has, before any work.
+
+    `inputs`: paths the command reads, which the output may neither be, hold nor sit inside.
+    `folder_marker`: a file every folder this command writes holds (e.g. model_index.json); with
+    `overwrite`, an existing folder without it is refused (it holds something else).
+    """
+    if not str(out).strip() or out == Path("."):
+        raise LecoError("--out: name the file or folder to write")
+    out = out.expanduser()
+    where = out.absolute()
+    for source in inputs:
+        source = source.expanduser().absolute()
+        if where == source or source.is_relative_to(where) or where.is_relative_to(source):
+            raise LecoError(
+                f"--out: {out} would replace, hold or sit inside the input {source}; choose another path"
+            )
+    existing = where
+    while not existing.exists():
+        existing = existing.parent
+    if existing != where and not existing.is_dir():
+        raise LecoError(f"--out: {existing} is a file, so {out} cannot be created; choose another path")
+    if not os.access(existing, os.W_OK) or (existing == where and not os.access(where.parent, os.W_OK)):
+        raise LecoError(f"--out: {out} cannot be written there (permission denied); choose another path")
+    if out.exists() and not overwrite:
+        raise LecoError(f"--out: {out} exists; choose another path or pass --overwrite to replace it")
+    if out.is_dir() and folder_marker and any(out.iterdir()) and not (out / folder_marker).is_file():
+        raise LecoError(
+            f"--out: {out} holds files this command did not write (no {folder_marker}); --overwrite replaces "
+            "only such an output, so choose a new or empty folder"
+        )
+    return out
 
 
 def _umask() -> int:

@@ -127,6 +127,7 @@ def lora_strengths(
         return
     path = Path(lora)
     check_lora_fits(read_lora_header(path), pipe.unet, family)
+    _check_lora_finite(path)
     try:
         with quiet_library_logs():  # diffusers logs every mismatched tensor before it raises
             pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
@@ -142,6 +143,19 @@ def lora_strengths(
         yield set_strength
     finally:
         pipe.unload_lora_weights()
+
+
+def _check_lora_finite(path: Path) -> None:
+    """A LoRA holding NaN draws black images without a word from diffusers; name it instead."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        for key in file.keys():  # noqa: SIM118 (safe_open is no dict)
+            tensor = file.get_tensor(key)
+            if tensor.is_floating_point() and not tensor.isfinite().all():
+                raise LecoError(
+                    f"--lora: {path}: {key} holds NaN or inf values; the file is damaged: train it again"
+                )
 
 
 @torch.no_grad()

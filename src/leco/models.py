@@ -23,7 +23,7 @@ from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from leco.config import PretrainedModelConfig
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 
 CONFIG_ROOT = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -605,7 +605,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def training_dtype(device: torch.device, precision: str) -> torch.dtype:
     """The UNet's dtype for training; fp16 on the CPU falls back to fp32 (CPUs have no fast fp16)."""
     if device.type == "cpu" and precision == "fp16":
-        print("leco: warning: fp16 is not supported well on the CPU; training in fp32")
+        warn("fp16 is not supported well on the CPU; training in fp32")
         return torch.float32
     return DTYPES[precision]
 
@@ -627,7 +627,7 @@ def prepare_for_training(
             unet.enable_xformers_memory_efficient_attention()
         except (ModuleNotFoundError, ValueError) as error:
             reason = str(error).splitlines()[0][:80]
-            print(f"leco: warning: xformers unavailable ({reason}); using PyTorch SDPA")
+            warn(f"xformers unavailable ({reason}); using PyTorch SDPA")
     if config.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return unet

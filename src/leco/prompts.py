@@ -9,7 +9,7 @@ import torch
 
 from leco.conditioning import Conditioning, PromptEncoder
 from leco.config import PromptSettings, TrainConfig
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 from leco.models import LoadedModels
 from leco.objectives import OBJECTIVES, Objective
 
@@ -136,8 +136,8 @@ def _warn_if_far_from_native(prepared: list[PreparedPrompt], native: int) -> Non
     if far:
         entries = ", ".join(str(n) for n, _ in far)
         height, width = far[0][1]
-        print(
-            f"leco: warning: prompts entries {entries} train at {height}x{width} px; this model draws at "
+        warn(
+            f"prompts entries {entries} train at {height}x{width} px; this model draws at "
             f"{native} px (a kohya prompt file without `resolution` means 512): set `resolution: {native}`"
         )
 
@@ -150,7 +150,6 @@ def _warn_if_truncated(models: LoadedModels, texts: list[str]) -> None:
     tokenizer = models.tokenizers[0]
     for text in texts:
         if len(tokenizer(text).input_ids) > tokenizer.model_max_length:
-            print(
-                f"leco: warning: prompt {text[:40]!r}... is longer than {tokenizer.model_max_length} tokens "
-                "and is cut there"
+            warn(
+                f"prompt {text[:40]!r}... is longer than {tokenizer.model_max_length} tokens and is cut there"
             )

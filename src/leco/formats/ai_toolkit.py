@@ -32,6 +32,7 @@ import yaml
 from pydantic import ValidationError
 
 from leco.config import ConfigError, LecoConfig
+from leco.errors import warn
 from leco.formats.kohya_leco import slider_pairs
 
 # ai-toolkit's defaults (toolkit/config_modules.py) where they differ from leco's.
@@ -242,8 +243,8 @@ class _Converter:
         for section in (config, process):
             section.finish()
         if self.warnings:
-            print(
-                f"leco: warning: {self.path}: not honoured (they change only samples, logs or metadata): "
+            warn(
+                f"{self.path}: not honoured (they change only samples, logs or metadata): "
                 + ", ".join(self.warnings)
             )
         return self.validate()
@@ -280,6 +281,11 @@ class _Converter:
             raise ConfigError(f"{self.path}: config.training_folder: required key is missing; add it")
         # Files are named after the job; a process `name` only names their folder.
         subfolder = str(process.get("name", name))
+        if not subfolder.strip() or subfolder in (".", "..") or any(c in subfolder for c in "/\\"):
+            raise ConfigError(
+                f"{self.path}: {process.key('name')}: {subfolder!r} must name one folder inside "
+                "training_folder (no / or \\, not . or ..)"
+            )
         self.put("save.name", name, "config.name")
         self.put("save.path", str(Path(str(folder)) / subfolder), folder_key)
         device, device_key = setting("device")

@@ -23,6 +23,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from leco.errors import LecoError
+from leco.files import check_output
 from leco.models import CONFIG_ROOT, ModelFamily, arch_from_unet_config, load_models, resolve_bundled
 from leco.network import kohya
 from leco.network.text_encoders import TextEncoderLoRA
@@ -60,8 +61,9 @@ def convert(
     source, out = Path(source), Path(out)
     if out.suffix.lower() != ".safetensors":
         raise LecoError(f"--out: {out} must end in .safetensors (the LoRA format A1111 and ComfyUI load)")
-    if out.exists() and not overwrite:
-        raise LecoError(f"--out: {out} exists; choose another path or pass --overwrite to replace it")
+    check_output(out, overwrite=overwrite, inputs=[source])
+    if out.is_dir():
+        raise LecoError(f"--out: {out} is a folder; name the .safetensors file to write")
     if sd2_proj not in SD2_PROJ_FORMS:
         raise LecoError(f"--sd2-proj: {sd2_proj!r} is not known; use 2d or 4d")
     skeleton = model_skeleton(model, family)

@@ -18,11 +18,11 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from leco.config import PretrainedModelConfig
-from leco.errors import LecoError
-from leco.files import atomic_folder, atomic_output
+from leco.errors import LecoError, warn
+from leco.files import atomic_folder, atomic_output, check_output
 from leco.ink_digits.judge import JUDGE_FILE
 from leco.interop.original_layout import original_state_dict
-from leco.models import CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models
+from leco.models import CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models, resolve_bundled
 from leco.network import kohya
 from leco.network.text_encoders import TextEncoderLoRA
 from leco.preservation import KNOWN_PROMPTS_FILE
@@ -90,7 +90,9 @@ def merge(
     path is a diffusers folder. An existing `out` is replaced only with `overwrite`.
     """
     spec = PretrainedModelConfig(name_or_path=model) if isinstance(model, str) else model
-    out = _check_output(Path(out), overwrite)
+    model_path = resolve_bundled(spec.name_or_path)
+    inputs = [lora.path for lora in loras] + ([model_path] if model_path.exists() else [])
+    out = _check_output(Path(out), overwrite, inputs)
     if precision not in PRECISIONS:
         raise LecoError(f"--precision: {precision!r} is not known; use one of {', '.join(PRECISIONS)}")
     if not loras:
@@ -102,6 +104,7 @@ def merge(
     models = load_models(spec, dtype=torch.float32, with_vae=True)
     for lora in loras:
         bake(models, lora)
+    _check_finite(models, PRECISIONS[precision], loras)
     metadata = merge_metadata(models, spec.name_or_path, loras, out)
     if _is_single_file(out):
         _warn_if_layout_is_its_own(models, spec.name_or_path)
@@ -131,19 +134,29 @@ def _lora_title(lora: LoraStrength) -> str:
     return kohya.read_lora_file(lora.path)[1].get("modelspec.title") or lora.title
 
 
+def _check_finite(models: LoadedModels, dtype: torch.dtype, loras: Sequence[LoraStrength]) -> None:
+    """A strength far too large overflows weights (to inf, or in fp16 past 65504): say so, write nothing."""
+    for module in (models.unet, *models.text_encoders):
+        for name, weight in module.named_parameters():
+            if not weight.detach().to(dtype).isfinite().all():
+                strengths = ", ".join(f"{lora.path.name}:{lora.strength:g}" for lora in loras)
+                raise LecoError(
+                    f"--lora: merging {strengths} makes {name} overflow in {dtype}; use strengths of "
+                    "a usual size (about -2 to 2)"
+                )
+
+
 def _is_single_file(out: Path) -> bool:
     return out.suffix.lower() == ".safetensors"
 
 
-def _check_output(out: Path, overwrite: bool) -> Path:
+def _check_output(out: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
     if out.suffix.lower() in kohya.PICKLED_LORA_SUFFIXES:
         raise LecoError(f"--out: {out} would be a pickle; write a .safetensors file or a folder path")
-    if out.exists():
-        if not overwrite:
-            raise LecoError(f"--out: {out} exists; choose another path or pass --overwrite to replace it")
-        if out.is_dir() == _is_single_file(out):
-            kind = "folder" if out.is_dir() else "file"
-            raise LecoError(f"--out: {out} is a {kind}; --overwrite replaces like with like only")
+    check_output(out, overwrite=overwrite, inputs=inputs, folder_marker="model_index.json")
+    if out.exists() and out.is_dir() == _is_single_file(out):
+        kind = "folder" if out.is_dir() else "file"
+        raise LecoError(f"--out: {out} is a {kind}; --overwrite replaces like with like only")
     return out
 
 
@@ -184,8 +197,8 @@ def _warn_if_layout_is_its_own(models: LoadedModels, name: str) -> None:
     standard = json.loads((CONFIG_ROOT / models.family.arch / "unet" / "config.json").read_text())
     keys = ("block_out_channels", "cross_attention_dim", "layers_per_block")
     if any(_as_list(models.unet.config.get(k)) != _as_list(standard.get(k)) for k in keys):
-        print(
-            f"leco: warning: {name} is not laid out as a standard {models.family.arch} model, and a single "
+        warn(
+            f"{name} is not laid out as a standard {models.family.arch} model, and a single "
             "file does not carry its layout: only diffusers' from_single_file(config=its folder) loads it; "
             "to use it with leco write a folder (--out without .safetensors)"
         )

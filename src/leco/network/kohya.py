@@ -188,8 +188,12 @@ def split_by_model(
             f"{source}: is a textual-inversion embedding ({', '.join(sorted(tensors))}), not a LoRA: it "
             "changes no weights to merge or convert; use it with --embedding and its token in a prompt"
         )
+    if not tensors:
+        raise LecoError(f"{source}: holds no tensors, so it is no LoRA (an empty or unfinished file?)")
     unet, text = {}, {}
     for key, value in tensors.items():
+        if value.is_floating_point() and not value.isfinite().all():
+            raise LecoError(f"{source}: {key} holds NaN or inf values; the file is damaged: train it again")
         if key.startswith(UNET_PREFIX):
             unet[key] = value
         elif key.startswith(TEXT_ENCODER_PREFIXES):
