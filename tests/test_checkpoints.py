@@ -18,6 +18,19 @@ def test_a_save_path_under_a_file_fails_before_the_model_loads(tmp_path):
         Trainer(config, progress=False)  # the model path does not exist: the folder was checked first
 
 
+def test_a_file_where_the_previews_go_fails_before_the_model_loads(tmp_path):
+    (tmp_path / "previews").write_text("not a folder")
+    config = make_config(tmp_path / "no-such-model", tmp_path)
+    config.preview.prompts = ["a fox"]
+    with pytest.raises(
+        LecoError, match=r"save.path: .*previews is a file, but the preview grids go into a folder"
+    ):
+        Trainer(config, progress=False)
+    config.preview.prompts = []  # no previews: the file is none of leco's business
+    with pytest.raises(LecoError, match="no-such-model"):
+        Trainer(config, progress=False)
+
+
 def test_a_fresh_run_does_not_replace_an_earlier_one(tmp_path, tiny_folders):
     first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=5), progress=False)
     before = first.path.read_bytes()

@@ -437,3 +437,15 @@ def test_a_run_whose_every_entry_weighs_0_is_refused():
     LecoConfig.model_validate(
         {"pretrained_model": {"name_or_path": "ink-digits"}, "prompts": entries}
     ).check_combination()
+
+
+def test_an_eval_spec_given_to_train_and_a_config_given_to_eval_say_so():
+    from leco.evaluate import load_spec
+
+    examples = Path(__file__).resolve().parent.parent / "examples" / "ink-digits"
+    with pytest.raises(
+        ConfigError, match=r"erase_seven_eval.yaml: this is an eval spec \(.*\), not a training config"
+    ):
+        load_config(examples / "erase_seven_eval.yaml")
+    with pytest.raises(ConfigError, match=r"erase_seven.yaml: this is a training config, not an eval spec"):
+        load_spec(examples / "erase_seven.yaml")

@@ -481,3 +481,15 @@ def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path
         LecoError, match=r"is a negative embedding, judged at strength 1 .* strengths -1 mean"
     ):
         evaluate(models, embedding, EvalSpec.model_validate({**spec, "strengths": [-1, 1]}), "cpu")
+
+
+def test_a_clip_model_that_is_not_here_is_one_line_at_once(monkeypatch):
+    from huggingface_hub import constants
+
+    from leco.evaluate import ClipDetector
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        LecoError, match=r"clip_model: 'someone/no-such-clip' is not in the local Hugging Face cache"
+    ):
+        ClipDetector("someone/no-such-clip", ["a cat"])

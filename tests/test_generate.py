@@ -116,6 +116,20 @@ def test_cli_generate_writes_images_and_grid(tmp_path, tiny_folders, lora_files,
     assert len(names) == 2 * 2 * 3 + 1 and "grid.png" in names and "a-dog_-1_1.png" in names
 
 
+def test_prompts_that_share_a_slug_keep_their_own_images(tmp_path, tiny_folders):
+    from leco.images import unique_slugs
+
+    prompts = ["a digit seven", "A digit seven!", "数字 七", "数字 八", "a cat"]
+    slugs = unique_slugs(prompts)
+    assert len(set(slugs.values())) == len(prompts) and slugs["a cat"] == "a-cat"
+    assert slugs["a digit seven"].startswith("a-digit-seven-") and slugs == unique_slugs(reversed(prompts))
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    paths, _ = run_generation(
+        models, None, requests_for(prompts, [0.0], [0]), SETTINGS, tmp_path, "cpu", False
+    )
+    assert len(set(paths)) == len(prompts) and all(p.is_file() for p in paths)
+
+
 def test_cli_names_a_missing_embedding_before_loading_the_model(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "leco", "generate", "--model", str(tmp_path / "no-model"), "--prompt", "a cat",

@@ -33,16 +33,25 @@ class RunFolder:
         self._lock: Any = None
 
     @property
+    def previews(self) -> Path:
+        return self.path / "previews"
+
+    @property
     def state_dir(self) -> Path:
         return self.path / f"{self.name}_state"
 
     def file(self, suffix: str, extension: str = ".safetensors") -> Path:
         return self.path / f"{self.name}_{suffix}{extension}"
 
-    def check(self, *, overwrite: bool, resume_source: Path | None = None) -> None:
+    def check(self, *, overwrite: bool, resume_source: Path | None = None, previews: bool = False) -> None:
         """Before anything slow: the folder can be written, and no earlier run is silently replaced
         (continuing another run's state under this name would replace this name's files too)."""
         self._check_writable()
+        if previews and self.previews.exists() and not self.previews.is_dir():
+            raise LecoError(
+                f"save.path: {self.previews} is a file, but the preview grids go into a folder of that name; "
+                "move the file or choose another save.path"
+            )
         earlier = self.earlier_files()
         if earlier and resume_source is not None and not self.is_own_state(resume_source):
             raise LecoError(
@@ -66,7 +75,7 @@ class RunFolder:
             self.close()
             raise
         temps = [(self.path, f".{self.name}_*.tmp"), (self.state_dir, f".{STATE_FILE}.*.tmp")]
-        temps.append((self.path / "previews", f".{self.name}_*.tmp"))
+        temps.append((self.previews, f".{self.name}_*.tmp"))
         for folder, pattern in temps:  # left by a process killed mid-save
             for temp in folder.glob(pattern) if folder.is_dir() else []:
                 temp.unlink(missing_ok=True)

@@ -477,6 +477,19 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
     return args
 
 
+# Top-level keys of the other YAML files leco reads, which users hand to `leco train` by mistake.
+_EVAL_SPEC_KEYS = {"erase", "keep", "enhance", "detector", "images_per_prompt", "strengths", "clip_model"}
+
+
+def _refuse_other_kinds_of_file(path: Path, document: dict) -> None:
+    keys = {str(k) for k in document}
+    if keys & _EVAL_SPEC_KEYS and not keys & set(LecoConfig.model_fields):
+        raise ConfigError(
+            f"{path}: this is an eval spec ({', '.join(sorted(keys & _EVAL_SPEC_KEYS))}), not a training "
+            f"config; judge a LoRA with it: leco eval --model MODEL --lora FILE --spec {path}"
+        )
+
+
 def load_config(path: str | Path) -> LecoConfig:
     """Read a config YAML (and its prompts file) into a validated `LecoConfig`.
 
@@ -493,6 +506,7 @@ def load_config(path: str | Path) -> LecoConfig:
         raise ConfigError(
             f"{path}: the file must be a YAML mapping of sections (pretrained_model:, train:, ...)"
         )
+    _refuse_other_kinds_of_file(path, document)
     prompts_in_config = "prompts" in document
     if isinstance(document.get("prompts"), list):
         from leco.formats.sliders import expand_attributes

@@ -35,8 +35,8 @@ from leco.generate import (
     read_embedding,
     read_lora_header,
 )
-from leco.images import ImageRequest, save_image
-from leco.models import LoadedModels, quiet_library_logs, recommended_sampling
+from leco.images import ImageRequest, save_image, unique_slugs
+from leco.models import LoadedModels, check_hub_repo_available, quiet_library_logs, recommended_sampling
 
 KINDS = ("erase", "keep", "enhance")
 KEEP_ALL = "all"
@@ -95,8 +95,19 @@ class Detector(Protocol):
 
 def load_spec(path: str | Path) -> EvalSpec:
     path = Path(path)
+    document = read_yaml(path) or {}
+    training_keys = {"prompts_file", "prompts", "pretrained_model", "network", "train", "job", "config"}
+    if (
+        isinstance(document, dict)
+        and {str(k) for k in document} & training_keys
+        and not ({str(k) for k in document} & set(EvalSpec.model_fields))
+    ):
+        raise ConfigError(
+            f"{path}: this is a training config, not an eval spec; train with it (leco train {path}) and "
+            "judge the LoRA with a spec such as examples/ink-digits/erase_seven_eval.yaml"
+        )
     try:
-        spec = EvalSpec.model_validate(read_yaml(path) or {})
+        spec = EvalSpec.model_validate(document)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, path, EvalSpec)) from None
     if not (spec.erase or spec.keep or spec.keep_all or spec.enhance):
@@ -174,6 +185,7 @@ def evaluate(
     detector = detector or make_detector(spec, models)
     entries = judged_prompts(spec, detector)  # every concept checked before any image is made
     prompts = list(dict.fromkeys(entry.prompt for entry in entries))  # one render per prompt
+    slugs = unique_slugs(prompts)
     seeds = list(range(spec.seed, spec.seed + spec.images_per_prompt))
     strengths = list(dict.fromkeys(s for s in spec.strengths if s != 0.0)) if loras else []
     settings = sampling_settings(spec, models)
@@ -183,14 +195,14 @@ def evaluate(
     loaded = list(dict.fromkeys([*map(str, embeddings), *(str(e.path) for e in negatives.values())]))
     with embeddings_loaded(pipe, loaded):
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
-        _save_images(base, folders.values())
+        _save_images(base, folders.values(), slugs)
         rows = judge.rows(base, base, None, 0.0)
         for label, path in zip(labels, loras, strict=True):
             negative = negatives.get(label)
             with _applied(pipe, path, models.family, settings, negative) as (set_strength, applied):
                 for strength in strengths:
                     images = _render(pipe, prompts, strength, seeds, applied, set_strength, progress)
-                    _save_images(images, [folders[label]] if folders else [])
+                    _save_images(images, [folders[label]] if folders else [], slugs)
                     rows += judge.rows(images, base, label, strength)
     ordered = [0.0, *strengths]
     report: dict[str, Any] = {
@@ -282,10 +294,10 @@ def _image_folders(image_dir: str | Path | None, labels: list[str]) -> dict[str 
     return {label: root / label.replace(":", "-") for label in labels}
 
 
-def _save_images(images: dict[ImageRequest, Image.Image], folders) -> None:
+def _save_images(images: dict[ImageRequest, Image.Image], folders, slugs: dict[str, str]) -> None:
     for folder in folders:
         for request, image in images.items():
-            save_image(image, folder / request.file_name)
+            save_image(image, folder / request.file_name(slugs))
 
 
 class _Judge:
@@ -548,6 +560,7 @@ class ClipDetector:
     def __init__(self, model: str, labels: list[str]) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
+        check_hub_repo_available(model, "clip_model", "config.json")
         try:
             with quiet_library_logs():
                 self.model = CLIPModel.from_pretrained(model).eval()

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from leco.errors import LecoError
-from leco.images import ImageRequest, make_grid, save_image
+from leco.images import ImageRequest, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs
 from leco.network import kohya
 
@@ -372,7 +372,8 @@ def run_generation(
     out = Path(out)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
         images = dict(generate(pipe, requests, settings, set_strength, progress))
-    paths = [save_image(images[request], out / request.file_name) for request in requests]
+    slugs = unique_slugs(request.prompt for request in requests)
+    paths = [save_image(images[request], out / request.file_name(slugs)) for request in requests]
     grid = save_image(make_grid({request: images[request] for request in requests}).image, out / "grid.png")
     return paths, grid
 

@@ -5,7 +5,10 @@ Columns are LoRA strengths, rows are prompts x seeds, as users compare them in A
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +23,23 @@ class ImageRequest:
     strength: float
     seed: int
 
-    @property
-    def file_name(self) -> str:
-        return f"{slug(self.prompt)}_{format_strength(self.strength)}_{self.seed}.png"
+    def file_name(self, slugs: Mapping[str, str] | None = None) -> str:
+        """`<prompt slug>_<strength>_<seed>.png`; `slugs` (from `unique_slugs`) keeps apart prompts
+        that would share a slug."""
+        name = (slugs or {}).get(self.prompt) or slug(self.prompt)
+        return f"{name}_{format_strength(self.strength)}_{self.seed}.png"
+
+
+def unique_slugs(prompts: Iterable[str]) -> dict[str, str]:
+    """A file-name part per prompt. Prompts that differ only in case, punctuation or letters a slug
+    drops ("A digit seven!" and "a digit seven", "数字 七" and "数字 八") get a short hash each, so
+    that no image overwrites another."""
+    distinct = list(dict.fromkeys(prompts))
+    shared = Counter(slug(p) for p in distinct)
+    return {
+        p: slug(p) if shared[slug(p)] == 1 else f"{slug(p)}-{hashlib.sha1(p.encode()).hexdigest()[:6]}"
+        for p in distinct
+    }
 
 
 MIN_CELL = 128  # small models' images are scaled up (nearest neighbour) to stay readable

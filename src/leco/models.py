@@ -288,6 +288,24 @@ def _load_hub_repo(
         ) from None
 
 
+def check_hub_repo_available(repo_id: str, option: str, probe_file: str) -> None:
+    """A repo id that is neither a folder nor cached: refuse at once where the Hub cannot deliver it
+    (offline, unreachable, unknown), instead of a library's half minute of retries."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if Path(repo_id).expanduser().exists() or isinstance(try_to_load_from_cache(repo_id, probe_file), str):
+        return
+    get_it = (
+        f"download it where there is network (hf download {repo_id}), or point {option} at a local folder"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise LecoError(
+            f"{option}: {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+            f"{get_it}"
+        )
+    _check_hub_answers(repo_id, None, OptionNames(option, "", option), get_it)
+
+
 def _check_hub_answers(repo_id: str, revision: str | None, names: OptionNames, get_it: str) -> None:
     from huggingface_hub import model_info
     from huggingface_hub.errors import (

@@ -73,7 +73,8 @@ class Trainer:
         self.autocast = functools.partial(autocast_for, self.device, self.dtype)
         self.seed = train.seed if train.seed is not None else random.SystemRandom().randrange(2**31)
         self.folder = RunFolder(config.save.path, config.save.name)
-        self.folder.check(overwrite=overwrite, resume_source=self.resume_source)  # before minutes of loading
+        previews = bool(config.preview.prompts)  # checked before minutes of loading:
+        self.folder.check(overwrite=overwrite, resume_source=self.resume_source, previews=previews)
 
         self.models = models = models or load_models(
             config.pretrained_model, dtype=self.dtype, with_vae=bool(config.preview.prompts)
@@ -203,7 +204,7 @@ class Trainer:
         preview = self.config.preview
         if not (self.ranks.is_main and preview.prompts):
             return None
-        path = self.folder.path / "previews" / f"{self.config.save.name}_{suffix}.png"
+        path = self.folder.previews / f"{self.config.save.name}_{suffix}.png"
         size = self.prompts[0].size
         return render_preview(self.models, self.trainable, preview, size, path, self.device, self.autocast())
 
