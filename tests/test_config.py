@@ -119,6 +119,11 @@ def test_inline_prompts_are_accepted(tmp_path):
         ),
         (MINIMAL + "train:\n  lr: 1e-3\n  lr: 1e-4\n", ["'lr' appears twice"]),
         (MINIMAL + "train:\n  iterations: true\n", ["train.iterations: true/false is no value"]),
+        (
+            MINIMAL + "iterations: 3\n",
+            ["iterations: unknown key; it belongs under train: (train.iterations)"],
+        ),
+        (MINIMAL + "train:\n  save: {name: x}\n", ["train.save: unknown key; it belongs at the top level"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.0:", "finite"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.0:"]),
         (MINIMAL + "save:\n  name: '..'\n", ["save.name:", "plain file name"]),

@@ -162,12 +162,17 @@ KOHYA_ERRORS = {
         "neutral_prompt_file: cannot read",
     ),
     "invalid_toml": ("[[prompts]\n", "invalid TOML"),
+    "empty_neutral_file": (
+        'neutral_prompt_file = "empty.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
+        "neutral_prompt_file: ",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", KOHYA_ERRORS, ids=str)
 def test_kohya_errors_are_one_line_naming_the_file_and_key(tmp_path, case):
     text, expected = KOHYA_ERRORS[case]
+    (tmp_path / "empty.txt").write_text("\n  \n")
     path = tmp_path / "prompts.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as error:
@@ -386,6 +391,13 @@ AI_TOOLKIT_ERRORS = {
         "config.process[0].name: '../elsewhere' must name one folder inside training_folder",
     ),
 }
+
+
+def test_an_ai_toolkit_job_without_a_process_says_what_to_add(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("job: train\nconfig:\n  name: x\n  process: []\n")
+    with pytest.raises(ConfigError, match=r"config.process: is empty; add the slider process"):
+        load_config(path)
 
 
 @pytest.mark.parametrize("case", AI_TOOLKIT_ERRORS, ids=str)

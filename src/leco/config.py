@@ -670,7 +670,8 @@ def _problem(item: Any, model: type[BaseModel]) -> str:
     if kind == "extra_forbidden":
         allowed = _allowed_keys(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1) or [k for k in allowed if loc[-1] in k][:1]
-        hint = f"did you mean {close[0]!r}? " if close else ""
+        home = _home_of(model, loc)
+        hint = f"it belongs {home}; " if home else f"did you mean {close[0]!r}? " if close else ""
         return f"{key}: unknown key; {hint}allowed here: {', '.join(allowed)}"
     if kind == "missing":
         return f"{key}: required key is missing; add it"
@@ -680,6 +681,24 @@ def _problem(item: Any, model: type[BaseModel]) -> str:
         return f"{key}: {given} is not allowed; use one of {expected}"
     message = item["msg"].replace("Value error, ", "")
     return f"{key}: {message} (got {given})"
+
+
+def _home_of(model: type[BaseModel], loc: list[str]) -> str | None:
+    """Where a key put in the wrong place belongs: `iterations` at the top -> under train:."""
+    name, sections = loc[-1], _sections(model)
+    if len(loc) > 1 and name in sections:
+        return "at the top level, as a section of its own"
+    homes = [section for section, fields in sections.items() if name in fields and section != loc[0]]
+    return f"under {homes[0]}: ({homes[0]}.{name})" if len(homes) == 1 and len(loc) == 1 else None
+
+
+def _sections(model: type[BaseModel]) -> dict[str, list[str]]:
+    sections = {}
+    for name, field in model.model_fields.items():
+        for kind in (field.annotation, *get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                sections[name] = list(kind.model_fields)
+    return sections
 
 
 def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:

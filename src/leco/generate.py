@@ -249,8 +249,10 @@ def read_lora_header(path: str | Path) -> LoraHeader:
             f"--lora: {path} is a textual-inversion embedding, not a LoRA; give it as --embedding "
             "and put its token in --prompt or --negative"
         )
+    if not shapes:
+        raise LecoError(f"--lora: {path} holds no tensors, so it is no LoRA (an empty or unfinished file?)")
     if not _has_lora_keys(shapes):
-        example = next(iter(shapes), "none")
+        example = next(iter(shapes))
         raise LecoError(
             f"--lora: {path} holds no LoRA weights (keys like {example}); if it is a model checkpoint, "
             "give it as --model"

@@ -253,6 +253,10 @@ class _Converter:
 
     def slider_process(self, config: _Section) -> _Section:
         processes = config.require("process")
+        if isinstance(processes, list) and not processes:
+            raise ConfigError(
+                f"{self.path}: config.process: is empty; add the slider process (- type: slider)"
+            )
         if not isinstance(processes, list) or len(processes) != 1:
             count = len(processes) if isinstance(processes, list) else "not a list"
             raise ConfigError(

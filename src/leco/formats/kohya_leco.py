@@ -265,7 +265,12 @@ class _KohyaReader:
                 f"{self.path}: {key}: cannot read {file} ({type(error).__name__}); "
                 "paths are relative to the prompt file"
             ) from None
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise ConfigError(
+                f"{self.path}: {key}: {file} holds no prompts; write one a line, or remove the key"
+            )
+        return lines
 
     def string_list(self, value: Any, key: str) -> list[str]:
         if not isinstance(value, list):

@@ -99,7 +99,8 @@ def merge(
         raise LecoError("--lora: give at least one LoRA to merge (FILE or FILE:STRENGTH)")
     for lora in loras:  # unreadable files fail before the (slow) model load
         if not lora.path.is_file():
-            raise LecoError(f"--lora: {lora.path} not found; check the path")
+            found = "is a folder; give the LoRA's .safetensors file" if lora.path.is_dir() else "not found"
+            raise LecoError(f"--lora: {lora.path} {found}; check the path")
         kohya.split_by_model(kohya.read_lora_file(lora.path)[0], str(lora.path))
     models = load_models(spec, dtype=torch.float32, with_vae=True)
     for lora in loras:
