@@ -8,7 +8,7 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from leco.config import ConfigError, LecoConfig, load_config, load_prompts, parse_optimizer_args
+from leco.config import ConfigError, LecoConfig, load_config, load_prompts, parse_optimizer_args, read_yaml
 from leco.evaluate import load_spec
 
 DATA = Path(__file__).parent / "data" / "reference_style"
@@ -118,7 +118,7 @@ def test_inline_prompts_are_accepted(tmp_path):
             ["line", "'train' appears twice in one mapping; keep one"],
         ),
         (MINIMAL + "train:\n  lr: 1e-3\n  lr: 1e-4\n", ["'lr' appears twice"]),
-        (MINIMAL + "train:\n  iterations: true\n", ["train.iterations: true/false is no value"]),
+        (MINIMAL + "train:\n  iterations: true\n", ["train.iterations: YAML read this as true/false"]),
         (
             MINIMAL + "iterations: 3\n",
             ["iterations: unknown key; it belongs under train: (train.iterations)"],
@@ -429,6 +429,9 @@ def test_yaml_merge_keys_may_still_be_overridden(folder):
     text = MINIMAL + "x_shared: &s {iterations: 7, lr: 0.01}\ntrain:\n  <<: *s\n  iterations: 9\n"
     with pytest.raises(ConfigError, match="x_shared: unknown key"):  # the YAML itself reads fine
         load_config(write(folder, "c.yaml", text))
+    # A mapping that merges and overrides, merged again elsewhere (PyYAML rewrites it in place).
+    nested = "base: &b {k: 1, z: 0}\na: {x: &m {<<: *b, k: 2}}\nb: {<<: *m}\n"
+    assert read_yaml(write(folder, "n.yaml", nested)) == yaml.safe_load(nested)
 
 
 def test_a_run_whose_every_entry_weighs_0_is_refused():

@@ -477,6 +477,12 @@ def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path
         for name in ("judged/a-dog_1_0.png", "by_hand/a-dog_0_0.png", "plain/a-dog_0_0.png")
     )
     assert np.array_equal(judged, by_hand_image) and not np.array_equal(judged, plain)
+    other_seed = tmp_path / "no_dog_seed1.safetensors"  # another training seed: the same token
+    save_file({"emb_params": torch.randn(2, 32)}, str(other_seed), metadata={"leco.token": "<no-dog>"})
+    both = evaluate(
+        models, [embedding, other_seed], EvalSpec.model_validate(spec), "cpu", BrightnessDetector()
+    )
+    assert both["negative_embeddings"] == {"no_dog": "<no-dog>", "no_dog_seed1": "<no-dog>"}
     with pytest.raises(
         LecoError, match=r"is a negative embedding, judged at strength 1 .* strengths -1 mean"
     ):

@@ -147,7 +147,10 @@ KOHYA_ERRORS = {
         '[[prompts]]\ntarget = "a"\n[[targets]]\ntarget_class = "b"\npositive = "c"\n',
         "targets: kohya reads only [[prompts]] when a file has them",
     ),
-    "bad_value": ('[[prompts]]\ntarget = "cat"\naction = "erse"\n', "prompts 1.action"),
+    "bad_value": (
+        '[[prompts]]\ntarget = "cat"\naction = "erse"\n',
+        "prompts 1.action: 'erse' is not allowed",
+    ),
     "leco_only_action": (
         'action = "distill"\n[[prompts]]\ntarget = "cat"\n',
         "prompts 1.action: 'distill' is not a kohya train_leco action (erase, enhance)",
@@ -164,7 +167,7 @@ KOHYA_ERRORS = {
     "invalid_toml": ("[[prompts]\n", "invalid TOML"),
     "empty_neutral_file": (
         'neutral_prompt_file = "empty.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
-        "neutral_prompt_file: ",
+        "empty.txt holds no prompts",
     ),
 }
 

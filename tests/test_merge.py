@@ -313,6 +313,7 @@ def test_merge_and_convert_never_write_over_or_into_what_the_user_has(tmp_path, 
     models.mkdir()
     (models / "notes.txt").write_text("mine")
     before = {p: p.read_bytes() for p in [lora, tmp_path / "a_file", models / "notes.txt"]}
+    (tmp_path / "link.safetensors").symlink_to(lora)  # the LoRA under another name
     merge_args = ["merge", "--model", folder, "--lora", str(lora), "--overwrite", "--out"]
     cases = [
         ([*merge_args, str(lora)], "would replace, hold or sit inside the input"),
@@ -321,14 +322,33 @@ def test_merge_and_convert_never_write_over_or_into_what_the_user_has(tmp_path, 
         ([*merge_args, str(tmp_path / "a_file" / "m")], "is a file, so"),
         ([*merge_args, str(models)], "holds files this command did not write (no model_index.json)"),
         ([*merge_args, ""], "--out: name the file or folder to write"),
+        ([*merge_args, str(tmp_path / "mine" / ".." / "l.safetensors")], "would replace, hold or sit inside"),
+        (
+            [
+                "merge",
+                "--model",
+                folder,
+                "--lora",
+                str(tmp_path / "link.safetensors"),
+                "--overwrite",
+                "--out",
+                str(lora),
+            ],
+            "would replace, hold or sit inside the input",
+        ),
         (["convert", str(lora), "--family", "sd1", "--overwrite", "--out", str(lora)], "inside the input"),
     ]
     for argv, message in cases:
-        assert main(argv) == 2, argv
+        assert main(argv) == 2, argv[-1]
         error = capsys.readouterr().err.strip()
         assert message in error and len(error.splitlines()) == 1, (argv, error)
     assert {p: p.read_bytes() for p in before} == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "l.safetensors", "mine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a_file",
+        "l.safetensors",
+        "link.safetensors",
+        "mine",
+    ]
     assert (Path(folder) / "unet").is_dir()
     assert not any(p.name.startswith(".") for p in Path(folder).iterdir())  # no staging folder left
 

@@ -53,7 +53,11 @@ class RunFolder:
                 "move the file or choose another save.path"
             )
         earlier = self.earlier_files()
-        if earlier and resume_source is not None and not self.is_own_state(resume_source):
+        # A path that is not there is read_state's to name.
+        foreign = (
+            resume_source is not None and resume_source.exists() and not self.is_own_state(resume_source)
+        )
+        if earlier and foreign:
             raise LecoError(
                 f"--resume: {resume_source} is another run's state, and save.path {self.path} already holds "
                 f"the run {self.name!r} ({earlier[0].name}), which continuing there would replace; choose "

@@ -12,7 +12,7 @@ import difflib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -84,7 +84,10 @@ class _Section(BaseModel):
         # pydantic reads `iterations: true` as 1; in a config that is a slip, never a number.
         field = cls.model_fields.get(info.field_name or "")
         if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
-            raise ValueError("true/false is no value for this key; write a number or text")
+            raise ValueError(
+                "YAML read this as true/false, which this key does not take; give its value (quote words "
+                "YAML reads as true/false, such as yes, no, on, off)"
+            )
         return value
 
 
@@ -623,22 +626,36 @@ def read_config_text(path: Path, kind: str) -> str:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML keeps the last of two equal keys; a config's second `train:` would silently replace
-    the first, so leco's own files refuse it (keys merged in with `<<:` may still be overridden)."""
+    the first, so leco's own files refuse it (keys merged in with `<<:` may still be overridden).
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    Each mapping is checked once, as written: PyYAML rewrites a mapping that uses `<<:` in place
+    when it is merged, so a later look would see merged keys next to their overrides."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
+            self._refuse_repeated_keys(node)
+        super().flatten_mapping(node)
+
+    def _refuse_repeated_keys(self, node: yaml.MappingNode) -> None:
         seen: set = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)
-            if not isinstance(key, (str, int, float, bool)):
-                continue  # unhashable keys are refused by the base constructor
-            if key in seen:
+            try:
+                repeated = key in seen
+            except TypeError:
+                continue  # an unhashable key: the base constructor refuses it
+            if repeated:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"{key!r} appears twice in one mapping; keep one", key_node.start_mark
                 )
             seen.add(key)
-        return super().construct_mapping(node, deep)
 
 
 def read_yaml(path: Path) -> Any:
@@ -689,7 +706,11 @@ def _home_of(model: type[BaseModel], loc: list[str]) -> str | None:
     if len(loc) > 1 and name in sections:
         return "at the top level, as a section of its own"
     homes = [section for section, fields in sections.items() if name in fields and section != loc[0]]
-    return f"under {homes[0]}: ({homes[0]}.{name})" if len(homes) == 1 and len(loc) == 1 else None
+    if len(homes) != 1 or len(loc) != 1:
+        return None
+    if get_origin(model.model_fields[homes[0]].annotation) is list:
+        return f"in an entry of {homes[0]}: (- {name}: ...)"
+    return f"under {homes[0]}: ({homes[0]}.{name})"
 
 
 def _sections(model: type[BaseModel]) -> dict[str, list[str]]:

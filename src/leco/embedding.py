@@ -14,6 +14,7 @@ kohya read), with ModelSpec metadata marking a negative embedding.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,13 +193,18 @@ def _initial_vectors(tokenizer, table: Tensor, init_text: str | None, vectors: i
     return table.detach().mean(dim=0, keepdim=True).repeat(vectors, 1)
 
 
+# How CLIP's tokenizer cuts text before its vocabulary is used: words, single digits, punctuation runs
+# (its own pattern, with \p{L} as "a letter"); more tokens than these means a word was split.
+_CLIP_WORDS = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|[^\s\w]+")
+
+
 def _warn_about_init_pieces(tokenizer, init_text: str, vectors: int) -> None:
     """Say so when the init text does not start the vectors as the user reads it: a word the
     vocabulary splits (ink-digits' small vocabulary spells an unknown word letter by letter, whose
     vectors mean nothing), or more tokens than vectors (only the first ones are used)."""
     ids = tokenizer(init_text, add_special_tokens=False).input_ids
     pieces = [piece.removesuffix("</w>") for piece in tokenizer.convert_ids_to_tokens(ids)]
-    if len(pieces) > len(init_text.split()):
+    if len(pieces) > len(_CLIP_WORDS.findall(init_text.lower())):
         warn(
             f"network.init_text: {init_text!r} is {len(pieces)} tokens of this vocabulary "
             f"({' '.join(pieces)}), not one per word; the vectors start from those pieces"

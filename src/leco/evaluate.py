@@ -192,8 +192,10 @@ def evaluate(
     pipe = build_pipeline(models, spec.sampler).to(device)
     folders = _image_folders(image_dir, labels)
     judge = _Judge(detector, entries, seeds)
-    loaded = list(dict.fromkeys([*map(str, embeddings), *(str(e.path) for e in negatives.values())]))
-    with embeddings_loaded(pipe, loaded):
+    with embeddings_loaded(pipe, embeddings):
+        for negative in negatives.values():  # each loads alone (seeds of one run share a token): check now
+            with embeddings_loaded(pipe, [str(negative.path)]):
+                pass
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
         _save_images(base, folders.values(), slugs)
         rows = judge.rows(base, base, None, 0.0)
@@ -257,7 +259,8 @@ def _applied(
     """A LoRA loaded at a settable strength, or a negative embedding's token added to the negative prompt."""
     if negative is not None:
         with_token = replace(settings, negative_prompt=f"{settings.negative_prompt} {negative.token}".strip())
-        yield (lambda _: None), with_token
+        with embeddings_loaded(pipe, [str(negative.path)]):
+            yield (lambda _: None), with_token
         return
     with lora_strengths(pipe, path, family) as set_strength:
         yield set_strength, settings

@@ -59,6 +59,20 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def path_exists(path: Path) -> bool:
+    """Path.exists, False for a name the system refuses (too long, a NUL byte) instead of raising."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _same_or_nested(a: Path, b: Path) -> bool:
+    """Whether a and b are one path, or one holds the other, after `..`, symlinks and case folding."""
+    a, b = (Path(os.path.normcase(os.path.realpath(p))) for p in (a, b))
+    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+
+
 def check_output(
     out: Path, *, overwrite: bool, inputs: Sequence[Path] = (), folder_marker: str | None = None
 ) -> Path:
@@ -73,19 +87,18 @@ def check_output(
     out = out.expanduser()
     where = out.absolute()
     for source in inputs:
-        source = source.expanduser().absolute()
-        if where == source or source.is_relative_to(where) or where.is_relative_to(source):
+        if _same_or_nested(where, source.expanduser()):
             raise LecoError(
                 f"--out: {out} would replace, hold or sit inside the input {source}; choose another path"
             )
     existing = where
-    while not existing.exists():
+    while not path_exists(existing):
         existing = existing.parent
     if existing != where and not existing.is_dir():
         raise LecoError(f"--out: {existing} is a file, so {out} cannot be created; choose another path")
     if not os.access(existing, os.W_OK) or (existing == where and not os.access(where.parent, os.W_OK)):
         raise LecoError(f"--out: {out} cannot be written there (permission denied); choose another path")
-    if out.exists() and not overwrite:
+    if path_exists(out) and not overwrite:
         raise LecoError(f"--out: {out} exists; choose another path or pass --overwrite to replace it")
     if out.is_dir() and folder_marker and any(out.iterdir()) and not (out / folder_marker).is_file():
         raise LecoError(

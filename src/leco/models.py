@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from leco.config import PretrainedModelConfig
 from leco.errors import LecoError, warn
+from leco.files import path_exists
 
 CONFIG_ROOT = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -166,10 +167,11 @@ def load_models(
             f"{names.model}: empty; name a repo id, a diffusers folder, a .safetensors file or ink-digits"
         )
     path = resolve_bundled(spec.name_or_path)
+    exists = path_exists(path)  # False for a name the system refuses (too long), which is_file raises on
     with quiet_library_logs():
-        if path.is_file():
+        if exists and path.is_file():
             loaded = _load_single_file(path, spec, dtype, with_vae, names)
-        elif path.is_dir():
+        elif exists and path.is_dir():
             loaded = _load_folder(str(path), spec, dtype, with_vae, names)
         elif _looks_like_repo_id(spec.name_or_path):
             loaded = _load_hub_repo(spec.name_or_path, spec, dtype, with_vae, names)
@@ -292,9 +294,17 @@ def check_hub_repo_available(repo_id: str, option: str, probe_file: str) -> None
     """A repo id that is neither a folder nor cached: refuse at once where the Hub cannot deliver it
     (offline, unreachable, unknown), instead of a library's half minute of retries."""
     from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
 
-    if Path(repo_id).expanduser().exists() or isinstance(try_to_load_from_cache(repo_id, probe_file), str):
+    if path_exists(Path(repo_id).expanduser()):
         return
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, probe_file), str):
+            return
+    except HFValidationError:
+        raise LecoError(
+            f"{option}: {repo_id} is neither a folder nor a Hugging Face repo id (owner/name); check the path"
+        ) from None
     get_it = (
         f"download it where there is network (hf download {repo_id}), or point {option} at a local folder"
     )

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from leco.config import ConfigError, PromptSettings, describe_validation_error, read_config_text
+from leco.config import ACTIONS, ConfigError, PromptSettings, describe_validation_error, read_config_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -180,7 +180,7 @@ class _KohyaReader:
         self.check_keys(item, PROMPT_KEYS, f"{where}.", "a prompt entry")
         fields = {**_pick(defaults, PROMPT_KEYS), **item}
         action = fields.get("action", "erase")
-        if isinstance(action, str) and action not in KOHYA_ACTIONS:
+        if action in set(ACTIONS) - set(KOHYA_ACTIONS):  # a typo gets the list of allowed values below
             # A kohya file should stay runnable by kohya; leco's other actions live in its own YAML.
             raise ConfigError(
                 f"{self.path}: {where}.action: {action!r} is not a kohya train_leco action (erase, enhance); "

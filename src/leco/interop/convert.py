@@ -61,9 +61,9 @@ def convert(
     source, out = Path(source), Path(out)
     if out.suffix.lower() != ".safetensors":
         raise LecoError(f"--out: {out} must end in .safetensors (the LoRA format A1111 and ComfyUI load)")
-    check_output(out, overwrite=overwrite, inputs=[source])
     if out.is_dir():
         raise LecoError(f"--out: {out} is a folder; name the .safetensors file to write")
+    out = check_output(out, overwrite=overwrite, inputs=[source])
     if sd2_proj not in SD2_PROJ_FORMS:
         raise LecoError(f"--sd2-proj: {sd2_proj!r} is not known; use 2d or 4d")
     skeleton = model_skeleton(model, family)

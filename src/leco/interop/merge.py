@@ -19,7 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from leco.config import PretrainedModelConfig
 from leco.errors import LecoError, warn
-from leco.files import atomic_folder, atomic_output, check_output
+from leco.files import atomic_folder, atomic_output, check_output, path_exists
 from leco.ink_digits.judge import JUDGE_FILE
 from leco.interop.original_layout import original_state_dict
 from leco.models import CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models, resolve_bundled
@@ -91,7 +91,7 @@ def merge(
     """
     spec = PretrainedModelConfig(name_or_path=model) if isinstance(model, str) else model
     model_path = resolve_bundled(spec.name_or_path)
-    inputs = [lora.path for lora in loras] + ([model_path] if model_path.exists() else [])
+    inputs = [lora.path for lora in loras] + ([model_path] if path_exists(model_path) else [])
     out = _check_output(Path(out), overwrite, inputs)
     if precision not in PRECISIONS:
         raise LecoError(f"--precision: {precision!r} is not known; use one of {', '.join(PRECISIONS)}")
@@ -154,7 +154,7 @@ def _is_single_file(out: Path) -> bool:
 def _check_output(out: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
     if out.suffix.lower() in kohya.PICKLED_LORA_SUFFIXES:
         raise LecoError(f"--out: {out} would be a pickle; write a .safetensors file or a folder path")
-    check_output(out, overwrite=overwrite, inputs=inputs, folder_marker="model_index.json")
+    out = check_output(out, overwrite=overwrite, inputs=inputs, folder_marker="model_index.json")
     if out.exists() and out.is_dir() == _is_single_file(out):
         kind = "folder" if out.is_dir() else "file"
         raise LecoError(f"--out: {out} is a {kind}; --overwrite replaces like with like only")
