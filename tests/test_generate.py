@@ -364,3 +364,18 @@ def test_embedding_option_parsing(tmp_path):
     odd.write_bytes(b"")
     assert parse_embedding_option(str(odd)) == (odd, None)  # an existing file is taken whole
     assert parse_embedding_option("C:\\emb\\x.pt") == (Path("C:\\emb\\x.pt"), None)
+
+
+def test_a_strength_that_breaks_the_model_is_named_not_drawn_black(tmp_path, tiny_folders, lora_files):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    with pytest.raises(LecoError, match=r"strength 1e\+30: the images came out as NaN"):
+        run_generation(
+            models,
+            lora_files["sd1"],
+            requests_for(["x"], [1e30], [0]),
+            SETTINGS,
+            tmp_path / "o",
+            "cpu",
+            False,
+        )
+    assert not (tmp_path / "o").exists()

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -165,8 +166,12 @@ def generate(
     settings: SamplingSettings,
     set_strength: Callable[[float], None],
     progress: bool = True,
+    refuse_nan: bool = True,
 ) -> Iterator[tuple[ImageRequest, Image.Image]]:
     """One image per request, many per pipeline call (requests of one strength, any prompts and seeds).
+
+    Images that come out NaN are an error (`refuse_nan`), or black (a training preview must not stop
+    the training it shows).
 
     Each image gets its own CPU generator seeded with its seed, so it starts from the same noise as
     when rendered alone, on every device; batched kernels may round the last float bits differently.
@@ -185,9 +190,17 @@ def generate(
                 height=settings.height,
                 width=settings.width,
                 generator=[torch.Generator("cpu").manual_seed(request.seed) for request in batch],
+                output_type="np",  # checked before it becomes pixels: NaN would turn silently black
             ).images
+            if not np.isfinite(images).all() and not refuse_nan:
+                images = np.nan_to_num(images)
+            if not np.isfinite(images).all():
+                raise LecoError(
+                    f"strength {batch[0].strength:g}: the images came out as NaN (black); a LoRA at this "
+                    "strength breaks the model: use strengths of a usual size (about -2 to 2)"
+                )
             bar.update(len(batch))
-            yield from zip(batch, images, strict=True)
+            yield from zip(batch, pipe.image_processor.numpy_to_pil(images), strict=True)
 
 
 def images_per_call(pipe: DiffusionPipeline, settings: SamplingSettings) -> int:

@@ -39,7 +39,10 @@ def render_preview(
                 )
                 requests = requests_for(preview.prompts, [strength], preview.seeds)
                 with trainable.strength(strength):
-                    images.update(generate(pipe, requests, settings, lambda value: None, progress=False))
+                    drawn = generate(
+                        pipe, requests, settings, lambda value: None, progress=False, refuse_nan=False
+                    )
+                    images.update(drawn)
     finally:
         for part, where in zip(parts, placed, strict=True):
             part.to(where)
