@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -434,6 +435,12 @@ def run_train(args: argparse.Namespace) -> int:
     if args.num_processes < 1:
         raise LecoError(f"--num-processes: {args.num_processes} is not a number of processes; use 1 or more")
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from leco.config import load_config
+
+        load_config(config)  # its errors as one line here, not once per process
+        if args.resume and not Path(args.resume).exists():
+            raise LecoError(f"--resume: {args.resume} not found; pass the *_state folder a run saved")
+        _check_process_count(args.num_processes)
         return launch_processes(args.num_processes, args.words)
     result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     if os.environ.get("RANK", "0") != "0":  # a data-parallel process that is not the main one
@@ -445,6 +452,17 @@ def run_train(args: argparse.Namespace) -> int:
     done = "closed-form edit" if result.state is None else f"{result.steps} steps"
     print(f"done: {done}; saved {result.path}")
     return 0
+
+
+def _check_process_count(count: int) -> None:
+    import torch
+
+    room = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
+    if count > room:
+        where = "GPUs" if torch.cuda.is_available() else "CPU cores"
+        raise LecoError(
+            f"--num-processes: {count} processes, but this machine has {room} {where}; use at most {room}"
+        )
 
 
 def launch_processes(count: int, words: list[str]) -> int:
@@ -460,7 +478,18 @@ def launch_processes(count: int, words: list[str]) -> int:
         elif not arg.startswith("--num-processes="):
             argv.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
-    return subprocess.call([*command, "-m", "leco", *argv])
+    launcher = subprocess.Popen([*command, "-m", "leco", *argv])
+    # SIGTERM to leco goes on to the launcher, which passes it to the processes (they save and stop);
+    # Ctrl-C reaches all of them through the terminal's process group anyway.
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: launcher.send_signal(signal.SIGTERM))
+    try:
+        while True:
+            try:
+                return launcher.wait()
+            except KeyboardInterrupt:
+                continue  # the processes got it too: wait for them to save
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def load_for_images(args: argparse.Namespace):

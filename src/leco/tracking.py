@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,26 @@ class Progress:
     def close(self) -> None:
         self.bar.close()
         self.tracker.close()
+
+
+def tensorboard_folder(config: LecoConfig) -> Path:
+    logging = config.logging
+    return Path(logging.tensorboard_dir or Path(config.save.path) / "logs" / config.save.name).expanduser()
+
+
+def check_log_folder(config: LecoConfig) -> None:
+    """Before anything is loaded or replaced: the TensorBoard folder can be made where it is asked for."""
+    if not config.logging.use_tensorboard:
+        return
+    folder = tensorboard_folder(config)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        why = "a file" if existing.exists() and not existing.is_dir() else "not writable"
+        raise LecoError(
+            f"logging.tensorboard_dir: {folder} cannot be made ({existing} is {why}); choose another folder"
+        )
 
 
 class Tracker:
@@ -57,8 +78,7 @@ class Tracker:
                 raise LecoError(
                     "logging.use_tensorboard: tensorboard is not installed; pip install tensorboard"
                 ) from None
-            folder = logging.tensorboard_dir or str(Path(config.save.path) / "logs" / config.save.name)
-            self.sinks.append(_TensorBoard(SummaryWriter(folder)))
+            self.sinks.append(_TensorBoard(SummaryWriter(str(tensorboard_folder(config)))))
 
     def log(self, values: dict[str, float], step: int) -> None:
         for sink in self.sinks:

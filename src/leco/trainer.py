@@ -39,7 +39,7 @@ from leco.prompts import encode_texts, prepare_prompts, prompt_texts
 from leco.rollout import Rollout, SampleQueue
 from leco.steps import Step, StepQueue
 from leco.teacher import Teacher, Teachers, load_teacher
-from leco.tracking import Progress
+from leco.tracking import Progress, check_log_folder
 from leco.trainable import EditedModel, Trainable, create_trainable
 
 
@@ -73,11 +73,12 @@ class Trainer:
         self.autocast = functools.partial(autocast_for, self.device, self.dtype)
         self.seed = train.seed if train.seed is not None else random.SystemRandom().randrange(2**31)
         self.folder = RunFolder(config.save.path, config.save.name)
-        previews = bool(config.preview.prompts)  # checked before minutes of loading:
+        previews = bool(config.preview.prompts)  # outputs checked before minutes of loading:
         self.folder.check(overwrite=overwrite, resume_source=self.resume_source, previews=previews)
+        check_log_folder(config)
 
         self.models = models = models or load_models(
-            config.pretrained_model, dtype=self.dtype, with_vae=bool(config.preview.prompts)
+            config.pretrained_model, dtype=self.dtype, with_vae=previews
         )
         anchors = anchor_prompts(config.anchors, config.prompts, models.source)
         entries, self.anchors = entries_and_anchors(config, anchors)
