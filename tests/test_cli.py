@@ -606,6 +606,22 @@ def test_report_json_is_untouched_by_a_refused_command(tmp_path, capsys, no_load
     assert json.loads(report.read_text()) == earlier
 
 
+def test_generate_takes_one_lora_and_train_at_most_a_process_a_core(tmp_path, capsys, tiny_folders, loras):
+    lora = str(loras["sd1"])
+    argv = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", "--lora", lora, "--lora", lora]
+    code, _, err = run_cli([*argv, "--out", tmp_path / "g"], capsys)
+    assert_one_line_error(code, err, "--lora")
+    assert "given twice" in err
+    config = tmp_path / "c.yaml"
+    config.write_text((EXAMPLES / "erase_seven.yaml").read_text())
+    (tmp_path / "erase_seven_prompts.yaml").write_text((EXAMPLES / "erase_seven_prompts.yaml").read_text())
+    code, _, err = run_cli(["train", config, "--num-processes", "100000"], capsys)
+    assert_one_line_error(code, err, "--num-processes")
+    assert "use at most" in err
+    code, _, err = run_cli(["train", tmp_path / "absent.yaml", "--num-processes", "2"], capsys)
+    assert_one_line_error(code, err, "absent.yaml")  # checked once, before any process starts
+
+
 @pytest.mark.parametrize("victim", ["lora", "spec", "notes"])
 def test_eval_replaces_no_file_but_an_earlier_report(
     tmp_path, capsys, no_loading, tiny_folders, loras, victim

@@ -333,7 +333,10 @@ def test_every_example_file_loads(path):
 
 
 def test_an_entry_names_many_prompts_by_list_or_file(folder):
-    write(folder, "sevens.txt", "# the erased prompts\na digit seven\n\nthe number 7\n")
+    # A BOM and Windows line ends, as Notepad writes: the comment stays a comment.
+    (folder / "sevens.txt").write_bytes(
+        "\ufeff# the erased prompts\r\na digit seven\r\n\r\nthe number 7\r\n".encode()
+    )
     write(
         folder,
         "prompts.yaml",
@@ -357,6 +360,8 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         ("- target_file: empty.txt\n", {"empty.txt": "# nothing\n\n"}, "holds no prompt"),
         ("- target_file: a.txt\n  target: x\n", {"a.txt": "x\n"}, "entry 1.target_file: target is set too"),
         ("- target: []\n", {}, "entry 1.target: is an empty list"),
+        ("- target_file: prompts.yaml\n", {}, "prompts.yaml is a yaml file; name a text file"),
+        ("- target_file: .\n", {}, "is a folder; name the text file"),
         ("- target: [a, b]\n  neutral: [c]\n", {}, "entry 1.neutral: a list of 1 prompts, but target has 2"),
         ("- target: a\n  action: distill\n", {}, "entry 1.guidance_scale: distill needs the CFG scale"),
     ],
@@ -457,3 +462,16 @@ def test_an_eval_spec_given_to_train_and_a_config_given_to_eval_say_so():
         load_config(examples / "erase_seven_eval.yaml")
     with pytest.raises(ConfigError, match=r"erase_seven.yaml: this is a training config, not an eval spec"):
         load_spec(examples / "erase_seven.yaml")
+
+
+def test_a_closed_form_edit_with_nothing_to_erase_is_refused():
+    config = LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": "ink-digits"},
+            "prompts": [{"target": "a digit seven", "action": "preserve"}],
+            "network": {"training_method": "xattn-strict"},
+            "train": {"method": "closed_form"},
+        }
+    )
+    with pytest.raises(ConfigError, match="closed_form with only preserve entries has nothing to edit"):
+        config.check_combination()

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from leco.conditioning import Conditioning, predict
@@ -150,3 +151,14 @@ def test_text_anchors_cover_anchors_on_their_own_rollouts_too(tmp_path):
         assert bool(trainer.anchors) != rollouts  # riding along, or an entry of their own
     config.anchors.text_weight = 0.0
     assert Trainer(config, progress=False, overwrite=True).text_anchors is None
+
+
+def test_exclude_takes_phrases_and_a_filter_that_leaves_nothing_is_an_error():
+    from leco.errors import LecoError
+
+    folder, seven = model_path("ink-digits"), [PromptSettings(target="a digit seven")]
+    every = anchor_prompts(AnchorConfig(prompts="auto"), seven, folder)
+    phrase = anchor_prompts(AnchorConfig(prompts="auto", exclude=["the number 7"]), seven, folder)
+    assert set(every) - set(phrase) == {p for p in every if "the number 7" in p} and len(phrase) < len(every)
+    with pytest.raises(LecoError, match="anchors.prompts: auto left no prompt to keep"):
+        anchor_prompts(AnchorConfig(prompts="auto", exclude=["digit", "number", "ink"]), seven, folder)

@@ -519,3 +519,11 @@ def test_sd2_projections_can_be_saved_in_the_form_kohyas_scripts_load(tmp_path, 
     loaded = LoRANetwork.from_file(models.unet, models.family, result.path)  # leco reads either form
     ours = result.trainable.state_dict()
     assert all(torch.equal(loaded.state_dict()[k], ours[k]) for k in ours)
+
+
+def test_a_clip_skip_past_the_text_encoders_layers_is_one_line(tmp_path, tiny_folders):
+    config = make_config(tiny_folders["sd1"], tmp_path)
+    config.pretrained_model.clip_skip = 99
+    with pytest.raises(LecoError, match=r"clip_skip: 99 skips past the \d+ text-encoder layers"):
+        Trainer(config, progress=False)
+    assert not any(tmp_path.iterdir())  # nothing written

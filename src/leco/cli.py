@@ -282,7 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="repo id, diffusers folder, .safetensors file or ink-digits"
     )
     generate.add_argument(
-        "--lora", type=_lora_file, help="LoRA .safetensors (kohya format); omit for the plain model"
+        "--lora",
+        type=_lora_file,
+        action="append",
+        help="LoRA .safetensors (kohya format), one; omit for the plain model",
     )
     generate.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
     generate.add_argument(
@@ -546,6 +549,12 @@ def run_generate(args: argparse.Namespace) -> int:
     from leco.generate import SamplingSettings, requests_for, run_generation
     from leco.models import recommended_sampling
 
+    if args.lora and len(args.lora) > 1:
+        raise LecoError(
+            "--lora: given twice; generate applies one LoRA (bake several into a model with leco merge, or "
+            "judge each with leco eval --lora A --lora B)"
+        )
+    args.lora = args.lora[0] if args.lora else None
     if args.lora is None and args.strengths not in (None, [0.0]):
         raise LecoError("--strengths: without --lora every strength draws the same image; add --lora FILE")
     strengths = args.strengths or ([-1.0, 0.0, 1.0] if args.lora else [0.0])

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from leco.errors import LecoError
 from leco.models import LoadedModels
 
 
@@ -77,6 +78,12 @@ class PromptEncoder:
     def __init__(self, models: LoadedModels, clip_skip: int | None = None) -> None:
         self.models = models
         self.clip_skip = clip_skip or 1
+        layers = min(encoder.config.num_hidden_layers for encoder in models.text_encoders)
+        if self.clip_skip > layers:  # the Nth layer from the end must be a layer
+            raise LecoError(
+                f"clip_skip: {self.clip_skip} skips past the {layers} text-encoder layers of "
+                f"{models.source}; use 1 to {layers} (SD 1.x: 1 or 2)"
+            )
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """Runs with gradients where the caller allows them (a trained embedding needs them)."""

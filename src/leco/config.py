@@ -425,6 +425,11 @@ class LecoConfig(_Section):
                         f"prompts entry {number}: action {entry.action} has no closed form; use erase or "
                         "preserve (or train.method: leco)"
                     )
+            if all(entry.action == "preserve" for entry in self.prompts):
+                raise ConfigError(
+                    "train.method: closed_form with only preserve entries has nothing to edit; "
+                    "add an erase entry"
+                )
         if self.teacher is None:
             for number, entry in enumerate(self.prompts, start=1):
                 if entry.action == "imitate":
@@ -579,9 +584,17 @@ def read_target_files(entries: list[Any], path: Path, where: str) -> list[Any]:
 
 
 def read_prompt_lines(file: Path, where: str) -> list[str]:
-    """One prompt a line; blank lines and lines starting with # are skipped."""
+    """One prompt a line; blank lines and lines starting with # are skipped (a UTF-8 BOM too)."""
+    if file.is_dir():
+        raise ConfigError(f"{where}: {file} is a folder; name the text file with one prompt a line")
+    if file.exists() and not file.is_file():  # a FIFO or device would block for ever
+        raise ConfigError(f"{where}: {file} is not a regular file; name a text file with one prompt a line")
+    if file.suffix.lower() in (".yaml", ".yml", ".toml", ".json"):
+        raise ConfigError(
+            f"{where}: {file} is a {file.suffix[1:]} file; name a text file with one prompt a line"
+        )
     try:
-        text = file.read_text(encoding="utf-8")
+        text = file.read_text(encoding="utf-8-sig")
     except (FileNotFoundError, IsADirectoryError):
         raise ConfigError(
             f"{where}: {file} not found; paths are relative to the file that names them"

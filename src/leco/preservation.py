@@ -20,6 +20,7 @@ import torch
 
 from leco.conditioning import Conditioning
 from leco.config import AnchorConfig, LecoConfig, PromptSettings
+from leco.errors import LecoError
 
 if TYPE_CHECKING:
     from leco.trainable import Trainable
@@ -71,9 +72,23 @@ def anchor_prompts(
     if anchors.prompts != "auto":
         return list(anchors.prompts)
     candidates = known_prompts(model_folder)
-    banned = {w.lower() for w in anchors.exclude or []} | concept_words(prompts, candidates)
+    excluded = [text.lower().strip() for text in anchors.exclude or []]
+    # A word leaves out every prompt holding it; anything else ("the number 7", "7,") where it occurs.
+    phrases = [text for text in excluded if not re.fullmatch(r"[\w']+", text)]
+    banned = {text for text in excluded if text not in phrases} | concept_words(prompts, candidates)
     targets = {t.strip().lower() for entry in prompts for t in entry.targets}
-    kept = [c for c in candidates if not words(c) & banned and c.strip().lower() not in targets]
+    kept = [
+        c
+        for c in candidates
+        if not words(c) & banned
+        and not any(p in c.lower() for p in phrases)
+        and c.strip().lower() not in targets
+    ]
+    if not kept:
+        raise LecoError(
+            "anchors.prompts: auto left no prompt to keep (every known prompt holds an edited or excluded "
+            "word); exclude fewer words, or list the anchor prompts yourself"
+        )
     if anchors.count is not None and anchors.count < len(kept):
         generator = torch.Generator().manual_seed(0)  # the same draw every time: resumable runs
         kept = [

@@ -77,9 +77,8 @@ class Trainer:
         self.folder.check(overwrite=overwrite, resume_source=self.resume_source, previews=previews)
         check_log_folder(config)
 
-        self.models = models = models or load_models(
-            config.pretrained_model, dtype=self.dtype, with_vae=previews
-        )
+        models = models or load_models(config.pretrained_model, dtype=self.dtype, with_vae=previews)
+        self.models = models
         anchors = anchor_prompts(config.anchors, config.prompts, models.source)
         entries, self.anchors = entries_and_anchors(config, anchors)
         self.prompts = prepare_prompts(entries, models, train)
