@@ -483,6 +483,8 @@ def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path
         models, [embedding, other_seed], EvalSpec.model_validate(spec), "cpu", BrightnessDetector()
     )
     assert both["negative_embeddings"] == {"no_dog": "<no-dog>", "no_dog_seed1": "<no-dog>"}
+    with pytest.raises(LecoError, match=r"strengths: the spec lists no strength but 0"):
+        evaluate(models, embedding, EvalSpec.model_validate({**spec, "strengths": []}), "cpu")
     with pytest.raises(
         LecoError, match=r"is a negative embedding, judged at strength 1 .* strengths -1 mean"
     ):

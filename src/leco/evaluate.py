@@ -179,6 +179,9 @@ def evaluate(
     loras = _lora_list(lora)
     labels = lora_labels(loras)
     negatives = _negative_embeddings(loras, labels, spec.strengths)
+    strengths = list(dict.fromkeys(s for s in spec.strengths if s != 0.0)) if loras else []
+    if loras and not strengths:
+        raise LecoError("strengths: the spec lists no strength but 0, so no LoRA would apply; e.g. [0, 1]")
     for label, path in zip(labels, loras, strict=True):  # a bad second file stops the run now
         if label not in negatives:
             check_lora_fits(read_lora_header(path), models.unet, models.family)
@@ -187,7 +190,6 @@ def evaluate(
     prompts = list(dict.fromkeys(entry.prompt for entry in entries))  # one render per prompt
     slugs = unique_slugs(prompts)
     seeds = list(range(spec.seed, spec.seed + spec.images_per_prompt))
-    strengths = list(dict.fromkeys(s for s in spec.strengths if s != 0.0)) if loras else []
     settings = sampling_settings(spec, models)
     pipe = build_pipeline(models, spec.sampler).to(device)
     folders = _image_folders(image_dir, labels)
