@@ -59,6 +59,7 @@ SLIDER_KEYS = (
     "weight",
 )
 KOHYA_ACTIONS = ("erase", "enhance")
+LECO_ONLY_ACTIONS = tuple(a for a in ACTIONS if a not in KOHYA_ACTIONS)
 # Lists of neutral prompts, in kohya's per-target precedence order.
 NEUTRAL_LIST_KEYS = ("neutrals", "neutral_prompt_file", "prompt_file")
 KOHYA_DEFAULTS = {
@@ -180,8 +181,9 @@ class _KohyaReader:
         self.check_keys(item, PROMPT_KEYS, f"{where}.", "a prompt entry")
         fields = {**_pick(defaults, PROMPT_KEYS), **item}
         action = fields.get("action", "erase")
-        if action in set(ACTIONS) - set(KOHYA_ACTIONS):  # a typo gets the list of allowed values below
-            # A kohya file should stay runnable by kohya; leco's other actions live in its own YAML.
+        # A kohya file should stay runnable by kohya; leco's other actions live in its own YAML. (A
+        # typo is left to the validation below, which lists the allowed values.)
+        if isinstance(action, str) and action in LECO_ONLY_ACTIONS:
             raise ConfigError(
                 f"{self.path}: {where}.action: {action!r} is not a kohya train_leco action (erase, enhance); "
                 "write this entry in a leco prompts YAML (README: prompts.yaml) to use leco's own actions"
