@@ -123,6 +123,7 @@ def test_inline_prompts_are_accepted(tmp_path):
             MINIMAL + "iterations: 3\n",
             ["iterations: unknown key; it belongs under train: (train.iterations)"],
         ),
+        (MINIMAL + "anchors:\n  prompts: a digit three\n", ["anchors.prompts: ", "(got 'a digit three')"]),
         (MINIMAL + "train:\n  save: {name: x}\n", ["train.save: unknown key; it belongs at the top level"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.0:", "finite"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.0:"]),
@@ -150,6 +151,7 @@ def test_bad_config_gives_one_clear_line(folder, text, expected):
         ("[]\n", ["non-empty YAML list"]),
         ("- just text\n", ["entry 1: must be a mapping"]),
         ("- target: a\n  target: b\n", ["'target' appears twice"]),
+        ("- target: a\n  resolution: big\n", ["entry 1.resolution: ", "(got 'big')"]),  # one line, two forms
     ],
 )
 def test_bad_prompts_give_one_clear_line(folder, text, expected):

@@ -685,9 +685,24 @@ def read_yaml(path: Path) -> Any:
 def describe_validation_error(
     error: ValidationError, path: Path, model: type[BaseModel], prefix: str = ""
 ) -> str:
-    """One line per problem: file, dotted key, what is wrong and what is allowed."""
-    lines = [f"{path}: {prefix}{_problem(item, model)}" for item in error.errors()]
+    """One line per problem: file, dotted key, what is wrong and what is allowed.
+
+    A key that takes one of several forms (`resolution`: a number or [height, width]) fails once per
+    form, each error tagged with the form; those become one line about the key."""
+    lines, reported = [], set()
+    for item in error.errors():
+        loc = list(item["loc"])
+        if len(loc) > 1 and isinstance(loc[-1], str) and _UNION_MEMBER.match(loc[-1]):
+            if tuple(loc[:-1]) in reported:
+                continue
+            reported.add(tuple(loc[:-1]))
+            item = {**item, "loc": tuple(loc[:-1])}
+        lines.append(f"{path}: {prefix}{_problem(item, model)}")
     return "\n".join(lines)
+
+
+# How pydantic tags the form of a union an error belongs to: int, list[str], literal['auto'], ...
+_UNION_MEMBER = re.compile(r"^(int|float|str|bool|none|(list|tuple|dict|set|literal)\[.*\])$")
 
 
 def _problem(item: Any, model: type[BaseModel]) -> str:
