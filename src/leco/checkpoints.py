@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from leco.errors import LecoError
-from leco.files import atomic_output
+from leco.files import atomic_output, nearest_existing
 
 STATE_FILE = "training_state.pt"
 # Parts of the config that must match for a resumed run to continue the same training.
@@ -128,13 +128,11 @@ class RunFolder:
             self._lock = None
 
     def _check_writable(self) -> None:
-        for parent in [self.path, *self.path.parents]:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise LecoError(f"save.path: {parent} is a file, not a folder; choose another save.path")
-                if not os.access(parent, os.W_OK | os.X_OK):
-                    raise LecoError(f"save.path: {parent} is not writable; choose another save.path")
-                break
+        parent = nearest_existing(self.path)
+        if not parent.is_dir():
+            raise LecoError(f"save.path: {parent} is a file, not a folder; choose another save.path")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise LecoError(f"save.path: {parent} is not writable; choose another save.path")
         self.path.mkdir(parents=True, exist_ok=True)
         for suffix in ("last", "interrupted"):
             if self.file(suffix).is_dir():

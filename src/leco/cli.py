@@ -170,9 +170,9 @@ def _is_eval_report(path: Path) -> bool:
 
 def _check_writable(path: Path) -> None:
     """`path` exists and is writable, or the nearest existing folder above it is."""
-    existing = path.absolute()
-    while not existing.exists():
-        existing = existing.parent
+    from leco.files import nearest_existing
+
+    existing = nearest_existing(path)
     if existing != path.absolute() and not existing.is_dir():
         raise argparse.ArgumentTypeError(
             f"{existing} is a file, so {path} cannot be created; choose another path"

@@ -97,11 +97,8 @@ def load_spec(path: str | Path) -> EvalSpec:
     path = Path(path)
     document = read_yaml(path) or {}
     training_keys = {"prompts_file", "prompts", "pretrained_model", "network", "train", "job", "config"}
-    if (
-        isinstance(document, dict)
-        and {str(k) for k in document} & training_keys
-        and not ({str(k) for k in document} & set(EvalSpec.model_fields))
-    ):
+    keys = {str(k) for k in document} if isinstance(document, dict) else set()
+    if keys & training_keys and not keys & set(EvalSpec.model_fields):
         raise ConfigError(
             f"{path}: this is a training config, not an eval spec; train with it (leco train {path}) and "
             "judge the LoRA with a spec such as examples/ink-digits/erase_seven_eval.yaml"

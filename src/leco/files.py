@@ -67,6 +67,14 @@ def path_exists(path: Path) -> bool:
         return False
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` (made absolute) if it exists, else the closest folder or file above it that does."""
+    existing = path.absolute()
+    while not path_exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    return existing
+
+
 def _same_or_nested(a: Path, b: Path) -> bool:
     """Whether a and b are one path, or one holds the other, after `..`, symlinks and case folding."""
     a, b = (Path(os.path.normcase(os.path.realpath(p))) for p in (a, b))
@@ -91,9 +99,7 @@ def check_output(
             raise LecoError(
                 f"--out: {out} would replace, hold or sit inside the input {source}; choose another path"
             )
-    existing = where
-    while not path_exists(existing):
-        existing = existing.parent
+    existing = nearest_existing(where)
     if existing != where and not existing.is_dir():
         raise LecoError(f"--out: {existing} is a file, so {out} cannot be created; choose another path")
     if not os.access(existing, os.W_OK) or (existing == where and not os.access(where.parent, os.W_OK)):

@@ -151,12 +151,7 @@ def _check_lora_finite(path: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as file:
-        for key in file.keys():  # noqa: SIM118 (safe_open is no dict)
-            tensor = file.get_tensor(key)
-            if tensor.is_floating_point() and not tensor.isfinite().all():
-                raise LecoError(
-                    f"--lora: {path}: {key} holds NaN or inf values; the file is damaged: train it again"
-                )
+        kohya.check_finite(((key, file.get_tensor(key)) for key in file.keys()), f"--lora: {path}")  # noqa: SIM118
 
 
 @torch.no_grad()
@@ -192,13 +187,13 @@ def generate(
                 generator=[torch.Generator("cpu").manual_seed(request.seed) for request in batch],
                 output_type="np",  # checked before it becomes pixels: NaN would turn silently black
             ).images
-            if not np.isfinite(images).all() and not refuse_nan:
-                images = np.nan_to_num(images)
             if not np.isfinite(images).all():
-                raise LecoError(
-                    f"strength {batch[0].strength:g}: the images came out as NaN (black); a LoRA at this "
-                    "strength breaks the model: use strengths of a usual size (about -2 to 2)"
-                )
+                if refuse_nan:
+                    raise LecoError(
+                        f"strength {batch[0].strength:g}: the images came out as NaN (black); a LoRA at this "
+                        "strength breaks the model: use strengths of a usual size (about -2 to 2)"
+                    )
+                images = np.nan_to_num(images)
             bar.update(len(batch))
             yield from zip(batch, pipe.image_processor.numpy_to_pil(images), strict=True)
 

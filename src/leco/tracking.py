@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from leco.config import LecoConfig
 from leco.errors import LecoError
+from leco.files import nearest_existing
 
 
 class Progress:
@@ -40,9 +41,7 @@ def check_log_folder(config: LecoConfig) -> None:
     if not config.logging.use_tensorboard:
         return
     folder = tensorboard_folder(config)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         why = "a file" if existing.exists() and not existing.is_dir() else "not writable"
         raise LecoError(

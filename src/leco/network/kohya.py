@@ -180,6 +180,13 @@ def is_embedding(keys: Iterable[str]) -> bool:
     return keys in ({"emb_params"}, {"clip_l", "clip_g"}) or "string_to_param" in keys
 
 
+def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """A LoRA holding NaN or inf breaks every image it touches, silently: name the first such key."""
+    for key, value in tensors:
+        if value.is_floating_point() and not value.isfinite().all():
+            raise LecoError(f"{source}: {key} holds NaN or inf values; the file is damaged: train it again")
+
+
 def split_by_model(
     tensors: dict[str, torch.Tensor], source: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -192,9 +199,8 @@ def split_by_model(
     if not tensors:
         raise LecoError(f"{source}: holds no tensors, so it is no LoRA (an empty or unfinished file?)")
     unet, text = {}, {}
+    check_finite(tensors.items(), source)
     for key, value in tensors.items():
-        if value.is_floating_point() and not value.isfinite().all():
-            raise LecoError(f"{source}: {key} holds NaN or inf values; the file is damaged: train it again")
         if key.startswith(UNET_PREFIX):
             unet[key] = value
         elif key.startswith(TEXT_ENCODER_PREFIXES):
