@@ -58,8 +58,8 @@ def reference_step(trainer: Trainer, generator: torch.Generator, rollout_guidanc
     student = edited.predict(torch.cat([latents, latents]), t, target_cfg).chunk(2)[1]
     target = prompt.objective.target(teacher, prompt.settings.guidance_scale)
     loss = objectives.loss(student, target)
-    trainer.optimizer.zero_grad()
+    trainer.updates.optimizer.zero_grad()
     loss.backward()
-    trainer.optimizer.step()
+    trainer.updates.optimizer.step()
     trainer.step += 1
     return loss.item()

@@ -477,3 +477,20 @@ def test_a_closed_form_edit_with_nothing_to_erase_is_refused():
     )
     with pytest.raises(ConfigError, match="closed_form with only preserve entries has nothing to edit"):
         config.check_combination()
+
+
+def test_steps_per_forward_above_one_for_a_negative_embedding_is_one_line():
+    def config(train):
+        return LecoConfig.model_validate(
+            {
+                "pretrained_model": {"name_or_path": "ink-digits"},
+                "prompts": [{"target": "x"}],
+                "network": {"type": "embedding", "token": "<no-x>"},
+                "train": train,
+            }
+        )
+
+    with pytest.raises(ConfigError, match=r"^train.steps_per_forward: a negative embedding trains one step"):
+        config({"steps_per_forward": 4}).check_combination()
+    config({}).check_combination()  # the default: one step per forward
+    config({"steps_per_forward": 1}).check_combination()

@@ -45,19 +45,20 @@ def test_two_processes_write_one_file_equal_to_averaging_two_streams_in_one(tmp_
         make_config(tiny_folders["sd1"], tmp_path / "two", iterations=ITERATIONS), progress=False
     )
     second.generator.manual_seed(second.seed + 1)
-    for _ in range(ITERATIONS):
-        grads = []
-        for trainer in (first, second):
-            trainer.optimizer.zero_grad(set_to_none=True)
-            trainer.loss(trainer.step_queue.next()).backward()
-            grads.append([p.grad for p in trainer.trainable.parameters()])
-        for parameter, a, b in zip(first.trainable.parameters(), *grads, strict=True):
-            parameter.grad = (a + b) / 2
-        first.optimizer.step()
-        first.lr_scheduler.step()
+    steps = 0
+    while steps < ITERATIONS:  # each block: the steps of one rollout, gradients from one forward
+        blocks = [
+            t.step_gradients(t.step_queue.next_steps(t.config.train.steps_per_forward))
+            for t in (first, second)
+        ]
+        for (_, a), (_, b) in zip(*blocks, strict=True):
+            first.updates.start([(x + y) / 2 for x, y in zip(a, b, strict=True)])
+            first.updates.step()
+            steps += 1
         with torch.no_grad():
             for mine, theirs in zip(second.trainable.parameters(), first.trainable.parameters(), strict=True):
                 mine.copy_(theirs)
+    assert steps == ITERATIONS
     single = first.trainable.state_dict()
     assert distributed.keys() == single.keys()
     for key in single:

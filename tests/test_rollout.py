@@ -95,3 +95,18 @@ def test_every_sampler_hands_out_variance_preserving_latents(sampler):
     # sigma-space samplers), whatever the sampler's own scaling of its latents.
     torch.testing.assert_close(first, noise, rtol=3e-3, atol=1e-4)
     assert torch.isfinite(later).all() and later.shape == noise.shape
+
+
+def test_parallel_trajectories_give_each_copy_its_own_latents_in_one_call_per_step():
+    rollout = Rollout(CONFIG, "ddim", steps=12)
+    generator = torch.Generator().manual_seed(5)
+    noise = torch.randn(3 * 2, 4, 8, 8, generator=generator)  # 3 copies of a batch of 2
+    plans = [plan for copy in range(3) for plan in rollout.plan(4, generator, copy)]
+    model = FakeModel()
+    latents = rollout.run(model, noise, plans, generator)
+    assert {batch for batch, _ in model.calls} == {6} and len(model.calls) == rollout.unet_calls(plans)
+    for plan, latent in zip(plans, latents, strict=True):
+        alone = SamplePlan(plan.step, plan.timestep)  # the same sample from its copy's noise alone
+        (expected,) = rollout.run(FakeModel(), noise[2 * plan.copy : 2 * plan.copy + 2], [alone], generator)
+        assert latent.shape == (2, 4, 8, 8)
+        torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-6)

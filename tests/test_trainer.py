@@ -189,6 +189,21 @@ def test_unet_calls_per_step_follow_the_rollout_reuse(tmp_path, tiny_folders, re
     assert sum(c > 2 for c in calls) == 4
 
 
+def test_steps_of_a_rollout_sharing_one_forward_make_no_unet_call_of_their_own(tmp_path, tiny_folders):
+    config = make_config(
+        tiny_folders["sd1"], tmp_path, samples_per_rollout=4, max_denoising_steps=20, steps_per_forward=4
+    )
+    trainer = Trainer(config, progress=False)
+    counter = UNetCalls(trainer)
+    calls = []
+    for _ in range(8):
+        before = len(counter)
+        trainer.train_step()
+        calls.append(len(counter) - before)
+    # a rollout's first step: its calls + 1 teacher call + 1 student call for all four steps
+    assert [c > 2 for c in calls] == [True, False, False, False] * 2 and calls.count(0) == 6
+
+
 def test_frozen_predictions_asked_per_rollout_equal_those_asked_per_step(tmp_path, tiny_folders):
     config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=4)
     config.anchors.prompts, config.anchors.per_step = ["a green tree", "a house"], 1
@@ -353,11 +368,14 @@ def test_resuming_another_runs_state_never_replaces_a_run_of_this_name(tmp_path,
     assert fresh.steps == 4 and fresh.path.name == "runc_last.safetensors"
 
 
-def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, tiny_folders, monkeypatch):
-    trainer = Trainer(make_config(tiny_folders["sd1"], tmp_path), progress=False)
+def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, tiny_folders):
+    trainer = Trainer(make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=2), progress=False)
     trainer.train_step()
-    monkeypatch.setattr(trainer, "loss", lambda sample: torch.tensor(float("nan")))
-    with pytest.raises(LecoError, match=r"step 2: the loss became nan; use train.precision: bf16 or fp32"):
+    trainer.train_step()  # the rollout's two steps, from one forward
+    with torch.no_grad():
+        for parameter in trainer.trainable.parameters():
+            parameter.fill_(float("nan"))
+    with pytest.raises(LecoError, match=r"step 3: the loss became nan; use train.precision: bf16 or fp32"):
         trainer.train_step()
 
 
@@ -387,7 +405,7 @@ def test_lora_weights_stay_fp32_under_bf16(tmp_path, tiny_folders):
     assert {p.dtype for p in trainer.trainable.parameters()} == {torch.float32}
     loss = trainer.train_step()
     assert math.isfinite(loss)  # finite under bf16 autocast
-    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.optimizer.state.values())
+    assert all(s["exp_avg"].dtype == torch.float32 for s in trainer.updates.optimizer.state.values())
 
 
 def write_yaml_config(folder: Path, tiny: Path, iterations: int) -> Path:
@@ -527,3 +545,90 @@ def test_a_clip_skip_past_the_text_encoders_layers_is_one_line(tmp_path, tiny_fo
     with pytest.raises(LecoError, match=r"clip_skip: 99 skips past the \d+ text-encoder layers"):
         Trainer(config, progress=False)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("name", "network", "anchors", "checkpointing"),
+    # c3lier: 3x3 convs too; anchors ride along; gradient checkpointing runs layers twice
+    [("sd1", "c3lier", 0, False), ("sdxl", "lierla", 1, False), ("sd2-v", "lierla", 0, True)],
+)
+def test_steps_sharing_one_forward_get_their_own_gradients(
+    tmp_path, tiny_folders, name, network, anchors, checkpointing
+):
+    config = make_config(
+        tiny_folders[name],
+        tmp_path,
+        samples_per_rollout=4,
+        steps_per_forward=4,
+        gradient_checkpointing=checkpointing,
+    )
+    config.network.type = network
+    if anchors:
+        config.anchors.prompts, config.anchors.per_step = ["a green tree"], anchors
+    config.prompts = config.prompts[:1]  # batch_size 2: two batch elements per step
+    trainer = Trainer(config, progress=False)
+    with torch.no_grad():
+        for p in trainer.trainable.parameters():
+            p.normal_(0, 0.3)
+    steps = trainer.step_queue.next_steps(4)
+    assert len(steps) == 4
+    calls = UNetCalls(trainer)
+    together = trainer.step_gradients(steps)
+    assert len(calls) == 1  # one student call for the four steps
+    for step, (loss, gradients) in zip(steps, together, strict=True):
+        alone_loss, alone = trainer.step_gradients([step])[0]
+        torch.testing.assert_close(loss, alone_loss, rtol=1e-5, atol=1e-7)
+        assert any(g.abs().sum() > 0 for g in alone)
+        for shared, own in zip(gradients, alone, strict=True):
+            torch.testing.assert_close(shared, own, rtol=1e-4, atol=1e-6)
+
+
+def test_steps_sharing_a_forward_follow_the_rollouts_and_resume_exactly_from_inside_a_block(
+    tmp_path, tiny_folders
+):
+    def config(out, iterations):
+        return make_config(
+            tiny_folders["sd1"], out, iterations=iterations, samples_per_rollout=8, steps_per_forward=3
+        )
+
+    trainer = Trainer(config(tmp_path / "probe", 10), progress=False)
+    sizes = []
+    for _ in range(5):
+        sizes.append(len(trainer.step_gradients(trainer.step_queue.next_steps(3))))
+    assert sizes == [3, 3, 2, 3, 3]  # a rollout's 8 steps in blocks of at most 3, then the next one's
+    whole = train(config(tmp_path / "whole", 10), progress=False)
+    first = train(config(tmp_path / "split", 4), progress=False)  # ends inside the second block
+    resumed = train(config(tmp_path / "split", 10), resume=first.state, progress=False)
+    a, b = lora_tensors(whole.path), lora_tensors(resumed.path)
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_parallel_rollouts_sample_side_by_side_in_one_call_per_denoising_step(tmp_path, tiny_folders):
+    config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=3, parallel_rollouts=2)
+    config.prompts = config.prompts[:1]  # batch_size 2, guidance: each call holds 2 copies x 2 x 2
+    trainer = Trainer(config, progress=False)
+    calls = UNetCalls(trainer)
+    steps = trainer.step_queue.next_steps(10)
+    rollout_calls = [batch for batch, _ in calls.calls[:-1]]  # the last call: the teacher's
+    assert len(steps) == 6 and all(len(step.samples[0].latents) == 2 for step in steps)
+    assert rollout_calls and set(rollout_calls) == {8} and len(rollout_calls) <= 8
+    assert len({int(step.samples[0].timesteps[0]) for step in steps}) >= 4  # two copies' own timesteps
+    trainer.train_step()  # trains on them as on any step
+
+
+def test_per_step_gradients_refuse_layers_they_cannot_split():
+    from torch import nn
+
+    from leco.errors import LecoError
+    from leco.step_gradients import step_gradients, supported
+
+    grouped = nn.Conv2d(4, 4, 3, groups=2, bias=False)
+    assert supported([nn.Linear(3, 2, bias=False), nn.Conv2d(3, 2, 3, padding=1, bias=False)])
+    assert not supported([grouped]) and not supported([nn.Conv2d(3, 2, 3, padding="same", bias=False)])
+    with (
+        pytest.raises(LecoError, match=r"^train.steps_per_forward: .* set 1$"),
+        step_gradients([grouped.weight], [grouped], [0, 1]),
+    ):
+        pass
+    with step_gradients([grouped.weight], None, [0, 0]):  # one group: a plain backward, nothing to split
+        pass

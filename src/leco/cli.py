@@ -20,7 +20,7 @@ NUMERIC_LIST_OPTIONS = ("--strengths",)
 TRAIN_DESCRIPTION = """\
 Train a LoRA from a config YAML (the reference LECO config.yaml + prompts.yaml load unchanged).
 
-example, on the bundled model ink-digits (about a minute on a laptop CPU):
+example, on the bundled model ink-digits (seconds on a laptop CPU):
   leco train examples/ink-digits/erase_seven.yaml
 
 A config names the model and a prompts file; the prompts file says what to erase or enhance:

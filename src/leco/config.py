@@ -169,6 +169,13 @@ class TrainConfig(_Section):
     samples_per_rollout: int = Field(DEFAULT_SAMPLES_PER_ROLLOUT, ge=1)
     # Rollout samples per optimizer step, batched into one teacher and one student UNet call.
     samples_per_step: int = Field(1, ge=1)
+    # Trajectories sampled side by side in one rollout (one batched UNet call per denoising step),
+    # each giving samples_per_rollout latents of the same entry and target.
+    parallel_rollouts: int = Field(1, ge=1)
+    # Up to this many steps of one rollout take their gradients from one batched student forward and
+    # backward (each its own, at the weights before the first; leco.step_gradients). Faster where a
+    # UNet call's fixed cost dominates (small models, the CPU); the batch's activations cost memory.
+    steps_per_forward: int = Field(1, ge=1)
     # Which entry each rollout trains: "shuffled" deals every entry once, in a random order, before
     # any repeats (each of several concepts gets its share of rollouts); "random": drawn independently.
     entry_order: Literal["shuffled", "random"] = "shuffled"
@@ -454,6 +461,10 @@ class LecoConfig(_Section):
                 "are; remove it"
             )
         if self.network.type == "embedding":
+            if self.train.steps_per_forward > 1:
+                raise ConfigError(
+                    "train.steps_per_forward: a negative embedding trains one step per forward; set 1"
+                )
             if self.teacher is not None:
                 raise ConfigError("teacher: transplants train a LoRA; use network.type lierla or c3lier")
             if self.train.rollout_guidance_scale <= 1:

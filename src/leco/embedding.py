@@ -77,6 +77,9 @@ class TokenEmbedding:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.vectors)
 
+    def weight_modules(self) -> None:
+        return None  # the vectors feed a text encoder shared by every step: one step per backward
+
     @contextlib.contextmanager
     def strength(self, value: float) -> Iterator[TokenEmbedding]:
         # The UNet is untouched: the embedding acts only where its token is in a prompt.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -57,3 +58,55 @@ def build_lr_scheduler(train: TrainConfig, optimizer: torch.optim.Optimizer) -> 
         )
     except TypeError as error:
         raise LecoError(f"train.lr_scheduler_args: {error} (for {name})") from None
+
+
+class Updates:
+    """What turns a step's gradients into new weights: the optimizer, its lr schedule, gradient
+    clipping, and the fp16 loss scaler (a no-op at other precisions)."""
+
+    def __init__(
+        self, train: TrainConfig, parameters: list[torch.nn.Parameter], device: torch.device, fp16: bool
+    ):
+        self.parameters, self.max_grad_norm = parameters, train.max_grad_norm
+        self.optimizer = build_optimizer(train, parameters)
+        self.lr_scheduler = build_lr_scheduler(train, self.optimizer)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add the loss's gradient (scaled under fp16) to the parameters' `.grad`."""
+        self.scaler.scale(loss).backward()
+
+    def unscaled(self, gradients: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [g / self.scaler.get_scale() for g in gradients]
+
+    def start(self, gradients: list[torch.Tensor] | None = None) -> None:
+        """Clear the parameters' gradients, or set them to these unscaled ones (scaled as they would
+        be now: the scale may have changed since they were taken)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for parameter, gradient in zip(self.parameters, gradients or [], strict=gradients is not None):
+            parameter.grad = gradient * self.scaler.get_scale()
+
+    def step(self) -> None:
+        """Apply the parameters' gradients, then advance the lr schedule."""
+        if self.max_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.lr_scheduler.step()
+
+    @property
+    def lr(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.scaler.load_state_dict(state["scaler"])

@@ -2,7 +2,9 @@
 
 A rollout starts from Gaussian latents and samples with the LoRA on (classifier-free guidance on
 the target prompt) for S steps of a diffusers scheduler. Several training samples are taken from
-ONE rollout: pick m distinct step counts k, run to the largest and keep a latent for each.
+ONE rollout: pick m distinct step counts k, run to the largest and keep a latent for each. With
+`parallel_rollouts` R, R trajectories from their own noise run side by side in the same UNet
+calls, each with its own m step counts: R*m samples for the calls of one.
 
 The latent of sample k is labelled with the timestep it really has. With `timestep_offset`, it
 is moved to a random timestep inside its step's interval (t_k, t_(k-1)] by a DDIM jump that reuses
@@ -74,6 +76,7 @@ class SamplePlan:
 
     step: int
     timestep: int
+    copy: int = 0  # which of the rollout's parallel trajectories (train.parallel_rollouts) it is taken from
 
 
 class Rollout:
@@ -108,8 +111,8 @@ class Rollout:
         config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
         return DDPMScheduler.from_config(config).alphas_cumprod
 
-    def plan(self, count: int, generator: torch.Generator) -> list[SamplePlan]:
-        """`count` samples at distinct step counts, each with its training timestep."""
+    def plan(self, count: int, generator: torch.Generator, copy: int = 0) -> list[SamplePlan]:
+        """`count` samples of trajectory `copy` at distinct step counts, each with its training timestep."""
         steps = (torch.randperm(self.steps, generator=generator)[: min(count, self.steps)] + 1).tolist()
         plans = []
         for step in steps:
@@ -118,14 +121,17 @@ class Rollout:
             timestep = high
             if self.timestep_offset and high - low > 1:
                 timestep = high - int(torch.randint(0, high - low, (1,), generator=generator))
-            plans.append(SamplePlan(step, timestep))
+            plans.append(SamplePlan(step, timestep, copy))
         return plans
 
     @torch.no_grad()
     def run(
         self, model: GuidedModel, noise: Tensor, plans: list[SamplePlan], generator: torch.Generator
     ) -> list[Tensor]:
-        """One trajectory from `noise`, as far as the plans need; returns their latents in order."""
+        """Trajectories from `noise` (one per plan copy, each an equal slice of the batch), as far as
+        the plans need; returns their latents in order."""
+        per_copy = len(noise) // (max(p.copy for p in plans) + 1)
+        rows = [slice(p.copy * per_copy, (p.copy + 1) * per_copy) for p in plans]
         scheduler = self.scheduler
         scheduler.set_timesteps(self.steps, device=noise.device)
         latents = noise * scheduler.init_noise_sigma
@@ -136,14 +142,15 @@ class Rollout:
             due = [(i, p) for i, p in enumerate(plans) if p.step == index + 1]
             for i, plan in due:
                 if plan.timestep == self.grid[index]:
-                    results[i] = model_input.clone()
+                    results[i] = model_input[rows[i]].clone()
             needs_prediction = index < last - 1 or len(results) < len(plans)
             if not needs_prediction:
                 break
             prediction = model(model_input, t)
             for i, plan in due:
                 if i not in results:
-                    results[i] = self.jump(model_input, prediction, self.grid[index], plan.timestep)
+                    latent, predicted = model_input[rows[i]], prediction[rows[i]]
+                    results[i] = self.jump(latent, predicted, self.grid[index], plan.timestep)
             if index < last - 1:
                 extra = {"generator": generator} if self.takes_generator else {}
                 latents = scheduler.step(prediction, t, latents, **extra).prev_sample
@@ -226,18 +233,17 @@ class SampleQueue:
         size = prompt.image_size(generator)
         crop = prompt.crop(*size, generator)
         scale = self.vae_scale_factor
-        shape = (prompt.batch_size, self.edited.unet.config.in_channels, size[0] // scale, size[1] // scale)
+        copies = self.train.parallel_rollouts
+        batch = copies * prompt.batch_size
+        shape = (batch, self.edited.unet.config.in_channels, size[0] // scale, size[1] // scale)
         # Drawn on the CPU so that a seed gives the same run on every device; latents stay fp32.
         noise = torch.randn(shape, generator=generator).to(self.device)
-        plans = self.rollout.plan(self.train.samples_per_rollout, generator)
+        m = self.train.samples_per_rollout
+        plans = [plan for copy in range(copies) for plan in self.rollout.plan(m, generator, copy)]
         texts = prompt.texts(target)
         guidance = prompt.objective.rollout_guidance or self.train.rollout_guidance_scale
-        model = self.edited.guided(
-            texts["target"], texts["unconditional"], guidance, size, crop, prompt.batch_size
-        )
-        with self.edited.trainable.strength(
-            prompt.settings.multiplier
-        ):  # "as the edited model would generate"
+        model = self.edited.guided(texts["target"], texts["unconditional"], guidance, size, crop, batch)
+        with self.edited.trainable.strength(prompt.settings.multiplier):  # as the edited model generates
             latents = self.rollout.run(model, noise, plans, generator)
         order = torch.randperm(len(plans), generator=generator).tolist()
         timesteps = [torch.full((prompt.batch_size,), plan.timestep, device=self.device) for plan in plans]

@@ -73,6 +73,26 @@ def rows_of(step: Step, prompts: list[PreparedPrompt], anchor_weight: float) -> 
     return rows
 
 
+def one_call(steps: list[Step], rows: list[list[Row]]) -> tuple[list[TrainingSample], list[tuple[int, str]]]:
+    """The steps' rows as one student UNet call: every sample, and each row's (sample index, target text)."""
+    samples: list[TrainingSample] = []
+    requests: list[tuple[int, str]] = []
+    for step, step_rows in zip(steps, rows, strict=True):
+        requests += [(len(samples) + row.sample, row.texts["target"]) for row in step_rows]
+        samples += step.samples
+    return samples, requests
+
+
+def owners(steps: list[Step], rows: list[list[Row]]) -> list[int]:
+    """The step each batch element of the `one_call` UNet call belongs to."""
+    return [
+        index
+        for index, (step, step_rows) in enumerate(zip(steps, rows, strict=True))
+        for row in step_rows
+        for _ in range(len(step.samples[row.sample].latents))
+    ]
+
+
 def wanted(rows: list[Row], extra_roles: tuple[str, ...]) -> list[Request]:
     """The frozen predictions each row reads: its objective's roles and the trained part's extra ones."""
     return [(row.sample, {k: row.texts[k] for k in row.objective.roles + extra_roles}) for row in rows]
@@ -119,6 +139,13 @@ class StepQueue:
         self.samples, self.anchors, self.anchor_config = samples, anchors, anchor_config
         self.teachers, self.extra_roles = teachers, extra_roles
         self.ready: list[Step] = []
+
+    def next_steps(self, count: int) -> list[Step]:
+        """Up to `count` steps, all of one rollout (the next one when none waits)."""
+        steps = [self.next()]
+        while len(steps) < count and self.ready:
+            steps.append(self.ready.pop(0))
+        return steps
 
     def next(self) -> Step:
         if not self.ready:

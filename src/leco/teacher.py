@@ -22,8 +22,9 @@ from leco.config import TeacherConfig
 from leco.errors import LecoError
 from leco.models import TEACHER_OPTION_NAMES, LoadedModels, load_models
 from leco.objectives import CONCEPT_ROLES
-from leco.prompts import encode_texts
+from leco.prompts import PreparedPrompt, encode_texts, prompt_texts
 from leco.rollout import Rollout
+from leco.trainable import EditedModel
 
 
 class Sample(Protocol):
@@ -228,3 +229,20 @@ def check_compatible(student: LoadedModels, teacher: LoadedModels, name: str) ->
             f"teacher.name_or_path: {name} was trained with another noise schedule (betas) than the student; "
             "a transplant needs the same schedule"
         )
+
+
+def teachers_of_run(
+    config: TeacherConfig | None,
+    edited: EditedModel,
+    models: LoadedModels,
+    prompts: list[PreparedPrompt],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Teachers:
+    """The frozen student (the trained part off), and the `teacher:` model of the concept roles if any."""
+    concept = None
+    if config is not None:
+        texts = prompt_texts(prompts, CONCEPT_ROLES)
+        concept = load_teacher(config, models, texts, dtype, device, edited.autocast)
+    frozen = Teacher.of_student(models, edited.embeddings, edited.trainable, edited.autocast)
+    return Teachers(frozen, concept)

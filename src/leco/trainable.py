@@ -26,6 +26,10 @@ class Trainable(Protocol):
 
     def parameters(self) -> list[nn.Parameter]: ...
 
+    def weight_modules(self) -> list[nn.Module] | None:
+        """The Linear/Conv2d modules whose weights are `parameters()`, in that order (several steps'
+        gradients from one backward, leco.step_gradients); None where the trained part is not so."""
+
     def strength(self, value: float) -> AbstractContextManager:
         """Apply the trained part at `value` (0: the original model) inside the block."""
 

@@ -4,7 +4,8 @@ One step: take latents from a partial rollout made by the edited model (leco.rol
 frozen model's predictions that the entry's objective needs (leco.teacher; asked for a whole
 rollout's steps at once, leco.steps), turn them into a training target (leco.objectives) and move
 the trained part's prediction there. What is trained, a LoRA or a token embedding, sits behind
-leco.trainable. Read `Trainer.loss` first; the rest is setup, saving and the loop.
+leco.trainable. Read `Trainer.objective_loss` first, then `train_step`; the rest is
+setup, saving and the loop.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +34,15 @@ from leco.models import (
     prepare_for_training,
     training_dtype,
 )
-from leco.optim import build_lr_scheduler, build_optimizer
+from leco.objectives import Predictions
+from leco.optim import Updates
 from leco.preservation import TextAnchors, anchor_prompts, entries_and_anchors
 from leco.preview import render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
 from leco.rollout import Rollout, SampleQueue
-from leco.steps import Step, StepQueue
-from leco.teacher import Teacher, Teachers, load_teacher
+from leco.step_gradients import step_gradients
+from leco.steps import Row, Step, StepQueue, one_call, owners
+from leco.teacher import teachers_of_run
 from leco.tracking import Progress, check_log_folder
 from leco.trainable import EditedModel, Trainable, create_trainable
 
@@ -88,18 +92,12 @@ class Trainer:
         torch.manual_seed(self.seed)  # the trained part's initial weights
         self.trainable = create_trainable(models, config, self.device)
         self.edited = EditedModel(self.unet, self.trainable, embeddings, models.family.is_sdxl, self.autocast)
-        concept = None
-        if config.teacher is not None:
-            texts = prompt_texts(self.prompts, objectives.CONCEPT_ROLES)
-            concept = load_teacher(config.teacher, models, texts, self.dtype, self.device, self.autocast)
-        self.teachers = Teachers(
-            Teacher.of_student(models, embeddings, self.trainable, self.autocast), concept
+        self.teachers = teachers_of_run(
+            config.teacher, self.edited, models, self.prompts, self.dtype, self.device
         )
-
         self.text_anchors = TextAnchors.of_run(config, anchors, embeddings)
-        self.optimizer = build_optimizer(train, self.trainable.parameters())
-        self.lr_scheduler = build_lr_scheduler(train, self.optimizer)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        fp16 = self.dtype == torch.float16
+        self.updates = Updates(train, self.trainable.parameters(), self.device, fp16=fp16)
         rollout = Rollout.for_training(models.scheduler_config, train)
         # Entries, rollouts, timesteps, anchors: each process draws its own.
         self.generator = torch.Generator().manual_seed(self.seed + self.ranks.index)
@@ -111,49 +109,75 @@ class Trainer:
         alphas_cumprod, v_prediction = self.teachers.frozen.alphas_cumprod, models.family.v_pred
         self.snr_weights = objectives.min_snr_weighting(train.min_snr_gamma, alphas_cumprod, v_prediction)
         self.step = 0
+        self.waiting: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (loss, gradients) of steps due
         if resume is not None:
             self.resume(resume)
 
     # -- one training step ------------------------------------------------------------------------
 
     def train_step(self) -> float:
-        loss = self.loss(self.step_queue.next())
+        if not self.waiting:  # the next steps' gradients, from one batched forward and backward
+            self.waiting = self.step_gradients(
+                self.step_queue.next_steps(self.config.train.steps_per_forward)
+            )
+        loss, gradients = self.waiting.pop(0)
+        self.updates.start(gradients)
+        if self.text_anchors is not None:  # a function of the weights alone: taken as they are now
+            text_loss = self.text_anchors.loss(self.trainable)
+            self.updates.backward(text_loss)
+            loss = loss + text_loss.detach()
         if self.ranks.any(not torch.isfinite(loss), self.device):
             raise LecoError(
                 f"training stopped at step {self.step + 1}: the loss became {loss.item()}; use "
                 "train.precision: bf16 or fp32 (fp16 overflows easily), or a lower train.lr"
             )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
         self.ranks.mean_gradients(self.trainable.parameters())
-        if self.config.train.max_grad_norm:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.trainable.parameters(), self.config.train.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.lr_scheduler.step()
+        self.updates.step()
         self.step += 1
         return self.ranks.mean(loss.item(), self.device)
 
-    def loss(self, step: Step) -> torch.Tensor:
-        """The weighted objective losses of the step's rows, averaged over its samples.
+    def step_gradients(self, steps: list[Step]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+        """Each step's objective loss and gradient (unscaled), from one student UNet call and one
+        backward at the weights as they are now (leco.step_gradients)."""
+        rows = [self.step_queue.rows(step) for step in steps]
+        frozen = [self.step_queue.frozen(step) for step in steps]
+        self.updates.start()
+        parameters, modules = self.trainable.parameters(), self.trainable.weight_modules()
+        with step_gradients(parameters, modules, owners(steps, rows)) as gradients:
+            student = self.student(steps, rows)
+            losses = [self.objective_loss(*each, student) for each in zip(steps, rows, frozen, strict=True)]
+            self.updates.backward(torch.stack(losses).sum())
+        grouped = gradients.by_group()
+        return [(loss.detach(), self.updates.unscaled(g)) for loss, g in zip(losses, grouped, strict=True)]
+
+    def student(self, steps: list[Step], rows: list[list[Row]]) -> Iterator[torch.Tensor]:
+        """The trained predictions of the steps' rows, in order, from one UNet call (one entry's steps)."""
+        samples, requests = one_call(steps, rows)
+        with self.trainable.strength(self.prompts[samples[0].prompt].settings.multiplier):
+            return iter(self.edited.student(samples, requests))
+
+    def objective_loss(
+        self, step: Step, rows: list[Row], frozen: list[Predictions], student: Iterator[torch.Tensor]
+    ) -> torch.Tensor:
+        """The step's weighted objective losses, averaged over its samples, from the trained predictions
+        of its rows (`student`, in row order) and the frozen ones.
 
         Rows: the entry's target prompt at each sample, plus anchor prompts riding along at the same
-        latents (objective: preserve). The frozen predictions come with the step (see StepQueue),
-        the trained ones from one UNet call. With anchors.text_weight the anchors' text term is added.
+        latents (objective: preserve); see leco.steps.
         """
-        rows, samples, frozen = self.step_queue.rows(step), step.samples, self.step_queue.frozen(step)
-        with self.trainable.strength(self.prompts[samples[0].prompt].settings.multiplier):
-            student = self.edited.student(samples, [(row.sample, row.texts["target"]) for row in rows])
         total = torch.zeros((), device=self.device)
-        for row, predictions, prediction in zip(rows, frozen, student, strict=True):
+        for row, predictions in zip(rows, frozen, strict=True):
             conditional_target = row.objective.target(predictions, row.guidance_scale)
             target = self.trainable.training_target(conditional_target, predictions)
-            weights = self.snr_weights(samples[row.sample].timesteps)
-            total = total + row.weight * objectives.loss(prediction, target, weights)
-        if self.text_anchors is not None:
-            return total / len(samples) + self.text_anchors.loss(self.trainable)
-        return total / len(samples)
+            weights = self.snr_weights(step.samples[row.sample].timesteps)
+            total = total + row.weight * objectives.loss(next(student), target, weights)
+        return total / len(step.samples)
+
+    def loss(self, step: Step) -> torch.Tensor:
+        """One step's loss at the weights as they are (the anchors' text term included)."""
+        rows, frozen = self.step_queue.rows(step), self.step_queue.frozen(step)
+        loss = self.objective_loss(step, rows, frozen, self.student([step], [rows]))
+        return loss + self.text_anchors.loss(self.trainable) if self.text_anchors is not None else loss
 
     # -- saving and resuming ----------------------------------------------------------------------
 
@@ -177,19 +201,19 @@ class Trainer:
             "seed": self.seed,
             "config": self.config.to_json(),
             "trainable": self.trainable.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "ranks": self.ranks.gather(self.step_queue.state()),  # each process's own, in rank order
+            **self.updates.state_dict(),  # optimizer, lr_scheduler, scaler
+            # Each process's own, in rank order: its random stream, the latents and the gradients waiting.
+            "ranks": self.ranks.gather({**self.step_queue.state(), "waiting": to_cpu(self.waiting)}),
         }
 
     def resume(self, path: str | Path) -> None:
         state = read_state(path, self.config.to_json(), processes=self.ranks.count)
         self.trainable.load_state_dict(state["trainable"], source=str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.step_queue.load_state(state["ranks"][self.ranks.index], self.device)
+        self.updates.load_state_dict(state)
+        mine = state["ranks"][self.ranks.index]
+        self.step_queue.load_state(mine, self.device)
+        waiting = mine.get("waiting", [])  # states saved before steps shared a forward have none
+        self.waiting = [(loss.to(self.device), [g.to(self.device) for g in grads]) for loss, grads in waiting]
         self.step, self.seed = state["step"], state["seed"]
 
     def save_if_due(self) -> None:
@@ -222,7 +246,7 @@ class Trainer:
             with StopRequest() as stop:
                 while self.step < iterations and not stopping:
                     loss = self.train_step()
-                    progress.update(self.step, loss, self.lr_scheduler.get_last_lr()[0])
+                    progress.update(self.step, loss, self.updates.lr)
                     if self.step < iterations:  # the last step is saved below
                         self.save_if_due()
                     stopping = self.ranks.any(stop.requested, self.device)
@@ -230,6 +254,10 @@ class Trainer:
             path = self.save(suffix)
             self.render_preview(suffix)
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
+
+
+def to_cpu(waiting: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> list:
+    return [(loss.cpu(), [g.cpu() for g in gradients]) for loss, gradients in waiting]
 
 
 def train(

@@ -200,6 +200,12 @@ class LoRANetwork:
             params += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
         return params
 
+    def weight_modules(self) -> list[nn.Module]:
+        modules: list[nn.Module] = []
+        for layer in self.layers.values():
+            modules += [layer.lora_A[ADAPTER], layer.lora_B[ADAPTER]]
+        return modules
+
     def __len__(self) -> int:
         return len(self.layers)
 
