@@ -139,6 +139,9 @@ class StepQueue:
         self.samples, self.anchors, self.anchor_config = samples, anchors, anchor_config
         self.teachers, self.extra_roles = teachers, extra_roles
         self.ready: list[Step] = []
+        # (loss, gradients) of steps already taken from `ready` whose gradients came from one forward
+        # (train.steps_per_forward); kept here so that a saved state holds them too.
+        self.gradients: list[tuple[torch.Tensor, list[torch.Tensor]]] = []
 
     def next_steps(self, count: int) -> list[Step]:
         """Up to `count` steps, all of one rollout (the next one when none waits)."""
@@ -169,9 +172,13 @@ class StepQueue:
         return step.frozen or self.teachers.predict(step.samples, self.wanted(step))
 
     def state(self) -> dict[str, Any]:
-        """The random stream, and the latents and steps still waiting: what an exact resume needs."""
-        return {**self.samples.state(), "ready": [step.to_state() for step in self.ready]}
+        """The random stream, and the latents, steps and gradients still waiting: what an exact resume
+        needs."""
+        waiting = [(loss.cpu(), [g.cpu() for g in gradients]) for loss, gradients in self.gradients]
+        return {**self.samples.state(), "ready": [step.to_state() for step in self.ready], "waiting": waiting}
 
     def load_state(self, state: dict[str, Any], device: torch.device) -> None:
         self.samples.load_state(state)
         self.ready = [Step.from_state(step, device) for step in state.get("ready", [])]
+        waiting = state.get("waiting", [])  # none in states saved before steps shared a forward
+        self.gradients = [(loss.to(device), [g.to(device) for g in grads]) for loss, grads in waiting]

@@ -109,18 +109,16 @@ class Trainer:
         alphas_cumprod, v_prediction = self.teachers.frozen.alphas_cumprod, models.family.v_pred
         self.snr_weights = objectives.min_snr_weighting(train.min_snr_gamma, alphas_cumprod, v_prediction)
         self.step = 0
-        self.waiting: list[tuple[torch.Tensor, list[torch.Tensor]]] = []  # (loss, gradients) of steps due
         if resume is not None:
             self.resume(resume)
 
     # -- one training step ------------------------------------------------------------------------
 
     def train_step(self) -> float:
-        if not self.waiting:  # the next steps' gradients, from one batched forward and backward
-            self.waiting = self.step_gradients(
-                self.step_queue.next_steps(self.config.train.steps_per_forward)
-            )
-        loss, gradients = self.waiting.pop(0)
+        waiting = self.step_queue.gradients
+        if not waiting:  # the next steps' gradients, from one batched forward and backward
+            waiting += self.step_gradients(self.step_queue.next_steps(self.config.train.steps_per_forward))
+        loss, gradients = waiting.pop(0)
         self.updates.start(gradients)
         if self.text_anchors is not None:  # a function of the weights alone: taken as they are now
             text_loss = self.text_anchors.loss(self.trainable)
@@ -202,18 +200,14 @@ class Trainer:
             "config": self.config.to_json(),
             "trainable": self.trainable.state_dict(),
             **self.updates.state_dict(),  # optimizer, lr_scheduler, scaler
-            # Each process's own, in rank order: its random stream, the latents and the gradients waiting.
-            "ranks": self.ranks.gather({**self.step_queue.state(), "waiting": to_cpu(self.waiting)}),
+            "ranks": self.ranks.gather(self.step_queue.state()),  # each process's own, in rank order
         }
 
     def resume(self, path: str | Path) -> None:
         state = read_state(path, self.config.to_json(), processes=self.ranks.count)
         self.trainable.load_state_dict(state["trainable"], source=str(path))
         self.updates.load_state_dict(state)
-        mine = state["ranks"][self.ranks.index]
-        self.step_queue.load_state(mine, self.device)
-        waiting = mine.get("waiting", [])  # states saved before steps shared a forward have none
-        self.waiting = [(loss.to(self.device), [g.to(self.device) for g in grads]) for loss, grads in waiting]
+        self.step_queue.load_state(state["ranks"][self.ranks.index], self.device)
         self.step, self.seed = state["step"], state["seed"]
 
     def save_if_due(self) -> None:
@@ -254,10 +248,6 @@ class Trainer:
             path = self.save(suffix)
             self.render_preview(suffix)
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
-
-
-def to_cpu(waiting: list[tuple[torch.Tensor, list[torch.Tensor]]]) -> list:
-    return [(loss.cpu(), [g.cpu() for g in gradients]) for loss, gradients in waiting]
 
 
 def train(
