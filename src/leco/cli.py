@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--out", type=_output_folder, default="generated", help="output folder (default ./generated)"
     )
+    generate.add_argument(
+        "--overwrite", action="store_true", help="replace images and the grid an earlier run left in --out"
+    )
     generate.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     generate.set_defaults(run=run_generate)
 
@@ -546,7 +549,7 @@ def _read_embeddings(options: list[str], texts: list[str]) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from leco.generate import SamplingSettings, requests_for, run_generation
+    from leco.generate import SamplingSettings, output_files, requests_for, run_generation
     from leco.models import recommended_sampling
 
     if args.lora and len(args.lora) > 1:
@@ -559,6 +562,12 @@ def run_generate(args: argparse.Namespace) -> int:
         raise LecoError("--strengths: without --lora every strength draws the same image; add --lora FILE")
     strengths = args.strengths or ([-1.0, 0.0, 1.0] if args.lora else [0.0])
     requests = requests_for(args.prompt, strengths, args.seeds)
+    taken = [path for path in output_files(requests, args.out) if path.exists()]
+    if taken and not args.overwrite:
+        raise LecoError(
+            f"--out {args.out}: already holds {len(taken)} of the files this run writes (e.g. "
+            f"{taken[0].name}, from an earlier run); choose another --out, or --overwrite to replace them"
+        )
     recommended = recommended_sampling(args.model)
     settings = SamplingSettings(
         args.steps or recommended.steps,

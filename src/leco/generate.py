@@ -323,6 +323,12 @@ def arch_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
+def output_files(requests: list[ImageRequest], out: str | Path) -> list[Path]:
+    """The files `run_generation` writes into `out`: one PNG per request, then the grid."""
+    slugs = unique_slugs(request.prompt for request in requests)
+    return [Path(out) / request.file_name(slugs) for request in requests] + [Path(out) / "grid.png"]
+
+
 def requests_for(prompts: list[str], strengths: list[float], seeds: list[int]) -> list[ImageRequest]:
     """In grid order: rows are prompts x seeds, columns strengths."""
     return [ImageRequest(p, s, seed) for p in prompts for seed in seeds for s in strengths]
@@ -382,9 +388,9 @@ def run_generation(
     out = Path(out)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
         images = dict(generate(pipe, requests, settings, set_strength, progress))
-    slugs = unique_slugs(request.prompt for request in requests)
-    paths = [save_image(images[request], out / request.file_name(slugs)) for request in requests]
-    grid = save_image(make_grid({request: images[request] for request in requests}).image, out / "grid.png")
+    *files, grid_file = output_files(requests, out)
+    paths = [save_image(images[request], file) for request, file in zip(requests, files, strict=True)]
+    grid = save_image(make_grid({request: images[request] for request in requests}).image, grid_file)
     return paths, grid
 
 
