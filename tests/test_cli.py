@@ -662,3 +662,22 @@ def test_ci_runs_exactly_the_readme_set_up_commands():
     commands = [line for line in script if line.startswith("python ")]
     assert commands == documented
     assert '".[dev,nudenet]"' in documented[0]  # the NudeNet detector's test needs its extra
+
+
+def test_eval_warns_when_the_model_does_not_draw_what_is_to_be_erased(tmp_path, capsys):
+    models = load_models("ink-digits")
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(training_method="xattn"))
+    lora = network.save(tmp_path / "zero.safetensors", resolution=models.resolution)
+    network.remove()
+    spec = tmp_path / "spec.yaml"
+    erase = [
+        {"prompt": "a digit seven in red ink", "concept": "digit:7"},
+        {"prompt": "a digit seven in purple ink", "concept": "digit:7,ink:purple"},  # never drawn
+    ]
+    spec.write_text(yaml.safe_dump({"detector": "ink-digits", "images_per_prompt": 2, "erase": erase}))
+    argv = ["eval", "--model", "ink-digits", "--lora", lora, "--spec", spec, "--out", tmp_path / "r.json"]
+    code, out, err = run_cli([*argv, "--no-progress"], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if "barely draws it" in line]
+    assert len(warnings) == 1 and "'a digit seven in purple ink'" in warnings[0], err
+    assert warnings[0].startswith("leco: warning: ") and "found in only 0%" in warnings[0]

@@ -632,3 +632,13 @@ def test_per_step_gradients_refuse_layers_they_cannot_split():
         pass
     with step_gradients([grouped.weight], None, [0, 0]):  # one group: a plain backward, nothing to split
         pass
+
+
+def test_a_rank_above_every_layer_is_one_line_before_any_allocation(tmp_path, tiny_folders):
+    config = make_config(tiny_folders["sd1"], tmp_path)
+    config.network.rank = 100_000  # peft would try to allocate gigabytes
+    with pytest.raises(LecoError, match=r"^network.rank: above the size of every layer .* use at most \d+$"):
+        Trainer(config, progress=False)
+    config.network.rank, config.network.conv_rank = 2, 100_000
+    with pytest.raises(LecoError, match=r"^network.conv_rank: above the size"):
+        Trainer(config, progress=False)

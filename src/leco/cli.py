@@ -531,6 +531,13 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     print(format_report(report, all_rows=args.all_rows))
     print(f"report: {write_report(report, args.out)}")
+    for row in report["rows"]:
+        if row["kind"] == "erase" and row["strength"] == 0.0 and row["detected"] < 0.5:
+            warn(
+                f"{args.spec}: erase prompt {row['prompt']!r} [{row['concept']}] is found in only "
+                f"{row['detected']:.0%} of the model's own images (strength 0): it barely draws it, so "
+                "what a LoRA leaves of it says little; check the prompt and the concept"
+            )
     return 0
 
 

@@ -80,13 +80,22 @@ class LoRANetwork:
     @classmethod
     def create(cls, unet: nn.Module, family: ModelFamily, config: NetworkConfig) -> LoRANetwork:
         """A fresh (identity) LoRA on the layers the config's type and preset select."""
-        ranks = {}
+        ranks, sizes = {}, []
         for name in select_layers(unet, config.type, config.training_method):
-            rank, alpha = config.rank, config.alpha
-            if is_conv3x3(unet.get_submodule(name)):
+            rank, alpha, layer = config.rank, config.alpha, unet.get_submodule(name)
+            if is_conv3x3(layer):
                 rank = config.conv_rank or rank
                 alpha = config.conv_alpha if config.conv_alpha is not None else alpha
             ranks[name] = (rank, float(alpha or rank))  # kohya: alpha 0 means alpha = rank
+            sizes.append(min(layer.weight.shape[0], layer.weight[0].numel()))
+        largest = max(sizes, default=0)
+        if ranks and max(rank for rank, _ in ranks.values()) > largest:
+            # Caught before peft allocates it: rank 100000 would ask for gigabytes and fail with a traceback.
+            key = "network.conv_rank" if config.conv_rank and config.conv_rank > largest else "network.rank"
+            raise LecoError(
+                f"{key}: above the size of every layer it trains (the largest allows {largest}); a LoRA "
+                f"cannot have more directions than its layer: use at most {largest}"
+            )
         return cls(unet, family, ranks, config.type, config.training_method)
 
     @classmethod
