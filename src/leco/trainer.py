@@ -217,14 +217,12 @@ class Trainer:
         if self.step % (preview.every or save.per_steps) == 0:
             self.render_preview(suffix)
 
-    def render_preview(self, suffix: str) -> Path | None:
+    def render_preview(self, suffix: str) -> None:
         """The preview grid as of now, written by the main process when the config asks for one."""
-        preview = self.config.preview
-        if not (self.ranks.is_main and preview.prompts):
-            return None
-        path = self.folder.previews / f"{self.config.save.name}_{suffix}.png"
-        size = self.prompts[0].size
-        return render_preview(self.models, self.trainable, preview, size, path, self.device, self.autocast())
+        preview, size = self.config.preview, self.prompts[0].size
+        if self.ranks.is_main and preview.prompts:
+            path = self.folder.previews / f"{self.config.save.name}_{suffix}.png"
+            render_preview(self.models, self.trainable, preview, size, path, self.device, self.autocast())
 
     # -- the loop ---------------------------------------------------------------------------------
 
