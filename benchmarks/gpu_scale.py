@@ -3,8 +3,8 @@
 Builds random-initialised UNets and text encoders of SD1.5, SD2.1-v and SDXL from the configs leco
 ships (nothing is downloaded) and trains the default config (LoRA rank 4 on every transformer
 layer, samples_per_rollout 4, 50 denoising steps, CFG 3 rollouts) at each family's native size, in
-fp16 and bf16, with and without gradient checkpointing, plus the reference LECO schedule
-(benchmarks/reference.py) in the same run.
+fp16 and bf16, with and without gradient checkpointing, the same with 4 steps per forward
+(train.steps_per_forward), and the reference LECO schedule (benchmarks/reference.py) in one run.
 
   python benchmarks/gpu_scale.py              # on a CUDA GPU: the measured table
   python benchmarks/gpu_scale.py --estimate   # no GPU: peak memory estimated from sizes (labelled)
@@ -84,7 +84,14 @@ def build(family: str, dtype: torch.dtype, device: torch.device, smoke: bool) ->
     return LoadedModels(family_, unet, encoders, clip_tokenizers(family_), scheduler, 8, f"random {family}")
 
 
-def config(out: str, precision: str, size: int, checkpointing: bool, reference: bool) -> LecoConfig:
+# The schedules compared: leco's defaults, the same with a rollout's 4 steps taking their gradients
+# from one batched forward and backward (train.steps_per_forward; memory: 4 latents' activations),
+# and the reference LECO schedule.
+SCHEDULES = {"leco default": 1, "leco, 4 steps per forward": 4, "reference LECO": 1}
+
+
+def config(out: str, precision: str, size: int, checkpointing: bool, schedule: str) -> LecoConfig:
+    reference = schedule == "reference LECO"
     return LecoConfig.model_validate(
         {
             "pretrained_model": {"name_or_path": "unused"},
@@ -97,6 +104,7 @@ def config(out: str, precision: str, size: int, checkpointing: bool, reference: 
                 "seed": 0,
                 "gradient_checkpointing": checkpointing,
                 "samples_per_rollout": 1 if reference else 4,
+                "steps_per_forward": SCHEDULES[schedule],
             },
             "save": {"path": out, "name": "bench"},
         }
@@ -104,15 +112,15 @@ def config(out: str, precision: str, size: int, checkpointing: bool, reference: 
 
 
 def measure(
-    family: str, precision: str, checkpointing: bool, reference: bool, args, out: str
+    family: str, precision: str, checkpointing: bool, schedule: str, args, out: str
 ) -> dict[str, Any]:
     device = torch.device("cpu" if args.smoke else "cuda")
-    size = 32 if args.smoke else FAMILIES[family][2]
+    size = 64 if args.smoke else FAMILIES[family][2]  # 64: every family's latent grid divides it
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if args.smoke:
         dtype, precision = torch.float32, "fp32"  # the CPU has no fast half precision
     models = build(family, dtype, device, args.smoke)
-    run = config(out, precision, size, checkpointing, reference)
+    run = config(out, precision, size, checkpointing, schedule)
     run.train.device = device.type
     if args.smoke:
         run.train.max_denoising_steps = 6
@@ -120,21 +128,26 @@ def measure(
     generator = torch.Generator().manual_seed(0)
 
     def step() -> None:
-        if reference:
+        if schedule == "reference LECO":
             reference_step(trainer, generator)
         else:
             trainer.train_step()
 
-    step()
+    # Whole rollouts, warm-up and timed: a rollout's calls (and a block's one forward) fall on its
+    # first step and the others are cheap, so a part of one would misstate a step.
+    cycle = run.train.samples_per_rollout
+    timed = cycle * -(-args.steps // cycle)
+    for _ in range(cycle):
+        step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(timed):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
+    seconds = (time.perf_counter() - start) / timed
     peak = torch.cuda.max_memory_allocated() / GIB if device.type == "cuda" else float("nan")
     trainer.trainable.remove()
     if device.type == "cuda":
@@ -174,7 +187,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per row (after one warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=8, help="timed steps per row, in whole rollouts (after one as warm-up)"
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, tiny widths: the code runs, numbers mean nothing"
     )
@@ -204,9 +219,8 @@ def main() -> None:
         for family in families:
             for precision in precisions:
                 for checkpointing in (False, True):
-                    for reference in (False, True):
-                        r = measure(family, precision, checkpointing, reference, args, out)
-                        schedule = "reference LECO" if reference else "leco default"
+                    for schedule in SCHEDULES:
+                        r = measure(family, precision, checkpointing, schedule, args, out)
                         print(
                             f"| {family} | {r['size']} | {precision} | {'yes' if checkpointing else 'no'} | "
                             f"{schedule} | {r['seconds_per_step']:.3f} | {r['peak_gib']:.2f} |",

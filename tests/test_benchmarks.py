@@ -17,7 +17,9 @@ def test_gpu_scale_smoke_prints_a_row_per_setting():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith("| sdxl")]
-    assert len(rows) == 2 * 2  # checkpointing x (leco, reference); SDXL: the most conditioning code
+    assert (
+        len(rows) == 2 * 3
+    )  # checkpointing x (leco, 4 steps per forward, reference); SDXL: the most conditioning code
     for row in rows:
         seconds = float(row.split("|")[6])
         assert seconds > 0
