@@ -642,3 +642,29 @@ def test_a_rank_above_every_layer_is_one_line_before_any_allocation(tmp_path, ti
     config.network.rank, config.network.conv_rank = 2, 100_000
     with pytest.raises(LecoError, match=r"^network.conv_rank: above the size"):
         Trainer(config, progress=False)
+
+
+@pytest.mark.parametrize("steps_per_forward", [1, 3])
+def test_gradient_checkpointing_recomputes_at_the_entrys_strength(tmp_path, tiny_folders, steps_per_forward):
+    """A slider's -1 side: the backward, where checkpointed layers are run again, is at -1 too."""
+    gradients = {}
+    for checkpointing in (False, True):
+        config = make_config(
+            tiny_folders["sd1"],
+            tmp_path / str(checkpointing),
+            samples_per_rollout=3,
+            steps_per_forward=steps_per_forward,
+            gradient_checkpointing=checkpointing,
+        )
+        config.network.type = "lierla"
+        config.prompts = config.prompts[:1]
+        config.prompts[0].multiplier = -1.0
+        trainer = Trainer(config, progress=False)
+        with torch.no_grad():
+            for p in trainer.trainable.parameters():
+                p.normal_(0, 0.3)
+        blocks = trainer.step_gradients(trainer.step_queue.next_steps(steps_per_forward))
+        gradients[checkpointing] = [g for _, step in blocks for g in step]
+    assert len(gradients[True]) == len(gradients[False]) > 0
+    for plain, checkpointed in zip(gradients[False], gradients[True], strict=True):
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)

@@ -31,33 +31,33 @@ class StepGradients:
 
     def __init__(self, parameters: list[nn.Parameter], modules: list[nn.Module], owners: Tensor, groups: int):
         self.parameters, self.modules, self.owners, self.groups = parameters, modules, owners, groups
-        self.inputs: list[list[Tensor]] = [[] for _ in modules]
-        self.output_grads: list[list[Tensor | None]] = [[] for _ in modules]
+        self.totals: list[Tensor | None] = [None] * len(modules)  # [group, *weight.shape] per module
 
     def capture(self, index: int, module: nn.Module, inputs: tuple, output: Tensor) -> None:
         if not output.requires_grad:  # a no-grad pass (e.g. gradient checkpointing's first one)
             return
-        self.inputs[index].append(inputs[0].detach())
-        self.output_grads[index].append(None)
-        slot = len(self.output_grads[index]) - 1
+        x = inputs[0].detach()
 
-        def keep(gradient: Tensor) -> None:
-            self.output_grads[index][slot] = gradient.detach()
+        def add(gradient: Tensor) -> None:
+            # Summed as the gradient arrives, so that neither it nor the input is kept to the end.
+            total = self.totals[index]
+            if total is None:
+                total = self.totals[index] = torch.zeros(self.groups, *module.weight.shape, device=x.device)
+            total.index_add_(0, self.owners, per_example(module, x, gradient.detach()))
 
-        output.register_hook(keep)
+        output.register_hook(add)
 
     def by_group(self) -> list[list[Tensor]]:
         """[group][parameter] gradients, in the order of `parameters`."""
         if self.groups == 1:  # nothing to split: the plain backward's gradients
             return [[p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]]
-        per_module = []
-        for module, inputs, grads in zip(self.modules, self.inputs, self.output_grads, strict=True):
-            total = torch.zeros(self.groups, *module.weight.shape, device=module.weight.device)
-            for x, g in zip(inputs, grads, strict=True):
-                if g is not None:  # None: the output did not reach the loss
-                    total.index_add_(0, self.owners, per_example(module, x, g))
-            per_module.append(total)
-        return [[total[group] for total in per_module] for group in range(self.groups)]
+        totals = [
+            total
+            if total is not None
+            else torch.zeros(self.groups, *module.weight.shape, device=module.weight.device)
+            for module, total in zip(self.modules, self.totals, strict=True)
+        ]
+        return [[total[group] for total in totals] for group in range(self.groups)]
 
 
 def per_example(module: nn.Module, x: Tensor, output_grad: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import contextlib
 import functools
 import random
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,18 +142,17 @@ class Trainer:
         frozen = [self.step_queue.frozen(step) for step in steps]
         self.updates.start()
         parameters, modules = self.trainable.parameters(), self.trainable.weight_modules()
-        with step_gradients(parameters, modules, owners(steps, rows)) as gradients:
-            student = self.student(steps, rows)
+        # The backward too at the entry's strength: gradient checkpointing recomputes layers in it.
+        with self.strength(steps), step_gradients(parameters, modules, owners(steps, rows)) as gradients:
+            student = iter(self.edited.student(*one_call(steps, rows)))
             losses = [self.objective_loss(*each, student) for each in zip(steps, rows, frozen, strict=True)]
             self.updates.backward(torch.stack(losses).sum())
         grouped = gradients.by_group()
         return [(loss.detach(), self.updates.unscaled(g)) for loss, g in zip(losses, grouped, strict=True)]
 
-    def student(self, steps: list[Step], rows: list[list[Row]]) -> Iterator[torch.Tensor]:
-        """The trained predictions of the steps' rows, in order, from one UNet call (one entry's steps)."""
-        samples, requests = one_call(steps, rows)
-        with self.trainable.strength(self.prompts[samples[0].prompt].settings.multiplier):
-            return iter(self.edited.student(samples, requests))
+    def strength(self, steps: list[Step]) -> AbstractContextManager:
+        """The trained part at the strength the steps' entry trains (all of one rollout: one entry)."""
+        return self.trainable.strength(self.prompts[steps[0].samples[0].prompt].settings.multiplier)
 
     def objective_loss(
         self, step: Step, rows: list[Row], frozen: list[Predictions], student: Iterator[torch.Tensor]
@@ -174,7 +174,9 @@ class Trainer:
     def loss(self, step: Step) -> torch.Tensor:
         """One step's loss at the weights as they are (the anchors' text term included)."""
         rows, frozen = self.step_queue.rows(step), self.step_queue.frozen(step)
-        loss = self.objective_loss(step, rows, frozen, self.student([step], [rows]))
+        with self.strength([step]):  # a backward of it outside recomputes checkpointed layers at 1
+            student = iter(self.edited.student(*one_call([step], [rows])))
+        loss = self.objective_loss(step, rows, frozen, student)
         return loss + self.text_anchors.loss(self.trainable) if self.text_anchors is not None else loss
 
     # -- saving and resuming ----------------------------------------------------------------------
