@@ -556,6 +556,7 @@ def _read_embeddings(options: list[str], texts: list[str]) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from leco.files import path_exists
     from leco.generate import SamplingSettings, output_files, requests_for, run_generation
     from leco.models import recommended_sampling
 
@@ -569,7 +570,7 @@ def run_generate(args: argparse.Namespace) -> int:
         raise LecoError("--strengths: without --lora every strength draws the same image; add --lora FILE")
     strengths = args.strengths or ([-1.0, 0.0, 1.0] if args.lora else [0.0])
     requests = requests_for(args.prompt, strengths, args.seeds)
-    taken = [path for path in output_files(requests, args.out) if path.exists()]
+    taken = [path for path in output_files(requests, args.out) if path_exists(path)]
     if taken and not args.overwrite:
         raise LecoError(
             f"--out {args.out}: already holds {len(taken)} of the files this run writes (e.g. "
