@@ -93,3 +93,12 @@ def test_actions_without_a_closed_form_are_refused(tmp_path, tiny_folders):
     models = load_models(str(tiny_folders["sd1"]))
     erased, guides, kept = edit_prompts(config(tiny_folders["sd1"], tmp_path), models)
     assert (erased, guides, kept) == ([ERASED], [GUIDE], KEPT)
+
+
+def test_training_keys_a_closed_form_edit_does_not_use_are_warned_of(tmp_path, tiny_folders, capsys):
+    train(config(tiny_folders["sd1"], tmp_path / "a"), progress=False)
+    assert "warning" not in capsys.readouterr().err
+    document = config(tiny_folders["sd1"], tmp_path / "b").model_dump(mode="json", exclude_unset=True)
+    document["train"].update(lr=1e-3, iterations=900)
+    train(LecoConfig.model_validate(document), progress=False)
+    assert "train.iterations, train.lr: not used by train.method: closed_form" in capsys.readouterr().err

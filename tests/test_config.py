@@ -7,8 +7,17 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
-from leco.config import ConfigError, LecoConfig, load_config, load_prompts, parse_optimizer_args, read_yaml
+from leco.config import (
+    ConfigError,
+    LecoConfig,
+    NetworkConfig,
+    load_config,
+    load_prompts,
+    parse_optimizer_args,
+    read_yaml,
+)
 from leco.evaluate import load_spec
 
 DATA = Path(__file__).parent / "data" / "reference_style"
@@ -494,3 +503,28 @@ def test_steps_per_forward_above_one_for_a_negative_embedding_is_one_line():
         config({"steps_per_forward": 4}).check_combination()
     config({}).check_combination()  # the default: one step per forward
     config({"steps_per_forward": 1}).check_combination()
+
+
+def test_a_negative_embeddings_previews_are_without_and_with_its_token():
+    def config(preview):
+        return LecoConfig.model_validate(
+            {
+                "pretrained_model": {"name_or_path": "ink-digits"},
+                "prompts": [{"target": "x"}],
+                "network": {"type": "embedding", "token": "<no-x>"},
+                "preview": preview,
+            }
+        )
+
+    default = config({"prompts": ["a digit seven"]})
+    default.check_combination()
+    assert default.preview.strengths == [0.0, 1.0]  # not the LoRA default's -1, which would draw 1 again
+    with pytest.raises(ConfigError, match=r"^preview.strengths: a negative embedding is previewed without"):
+        config({"prompts": ["a digit seven"], "strengths": [0, 0.5]}).check_combination()
+    config({"prompts": ["a digit seven"], "strengths": [1]}).check_combination()
+
+
+@pytest.mark.parametrize("token", ["<no\tx>", "<no-x>\n", " <no-x>", "<no x>"])
+def test_an_embedding_token_with_whitespace_is_one_line(token):
+    with pytest.raises(ValidationError, match="network.token: .* must be one word without spaces"):
+        NetworkConfig.model_validate({"type": "embedding", "token": token})

@@ -1,12 +1,13 @@
 """Data-parallel training on the CPU (gloo): 2 processes give one file, equal to a 2-sample-stream step."""
 
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from test_trainer import make_config, write_yaml_config
+from test_trainer import make_config, stop_a_cli_run, write_yaml_config
 
 from leco.distributed import Ranks
 from leco.errors import LecoError
@@ -63,6 +64,18 @@ def test_two_processes_write_one_file_equal_to_averaging_two_streams_in_one(tmp_
     assert distributed.keys() == single.keys()
     for key in single:
         torch.testing.assert_close(distributed[key].float(), single[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_data_parallel_run_saves_once_without_a_traceback(tmp_path, tiny_folders, stop_signal):
+    process, out, err = stop_a_cli_run(tmp_path, tiny_folders["sd1"], stop_signal, "--num-processes", "2")
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "Error" not in err, err  # torchrun's, when it was signalled itself
+    assert out.count("stopping after this step") == 1 and "continue with: leco train" in out, out
+    _, metadata = read_lora_file(tmp_path / "out" / "fox_interrupted.safetensors")
+    assert 2 <= int(metadata["leco.step"]) < 400
+    state = torch.load(tmp_path / "out" / "fox_state" / "training_state.pt", weights_only=True)
+    assert state["step"] == int(metadata["leco.step"]) and len(state["ranks"]) == 2
 
 
 @pytest.mark.parametrize(

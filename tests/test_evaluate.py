@@ -108,6 +108,9 @@ def test_spec_errors_name_the_file_and_key(tmp_path):
         load_spec(path)
     path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nstrengths: [1]\n")
     assert load_spec(path).strengths == [0.0, 1.0]  # drift needs the strength-0 images
+    path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nsampler: eulr\n")
+    with pytest.raises(ConfigError, match=r"spec.yaml: sampler: not a known sampler; use model or one"):
+        load_spec(path)  # named as the spec's key, not as the command line's --sampler
 
 
 def test_nudenet_detector_runs_offline_and_counts_exposed_parts_only():
@@ -222,6 +225,22 @@ def test_keep_all_in_spec_files(tmp_path):
     assert spec.keep_all and [k.concept for k in spec.keep] == ["digit:2"]
     path.write_text("keep: [{prompt: a, concept: 'digit:2'}]\n")
     assert not load_spec(path).keep_all
+
+
+def test_keep_all_with_every_concept_erased_is_refused_before_any_image():
+    from leco.ink_digits.judge import InkDigitsDetector
+    from leco.models import resolve_bundled
+
+    detector = InkDigitsDetector.for_model(resolve_bundled("ink-digits"))
+    erase = [{"prompt": f"a digit {d}", "concept": f"digit:{d}"} for d in range(10)]
+    universe = detector.concept_universe([])
+    inks = {concept for _, concept in universe if "," not in concept and concept.startswith("ink:")}
+    erase += [{"prompt": concept, "concept": concept} for concept in sorted(inks)]
+    spec = EvalSpec.model_validate({"erase": erase, "keep": "all"})
+    with pytest.raises(LecoError, match="keep: all leaves nothing to keep"):
+        judged_prompts(spec, detector)
+    spec = EvalSpec.model_validate({"erase": erase[1:], "keep": "all"})  # digit 0 left: kept and judged
+    assert {j.concept for j in judged_prompts(spec, detector) if j.kind == "keep"} == {"digit:0"}
 
 
 def test_keep_all_is_refused_by_detectors_without_a_concept_list(tiny_clip):

@@ -364,6 +364,21 @@ def test_embedding_option_parsing(tmp_path):
     odd.write_bytes(b"")
     assert parse_embedding_option(str(odd)) == (odd, None)  # an existing file is taken whole
     assert parse_embedding_option("C:\\emb\\x.pt") == (Path("C:\\emb\\x.pt"), None)
+    with pytest.raises(LecoError, match=r"nothing follows the ':'; give .*x:y.pt alone"):
+        parse_embedding_option(f"{odd}:")  # an empty token after an existing file's name
+
+
+def test_embedding_tokens_no_prompt_can_match_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from leco.generate import read_embedding
+
+    path = tmp_path / "neg.safetensors"
+    save_file({"emb_params": torch.zeros(2, 8)}, str(path))
+    assert read_embedding(path, "<neg two>").token == "<neg two>"  # spaces inside: prompts match it
+    for token in ("a\tb", "a\nb", " ab", "ab "):
+        with pytest.raises(LecoError, match=re.escape(f"--embedding {path}: its token {token!r} has tabs")):
+            read_embedding(path, token)
 
 
 def test_a_strength_that_breaks_the_model_is_named_not_drawn_black(tmp_path, tiny_folders, lora_files):

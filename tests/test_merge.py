@@ -443,3 +443,18 @@ def test_a_merged_folder_keeps_the_models_card_prompts_and_judge(tmp_path):
     assert (source / "build_report.json").is_file() and not (out / "build_report.json").exists()
     assert recommended_sampling(str(out)) == recommended_sampling("ink-digits")
     assert known_prompts(out) == known_prompts(source)
+
+
+def test_a_lora_given_twice_is_baked_twice_with_a_warning(tmp_path, tiny_folders, capsys):
+    folder = str(tiny_folders["sd1"])
+    lora = random_lora(folder, tmp_path / "lora.safetensors", seed=1)
+    twice = merge(folder, [LoraStrength(lora), LoraStrength(lora, 0.5)], tmp_path / "twice", precision="fp32")
+    assert "lora.safetensors is given 2 times; it is baked at strength 1.5 in all" in capsys.readouterr().err
+    once = merge(folder, [LoraStrength(lora, 1.5)], tmp_path / "once", precision="fp32")
+    assert "given" not in capsys.readouterr().err
+    baked_twice, baked_once = (
+        load_models(str(twice)).unet.state_dict(),
+        load_models(str(once)).unet.state_dict(),
+    )
+    for name, weight in baked_twice.items():
+        torch.testing.assert_close(weight, baked_once[name], rtol=1e-5, atol=1e-6, msg=name)

@@ -151,3 +151,10 @@ def test_a_bad_teacher_setting_is_named_under_teacher(tmp_path, tiny_folders):
     config.teacher.v_pred = False  # the tiny SD2 folder is a v-prediction model
     with pytest.raises(LecoError, match=r"^teacher\.v_pred: is false but "):
         Trainer(config, progress=False)
+
+
+def test_a_teacher_that_is_the_student_itself_is_warned_of(tmp_path, tiny_folders, capsys):
+    Trainer(transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path / "a"), progress=False)
+    assert "teacher:" not in capsys.readouterr().err
+    Trainer(transplant_config(tiny_folders["sd1"], tiny_folders["sd1"], tmp_path / "b"), progress=False)
+    assert "is the model being trained, so nothing new is carried over" in capsys.readouterr().err

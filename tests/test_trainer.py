@@ -449,11 +449,13 @@ def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
     assert "'rollout_guidance_scale'" in line
 
 
-def stop_a_cli_run(tmp_path: Path, tiny: Path, stop_signal: int) -> tuple[subprocess.Popen, str, str]:
+def stop_a_cli_run(
+    tmp_path: Path, tiny: Path, stop_signal: int, *options: str
+) -> tuple[subprocess.Popen, str, str]:
     """`leco train` of 400 steps in a process, sent `stop_signal` once its 2-step file exists."""
     config = write_yaml_config(tmp_path, tiny, iterations=400)
     process = subprocess.Popen(
-        [sys.executable, "-m", "leco", "train", str(config), "--no-progress"],
+        [sys.executable, "-m", "leco", "train", str(config), "--no-progress", *options],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

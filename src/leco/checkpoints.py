@@ -40,6 +40,9 @@ class RunFolder:
     def state_dir(self) -> Path:
         return self.path / f"{self.name}_state"
 
+    def preview_file(self, suffix: str) -> Path:
+        return self.previews / f"{self.name}_{suffix}.png"
+
     def file(self, suffix: str, extension: str = ".safetensors") -> Path:
         return self.path / f"{self.name}_{suffix}{extension}"
 
@@ -163,9 +166,11 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print(
-            "\nleco: stopping after this step and saving (Ctrl-C again to abort without saving)", flush=True
-        )
+        if os.environ.get("RANK", "0") == "0":  # data-parallel: every process stops, the first one says so
+            print(
+                "\nleco: stopping after this step and saving (Ctrl-C again to abort without saving)",
+                flush=True,
+            )
 
 
 def run_metadata(config: Any, entries: list[Any], step: int, seed: int, source: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -449,12 +450,15 @@ def run_train(args: argparse.Namespace) -> int:
         _check_process_count(args.num_processes)
         return launch_processes(args.num_processes, args.words)
     result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    # Started by --num-processes: torchrun reads 130 as a failed process (and prints a traceback);
+    # the leco process that started it reports the interruption instead.
+    interrupted_code = 0 if os.environ.get(LAUNCHED_BY_LECO) else 130
     if os.environ.get("RANK", "0") != "0":  # a data-parallel process that is not the main one
-        return 130 if result.interrupted else 0
+        return interrupted_code if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted after step {result.steps}; saved {result.path}")
         print(f"continue with: leco train {config} --resume {result.state}")
-        return 130
+        return interrupted_code
     done = "closed-form edit" if result.state is None else f"{result.steps} steps"
     print(f"done: {done}; saved {result.path}")
     return 0
@@ -471,6 +475,9 @@ def _check_process_count(count: int) -> None:
         )
 
 
+LAUNCHED_BY_LECO = "LECO_LAUNCHED_PROCESSES"  # set for the processes `--num-processes` starts
+
+
 def launch_processes(count: int, words: list[str]) -> int:
     """Run this same `leco train` command in `count` processes with torchrun (data-parallel)."""
     import subprocess
@@ -484,18 +491,35 @@ def launch_processes(count: int, words: list[str]) -> int:
         elif not arg.startswith("--num-processes="):
             argv.append(arg)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
-    launcher = subprocess.Popen([*command, "-m", "leco", *argv])
-    # SIGTERM to leco goes on to the launcher, which passes it to the processes (they save and stop);
-    # Ctrl-C reaches all of them through the terminal's process group anyway.
-    previous = signal.signal(signal.SIGTERM, lambda number, frame: launcher.send_signal(signal.SIGTERM))
+    # Its own session: Ctrl-C in the terminal reaches this process only, and each signal is passed
+    # on once, to the training processes themselves (they save and stop). torchrun, if signalled,
+    # would pass it on too (a second signal to each: abort without saving) and print a traceback.
+    environment = {**os.environ, LAUNCHED_BY_LECO: "1"}
+    launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
+    forwarded = []
+
+    def forward(number: int, frame: object) -> None:
+        forwarded.append(number)
+        for pid in _child_processes(launcher.pid) or [launcher.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, number)
+
+    previous = {number: signal.signal(number, forward) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
-            try:
-                return launcher.wait()
-            except KeyboardInterrupt:
-                continue  # the processes got it too: wait for them to save
+        code = launcher.wait()
+        return 130 if forwarded and code == 0 else code  # stopped and saved, as a single process says
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _child_processes(pid: int) -> list[int]:
+    """The launcher's worker processes, from Linux's /proc; none where they cannot be listed."""
+    children = []
+    with contextlib.suppress(OSError, ValueError):  # any thread of it may have started them
+        for thread in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(child) for child in (thread / "children").read_text().split()]
+    return children
 
 
 def load_for_images(args: argparse.Namespace):

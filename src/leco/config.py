@@ -128,7 +128,7 @@ class NetworkConfig(_Section):
     def _embedding_needs_a_token(self) -> NetworkConfig:
         if self.type == "embedding" and not (self.token or "").strip():
             raise ValueError("network.token: type embedding needs the new word, e.g. token: <no-seven>")
-        if self.token is not None and (self.token != self.token.strip() or " " in self.token):
+        if self.token is not None and any(c.isspace() for c in self.token):
             raise ValueError(
                 f"network.token: {self.token!r} must be one word without spaces, e.g. <no-seven>"
             )
@@ -478,6 +478,13 @@ class LecoConfig(_Section):
                         f"prompts entry {number}: action {entry.action} cannot be trained into a negative "
                         "embedding; use erase (and preserve for what must stay)"
                     )
+            if any(strength not in (0, 1) for strength in self.preview.strengths):
+                if "strengths" in self.preview.model_fields_set:
+                    raise ConfigError(
+                        "preview.strengths: a negative embedding is previewed without (0) and with (1) its "
+                        "token in the negative prompt; use [0, 1]"
+                    )
+                self.preview.strengths = [0.0, 1.0]  # the default's -1 would draw 1 again, labelled -1
 
 
 def parse_optimizer_args(text: str) -> dict[str, Any]:

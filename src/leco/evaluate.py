@@ -19,12 +19,13 @@ from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from leco.config import ConfigError, describe_validation_error, read_yaml
 from leco.errors import LecoError
 from leco.files import atomic_output
 from leco.generate import (
+    SAMPLERS,
     SamplingSettings,
     build_pipeline,
     check_lora_fits,
@@ -68,6 +69,13 @@ class EvalSpec(BaseModel):
     keep: list[ConceptPrompt] = Field(default_factory=list)  # should stay, unchanged
     keep_all: bool = False  # written `keep: all` (or `all` as an item of keep:)
     enhance: list[ConceptPrompt] = Field(default_factory=list)  # should appear more often
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, sampler: str) -> str:
+        if sampler != "model" and sampler not in SAMPLERS:
+            raise ValueError(f"not a known sampler; use model or one of {', '.join(SAMPLERS)}")
+        return sampler
 
     @model_validator(mode="before")
     @classmethod
@@ -150,6 +158,11 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
             for prompt, concept in detector.concept_universe(touched)
             if (prompt, concept) not in listed
         ]
+        if not any(entry.kind == "keep" for entry in entries):
+            raise LecoError(
+                "eval spec: keep: all leaves nothing to keep; the spec erases or enhances every concept the "
+                "detector knows, so drop keep: all"
+            )
     for entry in entries:
         detector.check_concept(entry.concept)
     return entries

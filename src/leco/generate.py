@@ -416,6 +416,11 @@ def parse_embedding_option(option: str | Path) -> tuple[Path, str | None]:
     """`FILE` or `FILE:TOKEN`; a path that exists as written is taken whole (C:\\x.pt, a:b.pt)."""
     text = str(option)
     path, colon, token = text.rpartition(":")
+    if colon and path and not token and not Path(text).exists() and Path(path).exists():
+        raise LecoError(
+            f"--embedding {text!r}: nothing follows the ':'; give {path} alone (the file names the token) "
+            f"or {path}:TOKEN"
+        )
     if Path(text).exists() or not (colon and path and token) or any(c in token for c in "/\\"):
         return Path(text), None
     return Path(path), token
@@ -451,6 +456,11 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     if len(vectors) == 2 and len(vectors[0]) != len(vectors[1]):
         raise LecoError(f"--embedding: {path}: clip_l and clip_g hold different numbers of vectors")
     chosen = token or metadata.get("leco.token") or key_token or path.stem
+    if not chosen.strip() or chosen != chosen.strip() or any(c.isspace() and c != " " for c in chosen):
+        raise LecoError(
+            f"--embedding {path}: its token {chosen!r} has tabs, line breaks or spaces at its ends, which no "
+            f"prompt can match; give one with {path}:TOKEN"
+        )
     return Embedding(path, chosen, vectors)
 
 

@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -19,7 +20,7 @@ from torch import Tensor
 
 from leco.conditioning import Conditioning, conditioning_for, predict
 from leco.config import TeacherConfig
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 from leco.models import TEACHER_OPTION_NAMES, LoadedModels, load_models
 from leco.objectives import CONCEPT_ROLES
 from leco.prompts import PreparedPrompt, encode_texts, prompt_texts
@@ -192,6 +193,11 @@ def load_teacher(
     """Another model as the teacher of the concept roles; checked for a shared latent space first."""
     models = load_models(config, dtype=dtype, names=TEACHER_OPTION_NAMES)
     check_compatible(student, models, config.name_or_path)
+    if _same_file(models.source, student.source):
+        warn(
+            f"teacher: {config.name_or_path} is the model being trained, so nothing new is carried over; "
+            "name the model that knows the concept"
+        )
     embeddings = encode_texts(models, texts, config.clip_skip, device)
     return Teacher(
         models.unet.to("cpu" if config.offload else device),
@@ -246,3 +252,9 @@ def teachers_of_run(
         concept = load_teacher(config, models, texts, dtype, device, edited.autocast)
     frozen = Teacher.of_student(models, edited.embeddings, edited.trainable, edited.autocast)
     return Teachers(frozen, concept)
+
+
+def _same_file(one: str, other: str) -> bool:
+    if Path(one).exists() and Path(other).exists():
+        return Path(one).resolve() == Path(other).resolve()
+    return one == other

@@ -138,17 +138,22 @@ class Trainer:
     def step_gradients(self, steps: list[Step]) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
         """Each step's objective loss and gradient (unscaled), from one student UNet call and one
         backward at the weights as they are now (leco.step_gradients)."""
-        rows = [self.step_queue.rows(step) for step in steps]
-        frozen = [self.step_queue.frozen(step) for step in steps]
         self.updates.start()
         parameters, modules = self.trainable.parameters(), self.trainable.weight_modules()
+        step_owners = owners(steps, [self.step_queue.rows(step) for step in steps])
         # The backward too at the entry's strength: gradient checkpointing recomputes layers in it.
-        with self.strength(steps), step_gradients(parameters, modules, owners(steps, rows)) as gradients:
-            student = iter(self.edited.student(*one_call(steps, rows)))
-            losses = [self.objective_loss(*each, student) for each in zip(steps, rows, frozen, strict=True)]
+        with self.strength(steps), step_gradients(parameters, modules, step_owners) as gradients:
+            losses = self.step_losses(steps)
             self.updates.backward(torch.stack(losses).sum())
         grouped = gradients.by_group()
         return [(loss.detach(), self.updates.unscaled(g)) for loss, g in zip(losses, grouped, strict=True)]
+
+    def step_losses(self, steps: list[Step]) -> list[torch.Tensor]:
+        """Each step's objective loss, the student's predictions for all of them from one UNet call."""
+        rows = [self.step_queue.rows(step) for step in steps]
+        frozen = [self.step_queue.frozen(step) for step in steps]
+        student = iter(self.edited.student(*one_call(steps, rows)))
+        return [self.objective_loss(*each, student) for each in zip(steps, rows, frozen, strict=True)]
 
     def strength(self, steps: list[Step]) -> AbstractContextManager:
         """The trained part at the strength the steps' entry trains (all of one rollout: one entry)."""
@@ -173,26 +178,22 @@ class Trainer:
 
     def loss(self, step: Step) -> torch.Tensor:
         """One step's loss at the weights as they are (the anchors' text term included)."""
-        rows, frozen = self.step_queue.rows(step), self.step_queue.frozen(step)
         with self.strength([step]):  # a backward of it outside recomputes checkpointed layers at 1
-            student = iter(self.edited.student(*one_call([step], [rows])))
-        loss = self.objective_loss(step, rows, frozen, student)
+            (loss,) = self.step_losses([step])
         return loss + self.text_anchors.loss(self.trainable) if self.text_anchors is not None else loss
 
     # -- saving and resuming ----------------------------------------------------------------------
 
     def save(self, suffix: str) -> Path:
         """The trained file and the resumable state, as of now."""
-        entries = [p.settings for p in self.prompts]
-        extra = run_metadata(self.config, entries, self.step, self.seed, self.models.source)
-        save, state = self.config.save, self.state()  # every process takes part in gathering the state
-        path, resolution = self.folder.file(suffix), max(self.prompts[0].size)
-        if not self.ranks.is_main:
-            return path
-        dtype = DTYPES[save.precision]
-        self.trainable.save(path, dtype=dtype, resolution=resolution, title=save.name, extra_metadata=extra)
-        self.folder.write_state(state)
-        self.folder.prune_step_files(save.max_step_files)
+        state, path = self.state(), self.folder.file(suffix)  # every process takes part in the state
+        if self.ranks.is_main:
+            save, entries = self.config.save, [p.settings for p in self.prompts]
+            extra = run_metadata(self.config, entries, self.step, self.seed, self.models.source)
+            resolution, dtype, title = max(self.prompts[0].size), DTYPES[save.precision], save.name
+            self.trainable.save(path, dtype=dtype, resolution=resolution, title=title, extra_metadata=extra)
+            self.folder.write_state(state)
+            self.folder.prune_step_files(save.max_step_files)
         return path
 
     def state(self) -> dict[str, Any]:
@@ -221,9 +222,8 @@ class Trainer:
 
     def render_preview(self, suffix: str) -> None:
         """The preview grid as of now, written by the main process when the config asks for one."""
-        preview, size = self.config.preview, self.prompts[0].size
+        preview, size, path = self.config.preview, self.prompts[0].size, self.folder.preview_file(suffix)
         if self.ranks.is_main and preview.prompts:
-            path = self.folder.previews / f"{self.config.save.name}_{suffix}.png"
             render_preview(self.models, self.trainable, preview, size, path, self.device, self.autocast())
 
     # -- the loop ---------------------------------------------------------------------------------

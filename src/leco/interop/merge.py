@@ -98,10 +98,11 @@ def merge(
     if not loras:
         raise LecoError("--lora: give at least one LoRA to merge (FILE or FILE:STRENGTH)")
     for lora in loras:  # unreadable files fail before the (slow) model load
-        if not lora.path.is_file():
-            found = "is a folder; give the LoRA's .safetensors file" if lora.path.is_dir() else "not found"
-            raise LecoError(f"--lora: {lora.path} {found}; check the path")
-        kohya.split_by_model(kohya.read_lora_file(lora.path)[0], str(lora.path))
+        try:
+            kohya.split_by_model(kohya.read_lora_file(lora.path)[0], str(lora.path))
+        except LecoError as error:
+            raise LecoError(f"--lora: {error}") from None
+    _warn_of_repeats(loras)
     models = load_models(spec, dtype=torch.float32, with_vae=True)
     for lora in loras:
         bake(models, lora)
@@ -111,6 +112,17 @@ def merge(
         _warn_if_layout_is_its_own(models, spec.name_or_path)
         return _save_single_file(models, out, metadata, PRECISIONS[precision])
     return _save_folder(models, out, metadata, PRECISIONS[precision])
+
+
+def _warn_of_repeats(loras: Sequence[LoraStrength]) -> None:
+    """The same file twice is baked twice (its strengths add up): allowed, but rarely meant."""
+    strengths: dict[Path, list[float]] = {}
+    for lora in loras:
+        strengths.setdefault(lora.path.resolve(), []).append(lora.strength)
+    for path, given in strengths.items():
+        if len(given) > 1:
+            total = kohya.metadata_number(sum(given))
+            warn(f"--lora: {path.name} is given {len(given)} times; it is baked at strength {total} in all")
 
 
 def merge_metadata(

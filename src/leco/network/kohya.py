@@ -105,8 +105,9 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
     """Tensors and metadata of a LoRA: `.safetensors`, or a `.pt` state dict (sliders) read weights-only."""
     path = Path(path)
     if not path.is_file():
-        found = "is a folder; give the LoRA's .safetensors file" if path.is_dir() else "LoRA file not found"
-        raise LecoError(f"{path}: {found}; check the path")
+        if path.is_dir():
+            raise LecoError(f"{path}: is a folder; give the LoRA's .safetensors file")
+        raise LecoError(f"{path}: LoRA file not found; check the path")
     if path.suffix.lower() in PICKLED_LORA_SUFFIXES:
         return _read_pickled_state_dict(path), {}
     try:
