@@ -94,3 +94,28 @@ def test_previews_are_rendered_again_when_a_run_is_resumed(tmp_path, tiny_folder
     (tmp_path / "previews" / "fox_last.png").unlink()
     train(config(9), resume=first.state, progress=False)
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["fox_8steps.png", "fox_last.png"]
+
+
+def test_resume_past_train_iterations_or_from_no_state_is_one_line(tmp_path, tiny_folders):
+    first = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=5), progress=False)
+    with pytest.raises(LecoError, match=r"train.iterations: 3, but the state in .* is already at step 5"):
+        train(make_config(tiny_folders["sd1"], tmp_path / "b", iterations=3), resume=first.state)
+    not_a_state = tmp_path / "config.yaml"
+    not_a_state.write_text("train: {}\n")
+    for path in (not_a_state, tmp_path / "a"):  # a config file; the run's folder, not its *_state folder
+        with pytest.raises(LecoError, match=r"--resume: .* holds no training_state.pt; pass the \*_state"):
+            train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=8), resume=path)
+
+
+def test_previews_at_a_size_diffusers_refuses_are_drawn_at_the_next_multiple_of_8(
+    tmp_path, tiny_folders, capsys
+):
+    from PIL import Image
+
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=4)
+    config.train.resolution = 12  # a multiple of the tiny model's latent grid (4), not of 8
+    config.preview.prompts, config.preview.steps, config.preview.strengths = ["a red fox"], 2, [0]
+    train(config, progress=False)
+    assert "preview: drawn at 16x16, the training resolution 12x12 rounded up" in capsys.readouterr().err
+    grid = Image.open(tmp_path / "previews" / "fox_last.png")
+    assert grid.height >= 16  # the preview was drawn, not the run lost to a refusal at the first one

@@ -501,17 +501,19 @@ def test_loading_is_quiet_and_leaves_the_library_settings_as_they_were(
     assert transformers_logging.get_verbosity() == logging.ERROR
 
 
-def test_a_damaged_resume_state_keeps_the_whole_first_line_of_the_cause(tmp_path):
+def test_a_damaged_resume_state_names_torchs_reason_not_its_boilerplate(tmp_path):
     state = tmp_path / "run_state"
     state.mkdir()
     (state / "training_state.pt").write_bytes(b"garbage, not a torch file " * 20)
     try:
         torch.load(state / "training_state.pt", weights_only=True)
     except Exception as error:
-        cause = str(error).strip().splitlines()[0]
+        reason = next(line for line in str(error).splitlines() if "Unsupported" in line).strip()
     with pytest.raises(LecoError) as raised:
         read_state(state, "{}")
-    assert str(raised.value).endswith(f"({cause})")
+    message = str(raised.value)
+    assert reason in message and "\n" not in message  # the line torch gives its reason on, and only it
+    assert "Weights only load failed" not in message and "trusted source" not in message
     torch.save({"step": 3}, state / "training_state.pt")  # a torch file, not a leco state
     with pytest.raises(LecoError, match="is not a leco training state"):
         read_state(state, "{}")
@@ -681,3 +683,64 @@ def test_eval_warns_when_the_model_does_not_draw_what_is_to_be_erased(tmp_path, 
     warnings = [line for line in err.splitlines() if "barely draws it" in line]
     assert len(warnings) == 1 and "'a digit seven in purple ink'" in warnings[0], err
     assert warnings[0].startswith("leco: warning: ") and "found in only 0%" in warnings[0]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["train", "c.yaml"],
+        ["generate", "--model", "m", "--prompt", "a", "--out", "o"],
+        ["eval", "--model", "m", "--spec", "s.yaml"],
+        ["merge", "--model", "m", "--lora", "l.safetensors", "--out", "o"],
+        ["convert", "l.safetensors", "--out", "k.safetensors", "--family", "sd1"],
+    ],
+    ids=lambda words: words[0],
+)
+def test_an_unknown_option_is_named_by_its_command(tmp_path, monkeypatch, command, capsys):
+    monkeypatch.chdir(tmp_path)
+    for name in ("c.yaml", "s.yaml", "l.safetensors"):
+        (tmp_path / name).write_text("")
+    code, _, err = run_cli([*command, "--bogus-option"], capsys)
+    command = command[0]
+    assert_one_line_error(code, err, "--bogus-option")
+    assert err.startswith(f"leco {command}: error: unrecognized arguments: --bogus-option"), err
+    assert f"(see leco {command} --help)" in err
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        RuntimeError("[enforce fail at alloc_cpu.cpp:127] data. DefaultCPUAllocator: can't allocate memory: "
+                     "you tried to allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+        MemoryError(),
+    ],
+)  # fmt: skip
+def test_running_out_of_memory_is_one_line(monkeypatch, capsys, failure):
+    def run_generate(args):
+        raise failure
+
+    monkeypatch.setattr("leco.cli.run_generate", run_generate)
+    code, _, err = run_cli(["generate", "--model", "m", "--prompt", "a", "--out", "o"], capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("leco generate: error: out of memory") and "smaller images" in err
+    if isinstance(failure, RuntimeError) and "40000000000" in str(failure):
+        assert "(37.3 GiB asked for at once)" in err
+
+
+def test_another_runtime_error_is_not_called_out_of_memory(monkeypatch, capsys):
+    def run_generate(args):
+        raise RuntimeError("something else broke")
+
+    monkeypatch.setattr("leco.cli.run_generate", run_generate)
+    with pytest.raises(RuntimeError, match="something else broke"):  # a bug stays a bug, with its traceback
+        main(["generate", "--model", "m", "--prompt", "a", "--out", "o"])
+
+
+def test_a_prompt_given_twice_is_drawn_once(tmp_path, tiny_folders, capsys):
+    out = tmp_path / "images"
+    args = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a fox", "--prompt", "a fox", "--prompt"]
+    code, printed, err = run_cli([*args, "a cat", "--steps", "2", "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    assert "--prompt 'a fox' is given 2 times; it is drawn once" in err
+    assert "wrote 2 images" in printed and len(list(out.glob("*_0_0.png"))) == 2

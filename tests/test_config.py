@@ -137,6 +137,15 @@ def test_inline_prompts_are_accepted(tmp_path):
         (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.0:", "finite"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.0:"]),
         (MINIMAL + "save:\n  name: '..'\n", ["save.name:", "plain file name"]),
+        (
+            MINIMAL + "train:\n  seed: 99999999999999999999999\n",
+            ["train.seed:", "less than 9223372036854775808"],
+        ),
+        (MINIMAL + "train:\n  seed: -1\n", ["train.seed:", "greater than or equal to 0"]),
+        (
+            MINIMAL + "network:\n  type: embedding\n  token: <x>\n  init_text: ''\n",
+            ["network.init_text: empty; give the text whose vectors the token starts from"],
+        ),
     ],
 )
 def test_bad_config_gives_one_clear_line(folder, text, expected):

@@ -520,3 +520,59 @@ def test_a_clip_model_that_is_not_here_is_one_line_at_once(monkeypatch):
         LecoError, match=r"clip_model: 'someone/no-such-clip' is not in the local Hugging Face cache"
     ):
         ClipDetector("someone/no-such-clip", ["a cat"])
+
+
+def test_images_an_earlier_eval_left_are_replaced_only_with_overwrite(tmp_path, tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    spec = EvalSpec.model_validate(
+        {"images_per_prompt": 1, "steps": 2, "keep": [{"prompt": "a dog", "concept": "bright>0.5"}]}
+    )
+    folder = tmp_path / "images"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")  # a file of another name is left alone
+    evaluate(models, None, spec, "cpu", BrightnessDetector(), folder, False)
+    (image,) = folder.glob("*.png")
+    image.write_bytes(b"the user's own file of that name")
+    with pytest.raises(LecoError, match=r"--images .*images: already holds 1 of the images this eval writes"):
+        evaluate(models, None, spec, "cpu", BrightnessDetector(), folder, False)
+    assert image.read_bytes() == b"the user's own file of that name"
+    evaluate(models, None, spec, "cpu", BrightnessDetector(), folder, False, overwrite=True)
+    assert image.read_bytes().startswith(b"\x89PNG") and (folder / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    ("document", "message"),
+    [
+        (
+            {
+                "erase": [{"prompt": "a 7", "concept": "digit:7"}],
+                "keep": [{"prompt": "a 7", "concept": "digit:7"}],
+            },
+            r"spec.yaml: 'a 7' \(digit:7\) is listed under both erase: and keep:",
+        ),
+        (
+            {
+                "erase": [{"prompt": "a 7", "concept": "digit:7"}],
+                "enhance": [{"prompt": "7", "concept": "digit:7"}],
+            },
+            r"spec.yaml: concept 'digit:7' is both erased and enhanced",
+        ),
+    ],
+)
+def test_a_spec_that_asks_for_opposites_is_one_line(tmp_path, document, message):
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ConfigError, match=message):
+        load_spec(path)
+
+
+def test_an_ink_digits_concept_with_two_digits_is_refused():
+    from leco.ink_digits.judge import InkDigitsDetector
+    from leco.models import resolve_bundled
+
+    detector = InkDigitsDetector.for_model(resolve_bundled("ink-digits"))
+    with pytest.raises(LecoError, match="names more than one digit; an image holds one digit in one ink"):
+        detector.check_concept("digit:7,digit:3")
+    with pytest.raises(LecoError, match="names more than one ink"):
+        detector.check_concept("ink:red,digit:2,ink:blue")
+    detector.check_concept("digit:7,ink:red")

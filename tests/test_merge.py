@@ -1,6 +1,7 @@
 """`leco merge`: baked weights behave as the LoRA applied at runtime; the checkpoint loads in diffusers."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -291,7 +292,12 @@ def test_cli_merge_refuses_to_overwrite_and_reports_bad_input(tmp_path, tiny_fol
     assert "exists; choose another path or pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"keep me"
 
-    assert main([*args, "--overwrite"]) == 0
+    assert main([*args, "--overwrite"]) == 2  # not a model leco merge wrote: --overwrite does not reach it
+    assert "is not a model leco merge wrote (a LoRA, or another program's file)" in capsys.readouterr().err
+    shutil.copy(lora, out)  # a LoRA where the checkpoint would go: the user's, kept too
+    assert main([*args, "--overwrite"]) == 2 and out.read_bytes() == lora.read_bytes()
+    out.unlink()
+    assert main(args) == 0 and main([*args, "--overwrite"]) == 0  # an earlier merge's file is replaced
     capsys.readouterr()  # its warning (a tiny model's layout in one file) is not what is tested below
     with safe_open(str(out), "pt") as file:
         assert {t.dtype for t in (file.get_tensor(k) for k in file.keys())} == {torch.float16}  # noqa: SIM118

@@ -399,6 +399,30 @@ def test_missing_optional_optimizer_names_the_package(tmp_path, tiny_folders, mo
         Trainer(make_config(tiny_folders["sd1"], tmp_path, optimizer="adamw8bit"), progress=False)
 
 
+@pytest.mark.parametrize(
+    ("train_options", "message"),
+    [
+        (
+            {"optimizer_args": {"weight_decay": "abc"}},
+            "train.optimizer_args: weight_decay='abc' is not a number",
+        ),
+        (
+            {"lr_scheduler": "step", "lr_scheduler_args": {"step_size": "abc"}},
+            "train.lr_scheduler_args: step_size='abc' is not a number",
+        ),
+        (
+            {"optimizer_args": {"weight_decay": -1.0}},
+            r"train.optimizer_args: Invalid weight_decay .* \(for AdamW\)",
+        ),
+    ],
+)
+def test_optimizer_and_schedule_arguments_they_refuse_are_one_line(
+    tmp_path, tiny_folders, train_options, message
+):
+    with pytest.raises(LecoError, match=message):
+        Trainer(make_config(tiny_folders["sd1"], tmp_path, **train_options), progress=False)
+
+
 def test_lora_weights_stay_fp32_under_bf16(tmp_path, tiny_folders):
     trainer = Trainer(make_config(tiny_folders["sd1"], tmp_path, precision="bf16"), progress=False)
     assert next(trainer.unet.parameters()).dtype == torch.bfloat16

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from leco.errors import LecoError
-from leco.files import atomic_output, nearest_existing
+from leco.errors import LecoError, warn
+from leco.files import atomic_output, load_torch_file, nearest_existing
 
 STATE_FILE = "training_state.pt"
 # Parts of the config that must match for a resumed run to continue the same training.
@@ -55,6 +55,8 @@ class RunFolder:
                 f"save.path: {self.previews} is a file, but the preview grids go into a folder of that name; "
                 "move the file or choose another save.path"
             )
+        if resume_source is not None and resume_source.exists():
+            state_file_of(resume_source)  # a folder or file that holds no state is named as such first
         earlier = self.earlier_files()
         # A path that is not there is read_state's to name.
         foreign = (
@@ -185,16 +187,21 @@ def run_metadata(config: Any, entries: list[Any], step: int, seed: int, source: 
     }
 
 
+def state_file_of(path: Path) -> Path:
+    """The state file of a *_state folder (or that file itself); one line where there is none."""
+    file = path / STATE_FILE if path.is_dir() else path
+    if not file.is_file() or file.name != STATE_FILE:
+        raise LecoError(f"--resume: {path} holds no {STATE_FILE}; pass the *_state folder a run saved")
+    return file
+
+
 def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[str, Any]:
     """Load a state folder (or its file) and check it belongs to this config and process count."""
-    path = Path(path)
-    file = path / STATE_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise LecoError(f"--resume: {path} holds no {STATE_FILE}; pass the *_state folder a run saved")
+    file = state_file_of(Path(path))
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for damaged or foreign files
-        raise LecoError(f"--resume: {file} cannot be read ({_first_line(error)})") from None
+        state = load_torch_file(file)
+    except LecoError as reason:
+        raise LecoError(f"--resume: {file} cannot be read ({reason})") from None
     try:
         saved = json.loads(state["config"])
     except (TypeError, KeyError, IndexError, ValueError):
@@ -209,17 +216,20 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
                 f"--resume: {file} was trained with a different `{key}` section; resume with the config "
                 "that started the run (only train/save/logging settings may change)"
             )
+    step, iterations = state.get("step", 0), current.get("train", {}).get("iterations")
+    if isinstance(iterations, int) and step > iterations:
+        raise LecoError(
+            f"train.iterations: {iterations}, but the state in {path} is already at step {step}; set it "
+            f"above {step} to train on from there"
+        )
+    if step == iterations:
+        warn(f"--resume: {path} is at step {step}, which is train.iterations; nothing is left to train")
     if len(state.get("ranks", [])) != processes:
         raise LecoError(
             f"--resume: {file} was saved by {len(state.get('ranks', []))} data-parallel processes; resume "
             f"with as many (this run has {processes})"
         )
     return state
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _acquire_lock(path: Path, name: str, folder: Path) -> Any:

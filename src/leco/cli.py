@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--images", type=_output_folder, help="also save every generated image into this folder"
     )
     evaluate.add_argument(
+        "--overwrite", action="store_true", help="replace images an earlier eval left in --images"
+    )
+    evaluate.add_argument(
         "--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda:N"
     )
     evaluate.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt model")
@@ -428,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     convert.set_defaults(run=run_convert)
+    parser.set_defaults(commands=commands.choices)  # for an unknown option, the command's own error line
     return parser
 
 
@@ -552,6 +556,7 @@ def run_eval(args: argparse.Namespace) -> int:
         image_dir=args.images,
         progress=not args.no_progress,
         embeddings=args.embedding,
+        overwrite=args.overwrite,
     )
     print(format_report(report, all_rows=args.all_rows))
     print(f"report: {write_report(report, args.out)}")
@@ -593,7 +598,10 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.lora is None and args.strengths not in (None, [0.0]):
         raise LecoError("--strengths: without --lora every strength draws the same image; add --lora FILE")
     strengths = args.strengths or ([-1.0, 0.0, 1.0] if args.lora else [0.0])
-    requests = requests_for(args.prompt, strengths, args.seeds)
+    prompts = list(dict.fromkeys(args.prompt))  # one file per prompt, strength and seed
+    for repeated in {p for p in args.prompt if args.prompt.count(p) > 1}:
+        warn(f"--prompt {repeated!r} is given {args.prompt.count(repeated)} times; it is drawn once")
+    requests = requests_for(prompts, strengths, args.seeds)
     taken = [path for path in output_files(requests, args.out) if path_exists(path)]
     if taken and not args.overwrite:
         raise LecoError(
@@ -684,7 +692,9 @@ def _main(argv: Sequence[str] | None) -> int:
     _quiet_library_environment()
     parser = build_parser()
     words = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
-    args = parser.parse_args(words)
+    args, unknown = parser.parse_known_args(words)
+    if unknown:  # named by the command it was given to, as its other errors are
+        (args.commands.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.words = words  # the command line, for commands that start copies of themselves
     if args.command is None:
         parser.print_usage(sys.stderr)
@@ -699,6 +709,24 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"leco {args.command}: aborted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(error):
+            raise
+        print(f"leco {args.command}: error: {_out_of_memory(error)}", file=sys.stderr)
+        return 1
+
+
+def _out_of_memory(error: BaseException) -> str | None:
+    """One line for an allocation that failed (image size, batch or model too large), else None."""
+    text = str(error)
+    if not (isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text):
+        return None
+    wanted = re.search(r"allocate ([0-9]+) bytes", text)
+    size = f" ({int(wanted[1]) / 2**30:.1f} GiB asked for at once)" if wanted else ""
+    return (
+        f"out of memory{size}; use smaller images (resolution, --height/--width), a smaller batch "
+        "(batch_size, --batch-size), or on a GPU train.gradient_checkpointing / a lower precision"
+    )
 
 
 if __name__ == "__main__":

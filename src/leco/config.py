@@ -128,6 +128,11 @@ class NetworkConfig(_Section):
     def _embedding_needs_a_token(self) -> NetworkConfig:
         if self.type == "embedding" and not (self.token or "").strip():
             raise ValueError("network.token: type embedding needs the new word, e.g. token: <no-seven>")
+        if self.init_text is not None and not self.init_text.strip():
+            raise ValueError(
+                "network.init_text: empty; give the text whose vectors the token starts from (e.g. seven), "
+                "or leave it out to start from the vocabulary's mean vector"
+            )
         if self.token is not None and any(c.isspace() for c in self.token):
             raise ValueError(
                 f"network.token: {self.token!r} must be one word without spaces, e.g. <no-seven>"
@@ -182,7 +187,7 @@ class TrainConfig(_Section):
     rollout_guidance_scale: float = 3.0
     # Spread each sample uniformly inside its sampling step's timestep interval (False: on the grid).
     timestep_offset: bool = True
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)  # unset: a random seed (saved, for resume)
     device: str = "auto"
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = Field(None, gt=0)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from leco.config import ConfigError, describe_validation_error, read_yaml
 from leco.errors import LecoError
-from leco.files import atomic_output
+from leco.files import atomic_output, path_exists
 from leco.generate import (
     SAMPLERS,
     SamplingSettings,
@@ -117,9 +117,29 @@ def load_spec(path: str | Path) -> EvalSpec:
         raise ConfigError(describe_validation_error(error, path, EvalSpec)) from None
     if not (spec.erase or spec.keep or spec.keep_all or spec.enhance):
         raise ConfigError(f"{path}: erase:, keep: and enhance: are all empty; list the prompts to judge")
+    _refuse_contradictions(spec, path)
     if 0.0 not in spec.strengths:
         spec.strengths = [0.0, *spec.strengths]  # drift is measured against strength 0
     return spec
+
+
+def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
+    """A prompt judged as two kinds, or a concept both erased and enhanced, asks for opposites."""
+    kinds_of: dict[tuple[str, str], list[str]] = {}
+    for kind in KINDS:
+        for item in getattr(spec, kind):
+            kinds_of.setdefault((item.prompt, item.concept), []).append(kind)
+    for (prompt, concept), kinds in kinds_of.items():
+        if len(set(kinds)) > 1:
+            raise ConfigError(
+                f"{path}: {prompt!r} ({concept}) is listed under both {kinds[0]}: and {kinds[-1]}:; "
+                "keep it under one"
+            )
+    both = {i.concept for i in spec.erase} & {i.concept for i in spec.enhance}
+    if both:
+        raise ConfigError(
+            f"{path}: concept {sorted(both)[0]!r} is both erased and enhanced; judge one of them"
+        )
 
 
 def make_detector(spec: EvalSpec, models: LoadedModels) -> Detector:
@@ -177,6 +197,7 @@ def evaluate(
     image_dir: str | Path | None = None,
     progress: bool = True,
     embeddings: Sequence[str | Path] = (),
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Generate, detect and summarise; returns the report (also what `leco eval` writes as JSON).
 
@@ -184,7 +205,8 @@ def evaluate(
     plain model, are made once), or None for the plain model alone (strength 0 only). A
     textual-inversion file among them is judged as a negative embedding: strength 1 adds its token
     to the spec's negative prompt, strength 0 is the negative prompt without it.
-    `embeddings`: textual-inversion files (FILE or FILE:TOKEN) the prompts may use.
+    `embeddings`: textual-inversion files (FILE or FILE:TOKEN) the prompts may use. Images already
+    in `image_dir` under the names this run writes stop it before the first image, unless `overwrite`.
     """
     loras = _lora_list(lora)
     labels = lora_labels(loras)
@@ -203,6 +225,8 @@ def evaluate(
     settings = sampling_settings(spec, models)
     pipe = build_pipeline(models, spec.sampler).to(device)
     folders = _image_folders(image_dir, labels)
+    if not overwrite:
+        _refuse_earlier_images(folders, prompts, [0.0, *strengths], seeds, slugs)
     judge = _Judge(detector, entries, seeds)
     with embeddings_loaded(pipe, embeddings):
         for negative in negatives.values():  # each loads alone (seeds of one run share a token): check now
@@ -307,6 +331,19 @@ def _image_folders(image_dir: str | Path | None, labels: list[str]) -> dict[str 
     if len(labels) <= 1:
         return {label: root for label in labels or [None]}
     return {label: root / label.replace(":", "-") for label in labels}
+
+
+def _refuse_earlier_images(
+    folders: dict[str | None, Path], prompts: list[str], strengths: list[float], seeds: list[int], slugs
+) -> None:
+    requests = [ImageRequest(p, strength, seed) for p in prompts for strength in strengths for seed in seeds]
+    for folder in folders.values():
+        taken = [name for r in requests if path_exists(folder / (name := r.file_name(slugs)))]
+        if taken:
+            raise LecoError(
+                f"--images {folder}: already holds {len(taken)} of the images this eval writes (e.g. "
+                f"{taken[0]}, from an earlier run); choose another folder, or --overwrite to replace them"
+            )
 
 
 def _save_images(images: dict[ImageRequest, Image.Image], folders, slugs: dict[str, str]) -> None:

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from leco.errors import LecoError
 
@@ -118,3 +118,36 @@ def _umask() -> int:
     mask = os.umask(0)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
+
+
+def load_torch_file(path: Path) -> Any:
+    """torch.load with weights_only: tensors and plain containers only, no pickled code runs. What it
+    refuses or cannot read raises LecoError with the reason alone (callers name the file and key);
+    torch's own warnings and multi-paragraph messages stay out of the one line."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        text = str(error)
+        if text.startswith("Weights only load failed"):  # torch's paragraphs around one line of reason
+            lines = [line.replace("WeightsUnpickler error:", "").strip() for line in text.splitlines()[1:]]
+            advice = ("Please file", "Check the documentation")
+            detail = next((line for line in lines if line and not line.startswith(advice)), "?")
+            raise LecoError(
+                f"torch's safe reader refused it ({detail[:120]}): it holds more than plain tensors, which "
+                "could run code when loaded, or it is damaged"
+            ) from None
+        raise LecoError(f"damaged or not a torch file: {_first_line(error)}") from None
+    except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
+        raise LecoError(f"damaged or not a torch file: {_first_line(error)}") from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:160] if text else type(error).__name__

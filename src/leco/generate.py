@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from leco.errors import LecoError
+from leco.files import load_torch_file
 from leco.images import ImageRequest, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs
 from leco.network import kohya
@@ -477,9 +478,9 @@ def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if path.suffix.lower() not in (".pt", ".bin"):
         raise LecoError(f"--embedding: {path} is not .safetensors, .pt or .bin; give an embedding file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
-    except Exception as error:  # torch.load raises UnpicklingError, RuntimeError, EOFError, ...
-        raise _unreadable(path, error) from None
+        data = load_torch_file(path)  # never runs pickled code
+    except LecoError as reason:
+        raise LecoError(f"--embedding: {path} cannot be read ({reason})") from None
     if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111
         data = dict(data["string_to_param"])
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()) or not data:

@@ -24,7 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from leco.config import PretrainedModelConfig
 from leco.errors import LecoError, warn
-from leco.files import path_exists
+from leco.files import load_torch_file, path_exists
 
 CONFIG_ROOT = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -504,11 +504,9 @@ def read_checkpoint(
             f".safetensors, or {names.allow_pickle} if you trust its source"
         )
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError and friends; we never fall back to unsafe loading
-        raise LecoError(
-            f"{path}: cannot be read safely (weights_only) ({_first_line(error)}); convert it to .safetensors"
-        ) from None
+        checkpoint = load_torch_file(path)  # we never fall back to unsafe loading
+    except LecoError as reason:
+        raise LecoError(f"{path}: cannot be read safely ({reason}); convert it to .safetensors") from None
     while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     return {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}

@@ -39,25 +39,33 @@ def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> tor
         ) from None
     try:
         return optimizer_class(params, lr=lr, **args)
-    except TypeError as error:
-        raise LecoError(f"train.optimizer_args: {error} (for {class_name})") from None
+    except (TypeError, ValueError) as error:
+        raise _arguments_error("train.optimizer_args", args, error, class_name) from None
 
 
 def build_lr_scheduler(train: TrainConfig, optimizer: torch.optim.Optimizer) -> LRScheduler:
     """diffusers' schedules by name; `step` is torch's StepLR (decay by gamma every step_size)."""
     name, iterations, args = train.lr_scheduler, train.iterations, train.lr_scheduler_args
     warmup_steps = train.lr_warmup_steps
-    if name == "step":
-        step_size = int(args.get("step_size", max(1, iterations // 4)))
-        return torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=step_size, gamma=float(args.get("gamma", 0.5))
-        )
     try:
+        if name == "step":
+            step_size = int(args.get("step_size", max(1, iterations // 4)))
+            return torch.optim.lr_scheduler.StepLR(
+                optimizer, step_size=step_size, gamma=float(args.get("gamma", 0.5))
+            )
         return get_scheduler(
             name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=iterations, **args
         )
-    except TypeError as error:
-        raise LecoError(f"train.lr_scheduler_args: {error} (for {name})") from None
+    except (TypeError, ValueError) as error:
+        raise _arguments_error("train.lr_scheduler_args", args, error, name) from None
+
+
+def _arguments_error(key: str, args: dict[str, Any], error: Exception, owner: str) -> LecoError:
+    """Name the value that is text where a number belongs, else pass on what `owner` said."""
+    texts = [f"{name}={value!r}" for name, value in args.items() if isinstance(value, str)]
+    if texts:
+        return LecoError(f"{key}: {texts[0]} is not a number; give it a number")
+    return LecoError(f"{key}: {error} (for {owner})")
 
 
 class Updates:

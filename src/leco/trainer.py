@@ -38,7 +38,7 @@ from leco.models import (
 from leco.objectives import Predictions
 from leco.optim import Updates
 from leco.preservation import TextAnchors, anchor_prompts, entries_and_anchors
-from leco.preview import render_preview
+from leco.preview import preview_size, render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
 from leco.rollout import Rollout, SampleQueue
 from leco.step_gradients import step_gradients
@@ -87,6 +87,7 @@ class Trainer:
         anchors = anchor_prompts(config.anchors, config.prompts, models.source)
         entries, self.anchors = entries_and_anchors(config, anchors)
         self.prompts = prepare_prompts(entries, models, train)
+        self.preview_size = preview_size(config.preview, self.prompts[0].size)
         texts = [*prompt_texts(self.prompts), *self.anchors]
         embeddings = encode_texts(models, texts, config.pretrained_model.clip_skip, self.device)
         self.unet = prepare_for_training(models.unet, self.device, config)
@@ -222,7 +223,7 @@ class Trainer:
 
     def render_preview(self, suffix: str) -> None:
         """The preview grid as of now, written by the main process when the config asks for one."""
-        preview, size, path = self.config.preview, self.prompts[0].size, self.folder.preview_file(suffix)
+        preview, size, path = self.config.preview, self.preview_size, self.folder.preview_file(suffix)
         if self.ranks.is_main and preview.prompts:
             render_preview(self.models, self.trainable, preview, size, path, self.device, self.autocast())
 

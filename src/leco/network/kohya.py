@@ -22,7 +22,7 @@ from torch import nn
 
 from leco import __version__
 from leco.errors import LecoError
-from leco.files import atomic_output
+from leco.files import atomic_output, load_torch_file
 from leco.models import ModelFamily
 from leco.network.layers import adaptable_layers
 from leco.network.sgm_names import to_sgm_name
@@ -122,11 +122,10 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 def _read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     # weights_only refuses any pickled object but tensors and plain containers: no code runs.
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError and friends; never retried unsafely
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        state = load_torch_file(path)  # never retried unsafely
+    except LecoError as reason:
         raise LecoError(
-            f"{path}: cannot be read safely as a plain state dict ({first}); only tensors are accepted"
+            f"{path}: cannot be read safely as a plain state dict ({reason}); only tensors are accepted"
         ) from None
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
