@@ -537,3 +537,48 @@ def test_a_negative_embeddings_previews_are_without_and_with_its_token():
 def test_an_embedding_token_with_whitespace_is_one_line(token):
     with pytest.raises(ValidationError, match="network.token: .* must be one word without spaces"):
         NetworkConfig.model_validate({"type": "embedding", "token": token})
+
+
+@pytest.mark.parametrize(
+    ("sections", "expected"),
+    [
+        ({"network": {"type": "embedding", "token": "<x>", "rank": 16}}, "network.rank: a LoRA's settings"),
+        (
+            {"network": {"token": "<x>", "vectors": 3}},
+            "network.token, network.vectors: only for network.type",
+        ),
+        (
+            {"network": {"conv_rank": 8, "conv_alpha": 4}},
+            "network.conv_alpha, network.conv_rank: only for c3lier",
+        ),
+        ({"closed_form": {"preserve_scale": 5}}, "closed_form: only for train.method: closed_form"),
+        (
+            {"anchors": {"prompts": ["a"], "exclude": ["three"]}},
+            "anchors.exclude: only for anchors.prompts: auto",
+        ),
+        ({"preview": {"strengths": [-1, 1]}}, "preview.strengths: preview.prompts is empty"),
+        (
+            {"logging": {"tensorboard_dir": "tb"}},
+            "logging.tensorboard_dir: only with logging.use_tensorboard",
+        ),
+        (
+            {"train": {"lr_scheduler_args": {"num_cycles": 3}}},
+            "train.lr_scheduler_args: the constant schedule",
+        ),
+        ({"train": {"iterations": 3, "lr_warmup_steps": 10}}, "the lr never reaches train.lr"),
+    ],
+)
+def test_settings_the_rest_of_the_config_leaves_without_effect_are_named(sections, expected):
+    document = {"pretrained_model": {"name_or_path": "ink-digits"}, "prompts": [{"target": "x"}], **sections}
+    notes = LecoConfig.model_validate(document).unused_settings()
+    assert len(notes) == 1 and expected in notes[0], notes
+
+
+def test_the_examples_set_nothing_without_effect():
+    for path in sorted(EXAMPLES.rglob("*.yaml")):
+        try:
+            config = load_config(path)
+        except ConfigError:  # prompts files and eval specs
+            continue
+        config.check_combination()
+        assert config.unused_settings() == [], path

@@ -393,6 +393,10 @@ AI_TOOLKIT_ERRORS = {
         ("    - type: slider\n", "    - type: slider\n      name: ../elsewhere\n"),
         "config.process[0].name: '../elsewhere' must name one folder inside training_folder",
     ),
+    "job_name_leaves_the_folder": (
+        ("  name: eye_size_slider\n", "  name: x/../../y\n"),
+        "config.name: 'x/../../y' must name one folder inside training_folder",
+    ),
 }
 
 

@@ -416,6 +416,48 @@ class LecoConfig(_Section):
     def to_json(self) -> str:
         return self.model_dump_json()
 
+    def unused_settings(self) -> list[str]:
+        """Keys set in the file that the rest of the config leaves without effect, one line each."""
+        notes = []
+
+        def unused(section: BaseModel, name: str, keys: set[str], reason: str) -> None:
+            chosen = sorted(keys & section.model_fields_set)
+            if chosen:
+                listed = ", ".join(f"{name}.{key}" for key in chosen)
+                notes.append(f"{listed}: {reason}; ignored")
+
+        network, anchors, preview, logging = self.network, self.anchors, self.preview, self.logging
+        if network.type == "embedding":
+            lora_keys = {"rank", "alpha", "conv_rank", "conv_alpha", "training_method"}
+            unused(
+                network, "network", lora_keys, "a LoRA's settings, and network.type embedding trains a token"
+            )
+        else:
+            unused(network, "network", {"token", "vectors", "init_text"}, "only for network.type: embedding")
+            if network.type == "lierla":
+                unused(
+                    network, "network", {"conv_rank", "conv_alpha"}, "only for c3lier (lierla has no convs)"
+                )
+        if self.train.method != "closed_form" and self.closed_form.model_fields_set:
+            notes.append("closed_form: only for train.method: closed_form; ignored")
+        if anchors.prompts != "auto":
+            unused(anchors, "anchors", {"exclude", "count"}, "only for anchors.prompts: auto")
+        if not preview.prompts:
+            keys = {"strengths", "seeds", "steps", "guidance", "every"}
+            unused(preview, "preview", keys, "preview.prompts is empty, so no preview is drawn")
+        if not logging.use_tensorboard:
+            unused(logging, "logging", {"tensorboard_dir"}, "only with logging.use_tensorboard: true")
+        if not logging.use_wandb:
+            unused(logging, "logging", {"wandb_project"}, "only with logging.use_wandb: true")
+        if self.train.lr_scheduler == "constant" and self.train.lr_scheduler_args:
+            notes.append("train.lr_scheduler_args: the constant schedule takes none; ignored")
+        if self.train.method != "closed_form" and self.train.lr_warmup_steps >= self.train.iterations:
+            notes.append(
+                f"train.lr_warmup_steps: {self.train.lr_warmup_steps} is not below train.iterations "
+                f"({self.train.iterations}), so the lr never reaches train.lr"
+            )
+        return notes
+
     def check_combination(self) -> None:
         """Settings that are valid alone but not together; one line naming the keys."""
         if self.prompts and all(entry.weight == 0 for entry in self.prompts):
@@ -483,7 +525,7 @@ class LecoConfig(_Section):
                         f"prompts entry {number}: action {entry.action} cannot be trained into a negative "
                         "embedding; use erase (and preserve for what must stay)"
                     )
-            if any(strength not in (0, 1) for strength in self.preview.strengths):
+            if self.preview.prompts and any(strength not in (0, 1) for strength in self.preview.strengths):
                 if "strengths" in self.preview.model_fields_set:
                     raise ConfigError(
                         "preview.strengths: a negative embedding is previewed without (0) and with (1) its "

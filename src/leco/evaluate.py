@@ -22,7 +22,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from leco.config import ConfigError, describe_validation_error, read_yaml
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 from leco.files import atomic_output, path_exists
 from leco.generate import (
     SAMPLERS,
@@ -118,6 +118,8 @@ def load_spec(path: str | Path) -> EvalSpec:
     if not (spec.erase or spec.keep or spec.keep_all or spec.enhance):
         raise ConfigError(f"{path}: erase:, keep: and enhance: are all empty; list the prompts to judge")
     _refuse_contradictions(spec, path)
+    if spec.detector != "clip" and {"alternatives", "clip_model"} & spec.model_fields_set:
+        warn(f"{path}: alternatives and clip_model are for detector: clip, not {spec.detector}; ignored")
     if 0.0 not in spec.strengths:
         spec.strengths = [0.0, *spec.strengths]  # drift is measured against strength 0
     return spec

@@ -25,7 +25,7 @@ from leco import closed_form, objectives
 from leco.checkpoints import RunFolder, StopRequest, read_state, run_metadata
 from leco.config import LecoConfig, load_config
 from leco.distributed import Ranks
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 from leco.models import (
     DTYPES,
     LoadedModels,
@@ -261,6 +261,8 @@ def train(
     """Train as the config says; returns where the final file was written."""
     if not isinstance(config, LecoConfig):
         config = load_config(config)
+    for note in config.unused_settings():
+        warn(note)
     if config.train.method == "closed_form":
         if resume is not None:
             raise LecoError("--resume: a closed-form edit has no steps to continue; run it again")

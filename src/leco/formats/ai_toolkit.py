@@ -285,9 +285,10 @@ class _Converter:
             raise ConfigError(f"{self.path}: config.training_folder: required key is missing; add it")
         # Files are named after the job; a process `name` only names their folder.
         subfolder = str(process.get("name", name))
+        subfolder_key = process.key("name") if process.has("name") else "config.name"
         if not subfolder.strip() or subfolder in (".", "..") or any(c in subfolder for c in "/\\"):
             raise ConfigError(
-                f"{self.path}: {process.key('name')}: {subfolder!r} must name one folder inside "
+                f"{self.path}: {subfolder_key}: {subfolder!r} must name one folder inside "
                 "training_folder (no / or \\, not . or ..)"
             )
         self.put("save.name", name, "config.name")
