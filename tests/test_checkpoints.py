@@ -50,6 +50,22 @@ def test_overwrite_replaces_the_earlier_run_and_its_stale_step_files(tmp_path, t
     assert read_lora_file(second.path)[1]["leco.step"] == "5"
 
 
+def test_overwrite_leaves_the_earlier_run_whole_when_the_new_one_fails_before_its_first_save(
+    tmp_path, tiny_folders, monkeypatch
+):
+    train(make_config(tiny_folders["sd1"], tmp_path, iterations=9), progress=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")}
+
+    def crash(self):
+        raise RuntimeError("the new run dies at its first step")
+
+    monkeypatch.setattr(Trainer, "train_step", crash)
+    with pytest.raises(RuntimeError, match="dies at its first step"):
+        train(make_config(tiny_folders["sd1"], tmp_path, iterations=5), overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")} == before
+    assert (tmp_path / "fox_state" / "training_state.pt").is_file()
+
+
 def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tmp_path):
     first = RunFolder(tmp_path, "fox")
     first.open(overwrite=False)

@@ -31,6 +31,7 @@ class RunFolder:
         self.path = Path(path).expanduser()
         self.name = name
         self._lock: Any = None
+        self._replaced: list[Path] = []
 
     @property
     def previews(self) -> Path:
@@ -88,14 +89,19 @@ class RunFolder:
         for folder, pattern in temps:  # left by a process killed mid-save
             for temp in folder.glob(pattern) if folder.is_dir() else []:
                 temp.unlink(missing_ok=True)
-        if overwrite and resume_source is None:
-            for old in self.earlier_files():
-                if old.is_dir():
-                    for inner in old.iterdir():
-                        inner.unlink()
-                    old.rmdir()
-                else:
-                    old.unlink()
+        # Replaced at the first save, not now: a run that fails before it leaves the earlier one whole.
+        self._replaced = self.earlier_files() if overwrite and resume_source is None else []
+
+    def clear_replaced(self) -> None:
+        """Delete what --overwrite replaces (the earlier run's files and state), before the first save."""
+        for old in self._replaced:
+            if old.is_dir():
+                for inner in old.iterdir():
+                    inner.unlink()
+                old.rmdir()
+            else:
+                old.unlink(missing_ok=True)
+        self._replaced = []
 
     def is_own_state(self, path: str | Path) -> bool:
         """Whether `path` (a state folder or its file) is this run's own state."""

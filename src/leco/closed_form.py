@@ -47,6 +47,7 @@ def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetw
     fit = solve_into(network, erase_rows, guide_rows, keep_rows, config)
     folder.open(overwrite=overwrite)
     try:
+        folder.clear_replaced()
         path = network.save(
             folder.file("last"),
             dtype=DTYPES[config.save.precision],

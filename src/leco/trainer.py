@@ -189,6 +189,7 @@ class Trainer:
         """The trained file and the resumable state, as of now."""
         state, path = self.state(), self.folder.file(suffix)  # every process takes part in the state
         if self.ranks.is_main:
+            self.folder.clear_replaced()  # --overwrite: the earlier run goes once this one has a file
             save, entries = self.config.save, [p.settings for p in self.prompts]
             extra = run_metadata(self.config, entries, self.step, self.seed, self.models.source)
             resolution, dtype, title = max(self.prompts[0].size), DTYPES[save.precision], save.name
