@@ -129,6 +129,8 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
     "anchors8": [_anchors(8)],
     "anchors-weight4": [_anchors(4, 4.0)],
     "anchors+strict": [_anchors(), _set("network.training_method", "xattn-strict")],
+    # 16 latents from each rollout: the same steps, a quarter as many rollouts (for each end).
+    "anchors+m16": [_anchors(), _set("train.samples_per_rollout", 16)],
     # A slider that should change nothing (its poles weigh 0) but is trained the same way: how many
     # images change merely because weights moved (the floor any recipe is measured against).
     "null": [_anchors(), _guidance(0.0)],
@@ -172,6 +174,10 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
     "text0.1": [_text_anchors(0.1)],
     "anchors+text0.1": [_anchors(), _set("anchors.text_weight", 0.1)],
     "anchors+text1": [_anchors(), _set("anchors.text_weight", 1.0)],
+    "anchors+text0.3": [_anchors(), _set("anchors.text_weight", 0.3)],
+    "anchors+text0.5": [_anchors(), _set("anchors.text_weight", 0.5)],
+    "anchors+text1+600": [_anchors(), _set("anchors.text_weight", 1.0), _set("train.iterations", 600)],
+    "anchors+text1+guidance3": [_anchors(), _set("anchors.text_weight", 1.0), _guidance(3.0)],
     "full": [_set("network.training_method", "full")],
     # Every layer, the resnets and self-attention included: features of the drawn five, not only
     # of the words, may tell the five from the other digits.
