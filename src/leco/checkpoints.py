@@ -116,6 +116,26 @@ class RunFolder:
         )
         return ([self.state_dir] if self.state_dir.is_dir() else []) + files
 
+    def save(
+        self,
+        trainable: Any,
+        suffix: str,
+        state: dict[str, Any],
+        metadata: dict[str, Any],
+        dtype: torch.dtype,
+        resolution: int,
+        keep_step_files: int | None,
+    ) -> Path:
+        """The trained file and the resumable state: the run --overwrite replaces goes first, step
+        files beyond save.max_step_files after."""
+        self.clear_replaced()
+        path = trainable.save(
+            self.file(suffix), dtype=dtype, resolution=resolution, title=self.name, extra_metadata=metadata
+        )
+        self.write_state(state)
+        self.prune_step_files(keep_step_files)
+        return path
+
     def write_state(self, state: dict[str, Any]) -> Path:
         """Atomically: a crash while saving leaves the previous state intact."""
         with atomic_output(self.state_dir / STATE_FILE) as file:

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -186,20 +185,8 @@ class Trainer:
     # -- saving and resuming ----------------------------------------------------------------------
 
     def save(self, suffix: str) -> Path:
-        """The trained file and the resumable state, as of now."""
-        state, path = self.state(), self.folder.file(suffix)  # every process takes part in the state
-        if self.ranks.is_main:
-            self.folder.clear_replaced()  # --overwrite: the earlier run goes once this one has a file
-            save, entries = self.config.save, [p.settings for p in self.prompts]
-            extra = run_metadata(self.config, entries, self.step, self.seed, self.models.source)
-            resolution, dtype, title = max(self.prompts[0].size), DTYPES[save.precision], save.name
-            self.trainable.save(path, dtype=dtype, resolution=resolution, title=title, extra_metadata=extra)
-            self.folder.write_state(state)
-            self.folder.prune_step_files(save.max_step_files)
-        return path
-
-    def state(self) -> dict[str, Any]:
-        return {
+        """The trained file and the resumable state, as of now (the main process writes them)."""
+        state = {  # every process takes part in gathering it
             "step": self.step,
             "seed": self.seed,
             "config": self.config.to_json(),
@@ -207,6 +194,14 @@ class Trainer:
             **self.updates.state_dict(),  # optimizer, lr_scheduler, scaler
             "ranks": self.ranks.gather(self.step_queue.state()),  # each process's own, in rank order
         }
+        if not self.ranks.is_main:
+            return self.folder.file(suffix)
+        save, entries = self.config.save, [p.settings for p in self.prompts]
+        metadata = run_metadata(self.config, entries, self.step, self.seed, self.models.source)
+        resolution, dtype = max(self.prompts[0].size), DTYPES[save.precision]
+        return self.folder.save(
+            self.trainable, suffix, state, metadata, dtype, resolution, save.max_step_files
+        )
 
     def resume(self, path: str | Path) -> None:
         state = read_state(path, self.config.to_json(), processes=self.ranks.count)
