@@ -744,3 +744,18 @@ def test_a_prompt_given_twice_is_drawn_once(tmp_path, tiny_folders, capsys):
     assert code == 0, err
     assert "--prompt 'a fox' is given 2 times; it is drawn once" in err
     assert "wrote 2 images" in printed and len(list(out.glob("*_0_0.png"))) == 2
+
+
+def test_a_full_disk_is_one_line(monkeypatch, capsys):
+    import errno
+
+    def run_generate(args):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "out/a.png")
+        except OSError as error:  # as torch and safetensors raise it: wrapped in their own error
+            raise RuntimeError("unexpected pos 64 vs 0") from error
+
+    monkeypatch.setattr("leco.cli.run_generate", run_generate)
+    code, _, err = run_cli(["generate", "--model", "m", "--prompt", "a", "--out", "o"], capsys)
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("leco generate: error: the disk is full (writing out/a.png); free some space")

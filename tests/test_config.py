@@ -170,6 +170,10 @@ def test_bad_config_gives_one_clear_line(folder, text, expected):
         ("- just text\n", ["entry 1: must be a mapping"]),
         ("- target: a\n  target: b\n", ["'target' appears twice"]),
         ("- target: a\n  resolution: big\n", ["entry 1.resolution: ", "(got 'big')"]),  # one line, two forms
+        ("- target: a\n  guidance_scale: .inf\n", ["entry 1.guidance_scale:", "finite"]),
+        ("- target: a\n  guidance_scale: 1e30\n", ["entry 1.guidance_scale:", "less than or equal to 100"]),
+        ("- target: a\n  weight: .inf\n", ["entry 1.weight:", "finite"]),
+        ("- target: a\n  multiplier: .nan\n", ["entry 1.multiplier:", "finite"]),
     ],
 )
 def test_bad_prompts_give_one_clear_line(folder, text, expected):

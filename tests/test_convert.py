@@ -205,6 +205,7 @@ def test_sd2_projections_in_the_form_each_tool_needs(tmp_path, tiny_folders):
     assert read_lora_file(conv)[1]["leco.sd2_proj"] == "4d"
     back = convert(conv, tmp_path / "back.safetensors", family="sd2")  # 4-D in, 2-D out
     assert all(torch.equal(v, read_lora_file(linear)[0][k]) for k, v in read_lora_file(back)[0].items())
+    assert "leco.sd2_proj" not in read_lora_file(back)[1]  # the input's form is not copied onto the output
 
     # On a real (tiny) SD2 model: leco reads both forms the same, diffusers only the 2-D one.
     folder = str(tiny_folders["sd2-v"])

@@ -576,3 +576,17 @@ def test_an_ink_digits_concept_with_two_digits_is_refused():
     with pytest.raises(LecoError, match="names more than one ink"):
         detector.check_concept("ink:red,digit:2,ink:blue")
     detector.check_concept("digit:7,ink:red")
+
+
+def test_the_same_lora_given_twice_is_warned_of(tmp_path, tiny_folders, capsys):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2))
+    lora = network.save(tmp_path / "l.safetensors", resolution=16)
+    network.remove()
+    spec = EvalSpec.model_validate(
+        {"images_per_prompt": 1, "steps": 2, "keep": [{"prompt": "a dog", "concept": "bright>0.5"}]}
+    )
+    again = tmp_path / "sub" / ".." / "l.safetensors"
+    (tmp_path / "sub").mkdir()
+    evaluate(models, [lora, again], spec, "cpu", BrightnessDetector(), None, False)
+    assert "--lora: l.safetensors is given 2 times; each copy is judged again" in capsys.readouterr().err

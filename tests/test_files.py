@@ -3,7 +3,8 @@ import stat
 
 import pytest
 
-from leco.files import atomic_folder, atomic_output
+from leco.errors import LecoError
+from leco.files import atomic_folder, atomic_output, check_output
 
 
 def test_written_file_gets_the_mode_plain_open_would_give(tmp_path):
@@ -39,3 +40,23 @@ def test_a_folder_is_replaced_only_when_it_is_complete(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
     (tmp_path / "plain").mkdir()
     assert stat.S_IMODE(os.stat(folder).st_mode) == stat.S_IMODE(os.stat(tmp_path / "plain").st_mode)
+
+
+@pytest.mark.parametrize("target", ["loop", "dangling"])
+def test_an_output_through_a_symlink_that_leads_nowhere_is_one_line(tmp_path, target):
+    from leco.checkpoints import RunFolder
+
+    if target == "loop":
+        (tmp_path / "a").symlink_to(tmp_path / "b")
+        (tmp_path / "b").symlink_to(tmp_path / "a")
+        link = tmp_path / "a"
+    else:
+        link = tmp_path / "dangling"
+        link.symlink_to(tmp_path / "nowhere")
+    for out in (link, link / "inside"):
+        with pytest.raises(
+            LecoError, match=r"^--out: .* is a symlink that leads nowhere \(dangling, or a loop\)"
+        ):
+            check_output(out, overwrite=False)
+        with pytest.raises(LecoError, match=r"^save.path: .* is a symlink that leads nowhere"):
+            RunFolder(out, "run").check(overwrite=False)

@@ -394,3 +394,16 @@ def test_a_strength_that_breaks_the_model_is_named_not_drawn_black(tmp_path, tin
             False,
         )
     assert not (tmp_path / "o").exists()
+
+
+def test_run_generation_refuses_files_an_earlier_run_left_unless_told(tmp_path, tiny_folders):
+    models = load_models(tiny_folders["sd1"], with_vae=True)  # a Path, as from pathlib
+    requests = requests_for(["数字 七", "a red fox"], [0.0], [1])
+    paths, grid = run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False)
+    assert [p.name for p in paths] == ["数字-七_0_1.png", "a-red-fox_0_1.png"]  # every script names files
+    grid.write_bytes(b"the user's own grid")
+    with pytest.raises(LecoError, match=r"--out .*: already holds 3 of the files this run writes"):
+        run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False)
+    assert grid.read_bytes() == b"the user's own grid"
+    run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=True)
+    assert grid.read_bytes().startswith(b"\x89PNG")

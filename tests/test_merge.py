@@ -458,6 +458,8 @@ def test_a_lora_given_twice_is_baked_twice_with_a_warning(tmp_path, tiny_folders
     assert "lora.safetensors is given 2 times; it is baked at strength 1.5 in all" in capsys.readouterr().err
     once = merge(folder, [LoraStrength(lora, 1.5)], tmp_path / "once", precision="fp32")
     assert "given" not in capsys.readouterr().err
+    merge(folder, [LoraStrength(lora, 0.0)], tmp_path / "zero", precision="fp32")
+    assert "lora.safetensors at strength 0 changes nothing" in capsys.readouterr().err
     baked_twice, baked_once = (
         load_models(str(twice)).unet.state_dict(),
         load_models(str(once)).unet.state_dict(),

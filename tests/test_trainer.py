@@ -694,3 +694,29 @@ def test_gradient_checkpointing_recomputes_at_the_entrys_strength(tmp_path, tiny
     assert len(gradients[True]) == len(gradients[False]) > 0
     for plain, checkpointed in zip(gradients[False], gradients[True], strict=True):
         torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_the_python_api_takes_a_file_a_dict_or_a_config_and_refuses_the_rest(
+    tmp_path, tiny_folders, monkeypatch
+):
+    path = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=2)  # prompts_file: prompts.yaml
+    document = yaml.safe_load(path.read_text())
+    monkeypatch.chdir(tmp_path)  # a prompts_file outside a config file is read from the working directory
+    assert train(document, progress=False).steps == 2
+    assert train(LecoConfig(**document), progress=False, overwrite=True).steps == 2
+    with pytest.raises(LecoError, match="overwrite: 'no'; give True or False"):
+        train(path, overwrite="no")
+    with pytest.raises(LecoError, match="config: a int; give a config file's path, a dict"):
+        train(3)
+    with pytest.raises(LecoError, match="prompts: no entries to train"):
+        train({key: value for key, value in document.items() if key != "prompts_file"})
+
+
+def test_resume_keeps_the_earlier_runs_final_weights_as_its_step_file(tmp_path, tiny_folders):
+    first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=6), progress=False)
+    final = lora_tensors(first.path)
+    train(make_config(tiny_folders["sd1"], tmp_path, iterations=9), resume=first.state, progress=False)
+    kept = tmp_path / "fox_6steps.safetensors"  # was fox_last.safetensors, which the resumed run rewrote
+    assert read_lora_file(kept)[1]["leco.step"] == "6"
+    assert all(torch.equal(final[key], value) for key, value in lora_tensors(kept).items())
+    assert read_lora_file(tmp_path / "fox_last.safetensors")[1]["leco.step"] == "9"

@@ -92,6 +92,14 @@ class RunFolder:
         # Replaced at the first save, not now: a run that fails before it leaves the earlier one whole.
         self._replaced = self.earlier_files() if overwrite and resume_source is None else []
 
+    def keep_final_files(self, step: int) -> None:
+        """On resume: the earlier run's `_last` (or `_interrupted`) file holds its weights at `step`;
+        it becomes that step's file, so continuing (which writes its own) does not lose them."""
+        for suffix in ("last", "interrupted"):
+            final, kept = self.file(suffix), self.file(f"{step}steps")
+            if final.is_file() and not kept.exists() and _saved_step(final) == step:
+                final.rename(kept)
+
     def clear_replaced(self) -> None:
         """Delete what --overwrite replaces (the earlier run's files and state), before the first save."""
         for old in self._replaced:
@@ -138,8 +146,14 @@ class RunFolder:
 
     def write_state(self, state: dict[str, Any]) -> Path:
         """Atomically: a crash while saving leaves the previous state intact."""
-        with atomic_output(self.state_dir / STATE_FILE) as file:
-            torch.save(state, file)
+        created = not self.state_dir.exists()
+        try:
+            with atomic_output(self.state_dir / STATE_FILE) as file:
+                torch.save(state, file)
+        except BaseException:  # e.g. a full disk: no empty state folder left to block the next run
+            if created and self.state_dir.is_dir() and not any(self.state_dir.iterdir()):
+                self.state_dir.rmdir()
+            raise
         return self.state_dir / STATE_FILE
 
     def prune_step_files(self, keep: int | None) -> None:
@@ -159,7 +173,7 @@ class RunFolder:
             self._lock = None
 
     def _check_writable(self) -> None:
-        parent = nearest_existing(self.path)
+        parent = nearest_existing(self.path, "save.path: ")
         if not parent.is_dir():
             raise LecoError(f"save.path: {parent} is a file, not a folder; choose another save.path")
         if not os.access(parent, os.W_OK | os.X_OK):
@@ -211,6 +225,17 @@ def run_metadata(config: Any, entries: list[Any], step: int, seed: int, source: 
         "ss_steps": str(step),
         "ss_sd_model_name": Path(source).name,
     }
+
+
+def _saved_step(path: Path) -> int | None:
+    """The training step a leco file was saved at (its leco.step metadata), if it says."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return int((file.metadata() or {}).get("leco.step", ""))
+    except Exception:  # unreadable or without the key: not one of ours to rename
+        return None
 
 
 def state_file_of(path: Path) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import math
 import os
 import re
@@ -173,7 +174,10 @@ def _check_writable(path: Path) -> None:
     """`path` exists and is writable, or the nearest existing folder above it is."""
     from leco.files import nearest_existing
 
-    existing = nearest_existing(path)
+    try:
+        existing = nearest_existing(path)
+    except LecoError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     if existing != path.absolute() and not existing.is_dir():
         raise argparse.ArgumentTypeError(
             f"{existing} is a file, so {path} cannot be created; choose another path"
@@ -585,8 +589,7 @@ def _read_embeddings(options: list[str], texts: list[str]) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from leco.files import path_exists
-    from leco.generate import SamplingSettings, output_files, requests_for, run_generation
+    from leco.generate import SamplingSettings, refuse_earlier_files, requests_for, run_generation
     from leco.models import recommended_sampling
 
     if args.lora and len(args.lora) > 1:
@@ -602,12 +605,8 @@ def run_generate(args: argparse.Namespace) -> int:
     for repeated in {p for p in args.prompt if args.prompt.count(p) > 1}:
         warn(f"--prompt {repeated!r} is given {args.prompt.count(repeated)} times; it is drawn once")
     requests = requests_for(prompts, strengths, args.seeds)
-    taken = [path for path in output_files(requests, args.out) if path_exists(path)]
-    if taken and not args.overwrite:
-        raise LecoError(
-            f"--out {args.out}: already holds {len(taken)} of the files this run writes (e.g. "
-            f"{taken[0].name}, from an earlier run); choose another --out, or --overwrite to replace them"
-        )
+    if not args.overwrite:  # before minutes of loading; run_generation checks again
+        refuse_earlier_files(requests, args.out)
     recommended = recommended_sampling(args.model)
     settings = SamplingSettings(
         args.steps or recommended.steps,
@@ -621,7 +620,15 @@ def run_generate(args: argparse.Namespace) -> int:
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
     paths, grid = run_generation(
-        models, args.lora, requests, settings, args.out, device, not args.no_progress, args.embedding
+        models,
+        args.lora,
+        requests,
+        settings,
+        args.out,
+        device,
+        not args.no_progress,
+        args.embedding,
+        args.overwrite,
     )
     print(f"wrote {len(paths)} images and {grid}")
     return 0
@@ -709,11 +716,26 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         print(f"leco {args.command}: aborted", file=sys.stderr)
         return 130
-    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
-        if not _out_of_memory(error):
+    except Exception as error:  # torch.OutOfMemoryError is a RuntimeError; a full disk an OSError or not
+        message = _out_of_memory(error) or _disk_full(error)
+        if not message:
             raise
-        print(f"leco {args.command}: error: {_out_of_memory(error)}", file=sys.stderr)
+        print(f"leco {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """One line for a write the disk had no room for (torch and safetensors wrap the OSError)."""
+    causes = [error, error.__cause__, error.__context__]
+    full = any(
+        isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "No space left on device" in str(cause)
+        for cause in causes
+        if cause is not None
+    )
+    if not full:
+        return None
+    where = next((c.filename for c in causes if isinstance(c, OSError) and c.filename), None)
+    return f"the disk is full{f' (writing {where})' if where else ''}; free some space or write elsewhere"
 
 
 def _out_of_memory(error: BaseException) -> str | None:

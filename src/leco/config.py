@@ -184,7 +184,7 @@ class TrainConfig(_Section):
     # Which entry each rollout trains: "shuffled" deals every entry once, in a random order, before
     # any repeats (each of several concepts gets its share of rollouts); "random": drawn independently.
     entry_order: Literal["shuffled", "random"] = "shuffled"
-    rollout_guidance_scale: float = 3.0
+    rollout_guidance_scale: float = Field(3.0, ge=0, le=100, allow_inf_nan=False)
     # Spread each sample uniformly inside its sampling step's timestep interval (False: on the grid).
     timestep_offset: bool = True
     seed: int | None = Field(None, ge=0, lt=2**63)  # unset: a random seed (saved, for resume)
@@ -304,7 +304,8 @@ class PromptSettings(_Section):
     unconditional: str | list[str] = ""
     neutral: str | list[str] | None = None
     action: Literal[ACTIONS] = "erase"  # type: ignore[valid-type]
-    guidance_scale: float = 1.0
+    # Bounded: far beyond any useful scale the loss overflows at the first step.
+    guidance_scale: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
     # One side (square) or [height, width] in pixels.
     resolution: int | tuple[int, int] | None = None
     dynamic_resolution: bool = False
@@ -312,9 +313,9 @@ class PromptSettings(_Section):
     dynamic_crops: bool = False
     # The LoRA strength this entry is trained at (rollout and student). A two-sided slider pairs an
     # entry at 1 with one at -1 whose poles are swapped, so both ends of the slider are trained.
-    multiplier: float = 1.0
+    multiplier: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
     # Loss factor of this entry (kohya's `weight`).
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, le=1e4, allow_inf_nan=False)
 
     @field_validator("multiplier")
     @classmethod
@@ -460,6 +461,11 @@ class LecoConfig(_Section):
 
     def check_combination(self) -> None:
         """Settings that are valid alone but not together; one line naming the keys."""
+        if not self.prompts:
+            raise ConfigError(
+                "prompts: no entries to train; give prompts, or a prompts_file read with "
+                "leco.config.load_config / leco.config.ready_config"
+            )
         if self.prompts and all(entry.weight == 0 for entry in self.prompts):
             raise ConfigError(
                 "prompts: every entry has weight 0, so the loss is 0 and nothing would be trained; "
@@ -602,6 +608,27 @@ def load_config(path: str | Path) -> LecoConfig:
         config.check_combination()
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+    return config
+
+
+def ready_config(config: LecoConfig | dict[str, Any] | str | Path) -> LecoConfig:
+    """What the Python API accepts as a config: a file (as `leco train` reads it), a dict of its
+    sections, or a LecoConfig; a `prompts_file` of the last two is read from the working directory."""
+    if isinstance(config, (str, Path)):
+        return load_config(config)
+    if isinstance(config, dict):
+        try:
+            config = LecoConfig.model_validate(config)
+        except ValidationError as error:
+            raise ConfigError(describe_validation_error(error, "config", LecoConfig)) from None
+    if not isinstance(config, LecoConfig):
+        raise ConfigError(
+            f"config: a {type(config).__name__}; give a config file's path, a dict of its sections or a "
+            "LecoConfig"
+        )
+    if config.prompts_file is not None and not config.prompts:
+        config.prompts = load_prompts(_resolve_prompts_file(config.prompts_file, Path.cwd() / "config"))
+    config.check_combination()
     return config
 
 

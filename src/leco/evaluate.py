@@ -193,7 +193,7 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
 def evaluate(
     models: LoadedModels,
     lora: str | Path | Sequence[str | Path] | None,
-    spec: EvalSpec,
+    spec: EvalSpec | str | Path,
     device: Any,
     detector: Detector | None = None,
     image_dir: str | Path | None = None,
@@ -210,8 +210,12 @@ def evaluate(
     `embeddings`: textual-inversion files (FILE or FILE:TOKEN) the prompts may use. Images already
     in `image_dir` under the names this run writes stop it before the first image, unless `overwrite`.
     """
+    spec = spec if isinstance(spec, EvalSpec) else load_spec(spec)
     loras = _lora_list(lora)
     labels = lora_labels(loras)
+    resolved = [Path(path).resolve() for path in loras]
+    for repeated in {path for path in resolved if resolved.count(path) > 1}:
+        warn(f"--lora: {repeated.name} is given {resolved.count(repeated)} times; each copy is judged again")
     negatives = _negative_embeddings(loras, labels, spec.strengths)
     strengths = list(dict.fromkeys(s for s in spec.strengths if s != 0.0)) if loras else []
     if loras and not strengths:

@@ -67,10 +67,18 @@ def path_exists(path: Path) -> bool:
         return False
 
 
-def nearest_existing(path: Path) -> Path:
-    """`path` (made absolute) if it exists, else the closest folder or file above it that does."""
+def nearest_existing(path: Path, option: str = "") -> Path:
+    """`path` (made absolute) if it exists, else the closest folder or file above it that does.
+
+    A symlink on the way that leads nowhere (dangling, or a loop) is named, after `option` (e.g.
+    "--out: "): nothing can be written through it, and creating a folder there fails obscurely."""
     existing = path.absolute()
     while not path_exists(existing) and existing != existing.parent:
+        if os.path.islink(existing):
+            raise LecoError(
+                f"{option}{existing} is a symlink that leads nowhere (dangling, or a loop); choose another "
+                "path"
+            )
         existing = existing.parent
     return existing
 
@@ -99,7 +107,7 @@ def check_output(
             raise LecoError(
                 f"--out: {out} would replace, hold or sit inside the input {source}; choose another path"
             )
-    existing = nearest_existing(where)
+    existing = nearest_existing(where, "--out: ")
     if existing != where and not existing.is_dir():
         raise LecoError(f"--out: {existing} is a file, so {out} cannot be created; choose another path")
     if not os.access(existing, os.W_OK) or (existing == where and not os.access(where.parent, os.W_OK)):

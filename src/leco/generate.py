@@ -17,14 +17,12 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
 )
 from PIL import Image
 from tqdm.auto import tqdm
 
 from leco.errors import LecoError
-from leco.files import load_torch_file
+from leco.files import load_torch_file, path_exists
 from leco.images import ImageRequest, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs
 from leco.network import kohya
@@ -80,6 +78,11 @@ def build_pipeline(models: LoadedModels, sampler: str = "model") -> DiffusionPip
     """A diffusers text-to-image pipeline over already loaded parts (VAE included)."""
     if models.vae is None:
         raise LecoError("generation needs the VAE: load the model with with_vae=True")
+    # Imported here, quietly: the pipelines import transformers' image processors, which print a
+    # notice when torchvision is absent (the Python API too, not only the CLI, stays quiet).
+    with quiet_library_logs():
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     scheduler = make_scheduler(models.scheduler_config, sampler)
     parts = {"vae": models.vae, "unet": models.unet, "scheduler": scheduler}
     if models.family.is_sdxl:
@@ -324,6 +327,16 @@ def arch_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
+def refuse_earlier_files(requests: list[ImageRequest], out: str | Path) -> None:
+    """LecoError if `out` holds any file these requests (or their grid) would be written to."""
+    taken = [path for path in output_files(requests, out) if path_exists(path)]
+    if taken:
+        raise LecoError(
+            f"--out {out}: already holds {len(taken)} of the files this run writes (e.g. "
+            f"{taken[0].name}, from an earlier run); choose another --out, or --overwrite to replace them"
+        )
+
+
 def output_files(requests: list[ImageRequest], out: str | Path) -> list[Path]:
     """The files `run_generation` writes into `out`: one PNG per request, then the grid."""
     slugs = unique_slugs(request.prompt for request in requests)
@@ -380,13 +393,17 @@ def run_generation(
     device: torch.device,
     progress: bool = True,
     embeddings: Sequence[str | Path] = (),
+    overwrite: bool = False,
 ) -> tuple[list[Path], Path]:
     """Write one PNG per request and the labelled grid; returns their paths, in request order.
 
     `embeddings`: textual-inversion files (FILE or FILE:TOKEN) loaded for this run, then unloaded.
+    Files of those names already in `out` stop it before the first image, unless `overwrite`.
     """
-    pipe = build_pipeline(models, settings.sampler).to(device)
     out = Path(out)
+    if not overwrite:
+        refuse_earlier_files(requests, out)
+    pipe = build_pipeline(models, settings.sampler).to(device)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
         images = dict(generate(pipe, requests, settings, set_strength, progress))
     *files, grid_file = output_files(requests, out)

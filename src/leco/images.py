@@ -99,7 +99,9 @@ def _shorten(text: str, width: int = 28) -> str:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "empty"
+    """A file-name part from a prompt: its letters and digits in any script (prompts in Chinese or
+    Cyrillic name their files too), the rest as single dashes."""
+    return re.sub(r"[\W_]+", "-", text.lower()).strip("-")[:60] or "empty"
 
 
 def format_strength(value: float) -> str:

@@ -153,15 +153,15 @@ def _mps_available() -> bool:
 
 
 def load_models(
-    spec: PretrainedModelConfig | str,
+    spec: PretrainedModelConfig | str | Path,
     *,
     dtype: torch.dtype = torch.float32,
     with_vae: bool = False,
     names: OptionNames = CONFIG_OPTION_NAMES,
 ) -> LoadedModels:
     """Load tokenizer(s), text encoder(s), UNet and scheduler config (and optionally the VAE)."""
-    if isinstance(spec, str):
-        spec = PretrainedModelConfig(name_or_path=spec)
+    if isinstance(spec, (str, Path)):
+        spec = PretrainedModelConfig(name_or_path=str(spec))
     if not spec.name_or_path.strip():  # Path("") is the working directory: never what was meant
         raise LecoError(
             f"{names.model}: empty; name a repo id, a diffusers folder, a .safetensors file or ink-digits"

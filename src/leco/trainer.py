@@ -17,12 +17,13 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from leco import closed_form, objectives
 from leco.checkpoints import RunFolder, StopRequest, read_state, run_metadata
-from leco.config import LecoConfig, load_config
+from leco.config import LecoConfig, ready_config
 from leco.distributed import Ranks
 from leco.errors import LecoError, warn
 from leco.models import (
@@ -230,6 +231,8 @@ class Trainer:
         with contextlib.ExitStack() as cleanup:  # the lock, logs and bar are released on any exit
             if main:
                 self.folder.open(overwrite=self.overwrite, resume_source=self.resume_source)
+                if self.resume_source is not None:
+                    self.folder.keep_final_files(self.step)
                 cleanup.callback(self.folder.close)
             progress = Progress(self.config, self.step, show=self.progress, main=main)
             cleanup.callback(progress.close)
@@ -248,15 +251,17 @@ class Trainer:
 
 
 def train(
-    config: LecoConfig | str | Path,
+    config: LecoConfig | dict[str, Any] | str | Path,
     *,
     resume: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train as the config says; returns where the final file was written."""
-    if not isinstance(config, LecoConfig):
-        config = load_config(config)
+    """Train as the config says (a file, a dict of its sections or a LecoConfig); returns where the
+    final file was written."""
+    if not isinstance(overwrite, bool):  # "no" would read as true and replace an earlier run
+        raise LecoError(f"overwrite: {overwrite!r}; give True or False")
+    config = ready_config(config)
     for note in config.unused_settings():
         warn(note)
     if config.train.method == "closed_form":

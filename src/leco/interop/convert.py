@@ -35,7 +35,8 @@ FAMILIES = {
     "sdxl": ModelFamily("sdxl"),
 }
 SD2_PROJ_FORMS = ("2d", "4d")
-_RECOMPUTED = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
+# Written for the output, never copied: hashes of its tensors, and the form its SD2 tensors take.
+_RECOMPUTED = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "leco.sd2_proj")
 
 
 @dataclass

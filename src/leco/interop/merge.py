@@ -116,10 +116,14 @@ def merge(
 
 
 def _warn_of_repeats(loras: Sequence[LoraStrength]) -> None:
-    """The same file twice is baked twice (its strengths add up): allowed, but rarely meant."""
+    """The same file twice is baked twice (its strengths add up), and strength 0 bakes nothing:
+    allowed, but rarely meant."""
     strengths: dict[Path, list[float]] = {}
     for lora in loras:
         strengths.setdefault(lora.path.resolve(), []).append(lora.strength)
+    for lora in loras:
+        if lora.strength == 0:
+            warn(f"--lora: {lora.path.name} at strength 0 changes nothing; it is left out of the weights")
     for path, given in strengths.items():
         if len(given) > 1:
             total = kohya.metadata_number(sum(given))
