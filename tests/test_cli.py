@@ -759,3 +759,20 @@ def test_a_full_disk_is_one_line(monkeypatch, capsys):
     code, _, err = run_cli(["generate", "--model", "m", "--prompt", "a", "--out", "o"], capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith("leco generate: error: the disk is full (writing out/a.png); free some space")
+
+
+def test_an_embedding_given_twice_or_also_as_a_lora_is_one_line(tmp_path, capsys):
+    embedding = tmp_path / "neg.safetensors"
+    save_file({"emb_params": torch.zeros(2, 8)}, str(embedding))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("keep: [{prompt: a, concept: 'digit:1'}]\n")
+    twice = ["--embedding", f"{embedding}:<n>", "--embedding", f"{embedding}:<n>"]
+    code, _, err = run_cli(
+        ["generate", "--model", "m", "--prompt", "a <n>", "--out", tmp_path, *twice], capsys
+    )
+    assert_one_line_error(code, err, "--embedding")
+    assert "is given 2 times; give it once" in err and "warning" not in err
+    lora_too = ["--lora", embedding, "--embedding", embedding, "--spec", spec]
+    code, _, err = run_cli(["eval", "--model", "m", *lora_too, "--out", tmp_path / "r.json"], capsys)
+    assert_one_line_error(code, err, "--embedding")
+    assert "is also a --lora, where it is judged as a negative embedding" in err

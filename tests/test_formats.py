@@ -598,3 +598,12 @@ def test_kohyas_512_default_on_a_small_model_is_pointed_out(tmp_path, tiny_folde
     assert f"set `resolution: {models.resolution}`" in warning
     prepare_prompts(load_prompts(toml)[1:], models, TrainConfig())  # its own size: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_a_kohya_toml_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
+    plain = load_prompts(DATA / "kohya_prompts.toml")
+    marked = tmp_path / "bom.toml"
+    marked.write_bytes(b"\xef\xbb\xbf" + (DATA / "kohya_prompts.toml").read_bytes())
+    for name in ("kohya_neutrals.txt", "kohya_more_neutrals.txt"):  # the neutral files it names
+        (tmp_path / name).write_bytes((DATA / name).read_bytes())
+    assert load_prompts(marked) == plain

@@ -550,7 +550,7 @@ def run_eval(args: argparse.Namespace) -> int:
         spec.negative_prompt = args.negative
     spec.batch_size = args.batch_size or spec.batch_size
     spec_texts = [spec.negative_prompt, *(p.prompt for p in (*spec.erase, *spec.keep, *spec.enhance))]
-    _read_embeddings(args.embedding, spec_texts)
+    _read_embeddings(args.embedding, spec_texts, args.lora or ())
     models, device = load_for_images(args)
     report = evaluate(
         models,
@@ -574,11 +574,23 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_embeddings(options: list[str], texts: list[str]) -> None:
+def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequence[str] = ()) -> None:
     """Missing or damaged embedding files stop the run now, not after the model has loaded; one whose
     token no prompt uses is pointed out (a typo in the token draws as plain words)."""
     from leco.generate import parse_embedding_option, read_embedding
 
+    given = [(path.resolve(), token) for path, token in map(parse_embedding_option, options)]
+    for (path, token), option in zip(given, options, strict=True):
+        if given.count((path, token)) > 1:
+            raise LecoError(
+                f"--embedding: {option} is given {given.count((path, token))} times; give it once"
+            )
+    for lora in lora_options:
+        if any(Path(lora).resolve() == path for path, _ in given):
+            raise LecoError(
+                f"--embedding: {lora} is also a --lora, where it is judged as a negative embedding; "
+                "give it once"
+            )
     for option in options:
         embedding = read_embedding(*parse_embedding_option(option))
         if not any(embedding.token in text for text in texts):

@@ -328,7 +328,7 @@ def _validate(path: Path, where: str, fields: dict[str, Any]) -> PromptSettings:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    text = read_config_text(path, "TOML")
+    text = read_config_text(path, "TOML").removeprefix("\ufeff")  # a BOM, as Windows editors write
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
