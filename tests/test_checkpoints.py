@@ -116,6 +116,9 @@ def test_resume_past_train_iterations_or_from_no_state_is_one_line(tmp_path, tin
     first = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=5), progress=False)
     with pytest.raises(LecoError, match=r"train.iterations: 3, but the state in .* is already at step 5"):
         train(make_config(tiny_folders["sd1"], tmp_path / "b", iterations=3), resume=first.state)
+    backup = tmp_path / "backup.pt"  # a copy of a state under another name resumes as the state does
+    backup.write_bytes((first.state / "training_state.pt").read_bytes())
+    assert train(make_config(tiny_folders["sd1"], tmp_path / "c", iterations=6), resume=backup).steps == 6
     not_a_state = tmp_path / "config.yaml"
     not_a_state.write_text("train: {}\n")
     for path in (not_a_state, tmp_path / "a"):  # a config file; the run's folder, not its *_state folder

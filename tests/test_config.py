@@ -141,7 +141,7 @@ def test_inline_prompts_are_accepted(tmp_path):
             MINIMAL + "train:\n  seed: 99999999999999999999999\n",
             ["train.seed:", "less than 9223372036854775808"],
         ),
-        (MINIMAL + "train:\n  seed: -1\n", ["train.seed:", "greater than or equal to 0"]),
+        (MINIMAL + "train:\n  seed: -2\n", ["train.seed:", "greater than or equal to -1"]),
         (
             MINIMAL + "network:\n  type: embedding\n  token: <x>\n  init_text: ''\n",
             ["network.init_text: empty; give the text whose vectors the token starts from"],
@@ -569,7 +569,11 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
             {"train": {"lr_scheduler_args": {"num_cycles": 3}}},
             "train.lr_scheduler_args: the constant schedule",
         ),
-        ({"train": {"iterations": 3, "lr_warmup_steps": 10}}, "the lr never reaches train.lr"),
+        (
+            {"train": {"iterations": 3, "lr_warmup_steps": 10, "lr_scheduler": "cosine"}},
+            "never reaches train.lr",
+        ),
+        ({"train": {"lr_warmup_steps": 10}}, "train.lr_warmup_steps: the constant schedule has no warmup"),
     ],
 )
 def test_settings_the_rest_of_the_config_leaves_without_effect_are_named(sections, expected):

@@ -66,12 +66,13 @@ def test_two_processes_write_one_file_equal_to_averaging_two_streams_in_one(tmp_
         torch.testing.assert_close(distributed[key].float(), single[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_stopped_data_parallel_run_saves_once_without_a_traceback(tmp_path, tiny_folders, stop_signal):
     process, out, err = stop_a_cli_run(tmp_path, tiny_folders["sd1"], stop_signal, "--num-processes", "2")
     assert process.returncode == 130, err
     assert "Traceback" not in err and "Error" not in err, err  # torchrun's, when it was signalled itself
     assert out.count("stopping after this step") == 1 and "continue with: leco train" in out, out
+    assert "--num-processes 2" in out.splitlines()[-1]  # the resume needs as many processes
     _, metadata = read_lora_file(tmp_path / "out" / "fox_interrupted.safetensors")
     assert 2 <= int(metadata["leco.step"]) < 400
     state = torch.load(tmp_path / "out" / "fox_state" / "training_state.pt", weights_only=True)

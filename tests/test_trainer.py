@@ -708,8 +708,14 @@ def test_the_python_api_takes_a_file_a_dict_or_a_config_and_refuses_the_rest(
         train(path, overwrite="no")
     with pytest.raises(LecoError, match="config: a int; give a config file's path, a dict"):
         train(3)
-    with pytest.raises(LecoError, match="prompts: no entries to train"):
+    with pytest.raises(LecoError, match="prompts_file: missing; name the prompts YAML"):
         train({key: value for key, value in document.items() if key != "prompts_file"})
+    (tmp_path / "targets.txt").write_text("a red fox\na fox, red\n")  # read as a config file's are
+    inline = {**document, "prompts": [{"target_file": "targets.txt", "neutral": "a fox"}]}
+    inline.pop("prompts_file")
+    inline["train"] = {**inline["train"], "seed": -1}  # -1: a random seed, as A1111 and kohya_ss read it
+    result = train(inline, progress=False, overwrite=True)
+    assert result.steps == 2 and read_lora_file(result.path)[1]["leco.seed"] != "-1"
 
 
 def test_resume_keeps_the_earlier_runs_final_weights_as_its_step_file(tmp_path, tiny_folders):

@@ -464,8 +464,10 @@ def run_train(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") != "0":  # a data-parallel process that is not the main one
         return interrupted_code if result.interrupted else 0
     if result.interrupted:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))  # a resume needs as many
+        again = f" --num-processes {processes}" if processes > 1 else ""
         print(f"interrupted after step {result.steps}; saved {result.path}")
-        print(f"continue with: leco train {config} --resume {result.state}")
+        print(f"continue with: leco train {config} --resume {result.state}{again}")
         return interrupted_code
     done = "closed-form edit" if result.state is None else f"{result.steps} steps"
     print(f"done: {done}; saved {result.path}")
@@ -508,11 +510,18 @@ def launch_processes(count: int, words: list[str]) -> int:
 
     def forward(number: int, frame: object) -> None:
         forwarded.append(number)
-        for pid in _child_processes(launcher.pid) or [launcher.pid]:
+        workers = _child_processes(launcher.pid)
+        if len(forwarded) >= 3:  # one may be stuck where its handler cannot run: end them all now
+            targets, passed_on = [*workers, launcher.pid], signal.SIGKILL
+        else:  # a hang-up (the terminal or ssh gone) stops them as SIGTERM does: they save
+            targets = workers or [launcher.pid]
+            passed_on = signal.SIGINT if number == signal.SIGINT else signal.SIGTERM
+        for pid in targets:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, number)
+                os.kill(pid, passed_on)
 
-    previous = {number: signal.signal(number, forward) for number in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+    previous = {number: signal.signal(number, forward) for number in stops}
     try:
         code = launcher.wait()
         return 130 if forwarded and code == 0 else code  # stopped and saved, as a single process says
@@ -726,8 +735,9 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"leco {args.command}: aborted", file=sys.stderr)
-        return 130
+        if os.environ.get("RANK", "0") == "0":  # data-parallel: said once
+            print(f"leco {args.command}: aborted", file=sys.stderr)
+        return 0 if os.environ.get(LAUNCHED_BY_LECO) else 130  # torchrun reads 130 as a crash; leco says 130
     except Exception as error:  # torch.OutOfMemoryError is a RuntimeError; a full disk an OSError or not
         message = _out_of_memory(error) or _disk_full(error)
         if not message:

@@ -187,7 +187,7 @@ class TrainConfig(_Section):
     rollout_guidance_scale: float = Field(3.0, ge=0, le=100, allow_inf_nan=False)
     # Spread each sample uniformly inside its sampling step's timestep interval (False: on the grid).
     timestep_offset: bool = True
-    seed: int | None = Field(None, ge=0, lt=2**63)  # unset: a random seed (saved, for resume)
+    seed: int | None = Field(None, ge=-1, lt=2**63)  # unset or -1 (as A1111 and kohya_ss): random, saved
     device: str = "auto"
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = Field(None, gt=0)
@@ -452,7 +452,12 @@ class LecoConfig(_Section):
             unused(logging, "logging", {"wandb_project"}, "only with logging.use_wandb: true")
         if self.train.lr_scheduler == "constant" and self.train.lr_scheduler_args:
             notes.append("train.lr_scheduler_args: the constant schedule takes none; ignored")
-        if self.train.method != "closed_form" and self.train.lr_warmup_steps >= self.train.iterations:
+        if self.train.lr_scheduler in ("constant", "step") and self.train.lr_warmup_steps:
+            notes.append(
+                f"train.lr_warmup_steps: the {self.train.lr_scheduler} schedule has no warmup; ignored "
+                "(constant_with_warmup, linear and cosine warm up)"
+            )
+        elif self.train.method != "closed_form" and self.train.lr_warmup_steps >= self.train.iterations:
             notes.append(
                 f"train.lr_warmup_steps: {self.train.lr_warmup_steps} is not below train.iterations "
                 f"({self.train.iterations}), so the lr never reaches train.lr"
@@ -586,6 +591,12 @@ def load_config(path: str | Path) -> LecoConfig:
             f"{path}: the file must be a YAML mapping of sections (pretrained_model:, train:, ...)"
         )
     _refuse_other_kinds_of_file(path, document)
+    return config_from_document(document, path)
+
+
+def config_from_document(document: dict[str, Any], path: Path) -> LecoConfig:
+    """A config file's sections, read as `leco train` reads them (inline target files and sliders
+    attributes expanded, the prompts file read); relative files are looked up beside `path`."""
     prompts_in_config = "prompts" in document
     if isinstance(document.get("prompts"), list):
         from leco.formats.sliders import expand_attributes
@@ -616,11 +627,8 @@ def ready_config(config: LecoConfig | dict[str, Any] | str | Path) -> LecoConfig
     sections, or a LecoConfig; a `prompts_file` of the last two is read from the working directory."""
     if isinstance(config, (str, Path)):
         return load_config(config)
-    if isinstance(config, dict):
-        try:
-            config = LecoConfig.model_validate(config)
-        except ValidationError as error:
-            raise ConfigError(describe_validation_error(error, "config", LecoConfig)) from None
+    if isinstance(config, dict):  # as a file in the working directory would be read
+        return config_from_document(config, Path.cwd() / "config")
     if not isinstance(config, LecoConfig):
         raise ConfigError(
             f"config: a {type(config).__name__}; give a config file's path, a dict of its sections or a "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import random
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -76,7 +77,7 @@ class Trainer:
         self.device = self.ranks.device(requested)
         self.dtype = training_dtype(self.device, train.precision)
         self.autocast = functools.partial(autocast_for, self.device, self.dtype)
-        self.seed = train.seed if train.seed is not None else random.SystemRandom().randrange(2**31)
+        self.seed = train.seed if train.seed not in (None, -1) else random.SystemRandom().randrange(2**31)
         self.folder = RunFolder(config.save.path, config.save.name)
         previews = bool(config.preview.prompts)  # outputs checked before minutes of loading:
         self.folder.check(overwrite=overwrite, resume_source=self.resume_source, previews=previews)
@@ -262,7 +263,9 @@ def train(
     if not isinstance(overwrite, bool):  # "no" would read as true and replace an earlier run
         raise LecoError(f"overwrite: {overwrite!r}; give True or False")
     config = ready_config(config)
-    for note in config.unused_settings():
+    for note in (
+        config.unused_settings() if os.environ.get("RANK", "0") == "0" else []
+    ):  # once, not per process
         warn(note)
     if config.train.method == "closed_form":
         if resume is not None:
