@@ -163,7 +163,9 @@ def estimate(family: str) -> dict[str, float]:
     models = build(family, torch.bfloat16, torch.device("cpu"), smoke=False)
     size = FAMILIES[family][2]
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(config(out, "bf16", size // 4, False, False), progress=False, models=models)
+        trainer = Trainer(
+            config(out, "bf16", size // 4, False, "leco default"), progress=False, models=models
+        )
         weights = sum(p.numel() for p in models.unet.parameters()) * 2 / GIB
         lora = sum(p.numel() for p in trainer.trainable.parameters()) * 4 * 4 / GIB  # weight, grad, 2 moments
         saved = []

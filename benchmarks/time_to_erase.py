@@ -296,6 +296,8 @@ def main() -> None:
         help="the setting the scaling rows train, e.g. rank=16+alpha=4",
     )
     args = parser.parse_args()
+    if args.check_every < 1 or args.max_steps < 1:
+        parser.error("--check-every and --max-steps: at least 1")
     seeds = seed_list(parser, args.seeds)
     unknown = set(filter(None, args.concepts.split(","))) - set(SCALING_ROWS)  # "": the resolution table only
     if unknown:

@@ -283,3 +283,13 @@ def test_the_command_names_a_missing_model(capsys):
     with pytest.raises(SystemExit):
         ink_digits_command(["build", "--out", "somewhere"])  # --out needs --model
     assert "--model" in capsys.readouterr().err
+
+
+def test_a_build_never_replaces_a_folder_of_other_files(tmp_path, capsys):
+    from leco.ink_digits.__main__ import main
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as stopped:  # refused before an hour of training starts
+        main(["build", "--model", "ink-digits", "--out", str(tmp_path)])
+    assert stopped.value.code == 2 and "holds files this command did not write" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"

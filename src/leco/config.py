@@ -170,7 +170,7 @@ class TrainConfig(_Section):
     # e.g. {num_cycles: 3} for cosine_with_restarts, {step_size: 100, gamma: 0.5} for step.
     lr_scheduler_args: dict[str, Any] = Field(default_factory=dict)
     lr_warmup_steps: int = Field(0, ge=0)
-    max_denoising_steps: int = Field(50, ge=2)
+    max_denoising_steps: int = Field(50, ge=2, le=1000)  # at most one per training timestep
     samples_per_rollout: int = Field(DEFAULT_SAMPLES_PER_ROLLOUT, ge=1)
     # Rollout samples per optimizer step, batched into one teacher and one student UNet call.
     samples_per_step: int = Field(1, ge=1)
@@ -411,6 +411,10 @@ class LecoConfig(_Section):
     def _sections_may_be_empty(cls, data: Any) -> Any:
         # `train:` with nothing under it is YAML null; the reference tool treats it as defaults.
         if isinstance(data, dict):
+            if "teacher" in data and data["teacher"] is None:  # `teacher:` with its lines commented out
+                raise ValueError(
+                    "teacher: empty; name the model (teacher: {name_or_path: ...}) or remove the key"
+                )
             return {k: ({} if v is None and k in _SECTIONS else v) for k, v in data.items()}
         return data
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from leco.errors import LecoError
+from leco.files import check_output
 from leco.ink_digits import INK_DIGITS, INK_DIGITS_2, MODEL_NAMES, model_path
 
 
@@ -54,6 +55,10 @@ def run_build(args: argparse.Namespace) -> None:
     from leco.ink_digits.build2 import Recipe2, build2
 
     names = [args.model] if args.model else list(MODEL_NAMES)
+    if args.out is not None:  # before an hour of training: a folder of other files is never replaced
+        check_output(args.out, overwrite=True, folder_marker="model_index.json")
+        if args.out.is_file():
+            raise LecoError(f"--out: {args.out} is a file; name a folder for the model")
     for name in names:
         out = args.out or model_path(name)
         if name == INK_DIGITS:
