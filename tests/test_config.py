@@ -143,7 +143,6 @@ def test_inline_prompts_are_accepted(tmp_path):
         ),
         (MINIMAL + "train:\n  seed: -2\n", ["train.seed:", "greater than or equal to -1"]),
         (MINIMAL + "train:\n  max_denoising_steps: 1001\n", ["train.max_denoising_steps:", "1000"]),
-        (MINIMAL + "teacher:\n", ["teacher: empty; name the model"]),
         (
             MINIMAL + "network:\n  type: embedding\n  token: <x>\n  init_text: ''\n",
             ["network.init_text: empty; give the text whose vectors the token starts from"],

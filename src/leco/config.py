@@ -411,10 +411,6 @@ class LecoConfig(_Section):
     def _sections_may_be_empty(cls, data: Any) -> Any:
         # `train:` with nothing under it is YAML null; the reference tool treats it as defaults.
         if isinstance(data, dict):
-            if "teacher" in data and data["teacher"] is None:  # `teacher:` with its lines commented out
-                raise ValueError(
-                    "teacher: empty; name the model (teacher: {name_or_path: ...}) or remove the key"
-                )
             return {k: ({} if v is None and k in _SECTIONS else v) for k, v in data.items()}
         return data
 
