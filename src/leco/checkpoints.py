@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from leco.errors import LecoError, warn
-from leco.files import atomic_output, load_torch_file, nearest_existing
+from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
 
 STATE_FILE = "training_state.pt"
 # Parts of the config that must match for a resumed run to continue the same training.
@@ -229,13 +229,8 @@ def run_metadata(config: Any, entries: list[Any], step: int, seed: int, source: 
 
 def _saved_step(path: Path) -> int | None:
     """The training step a leco file was saved at (its leco.step metadata), if it says."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            return int((file.metadata() or {}).get("leco.step", ""))
-    except Exception:  # unreadable or without the key: not one of ours to rename
-        return None
+    step = safetensors_metadata(path).get("leco.step", "")
+    return int(step) if step.isdigit() else None
 
 
 def state_file_of(path: Path) -> Path:

@@ -204,10 +204,10 @@ def _lora_or_embedding_file(text: str) -> str:
 
 
 def _sampler(text: str) -> str:
-    from leco.generate import SAMPLERS
+    from leco.generate import SAMPLER_HINT, SAMPLERS
 
     if text != "model" and text not in SAMPLERS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not known; use model or one of {', '.join(SAMPLERS)}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not known; {SAMPLER_HINT}")
     return text
 
 

@@ -23,8 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from leco.config import ConfigError, describe_validation_error, read_yaml
 from leco.errors import LecoError, warn
-from leco.files import atomic_output, path_exists
+from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
+    SAMPLER_HINT,
     SAMPLERS,
     SamplingSettings,
     build_pipeline,
@@ -74,7 +75,7 @@ class EvalSpec(BaseModel):
     @classmethod
     def _known_sampler(cls, sampler: str) -> str:
         if sampler != "model" and sampler not in SAMPLERS:
-            raise ValueError(f"not a known sampler; use model or one of {', '.join(SAMPLERS)}")
+            raise ValueError(f"not a known sampler; {SAMPLER_HINT}")
         return sampler
 
     @model_validator(mode="before")
@@ -344,12 +345,8 @@ def _refuse_earlier_images(
 ) -> None:
     requests = [ImageRequest(p, strength, seed) for p in prompts for strength in strengths for seed in seeds]
     for folder in folders.values():
-        taken = [name for r in requests if path_exists(folder / (name := r.file_name(slugs)))]
-        if taken:
-            raise LecoError(
-                f"--images {folder}: already holds {len(taken)} of the images this eval writes (e.g. "
-                f"{taken[0]}, from an earlier run); choose another folder, or --overwrite to replace them"
-            )
+        paths = [folder / request.file_name(slugs) for request in requests]
+        refuse_earlier_outputs(paths, f"--images {folder}", "images this eval writes")
 
 
 def _save_images(images: dict[ImageRequest, Image.Image], folders, slugs: dict[str, str]) -> None:

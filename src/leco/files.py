@@ -128,6 +128,28 @@ def _umask() -> int:
     return mask
 
 
+def refuse_earlier_outputs(paths: Sequence[Path], option: str, what: str) -> None:
+    """LecoError if any of `paths` (what a command is about to write) exists: an earlier run's files
+    are replaced only with --overwrite. `option`, e.g. "--out DIR", names where they are."""
+    taken = [path for path in paths if path_exists(path)]
+    if taken:
+        raise LecoError(
+            f"{option}: already holds {len(taken)} of the {what} (e.g. {taken[0].name}, from an earlier "
+            f"run); choose another {option.split()[0]}, or --overwrite to replace them"
+        )
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """A .safetensors file's metadata; empty where the file is not readable as one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return dict(file.metadata() or {})
+    except Exception:  # safetensors raises its own error types, OSError or ValueError
+        return {}
+
+
 def load_torch_file(path: Path) -> Any:
     """torch.load with weights_only: tensors and plain containers only, no pickled code runs. What it
     refuses or cannot read raises LecoError with the reason alone (callers name the file and key);

@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from leco.errors import LecoError
-from leco.files import load_torch_file, path_exists
+from leco.files import load_torch_file, refuse_earlier_outputs
 from leco.images import ImageRequest, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs
 from leco.network import kohya
@@ -33,6 +33,7 @@ SAMPLERS = {
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
 }
+SAMPLER_HINT = f"use model or one of {', '.join(SAMPLERS)}"  # what --sampler and a spec's sampler take
 ADAPTER = "lora"
 # Images per pipeline call when the user sets none: 8 at 512x512, 2 at 1024x1024 (CFG doubles the
 # UNet batch), and at most MAX_AUTO_BATCH for small models, where bigger batches stop paying off.
@@ -114,7 +115,7 @@ def make_scheduler(config: dict, sampler: str):
     elif sampler in SAMPLERS:
         cls = SAMPLERS[sampler]
     else:
-        raise LecoError(f"--sampler: {sampler!r} is not known; use model or one of {', '.join(SAMPLERS)}")
+        raise LecoError(f"--sampler: {sampler!r} is not known; {SAMPLER_HINT}")
     return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
 
 
@@ -329,12 +330,7 @@ def arch_from_metadata(metadata: dict[str, str]) -> str | None:
 
 def refuse_earlier_files(requests: list[ImageRequest], out: str | Path) -> None:
     """LecoError if `out` holds any file these requests (or their grid) would be written to."""
-    taken = [path for path in output_files(requests, out) if path_exists(path)]
-    if taken:
-        raise LecoError(
-            f"--out {out}: already holds {len(taken)} of the files this run writes (e.g. "
-            f"{taken[0].name}, from an earlier run); choose another --out, or --overwrite to replace them"
-        )
+    refuse_earlier_outputs(output_files(requests, out), f"--out {out}", "files this run writes")
 
 
 def output_files(requests: list[ImageRequest], out: str | Path) -> list[Path]:

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from leco.config import PretrainedModelConfig
 from leco.errors import LecoError, warn
-from leco.files import atomic_folder, atomic_output, check_output, path_exists
+from leco.files import atomic_folder, atomic_output, check_output, path_exists, safetensors_metadata
 from leco.ink_digits.judge import JUDGE_FILE
 from leco.interop.original_layout import original_state_dict
 from leco.models import CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models, resolve_bundled
@@ -175,20 +174,12 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
     if out.exists() and out.is_dir() == _is_single_file(out):
         kind = "folder" if out.is_dir() else "file"
         raise LecoError(f"--out: {out} is a {kind}; --overwrite replaces like with like only")
-    if out.is_file() and "leco.merge" not in _safetensors_metadata(out):
+    if out.is_file() and "leco.merge" not in safetensors_metadata(out):
         raise LecoError(
             f"--out: {out} is not a model leco merge wrote (a LoRA, or another program's file); --overwrite "
             "replaces only such an output, so choose another path"
         )
     return out
-
-
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            return dict(file.metadata() or {})
-    except Exception:  # not readable as safetensors: nothing of ours
-        return {}
 
 
 def _save_single_file(models: LoadedModels, out: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
