@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipe_runs import apply_changes, seed_list
+from recipe_runs import apply_changes, positive_int, seed_list
 
 from leco.cli import quiet_libraries
 from leco.conditioning import PromptEncoder, predict
@@ -147,8 +147,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", default="0,1,2", help="training seeds")
-    parser.add_argument("--images", type=int, default=4, help="image seeds per prompt")
-    parser.add_argument("--iterations", type=int, help="override the example's train.iterations")
+    parser.add_argument("--images", type=positive_int, default=4, help="image seeds per prompt")
+    parser.add_argument("--iterations", type=positive_int, help="override the example's train.iterations")
     parser.add_argument(
         "--trained",
         action="store_true",

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from recipe_runs import apply_changes
+from recipe_runs import apply_changes, positive_int
 
 from leco.cli import quiet_libraries
 from leco.config import load_config
@@ -55,15 +55,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--held", type=int, default=48, help="training steps held fixed to measure on")
-    parser.add_argument("--every", type=int, default=150, help="measure every this many steps")
+    parser.add_argument(
+        "--held", type=positive_int, default=48, help="training steps held fixed to measure on"
+    )
+    parser.add_argument("--every", type=positive_int, default=150, help="measure every this many steps")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change a config value"
     )
     args = parser.parse_args()
-    for option, value in (("--held", args.held), ("--every", args.every)):
-        if value < 1:
-            parser.error(f"{option}: {value} must be 1 or more")
     config = load_config(EXAMPLE)
     apply_changes(config, args.set)
     with tempfile.TemporaryDirectory() as folder:

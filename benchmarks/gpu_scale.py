@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+from recipe_runs import positive_int
 from reference import reference_step
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -190,7 +191,10 @@ def main() -> None:
     )
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument(
-        "--steps", type=int, default=8, help="timed steps per row, in whole rollouts (after one as warm-up)"
+        "--steps",
+        type=positive_int,
+        default=8,
+        help="timed steps per row, in whole rollouts (after one as warm-up)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="CPU, tiny widths: the code runs, numbers mean nothing"

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipe_runs import apply_changes, seed_list
+from recipe_runs import apply_changes, positive_int, seed_list
 
 from leco import embedding
 from leco.cli import quiet_libraries
@@ -197,7 +197,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seeds", default="0,1,2", help="training seeds")
-    parser.add_argument("--images", type=int, default=8, help="image seeds per prompt")
+    parser.add_argument("--images", type=positive_int, default=8, help="image seeds per prompt")
     parser.add_argument("--upper-bound", action="store_true", help="also train free text states")
     parser.add_argument(
         "--erase-guidance", help="comma-separated guidance_scale values for the erase entries (one row each)"

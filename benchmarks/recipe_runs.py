@@ -27,7 +27,7 @@ def recipe_parser(
     parser.add_argument("--tasks", default=tasks)
     parser.add_argument("--recipes", default=recipes, help=recipe_help)
     parser.add_argument("--seeds", default=seeds, help="training seeds")
-    parser.add_argument("--images", type=int, default=images, help="images per prompt and strength")
+    parser.add_argument("--images", type=positive_int, default=images, help="images per prompt and strength")
     parser.add_argument("--json", help="also write every figure to this JSON file")
     return parser
 
@@ -37,19 +37,41 @@ def parse(
 ) -> tuple[argparse.Namespace, list[int]]:
     """The arguments and the seeds; an unknown task or recipe stops here, before any training."""
     args = parser.parse_args()
-    unknown_tasks = [t for t in args.tasks.split(",") if t not in known_tasks]
-    if unknown_tasks:
-        parser.error(f"--tasks: {', '.join(unknown_tasks)} not known; choose from {', '.join(known_tasks)}")
-    unknown = [r for r in args.recipes.split(",") if r not in known_recipes]
-    if unknown:
-        parser.error(f"--recipes: {', '.join(unknown)} not known; choose from {', '.join(known_recipes)}")
+    known_names(parser, "--tasks", args.tasks, known_tasks)
+    known_names(parser, "--recipes", args.recipes, known_recipes)
     seeds = seed_list(parser, args.seeds)
-    if args.images < 1:
-        parser.error(f"--images: {args.images} must be 1 or more")
     if args.json and not os.access(Path(args.json).resolve().parent, os.W_OK):
         parser.error(f"--json: cannot write into the folder of {args.json}; name a file in a writable folder")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     return args, seeds
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more (argparse names the option with the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def positive_ints(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:
+    """A comma-separated list of whole numbers of 1 or more; anything else stops with one line."""
+    try:
+        return [positive_int(part) for part in text.split(",")]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"{option}: {error} (give e.g. 1,2,4)")
+
+
+def known_names(parser: argparse.ArgumentParser, option: str, text: str, known: Collection[str]) -> list[str]:
+    """Comma-separated names, each one of `known`; an unknown one stops with one line, before any work."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"{option}: {', '.join(unknown)} not known; choose from {', '.join(known)}")
+    return names
 
 
 def seed_list(parser: argparse.ArgumentParser, text: str) -> list[int]:
@@ -111,7 +133,9 @@ def apply_changes(config: Any, changes: list[str]) -> None:
         if not (equals and dot and isinstance(section, BaseModel)):
             raise SystemExit(f"--set {change!r}: give SECTION.KEY=VALUE, e.g. train.lr=3e-3")
         try:
-            updated = type(section).model_validate({**section.model_dump(), field: yaml.safe_load(value)})
+            # Only the keys set so far: the others stay defaults, not keys the config "set".
+            given = section.model_dump(exclude_unset=True)
+            updated = type(section).model_validate({**given, field: yaml.safe_load(value)})
         except (ValidationError, yaml.YAMLError) as error:
             reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else "not valid YAML"
             raise SystemExit(f"--set {change!r}: {reason}") from None

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from recipe_runs import positive_int, positive_ints
 
 from leco.cli import quiet_libraries
 from leco.config import load_config
@@ -38,18 +39,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--reuse", default="1,2,4,8")
-    parser.add_argument("--iterations", type=int, default=None, help="default: the example's")
-    parser.add_argument("--images", type=int, default=16, help="images per eval prompt")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iterations", type=positive_int, default=None, help="default: the example's")
+    parser.add_argument("--images", type=positive_int, default=16, help="images per eval prompt")
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--example", default="erase_seven")
     args = parser.parse_args()
+    reuses = positive_ints(parser, "--reuse", args.reuse)
     torch.set_num_threads(args.threads)
     spec = load_spec(EXAMPLES / f"{args.example}_eval.yaml")
     spec.images_per_prompt = args.images
     header = f"{'m':>3}{'train s':>9}{'UNet calls/step':>17}{'erased: detected':>18}{'kept: right':>13}"
     print(header + f"{'kept drift':>12}")
     with tempfile.TemporaryDirectory() as out:
-        for reuse in (int(r) for r in args.reuse.split(",")):
+        for reuse in reuses:
             config = load_config(EXAMPLES / f"{args.example}.yaml")
             config.train.samples_per_rollout = reuse
             config.train.iterations = args.iterations or config.train.iterations

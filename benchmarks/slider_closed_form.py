@@ -23,6 +23,7 @@ import argparse
 
 import numpy as np
 import torch
+from recipe_runs import positive_int
 from slider_leak import EXAMPLE, INK_NAMES_OF_MODEL, KINDS, MINUS, OWN_IMAGES, PLUS, prompts, readings
 
 from leco.cli import quiet_libraries
@@ -73,6 +74,20 @@ def measure(models, network: LoRANetwork, images: int) -> dict[str, float]:
     return {"untargeted": float(np.mean(changed)), "worst": max(changed), **own}
 
 
+def _settings(parser: argparse.ArgumentParser, text: str) -> list[tuple[float, str]]:
+    """--settings as (push, start) pairs; anything else stops with one line."""
+    pairs = []
+    for setting in text.split(","):
+        push, _, start = setting.partition(":")
+        try:
+            pairs.append((float(push), start))
+        except ValueError:
+            start = None
+        if start not in ("word", "eos"):
+            parser.error(f"--settings: {setting!r} is not PUSH:START with START word or eos, e.g. 2:eos")
+    return pairs
+
+
 def main() -> None:
     quiet_libraries()
     parser = argparse.ArgumentParser(
@@ -81,9 +96,10 @@ def main() -> None:
     parser.add_argument("--settings", default="2:eos,6:eos,12:eos", help="push:start pairs (start: word|eos)")
     parser.add_argument("--preserve", type=float, default=0.1)
     parser.add_argument("--regularization", type=float, default=0.1)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--rank", type=positive_int, default=8)
+    parser.add_argument("--images", type=positive_int, default=4)
     args = parser.parse_args()
+    settings = _settings(parser, args.settings)  # before the model loads
     models = load_models("ink-digits", with_vae=True)
     config = load_config(EXAMPLE)
     config.closed_form.preserve_scale, config.closed_form.regularization = args.preserve, args.regularization
@@ -93,9 +109,8 @@ def main() -> None:
     states = text_states(models, None, [TARGET, *POLES, *kept])
     print(f"| push, rows from | untargeted changed (worst) | {PLUS} at +1 | {MINUS} at -1 |")
     print("|---|---|---|---|")
-    for setting in args.settings.split(","):
-        push, start = setting.split(":")
-        network = slider_edit(models, config, states, kept, float(push), start)
+    for push, start in settings:
+        network = slider_edit(models, config, states, kept, push, start)
         r = measure(models, network, args.images)
         network.remove()
         cells = [

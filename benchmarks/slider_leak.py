@@ -13,6 +13,7 @@ reads another digit or another ink than at strength 0. Untargeted prompts, by ki
 The slider's own ends: "a digit five" drawn red at +1 and blue at -1 (16 image seeds).
 
 usage: OMP_NUM_THREADS=1 python benchmarks/slider_leak.py [--recipes default,anchors] [--seeds 0,1,2]
+           [--set network.rank=16 ...]   (every recipe's config, changed)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from recipe_runs import seed_list
+from recipe_runs import apply_changes, known_names, positive_int, seed_list
 
 from leco.cli import quiet_libraries
 from leco.config import AnchorConfig, load_config
@@ -171,6 +172,17 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
         _set("network.training_method", "xattn-strict"),
         _guidance(4.0),
     ],
+    # Values only (xattn-values): the +1 and -1 ends move the cross-attention output by exact mirrors.
+    "anchors+values": [_anchors(), _set("network.training_method", "xattn-values")],
+    **{
+        f"text{weight:g}+values": [_text_anchors(weight), _set("network.training_method", "xattn-values")]
+        for weight in (0.1, 0.3)
+    },
+    "anchors+text0.1+values": [
+        _anchors(),
+        _set("anchors.text_weight", 0.1),
+        _set("network.training_method", "xattn-values"),
+    ],
     "text0.1": [_text_anchors(0.1)],
     "anchors+text0.1": [_anchors(), _set("anchors.text_weight", 0.1)],
     "anchors+text1": [_anchors(), _set("anchors.text_weight", 1.0)],
@@ -201,12 +213,13 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
 }
 
 
-def configure(recipe: str, seed: int, out: Path):
+def configure(recipe: str, seed: int, out: Path, changes: list[str] = ()):
     config = load_config(EXAMPLE)
     config.train.seed, config.save.path, config.save.per_steps = seed, str(out), 10**9
     config.preview.prompts = []
     for change in RECIPES[recipe]:
         change(config)
+    apply_changes(config, list(changes))
     return config
 
 
@@ -232,7 +245,9 @@ def readings(pipe, network: LoRANetwork, judge: InkDigitsJudge, cases, seeds, st
     return np.concatenate(digits), np.concatenate(inks)
 
 
-def measure(recipe: str, seeds: list[int], images: int, models, folder: Path) -> dict[str, Any]:
+def measure(
+    recipe: str, seeds: list[int], images: int, models, folder: Path, changes: list[str]
+) -> dict[str, Any]:
     cases = prompts()
     kinds = np.repeat([k for _, k in cases], images)
     changed = {kind: [] for kind in KINDS}
@@ -240,7 +255,7 @@ def measure(recipe: str, seeds: list[int], images: int, models, folder: Path) ->
     seconds = []
     for seed in seeds:
         start = time.perf_counter()
-        result = train(configure(recipe, seed, folder / recipe / str(seed)), progress=False)
+        result = train(configure(recipe, seed, folder / recipe / str(seed), changes), progress=False)
         seconds.append(time.perf_counter() - start)
         network = LoRANetwork.from_file(models.unet, models.family, result.path)
         pipe = build_pipeline(models)
@@ -277,17 +292,24 @@ def main() -> None:
     )
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--images", type=int, default=8, help="images per prompt and strength")
+    parser.add_argument("--images", type=positive_int, default=8, help="images per prompt and strength")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change every recipe's config"
+    )
     args = parser.parse_args()
     seeds = seed_list(parser, args.seeds)
+    recipes = known_names(parser, "--recipes", args.recipes, RECIPES)
+    apply_changes(load_config(EXAMPLE), args.set)  # a bad change stops here, before any training
     models = load_models("ink-digits", with_vae=True)
-    print(f"changed at +-1 vs 0 (same seed), mean over strengths and training seeds {seeds}; own ends: worst")
+    changed = f"; --set {' '.join(args.set)}" if args.set else ""
+    print(f"changed at +-1 vs 0 (same seed), mean over strengths and training seeds {seeds}; ", end="")
+    print(f"own ends: worst{changed}")
     header = ["recipe", *KINDS, "all untargeted (worst)", "red at +1", "blue at -1", "train s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     with tempfile.TemporaryDirectory() as folder:
-        for recipe in args.recipes.split(","):
-            r = measure(recipe, seeds, args.images, models, Path(folder))
+        for recipe in recipes:
+            r = measure(recipe, seeds, args.images, models, Path(folder), args.set)
             cells = [
                 recipe,
                 *(f"{r[k]:.1%}" for k in KINDS),

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from recipe_runs import positive_int, positive_ints
 from reference import UNetCalls, reference_step
 
 from leco.cli import quiet_libraries
@@ -71,10 +72,10 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", help="diffusers folder (default: a random small SD1-layout UNet)")
-    parser.add_argument("--steps", type=int, default=40, help="training steps timed per schedule")
-    parser.add_argument("--denoising-steps", type=int, default=50)
+    parser.add_argument("--steps", type=positive_int, default=40, help="training steps timed per schedule")
+    parser.add_argument("--denoising-steps", type=positive_int, default=50)
     parser.add_argument("--reuse", default="1,2,4,8", help="samples_per_rollout values to time")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +97,7 @@ def main() -> None:
             f"{'reference (m=1, doubled teacher)':<34}{ref_speed:>9.2f}{ref_calls:>17.1f}{ref_rows:>11.1f}"
             f"{1.0:>10.2f}"
         )
-        for reuse in (int(r) for r in args.reuse.split(",")):
+        for reuse in positive_ints(parser, "--reuse", args.reuse):
             trainer = make_trainer(model, tmp, reuse, args.denoising_steps)
             speed, calls, rows = measure(trainer.train_step, trainer, args.steps)
             print(

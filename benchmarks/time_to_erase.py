@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from recipe_runs import seed_list
+from recipe_runs import positive_int, seed_list
 from reference import UNetCalls, reference_step
 
 from leco.cli import quiet_libraries
@@ -283,8 +283,8 @@ def main() -> None:
         + f", or `{PER_STEP_TEACHER}`",
     )
     parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--max-steps", type=int, default=400)
-    parser.add_argument("--check-every", type=int, default=10)
+    parser.add_argument("--max-steps", type=positive_int, default=400)
+    parser.add_argument("--check-every", type=positive_int, default=10)
     parser.add_argument("--skip-scaling", action="store_true", help="only the settings table")
     parser.add_argument("--only-scaling", action="store_true", help="only the scaling tables")
     parser.add_argument(
@@ -296,8 +296,6 @@ def main() -> None:
         help="the setting the scaling rows train, e.g. rank=16+alpha=4",
     )
     args = parser.parse_args()
-    if args.check_every < 1 or args.max_steps < 1:
-        parser.error("--check-every and --max-steps: at least 1")
     seeds = seed_list(parser, args.seeds)
     unknown = set(filter(None, args.concepts.split(","))) - set(SCALING_ROWS)  # "": the resolution table only
     if unknown:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -23,3 +25,22 @@ def test_gpu_scale_smoke_prints_a_row_per_setting():
     for row in rows:
         seconds = float(row.split("|")[6])
         assert seconds > 0
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (["slider_leak.py", "--recipes", "anchors,nope"], "--recipes: nope not known; choose from default,"),
+        (["rollout_reuse.py", "--reuse", "1,0"], "--reuse: 0 must be 1 or more"),
+        (["slider_closed_form.py", "--settings", "2:eos,bogus"], "--settings: 'bogus' is not PUSH:START"),
+        (["distill.py", "--images", "0"], "argument --images: 0 must be 1 or more"),
+    ],
+)
+def test_a_benchmark_refuses_a_bad_flag_in_one_line_before_any_work(command, expected):
+    result = subprocess.run(
+        [sys.executable, *command], cwd=BENCHMARKS, capture_output=True, text=True, timeout=300
+    )
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and expected in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""  # stopped before the first table line

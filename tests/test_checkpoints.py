@@ -112,10 +112,12 @@ def test_previews_are_rendered_again_when_a_run_is_resumed(tmp_path, tiny_folder
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["fox_8steps.png", "fox_last.png"]
 
 
-def test_resume_past_train_iterations_or_from_no_state_is_one_line(tmp_path, tiny_folders):
+def test_resume_past_train_iterations_or_from_no_state_is_one_line(tmp_path, tiny_folders, monkeypatch):
     first = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=5), progress=False)
-    with pytest.raises(LecoError, match=r"train.iterations: 3, but the state in .* is already at step 5"):
-        train(make_config(tiny_folders["sd1"], tmp_path / "b", iterations=3), resume=first.state)
+    with monkeypatch.context() as patched:  # named before minutes of model loading, not after
+        patched.setattr("leco.trainer.load_models", lambda *a, **k: pytest.fail("models loaded first"))
+        with pytest.raises(LecoError, match=r"train.iterations: 3, but the state in .* is already at step 5"):
+            train(make_config(tiny_folders["sd1"], tmp_path / "b", iterations=3), resume=first.state)
     backup = tmp_path / "backup.pt"  # a copy of a state under another name resumes as the state does
     backup.write_bytes((first.state / "training_state.pt").read_bytes())
     assert train(make_config(tiny_folders["sd1"], tmp_path / "c", iterations=6), resume=backup).steps == 6

@@ -392,7 +392,7 @@ def test_eval_spec_checks_its_numbers_and_leaves_steps_to_the_model(tmp_path):
             load_spec(bad)
     bad = tmp_path / "bad_strengths.yaml"
     bad.write_text("strengths: [0, .inf]\nerase: [{prompt: a, concept: 'digit:7'}]\n")
-    with pytest.raises(ConfigError, match="strengths.1: .*finite"):
+    with pytest.raises(ConfigError, match="strengths.2: .*finite"):
         load_spec(bad)
 
 

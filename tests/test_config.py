@@ -13,12 +13,14 @@ from leco.config import (
     ConfigError,
     LecoConfig,
     NetworkConfig,
+    PromptSettings,
     load_config,
     load_prompts,
     parse_optimizer_args,
     read_yaml,
 )
 from leco.evaluate import load_spec
+from leco.preservation import entries_and_anchors
 
 DATA = Path(__file__).parent / "data" / "reference_style"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -134,8 +136,8 @@ def test_inline_prompts_are_accepted(tmp_path):
         ),
         (MINIMAL + "anchors:\n  prompts: a digit three\n", ["anchors.prompts: ", "(got 'a digit three')"]),
         (MINIMAL + "train:\n  save: {name: x}\n", ["train.save: unknown key; it belongs at the top level"]),
-        (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.0:", "finite"]),
-        (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.0:"]),
+        (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.1:", "finite"]),
+        (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.1:"]),
         (MINIMAL + "save:\n  name: '..'\n", ["save.name:", "plain file name"]),
         (
             MINIMAL + "train:\n  seed: 99999999999999999999999\n",
@@ -387,6 +389,8 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         ("- target: []\n", {}, "entry 1.target: is an empty list"),
         ("- target_file: prompts.yaml\n", {}, "prompts.yaml is a yaml file; name a text file"),
         ("- target_file: .\n", {}, "is a folder; name the text file"),
+        ("- target_file: ''\n", {}, "entry 1.target_file: empty; name the text file"),
+        ("- target_file:\n", {}, "entry 1.target_file: empty; name the text file"),
         ("- target: [a, b]\n  neutral: [c]\n", {}, "entry 1.neutral: a list of 1 prompts, but target has 2"),
         ("- target: a\n  action: distill\n", {}, "entry 1.guidance_scale: distill needs the CFG scale"),
     ],
@@ -563,6 +567,27 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
         ),
         ({"preview": {"strengths": [-1, 1]}}, "preview.strengths: preview.prompts is empty"),
         (
+            {
+                "prompts": [
+                    {"target": "x"},
+                    {"target": "y", "action": "imitate", "guidance_scale": 3, "neutral": "z"},
+                ]
+            },
+            "prompts entry 2: guidance_scale, neutral: action imitate does not use them",
+        ),
+        (
+            {"prompts": [{"target": "x", "action": "distill", "guidance_scale": 3, "neutral": "z"}]},
+            "prompts entry 1: neutral: action distill does not use it",
+        ),
+        (
+            {"anchors": {"prompts": ["a"], "rollouts": True, "per_step": 4}},
+            "anchors.per_step: with anchors.rollouts: true the anchors have rollouts of their own",
+        ),
+        (
+            {"network": {"type": "embedding", "token": "<x>"}, "anchors": {"per_step": 2}},
+            "anchors.per_step: with a negative embedding the anchors have rollouts of their own",
+        ),
+        (
             {"logging": {"tensorboard_dir": "tb"}},
             "logging.tensorboard_dir: only with logging.use_tensorboard",
         ),
@@ -581,6 +606,31 @@ def test_settings_the_rest_of_the_config_leaves_without_effect_are_named(section
     document = {"pretrained_model": {"name_or_path": "ink-digits"}, "prompts": [{"target": "x"}], **sections}
     notes = LecoConfig.model_validate(document).unused_settings()
     assert len(notes) == 1 and expected in notes[0], notes
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"anchors": {"prompts": ["a house"], "rollouts": True, "per_step": 0}},
+        {
+            "network": {"type": "embedding", "token": "<no-x>"},
+            "anchors": {"prompts": ["a house"], "per_step": 0},
+        },
+    ],
+)
+def test_anchors_with_rollouts_of_their_own_need_no_per_step(sections):
+    # per_step counts the anchors that ride along; anchors with rollouts of their own are still kept.
+    document = {"pretrained_model": {"name_or_path": "ink-digits"}, "prompts": [{"target": "x"}], **sections}
+    config = LecoConfig.model_validate(document)
+    config.check_combination()
+    entries, riding = entries_and_anchors(config, ["a house"])
+    assert riding == [] and entries[-1].action == "preserve" and entries[-1].targets == ["a house"]
+
+
+def test_defaults_filled_into_an_entry_are_not_keys_it_set():
+    entry = PromptSettings(target="a fox", action="imitate")
+    assert entry.positive == "a fox" and entry.neutral == ""
+    assert entry.model_fields_set == {"target", "action"}
 
 
 def test_the_examples_set_nothing_without_effect():

@@ -4,11 +4,13 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from test_trainer import make_config, stop_a_cli_run, write_yaml_config
 
+from leco.cli import _child_processes
 from leco.distributed import Ranks
 from leco.errors import LecoError
 from leco.network import read_lora_file
@@ -77,6 +79,24 @@ def test_a_stopped_data_parallel_run_saves_once_without_a_traceback(tmp_path, ti
     assert 2 <= int(metadata["leco.step"]) < 400
     state = torch.load(tmp_path / "out" / "fox_state" / "training_state.pt", weights_only=True)
     assert state["step"] == int(metadata["leco.step"]) and len(state["ranks"]) == 2
+
+
+def test_ctrl_c_while_torchrun_starts_waits_for_the_processes_and_aborts_quietly(tmp_path, tiny_folders):
+    # Passed on at once, the signal would land in torchrun's or a worker's imports: a traceback.
+    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=400)
+    command = [sys.executable, "-m", "leco", "train", str(config), "--no-progress", "--num-processes", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not _child_processes(process.pid):  # torchrun has started; its own imports take seconds
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "FAILED" not in err and "exitcode" not in err, err
+    # Stopped while loading (most runs): aborted; if the processes were already training: saved.
+    aborted, saved = err.count("leco train: aborted"), out.count("stopping after this step")
+    assert (aborted, saved) in ((1, 0), (0, 1)), (out, err)
 
 
 @pytest.mark.parametrize(

@@ -163,7 +163,9 @@ def test_bad_embedding_settings_are_one_line(tmp_path, tiny_folders, change, mes
     [
         ("fox", 2, []),
         ("fox qzxj", 4, ["not one per word"]),  # an unknown word is spelt in pieces (4 of them)
-        ("fox red car", 2, ["only the first 2 start the vectors"]),
+        ("fox red car", 2, ["only the first 2 start the vectors; set vectors: 3 to use all"]),
+        # More tokens than any prompt holds: the advice is the model's limit, not a count it refuses.
+        ("fox " * 100, 2, ["only the first 2 start the vectors; a prompt holds at most"]),
     ],
 )
 def test_an_init_text_that_does_not_start_the_vectors_as_written_is_named(

@@ -101,7 +101,7 @@ def test_pixel_drift():
 def test_spec_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text("detector: ink-digits\nerase:\n  - prompt: a\n    concpt: digit:7\n")
-    with pytest.raises(ConfigError, match=r"spec.yaml: erase.0.concpt: unknown key; did you mean 'concept'"):
+    with pytest.raises(ConfigError, match=r"spec.yaml: erase.1.concpt: unknown key; did you mean 'concept'"):
         load_spec(path)
     path.write_text("detector: ink-digits\n")
     with pytest.raises(ConfigError, match="erase:, keep: and enhance: are all empty"):

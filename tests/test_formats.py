@@ -11,10 +11,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from leco.config import ConfigError, TrainConfig, load_config, load_prompts
+from leco.config import ConfigError, PromptSettings, TrainConfig, load_config, load_prompts
 from leco.models import load_models
 from leco.network import read_lora_file
-from leco.prompts import prepare_prompts
+from leco.prompts import encode_texts, prepare_prompts
 from leco.trainer import train
 
 DATA = Path(__file__).resolve().parent / "data" / "formats"
@@ -382,7 +382,7 @@ AI_TOOLKIT_ERRORS = {
     ),
     "zero_multiplier": (
         ("multiplier: 1.0\n            weight", "multiplier: 0\n            weight"),
-        "slider.targets (leco: prompts.0.multiplier): must not be 0",
+        "slider.targets (leco: prompts.1.multiplier): must not be 0",
     ),
     "missing_prompt_file": (
         ('prompt_file: "ai_toolkit_neutrals.txt"', 'prompt_file: "gone.txt"'),
@@ -607,3 +607,24 @@ def test_a_kohya_toml_saved_with_a_byte_order_mark_reads_as_without(tmp_path):
     for name in ("kohya_neutrals.txt", "kohya_more_neutrals.txt"):  # the neutral files it names
         (tmp_path / name).write_bytes((DATA / name).read_bytes())
     assert load_prompts(marked) == plain
+
+
+def test_prompts_longer_than_the_tokenizer_reads_are_named_once(tiny_folders, capsys):
+    models = load_models(str(tiny_folders["sd1"]))
+    limit = models.tokenizers[0].model_max_length
+    long_one, long_two = "red " * (limit + 5), "blue " * (limit + 5)
+    encode_texts(models, ["a fox", long_one], None, "cpu")
+    assert f"prompt {long_one[:40]!r}... is longer than {limit} tokens" in capsys.readouterr().err
+    encode_texts(models, ["a fox", long_one, long_two], None, "cpu")
+    warning = capsys.readouterr().err
+    assert warning.count("leco: warning:") == 1 and f"2 prompts are longer than {limit} tokens" in warning
+    encode_texts(models, ["a fox"], None, "cpu")
+    assert capsys.readouterr().err == ""
+
+
+def test_a_listed_target_is_read_in_place_not_copied_per_prompt():
+    # role_text() indexes targets once per prompt; a copy each time made a long target_file quadratic.
+    entry = PromptSettings(target=["a fox", "a cat"], neutral=["an animal", "a pet"])
+    assert entry.targets is entry.target
+    assert [entry.role_text("positive", i) for i in range(2)] == ["a fox", "a cat"]
+    assert [entry.role_text("neutral", i) for i in range(2)] == ["an animal", "a pet"]

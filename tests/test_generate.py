@@ -90,7 +90,7 @@ def test_seed_and_strength_lists():
     ]:
         with pytest.raises(LecoError, match=f"^--seeds: .*{re.escape(says)}"):
             parse_seeds(text)
-    for text in ("x", "", "1,,2", "nan", "1,inf", "1e400", "-inf"):
+    for text in ("x", "", "1,,2", "nan", "1,inf", "1e400", "-inf", "1_0"):
         with pytest.raises(LecoError, match="^--strengths: "):
             parse_strengths(text)
 

@@ -275,6 +275,8 @@ def test_a_strength_that_is_no_number_and_an_embedding_are_named(tmp_path, tiny_
     lora = random_lora(str(tiny_folders["sd1"]), tmp_path / "l.safetensors", seed=4)
     with pytest.raises(LecoError, match=r"strength 'abc' in '.*l.safetensors:abc' is not a number"):
         parse_lora_argument(f"{lora}:abc")
+    with pytest.raises(LecoError, match=r"strength '1_0' in .* is not a number"):
+        parse_lora_argument(f"{lora}:1_0")  # not ten
     embedding = tmp_path / "no_fox.safetensors"
     save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
     with pytest.raises(LecoError, match="is a textual-inversion embedding .* use it with --embedding"):

@@ -158,3 +158,28 @@ def test_a_teacher_that_is_the_student_itself_is_warned_of(tmp_path, tiny_folder
     assert "teacher:" not in capsys.readouterr().err
     Trainer(transplant_config(tiny_folders["sd1"], tiny_folders["sd1"], tmp_path / "b"), progress=False)
     assert "is the model being trained, so nothing new is carried over" in capsys.readouterr().err
+
+
+def test_an_offloaded_teacher_predicts_the_same_and_says_the_cpu_needs_no_offload(
+    tmp_path, tiny_folders, capsys
+):
+    plain = Trainer(
+        transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path / "a"), progress=False
+    )
+    assert "teacher.offload" not in capsys.readouterr().err
+    config = transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path / "b")
+    config.teacher.offload = True
+    offloaded = Trainer(config, progress=False)
+    assert "teacher.offload: this run is on the CPU" in capsys.readouterr().err
+    samples = plain.samples.next()
+    prompt = plain.prompts[0]
+    texts = prompt.texts(0)
+    wanted = [(0, {r: texts[r] for r in prompt.objective.roles})]
+    (expected,) = plain.teachers.predict(samples, wanted)
+    (predictions,) = offloaded.teachers.predict(samples, wanted)
+    assert (
+        offloaded.teachers.concept.offload
+        and next(offloaded.teachers.concept.unet.parameters()).device.type == "cpu"
+    )
+    for role in prompt.objective.roles:
+        torch.testing.assert_close(predictions[role], expected[role])

@@ -490,7 +490,10 @@ LAUNCHED_BY_LECO = "LECO_LAUNCHED_PROCESSES"  # set for the processes `--num-pro
 
 def launch_processes(count: int, words: list[str]) -> int:
     """Run this same `leco train` command in `count` processes with torchrun (data-parallel)."""
+    import shutil
     import subprocess
+    import tempfile
+    import time
 
     argv, skip = [], False
     for arg in words:  # the command line without --num-processes
@@ -504,30 +507,50 @@ def launch_processes(count: int, words: list[str]) -> int:
     # Its own session: Ctrl-C in the terminal reaches this process only, and each signal is passed
     # on once, to the training processes themselves (they save and stop). torchrun, if signalled,
     # would pass it on too (a second signal to each: abort without saving) and print a traceback.
-    environment = {**os.environ, LAUNCHED_BY_LECO: "1"}
+    # Each training process marks itself ready in this folder once its libraries are imported: a
+    # signal during an import (its own or torchrun's) ends it with a Python traceback, or leaves a
+    # module half-made that the next import trips over, so signals wait until then.
+    ready = Path(tempfile.mkdtemp(prefix="leco-ready-"))
+    environment = {**os.environ, LAUNCHED_BY_LECO: str(ready)}
     launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
-    forwarded = []
+    received: list[int] = []
+    passed_on: dict[int, int] = {}  # worker pid -> how many of `received` it was given
 
-    def forward(number: int, frame: object) -> None:
-        forwarded.append(number)
-        workers = _child_processes(launcher.pid)
-        if len(forwarded) >= 3:  # one may be stuck where its handler cannot run: end them all now
-            targets, passed_on = [*workers, launcher.pid], signal.SIGKILL
-        else:  # a hang-up (the terminal or ssh gone) stops them as SIGTERM does: they save
-            targets = workers or [launcher.pid]
-            passed_on = signal.SIGINT if number == signal.SIGINT else signal.SIGTERM
-        for pid in targets:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, passed_on)
+    def pass_on() -> None:
+        for pid in _child_processes(launcher.pid):
+            if (ready / str(pid)).exists():
+                for number in received[passed_on.get(pid, 0) :]:
+                    # A hang-up (the terminal or ssh gone) stops them as SIGTERM does: they save.
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGINT if number == signal.SIGINT else signal.SIGTERM)
+                passed_on[pid] = len(received)
+
+    def forward(number: int, frame: object) -> None:  # passed on by the loop below, never twice
+        received.append(number)
+        if len(received) >= 3:  # one may be stuck where its handler cannot run: end them all now
+            for pid in [*_child_processes(launcher.pid), launcher.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     previous = {number: signal.signal(number, forward) for number in stops}
     try:
-        code = launcher.wait()
-        return 130 if forwarded and code == 0 else code  # stopped and saved, as a single process says
+        while (code := launcher.poll()) is None:
+            time.sleep(0.1)
+            pass_on()
+        return 130 if received and code == 0 else code  # stopped and saved, as a single process says
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        shutil.rmtree(ready, ignore_errors=True)
+
+
+def _tell_launcher_ready() -> None:
+    """Under `--num-processes`: this process now turns Ctrl-C into a clean stop (see launch_processes)."""
+    folder = os.environ.get(LAUNCHED_BY_LECO)
+    if folder and Path(folder).is_dir():
+        with contextlib.suppress(OSError):
+            (Path(folder) / str(os.getpid())).touch()
 
 
 def _child_processes(pid: int) -> list[int]:
@@ -730,6 +753,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     try:
         quiet_libraries()  # imports diffusers: a Ctrl-C here must not print a traceback either
+        _tell_launcher_ready()  # past the imports: a Ctrl-C inside one can leave a module half-made
         return args.run(args)
     except LecoError as error:  # prefixed as argparse prefixes a bad option of the same command
         print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
@@ -737,7 +761,13 @@ def _main(argv: Sequence[str] | None) -> int:
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":  # data-parallel: said once
             print(f"leco {args.command}: aborted", file=sys.stderr)
-        return 0 if os.environ.get(LAUNCHED_BY_LECO) else 130  # torchrun reads 130 as a crash; leco says 130
+        if os.environ.get(LAUNCHED_BY_LECO):  # torchrun reads 130 as a crash; the launcher says 130
+            # Ended here: CPython re-raises SIGINT at exit when the interrupt passed through code run
+            # from C (seen under torch), even though it was caught; torchrun would report a crash.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        return 130
     except Exception as error:  # torch.OutOfMemoryError is a RuntimeError; a full disk an OSError or not
         message = _out_of_memory(error) or _disk_full(error)
         if not message:

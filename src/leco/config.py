@@ -117,7 +117,9 @@ class NetworkConfig(_Section):
     conv_rank: int | None = Field(None, ge=1)
     conv_alpha: float | None = Field(None, ge=0)
     # The reference tool's key for the layer preset (its filters selected nothing for xattn).
-    training_method: Literal["full", "xattn", "xattn-strict", "noxattn", "selfattn", "innoxattn"] = "full"
+    training_method: Literal[
+        "full", "xattn", "xattn-strict", "xattn-values", "noxattn", "selfattn", "innoxattn"
+    ] = "full"
     # type: embedding only: the new word users write in the negative prompt, its number of vectors,
     # and the text whose token vectors it starts from (default: the vocabulary's mean vector).
     token: str | None = None
@@ -286,6 +288,13 @@ class AnchorConfig(_Section):
 PRESETS_WITHOUT_KEYS_VALUES = ("noxattn", "innoxattn", "selfattn")
 
 ACTIONS = ("erase", "enhance", "distill", "preserve", "imitate")
+# Keys of a prompt entry its action never reads (leco.objectives: the roles each target reads;
+# `unconditional` is read by every action, as the rollout's negative prompt).
+UNREAD_BY_ACTION = {
+    "distill": {"neutral"},
+    "imitate": {"guidance_scale", "neutral"},
+    "preserve": {"guidance_scale", "positive", "neutral"},
+}
 
 
 class PromptSettings(_Section):
@@ -341,10 +350,12 @@ class PromptSettings(_Section):
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> PromptSettings:
+        # Written past pydantic's __setattr__: a default filled in is not a key the file set, and
+        # model_fields_set is how unused_settings() tells the two apart.
         if self.positive is None and isinstance(self.target, str):
-            self.positive = self.target
+            self.__dict__["positive"] = self.target
         if self.neutral is None:
-            self.neutral = self.unconditional
+            self.__dict__["neutral"] = self.unconditional
         for role in ("positive", "unconditional", "neutral"):
             value = getattr(self, role)
             if isinstance(value, list) and len(value) != len(self.targets):
@@ -361,8 +372,11 @@ class PromptSettings(_Section):
 
     @property
     def targets(self) -> list[str]:
-        """Every prompt this entry trains on."""
-        return [self.target] if isinstance(self.target, str) else list(self.target)
+        """Every prompt this entry trains on (the entry's own list: read it, do not change it).
+
+        Not a copy: role_text() indexes it once per prompt, and copying a 100,000-line target_file
+        each time made loading quadratic."""
+        return [self.target] if isinstance(self.target, str) else self.target
 
     def role_text(self, role: str, index: int) -> str:
         """The prompt of `role` (positive, unconditional, neutral) for the entry's target `index`."""
@@ -439,10 +453,20 @@ class LecoConfig(_Section):
                 unused(
                     network, "network", {"conv_rank", "conv_alpha"}, "only for c3lier (lierla has no convs)"
                 )
+        for number, entry in enumerate(self.prompts, start=1):
+            unread = sorted(UNREAD_BY_ACTION.get(entry.action, set()) & entry.model_fields_set)
+            if unread:
+                notes.append(
+                    f"prompts entry {number}: {', '.join(unread)}: action {entry.action} does not use "
+                    f"{'it' if len(unread) == 1 else 'them'}; ignored"
+                )
         if self.train.method != "closed_form" and self.closed_form.model_fields_set:
             notes.append("closed_form: only for train.method: closed_form; ignored")
         if anchors.prompts != "auto":
             unused(anchors, "anchors", {"exclude", "count"}, "only for anchors.prompts: auto")
+        if anchors.rollouts or network.type == "embedding":
+            why = "anchors.rollouts: true" if anchors.rollouts else "a negative embedding"
+            unused(anchors, "anchors", {"per_step"}, f"with {why} the anchors have rollouts of their own")
         if not preview.prompts:
             keys = {"strengths", "seeds", "steps", "guidance", "every"}
             unused(preview, "preview", keys, "preview.prompts is empty, so no preview is drawn")
@@ -503,7 +527,8 @@ class LecoConfig(_Section):
                         "teacher: section (or use enhance)"
                     )
         anchors = self.anchors
-        if anchors.per_step == 0 and anchors.text_weight == 0:
+        rides_along = not anchors.rollouts and self.network.type != "embedding"
+        if anchors.per_step == 0 and anchors.text_weight == 0 and rides_along:
             raise ConfigError(
                 "anchors.per_step: 0 keeps no anchor at all; set anchors.text_weight above 0 or per_step >= 1"
             )
@@ -676,7 +701,10 @@ def read_target_files(entries: list[Any], path: Path, where: str) -> list[Any]:
             key = f"{where}{index + 1}.target_file"
             if "target" in entry:
                 raise ConfigError(f"{path}: {key}: target is set too; keep one of them")
-            file = path.parent / Path(str(entry["target_file"])).expanduser()
+            name = "" if entry["target_file"] is None else str(entry["target_file"])
+            if not name.strip():  # else the config's own folder: ". is a folder"
+                raise ConfigError(f"{path}: {key}: empty; name the text file with one prompt a line")
+            file = path.parent / Path(name).expanduser()
             entry = {k: v for k, v in entry.items() if k != "target_file"}
             entry["target"] = read_prompt_lines(file, f"{path}: {key}")
         result.append(entry)
@@ -801,13 +829,19 @@ def describe_validation_error(
     return "\n".join(lines)
 
 
+def dotted_key(loc: tuple[Any, ...] | list[Any]) -> str:
+    """A pydantic error location as the key users read: list items counted from 1, as every other
+    message counts entries ("prompts entry 2"), not from pydantic's 0."""
+    return ".".join(str(part + 1) if isinstance(part, int) else str(part) for part in loc)
+
+
 # How pydantic tags the form of a union an error belongs to: int, list[str], literal['auto'], ...
 _UNION_MEMBER = re.compile(r"^(int|float|str|bool|none|(list|tuple|dict|set|literal)\[.*\])$")
 
 
 def _problem(item: Any, model: type[BaseModel]) -> str:
     loc = [str(part) for part in item["loc"]]
-    key = ".".join(loc) or "(top level)"
+    key = dotted_key(item["loc"]) or "(top level)"
     kind = item["type"]
     message = item["msg"].replace("Value error, ", "")
     if kind == "value_error" and re.match(r"[\w.]+: ", message):  # a check across keys names its key

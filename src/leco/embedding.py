@@ -213,9 +213,13 @@ def _warn_about_init_pieces(tokenizer, init_text: str, vectors: int) -> None:
             f"({' '.join(pieces)}), not one per word; the vectors start from those pieces"
         )
     if len(ids) > vectors:
+        room = tokenizer.model_max_length - 2  # what _check_new allows
+        advice = (
+            f"set vectors: {len(ids)} to use all" if len(ids) <= room else f"a prompt holds at most {room}"
+        )
         warn(
             f"network.init_text: {init_text!r} is {len(ids)} tokens but network.vectors is "
-            f"{vectors}: only the first {vectors} start the vectors; set vectors: {len(ids)} to use all"
+            f"{vectors}: only the first {vectors} start the vectors; {advice}"
         )
 
 

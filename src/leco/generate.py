@@ -373,6 +373,9 @@ def parse_strengths(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",")]
     except ValueError:
+        values = None
+    # float() reads "1_0" as 10 (Python's digit separator); a typed strength never means that.
+    if values is None or "_" in text:
         raise LecoError(f"--strengths: {text!r} is not a list of numbers; write e.g. -1,0,1") from None
     for value in values:
         if not math.isfinite(value):

@@ -148,8 +148,12 @@ def _row(cond: Conditioning, index: int) -> Conditioning:
 
 def _warn_if_truncated(models: LoadedModels, texts: list[str]) -> None:
     tokenizer = models.tokenizers[0]
-    for text in texts:
-        if len(tokenizer(text).input_ids) > tokenizer.model_max_length:
-            warn(
-                f"prompt {text[:40]!r}... is longer than {tokenizer.model_max_length} tokens and is cut there"
-            )
+    limit = tokenizer.model_max_length
+    # One batched call: a 100,000-line target_file took 4 s prompt by prompt.
+    long = [text for text, ids in zip(texts, tokenizer(texts).input_ids, strict=True) if len(ids) > limit]
+    if len(long) == 1:
+        warn(f"prompt {long[0][:40]!r}... is longer than {limit} tokens and is cut there")
+    elif long:
+        warn(
+            f"{len(long)} prompts are longer than {limit} tokens and are cut there, e.g. {long[0][:40]!r}..."
+        )

@@ -198,6 +198,8 @@ def load_teacher(
             f"teacher: {config.name_or_path} is the model being trained, so nothing new is carried over; "
             "name the model that knows the concept"
         )
+    if config.offload and torch.device(device).type == "cpu":
+        warn("teacher.offload: this run is on the CPU, where the teacher already is; nothing to offload")
     embeddings = encode_texts(models, texts, config.clip_skip, device)
     return Teacher(
         models.unet.to("cpu" if config.offload else device),

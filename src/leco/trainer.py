@@ -82,6 +82,7 @@ class Trainer:
         previews = bool(config.preview.prompts)  # outputs checked before minutes of loading:
         self.folder.check(overwrite=overwrite, resume_source=self.resume_source, previews=previews)
         check_log_folder(config)
+        state = read_state(resume, config.to_json(), self.ranks.count) if resume is not None else None
 
         models = models or load_models(config.pretrained_model, dtype=self.dtype, with_vae=previews)
         self.models = models
@@ -112,8 +113,8 @@ class Trainer:
         alphas_cumprod, v_prediction = self.teachers.frozen.alphas_cumprod, models.family.v_pred
         self.snr_weights = objectives.min_snr_weighting(train.min_snr_gamma, alphas_cumprod, v_prediction)
         self.step = 0
-        if resume is not None:
-            self.resume(resume)
+        if state is not None:
+            self.resume(state, resume)
 
     # -- one training step ------------------------------------------------------------------------
 
@@ -205,8 +206,8 @@ class Trainer:
             self.trainable, suffix, state, metadata, dtype, resolution, save.max_step_files
         )
 
-    def resume(self, path: str | Path) -> None:
-        state = read_state(path, self.config.to_json(), processes=self.ranks.count)
+    def resume(self, state: dict[str, Any], path: str | Path) -> None:
+        """Continue from a state read_state() checked (before the models were loaded)."""
         self.trainable.load_state_dict(state["trainable"], source=str(path))
         self.updates.load_state_dict(state)
         self.step_queue.load_state(state["ranks"][self.ranks.index], self.device)
@@ -263,10 +264,9 @@ def train(
     if not isinstance(overwrite, bool):  # "no" would read as true and replace an earlier run
         raise LecoError(f"overwrite: {overwrite!r}; give True or False")
     config = ready_config(config)
-    for note in (
-        config.unused_settings() if os.environ.get("RANK", "0") == "0" else []
-    ):  # once, not per process
-        warn(note)
+    if os.environ.get("RANK", "0") == "0":  # once, not per process
+        for note in config.unused_settings():
+            warn(note)
     if config.train.method == "closed_form":
         if resume is not None:
             raise LecoError("--resume: a closed-form edit has no steps to continue; run it again")

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from leco.config import ConfigError, LecoConfig
+from leco.config import ConfigError, LecoConfig, dotted_key
 from leco.errors import warn
 from leco.formats.kohya_leco import slider_pairs
 
@@ -694,7 +694,7 @@ class _Converter:
         except ValidationError as error:
             item = error.errors()[0]
             loc = [str(part) for part in item["loc"]]
-            ours = ".".join(loc)
+            ours = dotted_key(item["loc"])
             origin = self.origin.get(".".join(loc[:2])) or self.origin.get(loc[0]) if loc else None
             where = f"{origin} (leco: {ours})" if origin else ours
             message = item["msg"].replace("Value error, ", "")

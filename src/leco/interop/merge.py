@@ -46,6 +46,8 @@ def parse_lora_argument(text: str) -> LoraStrength:
     path, sep, strength = text.rpartition(":")
     if sep and path:
         try:
+            if "_" in strength:  # float() reads "1_0" as 10 (a digit separator); no one means that
+                raise ValueError(strength)
             value = float(strength)
         except ValueError:
             if Path(path).is_file() and not Path(text).exists():

@@ -17,6 +17,9 @@ PRESETS: dict[str, Callable[[str], bool]] = {
     "full": lambda name: True,
     "xattn": lambda name: ".attn2." in name,  # ESD-x: cross-attention only
     "xattn-strict": lambda name: name.endswith((".attn2.to_k", ".attn2.to_v")),
+    # Values alone: the attention weights stay the model's, so the cross-attention output moves
+    # linearly with the strength and a slider's -1 end is the exact mirror of its +1 end.
+    "xattn-values": lambda name: name.endswith(".attn2.to_v"),
     "noxattn": lambda name: ".attn2." not in name,  # ESD-u: everything but cross-attention
     "innoxattn": lambda name: ".attn2." not in name,  # the reference tool's alias of noxattn
     "selfattn": lambda name: ".attn1." in name,
