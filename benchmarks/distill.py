@@ -8,7 +8,8 @@ evaluations (batch rows) and wall time per image. Then, at the level the LoRA is
 error left: over latents of the LoRA's own guidance-1 rollouts at every denoising step, the squared
 distance of its conditional prediction to the guided one, as a share of the base model's.
 
-usage: OMP_NUM_THREADS=1 python benchmarks/distill.py [--seeds 0,1,2] [--images 4]
+usage: OMP_NUM_THREADS=1 python benchmarks/distill.py [--seeds 0,1,2] [--images 4] [--strengths 1,1.5]
+           [--lora FILE ...]   (judge trained files instead of training)
            [--set train.lr=3e-3 --set network.rank=16 ...]   (the example's settings, changed)
 """
 
@@ -157,8 +158,23 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change a config value"
     )
+    parser.add_argument(
+        "--strengths",
+        default="1",
+        help="LoRA strengths to sample at (comma-separated): past 1 extrapolates what the LoRA learned",
+    )
+    parser.add_argument(
+        "--lora", action="append", default=[], help="judge this trained file instead of training (repeatable)"
+    )
     args = parser.parse_args()
     training_seeds = seed_list(parser, args.seeds)  # before minutes of sampling
+    try:
+        strengths = [float(s) for s in args.strengths.split(",")]
+    except ValueError:
+        parser.error(f"--strengths: {args.strengths!r} is not a comma-separated list of numbers, e.g. 1,1.5")
+    for lora in args.lora:
+        if not Path(lora).is_file():
+            parser.error(f"--lora: {lora} not found")
     config = load_config(EXAMPLE)
     apply_changes(config, args.set)  # a bad change stops here, before minutes of sampling
     models = load_models("ink-digits", with_vae=True)
@@ -191,7 +207,8 @@ def main() -> None:
         f"| {seconds1:.4f} |"
     )
     with tempfile.TemporaryDirectory() as folder:
-        for seed in training_seeds:
+        runs = [(Path(lora).name, Path(lora), None) for lora in args.lora]
+        for seed in training_seeds if not args.lora else []:
             config = load_config(EXAMPLE)
             config.train.seed, config.save.path, config.save.per_steps = seed, folder + f"/{seed}", 10**9
             if args.iterations:
@@ -199,21 +216,26 @@ def main() -> None:
             apply_changes(config, args.set)
             start = time.perf_counter()
             result = train(config, progress=False)
-            trained = time.perf_counter() - start
-            network = LoRANetwork.from_file(models.unet, models.family, result.path)
-            images, rows, seconds = sampler(1.0)
+            runs.append((f"seed {seed}", result.path, time.perf_counter() - start))
+        for name, path, trained in runs:
+            network = LoRANetwork.from_file(models.unet, models.family, path)
+            took = f" ({trained:.0f} s to train)" if trained is not None else ""
+            for strength in strengths:
+                network.multiplier = strength
+                images, rows, seconds = sampler(1.0)
+                distance = float(np.abs(images[keep] - reference[keep]).mean())
+                by_phrasing = gap_closed_by_phrasing(images, plain, reference, phrasings)
+                at = f" at {strength:g}" if strength != 1 else ""
+                print(
+                    f"| LoRA {name}{took}{at}, 1 | {distance:.4f} | {1 - distance / gap:.0%} | "
+                    f"{accuracy(judge, images[keep], held_named):.1%} | {rows:.0f} | {seconds:.4f} |\n"
+                    f"|  | gap closed by phrasing: {by_phrasing} |",
+                    flush=True,
+                )
+            network.multiplier = 1.0
             fit = prediction_error_left(models, network, held_out)
+            print(f"|  | prediction error left at strength 1 (share of the base's): {fit} |", flush=True)
             network.remove()
-            distance = float(np.abs(images[keep] - reference[keep]).mean())
-            by_phrasing = gap_closed_by_phrasing(images, plain, reference, phrasings)
-            print(
-                f"| LoRA seed {seed} ({trained:.0f} s to train), 1 | {distance:.4f} | "
-                f"{1 - distance / gap:.0%} | "
-                f"{accuracy(judge, images[keep], held_named):.1%} | {rows:.0f} | {seconds:.4f} |\n"
-                f"|  | gap closed by phrasing: {by_phrasing} |\n"
-                f"|  | prediction error left (share of the base's): {fit} |",
-                flush=True,
-            )
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import torch
 from recipe_runs import apply_changes, known_names, positive_int, seed_list
 
 from leco.cli import quiet_libraries
+from leco.conditioning import PromptEncoder, predict
 from leco.config import AnchorConfig, load_config
 from leco.generate import build_pipeline
 from leco.ink_digits import model_path
@@ -42,6 +43,7 @@ from leco.ink_digits.data import ALL_INKS, DIGIT_WORDS, MODEL_INKS
 from leco.ink_digits.judge import InkDigitsJudge
 from leco.models import load_models
 from leco.network import LoRANetwork
+from leco.objectives import OBJECTIVES, guided
 from leco.preservation import anchor_prompts
 from leco.trainer import train
 
@@ -50,6 +52,7 @@ INK_NAMES_OF_MODEL = MODEL_INKS["ink-digits"]  # the inks it draws (its vocabula
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "slider_red_blue.yaml"
 TARGET, PLUS, MINUS = 5, "red", "blue"
 OWN_IMAGES = 16
+LADDER = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5)  # --ladder: strengths the own prompt is drawn at
 KINDS = ("digit+ink", "digit only", "ink only", "five + other ink")
 
 
@@ -245,14 +248,56 @@ def readings(pipe, network: LoRANetwork, judge: InkDigitsJudge, cases, seeds, st
     return np.concatenate(digits), np.concatenate(inks)
 
 
+def ink_counts(inks: np.ndarray) -> str:
+    return " ".join(f"{ALL_INKS[i]} {int((inks == i).sum())}" for i in np.unique(inks))
+
+
+def ladder(pipe, network: LoRANetwork, judge: InkDigitsJudge) -> str:
+    """The inks of the slider's own prompt (OWN_IMAGES seeds) at each strength of LADDER."""
+    own = [(f"a digit {DIGIT_WORDS[TARGET]}", "own")]
+    parts = []
+    for strength in LADDER:
+        _, inks = readings(pipe, network, judge, own, list(range(1000, 1000 + OWN_IMAGES)), strength)
+        parts.append(f"{strength:+g}: {ink_counts(inks)}")
+    return "; ".join(parts)
+
+
+@torch.no_grad()
+def targets_drawn(models, judge: InkDigitsJudge) -> str:
+    """What each end's training target draws when sampled as the conditional prediction itself (no
+    LoRA; guidance 3 against ""): whether a weak end is the target's fault or the fit's."""
+    pipe, config = build_pipeline(models), load_config(EXAMPLE)
+    encoder = PromptEncoder(models)
+    seeds, parts = list(range(1000, 1000 + OWN_IMAGES)), []
+    channels, side = models.unet.config.in_channels, models.resolution // models.vae_scale_factor
+    for entry in config.prompts:
+        roles = {role: entry.role_text(role, 0) for role in ("positive", "unconditional", "neutral")}
+        states = {role: encoder.encode([text] * len(seeds)) for role, text in {**roles, "empty": ""}.items()}
+        scheduler = pipe.scheduler
+        scheduler.set_timesteps(25)
+        noise = [torch.randn(channels, side, side, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        latents = torch.stack(noise) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(latents, t)
+            p = {
+                role: predict(models.unet, model_input, t.repeat(len(seeds)), c) for role, c in states.items()
+            }
+            conditional = OBJECTIVES[entry.action].target(p, entry.guidance_scale)
+            latents = scheduler.step(guided(p["empty"], conditional, 3.0), t, latents).prev_sample
+        images = models.vae.decode(latents / models.vae.config.scaling_factor).sample
+        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+        parts.append(f"entry at {entry.multiplier:+g}: {ink_counts(judge.read(images).inks)}")
+    return "; ".join(parts)
+
+
 def measure(
-    recipe: str, seeds: list[int], images: int, models, folder: Path, changes: list[str]
+    recipe: str, seeds: list[int], images: int, models, folder: Path, changes: list[str], with_ladder: bool
 ) -> dict[str, Any]:
     cases = prompts()
     kinds = np.repeat([k for _, k in cases], images)
     changed = {kind: [] for kind in KINDS}
     own = {"red at +1": [], "blue at -1": []}
-    seconds = []
+    seconds, ladders = [], []
     for seed in seeds:
         start = time.perf_counter()
         result = train(configure(recipe, seed, folder / recipe / str(seed), changes), progress=False)
@@ -262,6 +307,8 @@ def measure(
         judge = InkDigitsJudge.load(models.source)
         image_seeds = list(range(1000, 1000 + images))
         base = readings(pipe, network, judge, cases, image_seeds, 0.0)
+        if with_ladder:
+            ladders.append(f"seed {seed}: {ladder(pipe, network, judge)}")
         for strength in (-1.0, 1.0):
             digit, ink = readings(pipe, network, judge, cases, image_seeds, strength)
             moved = (digit != base[0]) | (ink != base[1])
@@ -282,6 +329,7 @@ def measure(
         "untargeted_worst": max(untargeted),
         **{k: min(v) for k, v in own.items()},
         "train_seconds": float(np.mean(seconds)),
+        "ladders": ladders,
     }
 
 
@@ -296,6 +344,12 @@ def main() -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change every recipe's config"
     )
+    parser.add_argument(
+        "--ladder",
+        action="store_true",
+        help=f"also the inks of the own prompt at strengths {', '.join(f'{s:g}' for s in LADDER)}, and "
+        "what each end's training target draws",
+    )
     args = parser.parse_args()
     seeds = seed_list(parser, args.seeds)
     recipes = known_names(parser, "--recipes", args.recipes, RECIPES)
@@ -309,7 +363,7 @@ def main() -> None:
     print("|" + "---|" * len(header))
     with tempfile.TemporaryDirectory() as folder:
         for recipe in recipes:
-            r = measure(recipe, seeds, args.images, models, Path(folder), args.set)
+            r = measure(recipe, seeds, args.images, models, Path(folder), args.set, args.ladder)
             cells = [
                 recipe,
                 *(f"{r[k]:.1%}" for k in KINDS),
@@ -317,6 +371,11 @@ def main() -> None:
             ]
             cells += [f"{r['red at +1']:.0%}", f"{r['blue at -1']:.0%}", f"{r['train_seconds']:.0f}"]
             print("| " + " | ".join(cells) + " |", flush=True)
+            for line in r["ladders"]:
+                print(f"  {recipe}, {line}", flush=True)
+    if args.ladder:
+        drawn = targets_drawn(models, InkDigitsJudge.load(models.source))
+        print(f"training targets sampled directly ({OWN_IMAGES} seeds): {drawn}")
 
 
 if __name__ == "__main__":

@@ -512,11 +512,11 @@ def launch_processes(count: int, words: list[str]) -> int:
     # module half-made that the next import trips over, so signals wait until then.
     ready = Path(tempfile.mkdtemp(prefix="leco-ready-"))
     environment = {**os.environ, LAUNCHED_BY_LECO: str(ready)}
-    launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
     received: list[int] = []
     passed_on: dict[int, int] = {}  # worker pid -> how many of `received` it was given
+    started: list[subprocess.Popen] = []
 
-    def pass_on() -> None:
+    def pass_on(launcher: subprocess.Popen) -> None:
         for pid in _child_processes(launcher.pid):
             if (ready / str(pid)).exists():
                 for number in received[passed_on.get(pid, 0) :]:
@@ -528,16 +528,19 @@ def launch_processes(count: int, words: list[str]) -> int:
     def forward(number: int, frame: object) -> None:  # passed on by the loop below, never twice
         received.append(number)
         if len(received) >= 3:  # one may be stuck where its handler cannot run: end them all now
-            for pid in [*_child_processes(launcher.pid), launcher.pid]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            for launcher in started:
+                for pid in [*_child_processes(launcher.pid), launcher.pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
 
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-    previous = {number: signal.signal(number, forward) for number in stops}
+    previous = {number: signal.signal(number, forward) for number in stops}  # before torchrun exists
     try:
+        launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
+        started.append(launcher)
         while (code := launcher.poll()) is None:
             time.sleep(0.1)
-            pass_on()
+            pass_on(launcher)
         return 130 if received and code == 0 else code  # stopped and saved, as a single process says
     finally:
         for number, handler in previous.items():
