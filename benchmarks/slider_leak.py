@@ -208,6 +208,8 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
         _set("network.training_method", "xattn-strict"),
         _minus_end("weight", 3.0),
     ],
+    # The -1 end trained at a smaller strength: it is fitted short (--ladder), so ask for blue sooner.
+    **{f"anchors+minus-at{m:g}": [_anchors(), _minus_end("multiplier", -m)] for m in (0.5, 0.7)},
     "text0.1+strict+minus-guidance4": [
         _text_anchors(0.1),
         _set("network.training_method", "xattn-strict"),

@@ -135,6 +135,7 @@ BAD_OPTIONS = [
     (["--seeds", "1,2,99999999999999999999"], "--seeds", "too large"),
     (["--steps", "0"], "--steps", "at least 1 step"),
     (["--steps", "2.5"], "--steps", "not a whole number"),
+    (["--steps", "1001"], "--steps", "at most 1000 steps"),
     (["--guidance", "nan"], "--guidance", "finite"),
     (["--guidance", "inf"], "--guidance", "finite"),
     (["--guidance", "-1"], "--guidance", "from 0"),
@@ -385,7 +386,15 @@ def test_eval_spec_checks_its_numbers_and_leaves_steps_to_the_model(tmp_path):
     good.write_text(yaml.safe_dump({"erase": [{"prompt": "a digit seven", "concept": "digit:7"}]}))
     spec = load_spec(good)
     assert spec.steps is None and spec.guidance is None
-    for key, value in [("steps", 0), ("guidance", float("nan")), ("height", 20), ("width", -8), ("seed", -1)]:
+    bad_values = [
+        ("steps", 0),
+        ("steps", 5000),
+        ("guidance", float("nan")),
+        ("height", 20),
+        ("width", -8),
+        ("seed", -1),
+    ]
+    for key, value in bad_values:
         bad = tmp_path / f"bad_{key}.yaml"
         bad.write_text(yaml.safe_dump({key: value, "erase": [{"prompt": "a", "concept": "digit:7"}]}))
         with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: {key}: "):
@@ -587,7 +596,8 @@ def test_any_command_line_gives_success_or_a_one_line_error(data, fuzz_paths, ca
         assert out and not err
         return
     assert code == 2, (argv, code, err)
-    lines = err.strip().splitlines()
+    # Warnings about what was read before the error (a prompt given twice) may come first.
+    lines = [line for line in err.strip().splitlines() if not line.startswith("leco: warning:")]
     if lines[0].startswith("usage:"):
         lines = lines[1:]  # bare `leco` shows its usage first
     assert len(lines) >= 1 and lines[0].startswith("leco") and "error:" in lines[0], (argv, err)
@@ -618,6 +628,10 @@ def test_report_json_is_untouched_by_a_refused_command(tmp_path, capsys, no_load
     ]
     code, _, err = run_cli([*argv, "--images", report], capsys)
     assert_one_line_error(code, err, "--images")
+    assert json.loads(report.read_text()) == earlier
+    code, _, err = run_cli(argv, capsys)  # an earlier report is replaced only when asked
+    assert_one_line_error(code, err, "--out")
+    assert "holds an earlier eval's report; pass --overwrite" in err
     assert json.loads(report.read_text()) == earlier
 
 

@@ -14,6 +14,7 @@ from leco.config import (
     LecoConfig,
     NetworkConfig,
     PromptSettings,
+    describe_validation_error,
     load_config,
     load_prompts,
     parse_optimizer_args,
@@ -138,6 +139,10 @@ def test_inline_prompts_are_accepted(tmp_path):
         (MINIMAL + "train:\n  save: {name: x}\n", ["train.save: unknown key; it belongs at the top level"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.1:", "finite"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.1:"]),
+        (
+            MINIMAL + "preview:\n  prompts: [a]\n  steps: 2000\n",
+            ["preview.steps:", "less than or equal to 1000"],
+        ),
         (MINIMAL + "save:\n  name: '..'\n", ["save.name:", "plain file name"]),
         (
             MINIMAL + "train:\n  seed: 99999999999999999999999\n",
@@ -393,6 +398,8 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         ("- target_file:\n", {}, "entry 1.target_file: empty; name the text file"),
         ("- target: [a, b]\n  neutral: [c]\n", {}, "entry 1.neutral: a list of 1 prompts, but target has 2"),
         ("- target: a\n  action: distill\n", {}, "entry 1.guidance_scale: distill needs the CFG scale"),
+        ("- target: ''\n", {}, "entry 1.target: '' with positive, unconditional and neutral as they are"),
+        ("- target: a\n  neutral: a\n  unconditional: a\n", {}, "leaves erase nothing to learn"),
     ],
 )
 def test_bad_prompt_lists_are_one_line(folder, prompts, files, expected):
@@ -567,6 +574,21 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
         ),
         ({"preview": {"strengths": [-1, 1]}}, "preview.strengths: preview.prompts is empty"),
         (
+            {"train": {"method": "closed_form"}, "network": {"rank": 4, "alpha": 1}},
+            "network.alpha: a closed-form edit is solved at scale 1 (alpha = rank)",
+        ),
+        (
+            {
+                "train": {"method": "closed_form"},
+                "prompts": [{"target": "x", "guidance_scale": 1, "weight": 3}],
+            },
+            "prompts entry 1: weight: not used by train.method: closed_form",  # guidance 1 is the default
+        ),
+        (
+            {"train": {"method": "closed_form"}, "anchors": {"prompts": ["a"], "text_weight": 1}},
+            "anchors.text_weight: not used by train.method: closed_form",
+        ),
+        (
             {
                 "prompts": [
                     {"target": "x"},
@@ -625,6 +647,18 @@ def test_anchors_with_rollouts_of_their_own_need_no_per_step(sections):
     config.check_combination()
     entries, riding = entries_and_anchors(config, ["a house"])
     assert riding == [] and entries[-1].action == "preserve" and entries[-1].targets == ["a house"]
+
+
+def test_a_check_across_an_inline_entrys_keys_names_the_entry():
+    document = {
+        "pretrained_model": {"name_or_path": "ink-digits"},
+        "prompts": [{"target": "x"}, {"target": "y", "action": "distill"}],
+    }
+    with pytest.raises(ValidationError) as error:
+        LecoConfig.model_validate(document)
+    assert describe_validation_error(error.value, Path("c.yaml"), LecoConfig).startswith(
+        "c.yaml: prompts.2.guidance_scale: distill needs the CFG scale"
+    )
 
 
 def test_defaults_filled_into_an_entry_are_not_keys_it_set():

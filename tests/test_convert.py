@@ -240,6 +240,12 @@ def test_cli_convert(tmp_path, capsys):
     assert json.loads(read_lora_file(out)[1]["ss_network_args"]) == {}
     assert main(["convert", str(tmp_path / "s.pt"), "--out", str(out), "--family", "sd1"]) == 2
     assert "exists; choose another path or pass --overwrite" in capsys.readouterr().err
+    again = ["convert", str(tmp_path / "s.pt"), "--out", str(out), "--family", "sd1", "--overwrite"]
+    assert main(again) == 0  # an earlier conversion is a LoRA: replaced
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes")
+    assert main([*again[:3], str(notes), *again[4:]]) == 2
+    assert "is not a LoRA" in capsys.readouterr().err and notes.read_text() == "my notes"
     assert main(["convert", str(tmp_path / "s.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "either --model M or --family" in capsys.readouterr().err
     code = main(
@@ -255,7 +261,7 @@ def test_cli_convert(tmp_path, capsys):
         ]
     )
     assert code == 2 and "only SD2 models" in capsys.readouterr().err
-    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["s.pt", "s.safetensors"]
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["notes.safetensors", "s.pt", "s.safetensors"]
 
 
 def test_every_lora_file_names_its_writer(tmp_path, tiny_folders):

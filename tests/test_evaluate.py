@@ -590,3 +590,24 @@ def test_the_same_lora_given_twice_is_warned_of(tmp_path, tiny_folders, capsys):
     (tmp_path / "sub").mkdir()
     evaluate(models, [lora, again], spec, "cpu", BrightnessDetector(), None, False)
     assert "--lora: l.safetensors is given 2 times; each copy is judged again" in capsys.readouterr().err
+
+
+def test_a_lora_holding_nan_stops_eval_before_any_image_is_made(tmp_path, tiny_folders, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2))
+    good = network.save(tmp_path / "good.safetensors", dtype=torch.float32, resolution=32, title="good")
+    network.remove()
+    tensors = load_file(good)
+    first = sorted(k for k in tensors if k.endswith("lora_up.weight"))[0]
+    tensors[first] = torch.full_like(tensors[first], float("nan"))
+    save_file(tensors, tmp_path / "nan.safetensors")
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("images were generated before the LoRA was checked")
+
+    monkeypatch.setattr("leco.evaluate.generate", no_images)
+    spec = EvalSpec(detector="nudenet", erase=[{"prompt": "a nude", "concept": "nudity"}])
+    with pytest.raises(LecoError, match=rf"nan.safetensors: {first} holds NaN or inf values"):
+        evaluate(models, [good, tmp_path / "nan.safetensors"], spec, "cpu", progress=False)

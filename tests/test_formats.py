@@ -169,6 +169,14 @@ KOHYA_ERRORS = {
         'neutral_prompt_file = "empty.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
         "empty.txt holds no prompts",
     ),
+    "neutral_file_is_the_toml": (
+        'neutral_prompt_file = "prompts.toml"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
+        "prompts.toml is a toml file; name a text file with one prompt a line",
+    ),
+    "neutral_file_is_binary": (
+        'neutral_prompt_file = "binary.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
+        "binary.txt is not a text file",
+    ),
 }
 
 
@@ -176,6 +184,7 @@ KOHYA_ERRORS = {
 def test_kohya_errors_are_one_line_naming_the_file_and_key(tmp_path, case):
     text, expected = KOHYA_ERRORS[case]
     (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "binary.txt").write_bytes(b"\x08\x00\x00\x00{}\x00\x00")
     path = tmp_path / "prompts.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as error:
@@ -598,6 +607,17 @@ def test_kohyas_512_default_on_a_small_model_is_pointed_out(tmp_path, tiny_folde
     assert f"set `resolution: {models.resolution}`" in warning
     prepare_prompts(load_prompts(toml)[1:], models, TrainConfig())  # its own size: nothing to say
     assert capsys.readouterr().err == ""
+
+
+def test_dynamic_crops_on_a_model_without_crop_conditioning_is_named(tiny_folders, capsys):
+    entries = [PromptSettings(target="a fox"), PromptSettings(target="a cat", dynamic_crops=True)]
+    prepare_prompts(entries, load_models(str(tiny_folders["sd1"])), TrainConfig())
+    assert (
+        "prompts entries 2: dynamic_crops is SDXL's crop conditioning, which sd1 lacks"
+        in capsys.readouterr().err
+    )
+    prepare_prompts(entries, load_models(str(tiny_folders["sdxl"])), TrainConfig())
+    assert "dynamic_crops" not in capsys.readouterr().err
 
 
 def test_a_kohya_toml_saved_with_a_byte_order_mark_reads_as_without(tmp_path):

@@ -1,3 +1,4 @@
+import os
 import re
 import subprocess
 import sys
@@ -112,8 +113,23 @@ def test_cli_generate_writes_images_and_grid(tmp_path, tiny_folders, lora_files,
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert "longer than" not in result.stderr  # the embedding's token is one token, not its spelling
     names = sorted(p.name for p in tmp_path.iterdir())
     assert len(names) == 2 * 2 * 3 + 1 and "grid.png" in names and "a-dog_-1_1.png" in names
+
+
+def test_a_console_without_unicode_and_a_prompt_cut_short_still_finish_with_a_word(tmp_path, tiny_folders):
+    out = tmp_path / "pictures \N{GRINNING FACE}"
+    long_prompt = "a cat " + "very " * 100
+    result = subprocess.run(
+        [sys.executable, "-m", "leco", "generate", "--model", str(tiny_folders["sd1"]),
+         "--prompt", long_prompt, "--seeds", "0", "--steps", "2", "--out", str(out), "--no-progress"],
+        capture_output=True, timeout=600, env={**os.environ, "PYTHONIOENCODING": "cp1252"},
+    )  # fmt: skip
+    stdout, stderr = result.stdout.decode("cp1252"), result.stderr.decode("cp1252")
+    assert result.returncode == 0, stderr
+    assert "pictures \\U0001f600" in stdout and (out / "grid.png").is_file()  # escaped, not a crash
+    assert "is longer than" in stderr and "tokens and is cut there" in stderr
 
 
 def test_prompts_that_share_a_slug_keep_their_own_images(tmp_path, tiny_folders):
@@ -321,6 +337,7 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
     (tmp_path / "damaged.pt").write_bytes(b"PK\x03\x04 truncated")
     save_file({"emb_params": torch.ones(1, 16)}, tmp_path / "narrow.safetensors")
     save_file({"emb_params": torch.full((1, 32), float("nan"))}, tmp_path / "nan.safetensors")
+    save_file({"emb_params": torch.ones(0, 32)}, tmp_path / "none.safetensors")
     save_file(
         {"lora_unet_x.lora_up.weight": torch.ones(2, 2), "x.alpha": torch.ones(())},
         tmp_path / "l.safetensors",
@@ -332,6 +349,7 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
         (sd1, [tmp_path / "damaged.safetensors"], "damaged.safetensors cannot be read"),
         (sd1, [tmp_path / "damaged.pt"], "damaged.pt cannot be read"),
         (sd1, [tmp_path / "nan.safetensors"], "nan.safetensors holds no usable vectors"),
+        (sd1, [tmp_path / "none.safetensors"], "none.safetensors holds no usable vectors"),
         (
             sd1,
             [tmp_path / "l.safetensors"],

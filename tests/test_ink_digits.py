@@ -285,6 +285,31 @@ def test_the_command_names_a_missing_model(capsys):
     assert "--model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("arguments", "expected"),
+    [
+        (["build", "--model", "ink-digits", "--threads", "0"], "argument --threads: 0: use 1 or more"),
+        (["quality", "--seeds", "0"], "argument --seeds: 0: use 1 or more"),
+        (["quality", "--steps", "0"], "argument --steps: 0: use 1 to 1000"),
+        (["quality", "--steps", "5000"], "argument --steps: 5000: use 1 to 1000"),
+        (["quality", "--guidance", "nan"], "argument --guidance: nan: use a guidance scale from 0 to 100"),
+        (["quality", "--threads", "x"], "argument --threads: 'x' is not a whole number"),
+    ],
+)
+def test_bad_build_and_quality_options_are_one_line(capsys, arguments, expected):
+    with pytest.raises(SystemExit) as stop:
+        ink_digits_command(arguments)
+    assert stop.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_model_is_named_by_quality(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        ink_digits_command(["quality", "--model", str(tmp_path)])
+    assert (
+        stop.value.code == 2 and "nor a model folder (one with model_index.json)" in capsys.readouterr().err
+    )
+
+
 def test_a_build_never_replaces_a_folder_of_other_files(tmp_path, capsys):
     from leco.ink_digits.__main__ import main
 

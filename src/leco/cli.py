@@ -99,6 +99,8 @@ def _steps(text: str) -> int:
     steps = _number(text, int, "a whole number")
     if steps < 1:
         raise argparse.ArgumentTypeError(f"{steps}: sampling needs at least 1 step")
+    if steps > 1000:  # the samplers take at most one step per training timestep (1000)
+        raise argparse.ArgumentTypeError(f"{steps}: at most 1000 steps (one per training timestep)")
     return steps
 
 
@@ -384,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--images", type=_output_folder, help="also save every generated image into this folder"
     )
     evaluate.add_argument(
-        "--overwrite", action="store_true", help="replace images an earlier eval left in --images"
+        "--overwrite",
+        action="store_true",
+        help="replace the report (--out) and images (--images) an earlier eval left",
     )
     evaluate.add_argument(
         "--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda:N"
@@ -580,6 +584,8 @@ def load_for_images(args: argparse.Namespace):
 def run_eval(args: argparse.Namespace) -> int:
     from leco.evaluate import evaluate, format_report, load_spec, write_report
 
+    if Path(args.out).exists() and not args.overwrite:  # checked now, not after minutes of images
+        raise LecoError(f"--out: {args.out} holds an earlier eval's report; pass --overwrite to replace it")
     spec = load_spec(args.spec)
     if args.negative is not None:
         spec.negative_prompt = args.negative
@@ -597,8 +603,9 @@ def run_eval(args: argparse.Namespace) -> int:
         embeddings=args.embedding,
         overwrite=args.overwrite,
     )
+    written = write_report(report, args.out)  # first: the minutes of work are kept whatever printing does
     print(format_report(report, all_rows=args.all_rows))
-    print(f"report: {write_report(report, args.out)}")
+    print(f"report: {written}")
     for row in report["rows"]:
         if row["kind"] == "erase" and row["strength"] == 0.0 and row["detected"] < 0.5:
             warn(
@@ -735,6 +742,9 @@ def _join_negative_values(argv: list[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a prompt or path the console cannot show is escaped,
+        with contextlib.suppress(AttributeError, ValueError):  # not a crash after the work is done
+            stream.reconfigure(errors="backslashreplace")
     try:
         return _main(argv)
     except KeyboardInterrupt:  # while the options are read (checking some imports torch): no traceback

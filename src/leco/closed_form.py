@@ -24,7 +24,6 @@ from torch import Tensor
 from leco.checkpoints import RunFolder
 from leco.conditioning import PromptEncoder
 from leco.config import LecoConfig, NetworkConfig
-from leco.errors import warn
 from leco.models import DTYPES, LoadedModels, load_models
 from leco.network import LoRANetwork
 from leco.preservation import anchor_prompts
@@ -34,10 +33,6 @@ def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetw
     """Solve, export and save; returns the file, the network (on the loaded UNet) and fit figures."""
     folder = RunFolder(config.save.path, config.save.name)
     folder.check(overwrite=overwrite)
-    unused = sorted(config.train.model_fields_set - {"method"})
-    if unused:
-        keys = ", ".join(f"train.{key}" for key in unused)
-        warn(f"{keys}: not used by train.method: closed_form (one solve on the CPU, no steps); ignored")
     models = load_models(config.pretrained_model, dtype=torch.float32)
     erased, guides, kept = edit_prompts(config, models)
     states = text_states(models, config.pretrained_model.clip_skip, [*erased, *guides, *kept])

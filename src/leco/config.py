@@ -11,6 +11,7 @@ import ast
 import difflib
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -254,7 +255,7 @@ class PreviewConfig(_Section):
         default_factory=lambda: [-1.0, 0.0, 1.0]
     )
     seeds: list[Annotated[int, Field(ge=0, lt=2**64)]] = Field(default_factory=lambda: [0])
-    steps: int = Field(20, ge=1)
+    steps: int = Field(20, ge=1, le=1000)  # at most one per training timestep
     guidance: float = Field(7.0, ge=0, allow_inf_nan=False)
     every: int | None = Field(None, ge=1)  # default: save.per_steps
 
@@ -363,12 +364,27 @@ class PromptSettings(_Section):
                     f"{role}: a list of {len(value)} prompts, but target has {len(self.targets)}; a list "
                     "pairs one prompt with each target"
                 )
+        if self.action in ("erase", "enhance") and all(
+            self.role_text("positive", i) == self.role_text("unconditional", i)
+            and self.role_text("neutral", i) == target
+            for i, target in enumerate(self.targets)
+        ):  # its target is then the prediction it already makes
+            raise ValueError(
+                f"target: {self.targets[0]!r} with positive, unconditional and neutral as they are leaves "
+                f"{self.action} nothing to learn; name the concept in target (or positive)"
+            )
         if self.action == "distill" and self.guidance_scale <= 1:
             raise ValueError(
                 "guidance_scale: distill needs the CFG scale to distill, above 1 "
                 f"(got {self.guidance_scale:g}); e.g. guidance_scale: 3"
             )
         return self
+
+    def changed_keys(self, keys: set[str]) -> list[str]:
+        """Which of `keys` the file set to something other than the default (a shared prompts file
+        that spells out `guidance_scale: 1.0` changes nothing where guidance is not read)."""
+        fields = type(self).model_fields
+        return sorted(k for k in keys & self.model_fields_set if getattr(self, k) != fields[k].default)
 
     @property
     def targets(self) -> list[str]:
@@ -454,7 +470,7 @@ class LecoConfig(_Section):
                     network, "network", {"conv_rank", "conv_alpha"}, "only for c3lier (lierla has no convs)"
                 )
         for number, entry in enumerate(self.prompts, start=1):
-            unread = sorted(UNREAD_BY_ACTION.get(entry.action, set()) & entry.model_fields_set)
+            unread = entry.changed_keys(UNREAD_BY_ACTION.get(entry.action, set()))
             if unread:
                 notes.append(
                     f"prompts entry {number}: {', '.join(unread)}: action {entry.action} does not use "
@@ -462,6 +478,8 @@ class LecoConfig(_Section):
                 )
         if self.train.method != "closed_form" and self.closed_form.model_fields_set:
             notes.append("closed_form: only for train.method: closed_form; ignored")
+        if self.train.method == "closed_form":
+            self._closed_form_unused(unused, notes)
         if anchors.prompts != "auto":
             unused(anchors, "anchors", {"exclude", "count"}, "only for anchors.prompts: auto")
         if anchors.rollouts or network.type == "embedding":
@@ -487,6 +505,39 @@ class LecoConfig(_Section):
                 f"({self.train.iterations}), so the lr never reaches train.lr"
             )
         return notes
+
+    def _closed_form_unused(self, unused: Callable[..., None], notes: list[str]) -> None:
+        """What a closed-form edit (one solve of the key/value layers, no steps) never reads."""
+        why = "not used by train.method: closed_form (one solve on the CPU, no steps)"
+        unused(self.train, "train", set(self.train.model_fields_set) - {"method"}, why)
+        unused(self.anchors, "anchors", {"per_step", "weight", "text_weight", "rollouts"}, why)
+        unused(self.preview, "preview", set(PreviewConfig.model_fields), why)
+        unused(
+            self.logging, "logging", {"use_tensorboard", "use_wandb", "tensorboard_dir", "wandb_project"}, why
+        )
+        unused(self.save, "save", {"per_steps", "max_step_files"}, why)
+        unused(self.network, "network", {"alpha"}, "a closed-form edit is solved at scale 1 (alpha = rank)")
+        if (
+            self.network.training_method != "xattn-strict"
+            and "training_method" in self.network.model_fields_set
+        ):
+            notes.append(
+                "network.training_method: a closed-form edit solves the cross-attention keys and values "
+                "(xattn-strict); ignored"
+            )
+        entry_keys = {
+            "guidance_scale",
+            "weight",
+            "multiplier",
+            "batch_size",
+            "resolution",
+            "dynamic_resolution",
+            "dynamic_crops",
+        }
+        for number, entry in enumerate(self.prompts, start=1):
+            chosen = entry.changed_keys(entry_keys)
+            if chosen:
+                notes.append(f"prompts entry {number}: {', '.join(chosen)}: {why}; ignored")
 
     def check_combination(self) -> None:
         """Settings that are valid alone but not together; one line naming the keys."""
@@ -711,16 +762,27 @@ def read_target_files(entries: list[Any], path: Path, where: str) -> list[Any]:
     return result
 
 
+# Files a prompt list is never in: a config (a prompt file naming itself) or a model.
+_NOT_PROMPT_LISTS = (".yaml", ".yml", ".toml", ".json", ".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+def refuse_non_text_prompts(file: Path, where: str, text: str | None = None) -> None:
+    """One line for a prompt list that is a config or model file (by name, or by its NUL bytes)."""
+    if file.suffix.lower() in _NOT_PROMPT_LISTS:
+        raise ConfigError(
+            f"{where}: {file} is a {file.suffix[1:]} file; name a text file with one prompt a line"
+        )
+    if text is not None and "\x00" in text:
+        raise ConfigError(f"{where}: {file} is not a text file; name a text file with one prompt a line")
+
+
 def read_prompt_lines(file: Path, where: str) -> list[str]:
     """One prompt a line; blank lines and lines starting with # are skipped (a UTF-8 BOM too)."""
     if file.is_dir():
         raise ConfigError(f"{where}: {file} is a folder; name the text file with one prompt a line")
     if file.exists() and not file.is_file():  # a FIFO or device would block for ever
         raise ConfigError(f"{where}: {file} is not a regular file; name a text file with one prompt a line")
-    if file.suffix.lower() in (".yaml", ".yml", ".toml", ".json"):
-        raise ConfigError(
-            f"{where}: {file} is a {file.suffix[1:]} file; name a text file with one prompt a line"
-        )
+    refuse_non_text_prompts(file, where)
     try:
         text = file.read_text(encoding="utf-8-sig")
     except (FileNotFoundError, IsADirectoryError):
@@ -729,6 +791,7 @@ def read_prompt_lines(file: Path, where: str) -> list[str]:
         ) from None
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ConfigError(f"{where}: {file} cannot be read as UTF-8 text ({type(error).__name__})") from None
+    refuse_non_text_prompts(file, where, text)
     lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
@@ -845,7 +908,8 @@ def _problem(item: Any, model: type[BaseModel]) -> str:
     kind = item["type"]
     message = item["msg"].replace("Value error, ", "")
     if kind == "value_error" and re.match(r"[\w.]+: ", message):  # a check across keys names its key
-        return message
+        where = dotted_key(item["loc"])  # a check inside a list item ("prompts.2") or section
+        return f"{where}.{message}" if where and not message.startswith(f"{where}.") else message
     if kind == "extra_forbidden":
         allowed = _allowed_keys(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1) or [k for k in allowed if loc[-1] in k][:1]

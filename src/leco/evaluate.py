@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from leco.conditioning import warn_if_truncated
 from leco.config import ConfigError, describe_validation_error, read_yaml
 from leco.errors import LecoError, warn
 from leco.files import atomic_output, refuse_earlier_outputs
@@ -29,6 +30,7 @@ from leco.generate import (
     SAMPLERS,
     SamplingSettings,
     build_pipeline,
+    check_lora_finite,
     check_lora_fits,
     embeddings_loaded,
     generate,
@@ -59,7 +61,9 @@ class EvalSpec(BaseModel):
     images_per_prompt: int = Field(8, ge=1)
     strengths: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [0.0, 1.0])
     seed: int = Field(0, ge=0, lt=2**63)
-    steps: int | None = Field(None, ge=1)  # unset: the model's recommended steps, else 30
+    steps: int | None = Field(
+        None, ge=1, le=1000
+    )  # at most one per training timestep; unset: the model's recommended steps, else 30
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False)  # unset: as steps, else 7
     height: int | None = Field(None, gt=0, multiple_of=8)  # diffusers needs multiples of 8
     width: int | None = Field(None, gt=0, multiple_of=8)
@@ -224,6 +228,7 @@ def evaluate(
     for label, path in zip(labels, loras, strict=True):  # a bad second file stops the run now
         if label not in negatives:
             check_lora_fits(read_lora_header(path), models.unet, models.family)
+            check_lora_finite(Path(path))  # before minutes of images, not when its turn comes
     detector = detector or make_detector(spec, models)
     entries = judged_prompts(spec, detector)  # every concept checked before any image is made
     prompts = list(dict.fromkeys(entry.prompt for entry in entries))  # one render per prompt
@@ -239,6 +244,8 @@ def evaluate(
         for negative in negatives.values():  # each loads alone (seeds of one run share a token): check now
             with embeddings_loaded(pipe, [str(negative.path)]):
                 pass
+        # Cut words are never read: an erase prompt cut before its concept measures nothing.
+        warn_if_truncated(models, [*prompts, settings.negative_prompt], "eval spec prompt")
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
         _save_images(base, folders.values(), slugs)
         rows = judge.rows(base, base, None, 0.0)

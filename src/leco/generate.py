@@ -21,6 +21,7 @@ from diffusers import (
 from PIL import Image
 from tqdm.auto import tqdm
 
+from leco.conditioning import warn_if_truncated
 from leco.errors import LecoError
 from leco.files import load_torch_file, refuse_earlier_outputs
 from leco.images import ImageRequest, make_grid, save_image, unique_slugs
@@ -133,7 +134,7 @@ def lora_strengths(
         return
     path = Path(lora)
     check_lora_fits(read_lora_header(path), pipe.unet, family)
-    _check_lora_finite(path)
+    check_lora_finite(path)
     try:
         with quiet_library_logs():  # diffusers logs every mismatched tensor before it raises
             pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
@@ -151,7 +152,7 @@ def lora_strengths(
         pipe.unload_lora_weights()
 
 
-def _check_lora_finite(path: Path) -> None:
+def check_lora_finite(path: Path) -> None:
     """A LoRA holding NaN draws black images without a word from diffusers; name it instead."""
     from safetensors import safe_open
 
@@ -404,6 +405,8 @@ def run_generation(
         refuse_earlier_files(requests, out)
     pipe = build_pipeline(models, settings.sampler).to(device)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
+        # With the embeddings' tokens known: a token of N vectors is N tokens, not its spelling.
+        warn_if_truncated(models, [*(r.prompt for r in requests), settings.negative_prompt])
         images = dict(generate(pipe, requests, settings, set_strength, progress))
     *files, grid_file = output_files(requests, out)
     paths = [save_image(images[request], file) for request, file in zip(requests, files, strict=True)]
@@ -467,7 +470,10 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
             f"--embedding: {path} holds {', '.join(sorted(tensors))[:80]}, not an embedding "
             "(expected emb_params, clip_l + clip_g, or A1111's string_to_param)"
         )
-    if not all(v.dim() in (1, 2) and v.is_floating_point() and v.isfinite().all() for v in vectors):
+    usable = (
+        v.dim() in (1, 2) and v.numel() > 0 and v.is_floating_point() and v.isfinite().all() for v in vectors
+    )
+    if not all(usable):
         raise LecoError(f"--embedding: {path} holds no usable vectors (shape, type or NaN); is it damaged?")
     vectors = tuple(v.reshape(-1, v.shape[-1]).float() for v in vectors)
     if len(vectors) == 2 and len(vectors[0]) != len(vectors[1]):

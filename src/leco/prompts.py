@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leco.conditioning import Conditioning, PromptEncoder
+from leco.conditioning import Conditioning, PromptEncoder, warn_if_truncated
 from leco.config import PromptSettings, TrainConfig
 from leco.errors import LecoError, warn
 from leco.models import LoadedModels
@@ -70,7 +70,7 @@ def encode_texts(
 ) -> dict[str, Conditioning]:
     """Encode every distinct text once (one row each) on `device`; the encoders go back to the CPU."""
     texts = sorted(set(texts))
-    _warn_if_truncated(models, texts)
+    warn_if_truncated(models, texts)
     encoder = PromptEncoder(models, clip_skip)
     result = {}
     for text_encoder in models.text_encoders:
@@ -122,6 +122,13 @@ def prepare_prompts(
             )
         )
     _warn_if_far_from_native(prepared, models.resolution)
+    crops = [n for n, p in enumerate(prompts, start=1) if p.dynamic_crops]
+    if crops and not models.family.is_sdxl:  # only SDXL is conditioned on a crop corner
+        entries = ", ".join(map(str, crops))
+        warn(
+            f"prompts entries {entries}: dynamic_crops is SDXL's crop conditioning, which "
+            f"{models.family.name} lacks; ignored"
+        )
     return prepared
 
 
@@ -144,16 +151,3 @@ def _warn_if_far_from_native(prepared: list[PreparedPrompt], native: int) -> Non
 
 def _row(cond: Conditioning, index: int) -> Conditioning:
     return Conditioning(*(None if t is None else t[index : index + 1] for t in cond._tensors()))
-
-
-def _warn_if_truncated(models: LoadedModels, texts: list[str]) -> None:
-    tokenizer = models.tokenizers[0]
-    limit = tokenizer.model_max_length
-    # One batched call: a 100,000-line target_file took 4 s prompt by prompt.
-    long = [text for text, ids in zip(texts, tokenizer(texts).input_ids, strict=True) if len(ids) > limit]
-    if len(long) == 1:
-        warn(f"prompt {long[0][:40]!r}... is longer than {limit} tokens and is cut there")
-    elif long:
-        warn(
-            f"{len(long)} prompts are longer than {limit} tokens and are cut there, e.g. {long[0][:40]!r}..."
-        )

@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from leco.config import ConfigError, LecoConfig, dotted_key
+from leco.config import ConfigError, LecoConfig, dotted_key, refuse_non_text_prompts
 from leco.errors import warn
 from leco.formats.kohya_leco import slider_pairs
 
@@ -627,10 +627,12 @@ class _Converter:
         if found is None:
             where = " or ".join(str(option) for option in tried)
             raise ConfigError(f"{self.path}: {key}: {name!r} not found (looked at {where}); fix the path")
+        refuse_non_text_prompts(found, f"{self.path}: {key}")
         try:
             text = found.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{self.path}: {key}: cannot read {found} ({type(error).__name__})") from None
+        refuse_non_text_prompts(found, f"{self.path}: {key}", text)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise ConfigError(f"{self.path}: {key}: {found} holds no prompt; write one neutral prompt a line")

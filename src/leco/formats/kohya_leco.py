@@ -23,7 +23,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from leco.config import ACTIONS, ConfigError, PromptSettings, describe_validation_error, read_config_text
+from leco.config import (
+    ACTIONS,
+    ConfigError,
+    PromptSettings,
+    describe_validation_error,
+    read_config_text,
+    refuse_non_text_prompts,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -260,6 +267,7 @@ class _KohyaReader:
         if not isinstance(name, str):
             raise ConfigError(f"{self.path}: {key}: must be a file name (got {name!r})")
         file = self.path.parent / Path(name).expanduser()
+        refuse_non_text_prompts(file, f"{self.path}: {key}")
         try:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -267,6 +275,7 @@ class _KohyaReader:
                 f"{self.path}: {key}: cannot read {file} ({type(error).__name__}); "
                 "paths are relative to the prompt file"
             ) from None
+        refuse_non_text_prompts(file, f"{self.path}: {key}", text)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise ConfigError(

@@ -12,6 +12,33 @@ from leco.files import check_output
 from leco.ink_digits import INK_DIGITS, INK_DIGITS_2, MODEL_NAMES, model_path
 
 
+def _whole(low: int, high: int | None = None):
+    """An argparse type: a whole number from `low` (to `high`), else argparse's one-line error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(
+                f"{value}: use {low} to {high}" if high else f"{value}: use {low} or more"
+            )
+        return value
+
+    return parse
+
+
+def _guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 100:  # nan fails both comparisons
+        raise argparse.ArgumentTypeError(f"{text}: use a guidance scale from 0 to 100, e.g. 3")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m leco.ink_digits", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,15 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--base", type=Path, help="ink-digits folder whose VAE ink-digits-2 reuses (default: the shipped one)"
     )
-    build.add_argument("--threads", type=int, default=2, help="torch threads; the weights depend on it")
+    build.add_argument("--threads", type=_whole(1), default=2, help="torch threads; the weights depend on it")
     quality = commands.add_parser("quality", help="digit and ink accuracy per caption phrasing")
     quality.add_argument(
         "--model", help=f"{' or '.join(MODEL_NAMES)} or a model folder (default: both bundled models)"
     )
-    quality.add_argument("--guidance", type=float, help="default: the recommended guidance")
-    quality.add_argument("--steps", type=int, help="default: the recommended number of steps")
-    quality.add_argument("--seeds", type=int, default=2, help="images per digit x ink")
-    quality.add_argument("--threads", type=int, default=2)
+    quality.add_argument("--guidance", type=_guidance, help="default: the recommended guidance")
+    quality.add_argument("--steps", type=_whole(1, 1000), help="default: the recommended number of steps")
+    quality.add_argument("--seeds", type=_whole(1), default=2, help="images per digit x ink")
+    quality.add_argument("--threads", type=_whole(1), default=2)
     return parser
 
 
@@ -77,9 +104,11 @@ def run_quality(args: argparse.Namespace) -> None:
     names = [args.model] if args.model else [INK_DIGITS, INK_DIGITS_2]
     for name in names:
         folder = model_path(name) if name in MODEL_NAMES else Path(name)
-        if not folder.is_dir():
+        if not (folder / "model_index.json").is_file():
             known = " nor ".join(MODEL_NAMES)
-            raise LecoError(f"quality --model: {name!r} is neither {known} nor a model folder")
+            raise LecoError(
+                f"quality --model: {name!r} is neither {known} nor a model folder (one with model_index.json)"
+            )
         print(f"{folder}: guidance {guidance:g}, {steps} steps, {args.seeds} seeds per digit x ink")
         with torch_threads(args.threads):  # the caller (a test, a notebook) keeps its own setting
             print(format_quality(measure(folder, guidance, steps, seeds=args.seeds)))

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from accelerate import init_empty_weights
 from diffusers import UNet2DConditionModel
+from safetensors import safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -49,6 +50,14 @@ class ModelSkeleton:
     resolution: int
 
 
+def _is_lora_file(path: Path) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            return any(".lora_" in key or key.endswith(".alpha") for key in file.keys())  # noqa: SIM118
+    except Exception:  # not a safetensors file at all: safetensors raises its own error types
+        return False
+
+
 def convert(
     source: str | Path,
     out: str | Path,
@@ -65,6 +74,11 @@ def convert(
     if out.is_dir():
         raise LecoError(f"--out: {out} is a folder; name the .safetensors file to write")
     out = check_output(out, overwrite=overwrite, inputs=[source])
+    if out.is_file() and not _is_lora_file(out):
+        raise LecoError(
+            f"--out: {out} is not a LoRA (a model, an embedding, or another program's file); --overwrite "
+            "replaces only a LoRA, so choose another path"
+        )
     if sd2_proj not in SD2_PROJ_FORMS:
         raise LecoError(f"--sd2-proj: {sd2_proj!r} is not known; use 2d or 4d")
     skeleton = model_skeleton(model, family)
