@@ -262,12 +262,14 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
                 f"--resume: {file} was trained with a different `{key}` section; resume with the config "
                 "that started the run (only train/save/logging settings may change)"
             )
-    for key in ("optimizer", "lr_scheduler"):  # their saved state is another kind's (sgd has no moments)
+    # Their saved state is another kind's (sgd has no moments, amsgrad more of them, StepLR keeps its
+    # step_size): continuing under other ones would fail, or silently keep the first run's.
+    for key in ("optimizer", "optimizer_args", "lr_scheduler", "lr_scheduler_args"):
         was, now = saved.get("train", {}).get(key), current.get("train", {}).get(key)
         if was != now:
             raise LecoError(
                 f"train.{key}: {now}, but {file} was trained with {was}; resume with {key}: {was} "
-                "(lr, optimizer_args and iterations may change)"
+                "(train.lr and iterations may change)"
             )
     step, iterations = state.get("step", 0), current.get("train", {}).get("iterations")
     if isinstance(iterations, int) and step > iterations:

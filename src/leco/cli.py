@@ -521,13 +521,16 @@ def launch_processes(count: int, words: list[str]) -> int:
     started: list[subprocess.Popen] = []
 
     def pass_on(launcher: subprocess.Popen) -> None:
-        for pid in _child_processes(launcher.pid):
-            if (ready / str(pid)).exists():
-                for number in received[passed_on.get(pid, 0) :]:
+        count = len(received)  # once: a signal arriving meanwhile is passed on next time
+        # Where processes cannot be listed (no Linux /proc), torchrun passes it on, traceback and all.
+        workers = _child_processes(launcher.pid) if Path("/proc/self/task").is_dir() else [launcher.pid]
+        for pid in workers:
+            if pid == launcher.pid or (ready / str(pid)).exists():
+                for number in received[passed_on.get(pid, 0) : count]:
                     # A hang-up (the terminal or ssh gone) stops them as SIGTERM does: they save.
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGINT if number == signal.SIGINT else signal.SIGTERM)
-                passed_on[pid] = len(received)
+                passed_on[pid] = count
 
     def forward(number: int, frame: object) -> None:  # passed on by the loop below, never twice
         received.append(number)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -122,15 +122,24 @@ def _final_layer_norm(encoder: torch.nn.Module) -> torch.nn.Module:
     return getattr(encoder, "text_model", encoder).final_layer_norm
 
 
-def warn_if_truncated(models: LoadedModels, texts: Sequence[str], where: str = "prompt") -> None:
-    """Name the prompts the tokenizer cuts short (the words past its length are never read)."""
+def warn_if_truncated(
+    models: LoadedModels,
+    texts: Sequence[str],
+    where: str = "prompt",
+    expand: Callable[[str], str] | None = None,
+) -> None:
+    """Name the prompts the tokenizer cuts short (the words past its length are never read).
+
+    `expand`: the text as the pipeline tokenizes it (diffusers spells a token of N vectors as N
+    tokens), when that differs."""
     tokenizer = models.tokenizers[0]
     limit = tokenizer.model_max_length
     texts = [text for text in dict.fromkeys(texts) if text]
     if not texts:
         return
+    read = [expand(text) for text in texts] if expand else texts
     # One batched call: a 100,000-line target_file took 4 s prompt by prompt.
-    long = [text for text, ids in zip(texts, tokenizer(texts).input_ids, strict=True) if len(ids) > limit]
+    long = [text for text, ids in zip(texts, tokenizer(read).input_ids, strict=True) if len(ids) > limit]
     example = long[0][:40] if long else ""
     if len(long) == 1:
         warn(f"{where} {example!r}... is longer than {limit} tokens and is cut there")

@@ -525,15 +525,7 @@ class LecoConfig(_Section):
                 "network.training_method: a closed-form edit solves the cross-attention keys and values "
                 "(xattn-strict); ignored"
             )
-        entry_keys = {
-            "guidance_scale",
-            "weight",
-            "multiplier",
-            "batch_size",
-            "resolution",
-            "dynamic_resolution",
-            "dynamic_crops",
-        }
+        entry_keys = {"guidance_scale", "weight", "multiplier"}  # (kohya files spell out sizes: not named)
         for number, entry in enumerate(self.prompts, start=1):
             chosen = entry.changed_keys(entry_keys)
             if chosen:

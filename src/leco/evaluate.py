@@ -245,7 +245,12 @@ def evaluate(
             with embeddings_loaded(pipe, [str(negative.path)]):
                 pass
         # Cut words are never read: an erase prompt cut before its concept measures nothing.
-        warn_if_truncated(models, [*prompts, settings.negative_prompt], "eval spec prompt")
+        warn_if_truncated(
+            models,
+            [*prompts, settings.negative_prompt],
+            "eval spec prompt",
+            expand=lambda text: pipe.maybe_convert_prompt(text, pipe.tokenizer),
+        )
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
         _save_images(base, folders.values(), slugs)
         rows = judge.rows(base, base, None, 0.0)

@@ -406,7 +406,8 @@ def run_generation(
     pipe = build_pipeline(models, settings.sampler).to(device)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
         # With the embeddings' tokens known: a token of N vectors is N tokens, not its spelling.
-        warn_if_truncated(models, [*(r.prompt for r in requests), settings.negative_prompt])
+        texts = [*(r.prompt for r in requests), settings.negative_prompt]
+        warn_if_truncated(models, texts, expand=lambda text: pipe.maybe_convert_prompt(text, pipe.tokenizer))
         images = dict(generate(pipe, requests, settings, set_strength, progress))
     *files, grid_file = output_files(requests, out)
     paths = [save_image(images[request], file) for request, file in zip(requests, files, strict=True)]

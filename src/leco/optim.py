@@ -76,7 +76,6 @@ class Updates:
         self, train: TrainConfig, parameters: list[torch.nn.Parameter], device: torch.device, fp16: bool
     ):
         self.parameters, self.max_grad_norm = parameters, train.max_grad_norm
-        self.configured_keys = set(train.optimizer_args)  # what a resumed run may change
         self.optimizer = build_optimizer(train, parameters)
         self.lr_scheduler = build_lr_scheduler(train, self.optimizer)
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)
@@ -116,20 +115,17 @@ class Updates:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue a saved run under this config's lr and optimizer_args: torch's load puts the
-        saved run's values back into the optimizer, and the run went on with them silently."""
-        configured = [
-            {key: group[key] for key in group if key != "params"} for group in self.optimizer.param_groups
-        ]
+        """Continue a saved run under this config's lr: torch's load puts the saved run's lr back
+        into the optimizer, and the run went on with it silently. (Another optimizer, or other
+        optimizer or schedule arguments, are refused by checkpoints.read_state.)"""
+        configured = [group["initial_lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         groups = self.optimizer.param_groups
         for group, wanted, saved_base in zip(groups, configured, self.lr_scheduler.base_lrs, strict=True):
-            # Only the keys the config sets: adaptive optimizers (Prodigy) keep state in the groups.
-            group.update({key: wanted[key] for key in self.configured_keys if key in wanted})
-            if wanted["initial_lr"] != saved_base:  # a new lr, at the point its schedule has reached
-                group["lr"] = wanted["initial_lr"] * (group["lr"] / saved_base if saved_base else 1.0)
-                group["initial_lr"] = wanted["initial_lr"]
+            if wanted != saved_base:  # a new lr, at the point its schedule has reached
+                group["lr"] = wanted * (group["lr"] / saved_base if saved_base else 1.0)
+                group["initial_lr"] = wanted
         self.lr_scheduler.base_lrs = [group["initial_lr"] for group in groups]
         self.lr_scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports

@@ -96,7 +96,7 @@ class Trainer:
         self.unet = prepare_for_training(models.unet, self.device, config)
         torch.manual_seed(self.seed)  # the trained part's initial weights
         self.trainable = create_trainable(models, config, self.device)
-        warn_if_truncated(models, config.preview.prompts, "preview.prompts entry")  # a new token known
+        warn_if_truncated(models, config.preview.prompts, "preview prompt")  # a new token known
         self.edited = EditedModel(self.unet, self.trainable, embeddings, models.family.is_sdxl, self.autocast)
         self.teachers = teachers_of_run(
             config.teacher, self.edited, models, self.prompts, self.dtype, self.device

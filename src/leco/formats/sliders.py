@@ -65,10 +65,9 @@ def with_attribute(entry: dict[str, Any], attribute: str) -> dict[str, Any]:
     target = entry["target"]
     unconditional = entry.get("unconditional", "")
     result = {**entry, "target": prefixed(target), "unconditional": prefixed(unconditional)}
-    if entry.get("positive") is not None:
-        result["positive"] = prefixed(entry["positive"])
-    elif not isinstance(target, list):  # a list target means "each target itself" as positive
-        result["positive"] = prefixed(target)
-    neutral = entry.get("neutral")
-    result["neutral"] = prefixed(unconditional if neutral is None else neutral)
+    # Unset, positive and neutral default to the (prefixed) target and unconditional: left unset, so
+    # they stay defaults, not keys the file set (an action that never reads them is not warned of).
+    for role in ("positive", "neutral"):
+        if entry.get(role) is not None:
+            result[role] = prefixed(entry[role])
     return result
