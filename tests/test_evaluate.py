@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -251,6 +252,13 @@ def test_keep_all_is_refused_by_detectors_without_a_concept_list(tiny_clip):
         LecoError, match="keep: all needs a detector with a closed list of concepts; the clip"
     ):
         judged_prompts(spec, ClipDetector(str(tiny_clip), ["nudity"]))
+
+
+def test_a_loaded_specs_own_problems_name_its_file(tmp_path):
+    path = tmp_path / "nudes.yaml"
+    path.write_text("detector: nudenet\nerase: [{prompt: a nude, concept: nudity}]\nkeep: all\n")
+    with pytest.raises(LecoError, match=rf"^{re.escape(str(path))}: keep: all needs a detector"):
+        judged_prompts(load_spec(path), NudeNetDetector())
 
 
 # -- several LoRAs, worst cases, the printed report ---------------------------------------------

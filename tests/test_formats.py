@@ -531,6 +531,14 @@ def test_attributes_work_in_inline_config_prompts(tmp_path):
         "pretrained_model: {name_or_path: x/y}\nprompts:\n  - {target: cat, attributes: [a, b]}\n"
     )
     assert [p.target for p in load_config(path).prompts] == ["a cat", "b cat"]
+    # Roles the file left unset stay defaults: a preserve entry is not told it sets `neutral`.
+    path.write_text(
+        "pretrained_model: {name_or_path: x/y}\n"
+        "prompts:\n  - {target: cat, action: preserve, attributes: [a]}\n"
+    )
+    config = load_config(path)
+    assert (config.prompts[0].positive, config.prompts[0].neutral) == ("a cat", "a ")
+    assert config.unused_settings() == []
 
 
 @pytest.mark.parametrize("value", ["'a,,b'", "[a, 3]", "{a: 1}"])

@@ -19,7 +19,15 @@ from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from leco.conditioning import warn_if_truncated
 from leco.config import ConfigError, describe_validation_error, read_yaml
@@ -55,6 +63,7 @@ class ConceptPrompt(BaseModel):
 
 class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    _source: str = PrivateAttr("eval spec")  # what messages name: the spec's file, once loaded
     detector: Literal["ink-digits", "clip", "nudenet"] = "ink-digits"
     clip_model: str | None = None  # HF id or local folder of a CLIP model (detector: clip)
     alternatives: list[str] = Field(default_factory=list)  # extra zero-shot labels (detector: clip)
@@ -127,6 +136,7 @@ def load_spec(path: str | Path) -> EvalSpec:
         warn(f"{path}: alternatives and clip_model are for detector: clip, not {spec.detector}; ignored")
     if 0.0 not in spec.strengths:
         spec.strengths = [0.0, *spec.strengths]  # drift is measured against strength 0
+    spec._source = str(path)
     return spec
 
 
@@ -156,7 +166,9 @@ def make_detector(spec: EvalSpec, models: LoadedModels) -> Detector:
         return InkDigitsDetector.for_model(models.source)
     if spec.detector == "clip":
         if not spec.clip_model:
-            raise ConfigError("eval spec: clip_model: missing; name a CLIP model (HF id or local folder)")
+            raise ConfigError(
+                f"{spec._source}: clip_model: missing; name a CLIP model (HF id or local folder)"
+            )
         labels = [c.concept for c in spec.erase + spec.keep + spec.enhance] + spec.alternatives
         return ClipDetector(spec.clip_model, labels)
     return NudeNetDetector()
@@ -179,7 +191,10 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
     if spec.keep_all:
         listed = {(item.prompt, item.concept) for item in spec.keep}
         touched = [item.concept for item in spec.erase + spec.enhance]
-        whole = dict(detector.concept_universe([]))  # each prompt's concept with nothing left out
+        try:
+            whole = dict(detector.concept_universe([]))  # each prompt's concept with nothing left out
+        except LecoError as error:  # the detector cannot list its concepts: named with the spec's file
+            raise LecoError(str(error).replace("eval spec:", f"{spec._source}:", 1)) from None
         entries += [
             JudgedPrompt("keep", prompt, concept, names_edit=whole.get(prompt, concept) != concept)
             for prompt, concept in detector.concept_universe(touched)
@@ -187,8 +202,8 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
         ]
         if not any(entry.kind == "keep" for entry in entries):
             raise LecoError(
-                "eval spec: keep: all leaves nothing to keep; the spec erases or enhances every concept the "
-                "detector knows, so drop keep: all"
+                f"{spec._source}: keep: all leaves nothing to keep; the spec erases or enhances every "
+                "concept the detector knows, so drop keep: all"
             )
     for entry in entries:
         detector.check_concept(entry.concept)
@@ -224,7 +239,10 @@ def evaluate(
     negatives = _negative_embeddings(loras, labels, spec.strengths)
     strengths = list(dict.fromkeys(s for s in spec.strengths if s != 0.0)) if loras else []
     if loras and not strengths:
-        raise LecoError("strengths: the spec lists no strength but 0, so no LoRA would apply; e.g. [0, 1]")
+        raise LecoError(
+            f"{spec._source}: strengths: the spec lists no strength but 0, so no LoRA would apply; "
+            "e.g. [0, 1]"
+        )
     for label, path in zip(labels, loras, strict=True):  # a bad second file stops the run now
         if label not in negatives:
             check_lora_fits(read_lora_header(path), models.unet, models.family)
