@@ -588,6 +588,10 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
             {"train": {"method": "closed_form"}, "anchors": {"prompts": ["a"], "text_weight": 1}},
             "anchors.text_weight: not used by train.method: closed_form",
         ),
+        (  # one note, not a second one about the constant schedule
+            {"train": {"method": "closed_form", "lr_scheduler_args": {"num_cycles": 3}}},
+            "train.lr_scheduler_args: not used by train.method: closed_form",
+        ),
         (
             {
                 "prompts": [

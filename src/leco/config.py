@@ -478,10 +478,11 @@ class LecoConfig(_Section):
                 )
         if self.train.method != "closed_form" and self.closed_form.model_fields_set:
             notes.append("closed_form: only for train.method: closed_form; ignored")
-        if self.train.method == "closed_form":
-            self._closed_form_unused(unused, notes)
         if anchors.prompts != "auto":
             unused(anchors, "anchors", {"exclude", "count"}, "only for anchors.prompts: auto")
+        if self.train.method == "closed_form":  # reads no step setting at all: named once, not twice
+            self._closed_form_unused(unused, notes)
+            return notes
         if anchors.rollouts or network.type == "embedding":
             why = "anchors.rollouts: true" if anchors.rollouts else "a negative embedding"
             unused(anchors, "anchors", {"per_step"}, f"with {why} the anchors have rollouts of their own")
