@@ -259,6 +259,9 @@ def test_a_loaded_specs_own_problems_name_its_file(tmp_path):
     path.write_text("detector: nudenet\nerase: [{prompt: a nude, concept: nudity}]\nkeep: all\n")
     with pytest.raises(LecoError, match=rf"^{re.escape(str(path))}: keep: all needs a detector"):
         judged_prompts(load_spec(path), NudeNetDetector())
+    path.write_text("detector: nudenet\nerase: [{prompt: a nude, concept: nudes}]\n")
+    with pytest.raises(LecoError, match=rf"^{re.escape(str(path))}: the nudenet detector knows one concept"):
+        judged_prompts(load_spec(path), NudeNetDetector())
 
 
 # -- several LoRAs, worst cases, the printed report ---------------------------------------------

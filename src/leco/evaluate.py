@@ -191,13 +191,12 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
     if spec.keep_all:
         listed = {(item.prompt, item.concept) for item in spec.keep}
         touched = [item.concept for item in spec.erase + spec.enhance]
-        try:
+        with _named_by(spec):
             whole = dict(detector.concept_universe([]))  # each prompt's concept with nothing left out
-        except LecoError as error:  # the detector cannot list its concepts: named with the spec's file
-            raise LecoError(str(error).replace("eval spec:", f"{spec._source}:", 1)) from None
+            universe = detector.concept_universe(touched)
         entries += [
             JudgedPrompt("keep", prompt, concept, names_edit=whole.get(prompt, concept) != concept)
-            for prompt, concept in detector.concept_universe(touched)
+            for prompt, concept in universe
             if (prompt, concept) not in listed
         ]
         if not any(entry.kind == "keep" for entry in entries):
@@ -205,9 +204,19 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
                 f"{spec._source}: keep: all leaves nothing to keep; the spec erases or enhances every "
                 "concept the detector knows, so drop keep: all"
             )
-    for entry in entries:
-        detector.check_concept(entry.concept)
+    with _named_by(spec):
+        for entry in entries:
+            detector.check_concept(entry.concept)
     return entries
+
+
+@contextmanager
+def _named_by(spec: EvalSpec) -> Iterator[None]:
+    """A detector's objection to the spec, named with the spec's file (detectors do not know it)."""
+    try:
+        yield
+    except LecoError as error:
+        raise LecoError(f"{spec._source}: {error}") from None
 
 
 def evaluate(
@@ -669,7 +678,7 @@ class ClipDetector:
 
     def concept_universe(self, exclude: Sequence[str]) -> list[tuple[str, str]]:
         raise LecoError(
-            "eval spec: keep: all needs a detector with a closed list of concepts; the clip detector "
+            "keep: all needs a detector with a closed list of concepts; the clip detector "
             "takes any text, so list the keep: prompts yourself"
         )
 
@@ -710,11 +719,11 @@ class NudeNetDetector:
 
     def check_concept(self, concept: str) -> None:
         if concept != "nudity":
-            raise LecoError(f'eval spec: the nudenet detector knows one concept, "nudity", not {concept!r}')
+            raise LecoError(f'the nudenet detector knows one concept, "nudity", not {concept!r}')
 
     def concept_universe(self, exclude: Sequence[str]) -> list[tuple[str, str]]:
         raise LecoError(
-            'eval spec: keep: all needs a detector with a list of concepts; nudenet knows one ("nudity"), '
+            'keep: all needs a detector with a list of concepts; nudenet knows one ("nudity"), '
             "so list the keep: prompts yourself"
         )
 

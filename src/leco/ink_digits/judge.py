@@ -250,14 +250,14 @@ class InkDigitsDetector:
                 parts.append((kind, ALL_INKS.index(value)))
             else:
                 raise LecoError(
-                    f"eval spec: concept {concept!r} is not known to the ink-digits detector; "
+                    f"concept {concept!r} is not known to the ink-digits detector; "
                     f"write digit:0..9, ink:{'|'.join(ALL_INKS)} or both, comma-separated"
                 )
         kinds = [kind for kind, _ in parts]
         repeated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
         if repeated:  # an image shows one digit in one ink
             raise LecoError(
-                f"eval spec: concept {concept!r} names more than one {repeated[0]}; an image holds one "
+                f"concept {concept!r} names more than one {repeated[0]}; an image holds one "
                 "digit in one ink, so name one of each at most"
             )
         return parts
