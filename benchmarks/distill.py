@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from recipe_runs import apply_changes, positive_int, seed_list
 
+from leco import train
 from leco.cli import quiet_libraries
 from leco.conditioning import PromptEncoder, predict
 from leco.config import load_config
@@ -39,7 +40,6 @@ from leco.models import load_models
 from leco.network import LoRANetwork
 from leco.objectives import guided
 from leco.rollout import Rollout
-from leco.trainer import train
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "distill_cfg3.yaml"
 HELD_OUT = ("number", "terse", "digit-only", "number-only", "ink-only")

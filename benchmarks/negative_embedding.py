@@ -36,14 +36,13 @@ import numpy as np
 import torch
 from recipe_runs import apply_changes, positive_int, seed_list
 
-from leco import embedding
+from leco import embedding, train
 from leco.cli import quiet_libraries
 from leco.conditioning import Conditioning
 from leco.config import load_config
 from leco.generate import build_pipeline, embeddings_loaded
 from leco.ink_digits.judge import InkDigitsDetector
 from leco.models import load_models
-from leco.trainer import train
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "negative_seven.yaml"
 ERASED = [

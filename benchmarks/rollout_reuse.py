@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from recipe_runs import positive_int, positive_ints
 
+from leco import train
 from leco.cli import quiet_libraries
 from leco.config import load_config
 from leco.evaluate import evaluate, load_spec
 from leco.models import load_models
-from leco.trainer import train
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ink-digits"
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from recipe_runs import apply_changes, known_names, positive_int, seed_list
 
+from leco import train
 from leco.cli import quiet_libraries
 from leco.conditioning import PromptEncoder, predict
 from leco.config import AnchorConfig, load_config
@@ -45,7 +46,6 @@ from leco.models import load_models
 from leco.network import LoRANetwork
 from leco.objectives import OBJECTIVES, guided
 from leco.preservation import anchor_prompts
-from leco.trainer import train
 
 INK_NAMES_OF_MODEL = MODEL_INKS["ink-digits"]  # the inks it draws (its vocabulary knows more)
 

@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser
 
+from leco import train
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
 from leco.evaluate import EvalSpec, evaluate
 from leco.ink_digits.data import DIGIT_WORDS
 from leco.models import load_models
-from leco.trainer import train
 
 TASKS: dict[str, list[int] | str] = {
     "1": [7],

@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser
 
+from leco import train
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
 from leco.evaluate import EvalSpec, evaluate
@@ -42,7 +43,6 @@ from leco.ink_digits.data import (
     caption,
 )
 from leco.models import load_models
-from leco.trainer import train
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "transplant_purple.yaml"
 HELD_OUT = "number"  # the phrasing the `held-out` recipes never train on

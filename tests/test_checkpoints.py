@@ -5,10 +5,11 @@ import signal
 import pytest
 from test_trainer import make_config, stop_a_cli_run
 
+from leco import train
 from leco.checkpoints import RunFolder
 from leco.errors import LecoError
 from leco.network import read_lora_file
-from leco.trainer import Trainer, train
+from leco.trainer import Trainer
 
 
 def test_a_save_path_under_a_file_fails_before_the_model_loads(tmp_path):

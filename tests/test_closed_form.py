@@ -4,11 +4,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from leco import train
 from leco.closed_form import aligned_states, edit_prompts, last_word, text_states
 from leco.config import ConfigError, LecoConfig
 from leco.models import load_models
 from leco.network import read_lora_file
-from leco.trainer import train
 
 ERASED, GUIDE, KEPT = "a red fox", "a fox", ["a blue car", "a green house"]
 

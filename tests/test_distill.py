@@ -4,12 +4,12 @@ from pathlib import Path
 
 import torch
 
+from leco import train
 from leco.conditioning import PromptEncoder, predict
 from leco.config import load_config
 from leco.generate import build_pipeline
 from leco.models import load_models
 from leco.objectives import guided
-from leco.trainer import train
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "distill_cfg3.yaml"
 # Every phrasing here is one the example never trains on ("a digit D in INK ink" only).

@@ -4,10 +4,11 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from leco import train
 from leco.config import ConfigError, LecoConfig
 from leco.errors import LecoError
 from leco.network import read_lora_file
-from leco.trainer import Trainer, train
+from leco.trainer import Trainer
 
 TOKEN = "<no-fox>"
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from leco import train
 from leco.conditioning import PromptEncoder, predict
 from leco.config import load_config
 from leco.evaluate import evaluate, load_spec
 from leco.models import load_models
 from leco.network import LoRANetwork
-from leco.trainer import train
 
 # One worker trains and judges the examples once for all the tests below (pytest-xdist).
 pytestmark = pytest.mark.xdist_group("bundled-example")

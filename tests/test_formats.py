@@ -11,11 +11,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from leco import train
 from leco.config import ConfigError, PromptSettings, TrainConfig, load_config, load_prompts
 from leco.models import load_models
 from leco.network import read_lora_file
 from leco.prompts import encode_texts, prepare_prompts
-from leco.trainer import train
 
 DATA = Path(__file__).resolve().parent / "data" / "formats"
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ink-digits"

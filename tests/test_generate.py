@@ -159,8 +159,8 @@ def test_cli_names_a_missing_embedding_before_loading_the_model(tmp_path):
 
 
 def test_training_renders_preview_grids(tmp_path, tiny_folders):
+    from leco import train
     from leco.config import LecoConfig
-    from leco.trainer import train
 
     config = LecoConfig.model_validate(
         {

@@ -7,12 +7,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from leco import train
 from leco.config import LecoConfig
 from leco.errors import LecoError
 from leco.network import read_lora_file
 from leco.teacher import convert_prediction
 from leco.testing import BETAS
-from leco.trainer import Trainer, train
+from leco.trainer import Trainer
 
 
 def test_v_and_epsilon_conversions_match_diffusers_formulas():

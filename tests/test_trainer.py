@@ -11,12 +11,13 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline
 
+from leco import train
 from leco.conditioning import predict
 from leco.config import LecoConfig, PromptSettings
 from leco.errors import LecoError
 from leco.network import read_lora_file
 from leco.steps import Step, wanted
-from leco.trainer import Trainer, train
+from leco.trainer import Trainer
 
 PROMPTS = [
     {"target": "a red fox", "guidance_scale": 2.0, "batch_size": 2},

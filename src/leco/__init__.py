@@ -2,20 +2,47 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from leco.config import LecoConfig
     from leco.trainer import TrainResult
 
 __version__ = "0.1.0"
 
 
-def train(config: Any, **options: Any) -> TrainResult:
-    """Train a LECO LoRA from a config (a LecoConfig or the path of a config YAML).
+def train(
+    config: LecoConfig | dict[str, Any] | str | Path,
+    *,
+    resume: str | Path | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train as the config says (a file, a dict of its sections or a LecoConfig), as `leco train
+    CONFIG` does; returns where the final file was written.
 
-    The same as `leco train CONFIG`; see leco.trainer.train. Imported lazily so that `import leco`
-    stays light.
+    A config with `train.method: closed_form` is one edit of the cross-attention (leco.closed_form);
+    any other runs the training loop (leco.trainer). Imported lazily so that `import leco` stays light.
     """
-    from leco.trainer import train as run
+    from leco.config import ready_config
+    from leco.errors import LecoError, warn
 
-    return run(config, **options)
+    if not isinstance(overwrite, bool):  # "no" would read as true and replace an earlier run
+        raise LecoError(f"overwrite: {overwrite!r}; give True or False")
+    config = ready_config(config)
+    if os.environ.get("RANK", "0") == "0":  # once, not per process
+        for note in config.unused_settings():
+            warn(note)
+    if config.train.method == "closed_form":
+        from leco import closed_form
+        from leco.trainer import TrainResult
+
+        if resume is not None:
+            raise LecoError("--resume: a closed-form edit has no steps to continue; run it again")
+        path, network, _ = closed_form.edit(config, overwrite=overwrite)
+        return TrainResult(path, None, 0, False, network)
+    from leco.trainer import Trainer
+
+    return Trainer(config, progress=progress, resume=resume, overwrite=overwrite).run()

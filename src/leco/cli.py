@@ -444,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from leco.trainer import train
+    from leco import train
 
     config = args.config or args.config_file
     if config is None or (args.config and args.config_file):

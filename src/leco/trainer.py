@@ -1,18 +1,15 @@
 """The LECO training loop.
 
-One step: take latents from a partial rollout made by the edited model (leco.rollout), with the
-frozen model's predictions that the entry's objective needs (leco.teacher; asked for a whole
-rollout's steps at once, leco.steps), turn them into a training target (leco.objectives) and move
-the trained part's prediction there. What is trained, a LoRA or a token embedding, sits behind
-leco.trainable. Read `Trainer.objective_loss` first, then `train_step`; the rest is
-setup, saving and the loop.
+One step: latents from a partial rollout of the edited model (leco.rollout) with the frozen model's
+predictions its entry's objective needs (leco.teacher, a rollout's steps at once: leco.steps), made
+a training target (leco.objectives) that the trained part's prediction moves to. What is trained, a
+LoRA or a token embedding, sits behind leco.trainable. Read `objective_loss`, then `train_step`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
@@ -22,12 +19,12 @@ from typing import Any
 
 import torch
 
-from leco import closed_form, objectives
+from leco import objectives
 from leco.checkpoints import RunFolder, StopRequest, read_state, run_metadata
 from leco.conditioning import warn_if_truncated
-from leco.config import LecoConfig, ready_config
+from leco.config import LecoConfig
 from leco.distributed import Ranks
-from leco.errors import LecoError, warn
+from leco.errors import LecoError
 from leco.models import (
     DTYPES,
     LoadedModels,
@@ -84,7 +81,6 @@ class Trainer:
         self.folder.check(overwrite=overwrite, resume_source=self.resume_source, previews=previews)
         check_log_folder(config)
         state = read_state(resume, config.to_json(), self.ranks.count) if resume is not None else None
-
         models = models or load_models(config.pretrained_model, dtype=self.dtype, with_vae=previews)
         self.models = models
         anchors = anchor_prompts(config.anchors, config.prompts, models.source)
@@ -252,26 +248,3 @@ class Trainer:
             path = self.save(suffix)
             self.render_preview(suffix)
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
-
-
-def train(
-    config: LecoConfig | dict[str, Any] | str | Path,
-    *,
-    resume: str | Path | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> TrainResult:
-    """Train as the config says (a file, a dict of its sections or a LecoConfig); returns where the
-    final file was written."""
-    if not isinstance(overwrite, bool):  # "no" would read as true and replace an earlier run
-        raise LecoError(f"overwrite: {overwrite!r}; give True or False")
-    config = ready_config(config)
-    if os.environ.get("RANK", "0") == "0":  # once, not per process
-        for note in config.unused_settings():
-            warn(note)
-    if config.train.method == "closed_form":
-        if resume is not None:
-            raise LecoError("--resume: a closed-form edit has no steps to continue; run it again")
-        path, network, _ = closed_form.edit(config, overwrite=overwrite)
-        return TrainResult(path, None, 0, False, network)
-    return Trainer(config, progress=progress, resume=resume, overwrite=overwrite).run()
