@@ -157,6 +157,15 @@ def test_a_resumed_run_trains_on_with_the_new_lr(tmp_path, tiny_folders):
     assert group["lr"] == saved_lr
 
 
+def test_a_resumed_step_schedule_follows_the_new_iterations(tmp_path, tiny_folders):
+    first = make_config(tiny_folders["sd1"], tmp_path / "a", iterations=4, lr_scheduler="step")
+    state = train(first, progress=False).state
+    longer = make_config(tiny_folders["sd1"], tmp_path / "b", iterations=40, lr_scheduler="step")
+    schedule = Trainer(longer, progress=False, resume=state).updates.lr_scheduler
+    assert schedule.step_size == 10 and schedule.last_epoch == 4  # its position kept, its shape the config's
+    assert Trainer(first, progress=False, resume=state, overwrite=False).updates.lr_scheduler.step_size == 1
+
+
 def test_resuming_with_another_optimizer_is_one_line(tmp_path, tiny_folders):
     first = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=3), progress=False)
     config = make_config(tiny_folders["sd1"], tmp_path / "b", iterations=6)

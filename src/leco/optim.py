@@ -117,10 +117,16 @@ class Updates:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a saved run under this config's lr: torch's load puts the saved run's lr back
         into the optimizer, and the run went on with it silently. (Another optimizer, or other
-        optimizer or schedule arguments, are refused by checkpoints.read_state.)"""
+        optimizer or schedule arguments, are refused by checkpoints.read_state.) The schedule's shape
+        is this config's too: StepLR's saved step size (a quarter of the first run's iterations by
+        default) would otherwise outlive a change of train.iterations, which diffusers' schedules
+        follow."""
         configured = [group["initial_lr"] for group in self.optimizer.param_groups]
+        schedule = vars(self.lr_scheduler)
+        shape = {key: schedule[key] for key in ("step_size", "gamma") if key in schedule}
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        vars(self.lr_scheduler).update(shape)
         self.scaler.load_state_dict(state["scaler"])
         groups = self.optimizer.param_groups
         for group, wanted, saved_base in zip(groups, configured, self.lr_scheduler.base_lrs, strict=True):
