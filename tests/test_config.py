@@ -626,6 +626,7 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
             "never reaches train.lr",
         ),
         ({"train": {"lr_warmup_steps": 10}}, "train.lr_warmup_steps: the constant schedule has no warmup"),
+        ({"teacher": None}, "teacher: empty, so the model teaches itself"),  # `teacher:` and nothing
     ],
 )
 def test_settings_the_rest_of_the_config_leaves_without_effect_are_named(sections, expected):

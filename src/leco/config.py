@@ -476,6 +476,8 @@ class LecoConfig(_Section):
                     f"prompts entry {number}: {', '.join(unread)}: action {entry.action} does not use "
                     f"{'it' if len(unread) == 1 else 'them'}; ignored"
                 )
+        if "teacher" in self.model_fields_set and self.teacher is None:  # `teacher:` with nothing under it
+            notes.append("teacher: empty, so the model teaches itself; give teacher.name_or_path for another")
         if self.train.method != "closed_form" and self.closed_form.model_fields_set:
             notes.append("closed_form: only for train.method: closed_form; ignored")
         if anchors.prompts != "auto":
