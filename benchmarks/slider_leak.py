@@ -14,6 +14,7 @@ The slider's own ends: "a digit five" drawn red at +1 and blue at -1 (16 image s
 
 usage: OMP_NUM_THREADS=1 python benchmarks/slider_leak.py [--recipes default,anchors] [--seeds 0,1,2]
            [--set network.rank=16 ...]   (every recipe's config, changed)
+           [--config examples/ink-digits/slider_red_blue_ai_toolkit.yaml --recipes default]
 """
 
 from __future__ import annotations
@@ -218,8 +219,8 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
 }
 
 
-def configure(recipe: str, seed: int, out: Path, changes: list[str] = ()):
-    config = load_config(EXAMPLE)
+def configure(recipe: str, seed: int, out: Path, changes: list[str] = (), base: Path = EXAMPLE):
+    config = load_config(base)
     config.train.seed, config.save.path, config.save.per_steps = seed, str(out), 10**9
     config.preview.prompts = []
     for change in RECIPES[recipe]:
@@ -293,7 +294,14 @@ def targets_drawn(models, judge: InkDigitsJudge) -> str:
 
 
 def measure(
-    recipe: str, seeds: list[int], images: int, models, folder: Path, changes: list[str], with_ladder: bool
+    recipe: str,
+    seeds: list[int],
+    images: int,
+    models,
+    folder: Path,
+    changes: list[str],
+    with_ladder: bool,
+    base: Path = EXAMPLE,
 ) -> dict[str, Any]:
     cases = prompts()
     kinds = np.repeat([k for _, k in cases], images)
@@ -302,7 +310,8 @@ def measure(
     seconds, ladders = [], []
     for seed in seeds:
         start = time.perf_counter()
-        result = train(configure(recipe, seed, folder / recipe / str(seed), changes), progress=False)
+        config = configure(recipe, seed, folder / recipe / str(seed), changes, base)
+        result = train(config, progress=False)
         seconds.append(time.perf_counter() - start)
         network = LoRANetwork.from_file(models.unet, models.family, result.path)
         pipe = build_pipeline(models)
@@ -341,6 +350,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=EXAMPLE,
+        help="the red/blue slider config each recipe changes (any file leco train reads: e.g. the kohya "
+        "TOML or ai-toolkit job examples); default: the slider example",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--images", type=positive_int, default=8, help="images per prompt and strength")
     parser.add_argument(
@@ -355,9 +371,10 @@ def main() -> None:
     args = parser.parse_args()
     seeds = seed_list(parser, args.seeds)
     recipes = known_names(parser, "--recipes", args.recipes, RECIPES)
-    apply_changes(load_config(EXAMPLE), args.set)  # a bad change stops here, before any training
+    apply_changes(load_config(args.config), args.set)  # a bad change stops here, before any training
     models = load_models("ink-digits", with_vae=True)
     changed = f"; --set {' '.join(args.set)}" if args.set else ""
+    changed += f"; config {args.config.name}" if args.config != EXAMPLE else ""
     print(f"changed at +-1 vs 0 (same seed), mean over strengths and training seeds {seeds}; ", end="")
     print(f"own ends: worst{changed}")
     header = ["recipe", *KINDS, "all untargeted (worst)", "red at +1", "blue at -1", "train s"]
@@ -365,7 +382,7 @@ def main() -> None:
     print("|" + "---|" * len(header))
     with tempfile.TemporaryDirectory() as folder:
         for recipe in recipes:
-            r = measure(recipe, seeds, args.images, models, Path(folder), args.set, args.ladder)
+            r = measure(recipe, seeds, args.images, models, Path(folder), args.set, args.ladder, args.config)
             cells = [
                 recipe,
                 *(f"{r[k]:.1%}" for k in KINDS),

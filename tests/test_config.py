@@ -130,7 +130,7 @@ def test_inline_prompts_are_accepted(tmp_path):
             ["line", "'train' appears twice in one mapping; keep one"],
         ),
         (MINIMAL + "train:\n  lr: 1e-3\n  lr: 1e-4\n", ["'lr' appears twice"]),
-        (MINIMAL + "train:\n  iterations: true\n", ["train.iterations: YAML read this as true/false"]),
+        (MINIMAL + "train:\n  iterations: true\n", ["train.iterations: true/false, which", "quote"]),
         (
             MINIMAL + "iterations: 3\n",
             ["iterations: unknown key; it belongs under train: (train.iterations)"],
@@ -626,7 +626,11 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
             "never reaches train.lr",
         ),
         ({"train": {"lr_warmup_steps": 10}}, "train.lr_warmup_steps: the constant schedule has no warmup"),
-        ({"teacher": None}, "teacher: empty, so the model teaches itself"),  # `teacher:` and nothing
+        ({"teacher": None}, "teacher: empty, so the model teaches itself"),
+        (
+            {"prompts": [{"target": "x", "resolution": 512}], "train": {"resolution": 16, "batch_size": 2}},
+            "train.resolution: every prompts entry sets its own",  # batch_size: the entries leave it
+        ),  # `teacher:` and nothing
     ],
 )
 def test_settings_the_rest_of_the_config_leaves_without_effect_are_named(sections, expected):

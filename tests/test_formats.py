@@ -149,7 +149,7 @@ KOHYA_ERRORS = {
     ),
     "bad_value": (
         '[[prompts]]\ntarget = "cat"\naction = "erse"\n',
-        "prompts 1.action: 'erse' is not allowed",
+        "prompts 1.action: 'erse' is not allowed; use erase or enhance",
     ),
     "leco_only_action": (
         'action = "distill"\n[[prompts]]\ntarget = "cat"\n',
@@ -165,10 +165,6 @@ KOHYA_ERRORS = {
         "neutral_prompt_file: cannot read",
     ),
     "invalid_toml": ("[[prompts]\n", "invalid TOML"),
-    "empty_neutral_file": (
-        'neutral_prompt_file = "empty.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
-        "empty.txt holds no prompts",
-    ),
     "neutral_file_is_the_toml": (
         'neutral_prompt_file = "prompts.toml"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
         "prompts.toml is a toml file; name a text file with one prompt a line",
@@ -192,6 +188,27 @@ def test_kohya_errors_are_one_line_naming_the_file_and_key(tmp_path, case):
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     assert expected in message
+
+
+def test_kohya_empty_neutral_files_fall_back_to_neutral_and_a_bom_is_no_prompt(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "bom.txt").write_bytes("\ufeffa photo\r\na room\r\n".encode())
+    path = tmp_path / "prompts.toml"
+    path.write_text(
+        'neutral = "top"\nneutral_prompt_file = "empty.txt"\n'
+        '[[targets]]\ntarget_class = "c"\npositive = "p"\n'
+        '[[targets]]\ntarget_class = "d"\npositive = "q"\nneutral = "own"\nprompt_file = "empty.txt"\n'
+        '[[targets]]\ntarget_class = "e"\npositive = "r"\nneutral_prompt_file = "bom.txt"\n'
+    )
+    entries = load_prompts(path)
+    # kohya: an empty list falls back to the neutral the target would read (its own, else the file's)
+    assert [(e.target, e.neutral) for e in entries[::2]] == [
+        ("c", "top"),
+        ("d", "own"),
+        ("e", "a photo"),
+        ("e", "a room"),
+    ]
+    assert capsys.readouterr().err.count("empty.txt holds no prompts; the neutral prompt is used") == 2
 
 
 KOHYA_KEYS = [
@@ -281,7 +298,8 @@ def test_ai_toolkit_yaml_maps_every_section(ai_toolkit_env):
     )
     assert (train_.lr_scheduler, train_.noise_scheduler, train_.max_denoising_steps) == ("cosine", "ddpm", 6)
     assert (train_.precision, train_.batch_size, train_.gradient_checkpointing) == ("fp32", 1, False)
-    assert (train_.device, train_.rollout_guidance_scale) == ("cpu", 3.0)
+    # ai-toolkit's rollout: the network off, one text embedding a latent (no guidance)
+    assert (train_.device, train_.rollout_model, train_.rollout_guidance_scale) == ("cpu", "frozen", 1.0)
     assert (save.name, save.path, save.per_steps, save.precision) == (
         "eye_size_slider",
         str(ai_toolkit_env / "out" / "eye_size_slider"),
@@ -312,7 +330,22 @@ def test_ai_toolkit_targets_become_kohyas_four_pairs_at_guidance_one(ai_toolkit_
             }
     got = [(*fields(e, *POLES), e.resolution, e.weight) for e in entries]
     assert len(got) == len(expected) == 24 and set(got) == expected
-    assert {(e.guidance_scale, e.batch_size) for e in entries} == {(1.0, 1)}
+    # the batch is train.batch_size, the default of every entry (which names none)
+    assert {(e.guidance_scale, e.batch_size) for e in entries} == {(1.0, None)}
+
+
+@pytest.mark.parametrize(
+    ("keys", "rank"),
+    [({"rank": 16, "linear": 8}, 16), ({"linear": 8}, 8), ({"rank": None, "linear": 8}, 8), ({}, 4)],
+)
+def test_ai_toolkit_rank_wins_over_linear_as_in_its_network_config(ai_toolkit_env, tmp_path, keys, rank):
+    job = yaml.safe_load((DATA / "ai_toolkit_slider.yaml").read_text())
+    network = job["config"]["process"][0]["network"]
+    network.pop("linear")
+    network.update(keys)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert load_config(path).network.rank == rank
 
 
 def test_ai_toolkit_json_maps_optimizer_scheduler_network_and_shuffle():
@@ -509,6 +542,17 @@ def test_a_sliders_prompt_file_loads_as_it_is():
         "erase",
         False,
     )
+
+
+def test_sliders_gpt_prompt_files_run_with_the_keys_sliders_ignores_named(capsys):
+    entries = load_prompts(DATA / "sliders_gpt_prompts.yaml")
+    assert [(e.target, e.guidance_scale, e.action) for e in entries] == [
+        ("woman", 1.0, "enhance"),  # `guidance: 4` is not read by sliders: it trains at 1
+        ("man", 1.0, "enhance"),
+        ("child", 2.0, "enhance"),
+    ]
+    warning = capsys.readouterr().err
+    assert "guidance (entries 1-2), rank (entries 1-2): keys of rohitgandikota/sliders'" in warning
 
 
 def test_sliders_attributes_duplicate_an_entry_with_each_attribute_before_its_four_prompts():

@@ -154,6 +154,22 @@ def test_rollout_doubles_the_batch_only_when_guiding(tmp_path, tiny_folders, gui
     assert len(samples) == 2 and samples[0].timesteps[0] != samples[1].timesteps[0]
 
 
+@pytest.mark.parametrize("rollout_model", ["edited", "frozen"])
+def test_rollouts_are_sampled_by_the_model_the_config_names(tmp_path, tiny_folders, rollout_model):
+    config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=2, rollout_model=rollout_model)
+    config.prompts = [PromptSettings(target="a red fox", multiplier=-1)]
+    trainer = Trainer(config, progress=False)
+    for parameter in trainer.trainable.parameters():  # a LoRA far from zero: it changes every sample
+        torch.nn.init.normal_(parameter, std=0.5)
+    state = trainer.generator.get_state()
+    applied = torch.cat([sample.latents for sample in trainer.samples.roll_out()])
+    trainer.generator.set_state(state)
+    for parameter in trainer.trainable.parameters():
+        torch.nn.init.normal_(parameter, std=0.5)  # other weights: nothing of them may show when frozen
+    again = torch.cat([sample.latents for sample in trainer.samples.roll_out()])
+    assert torch.equal(applied, again) == (rollout_model == "frozen")
+
+
 def test_distillation_rolls_out_at_guidance_one_and_targets_the_guided_prediction(tmp_path, tiny_folders):
     config = make_config(tiny_folders["sd1"], tmp_path, samples_per_rollout=1)
     config.prompts = [PromptSettings(target=["a red fox", "a blue car"], action="distill", guidance_scale=4)]

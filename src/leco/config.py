@@ -86,8 +86,8 @@ class _Section(BaseModel):
         field = cls.model_fields.get(info.field_name or "")
         if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
             raise ValueError(
-                "YAML read this as true/false, which this key does not take; give its value (quote words "
-                "YAML reads as true/false, such as yes, no, on, off)"
+                "true/false, which this key does not take; give its value (in YAML, quote the words it "
+                "reads as true/false: yes, no, on, off)"
             )
         return value
 
@@ -188,6 +188,10 @@ class TrainConfig(_Section):
     # any repeats (each of several concepts gets its share of rollouts); "random": drawn independently.
     entry_order: Literal["shuffled", "random"] = "shuffled"
     rollout_guidance_scale: float = Field(3.0, ge=0, le=100, allow_inf_nan=False)
+    # Who samples the rollouts: "edited", the model with the trained part applied at the entry's
+    # strength (LECO, ESD, kohya: the latents follow what training has done so far), or "frozen",
+    # the model as it is (ai-toolkit's slider process).
+    rollout_model: Literal["edited", "frozen"] = "edited"
     # Spread each sample uniformly inside its sampling step's timestep interval (False: on the grid).
     timestep_offset: bool = True
     seed: int | None = Field(None, ge=-1, lt=2**63)  # unset or -1 (as A1111 and kohya_ss): random, saved
@@ -476,6 +480,10 @@ class LecoConfig(_Section):
                     f"prompts entry {number}: {', '.join(unread)}: action {entry.action} does not use "
                     f"{'it' if len(unread) == 1 else 'them'}; ignored"
                 )
+        for key in ("resolution", "batch_size"):  # the defaults for entries that name none
+            if self.prompts and all(getattr(entry, key) is not None for entry in self.prompts):
+                where = "a kohya prompt file's entries always do (512 and 1 unless set)"
+                unused(self.train, "train", {key}, f"every prompts entry sets its own; {where}")
         if "teacher" in self.model_fields_set and self.teacher is None:  # `teacher:` with nothing under it
             notes.append("teacher: empty, so the model teaches itself; give teacher.name_or_path for another")
         if self.train.method != "closed_form" and self.closed_form.model_fields_set:

@@ -145,7 +145,8 @@ def _warn_if_far_from_native(prepared: list[PreparedPrompt], native: int) -> Non
         height, width = far[0][1]
         warn(
             f"prompts entries {entries} train at {height}x{width} px; this model draws at "
-            f"{native} px (a kohya prompt file without `resolution` means 512): set `resolution: {native}`"
+            f"{native} px: set `resolution: {native}` in the prompt entries (a kohya prompt file without "
+            f"`resolution` means 512: write `resolution = {native}` at its top)"
         )
 
 

@@ -131,10 +131,13 @@ class EditedModel:
         size: tuple[int, int],
         crop: tuple[int, int],
         batch: int,
+        edited: bool = True,
     ) -> Callable[[Tensor, Tensor], Tensor]:
-        """Sampling `target` with classifier-free guidance against the trainable's negative side."""
+        """Sampling `target` with classifier-free guidance against the trainable's negative side (the
+        plain `unconditional` where not `edited`: the frozen model samples)."""
         positive = self.condition(self.embeddings[target], batch, size, crop)
-        negative = self.trainable.negative_condition(self.embeddings[unconditional])
+        unconditional_embeds = self.embeddings[unconditional]
+        negative = self.trainable.negative_condition(unconditional_embeds) if edited else unconditional_embeds
         both = Conditioning.cat([self.condition(negative, batch, size, crop), positive])
 
         def model(latents: Tensor, timestep: Tensor) -> Tensor:

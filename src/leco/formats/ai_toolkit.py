@@ -4,8 +4,9 @@ The reference is ai-toolkit's own code: `toolkit/config.py` (reading, `${ENV}` a
 substitution), `toolkit/config_modules.py` (every section's keys and defaults) and
 `jobs/process/TrainSliderProcess.py` (what a slider step trains). What it trains maps onto leco
 exactly: each target's four pairs are kohya's slider entries (`kohya_leco.slider_pairs`), guidance
-1, neutral "" (or each `slider.prompt_file` line), the rollout at CFG 3 with the LoRA on, one entry
-per step as with `batch_full_slide: false` (true sums the four pairs in one step).
+1, neutral "" (or each `slider.prompt_file` line), the rollout sampled by the frozen model (the
+network is asserted inactive there) from the target class alone, one entry per step as with
+`batch_full_slide: false` (true sums the four pairs in one step).
 
 Keys are handled in three ways, so that nothing is dropped without a word:
 - mapped to the leco key that does the same (the table in the README);
@@ -48,7 +49,9 @@ AI_TOOLKIT_TRAIN_DEFAULTS = {
     "lr_scheduler": "constant",
 }
 AI_TOOLKIT_SAVE_DEFAULTS = {"save_every": 1000, "dtype": "float16", "max_step_saves_to_keep": 5}
-ROLLOUT_GUIDANCE = 3.0  # TrainSliderProcess denoises the partial rollout at CFG 3
+# TrainSliderProcess denoises the partial rollout with the network off, and passes one text
+# embedding per latent, so its `guidance_scale=3` does no guidance (since May 2025; CFG 3 before).
+ROLLOUT = {"rollout_model": "frozen", "rollout_guidance_scale": 1.0}
 
 # ai-toolkit optimizer name -> (leco optimizer, eps ai-toolkit passes, lr below 0.1 becomes 1.0)
 _OPTIMIZERS = {
@@ -329,7 +332,8 @@ class _Converter:
                 f"use one of {', '.join(_SCHEDULERS)}"
             )
         self.put("train.noise_scheduler", scheduler, train.key("noise_scheduler"))
-        self.put("train.rollout_guidance_scale", ROLLOUT_GUIDANCE, train.where)
+        for key, value in ROLLOUT.items():
+            self.put(f"train.{key}", value, train.where)
         self.put("other.use_xformers", train.get("xformers", False), train.key("xformers"))
         # Read by ai-toolkit but without effect on a slider (or on a LoRA that trains the UNet only).
         train.accept("sdp", "text_encoder_lr", "refiner_lr", "embedding_lr", "adapter_lr")
@@ -445,9 +449,12 @@ class _Converter:
                 f"{self.path}: {network.key('type')}: {kind!r} has no leco equivalent; "
                 "use lora, lierla, locon or c3lier"
             )
-        rank = network.get("linear", network.get("rank", 4))
+        # NetworkConfig: `rank` (the older name) wins over `linear`; `linear_alpha` over `alpha`.
+        rank_key = "linear" if network.get("rank") is None else "rank"
+        network.accept("linear")
+        rank = network.get(rank_key, 4)
         alpha = network.get("linear_alpha", network.get("alpha", 1.0))
-        self.put("network.rank", rank, network.key("linear"))
+        self.put("network.rank", rank, network.key(rank_key))
         self.put("network.alpha", alpha, network.key("linear_alpha"))
         conv = network.get("conv")
         if conv:  # ai-toolkit adds the 3x3 convs whenever conv is set, whatever the type says
@@ -558,8 +565,7 @@ class _Converter:
         expanded = expanded[:steps]  # ai-toolkit trims targets (with permutations) to the step count
         resolutions = self.resolutions(slider)
         neutrals = self.neutrals(slider, steps, rng)
-        batch = self.config["train"]["batch_size"]
-        entries = []
+        entries = []  # batch_size: train.batch_size, the default of entries that name none
         for neutral in neutrals:
             for target_class, positive, negative, multiplier, weight in expanded:
                 for resolution in resolutions:
@@ -573,7 +579,6 @@ class _Converter:
                                 "action": action,
                                 "guidance_scale": 1.0,
                                 "resolution": resolution,
-                                "batch_size": batch,
                                 "multiplier": strength,
                                 "weight": weight,
                             }
@@ -629,7 +634,7 @@ class _Converter:
             raise ConfigError(f"{self.path}: {key}: {name!r} not found (looked at {where}); fix the path")
         refuse_non_text_prompts(found, f"{self.path}: {key}")
         try:
-            text = found.read_text(encoding="utf-8")
+            text = found.read_text(encoding="utf-8-sig")  # a BOM is no part of the first prompt
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{self.path}: {key}: cannot read {found} ({type(error).__name__})") from None
         refuse_non_text_prompts(found, f"{self.path}: {key}", text)

@@ -31,6 +31,7 @@ from leco.config import (
     read_config_text,
     refuse_non_text_prompts,
 )
+from leco.errors import warn
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -188,13 +189,14 @@ class _KohyaReader:
         self.check_keys(item, PROMPT_KEYS, f"{where}.", "a prompt entry")
         fields = {**_pick(defaults, PROMPT_KEYS), **item}
         action = fields.get("action", "erase")
-        # A kohya file should stay runnable by kohya; leco's other actions live in its own YAML. (A
-        # typo is left to the validation below, which lists the allowed values.)
+        # A kohya file should stay runnable by kohya; leco's other actions live in its own YAML.
         if isinstance(action, str) and action in LECO_ONLY_ACTIONS:
             raise ConfigError(
                 f"{self.path}: {where}.action: {action!r} is not a kohya train_leco action (erase, enhance); "
                 "write this entry in a leco prompts YAML (README: prompts.yaml) to use leco's own actions"
             )
+        if action not in KOHYA_ACTIONS:
+            raise ConfigError(f"{self.path}: {where}.action: {action!r} is not allowed; use erase or enhance")
         if "resolution" in fields:
             fields["resolution"] = self.resolution(fields["resolution"], f"{where}.resolution")
         return where, fields
@@ -263,13 +265,15 @@ class _KohyaReader:
         return None
 
     def lines(self, name: Any, key: str) -> list[str]:
-        """kohya's reading: every non-blank line, stripped (a `#` line is a prompt too)."""
+        """kohya's reading: every non-blank line, stripped (a `#` line is a prompt too). An empty file
+        gives none, and kohya then falls back to the `neutral` prompt; a UTF-8 BOM is not read as part
+        of the first prompt (kohya would keep it)."""
         if not isinstance(name, str):
             raise ConfigError(f"{self.path}: {key}: must be a file name (got {name!r})")
         file = self.path.parent / Path(name).expanduser()
         refuse_non_text_prompts(file, f"{self.path}: {key}")
         try:
-            text = file.read_text(encoding="utf-8")
+            text = file.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError, ValueError) as error:
             raise ConfigError(
                 f"{self.path}: {key}: cannot read {file} ({type(error).__name__}); "
@@ -278,9 +282,7 @@ class _KohyaReader:
         refuse_non_text_prompts(file, f"{self.path}: {key}", text)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
-            raise ConfigError(
-                f"{self.path}: {key}: {file} holds no prompts; write one a line, or remove the key"
-            )
+            warn(f"{self.path}: {key}: {file} holds no prompts; the neutral prompt is used, as kohya does")
         return lines
 
     def string_list(self, value: Any, key: str) -> list[str]:

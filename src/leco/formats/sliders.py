@@ -21,12 +21,53 @@ from pathlib import Path
 from typing import Any
 
 from leco.config import ConfigError
+from leco.errors import warn
 
 ATTRIBUTES_KEY = "attributes"
 
 
+# Keys sliders' own prompt files carry (trainscripts/textsliders/data/*_GPT.yaml) that its
+# PromptSettings drops unread (a pydantic model that ignores extra keys): they train at its
+# guidance_scale, 1 unless set. An entry with `rank:` (a network setting, never a prompt entry's) is
+# read as such a file's; `guidance:` alone stays an error (a typo of guidance_scale in leco's own).
+SLIDERS_UNREAD_KEYS = ("guidance", "rank")
+
+
+def drop_sliders_unread_keys(entries: list[Any], path: Path, where: str) -> list[Any]:
+    """Entries without the keys sliders ignores, named in one warning: its files run as they do there."""
+    dropped: dict[str, list[int]] = {}
+    kept = []
+    for number, entry in enumerate(entries, start=1):
+        if isinstance(entry, dict) and "rank" in entry:
+            for key in SLIDERS_UNREAD_KEYS:
+                if key in entry:
+                    dropped.setdefault(key, []).append(number)
+            entry = {k: v for k, v in entry.items() if k not in SLIDERS_UNREAD_KEYS}
+        kept.append(entry)
+    if dropped:
+        keys = ", ".join(f"{key} ({_numbers(where, numbers)})" for key, numbers in dropped.items())
+        warn(
+            f"{path}: {keys}: keys of rohitgandikota/sliders' prompt files that its trainer ignores; "
+            "ignored here too: entries train at their guidance_scale (1 unless set), as in sliders"
+        )
+    return kept
+
+
+def _numbers(where: str, numbers: list[int]) -> str:
+    """ "entry 3", "entries 1-10" or "entries 1, 4, 9" (where: "entry " or "prompts.")."""
+    name = where.strip().rstrip(".")
+    if len(numbers) == 1:
+        return f"{name} {numbers[0]}"
+    plural = "entries" if name == "entry" else name
+    if numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{plural} {numbers[0]}-{numbers[-1]}"
+    return f"{plural} {', '.join(map(str, numbers))}"
+
+
 def expand_attributes(entries: list[Any], path: Path, where: str) -> list[Any]:
-    """Replace each entry that has `attributes:` by one copy per attribute, prompts prefixed."""
+    """Replace each entry that has `attributes:` by one copy per attribute, prompts prefixed (the
+    keys sliders ignores dropped first)."""
+    entries = drop_sliders_unread_keys(entries, path, where)
     expanded: list[Any] = []
     for number, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or ATTRIBUTES_KEY not in entry:
