@@ -301,7 +301,7 @@ def measure(
     folder: Path,
     changes: list[str],
     with_ladder: bool,
-    base: Path = EXAMPLE,
+    config_path: Path = EXAMPLE,
 ) -> dict[str, Any]:
     cases = prompts()
     kinds = np.repeat([k for _, k in cases], images)
@@ -310,7 +310,7 @@ def measure(
     seconds, ladders = [], []
     for seed in seeds:
         start = time.perf_counter()
-        config = configure(recipe, seed, folder / recipe / str(seed), changes, base)
+        config = configure(recipe, seed, folder / recipe / str(seed), changes, config_path)
         result = train(config, progress=False)
         seconds.append(time.perf_counter() - start)
         network = LoRANetwork.from_file(models.unet, models.family, result.path)
