@@ -6,7 +6,7 @@ import pytest
 from test_trainer import make_config, stop_a_cli_run
 
 from leco import train
-from leco.checkpoints import RunFolder
+from leco.checkpoints import RunFolder, read_state
 from leco.errors import LecoError
 from leco.network import read_lora_file
 from leco.trainer import Trainer
@@ -164,6 +164,16 @@ def test_a_resumed_step_schedule_follows_the_new_iterations(tmp_path, tiny_folde
     schedule = Trainer(longer, progress=False, resume=state).updates.lr_scheduler
     assert schedule.step_size == 10 and schedule.last_epoch == 4  # its position kept, its shape the config's
     assert Trainer(first, progress=False, resume=state, overwrite=False).updates.lr_scheduler.step_size == 1
+
+
+def test_resume_allows_settings_of_where_weights_are_read_but_not_of_what_is_trained(tmp_path, tiny_folders):
+    state = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=2), progress=False).state
+    config = make_config(tiny_folders["sd1"], tmp_path / "b", iterations=4)
+    config.pretrained_model.allow_pickle = True  # as teacher.offload: where and how weights are read
+    assert read_state(state, config.to_json())["step"] == 2
+    config.network.rank = 4
+    with pytest.raises(LecoError, match=r"trained with a different `network` section"):
+        read_state(state, config.to_json())
 
 
 def test_resuming_with_another_optimizer_is_one_line(tmp_path, tiny_folders):

@@ -628,6 +628,13 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
         ({"train": {"lr_warmup_steps": 10}}, "train.lr_warmup_steps: the constant schedule has no warmup"),
         ({"teacher": None}, "teacher: empty, so the model teaches itself"),
         (
+            {
+                "prompts": [{"target": "x", "action": "distill", "guidance_scale": 3}],
+                "train": {"rollout_guidance_scale": 7},
+            },
+            "train.rollout_guidance_scale: every entry is distill",
+        ),
+        (
             {"prompts": [{"target": "x", "resolution": 512}], "train": {"resolution": 16, "batch_size": 2}},
             "train.resolution: every prompts entry sets its own",  # batch_size: the entries leave it
         ),  # `teacher:` and nothing

@@ -122,6 +122,15 @@ def test_a_token_already_in_the_vocabulary_is_refused(tmp_path, tiny_folders):
         Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="fox"), progress=False)
 
 
+def test_a_token_inside_words_is_refused(tmp_path, tiny_folders):
+    # A tokenizer reads an added token inside words: "blurr" would turn "blurry" into "blurr y".
+    with pytest.raises(LecoError, match=r"network.token: 'blurr' occurs inside words the model knows \("):
+        Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="blurr"), progress=False)
+    config = embedding_config(tiny_folders["sd1"], tmp_path, token="ox")  # "fox" in the run's own prompts
+    with pytest.raises(ConfigError, match=r"network.token: 'ox' is inside the word 'fox' of prompts entry 1"):
+        config.check_combination()
+
+
 def test_more_vectors_than_a_prompt_holds_are_refused(tmp_path, tiny_folders):
     config = embedding_config(tiny_folders["sd1"], tmp_path)
     room = DiffusionPipeline.from_pretrained(tiny_folders["sd1"]).tokenizer.model_max_length - 2
@@ -142,6 +151,7 @@ def test_more_vectors_than_a_prompt_holds_are_refused(tmp_path, tiny_folders):
         ),
         ({"network": {"type": "embedding", "token": "<a>", "vectors": 0}}, "vectors"),
         ({"network": {"type": "embedding", "token": "no fox"}}, "must be one word"),
+        ({"network": {"type": "embedding", "token": "<No-Fox>"}}, "has capital letters"),
         (
             {"prompts": [{"target": "a fox", "action": "distill", "guidance_scale": 3}]},
             "cannot be trained into",

@@ -474,6 +474,24 @@ def test_cli_eval_judges_several_loras_with_an_embedding(tmp_path, tiny_folders,
     assert "== across 2 LoRAs" in result.stdout and "CLIP@1" in result.stdout
 
 
+def test_a_negative_prompt_cut_only_once_the_embedding_joins_it_is_named(tmp_path, tiny_folders, capsys):
+    from safetensors.torch import save_file
+
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    embedding = tmp_path / "wide.safetensors"
+    save_file({"emb_params": torch.randn(10, 32)}, str(embedding), metadata={"leco.token": "<wide>"})
+    limit = models.tokenizers[0].model_max_length
+    negative = " ".join(["blurry"] * (limit - 6))  # fits alone; its 10 vectors take it past the limit
+    spec = {"images_per_prompt": 1, "steps": 2, "negative_prompt": negative}
+    spec["keep"] = [{"prompt": "a dog", "concept": "bright>0.5"}]
+    evaluate(models, embedding, EvalSpec.model_validate(spec), "cpu", BrightnessDetector())
+    warnings = capsys.readouterr().err
+    assert (
+        "negative prompt with wide.safetensors 'blurry blurry" in warnings
+        and "eval spec prompt" not in warnings
+    )
+
+
 def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path, tiny_folders):
     """Strength 0: the spec's negative prompt; strength 1: that prompt with the embedding's token."""
     from safetensors.torch import save_file

@@ -24,6 +24,13 @@ from leco.files import atomic_output, load_torch_file, nearest_existing, safeten
 STATE_FILE = "training_state.pt"
 # Parts of the config that must match for a resumed run to continue the same training.
 _MUST_MATCH = ("pretrained_model", "network", "prompts", "anchors", "teacher")
+# Keys of those sections that change where or how weights are read, not what is trained: a run may
+# go on with them changed (offload is what one turns on after running out of memory mid-run).
+_FREE_KEYS = {"offload", "allow_pickle"}
+
+
+def _trained_part(section: Any) -> Any:
+    return {k: v for k, v in section.items() if k not in _FREE_KEYS} if isinstance(section, dict) else section
 
 
 class RunFolder:
@@ -257,10 +264,10 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
         ) from None
     current = json.loads(config_json)
     for key in _MUST_MATCH:
-        if saved.get(key) != current.get(key):
+        if _trained_part(saved.get(key)) != _trained_part(current.get(key)):
             raise LecoError(
                 f"--resume: {file} was trained with a different `{key}` section; resume with the config "
-                "that started the run (only train/save/logging settings may change)"
+                "that started the run (only train/save/logging settings, offload and allow_pickle may change)"
             )
     # Their saved state is another kind's (sgd has no moments, amsgrad more of them, StepLR keeps its
     # step_size): continuing under other ones would fail, or silently keep the first run's.

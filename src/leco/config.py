@@ -140,6 +140,11 @@ class NetworkConfig(_Section):
             raise ValueError(
                 f"network.token: {self.token!r} must be one word without spaces, e.g. <no-seven>"
             )
+        if self.token is not None and self.token != self.token.lower():  # CLIP lowercases prompts
+            raise ValueError(
+                f"network.token: {self.token!r} has capital letters, and prompts are read in lower case, "
+                f"so diffusers would not find it in a prompt; use {self.token.lower()!r}"
+            )
         return self
 
 
@@ -496,6 +501,9 @@ class LecoConfig(_Section):
         if anchors.rollouts or network.type == "embedding":
             why = "anchors.rollouts: true" if anchors.rollouts else "a negative embedding"
             unused(anchors, "anchors", {"per_step"}, f"with {why} the anchors have rollouts of their own")
+        if self.prompts and all(entry.action == "distill" for entry in self.prompts) and not anchors.rollouts:
+            why = "every entry is distill, whose rollouts run at guidance 1 (as the LoRA is used)"
+            unused(self.train, "train", {"rollout_guidance_scale"}, why)
         if not preview.prompts:
             keys = {"strengths", "seeds", "steps", "guidance", "every"}
             unused(preview, "preview", keys, "preview.prompts is empty, so no preview is drawn")
@@ -622,6 +630,26 @@ class LecoConfig(_Section):
                         "token in the negative prompt; use [0, 1]"
                     )
                 self.preview.strengths = [0.0, 1.0]  # the default's -1 would draw 1 again, labelled -1
+            self._refuse_token_inside_words(self.network.token or "")
+
+    def _refuse_token_inside_words(self, token: str) -> None:
+        """Tokenizers match an added token inside words too ("igi" in "digit"): the run's own prompts
+        would change with it, and so would every user prompt with that word."""
+        texts = [
+            (f"prompts entry {number}", text)
+            for number, entry in enumerate(self.prompts, start=1)
+            for value in (entry.target, entry.positive, entry.unconditional, entry.neutral)
+            for text in ([value] if isinstance(value, str) else value or [])
+        ]
+        texts += [("anchors.prompts", t) for t in self.anchors.prompts if self.anchors.prompts != "auto"]
+        texts += [("preview.prompts", t) for t in self.preview.prompts]
+        for where, text in texts:
+            for word in text.split():
+                if token in word and word.strip(",.;:!?()[]{}'\"") != token:
+                    raise ConfigError(
+                        f"network.token: {token!r} is inside the word {word!r} of {where}, where a "
+                        f"tokenizer reads it too; choose a token no word contains, e.g. '<{token}>'"
+                    )
 
 
 def parse_optimizer_args(text: str) -> dict[str, Any]:

@@ -183,6 +183,15 @@ class TokenEmbedding:
                     f"network.token: {token!r} is already in this model's vocabulary; choose a new word, "
                     "e.g. <no-seven>"
                 )
+        token = self.tokens[0]  # lower case (config): CLIP's tokenizer lowercases prompts
+        # A token is matched wherever it stands, inside words too ("igi" in "digit", as diffusers'
+        # tokenizer reads them): it would change every prompt with such a word.
+        inside = sorted({word.removesuffix("</w>") for word in vocabulary if token in word} - {token})
+        if inside:
+            raise LecoError(
+                f"network.token: {token!r} occurs inside words the model knows ({', '.join(inside[:3])}), "
+                f"where a tokenizer reads it too; choose a token no word contains, e.g. '<{token}>'"
+            )
 
 
 def _initial_vectors(tokenizer, table: Tensor, init_text: str | None, vectors: int) -> Tensor:

@@ -268,16 +268,16 @@ def evaluate(
         _refuse_earlier_images(folders, prompts, [0.0, *strengths], seeds, slugs)
     judge = _Judge(detector, entries, seeds)
     with embeddings_loaded(pipe, embeddings):
+        # Cut words are never read: an erase prompt cut before its concept measures nothing.
+        def expand(text: str) -> str:
+            return pipe.maybe_convert_prompt(text, pipe.tokenizer)
+
+        warn_if_truncated(models, prompts, "eval spec prompt", expand=expand)
+        warn_if_truncated(models, [settings.negative_prompt], "negative prompt", expand=expand)
         for negative in negatives.values():  # each loads alone (seeds of one run share a token): check now
             with embeddings_loaded(pipe, [str(negative.path)]):
-                pass
-        # Cut words are never read: an erase prompt cut before its concept measures nothing.
-        warn_if_truncated(
-            models,
-            [*prompts, settings.negative_prompt],
-            "eval spec prompt",
-            expand=lambda text: pipe.maybe_convert_prompt(text, pipe.tokenizer),
-        )
+                with_token = f"{settings.negative_prompt} {negative.token}".strip()
+                warn_if_truncated(models, [with_token], f"negative prompt with {negative.path.name}", expand)
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
         _save_images(base, folders.values(), slugs)
         rows = judge.rows(base, base, None, 0.0)
