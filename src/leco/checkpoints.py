@@ -216,10 +216,9 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested = True
         if os.environ.get("RANK", "0") == "0":  # data-parallel: every process stops, the first one says so
-            print(
-                "\nleco: stopping after this step and saving (Ctrl-C again to abort without saving)",
-                flush=True,
-            )
+            again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            message = f"stopping after this step and saving ({again} again aborts without saving)"
+            print(f"\nleco: {message}", flush=True)
 
 
 def run_metadata(config: Any, entries: list[Any], step: int, seed: int, source: str) -> dict[str, Any]:

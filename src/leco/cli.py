@@ -461,7 +461,10 @@ def run_train(args: argparse.Namespace) -> int:
             raise LecoError(f"--resume: {args.resume} not found; pass the *_state folder a run saved")
         _check_process_count(args.num_processes)
         return launch_processes(args.num_processes, args.words)
-    result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    try:
+        result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except LecoError as error:  # found once models are loaded: a key of the config, named with its file
+        raise LecoError(_in_config_file(config, str(error))) from None
     # Started by --num-processes: torchrun reads 130 as a failed process (and prints a traceback);
     # the leco process that started it reports the interruption instead.
     interrupted_code = 0 if os.environ.get(LAUNCHED_BY_LECO) else 130
@@ -487,6 +490,16 @@ def _check_process_count(count: int) -> None:
         raise LecoError(
             f"--num-processes: {count} processes, but this machine has {room} {where}; use at most {room}"
         )
+
+
+# A problem with a config key, found after loading (the file is named when the config is read).
+_CONFIG_KEY_PROBLEM = re.compile(
+    r"^(pretrained_model|network|train|save|logging|other|anchors|preview|closed_form|teacher|prompts)\b"
+)
+
+
+def _in_config_file(config: str, message: str) -> str:
+    return f"{config}: {message}" if _CONFIG_KEY_PROBLEM.match(message) else message
 
 
 LAUNCHED_BY_LECO = "LECO_LAUNCHED_PROCESSES"  # set for the processes `--num-processes` starts
@@ -675,6 +688,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.batch_size,
     )
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
+    _warn_if_distilled(args.lora, settings.guidance)
     models, device = load_for_images(args)
     paths, grid = run_generation(
         models,
@@ -689,6 +703,28 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(paths)} images and {grid}")
     return 0
+
+
+def _warn_if_distilled(lora: str | None, guidance: float) -> None:
+    """A CFG-distilled LoRA is made for guidance 1; at the usual guidance it guides twice."""
+    import json
+
+    from leco.files import safetensors_metadata
+
+    if lora is None or guidance == 1:
+        return
+    try:
+        entries = json.loads(safetensors_metadata(Path(lora)).get("leco.prompts", "[]"))
+    except ValueError:
+        return
+    actions = {entry.get("action") for entry in entries if isinstance(entry, dict)}
+    if "distill" in actions and actions <= {"distill", "preserve"}:
+        distilled = [entry for entry in entries if entry.get("action") == "distill"]
+        scales = sorted({entry.get("guidance_scale") for entry in distilled})
+        warn(
+            f"--lora {lora}: CFG-distilled (it draws at guidance 1 what the model draws at guidance "
+            f"{', '.join(f'{scale:g}' for scale in scales)}); sample with --guidance 1, not {guidance:g}"
+        )
 
 
 def run_merge(args: argparse.Namespace) -> int:

@@ -76,14 +76,16 @@ class PromptEncoder:
     SDXL always uses the penultimate layers of both encoders and the second one's pooled output.
     """
 
-    def __init__(self, models: LoadedModels, clip_skip: int | None = None) -> None:
+    def __init__(
+        self, models: LoadedModels, clip_skip: int | None = None, key: str = "pretrained_model.clip_skip"
+    ) -> None:
         self.models = models
         self.clip_skip = clip_skip or 1
         layers = min(encoder.config.num_hidden_layers for encoder in models.text_encoders)
         if self.clip_skip > layers:  # the Nth layer from the end must be a layer
             raise LecoError(
-                f"clip_skip: {self.clip_skip} skips past the {layers} text-encoder layers of "
-                f"{models.source}; use 1 to {layers} (SD 1.x: 1 or 2)"
+                f"{key}: {self.clip_skip} skips past the {layers} text-encoder layers of "
+                f"{models.source}; use 1 to {layers} (2: the penultimate layer, as A1111's clip skip 2)"
             )
 
     def encode(self, prompts: list[str]) -> Conditioning:

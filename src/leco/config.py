@@ -110,6 +110,7 @@ class PretrainedModelConfig(_Section):
 
 
 class NetworkConfig(_Section):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)  # init_text: 7, as prompts take
     # lierla / c3lier: a LoRA (kohya's names); embedding: the vectors of a new token (a negative embedding).
     type: Literal["lierla", "c3lier", "embedding"] = "lierla"
     rank: int = Field(4, ge=1)
@@ -383,9 +384,12 @@ class PromptSettings(_Section):
                 f"{self.action} nothing to learn; name the concept in target (or positive)"
             )
         if self.action == "distill" and self.guidance_scale <= 1:
+            given = f"got {self.guidance_scale:g}"
+            if "guidance_scale" not in self.model_fields_set:
+                given = "not set, so 1"
             raise ValueError(
-                "guidance_scale: distill needs the CFG scale to distill, above 1 "
-                f"(got {self.guidance_scale:g}); e.g. guidance_scale: 3"
+                f"guidance_scale: distill needs the CFG scale to distill, above 1 ({given}); e.g. "
+                "guidance_scale: 3"
             )
         return self
 
@@ -783,7 +787,13 @@ def read_target_files(entries: list[Any], path: Path, where: str) -> list[Any]:
             key = f"{where}{index + 1}.target_file"
             if "target" in entry:
                 raise ConfigError(f"{path}: {key}: target is set too; keep one of them")
-            name = "" if entry["target_file"] is None else str(entry["target_file"])
+            value = entry["target_file"]
+            if isinstance(value, bool) or not isinstance(value, str | int | float | None):
+                raise ConfigError(
+                    f"{path}: {key}: must be one file name (got {_short(value)}); give each file an entry "
+                    "of its own"
+                )
+            name = "" if value is None else str(value)
             if not name.strip():  # else the config's own folder: ". is a folder"
                 raise ConfigError(f"{path}: {key}: empty; name the text file with one prompt a line")
             file = path.parent / Path(name).expanduser()
@@ -929,6 +939,12 @@ def dotted_key(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(str(part + 1) if isinstance(part, int) else str(part) for part in loc)
 
 
+_SECTION_EXAMPLES = {
+    "pretrained_model": "{name_or_path: ink-digits}",
+    "teacher": "{name_or_path: ink-digits-2}",
+    "network": "{type: lierla, rank: 4}",
+}
+
 # How pydantic tags the form of a union an error belongs to: int, list[str], literal['auto'], ...
 _UNION_MEMBER = re.compile(r"^(int|float|str|bool|none|(list|tuple|dict|set|literal)\[.*\])$")
 
@@ -953,6 +969,9 @@ def _problem(item: Any, model: type[BaseModel]) -> str:
     if kind == "literal_error":
         expected = item.get("ctx", {}).get("expected", "")
         return f"{key}: {given} is not allowed; use one of {expected}"
+    if kind in ("model_type", "dict_type"):  # `teacher: ink-digits-2` for teacher: {name_or_path: ...}
+        example = _SECTION_EXAMPLES.get(key, "{key: value, ...}")
+        return f"{key}: a section of keys, not {given}; write e.g. {key}: {example}"
     message = item["msg"].replace("Value error, ", "")
     return f"{key}: {message} (got {given})"
 

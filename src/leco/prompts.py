@@ -66,12 +66,16 @@ class PreparedPrompt:
 
 
 def encode_texts(
-    models: LoadedModels, texts: list[str], clip_skip: int | None, device: torch.device | str
+    models: LoadedModels,
+    texts: list[str],
+    clip_skip: int | None,
+    device: torch.device | str,
+    key: str = "pretrained_model.clip_skip",  # where clip_skip was set, for its error
 ) -> dict[str, Conditioning]:
     """Encode every distinct text once (one row each) on `device`; the encoders go back to the CPU."""
     texts = sorted(set(texts))
     warn_if_truncated(models, texts)
-    encoder = PromptEncoder(models, clip_skip)
+    encoder = PromptEncoder(models, clip_skip, key)
     result = {}
     for text_encoder in models.text_encoders:
         text_encoder.to(device)

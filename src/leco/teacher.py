@@ -200,7 +200,7 @@ def load_teacher(
         )
     if config.offload and torch.device(device).type == "cpu":
         warn("teacher.offload: this run is on the CPU, where the teacher already is; nothing to offload")
-    embeddings = encode_texts(models, texts, config.clip_skip, device)
+    embeddings = encode_texts(models, texts, config.clip_skip, device, "teacher.clip_skip")
     return Teacher(
         models.unet.to("cpu" if config.offload else device),
         embeddings,
