@@ -96,6 +96,15 @@ def _phrasings(*phrasings: str) -> Callable[[dict, str], None]:
     return apply
 
 
+def _doubled(phrasing: str) -> Callable[[dict, str], None]:
+    """Every phrasing, and `phrasing` once more: drawn twice as often as each other."""
+
+    def apply(document: dict, task: str) -> None:
+        document["prompts"][0]["target"] = ink_prompts(task, INK_PHRASINGS) + ink_prompts(task, (phrasing,))
+
+    return apply
+
+
 def _text_anchors(weight: float, per_step: int) -> Callable[[dict, str], None]:
     def apply(document: dict, task: str) -> None:
         document["anchors"] = {"prompts": "auto", "per_step": per_step, "text_weight": weight}
@@ -125,6 +134,8 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     # More anchors in each step: more of what must stay, at the same balance of the two losses.
     "example+weight2.5+anchors8": [_set("anchors.weight", 2.5), _set("anchors.per_step", 8)],
     "example+anchors8": [_set("anchors.per_step", 8)],
+    # The phrasing without the word "ink" drawn twice as often (it stayed blue for teal, seed 1).
+    "example+number2x": [_doubled("number")],
     # Anchors on rollouts of their own: kept where the kept prompts' own images are made.
     "example+anchor-rollouts": [_set("anchors.rollouts", True)],
     "example+weight2.5+anchor-rollouts": [_set("anchors.weight", 2.5), _set("anchors.rollouts", True)],
