@@ -491,8 +491,8 @@ class LecoConfig(_Section):
                 )
         for key in ("resolution", "batch_size"):  # the defaults for entries that name none
             if self.prompts and all(getattr(entry, key) is not None for entry in self.prompts):
-                where = "a kohya prompt file's entries always do (512 and 1 unless set)"
-                unused(self.train, "train", {key}, f"every prompts entry sets its own; {where}")
+                why = "every prompts entry sets its own (a kohya prompt file's do: 512 and 1 unless set)"
+                unused(self.train, "train", {key}, why)
         if "teacher" in self.model_fields_set and self.teacher is None:  # `teacher:` with nothing under it
             notes.append("teacher: empty, so the model teaches itself; give teacher.name_or_path for another")
         if self.train.method != "closed_form" and self.closed_form.model_fields_set:
