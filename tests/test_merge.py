@@ -22,6 +22,7 @@ from leco.conditioning import Conditioning, predict, sdxl_time_ids
 from leco.config import NetworkConfig, PretrainedModelConfig
 from leco.errors import LecoError
 from leco.ink_digits import default_model_path, model_path
+from leco.ink_digits.judge import inks_for_model
 from leco.interop.merge import FOLDER_METADATA, LoraStrength, merge, parse_lora_argument
 from leco.interop.original_layout import VAE_PREFIX, original_state_dict, vae_original_name
 from leco.models import CONFIG_ROOT, load_models, recommended_sampling
@@ -448,7 +449,9 @@ def test_a_merged_folder_keeps_the_models_card_prompts_and_judge(tmp_path):
     source = model_path("ink-digits")
     for name in ("README.md", "prompts.txt", "judge.safetensors"):
         assert (out / name).read_bytes() == (source / name).read_bytes()
-    assert (source / "build_report.json").is_file() and not (out / "build_report.json").exists()
+    # of the build report only the inks carry over: keep: all judges what the source model draws
+    assert json.loads((out / "build_report.json").read_text())["inks"] == list(inks_for_model(source))
+    assert inks_for_model(out) == inks_for_model(source)
     assert recommended_sampling(str(out)) == recommended_sampling("ink-digits")
     assert known_prompts(out) == known_prompts(source)
 
@@ -468,3 +471,9 @@ def test_a_lora_given_twice_is_baked_twice_with_a_warning(tmp_path, tiny_folders
     )
     for name, weight in baked_twice.items():
         torch.testing.assert_close(weight, baked_once[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_folder_without_a_build_report_is_judged_on_ink_digits_inks_and_says_so(tmp_path, capsys):
+    assert inks_for_model(tmp_path) == inks_for_model(model_path("ink-digits"))
+    assert "no build_report.json names the inks this model draws" in capsys.readouterr().err
+    assert len(inks_for_model(model_path("ink-digits-2"))) == 7 and not capsys.readouterr().err

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 from leco.ink_digits import INK_DIGITS, MODEL_NAMES
 from leco.ink_digits.data import (
     ALL_INKS,
@@ -33,6 +33,7 @@ from leco.ink_digits.data import (
 )
 
 JUDGE_FILE = "judge.safetensors"
+BUILD_REPORT = "build_report.json"  # written by an ink-digits build: its inks, timings, quality
 INKED = 0.15  # a pixel this dark (0..1, strongest channel) takes part in the ink fit
 # Softmax temperature of the ink fit, in mean squared darkness residual: about 18/255 per channel.
 INK_TEMPERATURE = 0.005
@@ -273,4 +274,8 @@ def inks_for_model(folder: str | Path) -> tuple[str, ...]:
     try:
         return trained_inks(folder)
     except LecoError:
+        warn(
+            f"{folder}: no {BUILD_REPORT} names the inks this model draws; judging the five of "
+            f"{INK_DIGITS} ({', '.join(MODEL_INKS[INK_DIGITS])}) for keep: all"
+        )
         return MODEL_INKS[INK_DIGITS]

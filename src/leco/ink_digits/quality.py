@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline
 
 from leco.errors import LecoError
 from leco.ink_digits.data import ALL_INKS, DIGIT_PHRASINGS, INK_PHRASINGS, PHRASING_NAMES, caption
-from leco.ink_digits.judge import InkDigitsJudge
+from leco.ink_digits.judge import BUILD_REPORT, InkDigitsJudge
 
 # The model's recommended sampling settings (the model card repeats them).
 GUIDANCE = 3.0
@@ -87,7 +87,7 @@ def measure(
 
 def trained_inks(folder: str | Path) -> tuple[str, ...]:
     """The inks an ink-digits build was trained on, from the build_report.json its build wrote."""
-    report = Path(folder) / "build_report.json"
+    report = Path(folder) / BUILD_REPORT
     try:
         inks = tuple(json.loads(report.read_text())["inks"])
     except (OSError, ValueError, KeyError):

@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 from leco.config import PretrainedModelConfig
 from leco.errors import LecoError, warn
 from leco.files import atomic_folder, atomic_output, check_output, path_exists, safetensors_metadata
-from leco.ink_digits.judge import JUDGE_FILE
+from leco.ink_digits.judge import BUILD_REPORT, JUDGE_FILE
 from leco.interop.original_layout import original_state_dict
 from leco.models import CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models, resolve_bundled
 from leco.network import kohya
@@ -209,10 +209,17 @@ def _copy_model_files(source: Path, staging: Path) -> None:
     write: the model card (recommended steps and guidance), the prompt list (automatic anchors,
     `keep: all`) and the ink-digits judge. Without them the merged folder samples with generic
     settings and anchors, silently. Nothing else is copied: a folder may also hold the unmerged
-    weights as a single file, which must not come along."""
+    weights as a single file, which must not come along. Of an ink-digits build report only the inks
+    the model draws carry over (what `keep: all` judges); its timings and quality were the source's."""
     for name in (MODEL_CARD, KNOWN_PROMPTS_FILE, JUDGE_FILE):
         if (source / name).is_file():
             shutil.copy2(source / name, staging / name)
+    try:
+        inks = json.loads((source / BUILD_REPORT).read_text())["inks"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    report = {"inks": inks, "merged_from": str(source)}
+    (staging / BUILD_REPORT).write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _warn_if_layout_is_its_own(models: LoadedModels, name: str) -> None:
