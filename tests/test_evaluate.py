@@ -211,6 +211,12 @@ def test_keep_all_covers_every_ink_the_model_knows(tmp_path):
     concepts = {concept for _, concept in seven.concept_universe(["digit:3", "ink:blue"])}
     assert {"ink:purple", "ink:teal", "digit:0,ink:teal", "digit:9,ink:purple"} <= concepts
     assert not any("digit:3" in c or "ink:blue" in c for c in concepts)
+    # A combination touches only prompts naming all of it: other threes, other teal digits, "teal
+    # ink" and "a digit three" are judged whole; teal threes are left out.
+    combined = {concept for _, concept in seven.concept_universe(["digit:3,ink:teal"])}
+    assert {"digit:3,ink:blue", "digit:5,ink:teal", "ink:teal", "digit:3"} <= combined
+    assert "digit:3,ink:teal" not in combined  # the one teal-three prompt, and nothing else, left out
+    assert len(seven.concept_universe(["digit:3,ink:teal"])) == len(seven.concept_universe([])) - 1
     (tmp_path / "build_report.json").write_text(json.dumps({"inks": list(ALL_INKS)}))
     assert inks_for_model(tmp_path) == ALL_INKS
     assert inks_for_model(tmp_path / "elsewhere") == ALL_INKS[:5]  # no report: the five-ink model

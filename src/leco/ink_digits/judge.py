@@ -200,11 +200,14 @@ class InkDigitsDetector:
 
         A prompt is judged on what it names ("a digit three in blue ink": "digit:3,ink:blue"); the
         parts an erasure or enhancement touches are dropped from its concept ("a digit two in red
-        ink" is judged "digit:2" when red is erased), and a prompt with nothing left is left out.
+        ink" is judged "digit:2" when red is erased), and a prompt with nothing left is left out. A
+        combination touches only the prompts that name all of it: with teal threes erased, "a digit
+        three in blue ink" and "teal ink" are judged whole, "a digit three in teal ink" is left out.
         """
-        excluded = {part for concept in exclude for part in self._parse(concept)}
+        touched = [set(self._parse(concept)) for concept in exclude]
         universe = []
         for prompt, parts in self._universe_prompts():
+            excluded = set().union(*(combination for combination in touched if combination <= set(parts)))
             judged = [part for part in parts if part not in excluded]
             if judged:
                 universe.append((prompt, ",".join(f"{kind}:{self._name(kind, v)}" for kind, v in judged)))
