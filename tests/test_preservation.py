@@ -64,6 +64,16 @@ def test_count_draws_the_same_prompts_every_time(tmp_path: Path):
     assert anchor_prompts(listed, erase, tmp_path) == ["a cat", "a dog"]  # lists are used as written
 
 
+def test_an_anchor_that_is_an_edited_prompt_is_named(tmp_path: Path, capsys):
+    # erase_red.yaml copied for green, its anchor list left as it was
+    erase = [PromptSettings(target=["green ink", "a digit in green ink"])]
+    listed = AnchorConfig(prompts=["red ink", "Green ink", "blue ink"])
+    assert anchor_prompts(listed, erase, tmp_path) == ["red ink", "Green ink", "blue ink"]
+    warning = capsys.readouterr().err
+    assert "anchors.prompts: 'Green ink' is a prompt that prompts entry 1 edits" in warning
+    assert "red ink" not in warning
+
+
 def test_text_state_change_is_the_change_of_keys_and_values_over_the_anchor_tokens(tiny_folders):
     models = load_models(str(tiny_folders["sd1"]))
     network = LoRANetwork.create(models.unet, models.family, NetworkConfig(training_method="xattn"))

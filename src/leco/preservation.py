@@ -20,7 +20,7 @@ import torch
 
 from leco.conditioning import Conditioning
 from leco.config import AnchorConfig, LecoConfig, PromptSettings
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 
 if TYPE_CHECKING:
     from leco.trainable import Trainable
@@ -70,6 +70,7 @@ def anchor_prompts(
 ) -> list[str]:
     """The anchor prompts a run uses: as listed, or drawn from what the model knows (`auto`)."""
     if anchors.prompts != "auto":
+        _warn_of_edited_anchors(anchors.prompts, prompts)
         return list(anchors.prompts)
     candidates = known_prompts(model_folder)
     excluded = [text.lower().strip() for text in anchors.exclude or []]
@@ -95,6 +96,23 @@ def anchor_prompts(
             kept[i] for i in sorted(torch.randperm(len(kept), generator=generator)[: anchors.count].tolist())
         ]
     return kept
+
+
+def _warn_of_edited_anchors(anchors: list[str], prompts: list[PromptSettings]) -> None:
+    """An anchor that is an edited prompt (a config copied for another concept) pulls against it."""
+    edited = {}
+    for number, entry in enumerate(prompts, start=1):
+        if entry.action != "preserve":
+            for index, target in enumerate(entry.targets):
+                for text in (target, entry.role_text("positive", index)):
+                    edited.setdefault(text.strip().lower(), number)
+    for anchor in anchors:
+        number = edited.get(anchor.strip().lower())
+        if number is not None:
+            warn(
+                f"anchors.prompts: {anchor!r} is a prompt that prompts entry {number} edits; as an anchor it "
+                "is kept as the model draws it, against the edit: remove it from the anchors"
+            )
 
 
 def entries_and_anchors(config: LecoConfig, anchors: list[str]) -> tuple[list[PromptSettings], list[str]]:
