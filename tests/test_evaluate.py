@@ -14,6 +14,7 @@ from leco.evaluate import (
     ClipDetector,
     EvalSpec,
     NudeNetDetector,
+    _summary_table,
     evaluate,
     format_report,
     judged_prompts,
@@ -390,6 +391,13 @@ def test_summary_names_the_worst_row_of_each_measure():
     )
     assert summary["kept_drift"] == pytest.approx(0.11) and summary["kept_drift_worst"]["prompt"] == "k3"
     assert summary["enhanced_detected"] == 0.625 and summary["enhanced_detected_worst"]["prompt"] == "n2"
+
+
+def test_a_sliders_other_end_is_summarised_by_the_enhanced_prompt_it_leaves_most():
+    rows = [_row("enhance", "n1", -1.0, 0.0), _row("enhance", "n2", -1.0, 0.25)]
+    summary = summarise(rows, [-1.0])
+    assert summary["-1"]["enhanced_detected_worst"]["prompt"] == "n2"  # gone is right at -1
+    assert "enhanced: left (other end)    12%    25%  n2" in _summary_table(summary)
 
 
 def test_long_reports_print_the_worst_kept_rows_unless_all_rows():

@@ -439,6 +439,12 @@ MEASURES = (
 )
 
 
+def _higher_is_worse(kind: str, higher_is_worse: bool, strength: float) -> bool:
+    # A slider's other end (negative strength) takes the enhanced concept away: there the worst
+    # enhanced prompt is the one still showing it most.
+    return not higher_is_worse if kind == "enhance" and strength < 0 else higher_is_worse
+
+
 def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, Any]:
     """Per strength and measure: the mean over rows and the worst row (`<measure>_worst`)."""
     summary: dict[str, Any] = {}
@@ -448,7 +454,8 @@ def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, A
         for name, kind, field, higher_is_worse in MEASURES:
             values = [r for r in at if r["kind"] == kind and not (field == "drift" and r.get("names_edit"))]
             entry[name] = float(np.mean([r[field] for r in values])) if values else None
-            worst = (max if higher_is_worse else min)(values, key=lambda r: r[field], default=None)
+            worse_higher = _higher_is_worse(kind, higher_is_worse, strength)
+            worst = (max if worse_higher else min)(values, key=lambda r: r[field], default=None)
             entry[f"{name}_worst"] = (
                 {k: worst[k] for k in ("lora", "prompt", "concept", field)} if worst is not None else None
             )
@@ -462,12 +469,13 @@ def across_loras(per_lora: dict[str, dict[str, Any]], strengths: list[float]) ->
     for strength in strengths:
         key = f"{strength:g}"
         entry: dict[str, Any] = {}
-        for name, _, _, higher_is_worse in MEASURES:
+        for name, kind, _, higher_is_worse in MEASURES:
             means = {label: s[key][name] for label, s in per_lora.items() if s[key][name] is not None}
             if not means:
                 entry[name] = None
                 continue
-            worst = (max if higher_is_worse else min)(means, key=means.__getitem__)
+            worse_higher = _higher_is_worse(kind, higher_is_worse, strength)
+            worst = (max if worse_higher else min)(means, key=means.__getitem__)
             entry[name] = {
                 "mean": float(np.mean(list(means.values()))),
                 "worst": means[worst],
@@ -605,8 +613,9 @@ def _summary_table(summary: dict[str, Any]) -> str:
             if entry[name] is None or (name == "kept_drift" and strength == "0"):  # 0 by definition
                 continue
             worst = entry[f"{name}_worst"]
+            label = _summary_name(name, strength)
             lines.append(
-                f"{strength:>8}  {SUMMARY_NAMES[name]:<24}{_figure(name, entry[name]):>7}"
+                f"{strength:>8}  {label:<24}{_figure(name, entry[name]):>7}"
                 f"{_figure(name, worst[field]):>7}  {worst['prompt']} [{worst['concept']}]"
             )
     return "\n".join(lines)
@@ -621,10 +630,16 @@ def _across_table(across: dict[str, Any], count: int) -> str:
         for name, value in entry.items():
             if value is not None:
                 lines.append(
-                    f"{strength:>8}  {SUMMARY_NAMES[name]:<24}{_figure(name, value['mean']):>7}"
+                    f"{strength:>8}  {_summary_name(name, strength):<24}{_figure(name, value['mean']):>7}"
                     f"{_figure(name, value['worst']):>7}  {value['worst_lora']}"
                 )
     return "\n".join(lines)
+
+
+def _summary_name(name: str, strength: str) -> str:
+    if name == "enhanced_detected" and float(strength) < 0:
+        return "enhanced: left (other end)"  # worst: the prompt that keeps the most of it
+    return SUMMARY_NAMES[name]
 
 
 def _figure(measure: str, value: float) -> str:
