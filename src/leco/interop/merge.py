@@ -21,6 +21,7 @@ from leco.config import PretrainedModelConfig
 from leco.errors import LecoError, warn
 from leco.files import atomic_folder, atomic_output, check_output, path_exists, safetensors_metadata
 from leco.ink_digits.judge import BUILD_REPORT, JUDGE_FILE
+from leco.ink_digits.quality import trained_inks
 from leco.interop.original_layout import original_state_dict
 from leco.models import CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models, resolve_bundled
 from leco.network import kohya
@@ -215,10 +216,10 @@ def _copy_model_files(source: Path, staging: Path) -> None:
         if (source / name).is_file():
             shutil.copy2(source / name, staging / name)
     try:
-        inks = json.loads((source / BUILD_REPORT).read_text())["inks"]
-    except (OSError, ValueError, KeyError, TypeError):
+        inks = trained_inks(source)
+    except LecoError:  # not an ink-digits build: nothing to carry over
         return
-    report = {"inks": inks, "merged_from": str(source)}
+    report = {"inks": list(inks), "merged_from": str(source)}
     (staging / BUILD_REPORT).write_text(json.dumps(report, indent=2) + "\n")
 
 
