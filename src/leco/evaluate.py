@@ -276,7 +276,7 @@ def evaluate(
         warn_if_truncated(models, [settings.negative_prompt], "negative prompt", expand=expand)
         for negative in negatives.values():  # each loads alone (seeds of one run share a token): check now
             with embeddings_loaded(pipe, [str(negative.path)]):
-                with_token = f"{settings.negative_prompt} {negative.token}".strip()
+                with_token = _negative_with_token(settings.negative_prompt, negative.token)
                 warn_if_truncated(models, [with_token], f"negative prompt with {negative.path.name}", expand)
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
         _save_images(base, folders.values(), slugs)
@@ -334,13 +334,20 @@ def _negative_embeddings(loras: list[Path], labels: list[str], strengths: list[f
     return negatives
 
 
+def _negative_with_token(negative_prompt: str, token: str) -> str:
+    """The spec's negative prompt with a negative embedding's token added (its strength 1)."""
+    return f"{negative_prompt} {token}".strip()
+
+
 @contextmanager
 def _applied(
     pipe, path: Path, family, settings: SamplingSettings, negative: Any | None
 ) -> Iterator[tuple[Callable[[float], None], SamplingSettings]]:
     """A LoRA loaded at a settable strength, or a negative embedding's token added to the negative prompt."""
     if negative is not None:
-        with_token = replace(settings, negative_prompt=f"{settings.negative_prompt} {negative.token}".strip())
+        with_token = replace(
+            settings, negative_prompt=_negative_with_token(settings.negative_prompt, negative.token)
+        )
         with embeddings_loaded(pipe, [str(negative.path)]):
             yield (lambda _: None), with_token
         return
