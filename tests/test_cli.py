@@ -802,12 +802,12 @@ def test_an_embedding_given_twice_or_also_as_a_lora_is_one_line(tmp_path, capsys
     ],
 )
 def test_generate_tells_a_distilled_lora_is_for_guidance_one(tmp_path, capsys, actions, guidance, warned):
-    from leco.cli import _warn_if_distilled
+    from leco.generate import warn_if_distilled
 
     lora = tmp_path / "cfg.safetensors"
     entries = [{"action": action, "guidance_scale": 3.0} for action in actions]
     save_file({"x": torch.zeros(1)}, str(lora), metadata={"leco.prompts": json.dumps(entries)})
-    _warn_if_distilled(str(lora), guidance)
+    warn_if_distilled(str(lora), guidance)
     message = (
         "CFG-distilled (it draws at guidance 1 what the model draws at guidance 3); sample with --guidance 1"
     )

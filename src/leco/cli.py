@@ -659,7 +659,13 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from leco.generate import SamplingSettings, refuse_earlier_files, requests_for, run_generation
+    from leco.generate import (
+        SamplingSettings,
+        refuse_earlier_files,
+        requests_for,
+        run_generation,
+        warn_if_distilled,
+    )
     from leco.models import recommended_sampling
 
     if args.lora and len(args.lora) > 1:
@@ -688,7 +694,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.batch_size,
     )
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
-    _warn_if_distilled(args.lora, settings.guidance)
+    warn_if_distilled(args.lora, settings.guidance)
     models, device = load_for_images(args)
     paths, grid = run_generation(
         models,
@@ -703,28 +709,6 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(paths)} images and {grid}")
     return 0
-
-
-def _warn_if_distilled(lora: str | None, guidance: float) -> None:
-    """A CFG-distilled LoRA is made for guidance 1; at the usual guidance it guides twice."""
-    import json
-
-    from leco.files import safetensors_metadata
-
-    if lora is None or guidance == 1:
-        return
-    try:
-        entries = json.loads(safetensors_metadata(Path(lora)).get("leco.prompts", "[]"))
-    except ValueError:
-        return
-    actions = {entry.get("action") for entry in entries if isinstance(entry, dict)}
-    if "distill" in actions and actions <= {"distill", "preserve"}:
-        distilled = [entry for entry in entries if entry.get("action") == "distill"]
-        scales = sorted({entry.get("guidance_scale") for entry in distilled})
-        warn(
-            f"--lora {lora}: CFG-distilled (it draws at guidance 1 what the model draws at guidance "
-            f"{', '.join(f'{scale:g}' for scale in scales)}); sample with --guidance 1, not {guidance:g}"
-        )
 
 
 def run_merge(args: argparse.Namespace) -> int:

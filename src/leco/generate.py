@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,8 +23,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from leco.conditioning import warn_if_truncated
-from leco.errors import LecoError
-from leco.files import load_torch_file, refuse_earlier_outputs
+from leco.errors import LecoError, warn
+from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_metadata
 from leco.images import ImageRequest, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs
 from leco.network import kohya
@@ -327,6 +328,24 @@ def arch_from_metadata(metadata: dict[str, str]) -> str | None:
         if version.startswith(prefix):
             return arch
     return None
+
+
+def warn_if_distilled(lora: str | None, guidance: float) -> None:
+    """A CFG-distilled LoRA is made for guidance 1; at the usual guidance it guides twice."""
+    if lora is None or guidance == 1:
+        return
+    try:
+        entries = json.loads(safetensors_metadata(Path(lora)).get("leco.prompts", "[]"))
+    except ValueError:
+        return
+    actions = {entry.get("action") for entry in entries if isinstance(entry, dict)}
+    if "distill" in actions and actions <= {"distill", "preserve"}:
+        distilled = [entry for entry in entries if entry.get("action") == "distill"]
+        scales = sorted({entry.get("guidance_scale") for entry in distilled})
+        warn(
+            f"--lora {lora}: CFG-distilled (it draws at guidance 1 what the model draws at guidance "
+            f"{', '.join(f'{scale:g}' for scale in scales)}); sample with --guidance 1, not {guidance:g}"
+        )
 
 
 def refuse_earlier_files(requests: list[ImageRequest], out: str | Path) -> None:
