@@ -656,6 +656,14 @@ class LecoConfig(_Section):
                     )
 
 
+def typed_float(text: str) -> float:
+    """A number as a user types it (a strength, a scale). ValueError otherwise, including Python's
+    digit separator: float() reads "1_0" as 10, which no one means."""
+    if "_" in text:
+        raise ValueError(f"{text!r} is not a number")
+    return float(text)
+
+
 def parse_optimizer_args(text: str) -> dict[str, Any]:
     """Parse the reference tool's `key=value key2=value2` string; values are Python literals."""
     pairs = re.split(r"\s*(\w+)\s*=\s*", " " + text.strip())

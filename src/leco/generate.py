@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from leco.conditioning import warn_if_truncated
+from leco.config import typed_float
 from leco.errors import LecoError, warn
 from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_metadata
 from leco.images import ImageRequest, make_grid, save_image, unique_slugs
@@ -391,11 +392,8 @@ def parse_seeds(text: str) -> list[int]:
 def parse_strengths(text: str) -> list[float]:
     """'-1,0,1': finite numbers; repeats kept once, -0 read as 0 (one image, one file name)."""
     try:
-        values = [float(part) for part in text.split(",")]
+        values = [typed_float(part) for part in text.split(",")]
     except ValueError:
-        values = None
-    # float() reads "1_0" as 10 (Python's digit separator); a typed strength never means that.
-    if values is None or "_" in text:
         raise LecoError(f"--strengths: {text!r} is not a list of numbers; write e.g. -1,0,1") from None
     for value in values:
         if not math.isfinite(value):

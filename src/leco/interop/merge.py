@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from leco.config import PretrainedModelConfig
+from leco.config import PretrainedModelConfig, typed_float
 from leco.errors import LecoError, warn
 from leco.files import atomic_folder, atomic_output, check_output, path_exists, safetensors_metadata
 from leco.ink_digits.judge import BUILD_REPORT, JUDGE_FILE
@@ -47,9 +47,7 @@ def parse_lora_argument(text: str) -> LoraStrength:
     path, sep, strength = text.rpartition(":")
     if sep and path:
         try:
-            if "_" in strength:  # float() reads "1_0" as 10 (a digit separator); no one means that
-                raise ValueError(strength)
-            value = float(strength)
+            value = typed_float(strength)
         except ValueError:
             if Path(path).is_file() and not Path(text).exists():
                 raise LecoError(
