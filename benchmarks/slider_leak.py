@@ -38,7 +38,7 @@ from recipe_runs import apply_changes, known_names, positive_int, seed_list
 from leco import train
 from leco.cli import quiet_libraries
 from leco.conditioning import PromptEncoder, predict
-from leco.config import AnchorConfig, load_config
+from leco.config import AnchorConfig, ConfigError, load_config
 from leco.generate import build_pipeline
 from leco.ink_digits import model_path
 from leco.ink_digits.data import ALL_INKS, DIGIT_WORDS, MODEL_INKS
@@ -371,7 +371,11 @@ def main() -> None:
     args = parser.parse_args()
     seeds = seed_list(parser, args.seeds)
     recipes = known_names(parser, "--recipes", args.recipes, RECIPES)
-    apply_changes(load_config(args.config), args.set)  # a bad change stops here, before any training
+    try:
+        base = load_config(args.config)
+    except ConfigError as error:  # one line, as leco train says it
+        parser.error(f"--config: {error}")
+    apply_changes(base, args.set)  # a bad change stops here, before any training
     models = load_models("ink-digits", with_vae=True)
     changed = f"; --set {' '.join(args.set)}" if args.set else ""
     changed += f"; config {args.config.name}" if args.config != EXAMPLE else ""
