@@ -136,6 +136,8 @@ BAD_OPTIONS = [
     (["--steps", "0"], "--steps", "at least 1 step"),
     (["--steps", "2.5"], "--steps", "not a whole number"),
     (["--steps", "1001"], "--steps", "at most 1000 steps"),
+    (["--steps", "2_5"], "--steps", "not a whole number"),
+    (["--guidance", "1_0"], "--guidance", "not a number"),
     (["--guidance", "nan"], "--guidance", "finite"),
     (["--guidance", "inf"], "--guidance", "finite"),
     (["--guidance", "-1"], "--guidance", "from 0"),

@@ -131,6 +131,8 @@ def _size(text: str) -> int:
 
 def _number(text: str, kind: type, what: str) -> Any:
     try:
+        if "_" in text:  # int() and float() read Python's digit separator: "1_0" would be 10
+            raise ValueError(text)
         return kind(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
