@@ -2,7 +2,9 @@
 
 import json
 import math
+import os
 import string
+import threading
 from pathlib import Path
 
 import pytest
@@ -211,6 +213,39 @@ def test_kohya_empty_neutral_files_fall_back_to_neutral_and_a_bom_is_no_prompt(t
     assert capsys.readouterr().err.count("empty.txt holds no prompts; the neutral prompt is used") == 2
 
 
+def _refused_at_once(read, path) -> str:
+    """read(path)'s ConfigError, failing (not hanging) if reading blocks on a FIFO."""
+    outcome: list[str] = []
+
+    def attempt() -> None:
+        with pytest.raises(ConfigError) as error:
+            read(path)
+        outcome.append(str(error.value))
+
+    worker = threading.Thread(target=attempt, daemon=True)
+    worker.start()
+    worker.join(timeout=30)
+    assert outcome, f"reading {path} blocked or did not refuse it"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("key", ["neutral_prompt_file", "prompt_file"])
+def test_a_kohya_neutral_file_that_is_a_fifo_is_refused_not_read(tmp_path, key):
+    os.mkfifo(tmp_path / "fifo")  # reading one would wait for a writer for ever
+    path = tmp_path / "prompts.toml"
+    path.write_text(f'[[targets]]\ntarget_class = "c"\npositive = "p"\n{key} = "fifo"\n')
+    message = _refused_at_once(load_prompts, path)
+    assert f"targets 1.{key}:" in message and "is not a regular file" in message
+
+
+def test_a_config_or_prompts_file_that_is_a_fifo_is_refused_not_read(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    assert "is not a regular file" in _refused_at_once(load_config, tmp_path / "fifo")
+    config = tmp_path / "config.yaml"
+    config.write_text("pretrained_model: {name_or_path: ink-digits}\nprompts_file: fifo\n")
+    assert "prompts_file: " in _refused_at_once(load_config, config)
+
+
 KOHYA_KEYS = [
     "prompts",
     "targets",
@@ -346,6 +381,26 @@ def test_ai_toolkit_rank_wins_over_linear_as_in_its_network_config(ai_toolkit_en
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     assert load_config(path).network.rank == rank
+
+
+@pytest.mark.parametrize(
+    ("keys", "lr", "warned"),
+    [
+        ({"lr": 2e-4, "unet_lr": 1e-3}, 2e-4, True),
+        ({"unet_lr": 1e-3}, 1e-6, True),
+        ({"lr": 2e-4, "unet_lr": 2e-4}, 2e-4, False),
+    ],
+)
+def test_ai_toolkit_trains_at_lr_whatever_unet_lr_says(ai_toolkit_env, tmp_path, capsys, keys, lr, warned):
+    # ai-toolkit stores unet_lr but hands the network and the optimizer train.lr (default 1e-6)
+    job = yaml.safe_load((DATA / "ai_toolkit_slider.yaml").read_text())
+    train_ = job["config"]["process"][0]["train"]
+    train_.pop("lr", None)
+    train_.update(keys)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    assert load_config(path).train.lr == pytest.approx(lr)
+    assert ("unet_lr" in capsys.readouterr().err) == warned
 
 
 def test_ai_toolkit_json_maps_optimizer_scheduler_network_and_shuffle():

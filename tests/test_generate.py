@@ -154,7 +154,7 @@ def test_cli_names_a_missing_embedding_before_loading_the_model(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"leco generate: error: --embedding: {tmp_path}/gone.safetensors not found; check the path"
+        f"leco generate: error: --embedding: {tmp_path}/gone.safetensors not found; give the embedding's file"
     ]
 
 

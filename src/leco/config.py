@@ -8,6 +8,7 @@ such as `guidance: 4` must never be dropped silently.
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import json
 import re
@@ -699,6 +700,7 @@ def load_config(path: str | Path) -> LecoConfig:
     An ai-toolkit job config (top-level `job:` / `config:`) is read as the leco config it stands for.
     """
     path = Path(path)
+    refuse_special_file(path, "config YAML")
     from leco.formats import foreign_config  # leco.formats builds on this module
 
     foreign = foreign_config(path)
@@ -816,7 +818,11 @@ _NOT_PROMPT_LISTS = (".yaml", ".yml", ".toml", ".json", ".safetensors", ".ckpt",
 
 
 def refuse_non_text_prompts(file: Path, where: str, text: str | None = None) -> None:
-    """One line for a prompt list that is a config or model file (by name, or by its NUL bytes)."""
+    """One line for a prompt list that is a config or model file (by name, or by its NUL bytes), or
+    no file at all."""
+    if text is None and file.exists() and not file.is_file() and not file.is_dir():
+        # a FIFO or a device: reading it would block for ever, or fill the memory (/dev/zero)
+        raise ConfigError(f"{where}: {file} is not a regular file; name a text file with one prompt a line")
     if file.suffix.lower() in _NOT_PROMPT_LISTS:
         raise ConfigError(
             f"{where}: {file} is a {file.suffix[1:]} file; name a text file with one prompt a line"
@@ -829,8 +835,6 @@ def read_prompt_lines(file: Path, where: str) -> list[str]:
     """One prompt a line; blank lines and lines starting with # are skipped (a UTF-8 BOM too)."""
     if file.is_dir():
         raise ConfigError(f"{where}: {file} is a folder; name the text file with one prompt a line")
-    if file.exists() and not file.is_file():  # a FIFO or device would block for ever
-        raise ConfigError(f"{where}: {file} is not a regular file; name a text file with one prompt a line")
     refuse_non_text_prompts(file, where)
     try:
         text = file.read_text(encoding="utf-8-sig")
@@ -861,12 +865,24 @@ def _resolve_prompts_file(name: str, config_path: Path) -> Path:
                 return option
         except (OSError, ValueError):  # e.g. a NUL byte or an over-long name
             break
+    for option in tried:
+        refuse_special_file(option, "prompts YAML or TOML", f"{config_path}: prompts_file: ")
     where = " or ".join(str(p) for p in tried)
     raise ConfigError(f"{config_path}: prompts_file: {name!r} not found (looked at {where}); fix the path")
 
 
+def refuse_special_file(path: Path, kind: str, where: str = "") -> None:
+    """A FIFO or a device where a file is read: reading would block for ever, or fill the memory."""
+    special = False
+    with contextlib.suppress(OSError, ValueError):  # a NUL byte or an over-long name: read, and said, later
+        special = path.exists() and not path.is_file() and not path.is_dir()
+    if special:
+        raise ConfigError(f"{where}{path}: is not a regular file; name a {kind} file")
+
+
 def read_config_text(path: Path, kind: str) -> str:
     """A config or prompt file's text; a missing, folder or unreadable path is one line naming it."""
+    refuse_special_file(path, kind)
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -244,7 +244,7 @@ def read_lora_header(path: str | Path) -> LoraHeader:
 
     path = Path(path)
     if not path.is_file():
-        what = "is a folder" if path.is_dir() else "not found"
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
         raise LecoError(f"--lora: {path} {what}; give the LoRA's .safetensors file")
     if path.suffix.lower() != ".safetensors":
         raise LecoError(
@@ -472,7 +472,8 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     """
     path = Path(path)
     if not path.is_file():
-        raise LecoError(f"--embedding: {path} not found; check the path")
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        raise LecoError(f"--embedding: {path} {what}; give the embedding's file")
     tensors, metadata = _embedding_tensors(path)
     if _has_lora_keys(tensors):
         raise LecoError(f"--embedding: {path} is a LoRA, not an embedding; give it as --lora")

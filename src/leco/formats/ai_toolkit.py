@@ -313,9 +313,9 @@ class _Converter:
         defaults = AI_TOOLKIT_TRAIN_DEFAULTS
         steps = self.integer(train, "steps", defaults["steps"])
         self.put("train.iterations", steps, train.key("steps"))
-        lr_key = "unet_lr" if train.has("unet_lr") else "lr"  # the UNet LoRA trains at unet_lr
-        lr = self.number(train, lr_key, self.number(train, "lr", defaults["lr"]))
-        self.read_optimizer(train, lr, lr_key)
+        lr = self.number(train, "lr", defaults["lr"])
+        self.read_optimizer(train, lr, "lr")
+        self.ignore_unet_lr(train, lr)
         self.read_lr_scheduler(train, steps)
         for ours, theirs in (("max_denoising_steps", "max_denoising_steps"), ("batch_size", "batch_size")):
             self.put(f"train.{ours}", train.get(theirs, defaults[theirs]), train.key(theirs))
@@ -376,6 +376,18 @@ class _Converter:
         )
         # ai-toolkit gives adaptive optimizers lr 1.0 when the config's lr looks like an Adam lr.
         self.put("train.lr", 1.0 if adaptive and lr < 0.1 else lr, train.key(lr_key))
+
+    def ignore_unet_lr(self, train: _Section, lr: float) -> None:
+        """ai-toolkit stores `unet_lr` but gives the network and the optimizer `lr`
+        (BaseSDTrainProcess), so a job trains at `lr` whatever `unet_lr` says; so does leco."""
+        if not train.has("unet_lr"):
+            return
+        unet_lr = self.number(train, "unet_lr", lr)
+        if unet_lr != lr:
+            warn(
+                f"{self.path}: {train.key('unet_lr')}: {unet_lr:g} is not read by ai-toolkit, which "
+                f"trains at {train.key('lr')} ({lr:g}); leco trains at {lr:g} too. Set lr to change it"
+            )
 
     def read_lr_scheduler(self, train: _Section, steps: int) -> None:
         """ai-toolkit builds torch schedulers over all steps; the leco schedule that draws the same curve."""
