@@ -321,7 +321,15 @@ def test_merge_and_convert_never_write_over_or_into_what_the_user_has(tmp_path, 
     models = tmp_path / "mine"
     models.mkdir()
     (models / "notes.txt").write_text("mine")
-    before = {p: p.read_bytes() for p in [lora, tmp_path / "a_file", models / "notes.txt"]}
+    diffusers_model = (
+        tmp_path / "my_model"
+    )  # the user's own diffusers folder: model_index.json is no leco mark
+    shutil.copytree(folder, diffusers_model)
+    (diffusers_model / "notes.txt").write_text("mine")
+    before = {
+        p: p.read_bytes()
+        for p in [lora, tmp_path / "a_file", models / "notes.txt", *diffusers_model.rglob("*.*")]
+    }
     (tmp_path / "link.safetensors").symlink_to(lora)  # the LoRA under another name
     merge_args = ["merge", "--model", folder, "--lora", str(lora), "--overwrite", "--out"]
     cases = [
@@ -329,7 +337,8 @@ def test_merge_and_convert_never_write_over_or_into_what_the_user_has(tmp_path, 
         ([*merge_args, str(Path(folder) / "unet")], "would replace, hold or sit inside the input"),
         ([*merge_args, str(tmp_path)], "would replace, hold or sit inside the input"),
         ([*merge_args, str(tmp_path / "a_file" / "m")], "is a file, so"),
-        ([*merge_args, str(models)], "holds files this command did not write (no model_index.json)"),
+        ([*merge_args, str(models)], "holds files this command did not write (no modelspec.json)"),
+        ([*merge_args, str(diffusers_model)], "holds files this command did not write (no modelspec.json)"),
         ([*merge_args, ""], "--out: name the file or folder to write"),
         ([*merge_args, str(tmp_path / "mine" / ".." / "l.safetensors")], "would replace, hold or sit inside"),
         (
@@ -357,6 +366,7 @@ def test_merge_and_convert_never_write_over_or_into_what_the_user_has(tmp_path, 
         "l.safetensors",
         "link.safetensors",
         "mine",
+        "my_model",
     ]
     assert (Path(folder) / "unet").is_dir()
     assert not any(p.name.startswith(".") for p in Path(folder).iterdir())  # no staging folder left

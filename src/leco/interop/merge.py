@@ -171,7 +171,7 @@ def _is_single_file(out: Path) -> bool:
 def _check_output(out: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
     if out.suffix.lower() in kohya.PICKLED_LORA_SUFFIXES:
         raise LecoError(f"--out: {out} would be a pickle; write a .safetensors file or a folder path")
-    out = check_output(out, overwrite=overwrite, inputs=inputs, folder_marker="model_index.json")
+    out = check_output(out, overwrite=overwrite, inputs=inputs, folder_marker=FOLDER_METADATA)
     if out.exists() and out.is_dir() == _is_single_file(out):
         kind = "folder" if out.is_dir() else "file"
         raise LecoError(f"--out: {out} is a {kind}; --overwrite replaces like with like only")
@@ -180,7 +180,21 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
             f"--out: {out} is not a model leco merge wrote (a LoRA, or another program's file); --overwrite "
             "replaces only such an output, so choose another path"
         )
+    if out.is_dir() and any(out.iterdir()) and "leco.merge" not in _folder_metadata(out):
+        # a model_index.json alone says diffusers, not leco merge: it may be the user's own model
+        raise LecoError(
+            f"--out: {out} is not a model folder leco merge wrote (its {FOLDER_METADATA} has no leco.merge); "
+            "--overwrite replaces only such an output, so choose a new or empty folder"
+        )
     return out
+
+
+def _folder_metadata(folder: Path) -> dict:
+    try:
+        metadata = json.loads((folder / FOLDER_METADATA).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def _save_single_file(models: LoadedModels, out: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
