@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from leco.cli import main
 from leco.config import NetworkConfig
 from leco.errors import LecoError
 from leco.generate import (
@@ -226,6 +227,15 @@ def test_batched_images_equal_images_made_one_by_one(tiny_folders, name):
     # ...and the seeds really differ inside a batch
     a, b = (np.asarray(batched[ImageRequest("a red fox", 0.0, s)], dtype=np.int16) for s in (3, 4))
     assert np.abs(a - b).mean() > 1
+
+
+@pytest.mark.parametrize(("option", "size"), [("--height", (16, 32)), ("--width", (32, 16))])
+def test_one_side_given_keeps_it_and_the_other_is_native(tmp_path, tiny_folders, option, size):
+    # diffusers alone would draw the native size and ignore the side given without the other
+    argv = ["generate", "--model", str(tiny_folders["sd1"]), "--prompt", "a cat", "--steps", "2",
+            option, "32", "--out", str(tmp_path), "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert Image.open(tmp_path / "a-cat_0_0.png").size == size  # PIL: (width, height)
 
 
 def test_batch_size_by_image_size(tiny_folders):

@@ -181,6 +181,7 @@ def generate(
     Yields in batch order: requests grouped by strength, each group in the order given.
     """
     size = images_per_call(pipe, settings)
+    height, width = image_size(pipe, settings)
     negative = settings.negative_prompt
     with tqdm(total=len(requests), desc="images", disable=not progress, dynamic_ncols=True) as bar:
         for batch in strength_batches(requests, size):
@@ -190,8 +191,8 @@ def generate(
                 negative_prompt=[negative] * len(batch) if negative else None,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
-                height=settings.height,
-                width=settings.width,
+                height=height,
+                width=width,
                 generator=[torch.Generator("cpu").manual_seed(request.seed) for request in batch],
                 output_type="np",  # checked before it becomes pixels: NaN would turn silently black
             ).images
@@ -206,13 +207,19 @@ def generate(
             yield from zip(batch, pipe.image_processor.numpy_to_pil(images), strict=True)
 
 
+def image_size(pipe: DiffusionPipeline, settings: SamplingSettings) -> tuple[int, int]:
+    """(height, width): the ones set, the model's native size for the others. Said here, because
+    diffusers drops a height given without a width (and the reverse) for the native size."""
+    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return settings.height or native, settings.width or native
+
+
 def images_per_call(pipe: DiffusionPipeline, settings: SamplingSettings) -> int:
     """The batch size: the user's, or what AUTO_BATCH_PIXELS allows at the image size."""
     if settings.batch_size:
         return settings.batch_size
-    native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    pixels = (settings.height or native) * (settings.width or native)
-    return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_PIXELS // pixels))
+    height, width = image_size(pipe, settings)
+    return max(1, min(MAX_AUTO_BATCH, AUTO_BATCH_PIXELS // (height * width)))
 
 
 def strength_batches(requests: list[ImageRequest], size: int) -> Iterator[list[ImageRequest]]:
