@@ -16,6 +16,7 @@ from leco.cli import main
 from leco.conditioning import Conditioning, predict, sdxl_time_ids
 from leco.config import NetworkConfig
 from leco.errors import LecoError
+from leco.generate import lora_strengths
 from leco.interop.convert import convert
 from leco.models import CONFIG_ROOT, ModelFamily, load_models
 from leco.network import LoRANetwork, adaptable_layers, read_lora_file
@@ -230,6 +231,10 @@ def test_sd2_projections_in_the_form_each_tool_needs(tmp_path, tiny_folders):
     pipe.unload_lora_weights()
     with pytest.raises(RuntimeError, match="size mismatch"):
         pipe.load_lora_weights(str(conv))
+    pipe.unload_lora_weights()
+    with lora_strengths(pipe, conv, models.family) as set_strength:  # generate and eval read it anyway
+        set_strength(1.0)
+        torch.testing.assert_close(unet_prediction(pipe.unet, False), predictions[0], rtol=1e-4, atol=2e-5)
 
 
 def test_cli_convert(tmp_path, capsys):

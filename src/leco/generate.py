@@ -135,11 +135,12 @@ def lora_strengths(
         yield lambda strength: None
         return
     path = Path(lora)
-    check_lora_fits(read_lora_header(path), pipe.unet, family)
+    header = read_lora_header(path)
+    check_lora_fits(header, pipe.unet, family)
     check_lora_finite(path)
     try:
         with quiet_library_logs():  # diffusers logs every mismatched tensor before it raises
-            pipe.load_lora_weights(str(path), adapter_name=ADAPTER)
+            pipe.load_lora_weights(_as_diffusers_loads_it(header, pipe.unet, family), adapter_name=ADAPTER)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise LecoError(
             f"--lora: {path} cannot be applied to this model ({str(error).splitlines()[0][:160]})"
@@ -152,6 +153,20 @@ def lora_strengths(
         yield set_strength
     finally:
         pipe.unload_lora_weights()
+
+
+def _as_diffusers_loads_it(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> str | dict:
+    """The file's path, or its tensors with 1x1 ones reshaped to the layers: kohya's SD2 trainers
+    (and `leco convert --sd2-proj 4d`) write Linear proj_in/proj_out as 1x1 convs, which diffusers
+    refuses where A1111 and ComfyUI reshape them."""
+    from leco.network.kohya import UNET_PREFIX
+
+    if not any(key.startswith(UNET_PREFIX) and shape[2:] == [1, 1] for key, shape in header.shapes.items()):
+        return str(header.path)
+    tensors, _ = kohya.read_lora_file(header.path)
+    unet_tensors, text_tensors = kohya.split_by_model(tensors, f"--lora: {header.path}")
+    modules = kohya.canonical_unet_modules(unet_tensors, unet, family, f"--lora: {header.path}")
+    return kohya.flatten_modules(modules) | text_tensors
 
 
 def check_lora_finite(path: Path) -> None:
@@ -311,7 +326,8 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     for module in known:
         layer = unet.get_submodule(by_key[module])
         down = header.shapes.get(f"{module}.lora_down.weight")
-        if down and down[1:] != list(layer.weight.shape[1:]):
+        as_conv = isinstance(layer, torch.nn.Linear) and down and down[1:] == [layer.in_features, 1, 1]
+        if down and down[1:] != list(layer.weight.shape[1:]) and not as_conv:  # kohya's SD2 form is read
             raise LecoError(
                 f"--lora: {header.path} does not fit this {family.name} model: {module}.lora_down.weight "
                 f"has shape {down}, this model's layer needs {[down[0], *layer.weight.shape[1:]]}; "
