@@ -42,6 +42,24 @@ def test_a_fresh_run_does_not_replace_an_earlier_one(tmp_path, tiny_folders):
     assert "\n" not in message and first.path.read_bytes() == before
 
 
+def test_preview_grids_of_the_name_count_as_an_earlier_run(tmp_path):
+    (tmp_path / "previews").mkdir()
+    grid = tmp_path / "previews" / "fox_last.png"
+    grid.write_bytes(b"a grid the user kept")
+    (tmp_path / "previews" / "wolf_last.png").write_bytes(b"another name's: no concern")
+    with pytest.raises(LecoError, match=r"already holds the run 'fox' \(fox_last.png\)"):
+        RunFolder(tmp_path, "fox").check(overwrite=False, previews=True)
+    RunFolder(tmp_path, "wolf2").check(overwrite=False, previews=True)
+    folder = RunFolder(tmp_path, "fox")
+    folder.open(overwrite=True)  # --overwrite: the grid goes with the run it showed, at the first save
+    try:
+        assert grid.read_bytes() == b"a grid the user kept"
+        folder.clear_replaced()
+        assert not grid.exists() and (tmp_path / "previews" / "wolf_last.png").exists()
+    finally:
+        folder.close()
+
+
 def test_overwrite_replaces_the_earlier_run_and_its_stale_step_files(tmp_path, tiny_folders):
     train(make_config(tiny_folders["sd1"], tmp_path, iterations=9), progress=False)  # writes 4 and 8 steps
     assert (tmp_path / "fox_8steps.safetensors").exists()

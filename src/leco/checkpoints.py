@@ -125,11 +125,12 @@ class RunFolder:
         return path in (own, own / STATE_FILE)
 
     def earlier_files(self) -> list[Path]:
-        pattern = re.compile(rf"{re.escape(self.name)}_(\d+steps|last|interrupted)\.safetensors")
-        files = (
-            sorted(p for p in self.path.iterdir() if pattern.fullmatch(p.name)) if self.path.is_dir() else []
-        )
-        return ([self.state_dir] if self.state_dir.is_dir() else []) + files
+        """What a run of this name wrote here: its state, trained files and preview grids."""
+        found = []
+        for folder, extension in ((self.path, "safetensors"), (self.previews, "png")):
+            pattern = re.compile(rf"{re.escape(self.name)}_(\d+steps|last|interrupted)\.{extension}")
+            found += sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name)) if folder.is_dir() else []
+        return ([self.state_dir] if self.state_dir.is_dir() else []) + found
 
     def save(
         self,
