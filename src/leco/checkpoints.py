@@ -129,7 +129,8 @@ class RunFolder:
         found = []
         for folder, extension in ((self.path, "safetensors"), (self.previews, "png")):
             pattern = re.compile(rf"{re.escape(self.name)}_(\d+steps|last|interrupted)\.{extension}")
-            found += sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name)) if folder.is_dir() else []
+            if folder.is_dir():
+                found += sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
         return ([self.state_dir] if self.state_dir.is_dir() else []) + found
 
     def save(
