@@ -373,7 +373,7 @@ def test_merge_and_convert_never_write_over_or_into_what_the_user_has(tmp_path, 
 
 
 def test_empty_damaged_and_overflowing_loras_are_named_before_anything_is_written(tmp_path, tiny_folders):
-    from leco.generate import build_pipeline, lora_strengths
+    from leco.generate import build_pipeline, lora_strengths, read_lora_header
 
     folder = str(tiny_folders["sd1"])
     lora = random_lora(folder, tmp_path / "l.safetensors", seed=5)
@@ -383,9 +383,15 @@ def test_empty_damaged_and_overflowing_loras_are_named_before_anything_is_writte
     key = next(k for k in tensors if k.endswith("lora_up.weight"))
     tensors[key] = torch.full_like(tensors[key], float("nan"))
     save_file(tensors, str(damaged), metadata)
+    tensors, _ = read_lora_file(lora)
+    module = key.split(".")[0]
+    tensors[f"{module}.lora_up.weight"] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
+    ranks = tmp_path / "ranks.safetensors"  # lora_up one column wider than lora_down has rows
+    save_file(tensors, str(ranks), metadata)
     cases = [
         (LoraStrength(empty), "holds no tensors"),
         (LoraStrength(damaged), f"{key} holds NaN or inf values"),
+        (LoraStrength(ranks), f"{module} has lora_down .* whose ranks differ"),
         (LoraStrength(lora, 1e30), "overflow in torch.float16"),
     ]
     for given, message in cases:
@@ -399,6 +405,8 @@ def test_empty_damaged_and_overflowing_loras_are_named_before_anything_is_writte
         lora_strengths(pipe, damaged, models.family),
     ):
         pass
+    with pytest.raises(LecoError, match=f"--lora: .*ranks.safetensors: {module} has .* ranks differ"):
+        read_lora_header(ranks)
 
 
 def test_single_file_model_merges_like_its_folder(tmp_path, tiny_folders):

@@ -282,6 +282,10 @@ def read_lora_header(path: str | Path) -> LoraHeader:
             f"--lora: {path} is not a readable .safetensors file ({_first_line(error)}); it may be "
             "truncated or damaged: download it or train it again"
         ) from None
+    for key, down in shapes.items():
+        module, _, part = key.partition(".")
+        if part == "lora_down.weight" and f"{module}.lora_up.weight" in shapes:
+            kohya.check_ranks(module, down, shapes[f"{module}.lora_up.weight"], f"--lora: {path}")
     if kohya.is_embedding(shapes):
         raise LecoError(
             f"--lora: {path} is a textual-inversion embedding, not a LoRA; give it as --embedding "

@@ -230,12 +230,22 @@ def group_modules(tensors: dict[str, torch.Tensor], source: str) -> dict[str, Mo
             missing = "lora_up" if "lora_down.weight" in found else "lora_down"
             raise LecoError(f"{source}: {module} has no {missing}.weight; the file is incomplete")
         down, up = found["lora_down.weight"], found["lora_up.weight"]
+        check_ranks(module, list(down.shape), list(up.shape), source)
         alpha = found.get("alpha")
         if alpha is not None and alpha.numel() != 1:
             raise LecoError(f"{source}: {module}.alpha holds {alpha.numel()} values, expected one number")
         # Missing alpha means scale 1 in A1111, ComfyUI and diffusers, i.e. alpha = rank.
         modules[module] = ModuleWeights(down, up, float(alpha.item()) if alpha is not None else down.shape[0])
     return modules
+
+
+def check_ranks(module: str, down: list[int], up: list[int], source: str) -> None:
+    """lora_down's rows and lora_up's columns are the same rank, or the file is damaged."""
+    if len(down) < 2 or len(up) < 2 or down[0] != up[1]:
+        raise LecoError(
+            f"{source}: {module} has lora_down {down} and lora_up {up}, whose ranks differ; the file is "
+            "damaged or was written wrongly (no tool can apply it)"
+        )
 
 
 def flatten_modules(
