@@ -237,6 +237,35 @@ def test_sd2_projections_in_the_form_each_tool_needs(tmp_path, tiny_folders):
         torch.testing.assert_close(unet_prediction(pipe.unet, False), predictions[0], rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_generate_applies_each_modules_own_alpha_as_kohya_does(tmp_path, tiny_folders, name):
+    # diffusers files the attention layers' alphas under names no layer has; with alphas that differ
+    # (resized LoRAs) those layers got the most common alpha. generate and eval must apply kohya's formula.
+    folder = str(tiny_folders[name])
+    models = load_models(folder)
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2))
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_(std=0.3)  # small: the tiny models amplify rounding at large weights
+    plain = network.save(tmp_path / "plain.safetensors", resolution=16)
+    network.remove()
+    tensors, metadata = read_lora_file(plain)
+    for index, key in enumerate(sorted(k for k in tensors if k.endswith(".alpha"))):
+        tensors[key] = torch.tensor(float(1 + index % 4))  # alphas 1, 2, 3, 4 in turn
+    save_file(tensors, str(tmp_path / "alphas.safetensors"), metadata)
+    loaded = LoRANetwork.from_file(models.unet, models.family, tmp_path / "alphas.safetensors")
+    sdxl, pooled = name == "sdxl", models.text_encoders[-1].config.projection_dim if name == "sdxl" else 0
+    expected = unet_prediction(models.unet, sdxl, pooled)
+    loaded.remove()
+    base = unet_prediction(models.unet, sdxl, pooled)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    with lora_strengths(pipe, tmp_path / "alphas.safetensors", models.family) as set_strength:
+        set_strength(1.0)
+        got = unet_prediction(pipe.unet, sdxl, pooled)
+    assert (expected - base).abs().max() > 1e-2  # the LoRA does something to compare
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)  # alpha/rank folded in: rounding
+
+
 def test_cli_convert(tmp_path, capsys):
     foreign = foreign_state_dict(full_size_unet("sd1"), "Attention", rank=1, alpha=1.0, seed=4)
     torch.save(foreign, tmp_path / "s.pt")

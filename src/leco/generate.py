@@ -156,17 +156,46 @@ def lora_strengths(
 
 
 def _as_diffusers_loads_it(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> str | dict:
-    """The file's path, or its tensors with 1x1 ones reshaped to the layers: kohya's SD2 trainers
-    (and `leco convert --sd2-proj 4d`) write Linear proj_in/proj_out as 1x1 convs, which diffusers
-    refuses where A1111 and ComfyUI reshape them."""
+    """The file's path, or its tensors made into what diffusers applies as kohya's formula does.
+
+    Two cases need that. kohya's SD2 trainers (and `leco convert --sd2-proj 4d`) write Linear
+    proj_in/proj_out as 1x1 convs, which diffusers refuses where A1111 and ComfyUI reshape them.
+    And where the modules' alphas differ (resized or merged LoRAs), diffusers files the attention
+    layers' alphas under names no layer has, so those layers get the most common alpha: such files
+    are handed over with each module's alpha/rank folded into lora_up and no alphas (scale 1 each).
+    """
     from leco.network.kohya import UNET_PREFIX
 
-    if not any(key.startswith(UNET_PREFIX) and shape[2:] == [1, 1] for key, shape in header.shapes.items()):
+    source = f"--lora: {header.path}"
+    as_convs = any(
+        key.startswith(UNET_PREFIX) and shape[2:] == [1, 1] for key, shape in header.shapes.items()
+    )
+    alphas = _module_alphas(header)
+    if not as_convs and len(set(alphas.values())) <= 1:
         return str(header.path)
     tensors, _ = kohya.read_lora_file(header.path)
-    unet_tensors, text_tensors = kohya.split_by_model(tensors, f"--lora: {header.path}")
-    modules = kohya.canonical_unet_modules(unet_tensors, unet, family, f"--lora: {header.path}")
-    return kohya.flatten_modules(modules) | text_tensors
+    unet_tensors, text_tensors = kohya.split_by_model(tensors, source)
+    modules = kohya.canonical_unet_modules(unet_tensors, unet, family, source)
+    modules |= kohya.group_modules(text_tensors, source) if text_tensors else {}
+    if len(set(alphas.values())) > 1:
+        folded = {
+            key: kohya.ModuleWeights(w.down, w.up * (w.alpha / w.rank), w.rank) for key, w in modules.items()
+        }
+        return {k: v for k, v in kohya.flatten_modules(folded).items() if not k.endswith(".alpha")}
+    return kohya.flatten_modules(modules)
+
+
+def _module_alphas(header: LoraHeader) -> dict[str, float]:
+    """Each kohya module's alpha (its rank where the file gives none, as every tool reads it)."""
+    from safetensors import safe_open
+
+    ranks = {k.partition(".")[0]: s[0] for k, s in header.shapes.items() if k.endswith(".lora_down.weight")}
+    alphas: dict[str, float] = {module: float(rank) for module, rank in ranks.items()}
+    with safe_open(str(header.path), framework="pt") as file:
+        for module in ranks:
+            if f"{module}.alpha" in header.shapes:
+                alphas[module] = float(file.get_tensor(f"{module}.alpha").item())
+    return alphas
 
 
 def check_lora_finite(path: Path) -> None:
