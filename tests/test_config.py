@@ -139,6 +139,8 @@ def test_inline_prompts_are_accepted(tmp_path):
         (MINIMAL + "train:\n  save: {name: x}\n", ["train.save: unknown key; it belongs at the top level"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.1:", "finite"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.1:"]),
+        (MINIMAL + "train:\n  lr: .inf\n", ["train.lr:", "finite"]),
+        (MINIMAL + "network:\n  alpha: .inf\n", ["network.alpha:", "finite"]),
         (
             MINIMAL + "preview:\n  prompts: [a]\n  steps: 2000\n",
             ["preview.steps:", "less than or equal to 1000"],

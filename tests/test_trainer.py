@@ -16,6 +16,7 @@ from leco.conditioning import predict
 from leco.config import LecoConfig, PromptSettings
 from leco.errors import LecoError
 from leco.network import read_lora_file
+from leco.optim import non_finite_loss
 from leco.steps import Step, wanted
 from leco.trainer import Trainer
 
@@ -392,8 +393,18 @@ def test_nan_loss_stops_with_a_message_naming_the_step(tmp_path, tiny_folders):
     with torch.no_grad():
         for parameter in trainer.trainable.parameters():
             parameter.fill_(float("nan"))
-    with pytest.raises(LecoError, match=r"step 3: the loss became nan; use train.precision: bf16 or fp32"):
+    hint = (
+        "use train.precision: bf16 or fp32 .*, or a lower"
+        if trainer.dtype == torch.float16
+        else "use a lower"
+    )
+    with pytest.raises(
+        LecoError, match=rf"step 3: the loss became nan; {hint} train.lr \(or a lower network.alpha"
+    ):
         trainer.train_step()
+    # the precision is named only where it is the likely cause
+    assert "train.precision" in str(non_finite_loss(3, float("inf"), torch.float16))
+    assert "train.precision" not in str(non_finite_loss(3, float("inf"), torch.float32))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adam", "lion", "prodigy", "sgd"])

@@ -116,9 +116,9 @@ class NetworkConfig(_Section):
     type: Literal["lierla", "c3lier", "embedding"] = "lierla"
     rank: int = Field(4, ge=1)
     # kohya semantics: scale = alpha / rank; alpha 0 means alpha = rank (scale 1).
-    alpha: float = Field(1.0, ge=0)
+    alpha: float = Field(1.0, ge=0, allow_inf_nan=False)
     conv_rank: int | None = Field(None, ge=1)
-    conv_alpha: float | None = Field(None, ge=0)
+    conv_alpha: float | None = Field(None, ge=0, allow_inf_nan=False)
     # The reference tool's key for the layer preset (its filters selected nothing for xattn).
     training_method: Literal[
         "full", "xattn", "xattn-strict", "xattn-values", "noxattn", "selfattn", "innoxattn"
@@ -172,7 +172,7 @@ class TrainConfig(_Section):
     precision: Precision = "bf16"
     noise_scheduler: Annotated[Literal["ddim", "ddpm", "lms", "euler_a"], BeforeValidator(_lower)] = "ddim"
     iterations: int = Field(500, ge=1)
-    lr: float = Field(1e-4, gt=0)
+    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
     optimizer: Annotated[Literal[OPTIMIZERS], BeforeValidator(_lower)] = "adamw"  # type: ignore[valid-type]
     # Reference form "weight_decay=0.01 betas=(0.9,0.99)" or a mapping.
     optimizer_args: dict[str, Any] = Field(default_factory=dict)

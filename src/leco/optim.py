@@ -135,3 +135,12 @@ class Updates:
                 group["initial_lr"] = wanted
         self.lr_scheduler.base_lrs = [group["initial_lr"] for group in groups]
         self.lr_scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
+
+
+def non_finite_loss(step: int, loss: float, dtype: torch.dtype) -> LecoError:
+    """What stops a run whose loss became NaN or inf, and what to change."""
+    fp16 = "train.precision: bf16 or fp32 (fp16 overflows easily), or " if dtype == torch.float16 else ""
+    return LecoError(
+        f"training stopped at step {step}: the loss became {loss}; use {fp16}a lower train.lr "
+        "(or a lower network.alpha, the LoRA's scale)"
+    )

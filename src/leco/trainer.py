@@ -24,7 +24,6 @@ from leco.checkpoints import RunFolder, StopRequest, read_state, run_metadata
 from leco.conditioning import warn_if_truncated
 from leco.config import LecoConfig
 from leco.distributed import Ranks
-from leco.errors import LecoError
 from leco.models import (
     DTYPES,
     LoadedModels,
@@ -35,7 +34,7 @@ from leco.models import (
     training_dtype,
 )
 from leco.objectives import Predictions
-from leco.optim import Updates
+from leco.optim import Updates, non_finite_loss
 from leco.preservation import TextAnchors, anchor_prompts, entries_and_anchors
 from leco.preview import preview_size, render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
@@ -127,10 +126,7 @@ class Trainer:
             self.updates.backward(text_loss)
             loss = loss + text_loss.detach()
         if self.ranks.any(not torch.isfinite(loss), self.device):
-            raise LecoError(
-                f"training stopped at step {self.step + 1}: the loss became {loss.item()}; use "
-                "train.precision: bf16 or fp32 (fp16 overflows easily), or a lower train.lr"
-            )
+            raise non_finite_loss(self.step + 1, loss.item(), self.dtype)
         self.ranks.mean_gradients(self.trainable.parameters())
         self.updates.step()
         self.step += 1
