@@ -145,6 +145,8 @@ def test_resume_past_train_iterations_or_from_no_state_is_one_line(tmp_path, tin
     for path in (not_a_state, tmp_path / "a"):  # a config file; the run's folder, not its *_state folder
         with pytest.raises(LecoError, match=r"--resume: .* holds no training_state.pt; pass the \*_state"):
             train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=8), resume=path)
+    with pytest.raises(LecoError, match=r"--resume: .*nowhere_state not found; pass the \*_state"):
+        train(make_config(tiny_folders["sd1"], tmp_path / "a"), resume=tmp_path / "nowhere_state")
 
 
 def test_previews_at_a_size_diffusers_refuses_are_drawn_at_the_next_multiple_of_8(

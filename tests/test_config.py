@@ -123,6 +123,10 @@ def test_inline_prompts_are_accepted(tmp_path):
         ),
         ("prompts_file: nowhere.yaml\npretrained_model: {name_or_path: x}\n", ["prompts_file:", "not found"]),
         ("pretrained_model: {name_or_path: x}\n", ["prompts_file: missing"]),
+        ("pretrained_model: {name_or_path: x}\nprompts: []\n", ["prompts: an empty list", "- target:"]),
+        ("pretrained_model: {name_or_path: x}\nprompts_file: /\n", ["prompts_file: / is a folder"]),
+        (MINIMAL + "train:\n  optimizer_args: {lr: 1}\n", ["optimizer_args:", "set train.lr instead"]),
+        (MINIMAL + "train:\n  optimizer_args: 'params=1'\n", ["optimizer_args:", "params is not"]),
         ("train: [1, 2\n", ["line", "invalid YAML"]),
         ("- just\n- a list\n", ["must be a YAML mapping"]),
         (
@@ -402,6 +406,7 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         ("- target: a\n  action: distill\n", {}, "entry 1.guidance_scale: distill needs the CFG scale"),
         ("- target: ''\n", {}, "entry 1.target: '' with positive, unconditional and neutral as they are"),
         ("- target: a\n  neutral: a\n  unconditional: a\n", {}, "leaves erase nothing to learn"),
+        ("- target: [a digit seven, '']\n", {}, "entry 1.target: '' (prompt 2 of the list) with positive"),
     ],
 )
 def test_bad_prompt_lists_are_one_line(folder, prompts, files, expected):

@@ -243,6 +243,8 @@ def _saved_step(path: Path) -> int | None:
 
 def state_file_of(path: Path) -> Path:
     """The state file of a *_state folder (or that file itself); one line where there is none."""
+    if not path.exists():
+        raise LecoError(f"--resume: {path} not found; pass the *_state folder a run saved")
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file() or file.suffix != ".pt":  # a copy under another name is still a state
         raise LecoError(f"--resume: {path} holds no {STATE_FILE}; pass the *_state folder a run saved")

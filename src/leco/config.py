@@ -215,7 +215,12 @@ class TrainConfig(_Section):
     @field_validator("optimizer_args", mode="before")
     @classmethod
     def _parse_optimizer_args(cls, value: Any) -> Any:
-        return parse_optimizer_args(value) if isinstance(value, str) else value
+        value = parse_optimizer_args(value) if isinstance(value, str) else value
+        if isinstance(value, dict) and {"lr", "params"} & set(value):
+            key = "lr" if "lr" in value else "params"
+            fix = "set train.lr instead" if key == "lr" else "remove it (leco passes the trained parameters)"
+            raise ValueError(f"{key} is not an optimizer argument here; {fix}")
+        return value
 
     @field_validator("device")
     @classmethod
@@ -375,14 +380,17 @@ class PromptSettings(_Section):
                     f"{role}: a list of {len(value)} prompts, but target has {len(self.targets)}; a list "
                     "pairs one prompt with each target"
                 )
-        if self.action in ("erase", "enhance") and all(
-            self.role_text("positive", i) == self.role_text("unconditional", i)
-            and self.role_text("neutral", i) == target
+        idle = [  # prompts whose target is the prediction they already make
+            i
             for i, target in enumerate(self.targets)
-        ):  # its target is then the prediction it already makes
+            if self.role_text("positive", i) == self.role_text("unconditional", i)
+            and self.role_text("neutral", i) == target
+        ]
+        if self.action in ("erase", "enhance") and idle:
+            which = "" if isinstance(self.target, str) else f" (prompt {idle[0] + 1} of the list)"
             raise ValueError(
-                f"target: {self.targets[0]!r} with positive, unconditional and neutral as they are leaves "
-                f"{self.action} nothing to learn; name the concept in target (or positive)"
+                f"target: {self.targets[idle[0]]!r}{which} with positive, unconditional and neutral as they "
+                f"are leaves {self.action} nothing to learn; name the concept in target (or positive)"
             )
         if self.action == "distill" and self.guidance_scale <= 1:
             given = f"got {self.guidance_scale:g}"
@@ -732,6 +740,8 @@ def config_from_document(document: dict[str, Any], path: Path) -> LecoConfig:
         if prompts_in_config:
             raise ConfigError(f"{path}: both prompts_file and prompts are set; keep one of them")
         config.prompts = load_prompts(_resolve_prompts_file(config.prompts_file, path))
+    elif not config.prompts and prompts_in_config:
+        raise ConfigError(f"{path}: prompts: an empty list; give at least one entry (e.g. - target: a cat)")
     elif not config.prompts:
         raise ConfigError(
             f"{path}: prompts_file: missing; name the prompts YAML (e.g. prompts_file: prompts.yaml)"
@@ -863,6 +873,10 @@ def _resolve_prompts_file(name: str, config_path: Path) -> Path:
         try:
             if option.is_file():
                 return option
+            if option.is_dir():
+                raise ConfigError(
+                    f"{config_path}: prompts_file: {option} is a folder; name the prompts YAML or TOML file"
+                )
         except (OSError, ValueError):  # e.g. a NUL byte or an over-long name
             break
     for option in tried:
