@@ -233,6 +233,11 @@ def test_keep_all_in_spec_files(tmp_path):
     assert spec.keep_all and [k.concept for k in spec.keep] == ["digit:2"]
     path.write_text("keep: [{prompt: a, concept: 'digit:2'}]\n")
     assert not load_spec(path).keep_all
+    path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nkeep: All\n")
+    assert load_spec(path).keep_all
+    path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nkeep: alll\n")
+    with pytest.raises(ConfigError, match=r"spec.yaml: keep: 'alll' is neither `all` nor a list"):
+        load_spec(path)
 
 
 def test_keep_all_with_every_concept_erased_is_refused_before_any_image():

@@ -720,7 +720,8 @@ def run_merge(args: argparse.Namespace) -> int:
     spec = PretrainedModelConfig(name_or_path=args.model, allow_pickle=args.allow_pickle)
     loras = [parse_lora_argument(text) for text in args.lora]
     out = merge(spec, loras, args.out, precision=args.precision, overwrite=args.overwrite)
-    print(f"merged {len(loras)} LoRA(s) into {out}")
+    baked = sum(1 for lora in loras if lora.strength != 0)  # strength 0 is left out, with a warning
+    print(f"merged {baked} LoRA(s) into {out}")
     return 0
 
 

@@ -97,6 +97,10 @@ class EvalSpec(BaseModel):
         """`keep: all` and `keep: [all, {...}]` set keep_all; the listed prompts stay in keep."""
         if isinstance(data, dict):
             keep = data.get("keep")
+            if isinstance(keep, str) and keep.strip().lower() != KEEP_ALL:
+                raise ValueError(f"keep: {keep!r} is neither `all` nor a list; write keep: all, or prompts")
+            if isinstance(keep, str):  # `All`, ` all `: what was meant is plain
+                keep = KEEP_ALL
             if keep == KEEP_ALL:
                 data = {**data, "keep": [], "keep_all": True}
             elif isinstance(keep, list) and KEEP_ALL in keep:

@@ -437,7 +437,8 @@ def _load_single_file(
         )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise LecoError(
-            f"{path}: the UNet weights do not match the {arch} architecture ({_first_line(error)})"
+            f"{path}: the UNet weights do not match the {arch} architecture ({_first_line(error)}); a "
+            "model of its own layout loads from its diffusers folder (or with pretrained_model.config)"
         ) from None
     probed_v = probe_v_prediction(unet) if arch == "sd2" else None
     family = _reconcile(spec, arch, probed_v, f"{path} (probed the UNet)", names)
@@ -621,8 +622,9 @@ def _reconcile(
 
 
 def _first_line(error: BaseException) -> str:
+    """The library's first sentence: what is wrong (its advice after it is about its own API)."""
     text = str(error).strip()
-    return text.splitlines()[0][:200] if text else type(error).__name__
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(error).__name__
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
