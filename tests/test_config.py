@@ -698,3 +698,14 @@ def test_the_examples_set_nothing_without_effect():
             continue
         config.check_combination()
         assert config.unused_settings() == [], path
+
+
+def test_an_unreadable_config_says_permission_denied(tmp_path, monkeypatch):
+    path = write(tmp_path, "c.yaml", MINIMAL)
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)  # chmod 000 does not stop root, who runs CI here
+    with pytest.raises(ConfigError, match=r"c.yaml: cannot be read \(permission denied\); make it readable"):
+        load_config(path)

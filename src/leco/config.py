@@ -853,7 +853,7 @@ def read_prompt_lines(file: Path, where: str) -> list[str]:
             f"{where}: {file} not found; paths are relative to the file that names them"
         ) from None
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ConfigError(f"{where}: {file} cannot be read as UTF-8 text ({type(error).__name__})") from None
+        raise ConfigError(f"{where}: {file} cannot be read {_why_unreadable(error)}") from None
     refuse_non_text_prompts(file, where, text)
     lines = [line.strip() for line in text.splitlines()]
     prompts = [line for line in lines if line and not line.startswith("#")]
@@ -904,7 +904,13 @@ def read_config_text(path: Path, kind: str) -> str:
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, not a {kind} file") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot be read as UTF-8 text ({type(error).__name__})") from None
+        raise ConfigError(f"{path}: cannot be read {_why_unreadable(error)}") from None
+
+
+def _why_unreadable(error: Exception) -> str:
+    if isinstance(error, PermissionError):
+        return "(permission denied); make it readable (chmod) or copy it somewhere you can read"
+    return f"as UTF-8 text ({type(error).__name__})"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
