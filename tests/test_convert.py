@@ -304,3 +304,24 @@ def test_every_lora_file_names_its_writer(tmp_path, tiny_folders):
     _, metadata = read_lora_file(network.save(tmp_path / "a.safetensors", resolution=16))
     assert metadata["modelspec.implementation_version"] == f"leco/{__version__}"
     assert metadata["modelspec.sai_model_spec"] == "1.0.1"
+
+
+def test_convert_keeps_the_files_rank_alpha_title_and_date_where_the_tensors_allow(tmp_path, tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]))
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2, alpha=1.0))
+    saved = network.save(tmp_path / "mine.safetensors", resolution=16)
+    network.remove()
+    tensors, metadata = read_lora_file(saved)
+    alphas = sorted(k for k in tensors if k.endswith(".alpha"))
+    for key in alphas[: len(alphas) // 2]:  # as many modules at alpha 2 as at alpha 1: a tie
+        tensors[key] = torch.tensor(2.0)
+    for said in ("1", "2.0"):
+        metadata = {**metadata, "ss_network_alpha": said, "modelspec.title": "My LoRA"}
+        metadata["modelspec.date"] = "2024-01-02T03:04:05+00:00"
+        save_file(tensors, str(tmp_path / "tie.safetensors"), metadata)
+        out = convert(
+            tmp_path / "tie.safetensors", tmp_path / f"o{said}.safetensors", model=str(tiny_folders["sd1"])
+        )
+        written = read_lora_file(out)[1]
+        assert float(written["ss_network_alpha"]) == float(said)  # of two pairs as common, the one it said
+        assert written["modelspec.title"] == "My LoRA" and written["modelspec.date"].startswith("2024-01-02")

@@ -95,7 +95,11 @@ def convert(
         unet_modules = {key: _as_conv(key, weights) for key, weights in unet_modules.items()}
     output = kohya.flatten_modules(unet_modules) | kohya.flatten_modules(text_modules)
     new_metadata = {k: v for k, v in metadata.items() if k not in _RECOMPUTED}
-    new_metadata.update(lora_metadata(unet_modules | text_modules, skeleton, out.stem))
+    said = (metadata.get("ss_network_dim"), metadata.get("ss_network_alpha"))
+    new_metadata.update(lora_metadata(unet_modules | text_modules, skeleton, out.stem, said))
+    for key in ("modelspec.title", "modelspec.date"):  # the same LoRA in another form: its name and date
+        if metadata.get(key):
+            new_metadata[key] = metadata[key]
     new_metadata["leco.converted_from"] = source.name
     if sd2_proj == "4d":
         new_metadata["leco.sd2_proj"] = "4d"
@@ -103,12 +107,18 @@ def convert(
 
 
 def lora_metadata(
-    modules: dict[str, kohya.ModuleWeights], skeleton: ModelSkeleton, title: str
+    modules: dict[str, kohya.ModuleWeights],
+    skeleton: ModelSkeleton,
+    title: str,
+    said: tuple[str | None, str | None] = (None, None),
 ) -> dict[str, str]:
-    """ss_* and ModelSpec keys, with rank and alpha read from the tensors (the most common pair)."""
+    """ss_* and ModelSpec keys, with rank and alpha read from the tensors: the most common pair, and
+    of pairs as common the one the file `said` (its ss_network_dim and ss_network_alpha)."""
     convs = {k: w for k, w in modules.items() if w.down.ndim == 4 and w.down.shape[2:] != (1, 1)}
     plain = [(w.rank, w.alpha) for k, w in modules.items() if k not in convs]
-    (rank, alpha), _ = Counter(plain or [(w.rank, w.alpha) for w in convs.values()]).most_common(1)[0]
+    counts = Counter(plain or [(w.rank, w.alpha) for w in convs.values()]).most_common()
+    tied = [pair for pair, count in counts if count == counts[0][1]]
+    rank, alpha = next((pair for pair in tied if _is_said(pair, said)), tied[0])
     args = {}
     if convs:
         (conv_rank, conv_alpha), _ = Counter((w.rank, w.alpha) for w in convs.values()).most_common(1)[0]
@@ -160,3 +170,10 @@ def _as_conv(key: str, weights: kohya.ModuleWeights) -> kohya.ModuleWeights:
     if not key.endswith(("_proj_in", "_proj_out")) or weights.down.ndim != 2:
         return weights
     return kohya.ModuleWeights(weights.down[:, :, None, None], weights.up[:, :, None, None], weights.alpha)
+
+
+def _is_said(pair: tuple[int, float], said: tuple[str | None, str | None]) -> bool:
+    try:
+        return said[0] is not None and int(said[0]) == pair[0] and float(said[1] or "nan") == pair[1]
+    except ValueError:  # metadata another tool wrote as it liked
+        return False
