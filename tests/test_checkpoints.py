@@ -111,10 +111,12 @@ def test_temp_files_of_a_killed_save_are_cleared_when_the_run_continues(tmp_path
     assert not any(path.exists() for path in left)
 
 
-def test_sigterm_saves_an_interrupted_file_like_ctrl_c(tmp_path, tiny_folders):
-    process, out, err = stop_a_cli_run(tmp_path, tiny_folders["sd1"], signal.SIGTERM)
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the ssh session gone
+def test_sigterm_and_a_hang_up_save_an_interrupted_file_like_ctrl_c(tmp_path, tiny_folders, stop_signal):
+    process, out, err = stop_a_cli_run(tmp_path, tiny_folders["sd1"], stop_signal)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "continue with: leco train" in out
+    assert f"{stop_signal.name} again aborts without saving" in out
     _, metadata = read_lora_file(tmp_path / "out" / "fox_interrupted.safetensors")
     assert 2 <= int(metadata["leco.step"]) < 400
 

@@ -8,10 +8,12 @@ continued (`--resume`). Temp files a killed process left behind are removed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -196,9 +198,10 @@ class RunFolder:
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to stop after the current step and save; a second one aborts."""
+    """Ctrl-C, SIGTERM or a hang-up (SIGHUP: the terminal or ssh session gone) asks the loop to stop
+    after the current step and save; a second one aborts."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
     def __init__(self) -> None:
         self.requested = False
@@ -217,10 +220,27 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        if signum == getattr(signal, "SIGHUP", None):
+            _leave_lost_terminal()
         if os.environ.get("RANK", "0") == "0":  # data-parallel: every process stops, the first one says so
             again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             message = f"stopping after this step and saving ({again} again aborts without saving)"
-            print(f"\nleco: {message}", flush=True)
+            with contextlib.suppress(OSError):  # where output goes may be gone; the save must not be
+                print(f"\nleco: {message}", flush=True)
+
+
+def _leave_lost_terminal() -> None:
+    """After a hang-up, writing to the terminal fails (EIO) and would end the run before it saves:
+    output meant for it goes nowhere instead (output into files or pipes stays where it was)."""
+    with open(os.devnull, "w") as devnull:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                if not stream.isatty():
+                    continue
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()  # what is buffered goes now, or not at all
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                os.dup2(devnull.fileno(), stream.fileno())
 
 
 def run_metadata(config: Any, entries: list[Any], step: int, seed: int, source: str) -> dict[str, Any]:

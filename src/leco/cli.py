@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -542,9 +543,11 @@ def launch_processes(count: int, words: list[str]) -> int:
         for pid in workers:
             if pid == launcher.pid or (ready / str(pid)).exists():
                 for number in received[passed_on.get(pid, 0) : count]:
-                    # A hang-up (the terminal or ssh gone) stops them as SIGTERM does: they save.
+                    # A hang-up (the terminal or ssh gone) is passed on as one: they save, and stop
+                    # writing to that terminal. SIGQUIT stops them as SIGTERM does.
+                    passed = number if number in (signal.SIGINT, signal.SIGHUP) else signal.SIGTERM
                     with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGINT if number == signal.SIGINT else signal.SIGTERM)
+                        os.kill(pid, passed)
                 passed_on[pid] = count
 
     def forward(number: int, frame: object) -> None:  # passed on by the loop below, never twice
@@ -771,11 +774,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a prompt or path the console cannot show is escaped,
         with contextlib.suppress(AttributeError, ValueError):  # not a crash after the work is done
             stream.reconfigure(errors="backslashreplace")
+    previous = _abort_on_termination()
     try:
         return _main(argv)
     except KeyboardInterrupt:  # while the options are read (checking some imports torch): no traceback
-        print("leco: aborted", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            print("leco: aborted", file=sys.stderr)
         return 130
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _abort_on_termination() -> dict[int, Any]:
+    """SIGTERM or a hang-up before training starts (loading, generating) ends leco as Ctrl-C does,
+    with its one line, not silently; training installs its own handlers, which save."""
+
+    def abort(number: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    stops = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+    return {number: signal.signal(number, abort) for number in stops}
 
 
 def _main(argv: Sequence[str] | None) -> int:
