@@ -3,6 +3,7 @@
 import signal
 
 import pytest
+import torch
 from test_trainer import make_config, stop_a_cli_run
 
 from leco import train
@@ -147,6 +148,11 @@ def test_resume_past_train_iterations_or_from_no_state_is_one_line(tmp_path, tin
     for path in (not_a_state, tmp_path / "a"):  # a config file; the run's folder, not its *_state folder
         with pytest.raises(LecoError, match=r"--resume: .* holds no training_state.pt; pass the \*_state"):
             train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=8), resume=path)
+    run_seed = torch.load(first.state / "training_state.pt", weights_only=True)["seed"]
+    other_seed = make_config(tiny_folders["sd1"], tmp_path / "a", iterations=8)
+    other_seed.train.seed = run_seed + 1  # the state continues its own streams: refused, not ignored
+    with pytest.raises(LecoError, match=rf"train.seed: {run_seed + 1}, but .* is a run of seed {run_seed}"):
+        train(other_seed, resume=first.state)
     with pytest.raises(LecoError, match=r"--resume: .*nowhere_state not found; pass the \*_state"):
         train(make_config(tiny_folders["sd1"], tmp_path / "a"), resume=tmp_path / "nowhere_state")
 

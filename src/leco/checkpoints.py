@@ -301,6 +301,12 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
                 f"train.{key}: {now}, but {file} was trained with {was}; resume with {key}: {was} "
                 "(train.lr and iterations may change)"
             )
+    seed, run_seed = current.get("train", {}).get("seed"), state.get("seed")
+    if seed not in (None, -1) and run_seed is not None and seed != run_seed:  # its streams are in the state
+        raise LecoError(
+            f"train.seed: {seed}, but {file} is a run of seed {run_seed}, whose random streams it continues; "
+            f"resume with seed: {run_seed} (or leave it out), or start a new run for seed {seed}"
+        )
     step, iterations = state.get("step", 0), current.get("train", {}).get("iterations")
     if isinstance(iterations, int) and step > iterations:
         raise LecoError(
