@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from leco.config import ConfigError, NetworkConfig
@@ -23,7 +24,7 @@ from leco.evaluate import (
     summarise,
 )
 from leco.models import CONFIG_ROOT, load_models
-from leco.network import LoRANetwork
+from leco.network import LoRANetwork, read_lora_file
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_clip_detector_picks_the_most_likely_label(tiny_clip):
     assert 0 <= detector.clip_score(images, labels[0]) <= 100
 
 
-def test_eval_report_with_a_clip_detector(tmp_path, tiny_folders, tiny_clip):
+def test_eval_report_with_a_clip_detector(tmp_path, tiny_folders, tiny_clip, capsys):
     models = load_models(str(tiny_folders["sd1"]), with_vae=True)
     network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2))
     with torch.no_grad():
@@ -78,6 +79,9 @@ def test_eval_report_with_a_clip_detector(tmp_path, tiny_folders, tiny_clip):
             parameter.normal_(0, 0.3)
     lora = network.save(tmp_path / "l.safetensors", resolution=16)
     network.remove()
+    tensors, metadata = read_lora_file(lora)  # as a CFG-distilled LoRA says it is
+    metadata["leco.prompts"] = json.dumps([{"action": "distill", "guidance_scale": 3.0}])
+    save_file(tensors, str(lora), metadata)
     spec = EvalSpec(
         detector="clip", clip_model=str(tiny_clip), images_per_prompt=3, strengths=[0.0, 1.0], steps=3,
         guidance=2, erase=[{"prompt": "a painting by van gogh", "concept": "van gogh"}],
@@ -93,6 +97,7 @@ def test_eval_report_with_a_clip_detector(tmp_path, tiny_folders, tiny_clip):
     table = format_report(report)
     assert "erased: still detected" in table and "a photo of a dog" in table and "CLIP@1" in table
     json.dumps(report)  # the report is plain JSON
+    assert "CFG-distilled" in capsys.readouterr().err  # judged at guidance 2, it would guide twice
 
 
 def test_pixel_drift():

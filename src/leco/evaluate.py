@@ -46,6 +46,7 @@ from leco.generate import (
     lora_strengths,
     read_embedding,
     read_lora_header,
+    warn_if_distilled,
 )
 from leco.images import ImageRequest, save_image, unique_slugs
 from leco.models import LoadedModels, check_hub_repo_available, quiet_library_logs, recommended_sampling
@@ -266,6 +267,9 @@ def evaluate(
     slugs = unique_slugs(prompts)
     seeds = list(range(spec.seed, spec.seed + spec.images_per_prompt))
     settings = sampling_settings(spec, models)
+    for label, path in zip(labels, loras, strict=True):
+        if label not in negatives:
+            warn_if_distilled(str(path), settings.guidance, fix=f"guidance: 1 in {spec._source}")
     pipe = build_pipeline(models, spec.sampler).to(device)
     folders = _image_folders(image_dir, labels)
     if not overwrite:

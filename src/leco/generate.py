@@ -387,7 +387,7 @@ def arch_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
-def warn_if_distilled(lora: str | None, guidance: float) -> None:
+def warn_if_distilled(lora: str | None, guidance: float, fix: str = "--guidance 1") -> None:
     """A CFG-distilled LoRA is made for guidance 1; at the usual guidance it guides twice."""
     if lora is None or guidance == 1:
         return
@@ -401,7 +401,7 @@ def warn_if_distilled(lora: str | None, guidance: float) -> None:
         scales = sorted({entry.get("guidance_scale") for entry in distilled})
         warn(
             f"--lora {lora}: CFG-distilled (it draws at guidance 1 what the model draws at guidance "
-            f"{', '.join(f'{scale:g}' for scale in scales)}); sample with --guidance 1, not {guidance:g}"
+            f"{', '.join(f'{scale:g}' for scale in scales)}); sample with {fix}, not {guidance:g}"
         )
 
 
