@@ -789,6 +789,12 @@ def test_an_embedding_given_twice_or_also_as_a_lora_is_one_line(tmp_path, capsys
     code, _, err = run_cli(["eval", "--model", "m", *lora_too, "--out", tmp_path / "r.json"], capsys)
     assert_one_line_error(code, err, "--embedding")
     assert "is also a --lora, where it is judged as a negative embedding" in err
+    other = tmp_path / "other.safetensors"  # another file, the same token: both would be "neg"
+    save_file({"emb_params": torch.ones(1, 8)}, str(other), metadata={"leco.token": "neg"})
+    same_token = ["--lora", embedding, "--embedding", other, "--spec", spec]
+    code, _, err = run_cli(["eval", "--model", "m", *same_token, "--out", tmp_path / "r.json"], capsys)
+    assert_one_line_error(code, err, "--embedding")
+    assert "its token 'neg' is also the token of --lora" in err and f"--embedding {other}:NEW_TOKEN" in err
 
 
 @pytest.mark.parametrize(

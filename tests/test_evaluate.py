@@ -468,6 +468,17 @@ def test_negative_prompt_from_the_spec_reaches_the_images(tmp_path, tiny_folders
     assert np.abs(plain - other).mean() > 0.5
 
 
+def test_an_embedding_judged_as_a_lora_is_named_by_that_option(tmp_path, tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    wrong_width = tmp_path / "neg.safetensors"  # the tiny model's text encoder is 32 wide
+    save_file({"emb_params": torch.zeros(2, 8)}, str(wrong_width))
+    spec = EvalSpec.model_validate(
+        {"images_per_prompt": 1, "steps": 2, "keep": [{"prompt": "a dog", "concept": "bright>0.5"}]}
+    )
+    with pytest.raises(LecoError, match=r"^--lora: .*neg.safetensors has vectors of width 8"):
+        evaluate(models, wrong_width, spec, "cpu", BrightnessDetector(), None, False)
+
+
 def test_cli_eval_judges_several_loras_with_an_embedding(tmp_path, tiny_folders, tiny_clip, seed_loras):
     import subprocess
     import sys

@@ -640,7 +640,7 @@ def run_eval(args: argparse.Namespace) -> int:
 def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequence[str] = ()) -> None:
     """Missing or damaged embedding files stop the run now, not after the model has loaded; one whose
     token no prompt uses is pointed out (a typo in the token draws as plain words)."""
-    from leco.generate import parse_embedding_option, read_embedding
+    from leco.generate import is_embedding_file, parse_embedding_option, read_embedding
 
     given = [(path.resolve(), token) for path, token in map(parse_embedding_option, options)]
     for (path, token), option in zip(given, options, strict=True):
@@ -654,8 +654,15 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                 f"--embedding: {lora} is also a --lora, where it is judged as a negative embedding; "
                 "give it once"
             )
+    judged = {read_embedding(lora).token: lora for lora in lora_options if is_embedding_file(lora)}
     for option in options:
         embedding = read_embedding(*parse_embedding_option(option))
+        if embedding.token in judged:  # eval adds a --lora embedding's token to the negative prompt
+            raise LecoError(
+                f"--embedding: {embedding.path}: its token {embedding.token!r} is also the token of --lora "
+                f"{judged[embedding.token]}, judged as a negative embedding; give this one another: "
+                f"--embedding {embedding.path}:NEW_TOKEN"
+            )
         if not any(embedding.token in text for text in texts):
             warn(
                 f"--embedding {embedding.path}: its token {embedding.token!r} is in no "

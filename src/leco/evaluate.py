@@ -283,7 +283,7 @@ def evaluate(
         warn_if_truncated(models, prompts, "eval spec prompt", expand=expand)
         warn_if_truncated(models, [settings.negative_prompt], "negative prompt", expand=expand)
         for negative in negatives.values():  # each loads alone (seeds of one run share a token): check now
-            with embeddings_loaded(pipe, [str(negative.path)]):
+            with embeddings_loaded(pipe, [negative]):
                 with_token = _negative_with_token(settings.negative_prompt, negative.token)
                 warn_if_truncated(models, [with_token], f"negative prompt with {negative.path.name}", expand)
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
@@ -329,8 +329,8 @@ def sampling_settings(spec: EvalSpec, models: LoadedModels) -> SamplingSettings:
 
 def _negative_embeddings(loras: list[Path], labels: list[str], strengths: list[float]) -> dict[str, Any]:
     """The embeddings among the files judged like LoRAs, by label; each is on (1) or off (0) only."""
-    negatives = {label: read_embedding(path) for label, path in zip(labels, loras, strict=True)
-                 if is_embedding_file(path)}  # fmt: skip
+    negatives = {label: replace(read_embedding(path), option="--lora")
+                 for label, path in zip(labels, loras, strict=True) if is_embedding_file(path)}  # fmt: skip
     other = [s for s in strengths if s not in (0.0, 1.0)]
     if negatives and other:
         path = next(iter(negatives.values())).path
@@ -356,7 +356,7 @@ def _applied(
         with_token = replace(
             settings, negative_prompt=_negative_with_token(settings.negative_prompt, negative.token)
         )
-        with embeddings_loaded(pipe, [str(negative.path)]):
+        with embeddings_loaded(pipe, [negative]):
             yield (lambda _: None), with_token
         return
     with lora_strengths(pipe, path, family) as set_strength:

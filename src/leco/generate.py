@@ -499,6 +499,7 @@ class Embedding:
     path: Path
     token: str
     vectors: tuple[torch.Tensor, ...]
+    option: str = "--embedding"  # how the user gave it, for messages (eval judges one given as --lora)
 
     @property
     def tokens(self) -> list[str]:
@@ -601,22 +602,22 @@ def _check_embeddings(embeddings: list[Embedding], pairs: list[tuple]) -> None:
     """Each problem as one line naming the file, before anything is loaded."""
     seen: dict[str, Path] = {}
     for embedding in embeddings:
-        path, token = embedding.path, embedding.token
+        path, token, option = embedding.path, embedding.token, embedding.option
         if len(embedding.vectors) != len(pairs):
             held = "clip_l + clip_g (SDXL)" if len(embedding.vectors) == 2 else "one text encoder's vectors"
             needed = "SDXL's clip_l + clip_g" if len(pairs) == 2 else "one text encoder's vectors (SD1/SD2)"
-            raise LecoError(f"--embedding: {path} holds {held}, but this model needs {needed}")
+            raise LecoError(f"{option}: {path} holds {held}, but this model needs {needed}")
         for (tokenizer, encoder), vectors in zip(pairs, embedding.vectors, strict=True):
             width = encoder.get_input_embeddings().weight.shape[1]
             if vectors.shape[1] != width:
                 raise LecoError(
-                    f"--embedding: {path} has vectors of width {vectors.shape[1]}, but this model's text "
+                    f"{option}: {path} has vectors of width {vectors.shape[1]}, but this model's text "
                     f"encoder takes {width}; use an embedding made for this model family"
                 )
             if _is_known_word(tokenizer, embedding.tokens):
                 raise LecoError(
-                    f"--embedding: {path}: the token {token!r} is already a word of this model's tokenizer; "
-                    f"name another one: --embedding {path}:NEW_TOKEN"
+                    f"{option}: {path}: the token {token!r} is already a word of this model's tokenizer; "
+                    f"name another one: {option} {path}:NEW_TOKEN"
                 )
         if token in seen:
             raise LecoError(
@@ -657,13 +658,18 @@ class _TokenTable:
 
 
 @contextmanager
-def embeddings_loaded(pipe: DiffusionPipeline, options: Sequence[str | Path]) -> Iterator[list[Embedding]]:
-    """Load textual-inversion files (`FILE` or `FILE:TOKEN`) into the pipeline; unloaded on exit.
+def embeddings_loaded(
+    pipe: DiffusionPipeline, options: Sequence[str | Path | Embedding]
+) -> Iterator[list[Embedding]]:
+    """Load textual-inversion files (`FILE`, `FILE:TOKEN` or read ones) into the pipeline; unloaded on exit.
 
     diffusers' `load_textual_inversion` refuses SDXL's two-key files as a whole, so clip_l goes
     into the first tokenizer/text encoder and clip_g into the second, under the same token.
     """
-    embeddings = [read_embedding(*parse_embedding_option(option)) for option in options]
+    embeddings = [
+        option if isinstance(option, Embedding) else read_embedding(*parse_embedding_option(option))
+        for option in options
+    ]
     if not embeddings:
         yield []
         return
@@ -680,7 +686,7 @@ def embeddings_loaded(pipe: DiffusionPipeline, options: Sequence[str | Path]) ->
                         )
                 except (ValueError, RuntimeError) as error:
                     raise LecoError(
-                        f"--embedding: {embedding.path} cannot be loaded ({_first_line(error)})"
+                        f"{embedding.option}: {embedding.path} cannot be loaded ({_first_line(error)})"
                     ) from None
         yield embeddings
     finally:
