@@ -215,21 +215,30 @@ def load_teacher(
 
 def check_compatible(student: LoadedModels, teacher: LoadedModels, name: str) -> None:
     """Same latent space (channels, VAE scale) and the same training noise schedule, or one line why not."""
+    latent_space = (
+        "not share a latent space; use a teacher with the student's latents (SD1 and SD2 share one)"
+    )
+    schedule = "not share a noise schedule; a transplant needs the student's (SD1 and SD2 share one)"
     checks = [
-        ("latent channels", student.unet.config.in_channels, teacher.unet.config.in_channels),
-        ("VAE downsampling factor", student.vae_scale_factor, teacher.vae_scale_factor),
-        ("VAE scaling_factor", round(student.latent_scaling, 6), round(teacher.latent_scaling, 6)),
+        ("latent channels", student.unet.config.in_channels, teacher.unet.config.in_channels, latent_space),
+        ("VAE downsampling factor", student.vae_scale_factor, teacher.vae_scale_factor, latent_space),
+        (
+            "VAE scaling_factor",
+            round(student.latent_scaling, 6),
+            round(teacher.latent_scaling, 6),
+            latent_space,
+        ),
         (
             "training timesteps",
             student.scheduler_config.get("num_train_timesteps", 1000),
             teacher.scheduler_config.get("num_train_timesteps", 1000),
+            schedule,
         ),
     ]
-    for what, ours, theirs in checks:
+    for what, ours, theirs, why in checks:
         if ours != theirs:
             raise LecoError(
-                f"teacher.name_or_path: {name} has {what} {theirs}, the student {ours}: the two models do "
-                "not share a latent space; use a teacher with the student's latents (SD1 and SD2 share one)"
+                f"teacher.name_or_path: {name} has {what} {theirs}, the student {ours}: they do {why}"
             )
     ours, theirs = (Rollout.alphas_cumprod_of(m.scheduler_config) for m in (student, teacher))
     if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6):
