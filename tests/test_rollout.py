@@ -110,3 +110,12 @@ def test_parallel_trajectories_give_each_copy_its_own_latents_in_one_call_per_st
         (expected,) = rollout.run(FakeModel(), noise[2 * plan.copy : 2 * plan.copy + 2], [alone], generator)
         assert latent.shape == (2, 4, 8, 8)
         torch.testing.assert_close(latent, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_rollouts_never_clip_latents_unless_the_model_says_so(sampler):
+    # an Euler config (SDXL folders) says nothing of clip_sample; diffusers' DDIM/DDPM default is to clip
+    euler = {"_class_name": "EulerDiscreteScheduler", "beta_schedule": "scaled_linear",
+             "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}  # fmt: skip
+    assert Rollout(euler, sampler, steps=4).scheduler.config.clip_sample is False
+    assert Rollout({**euler, "clip_sample": True}, sampler, steps=4).scheduler.config.clip_sample is True

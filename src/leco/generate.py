@@ -27,7 +27,7 @@ from leco.config import typed_float
 from leco.errors import LecoError, warn
 from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_metadata
 from leco.images import ImageRequest, make_grid, save_image, unique_slugs
-from leco.models import LoadedModels, ModelFamily, quiet_library_logs
+from leco.models import LoadedModels, ModelFamily, quiet_library_logs, sampler_from_config
 from leco.network import kohya
 
 SAMPLERS = {
@@ -119,7 +119,7 @@ def make_scheduler(config: dict, sampler: str):
         cls = SAMPLERS[sampler]
     else:
         raise LecoError(f"--sampler: {sampler!r} is not known; {SAMPLER_HINT}")
-    return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    return sampler_from_config(cls, config)
 
 
 @contextmanager

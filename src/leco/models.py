@@ -8,6 +8,7 @@ diffusers' own single-file converters, so no hub call is made.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import re
 import warnings
@@ -619,6 +620,19 @@ def _reconcile(
         )
     v_pred = detected_v if detected_v is not None else bool(spec.v_pred)
     return ModelFamily(arch=arch, v_pred=v_pred)
+
+
+def sampler_from_config(cls: type, scheduler_config: dict[str, Any], **settings: Any) -> Any:
+    """A diffusers scheduler of class `cls` built from a model's scheduler config. Where the config
+    says nothing of them, clip_sample and set_alpha_to_one are off, as in every SD config: diffusers'
+    DDIM/DDPM default to clipping x0 to [-1, 1], which is for pixels, not latents (an SDXL folder
+    written with an Euler config would otherwise sample and train on clipped latents)."""
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    accepted = inspect.signature(cls.__init__).parameters
+    for key in ("clip_sample", "set_alpha_to_one"):
+        if key in accepted and key not in config:
+            config[key] = False
+    return cls.from_config(config, **settings)
 
 
 def _first_line(error: BaseException) -> str:

@@ -23,6 +23,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteSchedu
 from torch import Tensor
 
 from leco.config import TrainConfig
+from leco.models import sampler_from_config
 from leco.prompts import PreparedPrompt
 from leco.trainable import EditedModel
 
@@ -91,7 +92,7 @@ class Rollout:
     ) -> None:
         config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
         # "trailing" spacing makes the S step intervals tile all training timesteps, 999 included.
-        self.scheduler = SAMPLERS[sampler].from_config(config, timestep_spacing="trailing")
+        self.scheduler = sampler_from_config(SAMPLERS[sampler], config, timestep_spacing="trailing")
         self.steps = steps
         self.timestep_offset = timestep_offset
         self.prediction_type = config.get("prediction_type", "epsilon")
