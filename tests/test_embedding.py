@@ -62,6 +62,7 @@ def test_the_file_loads_in_diffusers_with_the_trained_vectors_sd1(tmp_path, tiny
     tensors, metadata = read_lora_file(result.path)
     assert list(tensors) == ["emb_params"] and tensors["emb_params"].shape[0] == 2
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1/textual-inversion"
+    assert metadata["modelspec.implementation"] == "https://github.com/Stability-AI/generative-models"
     assert metadata["modelspec.is_negative_embedding"] == "True" and metadata["leco.token"] == TOKEN
     pipe = DiffusionPipeline.from_pretrained(tiny_folders["sd1"])
     pipe.load_textual_inversion(str(result.path), token=TOKEN)

@@ -141,6 +141,8 @@ class TokenEmbedding:
         metadata["modelspec.architecture"] = metadata["modelspec.architecture"].replace(
             "/lora", "/textual-inversion"
         )
+        # kohya's sai_model_spec names Stability's implementation for every embedding, SD1/SD2 too
+        metadata["modelspec.implementation"] = kohya.STABILITY_IMPLEMENTATION
         metadata.update(
             {
                 "modelspec.title": title or path.stem,
