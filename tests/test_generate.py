@@ -229,6 +229,25 @@ def test_batched_images_equal_images_made_one_by_one(tiny_folders, name):
     assert np.abs(a - b).mean() > 1
 
 
+def test_sdxl_images_use_the_encoded_empty_prompt_that_training_reads_as_unconditional(tiny_folders):
+    from leco.generate import build_pipeline, generate
+
+    pipe = build_pipeline(load_models(str(tiny_folders["sdxl"]), with_vae=True))
+    settings = SamplingSettings(steps=3, guidance=5.0)
+    request = ImageRequest("a red fox", 0.0, 7)
+    ((_, image),) = generate(pipe, [request], settings, lambda s: None, False)
+
+    def direct(negative):
+        generator = torch.Generator("cpu").manual_seed(7)
+        images = pipe(["a red fox"], negative_prompt=negative, num_inference_steps=3, guidance_scale=5.0,
+                      generator=[generator], output_type="np").images  # fmt: skip
+        return (images[0] * 255).round().astype(np.int16)
+
+    ours = np.asarray(image, dtype=np.int16)
+    assert np.abs(ours - direct([""])).max() <= 1  # the encoded "", as in training
+    assert np.abs(ours - direct(None)).mean() > 1  # not diffusers' zeros for a missing one
+
+
 @pytest.mark.parametrize(("option", "size"), [("--height", (16, 32)), ("--width", (32, 16))])
 def test_one_side_given_keeps_it_and_the_other_is_native(tmp_path, tiny_folders, option, size):
     # diffusers alone would draw the native size and ignore the side given without the other

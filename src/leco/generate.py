@@ -232,7 +232,10 @@ def generate(
             set_strength(batch[0].strength)
             images = pipe(
                 [request.prompt for request in batch],
-                negative_prompt=[negative] * len(batch) if negative else None,
+                # "" given, not None: SDXL pipelines replace a missing negative prompt by zeros, where
+                # training reads the encoded "" as the unconditional prediction (as ComfyUI's empty
+                # text does); SD1/SD2 pipelines encode "" for None anyway
+                negative_prompt=[negative] * len(batch),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 height=height,
