@@ -754,3 +754,16 @@ def test_resume_keeps_the_earlier_runs_final_weights_as_its_step_file(tmp_path, 
     assert read_lora_file(kept)[1]["leco.step"] == "6"
     assert all(torch.equal(final[key], value) for key, value in lora_tensors(kept).items())
     assert read_lora_file(tmp_path / "fox_last.safetensors")[1]["leco.step"] == "9"
+
+
+def test_a_size_off_the_latent_grid_names_where_it_was_set(tmp_path, tiny_folders):
+    config = make_config(tiny_folders["sd1"], tmp_path, resolution=18)  # the tiny grid is 4 pixels
+    with pytest.raises(LecoError, match=r"^train.resolution: 18 is not a multiple of 4 .*use e.g. 16"):
+        Trainer(config, progress=False)
+    config = make_config(tiny_folders["sd1"], tmp_path)
+    config.prompts[1].resolution = 18
+    with pytest.raises(LecoError, match=r"^prompts entry 2: resolution 18 is not a multiple of 4"):
+        Trainer(config, progress=False)
+    config.prompts_file = "my_prompts.yaml"  # entries read from a prompts file are named by it
+    with pytest.raises(LecoError, match=r"^my_prompts.yaml: entry 2: resolution 18"):
+        Trainer(config, progress=False)

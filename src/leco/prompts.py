@@ -103,8 +103,9 @@ def prompt_texts(prompts: list[PreparedPrompt], roles: tuple[str, ...] | None = 
 
 
 def prepare_prompts(
-    prompts: list[PromptSettings], models: LoadedModels, train: TrainConfig
+    prompts: list[PromptSettings], models: LoadedModels, train: TrainConfig, where: str = "prompts"
 ) -> list[PreparedPrompt]:
+    """`where`: what names the entries in messages (the prompts file, or the config's prompts)."""
     size_step = models.vae_scale_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
     prepared = []
     for number, settings in enumerate(prompts, start=1):
@@ -112,9 +113,11 @@ def prepare_prompts(
         size = settings.size or (default, default)
         if size[0] % size_step or size[1] % size_step:
             bad = size[0] if size[0] % size_step else size[1]
+            entry = f"prompts entry {number}" if where == "prompts" else f"{where}: entry {number}"
+            key = f"{entry}: resolution" if settings.size else "train.resolution:"
             raise LecoError(
-                f"prompts entry {number}: resolution {bad} is not a multiple of {size_step} "
-                f"(this model's latent grid); use e.g. {max(size_step, bad // size_step * size_step)}"
+                f"{key} {bad} is not a multiple of {size_step} (this model's latent grid); "
+                f"use e.g. {max(size_step, bad // size_step * size_step)}"
             )
         prepared.append(
             PreparedPrompt(
