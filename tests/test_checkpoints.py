@@ -216,3 +216,22 @@ def test_resuming_with_another_optimizer_is_one_line(tmp_path, tiny_folders):
         LecoError, match=r"^train.optimizer_args: \{'amsgrad': True\}, but .* was trained with \{\}"
     ):
         train(config, resume=first.state)
+
+
+def test_a_hang_up_that_nohup_ignores_stays_ignored(monkeypatch):
+    import os
+
+    from leco.checkpoints import StopRequest
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what `nohup leco train ...` sets
+    try:
+        with StopRequest() as stop:
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert not stop.requested  # the run goes on after the terminal closes
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    monkeypatch.setattr("sys.stdout", None)  # output closed (1>&-): the hang-up still only asks to stop
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert stop.requested

@@ -325,3 +325,23 @@ def test_convert_keeps_the_files_rank_alpha_title_and_date_where_the_tensors_all
         written = read_lora_file(out)[1]
         assert float(written["ss_network_alpha"]) == float(said)  # of two pairs as common, the one it said
         assert written["modelspec.title"] == "My LoRA" and written["modelspec.date"].startswith("2024-01-02")
+
+
+@pytest.mark.parametrize("varied_alphas", [False, True])
+def test_generate_hands_diffusers_the_layers_leco_does_not_train(tmp_path, tiny_folders, varied_alphas):
+    # a LyCORIS-style module on conv_in: outside leco's layer list, diffusers' to read as before
+    folder = str(tiny_folders["sd1"])
+    models = load_models(folder)
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(type="c3lier", rank=2))
+    saved = network.save(tmp_path / "mine.safetensors", resolution=16)
+    network.remove()
+    tensors, metadata = read_lora_file(saved)
+    conv_in = models.unet.conv_in
+    tensors["lora_unet_conv_in.lora_down.weight"] = torch.randn(2, conv_in.in_channels, 3, 3) * 0.1
+    tensors["lora_unet_conv_in.lora_up.weight"] = torch.randn(conv_in.out_channels, 2, 1, 1) * 0.1
+    tensors["lora_unet_conv_in.alpha"] = torch.tensor(3.0 if varied_alphas else 1.0)
+    save_file(tensors, str(tmp_path / "more.safetensors"), metadata)
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    with lora_strengths(pipe, tmp_path / "more.safetensors", models.family) as set_strength:
+        set_strength(1.0)
+        assert hasattr(pipe.unet.conv_in, "lora_A")  # adapted, not refused as another family's file

@@ -454,3 +454,20 @@ def test_run_generation_refuses_files_an_earlier_run_left_unless_told(tmp_path, 
     assert grid.read_bytes() == b"the user's own grid"
     run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=True)
     assert grid.read_bytes().startswith(b"\x89PNG")
+
+
+def test_more_steps_than_the_sampler_can_take_is_one_line_before_any_image(tmp_path, tiny_folders):
+    from leco.generate import build_pipeline, generate
+
+    pipe = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True), sampler="ddim")
+    pipe.scheduler = type(pipe.scheduler).from_config(
+        pipe.scheduler.config, timestep_spacing="leading", steps_offset=1
+    )  # SD 1.5's: 1000 steps reach timestep 1000, an IndexError inside diffusers
+    with pytest.raises(
+        LecoError, match=r"1000 sampling steps: .* timestep 1000, .* use fewer steps \(e.g. 999\)"
+    ):
+        list(
+            generate(
+                pipe, [ImageRequest("a cat", 0.0, 0)], SamplingSettings(steps=1000), lambda s: None, False
+            )
+        )

@@ -209,7 +209,11 @@ class StopRequest:
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._previous = {
+                s: signal.signal(s, self._handle)
+                for s in self.SIGNALS
+                if signal.getsignal(s) is not signal.SIG_IGN  # `nohup` ignores SIGHUP: so does the run
+            }
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -234,12 +238,14 @@ def _leave_lost_terminal() -> None:
     output meant for it goes nowhere instead (output into files or pipes stays where it was)."""
     with open(os.devnull, "w") as devnull:
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                if not stream.isatty():
+            try:
+                if stream is None or not stream.isatty():
                     continue
-            with contextlib.suppress(OSError, ValueError):
+            except Exception:  # a closed or replaced stream is no terminal to leave
+                continue
+            with contextlib.suppress(Exception):
                 stream.flush()  # what is buffered goes now, or not at all
-            with contextlib.suppress(OSError, ValueError, AttributeError):
+            with contextlib.suppress(Exception):
                 os.dup2(devnull.fileno(), stream.fileno())
 
 

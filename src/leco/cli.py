@@ -559,7 +559,11 @@ def launch_processes(count: int, words: list[str]) -> int:
                         os.kill(pid, signal.SIGKILL)
 
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-    previous = {number: signal.signal(number, forward) for number in stops}  # before torchrun exists
+    previous = {  # before torchrun exists; what the caller ignores (`nohup`: SIGHUP) stays ignored
+        number: signal.signal(number, forward)
+        for number in stops
+        if signal.getsignal(number) is not signal.SIG_IGN
+    }
     try:
         launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
         started.append(launcher)
@@ -803,7 +807,8 @@ def _abort_on_termination() -> dict[int, Any]:
     if threading.current_thread() is not threading.main_thread():
         return {}
     stops = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
-    return {number: signal.signal(number, abort) for number in stops}
+    # a signal the caller ignores (`nohup` ignores SIGHUP) stays ignored
+    return {n: signal.signal(n, abort) for n in stops if signal.getsignal(n) is not signal.SIG_IGN}
 
 
 def _main(argv: Sequence[str] | None) -> int:

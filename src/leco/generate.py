@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,33 +157,58 @@ def lora_strengths(
 
 
 def _as_diffusers_loads_it(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> str | dict:
-    """The file's path, or its tensors made into what diffusers applies as kohya's formula does.
+    """The file's path, or its tensors changed where diffusers would apply them otherwise than
+    kohya's formula does (every other tensor handed over as it is, for diffusers to read):
 
-    Two cases need that. kohya's SD2 trainers (and `leco convert --sd2-proj 4d`) write Linear
-    proj_in/proj_out as 1x1 convs, which diffusers refuses where A1111 and ComfyUI reshape them.
-    And where the modules' alphas differ (resized or merged LoRAs), diffusers files the attention
-    layers' alphas under names no layer has, so those layers get the most common alpha: such files
-    are handed over with each module's alpha/rank folded into lora_up and no alphas (scale 1 each).
+    - kohya's SD2 trainers (and `leco convert --sd2-proj 4d`) write the Linear proj_in/proj_out as
+      1x1 convs, which diffusers refuses where A1111 and ComfyUI reshape them: reshaped to 2-D;
+    - where the modules' alphas differ (resized or merged LoRAs), diffusers files the attention
+      layers' alphas under names no layer has, so those layers get the most common alpha: each
+      module's alpha/rank is folded into its lora_up and the alphas left out (scale 1 each).
     """
-    from leco.network.kohya import UNET_PREFIX
-
-    source = f"--lora: {header.path}"
-    as_convs = any(
-        key.startswith(UNET_PREFIX) and shape[2:] == [1, 1] for key, shape in header.shapes.items()
-    )
+    linear_as_conv = _linear_layers_in_conv_form(header, unet, family)
     alphas = _module_alphas(header)
-    if not as_convs and len(set(alphas.values())) <= 1:
+    plain = all(
+        key.partition(".")[2] in ("lora_down.weight", "lora_up.weight", "alpha") for key in header.shapes
+    )
+    fold = len(set(alphas.values())) > 1 and plain  # DoRA and other kinds: diffusers' reading stands
+    if not linear_as_conv and not fold:
         return str(header.path)
-    tensors, _ = kohya.read_lora_file(header.path)
-    unet_tensors, text_tensors = kohya.split_by_model(tensors, source)
-    modules = kohya.canonical_unet_modules(unet_tensors, unet, family, source)
-    modules |= kohya.group_modules(text_tensors, source) if text_tensors else {}
-    if len(set(alphas.values())) > 1:
-        folded = {
-            key: kohya.ModuleWeights(w.down, w.up * (w.alpha / w.rank), w.rank) for key, w in modules.items()
-        }
-        return {k: v for k, v in kohya.flatten_modules(folded).items() if not k.endswith(".alpha")}
-    return kohya.flatten_modules(modules)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(header.path))
+    for module in linear_as_conv:
+        for part in ("lora_down.weight", "lora_up.weight"):
+            tensors[f"{module}.{part}"] = tensors[f"{module}.{part}"].flatten(1)
+    if fold:
+        for module, alpha in alphas.items():
+            up = tensors[f"{module}.lora_up.weight"]
+            tensors[f"{module}.lora_up.weight"] = up * (
+                alpha / header.shapes[f"{module}.lora_down.weight"][0]
+            )
+            tensors.pop(f"{module}.alpha", None)
+    return tensors
+
+
+def _linear_layers_in_conv_form(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> list[str]:
+    """The file's modules whose layer is Linear but whose tensors are 1x1 convs (kohya's SD2 form)."""
+    by_key = _unet_layers_by_key(unet, family)
+    downs = {k.partition(".")[0]: s for k, s in header.shapes.items() if k.endswith(".lora_down.weight")}
+    return [
+        module
+        for module, down in downs.items()
+        if len(down) == 4
+        and module in by_key
+        and isinstance(unet.get_submodule(by_key[module]), torch.nn.Linear)
+    ]
+
+
+def _unet_layers_by_key(unet: torch.nn.Module, family: ModelFamily) -> dict[str, str]:
+    """kohya's module key of every UNet layer a LoRA may adapt -> its module path."""
+    from leco.network.kohya import kohya_key
+    from leco.network.layers import adaptable_layers
+
+    return {kohya_key(name, family, unet.config): name for name in adaptable_layers(unet, "c3lier")}
 
 
 def _module_alphas(header: LoraHeader) -> dict[str, float]:
@@ -226,6 +252,7 @@ def generate(
     """
     size = images_per_call(pipe, settings)
     height, width = image_size(pipe, settings)
+    _check_step_count(pipe.scheduler, settings.steps)
     negative = settings.negative_prompt
     with tqdm(total=len(requests), desc="images", disable=not progress, dynamic_ncols=True) as bar:
         for batch in strength_batches(requests, size):
@@ -252,6 +279,19 @@ def generate(
                 images = np.nan_to_num(images)
             bar.update(len(batch))
             yield from zip(batch, pipe.image_processor.numpy_to_pil(images), strict=True)
+
+
+def _check_step_count(scheduler: Any, steps: int) -> None:
+    """A sampler with "leading" spacing and steps_offset 1 (SD 1.x's) asks the UNet for timestep
+    1000 at 1000 steps, which diffusers answers with an IndexError mid-run: said before instead."""
+    scheduler.set_timesteps(steps)
+    last = int(max(float(t) for t in scheduler.timesteps))
+    trained = int(scheduler.config.num_train_timesteps)
+    if last >= trained:
+        raise LecoError(
+            f"{steps} sampling steps: this model's sampler would ask for timestep {last}, but it was "
+            f"trained on 0-{trained - 1}; use fewer steps (e.g. {steps - (last - trained + 1)})"
+        )
 
 
 def image_size(pipe: DiffusionPipeline, settings: SamplingSettings) -> tuple[int, int]:
@@ -340,8 +380,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     Layers are checked for kohya-format files (leco's, A1111's, ComfyUI's); other layouts are
     left to diffusers.
     """
-    from leco.network.kohya import UNET_PREFIX, kohya_key
-    from leco.network.layers import adaptable_layers
+    from leco.network.kohya import UNET_PREFIX
 
     lora_arch = arch_from_metadata(header.metadata)
     if lora_arch is not None and lora_arch != family.arch:
@@ -352,7 +391,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     modules = sorted({key.split(".", 1)[0] for key in header.shapes if key.startswith(UNET_PREFIX)})
     if not modules:
         return
-    by_key = {kohya_key(name, family, unet.config): name for name in adaptable_layers(unet, "c3lier")}
+    by_key = _unet_layers_by_key(unet, family)
     known = [module for module in modules if module in by_key]
     if not known:
         raise LecoError(
