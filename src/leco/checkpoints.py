@@ -212,7 +212,9 @@ class StopRequest:
             self._previous = {
                 s: signal.signal(s, self._handle)
                 for s in self.SIGNALS
-                if signal.getsignal(s) is not signal.SIG_IGN  # `nohup` ignores SIGHUP: so does the run
+                # `nohup` ignores SIGHUP: so does the run (a shell's background job ignores SIGINT,
+                # but one sent on purpose, `kill -INT`, still stops it)
+                if not (s == getattr(signal, "SIGHUP", None) and signal.getsignal(s) is signal.SIG_IGN)
             }
         return self
 

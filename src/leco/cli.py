@@ -559,10 +559,10 @@ def launch_processes(count: int, words: list[str]) -> int:
                         os.kill(pid, signal.SIGKILL)
 
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-    previous = {  # before torchrun exists; what the caller ignores (`nohup`: SIGHUP) stays ignored
+    previous = {  # before torchrun exists; a hang-up the caller ignores (`nohup`) stays ignored
         number: signal.signal(number, forward)
         for number in stops
-        if signal.getsignal(number) is not signal.SIG_IGN
+        if not (number == signal.SIGHUP and signal.getsignal(number) is signal.SIG_IGN)
     }
     try:
         launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
@@ -788,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _abort_on_termination()
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # while the options are read (checking some imports torch): no traceback
+    except (KeyboardInterrupt, Terminated):  # while the options are read (some import torch): no traceback
         with contextlib.suppress(OSError):
             print("leco: aborted", file=sys.stderr)
         return 130
@@ -797,12 +797,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(number, handler)
 
 
+class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is)
+    """SIGTERM or a hang-up before training. Not a KeyboardInterrupt: CPython ends a process that saw
+    one by killing itself with SIGINT at exit (exit code -2, not leco's 130)."""
+
+
 def _abort_on_termination() -> dict[int, Any]:
     """SIGTERM or a hang-up before training starts (loading, generating) ends leco as Ctrl-C does,
     with its one line, not silently; training installs its own handlers, which save."""
 
     def abort(number: int, frame: object) -> None:
-        raise KeyboardInterrupt
+        raise Terminated
 
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -830,9 +835,10 @@ def _main(argv: Sequence[str] | None) -> int:
     except LecoError as error:  # prefixed as argparse prefixes a bad option of the same command
         print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated):
         if os.environ.get("RANK", "0") == "0":  # data-parallel: said once
-            print(f"leco {args.command}: aborted", file=sys.stderr)
+            with contextlib.suppress(OSError):  # after a hang-up the terminal may be gone
+                print(f"leco {args.command}: aborted", file=sys.stderr)
         if os.environ.get(LAUNCHED_BY_LECO):  # torchrun reads 130 as a crash; the launcher says 130
             # Ended here: CPython re-raises SIGINT at exit when the interrupt passed through code run
             # from C (seen under torch), even though it was caught; torchrun would report a crash.
