@@ -830,9 +830,8 @@ _NOT_PROMPT_LISTS = (".yaml", ".yml", ".toml", ".json", ".safetensors", ".ckpt",
 def refuse_non_text_prompts(file: Path, where: str, text: str | None = None) -> None:
     """One line for a prompt list that is a config or model file (by name, or by its NUL bytes), or
     no file at all."""
-    if text is None and file.exists() and not file.is_file() and not file.is_dir():
-        # a FIFO or a device: reading it would block for ever, or fill the memory (/dev/zero)
-        raise ConfigError(f"{where}: {file} is not a regular file; name a text file with one prompt a line")
+    if text is None:
+        refuse_special_file(file, "text", f"{where}: ")
     if file.suffix.lower() in _NOT_PROMPT_LISTS:
         raise ConfigError(
             f"{where}: {file} is a {file.suffix[1:]} file; name a text file with one prompt a line"
@@ -879,7 +878,7 @@ def _resolve_prompts_file(name: str, config_path: Path) -> Path:
                 )
         except (OSError, ValueError):  # e.g. a NUL byte or an over-long name
             break
-    for option in tried:
+    for option in tried:  # found nowhere as a file: one that is a FIFO or device is named as such
         refuse_special_file(option, "prompts YAML or TOML", f"{config_path}: prompts_file: ")
     where = " or ".join(str(p) for p in tried)
     raise ConfigError(f"{config_path}: prompts_file: {name!r} not found (looked at {where}); fix the path")

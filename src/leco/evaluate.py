@@ -257,19 +257,17 @@ def evaluate(
             f"{spec._source}: strengths: the spec lists no strength but 0, so no LoRA would apply; "
             "e.g. [0, 1]"
         )
+    settings = sampling_settings(spec, models)
     for label, path in zip(labels, loras, strict=True):  # a bad second file stops the run now
         if label not in negatives:
             check_lora_fits(read_lora_header(path), models.unet, models.family)
             check_lora_finite(Path(path))  # before minutes of images, not when its turn comes
+            warn_if_distilled(str(path), settings.guidance, fix=f"guidance: 1 in {spec._source}")
     detector = detector or make_detector(spec, models)
     entries = judged_prompts(spec, detector)  # every concept checked before any image is made
     prompts = list(dict.fromkeys(entry.prompt for entry in entries))  # one render per prompt
     slugs = unique_slugs(prompts)
     seeds = list(range(spec.seed, spec.seed + spec.images_per_prompt))
-    settings = sampling_settings(spec, models)
-    for label, path in zip(labels, loras, strict=True):
-        if label not in negatives:
-            warn_if_distilled(str(path), settings.guidance, fix=f"guidance: 1 in {spec._source}")
     pipe = build_pipeline(models, spec.sampler).to(device)
     folders = _image_folders(image_dir, labels)
     if not overwrite:

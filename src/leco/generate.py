@@ -192,7 +192,7 @@ def _as_diffusers_loads_it(header: LoraHeader, unet: torch.nn.Module, family: Mo
 
 def _linear_layers_in_conv_form(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> list[str]:
     """The file's modules whose layer is Linear but whose tensors are 1x1 convs (kohya's SD2 form)."""
-    by_key = _unet_layers_by_key(unet, family)
+    by_key = kohya.unet_layer_keys(unet, family)
     downs = {k.partition(".")[0]: s for k, s in header.shapes.items() if k.endswith(".lora_down.weight")}
     return [
         module
@@ -201,14 +201,6 @@ def _linear_layers_in_conv_form(header: LoraHeader, unet: torch.nn.Module, famil
         and module in by_key
         and isinstance(unet.get_submodule(by_key[module]), torch.nn.Linear)
     ]
-
-
-def _unet_layers_by_key(unet: torch.nn.Module, family: ModelFamily) -> dict[str, str]:
-    """kohya's module key of every UNet layer a LoRA may adapt -> its module path."""
-    from leco.network.kohya import kohya_key
-    from leco.network.layers import adaptable_layers
-
-    return {kohya_key(name, family, unet.config): name for name in adaptable_layers(unet, "c3lier")}
 
 
 def _module_alphas(header: LoraHeader) -> dict[str, float]:
@@ -380,7 +372,8 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     Layers are checked for kohya-format files (leco's, A1111's, ComfyUI's); other layouts are
     left to diffusers.
     """
-    from leco.network.kohya import UNET_PREFIX
+    from leco.network.kohya import UNET_PREFIX, kohya_key
+    from leco.network.layers import adaptable_layers
 
     lora_arch = arch_from_metadata(header.metadata)
     if lora_arch is not None and lora_arch != family.arch:
@@ -391,7 +384,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     modules = sorted({key.split(".", 1)[0] for key in header.shapes if key.startswith(UNET_PREFIX)})
     if not modules:
         return
-    by_key = _unet_layers_by_key(unet, family)
+    by_key = {kohya_key(name, family, unet.config): name for name in adaptable_layers(unet, "c3lier")}
     known = [module for module in modules if module in by_key]
     if not known:
         raise LecoError(

@@ -243,10 +243,10 @@ class SampleQueue:
         plans = [plan for copy in range(copies) for plan in self.rollout.plan(m, generator, copy)]
         texts = prompt.texts(target)
         guidance = prompt.objective.rollout_guidance or self.train.rollout_guidance_scale
-        edited = self.train.rollout_model == "edited"  # as the edited model generates, or the frozen one
+        by_edited = self.train.rollout_model == "edited"  # as the edited model generates, or the frozen one
         target_text, negative_text = texts["target"], texts["unconditional"]
-        model = self.edited.guided(target_text, negative_text, guidance, size, crop, batch, edited)
-        with self.edited.trainable.strength(prompt.settings.multiplier if edited else 0.0):
+        model = self.edited.guided(target_text, negative_text, guidance, size, crop, batch, by_edited)
+        with self.edited.trainable.strength(prompt.settings.multiplier if by_edited else 0.0):
             latents = self.rollout.run(model, noise, plans, generator)
         order = torch.randperm(len(plans), generator=generator).tolist()
         timesteps = [torch.full((prompt.batch_size,), plan.timestep, device=self.device) for plan in plans]

@@ -314,7 +314,7 @@ class _Converter:
         steps = self.integer(train, "steps", defaults["steps"])
         self.put("train.iterations", steps, train.key("steps"))
         lr = self.number(train, "lr", defaults["lr"])
-        self.read_optimizer(train, lr, "lr")
+        self.read_optimizer(train, lr)
         self.ignore_unet_lr(train, lr)
         self.read_lr_scheduler(train, steps)
         for ours, theirs in (("max_denoising_steps", "max_denoising_steps"), ("batch_size", "batch_size")):
@@ -357,7 +357,7 @@ class _Converter:
         train.finish()
         return steps
 
-    def read_optimizer(self, train: _Section, lr: float, lr_key: str) -> None:
+    def read_optimizer(self, train: _Section, lr: float) -> None:
         name = str(train.get("optimizer", AI_TOOLKIT_TRAIN_DEFAULTS["optimizer"])).lower()
         if name not in _OPTIMIZERS:
             raise ConfigError(
@@ -375,7 +375,7 @@ class _Converter:
             "train.optimizer_args", ({"eps": eps} if eps else {}) | params, train.key("optimizer_params")
         )
         # ai-toolkit gives adaptive optimizers lr 1.0 when the config's lr looks like an Adam lr.
-        self.put("train.lr", 1.0 if adaptive and lr < 0.1 else lr, train.key(lr_key))
+        self.put("train.lr", 1.0 if adaptive and lr < 0.1 else lr, train.key("lr"))
 
     def ignore_unet_lr(self, train: _Section, lr: float) -> None:
         """ai-toolkit stores `unet_lr` but gives the network and the optimizer `lr`
