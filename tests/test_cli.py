@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import leco.models
@@ -22,6 +24,7 @@ from leco.errors import LecoError
 from leco.generate import check_lora_fits, read_lora_header
 from leco.models import load_models, pick_device, quiet_library_logs, recommended_sampling
 from leco.network import LoRANetwork
+from leco.network.layers import adaptable_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "ink-digits"
@@ -285,7 +288,7 @@ def test_an_embedding_whose_token_no_prompt_uses_is_pointed_out(capsys, no_loadi
     ("lora", "model", "says"),
     [
         ("sdxl_bare", "sd1", "fits no layer of this sd1 model"),
-        ("sd1_bare", "sdxl", "fits no layer of this sdxl model"),
+        ("sd1_bare", "sdxl", "does not fit this sdxl model"),  # some paths are SDXL's, not their widths
         # (sd1_bare on sd2-v is read: its 1x1-conv proj_in/proj_out is kohya's SD2 form, and the tiny
         # families share every width, so nothing else tells them apart)
         ("sd2-v_bare", "sd1", "has shape [2, 16], this model's layer needs [2, 16, 1, 1]"),
@@ -300,6 +303,44 @@ def test_a_lora_of_another_family_is_refused_by_its_layers(loras, tiny_folders, 
     own = model
     for name in (own, f"{own}_bare"):
         check_lora_fits(read_lora_header(loras[name]), models.unet, models.family)
+
+
+def test_an_sdxl_lora_naming_layers_the_diffusers_way_fits(loras, tiny_folders, tmp_path):
+    """p1atdev/LECO and sliders write SDXL layers by diffusers paths; kohya and ComfyUI read them."""
+    from leco.network.kohya import UNET_PREFIX, kohya_key
+
+    models = load_models(str(tiny_folders["sdxl"]))
+    diffusers_key = {
+        kohya_key(name, models.family, models.unet.config): UNET_PREFIX + name.replace(".", "_")
+        for name in adaptable_layers(models.unet, "c3lier")
+    }
+    generator = torch.Generator().manual_seed(0)
+    tensors = {  # trained-looking: lora_up is no longer zero
+        key: torch.randn(value.shape, generator=generator) if "lora_up" in key else value
+        for key, value in load_file(str(loras["sdxl_bare"])).items()
+    }
+    renamed = {}
+    for key, value in tensors.items():
+        module, part = key.split(".", 1)
+        renamed[f"{diffusers_key.get(module, module)}.{part}"] = value
+    assert renamed.keys() != tensors.keys()
+    files = {"sgm": tmp_path / "sgm_named.safetensors", "diffusers": tmp_path / "diffusers_named.safetensors"}
+    save_file(tensors, str(files["sgm"]))
+    save_file(renamed, str(files["diffusers"]))
+    check_lora_fits(read_lora_header(files["diffusers"]), models.unet, models.family)
+    # and it draws what the same weights under SGM names draw
+    from leco.generate import SamplingSettings, requests_for, run_generation
+
+    models = load_models(str(tiny_folders["sdxl"]), with_vae=True)
+    images = {}
+    for name, lora in (("none", None), *files.items()):
+        request = requests_for(["x"], [1.0], [0])
+        paths, _ = run_generation(
+            models, lora, request, SamplingSettings(steps=2), tmp_path / name, "cpu", False
+        )
+        images[name] = np.asarray(Image.open(paths[0]))
+    assert np.array_equal(images["sgm"], images["diffusers"])
+    assert not np.array_equal(images["sgm"], images["none"])
 
 
 def test_a_wrong_family_lora_never_reaches_diffusers_in_generation(loras, tiny_folders, tmp_path, capfd):

@@ -372,8 +372,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     Layers are checked for kohya-format files (leco's, A1111's, ComfyUI's); other layouts are
     left to diffusers.
     """
-    from leco.network.kohya import UNET_PREFIX, kohya_key
-    from leco.network.layers import adaptable_layers
+    from leco.network.kohya import UNET_PREFIX, unet_layer_keys
 
     lora_arch = arch_from_metadata(header.metadata)
     if lora_arch is not None and lora_arch != family.arch:
@@ -384,7 +383,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     modules = sorted({key.split(".", 1)[0] for key in header.shapes if key.startswith(UNET_PREFIX)})
     if not modules:
         return
-    by_key = {kohya_key(name, family, unet.config): name for name in adaptable_layers(unet, "c3lier")}
+    by_key = unet_layer_keys(unet, family)  # SDXL files may use SGM or diffusers paths
     known = [module for module in modules if module in by_key]
     if not known:
         raise LecoError(
