@@ -138,6 +138,10 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     "example+number2x": [_doubled("number")],
     # Anchors on rollouts of their own: kept where the kept prompts' own images are made.
     "example+anchor-rollouts": [_set("anchors.rollouts", True)],
+    # Twice the rank: room for the ink without crowding out the digits' shapes.
+    "example+rank16": [_set("network.rank", 16), _set("network.alpha", 16.0)],
+    "example+number2x+rank16": [_doubled("number"), _set("network.rank", 16), _set("network.alpha", 16.0)],
+    "example+number2x+3200": [_doubled("number"), _set("train.iterations", 3200)],
     "example+weight2.5+anchor-rollouts": [_set("anchors.weight", 2.5), _set("anchors.rollouts", True)],
     "previous": PREVIOUS,
     "previous+800": [*PREVIOUS, EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags
@@ -211,8 +215,12 @@ def summarise(report: dict[str, Any], seconds: list[float], trained_on: set[str]
     by_phrasing: dict[str, list[dict]] = {}
     for r in enhanced + erased:
         by_phrasing.setdefault(PHRASING_OF.get(r["prompt"], "?"), []).append(r)
+    digits_by_phrasing: dict[str, list[dict]] = {}
+    for r in digit_rows:
+        digits_by_phrasing.setdefault(PHRASING_OF.get(r["prompt"], "?"), []).append(r)
     return {
         "by_phrasing": {phrasing: mean(selected) for phrasing, selected in by_phrasing.items()},
+        "digits_by_phrasing": {phrasing: mean(selected) for phrasing, selected in digits_by_phrasing.items()},
         "concept_before": mean([r for r in before if r["kind"] in ("enhance", "erase")]),
         "concept_trained": mean([r for r in enhanced + erased if r["prompt"] in trained_on]),
         "concept_untrained": mean([r for r in enhanced + erased if r["prompt"] not in trained_on]),
@@ -236,7 +244,8 @@ def format_row(task: str, recipe: str, r: dict[str, Any]) -> str:
         f"| {task} | {recipe} | {r['concept_before']:.0%} | {r['concept_trained']:.0%} | "
         f"{r['concept_untrained']:.0%} | {r['concept_worst']:.0%} | {r['digit_right']:.1%} | "
         f"{r['kept_mean']:.1%} | {r['kept_worst']} | {r['drift']:.3f} | {r['train_seconds']:.0f} |\n"
-        f"|  | by phrasing: {', '.join(f'{k} {v:.0%}' for k, v in r['by_phrasing'].items())} |"
+        f"|  | by phrasing: {', '.join(f'{k} {v:.0%}' for k, v in r['by_phrasing'].items())}; "
+        f"digit right: {', '.join(f'{k} {v:.1%}' for k, v in r['digits_by_phrasing'].items())} |"
     )
 
 

@@ -162,6 +162,14 @@ KOHYA_ERRORS = {
         "prompts 1.multiplier: must not be 0",
     ),
     "bad_resolution": ('[[prompts]]\ntarget = "cat"\nresolution = [512]\n', "prompts 1.resolution"),
+    "infinite_resolution": (
+        '[[prompts]]\ntarget = "cat"\nresolution = [16, inf]\n',
+        "prompts 1.resolution: [16, inf] is not a size",
+    ),
+    "huge_resolution": (
+        '[[targets]]\ntarget_class = "c"\npositive = "p"\nresolutions = [[1e30, 16]]\n',
+        "resolution: must be at most 16384 pixels a side",
+    ),
     "missing_neutral_file": (
         'neutral_prompt_file = "nope.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
         "neutral_prompt_file: cannot read",
@@ -364,9 +372,23 @@ def test_ai_toolkit_targets_become_kohyas_four_pairs_at_guidance_one(ai_toolkit_
                 (*face, "", neutral, "erase", -1.0, size, 1.0),
             }
     got = [(*fields(e, *POLES), e.resolution, e.weight) for e in entries]
-    assert len(got) == len(expected) == 24 and set(got) == expected
+    assert len(expected) == 24 and set(got) == expected
+    # batch_full_slide (ai-toolkit's default) trains a target a step: the one-pole target's two
+    # pairs are listed twice, so both targets get as many of leco's evenly dealt steps
+    assert [e.target for e in entries].count("person") == [e.target for e in entries].count("a face") == 16
     # the batch is train.batch_size, the default of every entry (which names none)
     assert {(e.guidance_scale, e.batch_size) for e in entries} == {(1.0, None)}
+
+
+def test_ai_toolkit_pair_at_a_time_gives_each_pair_one_entry(ai_toolkit_env, tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        edit(
+            (DATA / "ai_toolkit_slider.yaml").read_text(), "batch_full_slide: true", "batch_full_slide: false"
+        )
+    )
+    entries = load_config(path).prompts
+    assert len(entries) == 24 and [e.target for e in entries].count("a face") == 8
 
 
 @pytest.mark.parametrize(
@@ -490,6 +512,10 @@ AI_TOOLKIT_ERRORS = {
         ("    - type: slider\n", "    - type: slider\n      name: ../elsewhere\n"),
         "config.process[0].name: '../elsewhere' must name one folder inside training_folder",
     ),
+    "huge_resolution": (
+        ("          - [16, 24]\n", "          - [16, 100000000000000000000]\n"),
+        "resolutions",
+    ),
     "job_name_leaves_the_folder": (
         ("  name: eye_size_slider\n", "  name: x/../../y\n"),
         "config.name: 'x/../../y' must name one folder inside training_folder",
@@ -514,6 +540,20 @@ def test_ai_toolkit_errors_are_one_line_naming_the_file_and_key(ai_toolkit_env, 
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     assert expected in message
+
+
+def test_ai_toolkit_problems_found_after_conversion_name_the_jobs_own_key(ai_toolkit_env, capsys):
+    from leco.cli import main
+
+    path = ai_toolkit_env / "job.yaml"
+    text = (DATA / "ai_toolkit_slider.yaml").read_text()
+    text = edit(text, '"${LECO_TEST_MODEL}"', "ink-digits")
+    path.write_text(edit(text, "is_v2: false", "is_v2: true"))  # ink-digits is an SD 1.x model
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        f"{path}: config.process[0].model.is_v2 (leco: pretrained_model.v2): is true but ink-digits" in error
+    )
 
 
 AI_TOOLKIT_KEYS = [

@@ -502,7 +502,11 @@ _CONFIG_KEY_PROBLEM = re.compile(
 
 
 def _in_config_file(config: str, message: str) -> str:
-    return f"{config}: {message}" if _CONFIG_KEY_PROBLEM.match(message) else message
+    from leco.formats.ai_toolkit import in_job_keys
+
+    return (
+        f"{config}: {in_job_keys(Path(config), message)}" if _CONFIG_KEY_PROBLEM.match(message) else message
+    )
 
 
 LAUNCHED_BY_LECO = "LECO_LAUNCHED_PROCESSES"  # set for the processes `--num-processes` starts

@@ -35,6 +35,8 @@ from leco.errors import LecoError
 # but entries are drawn per rollout, so a two-entry slider at 16 got a third as many rollouts per
 # entry and its -1 end fell from 100% to 25% (benchmarks/slider_leak.py). 4 is the safe default.
 DEFAULT_SAMPLES_PER_ROLLOUT = 4
+# Larger sides are typos (the largest SD models draw 4096 px at most); caught before any allocation.
+MAX_SIDE = 16384
 
 _PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
 OPTIMIZERS = (
@@ -209,7 +211,7 @@ class TrainConfig(_Section):
     # whose errors are tiny but many, stop dominating. null: every timestep weighs the same.
     min_snr_gamma: float | None = Field(None, gt=0)
     # Defaults for prompts that name none (the reference example files carry these keys).
-    resolution: int | None = Field(None, ge=8)
+    resolution: int | None = Field(None, ge=8, le=MAX_SIDE)
     batch_size: int | None = Field(None, ge=1)
 
     @field_validator("optimizer_args", mode="before")
@@ -356,6 +358,8 @@ class PromptSettings(_Section):
         sides = value if isinstance(value, tuple) else (value,)
         if value is not None and any(side < 8 for side in sides):
             raise ValueError("must be at least 8 pixels (one side, or [height, width])")
+        if value is not None and any(side > MAX_SIDE for side in sides):
+            raise ValueError(f"must be at most {MAX_SIDE} pixels a side")
         return value
 
     @field_validator("target")

@@ -153,7 +153,8 @@ def _warn_if_far_from_native(prepared: list[PreparedPrompt], native: int) -> Non
         warn(
             f"prompts entries {entries} train at {height}x{width} px; this model draws at "
             f"{native} px: set `resolution: {native}` in the prompt entries (a kohya prompt file without "
-            f"`resolution` means 512: write `resolution = {native}` at its top)"
+            f"`resolution` means 512: write `resolution = {native}` at its top, or in its [slider] table; "
+            f"an ai-toolkit job: `slider.resolutions: [[{native}, {native}]]`)"
         )
 
 

@@ -4,9 +4,11 @@ The reference is ai-toolkit's own code: `toolkit/config.py` (reading, `${ENV}` a
 substitution), `toolkit/config_modules.py` (every section's keys and defaults) and
 `jobs/process/TrainSliderProcess.py` (what a slider step trains). What it trains maps onto leco
 exactly: each target's four pairs are kohya's slider entries (`kohya_leco.slider_pairs`), guidance
-1, neutral "" (or each `slider.prompt_file` line), the rollout sampled by the frozen model (the
-network is asserted inactive there) from the target class alone, one entry per step as with
-`batch_full_slide: false` (true sums the four pairs in one step).
+1, the rollout sampled by the frozen model (the network is asserted inactive there) from the target
+class alone, one entry per step as with `batch_full_slide: false` (true, the default, sums a
+target's pairs in one step: leco gives a one-pole target's two pairs twice the draws, so every
+target trains as often). leco differs where the README says: `slider.prompt_file` lines become the
+neutral prompts (ai-toolkit's loss reads "") and anchors are trained.
 
 Keys are handled in three ways, so that nothing is dropped without a word:
 - mapped to the leco key that does the same (the table in the README);
@@ -32,7 +34,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from leco.config import ConfigError, LecoConfig, dotted_key, refuse_non_text_prompts
+from leco.config import MAX_SIDE, ConfigError, LecoConfig, dotted_key, refuse_non_text_prompts
 from leco.errors import warn
 from leco.formats.kohya_leco import slider_pairs
 
@@ -114,12 +116,32 @@ def read_document(path: Path, quiet: bool = False) -> Any:
         raise
 
 
+# leco key -> the job's own key, per job file read: checks that run after conversion (the device,
+# the model's family, an optimizer's package) name the key the user wrote.
+_KEY_ORIGINS: dict[Path, dict[str, str]] = {}
+
+
 def load_ai_toolkit_config(path: Path) -> LecoConfig:
     """Read an ai-toolkit slider job config into a leco config (its prompts expanded)."""
     document = read_document(path)
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: must be a mapping with job: and config:")
-    return _Converter(path).convert(document)
+    converter = _Converter(path)
+    config = converter.convert(document)
+    _KEY_ORIGINS[path.resolve()] = converter.origin
+    return config
+
+
+def in_job_keys(path: Path, message: str) -> str:
+    """`message`, opening with a leco key set from the job file at `path`, told with the job's key."""
+    return _with_origin(message, _KEY_ORIGINS.get(Path(path).resolve(), {}))
+
+
+def _with_origin(message: str, origin: dict[str, str]) -> str:
+    for ours in sorted(origin, key=len, reverse=True):  # train.lr_scheduler before train.lr
+        if re.match(rf"{re.escape(ours)}\b(?![.\w])", message):
+            return f"{origin[ours]} (leco: {ours}){message[len(ours) :]}"
+    return message
 
 
 def _parse(path: Path, text: str) -> Any:
@@ -577,11 +599,18 @@ class _Converter:
         expanded = expanded[:steps]  # ai-toolkit trims targets (with permutations) to the step count
         resolutions = self.resolutions(slider)
         neutrals = self.neutrals(slider, steps, rng)
+        # ai-toolkit's default draws one target a step and averages its pairs (4 with both poles,
+        # 2 with one), so every target gets as many steps; leco deals entries evenly, so a one-pole
+        # target's two entries are listed twice.
+        one_pole_repeats = 2 if slider.get("batch_full_slide", True) else 1
         entries = []  # batch_size: train.batch_size, the default of entries that name none
         for neutral in neutrals:
             for target_class, positive, negative, multiplier, weight in expanded:
+                pairs = slider_pairs(positive, negative, multiplier)
+                if len(pairs) == 2:
+                    pairs *= one_pole_repeats
                 for resolution in resolutions:
-                    for pole, other, action, strength in slider_pairs(positive, negative, multiplier):
+                    for pole, other, action, strength in pairs:
                         entries.append(
                             {
                                 "target": target_class,
@@ -626,8 +655,8 @@ class _Converter:
         value = slider.get("resolutions", [[512, 512]])
         if not isinstance(value, list) or not value or not all(_is_size(v) for v in value):
             raise ConfigError(
-                f"{self.path}: {slider.key('resolutions')}: must be a list of [height, width], "
-                "e.g. [[512, 512]]"
+                f"{self.path}: {slider.key('resolutions')}: must be a list of [height, width] "
+                f"(whole pixels, at most {MAX_SIDE}), e.g. [[512, 512]]"
             )
         return [int(h) if int(h) == int(w) else (int(h), int(w)) for h, w in value]
 
@@ -721,7 +750,7 @@ class _Converter:
         try:
             config.check_combination()
         except ConfigError as error:
-            raise ConfigError(f"{self.path}: {error}") from None
+            raise ConfigError(f"{self.path}: {_with_origin(str(error), self.origin)}") from None
         return config
 
 
@@ -743,7 +772,7 @@ def _is_size(value: Any) -> bool:
     return (
         isinstance(value, list | tuple)
         and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+        and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE for v in value)
     )
 
 

@@ -16,6 +16,7 @@ at the top level) is an error here, so a typo never goes unnoticed.
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -305,6 +306,10 @@ class _KohyaReader:
                 isinstance(v, int | float) and not isinstance(v, bool) for v in value
             ):
                 raise ConfigError(f"{self.path}: {key}: must be a number or [height, width] (got {value!r})")
+            if not all(math.isfinite(v) for v in value):
+                raise ConfigError(
+                    f"{self.path}: {key}: {value!r} is not a size; write pixels, e.g. [512, 512]"
+                )
             height, width = int(value[0]), int(value[1])
             return height if height == width else (height, width)
         return value
