@@ -147,6 +147,7 @@ BAD_OPTIONS = [
     (["--height", "20"], "--height", "multiples of 8"),
     (["--width", "0"], "--width", "multiples of 8"),
     (["--width", "-16"], "--width", "multiples of 8"),
+    (["--width", "100000"], "--width", "up to 16384"),
     (["--strengths", "1,nan"], "--strengths", "finite"),
     (["--strengths", "-1,inf"], "--strengths", "finite"),
     (["--strengths", "1,,2"], "--strengths", "not a list of numbers"),
@@ -271,6 +272,22 @@ def test_an_embedding_and_a_lora_given_for_each_other_say_which_option(loras, ca
     spec = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
     args = build_parser().parse_args([str(a) for a in [*spec, "--lora", embedding, "--lora", loras["sd1"]]])
     assert args.lora == [str(embedding), str(loras["sd1"])]  # eval judges an embedding as a negative one
+
+
+def test_an_embedding_token_inside_a_prompt_word_is_refused(capsys, no_loading, tiny_folders, tmp_path):
+    embedding = tmp_path / "no_fox.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
+    model = str(tiny_folders["sd1"])
+    for token, prompt in (("igi", "a digit three"), ("Fox", "a FOXGLOVE")):
+        assert (
+            main(["generate", "--model", model, "--prompt", prompt, "--embedding", f"{embedding}:{token}"])
+            == 2
+        )
+        error = capsys.readouterr().err
+        assert f"its token {token.lower()!r} is inside the word" in error and "Traceback" not in error
+    alone = ["--prompt", "a fox", "--negative", "blurry,<no-fox>", "--embedding", f"{embedding}:<no-fox>"]
+    with pytest.raises(AssertionError, match="a model was loaded"):  # a token standing alone passes
+        main(["generate", "--model", model, *alone])
 
 
 def test_an_embedding_whose_token_no_prompt_uses_is_pointed_out(capsys, no_loading, tiny_folders, tmp_path):

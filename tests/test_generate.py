@@ -356,6 +356,26 @@ def test_embedding_token_override_and_negative_prompt_changes_the_image(
     assert np.abs(pixels[1] - pixels[0]).mean() > 0.5 and np.abs(pixels[1] - pixels[2]).mean() > 0.5
 
 
+def test_a_capitalised_token_finds_every_vector_as_a1111_does(tmp_path, tiny_folders, embedding_files):
+    """A1111 names embeddings by file (EasyNegative) and finds them in any case; diffusers looks the
+    token up in the lower-cased prompt, so loaded as written only its first vector would be used."""
+    path, token, _ = embedding_files["sd1"]  # two vectors
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    requests = requests_for(["a red fox"], [0.0], [1])
+    images = {}
+    for name, (option, negative) in {
+        "lower": (f"{path}:{token}", token),
+        "capitals": (f"{path}:<Ugly>", "<UGLY>, blurry"),
+    }.items():
+        settings = SamplingSettings(steps=4, guidance=3.0, negative_prompt=negative)
+        files, _ = run_generation(models, None, requests, settings, tmp_path / name, "cpu", False, [option])
+        images[name] = np.asarray(Image.open(files[0]), dtype=np.int16)
+    settings = SamplingSettings(steps=4, guidance=3.0, negative_prompt=f"{token}, blurry")
+    files, _ = run_generation(models, None, requests, settings, tmp_path / "same", "cpu", False, [path])
+    assert np.array_equal(images["capitals"], np.asarray(Image.open(files[0]), dtype=np.int16))
+    assert np.abs(images["capitals"] - images["lower"]).mean() > 0  # ", blurry" is read too
+
+
 def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embedding_files):
     from safetensors.torch import save_file
 

@@ -122,10 +122,13 @@ def _guidance(text: str) -> float:
 
 
 def _size(text: str) -> int:
+    from leco.config import MAX_SIDE
+
     pixels = _number(text, int, "a whole number of pixels")
-    if pixels <= 0 or pixels % 8:
+    if pixels <= 0 or pixels % 8 or pixels > MAX_SIDE:
         raise argparse.ArgumentTypeError(
-            f"{pixels}: image sizes are positive multiples of 8 (diffusers needs them), e.g. 16, 512, 1024"
+            f"{pixels}: image sizes are positive multiples of 8 (diffusers needs them) up to {MAX_SIDE}, "
+            "e.g. 16, 512, 1024"
         )
     return pixels
 
@@ -671,11 +674,31 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                 f"{judged[embedding.token]}, judged as a negative embedding; give this one another: "
                 f"--embedding {embedding.path}:NEW_TOKEN"
             )
-        if not any(embedding.token in text for text in texts):
+        for text in texts:
+            word = _word_around(text.lower(), embedding.token)
+            if word is not None:
+                raise LecoError(
+                    f"--embedding {embedding.path}: its token {embedding.token!r} is inside the word "
+                    f"{word!r} of a prompt, where the tokenizer reads it too; give it another: "
+                    f"{embedding.path}:<TOKEN>"
+                )
+        if not any(embedding.token in text.lower() for text in texts):
             warn(
                 f"--embedding {embedding.path}: its token {embedding.token!r} is in no "
                 f"prompt; write it in the prompt or the negative prompt (e.g. --negative {embedding.token!r})"
             )
+
+
+def _word_around(text: str, token: str) -> str | None:
+    """The word `token` sits inside in `text` ("igi" in "digit"), if any: a tokenizer matches an
+    added token anywhere, so that word would be read as pieces and the token."""
+    for match in re.finditer(re.escape(token), text):
+        start, end = match.span()
+        joined_before = start > 0 and text[start - 1].isalnum() and token[0].isalnum()
+        joined_after = end < len(text) and text[end].isalnum() and token[-1].isalnum()
+        if joined_before or joined_after:
+            return re.search(r"\w*$", text[:start]).group() + token + re.match(r"\w*", text[end:]).group()
+    return None
 
 
 def run_generate(args: argparse.Namespace) -> int:

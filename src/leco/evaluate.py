@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from leco.conditioning import warn_if_truncated
-from leco.config import ConfigError, describe_validation_error, read_yaml
+from leco.config import MAX_SIDE, ConfigError, describe_validation_error, read_yaml
 from leco.errors import LecoError, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
@@ -75,8 +75,8 @@ class EvalSpec(BaseModel):
         None, ge=1, le=1000
     )  # at most one per training timestep; unset: the model's recommended steps, else 30
     guidance: float | None = Field(None, ge=0, allow_inf_nan=False)  # unset: as steps, else 7
-    height: int | None = Field(None, gt=0, multiple_of=8)  # diffusers needs multiples of 8
-    width: int | None = Field(None, gt=0, multiple_of=8)
+    height: int | None = Field(None, gt=0, le=MAX_SIDE, multiple_of=8)  # diffusers needs multiples of 8
+    width: int | None = Field(None, gt=0, le=MAX_SIDE, multiple_of=8)
     sampler: str = "model"
     negative_prompt: str = ""
     batch_size: int | None = Field(None, ge=1)  # images per pipeline call; unset: by image size

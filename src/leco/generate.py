@@ -250,11 +250,12 @@ def generate(
         for batch in strength_batches(requests, size):
             set_strength(batch[0].strength)
             images = pipe(
-                [request.prompt for request in batch],
+                # in lower case, as CLIP reads them: an embedding's token is then found whatever its case
+                [request.prompt.lower() for request in batch],
                 # "" given, not None: SDXL pipelines replace a missing negative prompt by zeros, where
                 # training reads the encoded "" as the unconditional prediction (as ComfyUI's empty
                 # text does); SD1/SD2 pipelines encode "" for None anyway
-                negative_prompt=[negative] * len(batch),
+                negative_prompt=[negative.lower()] * len(batch),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 height=height,
@@ -513,7 +514,7 @@ def run_generation(
     pipe = build_pipeline(models, settings.sampler).to(device)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
         # With the embeddings' tokens known: a token of N vectors is N tokens, not its spelling.
-        texts = [*(r.prompt for r in requests), settings.negative_prompt]
+        texts = [*(r.prompt.lower() for r in requests), settings.negative_prompt.lower()]
         warn_if_truncated(models, texts, expand=lambda text: pipe.maybe_convert_prompt(text, pipe.tokenizer))
         images = dict(generate(pipe, requests, settings, set_strength, progress))
     *files, grid_file = output_files(requests, out)
@@ -594,7 +595,10 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
             f"--embedding {path}: its token {chosen!r} has tabs, line breaks or spaces at its ends, which no "
             f"prompt can match; give one with {path}:TOKEN"
         )
-    return Embedding(path, chosen, vectors)
+    # CLIP reads prompts in lower case and A1111 finds "EasyNegative" by its token ids, so in any
+    # case; diffusers looks the token up in the lower-cased prompt and would miss a capital one,
+    # using its first vector only. The token is loaded in lower case; prompts reach CLIP so.
+    return Embedding(path, chosen.lower(), vectors)
 
 
 def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
