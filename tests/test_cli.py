@@ -272,6 +272,20 @@ def test_an_embedding_and_a_lora_given_for_each_other_say_which_option(loras, ca
     spec = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
     args = build_parser().parse_args([str(a) for a in [*spec, "--lora", embedding, "--lora", loras["sd1"]]])
     assert args.lora == [str(embedding), str(loras["sd1"])]  # eval judges an embedding as a negative one
+    a1111 = tmp_path / "NoFox.pt"  # A1111's own form, as its users have them
+    torch.save({"string_to_param": {"*": torch.randn(2, 32)}, "name": "NoFox"}, a1111)
+    assert build_parser().parse_args([str(a) for a in [*spec, "--lora", a1111]]).lora == [str(a1111)]
+    code, _, err = run_cli([*base, "--lora", a1111], capsys)
+    assert_one_line_error(code, err, "--lora")
+    assert "is a textual-inversion embedding, not a LoRA; give it as --embedding" in err
+
+
+def test_a_negative_prompt_at_guidance_1_is_pointed_out(capsys, no_loading, tiny_folders):
+    command = ["generate", "--model", str(tiny_folders["sd1"]), "--prompt", "a fox", "--negative", "blurry"]
+    for guidance, warned in (("1", True), ("0.5", True), ("3", False)):
+        with pytest.raises(AssertionError, match="a model was loaded"):
+            main([*command, "--guidance", guidance])
+        assert ("the negative prompt ('blurry') is never read" in capsys.readouterr().err) == warned
 
 
 def test_an_embedding_token_inside_a_prompt_word_is_refused(capsys, no_loading, tiny_folders, tmp_path):

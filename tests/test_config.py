@@ -407,6 +407,12 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         ("- target: ''\n", {}, "entry 1.target: '' with positive, unconditional and neutral as they are"),
         ("- target: a\n  neutral: a\n  unconditional: a\n", {}, "leaves erase nothing to learn"),
         ("- target: [a digit seven, '']\n", {}, "entry 1.target: '' (prompt 2 of the list) with positive"),
+        ("- target: ''\n  action: distill\n  guidance_scale: 3\n", {}, "distill has nothing to learn"),
+        (
+            "- target: [a, b]\n  unconditional: b\n  action: distill\n  guidance_scale: 3\n",
+            {},
+            "entry 1.target: 'b' (prompt 2 of the list): its prompt and unconditional are the same",
+        ),
     ],
 )
 def test_bad_prompt_lists_are_one_line(folder, prompts, files, expected):
@@ -619,6 +625,24 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
         (
             {"network": {"type": "embedding", "token": "<x>"}, "anchors": {"per_step": 2}},
             "anchors.per_step: with a negative embedding the anchors have rollouts of their own",
+        ),
+        (
+            {
+                "network": {"type": "embedding", "token": "<x>"},
+                "prompts": [{"target": "x", "multiplier": -1}],
+            },
+            "prompts entry 1: multiplier: an embedding has no strength",
+        ),
+        (
+            {"network": {"type": "embedding", "token": "<x>"}, "preview": {"prompts": ["x"], "guidance": 1}},
+            "preview.guidance: 1 never reads the negative prompt",
+        ),
+        (
+            {
+                "prompts": [{"target": "x", "action": "distill", "guidance_scale": 3}],
+                "preview": {"prompts": ["x"], "strengths": [0, 1]},
+            },
+            "preview.guidance: 7, but a CFG-distilled LoRA is made for guidance 1",
         ),
         (
             {"logging": {"tensorboard_dir": "tb"}},

@@ -132,6 +132,12 @@ def test_a_token_inside_words_is_refused(tmp_path, tiny_folders):
         config.check_combination()
 
 
+def test_an_init_text_holding_the_token_is_refused(tmp_path, tiny_folders):
+    config = embedding_config(tiny_folders["sd1"], tmp_path, token="<q>", init_text="a <Q>")
+    with pytest.raises(LecoError, match=r"network.init_text: 'a <Q>' holds the token '<q>' itself"):
+        Trainer(config, progress=False)
+
+
 def test_more_vectors_than_a_prompt_holds_are_refused(tmp_path, tiny_folders):
     config = embedding_config(tiny_folders["sd1"], tmp_path)
     room = DiffusionPipeline.from_pretrained(tiny_folders["sd1"]).tokenizer.model_max_length - 2

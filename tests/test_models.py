@@ -128,6 +128,9 @@ def test_vae_is_loaded_only_on_request(tiny_folders):
 def test_bad_sources_give_clear_errors(tmp_path):
     with pytest.raises(LecoError, match="neither a file, a folder nor a Hugging Face repo id"):
         load_models(str(tmp_path / "missing" / "model.safetensors"))
+    for relative in ("./missing-model", "../missing-model", "-x/model", "x/model."):  # the Hub allows none
+        with pytest.raises(LecoError, match="neither a file, a folder nor a Hugging Face repo id"):
+            load_models(relative)
     with pytest.raises(LecoError, match="not a complete diffusers model folder"):
         load_models(str(tmp_path))
     # the tests run with HF_HUB_OFFLINE=1 (conftest): the answer comes at once, from the cache

@@ -708,6 +708,7 @@ def run_generate(args: argparse.Namespace) -> int:
         requests_for,
         run_generation,
         warn_if_distilled,
+        warn_if_negative_unread,
     )
     from leco.models import recommended_sampling
 
@@ -738,6 +739,7 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     warn_if_distilled(args.lora, settings.guidance)
+    warn_if_negative_unread(settings.guidance, settings.negative_prompt, "--negative")
     models, device = load_for_images(args)
     paths, grid = run_generation(
         models,

@@ -396,6 +396,19 @@ class PromptSettings(_Section):
                 f"target: {self.targets[idle[0]]!r}{which} with positive, unconditional and neutral as they "
                 f"are leaves {self.action} nothing to learn; name the concept in target (or positive)"
             )
+        unguided = [
+            i
+            for i in range(len(self.targets))
+            if self.role_text("positive", i) == self.role_text("unconditional", i)
+        ]
+        if self.action == "distill" and unguided:
+            which = "" if isinstance(self.target, str) else f" (prompt {unguided[0] + 1} of the list)"
+            raise ValueError(
+                f"target: {self.targets[unguided[0]]!r}{which}: its prompt and unconditional are the "
+                f"same ({self.role_text('unconditional', unguided[0])!r}), so guidance changes nothing and "
+                "distill has nothing to learn; name the prompt in target, set another unconditional, or "
+                "keep the prompt as it is with anchors.prompts"
+            )
         if self.action == "distill" and self.guidance_scale <= 1:
             given = f"got {self.guidance_scale:g}"
             if "guidance_scale" not in self.model_fields_set:
@@ -496,6 +509,11 @@ class LecoConfig(_Section):
                     network, "network", {"conv_rank", "conv_alpha"}, "only for c3lier (lierla has no convs)"
                 )
         for number, entry in enumerate(self.prompts, start=1):
+            if network.type == "embedding" and entry.changed_keys({"multiplier"}):
+                notes.append(
+                    f"prompts entry {number}: multiplier: an embedding has no strength (its token is in the "
+                    "negative prompt or not); ignored"
+                )
             unread = entry.changed_keys(UNREAD_BY_ACTION.get(entry.action, set()))
             if unread:
                 notes.append(
@@ -506,6 +524,17 @@ class LecoConfig(_Section):
             if self.prompts and all(getattr(entry, key) is not None for entry in self.prompts):
                 why = "every prompts entry sets its own (a kohya prompt file's do: 512 and 1 unless set)"
                 unused(self.train, "train", {key}, why)
+        if preview.prompts and preview.guidance <= 1 and network.type == "embedding":
+            notes.append(
+                f"preview.guidance: {preview.guidance:g} never reads the negative prompt, where the "
+                "embedding is previewed, so its grids cannot change; set it above 1 (e.g. 3)"
+            )
+        distill_only = self.prompts and {entry.action for entry in self.prompts} <= {"distill", "preserve"}
+        if preview.prompts and distill_only and preview.guidance != 1:
+            notes.append(
+                f"preview.guidance: {preview.guidance:g}, but a CFG-distilled LoRA is made for guidance 1; "
+                "set preview.guidance: 1 to preview it as it is used"
+            )
         if "teacher" in self.model_fields_set and self.teacher is None:  # `teacher:` with nothing under it
             notes.append("teacher: empty, so the model teaches itself; give teacher.name_or_path for another")
         if self.train.method != "closed_form" and self.closed_form.model_fields_set:

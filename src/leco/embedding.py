@@ -55,6 +55,11 @@ class TokenEmbedding:
         self._hooks = []
         for tokenizer, encoder in zip(models.tokenizers, models.text_encoders, strict=True):
             self._check_new(tokenizer)
+            if init_text and token in init_text.lower():  # read after the token is added: fresh rows
+                raise LecoError(
+                    f"network.init_text: {init_text!r} holds the token {token!r} itself, which has no "
+                    "vectors yet; give words the model knows (e.g. seven)"
+                )
             tokenizer.add_tokens(self.tokens)
             first = tokenizer.convert_tokens_to_ids(self.tokens[0])
             encoder.resize_token_embeddings(len(tokenizer))

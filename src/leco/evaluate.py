@@ -47,6 +47,7 @@ from leco.generate import (
     read_embedding,
     read_lora_header,
     warn_if_distilled,
+    warn_if_negative_unread,
 )
 from leco.images import ImageRequest, save_image, unique_slugs
 from leco.models import LoadedModels, check_hub_repo_available, quiet_library_logs, recommended_sampling
@@ -258,6 +259,14 @@ def evaluate(
             "e.g. [0, 1]"
         )
     settings = sampling_settings(spec, models)
+    fix = f"guidance: 3 in {spec._source}"
+    warn_if_negative_unread(
+        settings.guidance, settings.negative_prompt, f"{spec._source}: negative_prompt", fix
+    )
+    for label in negatives:
+        warn_if_negative_unread(
+            settings.guidance, negatives[label].token, f"--lora {label} (a negative embedding)", fix
+        )
     for label, path in zip(labels, loras, strict=True):  # a bad second file stops the run now
         if label not in negatives:
             check_lora_fits(read_lora_header(path), models.unet, models.family)

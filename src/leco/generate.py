@@ -50,10 +50,15 @@ LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lo
 
 
 def is_embedding_file(path: str | Path) -> bool:
-    """Whether `path` is a readable .safetensors file holding a textual-inversion embedding."""
+    """Whether `path` is a readable textual-inversion file: .safetensors, or A1111's .pt / .bin."""
     path = Path(path)
-    if path.suffix.lower() != ".safetensors" or not path.is_file():
+    if path.suffix.lower() not in (".safetensors", ".pt", ".bin") or not path.is_file():
         return False
+    if path.suffix.lower() != ".safetensors":
+        try:  # an embedding is a few KB; a LoRA .pt is refused by read_lora_header with its own advice
+            return path.stat().st_size < 16 * 2**20 and not _has_lora_keys(_embedding_tensors(path)[0])
+        except (LecoError, OSError):
+            return False
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -334,6 +339,11 @@ def read_lora_header(path: str | Path) -> LoraHeader:
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
         raise LecoError(f"--lora: {path} {what}; give the LoRA's .safetensors file")
     if path.suffix.lower() != ".safetensors":
+        if is_embedding_file(path):  # A1111's .pt embeddings
+            raise LecoError(
+                f"--lora: {path} is a textual-inversion embedding, not a LoRA; give it as --embedding "
+                "and put its token in --prompt or --negative"
+            )
         raise LecoError(
             f"--lora: {path} is not a .safetensors file; LoRAs load from .safetensors "
             "(convert a .pt LoRA with leco convert)"
@@ -437,6 +447,15 @@ def warn_if_distilled(lora: str | None, guidance: float, fix: str = "--guidance 
         warn(
             f"--lora {lora}: CFG-distilled (it draws at guidance 1 what the model draws at guidance "
             f"{', '.join(f'{scale:g}' for scale in scales)}); sample with {fix}, not {guidance:g}"
+        )
+
+
+def warn_if_negative_unread(guidance: float, negative: str, where: str, fix: str = "--guidance 3") -> None:
+    """At guidance 1 or below diffusers makes one UNet call a step, for the prompt alone."""
+    if guidance <= 1 and negative.strip():
+        warn(
+            f"{where}: at guidance {guidance:g} the negative prompt ({negative!r}) is never read (one UNet "
+            f"call a step, for the prompt alone); to use it, sample with guidance above 1, e.g. {fix}"
         )
 
 

@@ -224,8 +224,18 @@ def recommended_sampling(name_or_path: str) -> SamplingDefaults:
     return SamplingDefaults()
 
 
+# The Hub's rule for each half of owner/name: word characters, '-' and '.', neither first nor last,
+# never doubled; "./model" and "../model" are paths.
+_REPO_PART = r"\w(?:[\w.-]*\w)?"
+
+
 def _looks_like_repo_id(name: str) -> bool:
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.endswith(CHECKPOINT_SUFFIXES)
+    return (
+        re.fullmatch(rf"{_REPO_PART}/{_REPO_PART}", name) is not None
+        and "--" not in name
+        and ".." not in name
+        and not name.endswith(CHECKPOINT_SUFFIXES)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
