@@ -241,6 +241,27 @@ def test_ink_digits_checkpoint_bakes_a_lora(tmp_path, capsys):
     torch.testing.assert_close(baked, runtime, rtol=1e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("name", ["ink-digits", "ink-digits-2"])
+def test_a_bundled_models_checkpoint_loads_back_into_leco(tmp_path, name):
+    """Its layout is recognised, its tokenizer kept (16 tokens) and ink-digits-2's v-prediction read
+    from the file, where the UNet probe misjudges a model this small."""
+    lora = random_lora(name, tmp_path / "lora.safetensors", seed=9, config=NetworkConfig(rank=2))
+    checkpoint = merge(name, [LoraStrength(lora, 1.0)], tmp_path / "ink.safetensors", precision="fp32")
+    original, loaded = load_models(name), load_models(str(checkpoint))
+    assert loaded.family == original.family
+    assert loaded.scheduler_config["prediction_type"] == original.scheduler_config["prediction_type"]
+    assert [t.model_max_length for t in loaded.tokenizers] == [16]  # ink-digits' prompt length
+    network = LoRANetwork.from_file(original.unet, original.family, lora)
+    inputs = unet_inputs(original.unet, False)
+    with torch.no_grad():
+        with network.strength(0.0):
+            base = predict(original.unet, *inputs)
+        runtime = predict(original.unet, *inputs)
+        baked = predict(loaded.unet, *inputs)
+    assert (runtime - base).abs().max() > 1e-2
+    torch.testing.assert_close(baked, runtime, rtol=1e-4, atol=2e-5)
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (6, 5, 1, 1), (6, 5, 3, 3)])
 def test_delta_weight_equals_the_two_layers_in_a_row(shape):
     generator = torch.Generator().manual_seed(0)

@@ -349,6 +349,12 @@ def test_saved_metadata_records_config_prompts_and_version(tmp_path, tiny_folder
     assert saved.train.iterations == 2 and saved.prompts[1].neutral == "a car"
     assert json.loads(metadata["leco.prompts"])[0]["target"] == "a red fox"
     assert metadata["leco.step"] == metadata["ss_steps"] == "2" and metadata["leco.seed"] == "3"
+    assert metadata["ss_sd_model_name"] == "sd1"
+
+
+def test_a_bundled_model_is_recorded_by_the_name_the_user_gave(tmp_path):
+    result = train(make_config("ink-digits", tmp_path, iterations=1), progress=False)
+    assert read_lora_file(result.path)[1]["ss_sd_model_name"] == "ink-digits"  # not its folder's name
 
 
 def test_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(tmp_path, tiny_folders):

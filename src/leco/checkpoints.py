@@ -251,15 +251,16 @@ def _leave_lost_terminal() -> None:
                 os.dup2(devnull.fileno(), stream.fileno())
 
 
-def run_metadata(config: Any, entries: list[Any], step: int, seed: int, source: str) -> dict[str, Any]:
-    """What a trained file records about its run (besides the network's own keys)."""
+def run_metadata(config: Any, entries: list[Any], step: int, seed: int) -> dict[str, Any]:
+    """What a trained file records about its run (besides the network's own keys); the model by
+    the name the user gave, as kohya does (ink-digits, not the bundled folder's name)."""
     return {
         "leco.config": config.model_dump(mode="json"),
         "leco.prompts": [entry.model_dump() for entry in entries],
         "leco.step": str(step),
         "leco.seed": str(seed),
         "ss_steps": str(step),
-        "ss_sd_model_name": Path(source).name,
+        "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
     }
 
 

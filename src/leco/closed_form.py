@@ -52,7 +52,7 @@ def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetw
                 "leco.config": config.model_dump(mode="json"),
                 "leco.method": "closed_form",
                 "leco.kept_prompts": str(len(kept)),
-                "ss_sd_model_name": Path(models.source).name,
+                "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
             },
         )
     finally:

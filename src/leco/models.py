@@ -43,11 +43,14 @@ class OptionNames:
     model: str = "pretrained_model.name_or_path"
     allow_pickle: str = "set pretrained_model.allow_pickle: true"
     section: str = "pretrained_model"  # where revision, v2 and v_pred are set
+    config: str | None = "pretrained_model.config"  # None: the caller has no such option
 
 
 CONFIG_OPTION_NAMES = OptionNames()
-CLI_OPTION_NAMES = OptionNames(model="--model", allow_pickle="pass --allow-pickle")
-TEACHER_OPTION_NAMES = OptionNames("teacher.name_or_path", "set teacher.allow_pickle: true", "teacher")
+CLI_OPTION_NAMES = OptionNames(model="--model", allow_pickle="pass --allow-pickle", config=None)
+TEACHER_OPTION_NAMES = OptionNames(
+    "teacher.name_or_path", "set teacher.allow_pickle: true", "teacher", "teacher.config"
+)
 
 
 @dataclass(frozen=True)
@@ -438,7 +441,7 @@ def _load_single_file(
 ) -> LoadedModels:
     checkpoint = read_checkpoint(path, allow_pickle=spec.allow_pickle, names=names)
     arch = arch_from_checkpoint(checkpoint, path)
-    config_dir = str(Path(spec.config).expanduser()) if spec.config else str(CONFIG_ROOT / arch)
+    config_dir = str(resolve_bundled(spec.config)) if spec.config else str(CONFIG_ROOT / arch)
     quiet = {"config": config_dir, "local_files_only": True}
     # SD2 is probed for v-prediction in fp32 first; the other families load straight in `dtype`.
     unet_dtype = torch.float32 if arch == "sd2" else dtype
@@ -447,12 +450,24 @@ def _load_single_file(
             checkpoint, subfolder="unet", torch_dtype=unet_dtype, **quiet
         )
     except (OSError, ValueError, KeyError, RuntimeError) as error:
+        bundled = None if spec.config else _bundled_layout(checkpoint, unet_dtype)
+        if bundled is not None:  # a checkpoint `leco merge` wrote from a bundled model
+            spec = spec.model_copy(update={"config": bundled})
+            return _load_single_file(path, spec, dtype, with_vae, names)
+        with_config = f" (or with {names.config})" if names.config else ""
         raise LecoError(
             f"{path}: the UNet weights do not match the {arch} architecture ({_first_line(error)}); a "
-            "model of its own layout loads from its diffusers folder (or with pretrained_model.config)"
+            f"model of its own layout loads from its diffusers folder{with_config}"
         ) from None
-    probed_v = probe_v_prediction(unet) if arch == "sd2" else None
-    family = _reconcile(spec, arch, probed_v, f"{path} (probed the UNet)", names)
+    said_v = _stated_v_prediction(path) if arch == "sd2" else None  # leco merge and kohya write it
+    if said_v is not None:
+        detected_v, evidence = said_v, f"{path} (its modelspec.prediction_type)"
+    else:  # the probe reads real SD2 models right; the file's own word is firmer for small ones
+        detected_v, evidence = (
+            (probe_v_prediction(unet) if arch == "sd2" else None),
+            f"{path} (probed the UNet)",
+        )
+    family = _reconcile(spec, arch, detected_v, evidence, names)
     if family.arch == "sd2" and family.v_pred and not spec.config:
         _use_sd2_v_defaults(unet)
     unet.to(dtype)
@@ -477,13 +492,35 @@ def _load_single_file(
         family=family,
         unet=unet,
         text_encoders=text_encoders,
-        tokenizers=clip_tokenizers(family),
+        tokenizers=_config_tokenizers(Path(config_dir), family) if spec.config else clip_tokenizers(family),
         scheduler_config=scheduler_config,
         vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
         latent_scaling=float(vae_config.get("scaling_factor", 0.18215)),
         source=str(path),
         vae=vae,
     )
+
+
+def _stated_v_prediction(path: Path) -> bool | None:
+    """What a .safetensors checkpoint's ModelSpec metadata says of v-prediction, if anything."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    from leco.files import safetensors_metadata
+
+    stated = safetensors_metadata(path).get("modelspec.prediction_type")
+    return {"v": True, "epsilon": False}.get(stated or "")
+
+
+def _bundled_layout(checkpoint: dict[str, torch.Tensor], dtype: torch.dtype) -> str | None:
+    """The bundled model whose UNet layout `checkpoint` has, if any."""
+    for name in BUNDLED_MODELS:
+        with contextlib.suppress(OSError, ValueError, KeyError, RuntimeError):
+            config = str(resolve_bundled(name))
+            UNet2DConditionModel.from_single_file(
+                checkpoint, subfolder="unet", config=config, torch_dtype=dtype, local_files_only=True
+            )
+            return name
+    return None
 
 
 def read_checkpoint(
@@ -601,6 +638,14 @@ def _single_file_text_encoders(
                 "is this a full checkpoint and not a UNet-only file?"
             ) from None
     return encoders
+
+
+def _config_tokenizers(config_dir: Path, family: ModelFamily) -> list[CLIPTokenizer]:
+    """A config folder's own tokenizers (its prompt length, its vocabulary), else the family's."""
+    subfolders = ["tokenizer", "tokenizer_2"][: 2 if family.is_sdxl else 1]
+    if not all((config_dir / sub / "vocab.json").is_file() for sub in subfolders):
+        return clip_tokenizers(family)
+    return [CLIPTokenizer.from_pretrained(config_dir, subfolder=sub) for sub in subfolders]
 
 
 def clip_tokenizers(family: ModelFamily) -> list[CLIPTokenizer]:

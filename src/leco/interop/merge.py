@@ -23,7 +23,7 @@ from leco.files import atomic_folder, atomic_output, check_output, path_exists, 
 from leco.ink_digits.judge import BUILD_REPORT, JUDGE_FILE
 from leco.ink_digits.quality import trained_inks
 from leco.interop.original_layout import original_state_dict
-from leco.models import CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models, resolve_bundled
+from leco.models import BUNDLED_MODELS, CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models, resolve_bundled
 from leco.network import kohya
 from leco.network.text_encoders import TextEncoderLoRA
 from leco.preservation import KNOWN_PROMPTS_FILE
@@ -241,10 +241,15 @@ def _warn_if_layout_is_its_own(models: LoadedModels, name: str) -> None:
     standard = json.loads((CONFIG_ROOT / models.family.arch / "unet" / "config.json").read_text())
     keys = ("block_out_channels", "cross_attention_dim", "layers_per_block")
     if any(_as_list(models.unet.config.get(k)) != _as_list(standard.get(k)) for k in keys):
+        where = (
+            "leco reads it back (it knows the bundled layouts); other tools need"
+            if name in BUNDLED_MODELS
+            else "leco needs pretrained_model.config, other tools"
+        )
         warn(
-            f"{name} is not laid out as a standard {models.family.arch} model, and a single "
-            "file does not carry its layout: only diffusers' from_single_file(config=its folder) loads it; "
-            "to use it with leco write a folder (--out without .safetensors)"
+            f"{name} is not laid out as a standard {models.family.arch} model, and a single file does "
+            f"not carry its layout: {where} the model's folder as config (diffusers' "
+            "from_single_file(config=...)); a folder (--out without .safetensors) loads anywhere"
         )
 
 
