@@ -1000,11 +1000,15 @@ def describe_validation_error(
     lines, reported = [], set()
     for item in error.errors():
         loc = list(item["loc"])
-        if len(loc) > 1 and isinstance(loc[-1], str) and _UNION_MEMBER.match(loc[-1]):
-            if tuple(loc[:-1]) in reported:
+        # the form's tag may be followed by where inside that form it failed (list[str].1)
+        form = next(
+            (i for i, part in enumerate(loc) if i and isinstance(part, str) and _UNION_MEMBER.match(part)), 0
+        )
+        if form:
+            if tuple(loc[:form]) in reported:
                 continue
-            reported.add(tuple(loc[:-1]))
-            item = {**item, "loc": tuple(loc[:-1])}
+            reported.add(tuple(loc[:form]))
+            item = {**item, "loc": tuple(loc[:form])}
         lines.append(f"{path}: {prefix}{_problem(item, model)}")
     return "\n".join(lines)
 
