@@ -356,6 +356,21 @@ def test_embedding_token_override_and_negative_prompt_changes_the_image(
     assert np.abs(pixels[1] - pixels[0]).mean() > 0.5 and np.abs(pixels[1] - pixels[2]).mean() > 0.5
 
 
+def test_each_image_carries_its_settings_as_a1111_writes_them(tmp_path, tiny_folders, lora_files):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    requests = requests_for(["a red fox"], [0.0, 0.5], [7])
+    settings = SamplingSettings(steps=4, guidance=3.5, negative_prompt="blurry", sampler="euler_a", width=24)
+    files, grid = run_generation(
+        models, lora_files["sd1"], requests, settings, tmp_path, "cpu", False, model_name="tiny-sd1"
+    )
+    texts = [Image.open(file).text["parameters"].split("\n") for file in files]
+    settings_line = "Steps: 4, Sampler: Euler a, CFG scale: 3.5, Seed: 7, Size: 24x16, Model: tiny-sd1"
+    assert texts[0][0] == "a red fox" and texts[1][0] == "a red fox <lora:sd1:0.5>"  # strength 0: no LoRA
+    for text in texts:
+        assert text[1] == "Negative prompt: blurry" and text[2].startswith(settings_line)
+    assert "parameters" not in Image.open(grid).text  # the grid is a comparison, not one image
+
+
 def test_a_capitalised_token_finds_every_vector_as_a1111_does(tmp_path, tiny_folders, embedding_files):
     """A1111 names embeddings by file (EasyNegative) and finds them in any case; diffusers looks the
     token up in the lower-cased prompt, so loaded as written only its first vector would be used."""

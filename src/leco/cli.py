@@ -689,6 +689,14 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
             )
 
 
+def _model_name(model: str) -> str:
+    """The model as A1111 names it in its infotext: a checkpoint's file stem, a folder's (or repo's) name."""
+    from leco.models import CHECKPOINT_SUFFIXES
+
+    path = Path(model)
+    return path.stem if path.suffix.lower() in CHECKPOINT_SUFFIXES else path.name
+
+
 def _word_around(text: str, token: str) -> str | None:
     """The word `token` sits inside in `text` ("igi" in "digit"), if any: a tokenizer matches an
     added token anywhere, so that word would be read as pieces and the token."""
@@ -751,6 +759,7 @@ def run_generate(args: argparse.Namespace) -> int:
         not args.no_progress,
         args.embedding,
         args.overwrite,
+        model_name=_model_name(args.model),
     )
     print(f"wrote {len(paths)} images and {grid}")
     return 0

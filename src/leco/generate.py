@@ -23,11 +23,12 @@ from diffusers import (
 from PIL import Image
 from tqdm.auto import tqdm
 
+from leco import __version__
 from leco.conditioning import warn_if_truncated
 from leco.config import typed_float
 from leco.errors import LecoError, warn
 from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_metadata
-from leco.images import ImageRequest, make_grid, save_image, unique_slugs
+from leco.images import ImageRequest, format_strength, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs, sampler_from_config
 from leco.network import kohya
 
@@ -521,8 +522,11 @@ def run_generation(
     progress: bool = True,
     embeddings: Sequence[str | Path] = (),
     overwrite: bool = False,
+    model_name: str | None = None,
 ) -> tuple[list[Path], Path]:
     """Write one PNG per request and the labelled grid; returns their paths, in request order.
+
+    Each PNG carries its settings as A1111 writes them (`model_name`: the model as the user named it).
 
     `embeddings`: textual-inversion files (FILE or FILE:TOKEN) loaded for this run, then unloaded.
     Files of those names already in `out` stop it before the first image, unless `overwrite`.
@@ -537,9 +541,57 @@ def run_generation(
         warn_if_truncated(models, texts, expand=lambda text: pipe.maybe_convert_prompt(text, pipe.tokenizer))
         images = dict(generate(pipe, requests, settings, set_strength, progress))
     *files, grid_file = output_files(requests, out)
-    paths = [save_image(images[request], file) for request, file in zip(requests, files, strict=True)]
+    size = image_size(pipe, settings)
+    paths = [
+        save_image(images[request], file, a1111_parameters(request, settings, pipe, size, model_name, lora))
+        for request, file in zip(requests, files, strict=True)
+    ]
     grid = save_image(make_grid({request: images[request] for request in requests}).image, grid_file)
     return paths, grid
+
+
+# A1111's names for diffusers' samplers, as its infotext writes them
+A1111_SAMPLER_NAMES = {
+    "DDIMScheduler": "DDIM",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "PNDMScheduler": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "HeunDiscreteScheduler": "Heun",
+    "UniPCMultistepScheduler": "UniPC",
+}
+
+
+def a1111_parameters(
+    request: ImageRequest,
+    settings: SamplingSettings,
+    pipe: DiffusionPipeline,
+    size: tuple[int, int],
+    model_name: str | None,
+    lora: str | Path | None,
+) -> str:
+    """The image's settings in A1111's infotext form: the prompt (a LoRA as its <lora:name:strength>
+    tag), the negative prompt, then one line of `Key: value` pairs."""
+    prompt = request.prompt
+    if lora is not None and request.strength != 0:
+        prompt = f"{prompt} <lora:{Path(lora).stem}:{format_strength(request.strength)}>"
+    lines = [prompt]
+    if settings.negative_prompt:
+        lines.append(f"Negative prompt: {settings.negative_prompt}")
+    sampler = type(pipe.scheduler).__name__
+    pairs = {
+        "Steps": settings.steps,
+        "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
+        "CFG scale": f"{settings.guidance:g}",
+        "Seed": request.seed,
+        "Size": f"{size[1]}x{size[0]}",  # width x height
+        "Model": model_name,
+        "RNG": "CPU",  # each image's noise comes from a CPU generator with its seed
+        "Version": f"leco {__version__}",
+    }
+    lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items() if value is not None))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from leco.files import atomic_output
 
@@ -87,10 +88,15 @@ def make_grid(images: dict[ImageRequest, Image.Image]) -> Grid:
     return Grid(grid, (cell_w, cell_h), column_labels, row_labels)
 
 
-def save_image(image: Image.Image, path: Path) -> Path:
-    """Write a PNG atomically (temp file + rename)."""
+def save_image(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
+    """Write a PNG atomically (temp file + rename); `parameters`: A1111's generation text, which
+    its PNG Info tab and most image browsers read."""
+    info = None
+    if parameters is not None:
+        info = PngInfo()
+        info.add_text("parameters", parameters)
     with atomic_output(path) as file:
-        image.save(file, format="PNG")
+        image.save(file, format="PNG", pnginfo=info)
     return path
 
 
