@@ -867,6 +867,10 @@ def test_an_embedding_given_twice_or_also_as_a_lora_is_one_line(tmp_path, capsys
     code, _, err = run_cli(["eval", "--model", "m", *same_token, "--out", tmp_path / "r.json"], capsys)
     assert_one_line_error(code, err, "--embedding")
     assert "its token 'neg' is also the token of --lora" in err and f"--embedding {other}:NEW_TOKEN" in err
+    shared = ["--embedding", embedding, "--embedding", other]  # two files, one token, no prompt using it
+    code, _, err = run_cli(["generate", "--model", "m", "--prompt", "a", "--out", tmp_path, *shared], capsys)
+    assert_one_line_error(code, err, "--embedding")
+    assert "both use the token 'neg'" in err and "warning" not in err
 
 
 @pytest.mark.parametrize(

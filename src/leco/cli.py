@@ -666,6 +666,15 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                 "give it once"
             )
     judged = {read_embedding(lora).token: lora for lora in lora_options if is_embedding_file(lora)}
+    seen: dict[str, Path] = {}
+    for option in options:
+        embedding = read_embedding(*parse_embedding_option(option))
+        if embedding.token in seen:  # said before the model loads, and before any other note
+            raise LecoError(
+                f"--embedding: {embedding.path} and {seen[embedding.token]} both use the token "
+                f"{embedding.token!r}; name one of them: --embedding {embedding.path}:NEW_TOKEN"
+            )
+        seen[embedding.token] = embedding.path
     for option in options:
         embedding = read_embedding(*parse_embedding_option(option))
         if embedding.token in judged:  # eval adds a --lora embedding's token to the negative prompt
