@@ -278,6 +278,11 @@ def test_an_embedding_and_a_lora_given_for_each_other_say_which_option(loras, ca
     code, _, err = run_cli([*base, "--lora", a1111], capsys)
     assert_one_line_error(code, err, "--lora")
     assert "is a textual-inversion embedding, not a LoRA; give it as --embedding" in err
+    loha = tmp_path / "loha.pt"  # a LyCORIS .pt of a few tensors is a LoRA, however small
+    torch.save({"lora_unet_x.hada_w1_a": torch.randn(4, 2), "lora_unet_x.hada_w1_b": torch.randn(2, 4)}, loha)
+    code, _, err = run_cli([*base, "--lora", loha], capsys)
+    assert_one_line_error(code, err, "--lora")
+    assert "convert a .pt LoRA with leco convert" in err
 
 
 def test_a_negative_prompt_at_guidance_1_is_pointed_out(capsys, no_loading, tiny_folders):
@@ -300,6 +305,10 @@ def test_an_embedding_token_inside_a_prompt_word_is_refused(capsys, no_loading, 
         error = capsys.readouterr().err
         assert f"its token {token.lower()!r} is inside the word" in error and "Traceback" not in error
     alone = ["--prompt", "a fox", "--negative", "blurry,<no-fox>", "--embedding", f"{embedding}:<no-fox>"]
+    # inside a longer loaded token it is no word: the tokenizer reads easynegativev2 whole
+    other = tmp_path / "EasyNegativeV2.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(other))
+    alone += ["--embedding", f"{embedding}:EasyNegative", "--embedding", str(other), "--negative", "EasyNegativeV2"]
     with pytest.raises(AssertionError, match="a model was loaded"):  # a token standing alone passes
         main(["generate", "--model", model, *alone])
 

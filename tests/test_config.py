@@ -408,11 +408,12 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         ("- target: a\n  neutral: a\n  unconditional: a\n", {}, "leaves erase nothing to learn"),
         ("- target: [a digit seven, '']\n", {}, "entry 1.target: '' (prompt 2 of the list) with positive"),
         ("- target: ''\n  action: distill\n  guidance_scale: 3\n", {}, "distill has nothing to learn"),
-        ("- target: [[a, b]]\n", {}, "entry 1.target: Input should be a valid string"),  # each form fails
+        ("- target: [[a, b]]\n", {}, "entry 1.target.1: Input should be a valid string"),  # each form fails
+        ("- target: [a, [b]]\n", {}, "entry 1.target.2: Input should be a valid string (got [\"b\"])"),
         (
             "- target: [a, b]\n  unconditional: b\n  action: distill\n  guidance_scale: 3\n",
             {},
-            "entry 1.target: 'b' (prompt 2 of the list): its prompt and unconditional are the same",
+            "prompts entry 1: target 'b' (prompt 2 of the list): its prompt and unconditional are the same",
         ),
     ],
 )
@@ -424,6 +425,22 @@ def test_bad_prompt_lists_are_one_line(folder, prompts, files, expected):
         load_config(write(folder, "c.yaml", MINIMAL))
     message = str(caught.value)
     assert message.startswith(str(folder)) and "\n" not in message and expected in message, message
+
+
+def test_distill_between_equal_prompts_learns_only_from_a_teacher():
+    entry = {
+        "target": "a digit three",
+        "unconditional": "a digit three",
+        "action": "distill",
+        "guidance_scale": 3,
+    }
+    document = {"pretrained_model": {"name_or_path": "ink-digits"}, "prompts": [entry]}
+    with pytest.raises(
+        ConfigError, match="prompts entry 1: target 'a digit three': its prompt and unconditional"
+    ):
+        LecoConfig.model_validate(document).check_combination()
+    # with a teacher the target is the teacher's prediction for the prompt, which the student learns
+    LecoConfig.model_validate({**document, "teacher": {"name_or_path": "ink-digits-2"}}).check_combination()
 
 
 def test_imitate_without_a_teacher_is_one_line():

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from leco import train
 from leco.config import ConfigError, PromptSettings, TrainConfig, load_config, load_prompts
+from leco.formats.ai_toolkit import in_job_keys
 from leco.models import load_models
 from leco.network import read_lora_file
 from leco.prompts import encode_texts, prepare_prompts
@@ -554,6 +555,9 @@ def test_ai_toolkit_problems_found_after_conversion_name_the_jobs_own_key(ai_too
     assert (
         f"{path}: config.process[0].model.is_v2 (leco: pretrained_model.v2): is true but ink-digits" in error
     )
+    # leco's own count of expanded entries is no key of the job: such a message stays as it is
+    assert in_job_keys(path, "prompts entry 5: resolution 10") == "prompts entry 5: resolution 10"
+    assert in_job_keys(path, "prompts: x").startswith("config.process[0].slider.targets (leco: prompts): x")
 
 
 AI_TOOLKIT_KEYS = [

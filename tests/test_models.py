@@ -82,6 +82,20 @@ def test_single_file_needs_matching_configs(tiny_single_files):
         load_models(str(tiny_single_files["sd1"]))
 
 
+def test_only_leco_merges_prediction_type_overrides_the_probe(tmp_path, tiny_folders, tiny_single_files):
+    """kohya's merge labels every SD2 model "v"; a file leco merged states what it knows."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tiny_single_files["sd2-v"]))  # random weights: the probe says epsilon
+    said = {"modelspec.prediction_type": "v"}
+    for name, metadata, v_pred in (("other", said, False), ("leco", {**said, "leco.merge": "[]"}, True)):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
+        spec = PretrainedModelConfig(
+            name_or_path=str(tmp_path / f"{name}.safetensors"), config=str(tiny_folders["sd2-v"])
+        )
+        assert load_models(spec).family.v_pred is v_pred, name
+
+
 def test_checkpoint_structure_detection(tiny_single_files):
     from safetensors.torch import load_file
 

@@ -684,7 +684,7 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                 f"--embedding {embedding.path}:NEW_TOKEN"
             )
         for text in texts:
-            word = _word_around(text.lower(), embedding.token)
+            word = _word_around(text.lower(), embedding.token, [*seen, *judged])
             if word is not None:
                 raise LecoError(
                     f"--embedding {embedding.path}: its token {embedding.token!r} is inside the word "
@@ -706,9 +706,13 @@ def _model_name(model: str) -> str:
     return path.stem if path.suffix.lower() in CHECKPOINT_SUFFIXES else path.name
 
 
-def _word_around(text: str, token: str) -> str | None:
+def _word_around(text: str, token: str, tokens: Sequence[str] = ()) -> str | None:
     """The word `token` sits inside in `text` ("igi" in "digit"), if any: a tokenizer matches an
-    added token anywhere, so that word would be read as pieces and the token."""
+    added token anywhere, so that word would be read as pieces and the token. Inside a longer
+    loaded token it is no word (the tokenizer takes the longest: easynegativev2, not easynegative)."""
+    for longer in tokens:
+        if token in longer and longer != token:
+            text = text.replace(longer, " " * len(longer))
     for match in re.finditer(re.escape(token), text):
         start, end = match.span()
         joined_before = start > 0 and text[start - 1].isalnum() and token[0].isalnum()

@@ -396,19 +396,6 @@ class PromptSettings(_Section):
                 f"target: {self.targets[idle[0]]!r}{which} with positive, unconditional and neutral as they "
                 f"are leaves {self.action} nothing to learn; name the concept in target (or positive)"
             )
-        unguided = [
-            i
-            for i in range(len(self.targets))
-            if self.role_text("positive", i) == self.role_text("unconditional", i)
-        ]
-        if self.action == "distill" and unguided:
-            which = "" if isinstance(self.target, str) else f" (prompt {unguided[0] + 1} of the list)"
-            raise ValueError(
-                f"target: {self.targets[unguided[0]]!r}{which}: its prompt and unconditional are the "
-                f"same ({self.role_text('unconditional', unguided[0])!r}), so guidance changes nothing and "
-                "distill has nothing to learn; name the prompt in target, set another unconditional, or "
-                "keep the prompt as it is with anchors.prompts"
-            )
         if self.action == "distill" and self.guidance_scale <= 1:
             given = f"got {self.guidance_scale:g}"
             if "guidance_scale" not in self.model_fields_set:
@@ -634,6 +621,8 @@ class LecoConfig(_Section):
                         f"prompts entry {number}: action imitate copies a teacher model's prediction; add a "
                         "teacher: section (or use enhance)"
                     )
+                if entry.action == "distill":
+                    _refuse_unguided(entry, number)
         anchors = self.anchors
         rides_along = not anchors.rollouts and self.network.type != "embedding"
         if anchors.per_step == 0 and anchors.text_weight == 0 and rides_along:
@@ -696,6 +685,21 @@ class LecoConfig(_Section):
                         f"network.token: {token!r} is inside the word {word!r} of {where}, where a "
                         f"tokenizer reads it too; choose a token no word contains, e.g. '<{token}>'"
                     )
+
+
+def _refuse_unguided(entry: PromptSettings, number: int) -> None:
+    """Distilling guidance between two equal prompts of the model itself leaves nothing to learn
+    (with a teacher they are the teacher's prediction: that is learnt)."""
+    for i, target in enumerate(entry.targets):
+        unconditional = entry.role_text("unconditional", i)
+        if entry.role_text("positive", i) == unconditional:
+            which = "" if isinstance(entry.target, str) else f" (prompt {i + 1} of the list)"
+            raise ConfigError(
+                f"prompts entry {number}: target {target!r}{which}: its prompt and unconditional are the "
+                f"same ({unconditional!r}), so guidance changes nothing and distill has nothing to learn; "
+                "name the prompt in target, set another unconditional, or keep the prompt as it is with "
+                "anchors.prompts"
+            )
 
 
 def typed_float(text: str) -> float:
@@ -997,20 +1001,24 @@ def describe_validation_error(
 
     A key that takes one of several forms (`resolution`: a number or [height, width]) fails once per
     form, each error tagged with the form; those become one line about the key."""
-    lines, reported = [], set()
+    by_key: dict[tuple, dict] = {}
     for item in error.errors():
         loc = list(item["loc"])
         # the form's tag may be followed by where inside that form it failed (list[str].1)
         form = next(
             (i for i, part in enumerate(loc) if i and isinstance(part, str) and _UNION_MEMBER.match(part)), 0
         )
-        if form:
-            if tuple(loc[:form]) in reported:
-                continue
-            reported.add(tuple(loc[:form]))
-            item = {**item, "loc": tuple(loc[:form])}
-        lines.append(f"{path}: {prefix}{_problem(item, model)}")
-    return "\n".join(lines)
+        if not form:
+            by_key[("#", len(by_key))] = item  # a key with one form: every error is its own line
+            continue
+        key = tuple(loc[:form])
+        # a list given for a key that takes a list: the list form's error says which item is wrong
+        inside_list = str(loc[form]).startswith("list[") and len(loc) > form + 1
+        if key not in by_key or (inside_list and "inside_list" not in by_key[key]):
+            by_key[key] = {**item, "loc": (*key, *loc[form + 1 :]) if inside_list else key}
+            if inside_list:
+                by_key[key]["inside_list"] = True
+    return "\n".join(f"{path}: {prefix}{_problem(item, model)}" for item in by_key.values())
 
 
 def dotted_key(loc: tuple[Any, ...] | list[Any]) -> str:

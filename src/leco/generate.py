@@ -56,8 +56,8 @@ def is_embedding_file(path: str | Path) -> bool:
     if path.suffix.lower() not in (".safetensors", ".pt", ".bin") or not path.is_file():
         return False
     if path.suffix.lower() != ".safetensors":
-        try:  # an embedding is a few KB; a LoRA .pt is refused by read_lora_header with its own advice
-            return path.stat().st_size < 16 * 2**20 and not _has_lora_keys(_embedding_tensors(path)[0])
+        try:  # an embedding is a few KB; anything read_embedding refuses (a LoRA .pt) is none
+            return path.stat().st_size < 16 * 2**20 and bool(read_embedding(path))
         except (LecoError, OSError):
             return False
     from safetensors import SafetensorError, safe_open
@@ -230,6 +230,19 @@ def check_lora_finite(path: Path) -> None:
         kohya.check_finite(((key, file.get_tensor(key)) for key in file.keys()), f"--lora: {path}")  # noqa: SIM118
 
 
+def with_tokens_in_their_case(pipe: DiffusionPipeline, texts: list[str]) -> list[str]:
+    """`texts` with the loaded embeddings' tokens (lower case) written so, wherever a prompt writes
+    them in another case: A1111 finds EasyNegative in any case, diffusers only as loaded."""
+    tokenizer = pipe.tokenizer
+    special = set(tokenizer.all_special_tokens)
+    tokens = [t for t in tokenizer.get_added_vocab() if t not in special and t == t.lower()]
+    if not tokens:
+        return list(texts)
+    longest_first = sorted(tokens, key=len, reverse=True)  # easynegativev2 before easynegative
+    pattern = re.compile("|".join(map(re.escape, longest_first)), re.IGNORECASE)
+    return [pattern.sub(lambda match: match.group().lower(), text) for text in texts]
+
+
 @torch.no_grad()
 def generate(
     pipe: DiffusionPipeline,
@@ -256,12 +269,11 @@ def generate(
         for batch in strength_batches(requests, size):
             set_strength(batch[0].strength)
             images = pipe(
-                # in lower case, as CLIP reads them: an embedding's token is then found whatever its case
-                [request.prompt.lower() for request in batch],
+                with_tokens_in_their_case(pipe, [request.prompt for request in batch]),
                 # "" given, not None: SDXL pipelines replace a missing negative prompt by zeros, where
                 # training reads the encoded "" as the unconditional prediction (as ComfyUI's empty
                 # text does); SD1/SD2 pipelines encode "" for None anyway
-                negative_prompt=[negative.lower()] * len(batch),
+                negative_prompt=with_tokens_in_their_case(pipe, [negative]) * len(batch),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 height=height,
@@ -537,7 +549,7 @@ def run_generation(
     pipe = build_pipeline(models, settings.sampler).to(device)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
         # With the embeddings' tokens known: a token of N vectors is N tokens, not its spelling.
-        texts = [*(r.prompt.lower() for r in requests), settings.negative_prompt.lower()]
+        texts = with_tokens_in_their_case(pipe, [*(r.prompt for r in requests), settings.negative_prompt])
         warn_if_truncated(models, texts, expand=lambda text: pipe.maybe_convert_prompt(text, pipe.tokenizer))
         images = dict(generate(pipe, requests, settings, set_strength, progress))
     *files, grid_file = output_files(requests, out)
@@ -668,7 +680,7 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
         )
     # CLIP reads prompts in lower case and A1111 finds "EasyNegative" by its token ids, so in any
     # case; diffusers looks the token up in the lower-cased prompt and would miss a capital one,
-    # using its first vector only. The token is loaded in lower case; prompts reach CLIP so.
+    # using its first vector only. The token is loaded in lower case (with_tokens_in_their_case).
     return Embedding(path, chosen.lower(), vectors)
 
 

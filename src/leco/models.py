@@ -459,7 +459,7 @@ def _load_single_file(
             f"{path}: the UNet weights do not match the {arch} architecture ({_first_line(error)}); a "
             f"model of its own layout loads from its diffusers folder{with_config}"
         ) from None
-    said_v = _stated_v_prediction(path) if arch == "sd2" else None  # leco merge and kohya write it
+    said_v = _stated_v_prediction(path) if arch == "sd2" else None
     if said_v is not None:
         detected_v, evidence = said_v, f"{path} (its modelspec.prediction_type)"
     else:  # the probe reads real SD2 models right; the file's own word is firmer for small ones
@@ -502,13 +502,16 @@ def _load_single_file(
 
 
 def _stated_v_prediction(path: Path) -> bool | None:
-    """What a .safetensors checkpoint's ModelSpec metadata says of v-prediction, if anything."""
+    """What a checkpoint `leco merge` wrote says of v-prediction (its ModelSpec metadata), if it
+    says. Other writers' word is not taken: kohya's merge labels every SD2 model "v"."""
     if path.suffix.lower() != ".safetensors":
         return None
     from leco.files import safetensors_metadata
 
-    stated = safetensors_metadata(path).get("modelspec.prediction_type")
-    return {"v": True, "epsilon": False}.get(stated or "")
+    metadata = safetensors_metadata(path)
+    if "leco.merge" not in metadata:
+        return None
+    return {"v": True, "epsilon": False}.get(metadata.get("modelspec.prediction_type", ""))
 
 
 def _bundled_layout(checkpoint: dict[str, torch.Tensor], dtype: torch.dtype) -> str | None:

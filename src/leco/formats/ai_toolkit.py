@@ -138,9 +138,9 @@ def in_job_keys(path: Path, message: str) -> str:
 
 
 def _with_origin(message: str, origin: dict[str, str]) -> str:
-    for ours in sorted(origin, key=len, reverse=True):  # train.lr_scheduler before train.lr
-        if re.match(rf"{re.escape(ours)}\b(?![.\w])", message):
-            return f"{origin[ours]} (leco: {ours}){message[len(ours) :]}"
+    for ours, theirs in origin.items():
+        if message.startswith(f"{ours}: "):  # the key itself; "prompts entry 5" counts leco's entries
+            return f"{theirs} (leco: {ours}){message[len(ours) :]}"
     return message
 
 
