@@ -221,6 +221,28 @@ def test_unwritable_outputs_are_refused_before_loading(
     assert a_file.read_text() == "mine"
 
 
+def test_a_folder_that_takes_no_new_file_is_refused_before_loading(
+    capsys, no_loading, tiny_folders, tmp_path, monkeypatch
+):
+    import tempfile
+
+    def refuse(*args, **kwargs):  # what /sys or a read-only mount answers, even to root
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    spec = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
+    code, _, err = run_cli([*spec, "--out", tmp_path / "report.json"], capsys)
+    assert_one_line_error(code, err, "--out")
+    assert f"{tmp_path} takes no new files (Permission denied)" in err
+
+
+def test_eval_lora_with_a_strength_points_to_the_specs_strengths(capsys, loras, tiny_folders):
+    spec = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
+    code, _, err = run_cli([*spec, "--lora", f"{loras['sd1']}:0.5"], capsys)
+    assert_one_line_error(code, err, "--lora")
+    assert "eval takes no strength after the file; it judges each LoRA at the spec's strengths" in err
+
+
 def test_a_missing_model_is_one_line_naming_the_option(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(["generate", "--model", tmp_path / "nope", "--prompt", "a cat"], capsys)
@@ -308,7 +330,14 @@ def test_an_embedding_token_inside_a_prompt_word_is_refused(capsys, no_loading, 
     # inside a longer loaded token it is no word: the tokenizer reads easynegativev2 whole
     other = tmp_path / "EasyNegativeV2.safetensors"
     save_file({"emb_params": torch.randn(2, 32)}, str(other))
-    alone += ["--embedding", f"{embedding}:EasyNegative", "--embedding", str(other), "--negative", "EasyNegativeV2"]
+    alone += [
+        "--embedding",
+        f"{embedding}:EasyNegative",
+        "--embedding",
+        str(other),
+        "--negative",
+        "EasyNegativeV2",
+    ]
     with pytest.raises(AssertionError, match="a model was loaded"):  # a token standing alone passes
         main(["generate", "--model", model, *alone])
 

@@ -410,6 +410,14 @@ def test_a_sliders_other_end_is_summarised_by_the_enhanced_prompt_it_leaves_most
     assert "enhanced: left (other end)    12%    25%  n2" in _summary_table(summary)
 
 
+def test_the_report_keeps_the_order_it_was_given(tmp_path):
+    from leco.evaluate import write_report
+
+    report = {"loras": {"zeta": "z.safetensors", "alpha": "a.safetensors"}, "summary": {"10": {}, "2": {}}}
+    written = json.loads(write_report(report, tmp_path / "r.json").read_text())
+    assert list(written["loras"]) == ["zeta", "alpha"] and list(written["summary"]) == ["10", "2"]
+
+
 def test_long_reports_print_the_worst_kept_rows_unless_all_rows():
     rows = [_row("erase", "a digit seven", s, 1.0 - s) for s in (0.0, 1.0)]
     for n in range(100):

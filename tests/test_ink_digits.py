@@ -164,7 +164,7 @@ def test_detector_concepts(tmp_path):
         assert detector.present(found, "digit:7") == [True]
         assert detector.present(found, f"digit:7,ink:{ink}") == [True]
         assert detector.present(found, "ink:blue") == [False]
-    for wrong in ("digit:seven", "ink:magenta", "a seven"):
+    for wrong in ("digit:seven", "ink:magenta", "a seven", "digit:³", "digit:٣"):  # ASCII digits only
         with pytest.raises(LecoError, match="not known to the ink-digits detector"):
             detector.check_concept(wrong)
     # Another model's folder has no judge: the message says so, in one line, naming the folder.

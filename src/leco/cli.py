@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -194,6 +195,14 @@ def _check_writable(path: Path) -> None:
         raise argparse.ArgumentTypeError(
             f"{existing} is not writable (permission denied); choose another path"
         )
+    folder = existing if existing.is_dir() else existing.parent
+    try:  # os.access answers yes to root everywhere; a file made and removed is the real test
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise argparse.ArgumentTypeError(
+            f"{folder} takes no new files ({error.strerror or type(error).__name__}); choose another path"
+        ) from None
 
 
 def _lora_file(text: str) -> str:
@@ -208,7 +217,21 @@ def _lora_or_embedding_file(text: str) -> str:
 
     if is_embedding_file(text):
         return str(_checked(read_embedding)(text).path)
+    path, colon, strength = text.rpartition(":")
+    if colon and not Path(text).exists() and Path(path).is_file() and _is_number(strength):
+        raise argparse.ArgumentTypeError(
+            f"{text}: eval takes no strength after the file; it judges each LoRA at the spec's "
+            f"strengths: [...] (give --lora {path})"
+        )
     return _lora_file(text)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _sampler(text: str) -> str:

@@ -673,11 +673,10 @@ def _percent(value: float | None) -> str:
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
-    from leco.network.kohya import json_metadata
-
     path = Path(path)
+    plain = json.loads(json.dumps(report, ensure_ascii=False, default=str))  # in the order given (--lora)
     with atomic_output(path) as file:
-        file.write((json.dumps(json.loads(json_metadata(report)), indent=2) + "\n").encode())
+        file.write((json.dumps(plain, indent=2, ensure_ascii=False) + "\n").encode())
     return path
 
 

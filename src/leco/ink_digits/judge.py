@@ -248,7 +248,7 @@ class InkDigitsDetector:
         parts = []
         for part in concept.split(","):
             kind, _, value = part.strip().partition(":")
-            if kind == "digit" and value.isdigit() and len(value) == 1:
+            if kind == "digit" and len(value) == 1 and value in "0123456789":  # not '³' or '٣
                 parts.append((kind, int(value)))
             elif kind == "ink" and value in ALL_INKS:
                 parts.append((kind, ALL_INKS.index(value)))
