@@ -403,11 +403,28 @@ def test_summary_names_the_worst_row_of_each_measure():
     assert summary["enhanced_detected"] == 0.625 and summary["enhanced_detected_worst"]["prompt"] == "n2"
 
 
-def test_a_sliders_other_end_is_summarised_by_the_enhanced_prompt_it_leaves_most():
+def test_a_one_sided_loras_other_end_is_summarised_by_the_enhanced_prompt_it_leaves_most():
     rows = [_row("enhance", "n1", -1.0, 0.0), _row("enhance", "n2", -1.0, 0.25)]
     summary = summarise(rows, [-1.0])
-    assert summary["-1"]["enhanced_detected_worst"]["prompt"] == "n2"  # gone is right at -1
-    assert "enhanced: left (other end)    12%    25%  n2" in _summary_table(summary)
+    assert summary["-1"]["enhanced_detected"] is None  # nothing should appear at -1
+    assert summary["-1"]["enhanced_other_end_worst"]["prompt"] == "n2"  # gone is right at -1
+    assert "enhanced: other end left    12%    25%  n2" in _summary_table(summary)
+
+
+def test_a_two_ended_slider_is_judged_at_each_end_on_its_own_concepts():
+    """red at +1, blue at -1: a perfect slider reads 100% detected and 0% left at both ends."""
+    rows = [
+        {**_row("enhance", "red", strength, float(strength > 0)), "end": 1} for strength in (-1.0, 1.0)
+    ] + [{**_row("enhance", "blue", strength, float(strength < 0)), "end": -1} for strength in (-1.0, 1.0)]
+    summary = summarise(rows, [-1.0, 1.0])
+    for strength, shown, gone in (("1", "red", "blue"), ("-1", "blue", "red")):
+        assert summary[strength]["enhanced_detected"] == 1.0
+        assert summary[strength]["enhanced_detected_worst"]["prompt"] == shown
+        assert summary[strength]["enhanced_other_end"] == 0.0
+        assert summary[strength]["enhanced_other_end_worst"]["prompt"] == gone
+    table = _summary_table(summary)
+    assert "      -1  enhanced: detected         100%   100%  blue [c]" in table
+    assert "      -1  enhanced: other end left     0%     0%  red [c]" in table
 
 
 def test_the_report_keeps_the_order_it_was_given(tmp_path):

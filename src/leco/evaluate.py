@@ -63,6 +63,12 @@ class ConceptPrompt(BaseModel):
     concept: str  # what the detector looks for, e.g. "digit:7", "ink:red", "a painting by van gogh"
 
 
+class EnhancedPrompt(ConceptPrompt):
+    # The LoRA strength's sign where the concept should appear: 1 (positive strengths), or -1 for
+    # a slider's other end (red at +1, blue at -1); at the opposite sign it should be gone.
+    end: Literal[1, -1] = 1
+
+
 class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     _source: str = PrivateAttr("eval spec")  # what messages name: the spec's file, once loaded
@@ -84,7 +90,7 @@ class EvalSpec(BaseModel):
     erase: list[ConceptPrompt] = Field(default_factory=list)  # should disappear
     keep: list[ConceptPrompt] = Field(default_factory=list)  # should stay, unchanged
     keep_all: bool = False  # written `keep: all` (or `all` as an item of keep:)
-    enhance: list[ConceptPrompt] = Field(default_factory=list)  # should appear more often
+    enhance: list[EnhancedPrompt] = Field(default_factory=list)  # should appear more often (at its end)
 
     @field_validator("sampler")
     @classmethod
@@ -189,11 +195,16 @@ class JudgedPrompt:
     # ink" judged on its ink when 7 is erased): its image is meant to change, so its drift is
     # left out of the kept drift.
     names_edit: bool = False
+    end: int = 1  # enhance: the strength sign where the concept should appear
 
 
 def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
     """Every prompt the eval judges, `keep: all` expanded by the detector; each concept checked."""
-    entries = [JudgedPrompt(kind, i.prompt, i.concept) for kind in KINDS for i in getattr(spec, kind)]
+    entries = [
+        JudgedPrompt(kind, i.prompt, i.concept, end=getattr(i, "end", 1))
+        for kind in KINDS
+        for i in getattr(spec, kind)
+    ]
     if spec.keep_all:
         listed = {(item.prompt, item.concept) for item in spec.keep}
         touched = [item.concept for item in spec.erase + spec.enhance]
@@ -437,6 +448,7 @@ class _Judge:
                 "prompt": entry.prompt,
                 "concept": entry.concept,
                 "names_edit": entry.names_edit,
+                **({"end": entry.end} if entry.kind == "enhance" else {}),
                 "strength": strength,
                 "detected": float(np.mean(found)),
                 "drift": float(np.mean([pixel_drift(a, b) for a, b in zip(batch, reference, strict=True)])),
@@ -458,13 +470,20 @@ MEASURES = (
     ("kept_still_right", "keep", "detected", False),
     ("kept_drift", "keep", "drift", True),
     ("enhanced_detected", "enhance", "detected", False),
+    # enhanced concepts of the other end (a slider's end: -1 items at positive strengths, and the
+    # reverse; a one-sided LoRA's at negative ones): there they should be gone
+    ("enhanced_other_end", "enhance", "detected", True),
 )
 
 
-def _higher_is_worse(kind: str, higher_is_worse: bool, strength: float) -> bool:
-    # A slider's other end (negative strength) takes the enhanced concept away: there the worst
-    # enhanced prompt is the one still showing it most.
-    return not higher_is_worse if kind == "enhance" and strength < 0 else higher_is_worse
+def _measured(rows: list[dict[str, Any]], name: str, kind: str, field: str, strength: float) -> list[dict]:
+    values = [r for r in rows if r["kind"] == kind and not (field == "drift" and r.get("names_edit"))]
+    if kind != "enhance":
+        return values
+    if strength == 0:  # the model as it is: every enhanced concept before
+        return values if name == "enhanced_detected" else []
+    this_end = [r for r in values if r.get("end", 1) * strength > 0]
+    return this_end if name == "enhanced_detected" else [r for r in values if r.get("end", 1) * strength < 0]
 
 
 def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, Any]:
@@ -473,10 +492,9 @@ def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, A
     for strength in strengths:
         at = [r for r in rows if r["strength"] == strength]
         entry: dict[str, Any] = {}
-        for name, kind, field, higher_is_worse in MEASURES:
-            values = [r for r in at if r["kind"] == kind and not (field == "drift" and r.get("names_edit"))]
+        for name, kind, field, worse_higher in MEASURES:
+            values = _measured(at, name, kind, field, strength)
             entry[name] = float(np.mean([r[field] for r in values])) if values else None
-            worse_higher = _higher_is_worse(kind, higher_is_worse, strength)
             worst = (max if worse_higher else min)(values, key=lambda r: r[field], default=None)
             entry[f"{name}_worst"] = (
                 {k: worst[k] for k in ("lora", "prompt", "concept", field)} if worst is not None else None
@@ -491,12 +509,11 @@ def across_loras(per_lora: dict[str, dict[str, Any]], strengths: list[float]) ->
     for strength in strengths:
         key = f"{strength:g}"
         entry: dict[str, Any] = {}
-        for name, kind, _, higher_is_worse in MEASURES:
+        for name, _, _, worse_higher in MEASURES:
             means = {label: s[key][name] for label, s in per_lora.items() if s[key][name] is not None}
             if not means:
                 entry[name] = None
                 continue
-            worse_higher = _higher_is_worse(kind, higher_is_worse, strength)
             worst = (max if worse_higher else min)(means, key=means.__getitem__)
             entry[name] = {
                 "mean": float(np.mean(list(means.values()))),
@@ -625,6 +642,7 @@ SUMMARY_NAMES = {
     "kept_still_right": "kept: still right",
     "kept_drift": "kept: drift",
     "enhanced_detected": "enhanced: detected",
+    "enhanced_other_end": "enhanced: other end left",  # worst: the prompt that keeps the most of it
 }
 
 
@@ -635,7 +653,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
             if entry[name] is None or (name == "kept_drift" and strength == "0"):  # 0 by definition
                 continue
             worst = entry[f"{name}_worst"]
-            label = _summary_name(name, strength)
+            label = SUMMARY_NAMES[name]
             lines.append(
                 f"{strength:>8}  {label:<24}{_figure(name, entry[name]):>7}"
                 f"{_figure(name, worst[field]):>7}  {worst['prompt']} [{worst['concept']}]"
@@ -652,16 +670,10 @@ def _across_table(across: dict[str, Any], count: int) -> str:
         for name, value in entry.items():
             if value is not None:
                 lines.append(
-                    f"{strength:>8}  {_summary_name(name, strength):<24}{_figure(name, value['mean']):>7}"
+                    f"{strength:>8}  {SUMMARY_NAMES[name]:<24}{_figure(name, value['mean']):>7}"
                     f"{_figure(name, value['worst']):>7}  {value['worst_lora']}"
                 )
     return "\n".join(lines)
-
-
-def _summary_name(name: str, strength: str) -> str:
-    if name == "enhanced_detected" and float(strength) < 0:
-        return "enhanced: left (other end)"  # worst: the prompt that keeps the most of it
-    return SUMMARY_NAMES[name]
 
 
 def _figure(measure: str, value: float) -> str:
