@@ -251,6 +251,9 @@ def test_a_bundled_models_checkpoint_loads_back_into_leco(tmp_path, name):
     assert loaded.family == original.family
     assert loaded.scheduler_config["prediction_type"] == original.scheduler_config["prediction_type"]
     assert [t.model_max_length for t in loaded.tokenizers] == [16]  # ink-digits' prompt length
+    # its judge, model card and prompt list are found where the bundled model keeps them
+    assert Path(loaded.folder) == model_path(name) and loaded.source == str(checkpoint)
+    assert recommended_sampling(loaded.folder) == recommended_sampling(name)
     network = LoRANetwork.from_file(original.unet, original.family, lora)
     inputs = unet_inputs(original.unet, False)
     with torch.no_grad():

@@ -74,7 +74,7 @@ def edit_prompts(config: LecoConfig, models: LoadedModels) -> tuple[list[str], l
             guides += [entry.role_text("neutral", i) for i in range(len(entry.targets))]
         else:
             kept += entry.targets
-    kept += anchor_prompts(config.anchors, config.prompts, models.source)
+    kept += anchor_prompts(config.anchors, config.prompts, models.folder)
     return erased, guides, list(dict.fromkeys(kept))
 
 

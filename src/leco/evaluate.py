@@ -175,7 +175,7 @@ def make_detector(spec: EvalSpec, models: LoadedModels) -> Detector:
     if spec.detector == "ink-digits":
         from leco.ink_digits.judge import InkDigitsDetector
 
-        return InkDigitsDetector.for_model(models.source)
+        return InkDigitsDetector.for_model(models.folder)
     if spec.detector == "clip":
         if not spec.clip_model:
             raise ConfigError(
@@ -333,7 +333,7 @@ def evaluate(
 
 def sampling_settings(spec: EvalSpec, models: LoadedModels) -> SamplingSettings:
     """The spec's sampling; unset steps and guidance take what the model recommends."""
-    recommended = recommended_sampling(models.source)
+    recommended = recommended_sampling(models.folder)
     return SamplingSettings(
         spec.steps or recommended.steps,
         spec.guidance if spec.guidance is not None else recommended.guidance,

@@ -122,6 +122,14 @@ class LoadedModels:
     source: str
     vae: AutoencoderKL | None = None
     latent_scaling: float = 0.18215  # the VAE's scaling_factor: latents = scaling x encoder output
+    # For a single file built with a config folder (a bundled model's merge): that folder, which
+    # holds what a model folder holds beside the weights (model card, judge, prompt list).
+    config_folder: str | None = None
+
+    @property
+    def folder(self) -> str:
+        """Where the model's own files are: its folder, or a single file's config folder."""
+        return self.config_folder or self.source
 
     @property
     def resolution(self) -> int:
@@ -498,6 +506,7 @@ def _load_single_file(
         latent_scaling=float(vae_config.get("scaling_factor", 0.18215)),
         source=str(path),
         vae=vae,
+        config_folder=config_dir if spec.config else None,
     )
 
 

@@ -82,7 +82,7 @@ class Trainer:
         state = read_state(resume, config.to_json(), self.ranks.count) if resume is not None else None
         models = models or load_models(config.pretrained_model, dtype=self.dtype, with_vae=previews)
         self.models = models
-        anchors = anchor_prompts(config.anchors, config.prompts, models.source)
+        anchors = anchor_prompts(config.anchors, config.prompts, models.folder)
         entries, self.anchors = entries_and_anchors(config, anchors)
         self.prompts = prepare_prompts(entries, models, train, config.prompts_file or "prompts")
         self.preview_size = preview_size(config.preview, self.prompts[0].size)
