@@ -235,3 +235,14 @@ def test_a_hang_up_that_nohup_ignores_stays_ignored(monkeypatch):
     with StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGHUP)
         assert stop.requested
+
+
+@pytest.mark.parametrize(("keep", "left"), [(None, [1, 2, 3]), (0, [1, 2, 3]), (1, [3]), (2, [2, 3])])
+def test_max_step_files_keeps_the_newest_and_zero_keeps_all(tmp_path, keep, left):
+    folder = RunFolder(tmp_path, "fox")
+    for step in (1, 2, 3):
+        (tmp_path / f"fox_{step}steps.safetensors").write_bytes(b"x")
+    (tmp_path / "fox_last.safetensors").write_bytes(b"x")
+    folder.prune_step_files(keep)
+    assert sorted(int(p.name[4:-17]) for p in tmp_path.glob("fox_*steps.safetensors")) == left
+    assert (tmp_path / "fox_last.safetensors").exists()

@@ -448,6 +448,13 @@ def test_missing_optional_optimizer_names_the_package(tmp_path, tiny_folders, mo
             {"optimizer_args": {"weight_decay": -1.0}},
             r"train.optimizer_args: Invalid weight_decay .* \(for AdamW\)",
         ),
+        ({"optimizer_args": {"betas": [0.9]}}, r"train.optimizer_args: .*\(for AdamW\)"),  # an IndexError
+        (
+            {"lr_scheduler": "step", "lr_scheduler_args": {"gama": 0.1}},
+            "train.lr_scheduler_args: 'gama' is not read by the step schedule; it takes step_size, gamma",
+        ),
+        ({"lr_scheduler": "step", "lr_scheduler_args": {"step_size": 0}}, "step_size must be a whole number"),
+        ({"lr_scheduler": "step", "lr_scheduler_args": {"gamma": -1}}, "gamma must be above 0"),
     ],
 )
 def test_optimizer_and_schedule_arguments_they_refuse_are_one_line(
@@ -455,6 +462,26 @@ def test_optimizer_and_schedule_arguments_they_refuse_are_one_line(
 ):
     with pytest.raises(LecoError, match=message):
         Trainer(make_config(tiny_folders["sd1"], tmp_path, **train_options), progress=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "args"), [("cosine", {"num_cycles": 1}), ("polynomial", {"lr_end": 1e-4, "power": 2})]
+)
+def test_schedule_arguments_shape_the_curve(name, args):
+    from leco.config import TrainConfig
+    from leco.optim import build_lr_scheduler
+
+    def curve(arguments):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        train = TrainConfig(lr=1e-3, iterations=10, lr_scheduler=name, lr_scheduler_args=arguments)
+        schedule, lrs = build_lr_scheduler(train, optimizer), []
+        for _ in range(10):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return lrs
+
+    assert curve(args) != curve({})  # diffusers' get_scheduler would drop these
 
 
 def test_lora_weights_stay_fp32_under_bf16(tmp_path, tiny_folders):

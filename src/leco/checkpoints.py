@@ -168,8 +168,8 @@ class RunFolder:
         return self.state_dir / STATE_FILE
 
     def prune_step_files(self, keep: int | None) -> None:
-        """Keep only the newest `keep` step files (None: all)."""
-        if keep is None:
+        """Keep only the newest `keep` step files (None or 0: all, as ai-toolkit's 0 means)."""
+        if not keep:
             return
         steps = re.compile(rf"{re.escape(self.name)}_(\d+)steps\.safetensors")
         found = sorted(

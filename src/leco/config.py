@@ -11,6 +11,7 @@ import ast
 import contextlib
 import difflib
 import json
+import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,13 @@ LR_SCHEDULERS = (
     "polynomial",
     "step",
 )
+# The arguments each schedule reads (train.lr_scheduler_args); the others read none.
+LR_SCHEDULER_ARGS = {
+    "cosine": ("num_cycles",),  # half-waves over the run: 0.5 (default) falls once to 0
+    "cosine_with_restarts": ("num_cycles",),
+    "polynomial": ("power", "lr_end"),
+    "step": ("step_size", "gamma"),
+}
 
 
 class ConfigError(LecoError):
@@ -544,8 +552,10 @@ class LecoConfig(_Section):
             unused(logging, "logging", {"tensorboard_dir"}, "only with logging.use_tensorboard: true")
         if not logging.use_wandb:
             unused(logging, "logging", {"wandb_project"}, "only with logging.use_wandb: true")
-        if self.train.lr_scheduler == "constant" and self.train.lr_scheduler_args:
-            notes.append("train.lr_scheduler_args: the constant schedule takes none; ignored")
+        if self.train.lr_scheduler not in LR_SCHEDULER_ARGS and self.train.lr_scheduler_args:
+            notes.append(
+                f"train.lr_scheduler_args: the {self.train.lr_scheduler} schedule takes none; ignored"
+            )
         if self.train.lr_scheduler in ("constant", "step") and self.train.lr_warmup_steps:
             notes.append(
                 f"train.lr_warmup_steps: the {self.train.lr_scheduler} schedule has no warmup; ignored "
@@ -595,6 +605,7 @@ class LecoConfig(_Section):
                 "prompts: every entry has weight 0, so the loss is 0 and nothing would be trained; "
                 "give at least one entry a weight above 0 (1 is the default)"
             )
+        _check_schedule_args(self.train.lr_scheduler, self.train.lr_scheduler_args)
         if self.train.method == "closed_form":
             if self.network.type != "lierla" or self.network.training_method in PRESETS_WITHOUT_KEYS_VALUES:
                 raise ConfigError(
@@ -685,6 +696,29 @@ class LecoConfig(_Section):
                         f"network.token: {token!r} is inside the word {word!r} of {where}, where a "
                         f"tokenizer reads it too; choose a token no word contains, e.g. '<{token}>'"
                     )
+
+
+def _check_schedule_args(name: str, args: dict[str, Any]) -> None:
+    """A key the schedule does not read (a typo such as `gama`), or a value that breaks it, is one
+    line; diffusers' own schedules would drop the first silently."""
+    allowed = LR_SCHEDULER_ARGS.get(name)
+    if allowed is None:
+        return  # unused_settings names them
+    for key, value in args.items():
+        if key not in allowed:
+            raise ConfigError(
+                f"train.lr_scheduler_args: {key!r} is not read by the {name} schedule; it takes "
+                f"{', '.join(allowed)}"
+            )
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+            raise ConfigError(f"train.lr_scheduler_args: {key}={value!r} is not a number")
+    step_size = args.get("step_size", 1)
+    if step_size < 1 or step_size != int(step_size):
+        raise ConfigError("train.lr_scheduler_args: step_size must be a whole number of steps >= 1")
+    if name == "step" and args.get("gamma", 0.5) <= 0:
+        raise ConfigError("train.lr_scheduler_args: gamma must be above 0 (the lr is multiplied by it)")
+    if args.get("num_cycles", 1) <= 0 or args.get("power", 1) <= 0 or args.get("lr_end", 0) < 0:
+        raise ConfigError("train.lr_scheduler_args: num_cycles and power must be above 0, lr_end 0 or more")
 
 
 def _refuse_unguided(entry: PromptSettings, number: int) -> None:

@@ -6,7 +6,11 @@ import importlib
 from typing import Any
 
 import torch
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import (
+    get_cosine_schedule_with_warmup,
+    get_polynomial_decay_schedule_with_warmup,
+    get_scheduler,
+)
 from torch.optim.lr_scheduler import LRScheduler
 
 from leco.config import TrainConfig
@@ -39,7 +43,9 @@ def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> tor
         ) from None
     try:
         return optimizer_class(params, lr=lr, **args)
-    except (TypeError, ValueError) as error:
+    # optimizers check their arguments in their own ways: betas: [0.9] is an IndexError in AdamW,
+    # an AssertionError in Lion
+    except (TypeError, ValueError, IndexError, KeyError, AssertionError, RuntimeError) as error:
         raise _arguments_error("train.optimizer_args", args, error, class_name) from None
 
 
@@ -53,6 +59,13 @@ def build_lr_scheduler(train: TrainConfig, optimizer: torch.optim.Optimizer) -> 
             return torch.optim.lr_scheduler.StepLR(
                 optimizer, step_size=step_size, gamma=float(args.get("gamma", 0.5))
             )
+        if name in ("cosine", "polynomial"):  # get_scheduler passes these their arguments only in part
+            make = (
+                get_cosine_schedule_with_warmup
+                if name == "cosine"
+                else get_polynomial_decay_schedule_with_warmup
+            )
+            return make(optimizer, num_warmup_steps=warmup_steps, num_training_steps=iterations, **args)
         return get_scheduler(
             name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=iterations, **args
         )
