@@ -113,3 +113,22 @@ def test_a_stray_world_size_is_one_line(monkeypatch, environment, message):
         monkeypatch.setenv(name, value)
     with pytest.raises(LecoError, match=message):
         Ranks(torch.device("cpu"))
+
+
+def test_what_can_be_refused_before_loading_is_said_once_before_any_process_starts(
+    tmp_path, tiny_folders, monkeypatch, capsys
+):
+    import leco.cli
+    from leco.cli import main
+
+    def launched(*args, **kwargs):
+        raise AssertionError("processes were started")
+
+    monkeypatch.setattr(leco.cli, "launch_processes", launched)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=2)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "fox_last.safetensors").write_bytes(b"an earlier run")  # not to be replaced
+    assert main(["train", str(config), "--num-processes", "2"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "already holds the run 'fox'" in error[0]

@@ -484,10 +484,16 @@ def run_train(args: argparse.Namespace) -> int:
         raise LecoError(f"--num-processes: {args.num_processes} is not a number of processes; use 1 or more")
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from leco.config import load_config
+        from leco.trainer import check_before_loading
 
-        load_config(config)  # its errors as one line here, not once per process
         if args.resume and not Path(args.resume).exists():
             raise LecoError(f"--resume: {args.resume} not found; pass the *_state folder a run saved")
+        try:  # its errors as one line here, not once per process
+            check_before_loading(
+                load_config(config), Path(args.resume) if args.resume else None, args.overwrite
+            )
+        except LecoError as error:
+            raise LecoError(_in_config_file(config, str(error))) from None
         _check_process_count(args.num_processes)
         return launch_processes(args.num_processes, args.words)
     try:

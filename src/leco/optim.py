@@ -31,18 +31,24 @@ _OPTIMIZERS = {
 }
 
 
-def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """train.optimizer over the trained parameters, with train.lr and train.optimizer_args."""
-    name, lr, args = train.optimizer, train.lr, train.optimizer_args
-    module_name, class_name, package = _OPTIMIZERS[name]
+def optimizer_class(train: TrainConfig) -> type[torch.optim.Optimizer]:
+    """train.optimizer's class; a package that is not installed is one line."""
+    module_name, class_name, package = _OPTIMIZERS[train.optimizer]
     try:
-        optimizer_class = getattr(importlib.import_module(module_name), class_name)
+        return getattr(importlib.import_module(module_name), class_name)
     except ImportError:
         raise LecoError(
-            f"train.optimizer: {name} needs the {package} package; pip install {package}"
+            f"train.optimizer: {train.optimizer} needs the {package} package; pip install {package}"
         ) from None
+
+
+def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """train.optimizer over the trained parameters, with train.lr and train.optimizer_args."""
+    lr, args = train.lr, train.optimizer_args
+    class_name = _OPTIMIZERS[train.optimizer][1]
+    chosen = optimizer_class(train)
     try:
-        return optimizer_class(params, lr=lr, **args)
+        return chosen(params, lr=lr, **args)
     # optimizers check their arguments in their own ways: betas: [0.9] is an IndexError in AdamW,
     # an AssertionError in Lion
     except (TypeError, ValueError, IndexError, KeyError, AssertionError, RuntimeError) as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,14 @@ def tensorboard_folder(config: LecoConfig) -> Path:
 
 
 def check_log_folder(config: LecoConfig) -> None:
-    """Before anything is loaded or replaced: the TensorBoard folder can be made where it is asked for."""
+    """Before anything is loaded or replaced: the loggers asked for are installed, and the
+    TensorBoard folder can be made where it is asked for."""
+    if config.logging.use_wandb and importlib.util.find_spec("wandb") is None:
+        raise LecoError("logging.use_wandb: wandb is not installed; pip install wandb")
     if not config.logging.use_tensorboard:
         return
+    if importlib.util.find_spec("tensorboard") is None:
+        raise LecoError("logging.use_tensorboard: tensorboard is not installed; pip install tensorboard")
     folder = tensorboard_folder(config)
     existing = nearest_existing(folder)
     if not existing.is_dir() or not os.access(existing, os.W_OK):

@@ -34,7 +34,7 @@ from leco.models import (
     training_dtype,
 )
 from leco.objectives import Predictions
-from leco.optim import Updates, non_finite_loss
+from leco.optim import Updates, non_finite_loss, optimizer_class
 from leco.preservation import TextAnchors, anchor_prompts, entries_and_anchors
 from leco.preview import preview_size, render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
@@ -55,6 +55,18 @@ class TrainResult:
     trainable: Trainable
 
 
+def check_before_loading(config: LecoConfig, resume: Path | None, overwrite: bool) -> RunFolder:
+    """All that can be refused before minutes of loading: the combination of settings, the outputs
+    (no earlier run silently replaced), the log folder and the packages asked for. The launcher of
+    a data-parallel run calls it too, so one line is said once, not once per process."""
+    config.check_combination()
+    folder = RunFolder(config.save.path, config.save.name)
+    folder.check(overwrite=overwrite, resume_source=resume, previews=bool(config.preview.prompts))
+    check_log_folder(config)
+    optimizer_class(config.train)
+    return folder
+
+
 class Trainer:
     def __init__(
         self,
@@ -65,7 +77,6 @@ class Trainer:
         overwrite: bool = False,
         models: LoadedModels | None = None,  # already loaded (benchmarks on built models); default: load
     ) -> None:
-        config.check_combination()
         self.config, self.progress = config, progress
         self.resume_source, self.overwrite = Path(resume) if resume is not None else None, overwrite
         train = config.train
@@ -75,10 +86,8 @@ class Trainer:
         self.dtype = training_dtype(self.device, train.precision)
         self.autocast = functools.partial(autocast_for, self.device, self.dtype)
         self.seed = train.seed if train.seed not in (None, -1) else random.SystemRandom().randrange(2**31)
-        self.folder = RunFolder(config.save.path, config.save.name)
-        previews = bool(config.preview.prompts)  # outputs checked before minutes of loading:
-        self.folder.check(overwrite=overwrite, resume_source=self.resume_source, previews=previews)
-        check_log_folder(config)
+        self.folder = check_before_loading(config, self.resume_source, overwrite)
+        previews = bool(config.preview.prompts)
         state = read_state(resume, config.to_json(), self.ranks.count) if resume is not None else None
         models = models or load_models(config.pretrained_model, dtype=self.dtype, with_vae=previews)
         self.models = models
