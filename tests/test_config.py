@@ -150,6 +150,7 @@ def test_inline_prompts_are_accepted(tmp_path):
             ["preview.steps:", "less than or equal to 1000"],
         ),
         (MINIMAL + "save:\n  name: '..'\n", ["save.name:", "plain file name"]),
+        (MINIMAL + f"save:\n  name: {'n' * 201}\n", ["save.name:", "is 201 bytes long; use at most 200"]),
         (
             MINIMAL + "train:\n  seed: 99999999999999999999999\n",
             ["train.seed:", "less than 9223372036854775808"],

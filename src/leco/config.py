@@ -38,6 +38,7 @@ from leco.errors import LecoError
 DEFAULT_SAMPLES_PER_ROLLOUT = 4
 # Larger sides are typos (the largest SD models draw 4096 px at most); caught before any allocation.
 MAX_SIDE = 16384
+MAX_NAME_BYTES = 200  # save.name: room for leco's suffixes and temp-file wrappers within 255 bytes
 
 _PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
 OPTIMIZERS = (
@@ -256,6 +257,11 @@ class SaveConfig(_Section):
     def _plain_name(cls, value: str) -> str:
         if not value or value.startswith(".") or any(c in value for c in '/\\:*?"<>|'):
             raise ValueError('must be a plain file name, not starting with ".", without / \\ : * ? " < > |')
+        if len(value.encode()) > MAX_NAME_BYTES:  # checked now, not when the first save fails
+            raise ValueError(
+                f"is {len(value.encode())} bytes long; use at most {MAX_NAME_BYTES} (file names add a suffix "
+                "such as _1000steps.safetensors, and file systems stop at 255)"
+            )
         return value
 
 
