@@ -1,3 +1,3 @@
-from leco.cli import main
+from leco.cli import entry
 
-raise SystemExit(main())
+entry()

@@ -861,6 +861,17 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return joined
 
 
+def entry() -> NoReturn:
+    """The `leco` command: `main`, then exit. Once main has returned every file is written, so a
+    further Ctrl-C (or TERM, HUP) has nothing left to stop: it is ignored, not raised into the
+    interpreter's exit, where it would print a traceback from an atexit callback."""
+    code = main()
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    sys.exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):  # a prompt or path the console cannot show is escaped,
         with contextlib.suppress(AttributeError, ValueError):  # not a crash after the work is done
