@@ -646,6 +646,20 @@ def test_images_an_earlier_eval_left_are_replaced_only_with_overwrite(tmp_path, 
             },
             r"spec.yaml: concept 'digit:7' is both erased and enhanced",
         ),
+        (  # the same concept, however its parts are written
+            {
+                "erase": [{"prompt": "a 7", "concept": "digit:7,ink:red"}],
+                "enhance": [{"prompt": "a 7", "concept": " ink:red, digit:7"}],
+            },
+            r"'a 7' \(digit:7,ink:red\) is listed under both erase: and enhance:",
+        ),
+        (  # kept whole elsewhere, or with more parts on the same prompt: still what erase takes away
+            {
+                "erase": [{"prompt": "a digit seven", "concept": "digit:7"}],
+                "keep": [{"prompt": "a digit seven in red ink", "concept": "digit:7,ink:red"}],
+            },
+            r"keep 'a digit seven in red ink' \(digit:7,ink:red\) asks to keep what erase 'a digit seven'",
+        ),
     ],
 )
 def test_a_spec_that_asks_for_opposites_is_one_line(tmp_path, document, message):
@@ -653,6 +667,13 @@ def test_a_spec_that_asks_for_opposites_is_one_line(tmp_path, document, message)
     path.write_text(json.dumps(document))
     with pytest.raises(ConfigError, match=message):
         load_spec(path)
+
+
+def test_erasing_red_sevens_may_keep_the_other_sevens(tmp_path):
+    path = tmp_path / "spec.yaml"
+    erase = [{"prompt": "a digit seven in red ink", "concept": "digit:7,ink:red"}]
+    path.write_text(json.dumps({"erase": erase, "keep": [{"prompt": "a digit seven", "concept": "digit:7"}]}))
+    assert [k.concept for k in load_spec(path).keep] == ["digit:7"]
 
 
 def test_an_ink_digits_concept_with_two_digits_is_refused():

@@ -153,22 +153,36 @@ def load_spec(path: str | Path) -> EvalSpec:
 
 
 def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
-    """A prompt judged as two kinds, or a concept both erased and enhanced, asks for opposites."""
-    kinds_of: dict[tuple[str, str], list[str]] = {}
+    """A prompt judged as two kinds, a concept both erased and enhanced, or a kept concept that
+    holds all of an erased one (erase digit:7, keep digit:7 or digit:7,ink:red) asks for opposites.
+    Concepts are compared as the detector reads them: ink-digits' parts in any order and spacing."""
+
+    def parts(concept: str) -> frozenset[str]:
+        if spec.detector == "ink-digits":
+            return frozenset(part.strip() for part in concept.split(","))
+        return frozenset([concept.strip().lower()])
+
+    kinds_of: dict[tuple[str, frozenset[str]], list[str]] = {}
     for kind in KINDS:
         for item in getattr(spec, kind):
-            kinds_of.setdefault((item.prompt, item.concept), []).append(kind)
+            kinds_of.setdefault((item.prompt, parts(item.concept)), []).append(kind)
     for (prompt, concept), kinds in kinds_of.items():
         if len(set(kinds)) > 1:
             raise ConfigError(
-                f"{path}: {prompt!r} ({concept}) is listed under both {kinds[0]}: and {kinds[-1]}:; "
-                "keep it under one"
+                f"{path}: {prompt!r} ({','.join(sorted(concept))}) is listed under both {kinds[0]}: and "
+                f"{kinds[-1]}:; keep it under one"
             )
-    both = {i.concept for i in spec.erase} & {i.concept for i in spec.enhance}
-    if both:
-        raise ConfigError(
-            f"{path}: concept {sorted(both)[0]!r} is both erased and enhanced; judge one of them"
-        )
+    for erased in spec.erase:
+        if parts(erased.concept) in {parts(i.concept) for i in spec.enhance}:
+            raise ConfigError(
+                f"{path}: concept {erased.concept!r} is both erased and enhanced; judge one of them"
+            )
+        for kept in spec.keep:
+            if parts(erased.concept) <= parts(kept.concept):
+                raise ConfigError(
+                    f"{path}: keep {kept.prompt!r} ({kept.concept}) asks to keep what erase "
+                    f"{erased.prompt!r} ({erased.concept}) takes away; keep another concept of it"
+                )
 
 
 def make_detector(spec: EvalSpec, models: LoadedModels) -> Detector:
