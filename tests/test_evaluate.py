@@ -646,6 +646,11 @@ def test_images_an_earlier_eval_left_are_replaced_only_with_overwrite(tmp_path, 
             },
             r"spec.yaml: concept 'digit:7' is both erased and enhanced",
         ),
+        ({"erase": [{"prompt": " ", "concept": "digit:7"}]}, r"spec.yaml: erase.1.prompt: empty"),
+        (
+            {"keep": [{"prompt": "a 7", "concept": "digit:7"}, {"prompt": "a 7", "concept": "digit:7 "}]},
+            r"'a 7' \(digit:7\) is listed twice under keep:",
+        ),
         (  # the same concept, however its parts are written
             {
                 "erase": [{"prompt": "a 7", "concept": "digit:7,ink:red"}],

@@ -164,9 +164,16 @@ def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
 
     kinds_of: dict[tuple[str, frozenset[str]], list[str]] = {}
     for kind in KINDS:
-        for item in getattr(spec, kind):
+        for number, item in enumerate(getattr(spec, kind), start=1):
+            if not item.prompt.strip():  # the model's unconditional image: it names no concept
+                raise ConfigError(f"{path}: {kind}.{number}.prompt: empty; write the prompt to judge")
             kinds_of.setdefault((item.prompt, parts(item.concept)), []).append(kind)
     for (prompt, concept), kinds in kinds_of.items():
+        if len(kinds) > len(set(kinds)):  # counted twice in the means, shown once
+            raise ConfigError(
+                f"{path}: {prompt!r} ({','.join(sorted(concept))}) is listed twice under {kinds[0]}:; "
+                "list it once"
+            )
         if len(set(kinds)) > 1:
             raise ConfigError(
                 f"{path}: {prompt!r} ({','.join(sorted(concept))}) is listed under both {kinds[0]}: and "
