@@ -246,3 +246,26 @@ def test_max_step_files_keeps_the_newest_and_zero_keeps_all(tmp_path, keep, left
     folder.prune_step_files(keep)
     assert sorted(int(p.name[4:-17]) for p in tmp_path.glob("fox_*steps.safetensors")) == left
     assert (tmp_path / "fox_last.safetensors").exists()
+
+
+def test_resume_keeps_the_stopped_weights_once_and_their_grid_beside_them(tmp_path):
+    from safetensors.torch import save_file
+
+    def saved(name: str, step: int) -> None:
+        save_file(
+            {"w": torch.full((1,), float(step))}, str(tmp_path / name), metadata={"leco.step": str(step)}
+        )
+
+    folder = RunFolder(tmp_path, "fox")
+    saved("fox_4steps.safetensors", 4)  # per_steps 4 ...
+    saved("fox_interrupted.safetensors", 4)  # ... and stopped right after step 4: the same weights
+    folder.keep_final_files(4)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["fox_4steps.safetensors"]
+    saved("fox_last.safetensors", 6)  # a finished run continued: its last file and grid become step 6's
+    (tmp_path / "previews").mkdir()
+    (tmp_path / "previews" / "fox_last.png").write_bytes(b"grid at 6")
+    folder.keep_final_files(6)
+    assert (tmp_path / "fox_6steps.safetensors").is_file() and not (
+        tmp_path / "fox_last.safetensors"
+    ).exists()
+    assert (tmp_path / "previews" / "fox_6steps.png").read_bytes() == b"grid at 6"

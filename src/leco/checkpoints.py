@@ -106,8 +106,16 @@ class RunFolder:
         it becomes that step's file, so continuing (which writes its own) does not lose them."""
         for suffix in ("last", "interrupted"):
             final, kept = self.file(suffix), self.file(f"{step}steps")
-            if final.is_file() and not kept.exists() and _saved_step(final) == step:
-                final.rename(kept)
+            if not final.is_file() or _saved_step(final) != step:
+                continue
+            if kept.exists():  # the same step's weights, saved on schedule and again on stopping
+                if suffix == "interrupted":
+                    final.unlink()
+                continue
+            final.rename(kept)
+            grid, kept_grid = self.preview_file(suffix), self.preview_file(f"{step}steps")
+            if grid.is_file() and not kept_grid.exists():  # the grid of those weights goes with them
+                grid.rename(kept_grid)
 
     def clear_replaced(self) -> None:
         """Delete what --overwrite replaces (the earlier run's files and state), before the first save."""
