@@ -20,8 +20,11 @@ from typing import Any
 
 import torch
 
+from leco.config import LecoConfig
 from leco.errors import LecoError, warn
 from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
+from leco.optim import optimizer_class
+from leco.tracking import check_log_folder
 
 STATE_FILE = "training_state.pt"
 # Parts of the config that must match for a resumed run to continue the same training.
@@ -378,3 +381,15 @@ def _release_lock(handle: Any) -> None:
         Path(handle.name).unlink(missing_ok=True)
     finally:
         handle.close()
+
+
+def check_before_loading(config: LecoConfig, resume: Path | None, overwrite: bool) -> RunFolder:
+    """All that can be refused before minutes of loading: the combination of settings, the outputs
+    (no earlier run silently replaced), the log folder and the packages asked for. The launcher of
+    a data-parallel run calls it too, so one line is said once, not once per process."""
+    config.check_combination()
+    folder = RunFolder(config.save.path, config.save.name)
+    folder.check(overwrite=overwrite, resume_source=resume, previews=bool(config.preview.prompts))
+    check_log_folder(config)
+    optimizer_class(config.train)
+    return folder

@@ -483,8 +483,8 @@ def run_train(args: argparse.Namespace) -> int:
     if args.num_processes < 1:
         raise LecoError(f"--num-processes: {args.num_processes} is not a number of processes; use 1 or more")
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from leco.checkpoints import check_before_loading
         from leco.config import load_config
-        from leco.trainer import check_before_loading
 
         if args.resume and not Path(args.resume).exists():
             raise LecoError(f"--resume: {args.resume} not found; pass the *_state folder a run saved")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from leco import objectives
-from leco.checkpoints import RunFolder, StopRequest, read_state, run_metadata
+from leco.checkpoints import StopRequest, check_before_loading, read_state, run_metadata
 from leco.conditioning import warn_if_truncated
 from leco.config import LecoConfig
 from leco.distributed import Ranks
@@ -34,7 +34,7 @@ from leco.models import (
     training_dtype,
 )
 from leco.objectives import Predictions
-from leco.optim import Updates, non_finite_loss, optimizer_class
+from leco.optim import Updates, non_finite_loss
 from leco.preservation import TextAnchors, anchor_prompts, entries_and_anchors
 from leco.preview import preview_size, render_preview
 from leco.prompts import encode_texts, prepare_prompts, prompt_texts
@@ -42,7 +42,7 @@ from leco.rollout import Rollout, SampleQueue
 from leco.step_gradients import step_gradients
 from leco.steps import Row, Step, StepQueue, one_call, owners
 from leco.teacher import teachers_of_run
-from leco.tracking import Progress, check_log_folder
+from leco.tracking import Progress
 from leco.trainable import EditedModel, Trainable, create_trainable
 
 
@@ -53,18 +53,6 @@ class TrainResult:
     steps: int
     interrupted: bool
     trainable: Trainable
-
-
-def check_before_loading(config: LecoConfig, resume: Path | None, overwrite: bool) -> RunFolder:
-    """All that can be refused before minutes of loading: the combination of settings, the outputs
-    (no earlier run silently replaced), the log folder and the packages asked for. The launcher of
-    a data-parallel run calls it too, so one line is said once, not once per process."""
-    config.check_combination()
-    folder = RunFolder(config.save.path, config.save.name)
-    folder.check(overwrite=overwrite, resume_source=resume, previews=bool(config.preview.prompts))
-    check_log_folder(config)
-    optimizer_class(config.train)
-    return folder
 
 
 class Trainer:
