@@ -265,6 +265,23 @@ def test_a_bundled_models_checkpoint_loads_back_into_leco(tmp_path, name):
     torch.testing.assert_close(baked, runtime, rtol=1e-4, atol=2e-5)
 
 
+def test_generate_samples_a_bundled_models_checkpoint_as_its_card_says(tmp_path):
+    from PIL import Image
+
+    lora = random_lora("ink-digits", tmp_path / "lora.safetensors", seed=9, config=NetworkConfig(rank=2))
+    checkpoint = merge(
+        "ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "ink.safetensors", precision="fp32"
+    )
+    assert (
+        main(
+            ["generate", "--model", str(checkpoint), "--prompt", "a digit two", "--out", str(tmp_path / "o")]
+        )
+        == 0
+    )
+    parameters = Image.open(tmp_path / "o" / "a-digit-two_0_0.png").text["parameters"]
+    assert "Steps: 25, Sampler: DDIM, CFG scale: 3, Seed: 0, Size: 16x16, Model: ink," in parameters
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (6, 5, 1, 1), (6, 5, 3, 3)])
 def test_delta_weight_equals_the_two_layers_in_a_row(shape):
     generator = torch.Generator().manual_seed(0)

@@ -791,6 +791,10 @@ def run_generate(args: argparse.Namespace) -> int:
     warn_if_distilled(args.lora, settings.guidance)
     warn_if_negative_unread(settings.guidance, settings.negative_prompt, "--negative")
     models, device = load_for_images(args)
+    if models.folder != models.source:  # a single file built with a model folder: its card applies
+        recommended = recommended_sampling(models.folder)
+        settings.steps = args.steps or recommended.steps
+        settings.guidance = args.guidance if args.guidance is not None else recommended.guidance
     paths, grid = run_generation(
         models,
         args.lora,
