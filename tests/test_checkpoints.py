@@ -259,10 +259,12 @@ def test_resume_keeps_the_stopped_weights_once_and_their_grid_beside_them(tmp_pa
     folder = RunFolder(tmp_path, "fox")
     saved("fox_4steps.safetensors", 4)  # per_steps 4 ...
     saved("fox_interrupted.safetensors", 4)  # ... and stopped right after step 4: the same weights
+    (tmp_path / "previews").mkdir()
+    (tmp_path / "previews" / "fox_interrupted.png").write_bytes(b"grid at 4")
     folder.keep_final_files(4)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["fox_4steps.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["fox_4steps.png"]
     saved("fox_last.safetensors", 6)  # a finished run continued: its last file and grid become step 6's
-    (tmp_path / "previews").mkdir()
     (tmp_path / "previews" / "fox_last.png").write_bytes(b"grid at 6")
     folder.keep_final_files(6)
     assert (tmp_path / "fox_6steps.safetensors").is_file() and not (

@@ -132,3 +132,20 @@ def test_what_can_be_refused_before_loading_is_said_once_before_any_process_star
     assert main(["train", str(config), "--num-processes", "2"]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "already holds the run 'fox'" in error[0]
+
+
+def test_a_resume_another_process_count_saved_is_refused_once_before_any_process_starts(
+    tmp_path, tiny_folders, monkeypatch, capsys
+):
+    import leco.cli
+    from leco.cli import main
+
+    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=2)
+    assert main(["train", str(config), "--no-progress"]) == 0  # one process
+    monkeypatch.setattr(leco.cli, "launch_processes", lambda *a, **k: pytest.fail("processes were started"))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    capsys.readouterr()
+    state = tmp_path / "out" / "fox_state"
+    assert main(["train", str(config), "--resume", str(state), "--num-processes", "2"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "was saved by 1 data-parallel processes" in errors[0]

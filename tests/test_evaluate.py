@@ -679,6 +679,24 @@ def test_erasing_red_sevens_may_keep_the_other_sevens(tmp_path):
     erase = [{"prompt": "a digit seven in red ink", "concept": "digit:7,ink:red"}]
     path.write_text(json.dumps({"erase": erase, "keep": [{"prompt": "a digit seven", "concept": "digit:7"}]}))
     assert [k.concept for k in load_spec(path).keep] == ["digit:7"]
+    # a targeted erasure keeps the concept on other prompts: sevens go in red, stay in blue
+    erase = [{"prompt": "a digit seven in red ink", "concept": "digit:7"}]
+    keep = [{"prompt": "a digit seven in blue ink", "concept": "digit:7"}]
+    path.write_text(json.dumps({"erase": erase, "keep": keep}))
+    assert [k.prompt for k in load_spec(path).keep] == ["a digit seven in blue ink"]
+
+
+def test_keep_all_does_not_judge_a_listed_prompt_again_however_its_concept_is_written(tmp_path):
+    from leco.evaluate import judged_prompts
+    from leco.ink_digits.judge import InkDigitsDetector
+    from leco.models import resolve_bundled
+
+    path = tmp_path / "spec.yaml"
+    listed = {"prompt": "a digit zero in red ink", "concept": "ink:red, digit:0"}
+    path.write_text(json.dumps({"erase": [{"prompt": "7", "concept": "digit:7"}], "keep": ["all", listed]}))
+    detector = InkDigitsDetector.for_model(resolve_bundled("ink-digits"))
+    prompts = [entry.prompt for entry in judged_prompts(load_spec(path), detector) if entry.kind == "keep"]
+    assert prompts.count("a digit zero in red ink") == 1 and len(prompts) > 50
 
 
 def test_an_ink_digits_concept_with_two_digits_is_refused():

@@ -455,6 +455,10 @@ def test_missing_optional_optimizer_names_the_package(tmp_path, tiny_folders, mo
         ),
         ({"lr_scheduler": "step", "lr_scheduler_args": {"step_size": 0}}, "step_size must be a whole number"),
         ({"lr_scheduler": "step", "lr_scheduler_args": {"gamma": -1}}, "gamma must be above 0"),
+        (
+            {"lr_scheduler": "polynomial", "lr": 1e-8},
+            "train.lr: 1e-08 is not above the polynomial schedule's lr_end",
+        ),
     ],
 )
 def test_optimizer_and_schedule_arguments_they_refuse_are_one_line(
@@ -482,6 +486,15 @@ def test_schedule_arguments_shape_the_curve(name, args):
         return lrs
 
     assert curve(args) != curve({})  # diffusers' get_scheduler would drop these
+
+
+def test_arguments_of_a_schedule_that_reads_none_are_ignored_as_the_note_says():
+    from leco.config import TrainConfig
+    from leco.optim import build_lr_scheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    train = TrainConfig(lr=1e-3, iterations=10, lr_scheduler="linear", lr_scheduler_args={"gama": 0.5})
+    build_lr_scheduler(train, optimizer)  # diffusers would refuse the keyword after the model loaded
 
 
 def test_lora_weights_stay_fp32_under_bf16(tmp_path, tiny_folders):

@@ -111,12 +111,14 @@ class RunFolder:
             final, kept = self.file(suffix), self.file(f"{step}steps")
             if not final.is_file() or _saved_step(final) != step:
                 continue
+            grid, kept_grid = self.preview_file(suffix), self.preview_file(f"{step}steps")
             if kept.exists():  # the same step's weights, saved on schedule and again on stopping
                 if suffix == "interrupted":
                     final.unlink()
+                    if grid.is_file():  # its grid too: the step's own, or else it becomes the step's
+                        grid.unlink() if kept_grid.exists() else grid.rename(kept_grid)
                 continue
             final.rename(kept)
-            grid, kept_grid = self.preview_file(suffix), self.preview_file(f"{step}steps")
             if grid.is_file() and not kept_grid.exists():  # the grid of those weights goes with them
                 grid.rename(kept_grid)
 

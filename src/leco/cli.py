@@ -483,18 +483,19 @@ def run_train(args: argparse.Namespace) -> int:
     if args.num_processes < 1:
         raise LecoError(f"--num-processes: {args.num_processes} is not a number of processes; use 1 or more")
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
-        from leco.checkpoints import check_before_loading
+        from leco.checkpoints import check_before_loading, read_state
         from leco.config import load_config
 
         if args.resume and not Path(args.resume).exists():
             raise LecoError(f"--resume: {args.resume} not found; pass the *_state folder a run saved")
+        _check_process_count(args.num_processes)  # before anything is made on disk
         try:  # its errors as one line here, not once per process
-            check_before_loading(
-                load_config(config), Path(args.resume) if args.resume else None, args.overwrite
-            )
+            loaded = load_config(config)
+            check_before_loading(loaded, Path(args.resume) if args.resume else None, args.overwrite)
+            if args.resume:  # a state of another run, config or process count
+                read_state(args.resume, loaded.to_json(), args.num_processes)
         except LecoError as error:
             raise LecoError(_in_config_file(config, str(error))) from None
-        _check_process_count(args.num_processes)
         return launch_processes(args.num_processes, args.words)
     try:
         result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -788,13 +789,13 @@ def run_generate(args: argparse.Namespace) -> int:
         args.batch_size,
     )
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
-    warn_if_distilled(args.lora, settings.guidance)
-    warn_if_negative_unread(settings.guidance, settings.negative_prompt, "--negative")
     models, device = load_for_images(args)
     if models.folder != models.source:  # a single file built with a model folder: its card applies
         recommended = recommended_sampling(models.folder)
         settings.steps = args.steps or recommended.steps
         settings.guidance = args.guidance if args.guidance is not None else recommended.guidance
+    warn_if_distilled(args.lora, settings.guidance)
+    warn_if_negative_unread(settings.guidance, settings.negative_prompt, "--negative")
     paths, grid = run_generation(
         models,
         args.lora,

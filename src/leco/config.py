@@ -611,7 +611,7 @@ class LecoConfig(_Section):
                 "prompts: every entry has weight 0, so the loss is 0 and nothing would be trained; "
                 "give at least one entry a weight above 0 (1 is the default)"
             )
-        _check_schedule_args(self.train.lr_scheduler, self.train.lr_scheduler_args)
+        _check_schedule_args(self.train.lr_scheduler, self.train.lr_scheduler_args, self.train.lr)
         if self.train.method == "closed_form":
             if self.network.type != "lierla" or self.network.training_method in PRESETS_WITHOUT_KEYS_VALUES:
                 raise ConfigError(
@@ -704,7 +704,7 @@ class LecoConfig(_Section):
                     )
 
 
-def _check_schedule_args(name: str, args: dict[str, Any]) -> None:
+def _check_schedule_args(name: str, args: dict[str, Any], lr: float) -> None:
     """A key the schedule does not read (a typo such as `gama`), or a value that breaks it, is one
     line; diffusers' own schedules would drop the first silently."""
     allowed = LR_SCHEDULER_ARGS.get(name)
@@ -725,6 +725,11 @@ def _check_schedule_args(name: str, args: dict[str, Any]) -> None:
         raise ConfigError("train.lr_scheduler_args: gamma must be above 0 (the lr is multiplied by it)")
     if args.get("num_cycles", 1) <= 0 or args.get("power", 1) <= 0 or args.get("lr_end", 0) < 0:
         raise ConfigError("train.lr_scheduler_args: num_cycles and power must be above 0, lr_end 0 or more")
+    if name == "polynomial" and lr <= args.get("lr_end", 1e-7):  # diffusers' default end
+        raise ConfigError(
+            f"train.lr: {lr:g} is not above the polynomial schedule's lr_end ({args.get('lr_end', 1e-7):g}), "
+            "where it decays to; raise train.lr or set a lower lr_scheduler_args.lr_end"
+        )
 
 
 def _refuse_unguided(entry: PromptSettings, number: int) -> None:

@@ -10,6 +10,7 @@ several seeds) are judged on the same images of the plain model and the same see
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -152,15 +153,19 @@ def load_spec(path: str | Path) -> EvalSpec:
     return spec
 
 
+def concept_parts(detector: str, concept: str) -> frozenset[str]:
+    """A concept as the detector reads it: ink-digits' parts in any order and spacing; other
+    detectors' text, in any case."""
+    if detector == "ink-digits":
+        return frozenset(part.strip() for part in concept.split(","))
+    return frozenset([concept.strip().lower()])
+
+
 def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
     """A prompt judged as two kinds, a concept both erased and enhanced, or a kept concept that
     holds all of an erased one (erase digit:7, keep digit:7 or digit:7,ink:red) asks for opposites.
     Concepts are compared as the detector reads them: ink-digits' parts in any order and spacing."""
-
-    def parts(concept: str) -> frozenset[str]:
-        if spec.detector == "ink-digits":
-            return frozenset(part.strip() for part in concept.split(","))
-        return frozenset([concept.strip().lower()])
+    parts = functools.partial(concept_parts, spec.detector)
 
     kinds_of: dict[tuple[str, frozenset[str]], list[str]] = {}
     for kind in KINDS:
@@ -184,8 +189,8 @@ def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
             raise ConfigError(
                 f"{path}: concept {erased.concept!r} is both erased and enhanced; judge one of them"
             )
-        for kept in spec.keep:
-            if parts(erased.concept) <= parts(kept.concept):
+        for kept in spec.keep:  # the same image judged both ways (other prompts may keep it: red vs blue)
+            if kept.prompt == erased.prompt and parts(erased.concept) <= parts(kept.concept):
                 raise ConfigError(
                     f"{path}: keep {kept.prompt!r} ({kept.concept}) asks to keep what erase "
                     f"{erased.prompt!r} ({erased.concept}) takes away; keep another concept of it"
@@ -227,7 +232,7 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
         for i in getattr(spec, kind)
     ]
     if spec.keep_all:
-        listed = {(item.prompt, item.concept) for item in spec.keep}
+        listed = {(item.prompt, concept_parts(spec.detector, item.concept)) for item in spec.keep}
         touched = [item.concept for item in spec.erase + spec.enhance]
         with _named_by(spec):
             whole = dict(detector.concept_universe([]))  # each prompt's concept with nothing left out
@@ -235,7 +240,7 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
         entries += [
             JudgedPrompt("keep", prompt, concept, names_edit=whole.get(prompt, concept) != concept)
             for prompt, concept in universe
-            if (prompt, concept) not in listed
+            if (prompt, concept_parts(spec.detector, concept)) not in listed
         ]
         if not any(entry.kind == "keep" for entry in entries):
             raise LecoError(

@@ -13,7 +13,7 @@ from diffusers.optimization import (
 )
 from torch.optim.lr_scheduler import LRScheduler
 
-from leco.config import TrainConfig
+from leco.config import LR_SCHEDULER_ARGS, TrainConfig
 from leco.errors import LecoError
 
 # name -> (module, class, pip package that provides it)
@@ -58,6 +58,8 @@ def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> tor
 def build_lr_scheduler(train: TrainConfig, optimizer: torch.optim.Optimizer) -> LRScheduler:
     """diffusers' schedules by name; `step` is torch's StepLR (decay by gamma every step_size)."""
     name, iterations, args = train.lr_scheduler, train.iterations, train.lr_scheduler_args
+    if name not in LR_SCHEDULER_ARGS:  # reads none: the config's note says they are ignored
+        args = {}
     warmup_steps = train.lr_warmup_steps
     try:
         if name == "step":
