@@ -213,25 +213,20 @@ def _lora_file(text: str) -> str:
 
 def _lora_or_embedding_file(text: str) -> str:
     """eval's --lora: a LoRA, or a negative embedding (judged with its token in the negative prompt)."""
+    from leco.config import typed_float
     from leco.generate import is_embedding_file, read_embedding
 
     if is_embedding_file(text):
         return str(_checked(read_embedding)(text).path)
     path, colon, strength = text.rpartition(":")
-    if colon and not Path(text).exists() and Path(path).is_file() and _is_number(strength):
-        raise argparse.ArgumentTypeError(
-            f"{text}: eval takes no strength after the file; it judges each LoRA at the spec's "
-            f"strengths: [...] (give --lora {path})"
-        )
+    if colon and not Path(text).exists() and Path(path).is_file():
+        with contextlib.suppress(ValueError):  # not a number: the path as written, judged below
+            typed_float(strength)  # FILE:0.5, as merge takes it
+            raise argparse.ArgumentTypeError(
+                f"{text}: eval takes no strength after the file; it judges each LoRA at the spec's "
+                f"strengths: [...] (give --lora {path})"
+            )
     return _lora_file(text)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _sampler(text: str) -> str:
@@ -696,17 +691,16 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                 "give it once"
             )
     judged = {read_embedding(lora).token: lora for lora in lora_options if is_embedding_file(lora)}
+    embeddings = [read_embedding(*parse_embedding_option(option)) for option in options]
     seen: dict[str, Path] = {}
-    for option in options:
-        embedding = read_embedding(*parse_embedding_option(option))
+    for embedding in embeddings:
         if embedding.token in seen:  # said before the model loads, and before any other note
             raise LecoError(
                 f"--embedding: {embedding.path} and {seen[embedding.token]} both use the token "
                 f"{embedding.token!r}; name one of them: --embedding {embedding.path}:NEW_TOKEN"
             )
         seen[embedding.token] = embedding.path
-    for option in options:
-        embedding = read_embedding(*parse_embedding_option(option))
+    for embedding in embeddings:
         if embedding.token in judged:  # eval adds a --lora embedding's token to the negative prompt
             raise LecoError(
                 f"--embedding: {embedding.path}: its token {embedding.token!r} is also the token of --lora "

@@ -1059,10 +1059,9 @@ def describe_validation_error(
         key = tuple(loc[:form])
         # a list given for a key that takes a list: the list form's error says which item is wrong
         inside_list = str(loc[form]).startswith("list[") and len(loc) > form + 1
-        if key not in by_key or (inside_list and "inside_list" not in by_key[key]):
+        kept = by_key.get(key)
+        if kept is None or (inside_list and len(kept["loc"]) == len(key)):  # kept names no item yet
             by_key[key] = {**item, "loc": (*key, *loc[form + 1 :]) if inside_list else key}
-            if inside_list:
-                by_key[key]["inside_list"] = True
     return "\n".join(f"{path}: {prefix}{_problem(item, model)}" for item in by_key.values())
 
 

@@ -184,8 +184,9 @@ def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
                 f"{path}: {prompt!r} ({','.join(sorted(concept))}) is listed under both {kinds[0]}: and "
                 f"{kinds[-1]}:; keep it under one"
             )
+    enhanced = {parts(i.concept) for i in spec.enhance}
     for erased in spec.erase:
-        if parts(erased.concept) in {parts(i.concept) for i in spec.enhance}:
+        if parts(erased.concept) in enhanced:
             raise ConfigError(
                 f"{path}: concept {erased.concept!r} is both erased and enhanced; judge one of them"
             )

@@ -264,7 +264,7 @@ def generate(
     size = images_per_call(pipe, settings)
     height, width = image_size(pipe, settings)
     _check_step_count(pipe.scheduler, settings.steps)
-    negative = settings.negative_prompt
+    (negative,) = with_tokens_in_their_case(pipe, [settings.negative_prompt])
     with tqdm(total=len(requests), desc="images", disable=not progress, dynamic_ncols=True) as bar:
         for batch in strength_batches(requests, size):
             set_strength(batch[0].strength)
@@ -273,7 +273,7 @@ def generate(
                 # "" given, not None: SDXL pipelines replace a missing negative prompt by zeros, where
                 # training reads the encoded "" as the unconditional prediction (as ComfyUI's empty
                 # text does); SD1/SD2 pipelines encode "" for None anyway
-                negative_prompt=with_tokens_in_their_case(pipe, [negative]) * len(batch),
+                negative_prompt=[negative] * len(batch),
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 height=height,

@@ -25,7 +25,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from leco.config import PretrainedModelConfig
 from leco.errors import LecoError, warn
-from leco.files import load_torch_file, path_exists
+from leco.files import load_torch_file, path_exists, safetensors_metadata
 
 CONFIG_ROOT = Path(__file__).parent / "model_configs"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -445,9 +445,15 @@ def arch_from_unet_config(config: dict[str, Any]) -> Arch:
 
 
 def _load_single_file(
-    path: Path, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool, names: OptionNames
+    path: Path,
+    spec: PretrainedModelConfig,
+    dtype: torch.dtype,
+    with_vae: bool,
+    names: OptionNames,
+    checkpoint: dict[str, torch.Tensor] | None = None,  # already read (a bundled layout's second try)
 ) -> LoadedModels:
-    checkpoint = read_checkpoint(path, allow_pickle=spec.allow_pickle, names=names)
+    if checkpoint is None:
+        checkpoint = read_checkpoint(path, allow_pickle=spec.allow_pickle, names=names)
     arch = arch_from_checkpoint(checkpoint, path)
     config_dir = str(resolve_bundled(spec.config)) if spec.config else str(CONFIG_ROOT / arch)
     quiet = {"config": config_dir, "local_files_only": True}
@@ -461,7 +467,7 @@ def _load_single_file(
         bundled = None if spec.config else _bundled_layout(checkpoint, unet_dtype)
         if bundled is not None:  # a checkpoint `leco merge` wrote from a bundled model
             spec = spec.model_copy(update={"config": bundled})
-            return _load_single_file(path, spec, dtype, with_vae, names)
+            return _load_single_file(path, spec, dtype, with_vae, names, checkpoint)
         with_config = f" (or with {names.config})" if names.config else ""
         raise LecoError(
             f"{path}: the UNet weights do not match the {arch} architecture ({_first_line(error)}); a "
@@ -515,8 +521,6 @@ def _stated_v_prediction(path: Path) -> bool | None:
     says. Other writers' word is not taken: kohya's merge labels every SD2 model "v"."""
     if path.suffix.lower() != ".safetensors":
         return None
-    from leco.files import safetensors_metadata
-
     metadata = safetensors_metadata(path)
     if "leco.merge" not in metadata:
         return None

@@ -45,14 +45,13 @@ def optimizer_class(train: TrainConfig) -> type[torch.optim.Optimizer]:
 def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """train.optimizer over the trained parameters, with train.lr and train.optimizer_args."""
     lr, args = train.lr, train.optimizer_args
-    class_name = _OPTIMIZERS[train.optimizer][1]
     chosen = optimizer_class(train)
     try:
         return chosen(params, lr=lr, **args)
     # optimizers check their arguments in their own ways: betas: [0.9] is an IndexError in AdamW,
     # an AssertionError in Lion
     except (TypeError, ValueError, IndexError, KeyError, AssertionError, RuntimeError) as error:
-        raise _arguments_error("train.optimizer_args", args, error, class_name) from None
+        raise _arguments_error("train.optimizer_args", args, error, chosen.__name__) from None
 
 
 def build_lr_scheduler(train: TrainConfig, optimizer: torch.optim.Optimizer) -> LRScheduler:
