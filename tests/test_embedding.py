@@ -130,6 +130,12 @@ def test_a_token_inside_words_is_refused(tmp_path, tiny_folders):
     config = embedding_config(tiny_folders["sd1"], tmp_path, token="ox")  # "fox" in the run's own prompts
     with pytest.raises(ConfigError, match=r"network.token: 'ox' is inside the word 'fox' of prompts entry 1"):
         config.check_combination()
+    # Next to punctuation a bracketed token is still a word of its own, as the tokenizer reads it.
+    config = embedding_config(tiny_folders["sd1"], tmp_path, token="<no-fox>")
+    config.preview.prompts = ["a photo of a fox, (<no-fox>:1.2)"]
+    config.check_combination()
+    config.preview.prompts = ["a photo of a Fox2<no-fox>"]
+    config.check_combination()
 
 
 def test_an_init_text_holding_the_token_is_refused(tmp_path, tiny_folders):

@@ -676,7 +676,8 @@ def run_eval(args: argparse.Namespace) -> int:
 def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequence[str] = ()) -> None:
     """Missing or damaged embedding files stop the run now, not after the model has loaded; one whose
     token no prompt uses is pointed out (a typo in the token draws as plain words)."""
-    from leco.generate import is_embedding_file, parse_embedding_option, read_embedding
+    from leco.config import word_around
+    from leco.generate import is_embedding_file, parse_embedding_option, read_embedding, refuse_shared_tokens
 
     given = [(path.resolve(), token) for path, token in map(parse_embedding_option, options)]
     for (path, token), option in zip(given, options, strict=True):
@@ -692,14 +693,8 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
             )
     judged = {read_embedding(lora).token: lora for lora in lora_options if is_embedding_file(lora)}
     embeddings = [read_embedding(*parse_embedding_option(option)) for option in options]
-    seen: dict[str, Path] = {}
-    for embedding in embeddings:
-        if embedding.token in seen:  # said before the model loads, and before any other note
-            raise LecoError(
-                f"--embedding: {embedding.path} and {seen[embedding.token]} both use the token "
-                f"{embedding.token!r}; name one of them: --embedding {embedding.path}:NEW_TOKEN"
-            )
-        seen[embedding.token] = embedding.path
+    refuse_shared_tokens(embeddings)  # said before the model loads, and before any other note
+    tokens = [embedding.token for embedding in embeddings]
     for embedding in embeddings:
         if embedding.token in judged:  # eval adds a --lora embedding's token to the negative prompt
             raise LecoError(
@@ -708,7 +703,7 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                 f"--embedding {embedding.path}:NEW_TOKEN"
             )
         for text in texts:
-            word = _word_around(text.lower(), embedding.token, [*seen, *judged])
+            word = word_around(text.lower(), embedding.token, [*tokens, *judged])
             if word is not None:
                 raise LecoError(
                     f"--embedding {embedding.path}: its token {embedding.token!r} is inside the word "
@@ -728,22 +723,6 @@ def _model_name(model: str) -> str:
 
     path = Path(model)
     return path.stem if path.suffix.lower() in CHECKPOINT_SUFFIXES else path.name
-
-
-def _word_around(text: str, token: str, tokens: Sequence[str] = ()) -> str | None:
-    """The word `token` sits inside in `text` ("igi" in "digit"), if any: a tokenizer matches an
-    added token anywhere, so that word would be read as pieces and the token. Inside a longer
-    loaded token it is no word (the tokenizer takes the longest: easynegativev2, not easynegative)."""
-    for longer in tokens:
-        if token in longer and longer != token:
-            text = text.replace(longer, " " * len(longer))
-    for match in re.finditer(re.escape(token), text):
-        start, end = match.span()
-        joined_before = start > 0 and text[start - 1].isalnum() and token[0].isalnum()
-        joined_after = end < len(text) and text[end].isalnum() and token[-1].isalnum()
-        if joined_before or joined_after:
-            return re.search(r"\w*$", text[:start]).group() + token + re.match(r"\w*", text[end:]).group()
-    return None
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -696,12 +696,28 @@ class LecoConfig(_Section):
         texts += [("anchors.prompts", t) for t in self.anchors.prompts if self.anchors.prompts != "auto"]
         texts += [("preview.prompts", t) for t in self.preview.prompts]
         for where, text in texts:
-            for word in text.split():
-                if token in word and word.strip(",.;:!?()[]{}'\"") != token:
-                    raise ConfigError(
-                        f"network.token: {token!r} is inside the word {word!r} of {where}, where a "
-                        f"tokenizer reads it too; choose a token no word contains, e.g. '<{token}>'"
-                    )
+            word = word_around(text.lower(), token)
+            if word is not None:
+                raise ConfigError(
+                    f"network.token: {token!r} is inside the word {word!r} of {where}, where a "
+                    f"tokenizer reads it too; choose a token no word contains, e.g. '<{token}>'"
+                )
+
+
+def word_around(text: str, token: str, longer_tokens: Sequence[str] = ()) -> str | None:
+    """The word `token` sits inside in `text` ("igi" in "digit"), if any: a tokenizer matches an
+    added token anywhere, so that word would be read as pieces and the token. Inside a longer
+    added token it is no word (the tokenizer takes the longest: easynegativev2, not easynegative)."""
+    for longer in longer_tokens:
+        if token in longer and longer != token:
+            text = text.replace(longer, " " * len(longer))
+    for match in re.finditer(re.escape(token), text):
+        start, end = match.span()
+        joined_before = start > 0 and text[start - 1].isalnum() and token[0].isalnum()
+        joined_after = end < len(text) and text[end].isalnum() and token[-1].isalnum()
+        if joined_before or joined_after:
+            return re.search(r"\w*$", text[:start]).group() + token + re.match(r"\w*", text[end:]).group()
+    return None
 
 
 def _check_schedule_args(name: str, args: dict[str, Any], lr: float) -> None:

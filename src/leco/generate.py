@@ -721,7 +721,6 @@ def _text_encoders(pipe: DiffusionPipeline) -> list[tuple]:
 
 def _check_embeddings(embeddings: list[Embedding], pairs: list[tuple]) -> None:
     """Each problem as one line naming the file, before anything is loaded."""
-    seen: dict[str, Path] = {}
     for embedding in embeddings:
         path, token, option = embedding.path, embedding.token, embedding.option
         if len(embedding.vectors) != len(pairs):
@@ -740,12 +739,19 @@ def _check_embeddings(embeddings: list[Embedding], pairs: list[tuple]) -> None:
                     f"{option}: {path}: the token {token!r} is already a word of this model's tokenizer; "
                     f"name another one: {option} {path}:NEW_TOKEN"
                 )
-        if token in seen:
+    refuse_shared_tokens(embeddings)
+
+
+def refuse_shared_tokens(embeddings: list[Embedding]) -> None:
+    """Two files under one token: the second would silently replace the first."""
+    seen: dict[str, Path] = {}
+    for embedding in embeddings:
+        if embedding.token in seen:
             raise LecoError(
-                f"--embedding: {path} and {seen[token]} both use the token {token!r}; "
-                f"name one of them: --embedding {path}:NEW_TOKEN"
+                f"--embedding: {embedding.path} and {seen[embedding.token]} both use the token "
+                f"{embedding.token!r}; name one of them: --embedding {embedding.path}:NEW_TOKEN"
             )
-        seen[token] = path
+        seen[embedding.token] = embedding.path
 
 
 def _is_known_word(tokenizer, tokens: list[str]) -> bool:
