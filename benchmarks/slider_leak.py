@@ -15,6 +15,7 @@ The slider's own ends: "a digit five" drawn red at +1 and blue at -1 (16 image s
 usage: OMP_NUM_THREADS=1 python benchmarks/slider_leak.py [--recipes default,anchors] [--seeds 0,1,2]
            [--set network.rank=16 ...]   (every recipe's config, changed)
            [--config examples/ink-digits/slider_red_blue_ai_toolkit.yaml --recipes default]
+           [--slider 3,green,orange]   (the same recipes aimed at another digit and pair of inks)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import argparse
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,8 +62,9 @@ KINDS = ("digit+ink", "digit only", "ink only", "five + other ink")
 def prompts() -> list[tuple[str, str]]:
     """(prompt, kind) of every untargeted prompt, and the slider's own ("own")."""
     others = [d for d in range(10) if d != TARGET]
+    third = next(ink for ink in ("green", *INK_NAMES_OF_MODEL) if ink not in (PLUS, MINUS))
     cases = [
-        (f"a digit {DIGIT_WORDS[d]} in {ink} ink", KINDS[0]) for d in others for ink in ("green", PLUS, MINUS)
+        (f"a digit {DIGIT_WORDS[d]} in {ink} ink", KINDS[0]) for d in others for ink in (third, PLUS, MINUS)
     ]
     cases += [(f"a digit {DIGIT_WORDS[d]}", KINDS[1]) for d in others]
     cases += [(f"{ink} ink", KINDS[2]) for ink in INK_NAMES_OF_MODEL]
@@ -219,8 +222,22 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
 }
 
 
+def aim(config) -> None:
+    """The example's words for its digit and inks replaced by --slider's, in every prompt text."""
+    words = {DIGIT_WORDS[5]: DIGIT_WORDS[TARGET], "5": str(TARGET), "red": PLUS, "blue": MINUS}
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
+    for entry in config.prompts:
+        for role in ("target", "positive", "unconditional", "neutral"):
+            value = getattr(entry, role)
+            if isinstance(value, str):
+                setattr(entry, role, pattern.sub(lambda m: words[m.group()], value))
+            elif value:
+                setattr(entry, role, [pattern.sub(lambda m: words[m.group()], text) for text in value])
+
+
 def configure(recipe: str, seed: int, out: Path, changes: list[str] = (), base: Path = EXAMPLE):
     config = load_config(base)
+    aim(config)
     config.train.seed, config.save.path, config.save.per_steps = seed, str(out), 10**9
     config.preview.prompts = []
     for change in RECIPES[recipe]:
@@ -270,6 +287,7 @@ def targets_drawn(models, judge: InkDigitsJudge) -> str:
     """What each end's training target draws when sampled as the conditional prediction itself (no
     LoRA; guidance 3 against ""): whether a weak end is the target's fault or the fit's."""
     pipe, config = build_pipeline(models), load_config(EXAMPLE)
+    aim(config)
     encoder = PromptEncoder(models)
     seeds, parts = list(range(1000, 1000 + OWN_IMAGES)), []
     channels, side = models.unet.config.in_channels, models.resolution // models.vae_scale_factor
@@ -344,6 +362,17 @@ def measure(
     }
 
 
+def aim_at(parser: argparse.ArgumentParser, text: str) -> None:
+    global TARGET, PLUS, MINUS
+    parts = text.split(",")
+    inks = INK_NAMES_OF_MODEL
+    if len(parts) != 3 or not parts[0].isdigit() or int(parts[0]) > 9 or not set(parts[1:]) <= set(inks):
+        parser.error(f"--slider: give a digit and two of the inks {', '.join(inks)}, e.g. 3,green,orange")
+    if parts[1] == parts[2]:
+        parser.error("--slider: the two ends need two different inks")
+    TARGET, PLUS, MINUS = int(parts[0]), parts[1], parts[2]
+
+
 def main() -> None:
     quiet_libraries()
     parser = argparse.ArgumentParser(
@@ -357,6 +386,13 @@ def main() -> None:
         help="the red/blue slider config each recipe changes (any file leco train reads: e.g. the kohya "
         "TOML or ai-toolkit job examples); default: the slider example",
     )
+    parser.add_argument(
+        "--slider",
+        default="5,red,blue",
+        metavar="DIGIT,PLUS_INK,MINUS_INK",
+        help="the digit and the inks of the two ends (default 5,red,blue: the example's); the config's "
+        "prompts are rewritten for them",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--images", type=positive_int, default=8, help="images per prompt and strength")
     parser.add_argument(
@@ -369,6 +405,7 @@ def main() -> None:
         "what each end's training target draws",
     )
     args = parser.parse_args()
+    aim_at(parser, args.slider)
     seeds = seed_list(parser, args.seeds)
     recipes = known_names(parser, "--recipes", args.recipes, RECIPES)
     try:
@@ -379,9 +416,11 @@ def main() -> None:
     models = load_models("ink-digits", with_vae=True)
     changed = f"; --set {' '.join(args.set)}" if args.set else ""
     changed += f"; config {args.config.name}" if args.config != EXAMPLE else ""
+    if args.slider != "5,red,blue":
+        changed += f"; slider on {DIGIT_WORDS[TARGET]}: {PLUS} at +1, {MINUS} at -1"
     print(f"changed at +-1 vs 0 (same seed), mean over strengths and training seeds {seeds}; ", end="")
     print(f"own ends: worst{changed}")
-    header = ["recipe", *KINDS, "all untargeted (worst)", "red at +1", "blue at -1", "train s"]
+    header = ["recipe", *KINDS, "all untargeted (worst)", f"{PLUS} at +1", f"{MINUS} at -1", "train s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     with tempfile.TemporaryDirectory() as folder:

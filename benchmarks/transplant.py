@@ -142,6 +142,10 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     "example+rank16": [_set("network.rank", 16), _set("network.alpha", 16.0)],
     "example+number2x+rank16": [_doubled("number"), _set("network.rank", 16), _set("network.alpha", 16.0)],
     "example+number2x+3200": [_doubled("number"), _set("train.iterations", 3200)],
+    # The other words' keys and values left free: teal's "number" phrasing may read too close to blue.
+    "example+no-text": [_set("anchors.text_weight", 0.0)],
+    # The lr decayed to 0 by the last step (the change that lifted every seed of the distillation).
+    "example+cosine": [_set("train.lr_scheduler", "cosine")],
     "example+weight2.5+anchor-rollouts": [_set("anchors.weight", 2.5), _set("anchors.rollouts", True)],
     "previous": PREVIOUS,
     "previous+800": [*PREVIOUS, EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags
