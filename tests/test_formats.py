@@ -7,6 +7,11 @@ import string
 import threading
 from pathlib import Path
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
 import pytest
 import torch
 import yaml
@@ -106,6 +111,17 @@ def test_kohya_slider_targets_expand_into_kohyas_entries_with_signs():
     ]
     assert {(e.target, e.positive, e.unconditional) for e in entries[10:]} == {("", "high detail", "")}
     assert len(entries) == 18
+
+
+@pytest.mark.parametrize("name", ["kohya_prompts.toml", "kohya_slider.toml", "kohya_slider_table.toml"])
+def test_kohya_tables_written_as_yaml_read_as_the_toml(tmp_path, name):
+    # kohya's docs once showed its prompt files as YAML: the same tables give the same entries
+    tables = tomllib.loads((DATA / name).read_text())
+    for neutral_file in ("kohya_neutrals.txt", "kohya_more_neutrals.txt"):
+        (tmp_path / neutral_file).write_text((DATA / neutral_file).read_text())
+    path = tmp_path / "prompts.yaml"
+    path.write_text(yaml.safe_dump(tables))
+    assert load_prompts(path) == load_prompts(DATA / name)
 
 
 def test_kohya_file_level_neutral_lists_are_joined_in_order():
@@ -365,18 +381,18 @@ def test_ai_toolkit_targets_become_kohyas_four_pairs_at_guidance_one(ai_toolkit_
     eyes = "person", "person with huge eyes", "person with tiny eyes"
     face = "a face", "a face, wide open eyes"
     expected = set()
-    for neutral in ("a photo", "a painting"):  # the lines of slider.prompt_file
-        for size in (16, (16, 24)):  # slider.resolutions, each [height, width]
-            expected |= {(*row, size, 0.8) for row in slider_rows(*eyes, neutral, 1.0)}
-            expected |= {
-                (*face, "", neutral, "enhance", 1.0, size, 1.0),
-                (*face, "", neutral, "erase", -1.0, size, 1.0),
-            }
+    # The neutral is "" whatever slider.prompt_file holds: ai-toolkit's loop predicts it from "".
+    for size in (16, (16, 24)):  # slider.resolutions, each [height, width]
+        expected |= {(*row, size, 0.8) for row in slider_rows(*eyes, "", 1.0)}
+        expected |= {
+            (*face, "", "", "enhance", 1.0, size, 1.0),
+            (*face, "", "", "erase", -1.0, size, 1.0),
+        }
     got = [(*fields(e, *POLES), e.resolution, e.weight) for e in entries]
-    assert len(expected) == 24 and set(got) == expected
+    assert len(expected) == 12 and set(got) == expected
     # batch_full_slide (ai-toolkit's default) trains a target a step: the one-pole target's two
     # pairs are listed twice, so both targets get as many of leco's evenly dealt steps
-    assert [e.target for e in entries].count("person") == [e.target for e in entries].count("a face") == 16
+    assert [e.target for e in entries].count("person") == [e.target for e in entries].count("a face") == 8
     # the batch is train.batch_size, the default of every entry (which names none)
     assert {(e.guidance_scale, e.batch_size) for e in entries} == {(1.0, None)}
 
@@ -389,7 +405,70 @@ def test_ai_toolkit_pair_at_a_time_gives_each_pair_one_entry(ai_toolkit_env, tmp
         )
     )
     entries = load_config(path).prompts
-    assert len(entries) == 24 and [e.target for e in entries].count("a face") == 8
+    assert len(entries) == 12 and [e.target for e in entries].count("a face") == 4
+
+
+def test_ai_toolkit_prompt_file_lines_are_read_and_said_to_change_nothing(ai_toolkit_env, capsys):
+    load_config(DATA / "ai_toolkit_slider.yaml")
+    assert (
+        "slider.prompt_file: its lines change nothing in ai-toolkit's slider loop" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "check"),
+    [
+        # ai-toolkit's get_torch_dtype spellings of fp32
+        ("dtype: fp32", "dtype: float", lambda c: c.train.precision == "fp32"),
+        ("dtype: fp32", "dtype: single", lambda c: c.train.precision == "fp32"),
+        ("dtype: float16", "dtype: float", lambda c: c.save.precision == "fp32"),
+        # keys the slider loop never reads, at any value, and no-op values of others
+        ("noise_offset: 0.0", "noise_offset: 0.0\n        timestep_type: linear", lambda c: True),
+        ("noise_offset: 0.0", "noise_offset: 0.0\n        cache_text_embeddings: true", lambda c: True),
+        ("is_xl: false", "is_xl: false\n        quantize: false", lambda c: True),
+        (
+            'lr_scheduler: "cosine"',
+            'lr_scheduler: "cosine"\n        lr_scheduler_params: {eta_min: 0}',
+            lambda c: True,
+        ),
+        ("    - type: slider\n", "    - type: slider\n      trigger_word: null\n", lambda c: True),
+    ],
+)
+def test_ai_toolkit_accepts_what_changes_nothing_in_its_slider_loop(ai_toolkit_env, old, new, check):
+    path = ai_toolkit_env / "job.yaml"
+    path.write_text(edit((DATA / "ai_toolkit_slider.yaml").read_text(), old, new))
+    assert check(load_config(path))
+
+
+def test_ai_toolkit_anchor_multipliers_are_accepted_and_said_unused(ai_toolkit_env, capsys):
+    path = ai_toolkit_env / "job.yaml"
+    text = edit(
+        (DATA / "ai_toolkit_slider.yaml").read_text(), "multiplier: 1.0\nmeta", "multiplier: 0.2\nmeta"
+    )
+    path.write_text(text)
+    assert load_config(path).anchors.prompts == ["a house"]
+    assert "slider.anchors[0].multiplier: 0.2 is not used" in capsys.readouterr().err
+
+
+def test_ai_toolkit_log_dir_without_tensorboard_warns_and_trains_unlogged(
+    ai_toolkit_env, monkeypatch, capsys
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    path = ai_toolkit_env / "job.yaml"
+    path.write_text(
+        edit(
+            (DATA / "ai_toolkit_slider.yaml").read_text(),
+            "  device: cpu\n",
+            "  device: cpu\n  log_dir: logs\n",
+        )
+    )
+    assert load_config(path).logging.use_tensorboard is False
+    assert "config.log_dir: tensorboard is not installed, so no logs are written" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -468,7 +547,7 @@ def test_ai_toolkit_json_maps_optimizer_scheduler_network_and_shuffle():
 
 def test_ai_toolkit_keys_that_only_change_samples_are_named_in_one_warning(ai_toolkit_env, capsys):
     load_config(DATA / "ai_toolkit_slider.yaml")
-    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "not honoured" in line]
     assert len(lines) == 1 and "meta" in lines[0] and "sample.sampler" in lines[0]
     assert "sample.width" not in lines[0]  # 16 is the size leco previews at anyway
 

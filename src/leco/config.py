@@ -40,7 +40,15 @@ DEFAULT_SAMPLES_PER_ROLLOUT = 4
 MAX_SIDE = 16384
 MAX_NAME_BYTES = 200  # save.name: room for leco's suffixes and temp-file wrappers within 255 bytes
 
-_PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "half": "fp16"}
+# The spellings torch, diffusers and ai-toolkit's get_torch_dtype use.
+_PRECISION_ALIASES = {
+    "float32": "fp32",
+    "float": "fp32",
+    "single": "fp32",
+    "float16": "fp16",
+    "half": "fp16",
+    "bfloat16": "bf16",
+}
 OPTIMIZERS = (
     "adamw",
     "adam",
@@ -869,10 +877,15 @@ def ready_config(config: LecoConfig | dict[str, Any] | str | Path) -> LecoConfig
     return config
 
 
+# Top-level keys of a kohya train_leco prompt file (its [[prompts]] or slider form).
+KOHYA_TOP_KEYS = {"prompts", "targets", "target_class", "slider"}
+
+
 def load_prompts(path: str | Path) -> list[PromptSettings]:
     """Read a prompts YAML: a list of {target, positive, unconditional, neutral, action, ...}.
 
-    A `.toml` file is a kohya sd-scripts train_leco prompt file (leco.formats.kohya_leco).
+    A `.toml` file is a kohya sd-scripts train_leco prompt file (leco.formats.kohya_leco), and so is
+    a YAML mapping with its tables (`prompts:` or slider `targets:`).
     """
     from leco.formats.kohya_leco import load_kohya_prompts
     from leco.formats.sliders import expand_attributes
@@ -881,8 +894,13 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
     if path.suffix.lower() == ".toml":
         return load_kohya_prompts(path)
     document = read_yaml(path)
+    if isinstance(document, dict) and KOHYA_TOP_KEYS & set(document):
+        return load_kohya_prompts(path, document)  # kohya's tables written as YAML
     if not isinstance(document, list) or not document:
-        raise ConfigError(f"{path}: the file must be a non-empty YAML list of prompt entries (- target: ...)")
+        raise ConfigError(
+            f"{path}: the file must be a non-empty YAML list of prompt entries (- target: ...), or "
+            "kohya train_leco's prompts / targets tables"
+        )
     prompts = []
     entries = expand_attributes(read_target_files(document, path, "entry "), path, "entry ")
     for index, entry in enumerate(entries):

@@ -11,6 +11,7 @@ import contextlib
 import inspect
 import json
 import re
+import textwrap
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -739,7 +740,7 @@ def prepare_for_training(
         try:
             unet.enable_xformers_memory_efficient_attention()
         except (ModuleNotFoundError, ValueError) as error:
-            reason = str(error).splitlines()[0][:80]
+            reason = textwrap.shorten(str(error).splitlines()[0], 120, placeholder="...")
             warn(f"xformers unavailable ({reason}); using PyTorch SDPA")
     if config.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

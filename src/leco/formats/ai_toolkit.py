@@ -7,8 +7,8 @@ exactly: each target's four pairs are kohya's slider entries (`kohya_leco.slider
 1, the rollout sampled by the frozen model (the network is asserted inactive there) from the target
 class alone, one entry per step as with `batch_full_slide: false` (true, the default, sums a
 target's pairs in one step: leco gives a one-pole target's two pairs twice the draws, so every
-target trains as often). leco differs where the README says: `slider.prompt_file` lines become the
-neutral prompts (ai-toolkit's loss reads "") and anchors are trained.
+target trains as often). `slider.prompt_file` is read and changes nothing, as there (the loss reads
+""). leco differs where the README says: anchors are trained.
 
 Keys are handled in three ways, so that nothing is dropped without a word:
 - mapped to the leco key that does the same (the table in the README);
@@ -22,6 +22,7 @@ Keys are handled in three ways, so that nothing is dropped without a word:
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import itertools
 import json
 import os
@@ -322,7 +323,12 @@ class _Converter:
         if device is not None:
             self.put("train.device", str(device), device_key)
         log_dir, log_key = setting("log_dir")
-        if log_dir is not None:
+        if log_dir is not None and importlib.util.find_spec("tensorboard") is None:
+            warn(
+                f"{self.path}: {log_key}: tensorboard is not installed, so no logs are written; "
+                "pip install tensorboard"
+            )
+        elif log_dir is not None:
             self.put("logging.use_tensorboard", True, log_key)
             self.put("logging.tensorboard_dir", str(Path(str(log_dir)) / name), log_key)
         config.only("is_v2", lambda v: v is False, "is not read by the slider process; set model.is_v2")
@@ -330,6 +336,9 @@ class _Converter:
         if seed is not None:
             self.put("train.seed", seed, process.key("training_seed"))
         process.accept("performance_log_every")
+        process.cosmetic(
+            self.warnings, "trigger_word"
+        )  # [trigger] in sample prompts; a slider's targets name it
 
     def read_train(self, train: _Section) -> int:
         defaults = AI_TOOLKIT_TRAIN_DEFAULTS
@@ -362,6 +371,9 @@ class _Converter:
         train.accept(
             "min_denoising_steps", "snr_gamma", "max_grad_norm", "attention_backend", "weight_jitter"
         )
+        # The slider loop draws its own timesteps (timestep_type is read by flow-matching models'
+        # trainers); leco caches the prompts' text embeddings itself.
+        train.accept("timestep_type", "cache_text_embeddings")
         train.only("train_unet", lambda v: v is True, "is not supported: leco trains a UNet LoRA")
         train.only("train_text_encoder", lambda v: v is False, "is not supported: leco trains the UNet only")
         if train.get("min_snr_gamma", 0):
@@ -422,6 +434,8 @@ class _Converter:
         if params.get("total_iters", steps) != steps:
             raise ConfigError(f"{self.path}: {key}.total_iters: leco schedules over train.steps; remove it")
         params.pop("total_iters", None)
+        if name.startswith("cosine") and params.get("eta_min", 0) == 0:
+            params.pop("eta_min", None)  # torch's default; leco's cosine falls to 0 too
         args: dict[str, Any] = {}
         if name == "constant_with_warmup":
             self.put("train.lr_warmup_steps", params.pop("num_warmup_steps", 1000), f"{key}.num_warmup_steps")
@@ -466,6 +480,12 @@ class _Converter:
         model.accept("is_xl", "dtype", "low_vram")
         for key in _OTHER_ARCHS:
             model.only(key, lambda v: v is False, "is not supported: leco trains SD1, SD2 and SDXL UNets")
+        for key in ("quantize", "quantize_te"):
+            model.only(
+                key,
+                lambda v: v is False,
+                "has no leco equivalent (leco trains unquantized weights); remove it",
+            )
         for key in ("use_text_encoder_1", "use_text_encoder_2"):
             model.only(key, lambda v: v is True, "has no leco equivalent; remove it")
         model.cosmetic(self.warnings, "vae_path")  # the VAE draws previews only; training needs none
@@ -598,7 +618,7 @@ class _Converter:
             expanded += self.slider_target(target, rng)
         expanded = expanded[:steps]  # ai-toolkit trims targets (with permutations) to the step count
         resolutions = self.resolutions(slider)
-        neutrals = self.neutrals(slider, steps, rng)
+        neutrals = self.neutrals(slider)
         # ai-toolkit's default draws one target a step and averages its pairs (4 with both poles,
         # 2 with one), so every target gets as many steps; leco deals entries evenly, so a one-pole
         # target's two entries are listed twice.
@@ -660,8 +680,10 @@ class _Converter:
             )
         return [int(h) if int(h) == int(w) else (int(h), int(w)) for h, w in value]
 
-    def neutrals(self, slider: _Section, steps: int, rng: random.Random) -> list[str]:
-        """ "" or the lines of prompt_file (shuffled and cut to the step count, as ai-toolkit does)."""
+    def neutrals(self, slider: _Section) -> list[str]:
+        """[""]: ai-toolkit's slider loop takes its neutral prediction from "" whatever `prompt_file`
+        holds (its lines only multiply the list of prompt pairs, all alike); the file is still read,
+        as ai-toolkit reads it, so a missing one is an error here too."""
         name = slider.get("prompt_file")
         if name is None:
             return [""]
@@ -679,11 +701,14 @@ class _Converter:
         except (OSError, UnicodeDecodeError) as error:
             raise ConfigError(f"{self.path}: {key}: cannot read {found} ({type(error).__name__})") from None
         refuse_non_text_prompts(found, f"{self.path}: {key}", text)
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        if not lines:
+        if not any(line.strip() for line in text.splitlines()):
             raise ConfigError(f"{self.path}: {key}: {found} holds no prompt; write one neutral prompt a line")
-        rng.shuffle(lines)
-        return lines[:steps]
+        warn(
+            f"{self.path}: {key}: its lines change nothing in ai-toolkit's slider loop, whose neutral "
+            'prediction is the empty prompt\'s; leco trains the same (neutral ""). For neutral prompts '
+            "that count, use a kohya TOML prompts file (neutral_prompt_file)"
+        )
+        return [""]
 
     def read_anchors(self, slider: _Section) -> None:
         """Anchors keep their prompt's prediction; ai-toolkit trained them at the pair's strength sign."""
@@ -694,11 +719,14 @@ class _Converter:
         for number, raw in enumerate(anchors):
             anchor = _Section(raw, f"{slider.key('anchors')}[{number}]", self.path)
             prompts.append(str(anchor.get("prompt", "")))
-            anchor.only(
-                "multiplier",
-                lambda v: v == 1,
-                "has no leco equivalent: leco's anchors run at the entry's strength (+1 or -1); set 1",
-            )
+            multiplier = anchor.get("multiplier", 1.0)
+            anchor.accept("multiplier")
+            if multiplier != 1:
+                warn(
+                    f"{self.path}: {anchor.key('multiplier')}: {_short(multiplier)} is not used: leco "
+                    "keeps an anchor at the strength its step trains (+1 or -1); ai-toolkit builds "
+                    "anchors but does not train them"
+                )
             anchor.accept("neg_prompt")  # the unconditional half of a guidance-1 prediction: no effect
             anchor.finish()
         if prompts:

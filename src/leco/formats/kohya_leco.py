@@ -104,9 +104,10 @@ def slider_pairs(positive: str, negative: str, multiplier: float) -> list[tuple[
     return [(positive, "", "enhance", multiplier), (positive, "", "erase", -multiplier)]
 
 
-def load_kohya_prompts(path: Path) -> list[PromptSettings]:
-    """Read a kohya train_leco prompt TOML into leco prompt entries (sliders expanded)."""
-    data = _read_toml(path)
+def load_kohya_prompts(path: Path, data: dict[str, Any] | None = None) -> list[PromptSettings]:
+    """Read a kohya train_leco prompt TOML into leco prompt entries (sliders expanded); `data`: the
+    same tables already read from another file format (kohya's docs once showed them as YAML)."""
+    data = _read_toml(path) if data is None else data
     if not data:
         raise ConfigError(f"{path}: the file is empty; write [[prompts]] entries or slider [[targets]]")
     reader = _KohyaReader(path)
