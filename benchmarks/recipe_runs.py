@@ -15,7 +15,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from leco.evaluate import ConceptPrompt, EvalSpec
+from leco.evaluate import ConceptPrompt, EnhancedPrompt, EvalSpec
 
 
 def recipe_parser(
@@ -109,8 +109,8 @@ def ink_digits_spec(
 ) -> EvalSpec:
     """(prompt, concept) pairs judged at ink-digits' settings, strength 1 against 0, with `keep: all`."""
 
-    def items(pairs: list[tuple[str, str]]) -> list[ConceptPrompt]:
-        return [ConceptPrompt(prompt=p, concept=c) for p, c in pairs]
+    def items(pairs: list[tuple[str, str]], kind: type[ConceptPrompt] = ConceptPrompt) -> list:
+        return [kind(prompt=p, concept=c) for p, c in pairs]
 
     return EvalSpec(
         images_per_prompt=images,
@@ -118,7 +118,7 @@ def ink_digits_spec(
         steps=25,
         guidance=3.0,
         erase=items(erase),
-        enhance=items(enhance),
+        enhance=items(enhance, EnhancedPrompt),
         keep=[*items(keep), "all"],
     )
 

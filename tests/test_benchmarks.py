@@ -34,6 +34,7 @@ def test_gpu_scale_smoke_prints_a_row_per_setting():
         (["rollout_reuse.py", "--reuse", "1,0"], "--reuse: 0 must be 1 or more"),
         (["slider_closed_form.py", "--settings", "2:eos,bogus"], "--settings: 'bogus' is not PUSH:START"),
         (["distill.py", "--images", "0"], "argument --images: 0 must be 1 or more"),
+        (["slider_leak.py", "--slider", "3,green,purple"], "--slider: give a digit and two of the inks"),
     ],
 )
 def test_a_benchmark_refuses_a_bad_flag_in_one_line_before_any_work(command, expected):
@@ -44,3 +45,18 @@ def test_a_benchmark_refuses_a_bad_flag_in_one_line_before_any_work(command, exp
     assert result.returncode == 2 and expected in lines[-1], result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""  # stopped before the first table line
+
+
+def test_the_eval_specs_benchmarks_build_are_valid(monkeypatch):
+    # Built after training: a spec the evaluator refuses would lose every run of a benchmark.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import specificity
+    import transplant
+
+    for task in transplant.TASKS:
+        spec = transplant.eval_spec(task, images=1)
+        assert (spec.erase or spec.enhance) and spec.keep_all
+    spec = transplant.eval_spec("teal", images=1)
+    assert {item.concept for item in spec.enhance} == {"ink:teal"} and all(i.end == 1 for i in spec.enhance)
+    for task in specificity.TASKS.values():
+        assert specificity.eval_spec(task, images=1).erase
