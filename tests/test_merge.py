@@ -536,3 +536,35 @@ def test_a_folder_without_a_build_report_is_judged_on_ink_digits_inks_and_says_s
     assert inks_for_model(tmp_path) == inks_for_model(model_path("ink-digits"))
     assert "no build_report.json names the inks this model draws" in capsys.readouterr().err
     assert len(inks_for_model(model_path("ink-digits-2"))) == 7 and not capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_generate_applies_every_text_encoder_module_as_merge_bakes_it(tmp_path, tiny_folders, name):
+    # diffusers drops a kohya file's text-encoder attention modules when only some of them are there
+    # (q and v, as a LoRA trained on those alone has); generate and eval must apply what merge bakes.
+    from leco.generate import build_pipeline, lora_strengths
+
+    folder = str(tiny_folders[name])
+    full = with_text_encoder_modules(random_lora(folder, tmp_path / "a.safetensors", seed=3), folder, seed=4)
+    tensors, metadata = read_lora_file(full)
+    partial = {
+        k: v for k, v in tensors.items() if "_k_proj" not in k and "_out_proj" not in k and "fc2" not in k
+    }
+    lora = save_lora_file(tmp_path / "qv.safetensors", partial, metadata)
+    merged = DiffusionPipeline.from_pretrained(
+        merge(folder, [LoraStrength(lora, 0.7)], tmp_path / "m", precision="fp32")
+    )
+
+    models = load_models(folder, with_vae=True)
+    pipe = build_pipeline(models)
+    inputs = unet_inputs(pipe.unet, name == "sdxl", pooled_dim(pipe))
+    prompt_ids = torch.tensor([[0, 5, 9, 2, 1, 1]])
+    before = {k: v.clone() for encoder in models.text_encoders for k, v in encoder.state_dict().items()}
+    with lora_strengths(pipe, lora, models.family) as set_strength:
+        set_strength(0.7)
+        assert_all_close(outputs(pipe, inputs, prompt_ids), outputs(merged, inputs, prompt_ids))
+        set_strength(0.0)
+        base = outputs(DiffusionPipeline.from_pretrained(folder), inputs, prompt_ids)
+        assert_all_close(outputs(pipe, inputs, prompt_ids), base)
+    after = {k: v for encoder in models.text_encoders for k, v in encoder.state_dict().items()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

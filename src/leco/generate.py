@@ -31,6 +31,8 @@ from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_meta
 from leco.images import ImageRequest, format_strength, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs, sampler_from_config
 from leco.network import kohya
+from leco.network.kohya import delta_weight
+from leco.network.text_encoders import TextEncoderLoRA, text_encoder_layers
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -145,26 +147,69 @@ def lora_strengths(
     header = read_lora_header(path)
     check_lora_fits(header, pipe.unet, family)
     check_lora_finite(path)
-    try:
-        with quiet_library_logs():  # diffusers logs every mismatched tensor before it raises
-            pipe.load_lora_weights(_as_diffusers_loads_it(header, pipe.unet, family), adapter_name=ADAPTER)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise LecoError(
-            f"--lora: {path} cannot be applied to this model ({str(error).splitlines()[0][:160]})"
-        ) from None
+    unet_part, text_part = _as_diffusers_loads_it(header, pipe.unet, family)
+    encoders = [encoder for _, encoder in _text_encoders(pipe)]
+    text_deltas = _TextEncoderDeltas(text_part, path, encoders, family)
+    if unet_part is not None:
+        try:
+            with quiet_library_logs():  # diffusers logs every mismatched tensor before it raises
+                pipe.load_lora_weights(unet_part, adapter_name=ADAPTER)
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise LecoError(
+                f"--lora: {path} cannot be applied to this model ({str(error).splitlines()[0][:160]})"
+            ) from None
 
     def set_strength(strength: float) -> None:
-        pipe.set_adapters([ADAPTER], adapter_weights=[float(strength)])
+        if unet_part is not None:
+            pipe.set_adapters([ADAPTER], adapter_weights=[float(strength)])
+        text_deltas.apply(strength)
 
     try:
         yield set_strength
     finally:
-        pipe.unload_lora_weights()
+        text_deltas.apply(0.0)
+        if unet_part is not None:
+            pipe.unload_lora_weights()
 
 
-def _as_diffusers_loads_it(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> str | dict:
-    """The file's path, or its tensors changed where diffusers would apply them otherwise than
-    kohya's formula does (every other tensor handed over as it is, for diffusers to read):
+class _TextEncoderDeltas:
+    """A LoRA file's text-encoder modules (`lora_te*`), added to the encoders' weights by leco.
+
+    diffusers 0.42 with transformers 5 keeps a kohya file's text-encoder MLP modules but drops its
+    attention ones (q/k/v/out: "unexpected keys" it logs and goes on), where A1111, ComfyUI and
+    `leco merge` apply them all; so leco applies them, kohya's formula on a copy of each weight.
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        path: Path,
+        encoders: list[torch.nn.Module],
+        family: ModelFamily,
+    ) -> None:
+        self.layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # weight, original, delta
+        if not tensors:
+            return
+        layers = text_encoder_layers(encoders, family)
+        for key, weights in TextEncoderLoRA(tensors, f"--lora: {path}").fitted(encoders, family).items():
+            weight = layers[key].weight
+            delta = delta_weight(weights, weight.shape).to(weight.device, weight.dtype)
+            self.layers.append((weight, weight.detach().clone(), delta))
+
+    @torch.no_grad()
+    def apply(self, strength: float) -> None:
+        for weight, original, delta in self.layers:
+            weight.copy_(original if strength == 0 else original + strength * delta)
+
+
+def _as_diffusers_loads_it(
+    header: LoraHeader, unet: torch.nn.Module, family: ModelFamily
+) -> tuple[str | dict | None, dict[str, torch.Tensor]]:
+    """(what diffusers loads: the file's path, or its UNet tensors, None if it has none; the
+    text-encoder tensors, which leco applies itself: see _TextEncoderDeltas).
+
+    The UNet tensors are changed where diffusers would apply them otherwise than kohya's formula
+    does (every other tensor handed over as it is, for diffusers to read):
 
     - kohya's SD2 trainers (and `leco convert --sd2-proj 4d`) write the Linear proj_in/proj_out as
       1x1 convs, which diffusers refuses where A1111 and ComfyUI reshape them: reshaped to 2-D;
@@ -178,22 +223,26 @@ def _as_diffusers_loads_it(header: LoraHeader, unet: torch.nn.Module, family: Mo
         key.partition(".")[2] in ("lora_down.weight", "lora_up.weight", "alpha") for key in header.shapes
     )
     fold = len(set(alphas.values())) > 1 and plain  # DoRA and other kinds: diffusers' reading stands
-    if not linear_as_conv and not fold:
-        return str(header.path)
+    has_text = any(key.startswith(kohya.TEXT_ENCODER_PREFIXES) for key in header.shapes)
+    if not linear_as_conv and not fold and not has_text:
+        return str(header.path), {}
     from safetensors.torch import load_file
 
     tensors = load_file(str(header.path))
+    text = {key: tensors.pop(key) for key in list(tensors) if key.startswith(kohya.TEXT_ENCODER_PREFIXES)}
     for module in linear_as_conv:
         for part in ("lora_down.weight", "lora_up.weight"):
             tensors[f"{module}.{part}"] = tensors[f"{module}.{part}"].flatten(1)
     if fold:
         for module, alpha in alphas.items():
+            if f"{module}.lora_up.weight" not in tensors:
+                continue  # a text-encoder module, applied by leco
             up = tensors[f"{module}.lora_up.weight"]
             tensors[f"{module}.lora_up.weight"] = up * (
                 alpha / header.shapes[f"{module}.lora_down.weight"][0]
             )
             tensors.pop(f"{module}.alpha", None)
-    return tensors
+    return (tensors or None), text
 
 
 def _linear_layers_in_conv_form(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> list[str]:

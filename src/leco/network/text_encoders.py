@@ -2,7 +2,8 @@
 
 leco trains UNet LoRAs only, but files from other trainers may also change the text encoder(s).
 They are kept as plain tensors beside the UNet network (`LoRANetwork.text_encoder_lora`) so that
-`leco merge` bakes them in; sampling loads such files with diffusers, which applies them itself.
+`leco merge` bakes them in, and `leco generate` / `leco eval` add them to the encoders' weights at
+the strength asked (diffusers, which loads the UNet part, drops some text-encoder modules).
 """
 
 from __future__ import annotations
