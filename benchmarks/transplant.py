@@ -146,6 +146,9 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     "example+no-text": [_set("anchors.text_weight", 0.0)],
     # The lr decayed to 0 by the last step (the change that lifted every seed of the distillation).
     "example+cosine": [_set("train.lr_scheduler", "cosine")],
+    # Rollouts by the teacher: the student learns the teacher's prediction all along the teacher's
+    # own way to a teal image, not only where its own (still blue) rollouts pass.
+    "example+teacher-rollouts": [_set("train.rollout_model", "teacher")],
     "example+weight2.5+anchor-rollouts": [_set("anchors.weight", 2.5), _set("anchors.rollouts", True)],
     "previous": PREVIOUS,
     "previous+800": [*PREVIOUS, EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags

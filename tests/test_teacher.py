@@ -184,3 +184,52 @@ def test_an_offloaded_teacher_predicts_the_same_and_says_the_cpu_needs_no_offloa
     )
     for role in prompt.objective.roles:
         torch.testing.assert_close(predictions[role], expected[role])
+
+
+def test_rollouts_by_the_teacher_sample_its_guided_prediction_in_the_students_type(tmp_path, tiny_folders):
+    config = transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path, rollout_model="teacher")
+    trainer = Trainer(config, progress=False)
+    teacher, prompt = trainer.teachers.concept, trainer.prompts[0]
+    texts = prompt.texts(0)
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    t = torch.tensor(600)
+    model = teacher.guided(texts["target"], texts["unconditional"], 3.0, prompt.size, (0, 0))
+    answers = teacher.predict([_block_at(latents, t, prompt, [texts["unconditional"], texts["target"]])])[0]
+    expected = answers[texts["unconditional"]] + 3.0 * (
+        answers[texts["target"]] - answers[texts["unconditional"]]
+    )
+    torch.testing.assert_close(model(latents, t), expected)
+    # the queue's rollouts are the teacher's: other latents than the edited student's from one seed
+    by_teacher = trainer.samples.next()[0].latents
+    edited = Trainer(
+        transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path / "e"), progress=False
+    )
+    assert not torch.allclose(by_teacher, edited.samples.next()[0].latents)
+
+
+def _block_at(latents, t, prompt, texts):
+    from leco.teacher import Block
+
+    return Block(latents, t.reshape(1), prompt.size, (0, 0), texts)
+
+
+def test_rollouts_by_the_teacher_train_and_resume_exactly(tmp_path, tiny_folders):
+    student, teacher = tiny_folders["sd2-v"], tiny_folders["sd1"]
+    options = {"rollout_model": "teacher"}
+    whole = train(transplant_config(student, teacher, tmp_path / "whole", **options), progress=False)
+    first = train(
+        transplant_config(student, teacher, tmp_path / "split", iterations=3, **options), progress=False
+    )
+    resumed = train(
+        transplant_config(student, teacher, tmp_path / "split", **options), resume=first.state, progress=False
+    )
+    a, b = read_lora_file(whole.path)[0], read_lora_file(resumed.path)[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_rollouts_by_the_teacher_need_a_teacher(tmp_path, tiny_folders):
+    document = transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path).model_dump()
+    document.pop("teacher")
+    document["train"]["rollout_model"] = "teacher"
+    with pytest.raises(LecoError, match=r"train.rollout_model: teacher samples with the teacher: model"):
+        LecoConfig.model_validate(document).check_combination()

@@ -215,9 +215,10 @@ class TrainConfig(_Section):
     entry_order: Literal["shuffled", "random"] = "shuffled"
     rollout_guidance_scale: float = Field(3.0, ge=0, le=100, allow_inf_nan=False)
     # Who samples the rollouts: "edited", the model with the trained part applied at the entry's
-    # strength (LECO, ESD, kohya: the latents follow what training has done so far), or "frozen",
-    # the model as it is (ai-toolkit's slider process).
-    rollout_model: Literal["edited", "frozen"] = "edited"
+    # strength (LECO, ESD, kohya: the latents follow what training has done so far), "frozen",
+    # the model as it is (ai-toolkit's slider process), or "teacher", the `teacher:` model (a
+    # transplant trained on the teacher's own way to its images).
+    rollout_model: Literal["edited", "frozen", "teacher"] = "edited"
     # Spread each sample uniformly inside its sampling step's timestep interval (False: on the grid).
     timestep_offset: bool = True
     seed: int | None = Field(None, ge=-1, lt=2**63)  # unset or -1 (as A1111 and kohya_ss): random, saved
@@ -639,6 +640,10 @@ class LecoConfig(_Section):
                     "train.method: closed_form with only preserve entries has nothing to edit; "
                     "add an erase entry"
                 )
+        if self.teacher is None and self.train.rollout_model == "teacher":
+            raise ConfigError(
+                "train.rollout_model: teacher samples with the teacher: model; add that section"
+            )
         if self.teacher is None:
             for number, entry in enumerate(self.prompts, start=1):
                 if entry.action == "imitate":

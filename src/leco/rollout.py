@@ -203,6 +203,7 @@ class SampleQueue:
         self.train, self.vae_scale_factor, self.device = train, vae_scale_factor, device
         self.samples: list[TrainingSample] = []
         self.deck: list[int] = []  # the entries still to be dealt this round
+        self.teacher: Any = None  # who samples where train.rollout_model is teacher (leco.teacher.Teacher)
 
     def next_entry(self) -> int:
         if self.train.entry_order == "random":
@@ -245,7 +246,10 @@ class SampleQueue:
         guidance = prompt.objective.rollout_guidance or self.train.rollout_guidance_scale
         by_edited = self.train.rollout_model == "edited"  # as the edited model generates, or the frozen one
         target_text, negative_text = texts["target"], texts["unconditional"]
-        model = self.edited.guided(target_text, negative_text, guidance, size, crop, batch, by_edited)
+        if self.train.rollout_model == "teacher":
+            model = self.teacher.guided(target_text, negative_text, guidance, size, crop)
+        else:
+            model = self.edited.guided(target_text, negative_text, guidance, size, crop, batch, by_edited)
         with self.edited.trainable.strength(prompt.settings.multiplier if by_edited else 0.0):
             latents = self.rollout.run(model, noise, plans, generator)
         order = torch.randperm(len(plans), generator=generator).tolist()

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor
 
 from leco.conditioning import Conditioning, conditioning_for, predict
-from leco.config import TeacherConfig
+from leco.config import LecoConfig, TeacherConfig
 from leco.errors import LecoError, warn
 from leco.models import TEACHER_OPTION_NAMES, LoadedModels, load_models
-from leco.objectives import CONCEPT_ROLES
+from leco.objectives import CONCEPT_ROLES, guided
 from leco.prompts import PreparedPrompt, encode_texts, prompt_texts
 from leco.rollout import Rollout
 from leco.trainable import EditedModel
@@ -118,6 +118,22 @@ class Teacher:
             )
             row += batch * len(block.texts)
         return results
+
+    def guided(
+        self, target: str, unconditional: str, scale: float, size: tuple[int, int], crop: tuple[int, int]
+    ) -> Callable[[Tensor, Tensor], Tensor]:
+        """Sampling `target` with this model and classifier-free guidance, in the student's
+        prediction type (for rollouts on the teacher's own trajectories)."""
+        texts = [target] if scale == 1.0 else [unconditional, target]
+
+        def model(latents: Tensor, timestep: Tensor) -> Tensor:
+            timesteps = timestep.reshape(-1).expand(latents.shape[0])
+            answer = self.predict([Block(latents, timesteps, size, crop, texts)])[0]
+            if scale == 1.0:
+                return answer[target]
+            return guided(answer[unconditional], answer[target], scale)
+
+        return model
 
     def conditioning(self, block: Block) -> Conditioning:
         embeds = Conditioning.cat([self.embeddings[text] for text in block.texts])
@@ -249,7 +265,7 @@ def check_compatible(student: LoadedModels, teacher: LoadedModels, name: str) ->
 
 
 def teachers_of_run(
-    config: TeacherConfig | None,
+    config: LecoConfig,
     edited: EditedModel,
     models: LoadedModels,
     prompts: list[PreparedPrompt],
@@ -258,9 +274,11 @@ def teachers_of_run(
 ) -> Teachers:
     """The frozen student (the trained part off), and the `teacher:` model of the concept roles if any."""
     concept = None
-    if config is not None:
-        texts = prompt_texts(prompts, CONCEPT_ROLES)
-        concept = load_teacher(config, models, texts, dtype, device, edited.autocast)
+    if config.teacher is not None:
+        # The rollout texts too where the teacher samples them (train.rollout_model: teacher).
+        rollouts = ("target",) if config.train.rollout_model == "teacher" else ()
+        texts = prompt_texts(prompts, (*CONCEPT_ROLES, *rollouts))
+        concept = load_teacher(config.teacher, models, texts, dtype, device, edited.autocast)
     frozen = Teacher.of_student(models, edited.embeddings, edited.trainable, edited.autocast)
     return Teachers(frozen, concept)
 

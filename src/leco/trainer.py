@@ -90,9 +90,7 @@ class Trainer:
         self.trainable = create_trainable(models, config, self.device)
         warn_if_truncated(models, config.preview.prompts, "preview prompt")  # a new token known
         self.edited = EditedModel(self.unet, self.trainable, embeddings, models.family.is_sdxl, self.autocast)
-        self.teachers = teachers_of_run(
-            config.teacher, self.edited, models, self.prompts, self.dtype, self.device
-        )
+        self.teachers = teachers_of_run(config, self.edited, models, self.prompts, self.dtype, self.device)
         self.text_anchors = TextAnchors.of_run(config, anchors, embeddings)
         fp16 = self.dtype == torch.float16
         self.updates = Updates(train, self.trainable.parameters(), self.device, fp16=fp16)
@@ -102,6 +100,7 @@ class Trainer:
         self.samples = SampleQueue(
             rollout, self.prompts, self.edited, self.generator, train, models.vae_scale_factor, self.device
         )
+        self.samples.teacher = self.teachers.concept  # samples where train.rollout_model is teacher
         roles = self.trainable.extra_roles
         self.step_queue = StepQueue(self.samples, self.anchors, config.anchors, self.teachers, roles)
         alphas_cumprod, v_prediction = self.teachers.frozen.alphas_cumprod, models.family.v_pred
