@@ -532,16 +532,22 @@ def test_an_eval_spec_given_to_train_and_a_config_given_to_eval_say_so():
         load_spec(examples / "erase_seven.yaml")
 
 
-def test_a_closed_form_edit_with_nothing_to_erase_is_refused():
+@pytest.mark.parametrize("method", ["leco", "closed_form"])
+def test_only_preserve_entries_are_refused_as_changing_nothing(method):
     config = LecoConfig.model_validate(
         {
             "pretrained_model": {"name_or_path": "ink-digits"},
-            "prompts": [{"target": "a digit seven", "action": "preserve"}],
+            "prompts": [
+                {"target": "a digit seven", "action": "preserve"},
+                {"target": "red ink", "action": "preserve"},
+            ],
             "network": {"training_method": "xattn-strict"},
-            "train": {"method": "closed_form"},
+            "train": {"method": method},
         }
     )
-    with pytest.raises(ConfigError, match="closed_form with only preserve entries has nothing to edit"):
+    with pytest.raises(
+        ConfigError, match="prompts: every entry is action preserve, which keeps things as they are"
+    ):
         config.check_combination()
 
 

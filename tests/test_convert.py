@@ -345,3 +345,22 @@ def test_generate_hands_diffusers_the_layers_leco_does_not_train(tmp_path, tiny_
     with lora_strengths(pipe, tmp_path / "more.safetensors", models.family) as set_strength:
         set_strength(1.0)
         assert hasattr(pipe.unet.conv_in, "lora_A")  # adapted, not refused as another family's file
+
+
+def test_a_lora_of_whole_numbers_is_refused_in_one_line_everywhere(tmp_path, tiny_folders):
+    from leco.generate import read_lora_header
+
+    models = load_models(str(tiny_folders["sd1"]))
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2))
+    lora = network.save(tmp_path / "lora.safetensors", resolution=models.resolution)
+    tensors, metadata = read_lora_file(lora)
+    damaged = tmp_path / "ints.safetensors"
+    save_file({k: v.to(torch.int32) for k, v in tensors.items()}, str(damaged), metadata)
+    with pytest.raises(LecoError, match=r"lora_down.weight holds int32 values, not floating-point weights"):
+        convert(damaged, tmp_path / "out.safetensors", model=str(tiny_folders["sd1"]))
+    with pytest.raises(LecoError, match=r"lora_down.weight holds I32 values, not floating-point weights"):
+        read_lora_header(damaged)
+    assert not (tmp_path / "out.safetensors").exists()
+    whole_alpha = {k: (v.to(torch.int64) if k.endswith(".alpha") else v) for k, v in tensors.items()}
+    save_file(whole_alpha, str(tmp_path / "alpha.safetensors"), metadata)
+    assert read_lora_file(tmp_path / "alpha.safetensors")[0].keys() == tensors.keys()  # an alpha may be whole

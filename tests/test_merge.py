@@ -241,6 +241,15 @@ def test_ink_digits_checkpoint_bakes_a_lora(tmp_path, capsys):
     torch.testing.assert_close(baked, runtime, rtol=1e-4, atol=2e-5)
 
 
+def test_merging_into_a_bundled_models_checkpoint_says_leco_reads_it_back(tmp_path, capsys):
+    lora = random_lora("ink-digits", tmp_path / "lora.safetensors", seed=8, config=NetworkConfig(rank=2))
+    first = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "a.safetensors", precision="fp32")
+    capsys.readouterr()
+    merge(str(first), [LoraStrength(lora, -1.0)], tmp_path / "b.safetensors", precision="fp32")
+    error = capsys.readouterr().err
+    assert "leco reads it back" in error and "pretrained_model.config" not in error
+
+
 @pytest.mark.parametrize("name", ["ink-digits", "ink-digits-2"])
 def test_a_bundled_models_checkpoint_loads_back_into_leco(tmp_path, name):
     """Its layout is recognised, its tokenizer kept (16 tokens) and ink-digits-2's v-prediction read
@@ -568,3 +577,40 @@ def test_generate_applies_every_text_encoder_module_as_merge_bakes_it(tmp_path, 
         assert_all_close(outputs(pipe, inputs, prompt_ids), base)
     after = {k: v for encoder in models.text_encoders for k, v in encoder.state_dict().items()}
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_overwriting_a_merged_folder_keeps_what_the_user_put_there(tmp_path, tiny_folders):
+    folder = str(tiny_folders["sd1"])
+    lora = random_lora(folder, tmp_path / "l.safetensors", seed=9)
+    out = merge(folder, [LoraStrength(lora, 1.0)], tmp_path / "m", precision="fp32")
+    (out / "NOTES.txt").write_text("mine")
+    (out / "samples").mkdir()
+    (out / "samples" / "a.png").write_bytes(b"png")
+    unet_before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    merge(folder, [LoraStrength(lora, -1.0)], out, precision="fp32", overwrite=True)
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / "samples" / "a.png").read_bytes() == b"png"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != unet_before
+    assert json.loads((out / FOLDER_METADATA).read_text())["modelspec.merged_from"] == "sd1, l:-1"
+
+
+def test_an_empty_folder_takes_a_merge_without_overwrite(tmp_path, tiny_folders):
+    folder = str(tiny_folders["sd1"])
+    lora = random_lora(folder, tmp_path / "l.safetensors", seed=9)
+    (tmp_path / "empty").mkdir()
+    out = merge(folder, [LoraStrength(lora, 1.0)], tmp_path / "empty", precision="fp32")
+    assert (out / FOLDER_METADATA).is_file()
+    with pytest.raises(LecoError, match=r"exists; choose another path or pass --overwrite"):
+        merge(folder, [LoraStrength(lora, 1.0)], out, precision="fp32")
+
+
+def test_two_files_of_one_title_are_told_apart_in_merged_from(tmp_path, tiny_folders):
+    folder = str(tiny_folders["sd1"])
+    first = random_lora(folder, tmp_path / "run1.safetensors", seed=1)
+    tensors, metadata = read_lora_file(first)
+    second = save_lora_file(tmp_path / "run2.safetensors", {k: -v for k, v in tensors.items()}, metadata)
+    out = merge(
+        folder, [LoraStrength(first, 1.0), LoraStrength(second, -0.5)], tmp_path / "m", precision="fp32"
+    )
+    assert (
+        json.loads((out / FOLDER_METADATA).read_text())["modelspec.merged_from"] == "sd1, run1:1, run2:-0.5"
+    )

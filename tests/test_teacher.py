@@ -233,3 +233,15 @@ def test_rollouts_by_the_teacher_need_a_teacher(tmp_path, tiny_folders):
     document["train"]["rollout_model"] = "teacher"
     with pytest.raises(LecoError, match=r"train.rollout_model: teacher samples with the teacher: model"):
         LecoConfig.model_validate(document).check_combination()
+
+
+def test_a_lora_given_as_the_teacher_is_named_as_such(tmp_path, tiny_folders):
+    first = train(
+        transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path / "a", iterations=1),
+        progress=False,
+    )
+    config = transplant_config(tiny_folders["sd1"], first.path, tmp_path / "b")
+    with pytest.raises(
+        LecoError, match=r"^teacher.name_or_path: .*fox_last.safetensors: is a LoRA, not a model"
+    ):
+        Trainer(config, progress=False)

@@ -620,6 +620,13 @@ class LecoConfig(_Section):
                 "prompts: every entry has weight 0, so the loss is 0 and nothing would be trained; "
                 "give at least one entry a weight above 0 (1 is the default)"
             )
+        if all(entry.action == "preserve" for entry in self.prompts):
+            raise ConfigError(
+                "prompts: every entry is action preserve, which keeps things as they are: nothing would "
+                "change; add an entry that erases, enhances, imitates or distills"
+            )
+        if self.network.type == "embedding" and self.teacher is not None:
+            raise ConfigError("teacher: transplants train a LoRA; use network.type lierla or c3lier")
         _check_schedule_args(self.train.lr_scheduler, self.train.lr_scheduler_args, self.train.lr)
         if self.train.method == "closed_form":
             if self.network.type != "lierla" or self.network.training_method in PRESETS_WITHOUT_KEYS_VALUES:
@@ -635,11 +642,6 @@ class LecoConfig(_Section):
                         f"prompts entry {number}: action {entry.action} has no closed form; use erase or "
                         "preserve (or train.method: leco)"
                     )
-            if all(entry.action == "preserve" for entry in self.prompts):
-                raise ConfigError(
-                    "train.method: closed_form with only preserve entries has nothing to edit; "
-                    "add an erase entry"
-                )
         if self.teacher is None and self.train.rollout_model == "teacher":
             raise ConfigError(
                 "train.rollout_model: teacher samples with the teacher: model; add that section"
@@ -675,8 +677,6 @@ class LecoConfig(_Section):
                 raise ConfigError(
                     "train.steps_per_forward: a negative embedding trains one step per forward; set 1"
                 )
-            if self.teacher is not None:
-                raise ConfigError("teacher: transplants train a LoRA; use network.type lierla or c3lier")
             if self.train.rollout_guidance_scale <= 1:
                 raise ConfigError(
                     "train.rollout_guidance_scale: a negative embedding acts through guidance; set the "

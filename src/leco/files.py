@@ -112,7 +112,8 @@ def check_output(
         raise LecoError(f"--out: {existing} is a file, so {out} cannot be created; choose another path")
     if not os.access(existing, os.W_OK) or (existing == where and not os.access(where.parent, os.W_OK)):
         raise LecoError(f"--out: {out} cannot be written there (permission denied); choose another path")
-    if path_exists(out) and not overwrite:
+    # An empty folder has nothing to lose: a command that writes folders fills it without --overwrite.
+    if path_exists(out) and not overwrite and not (folder_marker and _is_empty_folder(out)):
         raise LecoError(f"--out: {out} exists; choose another path or pass --overwrite to replace it")
     if out.is_dir() and folder_marker and any(out.iterdir()) and not (out / folder_marker).is_file():
         raise LecoError(
@@ -120,6 +121,13 @@ def check_output(
             "only such an output, so choose a new or empty folder"
         )
     return out
+
+
+def _is_empty_folder(path: Path) -> bool:
+    try:
+        return path.is_dir() and not any(path.iterdir())
+    except OSError:  # unreadable: not known to be empty
+        return False
 
 
 def _umask() -> int:

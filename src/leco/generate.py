@@ -414,11 +414,15 @@ def read_lora_header(path: str | Path) -> LoraHeader:
         with safe_open(str(path), framework="pt") as file:
             metadata = dict(file.metadata() or {})
             shapes = {key: list(file.get_slice(key).get_shape()) for key in file.keys()}  # noqa: SIM118
+            dtypes = {key: file.get_slice(key).get_dtype() for key in shapes}
     except (SafetensorError, OSError) as error:
         raise LecoError(
             f"--lora: {path} is not a readable .safetensors file ({_first_line(error)}); it may be "
             "truncated or damaged: download it or train it again"
         ) from None
+    kohya.refuse_whole_numbers(
+        {key: dtype for key, dtype in dtypes.items() if not dtype.startswith(("F", "BF"))}, f"--lora: {path}"
+    )
     for key, down in shapes.items():
         module, _, part = key.partition(".")
         if part == "lora_down.weight" and f"{module}.lora_up.weight" in shapes:

@@ -207,7 +207,13 @@ def load_teacher(
     autocast: Callable[[], AbstractContextManager],
 ) -> Teacher:
     """Another model as the teacher of the concept roles; checked for a shared latent space first."""
-    models = load_models(config, dtype=dtype, names=TEACHER_OPTION_NAMES)
+    try:
+        models = load_models(config, dtype=dtype, names=TEACHER_OPTION_NAMES)
+    except LecoError as error:  # said of the teacher, not of the model being trained
+        message = str(error)
+        raise LecoError(
+            message if message.startswith("teacher.") else f"teacher.name_or_path: {message}"
+        ) from None
     check_compatible(student, models, config.name_or_path)
     if _same_file(models.source, student.source):
         warn(

@@ -139,9 +139,18 @@ def merge_metadata(
         models.family, models.resolution, kohya.model_architecture(models.family), implementation
     )
     base_title = Path(model_name.rstrip("/")).stem or model_name
-    titles = [base_title] + [f"{_lora_title(lora)}:{kohya.metadata_number(lora.strength)}" for lora in loras]
+    title_of = {lora.path.resolve(): _lora_title(lora) for lora in loras}
+    titles = list(title_of.values())
+    # Two files under one title (two runs of one config) are told apart by their file names.
+    names = [
+        lora.path.stem if titles.count(title_of[lora.path.resolve()]) > 1 else title_of[lora.path.resolve()]
+        for lora in loras
+    ]
+    merged_from = [base_title] + [
+        f"{name}:{kohya.metadata_number(lora.strength)}" for lora, name in zip(loras, names, strict=True)
+    ]
     metadata["modelspec.title"] = out.stem
-    metadata["modelspec.merged_from"] = ", ".join(titles)
+    metadata["modelspec.merged_from"] = ", ".join(merged_from)
     metadata["leco.merge"] = kohya.json_metadata(
         {"model": base_title, "loras": [{"file": x.path.name, "strength": x.strength} for x in loras]}
     )
@@ -214,7 +223,28 @@ def _save_folder(models: LoadedModels, out: Path, metadata: dict[str, str], dtyp
         pipe.save_pretrained(staging)
         _copy_model_files(Path(models.source), staging)
         (staging / FOLDER_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        for kept in _not_written_by_merge(out):  # --overwrite replaces only what merge wrote
+            copy = shutil.copytree if kept.is_dir() else shutil.copy2
+            copy(kept, staging / kept.name)
     return out
+
+
+def _not_written_by_merge(folder: Path) -> list[Path]:
+    """What the user put into an earlier merge's folder: anything but its model_index.json
+    components and the files merge writes beside them."""
+    if not folder.is_dir():
+        return []
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    components = (
+        {name for name, value in index.items() if isinstance(value, list)}
+        if isinstance(index, dict)
+        else set()
+    )
+    written = {"model_index.json", FOLDER_METADATA, MODEL_CARD, KNOWN_PROMPTS_FILE, JUDGE_FILE, BUILD_REPORT}
+    return sorted(entry for entry in folder.iterdir() if entry.name not in written | components)
 
 
 def _copy_model_files(source: Path, staging: Path) -> None:
@@ -240,10 +270,18 @@ def _warn_if_layout_is_its_own(models: LoadedModels, name: str) -> None:
     # standard configuration, which a small model of its own layout (ink-digits) does not fit.
     standard = json.loads((CONFIG_ROOT / models.family.arch / "unet" / "config.json").read_text())
     keys = ("block_out_channels", "cross_attention_dim", "layers_per_block")
-    if any(_as_list(models.unet.config.get(k)) != _as_list(standard.get(k)) for k in keys):
-        where = (
+
+    def same_layout(config: dict) -> bool:
+        return all(_as_list(models.unet.config.get(k)) == _as_list(config.get(k)) for k in keys)
+
+    if not same_layout(standard):
+        bundled = [
+            json.loads((resolve_bundled(bundled) / "unet" / "config.json").read_text())
+            for bundled in BUNDLED_MODELS
+        ]
+        where = (  # a bundled model, or a file merged from one: leco knows the layout
             "leco reads it back (it knows the bundled layouts); other tools need"
-            if name in BUNDLED_MODELS
+            if any(same_layout(config) for config in bundled)
             else "leco needs pretrained_model.config, other tools"
         )
         warn(

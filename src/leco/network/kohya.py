@@ -116,7 +116,23 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
     except Exception as error:  # safetensors has its own error types for damaged headers
         raise LecoError(f"{path}: not a readable .safetensors LoRA ({str(error).splitlines()[0]})") from None
+    refuse_whole_numbers(
+        {key: str(t.dtype).removeprefix("torch.") for key, t in tensors.items() if not t.is_floating_point()},
+        path,
+    )
     return tensors, metadata
+
+
+def refuse_whole_numbers(not_float: dict[str, str], source: str | Path) -> None:
+    """LoRA weights are floating-point numbers; integer or boolean tensors mean a damaged file or
+    not a LoRA (nothing could load what a conversion would write). An alpha may be a whole number."""
+    not_float = {key: dtype for key, dtype in not_float.items() if not key.endswith(".alpha")}
+    if not_float:
+        key, dtype = next(iter(not_float.items()))
+        raise LecoError(
+            f"{source}: {key} holds {dtype} values, not floating-point weights; the file is damaged "
+            "or not a LoRA"
+        )
 
 
 def _read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
