@@ -149,6 +149,9 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     # Rollouts by the teacher: the student learns the teacher's prediction all along the teacher's
     # own way to a teal image, not only where its own (still blue) rollouts pass.
     "example+teacher-rollouts": [_set("train.rollout_model", "teacher")],
+    # Half the rollouts by each: the teacher's way to the image, and the student's own (where the
+    # student must draw the digit right on its own trajectory).
+    "example+mixed-rollouts": [_set("train.rollout_model", "edited+teacher")],
     "example+weight2.5+anchor-rollouts": [_set("anchors.weight", 2.5), _set("anchors.rollouts", True)],
     "previous": PREVIOUS,
     "previous+800": [*PREVIOUS, EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags

@@ -1,6 +1,7 @@
 """The teacher: prediction-type conversion, and a transplant from another model."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -213,9 +214,10 @@ def _block_at(latents, t, prompt, texts):
     return Block(latents, t.reshape(1), prompt.size, (0, 0), texts)
 
 
-def test_rollouts_by_the_teacher_train_and_resume_exactly(tmp_path, tiny_folders):
+@pytest.mark.parametrize("sampler", ["teacher", "edited+teacher"])
+def test_rollouts_by_the_teacher_train_and_resume_exactly(tmp_path, tiny_folders, sampler):
     student, teacher = tiny_folders["sd2-v"], tiny_folders["sd1"]
-    options = {"rollout_model": "teacher"}
+    options = {"rollout_model": sampler}
     whole = train(transplant_config(student, teacher, tmp_path / "whole", **options), progress=False)
     first = train(
         transplant_config(student, teacher, tmp_path / "split", iterations=3, **options), progress=False
@@ -227,11 +229,14 @@ def test_rollouts_by_the_teacher_train_and_resume_exactly(tmp_path, tiny_folders
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_rollouts_by_the_teacher_need_a_teacher(tmp_path, tiny_folders):
+@pytest.mark.parametrize("sampler", ["teacher", "edited+teacher"])
+def test_rollouts_by_the_teacher_need_a_teacher(tmp_path, tiny_folders, sampler):
     document = transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path).model_dump()
     document.pop("teacher")
-    document["train"]["rollout_model"] = "teacher"
-    with pytest.raises(LecoError, match=r"train.rollout_model: teacher samples with the teacher: model"):
+    document["train"]["rollout_model"] = sampler
+    with pytest.raises(
+        LecoError, match=rf"train.rollout_model: {re.escape(sampler)} samples with the teacher"
+    ):
         LecoConfig.model_validate(document).check_combination()
 
 
@@ -245,3 +250,21 @@ def test_a_lora_given_as_the_teacher_is_named_as_such(tmp_path, tiny_folders):
         LecoError, match=r"^teacher.name_or_path: .*fox_last.safetensors: is a LoRA, not a model"
     ):
         Trainer(config, progress=False)
+
+
+def test_mixed_rollouts_are_sampled_by_both_models(tmp_path, tiny_folders, monkeypatch):
+    config = transplant_config(
+        tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path, rollout_model="edited+teacher"
+    )
+    trainer = Trainer(config, progress=False)
+    calls = []
+    for name, owner in (("teacher", trainer.samples.teacher), ("edited", trainer.edited)):
+        original = owner.guided
+        monkeypatch.setattr(
+            owner,
+            "guided",
+            lambda *a, name=name, original=original, **k: calls.append(name) or original(*a, **k),
+        )
+    for _ in range(12):
+        trainer.samples.roll_out()
+    assert 2 <= calls.count("teacher") <= 10 and calls.count("edited") == 12 - calls.count("teacher")

@@ -216,9 +216,10 @@ class TrainConfig(_Section):
     rollout_guidance_scale: float = Field(3.0, ge=0, le=100, allow_inf_nan=False)
     # Who samples the rollouts: "edited", the model with the trained part applied at the entry's
     # strength (LECO, ESD, kohya: the latents follow what training has done so far), "frozen",
-    # the model as it is (ai-toolkit's slider process), or "teacher", the `teacher:` model (a
-    # transplant trained on the teacher's own way to its images).
-    rollout_model: Literal["edited", "frozen", "teacher"] = "edited"
+    # the model as it is (ai-toolkit's slider process), "teacher", the `teacher:` model (a
+    # transplant trained on the teacher's own way to its images), or "edited+teacher": each
+    # rollout by one of the two, drawn with equal chance.
+    rollout_model: Literal["edited", "frozen", "teacher", "edited+teacher"] = "edited"
     # Spread each sample uniformly inside its sampling step's timestep interval (False: on the grid).
     timestep_offset: bool = True
     seed: int | None = Field(None, ge=-1, lt=2**63)  # unset or -1 (as A1111 and kohya_ss): random, saved
@@ -642,9 +643,10 @@ class LecoConfig(_Section):
                         f"prompts entry {number}: action {entry.action} has no closed form; use erase or "
                         "preserve (or train.method: leco)"
                     )
-        if self.teacher is None and self.train.rollout_model == "teacher":
+        if self.teacher is None and "teacher" in self.train.rollout_model:
             raise ConfigError(
-                "train.rollout_model: teacher samples with the teacher: model; add that section"
+                f"train.rollout_model: {self.train.rollout_model} samples with the teacher: model; add "
+                "that section"
             )
         if self.teacher is None:
             for number, entry in enumerate(self.prompts, start=1):

@@ -244,9 +244,12 @@ class SampleQueue:
         plans = [plan for copy in range(copies) for plan in self.rollout.plan(m, generator, copy)]
         texts = prompt.texts(target)
         guidance = prompt.objective.rollout_guidance or self.train.rollout_guidance_scale
-        by_edited = self.train.rollout_model == "edited"  # as the edited model generates, or the frozen one
+        sampler = self.train.rollout_model
+        if sampler == "edited+teacher":  # one or the other, a draw of the run's own stream
+            sampler = ("edited", "teacher")[int(torch.randint(2, (1,), generator=generator))]
+        by_edited = sampler == "edited"  # as the edited model generates, or the frozen one
         target_text, negative_text = texts["target"], texts["unconditional"]
-        if self.train.rollout_model == "teacher":
+        if sampler == "teacher":
             model = self.teacher.guided(target_text, negative_text, guidance, size, crop)
         else:
             model = self.edited.guided(target_text, negative_text, guidance, size, crop, batch, by_edited)

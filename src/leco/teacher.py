@@ -282,7 +282,7 @@ def teachers_of_run(
     concept = None
     if config.teacher is not None:
         # The rollout texts too where the teacher samples them (train.rollout_model: teacher).
-        rollouts = ("target",) if config.train.rollout_model == "teacher" else ()
+        rollouts = ("target",) if "teacher" in config.train.rollout_model else ()
         texts = prompt_texts(prompts, (*CONCEPT_ROLES, *rollouts))
         concept = load_teacher(config.teacher, models, texts, dtype, device, edited.autocast)
     frozen = Teacher.of_student(models, edited.embeddings, edited.trainable, edited.autocast)
