@@ -148,10 +148,11 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     "example+cosine": [_set("train.lr_scheduler", "cosine")],
     # Rollouts by the teacher: the student learns the teacher's prediction all along the teacher's
     # own way to a teal image, not only where its own (still blue) rollouts pass.
-    "example+teacher-rollouts": [_set("train.rollout_model", "teacher")],
-    # Half the rollouts by each: the teacher's way to the image, and the student's own (where the
-    # student must draw the digit right on its own trajectory).
-    "example+mixed-rollouts": [_set("train.rollout_model", "edited+teacher")],
+    "example+teacher-rollouts": [_set("teacher.rollout_share", 1.0)],
+    # A share of the rollouts by each: the teacher's way to the image, and the student's own (where
+    # the student must learn to draw the digit right on its own trajectory).
+    "example+mixed-rollouts": [_set("teacher.rollout_share", 0.5)],
+    "example+quarter-rollouts": [_set("teacher.rollout_share", 0.25)],
     "example+weight2.5+anchor-rollouts": [_set("anchors.weight", 2.5), _set("anchors.rollouts", True)],
     "previous": PREVIOUS,
     "previous+800": [*PREVIOUS, EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags

@@ -1,7 +1,6 @@
 """The teacher: prediction-type conversion, and a transplant from another model."""
 
 import json
-import re
 import shutil
 
 import pytest
@@ -187,8 +186,14 @@ def test_an_offloaded_teacher_predicts_the_same_and_says_the_cpu_needs_no_offloa
         torch.testing.assert_close(predictions[role], expected[role])
 
 
+def teacher_rollouts_config(student, teacher, out, share, **train_options) -> LecoConfig:
+    config = transplant_config(student, teacher, out, **train_options)
+    config.teacher.rollout_share = share
+    return config
+
+
 def test_rollouts_by_the_teacher_sample_its_guided_prediction_in_the_students_type(tmp_path, tiny_folders):
-    config = transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path, rollout_model="teacher")
+    config = teacher_rollouts_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path, 1.0)
     trainer = Trainer(config, progress=False)
     teacher, prompt = trainer.teachers.concept, trainer.prompts[0]
     texts = prompt.texts(0)
@@ -214,30 +219,36 @@ def _block_at(latents, t, prompt, texts):
     return Block(latents, t.reshape(1), prompt.size, (0, 0), texts)
 
 
-@pytest.mark.parametrize("sampler", ["teacher", "edited+teacher"])
-def test_rollouts_by_the_teacher_train_and_resume_exactly(tmp_path, tiny_folders, sampler):
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_rollouts_by_the_teacher_train_and_resume_exactly(tmp_path, tiny_folders, share):
     student, teacher = tiny_folders["sd2-v"], tiny_folders["sd1"]
-    options = {"rollout_model": sampler}
-    whole = train(transplant_config(student, teacher, tmp_path / "whole", **options), progress=False)
+    whole = train(teacher_rollouts_config(student, teacher, tmp_path / "whole", share), progress=False)
     first = train(
-        transplant_config(student, teacher, tmp_path / "split", iterations=3, **options), progress=False
+        teacher_rollouts_config(student, teacher, tmp_path / "split", share, iterations=3), progress=False
     )
     resumed = train(
-        transplant_config(student, teacher, tmp_path / "split", **options), resume=first.state, progress=False
+        teacher_rollouts_config(student, teacher, tmp_path / "split", share),
+        resume=first.state,
+        progress=False,
     )
     a, b = read_lora_file(whole.path)[0], read_lora_file(resumed.path)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("sampler", ["teacher", "edited+teacher"])
-def test_rollouts_by_the_teacher_need_a_teacher(tmp_path, tiny_folders, sampler):
-    document = transplant_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path).model_dump()
-    document.pop("teacher")
-    document["train"]["rollout_model"] = sampler
-    with pytest.raises(
-        LecoError, match=rf"train.rollout_model: {re.escape(sampler)} samples with the teacher"
-    ):
-        LecoConfig.model_validate(document).check_combination()
+def test_a_share_of_rollouts_is_sampled_by_each_model(tmp_path, tiny_folders, monkeypatch):
+    config = teacher_rollouts_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path, 0.25)
+    trainer = Trainer(config, progress=False)
+    calls = []
+    for name, owner in (("teacher", trainer.samples.teacher), ("edited", trainer.edited)):
+        original = owner.guided
+        monkeypatch.setattr(
+            owner,
+            "guided",
+            lambda *a, name=name, original=original, **k: calls.append(name) or original(*a, **k),
+        )
+    for _ in range(40):
+        trainer.samples.roll_out()
+    assert 3 <= calls.count("teacher") <= 18 and calls.count("edited") == 40 - calls.count("teacher")
 
 
 def test_a_lora_given_as_the_teacher_is_named_as_such(tmp_path, tiny_folders):
@@ -250,21 +261,3 @@ def test_a_lora_given_as_the_teacher_is_named_as_such(tmp_path, tiny_folders):
         LecoError, match=r"^teacher.name_or_path: .*fox_last.safetensors: is a LoRA, not a model"
     ):
         Trainer(config, progress=False)
-
-
-def test_mixed_rollouts_are_sampled_by_both_models(tmp_path, tiny_folders, monkeypatch):
-    config = transplant_config(
-        tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path, rollout_model="edited+teacher"
-    )
-    trainer = Trainer(config, progress=False)
-    calls = []
-    for name, owner in (("teacher", trainer.samples.teacher), ("edited", trainer.edited)):
-        original = owner.guided
-        monkeypatch.setattr(
-            owner,
-            "guided",
-            lambda *a, name=name, original=original, **k: calls.append(name) or original(*a, **k),
-        )
-    for _ in range(12):
-        trainer.samples.roll_out()
-    assert 2 <= calls.count("teacher") <= 10 and calls.count("edited") == 12 - calls.count("teacher")

@@ -174,6 +174,9 @@ class TeacherConfig(PretrainedModelConfig):
 
     # Keep its UNet on the CPU between calls: slower, but two full-size UNets fit a 12 GB GPU.
     offload: bool = False
+    # The share of rollouts the teacher samples (its guided prediction, on its own way to the
+    # image); the others as train.rollout_model says. 0: the student samples them all.
+    rollout_share: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
 
 
 class ClosedFormConfig(_Section):
@@ -215,11 +218,10 @@ class TrainConfig(_Section):
     entry_order: Literal["shuffled", "random"] = "shuffled"
     rollout_guidance_scale: float = Field(3.0, ge=0, le=100, allow_inf_nan=False)
     # Who samples the rollouts: "edited", the model with the trained part applied at the entry's
-    # strength (LECO, ESD, kohya: the latents follow what training has done so far), "frozen",
-    # the model as it is (ai-toolkit's slider process), "teacher", the `teacher:` model (a
-    # transplant trained on the teacher's own way to its images), or "edited+teacher": each
-    # rollout by one of the two, drawn with equal chance.
-    rollout_model: Literal["edited", "frozen", "teacher", "edited+teacher"] = "edited"
+    # strength (LECO, ESD, kohya: the latents follow what training has done so far), or "frozen",
+    # the model as it is (ai-toolkit's slider process). A transplant's teacher may sample a share
+    # of them (teacher.rollout_share).
+    rollout_model: Literal["edited", "frozen"] = "edited"
     # Spread each sample uniformly inside its sampling step's timestep interval (False: on the grid).
     timestep_offset: bool = True
     seed: int | None = Field(None, ge=-1, lt=2**63)  # unset or -1 (as A1111 and kohya_ss): random, saved
@@ -643,11 +645,6 @@ class LecoConfig(_Section):
                         f"prompts entry {number}: action {entry.action} has no closed form; use erase or "
                         "preserve (or train.method: leco)"
                     )
-        if self.teacher is None and "teacher" in self.train.rollout_model:
-            raise ConfigError(
-                f"train.rollout_model: {self.train.rollout_model} samples with the teacher: model; add "
-                "that section"
-            )
         if self.teacher is None:
             for number, entry in enumerate(self.prompts, start=1):
                 if entry.action == "imitate":

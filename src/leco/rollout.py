@@ -203,7 +203,8 @@ class SampleQueue:
         self.train, self.vae_scale_factor, self.device = train, vae_scale_factor, device
         self.samples: list[TrainingSample] = []
         self.deck: list[int] = []  # the entries still to be dealt this round
-        self.teacher: Any = None  # who samples where train.rollout_model is teacher (leco.teacher.Teacher)
+        self.teacher: Any = None  # a transplant's leco.teacher.Teacher, which samples `teacher_share`
+        self.teacher_share = 0.0  # of the rollouts
 
     def next_entry(self) -> int:
         if self.train.entry_order == "random":
@@ -244,12 +245,10 @@ class SampleQueue:
         plans = [plan for copy in range(copies) for plan in self.rollout.plan(m, generator, copy)]
         texts = prompt.texts(target)
         guidance = prompt.objective.rollout_guidance or self.train.rollout_guidance_scale
-        sampler = self.train.rollout_model
-        if sampler == "edited+teacher":  # one or the other, a draw of the run's own stream
-            sampler = ("edited", "teacher")[int(torch.randint(2, (1,), generator=generator))]
-        by_edited = sampler == "edited"  # as the edited model generates, or the frozen one
+        by_teacher = self._by_teacher(generator)
+        by_edited = self.train.rollout_model == "edited" and not by_teacher  # or the frozen model
         target_text, negative_text = texts["target"], texts["unconditional"]
-        if sampler == "teacher":
+        if by_teacher:
             model = self.teacher.guided(target_text, negative_text, guidance, size, crop)
         else:
             model = self.edited.guided(target_text, negative_text, guidance, size, crop, batch, by_edited)
@@ -258,6 +257,13 @@ class SampleQueue:
         order = torch.randperm(len(plans), generator=generator).tolist()
         timesteps = [torch.full((prompt.batch_size,), plan.timestep, device=self.device) for plan in plans]
         return [TrainingSample(index, target, latents[i], timesteps[i], size, crop) for i in order]
+
+    def _by_teacher(self, generator: torch.Generator) -> bool:
+        """Whether the teacher samples this rollout (a draw only where both models sample some, so
+        that runs without a teacher keep their random stream)."""
+        if self.teacher_share in (0.0, 1.0):
+            return self.teacher_share == 1.0
+        return bool(torch.rand(1, generator=generator) < self.teacher_share)
 
     def state(self) -> dict[str, Any]:
         """The random stream, the entries still to be dealt and the latents still waiting."""

@@ -281,8 +281,8 @@ def teachers_of_run(
     """The frozen student (the trained part off), and the `teacher:` model of the concept roles if any."""
     concept = None
     if config.teacher is not None:
-        # The rollout texts too where the teacher samples them (train.rollout_model: teacher).
-        rollouts = ("target",) if "teacher" in config.train.rollout_model else ()
+        # The rollout texts too where the teacher samples some (teacher.rollout_share).
+        rollouts = ("target",) if config.teacher.rollout_share > 0 else ()
         texts = prompt_texts(prompts, (*CONCEPT_ROLES, *rollouts))
         concept = load_teacher(config.teacher, models, texts, dtype, device, edited.autocast)
     frozen = Teacher.of_student(models, edited.embeddings, edited.trainable, edited.autocast)

@@ -100,7 +100,11 @@ class Trainer:
         self.samples = SampleQueue(
             rollout, self.prompts, self.edited, self.generator, train, models.vae_scale_factor, self.device
         )
-        self.samples.teacher = self.teachers.concept  # samples where train.rollout_model is teacher
+        if config.teacher is not None:  # a share of the rollouts may be the teacher's
+            self.samples.teacher, self.samples.teacher_share = (
+                self.teachers.concept,
+                config.teacher.rollout_share,
+            )
         roles = self.trainable.extra_roles
         self.step_queue = StepQueue(self.samples, self.anchors, config.anchors, self.teachers, roles)
         alphas_cumprod, v_prediction = self.teachers.frozen.alphas_cumprod, models.family.v_pred
