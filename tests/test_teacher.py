@@ -220,17 +220,29 @@ def _block_at(latents, t, prompt, texts):
 
 
 @pytest.mark.parametrize("share", [1.0, 0.5])
-def test_rollouts_by_the_teacher_train_and_resume_exactly(tmp_path, tiny_folders, share):
+def test_rollouts_by_the_teacher_train_and_resume_exactly(tmp_path, tiny_folders, share, monkeypatch):
+    from leco.teacher import Teacher
+    from leco.trainable import EditedModel
+
     student, teacher = tiny_folders["sd2-v"], tiny_folders["sd1"]
-    whole = train(teacher_rollouts_config(student, teacher, tmp_path / "whole", share), progress=False)
-    first = train(
-        teacher_rollouts_config(student, teacher, tmp_path / "split", share, iterations=3), progress=False
-    )
-    resumed = train(
-        teacher_rollouts_config(student, teacher, tmp_path / "split", share),
-        resume=first.state,
-        progress=False,
-    )
+
+    def config(folder, **options):  # one latent a rollout: six rollouts in six steps
+        options = {"samples_per_rollout": 1, **options}
+        return teacher_rollouts_config(student, teacher, tmp_path / folder, share, **options)
+
+    samplers = []
+    for name, owner in (("teacher", Teacher), ("edited", EditedModel)):
+
+        def counted(self, *args, name=name, original=owner.guided, **kwargs):
+            samplers.append(name)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(owner, "guided", counted)
+    whole = train(config("whole"), progress=False)
+    by_teacher = samplers.count("teacher")
+    assert by_teacher == 6 if share == 1.0 else 0 < by_teacher < 6  # both kinds, with a share
+    first = train(config("split", iterations=3), progress=False)
+    resumed = train(config("split"), resume=first.state, progress=False)
     a, b = read_lora_file(whole.path)[0], read_lora_file(resumed.path)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -261,3 +273,37 @@ def test_a_lora_given_as_the_teacher_is_named_as_such(tmp_path, tiny_folders):
         LecoError, match=r"^teacher.name_or_path: .*fox_last.safetensors: is a LoRA, not a model"
     ):
         Trainer(config, progress=False)
+
+
+def test_a_state_saved_before_rollout_share_existed_resumes(tmp_path, tiny_folders):
+    from leco.checkpoints import STATE_FILE, state_file_of
+
+    student, teacher = tiny_folders["sd1"], tiny_folders["sd2-v"]
+    first = train(transplant_config(student, teacher, tmp_path, iterations=3), progress=False)
+    file = state_file_of(first.state)
+    state = torch.load(file, weights_only=False)
+    saved = json.loads(state["config"])
+    del saved["teacher"]["rollout_share"]  # as an earlier leco wrote it
+    state["config"] = json.dumps(saved)
+    torch.save(state, file)
+    assert file.name == STATE_FILE
+    resumed = train(transplant_config(student, teacher, tmp_path), resume=first.state, progress=False)
+    assert resumed.path.is_file()
+    with pytest.raises(LecoError, match=r"was trained with a different `teacher` section"):
+        train(teacher_rollouts_config(student, teacher, tmp_path, 0.5), resume=first.state, progress=False)
+
+
+def test_an_offloaded_teacher_stays_on_the_device_for_a_whole_rollout(tmp_path, tiny_folders, monkeypatch):
+    config = teacher_rollouts_config(tiny_folders["sd1"], tiny_folders["sd2-v"], tmp_path, 1.0)
+    config.teacher.offload = True
+    trainer = Trainer(config, progress=False)
+    unet = trainer.teachers.concept.unet
+    moves = []
+    original = unet.to
+    monkeypatch.setattr(unet, "to", lambda *a, **k: moves.append(a) or original(*a, **k))
+    trainer.samples.roll_out()  # 8 denoising steps, each a teacher call
+    assert len(moves) == 2  # there once and back once
+    trainer.teachers.concept.predict(
+        [_block_at(torch.zeros(1, 4, 8, 8), torch.tensor(5), trainer.prompts[0], [""])]
+    )
+    assert len(moves) == 4  # a single call outside a rollout still moves it there and back

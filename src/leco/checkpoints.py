@@ -15,6 +15,7 @@ import re
 import signal
 import sys
 import threading
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,38 @@ _FREE_KEYS = {"offload", "allow_pickle"}
 
 def _trained_part(section: Any) -> Any:
     return {k: v for k, v in section.items() if k not in _FREE_KEYS} if isinstance(section, dict) else section
+
+
+def _with_later_defaults(key: str, saved: Any, current: Any) -> Any:
+    """The saved section with the keys a later leco added, where this run leaves them at their
+    default: a state saved before a new setting existed trained as that default does."""
+    model = _section_model(LecoConfig.model_fields[key].annotation)
+    if model is None:
+        return saved
+    if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
+        return [_fill(model, s, c) for s, c in zip(saved, current, strict=True)]
+    return _fill(model, saved, current)
+
+
+def _fill(model: type, saved: Any, current: Any) -> Any:
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return saved
+    fields = model.model_fields
+    added = {
+        k: v for k, v in current.items() if k not in saved and k in fields and v == fields[k].get_default()
+    }
+    return {**saved, **added}
+
+
+def _section_model(annotation: Any) -> type | None:
+    """The pydantic model inside a section's annotation (`TeacherConfig | None`, `list[PromptSettings]`)."""
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    for argument in typing.get_args(annotation):
+        found = _section_model(argument)
+        if found is not None:
+            return found
+    return None
 
 
 class RunFolder:
@@ -309,7 +342,8 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
         ) from None
     current = json.loads(config_json)
     for key in _MUST_MATCH:
-        if _trained_part(saved.get(key)) != _trained_part(current.get(key)):
+        was = _with_later_defaults(key, saved.get(key), current.get(key))
+        if _trained_part(was) != _trained_part(current.get(key)):
             raise LecoError(
                 f"--resume: {file} was trained with a different `{key}` section; resume with the config "
                 "that started the run (only train/save/logging settings, offload and allow_pickle may change)"

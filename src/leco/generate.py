@@ -31,7 +31,7 @@ from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_meta
 from leco.images import ImageRequest, format_strength, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs, sampler_from_config
 from leco.network import kohya
-from leco.network.kohya import delta_weight
+from leco.network.kohya import ModuleWeights, delta_weight
 from leco.network.text_encoders import TextEncoderLoRA, text_encoder_layers
 
 SAMPLERS = {
@@ -187,19 +187,28 @@ class _TextEncoderDeltas:
         encoders: list[torch.nn.Module],
         family: ModelFamily,
     ) -> None:
-        self.layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # weight, original, delta
+        # (weight, its loaded values kept on the CPU, the module's low-rank factors): a full-size
+        # delta per layer would double the encoders' GPU memory (SDXL's: gigabytes).
+        self.layers: list[tuple[torch.Tensor, torch.Tensor, ModuleWeights]] = []
         if not tensors:
             return
         layers = text_encoder_layers(encoders, family)
         for key, weights in TextEncoderLoRA(tensors, f"--lora: {path}").fitted(encoders, family).items():
             weight = layers[key].weight
-            delta = delta_weight(weights, weight.shape).to(weight.device, weight.dtype)
-            self.layers.append((weight, weight.detach().clone(), delta))
+            factors = ModuleWeights(
+                weights.down.to(weight.device), weights.up.to(weight.device), weights.alpha
+            )
+            self.layers.append((weight, weight.detach().to("cpu", copy=True), factors))
 
     @torch.no_grad()
     def apply(self, strength: float) -> None:
-        for weight, original, delta in self.layers:
-            weight.copy_(original if strength == 0 else original + strength * delta)
+        """Each weight set to its loaded value plus `strength` times the module's change, added in
+        fp32 as `leco merge` adds it."""
+        for weight, original, factors in self.layers:
+            value = original.to(weight.device)
+            if strength != 0:
+                value = (value.float() + strength * delta_weight(factors, weight.shape)).to(weight.dtype)
+            weight.copy_(value)
 
 
 def _as_diffusers_loads_it(

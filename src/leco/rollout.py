@@ -13,6 +13,7 @@ the prediction the rollout made anyway, so every training timestep 1..T-1 gets t
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -252,7 +253,11 @@ class SampleQueue:
             model = self.teacher.guided(target_text, negative_text, guidance, size, crop)
         else:
             model = self.edited.guided(target_text, negative_text, guidance, size, crop, batch, by_edited)
-        with self.edited.trainable.strength(prompt.settings.multiplier if by_edited else 0.0):
+        teacher_on_device = self.teacher.resident(self.device) if by_teacher else contextlib.nullcontext()
+        with (
+            self.edited.trainable.strength(prompt.settings.multiplier if by_edited else 0.0),
+            teacher_on_device,
+        ):
             latents = self.rollout.run(model, noise, plans, generator)
         order = torch.randperm(len(plans), generator=generator).tolist()
         timesteps = [torch.full((prompt.batch_size,), plan.timestep, device=self.device) for plan in plans]

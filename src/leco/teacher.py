@@ -9,7 +9,7 @@ another model with the same latent space (its own tokenizer, text encoders and p
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +69,7 @@ class Teacher:
         self.autocast = autocast
         self.frozen = frozen  # switches the student's trained part off when the teacher is the student
         self.offload = offload  # keep the UNet on the CPU between calls (a second model on a small GPU)
+        self.resident_on: torch.device | None = None  # where it stays for a while (see `resident`)
 
     @classmethod
     def of_student(
@@ -98,14 +99,14 @@ class Teacher:
         latents = torch.cat([b.latents.repeat(len(b.texts), 1, 1, 1) for b in blocks])
         timesteps = torch.cat([b.timesteps.repeat(len(b.texts)) for b in blocks])
         cond = Conditioning.cat([self.conditioning(b) for b in blocks])
-        device = latents.device
-        if self.offload:
-            self.unet.to(device)
+        moves = self.offload and self.resident_on is None
+        if moves:
+            self.unet.to(latents.device)
         try:
             with self.frozen(), self.autocast():
                 out = predict(self.unet, latents, timesteps, cond).float()
         finally:
-            if self.offload:
+            if moves:
                 self.unet.to("cpu")
         out = convert_prediction(
             out, latents, timesteps, self.alphas_cumprod, self.prediction_type, self.student_prediction_type
@@ -118,6 +119,21 @@ class Teacher:
             )
             row += batch * len(block.texts)
         return results
+
+    @contextlib.contextmanager
+    def resident(self, device: torch.device) -> Iterator[None]:
+        """An offloaded UNet kept on `device` for many calls (a rollout's every step): moved there
+        and back once, not at each call."""
+        if not self.offload or self.resident_on is not None:
+            yield
+            return
+        self.unet.to(device)
+        self.resident_on = device
+        try:
+            yield
+        finally:
+            self.resident_on = None
+            self.unet.to("cpu")
 
     def guided(
         self, target: str, unconditional: str, scale: float, size: tuple[int, int], crop: tuple[int, int]
