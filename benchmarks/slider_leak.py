@@ -56,7 +56,7 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "sli
 TARGET, PLUS, MINUS = 5, "red", "blue"
 OWN_IMAGES = 16
 LADDER = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5)  # --ladder: strengths the own prompt is drawn at
-KINDS = ("digit+ink", "digit only", "ink only", "five + other ink")
+KINDS = ("digit+ink", "digit only", "ink only", "target digit + other ink")
 
 
 def prompts() -> list[tuple[str, str]]:

@@ -358,9 +358,15 @@ def test_a_lora_of_whole_numbers_is_refused_in_one_line_everywhere(tmp_path, tin
     save_file({k: v.to(torch.int32) for k, v in tensors.items()}, str(damaged), metadata)
     with pytest.raises(LecoError, match=r"lora_down.weight holds int32 values, not floating-point weights"):
         convert(damaged, tmp_path / "out.safetensors", model=str(tiny_folders["sd1"]))
-    with pytest.raises(LecoError, match=r"lora_down.weight holds I32 values, not floating-point weights"):
+    with pytest.raises(LecoError, match=r"lora_down.weight holds int32 values, not floating-point weights"):
         read_lora_header(damaged)
     assert not (tmp_path / "out.safetensors").exists()
+    torch.save({k: v.to(torch.int32) for k, v in tensors.items()}, tmp_path / "ints.pt")  # a sliders .pt
+    with pytest.raises(LecoError, match=r"lora_down.weight holds int32 values"):
+        read_lora_file(tmp_path / "ints.pt")
+    torch.save({k: v.to(torch.int32) for k, v in tensors.items()}, tmp_path / "ints.pt")  # a sliders .pt
+    with pytest.raises(LecoError, match=r"lora_down.weight holds int32 values"):
+        read_lora_file(tmp_path / "ints.pt")
     whole_alpha = {k: (v.to(torch.int64) if k.endswith(".alpha") else v) for k, v in tensors.items()}
     save_file(whole_alpha, str(tmp_path / "alpha.safetensors"), metadata)
     assert read_lora_file(tmp_path / "alpha.safetensors")[0].keys() == tensors.keys()  # an alpha may be whole

@@ -756,7 +756,7 @@ def test_attributes_work_in_inline_config_prompts(tmp_path):
     # Roles the file left unset stay defaults: a preserve entry is not told it sets `neutral`.
     path.write_text(
         "pretrained_model: {name_or_path: x/y}\n"
-        "prompts:\n  - {target: cat, action: preserve, attributes: [a]}\n"
+        "prompts:\n  - {target: cat, action: preserve, attributes: [a]}\n  - {target: dog}\n"
     )
     config = load_config(path)
     assert (config.prompts[0].positive, config.prompts[0].neutral) == ("a cat", "a ")
@@ -878,3 +878,12 @@ def test_a_listed_target_is_read_in_place_not_copied_per_prompt():
     assert entry.targets is entry.target
     assert [entry.role_text("positive", i) for i in range(2)] == ["a fox", "a cat"]
     assert [entry.role_text("neutral", i) for i in range(2)] == ["an animal", "a pet"]
+
+
+def test_a_leco_config_given_as_a_prompts_file_is_named_as_such(tmp_path):
+    path = tmp_path / "prompts.yaml"
+    path.write_text("pretrained_model: {name_or_path: ink-digits}\nprompts:\n  - target: a digit seven\n")
+    with pytest.raises(
+        ConfigError, match=r"is a leco config, not a prompts file; run it as `leco train prompts.yaml`"
+    ):
+        load_prompts(path)

@@ -584,11 +584,14 @@ def test_overwriting_a_merged_folder_keeps_what_the_user_put_there(tmp_path, tin
     lora = random_lora(folder, tmp_path / "l.safetensors", seed=9)
     out = merge(folder, [LoraStrength(lora, 1.0)], tmp_path / "m", precision="fp32")
     (out / "NOTES.txt").write_text("mine")
+    assert not (out / "README.md").exists()  # the tiny model has no card: merge wrote none
+    (out / "README.md").write_text("my own card")
     (out / "samples").mkdir()
     (out / "samples" / "a.png").write_bytes(b"png")
     unet_before = (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     merge(folder, [LoraStrength(lora, -1.0)], out, precision="fp32", overwrite=True)
     assert (out / "NOTES.txt").read_text() == "mine" and (out / "samples" / "a.png").read_bytes() == b"png"
+    assert (out / "README.md").read_text() == "my own card"
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() != unet_before
     assert json.loads((out / FOLDER_METADATA).read_text())["modelspec.merged_from"] == "sd1, l:-1"
 
@@ -601,6 +604,11 @@ def test_an_empty_folder_takes_a_merge_without_overwrite(tmp_path, tiny_folders)
     assert (out / FOLDER_METADATA).is_file()
     with pytest.raises(LecoError, match=r"exists; choose another path or pass --overwrite"):
         merge(folder, [LoraStrength(lora, 1.0)], out, precision="fp32")
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".DS_Store").write_bytes(b"finder")  # nothing a user would miss
+    assert (
+        merge(folder, [LoraStrength(lora, 1.0)], tmp_path / "hidden", precision="fp32") / FOLDER_METADATA
+    ).is_file()
 
 
 def test_two_files_of_one_title_are_told_apart_in_merged_from(tmp_path, tiny_folders):

@@ -113,9 +113,9 @@ def check_output(
     if not os.access(existing, os.W_OK) or (existing == where and not os.access(where.parent, os.W_OK)):
         raise LecoError(f"--out: {out} cannot be written there (permission denied); choose another path")
     # An empty folder has nothing to lose: a command that writes folders fills it without --overwrite.
-    if path_exists(out) and not overwrite and not (folder_marker and _is_empty_folder(out)):
+    if path_exists(out) and not overwrite and not (folder_marker and is_empty_folder(out)):
         raise LecoError(f"--out: {out} exists; choose another path or pass --overwrite to replace it")
-    if out.is_dir() and folder_marker and any(out.iterdir()) and not (out / folder_marker).is_file():
+    if out.is_dir() and folder_marker and not is_empty_folder(out) and not (out / folder_marker).is_file():
         raise LecoError(
             f"--out: {out} holds files this command did not write (no {folder_marker}); --overwrite replaces "
             "only such an output, so choose a new or empty folder"
@@ -123,9 +123,10 @@ def check_output(
     return out
 
 
-def _is_empty_folder(path: Path) -> bool:
+def is_empty_folder(path: Path) -> bool:
+    """No entry but hidden ones (.DS_Store, .gitkeep: nothing a user would miss)."""
     try:
-        return path.is_dir() and not any(path.iterdir())
+        return path.is_dir() and all(entry.name.startswith(".") for entry in path.iterdir())
     except OSError:  # unreadable: not known to be empty
         return False
 

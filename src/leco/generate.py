@@ -397,6 +397,20 @@ class LoraHeader:
     metadata: dict[str, str]
 
 
+# safetensors' names of the whole-number dtypes, as torch spells them (messages say "int32" either way).
+_SAFETENSORS_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "I32": "int32",
+    "U32": "uint32",
+    "I64": "int64",
+    "U64": "uint64",
+}
+
+
 def read_lora_header(path: str | Path) -> LoraHeader:
     """Read and check a LoRA file's header; missing, damaged and non-LoRA files are one-line errors.
 
@@ -429,9 +443,8 @@ def read_lora_header(path: str | Path) -> LoraHeader:
             f"--lora: {path} is not a readable .safetensors file ({_first_line(error)}); it may be "
             "truncated or damaged: download it or train it again"
         ) from None
-    kohya.refuse_whole_numbers(
-        {key: dtype for key, dtype in dtypes.items() if not dtype.startswith(("F", "BF"))}, f"--lora: {path}"
-    )
+    whole = {key: _SAFETENSORS_DTYPES.get(t, t) for key, t in dtypes.items() if not t.startswith(("F", "BF"))}
+    kohya.refuse_whole_numbers(whole, f"--lora: {path}")
     for key, down in shapes.items():
         module, _, part = key.partition(".")
         if part == "lora_down.weight" and f"{module}.lora_up.weight" in shapes:

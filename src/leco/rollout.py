@@ -183,7 +183,8 @@ class Rollout:
 
 
 class SampleQueue:
-    """Training samples: a random entry and target, one partial rollout of the edited model, m latents.
+    """Training samples: a random entry and target, one partial rollout (of the edited model, or a
+    transplant's teacher for `teacher_share` of them), m latents.
 
     Entries are dealt from a shuffled deck (every entry once per round; `train.entry_order: random`
     draws each rollout's independently), then one of the entry's targets. A step takes up to

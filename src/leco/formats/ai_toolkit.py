@@ -336,9 +336,8 @@ class _Converter:
         if seed is not None:
             self.put("train.seed", seed, process.key("training_seed"))
         process.accept("performance_log_every")
-        process.cosmetic(
-            self.warnings, "trigger_word"
-        )  # [trigger] in sample prompts; a slider's targets name it
+        # trigger_word fills [trigger] in sample prompts; a slider's targets name their words themselves.
+        process.cosmetic(self.warnings, "trigger_word")
 
     def read_train(self, train: _Section) -> int:
         defaults = AI_TOOLKIT_TRAIN_DEFAULTS
@@ -618,32 +617,31 @@ class _Converter:
             expanded += self.slider_target(target, rng)
         expanded = expanded[:steps]  # ai-toolkit trims targets (with permutations) to the step count
         resolutions = self.resolutions(slider)
-        neutrals = self.neutrals(slider)
+        self.check_prompt_file(slider)
         # ai-toolkit's default draws one target a step and averages its pairs (4 with both poles,
         # 2 with one), so every target gets as many steps; leco deals entries evenly, so a one-pole
         # target's two entries are listed twice.
         one_pole_repeats = 2 if slider.get("batch_full_slide", True) else 1
         entries = []  # batch_size: train.batch_size, the default of entries that name none
-        for neutral in neutrals:
-            for target_class, positive, negative, multiplier, weight in expanded:
-                pairs = slider_pairs(positive, negative, multiplier)
-                if len(pairs) == 2:
-                    pairs *= one_pole_repeats
-                for resolution in resolutions:
-                    for pole, other, action, strength in pairs:
-                        entries.append(
-                            {
-                                "target": target_class,
-                                "positive": pole,
-                                "unconditional": other,
-                                "neutral": neutral,
-                                "action": action,
-                                "guidance_scale": 1.0,
-                                "resolution": resolution,
-                                "multiplier": strength,
-                                "weight": weight,
-                            }
-                        )
+        for target_class, positive, negative, multiplier, weight in expanded:
+            pairs = slider_pairs(positive, negative, multiplier)
+            if len(pairs) == 2:
+                pairs *= one_pole_repeats
+            for resolution in resolutions:
+                for pole, other, action, strength in pairs:
+                    entries.append(
+                        {
+                            "target": target_class,
+                            "positive": pole,
+                            "unconditional": other,
+                            "neutral": "",  # ai-toolkit's loop predicts its neutral from ""
+                            "action": action,
+                            "guidance_scale": 1.0,
+                            "resolution": resolution,
+                            "multiplier": strength,
+                            "weight": weight,
+                        }
+                    )
         self.config["prompts"] = entries
         self.origin["prompts"] = slider.key("targets")
         self.read_anchors(slider)
@@ -680,13 +678,13 @@ class _Converter:
             )
         return [int(h) if int(h) == int(w) else (int(h), int(w)) for h, w in value]
 
-    def neutrals(self, slider: _Section) -> list[str]:
-        """[""]: ai-toolkit's slider loop takes its neutral prediction from "" whatever `prompt_file`
-        holds (its lines only multiply the list of prompt pairs, all alike); the file is still read,
-        as ai-toolkit reads it, so a missing one is an error here too."""
+    def check_prompt_file(self, slider: _Section) -> None:
+        """ai-toolkit's slider loop takes its neutral prediction from "" whatever `prompt_file` holds
+        (its lines only multiply the list of prompt pairs, all alike); the file is still read, as
+        ai-toolkit reads it, so a missing one is an error here too."""
         name = slider.get("prompt_file")
         if name is None:
-            return [""]
+            return
         key = slider.key("prompt_file")
         file = Path(str(name)).expanduser()
         # ai-toolkit opens it from the working directory; leco also looks next to the config file.
@@ -708,7 +706,6 @@ class _Converter:
             'prediction is the empty prompt\'s; leco trains the same (neutral ""). For neutral prompts '
             "that count, use a kohya TOML prompts file (neutral_prompt_file)"
         )
-        return [""]
 
     def read_anchors(self, slider: _Section) -> None:
         """Anchors keep their prompt's prediction; ai-toolkit trained them at the pair's strength sign."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +20,14 @@ from safetensors.torch import save as safetensors_bytes
 
 from leco.config import PretrainedModelConfig, typed_float
 from leco.errors import LecoError, warn
-from leco.files import atomic_folder, atomic_output, check_output, path_exists, safetensors_metadata
+from leco.files import (
+    atomic_folder,
+    atomic_output,
+    check_output,
+    is_empty_folder,
+    path_exists,
+    safetensors_metadata,
+)
 from leco.ink_digits.judge import BUILD_REPORT, JUDGE_FILE
 from leco.ink_digits.quality import trained_inks
 from leco.interop.original_layout import original_state_dict
@@ -30,6 +38,7 @@ from leco.preservation import KNOWN_PROMPTS_FILE
 
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FOLDER_METADATA = "modelspec.json"  # diffusers folders have no header: the same keys go in this file
+MERGE_FILES = "leco.merge_files"  # in FOLDER_METADATA: the top-level names a merge wrote
 
 
 @dataclass(frozen=True)
@@ -189,7 +198,7 @@ def _check_output(out: Path, overwrite: bool, inputs: Sequence[Path]) -> Path:
             f"--out: {out} is not a model leco merge wrote (a LoRA, or another program's file); --overwrite "
             "replaces only such an output, so choose another path"
         )
-    if out.is_dir() and any(out.iterdir()) and "leco.merge" not in _folder_metadata(out):
+    if out.is_dir() and not is_empty_folder(out) and "leco.merge" not in _folder_metadata(out):
         # a model_index.json alone says diffusers, not leco merge: it may be the user's own model
         raise LecoError(
             f"--out: {out} is not a model folder leco merge wrote (its {FOLDER_METADATA} has no leco.merge); "
@@ -222,29 +231,63 @@ def _save_folder(models: LoadedModels, out: Path, metadata: dict[str, str], dtyp
     with atomic_folder(out) as staging:
         pipe.save_pretrained(staging)
         _copy_model_files(Path(models.source), staging)
+        written = sorted({entry.name for entry in staging.iterdir()} | {FOLDER_METADATA})
+        # What this merge wrote, so that an --overwrite later replaces that and nothing else.
+        metadata = {**metadata, MERGE_FILES: json.dumps(written)}
         (staging / FOLDER_METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
-        for kept in _not_written_by_merge(out):  # --overwrite replaces only what merge wrote
-            copy = shutil.copytree if kept.is_dir() else shutil.copy2
-            copy(kept, staging / kept.name)
+        for kept in _not_written_by_merge(out, written):  # --overwrite replaces only what merge wrote
+            _link_or_copy(kept, staging / kept.name)
     return out
 
 
-def _not_written_by_merge(folder: Path) -> list[Path]:
-    """What the user put into an earlier merge's folder: anything but its model_index.json
-    components and the files merge writes beside them."""
+def _not_written_by_merge(folder: Path, written_now: list[str]) -> list[Path]:
+    """What the user put into an earlier merge's folder: anything neither that merge nor this one
+    wrote (a merge before leco recorded its files: its model_index.json components and the files
+    merge writes beside them)."""
     if not folder.is_dir():
         return []
     try:
-        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        index = {}
-    components = (
-        {name for name, value in index.items() if isinstance(value, list)}
-        if isinstance(index, dict)
-        else set()
-    )
-    written = {"model_index.json", FOLDER_METADATA, MODEL_CARD, KNOWN_PROMPTS_FILE, JUDGE_FILE, BUILD_REPORT}
-    return sorted(entry for entry in folder.iterdir() if entry.name not in written | components)
+        written = set(json.loads(_folder_metadata(folder)[MERGE_FILES]))
+    except (KeyError, TypeError, ValueError):
+        try:
+            index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            index = {}
+        written = (
+            {name for name, value in index.items() if isinstance(value, list)}
+            if isinstance(index, dict)
+            else set()
+        )
+        written |= {
+            "model_index.json",
+            FOLDER_METADATA,
+            MODEL_CARD,
+            KNOWN_PROMPTS_FILE,
+            JUDGE_FILE,
+            BUILD_REPORT,
+        }
+    return sorted(entry for entry in folder.iterdir() if entry.name not in written | set(written_now))
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Kept files are hard-linked into the new folder where the file system allows (no second copy
+    of a large samples folder on the disk), else copied."""
+
+    def link(one: str, other: str) -> None:
+        try:
+            os.link(one, other)
+        except OSError:
+            shutil.copy2(one, other)
+
+    try:
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, target, symlinks=True, copy_function=link)
+        else:
+            link(str(source), str(target))
+    except OSError as error:
+        raise LecoError(
+            f"--out: cannot keep {source} in the new folder ({error.strerror or error}); nothing was replaced"
+        ) from None
 
 
 def _copy_model_files(source: Path, staging: Path) -> None:
@@ -270,18 +313,12 @@ def _warn_if_layout_is_its_own(models: LoadedModels, name: str) -> None:
     # standard configuration, which a small model of its own layout (ink-digits) does not fit.
     standard = json.loads((CONFIG_ROOT / models.family.arch / "unet" / "config.json").read_text())
     keys = ("block_out_channels", "cross_attention_dim", "layers_per_block")
-
-    def same_layout(config: dict) -> bool:
-        return all(_as_list(models.unet.config.get(k)) == _as_list(config.get(k)) for k in keys)
-
-    if not same_layout(standard):
-        bundled = [
-            json.loads((resolve_bundled(bundled) / "unet" / "config.json").read_text())
-            for bundled in BUNDLED_MODELS
-        ]
-        where = (  # a bundled model, or a file merged from one: leco knows the layout
+    if any(_as_list(models.unet.config.get(k)) != _as_list(standard.get(k)) for k in keys):
+        # A bundled model, or a file leco recognised as one of their layouts when it loaded it.
+        bundled = {resolve_bundled(known).resolve() for known in BUNDLED_MODELS}
+        where = (
             "leco reads it back (it knows the bundled layouts); other tools need"
-            if any(same_layout(config) for config in bundled)
+            if Path(models.folder).resolve() in bundled
             else "leco needs pretrained_model.config, other tools"
         )
         warn(

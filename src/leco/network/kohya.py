@@ -109,13 +109,16 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             raise LecoError(f"{path}: is a folder; give the LoRA's .safetensors file")
         raise LecoError(f"{path}: LoRA file not found; check the path")
     if path.suffix.lower() in PICKLED_LORA_SUFFIXES:
-        return _read_pickled_state_dict(path), {}
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = dict(file.metadata() or {})
-            tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
-    except Exception as error:  # safetensors has its own error types for damaged headers
-        raise LecoError(f"{path}: not a readable .safetensors LoRA ({str(error).splitlines()[0]})") from None
+        tensors, metadata = _read_pickled_state_dict(path), {}
+    else:
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                metadata = dict(file.metadata() or {})
+                tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
+        except Exception as error:  # safetensors has its own error types for damaged headers
+            raise LecoError(
+                f"{path}: not a readable .safetensors LoRA ({str(error).splitlines()[0]})"
+            ) from None
     refuse_whole_numbers(
         {key: str(t.dtype).removeprefix("torch.") for key, t in tensors.items() if not t.is_floating_point()},
         path,
