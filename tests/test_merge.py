@@ -622,3 +622,11 @@ def test_two_files_of_one_title_are_told_apart_in_merged_from(tmp_path, tiny_fol
     assert (
         json.loads((out / FOLDER_METADATA).read_text())["modelspec.merged_from"] == "sd1, run1:1, run2:-0.5"
     )
+    for run, lora in (("a", first), ("b", second)):  # alike file names too: their folders tell them apart
+        (tmp_path / run).mkdir()
+        shutil.copy(lora, tmp_path / run / "lora.safetensors")
+    loras = [LoraStrength(tmp_path / run / "lora.safetensors", 1.0) for run in ("a", "b")]
+    out = merge(folder, loras, tmp_path / "m2", precision="fp32")
+    assert (
+        json.loads((out / FOLDER_METADATA).read_text())["modelspec.merged_from"] == "sd1, a/lora:1, b/lora:1"
+    )

@@ -148,13 +148,7 @@ def merge_metadata(
         models.family, models.resolution, kohya.model_architecture(models.family), implementation
     )
     base_title = Path(model_name.rstrip("/")).stem or model_name
-    title_of = {lora.path.resolve(): _lora_title(lora) for lora in loras}
-    titles = list(title_of.values())
-    # Two files under one title (two runs of one config) are told apart by their file names.
-    names = [
-        lora.path.stem if titles.count(title_of[lora.path.resolve()]) > 1 else title_of[lora.path.resolve()]
-        for lora in loras
-    ]
+    names = [_distinct_name(lora, loras) for lora in loras]
     merged_from = [base_title] + [
         f"{name}:{kohya.metadata_number(lora.strength)}" for lora, name in zip(loras, names, strict=True)
     ]
@@ -164,6 +158,18 @@ def merge_metadata(
         {"model": base_title, "loras": [{"file": x.path.name, "strength": x.strength} for x in loras]}
     )
     return metadata
+
+
+def _distinct_name(lora: LoraStrength, loras: Sequence[LoraStrength]) -> str:
+    """The LoRA's title; its file name where another file has that title (two runs of one config),
+    with its folder where the file names are alike too (run1/lora, run2/lora)."""
+    others = [other for other in loras if other.path.resolve() != lora.path.resolve()]
+    title = _lora_title(lora)
+    if all(_lora_title(other) != title for other in others):
+        return title
+    if all(other.path.stem != lora.path.stem for other in others):
+        return lora.path.stem
+    return f"{lora.path.parent.name}/{lora.path.stem}"
 
 
 def _lora_title(lora: LoraStrength) -> str:
