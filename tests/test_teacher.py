@@ -289,8 +289,12 @@ def test_a_state_saved_before_rollout_share_existed_resumes(tmp_path, tiny_folde
     assert file.name == STATE_FILE
     resumed = train(transplant_config(student, teacher, tmp_path), resume=first.state, progress=False)
     assert resumed.path.is_file()
+    # who samples the rollouts may change for the rest of a run (the teacher first, then the student)
+    longer = teacher_rollouts_config(student, teacher, tmp_path, 0.5, iterations=8)
+    assert train(longer, resume=resumed.state, progress=False).path.is_file()
+    other = transplant_config(student, student, tmp_path, iterations=8)  # another teacher: refused
     with pytest.raises(LecoError, match=r"was trained with a different `teacher` section"):
-        train(teacher_rollouts_config(student, teacher, tmp_path, 0.5), resume=first.state, progress=False)
+        train(other, resume=resumed.state, progress=False)
 
 
 def test_an_offloaded_teacher_stays_on_the_device_for_a_whole_rollout(tmp_path, tiny_folders, monkeypatch):

@@ -30,9 +30,10 @@ from leco.tracking import check_log_folder
 STATE_FILE = "training_state.pt"
 # Parts of the config that must match for a resumed run to continue the same training.
 _MUST_MATCH = ("pretrained_model", "network", "prompts", "anchors", "teacher")
-# Keys of those sections that change where or how weights are read, not what is trained: a run may
-# go on with them changed (offload is what one turns on after running out of memory mid-run).
-_FREE_KEYS = {"offload", "allow_pickle"}
+# Keys of those sections that change where or how weights are read, or who samples the rollouts,
+# not what is trained: a run may go on with them changed (offload is what one turns on after
+# running out of memory mid-run; rollout_share may hand the rollouts to the student for the rest).
+_FREE_KEYS = {"offload", "allow_pickle", "rollout_share"}
 
 
 def _trained_part(section: Any) -> Any:
@@ -346,7 +347,8 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
         if _trained_part(was) != _trained_part(current.get(key)):
             raise LecoError(
                 f"--resume: {file} was trained with a different `{key}` section; resume with the config "
-                "that started the run (only train/save/logging settings, offload and allow_pickle may change)"
+                "that started the run (only train/save/logging settings, offload, allow_pickle and "
+                "rollout_share may change)"
             )
     # Their saved state is another kind's (sgd has no moments, amsgrad more of them, StepLR keeps its
     # step_size): continuing under other ones would fail, or silently keep the first run's.
