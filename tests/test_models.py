@@ -76,6 +76,19 @@ def test_single_file_of_unknown_shape_is_refused(tmp_path):
         load_models(str(path))
 
 
+@pytest.mark.parametrize(
+    "key",
+    [
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",  # kohya
+        "unet.down_blocks.0.attentions.0.proj_in.lora.down.weight",  # diffusers
+        "base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight",  # peft
+    ],
+)
+def test_a_lora_given_as_a_model_is_named_as_such(key):
+    with pytest.raises(LecoError, match=r"^x.safetensors: is a LoRA, not a model"):
+        arch_from_checkpoint({key: torch.zeros(2, 2)}, "x.safetensors")
+
+
 def test_single_file_needs_matching_configs(tiny_single_files):
     # Without `config`, the shipped full-size SD1 architecture is used: a tiny file does not fit it.
     with pytest.raises(LecoError, match="do not match the sd1 architecture"):

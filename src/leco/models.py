@@ -599,7 +599,8 @@ def arch_from_checkpoint(checkpoint: dict[str, torch.Tensor], path: Path | str =
     )
     if proj_in is not None:
         return "sd2" if proj_in.ndim == 2 else "sd1"
-    if any(k.startswith(("lora_unet_", "lora_te")) for k in checkpoint):
+    # kohya's keys, or diffusers' / peft's (unet.…lora.down.weight, …lora_A.weight)
+    if any(k.startswith(("lora_unet_", "lora_te")) or ".lora" in k or "lora_A" in k for k in checkpoint):
         raise LecoError(
             f"{path}: is a LoRA, not a model; name the model (a folder, checkpoint or ink-digits) here, "
             "and give the LoRA where LoRAs go (--lora, or bake it in with leco merge)"
