@@ -123,6 +123,7 @@ EIGHT_HUNDRED = _set("train.iterations", 800)
 # below that change its phrasings or steps were measured on it.
 PREVIOUS = [_set("anchors.weight", 1.0), _set("train.iterations", 1600)]
 
+TEACHER_FIRST = "example+teacher-first"
 RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     "example": [],
     "example+1600": [_set("train.iterations", 1600)],  # the anchors' weight slows the ink
@@ -153,6 +154,7 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     # the student must learn to draw the digit right on its own trajectory).
     "example+mixed-rollouts": [_set("teacher.rollout_share", 0.5)],
     "example+quarter-rollouts": [_set("teacher.rollout_share", 0.25)],
+    TEACHER_FIRST: [],  # trained in two phases by `run`
     "example+weight2.5+anchor-rollouts": [_set("anchors.weight", 2.5), _set("anchors.rollouts", True)],
     "previous": PREVIOUS,
     "previous+800": [*PREVIOUS, EIGHT_HUNDRED],  # half the steps: the "number" phrasing lags
@@ -202,7 +204,13 @@ def run(task: str, recipe: str, seeds: list[int], images: int, folder: Path) -> 
         config = LecoConfig.model_validate(document)
         trained_on |= {target for entry in config.prompts for target in entry.targets}
         start = time.perf_counter()
-        result = train(config, progress=False)
+        if recipe == TEACHER_FIRST:  # the teacher's rollouts for half the run, the student's after
+            half = config.model_copy(deep=True)
+            half.train.iterations //= 2
+            half.teacher.rollout_share = 1.0
+            result = train(config, resume=train(half, progress=False).state, progress=False)
+        else:
+            result = train(config, progress=False)
         seconds.append(time.perf_counter() - start)
         files.append(result.path)
     student = load_models(document["pretrained_model"]["name_or_path"], with_vae=True)
