@@ -758,3 +758,18 @@ def test_an_unreadable_config_says_permission_denied(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_text", denied)  # chmod 000 does not stop root, who runs CI here
     with pytest.raises(ConfigError, match=r"c.yaml: cannot be read \(permission denied\); make it readable"):
         load_config(path)
+
+
+def test_more_latents_a_step_than_a_rollout_gives_is_refused():
+    def config(**train):
+        return LecoConfig.model_validate(
+            {
+                "pretrained_model": {"name_or_path": "ink-digits"},
+                "prompts": [{"target": "a digit seven"}],
+                "train": train,
+            }
+        )
+
+    with pytest.raises(ConfigError, match=r"train.samples_per_step: 8, but a rollout gives 4 latents"):
+        config(samples_per_rollout=4, samples_per_step=8).check_combination()
+    config(samples_per_rollout=4, samples_per_step=8, parallel_rollouts=2).check_combination()  # 8 there

@@ -44,7 +44,7 @@ def guidance_one_latents(models, prompts: list[str], steps: int = 25) -> tuple[t
 def test_distilled_guidance_one_prediction_is_closer_to_the_guided_one_on_held_out_prompts(tmp_path):
     config = load_config(EXAMPLE)
     config.train.iterations, config.save.path, config.save.per_steps = 200, str(tmp_path), 10**6
-    config.train.samples_per_step = 1  # the example's 8 latents a step fit better; 1 keeps this test short
+    config.train.samples_per_step = 1  # the example's 4 latents a step fit better; 1 keeps this test short
     result = train(config, progress=False)
     models = load_models("ink-digits", with_vae=True)
     with result.trainable.strength(0.0):

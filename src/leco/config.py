@@ -631,6 +631,14 @@ class LecoConfig(_Section):
         if self.network.type == "embedding" and self.teacher is not None:
             raise ConfigError("teacher: transplants train a LoRA; use network.type lierla or c3lier")
         _check_schedule_args(self.train.lr_scheduler, self.train.lr_scheduler_args, self.train.lr)
+        per_rollout = self.train.samples_per_rollout * self.train.parallel_rollouts
+        if self.train.samples_per_step > per_rollout:  # a step takes its latents from one rollout
+            raise ConfigError(
+                f"train.samples_per_step: {self.train.samples_per_step}, but a rollout gives "
+                f"{per_rollout} latents (samples_per_rollout x parallel_rollouts) and a step takes them "
+                f"from one rollout; raise samples_per_rollout to {self.train.samples_per_step}, or set "
+                f"samples_per_step {per_rollout}"
+            )
         if self.train.method == "closed_form":
             if self.network.type != "lierla" or self.network.training_method in PRESETS_WITHOUT_KEYS_VALUES:
                 raise ConfigError(
