@@ -773,3 +773,14 @@ def test_more_latents_a_step_than_a_rollout_gives_is_refused():
     with pytest.raises(ConfigError, match=r"train.samples_per_step: 8, but a rollout gives 4 latents"):
         config(samples_per_rollout=4, samples_per_step=8).check_combination()
     config(samples_per_rollout=4, samples_per_step=8, parallel_rollouts=2).check_combination()  # 8 there
+
+
+@pytest.mark.parametrize("key", ["seeds", "strengths"])
+def test_an_empty_preview_list_is_refused_before_training(tmp_path, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "pretrained_model: {name_or_path: ink-digits}\nprompts: [{target: a digit seven}]\n"
+        f"preview: {{prompts: [a digit seven], {key}: []}}\n"
+    )
+    with pytest.raises(ConfigError, match=rf"preview.{key}: List should have at least 1 item"):
+        load_config(path)

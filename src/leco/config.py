@@ -295,10 +295,11 @@ class PreviewConfig(_Section):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
     prompts: list[str] = Field(default_factory=list)  # none: no previews
+    # At least one of each: an empty list would leave the grid with no row or column to draw.
     strengths: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
-        default_factory=lambda: [-1.0, 0.0, 1.0]
+        default_factory=lambda: [-1.0, 0.0, 1.0], min_length=1
     )
-    seeds: list[Annotated[int, Field(ge=0, lt=2**64)]] = Field(default_factory=lambda: [0])
+    seeds: list[Annotated[int, Field(ge=0, lt=2**64)]] = Field(default_factory=lambda: [0], min_length=1)
     steps: int = Field(20, ge=1, le=1000)  # at most one per training timestep
     guidance: float = Field(7.0, ge=0, allow_inf_nan=False)
     every: int | None = Field(None, ge=1)  # default: save.per_steps
