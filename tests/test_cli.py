@@ -799,12 +799,19 @@ def test_eval_warns_when_the_model_does_not_draw_what_is_to_be_erased(tmp_path, 
         {"prompt": "a digit seven in red ink", "concept": "digit:7"},
         {"prompt": "a digit seven in purple ink", "concept": "digit:7,ink:purple"},  # never drawn
     ]
-    spec.write_text(yaml.safe_dump({"detector": "ink-digits", "images_per_prompt": 2, "erase": erase}))
+    keep = [
+        {"prompt": "a digit three in red ink", "concept": "digit:3"},
+        {"prompt": "a digit three in blue ink", "concept": "ink:purple"},  # never drawn either
+    ]
+    spec.write_text(
+        yaml.safe_dump({"detector": "ink-digits", "images_per_prompt": 2, "erase": erase, "keep": keep})
+    )
     argv = ["eval", "--model", "ink-digits", "--lora", lora, "--spec", spec, "--out", tmp_path / "r.json"]
     code, out, err = run_cli([*argv, "--no-progress"], capsys)
     assert code == 0, err
     warnings = [line for line in err.splitlines() if "barely draws it" in line]
-    assert len(warnings) == 1 and "'a digit seven in purple ink'" in warnings[0], err
+    assert len(warnings) == 2 and "erase prompt 'a digit seven in purple ink'" in warnings[0], err
+    assert "keep prompt 'a digit three in blue ink' [ink:purple]" in warnings[1]
     assert warnings[0].startswith("leco: warning: ") and "found in only 0%" in warnings[0]
 
 

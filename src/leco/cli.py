@@ -663,12 +663,13 @@ def run_eval(args: argparse.Namespace) -> int:
     written = write_report(report, args.out)  # first: the minutes of work are kept whatever printing does
     print(format_report(report, all_rows=args.all_rows))
     print(f"report: {written}")
-    for row in report["rows"]:
-        if row["kind"] == "erase" and row["strength"] == 0.0 and row["detected"] < 0.5:
+    for row in report["rows"]:  # a concept the model does not draw: its row measures nothing
+        if row["kind"] in ("erase", "keep") and row["strength"] == 0.0 and row["detected"] < 0.5:
+            what = "what a LoRA leaves of it" if row["kind"] == "erase" else "whether a LoRA keeps it"
             warn(
-                f"{args.spec}: erase prompt {row['prompt']!r} [{row['concept']}] is found in only "
+                f"{args.spec}: {row['kind']} prompt {row['prompt']!r} [{row['concept']}] is found in only "
                 f"{row['detected']:.0%} of the model's own images (strength 0): it barely draws it, so "
-                "what a LoRA leaves of it says little; check the prompt and the concept"
+                f"{what} says little; check the prompt and the concept"
             )
     return 0
 
