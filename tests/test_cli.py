@@ -947,10 +947,10 @@ def test_a_termination_before_training_ends_with_one_line_like_ctrl_c(tmp_path, 
 
     process = subprocess.Popen(
         [sys.executable, "-m", "leco", "generate", "--model", str(tiny_folders["sd1"]), "--prompt", "a cat",
-         "--seeds", "0-999", "--steps", "50", "--out", str(tmp_path / "images"), "--no-progress"],
+         "--seeds", "0-9999", "--steps", "200", "--out", str(tmp_path / "images"), "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(3)  # loading or drawing: either way before any training handler exists
+    time.sleep(3)  # loading or drawing (minutes of it): either way before any training handler exists
     assert process.poll() is None
     process.send_signal(getattr(signal, stop_signal))
     _, err = process.communicate(timeout=120)
