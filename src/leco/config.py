@@ -907,7 +907,7 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
     if path.suffix.lower() == ".toml":
         return load_kohya_prompts(path)
     document = read_yaml(path)
-    if isinstance(document, dict) and {"pretrained_model", "network", "train", "save"} & set(document):
+    if isinstance(document, dict) and (set(LecoConfig.model_fields) - KOHYA_TOP_KEYS) & set(document):
         raise ConfigError(
             f"{path}: is a leco config, not a prompts file; run it as `leco train {path.name}`, or give "
             "prompts_file a list of prompt entries (- target: ...)"

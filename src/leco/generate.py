@@ -31,8 +31,7 @@ from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_meta
 from leco.images import ImageRequest, format_strength, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs, sampler_from_config
 from leco.network import kohya
-from leco.network.kohya import ModuleWeights, delta_weight
-from leco.network.text_encoders import TextEncoderLoRA, text_encoder_layers
+from leco.network.text_encoders import AppliedTextEncoderLoRA, TextEncoderLoRA
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -148,8 +147,12 @@ def lora_strengths(
     check_lora_fits(header, pipe.unet, family)
     check_lora_finite(path)
     unet_part, text_part = _as_diffusers_loads_it(header, pipe.unet, family)
+    # diffusers 0.42 with transformers 5 keeps a kohya file's text-encoder MLP modules but drops its
+    # attention ones (q/k/v/out, "unexpected keys" it logs and goes on), where A1111, ComfyUI and
+    # `leco merge` apply them all: leco applies every text-encoder module itself.
     encoders = [encoder for _, encoder in _text_encoders(pipe)]
-    text_deltas = _TextEncoderDeltas(text_part, path, encoders, family)
+    text_lora = TextEncoderLoRA(text_part, f"--lora: {path}") if text_part else None
+    text_deltas = AppliedTextEncoderLoRA(text_lora, encoders, family)
     if unet_part is not None:
         try:
             with quiet_library_logs():  # diffusers logs every mismatched tensor before it raises
@@ -172,50 +175,11 @@ def lora_strengths(
             pipe.unload_lora_weights()
 
 
-class _TextEncoderDeltas:
-    """A LoRA file's text-encoder modules (`lora_te*`), added to the encoders' weights by leco.
-
-    diffusers 0.42 with transformers 5 keeps a kohya file's text-encoder MLP modules but drops its
-    attention ones (q/k/v/out: "unexpected keys" it logs and goes on), where A1111, ComfyUI and
-    `leco merge` apply them all; so leco applies them, kohya's formula on a copy of each weight.
-    """
-
-    def __init__(
-        self,
-        tensors: dict[str, torch.Tensor],
-        path: Path,
-        encoders: list[torch.nn.Module],
-        family: ModelFamily,
-    ) -> None:
-        # (weight, its loaded values kept on the CPU, the module's low-rank factors): a full-size
-        # delta per layer would double the encoders' GPU memory (SDXL's: gigabytes).
-        self.layers: list[tuple[torch.Tensor, torch.Tensor, ModuleWeights]] = []
-        if not tensors:
-            return
-        layers = text_encoder_layers(encoders, family)
-        for key, weights in TextEncoderLoRA(tensors, f"--lora: {path}").fitted(encoders, family).items():
-            weight = layers[key].weight
-            factors = ModuleWeights(
-                weights.down.to(weight.device), weights.up.to(weight.device), weights.alpha
-            )
-            self.layers.append((weight, weight.detach().to("cpu", copy=True), factors))
-
-    @torch.no_grad()
-    def apply(self, strength: float) -> None:
-        """Each weight set to its loaded value plus `strength` times the module's change, added in
-        fp32 as `leco merge` adds it."""
-        for weight, original, factors in self.layers:
-            value = original.to(weight.device)
-            if strength != 0:
-                value = (value.float() + strength * delta_weight(factors, weight.shape)).to(weight.dtype)
-            weight.copy_(value)
-
-
 def _as_diffusers_loads_it(
     header: LoraHeader, unet: torch.nn.Module, family: ModelFamily
 ) -> tuple[str | dict | None, dict[str, torch.Tensor]]:
     """(what diffusers loads: the file's path, or its UNet tensors, None if it has none; the
-    text-encoder tensors, which leco applies itself: see _TextEncoderDeltas).
+    text-encoder tensors, which leco applies itself: see lora_strengths).
 
     The UNet tensors are changed where diffusers would apply them otherwise than kohya's formula
     does (every other tensor handed over as it is, for diffusers to read):

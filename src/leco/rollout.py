@@ -200,13 +200,15 @@ class SampleQueue:
         train: TrainConfig,
         vae_scale_factor: int,
         device: torch.device,
+        teacher: Any = None,
+        teacher_share: float = 0.0,
     ) -> None:
+        """`teacher`: a transplant's leco.teacher.Teacher, which samples `teacher_share` of the rollouts."""
         self.rollout, self.prompts, self.edited, self.generator = rollout, prompts, edited, generator
         self.train, self.vae_scale_factor, self.device = train, vae_scale_factor, device
         self.samples: list[TrainingSample] = []
         self.deck: list[int] = []  # the entries still to be dealt this round
-        self.teacher: Any = None  # a transplant's leco.teacher.Teacher, which samples `teacher_share`
-        self.teacher_share = 0.0  # of the rollouts
+        self.teacher, self.teacher_share = teacher, teacher_share
 
     def next_entry(self) -> int:
         if self.train.entry_order == "random":

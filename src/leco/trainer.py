@@ -97,14 +97,9 @@ class Trainer:
         rollout = Rollout.for_training(models.scheduler_config, train)
         # Entries, rollouts, timesteps, anchors: each process draws its own.
         self.generator = torch.Generator().manual_seed(self.seed + self.ranks.index)
-        self.samples = SampleQueue(
-            rollout, self.prompts, self.edited, self.generator, train, models.vae_scale_factor, self.device
-        )
-        if config.teacher is not None:  # a share of the rollouts may be the teacher's
-            self.samples.teacher, self.samples.teacher_share = (
-                self.teachers.concept,
-                config.teacher.rollout_share,
-            )
+        teacher_share = config.teacher.rollout_share if config.teacher else 0.0  # of the rollouts
+        queue = (rollout, self.prompts, self.edited, self.generator, train, models.vae_scale_factor)
+        self.samples = SampleQueue(*queue, self.device, self.teachers.concept, teacher_share)
         roles = self.trainable.extra_roles
         self.step_queue = StepQueue(self.samples, self.anchors, config.anchors, self.teachers, roles)
         alphas_cumprod, v_prediction = self.teachers.frozen.alphas_cumprod, models.family.v_pred

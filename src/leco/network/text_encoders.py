@@ -61,10 +61,42 @@ class TextEncoderLoRA:
             fitted[key] = fit_to_layer(weights, layers[key], f"{self.source}: {key}")
         return fitted
 
+    def fitted_layers(
+        self, text_encoders: Sequence[nn.Module], family: ModelFamily
+    ) -> list[tuple[torch.Tensor, ModuleWeights]]:
+        """(the layer's weight, its module reshaped to it) for every module."""
+        layers = text_encoder_layers(text_encoders, family)
+        return [(layers[key].weight, weights) for key, weights in self.fitted(text_encoders, family).items()]
+
     @torch.no_grad()
     def merge_into(self, text_encoders: Sequence[nn.Module], family: ModelFamily, strength: float) -> None:
         """Add the modules' deltas times `strength` to the encoders' weights."""
-        layers = text_encoder_layers(text_encoders, family)
-        for key, weights in self.fitted(text_encoders, family).items():
-            weight = layers[key].weight
+        for weight, weights in self.fitted_layers(text_encoders, family):
             weight += strength * delta_weight(weights, weight.shape).to(weight.dtype)
+
+
+class AppliedTextEncoderLoRA:
+    """A file's text-encoder modules added to the encoders' weights at a strength that may change;
+    `apply(0)` puts the loaded weights back exactly (sampling, where the encoders are shared)."""
+
+    def __init__(
+        self, lora: TextEncoderLoRA | None, text_encoders: Sequence[nn.Module], family: ModelFamily
+    ) -> None:
+        # (weight, its loaded values kept on the CPU, the module's low-rank factors on its device):
+        # a full-size delta per layer would double the encoders' GPU memory (SDXL's: gigabytes).
+        self.layers: list[tuple[torch.Tensor, torch.Tensor, ModuleWeights]] = []
+        for weight, weights in lora.fitted_layers(text_encoders, family) if lora else []:
+            factors = ModuleWeights(
+                weights.down.to(weight.device), weights.up.to(weight.device), weights.alpha
+            )
+            self.layers.append((weight, weight.detach().to("cpu", copy=True), factors))
+
+    @torch.no_grad()
+    def apply(self, strength: float) -> None:
+        """Each weight set to its loaded value plus `strength` times the module's change, added in
+        fp32 as `leco merge` adds it."""
+        for weight, original, factors in self.layers:
+            value = original.to(weight.device)
+            if strength != 0:
+                value = (value.float() + strength * delta_weight(factors, weight.shape)).to(weight.dtype)
+            weight.copy_(value)
