@@ -148,7 +148,8 @@ def merge_metadata(
         models.family, models.resolution, kohya.model_architecture(models.family), implementation
     )
     base_title = Path(model_name.rstrip("/")).stem or model_name
-    names = [_distinct_name(lora, loras) for lora in loras]
+    titles = {lora.path.resolve(): _lora_title(lora) for lora in loras}  # each file's header read once
+    names = [_distinct_name(lora, loras, titles) for lora in loras]
     merged_from = [base_title] + [
         f"{name}:{kohya.metadata_number(lora.strength)}" for lora, name in zip(loras, names, strict=True)
     ]
@@ -160,12 +161,12 @@ def merge_metadata(
     return metadata
 
 
-def _distinct_name(lora: LoraStrength, loras: Sequence[LoraStrength]) -> str:
+def _distinct_name(lora: LoraStrength, loras: Sequence[LoraStrength], titles: dict[Path, str]) -> str:
     """The LoRA's title; its file name where another file has that title (two runs of one config),
     with its folder where the file names are alike too (run1/lora, run2/lora)."""
     others = [other for other in loras if other.path.resolve() != lora.path.resolve()]
-    title = _lora_title(lora)
-    if all(_lora_title(other) != title for other in others):
+    title = titles[lora.path.resolve()]
+    if all(titles[other.path.resolve()] != title for other in others):
         return title
     if all(other.path.stem != lora.path.stem for other in others):
         return lora.path.stem
@@ -173,7 +174,8 @@ def _distinct_name(lora: LoraStrength, loras: Sequence[LoraStrength]) -> str:
 
 
 def _lora_title(lora: LoraStrength) -> str:
-    return kohya.read_lora_file(lora.path)[1].get("modelspec.title") or lora.title
+    # the header alone (a .pt LoRA has no metadata): the tensors were read and checked already
+    return safetensors_metadata(lora.path).get("modelspec.title") or lora.title
 
 
 def _check_finite(models: LoadedModels, dtype: torch.dtype, loras: Sequence[LoraStrength]) -> None:
