@@ -713,9 +713,9 @@ def _percent(value: float | None) -> str:
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
-    plain = json.loads(json.dumps(report, ensure_ascii=False, default=str))  # in the order given (--lora)
+    text = json.dumps(report, indent=2, ensure_ascii=False, default=str)  # in the order given (--lora)
     with atomic_output(path) as file:
-        file.write((json.dumps(plain, indent=2, ensure_ascii=False) + "\n").encode())
+        file.write((text + "\n").encode())
     return path
 
 
