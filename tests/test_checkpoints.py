@@ -1,6 +1,8 @@
 """Run folders: outputs checked before training, one run per name at a time, nothing silently lost."""
 
+import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +203,24 @@ def test_resume_allows_settings_of_where_weights_are_read_but_not_of_what_is_tra
     assert read_state(state, config.to_json())["step"] == 2
     config.network.rank = 4
     with pytest.raises(LecoError, match=r"trained with a different `network` section"):
+        read_state(state, config.to_json())
+
+
+def test_a_model_moved_to_another_folder_resumes_but_another_model_does_not(tmp_path, tiny_folders, capsys):
+    state = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=2), progress=False).state
+    moved = tmp_path / "disk2" / Path(tiny_folders["sd1"]).name
+    shutil.copytree(tiny_folders["sd1"], moved)
+    config = make_config(moved, tmp_path / "b", iterations=4)
+    config.pretrained_model.allow_pickle = True  # a free key changed with it
+    assert read_state(state, config.to_json())["step"] == 2
+    assert f"taking {moved} as the same model moved" in capsys.readouterr().err
+    renamed = tmp_path / "other-model"
+    shutil.copytree(tiny_folders["sd1"], renamed)
+    with pytest.raises(LecoError, match=r"trained with a different `pretrained_model` section"):
+        read_state(state, make_config(renamed, tmp_path / "c", iterations=4).to_json())
+    config = make_config(moved, tmp_path / "d", iterations=4)
+    config.pretrained_model.clip_skip = 2  # moved, and read otherwise: not the same training
+    with pytest.raises(LecoError, match=r"trained with a different `pretrained_model` section"):
         read_state(state, config.to_json())
 
 

@@ -151,7 +151,7 @@ BAD_OPTIONS = [
     (["--strengths", "1,nan"], "--strengths", "finite"),
     (["--strengths", "-1,inf"], "--strengths", "finite"),
     (["--strengths", "1,,2"], "--strengths", "not a list of numbers"),
-    (["--sampler", "heun"], "--sampler", "not known"),
+    (["--sampler", "heun++"], "--sampler", "not known"),
 ]
 
 

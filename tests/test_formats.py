@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import string
 import threading
 from pathlib import Path
@@ -870,6 +871,20 @@ def test_prompts_longer_than_the_tokenizer_reads_are_named_once(tiny_folders, ca
     assert warning.count("leco: warning:") == 1 and f"2 prompts are longer than {limit} tokens" in warning
     encode_texts(models, ["a fox"], None, "cpu")
     assert capsys.readouterr().err == ""
+
+
+def test_prompts_in_a1111_syntax_are_named_as_read_as_plain_words(tiny_folders, capsys):
+    """A prompt pasted from A1111 keeps its emphasis and LoRA tags; diffusers reads them as words."""
+    models = load_models(str(tiny_folders["sd1"]))
+    encode_texts(models, ["a (red:1.2) fox", "a (blue:0.8) fox", "((masterpiece)), a fox"], None, "cpu")
+    warning = capsys.readouterr().err
+    assert warning.count("A1111's emphasis") == 2  # one line per kind, naming one prompt
+    assert re.search(r"'\((red:1\.2|blue:0\.8)\)' is A1111's emphasis", warning)
+    assert "(and 1 more prompts)" in warning and "'((' is A1111's emphasis" in warning
+    encode_texts(models, ["a fox <lora:styles:0.7>"], None, "cpu")
+    assert "'<lora:styles:0.7>' is an A1111 LoRA tag" in capsys.readouterr().err
+    encode_texts(models, ["a fox (snow)", "ratio 3:2 (wide)", "a [small] fox"], None, "cpu")
+    assert "A1111" not in capsys.readouterr().err  # plain brackets and colons are ordinary text
 
 
 def test_a_listed_target_is_read_in_place_not_copied_per_prompt():

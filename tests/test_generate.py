@@ -13,12 +13,15 @@ from leco.cli import main
 from leco.config import NetworkConfig
 from leco.errors import LecoError
 from leco.generate import (
+    SAMPLERS,
     ImageRequest,
     SamplingSettings,
+    build_pipeline,
     parse_seeds,
     parse_strengths,
     requests_for,
     run_generation,
+    sampler_name,
 )
 from leco.models import load_models
 from leco.network import LoRANetwork
@@ -506,3 +509,15 @@ def test_more_steps_than_the_sampler_can_take_is_one_line_before_any_image(tmp_p
                 pipe, [ImageRequest("a cat", 0.0, 0)], SamplingSettings(steps=1000), lambda s: None, False
             )
         )
+
+
+@pytest.mark.parametrize("sampler", [*SAMPLERS, "Euler a", "DPM++ 2M"])
+def test_every_sampler_draws_finite_images_by_our_name_or_a1111s(sampler, tiny_folders):
+    """Each name --sampler and a spec take makes a working pipeline (the training samplers, lms
+    included, among them), and A1111's names reach the same scheduler."""
+    pipe = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True), sampler=sampler)
+    assert type(pipe.scheduler) is SAMPLERS[sampler_name(sampler)]
+    image = pipe(
+        "a red fox", num_inference_steps=3, guidance_scale=2.0, height=16, width=16, output_type="np"
+    )
+    assert np.isfinite(image.images).all()

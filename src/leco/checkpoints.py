@@ -40,6 +40,27 @@ def _trained_part(section: Any) -> Any:
     return {k: v for k, v in section.items() if k not in _FREE_KEYS} if isinstance(section, dict) else section
 
 
+def _moved_model(key: str, saved: Any, current: Any, file: Path) -> Any:
+    """The saved model section as if it named the current path, where only the folder differs: a
+    model moved to another disk or machine is the same model (reading it whole to prove that would
+    cost minutes for a full-size one)."""
+    if (
+        key not in ("pretrained_model", "teacher")
+        or not isinstance(saved, dict)
+        or not isinstance(current, dict)
+    ):
+        return saved
+    was, now = saved.get("name_or_path"), current.get("name_or_path")
+    if not isinstance(was, str) or not isinstance(now, str) or was == now:
+        return saved
+    if Path(was).name != Path(now).name or _trained_part({**saved, "name_or_path": now}) != _trained_part(
+        current
+    ):
+        return saved
+    warn(f"--resume: {file} was trained with {key}.name_or_path {was}; taking {now} as the same model moved")
+    return {**saved, "name_or_path": now}
+
+
 def _with_later_defaults(key: str, saved: Any, current: Any) -> Any:
     """The saved section with the keys a later leco added, where this run leaves them at their
     default: a state saved before a new setting existed trained as that default does."""
@@ -344,6 +365,7 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
     current = json.loads(config_json)
     for key in _MUST_MATCH:
         was = _with_later_defaults(key, saved.get(key), current.get(key))
+        was = _moved_model(key, was, current.get(key), file)
         if _trained_part(was) != _trained_part(current.get(key)):
             raise LecoError(
                 f"--resume: {file} was trained with a different `{key}` section; resume with the config "

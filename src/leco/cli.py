@@ -230,11 +230,12 @@ def _lora_or_embedding_file(text: str) -> str:
 
 
 def _sampler(text: str) -> str:
-    from leco.generate import SAMPLER_HINT, SAMPLERS
+    from leco.generate import SAMPLER_HINT, sampler_name
 
-    if text != "model" and text not in SAMPLERS:
+    name = sampler_name(text)
+    if name is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not known; {SAMPLER_HINT}")
-    return text
+    return name
 
 
 def _seeds(text: str) -> list[int]:

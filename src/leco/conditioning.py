@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -124,21 +125,38 @@ def _final_layer_norm(encoder: torch.nn.Module) -> torch.nn.Module:
     return getattr(encoder, "text_model", encoder).final_layer_norm
 
 
-def warn_if_truncated(
+# A1111's prompt syntax, which diffusers (and so leco) reads as plain words: a LoRA tag, and a weight
+# or doubled brackets for emphasis. A prompt pasted from A1111 is otherwise read without a word.
+A1111_SYNTAX = (
+    (
+        re.compile(r"<(lora|lyco|hypernet):[^>]*>", re.IGNORECASE),
+        "an A1111 LoRA tag, which leco reads as words (give a LoRA file with --lora)",
+    ),
+    (
+        re.compile(r"\([^()]*:\s*[-+]?(\d+\.?\d*|\.\d+)\s*\)"),
+        "A1111's emphasis; leco reads the brackets and the weight as words",
+    ),
+    (re.compile(r"\(\(|\[\["), "A1111's emphasis; leco reads the brackets as words"),
+)
+
+
+def warn_if_misread(
     models: LoadedModels,
     texts: Sequence[str],
     where: str = "prompt",
     expand: Callable[[str], str] | None = None,
 ) -> None:
-    """Name the prompts the tokenizer cuts short (the words past its length are never read).
+    """Name the prompts that are not read as written: those the tokenizer cuts short (the words
+    past its length are never read) and those in A1111's syntax (read as plain words).
 
     `expand`: the text as the pipeline tokenizes it (diffusers spells a token of N vectors as N
     tokens), when that differs."""
-    tokenizer = models.tokenizers[0]
-    limit = tokenizer.model_max_length
     texts = [text for text in dict.fromkeys(texts) if text]
     if not texts:
         return
+    _warn_of_a1111_syntax(texts, where)
+    tokenizer = models.tokenizers[0]
+    limit = tokenizer.model_max_length
     read = [expand(text) for text in texts] if expand else texts
     # One batched call: a 100,000-line target_file took 4 s prompt by prompt.
     long = [text for text, ids in zip(texts, tokenizer(read).input_ids, strict=True) if len(ids) > limit]
@@ -147,3 +165,12 @@ def warn_if_truncated(
         warn(f"{where} {example!r}... is longer than {limit} tokens and is cut there")
     elif long:
         warn(f"{len(long)} {where}s are longer than {limit} tokens and are cut there, e.g. {example!r}...")
+
+
+def _warn_of_a1111_syntax(texts: Sequence[str], where: str) -> None:
+    for pattern, meaning in A1111_SYNTAX:
+        found = [(text, match.group(0)) for text in texts if (match := pattern.search(text))]
+        if found:
+            text, written = found[0]
+            more = f" (and {len(found) - 1} more {where}s)" if len(found) > 1 else ""
+            warn(f"{where} {text[:60]!r}{more}: {written!r} is {meaning}")

@@ -30,13 +30,12 @@ from pydantic import (
     model_validator,
 )
 
-from leco.conditioning import warn_if_truncated
+from leco.conditioning import warn_if_misread
 from leco.config import MAX_SIDE, ConfigError, describe_validation_error, read_yaml
 from leco.errors import LecoError, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
     SAMPLER_HINT,
-    SAMPLERS,
     SamplingSettings,
     build_pipeline,
     check_lora_finite,
@@ -47,6 +46,7 @@ from leco.generate import (
     lora_strengths,
     read_embedding,
     read_lora_header,
+    sampler_name,
     warn_if_distilled,
     warn_if_negative_unread,
 )
@@ -96,9 +96,10 @@ class EvalSpec(BaseModel):
     @field_validator("sampler")
     @classmethod
     def _known_sampler(cls, sampler: str) -> str:
-        if sampler != "model" and sampler not in SAMPLERS:
+        name = sampler_name(sampler)
+        if name is None:
             raise ValueError(f"not a known sampler; {SAMPLER_HINT}")
-        return sampler
+        return name
 
     @model_validator(mode="before")
     @classmethod
@@ -325,12 +326,12 @@ def evaluate(
         def expand(text: str) -> str:
             return pipe.maybe_convert_prompt(text, pipe.tokenizer)
 
-        warn_if_truncated(models, prompts, "eval spec prompt", expand=expand)
-        warn_if_truncated(models, [settings.negative_prompt], "negative prompt", expand=expand)
+        warn_if_misread(models, prompts, "eval spec prompt", expand=expand)
+        warn_if_misread(models, [settings.negative_prompt], "negative prompt", expand=expand)
         for negative in negatives.values():  # each loads alone (seeds of one run share a token): check now
             with embeddings_loaded(pipe, [negative]):
                 with_token = _negative_with_token(settings.negative_prompt, negative.token)
-                warn_if_truncated(models, [with_token], f"negative prompt with {negative.path.name}", expand)
+                warn_if_misread(models, [with_token], f"negative prompt with {negative.path.name}", expand)
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
         _save_images(base, folders.values(), slugs)
         rows = judge.rows(base, base, None, 0.0)

@@ -15,16 +15,20 @@ import numpy as np
 import torch
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    LMSDiscreteScheduler,
+    UniPCMultistepScheduler,
 )
 from PIL import Image
 from tqdm.auto import tqdm
 
 from leco import __version__
-from leco.conditioning import warn_if_truncated
+from leco.conditioning import warn_if_misread
 from leco.config import typed_float
 from leco.errors import LecoError, warn
 from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_metadata
@@ -35,11 +39,26 @@ from leco.network.text_encoders import AppliedTextEncoderLoRA, TextEncoderLoRA
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
+    "heun": HeunDiscreteScheduler,
+    "lms": LMSDiscreteScheduler,
+    "unipc": UniPCMultistepScheduler,
 }
+# What A1111's UI and infotext call them (compared in lower case), so a setting copied from there works
+A1111_SAMPLER_ALIASES = {"euler a": "euler_a", "dpm++ 2m": "dpm++"}
 SAMPLER_HINT = f"use model or one of {', '.join(SAMPLERS)}"  # what --sampler and a spec's sampler take
+
+
+def sampler_name(text: str) -> str | None:
+    """The SAMPLERS key (or "model") that `text` names, in ours or A1111's words; None if none."""
+    name = text.strip().lower()
+    name = A1111_SAMPLER_ALIASES.get(name, name)
+    return name if name == "model" or name in SAMPLERS else None
+
+
 ADAPTER = "lora"
 # Images per pipeline call when the user sets none: 8 at 512x512, 2 at 1024x1024 (CFG doubles the
 # UNet batch), and at most MAX_AUTO_BATCH for small models, where bigger batches stop paying off.
@@ -123,8 +142,8 @@ def make_scheduler(config: dict, sampler: str):
         import diffusers
 
         cls = getattr(diffusers, str(config.get("_class_name")), None) or DDIMScheduler
-    elif sampler in SAMPLERS:
-        cls = SAMPLERS[sampler]
+    elif sampler_name(sampler) in SAMPLERS:
+        cls = SAMPLERS[sampler_name(sampler)]
     else:
         raise LecoError(f"--sampler: {sampler!r} is not known; {SAMPLER_HINT}")
     return sampler_from_config(cls, config)
@@ -589,7 +608,7 @@ def run_generation(
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
         # With the embeddings' tokens known: a token of N vectors is N tokens, not its spelling.
         texts = with_tokens_in_their_case(pipe, [*(r.prompt for r in requests), settings.negative_prompt])
-        warn_if_truncated(models, texts, expand=lambda text: pipe.maybe_convert_prompt(text, pipe.tokenizer))
+        warn_if_misread(models, texts, expand=lambda text: pipe.maybe_convert_prompt(text, pipe.tokenizer))
         images = dict(generate(pipe, requests, settings, set_strength, progress))
     *files, grid_file = output_files(requests, out)
     size = image_size(pipe, settings)

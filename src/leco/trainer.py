@@ -21,7 +21,7 @@ import torch
 
 from leco import objectives
 from leco.checkpoints import StopRequest, check_before_loading, read_state, run_metadata
-from leco.conditioning import warn_if_truncated
+from leco.conditioning import warn_if_misread
 from leco.config import LecoConfig
 from leco.distributed import Ranks
 from leco.models import (
@@ -88,7 +88,7 @@ class Trainer:
         self.unet = prepare_for_training(models.unet, self.device, config)
         torch.manual_seed(self.seed)  # the trained part's initial weights
         self.trainable = create_trainable(models, config, self.device)
-        warn_if_truncated(models, config.preview.prompts, "preview prompt")  # a new token known
+        warn_if_misread(models, config.preview.prompts, "preview prompt")  # a new token known
         self.edited = EditedModel(self.unet, self.trainable, embeddings, models.family.is_sdxl, self.autocast)
         self.teachers = teachers_of_run(config, self.edited, models, self.prompts, self.dtype, self.device)
         self.text_anchors = TextAnchors.of_run(config, anchors, embeddings)
