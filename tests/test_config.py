@@ -414,7 +414,7 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         (
             "- target: [a, b]\n  unconditional: b\n  action: distill\n  guidance_scale: 3\n",
             {},
-            "prompts entry 1: target 'b' (prompt 2 of the list): its prompt and unconditional are the same",
+            "prompts.yaml: entry 1: target 'b' (prompt 2 of the list): its prompt and unconditional are",
         ),
     ],
 )

@@ -335,6 +335,61 @@ def test_a_kohya_toml_given_as_the_config_says_where_it_belongs(tmp_path):
         load_config(tmp_path / "slider.toml")
 
 
+def test_kohyas_arguments_toml_is_told_apart_from_its_prompt_file(tmp_path):
+    """train_leco.py --config_file holds command-line options, not prompts: say so wherever given."""
+    arguments = tmp_path / "args.toml"
+    arguments.write_text(
+        '[model_arguments]\npretrained_model_name_or_path = "sd15.safetensors"\n'
+        '[training_arguments]\nprompts_file = "erase.toml"\nmax_train_steps = 500\n'
+    )
+    with pytest.raises(
+        ConfigError, match=r"args.toml: is a kohya train_leco arguments file .* prompts_file: erase.toml$"
+    ):
+        load_config(arguments)
+    config = tmp_path / "config.yaml"
+    config.write_text("prompts_file: args.toml\npretrained_model: {name_or_path: ink-digits}\n")
+    with pytest.raises(
+        ConfigError, match=r"args.toml: is a kohya train_leco arguments file .*, not its prompt file"
+    ):
+        load_config(config)
+
+
+def test_entries_expanded_from_a_prompt_file_are_named_where_they_were_written(tmp_path):
+    """A kohya target becomes four entries: a problem found with the whole config names the target
+    and its file, not "prompts entry 7" of a config that lists none."""
+    (tmp_path / "sliders.toml").write_text(
+        'target_class = "a digit three"\n[[targets]]\npositive = "green ink"\n'
+        '[[targets]]\npositive = "orange ink"\nnegative = "black ink"\n'
+    )
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "prompts_file: sliders.toml\npretrained_model: {name_or_path: ink-digits}\n"
+        "train: {method: closed_form}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"config.yaml: sliders.toml: targets 1: action enhance has no closed form"
+    ):
+        load_config(config)
+    (tmp_path / "prompts.yaml").write_text(
+        "- target: a digit three\n- target: a digit\n  attributes: red, blue\n  action: enhance\n"
+    )
+    config.write_text(edit(config.read_text(), "sliders.toml", "prompts.yaml"))
+    with pytest.raises(
+        ConfigError, match=r"config.yaml: prompts.yaml: entry 2: action enhance has no closed"
+    ):
+        load_config(config)
+
+
+def test_neutral_files_split_at_line_breaks_only_as_kohya_reads_them(tmp_path):
+    (tmp_path / "neutrals.txt").write_bytes(b"a digit\x0cin a box\r\nplain \xc2\x85 line\rthird\n")
+    (tmp_path / "slider.toml").write_text(
+        'neutral_prompt_file = "neutrals.txt"\n'
+        '[[targets]]\ntarget_class = "a digit five"\npositive = "red ink"\n'
+    )
+    neutrals = {entry.neutral for entry in load_prompts(tmp_path / "slider.toml")}
+    assert neutrals == {"a digit\x0cin a box", "plain \x85 line", "third"}
+
+
 # -- ostris/ai-toolkit slider jobs ------------------------------------------------------------------
 
 
@@ -433,11 +488,28 @@ def test_ai_toolkit_prompt_file_lines_are_read_and_said_to_change_nothing(ai_too
             lambda c: True,
         ),
         ("    - type: slider\n", "    - type: slider\n      trigger_word: null\n", lambda c: True),
+        # what ai-toolkit's UI writes into every job, read by its image trainers only
+        (
+            "noise_offset: 0.0",
+            "noise_offset: 0.0\n        loss_type: mse\n        content_or_style: balanced\n"
+            "        unload_text_encoder: false\n        diff_output_preservation: false\n"
+            "        do_cfg: false\n        noise_multiplier: 1.0\n        linear_timesteps: false",
+            lambda c: True,
+        ),
+        ("is_xl: false", "is_xl: false\n        model_kwargs: {}\n        compile: false", lambda c: True),
+        # a sample section without prompts (ai-toolkit's default []) draws nothing: no previews
+        ('        prompts:\n          - "a person, close-up --m -2"\n', "        prompts: []\n", None),
     ],
 )
 def test_ai_toolkit_accepts_what_changes_nothing_in_its_slider_loop(ai_toolkit_env, old, new, check):
     path = ai_toolkit_env / "job.yaml"
-    path.write_text(edit((DATA / "ai_toolkit_slider.yaml").read_text(), old, new))
+    text = (DATA / "ai_toolkit_slider.yaml").read_text()
+    if check is None:  # the whole prompts list emptied
+        text = edit(
+            text, '          - "a person, close-up --m 2"\n          - "a dog on a couch --m 2"\n', ""
+        )
+        check = lambda c: c.preview.prompts == []  # noqa: E731
+    path.write_text(edit(text, old, new))
     assert check(load_config(path))
 
 
@@ -582,7 +654,11 @@ AI_TOOLKIT_ERRORS = {
     ),
     "zero_multiplier": (
         ("multiplier: 1.0\n            weight", "multiplier: 0\n            weight"),
-        "slider.targets (leco: prompts.1.multiplier): must not be 0",
+        "slider.targets[0].multiplier (leco: prompts.1.multiplier): must not be 0",
+    ),
+    "a_list_as_a_pole": (
+        ('positive: "a face, wide open eyes"', 'positive: ["a face", "wide open eyes"]'),
+        "slider.targets[1].positive: must be one prompt text",
     ),
     "missing_prompt_file": (
         ('prompt_file: "ai_toolkit_neutrals.txt"', 'prompt_file: "gone.txt"'),
@@ -773,6 +849,68 @@ def test_bad_attributes_are_one_line_errors(tmp_path, value):
     assert str(error.value).startswith(f"{path}: entry 2.attributes: ") and "\n" not in str(error.value)
 
 
+def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidance(ai_toolkit_env, capsys):
+    """ConceptSliderTrainer: the class's prediction goes to class + g (positive - negative) at +1,
+    class + g (negative - positive) at -1; the anchor class is kept at both, at anchor_strength
+    against the two equal losses of an end. Every key the UI writes is read or named."""
+    config = load_config(DATA / "ai_toolkit_concept_slider.yaml")
+    person, huge, tiny = "a person", "a person with huge eyes", "a person with tiny eyes"
+    rows = {(fields(e, *POLES), e.guidance_scale, e.resolution) for e in config.prompts}
+    assert rows == {
+        ((person, pole, other, person, "enhance", strength), 3.0, size)
+        for pole, other, strength in ((huge, tiny, 1.0), (tiny, huge, -1.0))
+        for size in (16, 24)  # the datasets' resolutions
+    }
+    assert len(config.prompts) == 4
+    assert (config.anchors.prompts, config.anchors.weight) == (["a house"], 0.25)
+    assert (config.train.rollout_model, config.train.rollout_guidance_scale) == ("frozen", 3.0)
+    assert (config.train.iterations, config.train.lr, config.train.max_denoising_steps) == (3, 1e-4, 50)
+    assert (config.network.type, config.network.rank, config.network.alpha) == ("lierla", 4, 4.0)
+    assert config.save.precision == "fp16" and config.preview.prompts == ["a person, close-up"]
+    warnings = capsys.readouterr().err
+    assert "datasets: leco trains from the model's own images of the target class" in warnings
+    assert "logging.use_ui_logger" in warnings  # only the UI's progress view
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("anchor_class: a house", "anchor_class: ''", lambda c: c.anchors.prompts == [""]),  # the UI's ""
+        ("        anchor_class: a house\n", "", lambda c: c.anchors.prompts == []),  # no key: no anchor
+        ("guidance_strength: 3.0", "guidance_strength: 5", lambda c: c.prompts[0].guidance_scale == 5.0),
+        ("arch: sd15", "arch: sdxl", lambda c: True),
+    ],
+)
+def test_ai_toolkit_concept_slider_settings(ai_toolkit_env, old, new, expected):
+    path = ai_toolkit_env / "job.yaml"
+    path.write_text(edit((DATA / "ai_toolkit_concept_slider.yaml").read_text(), old, new))
+    assert expected(load_config(path))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "says"),
+    [
+        ("type: concept_slider", "type: slider", "`job: extension` are `type: concept_slider`"),
+        ("job: extension", "job: train", "in a `job: train` are `type: slider`"),
+        ("positive_prompt: a person with huge eyes", "positive_prompt: [a, b]", "slider.positive_prompt"),
+        ("          resolution: [16, 24]", "          resolution: big", "datasets[0].resolution"),
+        (
+            "        guidance_strength: 3.0\n",
+            "        guidance_strenght: 3.0\n",
+            "did you mean 'guidance_strength'",
+        ),
+        ("arch: sd15", "arch: flux", "leco trains sd1, sd2 and sdxl"),
+    ],
+)
+def test_ai_toolkit_concept_slider_errors_are_one_line(ai_toolkit_env, old, new, says):
+    path = ai_toolkit_env / "job.yaml"
+    path.write_text(edit((DATA / "ai_toolkit_concept_slider.yaml").read_text(), old, new))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
+    assert says in str(error.value)
+
+
 # -- the ink-digits examples -------------------------------------------------------------------------------
 
 
@@ -828,13 +966,23 @@ def test_an_ai_toolkit_config_trains_on_the_tiny_sd1_model(ai_toolkit_env, tiny_
     assert_trained_lora(result.path)
 
 
+def test_an_ai_toolkit_ui_concept_slider_trains_on_the_tiny_sd1_model(
+    ai_toolkit_env, tiny_folders, monkeypatch
+):
+    monkeypatch.setenv("LECO_TEST_MODEL", str(tiny_folders["sd1"]))
+    result = train(DATA / "ai_toolkit_concept_slider.yaml", progress=False)
+    assert result.steps == 3
+    assert result.path == ai_toolkit_env / "out" / "five_red_blue" / "five_red_blue_last.safetensors"
+    assert_trained_lora(result.path)
+
+
 def test_kohyas_512_default_on_a_small_model_is_pointed_out(tmp_path, tiny_folders, capsys):
     toml = tmp_path / "p.toml"
     toml.write_text('[[prompts]]\ntarget = "a fox"\n[[prompts]]\ntarget = "a cat"\nresolution = 32\n')
     models = load_models(str(tiny_folders["sd1"]))
     prepare_prompts(load_prompts(toml), models, TrainConfig())
     warning = capsys.readouterr().err
-    assert f"prompts entries 1 train at 512x512 px; this model draws at {models.resolution} px" in warning
+    assert f"p.toml: prompts 1 train at 512x512 px; this model draws at {models.resolution} px" in warning
     assert f"set `resolution: {models.resolution}`" in warning
     prepare_prompts(load_prompts(toml)[1:], models, TrainConfig())  # its own size: nothing to say
     assert capsys.readouterr().err == ""

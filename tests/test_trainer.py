@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 
 from leco import train
 from leco.conditioning import predict
-from leco.config import LecoConfig, PromptSettings
+from leco.config import LecoConfig, PromptSettings, load_prompts
 from leco.errors import LecoError
 from leco.network import read_lora_file
 from leco.optim import non_finite_loss
@@ -810,6 +810,8 @@ def test_a_size_off_the_latent_grid_names_where_it_was_set(tmp_path, tiny_folder
     config.prompts[1].resolution = 18
     with pytest.raises(LecoError, match=r"^prompts entry 2: resolution 18 is not a multiple of 4"):
         Trainer(config, progress=False)
-    config.prompts_file = "my_prompts.yaml"  # entries read from a prompts file are named by it
+    prompts_file = tmp_path / "my_prompts.yaml"  # entries read from a prompts file are named by it
+    prompts_file.write_text("- target: a cat\n- target: a dog\n  resolution: 18\n")
+    config.prompts = load_prompts(prompts_file)
     with pytest.raises(LecoError, match=r"^my_prompts.yaml: entry 2: resolution 18"):
         Trainer(config, progress=False)

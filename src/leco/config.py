@@ -23,6 +23,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -353,6 +354,9 @@ class PromptSettings(_Section):
     """
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    # Where the entry was written when that is not "prompts entry N" of the config: a prompt file's
+    # entry, or one that a kohya target or sliders attributes expanded into several (`named`).
+    _origin: str | None = PrivateAttr(default=None)
 
     target: str | list[str]  # `target_file: F` (one prompt a line) is read into this list on loading
     positive: str | list[str] | None = None
@@ -371,6 +375,21 @@ class PromptSettings(_Section):
     multiplier: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
     # Loss factor of this entry (kohya's `weight`).
     weight: float = Field(1.0, ge=0, le=1e4, allow_inf_nan=False)
+
+    def named(self, number: int) -> str:
+        """The entry as messages name it: where it was written (`number`: its place in the run)."""
+        return self._origin or f"prompts entry {number}"
+
+    def written_at(self, origin: str) -> PromptSettings:
+        self._origin = origin
+        return self
+
+    def __eq__(self, other: object) -> bool:  # the same entry wherever it was written
+        if not isinstance(other, PromptSettings):
+            return NotImplemented
+        return self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as every pydantic model
 
     @field_validator("multiplier")
     @classmethod
@@ -525,13 +544,13 @@ class LecoConfig(_Section):
         for number, entry in enumerate(self.prompts, start=1):
             if network.type == "embedding" and entry.changed_keys({"multiplier"}):
                 notes.append(
-                    f"prompts entry {number}: multiplier: an embedding has no strength (its token is in the "
+                    f"{entry.named(number)}: multiplier: an embedding has no strength (its token is in the "
                     "negative prompt or not); ignored"
                 )
             unread = entry.changed_keys(UNREAD_BY_ACTION.get(entry.action, set()))
             if unread:
                 notes.append(
-                    f"prompts entry {number}: {', '.join(unread)}: action {entry.action} does not use "
+                    f"{entry.named(number)}: {', '.join(unread)}: action {entry.action} does not use "
                     f"{'it' if len(unread) == 1 else 'them'}; ignored"
                 )
         for key in ("resolution", "batch_size"):  # the defaults for entries that name none
@@ -610,7 +629,7 @@ class LecoConfig(_Section):
         for number, entry in enumerate(self.prompts, start=1):
             chosen = entry.changed_keys(entry_keys)
             if chosen:
-                notes.append(f"prompts entry {number}: {', '.join(chosen)}: {why}; ignored")
+                notes.append(f"{entry.named(number)}: {', '.join(chosen)}: {why}; ignored")
 
     def check_combination(self) -> None:
         """Settings that are valid alone but not together; one line naming the keys."""
@@ -651,14 +670,14 @@ class LecoConfig(_Section):
             for number, entry in enumerate(self.prompts, start=1):
                 if entry.action not in ("erase", "preserve"):
                     raise ConfigError(
-                        f"prompts entry {number}: action {entry.action} has no closed form; use erase or "
+                        f"{entry.named(number)}: action {entry.action} has no closed form; use erase or "
                         "preserve (or train.method: leco)"
                     )
         if self.teacher is None:
             for number, entry in enumerate(self.prompts, start=1):
                 if entry.action == "imitate":
                     raise ConfigError(
-                        f"prompts entry {number}: action imitate copies a teacher model's prediction; add a "
+                        f"{entry.named(number)}: action imitate copies a teacher model's prediction; add a "
                         "teacher: section (or use enhance)"
                     )
                 if entry.action == "distill":
@@ -693,7 +712,7 @@ class LecoConfig(_Section):
             for number, entry in enumerate(self.prompts, start=1):
                 if entry.action in ("distill", "enhance"):
                     raise ConfigError(
-                        f"prompts entry {number}: action {entry.action} cannot be trained into a negative "
+                        f"{entry.named(number)}: action {entry.action} cannot be trained into a negative "
                         "embedding; use erase (and preserve for what must stay)"
                     )
             if self.preview.prompts and any(strength not in (0, 1) for strength in self.preview.strengths):
@@ -709,7 +728,7 @@ class LecoConfig(_Section):
         """Tokenizers match an added token inside words too ("igi" in "digit"): the run's own prompts
         would change with it, and so would every user prompt with that word."""
         texts = [
-            (f"prompts entry {number}", text)
+            (entry.named(number), text)
             for number, entry in enumerate(self.prompts, start=1)
             for value in (entry.target, entry.positive, entry.unconditional, entry.neutral)
             for text in ([value] if isinstance(value, str) else value or [])
@@ -777,7 +796,7 @@ def _refuse_unguided(entry: PromptSettings, number: int) -> None:
         if entry.role_text("positive", i) == unconditional:
             which = "" if isinstance(entry.target, str) else f" (prompt {i + 1} of the list)"
             raise ConfigError(
-                f"prompts entry {number}: target {target!r}{which}: its prompt and unconditional are the "
+                f"{entry.named(number)}: target {target!r}{which}: its prompt and unconditional are the "
                 f"same ({unconditional!r}), so guidance changes nothing and distill has nothing to learn; "
                 "name the prompt in target, set another unconditional, or keep the prompt as it is with "
                 "anchors.prompts"
@@ -846,15 +865,20 @@ def config_from_document(document: dict[str, Any], path: Path) -> LecoConfig:
     """A config file's sections, read as `leco train` reads them (inline target files and sliders
     attributes expanded, the prompts file read); relative files are looked up beside `path`."""
     prompts_in_config = "prompts" in document
+    written_as: list[int] = []  # each entry's number as written, before sliders attributes expanded it
     if isinstance(document.get("prompts"), list):
         from leco.formats.sliders import expand_attributes
 
         entries = read_target_files(document["prompts"], path, "prompts.")
-        document = {**document, "prompts": expand_attributes(entries, path, "prompts.")}
+        expanded = expand_attributes(entries, path, "prompts.")
+        written_as = [number for number, _ in expanded]
+        document = {**document, "prompts": [entry for _, entry in expanded]}
     try:
         config = LecoConfig.model_validate(document)
     except ValidationError as error:
         raise ConfigError(describe_validation_error(error, path, LecoConfig)) from None
+    for entry, number in zip(config.prompts, written_as, strict=False):
+        entry.written_at(f"prompts entry {number}")
     if config.prompts_file is not None:
         if prompts_in_config:
             raise ConfigError(f"{path}: both prompts_file and prompts are set; keep one of them")
@@ -920,15 +944,14 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
             "kohya train_leco's prompts / targets tables"
         )
     prompts = []
-    entries = expand_attributes(read_target_files(document, path, "entry "), path, "entry ")
-    for index, entry in enumerate(entries):
+    for number, entry in expand_attributes(read_target_files(document, path, "entry "), path, "entry "):
         if not isinstance(entry, dict):
-            raise ConfigError(f"{path}: entry {index + 1}: must be a mapping with at least `target:`")
+            raise ConfigError(f"{path}: entry {number}: must be a mapping with at least `target:`")
         try:
-            prompts.append(PromptSettings.model_validate(entry))
+            prompts.append(PromptSettings.model_validate(entry).written_at(f"{path.name}: entry {number}"))
         except ValidationError as error:
             raise ConfigError(
-                describe_validation_error(error, path, PromptSettings, prefix=f"entry {index + 1}.")
+                describe_validation_error(error, path, PromptSettings, prefix=f"entry {number}.")
             ) from None
     return prompts
 
@@ -974,6 +997,12 @@ def refuse_non_text_prompts(file: Path, where: str, text: str | None = None) -> 
         raise ConfigError(f"{where}: {file} is not a text file; name a text file with one prompt a line")
 
 
+def text_lines(text: str) -> list[str]:
+    """A text file's lines as Python's readlines() (kohya's reading) gives them: split at line
+    breaks alone, not at the form feeds and Unicode separators str.splitlines() also breaks at."""
+    return re.split(r"\r\n|\r|\n", text)
+
+
 def read_prompt_lines(file: Path, where: str) -> list[str]:
     """One prompt a line; blank lines and lines starting with # are skipped (a UTF-8 BOM too)."""
     if file.is_dir():
@@ -988,7 +1017,7 @@ def read_prompt_lines(file: Path, where: str) -> list[str]:
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ConfigError(f"{where}: {file} cannot be read {_why_unreadable(error)}") from None
     refuse_non_text_prompts(file, where, text)
-    lines = [line.strip() for line in text.splitlines()]
+    lines = [line.strip() for line in text_lines(text)]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:
         raise ConfigError(f"{where}: {file} holds no prompt; write one prompt a line")

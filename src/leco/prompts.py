@@ -103,9 +103,8 @@ def prompt_texts(prompts: list[PreparedPrompt], roles: tuple[str, ...] | None = 
 
 
 def prepare_prompts(
-    prompts: list[PromptSettings], models: LoadedModels, train: TrainConfig, where: str = "prompts"
+    prompts: list[PromptSettings], models: LoadedModels, train: TrainConfig
 ) -> list[PreparedPrompt]:
-    """`where`: what names the entries in messages (the prompts file, or the config's prompts)."""
     size_step = models.vae_scale_factor * 2 ** (len(models.unet.config.block_out_channels) - 1)
     prepared = []
     for number, settings in enumerate(prompts, start=1):
@@ -113,8 +112,7 @@ def prepare_prompts(
         size = settings.size or (default, default)
         if size[0] % size_step or size[1] % size_step:
             bad = size[0] if size[0] % size_step else size[1]
-            entry = f"prompts entry {number}" if where == "prompts" else f"{where}: entry {number}"
-            key = f"{entry}: resolution" if settings.size else "train.resolution:"
+            key = f"{settings.named(number)}: resolution" if settings.size else "train.resolution:"
             raise LecoError(
                 f"{key} {bad} is not a multiple of {size_step} (this model's latent grid); "
                 f"use e.g. {max(size_step, bad // size_step * size_step)}"
@@ -129,11 +127,10 @@ def prepare_prompts(
             )
         )
     _warn_if_far_from_native(prepared, models.resolution)
-    crops = [n for n, p in enumerate(prompts, start=1) if p.dynamic_crops]
+    crops = [(n, p) for n, p in enumerate(prompts, start=1) if p.dynamic_crops]
     if crops and not models.family.is_sdxl:  # only SDXL is conditioned on a crop corner
-        entries = ", ".join(map(str, crops))
         warn(
-            f"prompts entries {entries}: dynamic_crops is SDXL's crop conditioning, which "
+            f"{entries_named(crops)}: dynamic_crops is SDXL's crop conditioning, which "
             f"{models.family.name} lacks; ignored"
         )
     return prepared
@@ -143,15 +140,14 @@ def _warn_if_far_from_native(prepared: list[PreparedPrompt], native: int) -> Non
     # A kohya prompt file without `resolution` means 512 px whatever the model: on a small model
     # that makes every step hundreds of times slower, and the concept is drawn far off its size.
     far = [
-        (n, p.size)
+        (n, p.settings)
         for n, p in enumerate(prepared, start=1)
         if max(p.size) >= 4 * native or min(p.size) * 4 <= native
     ]
     if far:
-        entries = ", ".join(str(n) for n, _ in far)
-        height, width = far[0][1]
+        height, width = prepared[far[0][0] - 1].size
         warn(
-            f"prompts entries {entries} train at {height}x{width} px; this model draws at "
+            f"{entries_named(far)} train at {height}x{width} px; this model draws at "
             f"{native} px: set `resolution: {native}` in the prompt entries (a kohya prompt file without "
             f"`resolution` means 512: write `resolution = {native}` at its top, or in its [slider] table; "
             f"an ai-toolkit job: `slider.resolutions: [[{native}, {native}]]`)"
@@ -160,3 +156,11 @@ def _warn_if_far_from_native(prepared: list[PreparedPrompt], native: int) -> Non
 
 def _row(cond: Conditioning, index: int) -> Conditioning:
     return Conditioning(*(None if t is None else t[index : index + 1] for t in cond._tensors()))
+
+
+def entries_named(entries: list[tuple[int, PromptSettings]]) -> str:
+    """Several entries as messages name them: "prompts entries 1, 2", or where they were written."""
+    names = list(dict.fromkeys(entry.named(number) for number, entry in entries))
+    if all(name.startswith("prompts entry ") for name in names):
+        return "prompts entries " + ", ".join(name.removeprefix("prompts entry ") for name in names)
+    return "; ".join(names)

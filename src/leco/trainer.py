@@ -81,7 +81,7 @@ class Trainer:
         self.models = models
         anchors = anchor_prompts(config.anchors, config.prompts, models.folder)
         entries, self.anchors = entries_and_anchors(config, anchors)
-        self.prompts = prepare_prompts(entries, models, train, config.prompts_file or "prompts")
+        self.prompts = prepare_prompts(entries, models, train)
         self.preview_size = preview_size(config.preview, self.prompts[0].size)
         texts = [*prompt_texts(self.prompts), *self.anchors]
         embeddings = encode_texts(models, texts, config.pretrained_model.clip_skip, self.device)

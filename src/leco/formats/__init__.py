@@ -12,11 +12,23 @@ from pathlib import Path
 
 from leco.config import ConfigError, LecoConfig
 from leco.formats.ai_toolkit import is_ai_toolkit_config, load_ai_toolkit_config, read_document
+from leco.formats.kohya_leco import kohya_arguments
 
 
 def foreign_config(path: Path) -> LecoConfig | None:
     """The config another trainer's file stands for, or None when `path` is leco's own YAML."""
     if path.suffix.lower() == ".toml":
+        arguments = kohya_arguments(path)
+        if arguments is not None:
+            named = arguments.get("prompts_file")
+            prompts = (
+                f"prompts_file: {named}" if isinstance(named, str) else "prompts_file: <its prompt TOML>"
+            )
+            raise ConfigError(
+                f"{path}: is a kohya train_leco arguments file (--config_file), which leco does not read; "
+                "write its options into a leco config YAML (README, kohya's command-line options) with "
+                + prompts
+            )
         raise ConfigError(
             f"{path}: a kohya train_leco TOML is a prompts file, not a training config; name it in a "
             f"config YAML: prompts_file: {path.name}"

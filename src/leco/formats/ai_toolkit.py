@@ -55,6 +55,12 @@ AI_TOOLKIT_SAVE_DEFAULTS = {"save_every": 1000, "dtype": "float16", "max_step_sa
 # TrainSliderProcess denoises the partial rollout with the network off, and passes one text
 # embedding per latent, so its `guidance_scale=3` does no guidance (since May 2025; CFG 3 before).
 ROLLOUT = {"rollout_model": "frozen", "rollout_guidance_scale": 1.0}
+# Its UI's Concept Slider (`job: extension`, `type: concept_slider`, extensions_built_in/concept_slider)
+# noises images of a dataset; leco draws them instead: the frozen model's own images of the target
+# class at leco's usual rollout guidance, as a dataset of that class would show it.
+CONCEPT_ROLLOUT = {"rollout_model": "frozen", "rollout_guidance_scale": 3.0}
+# Which process type each job runs (TrainJob runs `slider`; ExtensionJob runs extensions by uid).
+_PROCESS_OF_JOB = {"train": "slider", "extension": "concept_slider"}
 
 # ai-toolkit optimizer name -> (leco optimizer, eps ai-toolkit passes, lr below 0.1 becomes 1.0)
 _OPTIMIZERS = {
@@ -243,13 +249,16 @@ class _Converter:
         self.warnings: list[str] = []
         self.origin: dict[str, str] = {}  # leco key -> the ai-toolkit key it came from (for errors)
         self.config: dict[str, Any] = {}
+        self.entry_origins: list[str] = []  # per leco prompts entry: the target it was expanded from
+        self.concept = False  # the UI's Concept Slider (type concept_slider), not a `type: slider` job
 
     def convert(self, document: dict[str, Any]) -> LecoConfig:
         root = _Section(document, "", self.path)
         job = root.require("job")
-        if job != "train":
+        if job not in _PROCESS_OF_JOB:
             raise ConfigError(
-                f"{self.path}: job: {_short(job)}: leco runs ai-toolkit's `job: train` slider jobs"
+                f"{self.path}: job: {_short(job)}: leco runs ai-toolkit's slider jobs (`job: train` with a "
+                "`type: slider` process, or its UI's `job: extension` with `type: concept_slider`)"
             )
         name = str(root.section("config").require("name"))
         root.data = _replace_name(document, name)
@@ -257,14 +266,18 @@ class _Converter:
         config.accept("name")
         root.cosmetic(self.warnings, "meta")
         root.finish()
-        process = self.slider_process(config)
+        process = self.slider_process(config, _PROCESS_OF_JOB[job])
+        self.concept = _PROCESS_OF_JOB[job] == "concept_slider"
         self.read_job(config, process, name)
         steps = self.read_train(process.section("train"))
         self.read_model(process.section("model"))
         self.read_network(process)
         self.read_save(process.section("save"), steps)
         self.read_logging(process.section("logging"))
-        self.read_slider(process.section("slider"), steps)
+        if self.concept:
+            self.read_concept_slider(process.section("slider"), self.dataset_resolutions(process))
+        else:
+            self.read_slider(process.section("slider"), steps)
         self.read_sample(process.section("sample"))
         for section in (config, process):
             section.finish()
@@ -277,7 +290,7 @@ class _Converter:
 
     # -- sections ---------------------------------------------------------------------------------
 
-    def slider_process(self, config: _Section) -> _Section:
+    def slider_process(self, config: _Section, expected: str) -> _Section:
         processes = config.require("process")
         if isinstance(processes, list) and not processes:
             raise ConfigError(
@@ -291,10 +304,11 @@ class _Converter:
             )
         process = _Section(processes[0], "config.process[0]", self.path)
         kind = process.require("type")
-        if kind != "slider":
+        if kind != expected:
+            job = next(job for job, process in _PROCESS_OF_JOB.items() if process == expected)
             raise ConfigError(
-                f"{self.path}: config.process[0].type: {_short(kind)}: "
-                "leco runs ai-toolkit's `type: slider` only"
+                f"{self.path}: config.process[0].type: {_short(kind)}: leco runs ai-toolkit's sliders, which "
+                f"in a `job: {job}` are `type: {expected}`"
             )
         return process
 
@@ -335,7 +349,7 @@ class _Converter:
         seed = process.get("training_seed")
         if seed is not None:
             self.put("train.seed", seed, process.key("training_seed"))
-        process.accept("performance_log_every")
+        process.accept("performance_log_every", "sqlite_db_path")  # the UI's job database
         # trigger_word fills [trigger] in sample prompts; a slider's targets name their words themselves.
         process.cosmetic(self.warnings, "trigger_word")
 
@@ -347,8 +361,11 @@ class _Converter:
         self.read_optimizer(train, lr)
         self.ignore_unet_lr(train, lr)
         self.read_lr_scheduler(train, steps)
-        for ours, theirs in (("max_denoising_steps", "max_denoising_steps"), ("batch_size", "batch_size")):
-            self.put(f"train.{ours}", train.get(theirs, defaults[theirs]), train.key(theirs))
+        for key in ("max_denoising_steps", "batch_size"):
+            # The concept slider noises dataset images at one timestep and has no rollout to size: the
+            # rollout leco draws instead takes leco's number of steps unless the job names one.
+            if not (self.concept and key == "max_denoising_steps" and not train.has(key)):
+                self.put(f"train.{key}", train.get(key, defaults[key]), train.key(key))
         self.put("train.precision", train.get("dtype", defaults["dtype"]), train.key("dtype"))
         self.put(
             "train.gradient_checkpointing",
@@ -362,7 +379,7 @@ class _Converter:
                 f"use one of {', '.join(_SCHEDULERS)}"
             )
         self.put("train.noise_scheduler", scheduler, train.key("noise_scheduler"))
-        for key, value in ROLLOUT.items():
+        for key, value in (CONCEPT_ROLLOUT if self.concept else ROLLOUT).items():
             self.put(f"train.{key}", value, train.where)
         self.put("other.use_xformers", train.get("xformers", False), train.key("xformers"))
         # Read by ai-toolkit but without effect on a slider (or on a LoRA that trains the UNet only).
@@ -373,6 +390,23 @@ class _Converter:
         # The slider loop draws its own timesteps (timestep_type is read by flow-matching models'
         # trainers); leco caches the prompts' text embeddings itself.
         train.accept("timestep_type", "cache_text_embeddings")
+        # Flux's guidance embedding and Wan 2.2's two experts: not in an SD model.
+        train.accept("bypass_guidance_embedding", "switch_boundary_every")
+        # Read only by ai-toolkit's image trainers (their dataset loop, loss and memory handling),
+        # never by the slider loop; its UI writes them into every job.
+        train.accept(
+            "loss_type",
+            "content_or_style",
+            "content_or_style_reg",
+            "unload_text_encoder",
+            "diff_output_preservation",
+            "diff_output_preservation_multiplier",
+            "diff_output_preservation_class",
+            "do_cfg",
+            "noise_multiplier",
+            "linear_timesteps",
+            "linear_timesteps2",
+        )
         train.only("train_unet", lambda v: v is True, "is not supported: leco trains a UNet LoRA")
         train.only("train_text_encoder", lambda v: v is False, "is not supported: leco trains the UNet only")
         if train.get("min_snr_gamma", 0):
@@ -467,7 +501,8 @@ class _Converter:
             if model.has(theirs):
                 self.put(f"pretrained_model.{ours}", model.get(theirs), model.key(theirs))
         arch = model.get("arch")
-        if arch is not None and str(arch).split(":")[0] not in ("sd1", "sd2", "sdxl"):
+        # "sd15" is its UI's name for SD 1.5, which it loads as the sd1 default (no model class of that arch)
+        if arch is not None and str(arch).split(":")[0] not in ("sd1", "sd15", "sd2", "sdxl"):
             raise ConfigError(
                 f"{self.path}: {model.key('arch')}: {_short(arch)}: leco trains sd1, sd2 and sdxl"
             )
@@ -488,6 +523,10 @@ class _Converter:
         for key in ("use_text_encoder_1", "use_text_encoder_2"):
             model.only(key, lambda v: v is True, "has no leco equivalent; remove it")
         model.cosmetic(self.warnings, "vae_path")  # the VAE draws previews only; training needs none
+        # Arguments for other architectures' model classes (Wan, Flux...); the UI writes {} into every
+        # job. compile: torch.compile, speed only.
+        model.only("model_kwargs", lambda v: v == {}, "has no leco equivalent for SD models; remove it")
+        model.accept("compile", "qtype", "qtype_te")
         model.finish()
 
     def read_network(self, process: _Section) -> None:
@@ -518,7 +557,12 @@ class _Converter:
             self.put("network.type", "lierla", network.key("type"))
             network.accept("conv_alpha")
         network.only("dropout", lambda v: v == 0, "has no leco equivalent; remove it")
-        network.only("network_kwargs", lambda v: v == {}, "has no leco equivalent; remove it")
+        network.only(
+            "network_kwargs",
+            lambda v: isinstance(v, dict) and not any(v.values()),  # the UI's {ignore_if_contains: []}
+            "has no leco equivalent; remove it",
+        )
+        network.accept("lokr_full_rank", "lokr_factor")  # read for type lokr only
         network.accept("transformer_only")  # selects blocks of transformer models; an SD UNet keeps all
         network.finish()
 
@@ -532,8 +576,11 @@ class _Converter:
             raise ConfigError(f"{self.path}: {keep_key}: must be a whole number >= 0 (got {_short(keep)})")
         if keep:  # ai-toolkit deletes nothing at 0
             self.put("save.max_step_files", keep, keep_key)
+        # A LoRA is written as .safetensors whatever it says; it chooses a full model's folder layout.
         save.only(
-            "save_format", lambda v: v == "safetensors", "has no leco equivalent; leco writes safetensors"
+            "save_format",
+            lambda v: v in ("safetensors", "diffusers"),
+            "is not one of ai-toolkit's (safetensors, diffusers)",
         )
         save.only("push_to_hub", lambda v: v is False, "has no leco equivalent; upload the file yourself")
         save.accept("hf_repo_id", "hf_private")
@@ -545,7 +592,7 @@ class _Converter:
         if logging.has("project_name"):
             self.put("logging.wandb_project", logging.get("project_name"), logging.key("project_name"))
         logging.accept("log_every")  # leco logs every step
-        logging.only("use_ui_logger", lambda v: v is False, "has no leco equivalent; remove it")
+        logging.cosmetic(self.warnings, "use_ui_logger", lambda v: v is False)  # the UI's progress view
         logging.cosmetic(self.warnings, "run_name")
         logging.finish()
 
@@ -561,6 +608,10 @@ class _Converter:
         if not isinstance(samples, list):
             raise ConfigError(f"{self.path}: {sample.key('samples')}: must be a list of {{prompt: ...}}")
         items += samples
+        if not items:  # valid there (prompts default to []): no sample images, so no previews
+            sample.accept(*sample.data)
+            self.config.pop("preview", None)
+            return
         prompts: list[str] = []
         strengths: list[float] = []
         for item in items:
@@ -614,7 +665,7 @@ class _Converter:
         expanded = []
         for number, raw in enumerate(targets, start=1):
             target = _Section(raw, f"{slider.key('targets')}[{number - 1}]", self.path)
-            expanded += self.slider_target(target, rng)
+            expanded += [(target.where, *pair) for pair in self.slider_target(target, rng)]
         expanded = expanded[:steps]  # ai-toolkit trims targets (with permutations) to the step count
         resolutions = self.resolutions(slider)
         self.check_prompt_file(slider)
@@ -623,12 +674,13 @@ class _Converter:
         # target's two entries are listed twice.
         one_pole_repeats = 2 if slider.get("batch_full_slide", True) else 1
         entries = []  # batch_size: train.batch_size, the default of entries that name none
-        for target_class, positive, negative, multiplier, weight in expanded:
+        for where, target_class, positive, negative, multiplier, weight in expanded:
             pairs = slider_pairs(positive, negative, multiplier)
             if len(pairs) == 2:
                 pairs *= one_pole_repeats
             for resolution in resolutions:
                 for pole, other, action, strength in pairs:
+                    self.entry_origins.append(where)
                     entries.append(
                         {
                             "target": target_class,
@@ -652,8 +704,9 @@ class _Converter:
 
     def slider_target(self, target: _Section, rng: random.Random) -> list[tuple[str, str, str, float, float]]:
         """(target_class, positive, negative, multiplier, weight); `shuffle` adds phrase orders."""
-        target_class = str(target.get("target_class", ""))
-        positive, negative = str(target.get("positive", "")), str(target.get("negative", ""))
+        target_class, positive, negative = (
+            self.text(target, key) for key in ("target_class", "positive", "negative")
+        )
         if not positive.strip() and not negative.strip():
             raise ConfigError(
                 f"{self.path}: {target.where}: needs positive or negative (its two ends); set one"
@@ -707,6 +760,70 @@ class _Converter:
             "that count, use a kohya TOML prompts file (neutral_prompt_file)"
         )
 
+    def read_concept_slider(self, slider: _Section, resolutions: list[int | None]) -> None:
+        """ConceptSliderTrainer: the target class's prediction goes to neutral + g * (positive -
+        negative) at +1 and to neutral + g * (negative - positive) at -1, neutral being the target
+        class's own prediction; that is leco's enhance with the poles as positive and unconditional.
+        Its anchor class keeps its prediction at both strengths, at anchor_strength against the two
+        (equal) losses of each end: leco's anchor weight anchor_strength / 2."""
+        target_class, positive, negative = (
+            self.text(slider, key) for key in ("target_class", "positive_prompt", "negative_prompt")
+        )
+        if not positive.strip() and not negative.strip():
+            raise ConfigError(
+                f"{self.path}: {slider.where}: needs positive_prompt and negative_prompt (its two ends)"
+            )
+        guidance = self.number(slider, "guidance_strength", 3.0)
+        entries = [
+            {
+                "target": target_class,
+                "positive": pole,
+                "unconditional": other,
+                "neutral": target_class,
+                "action": "enhance",
+                "guidance_scale": guidance,
+                "resolution": resolution,
+                "multiplier": strength,
+            }
+            for resolution in resolutions
+            for pole, other, strength in ((positive, negative, 1.0), (negative, positive, -1.0))
+        ]
+        self.config["prompts"] = entries
+        self.entry_origins = [slider.where] * len(entries)
+        self.origin["prompts"] = slider.where
+        anchor_strength = self.number(slider, "anchor_strength", 1.0)
+        if slider.data.get("anchor_class") is not None:  # its UI writes "": the empty prompt, kept
+            anchor = self.text(slider, "anchor_class")
+            self.put("anchors.prompts", [anchor], slider.key("anchor_class"))
+            self.put("anchors.weight", anchor_strength / 2, slider.key("anchor_strength"))
+        slider.finish()
+
+    def dataset_resolutions(self, process: _Section) -> list[int | None]:
+        """The sizes its datasets train at (leco trains at each); their images are not read."""
+        datasets = process.get("datasets", [])
+        if not isinstance(datasets, list):
+            raise ConfigError(f"{self.path}: {process.key('datasets')}: must be a list of datasets")
+        sizes: list[int] = []
+        for number, raw in enumerate(datasets):
+            dataset = _Section(raw, f"{process.key('datasets')}[{number}]", self.path)
+            value = dataset.get("resolution", 512)  # ai-toolkit's DatasetConfig default
+            value = value if isinstance(value, list) else [value]
+            if not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_SIDE for v in value
+            ):
+                raise ConfigError(
+                    f"{self.path}: {dataset.key('resolution')}: must be whole pixels (or a list of them), "
+                    f"at most {MAX_SIDE}"
+                )
+            sizes += [v for v in value if v not in sizes]
+            dataset.accept(*dataset.data)  # the images and how they are captioned, cached, augmented
+        if datasets:
+            warn(
+                f"{self.path}: {process.key('datasets')}: leco trains from the model's own images of the "
+                "target class, not from image folders: only their resolutions are read"
+            )
+        return sizes or [None]
+
     def read_anchors(self, slider: _Section) -> None:
         """Anchors keep their prompt's prediction; ai-toolkit trained them at the pair's strength sign."""
         anchors = slider.get("anchors", [])
@@ -747,6 +864,15 @@ class _Converter:
             raise ConfigError(f"{self.path}: {section.key(name)}: must be a number (got {_short(value)})")
         return float(value)
 
+    def text(self, section: _Section, name: str) -> str:
+        """A prompt text ("" when unset); ai-toolkit strips it, so anything else fails there too."""
+        value = section.get(name, "")
+        if not isinstance(value, str):
+            raise ConfigError(
+                f"{self.path}: {section.key(name)}: must be one prompt text (got {_short(value)})"
+            )
+        return value
+
     def integer(self, section: _Section, name: str, default: int) -> int:
         value = section.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -769,9 +895,13 @@ class _Converter:
             loc = [str(part) for part in item["loc"]]
             ours = dotted_key(item["loc"])
             origin = self.origin.get(".".join(loc[:2])) or self.origin.get(loc[0]) if loc else None
+            if loc[:1] == ["prompts"] and len(loc) > 2 and int(loc[1]) < len(self.entry_origins):
+                origin = f"{self.entry_origins[int(loc[1])]}.{'.'.join(loc[2:])}"  # the target it came from
             where = f"{origin} (leco: {ours})" if origin else ours
             message = item["msg"].replace("Value error, ", "")
             raise ConfigError(f"{self.path}: {where}: {message} (got {_short(item.get('input'))})") from None
+        for entry, origin in zip(config.prompts, self.entry_origins, strict=True):
+            entry.written_at(origin)
         try:
             config.check_combination()
         except ConfigError as error:

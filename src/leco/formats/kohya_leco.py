@@ -31,6 +31,7 @@ from leco.config import (
     describe_validation_error,
     read_config_text,
     refuse_non_text_prompts,
+    text_lines,
 )
 from leco.errors import warn
 
@@ -110,11 +111,16 @@ def load_kohya_prompts(path: Path, data: dict[str, Any] | None = None) -> list[P
     data = _read_toml(path) if data is None else data
     if not data:
         raise ConfigError(f"{path}: the file is empty; write [[prompts]] entries or slider [[targets]]")
+    if "prompts" not in data and "targets" not in data and kohya_arguments_in(data):
+        raise ConfigError(
+            f"{path}: is a kohya train_leco arguments file (--config_file), not its prompt file; give "
+            "prompts_file the TOML it names, and its options to the leco config (README)"
+        )
     reader = _KohyaReader(path)
     entries = reader.prompts_form(data) if "prompts" in data else reader.slider_form(data)
     if not entries:
         raise ConfigError(f"{path}: prompts: the list is empty; add at least one [[prompts]] entry")
-    return [_validate(path, where, fields) for where, fields in entries]
+    return [_validate(path, where, fields).written_at(f"{path.name}: {where}") for where, fields in entries]
 
 
 class _KohyaReader:
@@ -282,7 +288,7 @@ class _KohyaReader:
                 "paths are relative to the prompt file"
             ) from None
         refuse_non_text_prompts(file, f"{self.path}: {key}", text)
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        lines = [line.strip() for line in text_lines(text) if line.strip()]
         if not lines:
             warn(f"{self.path}: {key}: {file} holds no prompts; the neutral prompt is used, as kohya does")
         return lines
@@ -342,6 +348,40 @@ def _validate(path: Path, where: str, fields: dict[str, Any]) -> PromptSettings:
     except ValidationError as error:  # the first problem only: one line
         first = describe_validation_error(error, path, PromptSettings, prefix=f"{where}.").splitlines()[0]
         raise ConfigError(first) from None
+
+
+# Options of kohya's train_leco.py command line, as its --config_file TOML holds them (flat, or in
+# tables such as [model_arguments]); any of them marks such a file.
+KOHYA_ARGUMENT_KEYS = {
+    "pretrained_model_name_or_path",
+    "prompts_file",
+    "max_train_steps",
+    "learning_rate",
+    "network_dim",
+    "network_alpha",
+    "network_module",
+    "output_dir",
+    "output_name",
+    "save_every_n_steps",
+    "max_denoising_steps",
+    "leco_denoise_guidance_scale",
+}
+
+
+def kohya_arguments(path: Path) -> dict[str, Any] | None:
+    """The options of a kohya train_leco arguments TOML (tables flattened); None if it is none."""
+    try:
+        return kohya_arguments_in(_read_toml(path))
+    except ConfigError:
+        return None
+
+
+def kohya_arguments_in(data: dict[str, Any]) -> dict[str, Any] | None:
+    flat = dict(data)
+    for value in data.values():
+        if isinstance(value, dict):
+            flat.update(value)
+    return flat if KOHYA_ARGUMENT_KEYS & set(flat) else None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

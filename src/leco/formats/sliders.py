@@ -64,18 +64,18 @@ def _numbers(where: str, numbers: list[int]) -> str:
     return f"{plural} {', '.join(map(str, numbers))}"
 
 
-def expand_attributes(entries: list[Any], path: Path, where: str) -> list[Any]:
+def expand_attributes(entries: list[Any], path: Path, where: str) -> list[tuple[int, Any]]:
     """Replace each entry that has `attributes:` by one copy per attribute, prompts prefixed (the
-    keys sliders ignores dropped first)."""
+    keys sliders ignores dropped first); each with the number of the entry it was written as."""
     entries = drop_sliders_unread_keys(entries, path, where)
-    expanded: list[Any] = []
+    expanded: list[tuple[int, Any]] = []
     for number, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or ATTRIBUTES_KEY not in entry:
-            expanded.append(entry)
+            expanded.append((number, entry))
             continue
         attributes = parse_attributes(entry[ATTRIBUTES_KEY], f"{path}: {where}{number}.{ATTRIBUTES_KEY}")
         rest = {k: v for k, v in entry.items() if k != ATTRIBUTES_KEY}
-        expanded += [with_attribute(rest, attribute) for attribute in attributes]
+        expanded += [(number, with_attribute(rest, attribute)) for attribute in attributes]
     return expanded
 
 
