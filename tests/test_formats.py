@@ -933,6 +933,19 @@ def test_the_ink_digits_ai_toolkit_example_is_the_same_slider_at_guidance_one():
     )
 
 
+def test_the_ink_digits_concept_slider_example_is_each_end_at_guidance_three():
+    config = load_config(EXAMPLES / "slider_red_blue_concept.yaml")
+    five, red, blue = "a digit five", "a digit five in red ink", "a digit five in blue ink"
+    assert [fields(e, *POLES) for e in config.prompts] == [
+        (five, red, blue, five, "enhance", 1.0),
+        (five, blue, red, five, "enhance", -1.0),
+    ]
+    assert {(e.resolution, e.guidance_scale) for e in config.prompts} == {(16, 3.0)}
+    assert (config.anchors.prompts, config.anchors.weight) == ([""], 0.5)
+    assert (config.train.iterations, config.train.seed) == (300, 0)
+    assert config.save.path == "output/ink-digits/red_blue_concept_slider"  # training_folder/name
+
+
 # -- training smoke tests on the tiny SD1 pipeline -----------------------------------------------------------
 
 
