@@ -138,6 +138,12 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
     "anchors-weight4": [_anchors(4, 4.0)],
     # Rank 16 at the scale per direction of rank 4 reached both ends (88% / 88%): held harder.
     "anchors-weight4+rank16": [_anchors(4, 4.0), _set("network.rank", 16), _set("network.alpha", 4.0)],
+    "anchors-weight4+rank16+900": [
+        _anchors(4, 4.0),
+        _set("network.rank", 16),
+        _set("network.alpha", 4.0),
+        _set("train.iterations", 900),
+    ],
     "anchors+strict": [_anchors(), _set("network.training_method", "xattn-strict")],
     # 16 latents from each rollout: the same steps, a quarter as many rollouts (for each end).
     "anchors+m16": [_anchors(), _set("train.samples_per_rollout", 16)],

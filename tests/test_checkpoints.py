@@ -9,7 +9,7 @@ import torch
 from test_trainer import make_config, stop_a_cli_run
 
 from leco import train
-from leco.checkpoints import RunFolder, read_state
+from leco.checkpoints import RunFolder, StopRequest, read_state
 from leco.errors import LecoError
 from leco.network import read_lora_file
 from leco.trainer import Trainer
@@ -70,6 +70,21 @@ def test_overwrite_replaces_the_earlier_run_and_its_stale_step_files(tmp_path, t
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["fox_4steps.safetensors", "fox_last.safetensors", "fox_state"]
     assert read_lora_file(second.path)[1]["leco.step"] == "5"
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_overwrite_refuses_before_training_when_the_state_folder_holds_the_users_things(
+    tmp_path, tiny_folders, kind
+):
+    train(make_config(tiny_folders["sd1"], tmp_path, iterations=2), progress=False)
+    notes = tmp_path / "fox_state" / "notes"
+    notes.mkdir() if kind == "folder" else notes.write_text("lr 1e-3 looked best")
+    (tmp_path / "fox_state" / ".DS_Store").write_bytes(b"\0")  # a file manager's: not named
+    with pytest.raises(
+        LecoError, match=r"^--overwrite: .*fox_state also holds notes, which leco did not write"
+    ):
+        Trainer(make_config(tiny_folders["sd1"], tmp_path, iterations=3), overwrite=True, progress=False)
+    assert notes.exists() and (tmp_path / "fox_last.safetensors").is_file()
 
 
 def test_overwrite_leaves_the_earlier_run_whole_when_the_new_one_fails_before_its_first_save(
@@ -207,9 +222,12 @@ def test_resume_allows_settings_of_where_weights_are_read_but_not_of_what_is_tra
 
 
 def test_a_model_moved_to_another_folder_resumes_but_another_model_does_not(tmp_path, tiny_folders, capsys):
-    state = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=2), progress=False).state
-    moved = tmp_path / "disk2" / Path(tiny_folders["sd1"]).name
-    shutil.copytree(tiny_folders["sd1"], moved)
+    original = tmp_path / "disk1" / Path(tiny_folders["sd1"]).name
+    shutil.copytree(tiny_folders["sd1"], original)
+    state = train(make_config(original, tmp_path / "a", iterations=2), progress=False).state
+    moved = tmp_path / "disk2" / original.name
+    moved.parent.mkdir()
+    original.rename(moved)
     config = make_config(moved, tmp_path / "b", iterations=4)
     config.pretrained_model.allow_pickle = True  # a free key changed with it
     assert read_state(state, config.to_json())["step"] == 2
@@ -222,6 +240,28 @@ def test_a_model_moved_to_another_folder_resumes_but_another_model_does_not(tmp_
     config.pretrained_model.clip_skip = 2  # moved, and read otherwise: not the same training
     with pytest.raises(LecoError, match=r"trained with a different `pretrained_model` section"):
         read_state(state, config.to_json())
+    shutil.copytree(tiny_folders["sd1"], original)  # a model at the first path again
+    shutil.copytree(tiny_folders["sd1"], tmp_path / "disk3" / original.name)
+    with pytest.raises(LecoError, match=r"trained with a different `pretrained_model` section"):
+        # the first path still holds a model: one of that name elsewhere is another model
+        read_state(
+            state, make_config(tmp_path / "disk3" / moved.name, tmp_path / "e", iterations=4).to_json()
+        )
+
+
+def test_a_second_signal_during_a_save_aborts_after_the_save_not_inside_it(capsys):
+    """Inside torch.save an abort leaves a traceback and the file and state at different steps."""
+    written = []
+    with StopRequest() as stop:
+        stop._handle(signal.SIGINT, None)  # the first: stop after this step and save
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt), stop.saving():
+            stop._handle(signal.SIGINT, None)  # the second, mid-save: waits for it
+            written.append("file and state")
+        assert written == ["file and state"]
+        assert "aborting once the file being saved is written" in capsys.readouterr().out
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)  # outside a save: at once
 
 
 def test_resuming_with_another_optimizer_is_one_line(tmp_path, tiny_folders):

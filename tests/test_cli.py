@@ -374,6 +374,26 @@ def test_a_lora_of_another_family_is_refused_by_its_layers(loras, tiny_folders, 
         check_lora_fits(read_lora_header(loras[name]), models.unet, models.family)
 
 
+def test_dora_tensors_are_refused_and_layers_this_model_lacks_are_named(
+    loras, tiny_folders, tmp_path, capsys
+):
+    """diffusers drops a kohya file's dora_scale and its keys for layers the model lacks without a
+    word; generate and eval must not draw other images than the file means unannounced."""
+    models = load_models(str(tiny_folders["sd1"]))
+    tensors = load_file(str(loras["sd1_bare"]))
+    module = next(key.split(".")[0] for key in tensors if key.endswith("lora_down.weight"))
+    dora = tmp_path / "dora.safetensors"
+    save_file({**tensors, f"{module}.dora_scale": torch.ones(1, 16)}, str(dora))
+    with pytest.raises(LecoError, match=rf"dora.safetensors: {module}.dora_scale is not a plain LoRA tensor"):
+        check_lora_fits(read_lora_header(dora), models.unet, models.family)
+    extra = tmp_path / "extra.safetensors"
+    absent = "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn2_to_k"  # no such block here
+    save_file({**tensors, f"{absent}.lora_down.weight": torch.zeros(2, 16)}, str(extra))
+    check_lora_fits(read_lora_header(extra), models.unet, models.family)
+    warning = capsys.readouterr().err
+    assert "extra.safetensors: 1 of its" in warning and f"are not applied ({absent})" in warning
+
+
 def test_an_sdxl_lora_naming_layers_the_diffusers_way_fits(loras, tiny_folders, tmp_path):
     """p1atdev/LECO and sliders write SDXL layers by diffusers paths; kohya and ComfyUI read them."""
     from leco.network.kohya import UNET_PREFIX, kohya_key
@@ -954,5 +974,5 @@ def test_a_termination_before_training_ends_with_one_line_like_ctrl_c(tmp_path, 
     assert process.poll() is None
     process.send_signal(getattr(signal, stop_signal))
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130 and "Traceback" not in err
+    assert process.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] in ("leco generate: aborted", "leco: aborted")

@@ -150,6 +150,8 @@ def test_inline_prompts_are_accepted(tmp_path):
             ["preview.steps:", "less than or equal to 1000"],
         ),
         (MINIMAL + "save:\n  name: '..'\n", ["save.name:", "plain file name"]),
+        (MINIMAL + 'save:\n  name: "a\\0b"\n', ["save.name:", "without control characters"]),
+        (MINIMAL + 'save:\n  name: "a\\tb"\n', ["save.name:", "without control characters"]),
         (MINIMAL + f"save:\n  name: {'n' * 201}\n", ["save.name:", "is 201 bytes long; use at most 200"]),
         (
             MINIMAL + "train:\n  seed: 99999999999999999999999\n",

@@ -838,6 +838,15 @@ def test_attributes_work_in_inline_config_prompts(tmp_path):
     config = load_config(path)
     assert (config.prompts[0].positive, config.prompts[0].neutral) == ("a cat", "a ")
     assert config.unused_settings() == []
+    # a problem is named by the entry as written, not its place once attributes made two of one
+    path.write_text(
+        "pretrained_model: {name_or_path: x/y}\n"
+        "prompts:\n  - {target: cat, attributes: [a, b]}\n  - {target: dog, guidance_scale: abc}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"c.yaml: prompts.2.guidance_scale: Input should be a valid number"
+    ):
+        load_config(path)
 
 
 @pytest.mark.parametrize("value", ["'a,,b'", "[a, 3]", "{a: 1}"])
@@ -863,7 +872,9 @@ def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidanc
     }
     assert len(config.prompts) == 4
     assert (config.anchors.prompts, config.anchors.weight) == (["a house"], 0.25)
-    assert (config.train.rollout_model, config.train.rollout_guidance_scale) == ("frozen", 3.0)
+    # the same images for both ends, as its dataset's: unguided (guided, each end's rollout would be
+    # steered away from its unconditional, the other pole)
+    assert (config.train.rollout_model, config.train.rollout_guidance_scale) == ("frozen", 1.0)
     assert (config.train.iterations, config.train.lr, config.train.max_denoising_steps) == (3, 1e-4, 50)
     assert (config.network.type, config.network.rank, config.network.alpha) == ("lierla", 4, 4.0)
     assert config.save.precision == "fp16" and config.preview.prompts == ["a person, close-up"]
@@ -879,11 +890,17 @@ def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidanc
         ("        anchor_class: a house\n", "", lambda c: c.anchors.prompts == []),  # no key: no anchor
         ("guidance_strength: 3.0", "guidance_strength: 5", lambda c: c.prompts[0].guidance_scale == 5.0),
         ("arch: sd15", "arch: sdxl", lambda c: True),
+        ("      datasets:\n", "      unused_datasets:\n", None),  # none: the model's own size
     ],
 )
 def test_ai_toolkit_concept_slider_settings(ai_toolkit_env, old, new, expected):
     path = ai_toolkit_env / "job.yaml"
-    path.write_text(edit((DATA / "ai_toolkit_concept_slider.yaml").read_text(), old, new))
+    text = (DATA / "ai_toolkit_concept_slider.yaml").read_text()
+    if expected is None:  # the datasets section left out
+        start, end = text.index("      datasets:\n"), text.index("      train:\n")
+        text, old, new = text[:start] + text[end:], "", ""
+        expected = lambda c: {e.resolution for e in c.prompts} == {None}  # noqa: E731
+    path.write_text(edit(text, old, new))
     assert expected(load_config(path))
 
 
@@ -1044,7 +1061,7 @@ def test_prompts_in_a1111_syntax_are_named_as_read_as_plain_words(tiny_folders, 
     assert "(and 1 more prompts)" in warning and "'((' is A1111's emphasis" in warning
     encode_texts(models, ["a fox <lora:styles:0.7>"], None, "cpu")
     assert "'<lora:styles:0.7>' is an A1111 LoRA tag" in capsys.readouterr().err
-    encode_texts(models, ["a fox (snow)", "ratio 3:2 (wide)", "a [small] fox"], None, "cpu")
+    encode_texts(models, ["a fox (snow)", "ratio 3:2 (wide)", "a [small] fox", "a photo (16:9)"], None, "cpu")
     assert "A1111" not in capsys.readouterr().err  # plain brackets and colons are ordinary text
 
 

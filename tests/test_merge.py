@@ -198,6 +198,87 @@ def test_negative_and_stacked_loras_with_text_encoder_modules_match_diffusers(tm
         assert (changed - original).abs().max() > 1e-3  # UNet and every text encoder were edited
 
 
+def diffusers_saved(pipe, adapter: str, out: Path) -> Path:
+    """The adapter as diffusers' save_lora_weights writes it: PEFT keys (unet.<path>.lora_A.weight)
+    and each model's LoraConfig (its alphas, by pattern) as the file's metadata."""
+    from peft.utils import get_peft_model_state_dict
+
+    layers, metadata = {}, {}
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name, None)
+        if model is not None and adapter in getattr(model, "peft_config", {}):
+            layers[f"{name}_lora_layers"] = get_peft_model_state_dict(model, adapter_name=adapter)
+            metadata[f"{name}_lora_adapter_metadata"] = model.peft_config[adapter].to_dict()
+    if "text_encoder_2_lora_layers" not in layers:  # SD1/SD2 pipelines take no such arguments
+        metadata = {k: v for k, v in metadata.items() if "text_encoder_2" not in k}
+    type(pipe).save_lora_weights(out.parent, weight_name=out.name, **layers, **metadata)
+    return out
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_a_lora_diffusers_saved_merges_as_diffusers_applies_it(tmp_path, tiny_folders, name):
+    """diffusers' own LoRA files (PEFT layout, alphas in metadata) merge as generate applies them."""
+    folder = str(tiny_folders[name])
+    kohya_file = with_text_encoder_modules(
+        random_lora(folder, tmp_path / "k.safetensors", seed=8), folder, seed=9
+    )
+    source = DiffusionPipeline.from_pretrained(folder)
+    source.load_lora_weights(str(kohya_file), adapter_name="k")
+    peft_file = diffusers_saved(source, "k", tmp_path / "peft" / "peft_lora.safetensors")
+    with safe_open(str(peft_file), framework="pt") as file:
+        assert any(key.endswith(".lora_A.weight") for key in file.keys())  # noqa: SIM118
+
+    runtime = DiffusionPipeline.from_pretrained(folder)
+    runtime.load_lora_weights(str(peft_file), adapter_name="peft")
+    runtime.set_adapters(["peft"], adapter_weights=[-0.7])
+    merged = merge(folder, [LoraStrength(peft_file, -0.7)], tmp_path / "m", precision="fp32")
+    baked = DiffusionPipeline.from_pretrained(merged)
+    inputs = unet_inputs(baked.unet, name == "sdxl", pooled_dim(baked))
+    prompt_ids = torch.tensor([[0, 5, 9, 2, 1, 1]])
+    assert_all_close(outputs(baked, inputs, prompt_ids), outputs(runtime, inputs, prompt_ids))
+
+
+@pytest.mark.parametrize(("rslora", "linear_alpha"), [(False, 8.0), (True, 16.0)])
+def test_peft_scales_become_the_kohya_alphas_that_give_them(rslora, linear_alpha):
+    """PEFT scales a module by lora_alpha / r (/ sqrt(r) with rsLoRA), its patterns first; kohya by
+    alpha / rank. Text-encoder keys go to the first encoder by the model's family."""
+    from leco.network.peft_format import as_kohya
+
+    tensors = {
+        "unet.mid.attn.to_k.lora_A.weight": torch.zeros(4, 8),
+        "unet.mid.attn.to_k.lora_B.weight": torch.zeros(8, 4),
+        "unet.mid.resnets.0.conv1.lora_A.weight": torch.zeros(2, 8, 3, 3),
+        "unet.mid.resnets.0.conv1.lora_B.weight": torch.zeros(8, 2, 1, 1),
+        "text_encoder.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 8),
+        "text_encoder.encoder.layers.0.mlp.fc1.lora_B.weight": torch.zeros(8, 4),
+    }
+    config = {"r": 4, "lora_alpha": 8, "rank_pattern": {"^mid.resnets.0.conv1": 2}, "use_rslora": rslora}
+    config["alpha_pattern"] = {"mid.resnets.0.conv1": 1}
+    metadata = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()})}
+    sd1 = as_kohya(tensors, metadata, "peft.safetensors", sdxl=False)
+    assert sd1["lora_unet_mid_attn_to_k.alpha"].item() == linear_alpha  # scale 2 (rsLoRA: 8 / sqrt 4 = 4)
+    conv = 1 / (2**0.5 if rslora else 2) * 2  # the pattern's alpha 1 over its rank 2
+    assert sd1["lora_unet_mid_resnets_0_conv1.alpha"].item() == pytest.approx(conv)
+    assert sd1["lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"].item() == 4.0  # no config: scale 1
+    sdxl = as_kohya(tensors, metadata, "peft.safetensors", sdxl=True)
+    assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in sdxl
+
+
+def test_a_dora_file_in_diffusers_layout_is_refused_by_name(tmp_path, tiny_folders):
+    folder = str(tiny_folders["sd1"])
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    save_file(
+        {
+            f"{key}.lora_A.weight": torch.zeros(2, 32),
+            f"{key}.lora_B.weight": torch.zeros(32, 2),
+            f"{key}.lora_magnitude_vector": torch.ones(32),
+        },
+        tmp_path / "dora.safetensors",
+    )
+    with pytest.raises(LecoError, match=r"lora_magnitude_vector is not a plain LoRA tensor .*DoRA"):
+        merge(folder, [LoraStrength(tmp_path / "dora.safetensors", 1.0)], tmp_path / "m")
+
+
 def test_from_file_keeps_text_encoder_modules_and_checks_their_names(tmp_path, tiny_folders):
     folder = str(tiny_folders["sdxl"])
     path = with_text_encoder_modules(random_lora(folder, tmp_path / "te.safetensors", seed=6), folder, seed=7)

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,20 @@ def test_bad_sources_give_clear_errors(tmp_path):
             load_models(relative)
     with pytest.raises(LecoError, match="not a complete diffusers model folder"):
         load_models(str(tmp_path))
+
+
+def test_a_part_of_a_model_folder_is_named_not_fetched_as_a_hub_repo(tiny_folders, monkeypatch):
+    """`model/unet` exists here and looks like owner/name: it must not reach for the Hub."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    part = Path(tiny_folders["sd1"]) / "unet"
+    with pytest.raises(
+        LecoError, match=r"unet is not a complete diffusers model folder \(no unet/, text_encoder/"
+    ):
+        load_models(str(part))
+    with pytest.raises(
+        LecoError, match=rf"; {re.escape(str(Path(tiny_folders['sd1']).resolve()))} is one: give"
+    ):
+        load_models(str(part))
     # the tests run with HF_HUB_OFFLINE=1 (conftest): the answer comes at once, from the cache
     with pytest.raises(LecoError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_models("nobody-here/no-such-model")

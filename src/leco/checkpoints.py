@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from leco.config import LecoConfig
 from leco.errors import LecoError, warn
 from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
+from leco.models import looks_like_repo_id
 from leco.optim import optimizer_class
 from leco.tracking import check_log_folder
 
@@ -34,6 +36,10 @@ _MUST_MATCH = ("pretrained_model", "network", "prompts", "anchors", "teacher")
 # not what is trained: a run may go on with them changed (offload is what one turns on after
 # running out of memory mid-run; rollout_share may hand the rollouts to the student for the rest).
 _FREE_KEYS = {"offload", "allow_pickle", "rollout_share"}
+
+
+# What file managers leave in a folder they showed (Finder, Explorer): not the user's work.
+_FOLDER_VIEW_FILES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 
 
 def _trained_part(section: Any) -> Any:
@@ -56,6 +62,9 @@ def _moved_model(key: str, saved: Any, current: Any, file: Path) -> Any:
     if Path(was).name != Path(now).name or _trained_part({**saved, "name_or_path": now}) != _trained_part(
         current
     ):
+        return saved
+    # A Hub repo of that name, or a file still where it was, is another model, not this one moved.
+    if looks_like_repo_id(was) or Path(was).expanduser().exists() or not Path(now).expanduser().exists():
         return saved
     warn(f"--resume: {file} was trained with {key}.name_or_path {was}; taking {now} as the same model moved")
     return {**saved, "name_or_path": now}
@@ -141,6 +150,12 @@ class RunFolder:
                 f"save.path: {self.path} already holds the run {self.name!r} ({earlier[0].name}); "
                 "continue it with --resume, replace it with --overwrite, or choose another save.name"
             )
+        others = self.others_in_state() if overwrite and resume_source is None else []
+        if others:
+            raise LecoError(
+                f"--overwrite: {self.state_dir} also holds {others[0].name}, which leco did not write and "
+                "--overwrite would delete with the state; move it out of that folder"
+            )
 
     def open(self, *, overwrite: bool, resume_source: Path | None = None) -> None:
         """Lock the run's name in the folder for this process, check again, and clear what may be cleared."""
@@ -177,13 +192,27 @@ class RunFolder:
             if grid.is_file() and not kept_grid.exists():  # the grid of those weights goes with them
                 grid.rename(kept_grid)
 
+    def others_in_state(self) -> list[Path]:
+        """What the state folder holds besides the state leco writes there (and its temp files)."""
+        if not self.state_dir.is_dir():
+            return []
+        own = re.compile(rf"^{re.escape(STATE_FILE)}$|^\.{re.escape(STATE_FILE)}\..*\.tmp$")
+        return sorted(
+            entry
+            for entry in self.state_dir.iterdir()
+            if entry.is_dir() or not (own.match(entry.name) or entry.name in _FOLDER_VIEW_FILES)
+        )
+
     def clear_replaced(self) -> None:
         """Delete what --overwrite replaces (the earlier run's files and state), before the first save."""
         for old in self._replaced:
-            if old.is_dir():
+            if old.is_dir():  # the state folder: what leco wrote there (check() found nothing else)
+                others = self.others_in_state()
                 for inner in old.iterdir():
-                    inner.unlink()
-                old.rmdir()
+                    if inner not in others:
+                        inner.unlink()
+                if not others:
+                    old.rmdir()
             else:
                 old.unlink(missing_ok=True)
         self._replaced = []
@@ -274,6 +303,8 @@ class StopRequest:
     def __init__(self) -> None:
         self.requested = False
         self._previous: dict[int, Any] = {}
+        self._saving = False  # a save is being written: a second signal waits for it to end
+        self._abort_after_save = False
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -290,7 +321,24 @@ class StopRequest:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """A save in progress: aborting inside it would leave the file and the resumable state at
+        different steps (or a traceback from inside torch.save), so a second signal aborts after it."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
+        if self._abort_after_save:
+            raise KeyboardInterrupt
+
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested and self._saving:
+            self._abort_after_save = True
+            with contextlib.suppress(OSError):
+                print("\nleco: aborting once the file being saved is written", flush=True)
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True

@@ -261,8 +261,9 @@ example, on the bundled model ink-digits, after `leco train examples/ink-digits/
 Strength follows the colon (default 1; negative inverts the edit); repeat --lora to stack LoRAs."""
 
 CONVERT_DESCRIPTION = """\
-Rewrite a LoRA of p1atdev/LECO (.safetensors, no metadata) or rohitgandikota/sliders (.pt) as a
-kohya file with the metadata A1111 needs; SDXL layer names become the SGM names A1111 expects.
+Rewrite a LoRA of p1atdev/LECO (.safetensors, no metadata), rohitgandikota/sliders (.pt) or
+diffusers' save_lora_weights (PEFT keys) as a kohya file with the metadata A1111 needs; SDXL layer
+names become the SGM names A1111 expects.
 
 examples:
   leco convert van_gogh_last.safetensors --out van_gogh.safetensors --family sd1

@@ -133,7 +133,7 @@ A1111_SYNTAX = (
         "an A1111 LoRA tag, which leco reads as words (give a LoRA file with --lora)",
     ),
     (
-        re.compile(r"\([^()]*:\s*[-+]?(\d+\.?\d*|\.\d+)\s*\)"),
+        re.compile(r"\([^()]*[^\W\d_][^()]*:\s*[-+]?(\d+\.?\d*|\.\d+)\s*\)"),  # a word, not (16:9)
         "A1111's emphasis; leco reads the brackets and the weight as words",
     ),
     (re.compile(r"\(\(|\[\["), "A1111's emphasis; leco reads the brackets as words"),

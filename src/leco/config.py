@@ -270,6 +270,8 @@ class SaveConfig(_Section):
     def _plain_name(cls, value: str) -> str:
         if not value or value.startswith(".") or any(c in value for c in '/\\:*?"<>|'):
             raise ValueError('must be a plain file name, not starting with ".", without / \\ : * ? " < > |')
+        if any(not c.isprintable() for c in value):  # a NUL cannot be in a path; tabs, line breaks confuse
+            raise ValueError("must be a plain file name, without control characters (tabs, line breaks, NUL)")
         if len(value.encode()) > MAX_NAME_BYTES:  # checked now, not when the first save fails
             raise ValueError(
                 f"is {len(value.encode())} bytes long; use at most {MAX_NAME_BYTES} (file names add a suffix "
@@ -872,6 +874,8 @@ def config_from_document(document: dict[str, Any], path: Path) -> LecoConfig:
         entries = read_target_files(document["prompts"], path, "prompts.")
         expanded = expand_attributes(entries, path, "prompts.")
         written_as = [number for number, _ in expanded]
+        if written_as != list(range(1, len(expanded) + 1)):  # attributes made several of one entry
+            _check_entries_as_written(expanded, path)
         document = {**document, "prompts": [entry for _, entry in expanded]}
     try:
         config = LecoConfig.model_validate(document)
@@ -894,6 +898,18 @@ def config_from_document(document: dict[str, Any], path: Path) -> LecoConfig:
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
     return config
+
+
+def _check_entries_as_written(expanded: list[tuple[int, Any]], path: Path) -> None:
+    """An entry's problem named by the number it was written as, not its place after expansion."""
+    for number, entry in expanded:
+        if isinstance(entry, dict):
+            try:
+                PromptSettings.model_validate(entry)
+            except ValidationError as error:
+                raise ConfigError(
+                    describe_validation_error(error, path, PromptSettings, prefix=f"prompts.{number}.")
+                ) from None
 
 
 def ready_config(config: LecoConfig | dict[str, Any] | str | Path) -> LecoConfig:

@@ -462,7 +462,9 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
             f"--lora: {header.path} was trained for {lora_arch} but the model is {family.name}; "
             "use a LoRA of this family"
         )
-    modules = sorted({key.split(".", 1)[0] for key in header.shapes if key.startswith(UNET_PREFIX)})
+    kohya_keys = [key for key in header.shapes if key.startswith((UNET_PREFIX, *kohya.TEXT_ENCODER_PREFIXES))]
+    kohya.refuse_lycoris(kohya_keys, f"--lora: {header.path}")  # diffusers would drop them silently
+    modules = sorted({key.split(".", 1)[0] for key in kohya_keys if key.startswith(UNET_PREFIX)})
     if not modules:
         return
     by_key = unet_layer_keys(unet, family)  # SDXL files may use SGM or diffusers paths
@@ -471,6 +473,13 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
         raise LecoError(
             f"--lora: {header.path} fits no layer of this {family.name} model ({modules[0]} and "
             f"{len(modules) - 1} more); it was made for another model family"
+        )
+    unknown = [module for module in modules if module not in by_key]
+    if unknown:  # as A1111 and ComfyUI do: the rest is applied, what is left out is said
+        more = ", ..." if len(unknown) > 1 else ""
+        warn(
+            f"--lora: {header.path}: {len(unknown)} of its {len(modules)} UNet modules match no layer of "
+            f"this {family.name} model and are not applied ({unknown[0]}{more})"
         )
     for module in known:
         layer = unet.get_submodule(by_key[module])

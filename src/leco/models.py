@@ -186,7 +186,7 @@ def load_models(
             loaded = _load_single_file(path, spec, dtype, with_vae, names)
         elif exists and path.is_dir():
             loaded = _load_folder(str(path), spec, dtype, with_vae, names)
-        elif _looks_like_repo_id(spec.name_or_path):
+        elif looks_like_repo_id(spec.name_or_path):
             loaded = _load_hub_repo(spec.name_or_path, spec, dtype, with_vae, names)
         else:
             raise LecoError(
@@ -241,7 +241,8 @@ def recommended_sampling(name_or_path: str) -> SamplingDefaults:
 _REPO_PART = r"\w(?:[\w.-]*\w)?"
 
 
-def _looks_like_repo_id(name: str) -> bool:
+def looks_like_repo_id(name: str) -> bool:
+    """owner/name as the Hub spells repo ids (and no checkpoint file's name)."""
     return (
         re.fullmatch(rf"{_REPO_PART}/{_REPO_PART}", name) is not None
         and "--" not in name
@@ -261,8 +262,18 @@ class _Unreadable(Exception):
 def _load_folder(
     folder: str, spec: PretrainedModelConfig, dtype: torch.dtype, with_vae: bool, names: OptionNames
 ) -> LoadedModels:
-    try:
-        return _load_diffusers(folder, spec, dtype, with_vae, {}, names)
+    parts = ("unet", "text_encoder", "tokenizer", "scheduler")
+    missing = [part for part in parts if not (Path(folder) / part).is_dir()]
+    if missing:
+        parent = Path(folder).resolve().parent
+        hint = f"; {parent} is one: give that" if all((parent / part).is_dir() for part in parts) else ""
+        absent = ", ".join(f"{part}/" for part in missing)
+        raise LecoError(
+            f"{names.model}: {folder} is not a complete diffusers model folder (no {absent}); it needs "
+            f"unet/, text_encoder/, tokenizer/, scheduler/{hint}"
+        )
+    try:  # local files only: a folder must never be fetched as a Hub repo of the same name
+        return _load_diffusers(folder, spec, dtype, with_vae, {"local_files_only": True}, names)
     except _Unreadable as error:
         raise LecoError(
             f"{folder}: not a complete diffusers model folder ({error}); "

@@ -202,10 +202,11 @@ class Trainer:
         self.step_queue.load_state(state["ranks"][self.ranks.index], self.device)
         self.step, self.seed = state["step"], state["seed"]
 
-    def save_if_due(self) -> None:
+    def save_if_due(self, stop: StopRequest) -> None:
         save, preview, suffix = self.config.save, self.config.preview, f"{self.step}steps"
         if self.step % save.per_steps == 0:
-            self.save(suffix)
+            with stop.saving():
+                self.save(suffix)
         if self.step % (preview.every or save.per_steps) == 0:
             self.render_preview(suffix)
 
@@ -233,9 +234,10 @@ class Trainer:
                     loss = self.train_step()
                     progress.update(self.step, loss, self.updates.lr)
                     if self.step < iterations:  # the last step is saved below
-                        self.save_if_due()
+                        self.save_if_due(stop)
                     stopping = self.ranks.any(stop.requested, self.device)
-            suffix = "interrupted" if stopping else "last"
-            path = self.save(suffix)
-            self.render_preview(suffix)
+                suffix = "interrupted" if stopping else "last"
+                with stop.saving():
+                    path = self.save(suffix)
+                self.render_preview(suffix)
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)

@@ -54,11 +54,11 @@ AI_TOOLKIT_TRAIN_DEFAULTS = {
 AI_TOOLKIT_SAVE_DEFAULTS = {"save_every": 1000, "dtype": "float16", "max_step_saves_to_keep": 5}
 # TrainSliderProcess denoises the partial rollout with the network off, and passes one text
 # embedding per latent, so its `guidance_scale=3` does no guidance (since May 2025; CFG 3 before).
-ROLLOUT = {"rollout_model": "frozen", "rollout_guidance_scale": 1.0}
 # Its UI's Concept Slider (`job: extension`, `type: concept_slider`, extensions_built_in/concept_slider)
-# noises images of a dataset; leco draws them instead: the frozen model's own images of the target
-# class at leco's usual rollout guidance, as a dataset of that class would show it.
-CONCEPT_ROLLOUT = {"rollout_model": "frozen", "rollout_guidance_scale": 3.0}
+# noises the images of a dataset, the same ones for both ends; leco draws them the same way: the
+# frozen model's own images of the target class (guided, a rollout would be steered away from the
+# entry's unconditional, which is the other pole).
+ROLLOUT = {"rollout_model": "frozen", "rollout_guidance_scale": 1.0}
 # Which process type each job runs (TrainJob runs `slider`; ExtensionJob runs extensions by uid).
 _PROCESS_OF_JOB = {"train": "slider", "extension": "concept_slider"}
 
@@ -379,7 +379,7 @@ class _Converter:
                 f"use one of {', '.join(_SCHEDULERS)}"
             )
         self.put("train.noise_scheduler", scheduler, train.key("noise_scheduler"))
-        for key, value in (CONCEPT_ROLLOUT if self.concept else ROLLOUT).items():
+        for key, value in ROLLOUT.items():
             self.put(f"train.{key}", value, train.where)
         self.put("other.use_xformers", train.get("xformers", False), train.key("xformers"))
         # Read by ai-toolkit but without effect on a slider (or on a LoRA that trains the UNet only).
@@ -628,8 +628,11 @@ class _Converter:
         for key in ("walk_seed", "neg", "guidance_rescale", "sample_start_step"):
             sample.cosmetic(self.warnings, key, lambda v: not v)
         size = self.config["prompts"][0]["resolution"]  # leco previews at the first entry's size
-        side = {"height": size if isinstance(size, int) else size[0]}
-        side["width"] = size if isinstance(size, int) else size[1]
+        if size is None:  # the model's own: a size the sample names is not read
+            side = {"height": None, "width": None}
+        else:
+            side = {"height": size if isinstance(size, int) else size[0]}
+            side["width"] = size if isinstance(size, int) else size[1]
         for key in ("width", "height"):
             sample.cosmetic(self.warnings, key, lambda v, key=key: v == side[key])
         for key in ("sampler", "format", "ext", "refiner_start_at", "extra_values"):
@@ -760,7 +763,7 @@ class _Converter:
             "that count, use a kohya TOML prompts file (neutral_prompt_file)"
         )
 
-    def read_concept_slider(self, slider: _Section, resolutions: list[int | None]) -> None:
+    def read_concept_slider(self, slider: _Section, resolutions: list[tuple[int | None, str]]) -> None:
         """ConceptSliderTrainer: the target class's prediction goes to neutral + g * (positive -
         negative) at +1 and to neutral + g * (negative - positive) at -1, neutral being the target
         class's own prediction; that is leco's enhance with the poles as positive and unconditional.
@@ -785,11 +788,15 @@ class _Converter:
                 "resolution": resolution,
                 "multiplier": strength,
             }
-            for resolution in resolutions
+            for resolution, _ in resolutions
             for pole, other, strength in ((positive, negative, 1.0), (negative, positive, -1.0))
         ]
         self.config["prompts"] = entries
-        self.entry_origins = [slider.where] * len(entries)
+        self.entry_origins = [
+            f"{slider.where} at {size_key}" if size_key else slider.where
+            for _, size_key in resolutions
+            for _ in range(2)
+        ]
         self.origin["prompts"] = slider.where
         anchor_strength = self.number(slider, "anchor_strength", 1.0)
         if slider.data.get("anchor_class") is not None:  # its UI writes "": the empty prompt, kept
@@ -798,12 +805,13 @@ class _Converter:
             self.put("anchors.weight", anchor_strength / 2, slider.key("anchor_strength"))
         slider.finish()
 
-    def dataset_resolutions(self, process: _Section) -> list[int | None]:
-        """The sizes its datasets train at (leco trains at each); their images are not read."""
+    def dataset_resolutions(self, process: _Section) -> list[tuple[int | None, str]]:
+        """(size, the key it is written at) of each size its datasets train at (leco trains at each;
+        the model's own size without datasets); their images are not read."""
         datasets = process.get("datasets", [])
         if not isinstance(datasets, list):
             raise ConfigError(f"{self.path}: {process.key('datasets')}: must be a list of datasets")
-        sizes: list[int] = []
+        sizes: list[tuple[int | None, str]] = []
         for number, raw in enumerate(datasets):
             dataset = _Section(raw, f"{process.key('datasets')}[{number}]", self.path)
             value = dataset.get("resolution", 512)  # ai-toolkit's DatasetConfig default
@@ -815,14 +823,14 @@ class _Converter:
                     f"{self.path}: {dataset.key('resolution')}: must be whole pixels (or a list of them), "
                     f"at most {MAX_SIDE}"
                 )
-            sizes += [v for v in value if v not in sizes]
+            sizes += [(v, dataset.key("resolution")) for v in value if v not in [size for size, _ in sizes]]
             dataset.accept(*dataset.data)  # the images and how they are captioned, cached, augmented
         if datasets:
             warn(
                 f"{self.path}: {process.key('datasets')}: leco trains from the model's own images of the "
                 "target class, not from image folders: only their resolutions are read"
             )
-        return sizes or [None]
+        return sizes or [(None, "")]
 
     def read_anchors(self, slider: _Section) -> None:
         """Anchors keep their prompt's prediction; ai-toolkit trained them at the pair's strength sign."""
@@ -901,11 +909,12 @@ class _Converter:
             message = item["msg"].replace("Value error, ", "")
             raise ConfigError(f"{self.path}: {where}: {message} (got {_short(item.get('input'))})") from None
         for entry, origin in zip(config.prompts, self.entry_origins, strict=True):
-            entry.written_at(origin)
+            entry.written_at(f"{self.path.name}: {origin}")  # named so in problems found later too
         try:
             config.check_combination()
         except ConfigError as error:
-            raise ConfigError(f"{self.path}: {_with_origin(str(error), self.origin)}") from None
+            message = str(error).removeprefix(f"{self.path.name}: ")  # an entry's: the full path instead
+            raise ConfigError(f"{self.path}: {_with_origin(message, self.origin)}") from None
         return config
 
 

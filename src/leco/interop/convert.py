@@ -36,8 +36,15 @@ FAMILIES = {
     "sdxl": ModelFamily("sdxl"),
 }
 SD2_PROJ_FORMS = ("2d", "4d")
-# Written for the output, never copied: hashes of its tensors, and the form its SD2 tensors take.
-_RECOMPUTED = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256", "leco.sd2_proj")
+# Written for the output, never copied: hashes of its tensors, the form its SD2 tensors take, and
+# diffusers' PEFT config of a file in its layout (diffusers would read it instead of the alphas).
+_RECOMPUTED = (
+    "sshs_model_hash",
+    "sshs_legacy_hash",
+    "modelspec.hash_sha256",
+    "leco.sd2_proj",
+    "lora_adapter_metadata",
+)
 
 
 @dataclass
@@ -87,7 +94,7 @@ def convert(
             f"--sd2-proj 4d: only SD2 models have Linear proj_in/proj_out; this is {skeleton.family.name}"
         )
 
-    tensors, metadata = kohya.read_lora_file(source)
+    tensors, metadata = kohya.read_lora_file(source, skeleton.family)
     unet_tensors, text_tensors = kohya.split_by_model(tensors, str(source))
     unet_modules = kohya.canonical_unet_modules(unet_tensors, skeleton.unet, skeleton.family, str(source))
     text_modules = TextEncoderLoRA(text_tensors, str(source)).fitted(skeleton.text_encoders, skeleton.family)

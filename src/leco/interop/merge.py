@@ -74,7 +74,7 @@ def parse_lora_argument(text: str) -> LoraStrength:
 def bake(models: LoadedModels, lora: LoraStrength) -> None:
     """Add one LoRA's weight changes, times its strength, to the UNet and text encoders in place."""
     source = str(lora.path)
-    tensors, _ = kohya.read_lora_file(lora.path)
+    tensors, _ = kohya.read_lora_file(lora.path, models.family)
     unet_tensors, text_tensors = kohya.split_by_model(tensors, source)
     modules = kohya.canonical_unet_modules(unet_tensors, models.unet, models.family, source)
     text_lora = TextEncoderLoRA(text_tensors, source)

@@ -25,6 +25,7 @@ from leco.errors import LecoError
 from leco.files import atomic_output, load_torch_file
 from leco.models import ModelFamily
 from leco.network.layers import adaptable_layers
+from leco.network.peft_format import as_kohya, is_diffusers_layout
 from leco.network.sgm_names import to_sgm_name
 
 UNET_PREFIX = "lora_unet_"
@@ -101,8 +102,13 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
     return path
 
 
-def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a LoRA: `.safetensors`, or a `.pt` state dict (sliders) read weights-only."""
+def read_lora_file(
+    path: str | Path, family: ModelFamily | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a LoRA: `.safetensors`, or a `.pt` state dict (sliders) read weights-only.
+
+    A file in diffusers' layout comes back under kohya's names; `family` (when known) decides which
+    text encoder an SDXL file's `text_encoder.*` keys belong to when it names no second one."""
     path = Path(path)
     if not path.is_file():
         if path.is_dir():
@@ -123,6 +129,8 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         {key: str(t.dtype).removeprefix("torch.") for key, t in tensors.items() if not t.is_floating_point()},
         path,
     )
+    if is_diffusers_layout(list(tensors)):  # what pipe.save_lora_weights writes
+        tensors = as_kohya(tensors, metadata, str(path), sdxl=family.is_sdxl if family else None)
     return tensors, metadata
 
 
@@ -232,16 +240,23 @@ def split_by_model(
     return unet, text
 
 
-def group_modules(tensors: dict[str, torch.Tensor], source: str) -> dict[str, ModuleWeights]:
-    """Group `<module>.lora_down.weight / .lora_up.weight / .alpha` by module; alpha defaults to rank."""
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        module, _, part = key.partition(".")
-        if part not in _PARTS:
+def refuse_lycoris(keys: Iterable[str], source: str) -> None:
+    """One line for a tensor of another kind of network (LoHa, LoKr, DoRA's dora_scale...), which
+    neither merging nor sampling may drop without a word."""
+    for key in keys:
+        if key.partition(".")[2] not in _PARTS:
             raise LecoError(
                 f"{source}: {key} is not a plain LoRA tensor (lora_down/lora_up/alpha); "
                 "LyCORIS (LoHa, LoKr, DoRA, CP) files cannot be read"
             )
+
+
+def group_modules(tensors: dict[str, torch.Tensor], source: str) -> dict[str, ModuleWeights]:
+    """Group `<module>.lora_down.weight / .lora_up.weight / .alpha` by module; alpha defaults to rank."""
+    refuse_lycoris(tensors, source)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, part = key.partition(".")
         parts.setdefault(module, {})[part] = value
     modules = {}
     for module, found in sorted(parts.items()):

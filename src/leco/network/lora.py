@@ -112,7 +112,7 @@ class LoRANetwork:
         kohya's 4-D proj_in/proj_out: both are read. Text-encoder modules stay as tensors in
         `network.text_encoder_lora` (None without any), checked against `text_encoders` if given.
         """
-        tensors, metadata = kohya.read_lora_file(path)
+        tensors, metadata = kohya.read_lora_file(path, family)
         unet_tensors, text_tensors = kohya.split_by_model(tensors, str(path))
         modules = kohya.canonical_unet_modules(unet_tensors, unet, family, source=str(path))
         if not modules:

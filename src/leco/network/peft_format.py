@@ -1,0 +1,131 @@
+"""LoRAs in diffusers' and PEFT's key layout, read as the kohya files merge and convert work on.
+
+`pipe.save_lora_weights` writes `unet.<module path>.lora_A.weight` / `lora_B.weight` (PEFT's names;
+older diffusers wrote `...attn1.processor.to_q_lora.down.weight`), with the LoRA's alpha in the
+file's `lora_adapter_metadata` (PEFT's LoraConfig, per model) or not at all (scale 1). diffusers
+loads these for `leco generate`; kohya's layout names the same weights `lora_unet_<path with _>`
+with `lora_down` / `lora_up` / `alpha`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+import torch
+
+from leco.errors import LecoError
+
+# Where each model's keys start in a diffusers file, and the kohya prefix they become (text encoders:
+# SD1/SD2's one is lora_te_, SDXL's two are lora_te1_ / lora_te2_).
+_MODELS = ("unet", "text_encoder", "text_encoder_2")
+_PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+# diffusers' older attention-processor names of the same weights
+_OLD_NAMES = [
+    (re.compile(r"\.processor\."), "."),
+    (re.compile(r"\.to_(q|k|v)_lora\.(down|up)\.weight$"), r".to_\1.lora_\2.weight"),
+    (re.compile(r"\.to_out_lora\.(down|up)\.weight$"), r".to_out.0.lora_\1.weight"),
+    (re.compile(r"\.(q|k|v|out)_proj\.lora_linear_layer\.(down|up)\.weight$"), r".\1_proj.lora_\2.weight"),
+    (re.compile(r"\.lora_linear_layer\.(down|up)\.weight$"), r".lora_\1.weight"),
+    (re.compile(r"\.lora\.(down|up)\.weight$"), r".lora_\1.weight"),
+]
+
+
+def is_diffusers_layout(keys: list[str]) -> bool:
+    """Keys of diffusers' or PEFT's layout (not kohya's `lora_unet_...` / `lora_te...`)."""
+    return any(key.startswith(tuple(f"{model}." for model in _MODELS)) for key in keys) or any(
+        key.endswith((".lora_A.weight", ".lora_B.weight")) for key in keys
+    )
+
+
+def as_kohya(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str, sdxl: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """The file's tensors under kohya's names, each module's alpha giving the scale diffusers applies.
+
+    `sdxl`: whether the model has two text encoders, if known (else: whether the file names both)."""
+    configs = _adapter_configs(metadata, source)
+    two = sdxl if sdxl is not None else any(key.startswith("text_encoder_2.") for key in tensors)
+    text_encoders = 2 if two else 1
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    paths: dict[str, tuple[str, str]] = {}  # kohya module -> (model, diffusers path), for its alpha
+    for key, value in tensors.items():
+        model, path = _model_and_path(key)
+        for pattern, replacement in _OLD_NAMES:
+            path = pattern.sub(replacement, path)
+        module_path, _, part = path.rpartition(".lora_")
+        kohya_part = _PEFT_PARTS.get(f"lora_{part}", f"lora_{part}")
+        if path.endswith(".alpha"):  # diffusers' network_alphas form
+            module_path, kohya_part = path.removesuffix(".alpha"), "alpha"
+        elif kohya_part not in ("lora_down.weight", "lora_up.weight") or not module_path:
+            raise LecoError(
+                f"{source}: {key} is not a plain LoRA tensor (lora_A/lora_B, down/up); LyCORIS or DoRA "
+                "files cannot be read"
+            )
+        if model != "unet" and not module_path.startswith("text_model."):  # transformers 5's CLIP paths
+            module_path = f"text_model.{module_path}"
+        module = _kohya_prefix(model, text_encoders) + module_path.replace(".", "_")
+        modules.setdefault(module, {})[kohya_part] = value
+        paths[module] = (model, module_path)
+    result: dict[str, torch.Tensor] = {}
+    for module, parts in modules.items():
+        result.update({f"{module}.{part}": value for part, value in parts.items()})
+        if "alpha" not in parts and "lora_down.weight" in parts:
+            rank = parts["lora_down.weight"].shape[0]
+            result[f"{module}.alpha"] = torch.tensor(
+                _alpha(configs.get(paths[module][0]), paths[module][1], rank)
+            )
+    return result
+
+
+def _model_and_path(key: str) -> tuple[str, str]:
+    for model in sorted(_MODELS, key=len, reverse=True):  # text_encoder_2 before text_encoder
+        if key.startswith(f"{model}."):
+            return model, key[len(model) + 1 :]
+    return "unet", key.removeprefix("base_model.model.")  # PEFT's own save of a UNet
+
+
+def _kohya_prefix(model: str, text_encoders: int) -> str:
+    if model == "unet":
+        return "lora_unet_"
+    if text_encoders == 1:
+        return "lora_te_"
+    return "lora_te2_" if model == "text_encoder_2" else "lora_te1_"
+
+
+def _adapter_configs(metadata: dict[str, str], source: str) -> dict[str, dict[str, Any]]:
+    """PEFT's LoraConfig of each model, from diffusers' `lora_adapter_metadata` ("unet.r": 4, ...)."""
+    text = metadata.get("lora_adapter_metadata")
+    if not text:
+        return {}
+    try:
+        flat = json.loads(text)
+    except ValueError:
+        raise LecoError(f"{source}: its lora_adapter_metadata is not JSON; the file is damaged") from None
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items() if isinstance(flat, dict) else ():
+        model, _, name = key.partition(".")
+        configs.setdefault(model, {})[name] = value
+    return configs
+
+
+def _alpha(config: dict[str, Any] | None, path: str, rank: int) -> float:
+    """kohya's alpha for a module: diffusers scales it by lora_alpha / r (/ sqrt(r) with rsLoRA; PEFT's
+    per-module patterns first), and kohya by alpha / rank; without a config the scale is 1, as
+    diffusers loads it."""
+    if not config:
+        return float(rank)
+    r = float(_by_pattern(config.get("rank_pattern"), path, config.get("r", rank)))
+    lora_alpha = float(_by_pattern(config.get("alpha_pattern"), path, config.get("lora_alpha", r)))
+    scale = lora_alpha / math.sqrt(r) if config.get("use_rslora") else lora_alpha / r  # PEFT's rsLoRA
+    return scale * rank
+
+
+def _by_pattern(patterns: Any, path: str, default: Any) -> Any:
+    """PEFT's rule: the first pattern that matches the end of the module path."""
+    for pattern, value in (patterns or {}).items() if isinstance(patterns, dict) else ():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return default
