@@ -144,6 +144,12 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
         _set("network.alpha", 4.0),
         _set("train.iterations", 900),
     ],
+    "anchors-weight2+rank16+900": [
+        _anchors(4, 2.0),
+        _set("network.rank", 16),
+        _set("network.alpha", 4.0),
+        _set("train.iterations", 900),
+    ],
     "anchors+strict": [_anchors(), _set("network.training_method", "xattn-strict")],
     # 16 latents from each rollout: the same steps, a quarter as many rollouts (for each end).
     "anchors+m16": [_anchors(), _set("train.samples_per_rollout", 16)],

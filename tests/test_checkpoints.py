@@ -87,6 +87,17 @@ def test_overwrite_refuses_before_training_when_the_state_folder_holds_the_users
     assert notes.exists() and (tmp_path / "fox_last.safetensors").is_file()
 
 
+def test_overwrite_of_a_state_folder_that_is_a_link_keeps_the_folder_it_points_to(tmp_path, tiny_folders):
+    first = train(make_config(tiny_folders["sd1"], tmp_path / "elsewhere", iterations=2), progress=False)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "fox_state").symlink_to(first.state)
+    (tmp_path / "run" / "fox_last.safetensors").write_bytes(first.path.read_bytes())
+    config = make_config(tiny_folders["sd1"], tmp_path / "run", iterations=3)
+    result = train(config, overwrite=True, progress=False)
+    assert result.steps == 3 and (tmp_path / "run" / "fox_state" / "training_state.pt").is_file()
+    assert first.state.is_dir()  # emptied of the old state, not removed
+
+
 def test_overwrite_leaves_the_earlier_run_whole_when_the_new_one_fails_before_its_first_save(
     tmp_path, tiny_folders, monkeypatch
 ):

@@ -786,3 +786,12 @@ def test_an_empty_preview_list_is_refused_before_training(tmp_path, key):
     )
     with pytest.raises(ConfigError, match=rf"preview.{key}: List should have at least 1 item"):
         load_config(path)
+
+
+def test_a_save_name_may_hold_unicode_spaces_and_marks_but_no_control_character():
+    from leco.config import SaveConfig
+
+    for name in ("赤\u3000青", "a\u00a0b", "x\u200by", "👨\u200d👩\u200d👧"):  # IME spaces, joiners
+        assert SaveConfig(name=name).name == name
+    with pytest.raises(ValueError, match="without control characters"):
+        SaveConfig(name="a\x1bb")

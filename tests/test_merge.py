@@ -264,6 +264,24 @@ def test_peft_scales_become_the_kohya_alphas_that_give_them(rslora, linear_alpha
     assert "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in sdxl
 
 
+def test_other_spellings_of_peft_keys_and_damaged_configs():
+    from leco.network.peft_format import as_kohya
+
+    down, up = torch.ones(2, 8), torch.ones(8, 2)
+    named = {"unet.mid.to_k.lora_A.default.weight": down, "unet.mid.to_k.lora_B.default.weight": up}
+    assert set(as_kohya(named, {}, "f")) == {
+        f"lora_unet_mid_to_k.{p}" for p in ("lora_down.weight", "lora_up.weight", "alpha")
+    }
+    kohya_named = {"lora_unet_mid_to_k.lora_A.weight": down, "lora_unet_mid_to_k.lora_B.weight": up}
+    assert "lora_unet_mid_to_k.lora_down.weight" in as_kohya(kohya_named, {}, "f")
+    second = {"text_encoder_2.encoder.layers.0.mlp.fc1.lora_A.weight": down}
+    with pytest.raises(LecoError, match=r"f: has text_encoder_2 modules, so it was made for SDXL"):
+        as_kohya(second, {}, "f", sdxl=False)
+    damaged = {"lora_adapter_metadata": json.dumps({"unet.r": 0, "unet.lora_alpha": 8})}
+    with pytest.raises(LecoError, match=r"f: its lora_adapter_metadata gives lora_unet_mid_to_k no usable r"):
+        as_kohya(named, damaged, "f")
+
+
 def test_a_dora_file_in_diffusers_layout_is_refused_by_name(tmp_path, tiny_folders):
     folder = str(tiny_folders["sd1"])
     key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"

@@ -63,8 +63,9 @@ def _moved_model(key: str, saved: Any, current: Any, file: Path) -> Any:
         current
     ):
         return saved
-    # A Hub repo of that name, or a file still where it was, is another model, not this one moved.
-    if looks_like_repo_id(was) or Path(was).expanduser().exists() or not Path(now).expanduser().exists():
+    # Two Hub repos of one name, or a model still where it was, are two models, not one moved.
+    hub_repos = looks_like_repo_id(was) and looks_like_repo_id(now)
+    if hub_repos or Path(was).expanduser().exists() or not Path(now).expanduser().exists():
         return saved
     warn(f"--resume: {file} was trained with {key}.name_or_path {was}; taking {now} as the same model moved")
     return {**saved, "name_or_path": now}
@@ -211,7 +212,9 @@ class RunFolder:
                 for inner in old.iterdir():
                     if inner not in others:
                         inner.unlink()
-                if not others:
+                if old.is_symlink():  # a link to a folder elsewhere: the link goes, the folder stays
+                    old.unlink()
+                elif not others:
                     old.rmdir()
             else:
                 old.unlink(missing_ok=True)
@@ -331,13 +334,15 @@ class StopRequest:
         finally:
             self._saving = False
         if self._abort_after_save:
+            self._abort_after_save = False
             raise KeyboardInterrupt
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and self._saving:
             self._abort_after_save = True
-            with contextlib.suppress(OSError):
-                print("\nleco: aborting once the file being saved is written", flush=True)
+            if os.environ.get("RANK", "0") == "0":  # data-parallel: the first process says so
+                with contextlib.suppress(OSError):
+                    print("\nleco: aborting once the file being saved is written", flush=True)
             return
         if self.requested:
             raise KeyboardInterrupt

@@ -13,6 +13,7 @@ import difflib
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -270,7 +271,7 @@ class SaveConfig(_Section):
     def _plain_name(cls, value: str) -> str:
         if not value or value.startswith(".") or any(c in value for c in '/\\:*?"<>|'):
             raise ValueError('must be a plain file name, not starting with ".", without / \\ : * ? " < > |')
-        if any(not c.isprintable() for c in value):  # a NUL cannot be in a path; tabs, line breaks confuse
+        if any(unicodedata.category(c) == "Cc" for c in value):  # a NUL cannot be in a path at all
             raise ValueError("must be a plain file name, without control characters (tabs, line breaks, NUL)")
         if len(value.encode()) > MAX_NAME_BYTES:  # checked now, not when the first save fails
             raise ValueError(

@@ -239,5 +239,5 @@ class Trainer:
                 suffix = "interrupted" if stopping else "last"
                 with stop.saving():
                     path = self.save(suffix)
-                self.render_preview(suffix)
+            self.render_preview(suffix)  # saved: Ctrl-C now ends the run at once
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)

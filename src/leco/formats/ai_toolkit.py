@@ -792,11 +792,7 @@ class _Converter:
             for pole, other, strength in ((positive, negative, 1.0), (negative, positive, -1.0))
         ]
         self.config["prompts"] = entries
-        self.entry_origins = [
-            f"{slider.where} at {size_key}" if size_key else slider.where
-            for _, size_key in resolutions
-            for _ in range(2)
-        ]
+        self.entry_origins = [slider.where] * len(entries)
         self.origin["prompts"] = slider.where
         anchor_strength = self.number(slider, "anchor_strength", 1.0)
         if slider.data.get("anchor_class") is not None:  # its UI writes "": the empty prompt, kept

@@ -22,8 +22,11 @@ from leco.errors import LecoError
 # SD1/SD2's one is lora_te_, SDXL's two are lora_te1_ / lora_te2_).
 _MODELS = ("unet", "text_encoder", "text_encoder_2")
 _PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
-# diffusers' older attention-processor names of the same weights
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# Other spellings of the same weights: a PEFT state dict that kept its adapter's name
+# (lora_A.default.weight), and diffusers' older attention-processor names
 _OLD_NAMES = [
+    (re.compile(r"\.lora_(A|B)\.[^.]+\.weight$"), r".lora_\1.weight"),
     (re.compile(r"\.processor\."), "."),
     (re.compile(r"\.to_(q|k|v)_lora\.(down|up)\.weight$"), r".to_\1.lora_\2.weight"),
     (re.compile(r"\.to_out_lora\.(down|up)\.weight$"), r".to_out.0.lora_\1.weight"),
@@ -47,12 +50,17 @@ def as_kohya(
 
     `sdxl`: whether the model has two text encoders, if known (else: whether the file names both)."""
     configs = _adapter_configs(metadata, source)
-    two = sdxl if sdxl is not None else any(key.startswith("text_encoder_2.") for key in tensors)
-    text_encoders = 2 if two else 1
+    second = any(key.startswith("text_encoder_2.") for key in tensors)
+    if second and sdxl is False:
+        raise LecoError(f"{source}: has text_encoder_2 modules, so it was made for SDXL; use it with SDXL")
+    text_encoders = 2 if (sdxl if sdxl is not None else second) else 1
     modules: dict[str, dict[str, torch.Tensor]] = {}
     paths: dict[str, tuple[str, str]] = {}  # kohya module -> (model, diffusers path), for its alpha
     for key, value in tensors.items():
-        model, path = _model_and_path(key)
+        if key.startswith(KOHYA_PREFIXES):  # kohya's module names with PEFT's part names
+            model, path = "kohya", key
+        else:
+            model, path = _model_and_path(key)
         for pattern, replacement in _OLD_NAMES:
             path = pattern.sub(replacement, path)
         module_path, _, part = path.rpartition(".lora_")
@@ -64,9 +72,13 @@ def as_kohya(
                 f"{source}: {key} is not a plain LoRA tensor (lora_A/lora_B, down/up); LyCORIS or DoRA "
                 "files cannot be read"
             )
-        if model != "unet" and not module_path.startswith("text_model."):  # transformers 5's CLIP paths
+        if model.startswith("text") and not module_path.startswith("text_model."):  # transformers 5's CLIP
             module_path = f"text_model.{module_path}"
-        module = _kohya_prefix(model, text_encoders) + module_path.replace(".", "_")
+        module = (
+            module_path
+            if model == "kohya"
+            else _kohya_prefix(model, text_encoders) + module_path.replace(".", "_")
+        )
         modules.setdefault(module, {})[kohya_part] = value
         paths[module] = (model, module_path)
     result: dict[str, torch.Tensor] = {}
@@ -74,9 +86,14 @@ def as_kohya(
         result.update({f"{module}.{part}": value for part, value in parts.items()})
         if "alpha" not in parts and "lora_down.weight" in parts:
             rank = parts["lora_down.weight"].shape[0]
-            result[f"{module}.alpha"] = torch.tensor(
-                _alpha(configs.get(paths[module][0]), paths[module][1], rank)
-            )
+            try:
+                alpha = _alpha(configs.get(paths[module][0]), paths[module][1], rank)
+            except (ArithmeticError, TypeError, ValueError, re.error):
+                raise LecoError(
+                    f"{source}: its lora_adapter_metadata gives {module} no usable r / lora_alpha; the file "
+                    "is damaged"
+                ) from None
+            result[f"{module}.alpha"] = torch.tensor(alpha)
     return result
 
 
