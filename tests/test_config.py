@@ -411,6 +411,12 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         ("- target: a\n  neutral: a\n  unconditional: a\n", {}, "leaves erase nothing to learn"),
         ("- target: [a digit seven, '']\n", {}, "entry 1.target: '' (prompt 2 of the list) with positive"),
         ("- target: ''\n  action: distill\n  guidance_scale: 3\n", {}, "distill has nothing to learn"),
+        (  # CLIP reads both the same: lower case, spaces collapsed
+            "- target: a digit three\n  unconditional: 'A Digit  Three '\n"
+            "  action: distill\n  guidance_scale: 3\n",
+            {},
+            "distill has nothing to learn",
+        ),
         ("- target: [[a, b]]\n", {}, "entry 1.target.1: Input should be a valid string"),  # each form fails
         ("- target: [a, [b]]\n", {}, 'entry 1.target.2: Input should be a valid string (got ["b"])'),
         (

@@ -16,6 +16,7 @@ from leco.evaluate import (
     EvalSpec,
     NudeNetDetector,
     _summary_table,
+    concept_parts,
     evaluate,
     format_report,
     judged_prompts,
@@ -103,6 +104,28 @@ def test_eval_report_with_a_clip_detector(tmp_path, tiny_folders, tiny_clip, cap
 def test_pixel_drift():
     black, white = Image.new("RGB", (4, 4), (0, 0, 0)), Image.new("RGB", (4, 4), (255, 255, 255))
     assert pixel_drift(black, black) == 0.0 and pixel_drift(black, white) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("strengths", "end"), [("[0, 1]", -1), ("[0, -1]", 1), (None, -1)], ids=["minus", "plus", "default"]
+)
+def test_an_enhance_item_whose_end_is_never_drawn_is_refused(tmp_path, strengths, end):
+    path = tmp_path / "spec.yaml"
+    text = f"enhance: [{{prompt: a digit five, concept: 'ink:blue', end: {end}}}]\n"
+    path.write_text(text + (f"strengths: {strengths}\n" if strengths else ""))
+    side = "negative" if end < 0 else "positive"
+    with pytest.raises(
+        ConfigError, match=rf"spec.yaml: enhance.1.end: {end}, but strengths has no {side} value"
+    ):
+        load_spec(path)
+
+
+def test_ink_digits_concepts_read_in_any_case_and_spacing():
+    from leco.ink_digits.judge import InkDigitsDetector
+
+    for concept in ("digit: 3", "Digit:3", "ink:Red, digit:3", " INK : red "):
+        InkDigitsDetector._parse(concept)  # raises for a concept it does not know
+    assert concept_parts("ink-digits", "Ink: Red, digit:3") == concept_parts("ink-digits", "digit:3,ink:red")
 
 
 def test_spec_errors_name_the_file_and_key(tmp_path):
@@ -594,6 +617,12 @@ def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path
     with pytest.raises(LecoError, match=r"strengths: the spec lists no strength but 0"):
         evaluate(models, embedding, EvalSpec.model_validate({**spec, "strengths": []}), "cpu")
     with pytest.raises(
+        LecoError, match=r"--lora no_dog: its token <no-dog> is already in the negative prompt"
+    ):
+        evaluate(
+            models, embedding, EvalSpec.model_validate({**spec, "negative_prompt": "blurry, <No-Dog>"}), "cpu"
+        )
+    with pytest.raises(
         LecoError, match=r"is a negative embedding, judged at strength 1 .* strengths -1 mean"
     ):
         evaluate(models, embedding, EvalSpec.model_validate({**spec, "strengths": [-1, 1]}), "cpu")
@@ -650,6 +679,15 @@ def test_images_an_earlier_eval_left_are_replaced_only_with_overwrite(tmp_path, 
         (
             {"keep": [{"prompt": "a 7", "concept": "digit:7"}, {"prompt": "a 7", "concept": "digit:7 "}]},
             r"'a 7' \(digit:7\) is listed twice under keep:",
+        ),
+        (  # the same prompt as CLIP reads it (lower case, spaces collapsed), the same concept however spelt
+            {
+                "keep": [
+                    {"prompt": "a digit four", "concept": "digit:4"},
+                    {"prompt": "A digit  four", "concept": "Digit: 4"},
+                ]
+            },
+            r"'a digit four' \(digit:4\) is listed twice under keep:",
         ),
         (  # the same concept, however its parts are written
             {

@@ -148,6 +148,13 @@ def load_spec(path: str | Path) -> EvalSpec:
     _refuse_contradictions(spec, path)
     if spec.detector != "clip" and {"alternatives", "clip_model"} & spec.model_fields_set:
         warn(f"{path}: alternatives and clip_model are for detector: clip, not {spec.detector}; ignored")
+    for number, item in enumerate(spec.enhance, start=1):  # else its goal is never measured
+        if not any(strength * item.end > 0 for strength in spec.strengths):
+            side = "negative" if item.end < 0 else "positive"
+            raise ConfigError(
+                f"{path}: enhance.{number}.end: {item.end}, but strengths has no {side} value, so the "
+                f"item is never judged at its end; add {item.end} to strengths"
+            )
     if 0.0 not in spec.strengths:
         spec.strengths = [0.0, *spec.strengths]  # drift is measured against strength 0
     spec._source = str(path)
@@ -158,7 +165,7 @@ def concept_parts(detector: str, concept: str) -> frozenset[str]:
     """A concept as the detector reads it: ink-digits' parts in any order and spacing; other
     detectors' text, in any case."""
     if detector == "ink-digits":
-        return frozenset(part.strip() for part in concept.split(","))
+        return frozenset("".join(part.lower().split()) for part in concept.split(","))
     return frozenset([concept.strip().lower()])
 
 
@@ -173,7 +180,9 @@ def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
         for number, item in enumerate(getattr(spec, kind), start=1):
             if not item.prompt.strip():  # the model's unconditional image: it names no concept
                 raise ConfigError(f"{path}: {kind}.{number}.prompt: empty; write the prompt to judge")
-            kinds_of.setdefault((item.prompt, parts(item.concept)), []).append(kind)
+            # CLIP reads prompts in lower case with spaces collapsed: "A digit four" is "a digit four"
+            read_as = " ".join(item.prompt.lower().split())
+            kinds_of.setdefault((read_as, parts(item.concept)), []).append(kind)
     for (prompt, concept), kinds in kinds_of.items():
         if len(kinds) > len(set(kinds)):  # counted twice in the means, shown once
             raise ConfigError(
@@ -291,6 +300,13 @@ def evaluate(
     for repeated in {path for path in resolved if resolved.count(path) > 1}:
         warn(f"--lora: {repeated.name} is given {resolved.count(repeated)} times; each copy is judged again")
     negatives = _negative_embeddings(loras, labels, spec.strengths)
+    for label, negative in negatives.items():  # at strength 0 too, which would then judge nothing
+        if negative.token in spec.negative_prompt.lower():
+            raise LecoError(
+                f"--lora {label}: its token {negative.token} is already in the negative prompt "
+                f"({spec.negative_prompt!r}); eval adds it at strength 1 and leaves it out at 0, so "
+                "take it out of --negative (or the spec's negative_prompt)"
+            )
     strengths = list(dict.fromkeys(s for s in spec.strengths if s != 0.0)) if loras else []
     if loras and not strengths:
         raise LecoError(

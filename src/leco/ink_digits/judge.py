@@ -247,7 +247,7 @@ class InkDigitsDetector:
         """ "digit:7,ink:red" -> [("digit", 7), ("ink", index of red)]."""
         parts = []
         for part in concept.split(","):
-            kind, _, value = part.strip().partition(":")
+            kind, _, value = (side.strip() for side in part.lower().partition(":"))  # any case, spacing
             if kind == "digit" and len(value) == 1 and value in "0123456789":  # not '³' or '٣
                 parts.append((kind, int(value)))
             elif kind == "ink" and value in ALL_INKS:
