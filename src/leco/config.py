@@ -791,7 +791,7 @@ def _check_schedule_args(name: str, args: dict[str, Any], lr: float) -> None:
         )
 
 
-def _as_read(text: str) -> str:
+def as_read(text: str) -> str:
     """A prompt as CLIP's tokenizer reads it: lower case, spaces collapsed."""
     return " ".join(text.lower().split())
 
@@ -801,7 +801,7 @@ def _refuse_unguided(entry: PromptSettings, number: int) -> None:
     (with a teacher they are the teacher's prediction: that is learnt)."""
     for i, target in enumerate(entry.targets):
         unconditional = entry.role_text("unconditional", i)
-        if _as_read(entry.role_text("positive", i)) == _as_read(unconditional):
+        if as_read(entry.role_text("positive", i)) == as_read(unconditional):
             which = "" if isinstance(entry.target, str) else f" (prompt {i + 1} of the list)"
             raise ConfigError(
                 f"{entry.named(number)}: target {target!r}{which}: its prompt and unconditional are the "

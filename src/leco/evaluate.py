@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from leco.conditioning import warn_if_misread
-from leco.config import MAX_SIDE, ConfigError, describe_validation_error, read_yaml
+from leco.config import MAX_SIDE, ConfigError, as_read, describe_validation_error, read_yaml
 from leco.errors import LecoError, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
@@ -180,9 +180,8 @@ def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
         for number, item in enumerate(getattr(spec, kind), start=1):
             if not item.prompt.strip():  # the model's unconditional image: it names no concept
                 raise ConfigError(f"{path}: {kind}.{number}.prompt: empty; write the prompt to judge")
-            # CLIP reads prompts in lower case with spaces collapsed: "A digit four" is "a digit four"
-            read_as = " ".join(item.prompt.lower().split())
-            kinds_of.setdefault((read_as, parts(item.concept)), []).append(kind)
+            # "A digit four" is "a digit four" to CLIP
+            kinds_of.setdefault((as_read(item.prompt), parts(item.concept)), []).append(kind)
     for (prompt, concept), kinds in kinds_of.items():
         if len(kinds) > len(set(kinds)):  # counted twice in the means, shown once
             raise ConfigError(

@@ -138,14 +138,15 @@ def build_pipeline(models: LoadedModels, sampler: str = "model") -> DiffusionPip
 
 
 def make_scheduler(config: dict, sampler: str):
-    if sampler == "model":
+    name = sampler_name(sampler)
+    if name is None:
+        raise LecoError(f"--sampler: {sampler!r} is not known; {SAMPLER_HINT}")
+    if name == "model":
         import diffusers
 
         cls = getattr(diffusers, str(config.get("_class_name")), None) or DDIMScheduler
-    elif sampler_name(sampler) in SAMPLERS:
-        cls = SAMPLERS[sampler_name(sampler)]
     else:
-        raise LecoError(f"--sampler: {sampler!r} is not known; {SAMPLER_HINT}")
+        cls = SAMPLERS[name]
     return sampler_from_config(cls, config)
 
 

@@ -264,11 +264,6 @@ def _load_folder(
 ) -> LoadedModels:
     parts = ("unet", "text_encoder", "tokenizer", "scheduler")
     missing = [part for part in parts if not (Path(folder) / part).is_dir()]
-    scheduler_config = Path(folder) / "scheduler" / "scheduler_config.json"
-    if not missing and not scheduler_config.is_file():  # else diffusers would ask the Hub for it
-        raise LecoError(
-            f"{names.model}: {folder} has no {scheduler_config.relative_to(folder)}; the folder is incomplete"
-        )
     if missing:
         parent = Path(folder).resolve().parent
         hint = f"; {parent} is one: give that" if all((parent / part).is_dir() for part in parts) else ""
@@ -276,6 +271,11 @@ def _load_folder(
         raise LecoError(
             f"{names.model}: {folder} is not a complete diffusers model folder (no {absent}); it needs "
             f"unet/, text_encoder/, tokenizer/, scheduler/{hint}"
+        )
+    scheduler_config = Path(folder) / "scheduler" / "scheduler_config.json"
+    if not scheduler_config.is_file():  # else diffusers would ask the Hub for it
+        raise LecoError(
+            f"{names.model}: {folder} has no {scheduler_config.relative_to(folder)}; the folder is incomplete"
         )
     try:  # local files only: a folder must never be fetched as a Hub repo of the same name
         return _load_diffusers(folder, spec, dtype, with_vae, {"local_files_only": True}, names)

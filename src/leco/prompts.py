@@ -140,14 +140,14 @@ def _warn_if_far_from_native(prepared: list[PreparedPrompt], native: int) -> Non
     # A kohya prompt file without `resolution` means 512 px whatever the model: on a small model
     # that makes every step hundreds of times slower, and the concept is drawn far off its size.
     far = [
-        (n, p.settings)
+        (n, p)
         for n, p in enumerate(prepared, start=1)
         if max(p.size) >= 4 * native or min(p.size) * 4 <= native
     ]
     if far:
-        height, width = prepared[far[0][0] - 1].size
+        (height, width), named = far[0][1].size, entries_named([(n, p.settings) for n, p in far])
         warn(
-            f"{entries_named(far)} train at {height}x{width} px; this model draws at "
+            f"{named} train at {height}x{width} px; this model draws at "
             f"{native} px: set `resolution: {native}` in the prompt entries (a kohya prompt file without "
             f"`resolution` means 512: write `resolution = {native}` at its top, or in its [slider] table; "
             f"an ai-toolkit job: `slider.resolutions: [[{native}, {native}]]`)"

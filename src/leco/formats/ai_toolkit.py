@@ -56,8 +56,8 @@ AI_TOOLKIT_SAVE_DEFAULTS = {"save_every": 1000, "dtype": "float16", "max_step_sa
 # embedding per latent, so its `guidance_scale=3` does no guidance (since May 2025; CFG 3 before).
 # Its UI's Concept Slider (`job: extension`, `type: concept_slider`, extensions_built_in/concept_slider)
 # noises the images of a dataset, the same ones for both ends; leco draws them the same way: the
-# frozen model's own images of the target class (guided, a rollout would be steered away from the
-# entry's unconditional, which is the other pole).
+# frozen model's own images of the target class, unguided (guided, each end's rollout would be
+# steered away from the entry's unconditional, which is the other pole).
 ROLLOUT = {"rollout_model": "frozen", "rollout_guidance_scale": 1.0}
 # Which process type each job runs (TrainJob runs `slider`; ExtensionJob runs extensions by uid).
 _PROCESS_OF_JOB = {"train": "slider", "extension": "concept_slider"}
@@ -707,13 +707,7 @@ class _Converter:
 
     def slider_target(self, target: _Section, rng: random.Random) -> list[tuple[str, str, str, float, float]]:
         """(target_class, positive, negative, multiplier, weight); `shuffle` adds phrase orders."""
-        target_class, positive, negative = (
-            self.text(target, key) for key in ("target_class", "positive", "negative")
-        )
-        if not positive.strip() and not negative.strip():
-            raise ConfigError(
-                f"{self.path}: {target.where}: needs positive or negative (its two ends); set one"
-            )
+        target_class, positive, negative = self.poles(target, "target_class", "positive", "negative")
         multiplier = self.number(target, "multiplier", 1.0)
         weight = self.number(target, "weight", 1.0)
         shuffle = target.get("shuffle", False)
@@ -763,19 +757,15 @@ class _Converter:
             "that count, use a kohya TOML prompts file (neutral_prompt_file)"
         )
 
-    def read_concept_slider(self, slider: _Section, resolutions: list[tuple[int | None, str]]) -> None:
+    def read_concept_slider(self, slider: _Section, resolutions: list[int | None]) -> None:
         """ConceptSliderTrainer: the target class's prediction goes to neutral + g * (positive -
         negative) at +1 and to neutral + g * (negative - positive) at -1, neutral being the target
         class's own prediction; that is leco's enhance with the poles as positive and unconditional.
         Its anchor class keeps its prediction at both strengths, at anchor_strength against the two
         (equal) losses of each end: leco's anchor weight anchor_strength / 2."""
-        target_class, positive, negative = (
-            self.text(slider, key) for key in ("target_class", "positive_prompt", "negative_prompt")
+        target_class, positive, negative = self.poles(
+            slider, "target_class", "positive_prompt", "negative_prompt"
         )
-        if not positive.strip() and not negative.strip():
-            raise ConfigError(
-                f"{self.path}: {slider.where}: needs positive_prompt and negative_prompt (its two ends)"
-            )
         guidance = self.number(slider, "guidance_strength", 3.0)
         entries = [
             {
@@ -788,7 +778,7 @@ class _Converter:
                 "resolution": resolution,
                 "multiplier": strength,
             }
-            for resolution, _ in resolutions
+            for resolution in resolutions
             for pole, other, strength in ((positive, negative, 1.0), (negative, positive, -1.0))
         ]
         self.config["prompts"] = entries
@@ -801,13 +791,13 @@ class _Converter:
             self.put("anchors.weight", anchor_strength / 2, slider.key("anchor_strength"))
         slider.finish()
 
-    def dataset_resolutions(self, process: _Section) -> list[tuple[int | None, str]]:
-        """(size, the key it is written at) of each size its datasets train at (leco trains at each;
-        the model's own size without datasets); their images are not read."""
+    def dataset_resolutions(self, process: _Section) -> list[int | None]:
+        """The sizes its datasets train at (leco trains at each; the model's own size without
+        datasets); their images are not read."""
         datasets = process.get("datasets", [])
         if not isinstance(datasets, list):
             raise ConfigError(f"{self.path}: {process.key('datasets')}: must be a list of datasets")
-        sizes: list[tuple[int | None, str]] = []
+        sizes: list[int | None] = []
         for number, raw in enumerate(datasets):
             dataset = _Section(raw, f"{process.key('datasets')}[{number}]", self.path)
             value = dataset.get("resolution", 512)  # ai-toolkit's DatasetConfig default
@@ -819,14 +809,14 @@ class _Converter:
                     f"{self.path}: {dataset.key('resolution')}: must be whole pixels (or a list of them), "
                     f"at most {MAX_SIDE}"
                 )
-            sizes += [(v, dataset.key("resolution")) for v in value if v not in [size for size, _ in sizes]]
+            sizes += [v for v in value if v not in sizes]
             dataset.accept(*dataset.data)  # the images and how they are captioned, cached, augmented
         if datasets:
             warn(
                 f"{self.path}: {process.key('datasets')}: leco trains from the model's own images of the "
                 "target class, not from image folders: only their resolutions are read"
             )
-        return sizes or [(None, "")]
+        return sizes or [None]
 
     def read_anchors(self, slider: _Section) -> None:
         """Anchors keep their prompt's prediction; ai-toolkit trained them at the pair's strength sign."""
@@ -867,6 +857,15 @@ class _Converter:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{self.path}: {section.key(name)}: must be a number (got {_short(value)})")
         return float(value)
+
+    def poles(self, section: _Section, target: str, positive: str, negative: str) -> tuple[str, str, str]:
+        """A slider's target class and its two ends (texts); at least one end must be named."""
+        texts = tuple(self.text(section, key) for key in (target, positive, negative))
+        if not texts[1].strip() and not texts[2].strip():
+            raise ConfigError(
+                f"{self.path}: {section.where}: needs {positive} or {negative} (its two ends); set one"
+            )
+        return texts
 
     def text(self, section: _Section, name: str) -> str:
         """A prompt text ("" when unset); ai-toolkit strips it, so anything else fails there too."""
