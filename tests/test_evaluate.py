@@ -509,6 +509,7 @@ def test_negative_prompt_from_the_spec_reaches_the_images(tmp_path, tiny_folders
     assert report["spec"]["negative_prompt"] == "a blurry photo" and report["sampling"] == {
         "steps": 3,
         "guidance": 3.0,
+        "Sampler": "DDIM",  # the tiny model's own scheduler (spec.sampler: model), by A1111's name
     }
     plain, other = (
         np.asarray(Image.open(tmp_path / f / "a-dog_0_0.png"), np.int16) for f in ("plain", "negative")

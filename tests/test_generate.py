@@ -13,10 +13,13 @@ from leco.cli import main
 from leco.config import NetworkConfig
 from leco.errors import LecoError
 from leco.generate import (
+    KARRAS,
     SAMPLERS,
     ImageRequest,
     SamplingSettings,
+    a1111_sampler,
     build_pipeline,
+    make_scheduler,
     parse_seeds,
     parse_strengths,
     requests_for,
@@ -367,7 +370,10 @@ def test_each_image_carries_its_settings_as_a1111_writes_them(tmp_path, tiny_fol
         models, lora_files["sd1"], requests, settings, tmp_path, "cpu", False, model_name="tiny-sd1"
     )
     texts = [Image.open(file).text["parameters"].split("\n") for file in files]
-    settings_line = "Steps: 4, Sampler: Euler a, CFG scale: 3.5, Seed: 7, Size: 24x16, Model: tiny-sd1"
+    settings_line = (
+        "Steps: 4, Sampler: Euler a, Schedule type: Uniform, CFG scale: 3.5, Seed: 7, Size: 24x16, "
+        "Model: tiny-sd1"
+    )
     assert texts[0][0] == "a red fox" and texts[1][0] == "a red fox <lora:sd1:0.5>"  # strength 0: no LoRA
     for text in texts:
         assert text[1] == "Negative prompt: blurry" and text[2].startswith(settings_line)
@@ -511,13 +517,66 @@ def test_more_steps_than_the_sampler_can_take_is_one_line_before_any_image(tmp_p
         )
 
 
-@pytest.mark.parametrize("sampler", [*SAMPLERS, "Euler a", "DPM++ 2M"])
+@pytest.mark.parametrize("sampler", [*SAMPLERS, "Euler a", "DPM++ 2M", "DPM++ 2M SDE Karras", "LMS Karras"])
 def test_every_sampler_draws_finite_images_by_our_name_or_a1111s(sampler, tiny_folders):
     """Each name --sampler and a spec take makes a working pipeline (the training samplers, lms
     included, among them), and A1111's names reach the same scheduler."""
     pipe = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True), sampler=sampler)
-    assert type(pipe.scheduler) is SAMPLERS[sampler_name(sampler)]
+    assert type(pipe.scheduler) is SAMPLERS[sampler_name(sampler).removesuffix(KARRAS)].scheduler
     image = pipe(
         "a red fox", num_inference_steps=3, guidance_scale=2.0, height=16, width=16, output_type="np"
     )
     assert np.isfinite(image.images).all()
+
+
+# A model whose own scheduler is DPM++ 2M SDE with Karras sigmas and v-prediction (as many fine-tunes ship)
+SDE_KARRAS_MODEL = {
+    "_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++",
+    "use_karras_sigmas": True, "solver_order": 3, "prediction_type": "v_prediction",
+    "timestep_spacing": "trailing", "steps_offset": 1,
+    "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "karras", "algorithm", "infotext"),
+    [
+        ("DPM++ 2M", False, "dpmsolver++", {"Sampler": "DPM++ 2M", "Schedule type": "Uniform"}),
+        ("DPM++ 2M Karras", True, "dpmsolver++", {"Sampler": "DPM++ 2M", "Schedule type": "Karras"}),
+        ("dpmpp_2m_sde", False, "sde-dpmsolver++", {"Sampler": "DPM++ 2M SDE", "Schedule type": "Uniform"}),
+        ("k_lms_ka", True, None, {"Sampler": "LMS", "Schedule type": "Karras"}),
+        ("euler", False, None, {"Sampler": "Euler", "Schedule type": "Uniform"}),
+        ("  DDIM ", None, None, {"Sampler": "DDIM"}),
+        ("pndm", None, None, {"Sampler": "PLMS"}),
+    ],
+)
+def test_a_named_sampler_is_that_algorithm_whatever_the_models_scheduler_chose(
+    name, karras, algorithm, infotext
+):
+    """An explicit sampler keeps what the model's config says of the model (prediction type, betas,
+    timestep spacing) and drops its algorithm choices (Karras sigmas, SDE, solver order), and the
+    image's infotext names it as A1111 would, with the Schedule type A1111 1.9+ reads."""
+    scheduler = make_scheduler(SDE_KARRAS_MODEL, name)
+    config = scheduler.config
+    assert config.prediction_type == "v_prediction" and config.timestep_spacing == "trailing"
+    assert config.steps_offset == 1 and config.beta_schedule == "scaled_linear"
+    assert config.get("use_karras_sigmas") == karras
+    if algorithm is not None:
+        assert config.algorithm_type == algorithm and config.solver_order == 2
+    assert a1111_sampler(scheduler) == infotext
+    own = make_scheduler(SDE_KARRAS_MODEL, "model")  # the model's own, as it is
+    assert own.config.use_karras_sigmas and own.config.solver_order == 3
+    assert a1111_sampler(own) == {"Sampler": "DPMSolverMultistepScheduler"}  # no A1111 name fits order 3
+
+
+@pytest.mark.parametrize("name", ["Euler a Karras", "ddim karras", "DPM++ 3M SDE", "model karras"])
+def test_a_sampler_diffusers_cannot_run_is_one_line(name, tmp_path, capsys):
+    """Karras sigmas where diffusers' scheduler has none, or an A1111 sampler without a diffusers
+    counterpart: one line naming the option and the choices, before any model loads."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--model", "ink-digits", "--prompt", "a digit one", "--sampler", name,
+              "--out", str(tmp_path / "out")])  # fmt: skip
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in error
+    assert f"--sampler: {name!r} is not known" in error and "' Karras'" in error
+    assert not (tmp_path / "out").exists()

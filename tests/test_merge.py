@@ -238,6 +238,53 @@ def test_a_lora_diffusers_saved_merges_as_diffusers_applies_it(tmp_path, tiny_fo
     assert_all_close(outputs(baked, inputs, prompt_ids), outputs(runtime, inputs, prompt_ids))
 
 
+@pytest.mark.parametrize("saver", ["save_lora_adapter", "peft_save_pretrained"])
+def test_unet_adapter_files_without_model_names_merge_and_generate_at_their_alpha(
+    tmp_path, tiny_folders, saver
+):
+    """`unet.save_lora_adapter` (keys and LoraConfig with no `unet.`) and PEFT's `save_pretrained`
+    (`base_model.model.` keys, the LoraConfig in adapter_config.json beside the file): diffusers'
+    pipeline loader finds nothing in either; leco reads them, for merge and generate alike, at the
+    scale lora_alpha / r they were made with."""
+    from peft.utils import get_peft_model_state_dict
+
+    from leco.generate import lora_strengths
+
+    folder = str(tiny_folders["sd1"])
+    config = NetworkConfig(type="lierla", rank=4, alpha=1.0)  # PEFT: r 4, lora_alpha 1 (scale 1/4)
+    source = DiffusionPipeline.from_pretrained(folder)
+    source.load_lora_weights(
+        str(random_lora(folder, tmp_path / "k.safetensors", 3, config)), adapter_name="k"
+    )
+    runtime = source  # the truth: diffusers with the kohya original at -0.6
+    runtime.set_adapters(["k"], adapter_weights=[-0.6])
+    out = tmp_path / saver
+    if saver == "save_lora_adapter":
+        source.unet.save_lora_adapter(out, adapter_name="k", weight_name="unet_lora.safetensors")
+        path = out / "unet_lora.safetensors"
+    else:
+        out.mkdir()
+        state = get_peft_model_state_dict(source.unet, adapter_name="k")
+        save_file(
+            {f"base_model.model.{k}": v.contiguous() for k, v in state.items()},
+            out / "adapter_model.safetensors",
+        )
+        (out / "adapter_config.json").write_text(
+            json.dumps(source.unet.peft_config["k"].to_dict(), default=list)
+        )
+        path = out / "adapter_model.safetensors"
+    inputs, prompt_ids = unet_inputs(source.unet, False), torch.tensor([[0, 5, 9, 2, 1, 1]])
+    expected = outputs(runtime, inputs, prompt_ids)
+    baked = DiffusionPipeline.from_pretrained(
+        merge(folder, [LoraStrength(path, -0.6)], tmp_path / "m", precision="fp32")
+    )
+    assert_all_close(outputs(baked, inputs, prompt_ids), expected)
+    generating = DiffusionPipeline.from_pretrained(folder)
+    with lora_strengths(generating, path, load_models(folder).family) as set_strength:
+        set_strength(-0.6)
+        assert_all_close(outputs(generating, inputs, prompt_ids), expected)
+
+
 @pytest.mark.parametrize(("rslora", "linear_alpha"), [(False, 8.0), (True, 16.0)])
 def test_peft_scales_become_the_kohya_alphas_that_give_them(rslora, linear_alpha):
     """PEFT scales a module by lora_alpha / r (/ sqrt(r) with rsLoRA), its patterns first; kohya by
@@ -277,9 +324,21 @@ def test_other_spellings_of_peft_keys_and_damaged_configs():
     second = {"text_encoder_2.encoder.layers.0.mlp.fc1.lora_A.weight": down}
     with pytest.raises(LecoError, match=r"f: has text_encoder_2 modules, so it was made for SDXL"):
         as_kohya(second, {}, "f", sdxl=False)
-    damaged = {"lora_adapter_metadata": json.dumps({"unet.r": 0, "unet.lora_alpha": 8})}
-    with pytest.raises(LecoError, match=r"f: its lora_adapter_metadata gives lora_unet_mid_to_k no usable r"):
-        as_kohya(named, damaged, "f")
+    for r in (0, -4):  # -4 would turn the LoRA around; PEFT refuses it
+        damaged = {"lora_adapter_metadata": json.dumps({"unet.r": r, "unet.lora_alpha": 8})}
+        with pytest.raises(
+            LecoError, match=r"f: its lora_adapter_metadata gives lora_unet_mid_to_k no usable r"
+        ):
+            as_kohya(named, damaged, "f")
+    # PEFT matches a pattern against the module as the file names it (no text_model. of leco's added)
+    text = {"text_encoder.encoder.layers.1.mlp.fc1.lora_A.weight": down}
+    anchored = {
+        "text_encoder.r": 2,
+        "text_encoder.lora_alpha": 2,
+        "text_encoder.alpha_pattern": {"^encoder.layers.1.mlp.fc1": 8},
+    }
+    read = as_kohya(text, {"lora_adapter_metadata": json.dumps(anchored)}, "f", sdxl=False)
+    assert read["lora_te_text_model_encoder_layers_1_mlp_fc1.alpha"].item() == 8.0
 
 
 def test_a_dora_file_in_diffusers_layout_is_refused_by_name(tmp_path, tiny_folders):

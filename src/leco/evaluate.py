@@ -37,6 +37,7 @@ from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
     SAMPLER_HINT,
     SamplingSettings,
+    a1111_sampler,
     build_pipeline,
     check_lora_finite,
     check_lora_fits,
@@ -364,7 +365,8 @@ def evaluate(
         "negative_embeddings": {label: embedding.token for label, embedding in negatives.items()},
         "embeddings": [str(e) for e in embeddings],
         "spec": spec.model_dump(),
-        "sampling": {"steps": settings.steps, "guidance": settings.guidance},
+        # the sampler used (spec.sampler may say "model"), in A1111's words
+        "sampling": {"steps": settings.steps, "guidance": settings.guidance, **a1111_sampler(pipe.scheduler)},
         "rows": rows,
         "summary": summarise(rows, ordered),
         "per_lora": {label: summarise(_rows_of(rows, label), ordered) for label in labels},

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,10 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
     LMSDiscreteScheduler,
+    PNDMScheduler,
     UniPCMultistepScheduler,
 )
 from PIL import Image
@@ -35,28 +39,80 @@ from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_meta
 from leco.images import ImageRequest, format_strength, make_grid, save_image, unique_slugs
 from leco.models import LoadedModels, ModelFamily, quiet_library_logs, sampler_from_config
 from leco.network import kohya
+from leco.network.peft_format import diffusers_pipeline_reads, is_diffusers_layout
 from leco.network.text_encoders import AppliedTextEncoderLoRA, TextEncoderLoRA
 
+
+@dataclass(frozen=True)
+class Sampler:
+    scheduler: type
+    a1111: str  # its name in A1111's UI and infotext
+    settings: dict[str, Any] = field(default_factory=dict)  # the algorithm's own choices
+    k_diffusion: bool = True  # one of A1111's k-diffusion samplers, which take a "Schedule type"
+
+
+def _takes_karras(sampler: Sampler) -> bool:
+    return "use_karras_sigmas" in inspect.signature(sampler.scheduler.__init__).parameters
+
+
 SAMPLERS = {
-    "ddim": DDIMScheduler,
-    "ddpm": DDPMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpm++": DPMSolverMultistepScheduler,
-    "heun": HeunDiscreteScheduler,
-    "lms": LMSDiscreteScheduler,
-    "unipc": UniPCMultistepScheduler,
+    "ddim": Sampler(DDIMScheduler, "DDIM", k_diffusion=False),
+    "ddpm": Sampler(DDPMScheduler, "DDPM", k_diffusion=False),
+    "euler": Sampler(EulerDiscreteScheduler, "Euler"),
+    "euler_a": Sampler(EulerAncestralDiscreteScheduler, "Euler a"),
+    "dpm++": Sampler(
+        DPMSolverMultistepScheduler, "DPM++ 2M", {"algorithm_type": "dpmsolver++", "solver_order": 2}
+    ),
+    "dpm++_sde": Sampler(
+        DPMSolverMultistepScheduler, "DPM++ 2M SDE", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+    ),
+    "dpm2": Sampler(KDPM2DiscreteScheduler, "DPM2"),
+    "dpm2_a": Sampler(KDPM2AncestralDiscreteScheduler, "DPM2 a"),
+    "heun": Sampler(HeunDiscreteScheduler, "Heun"),
+    "lms": Sampler(LMSDiscreteScheduler, "LMS"),
+    "plms": Sampler(PNDMScheduler, "PLMS", {"skip_prk_steps": True}, k_diffusion=False),
+    "unipc": Sampler(UniPCMultistepScheduler, "UniPC", k_diffusion=False),
 }
-# What A1111's UI and infotext call them (compared in lower case), so a setting copied from there works
-A1111_SAMPLER_ALIASES = {"euler a": "euler_a", "dpm++ 2m": "dpm++"}
-SAMPLER_HINT = f"use model or one of {', '.join(SAMPLERS)}"  # what --sampler and a spec's sampler take
+KARRAS = "_karras"  # a name's suffix: Karras sigmas (A1111's "DPM++ 2M Karras", or Schedule type: Karras)
+# Other names users copy from their tools (compared in lower case, spaces collapsed): A1111's UI and
+# infotext, its old k_ names (k_..._ka: Karras), ComfyUI's KSampler names.
+SAMPLER_ALIASES = {
+    **{sampler.a1111.lower(): key for key, sampler in SAMPLERS.items()},
+    "euler_ancestral": "euler_a", "dpm_2": "dpm2", "dpm_2_a": "dpm2_a", "dpm_2_ancestral": "dpm2_a",
+    "dpmpp_2m": "dpm++", "dpmpp_2m_sde": "dpm++_sde", "uni_pc": "unipc", "pndm": "plms",
+}  # fmt: skip
+SAMPLER_HINT = (  # what --sampler and a spec's sampler take
+    f"use model or one of {', '.join(SAMPLERS)} (or A1111's names, e.g. 'DPM++ 2M'); "
+    "add ' Karras' for Karras sigmas (not with "
+    + ", ".join(key for key, sampler in SAMPLERS.items() if not _takes_karras(sampler))
+    + ")"
+)
+# What a model's scheduler config says of the model (its noise schedule, its prediction, where its
+# timesteps lie), kept under any sampler; the rest (Karras sigmas, solver order, SDE) is the sampler's
+# own, and a sampler named explicitly means its own defaults, not a model config's choices.
+MODEL_SCHEDULE_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas", "prediction_type",
+    "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "clip_sample", "clip_sample_range",
+    "set_alpha_to_one",
+)  # fmt: skip
 
 
 def sampler_name(text: str) -> str | None:
-    """The SAMPLERS key (or "model") that `text` names, in ours or A1111's words; None if none."""
-    name = text.strip().lower()
-    name = A1111_SAMPLER_ALIASES.get(name, name)
-    return name if name == "model" or name in SAMPLERS else None
+    """The SAMPLERS key (or "model"), with KARRAS appended for Karras sigmas, that `text` names in
+    ours, A1111's or ComfyUI's words; None if none."""
+    name = " ".join(text.lower().split())
+    karras = name.endswith((" karras", KARRAS)) or (name.startswith("k_") and name.endswith("_ka"))
+    if karras:
+        name = name.removesuffix("_ka") if name.endswith("_ka") else name[: -len(KARRAS)].rstrip()
+    name = name.removeprefix("k_")
+    name = SAMPLER_ALIASES.get(name, name)
+    if name == "model":
+        return None if karras else name
+    if name not in SAMPLERS:
+        return None
+    if karras and not _takes_karras(SAMPLERS[name]):
+        return None
+    return name + KARRAS if karras else name
 
 
 ADAPTER = "lora"
@@ -145,9 +201,28 @@ def make_scheduler(config: dict, sampler: str):
         import diffusers
 
         cls = getattr(diffusers, str(config.get("_class_name")), None) or DDIMScheduler
-    else:
-        cls = SAMPLERS[name]
-    return sampler_from_config(cls, config)
+        return sampler_from_config(cls, config)
+    sampler = SAMPLERS[name.removesuffix(KARRAS)]
+    settings = {**sampler.settings, **({"use_karras_sigmas": True} if name.endswith(KARRAS) else {})}
+    model_schedule = {key: value for key, value in config.items() if key in MODEL_SCHEDULE_KEYS}
+    return sampler_from_config(sampler.scheduler, model_schedule, **settings)
+
+
+def a1111_sampler(scheduler: Any) -> dict[str, str]:
+    """A1111's infotext words for this scheduler: `Sampler`, and `Schedule type` for its k-diffusion
+    samplers (A1111 1.9+ reads a missing one as Automatic, which is Karras for DPM++ 2M)."""
+    config = scheduler.config
+    for sampler in SAMPLERS.values():
+        if type(scheduler) is sampler.scheduler and all(
+            config.get(k) == v for k, v in sampler.settings.items()
+        ):
+            if not sampler.k_diffusion:
+                return {"Sampler": sampler.a1111}
+            return {
+                "Sampler": sampler.a1111,
+                "Schedule type": "Karras" if config.get("use_karras_sigmas") else "Uniform",
+            }
+    return {"Sampler": type(scheduler).__name__}
 
 
 @contextmanager
@@ -217,11 +292,11 @@ def _as_diffusers_loads_it(
     )
     fold = len(set(alphas.values())) > 1 and plain  # DoRA and other kinds: diffusers' reading stands
     has_text = any(key.startswith(kohya.TEXT_ENCODER_PREFIXES) for key in header.shapes)
-    if not linear_as_conv and not fold and not has_text:
+    if not linear_as_conv and not fold and not has_text and header.tensors is None:
         return str(header.path), {}
     from safetensors.torch import load_file
 
-    tensors = load_file(str(header.path))
+    tensors = dict(header.tensors) if header.tensors is not None else load_file(str(header.path))
     text = {key: tensors.pop(key) for key in list(tensors) if key.startswith(kohya.TEXT_ENCODER_PREFIXES)}
     for module in linear_as_conv:
         for part in ("lora_down.weight", "lora_up.weight"):
@@ -257,6 +332,9 @@ def _module_alphas(header: LoraHeader) -> dict[str, float]:
 
     ranks = {k.partition(".")[0]: s[0] for k, s in header.shapes.items() if k.endswith(".lora_down.weight")}
     alphas: dict[str, float] = {module: float(rank) for module, rank in ranks.items()}
+    if header.tensors is not None:
+        given = {module: header.tensors.get(f"{module}.alpha") for module in ranks}
+        return {module: alphas[module] if alpha is None else float(alpha) for module, alpha in given.items()}
     with safe_open(str(header.path), framework="pt") as file:
         for module in ranks:
             if f"{module}.alpha" in header.shapes:
@@ -379,6 +457,9 @@ class LoraHeader:
     path: Path
     shapes: dict[str, list[int]]
     metadata: dict[str, str]
+    # A file diffusers' pipeline loader would read wrongly (leco.network.peft_format), read by leco under
+    # kohya's names: `shapes` are theirs, and these tensors are what diffusers loads.
+    tensors: dict[str, torch.Tensor] | None = None
 
 
 # safetensors' names of the whole-number dtypes, as torch spells them (messages say "int32" either way).
@@ -446,6 +527,9 @@ def read_lora_header(path: str | Path) -> LoraHeader:
             f"--lora: {path} holds no LoRA weights (keys like {example}); if it is a model checkpoint, "
             "give it as --model"
         )
+    if is_diffusers_layout(list(shapes)) and not diffusers_pipeline_reads(list(shapes)):
+        tensors, _ = kohya.read_lora_file(path)
+        return LoraHeader(path, {key: list(t.shape) for key, t in tensors.items()}, metadata, tensors)
     return LoraHeader(path, shapes, metadata)
 
 
@@ -630,19 +714,6 @@ def run_generation(
     return paths, grid
 
 
-# A1111's names for diffusers' samplers, as its infotext writes them
-A1111_SAMPLER_NAMES = {
-    "DDIMScheduler": "DDIM",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "PNDMScheduler": "PLMS",
-    "LMSDiscreteScheduler": "LMS",
-    "HeunDiscreteScheduler": "Heun",
-    "UniPCMultistepScheduler": "UniPC",
-}
-
-
 def a1111_parameters(
     request: ImageRequest,
     settings: SamplingSettings,
@@ -659,10 +730,9 @@ def a1111_parameters(
     lines = [prompt]
     if settings.negative_prompt:
         lines.append(f"Negative prompt: {settings.negative_prompt}")
-    sampler = type(pipe.scheduler).__name__
     pairs = {
         "Steps": settings.steps,
-        "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
+        **a1111_sampler(pipe.scheduler),
         "CFG scale": f"{settings.guidance:g}",
         "Seed": request.seed,
         "Size": f"{size[1]}x{size[0]}",  # width x height

@@ -25,11 +25,10 @@ from leco.errors import LecoError
 from leco.files import atomic_output, load_torch_file
 from leco.models import ModelFamily
 from leco.network.layers import adaptable_layers
-from leco.network.peft_format import as_kohya, is_diffusers_layout
+from leco.network.peft_format import KOHYA_PREFIXES, as_kohya, is_diffusers_layout
 from leco.network.sgm_names import to_sgm_name
 
-UNET_PREFIX = "lora_unet_"
-TEXT_ENCODER_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_")
+UNET_PREFIX, TEXT_ENCODER_PREFIXES = KOHYA_PREFIXES[0], KOHYA_PREFIXES[1:]
 IMPLEMENTATION_VERSION = f"leco/{__version__}"
 STABILITY_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
 _PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
@@ -130,8 +129,18 @@ def read_lora_file(
         path,
     )
     if is_diffusers_layout(list(tensors)):  # what pipe.save_lora_weights writes
+        config = path.with_name("adapter_config.json")  # PEFT's save_pretrained keeps the alpha there
+        if "lora_adapter_metadata" not in metadata and config.is_file():
+            metadata = {**metadata, "lora_adapter_metadata": read_config_text(config)}
         tensors = as_kohya(tensors, metadata, str(path), sdxl=family.is_sdxl if family else None)
     return tensors, metadata
+
+
+def read_config_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise LecoError(f"{path}: cannot be read ({error.__class__.__name__}); the file is damaged") from None
 
 
 def refuse_whole_numbers(not_float: dict[str, str], source: str | Path) -> None:

@@ -36,6 +36,15 @@ _OLD_NAMES = [
 ]
 
 
+def diffusers_pipeline_reads(keys: list[str]) -> bool:
+    """Whether diffusers' `pipe.load_lora_weights` finds every tensor of a diffusers-layout file: each
+    key under its model's name, no adapter name kept. `unet.save_lora_adapter` and PEFT's
+    `save_pretrained` write none (it would load nothing), PEFT state dicts may keep the adapter's
+    name (it would leave those weights unset): leco reads such files itself (as_kohya)."""
+    models = tuple(f"{model}." for model in _MODELS)
+    return all(key.startswith(models) and not _OLD_NAMES[0][0].search(key) for key in keys)
+
+
 def is_diffusers_layout(keys: list[str]) -> bool:
     """Keys of diffusers' or PEFT's layout (not kohya's `lora_unet_...` / `lora_te...`)."""
     return any(key.startswith(tuple(f"{model}." for model in _MODELS)) for key in keys) or any(
@@ -72,6 +81,7 @@ def as_kohya(
                 f"{source}: {key} is not a plain LoRA tensor (lora_A/lora_B, down/up); LyCORIS or DoRA "
                 "files cannot be read"
             )
+        paths_key = (model, module_path)  # PEFT's patterns are matched against the module as named here
         if model.startswith("text") and not module_path.startswith("text_model."):  # transformers 5's CLIP
             module_path = f"text_model.{module_path}"
         module = (
@@ -80,7 +90,7 @@ def as_kohya(
             else _kohya_prefix(model, text_encoders) + module_path.replace(".", "_")
         )
         modules.setdefault(module, {})[kohya_part] = value
-        paths[module] = (model, module_path)
+        paths[module] = paths_key
     result: dict[str, torch.Tensor] = {}
     for module, parts in modules.items():
         result.update({f"{module}.{part}": value for part, value in parts.items()})
@@ -101,7 +111,9 @@ def _model_and_path(key: str) -> tuple[str, str]:
     for model in sorted(_MODELS, key=len, reverse=True):  # text_encoder_2 before text_encoder
         if key.startswith(f"{model}."):
             return model, key[len(model) + 1 :]
-    return "unet", key.removeprefix("base_model.model.")  # PEFT's own save of a UNet
+    path = key.removeprefix("base_model.model.")  # PEFT's save_pretrained of a model it wrapped
+    text_encoder = path.startswith(("text_model.", "encoder.layers."))  # CLIP (transformers 4 / 5)
+    return ("text_encoder" if text_encoder else "unet"), path
 
 
 def _kohya_prefix(model: str, text_encoders: int) -> str:
@@ -121,6 +133,8 @@ def _adapter_configs(metadata: dict[str, str], source: str) -> dict[str, dict[st
         flat = json.loads(text)
     except ValueError:
         raise LecoError(f"{source}: its lora_adapter_metadata is not JSON; the file is damaged") from None
+    if isinstance(flat, dict) and "r" in flat:  # one model's LoraConfig (unet.save_lora_adapter, PEFT)
+        return dict.fromkeys(_MODELS, flat)
     configs: dict[str, dict[str, Any]] = {}
     for key, value in flat.items() if isinstance(flat, dict) else ():
         model, _, name = key.partition(".")
@@ -136,6 +150,8 @@ def _alpha(config: dict[str, Any] | None, path: str, rank: int) -> float:
         return float(rank)
     r = float(_by_pattern(config.get("rank_pattern"), path, config.get("r", rank)))
     lora_alpha = float(_by_pattern(config.get("alpha_pattern"), path, config.get("lora_alpha", r)))
+    if not r > 0:  # PEFT refuses such a config; read as it stands, it would turn the LoRA around
+        raise ValueError(f"r = {r}")
     scale = lora_alpha / math.sqrt(r) if config.get("use_rslora") else lora_alpha / r  # PEFT's rsLoRA
     return scale * rank
 
