@@ -7,7 +7,12 @@ prediction to the guided target, as a share of the base model's, in all and by q
 timestep range (0 = least noise). Where this stops falling, more steps of the same recipe cannot
 help; benchmarks/distill.py measures what it does to images.
 
+With --fixed N it trains on N steps drawn once and cycled, instead of fresh ones, and prints the error
+on those N too: where the error on them stops falling is what the network can fit at all (its
+capacity); the gap between them and the held steps is what more data would buy.
+
 usage: OMP_NUM_THREADS=1 python benchmarks/distill_fit.py [--set train.lr=3e-3 --set network.rank=32 ...]
+       [--fixed 200]
 """
 
 from __future__ import annotations
@@ -50,6 +55,14 @@ def error_left(trainer: Trainer, held: list[Step]) -> tuple[float, dict[int, flo
     return total, {quarter: a / b for quarter, (a, b) in sorted(sums.items())}
 
 
+def train_on(trainer: Trainer, step: Step) -> None:
+    """One update on a step already drawn (its frozen predictions kept with it)."""
+    trainer.updates.start()
+    trainer.updates.backward(trainer.loss(step))
+    trainer.updates.step()
+    trainer.step += 1
+
+
 def main() -> None:
     quiet_libraries()
     parser = argparse.ArgumentParser(
@@ -59,6 +72,7 @@ def main() -> None:
         "--held", type=positive_int, default=48, help="training steps held fixed to measure on"
     )
     parser.add_argument("--every", type=positive_int, default=150, help="measure every this many steps")
+    parser.add_argument("--fixed", type=int, default=0, help="train on this many steps, drawn once")
     parser.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="change a config value"
     )
@@ -69,17 +83,23 @@ def main() -> None:
         config.save.path, config.save.per_steps = folder, 10**9
         trainer = Trainer(config, progress=False)
         held = [trainer.step_queue.next() for _ in range(args.held)]
+        fixed = [trainer.step_queue.next() for _ in range(args.fixed)]
         print(f"{EXAMPLE.name} {' '.join(args.set)}: error left (share of the base's), by timestep quarter")
-        print("| step | error left | by quarter (0 = least noise) |")
-        print("|---|---|---|")
+        on_fixed_column = (" on the fixed steps |", "---|") if fixed else ("", "")
+        print(f"| step | error left | by quarter (0 = least noise) |{on_fixed_column[0]}")
+        print(f"|---|---|---|{on_fixed_column[1]}")
         while True:
             total, by_quarter = error_left(trainer, held)
             quarters = ", ".join(f"{q}: {share:.2f}" for q, share in by_quarter.items())
-            print(f"| {trainer.step} | {total:.2f} | {quarters} |", flush=True)
+            on_fixed = f" {error_left(trainer, fixed)[0]:.2f} |" if fixed else ""
+            print(f"| {trainer.step} | {total:.2f} | {quarters} |{on_fixed}", flush=True)
             if trainer.step >= config.train.iterations:
                 break
             for _ in range(min(args.every, config.train.iterations - trainer.step)):
-                trainer.train_step()
+                if fixed:
+                    train_on(trainer, fixed[trainer.step % len(fixed)])
+                else:
+                    trainer.train_step()
 
 
 if __name__ == "__main__":
