@@ -548,6 +548,7 @@ SDE_KARRAS_MODEL = {
         ("euler", False, None, {"Sampler": "Euler", "Schedule type": "Uniform"}),
         ("  DDIM ", None, None, {"Sampler": "DDIM"}),
         ("pndm", None, None, {"Sampler": "PLMS"}),
+        ("UniPC Karras", True, None, {"Sampler": "UniPC", "Schedule type": "Karras"}),
     ],
 )
 def test_a_named_sampler_is_that_algorithm_whatever_the_models_scheduler_chose(

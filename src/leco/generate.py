@@ -210,18 +210,15 @@ def make_scheduler(config: dict, sampler: str):
 
 def a1111_sampler(scheduler: Any) -> dict[str, str]:
     """A1111's infotext words for this scheduler: `Sampler`, and `Schedule type` for its k-diffusion
-    samplers (A1111 1.9+ reads a missing one as Automatic, which is Karras for DPM++ 2M)."""
-    config = scheduler.config
+    samplers or Karras sigmas (A1111 1.9+ reads a missing one as Automatic: Karras for DPM++ 2M)."""
+    config, karras = scheduler.config, bool(scheduler.config.get("use_karras_sigmas"))
     for sampler in SAMPLERS.values():
         if type(scheduler) is sampler.scheduler and all(
             config.get(k) == v for k, v in sampler.settings.items()
         ):
-            if not sampler.k_diffusion:
+            if not sampler.k_diffusion and not karras:
                 return {"Sampler": sampler.a1111}
-            return {
-                "Sampler": sampler.a1111,
-                "Schedule type": "Karras" if config.get("use_karras_sigmas") else "Uniform",
-            }
+            return {"Sampler": sampler.a1111, "Schedule type": "Karras" if karras else "Uniform"}
     return {"Sampler": type(scheduler).__name__}
 
 
@@ -238,7 +235,7 @@ def lora_strengths(
         yield lambda strength: None
         return
     path = Path(lora)
-    header = read_lora_header(path)
+    header = read_lora_header(path, family)
     check_lora_fits(header, pipe.unet, family)
     check_lora_finite(path)
     unet_part, text_part = _as_diffusers_loads_it(header, pipe.unet, family)
@@ -476,7 +473,7 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-def read_lora_header(path: str | Path) -> LoraHeader:
+def read_lora_header(path: str | Path, family: ModelFamily | None = None) -> LoraHeader:
     """Read and check a LoRA file's header; missing, damaged and non-LoRA files are one-line errors.
 
     diffusers answers each of these with a long traceback (or a vague "Invalid LoRA checkpoint"),
@@ -528,7 +525,7 @@ def read_lora_header(path: str | Path) -> LoraHeader:
             "give it as --model"
         )
     if is_diffusers_layout(list(shapes)) and not diffusers_pipeline_reads(list(shapes)):
-        tensors, _ = kohya.read_lora_file(path)
+        tensors, _ = kohya.read_lora_file(path, family)  # the family: which SDXL encoder text keys are
         return LoraHeader(path, {key: list(t.shape) for key, t in tensors.items()}, metadata, tensors)
     return LoraHeader(path, shapes, metadata)
 
