@@ -21,6 +21,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from leco import __version__
+from leco.config import read_config_text
 from leco.errors import LecoError
 from leco.files import atomic_output, load_torch_file
 from leco.models import ModelFamily
@@ -131,16 +132,9 @@ def read_lora_file(
     if is_diffusers_layout(list(tensors)):  # what pipe.save_lora_weights writes
         config = path.with_name("adapter_config.json")  # PEFT's save_pretrained keeps the alpha there
         if path.stem == "adapter_model" and "lora_adapter_metadata" not in metadata and config.is_file():
-            metadata = {**metadata, "lora_adapter_metadata": read_config_text(config)}
+            metadata = {**metadata, "lora_adapter_metadata": read_config_text(config, "JSON")}
         tensors = as_kohya(tensors, metadata, str(path), sdxl=family.is_sdxl if family else None)
     return tensors, metadata
-
-
-def read_config_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise LecoError(f"{path}: cannot be read ({error.__class__.__name__}); the file is damaged") from None
 
 
 def refuse_whole_numbers(not_float: dict[str, str], source: str | Path) -> None:

@@ -25,8 +25,9 @@ _PEFT_PARTS = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.we
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # Other spellings of the same weights: a PEFT state dict that kept its adapter's name
 # (lora_A.default.weight), and diffusers' older attention-processor names
+_ADAPTER_NAMED = re.compile(r"\.lora_(A|B)\.[^.]+\.weight$")
 _OLD_NAMES = [
-    (re.compile(r"\.lora_(A|B)\.[^.]+\.weight$"), r".lora_\1.weight"),
+    (_ADAPTER_NAMED, r".lora_\1.weight"),
     (re.compile(r"\.processor\."), "."),
     (re.compile(r"\.to_(q|k|v)_lora\.(down|up)\.weight$"), r".to_\1.lora_\2.weight"),
     (re.compile(r"\.to_out_lora\.(down|up)\.weight$"), r".to_out.0.lora_\1.weight"),
@@ -42,7 +43,7 @@ def diffusers_pipeline_reads(keys: list[str]) -> bool:
     `save_pretrained` write none (it would load nothing), PEFT state dicts may keep the adapter's
     name (it would leave those weights unset): leco reads such files itself (as_kohya)."""
     models = tuple(f"{model}." for model in _MODELS)
-    return all(key.startswith(models) and not _OLD_NAMES[0][0].search(key) for key in keys)
+    return all(key.startswith(models) and not _ADAPTER_NAMED.search(key) for key in keys)
 
 
 def is_diffusers_layout(keys: list[str]) -> bool:
