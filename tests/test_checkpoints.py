@@ -166,8 +166,12 @@ def test_resume_past_train_iterations_or_from_no_state_is_one_line(tmp_path, tin
     first = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=5), progress=False)
     with monkeypatch.context() as patched:  # named before minutes of model loading, not after
         patched.setattr("leco.trainer.load_models", lambda *a, **k: pytest.fail("models loaded first"))
-        with pytest.raises(LecoError, match=r"train.iterations: 3, but the state in .* is already at step 5"):
+        with pytest.raises(LecoError, match=r"train.iterations: 3, but the run in .* is already at step 5"):
             train(make_config(tiny_folders["sd1"], tmp_path / "b", iterations=3), resume=first.state)
+    files = {path: path.stat().st_mtime_ns for path in (tmp_path / "a").rglob("*")}
+    with pytest.raises(LecoError, match=r"train.iterations: 5, but the run in .* is finished .*above 5"):
+        train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=5), resume=first.state)
+    assert {path: path.stat().st_mtime_ns for path in (tmp_path / "a").rglob("*")} == files  # none rewritten
     backup = tmp_path / "backup.pt"  # a copy of a state under another name resumes as the state does
     backup.write_bytes((first.state / "training_state.pt").read_bytes())
     assert train(make_config(tiny_folders["sd1"], tmp_path / "c", iterations=6), resume=backup).steps == 6

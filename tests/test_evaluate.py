@@ -764,6 +764,30 @@ def test_the_same_lora_given_twice_is_warned_of(tmp_path, tiny_folders, capsys):
     assert "--lora: l.safetensors is given 2 times; each copy is judged again" in capsys.readouterr().err
 
 
+def test_eval_images_carry_their_settings_as_a1111_writes_them(tmp_path, tiny_folders):
+    """An eval image opened in A1111's PNG Info (or ComfyUI) says how it was made: the LoRA at its
+    strength, the negative prompt, sampler, steps, guidance and seed; the strength-0 one names no LoRA."""
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2))
+    lora = network.save(tmp_path / "no_dog.safetensors", resolution=16)
+    network.remove()
+    spec = EvalSpec.model_validate(
+        {"images_per_prompt": 1, "steps": 2, "guidance": 2.5, "seed": 4, "strengths": [0, 0.5],
+         "sampler": "Euler a", "negative_prompt": "blurry",
+         "keep": [{"prompt": "a dog", "concept": "bright>0.5"}]}
+    )  # fmt: skip
+    evaluate(models, lora, spec, "cpu", BrightnessDetector(), tmp_path / "images", False, model_name="tiny")
+    texts = {path.name: Image.open(path).text["parameters"] for path in (tmp_path / "images").glob("*.png")}
+    assert len(texts) == 2
+    base = next(text for text in texts.values() if "<lora:" not in text)
+    edited = next(text for text in texts.values() if "<lora:" in text)
+    assert base.splitlines()[:2] == ["a dog", "Negative prompt: blurry"]
+    assert edited.splitlines()[0] == "a dog <lora:no_dog:0.5>"
+    for text in (base, edited):
+        assert "Steps: 2, Sampler: Euler a, Schedule type: Uniform, CFG scale: 2.5, Seed: 4" in text
+        assert "Model: tiny" in text
+
+
 def test_a_lora_holding_nan_stops_eval_before_any_image_is_made(tmp_path, tiny_folders, monkeypatch):
     from safetensors.torch import load_file, save_file
 

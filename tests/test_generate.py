@@ -581,3 +581,19 @@ def test_a_sampler_diffusers_cannot_run_is_one_line(name, tmp_path, capsys):
     assert exit_info.value.code == 2 and "Traceback" not in error
     assert f"--sampler: {name!r} is not known" in error and "' Karras'" in error
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["lms", "Heun", "DPM2 a", "plms", "k_dpm_2_ka"])
+def test_a_sampler_that_would_drop_zero_terminal_snr_is_refused(name):
+    """diffusers' LMS, Heun, DPM2 and PNDM schedulers have no rescale_betas_zero_snr and drop it
+    silently; a zero-SNR model would then be sampled with the wrong noise levels."""
+    zero_snr = {**SDE_KARRAS_MODEL, "rescale_betas_zero_snr": True}
+    with pytest.raises(LecoError, match="rescale_betas_zero_snr.*use model or one of ddim, ddpm, euler"):
+        make_scheduler(zero_snr, name)
+    assert make_scheduler({**zero_snr, "rescale_betas_zero_snr": False}, name) is not None
+
+
+@pytest.mark.parametrize("name", ["euler", "Euler a", "DPM++ 2M Karras", "ddim", "unipc"])
+def test_samplers_that_know_zero_terminal_snr_keep_it(name):
+    zero_snr = {**SDE_KARRAS_MODEL, "rescale_betas_zero_snr": True}
+    assert make_scheduler(zero_snr, name).config.rescale_betas_zero_snr is True

@@ -441,13 +441,12 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
             f"resume with seed: {run_seed} (or leave it out), or start a new run for seed {seed}"
         )
     step, iterations = state.get("step", 0), current.get("train", {}).get("iterations")
-    if isinstance(iterations, int) and step > iterations:
+    if isinstance(iterations, int) and step >= iterations:  # at ==, resuming would only rewrite its files
+        finished = "finished" if step == iterations else "already at step " + str(step)
         raise LecoError(
-            f"train.iterations: {iterations}, but the state in {path} is already at step {step}; set it "
+            f"train.iterations: {iterations}, but the run in {path} is {finished} (step {step}); set it "
             f"above {step} to train on from there"
         )
-    if step == iterations:
-        warn(f"--resume: {path} is at step {step}, which is train.iterations; nothing is left to train")
     if len(state.get("ranks", [])) != processes:
         raise LecoError(
             f"--resume: {file} was saved by {len(state.get('ranks', []))} data-parallel processes; resume "

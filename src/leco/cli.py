@@ -644,6 +644,7 @@ def load_for_images(args: argparse.Namespace):
 
 def run_eval(args: argparse.Namespace) -> int:
     from leco.evaluate import evaluate, format_report, load_spec, write_report
+    from leco.generate import infotext_model_name
 
     if Path(args.out).exists() and not args.overwrite:  # checked now, not after minutes of images
         raise LecoError(f"--out: {args.out} holds an earlier eval's report; pass --overwrite to replace it")
@@ -663,6 +664,7 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         embeddings=args.embedding,
         overwrite=args.overwrite,
+        model_name=infotext_model_name(args.model),
     )
     written = write_report(report, args.out)  # first: the minutes of work are kept whatever printing does
     print(format_report(report, all_rows=args.all_rows))
@@ -722,17 +724,10 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
             )
 
 
-def _model_name(model: str) -> str:
-    """The model as A1111 names it in its infotext: a checkpoint's file stem, a folder's (or repo's) name."""
-    from leco.models import CHECKPOINT_SUFFIXES
-
-    path = Path(model)
-    return path.stem if path.suffix.lower() in CHECKPOINT_SUFFIXES else path.name
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from leco.generate import (
         SamplingSettings,
+        infotext_model_name,
         refuse_earlier_files,
         requests_for,
         run_generation,
@@ -784,7 +779,7 @@ def run_generate(args: argparse.Namespace) -> int:
         not args.no_progress,
         args.embedding,
         args.overwrite,
-        model_name=_model_name(args.model),
+        model_name=infotext_model_name(args.model),
     )
     print(f"wrote {len(paths)} images and {grid}")
     return 0

@@ -37,12 +37,14 @@ from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
     SAMPLER_HINT,
     SamplingSettings,
+    a1111_parameters,
     a1111_sampler,
     build_pipeline,
     check_lora_finite,
     check_lora_fits,
     embeddings_loaded,
     generate,
+    image_size,
     is_embedding_file,
     lora_strengths,
     read_embedding,
@@ -283,6 +285,7 @@ def evaluate(
     progress: bool = True,
     embeddings: Sequence[str | Path] = (),
     overwrite: bool = False,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """Generate, detect and summarise; returns the report (also what `leco eval` writes as JSON).
 
@@ -291,7 +294,8 @@ def evaluate(
     textual-inversion file among them is judged as a negative embedding: strength 1 adds its token
     to the spec's negative prompt, strength 0 is the negative prompt without it.
     `embeddings`: textual-inversion files (FILE or FILE:TOKEN) the prompts may use. Images already
-    in `image_dir` under the names this run writes stop it before the first image, unless `overwrite`.
+    in `image_dir` under the names this run writes stop it before the first image, unless `overwrite`;
+    each carries its settings as A1111 writes them (`model_name`: the model as the user named it).
     """
     spec = spec if isinstance(spec, EvalSpec) else load_spec(spec)
     loras = _lora_list(lora)
@@ -349,14 +353,16 @@ def evaluate(
                 with_token = _negative_with_token(settings.negative_prompt, negative.token)
                 warn_if_misread(models, [with_token], f"negative prompt with {negative.path.name}", expand)
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
-        _save_images(base, folders.values(), slugs)
+        _save_images(base, folders.values(), slugs, _infotext(pipe, settings, model_name, None))
         rows = judge.rows(base, base, None, 0.0)
         for label, path in zip(labels, loras, strict=True):
             negative = negatives.get(label)
             with _applied(pipe, path, models.family, settings, negative) as (set_strength, applied):
                 for strength in strengths:
                     images = _render(pipe, prompts, strength, seeds, applied, set_strength, progress)
-                    _save_images(images, [folders[label]] if folders else [], slugs)
+                    lora_tag = None if negative is not None else path  # an embedding is in the negative
+                    infotext = _infotext(pipe, applied, model_name, lora_tag)
+                    _save_images(images, [folders[label]] if folders else [], slugs, infotext)
                     rows += judge.rows(images, base, label, strength)
     ordered = [0.0, *strengths]
     report: dict[str, Any] = {
@@ -466,10 +472,22 @@ def _refuse_earlier_images(
         refuse_earlier_outputs(paths, f"--images {folder}", "images this eval writes")
 
 
-def _save_images(images: dict[ImageRequest, Image.Image], folders, slugs: dict[str, str]) -> None:
+def _infotext(
+    pipe, settings: SamplingSettings, model_name: str | None, lora: Path | None
+) -> Callable[[ImageRequest], str]:
+    size = image_size(pipe, settings)
+    return lambda request: a1111_parameters(request, settings, pipe, size, model_name, lora)
+
+
+def _save_images(
+    images: dict[ImageRequest, Image.Image],
+    folders,
+    slugs: dict[str, str],
+    infotext: Callable[[ImageRequest], str],
+) -> None:
     for folder in folders:
         for request, image in images.items():
-            save_image(image, folder / request.file_name(slugs))
+            save_image(image, folder / request.file_name(slugs), infotext(request))
 
 
 class _Judge:

@@ -37,7 +37,13 @@ from leco.config import typed_float
 from leco.errors import LecoError, warn
 from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_metadata
 from leco.images import ImageRequest, format_strength, make_grid, save_image, unique_slugs
-from leco.models import LoadedModels, ModelFamily, quiet_library_logs, sampler_from_config
+from leco.models import (
+    CHECKPOINT_SUFFIXES,
+    LoadedModels,
+    ModelFamily,
+    quiet_library_logs,
+    sampler_from_config,
+)
 from leco.network import kohya
 from leco.network.peft_format import diffusers_pipeline_reads, is_diffusers_layout
 from leco.network.text_encoders import AppliedTextEncoderLoRA, TextEncoderLoRA
@@ -51,8 +57,12 @@ class Sampler:
     k_diffusion: bool = True  # one of A1111's k-diffusion samplers, which take a "Schedule type"
 
 
+def _takes(sampler: Sampler, setting: str) -> bool:
+    return setting in inspect.signature(sampler.scheduler.__init__).parameters
+
+
 def _takes_karras(sampler: Sampler) -> bool:
-    return "use_karras_sigmas" in inspect.signature(sampler.scheduler.__init__).parameters
+    return _takes(sampler, "use_karras_sigmas")
 
 
 SAMPLERS = {
@@ -205,6 +215,15 @@ def make_scheduler(config: dict, sampler: str):
     sampler = SAMPLERS[name.removesuffix(KARRAS)]
     settings = {**sampler.settings, **({"use_karras_sigmas": True} if name.endswith(KARRAS) else {})}
     model_schedule = {key: value for key, value in config.items() if key in MODEL_SCHEDULE_KEYS}
+    if model_schedule.get("rescale_betas_zero_snr") and not _takes(sampler, "rescale_betas_zero_snr"):
+        # diffusers' class would drop the key silently and sample a zero-SNR model with the wrong
+        # noise levels (washed-out images), so refuse instead.
+        able = ", ".join(key for key, each in SAMPLERS.items() if _takes(each, "rescale_betas_zero_snr"))
+        raise LecoError(
+            f"--sampler: {sampler.a1111} cannot sample this model: its noise schedule is rescaled to zero "
+            f"terminal SNR (rescale_betas_zero_snr), which {sampler.scheduler.__name__} ignores; "
+            f"use model or one of {able}"
+        )
     return sampler_from_config(sampler.scheduler, model_schedule, **settings)
 
 
@@ -709,6 +728,12 @@ def run_generation(
     ]
     grid = save_image(make_grid({request: images[request] for request in requests}).image, grid_file)
     return paths, grid
+
+
+def infotext_model_name(model: str) -> str:
+    """The model as A1111 names it in its infotext: a checkpoint's file stem, a folder's (or repo's) name."""
+    path = Path(model)
+    return path.stem if path.suffix.lower() in CHECKPOINT_SUFFIXES else path.name
 
 
 def a1111_parameters(
