@@ -339,6 +339,16 @@ def test_other_spellings_of_peft_keys_and_damaged_configs():
     }
     read = as_kohya(text, {"lora_adapter_metadata": json.dumps(anchored)}, "f", sdxl=False)
     assert read["lora_te_text_model_encoder_layers_1_mlp_fc1.alpha"].item() == 8.0
+    # PEFT's save_pretrained of a wrapped pipeline part keeps the part's name under base_model.model.
+    wrapped = {f"base_model.model.{key}": value for key, value in named.items()}
+    assert set(as_kohya(wrapped, {}, "f")) == set(as_kohya(named, {}, "f"))
+    # the config came from adapter_config.json beside the file: messages name that file
+    broken = {"lora_adapter_metadata": "{r: 4"}
+    with pytest.raises(LecoError, match=r"^dir/adapter_config.json is not JSON; the file is damaged"):
+        as_kohya(named, broken, "dir/adapter_model.safetensors", config_source="dir/adapter_config.json")
+    no_rank = {"lora_adapter_metadata": json.dumps({"r": 0, "lora_alpha": 8})}
+    with pytest.raises(LecoError, match=r"^dir/adapter_config.json gives lora_unet_mid_to_k no usable r"):
+        as_kohya(named, no_rank, "dir/adapter_model.safetensors", config_source="dir/adapter_config.json")
 
 
 def test_a_dora_file_in_diffusers_layout_is_refused_by_name(tmp_path, tiny_folders):

@@ -131,9 +131,11 @@ def read_lora_file(
     )
     if is_diffusers_layout(list(tensors)):  # what pipe.save_lora_weights writes
         config = path.with_name("adapter_config.json")  # PEFT's save_pretrained keeps the alpha there
-        if path.stem == "adapter_model" and "lora_adapter_metadata" not in metadata and config.is_file():
+        beside = path.stem == "adapter_model" and "lora_adapter_metadata" not in metadata and config.is_file()
+        if beside:
             metadata = {**metadata, "lora_adapter_metadata": read_config_text(config, "JSON")}
-        tensors = as_kohya(tensors, metadata, str(path), sdxl=family.is_sdxl if family else None)
+        sdxl = family.is_sdxl if family else None
+        tensors = as_kohya(tensors, metadata, str(path), sdxl, config_source=str(config) if beside else None)
     return tensors, metadata
 
 

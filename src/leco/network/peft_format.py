@@ -54,12 +54,19 @@ def is_diffusers_layout(keys: list[str]) -> bool:
 
 
 def as_kohya(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str, sdxl: bool | None = None
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+    source: str,
+    sdxl: bool | None = None,
+    config_source: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """The file's tensors under kohya's names, each module's alpha giving the scale diffusers applies.
 
-    `sdxl`: whether the model has two text encoders, if known (else: whether the file names both)."""
-    configs = _adapter_configs(metadata, source)
+    `sdxl`: whether the model has two text encoders, if known (else: whether the file names both).
+    `config_source`: where the metadata's `lora_adapter_metadata` came from, if not the file itself
+    (PEFT's adapter_config.json beside it), for messages."""
+    config_name = config_source or f"{source}: its lora_adapter_metadata"
+    configs = _adapter_configs(metadata, config_name)
     second = any(key.startswith("text_encoder_2.") for key in tensors)
     if second and sdxl is False:
         raise LecoError(f"{source}: has text_encoder_2 modules, so it was made for SDXL; use it with SDXL")
@@ -101,18 +108,17 @@ def as_kohya(
                 alpha = _alpha(configs.get(paths[module][0]), paths[module][1], rank)
             except (ArithmeticError, TypeError, ValueError, re.error):
                 raise LecoError(
-                    f"{source}: its lora_adapter_metadata gives {module} no usable r / lora_alpha; the file "
-                    "is damaged"
+                    f"{config_name} gives {module} no usable r / lora_alpha; the file is damaged"
                 ) from None
             result[f"{module}.alpha"] = torch.tensor(alpha)
     return result
 
 
 def _model_and_path(key: str) -> tuple[str, str]:
-    for model in sorted(_MODELS, key=len, reverse=True):  # text_encoder_2 before text_encoder
-        if key.startswith(f"{model}."):
-            return model, key[len(model) + 1 :]
     path = key.removeprefix("base_model.model.")  # PEFT's save_pretrained of a model it wrapped
+    for model in sorted(_MODELS, key=len, reverse=True):  # text_encoder_2 before text_encoder
+        if path.startswith(f"{model}."):
+            return model, path[len(model) + 1 :]
     text_encoder = path.startswith(("text_model.", "encoder.layers."))  # CLIP (transformers 4 / 5)
     return ("text_encoder" if text_encoder else "unet"), path
 
@@ -125,7 +131,7 @@ def _kohya_prefix(model: str, text_encoders: int) -> str:
     return "lora_te2_" if model == "text_encoder_2" else "lora_te1_"
 
 
-def _adapter_configs(metadata: dict[str, str], source: str) -> dict[str, dict[str, Any]]:
+def _adapter_configs(metadata: dict[str, str], config_name: str) -> dict[str, dict[str, Any]]:
     """PEFT's LoraConfig of each model, from diffusers' `lora_adapter_metadata` ("unet.r": 4, ...)."""
     text = metadata.get("lora_adapter_metadata")
     if not text:
@@ -133,7 +139,7 @@ def _adapter_configs(metadata: dict[str, str], source: str) -> dict[str, dict[st
     try:
         flat = json.loads(text)
     except ValueError:
-        raise LecoError(f"{source}: its lora_adapter_metadata is not JSON; the file is damaged") from None
+        raise LecoError(f"{config_name} is not JSON; the file is damaged") from None
     if isinstance(flat, dict) and "r" in flat:  # one model's LoraConfig (unet.save_lora_adapter, PEFT)
         return dict.fromkeys(_MODELS, flat)
     configs: dict[str, dict[str, Any]] = {}
