@@ -10,9 +10,9 @@ import pytest
 import torch
 from test_trainer import make_config, stop_a_cli_run, write_yaml_config
 
-from leco.cli import _child_processes
 from leco.distributed import Ranks
 from leco.errors import LecoError
+from leco.launcher import child_processes
 from leco.network import read_lora_file
 from leco.trainer import Trainer
 
@@ -87,7 +87,7 @@ def test_ctrl_c_while_torchrun_starts_waits_for_the_processes_and_aborts_quietly
     command = [sys.executable, "-m", "leco", "train", str(config), "--no-progress", "--num-processes", "2"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not _child_processes(process.pid):  # torchrun has started; its own imports take seconds
+    while not child_processes(process.pid):  # torchrun has started; its own imports take seconds
         assert process.poll() is None and time.time() < deadline, process.communicate()
         time.sleep(0.01)
     process.send_signal(signal.SIGINT)
@@ -146,6 +146,7 @@ def test_a_resume_another_process_count_saved_is_refused_once_before_any_process
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     capsys.readouterr()
     state = tmp_path / "out" / "fox_state"
+    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=4)  # to train on from step 2
     assert main(["train", str(config), "--resume", str(state), "--num-processes", "2"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "was saved by 1 data-parallel processes" in errors[0]

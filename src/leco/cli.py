@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 
 from leco import __version__
 from leco.errors import LecoError, warn
+from leco.launcher import LAUNCHED_BY_LECO, check_process_count, launch_processes, tell_launcher_ready
 
 NUMERIC_LIST_OPTIONS = ("--strengths",)
 
@@ -487,7 +488,7 @@ def run_train(args: argparse.Namespace) -> int:
 
         if args.resume and not Path(args.resume).exists():
             raise LecoError(f"--resume: {args.resume} not found; pass the *_state folder a run saved")
-        _check_process_count(args.num_processes)  # before anything is made on disk
+        check_process_count(args.num_processes)  # before anything is made on disk
         try:  # its errors as one line here, not once per process
             loaded = load_config(config)
             check_before_loading(loaded, Path(args.resume) if args.resume else None, args.overwrite)
@@ -516,17 +517,6 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_process_count(count: int) -> None:
-    import torch
-
-    room = torch.cuda.device_count() if torch.cuda.is_available() else os.cpu_count() or 1
-    if count > room:
-        where = "GPUs" if torch.cuda.is_available() else "CPU cores"
-        raise LecoError(
-            f"--num-processes: {count} processes, but this machine has {room} {where}; use at most {room}"
-        )
-
-
 # A problem with a config key, found after loading (the file is named when the config is read).
 _CONFIG_KEY_PROBLEM = re.compile(
     r"^(pretrained_model|network|train|save|logging|other|anchors|preview|closed_form|teacher|prompts)\b"
@@ -539,95 +529,6 @@ def _in_config_file(config: str, message: str) -> str:
     return (
         f"{config}: {in_job_keys(Path(config), message)}" if _CONFIG_KEY_PROBLEM.match(message) else message
     )
-
-
-LAUNCHED_BY_LECO = "LECO_LAUNCHED_PROCESSES"  # set for the processes `--num-processes` starts
-
-
-def launch_processes(count: int, words: list[str]) -> int:
-    """Run this same `leco train` command in `count` processes with torchrun (data-parallel)."""
-    import shutil
-    import subprocess
-    import tempfile
-    import time
-
-    argv, skip = [], False
-    for arg in words:  # the command line without --num-processes
-        if skip:
-            skip = False
-        elif arg == "--num-processes":
-            skip = True
-        elif not arg.startswith("--num-processes="):
-            argv.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
-    # Its own session: Ctrl-C in the terminal reaches this process only, and each signal is passed
-    # on once, to the training processes themselves (they save and stop). torchrun, if signalled,
-    # would pass it on too (a second signal to each: abort without saving) and print a traceback.
-    # Each training process marks itself ready in this folder once its libraries are imported: a
-    # signal during an import (its own or torchrun's) ends it with a Python traceback, or leaves a
-    # module half-made that the next import trips over, so signals wait until then.
-    ready = Path(tempfile.mkdtemp(prefix="leco-ready-"))
-    environment = {**os.environ, LAUNCHED_BY_LECO: str(ready)}
-    received: list[int] = []
-    passed_on: dict[int, int] = {}  # worker pid -> how many of `received` it was given
-    started: list[subprocess.Popen] = []
-
-    def pass_on(launcher: subprocess.Popen) -> None:
-        count = len(received)  # once: a signal arriving meanwhile is passed on next time
-        # Where processes cannot be listed (no Linux /proc), torchrun passes it on, traceback and all.
-        workers = _child_processes(launcher.pid) if Path("/proc/self/task").is_dir() else [launcher.pid]
-        for pid in workers:
-            if pid == launcher.pid or (ready / str(pid)).exists():
-                for number in received[passed_on.get(pid, 0) : count]:
-                    # A hang-up (the terminal or ssh gone) is passed on as one: they save, and stop
-                    # writing to that terminal. SIGQUIT stops them as SIGTERM does.
-                    passed = number if number in (signal.SIGINT, signal.SIGHUP) else signal.SIGTERM
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, passed)
-                passed_on[pid] = count
-
-    def forward(number: int, frame: object) -> None:  # passed on by the loop below, never twice
-        received.append(number)
-        if len(received) >= 3:  # one may be stuck where its handler cannot run: end them all now
-            for launcher in started:
-                for pid in [*_child_processes(launcher.pid), launcher.pid]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-    previous = {  # before torchrun exists; a hang-up the caller ignores (`nohup`) stays ignored
-        number: signal.signal(number, forward)
-        for number in stops
-        if not (number == signal.SIGHUP and signal.getsignal(number) is signal.SIG_IGN)
-    }
-    try:
-        launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
-        started.append(launcher)
-        while (code := launcher.poll()) is None:
-            time.sleep(0.1)
-            pass_on(launcher)
-        return 130 if received and code == 0 else code  # stopped and saved, as a single process says
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
-        shutil.rmtree(ready, ignore_errors=True)
-
-
-def _tell_launcher_ready() -> None:
-    """Under `--num-processes`: this process now turns Ctrl-C into a clean stop (see launch_processes)."""
-    folder = os.environ.get(LAUNCHED_BY_LECO)
-    if folder and Path(folder).is_dir():
-        with contextlib.suppress(OSError):
-            (Path(folder) / str(os.getpid())).touch()
-
-
-def _child_processes(pid: int) -> list[int]:
-    """The launcher's worker processes, from Linux's /proc; none where they cannot be listed."""
-    children = []
-    with contextlib.suppress(OSError, ValueError):  # any thread of it may have started them
-        for thread in Path(f"/proc/{pid}/task").iterdir():
-            children += [int(child) for child in (thread / "children").read_text().split()]
-    return children
 
 
 def load_for_images(args: argparse.Namespace):
@@ -899,7 +800,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 2
     try:
         quiet_libraries()  # imports diffusers: a Ctrl-C here must not print a traceback either
-        _tell_launcher_ready()  # past the imports: a Ctrl-C inside one can leave a module half-made
+        tell_launcher_ready()  # past the imports: a Ctrl-C inside one can leave a module half-made
         return args.run(args)
     except LecoError as error:  # prefixed as argparse prefixes a bad option of the same command
         print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
