@@ -22,6 +22,21 @@ def test_a_save_path_under_a_file_fails_before_the_model_loads(tmp_path):
         Trainer(config, progress=False)  # the model path does not exist: the folder was checked first
 
 
+def test_a_file_where_the_state_goes_or_a_path_that_cannot_be_made_fails_before_the_model_loads(tmp_path):
+    config = make_config(tmp_path / "no-such-model", tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    mine = tmp_path / "out" / f"{config.save.name}_state"
+    mine.write_text("the user's notes")  # the run would find it only at its first save, minutes later
+    with pytest.raises(LecoError, match=r"save.path: .*_state is a file, where the run keeps its resumable"):
+        Trainer(config, progress=False)
+    with pytest.raises(LecoError, match=r"_state is a file"):
+        Trainer(config, progress=False, overwrite=True)  # not leco's to replace
+    assert mine.read_text() == "the user's notes"
+    too_long = make_config(tmp_path / "no-such-model", tmp_path / ("d" * 300))
+    with pytest.raises(LecoError, match=r"^save.path: .*d{300} cannot be made \(File name too long\)"):
+        Trainer(too_long, progress=False)
+
+
 def test_a_file_where_the_previews_go_fails_before_the_model_loads(tmp_path):
     (tmp_path / "previews").write_text("not a folder")
     config = make_config(tmp_path / "no-such-model", tmp_path)
@@ -223,7 +238,8 @@ def test_a_resumed_step_schedule_follows_the_new_iterations(tmp_path, tiny_folde
     longer = make_config(tiny_folders["sd1"], tmp_path / "b", iterations=40, lr_scheduler="step")
     schedule = Trainer(longer, progress=False, resume=state).updates.lr_scheduler
     assert schedule.step_size == 10 and schedule.last_epoch == 4  # its position kept, its shape the config's
-    assert Trainer(first, progress=False, resume=state, overwrite=False).updates.lr_scheduler.step_size == 1
+    slightly_longer = make_config(tiny_folders["sd1"], tmp_path / "a", iterations=7, lr_scheduler="step")
+    assert Trainer(slightly_longer, progress=False, resume=state).updates.lr_scheduler.step_size == 1
 
 
 def test_resume_allows_settings_of_where_weights_are_read_but_not_of_what_is_trained(tmp_path, tiny_folders):

@@ -197,6 +197,30 @@ KOHYA_ERRORS = {
         'neutral_prompt_file = "prompts.toml"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
         "prompts.toml is a toml file; name a text file with one prompt a line",
     ),
+    "list_as_a_pole": (
+        '[[targets]]\ntarget_class = ["a digit five", "a digit three"]\npositive = "red"\n',
+        "targets 1.target_class: must be one prompt text (got ['a digit five', 'a digit three'])",
+    ),
+    "table_as_a_pole": (
+        '[[targets]]\ntarget_class = "c"\npositive = "p"\nnegative = {ink = "blue"}\n',
+        "targets 1.negative: must be one prompt text",
+    ),
+    "list_as_a_neutral": (
+        '[[targets]]\ntarget_class = "c"\npositive = "p"\nneutral = ["x", "y"]\n',
+        "targets 1.neutral: must be one prompt text",
+    ),
+    "boolean_in_neutrals": (
+        'neutrals = ["", true]\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
+        "neutrals[1]: must be one prompt text (got True)",
+    ),
+    "slider_in_prompts_with_a_list_neutral": (
+        '[[prompts]]\ntarget_class = "c"\npositive = "p"\nneutral = ["x", "y"]\n',
+        "prompts 1.neutral: must be one prompt text",
+    ),
+    "empty_neutral_file_name": (
+        'neutral_prompt_file = ""\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
+        "neutral_prompt_file: empty; name a text file of prompts",
+    ),
     "neutral_file_is_binary": (
         'neutral_prompt_file = "binary.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
         "binary.txt is not a text file",

@@ -289,12 +289,22 @@ class RunFolder:
             raise LecoError(f"save.path: {parent} is a file, not a folder; choose another save.path")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise LecoError(f"save.path: {parent} is not writable; choose another save.path")
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:  # os.access passes for root, and on /proc and /sys, where mkdir then fails
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise LecoError(
+                f"save.path: {self.path} cannot be made ({error.strerror or error}); choose another save.path"
+            ) from None
         for suffix in ("last", "interrupted"):
             if self.file(suffix).is_dir():
                 raise LecoError(
                     f"save.path: {self.file(suffix)} is a folder; move it or choose another save.name"
                 )
+        if self.state_dir.exists() and not self.state_dir.is_dir():  # found only at the first save
+            raise LecoError(
+                f"save.path: {self.state_dir} is a file, where the run keeps its resumable state (a "
+                "folder); move it or choose another save.name"
+            )
 
 
 class StopRequest:

@@ -652,22 +652,13 @@ def run_generate(args: argparse.Namespace) -> int:
     requests = requests_for(prompts, strengths, args.seeds)
     if not args.overwrite:  # before minutes of loading; run_generation checks again
         refuse_earlier_files(requests, args.out)
-    recommended = recommended_sampling(args.model)
-    settings = SamplingSettings(
-        args.steps or recommended.steps,
-        args.guidance if args.guidance is not None else recommended.guidance,
-        args.height,
-        args.width,
-        args.negative,
-        args.sampler,
-        args.batch_size,
-    )
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
-    if models.folder != models.source:  # a single file built with a model folder: its card applies
-        recommended = recommended_sampling(models.folder)
-        settings.steps = args.steps or recommended.steps
-        settings.guidance = args.guidance if args.guidance is not None else recommended.guidance
+    # models.folder: where its card is (a single file built with a model folder: that folder's)
+    steps, guidance = recommended_sampling(models.folder).fill(args.steps, args.guidance)
+    settings = SamplingSettings(
+        steps, guidance, args.height, args.width, args.negative, args.sampler, args.batch_size
+    )
     warn_if_distilled(args.lora, settings.guidance)
     warn_if_negative_unread(settings.guidance, settings.negative_prompt, "--negative")
     paths, grid = run_generation(

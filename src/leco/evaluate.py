@@ -384,10 +384,10 @@ def evaluate(
 
 def sampling_settings(spec: EvalSpec, models: LoadedModels) -> SamplingSettings:
     """The spec's sampling; unset steps and guidance take what the model recommends."""
-    recommended = recommended_sampling(models.folder)
+    steps, guidance = recommended_sampling(models.folder).fill(spec.steps, spec.guidance)
     return SamplingSettings(
-        spec.steps or recommended.steps,
-        spec.guidance if spec.guidance is not None else recommended.guidance,
+        steps,
+        guidance,
         spec.height,
         spec.width,
         spec.negative_prompt,

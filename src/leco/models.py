@@ -61,6 +61,10 @@ class SamplingDefaults:
     steps: int = 30
     guidance: float = 7.0
 
+    def fill(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
+        """The user's steps and guidance, these where unset (None; steps 0 too)."""
+        return steps or self.steps, guidance if guidance is not None else self.guidance
+
 
 @contextmanager
 def quiet_library_logs() -> Iterator[None]:

@@ -140,7 +140,7 @@ class _KohyaReader:
         for where, item in self.tables(data["prompts"], "prompts"):
             if "target_class" in item:
                 # kohya reads only `neutral` here; leco also honours the neutral lists (as in [[targets]]).
-                neutrals = self.item_neutrals(item, where) or [str(item.get("neutral", "") or "")]
+                neutrals = self.item_neutrals(item, where) or [self.text(item, "neutral", where)]
                 entries += self.slider_entries(item, defaults, neutrals, where)
             else:
                 entries.append(self.prompt_entry(item, defaults, where))
@@ -215,9 +215,9 @@ class _KohyaReader:
         self.check_keys(item, (*SLIDER_KEYS, *NEUTRAL_LIST_KEYS), f"{where}.", "a slider target")
         merged = {**_pick(defaults, SLIDER_KEYS), **item}
         if not neutrals:  # an empty list or file: kohya falls back to the target's `neutral`
-            neutrals = [str(merged.get("neutral", "") or "")]
-        positive = str(merged.get("positive", "") or "")
-        negative = str(merged.get("negative", "") or "")
+            neutrals = [self.text(merged, "neutral", where)]
+        positive = self.text(merged, "positive", where)
+        negative = self.text(merged, "negative", where)
         if not positive.strip() and not negative.strip():
             raise ConfigError(
                 f"{self.path}: {where}: a slider target needs positive or negative (its two ends); "
@@ -235,7 +235,7 @@ class _KohyaReader:
                 where,
                 {
                     **shared,
-                    "target": str(merged.get("target_class", "")),
+                    "target": self.text(merged, "target_class", where),
                     "neutral": neutral,
                     "positive": pole,
                     "unconditional": other,
@@ -259,7 +259,7 @@ class _KohyaReader:
         for key in ("neutral_prompt_file", "prompt_file"):
             if key in config:
                 values += self.lines(config[key], f"{prefix}{key}")
-        return values or [str(config.get("neutral", "") or "")]
+        return values or [self.text(config, "neutral", prefix.rstrip(".") or "(top level)")]
 
     def item_neutrals(self, item: dict[str, Any], where: str, with_neutral: bool = False) -> list[str] | None:
         """A target's own neutral list (kohya's precedence), or None when it names none."""
@@ -269,7 +269,7 @@ class _KohyaReader:
             if key in item:
                 return self.lines(item[key], f"{where}.{key}")
         if with_neutral and "neutral" in item:
-            return [str(item["neutral"] or "")]
+            return [self.text(item, "neutral", where)]
         return None
 
     def lines(self, name: Any, key: str) -> list[str]:
@@ -278,6 +278,11 @@ class _KohyaReader:
         of the first prompt (kohya would keep it)."""
         if not isinstance(name, str):
             raise ConfigError(f"{self.path}: {key}: must be a file name (got {name!r})")
+        if not name.strip():
+            raise ConfigError(
+                f"{self.path}: {key}: empty; name a text file of prompts, one a line (relative to the "
+                "prompt file), or leave the key out"
+            )
         file = self.path.parent / Path(name).expanduser()
         refuse_non_text_prompts(file, f"{self.path}: {key}")
         try:
@@ -296,7 +301,21 @@ class _KohyaReader:
     def string_list(self, value: Any, key: str) -> list[str]:
         if not isinstance(value, list):
             raise ConfigError(f'{self.path}: {key}: must be a list of prompts, e.g. ["", "a photo"]')
-        return [str(v) for v in value]
+        return [self._prompt(v, f"{key}[{i}]") for i, v in enumerate(value)]
+
+    def text(self, table: dict[str, Any], key: str, where: str) -> str:
+        """A prompt key of a slider table ("" when unset), as kohya reads it: str() of the value."""
+        prefix = "" if where == "(top level)" else f"{where}."
+        return self._prompt(table.get(key), f"{prefix}{key}")
+
+    def _prompt(self, value: Any, key: str) -> str:
+        # kohya would str() a list or table into "['a', 'b']" and train on that text; a number is a
+        # prompt ink-digits understands ("7"), so it is read as kohya reads it.
+        if value is None:
+            return ""
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{self.path}: {key}: must be one prompt text (got {value!r})")
+        return str(value)
 
     # -- values ---------------------------------------------------------------------------------------
 
