@@ -709,6 +709,29 @@ def test_an_ai_toolkit_job_without_a_process_says_what_to_add(tmp_path):
     path.write_text("job: train\nconfig:\n  name: x\n  process: []\n")
     with pytest.raises(ConfigError, match=r"config.process: is empty; add the slider process"):
         load_config(path)
+    path.write_text("job: train\nconfig:\n  name: x\n  process:\n    type: slider\n")
+    with pytest.raises(ConfigError, match=r"config.process: must be a list of processes; .*`- type: slider`"):
+        load_config(path)
+
+
+def test_a_jsonc_job_with_comments_is_reported_as_json_and_a_job_as_prompts_file_is_named(tmp_path):
+    path = tmp_path / "job.jsonc"
+    path.write_text('{\n  // my slider\n  "job": "train", "config": {}\n}\n')
+    with pytest.raises(ConfigError, match=r"job.jsonc: line 2: invalid JSON"):
+        load_config(path)
+    job = tmp_path / "job.yaml"
+    job.write_text((DATA / "ai_toolkit_slider.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"job.yaml: is an ai-toolkit job config, not a prompts file; run"):
+        load_prompts(job)
+
+
+def test_ai_toolkit_targets_cut_to_the_step_count_are_warned_of(tmp_path, capsys):
+    job = json.loads((DATA / "ai_toolkit_slider.json").read_text())
+    job["config"]["process"][0]["train"]["steps"] = 5  # shuffle makes 8 pairs of its one target
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(job))
+    assert len(load_config(path).prompts) == 5 * 4
+    assert "8 target pairs (shuffle adds phrase orders) but train.steps is 5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", AI_TOOLKIT_ERRORS, ids=str)

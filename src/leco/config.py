@@ -946,6 +946,7 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
     A `.toml` file is a kohya sd-scripts train_leco prompt file (leco.formats.kohya_leco), and so is
     a YAML mapping with its tables (`prompts:` or slider `targets:`).
     """
+    from leco.formats.ai_toolkit import is_ai_toolkit_config
     from leco.formats.kohya_leco import load_kohya_prompts
     from leco.formats.sliders import expand_attributes
 
@@ -960,6 +961,10 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
         )
     if isinstance(document, dict) and KOHYA_TOP_KEYS & set(document):
         return load_kohya_prompts(path, document)  # kohya's tables written as YAML
+    if is_ai_toolkit_config(document):
+        raise ConfigError(
+            f"{path}: is an ai-toolkit job config, not a prompts file; run it as `leco train {path.name}`"
+        )
     if not isinstance(document, list) or not document:
         raise ConfigError(
             f"{path}: the file must be a non-empty YAML list of prompt entries (- target: ...), or "

@@ -33,6 +33,6 @@ def foreign_config(path: Path) -> LecoConfig | None:
             f"{path}: a kohya train_leco TOML is a prompts file, not a training config; name it in a "
             f"config YAML: prompts_file: {path.name}"
         )
-    if is_ai_toolkit_config(read_document(path, quiet=path.suffix.lower() != ".json")):
+    if is_ai_toolkit_config(read_document(path, quiet=path.suffix.lower() not in (".json", ".jsonc"))):
         return load_ai_toolkit_config(path)
     return None

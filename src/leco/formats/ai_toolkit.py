@@ -296,8 +296,13 @@ class _Converter:
             raise ConfigError(
                 f"{self.path}: config.process: is empty; add the slider process (- type: slider)"
             )
-        if not isinstance(processes, list) or len(processes) != 1:
-            count = len(processes) if isinstance(processes, list) else "not a list"
+        if not isinstance(processes, list):
+            raise ConfigError(
+                f"{self.path}: config.process: must be a list of processes; make the slider process a list "
+                "item (`- type: slider` under process:)"
+            )
+        if len(processes) != 1:
+            count = len(processes)
             raise ConfigError(
                 f"{self.path}: config.process: leco runs one slider process per file (found {count}); "
                 "split the file"
@@ -669,7 +674,12 @@ class _Converter:
         for number, raw in enumerate(targets, start=1):
             target = _Section(raw, f"{slider.key('targets')}[{number - 1}]", self.path)
             expanded += [(target.where, *pair) for pair in self.slider_target(target, rng)]
-        expanded = expanded[:steps]  # ai-toolkit trims targets (with permutations) to the step count
+        if len(expanded) > steps:  # ai-toolkit trims targets (with permutations) to the step count
+            warn(
+                f"{self.path}: {slider.key('targets')}: {len(expanded)} target pairs (shuffle adds phrase "
+                f"orders) but train.steps is {steps}; as ai-toolkit does, only the first {steps} are trained"
+            )
+            expanded = expanded[:steps]
         resolutions = self.resolutions(slider)
         self.check_prompt_file(slider)
         # ai-toolkit's default draws one target a step and averages its pairs (4 with both poles,
