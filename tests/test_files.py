@@ -26,6 +26,23 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
 
 
+def test_a_full_disk_names_the_file_that_did_not_fit(tmp_path):
+    """torch and safetensors wrap the OSError and lose its path; the user is told which file it was."""
+    import errno
+
+    target = tmp_path / "run_state" / "training_state.pt"
+    with pytest.raises(OSError) as caught, atomic_output(target) as file:
+        file.write(b"part")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as error:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0") from error
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert not target.exists() and list(target.parent.iterdir()) == []  # no temp file left
+    with pytest.raises(ValueError), atomic_output(target):  # anything else passes through as it is
+        raise ValueError("not a disk problem")
+
+
 def test_a_folder_is_replaced_only_when_it_is_complete(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()

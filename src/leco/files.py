@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -30,9 +31,20 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
             os.fsync(file.fileno())
         os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode a plain open() gives
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as error:
         Path(temp).unlink(missing_ok=True)
+        if _no_space(error):  # torch and safetensors wrap it without the path: the user is told which file
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
         raise
+
+
+def _no_space(error: BaseException) -> bool:
+    causes = [error, error.__cause__, error.__context__]
+    return any(
+        isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "No space left on device" in str(cause)
+        for cause in causes
+        if cause is not None
+    )
 
 
 @contextmanager
