@@ -591,6 +591,9 @@ def test_a_sampler_that_would_drop_zero_terminal_snr_is_refused(name):
     with pytest.raises(LecoError, match="rescale_betas_zero_snr.*use model or one of ddim, ddpm, euler"):
         make_scheduler(zero_snr, name)
     assert make_scheduler({**zero_snr, "rescale_betas_zero_snr": False}, name) is not None
+    own_lms = {**zero_snr, "_class_name": "LMSDiscreteScheduler"}  # a model folder's own choice, too
+    with pytest.raises(LecoError, match="the model's own scheduler, LMSDiscreteScheduler, ignores"):
+        make_scheduler(own_lms, "model")
 
 
 @pytest.mark.parametrize("name", ["euler", "Euler a", "DPM++ 2M Karras", "ddim", "unipc"])

@@ -57,12 +57,12 @@ class Sampler:
     k_diffusion: bool = True  # one of A1111's k-diffusion samplers, which take a "Schedule type"
 
 
-def _takes(sampler: Sampler, setting: str) -> bool:
-    return setting in inspect.signature(sampler.scheduler.__init__).parameters
+def _takes(scheduler: type, setting: str) -> bool:
+    return setting in inspect.signature(scheduler.__init__).parameters
 
 
 def _takes_karras(sampler: Sampler) -> bool:
-    return _takes(sampler, "use_karras_sigmas")
+    return _takes(sampler.scheduler, "use_karras_sigmas")
 
 
 SAMPLERS = {
@@ -211,20 +211,34 @@ def make_scheduler(config: dict, sampler: str):
         import diffusers
 
         cls = getattr(diffusers, str(config.get("_class_name")), None) or DDIMScheduler
+        if config.get("rescale_betas_zero_snr") and not _takes(
+            Sampler(cls, cls.__name__), "rescale_betas_zero_snr"
+        ):
+            raise LecoError(
+                f"--sampler: the model's own scheduler, {cls.__name__}, ignores its zero-terminal-SNR "
+                f"schedule (rescale_betas_zero_snr); name a sampler that keeps it: {_zero_snr_samplers()}"
+            )
         return sampler_from_config(cls, config)
     sampler = SAMPLERS[name.removesuffix(KARRAS)]
     settings = {**sampler.settings, **({"use_karras_sigmas": True} if name.endswith(KARRAS) else {})}
     model_schedule = {key: value for key, value in config.items() if key in MODEL_SCHEDULE_KEYS}
-    if model_schedule.get("rescale_betas_zero_snr") and not _takes(sampler, "rescale_betas_zero_snr"):
+    if model_schedule.get("rescale_betas_zero_snr") and not _takes(
+        sampler.scheduler, "rescale_betas_zero_snr"
+    ):
         # diffusers' class would drop the key silently and sample a zero-SNR model with the wrong
         # noise levels (washed-out images), so refuse instead.
-        able = ", ".join(key for key, each in SAMPLERS.items() if _takes(each, "rescale_betas_zero_snr"))
         raise LecoError(
             f"--sampler: {sampler.a1111} cannot sample this model: its noise schedule is rescaled to zero "
             f"terminal SNR (rescale_betas_zero_snr), which {sampler.scheduler.__name__} ignores; "
-            f"use model or one of {able}"
+            f"use model or one of {_zero_snr_samplers()}"
         )
     return sampler_from_config(sampler.scheduler, model_schedule, **settings)
+
+
+def _zero_snr_samplers() -> str:
+    return ", ".join(
+        key for key, each in SAMPLERS.items() if _takes(each.scheduler, "rescale_betas_zero_snr")
+    )
 
 
 def a1111_sampler(scheduler: Any) -> dict[str, str]:
