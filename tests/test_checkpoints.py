@@ -242,6 +242,21 @@ def test_a_resumed_step_schedule_follows_the_new_iterations(tmp_path, tiny_folde
     assert Trainer(slightly_longer, progress=False, resume=state).updates.lr_scheduler.step_size == 1
 
 
+def test_a_file_trained_in_parts_records_what_each_resume_changed(tmp_path, tiny_folders):
+    import json
+
+    first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=2), progress=False)
+    assert "leco.resumes" not in read_lora_file(first.path)[1]
+    second = train(make_config(tiny_folders["sd1"], tmp_path, iterations=4, lr=1e-3), resume=first.state)
+    third = train(make_config(tiny_folders["sd1"], tmp_path, iterations=5, lr=1e-3), resume=second.state)
+    resumes = json.loads(read_lora_file(third.path)[1]["leco.resumes"])
+    assert resumes == [
+        {"step": 2, "changed": {"train.iterations": [2, 4], "train.lr": [3e-3, 1e-3]}},
+        {"step": 4, "changed": {"train.iterations": [4, 5]}},
+    ]
+    assert json.loads(read_lora_file(third.path)[1]["leco.config"])["train"]["lr"] == 1e-3
+
+
 def test_resume_allows_settings_of_where_weights_are_read_but_not_of_what_is_trained(tmp_path, tiny_folders):
     state = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=2), progress=False).state
     config = make_config(tiny_folders["sd1"], tmp_path / "b", iterations=4)

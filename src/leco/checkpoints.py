@@ -382,17 +382,40 @@ def _leave_lost_terminal() -> None:
                 os.dup2(devnull.fileno(), stream.fileno())
 
 
-def run_metadata(config: Any, entries: list[Any], step: int, seed: int) -> dict[str, Any]:
+def run_metadata(
+    config: Any, entries: list[Any], step: int, seed: int, resumes: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """What a trained file records about its run (besides the network's own keys); the model by
-    the name the user gave, as kohya does (ink-digits, not the bundled folder's name)."""
+    the name the user gave, as kohya does (ink-digits, not the bundled folder's name). `resumes`:
+    where the run was resumed with other settings (leco.config holds the latest ones)."""
     return {
         "leco.config": config.model_dump(mode="json"),
         "leco.prompts": [entry.model_dump() for entry in entries],
         "leco.step": str(step),
         "leco.seed": str(seed),
+        **({"leco.resumes": resumes} if resumes else {}),
         "ss_steps": str(step),
         "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
     }
+
+
+def resumed_with(state: dict[str, Any], config_json: str) -> list[dict[str, Any]]:
+    """The run's resumes so far, this one added if it changes a setting: its step and each changed
+    key as {"train.lr": [before, after]}, so a file trained in parts says how every part was run."""
+    resumes = list(state.get("resumes", []))
+    changed = _changed_keys(json.loads(state["config"]), json.loads(config_json))
+    if changed:
+        resumes.append({"step": state.get("step", 0), "changed": changed})
+    return resumes
+
+
+def _changed_keys(before: Any, after: Any, prefix: str = "") -> dict[str, list[Any]]:
+    if isinstance(before, dict) and isinstance(after, dict):
+        changed: dict[str, list[Any]] = {}
+        for key in dict.fromkeys([*before, *after]):
+            changed |= _changed_keys(before.get(key), after.get(key), f"{prefix}{key}.")
+        return changed
+    return {} if before == after else {prefix.rstrip("."): [before, after]}
 
 
 def _saved_step(path: Path) -> int | None:

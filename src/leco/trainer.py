@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from leco import objectives
-from leco.checkpoints import StopRequest, check_before_loading, read_state, run_metadata
+from leco.checkpoints import StopRequest, check_before_loading, read_state, resumed_with, run_metadata
 from leco.conditioning import warn_if_misread
 from leco.config import LecoConfig
 from leco.distributed import Ranks
@@ -74,6 +74,7 @@ class Trainer:
         self.dtype = training_dtype(self.device, train.precision)
         self.autocast = functools.partial(autocast_for, self.device, self.dtype)
         self.seed = train.seed if train.seed not in (None, -1) else random.SystemRandom().randrange(2**31)
+        self.resumes: list[dict[str, Any]] = []  # where the run was resumed with other settings
         self.folder = check_before_loading(config, self.resume_source, overwrite)
         previews = bool(config.preview.prompts)
         state = read_state(resume, config.to_json(), self.ranks.count) if resume is not None else None
@@ -185,11 +186,12 @@ class Trainer:
             "trainable": self.trainable.state_dict(),
             **self.updates.state_dict(),  # optimizer, lr_scheduler, scaler
             "ranks": self.ranks.gather(self.step_queue.state()),  # each process's own, in rank order
+            "resumes": self.resumes,
         }
         if not self.ranks.is_main:
             return self.folder.file(suffix)
         save, entries = self.config.save, [p.settings for p in self.prompts]
-        metadata = run_metadata(self.config, entries, self.step, self.seed)
+        metadata = run_metadata(self.config, entries, self.step, self.seed, self.resumes)
         resolution, dtype = max(self.prompts[0].size), DTYPES[save.precision]
         return self.folder.save(
             self.trainable, suffix, state, metadata, dtype, resolution, save.max_step_files
@@ -201,6 +203,7 @@ class Trainer:
         self.updates.load_state_dict(state)
         self.step_queue.load_state(state["ranks"][self.ranks.index], self.device)
         self.step, self.seed = state["step"], state["seed"]
+        self.resumes = resumed_with(state, self.config.to_json())
 
     def save_if_due(self, stop: StopRequest) -> None:
         save, preview, suffix = self.config.save, self.config.preview, f"{self.step}steps"
