@@ -236,11 +236,16 @@ def test_a_folder_that_takes_no_new_file_is_refused_before_loading(
     assert f"{tmp_path} takes no new files (Permission denied)" in err
 
 
-def test_eval_lora_with_a_strength_points_to_the_specs_strengths(capsys, loras, tiny_folders):
+def test_a_lora_with_a_strength_points_to_where_strengths_are_given(capsys, loras, tiny_folders):
     spec = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
     code, _, err = run_cli([*spec, "--lora", f"{loras['sd1']}:0.5"], capsys)
     assert_one_line_error(code, err, "--lora")
-    assert "eval takes no strength after the file; it judges each LoRA at the spec's strengths" in err
+    assert "no strength after the file here; eval judges each LoRA at the spec's strengths" in err
+    assert f"(give --lora {loras['sd1']})" in err
+    drawn = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", "--lora", f"{loras['sd1']}:-1"]
+    code, _, err = run_cli(drawn, capsys)  # A1111's <lora:name:-1>, merge's FILE:-1
+    assert_one_line_error(code, err, "--lora")
+    assert "no strength after the file here; generate draws each image at --strengths" in err
 
 
 def test_a_missing_model_is_one_line_naming_the_option(capsys, tmp_path, monkeypatch):

@@ -613,6 +613,11 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
             {"network": {"conv_rank": 8, "conv_alpha": 4}},
             "network.conv_alpha, network.conv_rank: only for c3lier",
         ),
+        (
+            {"network": {"type": "c3lier", "training_method": "xattn", "conv_rank": 4}},
+            "network.type: c3lier adds the convolutions, which training_method xattn never chooses: the "
+            "file is what lierla makes, and conv_rank / conv_alpha are ignored",
+        ),
         ({"closed_form": {"preserve_scale": 5}}, "closed_form: only for train.method: closed_form"),
         (
             {"anchors": {"prompts": ["a"], "exclude": ["three"]}},

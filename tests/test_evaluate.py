@@ -21,6 +21,7 @@ from leco.evaluate import (
     format_report,
     judged_prompts,
     load_spec,
+    make_detector,
     pixel_drift,
     summarise,
 )
@@ -629,7 +630,7 @@ def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path
         evaluate(models, embedding, EvalSpec.model_validate({**spec, "strengths": [-1, 1]}), "cpu")
 
 
-def test_a_clip_model_that_is_not_here_is_one_line_at_once(monkeypatch):
+def test_a_clip_model_that_is_not_here_is_one_line_at_once(monkeypatch, tmp_path):
     from huggingface_hub import constants
 
     from leco.evaluate import ClipDetector
@@ -639,6 +640,14 @@ def test_a_clip_model_that_is_not_here_is_one_line_at_once(monkeypatch):
         LecoError, match=r"clip_model: 'someone/no-such-clip' is not in the local Hugging Face cache"
     ):
         ClipDetector("someone/no-such-clip", ["a cat"])
+    spec = tmp_path / "spec.yaml"  # through a spec: its file is named, as for its other keys
+    spec.write_text(
+        "detector: clip\nclip_model: someone/no-such-clip\nkeep: [{prompt: a cat, concept: a cat}]\n"
+    )
+    with pytest.raises(
+        LecoError, match=r"^.*spec.yaml: clip_model: 'someone/no-such-clip' is not in the local"
+    ):
+        make_detector(load_spec(spec), None)
 
 
 def test_images_an_earlier_eval_left_are_replaced_only_with_overwrite(tmp_path, tiny_folders):

@@ -549,6 +549,18 @@ SDE_KARRAS_MODEL = {
         ("  DDIM ", None, None, {"Sampler": "DDIM"}),
         ("pndm", None, None, {"Sampler": "PLMS"}),
         ("UniPC Karras", True, None, {"Sampler": "UniPC", "Schedule type": "Karras"}),
+        (
+            "DPM++ 2M SDE Heun",
+            False,
+            "sde-dpmsolver++",
+            {"Sampler": "DPM++ 2M SDE Heun", "Schedule type": "Uniform"},
+        ),
+        (
+            "dpmpp_2m_sde_gpu",
+            False,
+            "sde-dpmsolver++",
+            {"Sampler": "DPM++ 2M SDE", "Schedule type": "Uniform"},
+        ),
     ],
 )
 def test_a_named_sampler_is_that_algorithm_whatever_the_models_scheduler_chose(
@@ -565,6 +577,8 @@ def test_a_named_sampler_is_that_algorithm_whatever_the_models_scheduler_chose(
     if algorithm is not None:
         assert config.algorithm_type == algorithm and config.solver_order == 2
     assert a1111_sampler(scheduler) == infotext
+    if "SDE" in infotext["Sampler"]:  # A1111's (k-diffusion's) 2M SDE is the midpoint solver; Heun's its own
+        assert config.solver_type == ("heun" if "Heun" in infotext["Sampler"] else "midpoint")
     own = make_scheduler(SDE_KARRAS_MODEL, "model")  # the model's own, as it is
     assert own.config.use_karras_sigmas and own.config.solver_order == 3
     assert a1111_sampler(own) == {"Sampler": "DPMSolverMultistepScheduler"}  # no A1111 name fits order 3
@@ -594,6 +608,13 @@ def test_a_sampler_that_would_drop_zero_terminal_snr_is_refused(name):
     own_lms = {**zero_snr, "_class_name": "LMSDiscreteScheduler"}  # a model folder's own choice, too
     with pytest.raises(LecoError, match="the model's own scheduler, LMSDiscreteScheduler, ignores"):
         make_scheduler(own_lms, "model")
+
+
+def test_unipc_is_diffusers_bh2_variant_under_every_name():
+    """ComfyUI's uni_pc_bh2 is the variant diffusers runs; its bh1 (A1111's and ComfyUI's default)
+    samples NaN in diffusers 0.42, so every UniPC name gets bh2, which the image's infotext keeps."""
+    for name in ("unipc", "UniPC", "uni_pc", "uni_pc_bh2"):
+        assert make_scheduler({**SDE_KARRAS_MODEL, "solver_type": "bh1"}, name).config.solver_type == "bh2"
 
 
 @pytest.mark.parametrize("name", ["euler", "Euler a", "DPM++ 2M Karras", "ddim", "unipc"])

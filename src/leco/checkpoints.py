@@ -149,7 +149,8 @@ class RunFolder:
         if earlier and not (resume_source is not None or overwrite):
             raise LecoError(
                 f"save.path: {self.path} already holds the run {self.name!r} ({earlier[0].name}); "
-                "continue it with --resume, replace it with --overwrite, or choose another save.name"
+                f"continue it with --resume {self.state_dir}, replace it with --overwrite (in Python: "
+                "resume=, overwrite=), or choose another save.name"
             )
         others = self.others_in_state() if overwrite and resume_source is None else []
         if others:

@@ -207,27 +207,38 @@ def _check_writable(path: Path) -> None:
 
 
 def _lora_file(text: str) -> str:
+    """generate's --lora: a LoRA file (its strengths are --strengths)."""
+    _refuse_strength_suffix(text, "generate draws each image at --strengths (e.g. --strengths 0.5)")
+    return _read_lora(text)
+
+
+def _read_lora(text: str) -> str:
     from leco.generate import read_lora_header
 
     return str(_checked(read_lora_header)(text).path)
 
 
+def _refuse_strength_suffix(text: str, where_strengths_go: str) -> None:
+    """FILE:0.5, as merge and A1111's <lora:name:0.5> take it, where the command takes the file alone."""
+    from leco.config import typed_float
+
+    path, colon, strength = text.rpartition(":")
+    if colon and not Path(text).exists() and Path(path).is_file():
+        with contextlib.suppress(ValueError):  # not a number: the path as written, judged later
+            typed_float(strength)
+            raise argparse.ArgumentTypeError(
+                f"{text}: no strength after the file here; {where_strengths_go} (give --lora {path})"
+            )
+
+
 def _lora_or_embedding_file(text: str) -> str:
     """eval's --lora: a LoRA, or a negative embedding (judged with its token in the negative prompt)."""
-    from leco.config import typed_float
     from leco.generate import is_embedding_file, read_embedding
 
     if is_embedding_file(text):
         return str(_checked(read_embedding)(text).path)
-    path, colon, strength = text.rpartition(":")
-    if colon and not Path(text).exists() and Path(path).is_file():
-        with contextlib.suppress(ValueError):  # not a number: the path as written, judged below
-            typed_float(strength)  # FILE:0.5, as merge takes it
-            raise argparse.ArgumentTypeError(
-                f"{text}: eval takes no strength after the file; it judges each LoRA at the spec's "
-                f"strengths: [...] (give --lora {path})"
-            )
-    return _lora_file(text)
+    _refuse_strength_suffix(text, "eval judges each LoRA at the spec's strengths: [...]")
+    return _read_lora(text)
 
 
 def _sampler(text: str) -> str:

@@ -336,6 +336,8 @@ class AnchorConfig(_Section):
 
 # Layer presets that train no cross-attention key or value (leco.network.layers.PRESETS).
 PRESETS_WITHOUT_KEYS_VALUES = ("noxattn", "innoxattn", "selfattn")
+# ... and those that train attention layers only: with them c3lier's convolutions are never chosen.
+PRESETS_WITHOUT_CONVS = ("xattn", "xattn-strict", "xattn-values", "selfattn")
 
 ACTIONS = ("erase", "enhance", "distill", "preserve", "imitate")
 # Keys of a prompt entry its action never reads (leco.objectives: the roles each target reads;
@@ -543,6 +545,16 @@ class LecoConfig(_Section):
             if network.type == "lierla":
                 unused(
                     network, "network", {"conv_rank", "conv_alpha"}, "only for c3lier (lierla has no convs)"
+                )
+            elif network.training_method in PRESETS_WITHOUT_CONVS:
+                notes.append(
+                    f"network.type: c3lier adds the convolutions, which training_method "
+                    f"{network.training_method} never chooses: the file is what lierla makes"
+                    + (
+                        ", and conv_rank / conv_alpha are ignored"
+                        if {"conv_rank", "conv_alpha"} & network.model_fields_set
+                        else ""
+                    )
                 )
         for number, entry in enumerate(self.prompts, start=1):
             if network.type == "embedding" and entry.changed_keys({"multiplier"}):

@@ -221,7 +221,10 @@ def make_detector(spec: EvalSpec, models: LoadedModels) -> Detector:
                 f"{spec._source}: clip_model: missing; name a CLIP model (HF id or local folder)"
             )
         labels = [c.concept for c in spec.erase + spec.keep + spec.enhance] + spec.alternatives
-        return ClipDetector(spec.clip_model, labels)
+        try:
+            return ClipDetector(spec.clip_model, labels)
+        except LecoError as error:  # "clip_model: ..." is the spec's key: name its file
+            raise LecoError(f"{spec._source}: {error}") from None
     return NudeNetDetector()
 
 

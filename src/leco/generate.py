@@ -71,17 +71,28 @@ SAMPLERS = {
     "euler": Sampler(EulerDiscreteScheduler, "Euler"),
     "euler_a": Sampler(EulerAncestralDiscreteScheduler, "Euler a"),
     "dpm++": Sampler(
-        DPMSolverMultistepScheduler, "DPM++ 2M", {"algorithm_type": "dpmsolver++", "solver_order": 2}
+        DPMSolverMultistepScheduler,
+        "DPM++ 2M",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint"},
     ),
     "dpm++_sde": Sampler(
-        DPMSolverMultistepScheduler, "DPM++ 2M SDE", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+        DPMSolverMultistepScheduler,
+        "DPM++ 2M SDE",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "midpoint"},
+    ),
+    "dpm++_sde_heun": Sampler(
+        DPMSolverMultistepScheduler,
+        "DPM++ 2M SDE Heun",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
     ),
     "dpm2": Sampler(KDPM2DiscreteScheduler, "DPM2"),
     "dpm2_a": Sampler(KDPM2AncestralDiscreteScheduler, "DPM2 a"),
     "heun": Sampler(HeunDiscreteScheduler, "Heun"),
     "lms": Sampler(LMSDiscreteScheduler, "LMS"),
     "plms": Sampler(PNDMScheduler, "PLMS", {"skip_prk_steps": True}, k_diffusion=False),
-    "unipc": Sampler(UniPCMultistepScheduler, "UniPC", k_diffusion=False),
+    # diffusers' UniPC, the bh2 variant: A1111's UniPC and ComfyUI's uni_pc default to bh1, which
+    # diffusers 0.42 samples as NaN (UniPCMultistepScheduler(solver_type="bh1"), any model)
+    "unipc": Sampler(UniPCMultistepScheduler, "UniPC", {"solver_type": "bh2"}, k_diffusion=False),
 }
 KARRAS = "_karras"  # a name's suffix: Karras sigmas (A1111's "DPM++ 2M Karras", or Schedule type: Karras)
 # Other names users copy from their tools (compared in lower case, spaces collapsed): A1111's UI and
@@ -89,7 +100,10 @@ KARRAS = "_karras"  # a name's suffix: Karras sigmas (A1111's "DPM++ 2M Karras",
 SAMPLER_ALIASES = {
     **{sampler.a1111.lower(): key for key, sampler in SAMPLERS.items()},
     "euler_ancestral": "euler_a", "dpm_2": "dpm2", "dpm_2_a": "dpm2_a", "dpm_2_ancestral": "dpm2_a",
-    "dpmpp_2m": "dpm++", "dpmpp_2m_sde": "dpm++_sde", "uni_pc": "unipc", "pndm": "plms",
+    "dpmpp_2m": "dpm++", "dpmpp_2m_sde": "dpm++_sde", "dpmpp_2m_sde_heun": "dpm++_sde_heun",
+    "uni_pc": "unipc", "uni_pc_bh2": "unipc", "pndm": "plms",
+    # ComfyUI's _gpu samplers are the same algorithms with their noise drawn on the GPU
+    "dpmpp_2m_sde_gpu": "dpm++_sde", "dpmpp_2m_sde_heun_gpu": "dpm++_sde_heun",
 }  # fmt: skip
 SAMPLER_HINT = (  # what --sampler and a spec's sampler take
     f"use model or one of {', '.join(SAMPLERS)} (or A1111's names, e.g. 'DPM++ 2M'); "
