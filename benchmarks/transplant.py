@@ -147,8 +147,9 @@ RECIPES: dict[str, list[Callable[[dict, str], None]]] = {
     "example+no-text": [_set("anchors.text_weight", 0.0)],
     # The lr decayed to 0 by the last step (the change that lifted every seed of the distillation).
     "example+cosine": [_set("train.lr_scheduler", "cosine")],
-    # Min-SNR weighting: the noisy steps, where a digit and its ink are decided, weigh more
-    "example+min-snr5": [_set("train.min_snr_gamma", 5.0)],
+    # The example before min-SNR weighting (train.min_snr_gamma: 5) joined it; the recipes above
+    # and below were measured on that example.
+    "example-without-min-snr": [_set("train.min_snr_gamma", None)],
     # Rollouts by the teacher: the student learns the teacher's prediction all along the teacher's
     # own way to a teal image, not only where its own (still blue) rollouts pass.
     "example+teacher-rollouts": [_set("teacher.rollout_share", 1.0)],
