@@ -65,8 +65,9 @@ def test_preview_grids_of_the_name_count_as_an_earlier_run(tmp_path):
     grid = tmp_path / "previews" / "fox_last.png"
     grid.write_bytes(b"a grid the user kept")
     (tmp_path / "previews" / "wolf_last.png").write_bytes(b"another name's: no concern")
-    with pytest.raises(LecoError, match=r"already holds the run 'fox' \(fox_last.png\)"):
+    with pytest.raises(LecoError, match=r"already holds the run 'fox' \(fox_last.png\)") as caught:
         RunFolder(tmp_path, "fox").check(overwrite=False, previews=True)
+    assert "--resume" not in str(caught.value)  # no state folder: nothing to continue, only to replace
     RunFolder(tmp_path, "wolf2").check(overwrite=False, previews=True)
     folder = RunFolder(tmp_path, "fox")
     folder.open(overwrite=True)  # --overwrite: the grid goes with the run it showed, at the first save

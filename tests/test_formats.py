@@ -217,6 +217,10 @@ KOHYA_ERRORS = {
         '[[prompts]]\ntarget_class = "c"\npositive = "p"\nneutral = ["x", "y"]\n',
         "prompts 1.neutral: must be one prompt text",
     ),
+    "empty_neutral_file_name_of_a_top_level_target": (
+        'target_class = "c"\npositive = "p"\nneutral_prompt_file = "  "\n',
+        ": neutral_prompt_file: empty; name a text file",
+    ),
     "empty_neutral_file_name": (
         'neutral_prompt_file = ""\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
         "neutral_prompt_file: empty; name a text file of prompts",
@@ -731,7 +735,7 @@ def test_ai_toolkit_targets_cut_to_the_step_count_are_warned_of(tmp_path, capsys
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job))
     assert len(load_config(path).prompts) == 5 * 4
-    assert "8 target pairs (shuffle adds phrase orders) but train.steps is 5" in capsys.readouterr().err
+    assert "8 targets (with shuffle, one per phrase order) but train.steps is 5" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", AI_TOOLKIT_ERRORS, ids=str)
@@ -1124,6 +1128,6 @@ def test_a_leco_config_given_as_a_prompts_file_is_named_as_such(tmp_path):
     path = tmp_path / "prompts.yaml"
     path.write_text("pretrained_model: {name_or_path: ink-digits}\nprompts:\n  - target: a digit seven\n")
     with pytest.raises(
-        ConfigError, match=r"is a leco config, not a prompts file; run it as `leco train prompts.yaml`"
+        ConfigError, match=r"is a leco config, not a prompts file; run it as `leco train .*prompts.yaml`"
     ):
         load_prompts(path)

@@ -602,12 +602,25 @@ def test_a_sampler_that_would_drop_zero_terminal_snr_is_refused(name):
     """diffusers' LMS, Heun, DPM2 and PNDM schedulers have no rescale_betas_zero_snr and drop it
     silently; a zero-SNR model would then be sampled with the wrong noise levels."""
     zero_snr = {**SDE_KARRAS_MODEL, "rescale_betas_zero_snr": True}
-    with pytest.raises(LecoError, match="rescale_betas_zero_snr.*use model or one of ddim, ddpm, euler"):
+    with pytest.raises(
+        LecoError, match="^sampler .*: cannot .*rescale_betas_zero_snr.*use one of ddim, ddpm, euler"
+    ):
         make_scheduler(zero_snr, name)
     assert make_scheduler({**zero_snr, "rescale_betas_zero_snr": False}, name) is not None
-    own_lms = {**zero_snr, "_class_name": "LMSDiscreteScheduler"}  # a model folder's own choice, too
-    with pytest.raises(LecoError, match="the model's own scheduler, LMSDiscreteScheduler, ignores"):
-        make_scheduler(own_lms, "model")
+
+
+def test_a_models_own_scheduler_is_warned_of_only_where_it_drops_zero_terminal_snr(capsys):
+    """The model's own choice is how diffusers samples it (and merge and previews build it): a
+    scheduler that drops the schedule is said, and one that keeps it passes quietly."""
+    zero_snr = {**SDE_KARRAS_MODEL, "rescale_betas_zero_snr": True}
+    for keeps in ("DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
+        assert make_scheduler({**zero_snr, "_class_name": keeps}, "model").config.rescale_betas_zero_snr
+    assert "zero-terminal-SNR" not in capsys.readouterr().err
+    make_scheduler({**zero_snr, "_class_name": "LMSDiscreteScheduler"}, "model")
+    assert (
+        "the model's own scheduler, LMSDiscreteScheduler, ignores its zero-terminal-SNR"
+        in capsys.readouterr().err
+    )
 
 
 def test_unipc_is_diffusers_bh2_variant_under_every_name():

@@ -342,6 +342,17 @@ def test_other_spellings_of_peft_keys_and_damaged_configs():
     # PEFT's save_pretrained of a wrapped pipeline part keeps the part's name under base_model.model.
     wrapped = {f"base_model.model.{key}": value for key, value in named.items()}
     assert set(as_kohya(wrapped, {}, "f")) == set(as_kohya(named, {}, "f"))
+    both = {
+        f"{encoder}.encoder.layers.0.mlp.fc1.lora_A.weight": down
+        for encoder in ("text_encoder", "text_encoder_2")
+    }
+    wrapped_sdxl = {
+        f"base_model.model.{key}": value for key, value in both.items()
+    }  # both encoders kept apart
+    assert set(as_kohya(wrapped_sdxl, {}, "f")) == set(as_kohya(both, {}, "f"))
+    assert any(key.startswith("lora_te2_") for key in as_kohya(wrapped_sdxl, {}, "f"))
+    with pytest.raises(LecoError, match=r"f: has text_encoder_2 modules, so it was made for SDXL"):
+        as_kohya(wrapped_sdxl, {}, "f", sdxl=False)
     # the config came from adapter_config.json beside the file: messages name that file
     broken = {"lora_adapter_metadata": "{r: 4"}
     with pytest.raises(LecoError, match=r"^dir/adapter_config.json is not JSON; the file is damaged"):

@@ -590,6 +590,24 @@ def test_ctrl_c_saves_a_loadable_file_and_resume_finishes_the_same_run(tmp_path,
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # a: not empty
 
 
+def test_a_stop_during_the_last_step_finishes_the_run(tmp_path, tiny_folders, monkeypatch):
+    """The last step done is the run done: its file is _last, not an _interrupted one that a resume
+    (refused at step == iterations) could never turn into _last."""
+    from leco.checkpoints import StopRequest
+
+    class StopAsked(StopRequest):
+        def __enter__(self):
+            super().__enter__()
+            self.requested = True  # Ctrl-C while the step runs
+            return self
+
+    monkeypatch.setattr("leco.trainer.StopRequest", StopAsked)
+    done = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=1), progress=False)
+    assert not done.interrupted and done.path.name == "fox_last.safetensors"
+    stopped = train(make_config(tiny_folders["sd1"], tmp_path / "b", iterations=3), progress=False)
+    assert stopped.interrupted and stopped.steps == 1 and stopped.path.name == "fox_interrupted.safetensors"
+
+
 def test_python_api_is_leco_train(tmp_path, tiny_folders):
     import leco
 

@@ -147,10 +147,12 @@ class RunFolder:
                 f"another save.name, or resume {self.state_dir} to continue {self.name!r} itself"
             )
         if earlier and not (resume_source is not None or overwrite):
+            resumable = self.state_dir.is_dir()  # a closed-form edit leaves no state to continue
+            carry_on = f"continue it with --resume {self.state_dir}, " if resumable else ""
             raise LecoError(
                 f"save.path: {self.path} already holds the run {self.name!r} ({earlier[0].name}); "
-                f"continue it with --resume {self.state_dir}, replace it with --overwrite (in Python: "
-                "resume=, overwrite=), or choose another save.name"
+                f"{carry_on}replace it with --overwrite (in Python: {'resume=, ' if resumable else ''}"
+                "overwrite=), or choose another save.name"
             )
         others = self.others_in_state() if overwrite and resume_source is None else []
         if others:

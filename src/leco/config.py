@@ -968,14 +968,14 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
     document = read_yaml(path)
     if isinstance(document, dict) and (set(LecoConfig.model_fields) - KOHYA_TOP_KEYS) & set(document):
         raise ConfigError(
-            f"{path}: is a leco config, not a prompts file; run it as `leco train {path.name}`, or give "
+            f"{path}: is a leco config, not a prompts file; run it as `leco train {path}`, or give "
             "prompts_file a list of prompt entries (- target: ...)"
         )
     if isinstance(document, dict) and KOHYA_TOP_KEYS & set(document):
         return load_kohya_prompts(path, document)  # kohya's tables written as YAML
     if is_ai_toolkit_config(document):
         raise ConfigError(
-            f"{path}: is an ai-toolkit job config, not a prompts file; run it as `leco train {path.name}`"
+            f"{path}: is an ai-toolkit job config, not a prompts file; run it as `leco train {path}`"
         )
     if not isinstance(document, list) or not document:
         raise ConfigError(

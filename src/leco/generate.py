@@ -225,12 +225,13 @@ def make_scheduler(config: dict, sampler: str):
         import diffusers
 
         cls = getattr(diffusers, str(config.get("_class_name")), None) or DDIMScheduler
-        if config.get("rescale_betas_zero_snr") and not _takes(
-            Sampler(cls, cls.__name__), "rescale_betas_zero_snr"
-        ):
-            raise LecoError(
-                f"--sampler: the model's own scheduler, {cls.__name__}, ignores its zero-terminal-SNR "
-                f"schedule (rescale_betas_zero_snr); name a sampler that keeps it: {_zero_snr_samplers()}"
+        if config.get("rescale_betas_zero_snr") and not _takes(cls, "rescale_betas_zero_snr"):
+            # the model's own choice, as diffusers would sample it (merge and previews use it too):
+            # said, not refused
+            warn(
+                f"the model's own scheduler, {cls.__name__}, ignores its zero-terminal-SNR schedule "
+                f"(rescale_betas_zero_snr) and samples it with the wrong noise levels; for images, name a "
+                f"sampler that keeps it: {_zero_snr_samplers()}"
             )
         return sampler_from_config(cls, config)
     sampler = SAMPLERS[name.removesuffix(KARRAS)]
@@ -242,9 +243,9 @@ def make_scheduler(config: dict, sampler: str):
         # diffusers' class would drop the key silently and sample a zero-SNR model with the wrong
         # noise levels (washed-out images), so refuse instead.
         raise LecoError(
-            f"--sampler: {sampler.a1111} cannot sample this model: its noise schedule is rescaled to zero "
+            f"sampler {sampler.a1111}: cannot sample this model: its noise schedule is rescaled to zero "
             f"terminal SNR (rescale_betas_zero_snr), which {sampler.scheduler.__name__} ignores; "
-            f"use model or one of {_zero_snr_samplers()}"
+            f"use one of {_zero_snr_samplers()}"
         )
     return sampler_from_config(sampler.scheduler, model_schedule, **settings)
 

@@ -239,6 +239,7 @@ class Trainer:
                     if self.step < iterations:  # the last step is saved below
                         self.save_if_due(stop)
                     stopping = self.ranks.any(stop.requested, self.device)
+                stopping = stopping and self.step < iterations  # a stop during the last step: finished
                 suffix = "interrupted" if stopping else "last"
                 with stop.saving():
                     path = self.save(suffix)

@@ -676,8 +676,9 @@ class _Converter:
             expanded += [(target.where, *pair) for pair in self.slider_target(target, rng)]
         if len(expanded) > steps:  # ai-toolkit trims targets (with permutations) to the step count
             warn(
-                f"{self.path}: {slider.key('targets')}: {len(expanded)} target pairs (shuffle adds phrase "
-                f"orders) but train.steps is {steps}; as ai-toolkit does, only the first {steps} are trained"
+                f"{self.path}: {slider.key('targets')}: {len(expanded)} targets (with shuffle, one per "
+                f"phrase order) but train.steps is {steps}; as ai-toolkit does, only the first {steps} are "
+                "trained"
             )
             expanded = expanded[:steps]
         resolutions = self.resolutions(slider)

@@ -264,10 +264,10 @@ class _KohyaReader:
     def item_neutrals(self, item: dict[str, Any], where: str, with_neutral: bool = False) -> list[str] | None:
         """A target's own neutral list (kohya's precedence), or None when it names none."""
         if "neutrals" in item:
-            return self.string_list(item["neutrals"], f"{where}.neutrals")
+            return self.string_list(item["neutrals"], _key(where, "neutrals"))
         for key in ("neutral_prompt_file", "prompt_file"):
             if key in item:
-                return self.lines(item[key], f"{where}.{key}")
+                return self.lines(item[key], _key(where, key))
         if with_neutral and "neutral" in item:
             return [self.text(item, "neutral", where)]
         return None
@@ -305,8 +305,7 @@ class _KohyaReader:
 
     def text(self, table: dict[str, Any], key: str, where: str) -> str:
         """A prompt key of a slider table ("" when unset), as kohya reads it: str() of the value."""
-        prefix = "" if where == "(top level)" else f"{where}."
-        return self._prompt(table.get(key), f"{prefix}{key}")
+        return self._prompt(table.get(key), _key(where, key))
 
     def _prompt(self, value: Any, key: str) -> str:
         # kohya would str() a list or table into "['a', 'b']" and train on that text; a number is a
@@ -409,3 +408,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path}: invalid TOML ({str(error).splitlines()[0]})") from None
+
+
+def _key(where: str, key: str) -> str:
+    """A key as messages name it: `targets 1.neutral`, or plain `neutral` at the file's top level."""
+    return key if where == "(top level)" else f"{where}.{key}"

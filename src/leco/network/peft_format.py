@@ -67,7 +67,9 @@ def as_kohya(
     (PEFT's adapter_config.json beside it), for messages."""
     config_name = config_source or f"{source}: its lora_adapter_metadata"
     configs = _adapter_configs(metadata, config_name)
-    second = any(key.startswith("text_encoder_2.") for key in tensors)
+    second = any(
+        not key.startswith(KOHYA_PREFIXES) and _model_and_path(key)[0] == "text_encoder_2" for key in tensors
+    )
     if second and sdxl is False:
         raise LecoError(f"{source}: has text_encoder_2 modules, so it was made for SDXL; use it with SDXL")
     text_encoders = 2 if (sdxl if sdxl is not None else second) else 1
