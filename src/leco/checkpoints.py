@@ -478,10 +478,10 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
         )
     step, iterations = state.get("step", 0), current.get("train", {}).get("iterations")
     if isinstance(iterations, int) and step >= iterations:  # at ==, resuming would only rewrite its files
-        finished = "finished" if step == iterations else "already at step " + str(step)
+        where = f"finished (step {step})" if step == iterations else f"already at step {step}"
         raise LecoError(
-            f"train.iterations: {iterations}, but the run in {path} is {finished} (step {step}); set it "
-            f"above {step} to train on from there"
+            f"train.iterations: {iterations}, but the run in {path} is {where}; set it above {step} to "
+            "train on from there"
         )
     if len(state.get("ranks", [])) != processes:
         raise LecoError(
