@@ -282,6 +282,9 @@ def test_cli_convert(tmp_path, capsys):
     assert "is not a LoRA" in capsys.readouterr().err and notes.read_text() == "my notes"
     assert main(["convert", str(tmp_path / "s.pt"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "either --model M or --family" in capsys.readouterr().err
+    both = ["--out", str(tmp_path / "x.safetensors"), "--family", "sd1", "--model", "ink-digits"]
+    assert main(["convert", str(tmp_path / "s.pt"), *both]) == 2
+    assert "give --model or --family, not both" in capsys.readouterr().err
     code = main(
         [
             "convert",

@@ -129,6 +129,13 @@ def test_ink_digits_concepts_read_in_any_case_and_spacing():
     assert concept_parts("ink-digits", "Ink: Red, digit:3") == concept_parts("ink-digits", "digit:3,ink:red")
 
 
+def test_an_image_count_no_machine_holds_is_refused_before_any_image(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("images_per_prompt: 100000000\nkeep: [{prompt: a cat, concept: a cat}]\n")
+    with pytest.raises(LecoError, match=r"spec.yaml: images_per_prompt: .*10000"):
+        load_spec(spec)
+
+
 def test_spec_errors_name_the_file_and_key(tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text("detector: ink-digits\nerase:\n  - prompt: a\n    concpt: digit:7\n")

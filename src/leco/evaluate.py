@@ -35,6 +35,7 @@ from leco.config import MAX_SIDE, ConfigError, as_read, describe_validation_erro
 from leco.errors import LecoError, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
+    MAX_SEEDS,
     SAMPLER_HINT,
     SamplingSettings,
     a1111_parameters,
@@ -79,7 +80,8 @@ class EvalSpec(BaseModel):
     detector: Literal["ink-digits", "clip", "nudenet"] = "ink-digits"
     clip_model: str | None = None  # HF id or local folder of a CLIP model (detector: clip)
     alternatives: list[str] = Field(default_factory=list)  # extra zero-shot labels (detector: clip)
-    images_per_prompt: int = Field(8, ge=1)
+    # at most as many seeds as generate's --seeds takes: every image of a strength is held in memory
+    images_per_prompt: int = Field(8, ge=1, le=MAX_SEEDS)
     strengths: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [0.0, 1.0])
     seed: int = Field(0, ge=0, lt=2**63)
     steps: int | None = Field(

@@ -143,7 +143,11 @@ def lora_metadata(
 
 def model_skeleton(model: str | None, family: str | None) -> ModelSkeleton:
     """The family's modules on the meta device (no weights), from --family or the --model's configs."""
-    if (model is None) == (family is None):
+    if model is not None and family is not None:
+        raise LecoError(
+            "convert: give --model or --family, not both (--model reads the family from the model)"
+        )
+    if model is None and family is None:
         raise LecoError(
             "convert: give the model the LoRA is for, either --model M or --family sd1|sd2|sd2-v|sdxl"
         )
