@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import math
 import os
 import re
@@ -828,14 +827,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
 def _disk_full(error: BaseException) -> str | None:
     """One line for a write the disk had no room for (torch and safetensors wrap the OSError)."""
-    causes = [error, error.__cause__, error.__context__]
-    full = any(
-        isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "No space left on device" in str(cause)
-        for cause in causes
-        if cause is not None
-    )
-    if not full:
+    from leco.files import is_disk_full
+
+    if not is_disk_full(error):
         return None
+    causes = [error, error.__cause__, error.__context__]
     where = next((c.filename for c in causes if isinstance(c, OSError) and c.filename), None)
     return f"the disk is full{f' (writing {where})' if where else ''}; free some space or write elsewhere"
 

@@ -33,12 +33,13 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
         os.replace(temp, path)
     except BaseException as error:
         Path(temp).unlink(missing_ok=True)
-        if _no_space(error):  # torch and safetensors wrap it without the path: the user is told which file
+        if is_disk_full(error):  # torch and safetensors wrap it without the path: the user is told which file
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
         raise
 
 
-def _no_space(error: BaseException) -> bool:
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what it wraps: torch and safetensors raise their own) is a full disk."""
     causes = [error, error.__cause__, error.__context__]
     return any(
         isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "No space left on device" in str(cause)

@@ -259,7 +259,7 @@ class _KohyaReader:
         for key in ("neutral_prompt_file", "prompt_file"):
             if key in config:
                 values += self.lines(config[key], f"{prefix}{key}")
-        return values or [self.text(config, "neutral", prefix.rstrip(".") or "(top level)")]
+        return values or [self._prompt(config.get("neutral"), f"{prefix}neutral")]
 
     def item_neutrals(self, item: dict[str, Any], where: str, with_neutral: bool = False) -> list[str] | None:
         """A target's own neutral list (kohya's precedence), or None when it names none."""
