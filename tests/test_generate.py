@@ -581,10 +581,10 @@ def test_a_named_sampler_is_that_algorithm_whatever_the_models_scheduler_chose(
         assert config.solver_type == ("heun" if "Heun" in infotext["Sampler"] else "midpoint")
     own = make_scheduler(SDE_KARRAS_MODEL, "model")  # the model's own, as it is
     assert own.config.use_karras_sigmas and own.config.solver_order == 3
-    assert a1111_sampler(own) == {"Sampler": "DPMSolverMultistepScheduler"}  # no A1111 name fits order 3
+    assert a1111_sampler(own) == {"Sampler": "DPM++ 3M SDE", "Schedule type": "Karras"}
 
 
-@pytest.mark.parametrize("name", ["Euler a Karras", "ddim karras", "DPM++ 3M SDE", "model karras"])
+@pytest.mark.parametrize("name", ["Euler a Karras", "ddim karras", "DPM++ SDE", "model karras"])
 def test_a_sampler_diffusers_cannot_run_is_one_line(name, tmp_path, capsys):
     """Karras sigmas where diffusers' scheduler has none, or an A1111 sampler without a diffusers
     counterpart: one line naming the option and the choices, before any model loads."""
@@ -593,8 +593,11 @@ def test_a_sampler_diffusers_cannot_run_is_one_line(name, tmp_path, capsys):
               "--out", str(tmp_path / "out")])  # fmt: skip
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in error
-    assert f"--sampler: {name!r} is not known" in error and "' Karras'" in error
-    assert not (tmp_path / "out").exists()
+    if name == "DPM++ SDE":
+        assert f"--sampler: {name!r} is not offered" in error and "'DPM++ 2M SDE'" in error
+    else:
+        assert f"--sampler: {name!r} is not known" in error and "' Karras'" in error
+    assert not (tmp_path / "out").exists() and error.count("\n") == 1
 
 
 @pytest.mark.parametrize("name", ["lms", "Heun", "DPM2 a", "plms", "k_dpm_2_ka"])
@@ -621,6 +624,41 @@ def test_a_models_own_scheduler_is_warned_of_only_where_it_drops_zero_terminal_s
         "the model's own scheduler, LMSDiscreteScheduler, ignores its zero-terminal-SNR"
         in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "why", "nearest"),
+    [
+        ("DPM++ SDE Karras", "repeat with its seed", "'DPM++ 2M SDE Karras'"),
+        ("dpmpp_sde_gpu", "repeat with its seed", "'dpmpp_2m_sde_gpu'"),
+        ("DPM++ 2S a", "no scheduler", "'DPM2 a'"),
+        ("heunpp2", "no scheduler", "'heun'"),
+        ("euler_cfg_pp", "CFG++", "'euler'"),
+        ("uni_pc_bh1", "NaN", "'uni_pc_bh2'"),
+    ],
+)
+def test_samplers_diffusers_cannot_run_are_refused_with_the_nearest_that_works(name, why, nearest):
+    """A1111's and ComfyUI's names that have no faithful scheduler say so, and the sampler they name
+    instead is one --sampler takes; other unknown names list every sampler."""
+    with pytest.raises(
+        LecoError,
+        match=rf"--sampler: '{re.escape(name)}' is not offered: .*{why}.*nearest here is {re.escape(nearest)}$",
+    ):
+        make_scheduler(SDE_KARRAS_MODEL, name)
+    assert sampler_name(nearest.strip("'")) is not None
+    with pytest.raises(LecoError, match=r"'DPM\+\+ 9M' is not known; use model or one of .*deis.*lcm"):
+        make_scheduler(SDE_KARRAS_MODEL, "DPM++ 9M")
+
+
+def test_dpmpp_3m_sde_is_the_third_order_sde_solver_under_a1111s_and_comfyuis_names():
+    for name in ("dpm++_3m_sde", "DPM++ 3M SDE", "dpmpp_3m_sde_gpu"):
+        config = make_scheduler(SDE_KARRAS_MODEL, name).config
+        assert (config.algorithm_type, config.solver_order, config.use_karras_sigmas) == (
+            "sde-dpmsolver++",
+            3,
+            False,
+        )
+    assert make_scheduler(SDE_KARRAS_MODEL, "DPM++ 3M SDE Karras").config.use_karras_sigmas is True
 
 
 def test_unipc_is_diffusers_bh2_variant_under_every_name():

@@ -241,11 +241,11 @@ def _lora_or_embedding_file(text: str) -> str:
 
 
 def _sampler(text: str) -> str:
-    from leco.generate import SAMPLER_HINT, sampler_name
+    from leco.generate import sampler_name, unknown_sampler
 
     name = sampler_name(text)
     if name is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not known; {SAMPLER_HINT}")
+        raise argparse.ArgumentTypeError(unknown_sampler(text))
     return name
 
 

@@ -36,7 +36,6 @@ from leco.errors import LecoError, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
     MAX_SEEDS,
-    SAMPLER_HINT,
     SamplingSettings,
     a1111_parameters,
     a1111_sampler,
@@ -51,6 +50,7 @@ from leco.generate import (
     read_embedding,
     read_lora_header,
     sampler_name,
+    unknown_sampler,
     warn_if_distilled,
     warn_if_negative_unread,
 )
@@ -103,7 +103,7 @@ class EvalSpec(BaseModel):
     def _known_sampler(cls, sampler: str) -> str:
         name = sampler_name(sampler)
         if name is None:
-            raise ValueError(f"not a known sampler; {SAMPLER_HINT}")
+            raise ValueError(unknown_sampler(sampler))
         return name
 
     @model_validator(mode="before")

@@ -17,6 +17,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
@@ -24,6 +25,7 @@ from diffusers import (
     HeunDiscreteScheduler,
     KDPM2AncestralDiscreteScheduler,
     KDPM2DiscreteScheduler,
+    LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
     UniPCMultistepScheduler,
@@ -85,10 +87,18 @@ SAMPLERS = {
         "DPM++ 2M SDE Heun",
         {"algorithm_type": "sde-dpmsolver++", "solver_order": 2, "solver_type": "heun"},
     ),
+    "dpm++_3m_sde": Sampler(
+        DPMSolverMultistepScheduler,
+        "DPM++ 3M SDE",
+        {"algorithm_type": "sde-dpmsolver++", "solver_order": 3, "solver_type": "midpoint"},
+    ),
+    "deis": Sampler(DEISMultistepScheduler, "DEIS", k_diffusion=False),  # ComfyUI's deis
     "dpm2": Sampler(KDPM2DiscreteScheduler, "DPM2"),
     "dpm2_a": Sampler(KDPM2AncestralDiscreteScheduler, "DPM2 a"),
     "heun": Sampler(HeunDiscreteScheduler, "Heun"),
     "lms": Sampler(LMSDiscreteScheduler, "LMS"),
+    # A1111's LCM and ComfyUI's lcm: made for LCM-distilled models (or an LCM LoRA), as there
+    "lcm": Sampler(LCMScheduler, "LCM"),
     "plms": Sampler(PNDMScheduler, "PLMS", {"skip_prk_steps": True}, k_diffusion=False),
     # diffusers' UniPC, the bh2 variant: A1111's UniPC and ComfyUI's uni_pc default to bh1, which
     # diffusers 0.42 samples as NaN (UniPCMultistepScheduler(solver_type="bh1"), any model)
@@ -104,6 +114,31 @@ SAMPLER_ALIASES = {
     "uni_pc": "unipc", "uni_pc_bh2": "unipc", "pndm": "plms",
     # ComfyUI's _gpu samplers are the same algorithms with their noise drawn on the GPU
     "dpmpp_2m_sde_gpu": "dpm++_sde", "dpmpp_2m_sde_heun_gpu": "dpm++_sde_heun",
+    "dpmpp_3m_sde": "dpm++_3m_sde", "dpmpp_3m_sde_gpu": "dpm++_3m_sde",
+}  # fmt: skip
+# Samplers of A1111 and ComfyUI that diffusers has no faithful counterpart for: why, and the nearest
+# one here (said instead of a bare "not known", since users copy these names from their tools).
+_NO_RANDOM_STREAM = (
+    "diffusers' version draws its noise from a random seed of its own (and needs torchsde), "
+    "so an image would not repeat with its seed"
+)
+_NO_SCHEDULER = "diffusers has no scheduler for it"
+_CFG_PP = "CFG++ changes how guidance is mixed in, which diffusers' pipelines do not do"
+UNOFFERED_SAMPLERS = {
+    "dpm++ sde": (_NO_RANDOM_STREAM, "DPM++ 2M SDE"), "dpmpp_sde": (_NO_RANDOM_STREAM, "dpmpp_2m_sde"),
+    "dpmpp_sde_gpu": (_NO_RANDOM_STREAM, "dpmpp_2m_sde_gpu"),
+    "dpm++ 2s a": (_NO_SCHEDULER, "DPM2 a"), "dpmpp_2s_ancestral": (_NO_SCHEDULER, "dpm_2_ancestral"),
+    "dpm fast": (_NO_SCHEDULER, "DPM++ 2M"), "dpm_fast": (_NO_SCHEDULER, "dpmpp_2m"),
+    "dpm adaptive": (_NO_SCHEDULER, "DPM++ 2M"), "dpm_adaptive": (_NO_SCHEDULER, "dpmpp_2m"),
+    "heunpp2": (_NO_SCHEDULER, "heun"), "restart": (_NO_SCHEDULER, "Heun"),
+    "ipndm": (_NO_SCHEDULER, "plms"), "ipndm_v": (_NO_SCHEDULER, "plms"),
+    "res_multistep": (_NO_SCHEDULER, "dpmpp_2m"), "gradient_estimation": (_NO_SCHEDULER, "euler"),
+    "er_sde": (_NO_SCHEDULER, "dpmpp_2m_sde"), "seeds_2": (_NO_SCHEDULER, "dpmpp_2m_sde"),
+    "seeds_3": (_NO_SCHEDULER, "dpmpp_3m_sde"), "sa_solver": (_NO_SCHEDULER, "dpmpp_2m_sde"),
+    "uni_pc_bh1": ("diffusers 0.42 samples the bh1 variant as NaN", "uni_pc_bh2"),
+    "ddim cfg++": (_CFG_PP, "DDIM"), "euler_cfg_pp": (_CFG_PP, "euler"),
+    "euler_ancestral_cfg_pp": (_CFG_PP, "euler_ancestral"), "dpmpp_2m_cfg_pp": (_CFG_PP, "dpmpp_2m"),
+    "dpmpp_2s_ancestral_cfg_pp": (_CFG_PP, "dpm_2_ancestral"),
 }  # fmt: skip
 SAMPLER_HINT = (  # what --sampler and a spec's sampler take
     f"use model or one of {', '.join(SAMPLERS)} (or A1111's names, e.g. 'DPM++ 2M'); "
@@ -119,6 +154,20 @@ MODEL_SCHEDULE_KEYS = (
     "timestep_spacing", "steps_offset", "rescale_betas_zero_snr", "clip_sample", "clip_sample_range",
     "set_alpha_to_one",
 )  # fmt: skip
+
+
+def unknown_sampler(text: str) -> str:
+    """Why `text` names no sampler here, and what to use: the nearest sampler for one of A1111's or
+    ComfyUI's that diffusers cannot run faithfully, else every name there is."""
+    name = " ".join(text.lower().split())
+    karras = name.endswith(" karras")
+    name = name.removesuffix(" karras")
+    if name in UNOFFERED_SAMPLERS:
+        reason, nearest = UNOFFERED_SAMPLERS[name]
+        if karras and sampler_name(f"{nearest} Karras"):
+            nearest += " Karras"
+        return f"{text!r} is not offered: {reason}; the nearest here is {nearest!r}"
+    return f"{text!r} is not known; {SAMPLER_HINT}"
 
 
 def sampler_name(text: str) -> str | None:
@@ -220,7 +269,7 @@ def build_pipeline(models: LoadedModels, sampler: str = "model") -> DiffusionPip
 def make_scheduler(config: dict, sampler: str):
     name = sampler_name(sampler)
     if name is None:
-        raise LecoError(f"--sampler: {sampler!r} is not known; {SAMPLER_HINT}")
+        raise LecoError(f"--sampler: {unknown_sampler(sampler)}")
     if name == "model":
         import diffusers
 
