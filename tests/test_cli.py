@@ -320,6 +320,34 @@ def test_a_negative_prompt_at_guidance_1_is_pointed_out(capsys, tiny_folders, tm
         assert ("the negative prompt ('blurry') is never read" in capsys.readouterr().err) == warned
 
 
+def test_an_embedding_token_without_its_file_is_pointed_out(capsys, tiny_folders, tmp_path):
+    """<no-fox> in a prompt with no --embedding is read as the pieces of its spelling: said, naming
+    the prompt and the fix; with the file loaded (any case) it is a token and nothing is said."""
+    embedding = tmp_path / "no_fox.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
+    base = [
+        "generate",
+        "--model",
+        str(tiny_folders["sd1"]),
+        "--steps",
+        "1",
+        "--no-progress",
+        "--guidance",
+        "3",
+    ]
+    runs = [
+        (["--prompt", "a fox", "--negative", "blurry, <no-fox>"], "negative prompt 'blurry, <no-fox>'"),
+        (["--prompt", "a <No-Fox> fox"], "prompt 'a <No-Fox> fox'"),
+        (["--prompt", "a fox", "--negative", "<No-Fox>", "--embedding", f"{embedding}:<no-fox>"], None),
+        (["--prompt", "a fox <lora:x:1>"], None),  # a LoRA tag has its own warning
+    ]
+    for number, (options, where) in enumerate(runs):
+        assert main([*base, *options, "--out", str(tmp_path / str(number))]) == 0
+        err = capsys.readouterr().err
+        said = "is no token this model knows and is read as words; if it is an embedding's, load its file"
+        assert (f"leco: warning: {where}: " in err and said in err) if where else said not in err
+
+
 def test_an_embedding_token_inside_a_prompt_word_is_refused(capsys, no_loading, tiny_folders, tmp_path):
     embedding = tmp_path / "no_fox.safetensors"
     save_file({"emb_params": torch.randn(2, 32)}, str(embedding))

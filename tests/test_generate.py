@@ -642,7 +642,7 @@ def test_samplers_diffusers_cannot_run_are_refused_with_the_nearest_that_works(n
     instead is one --sampler takes; other unknown names list every sampler."""
     with pytest.raises(
         LecoError,
-        match=rf"--sampler: '{re.escape(name)}' is not offered: .*{why}.*nearest here is {re.escape(nearest)}$",
+        match=rf"'{re.escape(name)}' is not offered: .*{why}.*nearest here is {re.escape(nearest)}$",
     ):
         make_scheduler(SDE_KARRAS_MODEL, name)
     assert sampler_name(nearest.strip("'")) is not None

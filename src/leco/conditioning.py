@@ -156,6 +156,7 @@ def warn_if_misread(
         return
     _warn_of_a1111_syntax(texts, where)
     tokenizer = models.tokenizers[0]
+    _warn_of_unknown_tokens(texts, where, tokenizer.get_vocab())
     limit = tokenizer.model_max_length
     read = [expand(text) for text in texts] if expand else texts
     # One batched call: a 100,000-line target_file took 4 s prompt by prompt.
@@ -165,6 +166,27 @@ def warn_if_misread(
         warn(f"{where} {example!r}... is longer than {limit} tokens and is cut there")
     elif long:
         warn(f"{len(long)} {where}s are longer than {limit} tokens and are cut there, e.g. {example!r}...")
+
+
+# An embedding's token as users write it: <name> (A1111's and our own spelling), not a <lora:...> tag.
+EMBEDDING_TOKEN = re.compile(r"<[^<>:|\s]+>")
+
+
+def _warn_of_unknown_tokens(texts: Sequence[str], where: str, vocabulary: dict[str, int]) -> None:
+    """An embedding's <token> that no loaded embedding adds is read as the pieces of its spelling."""
+    found = [
+        (text, token)
+        for text in texts
+        for token in EMBEDDING_TOKEN.findall(text)
+        if token.lower() not in vocabulary
+    ]
+    if found:
+        text, token = found[0]
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        warn(
+            f"{where} {text[:60]!r}: {token!r}{more} is no token this model knows and is read as words; "
+            "if it is an embedding's, load its file with --embedding FILE"
+        )
 
 
 def _warn_of_a1111_syntax(texts: Sequence[str], where: str) -> None:

@@ -795,8 +795,15 @@ def run_generation(
     pipe = build_pipeline(models, settings.sampler).to(device)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
         # With the embeddings' tokens known: a token of N vectors is N tokens, not its spelling.
-        texts = with_tokens_in_their_case(pipe, [*(r.prompt for r in requests), settings.negative_prompt])
-        warn_if_misread(models, texts, expand=lambda text: pipe.maybe_convert_prompt(text, pipe.tokenizer))
+        *prompts, negative = with_tokens_in_their_case(
+            pipe, [*(r.prompt for r in requests), settings.negative_prompt]
+        )
+
+        def expand(text: str) -> str:
+            return pipe.maybe_convert_prompt(text, pipe.tokenizer)
+
+        warn_if_misread(models, prompts, expand=expand)
+        warn_if_misread(models, [negative], "negative prompt", expand=expand)
         images = dict(generate(pipe, requests, settings, set_strength, progress))
     *files, grid_file = output_files(requests, out)
     size = image_size(pipe, settings)
