@@ -526,18 +526,21 @@ def test_generate_without_a_lora_draws_strength_zero_at_the_recommended_settings
         "grid.png",
     ]
     # A second run into the same folder would replace them: refused before loading, unless asked.
-    (tmp_path / "out" / "grid.png").write_bytes(b"the user's")
     code, out, err = run_cli([*argv, "--no-progress"], capsys)
     assert code == 2 and "Traceback" not in err, err
     assert "--out" in err and "already holds 3 of the files this run writes" in err and "--overwrite" in err
-    assert (tmp_path / "out" / "grid.png").read_bytes() == b"the user's"
     code, out, err = run_cli(
         [*argv[:-2], "--seeds", "5", "--out", tmp_path / "out", "--no-progress"], capsys
     )  # other seeds: other files, nothing replaced
     assert code == 2 and "already holds 1 of the files" in err  # the grid is always grid.png
+    (tmp_path / "out" / "grid.png").write_bytes(b"the user's")  # not leco's: kept even with --overwrite
+    code, out, err = run_cli([*argv, "--no-progress", "--overwrite"], capsys)
+    assert code == 2 and "holds 1 file(s) leco did not write" in err and "move them" in err
+    assert (tmp_path / "out" / "grid.png").read_bytes() == b"the user's"
+    (tmp_path / "out" / "grid.png").unlink()
     code, out, err = run_cli([*argv, "--no-progress", "--overwrite"], capsys)
     assert code == 0, err
-    assert (tmp_path / "out" / "grid.png").read_bytes() != b"the user's"
+    assert (tmp_path / "out" / "grid.png").is_file()
 
 
 def test_eval_spec_checks_its_numbers_and_leaves_steps_to_the_model(tmp_path):

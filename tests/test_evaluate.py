@@ -667,12 +667,17 @@ def test_images_an_earlier_eval_left_are_replaced_only_with_overwrite(tmp_path, 
     (folder / "notes.txt").write_text("mine")  # a file of another name is left alone
     evaluate(models, None, spec, "cpu", BrightnessDetector(), folder, False)
     (image,) = folder.glob("*.png")
-    image.write_bytes(b"the user's own file of that name")
     with pytest.raises(LecoError, match=r"--images .*images: already holds 1 of the images this eval writes"):
         evaluate(models, None, spec, "cpu", BrightnessDetector(), folder, False)
-    assert image.read_bytes() == b"the user's own file of that name"
+    image.write_bytes(b"leco's image, damaged")
+    with pytest.raises(LecoError, match=r"--images .*images: holds 1 file\(s\) leco did not write"):
+        evaluate(models, None, spec, "cpu", BrightnessDetector(), folder, False, overwrite=True)
+    assert image.read_bytes() == b"leco's image, damaged"  # not known to be leco's: kept
+    image.unlink()
+    evaluate(models, None, spec, "cpu", BrightnessDetector(), folder, False)
+    modified = image.stat().st_mtime_ns
     evaluate(models, None, spec, "cpu", BrightnessDetector(), folder, False, overwrite=True)
-    assert image.read_bytes().startswith(b"\x89PNG") and (folder / "notes.txt").read_text() == "mine"
+    assert image.stat().st_mtime_ns != modified and (folder / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from PIL import Image
 from leco.cli import main
 from leco.config import NetworkConfig
 from leco.errors import LecoError
+from leco.files import written_by_leco
 from leco.generate import (
     KARRAS,
     SAMPLERS,
@@ -492,12 +493,19 @@ def test_run_generation_refuses_files_an_earlier_run_left_unless_told(tmp_path, 
     requests = requests_for(["数字 七", "a red fox"], [0.0], [1])
     paths, grid = run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False)
     assert [p.name for p in paths] == ["数字-七_0_1.png", "a-red-fox_0_1.png"]  # every script names files
-    grid.write_bytes(b"the user's own grid")
+    assert all(written_by_leco(path) for path in [*paths, grid])
     with pytest.raises(LecoError, match=r"--out .*: already holds 3 of the files this run writes"):
         run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False)
-    assert grid.read_bytes() == b"the user's own grid"
+    grid.touch()
     run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=True)
-    assert grid.read_bytes().startswith(b"\x89PNG")
+    assert grid.stat().st_size > 0  # leco's own: replaced
+    Image.new("RGB", (4, 4)).save(grid)  # the user's own image of that name: never replaced
+    for overwrite in (False, True):
+        with pytest.raises(
+            LecoError, match=r"holds 1 file\(s\) leco did not write .* \(e.g. grid.png\); move"
+        ):
+            run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=overwrite)
+    assert Image.open(grid).size == (4, 4)
 
 
 def test_more_steps_than_the_sampler_can_take_is_one_line_before_any_image(tmp_path, tiny_folders):

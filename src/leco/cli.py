@@ -660,8 +660,7 @@ def run_generate(args: argparse.Namespace) -> int:
     for repeated in {p for p in args.prompt if args.prompt.count(p) > 1}:
         warn(f"--prompt {repeated!r} is given {args.prompt.count(repeated)} times; it is drawn once")
     requests = requests_for(prompts, strengths, args.seeds)
-    if not args.overwrite:  # before minutes of loading; run_generation checks again
-        refuse_earlier_files(requests, args.out)
+    refuse_earlier_files(requests, args.out, args.overwrite)  # before minutes of loading; and again later
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
     # models.folder: where its card is (a single file built with a model folder: that folder's)

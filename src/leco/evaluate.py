@@ -299,8 +299,8 @@ def evaluate(
     textual-inversion file among them is judged as a negative embedding: strength 1 adds its token
     to the spec's negative prompt, strength 0 is the negative prompt without it.
     `embeddings`: textual-inversion files (FILE or FILE:TOKEN) the prompts may use. Images already
-    in `image_dir` under the names this run writes stop it before the first image, unless `overwrite`;
-    each carries its settings as A1111 writes them (`model_name`: the model as the user named it).
+    in `image_dir` under the names this run writes stop it before the first image, unless `overwrite`
+    and leco wrote them; each carries its settings as A1111 writes them (`model_name`: the model as the user named it).
     """
     spec = spec if isinstance(spec, EvalSpec) else load_spec(spec)
     loras = _lora_list(lora)
@@ -343,8 +343,7 @@ def evaluate(
     seeds = list(range(spec.seed, spec.seed + spec.images_per_prompt))
     pipe = build_pipeline(models, spec.sampler).to(device)
     folders = _image_folders(image_dir, labels)
-    if not overwrite:
-        _refuse_earlier_images(folders, prompts, [0.0, *strengths], seeds, slugs)
+    _refuse_earlier_images(folders, prompts, [0.0, *strengths], seeds, slugs, overwrite)
     judge = _Judge(detector, entries, seeds)
     with embeddings_loaded(pipe, embeddings):
         # Cut words are never read: an erase prompt cut before its concept measures nothing.
@@ -469,12 +468,17 @@ def _image_folders(image_dir: str | Path | None, labels: list[str]) -> dict[str 
 
 
 def _refuse_earlier_images(
-    folders: dict[str | None, Path], prompts: list[str], strengths: list[float], seeds: list[int], slugs
+    folders: dict[str | None, Path],
+    prompts: list[str],
+    strengths: list[float],
+    seeds: list[int],
+    slugs,
+    overwrite: bool,
 ) -> None:
     requests = [ImageRequest(p, strength, seed) for p in prompts for strength in strengths for seed in seeds]
     for folder in folders.values():
         paths = [folder / request.file_name(slugs) for request in requests]
-        refuse_earlier_outputs(paths, f"--images {folder}", "images this eval writes")
+        refuse_earlier_outputs(paths, f"--images {folder}", "images this eval writes", overwrite)
 
 
 def _infotext(

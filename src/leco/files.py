@@ -150,15 +150,40 @@ def _umask() -> int:
     return mask
 
 
-def refuse_earlier_outputs(paths: Sequence[Path], option: str, what: str) -> None:
-    """LecoError if any of `paths` (what a command is about to write) exists: an earlier run's files
-    are replaced only with --overwrite. `option`, e.g. "--out DIR", names where they are."""
+def refuse_earlier_outputs(paths: Sequence[Path], option: str, what: str, overwrite: bool = False) -> None:
+    """LecoError if any of `paths` (the images a command is about to write) exists: leco's own earlier
+    images are replaced only with --overwrite, files leco did not write never. `option`, e.g.
+    "--out DIR", names where they are."""
     taken = [path for path in paths if path_exists(path)]
-    if taken:
+    foreign = [path for path in taken if not written_by_leco(path)]
+    where = option.split()[0]
+    if foreign:
+        raise LecoError(
+            f"{option}: holds {len(foreign)} file(s) leco did not write under the names of the {what} "
+            f"(e.g. {foreign[0].name}); move them or choose another {where} (--overwrite replaces only "
+            "images leco wrote)"
+        )
+    if taken and not overwrite:
         raise LecoError(
             f"{option}: already holds {len(taken)} of the {what} (e.g. {taken[0].name}, from an earlier "
-            f"run); choose another {option.split()[0]}, or --overwrite to replace them"
+            f"run); choose another {where}, or --overwrite to replace them"
         )
+
+
+SOFTWARE = "leco"  # the PNG "Software" text of every image leco writes
+
+
+def written_by_leco(path: Path) -> bool:
+    """Whether `path` is a PNG leco wrote: its Software text, or (images of earlier releases) A1111
+    parameters naming leco's version."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            text = dict(getattr(image, "text", {}))
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+    return text.get("Software", "").startswith(SOFTWARE) or "Version: leco " in text.get("parameters", "")
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

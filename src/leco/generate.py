@@ -718,9 +718,10 @@ def warn_if_negative_unread(guidance: float, negative: str, where: str, fix: str
         )
 
 
-def refuse_earlier_files(requests: list[ImageRequest], out: str | Path) -> None:
-    """LecoError if `out` holds any file these requests (or their grid) would be written to."""
-    refuse_earlier_outputs(output_files(requests, out), f"--out {out}", "files this run writes")
+def refuse_earlier_files(requests: list[ImageRequest], out: str | Path, overwrite: bool = False) -> None:
+    """LecoError if `out` holds any file these requests (or their grid) would be written to: leco's
+    own only without `overwrite`, anyone else's always."""
+    refuse_earlier_outputs(output_files(requests, out), f"--out {out}", "files this run writes", overwrite)
 
 
 def output_files(requests: list[ImageRequest], out: str | Path) -> list[Path]:
@@ -790,8 +791,7 @@ def run_generation(
     Files of those names already in `out` stop it before the first image, unless `overwrite`.
     """
     out = Path(out)
-    if not overwrite:
-        refuse_earlier_files(requests, out)
+    refuse_earlier_files(requests, out, overwrite)
     pipe = build_pipeline(models, settings.sampler).to(device)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
         # With the embeddings' tokens known: a token of N vectors is N tokens, not its spelling.

@@ -15,7 +15,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from leco.files import atomic_output
+from leco import __version__
+from leco.files import SOFTWARE, atomic_output
 
 
 @dataclass(frozen=True)
@@ -91,9 +92,9 @@ def make_grid(images: dict[ImageRequest, Image.Image]) -> Grid:
 def save_image(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
     """Write a PNG atomically (temp file + rename); `parameters`: A1111's generation text, which
     its PNG Info tab and most image browsers read."""
-    info = None
+    info = PngInfo()
+    info.add_text("Software", f"{SOFTWARE} {__version__}")  # what --overwrite may replace
     if parameters is not None:
-        info = PngInfo()
         info.add_text("parameters", parameters)
     with atomic_output(path) as file:
         image.save(file, format="PNG", pnginfo=info)
