@@ -300,7 +300,8 @@ def evaluate(
     to the spec's negative prompt, strength 0 is the negative prompt without it.
     `embeddings`: textual-inversion files (FILE or FILE:TOKEN) the prompts may use. Images already
     in `image_dir` under the names this run writes stop it before the first image, unless `overwrite`
-    and leco wrote them; each carries its settings as A1111 writes them (`model_name`: the model as the user named it).
+    and leco wrote them; each carries its settings as A1111 writes them (`model_name`: the model as
+    the user named it).
     """
     spec = spec if isinstance(spec, EvalSpec) else load_spec(spec)
     loras = _lora_list(lora)

@@ -639,7 +639,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     if lora_arch is not None and lora_arch != family.arch:
         raise LecoError(
             f"--lora: {header.path} was trained for {lora_arch} but the model is {family.name}; "
-            "use a LoRA of this family"
+            f"use a LoRA of this family, or {kohya.made_for(header.metadata)}"
         )
     kohya_keys = [key for key in header.shapes if key.startswith((UNET_PREFIX, *kohya.TEXT_ENCODER_PREFIXES))]
     kohya.refuse_lycoris(kohya_keys, f"--lora: {header.path}")  # diffusers would drop them silently
@@ -651,7 +651,8 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     if not known:
         raise LecoError(
             f"--lora: {header.path} fits no layer of this {family.name} model ({modules[0]} and "
-            f"{len(modules) - 1} more); it was made for another model family"
+            f"{len(modules) - 1} more); it was made for another model family; "
+            + kohya.made_for(header.metadata)
         )
     unknown = [module for module in modules if module not in by_key]
     if unknown:  # as A1111 and ComfyUI do: the rest is applied, what is left out is said
@@ -668,7 +669,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
             raise LecoError(
                 f"--lora: {header.path} does not fit this {family.name} model: {module}.lora_down.weight "
                 f"has shape {down}, this model's layer needs {[down[0], *layer.weight.shape[1:]]}; "
-                "it was made for another model family"
+                f"it was made for another model; {kohya.made_for(header.metadata)}"
             )
 
 

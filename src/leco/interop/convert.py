@@ -96,8 +96,11 @@ def convert(
 
     tensors, metadata = kohya.read_lora_file(source, skeleton.family)
     unet_tensors, text_tensors = kohya.split_by_model(tensors, str(source))
-    unet_modules = kohya.canonical_unet_modules(unet_tensors, skeleton.unet, skeleton.family, str(source))
-    text_modules = TextEncoderLoRA(text_tensors, str(source)).fitted(skeleton.text_encoders, skeleton.family)
+    with kohya.naming_its_model(metadata):
+        unet_modules = kohya.canonical_unet_modules(unet_tensors, skeleton.unet, skeleton.family, str(source))
+        text_modules = TextEncoderLoRA(text_tensors, str(source)).fitted(
+            skeleton.text_encoders, skeleton.family
+        )
     if sd2_proj == "4d":
         unet_modules = {key: _as_conv(key, weights) for key, weights in unet_modules.items()}
     output = kohya.flatten_modules(unet_modules) | kohya.flatten_modules(text_modules)

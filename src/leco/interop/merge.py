@@ -74,11 +74,12 @@ def parse_lora_argument(text: str) -> LoraStrength:
 def bake(models: LoadedModels, lora: LoraStrength) -> None:
     """Add one LoRA's weight changes, times its strength, to the UNet and text encoders in place."""
     source = str(lora.path)
-    tensors, _ = kohya.read_lora_file(lora.path, models.family)
+    tensors, metadata = kohya.read_lora_file(lora.path, models.family)
     unet_tensors, text_tensors = kohya.split_by_model(tensors, source)
-    modules = kohya.canonical_unet_modules(unet_tensors, models.unet, models.family, source)
     text_lora = TextEncoderLoRA(text_tensors, source)
-    text_lora.fitted(models.text_encoders, models.family)  # every key checked before any weight changes
+    with kohya.naming_its_model(metadata):  # every key checked before any weight changes
+        modules = kohya.canonical_unet_modules(unet_tensors, models.unet, models.family, source)
+        text_lora.fitted(models.text_encoders, models.family)
     layers = kohya.unet_layer_keys(models.unet, models.family)
     for key, weights in modules.items():
         weight = models.unet.get_submodule(layers[key]).weight

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,6 +37,7 @@ _PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
 PICKLED_LORA_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _LEGACY_HASH_START, _LEGACY_HASH_END = 0x100000, 0x110000
 _PLACEHOLDER_HASH = "0" * 8
+ANOTHER_MODEL = "the LoRA was trained for another model"  # what a file that does not fit the model says
 
 
 def kohya_key(module_name: str, family: ModelFamily, unet_config: dict[str, Any]) -> str:
@@ -100,6 +102,25 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
     with atomic_output(path) as file:
         file.write(safetensors_bytes(tensors, metadata))
     return path
+
+
+def made_for(metadata: dict[str, str]) -> str:
+    """What to do about a LoRA that does not fit the model: its model, if its metadata names one."""
+    name = metadata.get("ss_sd_model_name", "").strip()
+    if name:
+        return f"give --model {name!r} (the model its metadata names)"
+    return "give --model the model it was trained on"
+
+
+@contextmanager
+def naming_its_model(metadata: dict[str, str]) -> Iterator[None]:
+    """A LoRA that fits no layer (or a layer's shape) of the model says which model to give instead."""
+    try:
+        yield
+    except LecoError as error:
+        if ANOTHER_MODEL not in str(error):
+            raise
+        raise LecoError(f"{error}; {made_for(metadata)}") from None
 
 
 def read_lora_file(
@@ -326,8 +347,7 @@ def canonical_unet_modules(
     for key, weights in group_modules(tensors, source).items():
         if key not in by_key:
             raise LecoError(
-                f"{source}: {key} matches no layer of this {family.name} UNet; "
-                "the LoRA was trained for another model family"
+                f"{source}: {key} matches no layer of this {family.name} UNet; {ANOTHER_MODEL} family"
             )
         name = by_key[key]
         canonical = kohya_key(name, family, unet.config)
@@ -360,7 +380,7 @@ def fit_to_layer(weights: ModuleWeights, layer: nn.Module, where: str) -> Module
         if tuple(value.shape) != expected:
             raise LecoError(
                 f"{where}.{part}.weight has shape {list(value.shape)} but the layer needs {list(expected)}; "
-                "the LoRA was trained for another model"
+                + ANOTHER_MODEL
             )
     return ModuleWeights(down, up, weights.alpha)
 

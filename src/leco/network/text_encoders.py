@@ -15,7 +15,7 @@ from torch import nn
 
 from leco.errors import LecoError
 from leco.models import ModelFamily
-from leco.network.kohya import ModuleWeights, delta_weight, fit_to_layer, group_modules
+from leco.network.kohya import ANOTHER_MODEL, ModuleWeights, delta_weight, fit_to_layer, group_modules
 
 
 def text_encoder_prefixes(family: ModelFamily) -> tuple[str, ...]:
@@ -56,7 +56,7 @@ class TextEncoderLoRA:
             if key not in layers:
                 raise LecoError(
                     f"{self.source}: {key} matches no text-encoder layer of this {family.name} model; "
-                    "the LoRA was trained for another model family"
+                    f"{ANOTHER_MODEL} family"
                 )
             fitted[key] = fit_to_layer(weights, layers[key], f"{self.source}: {key}")
         return fitted
