@@ -351,6 +351,16 @@ def test_other_spellings_of_peft_keys_and_damaged_configs():
     }  # both encoders kept apart
     assert set(as_kohya(wrapped_sdxl, {}, "f")) == set(as_kohya(both, {}, "f"))
     assert any(key.startswith("lora_te2_") for key in as_kohya(wrapped_sdxl, {}, "f"))
+    # a PEFT model wrapping a module that holds the parts names them in its patterns (unet.mid...)
+    holder = {"r": 2, "lora_alpha": 2, "alpha_pattern": {"^unet.mid.to_k": 8, "text_encoder_2.encoder.*": 6}}
+    for config in (holder, {**holder, "alpha_pattern": {"^mid.to_k": 8, "^encoder.layers.0.mlp.fc1": 6}}):
+        read = as_kohya(
+            {**wrapped, **wrapped_sdxl}, {"lora_adapter_metadata": json.dumps(config)}, "f", sdxl=True
+        )
+        assert read["lora_unet_mid_to_k.alpha"].item() == 8.0
+        assert read["lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha"].item() == 6.0
+        alpha_of_first = read["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"].item()
+        assert alpha_of_first == (2.0 if config is holder else 6.0)  # "text_encoder_2." is not its name
     with pytest.raises(LecoError, match=r"f: has text_encoder_2 modules, so it was made for SDXL"):
         as_kohya(wrapped_sdxl, {}, "f", sdxl=False)
     # the config came from adapter_config.json beside the file: messages name that file

@@ -107,7 +107,7 @@ def as_kohya(
         if "alpha" not in parts and "lora_down.weight" in parts:
             rank = parts["lora_down.weight"].shape[0]
             try:
-                alpha = _alpha(configs.get(paths[module][0]), paths[module][1], rank)
+                alpha = _alpha(configs.get(paths[module][0]), *paths[module], rank)
             except (ArithmeticError, TypeError, ValueError, re.error):
                 raise LecoError(
                     f"{config_name} gives {module} no usable r / lora_alpha; the file is damaged"
@@ -151,23 +151,27 @@ def _adapter_configs(metadata: dict[str, str], config_name: str) -> dict[str, di
     return configs
 
 
-def _alpha(config: dict[str, Any] | None, path: str, rank: int) -> float:
+def _alpha(config: dict[str, Any] | None, model: str, path: str, rank: int) -> float:
     """kohya's alpha for a module: diffusers scales it by lora_alpha / r (/ sqrt(r) with rsLoRA; PEFT's
     per-module patterns first), and kohya by alpha / rank; without a config the scale is 1, as
-    diffusers loads it."""
+    diffusers loads it.
+
+    A pattern names the module from the model PEFT wrapped: the UNet or a text encoder itself (as
+    diffusers wraps them), or a module holding them, whose names start with `model`."""
     if not config:
         return float(rank)
-    r = float(_by_pattern(config.get("rank_pattern"), path, config.get("r", rank)))
-    lora_alpha = float(_by_pattern(config.get("alpha_pattern"), path, config.get("lora_alpha", r)))
+    names = (path, f"{model}.{path}")
+    r = float(_by_pattern(config.get("rank_pattern"), names, config.get("r", rank)))
+    lora_alpha = float(_by_pattern(config.get("alpha_pattern"), names, config.get("lora_alpha", r)))
     if not r > 0:  # PEFT refuses such a config; read as it stands, it would turn the LoRA around
         raise ValueError(f"r = {r}")
     scale = lora_alpha / math.sqrt(r) if config.get("use_rslora") else lora_alpha / r  # PEFT's rsLoRA
     return scale * rank
 
 
-def _by_pattern(patterns: Any, path: str, default: Any) -> Any:
-    """PEFT's rule: the first pattern that matches the end of the module path."""
+def _by_pattern(patterns: Any, names: tuple[str, ...], default: Any) -> Any:
+    """PEFT's rule: the first pattern that matches the end of the module's name (any of `names`)."""
     for pattern, value in (patterns or {}).items() if isinstance(patterns, dict) else ():
-        if re.match(rf"(.*\.)?({pattern})$", path):
+        if any(re.match(rf"(.*\.)?({pattern})$", name) for name in names):
             return value
     return default
