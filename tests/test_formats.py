@@ -18,8 +18,10 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 
 from leco import train
+from leco.cli import main
 from leco.config import ConfigError, PromptSettings, TrainConfig, load_config, load_prompts
 from leco.formats.ai_toolkit import in_job_keys
 from leco.models import load_models
@@ -363,23 +365,142 @@ def test_a_kohya_toml_given_as_the_config_says_where_it_belongs(tmp_path):
         load_config(tmp_path / "slider.toml")
 
 
-def test_kohyas_arguments_toml_is_told_apart_from_its_prompt_file(tmp_path):
-    """train_leco.py --config_file holds command-line options, not prompts: say so wherever given."""
+KOHYA_PROMPTS = '[[prompts]]\ntarget = "a digit seven"\naction = "erase"\nresolution = 16\n'
+
+
+def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, monkeypatch):
+    """train_leco.py --config_file: its options by argparse name, flat or in tables, become the leco
+    config they mean; what the file leaves out takes kohya's default, not leco's."""
+    monkeypatch.chdir(tmp_path)  # kohya opens prompts_file and output_dir from the working directory
+    (tmp_path / "erase.toml").write_text(KOHYA_PROMPTS)
+    minimal = tmp_path / "args.toml"
+    minimal.write_text(
+        '[model_arguments]\npretrained_model_name_or_path = "ink-digits"\n'
+        '[training_arguments]\nprompts_file = "erase.toml"\noutput_dir = "out"\n'
+    )
+    config = load_config(minimal)
+    assert (config.train.iterations, config.train.lr, config.train.max_grad_norm) == (1600, 2e-6, 1.0)
+    assert (config.train.max_denoising_steps, config.train.rollout_guidance_scale) == (40, 3.0)
+    assert (config.train.precision, config.train.optimizer, config.train.lr_scheduler) == (
+        "fp32",
+        "adamw",
+        "constant",
+    )
+    assert (config.network.type, config.network.rank, config.network.alpha) == ("lierla", 4, 1.0)
+    assert (config.save.name, Path(config.save.path), config.save.per_steps) == (
+        "last",
+        tmp_path / "out",
+        1600,
+    )
+    assert [entry.target for entry in config.prompts] == ["a digit seven"]
+    full = tmp_path / "full.toml"
+    full.write_text(
+        'pretrained_model_name_or_path = "ink-digits"\nprompts_file = "erase.toml"\noutput_dir = "runs"\n'
+        'output_name = "no_seven"\nmax_train_steps = 300\nlearning_rate = 1e-4\nunet_lr = 3e-3\n'
+        'optimizer_type = "SGDNesterov"\noptimizer_args = ["weight_decay=0.01"]\n'
+        'lr_scheduler = "cosine_with_restarts"\nlr_scheduler_num_cycles = 3\nlr_warmup_steps = 10\n'
+        'network_dim = 8\nnetwork_alpha = 4\nnetwork_args = ["conv_dim=2", "conv_alpha=1"]\n'
+        "max_denoising_steps = 25\nleco_denoise_guidance_scale = 5.0\nmax_grad_norm = 0\nseed = 7\n"
+        'mixed_precision = "bf16"\nsave_precision = "fp16"\nsave_every_n_steps = 100\nmin_snr_gamma = 5\n'
+        'sdpa = true\nnetwork_train_unet_only = true\nlogging_dir = "logs"\n'
+    )
+    config = load_config(full)
+    train = config.train
+    assert (train.iterations, train.lr, train.lr_warmup_steps, train.seed) == (
+        300,
+        3e-3,
+        10,
+        7,
+    )  # unet_lr wins
+    assert (train.optimizer, train.optimizer_args) == (
+        "sgd",
+        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    )
+    assert (train.lr_scheduler, train.lr_scheduler_args) == ("cosine_with_restarts", {"num_cycles": 3})
+    assert (train.max_denoising_steps, train.rollout_guidance_scale, train.max_grad_norm) == (25, 5.0, None)
+    assert (train.precision, train.min_snr_gamma) == ("bf16", 5.0)
+    network = config.network
+    assert (network.type, network.rank, network.alpha, network.conv_rank, network.conv_alpha) == (
+        "c3lier",
+        8,
+        4.0,
+        2,
+        1.0,
+    )
+    assert (config.save.name, config.save.per_steps, config.save.precision) == ("no_seven", 100, "fp16")
+    assert config.logging.use_tensorboard and config.logging.tensorboard_dir == "logs"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("sdpaa = true", r"sdpaa: a train_leco option leco has no equivalent for; did you mean 'sdpa'\?"),
+        ("noise_offset = 0.05", r"noise_offset: 0.05 has no leco equivalent; remove it"),
+        (
+            'optimizer_type = "AdaFactor"',
+            r"optimizer_type: 'AdaFactor' has no leco equivalent; use one of AdamW, ",
+        ),
+        (
+            "network_dim = 0",
+            r"network_dim \(leco: network.rank\): Input should be greater than or equal to 1",
+        ),
+        ('network_module = "lycoris.kohya"', r"network_module: 'lycoris.kohya': leco trains kohya's LoRA"),
+        ('network_args = ["algo=locon"]', r"network_args: 'algo=locon': leco reads conv_dim and conv_alpha"),
+        (
+            'lr_scheduler = "adafactor"',
+            r"lr_scheduler: 'adafactor' has no leco equivalent; use one of constant",
+        ),
+        ('save_model_as = "ckpt"', r"save_model_as: leco writes .safetensors only"),
+        ("gradient_accumulation_steps = 4", r"gradient_accumulation_steps: 4 has no leco equivalent"),
+    ],
+)
+def test_kohya_options_without_equivalent_are_one_line_naming_them(tmp_path, monkeypatch, line, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "erase.toml").write_text(KOHYA_PROMPTS)
     arguments = tmp_path / "args.toml"
     arguments.write_text(
-        '[model_arguments]\npretrained_model_name_or_path = "sd15.safetensors"\n'
-        '[training_arguments]\nprompts_file = "erase.toml"\nmax_train_steps = 500\n'
+        'pretrained_model_name_or_path = "ink-digits"\nprompts_file = "erase.toml"\n'
+        f'output_dir = "o"\n{line}\n'
     )
-    with pytest.raises(
-        ConfigError, match=r"args.toml: is a kohya train_leco arguments file .* prompts_file: erase.toml$"
-    ):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(arguments))}: {message}") as error:
         load_config(arguments)
+    assert "\n" not in str(error.value)
+
+
+def test_kohyas_arguments_toml_is_told_apart_from_its_prompt_file(tmp_path, monkeypatch):
+    """The arguments file given where its prompt file belongs says so; its prompt file is looked up
+    from the working directory as kohya does, else beside the arguments file."""
+    arguments = tmp_path / "args.toml"
+    arguments.write_text(
+        '[model_arguments]\npretrained_model_name_or_path = "ink-digits"\n'
+        '[training_arguments]\nprompts_file = "erase.toml"\nmax_train_steps = 500\noutput_dir = "o"\n'
+    )
+    (tmp_path / "erase.toml").write_text(KOHYA_PROMPTS)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert [entry.target for entry in load_config(arguments).prompts] == ["a digit seven"]
+    (elsewhere / "erase.toml").write_text(KOHYA_PROMPTS.replace("seven", "three"))
+    assert [entry.target for entry in load_config(arguments).prompts] == ["a digit three"]
     config = tmp_path / "config.yaml"
     config.write_text("prompts_file: args.toml\npretrained_model: {name_or_path: ink-digits}\n")
     with pytest.raises(
         ConfigError, match=r"args.toml: is a kohya train_leco arguments file .*, not its prompt file"
     ):
         load_config(config)
+
+
+def test_kohyas_arguments_toml_trains_with_leco_train(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "erase.toml").write_text(KOHYA_PROMPTS)
+    (tmp_path / "args.toml").write_text(
+        'pretrained_model_name_or_path = "ink-digits"\nprompts_file = "erase.toml"\noutput_dir = "out"\n'
+        'output_name = "no_seven"\nmax_train_steps = 3\nlearning_rate = 1e-3\nmax_denoising_steps = 4\n'
+    )
+    assert main(["train", "args.toml", "--no-progress"]) == 0, capsys.readouterr().err
+    with safe_open(str(tmp_path / "out" / "no_seven_last.safetensors"), "pt") as file:
+        keys, metadata = list(file.keys()), file.metadata()  # noqa: SIM118
+    assert metadata["ss_network_dim"] == "4" and any(key.startswith("lora_unet_") for key in keys)
 
 
 def test_entries_expanded_from_a_prompt_file_are_named_where_they_were_written(tmp_path):

@@ -1,6 +1,7 @@
 """Other trainers' prompt and config files, read into leco's own config.
 
 One module per format a user would name: `kohya_leco` (sd-scripts `train_leco.py` prompt TOML),
+`kohya_args` (its arguments TOML, `--config_file`),
 `ai_toolkit` (ostris/ai-toolkit slider job configs) and `sliders` (rohitgandikota/sliders'
 `--attributes`). `leco.config.load_config` / `load_prompts` dispatch here, so these files run
 unchanged with `leco train`.
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from leco.config import ConfigError, LecoConfig
 from leco.formats.ai_toolkit import is_ai_toolkit_config, load_ai_toolkit_config, read_document
+from leco.formats.kohya_args import load_kohya_arguments
 from leco.formats.kohya_leco import kohya_arguments
 
 
@@ -20,15 +22,7 @@ def foreign_config(path: Path) -> LecoConfig | None:
     if path.suffix.lower() == ".toml":
         arguments = kohya_arguments(path)
         if arguments is not None:
-            named = arguments.get("prompts_file")
-            prompts = (
-                f"prompts_file: {named}" if isinstance(named, str) else "prompts_file: <its prompt TOML>"
-            )
-            raise ConfigError(
-                f"{path}: is a kohya train_leco arguments file (--config_file), which leco does not read; "
-                "write its options into a leco config YAML (README, kohya's command-line options) with "
-                + prompts
-            )
+            return load_kohya_arguments(path, arguments)
         raise ConfigError(
             f"{path}: a kohya train_leco TOML is a prompts file, not a training config; name it in a "
             f"config YAML: prompts_file: {path.name}"

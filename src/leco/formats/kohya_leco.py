@@ -395,9 +395,9 @@ def kohya_arguments(path: Path) -> dict[str, Any] | None:
 
 
 def kohya_arguments_in(data: dict[str, Any]) -> dict[str, Any] | None:
-    flat = dict(data)
+    flat = {key: value for key, value in data.items() if not isinstance(value, dict)}
     for value in data.values():
-        if isinstance(value, dict):
+        if isinstance(value, dict):  # kohya flattens one level of tables: [training_arguments] ...
             flat.update(value)
     return flat if KOHYA_ARGUMENT_KEYS & set(flat) else None
 
