@@ -1060,6 +1060,7 @@ def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidanc
     [
         ("anchor_class: a house", "anchor_class: ''", lambda c: c.anchors.prompts == [""]),  # the UI's ""
         ("        anchor_class: a house\n", "", lambda c: c.anchors.prompts == []),  # no key: no anchor
+        ("anchor_class: a house", "anchor_class: null", lambda c: c.anchors.prompts == []),  # its default
         ("guidance_strength: 3.0", "guidance_strength: 5", lambda c: c.prompts[0].guidance_scale == 5.0),
         ("arch: sd15", "arch: sdxl", lambda c: True),
         ("      datasets:\n", "      unused_datasets:\n", None),  # none: the model's own size

@@ -796,6 +796,7 @@ class _Converter:
         self.entry_origins = [slider.where] * len(entries)
         self.origin["prompts"] = slider.where
         anchor_strength = self.number(slider, "anchor_strength", 1.0)
+        slider.accept("anchor_class")  # null: no anchor, as ai-toolkit's default
         if slider.data.get("anchor_class") is not None:  # its UI writes "": the empty prompt, kept
             anchor = self.text(slider, "anchor_class")
             self.put("anchors.prompts", [anchor], slider.key("anchor_class"))
