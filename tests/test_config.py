@@ -657,11 +657,27 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
             "prompts entry 1: neutral: action distill does not use it",
         ),
         (
+            {"anchors": {"text_weight": 0.1, "weight": 4, "per_step": 0}},
+            "anchors.per_step, anchors.text_weight, anchors.weight: anchors.prompts is empty, so there are "
+            "no anchors",
+        ),
+        (
+            {
+                "train": {"method": "closed_form"},
+                "prompts": [
+                    {"target": "x", "positive": "x in red", "unconditional": "x in blue"},
+                    {"target": "y", "positive": "y"},  # the target itself: what is read anyway
+                ],
+            },
+            "prompts entry 1: positive, unconditional: a closed-form erase maps the target's text onto "
+            "neutral and reads no other prompt; ignored (train.method: leco reads them)",
+        ),
+        (
             {"anchors": {"prompts": ["a"], "rollouts": True, "per_step": 4}},
             "anchors.per_step: with anchors.rollouts: true the anchors have rollouts of their own",
         ),
         (
-            {"network": {"type": "embedding", "token": "<x>"}, "anchors": {"per_step": 2}},
+            {"network": {"type": "embedding", "token": "<x>"}, "anchors": {"prompts": ["a"], "per_step": 2}},
             "anchors.per_step: with a negative embedding the anchors have rollouts of their own",
         ),
         (

@@ -592,7 +592,10 @@ class LecoConfig(_Section):
         if self.train.method == "closed_form":  # reads no step setting at all: named once, not twice
             self._closed_form_unused(unused, notes)
             return notes
-        if anchors.rollouts or network.type == "embedding":
+        if not anchors.prompts:
+            why = "anchors.prompts is empty, so there are no anchors (prompts: auto, or a list, adds them)"
+            unused(anchors, "anchors", {"weight", "text_weight", "per_step", "rollouts"}, why)
+        elif anchors.rollouts or network.type == "embedding":
             why = "anchors.rollouts: true" if anchors.rollouts else "a negative embedding"
             unused(anchors, "anchors", {"per_step"}, f"with {why} the anchors have rollouts of their own")
         if self.prompts and all(entry.action == "distill" for entry in self.prompts) and not anchors.rollouts:
@@ -645,6 +648,17 @@ class LecoConfig(_Section):
             chosen = entry.changed_keys(entry_keys)
             if chosen:
                 notes.append(f"{entry.named(number)}: {', '.join(chosen)}: {why}; ignored")
+            # The solve maps each target's text onto its neutral's (erase) or keeps it (preserve):
+            # a direction between two other prompts is not something it can take.
+            texts = {"unconditional", "positive"} | ({"neutral"} if entry.action == "preserve" else set())
+            unread = [key for key in entry.changed_keys(texts) if getattr(entry, key) != entry.target]
+            if unread:
+                notes.append(
+                    f"{entry.named(number)}: {', '.join(unread)}: a closed-form {entry.action} maps the "
+                    f"target's text {'onto neutral' if entry.action == 'erase' else 'onto itself'} and "
+                    "reads no other prompt; ignored"
+                    + (" (train.method: leco reads them)" if entry.action == "erase" else "")
+                )
 
     def check_combination(self) -> None:
         """Settings that are valid alone but not together; one line naming the keys."""
