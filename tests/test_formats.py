@@ -127,6 +127,23 @@ def test_kohya_tables_written_as_yaml_read_as_the_toml(tmp_path, name):
     assert load_prompts(path) == load_prompts(DATA / name)
 
 
+@pytest.mark.parametrize("entry", ["{target: a cat, action: preserve}", "{target_file: cats.txt}"])
+def test_leco_entries_under_a_prompts_key_say_how_leco_writes_its_own_file(tmp_path, entry):
+    """A YAML prompts file with a top-level `prompts:` is read as kohya's tables; a leco-only action
+    or key there says so, and how leco's own prompts file is written."""
+    path = tmp_path / "prompts.yaml"
+    path.write_text(f"prompts:\n  - {entry}\n")
+    with pytest.raises(
+        ConfigError,
+        match=r"is read as kohya train_leco's tables; leco's own prompts file is a top-level list",
+    ) as error:
+        load_prompts(path)
+    assert "\n" not in str(error.value)
+    path.write_text(f"- {entry}\n")  # leco's form
+    (tmp_path / "cats.txt").write_text("a cat\n")
+    assert load_prompts(path)[0].targets == ["a cat"]
+
+
 def test_kohya_file_level_neutral_lists_are_joined_in_order():
     entries = load_prompts(DATA / "kohya_slider_table.toml")  # targets inside [slider]
     neutrals = [e.neutral for e in entries[::4]]

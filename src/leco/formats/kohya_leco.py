@@ -201,7 +201,10 @@ class _KohyaReader:
         if isinstance(action, str) and action in LECO_ONLY_ACTIONS:
             raise ConfigError(
                 f"{self.path}: {where}.action: {action!r} is not a kohya train_leco action (erase, enhance); "
-                "write this entry in a leco prompts YAML (README: prompts.yaml) to use leco's own actions"
+                + (
+                    self.leco_form_hint()
+                    or "write this entry in a leco prompts YAML (README: prompts.yaml) to use leco's actions"
+                )
             )
         if action not in KOHYA_ACTIONS:
             raise ConfigError(f"{self.path}: {where}.action: {action!r} is not allowed; use erase or enhance")
@@ -352,8 +355,18 @@ class _KohyaReader:
                 hint = f"did you mean {close[0]!r}? " if close else ""
                 raise ConfigError(
                     f"{self.path}: {prefix}{key}: unknown key in {what}; {hint}"
-                    f"allowed here: {', '.join(allowed)}"
+                    + (self.leco_form_hint() or f"allowed here: {', '.join(allowed)}")
                 )
+
+    def leco_form_hint(self) -> str:
+        """For a YAML file read as kohya's tables (its top level is `prompts:`): leco's own form."""
+        if self.path.suffix.lower() == ".toml":
+            return ""
+        return (
+            "a YAML prompts file whose top level is `prompts:` is read as kohya train_leco's tables; leco's "
+            "own prompts file is a top-level list (- target: ...): drop the `prompts:` line, or put the "
+            "entries under prompts: in the config itself"
+        )
 
 
 def _pick(table: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
