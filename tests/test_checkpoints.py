@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from test_trainer import make_config, stop_a_cli_run
 
 from leco import train
@@ -101,6 +102,17 @@ def test_overwrite_refuses_before_training_when_the_state_folder_holds_the_users
     ):
         Trainer(make_config(tiny_folders["sd1"], tmp_path, iterations=3), overwrite=True, progress=False)
     assert notes.exists() and (tmp_path / "fox_last.safetensors").is_file()
+
+
+def test_overwrite_never_deletes_a_lora_of_the_runs_name_that_leco_did_not_write(tmp_path, tiny_folders):
+    """Another tool's file (or any file) under a run's file name is not the run: --overwrite stops."""
+    mine = tmp_path / "fox_last.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.zeros(1, 1)}, str(mine), {"ss_network_dim": "1"})
+    with pytest.raises(
+        LecoError, match=r"^--overwrite: .*fox_last.safetensors has this run's name but leco did not write it"
+    ):
+        Trainer(make_config(tiny_folders["sd1"], tmp_path, iterations=2), overwrite=True, progress=False)
+    assert mine.read_bytes() and not (tmp_path / "fox_state").exists()
 
 
 def test_overwrite_of_a_state_folder_that_is_a_link_keeps_the_folder_it_points_to(tmp_path, tiny_folders):

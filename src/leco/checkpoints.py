@@ -154,7 +154,16 @@ class RunFolder:
                 f"{carry_on}replace it with --overwrite (in Python: {'resume=, ' if resumable else ''}"
                 "overwrite=), or choose another save.name"
             )
-        others = self.others_in_state() if overwrite and resume_source is None else []
+        replacing = overwrite and resume_source is None
+        foreign_files = [
+            path for path in earlier if path.suffix == ".safetensors" and not _written_by_leco(path)
+        ]
+        if replacing and foreign_files:
+            raise LecoError(
+                f"--overwrite: {foreign_files[0]} has this run's name but leco did not write it (no leco "
+                "metadata), so --overwrite does not delete it; move it, or choose another save.name"
+            )
+        others = self.others_in_state() if replacing else []
         if others:
             raise LecoError(
                 f"--overwrite: {self.state_dir} also holds {others[0].name}, which leco did not write and "
@@ -419,6 +428,11 @@ def _changed_keys(before: Any, after: Any, prefix: str = "") -> dict[str, list[A
             changed |= _changed_keys(before.get(key), after.get(key), f"{prefix}{key}.")
         return changed
     return {} if before == after else {prefix.rstrip("."): [before, after]}
+
+
+def _written_by_leco(path: Path) -> bool:
+    """Whether a .safetensors file carries the metadata every file leco trains has."""
+    return "leco.version" in safetensors_metadata(path)
 
 
 def _saved_step(path: Path) -> int | None:
