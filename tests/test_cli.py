@@ -800,6 +800,13 @@ def test_report_json_is_untouched_by_a_refused_command(tmp_path, capsys, no_load
     assert json.loads(report.read_text()) == earlier
 
 
+def test_train_without_a_config_or_with_two_says_which(capsys, tmp_path):
+    code, _, err = run_cli(["train"], capsys)
+    assert_one_line_error(code, err, "no config given; run leco train CONFIG.yaml")
+    code, _, err = run_cli(["train", "a.yaml", "--config_file", "b.yaml"], capsys)
+    assert_one_line_error(code, err, "give the config once")
+
+
 def test_generate_takes_one_lora_and_train_at_most_a_process_a_core(tmp_path, capsys, tiny_folders, loras):
     lora = str(loras["sd1"])
     argv = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", "--lora", lora, "--lora", lora]

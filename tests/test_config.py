@@ -125,6 +125,7 @@ def test_inline_prompts_are_accepted(tmp_path):
         ("pretrained_model: {name_or_path: x}\n", ["prompts_file: missing"]),
         ("pretrained_model: {name_or_path: x}\nprompts: []\n", ["prompts: an empty list", "- target:"]),
         ("pretrained_model: {name_or_path: x}\nprompts_file: /\n", ["prompts_file: / is a folder"]),
+        ("pretrained_model: {name_or_path: x}\nprompts_file: ''\n", ["prompts_file: empty; name the prompts"]),
         (MINIMAL + "train:\n  optimizer_args: {lr: 1}\n", ["optimizer_args:", "set train.lr instead"]),
         (MINIMAL + "train:\n  optimizer_args: 'params=1'\n", ["optimizer_args:", "params is not"]),
         ("train: [1, 2\n", ["line", "invalid YAML"]),

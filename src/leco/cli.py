@@ -486,7 +486,9 @@ def run_train(args: argparse.Namespace) -> int:
     from leco import train
 
     config = args.config or args.config_file
-    if config is None or (args.config and args.config_file):
+    if config is None:
+        raise LecoError("train: no config given; run leco train CONFIG.yaml (or --config_file CONFIG.yaml)")
+    if args.config and args.config_file:
         raise LecoError("train: give the config once: leco train CONFIG.yaml (or --config_file CONFIG.yaml)")
     if args.resume and args.overwrite:
         raise LecoError("train: --resume continues a run and --overwrite replaces it; give one of them")

@@ -1080,6 +1080,8 @@ def read_prompt_lines(file: Path, where: str) -> list[str]:
 def _resolve_prompts_file(name: str, config_path: Path) -> Path:
     # Relative to the config file; the reference tool resolved it against the working directory,
     # so its example configs (prompts_file: ./examples/prompts.yaml) are found there as a fallback.
+    if not name.strip():
+        raise ConfigError(f"{config_path}: prompts_file: empty; name the prompts YAML or TOML file")
     candidate = Path(name).expanduser()
     tried = (
         [candidate] if candidate.is_absolute() else [config_path.parent / candidate, Path.cwd() / candidate]
