@@ -15,6 +15,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from leco.errors import LecoError
 from leco.evaluate import ConceptPrompt, EnhancedPrompt, EvalSpec
 
 
@@ -130,6 +131,8 @@ def apply_changes(config: Any, changes: list[str]) -> None:
         key, equals, value = change.partition("=")
         name, dot, field = key.partition(".")
         section = getattr(config, name, None)
+        if equals and dot and section is None and name in type(config).model_fields:
+            raise SystemExit(f"--set {change!r}: this config has no {name}: section to change")
         if not (equals and dot and isinstance(section, BaseModel)):
             raise SystemExit(f"--set {change!r}: give SECTION.KEY=VALUE, e.g. train.lr=3e-3")
         try:
@@ -140,3 +143,8 @@ def apply_changes(config: Any, changes: list[str]) -> None:
             reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else "not valid YAML"
             raise SystemExit(f"--set {change!r}: {reason}") from None
         setattr(config, name, updated)
+    if changes and hasattr(config, "check_combination"):  # settings fine alone but not together
+        try:
+            config.check_combination()
+        except LecoError as error:
+            raise SystemExit(f"--set {' '.join(changes)}: {error}") from None
