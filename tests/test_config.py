@@ -101,6 +101,12 @@ def test_empty_sections_mean_defaults(folder):
     assert config.train.iterations == 500 and config.save.name == "untitled"
 
 
+def test_anchors_auto_in_any_case(tmp_path):
+    text = MINIMAL + "anchors: {prompts: ' Auto'}\n"
+    write(tmp_path, "prompts.yaml", "- target: a\n")
+    assert load_config(write(tmp_path, "c.yaml", text)).anchors.prompts == "auto"
+
+
 def test_inline_prompts_are_accepted(tmp_path):
     text = "pretrained_model: {name_or_path: x/y}\nprompts:\n  - target: cat\n    action: enhance\n"
     assert load_config(write(tmp_path, "c.yaml", text)).prompts[0].action == "enhance"
@@ -125,7 +131,10 @@ def test_inline_prompts_are_accepted(tmp_path):
         ("pretrained_model: {name_or_path: x}\n", ["prompts_file: missing"]),
         ("pretrained_model: {name_or_path: x}\nprompts: []\n", ["prompts: an empty list", "- target:"]),
         ("pretrained_model: {name_or_path: x}\nprompts_file: /\n", ["prompts_file: / is a folder"]),
-        ("pretrained_model: {name_or_path: x}\nprompts_file: ''\n", ["prompts_file: empty; name the prompts"]),
+        (
+            "pretrained_model: {name_or_path: x}\nprompts_file: ''\n",
+            ["prompts_file: empty; name the prompts"],
+        ),
         (MINIMAL + "train:\n  optimizer_args: {lr: 1}\n", ["optimizer_args:", "set train.lr instead"]),
         (MINIMAL + "train:\n  optimizer_args: 'params=1'\n", ["optimizer_args:", "params is not"]),
         ("train: [1, 2\n", ["line", "invalid YAML"]),
@@ -140,7 +149,10 @@ def test_inline_prompts_are_accepted(tmp_path):
             MINIMAL + "iterations: 3\n",
             ["iterations: unknown key; it belongs under train: (train.iterations)"],
         ),
-        (MINIMAL + "anchors:\n  prompts: a digit three\n", ["anchors.prompts: ", "(got 'a digit three')"]),
+        (
+            MINIMAL + "anchors:\n  prompts: a digit three\n",
+            ["anchors.prompts: ", "give a list of prompts", "or auto", "(got 'a digit three')"],
+        ),
         (MINIMAL + "train:\n  save: {name: x}\n", ["train.save: unknown key; it belongs at the top level"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.1:", "finite"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.1:"]),
@@ -185,7 +197,9 @@ def test_bad_config_gives_one_clear_line(folder, text, expected):
         ("- target: a\n  action: delete\n", ["entry 1.action:", "'erase'"]),
         ("- target: a\n- target: b\n  batch_size: 0\n", ["entry 2.batch_size:"]),
         ("[]\n", ["non-empty YAML list"]),
-        ("- just text\n", ["entry 1: must be a mapping"]),
+        ("- just text\n", ["a list of texts, not of entries", "(- target: just text)"]),
+        ("- target: a\n- just text\n", ["entry 2: must be a mapping"]),
+        ("a digit seven\na digit three\n", ["holds prompts but no entries", "- target_file: prompts.yaml"]),
         ("- target: a\n  target: b\n", ["'target' appears twice"]),
         ("- target: a\n  resolution: big\n", ["entry 1.resolution: ", "(got 'big')"]),  # one line, two forms
         ("- target: a\n  guidance_scale: .inf\n", ["entry 1.guidance_scale:", "finite"]),

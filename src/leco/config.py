@@ -328,6 +328,19 @@ class AnchorConfig(_Section):
     # and how many prompts to draw (all by default).
     exclude: list[str] = Field(default_factory=list)
     count: int | None = Field(None, ge=1)
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _auto_or_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if value.strip().lower() == "auto":
+                return "auto"
+            raise ValueError(
+                f'{value!r}: give a list of prompts (prompts: ["{value}"]) or auto (every prompt the '
+                "model knows without the edited concept)"
+            )
+        return value
+
     # true: the anchors are an entry of their own (action: preserve, own rollouts, drawn like any
     # entry) instead of riding along at the latents of the edited prompts. Always so for a
     # negative embedding, whose prediction must stay the empty prompt's wherever anchors are drawn.
@@ -990,6 +1003,17 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
     if is_ai_toolkit_config(document):
         raise ConfigError(
             f"{path}: is an ai-toolkit job config, not a prompts file; run it as `leco train {path}`"
+        )
+    if isinstance(document, list) and document and all(isinstance(item, str) for item in document):
+        raise ConfigError(
+            f"{path}: a list of texts, not of entries; write each as an entry (- target: {document[0]}) "
+            "or the list as one entry's target (- target: [...])"
+        )
+    if isinstance(document, str):  # prompts one a line: what an entry's target_file takes
+        raise ConfigError(
+            f"{path}: holds prompts but no entries; a file of prompts, one a line, is an entry's target: "
+            f"write prompts_file: prompts.yaml with `- target_file: {path.name}` (and its action: erase, "
+            "enhance, ...) in it, or the entry inline in the config under prompts:"
         )
     if not isinstance(document, list) or not document:
         raise ConfigError(
