@@ -16,11 +16,12 @@ from leco.cli import main
 from leco.conditioning import Conditioning, predict, sdxl_time_ids
 from leco.config import NetworkConfig
 from leco.errors import LecoError
-from leco.generate import lora_strengths
+from leco.generate import check_lora_fits, lora_strengths, read_lora_header
 from leco.interop.convert import convert
+from leco.interop.merge import LoraStrength, bake
 from leco.models import CONFIG_ROOT, ModelFamily, load_models
 from leco.network import LoRANetwork, adaptable_layers, read_lora_file
-from leco.network.kohya import data_hash_of_file, kohya_key
+from leco.network.kohya import ModuleWeights, data_hash_of_file, delta_weight, kohya_key
 
 
 def foreign_state_dict(unet, block_class: str, rank: int, alpha: float, seed: int, dtype=torch.float32):
@@ -331,7 +332,9 @@ def test_convert_keeps_the_files_rank_alpha_title_and_date_where_the_tensors_all
 
 
 @pytest.mark.parametrize("varied_alphas", [False, True])
-def test_generate_hands_diffusers_the_layers_leco_does_not_train(tmp_path, tiny_folders, varied_alphas):
+def test_generate_hands_diffusers_the_layers_leco_does_not_train(
+    tmp_path, tiny_folders, varied_alphas, capsys
+):
     # a LyCORIS-style module on conv_in: outside leco's layer list, diffusers' to read as before
     folder = str(tiny_folders["sd1"])
     models = load_models(folder)
@@ -348,6 +351,20 @@ def test_generate_hands_diffusers_the_layers_leco_does_not_train(tmp_path, tiny_
     with lora_strengths(pipe, tmp_path / "more.safetensors", models.family) as set_strength:
         set_strength(1.0)
         assert hasattr(pipe.unet.conv_in, "lora_A")  # adapted, not refused as another family's file
+    # ... and what diffusers applies, leco's checks call applied and merge bakes (as A1111 and ComfyUI)
+    check_lora_fits(read_lora_header(tmp_path / "more.safetensors"), models.unet, models.family)
+    assert "not applied" not in capsys.readouterr().err
+    before = models.unet.conv_in.weight.clone()
+    bake(models, LoraStrength(tmp_path / "more.safetensors", 0.5))
+    delta = delta_weight(
+        ModuleWeights(
+            tensors["lora_unet_conv_in.lora_down.weight"],
+            tensors["lora_unet_conv_in.lora_up.weight"],
+            tensors["lora_unet_conv_in.alpha"],
+        ),
+        before.shape,
+    )
+    torch.testing.assert_close(models.unet.conv_in.weight, before + 0.5 * delta)
 
 
 def test_a_lora_of_whole_numbers_is_refused_in_one_line_everywhere(tmp_path, tiny_folders):

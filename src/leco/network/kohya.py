@@ -327,10 +327,30 @@ def unet_layer_keys(unet: nn.Module, family: ModelFamily) -> dict[str, str]:
     sliders); kohya's SDXL loader accepts both, and so does this table.
     """
     keys = {}
-    for name in adaptable_layers(unet, "c3lier"):
+    # Beyond what leco trains, the layers outside the blocks that LyCORIS' full presets train and that
+    # A1111, ComfyUI and diffusers apply: a file that changes them loads and merges whole.
+    outside_blocks = [name for name in OUTSIDE_BLOCKS if _has_module(unet, name)]
+    for name in [*adaptable_layers(unet, "c3lier"), *outside_blocks]:
         keys[kohya_key(name, family, unet.config)] = name
         keys[UNET_PREFIX + name.replace(".", "_")] = name
     return keys
+
+
+OUTSIDE_BLOCKS = (
+    "conv_in",
+    "conv_out",
+    "time_embedding.linear_1",
+    "time_embedding.linear_2",
+    "add_embedding.linear_1",  # SDXL's size and pooled-text conditioning
+    "add_embedding.linear_2",
+)
+
+
+def _has_module(unet: nn.Module, name: str) -> bool:
+    try:
+        return isinstance(unet.get_submodule(name), nn.Linear | nn.Conv2d)
+    except AttributeError:
+        return False
 
 
 def canonical_unet_modules(
