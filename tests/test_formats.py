@@ -420,6 +420,9 @@ def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, m
         "max_denoising_steps = 25\nleco_denoise_guidance_scale = 5.0\nmax_grad_norm = 0\nseed = 7\n"
         'mixed_precision = "bf16"\nsave_precision = "fp16"\nsave_every_n_steps = 100\nmin_snr_gamma = 5\n'
         'sdpa = true\nnetwork_train_unet_only = true\nlogging_dir = "logs"\n'
+        # as kohya_ss' GUI writes every option: at their defaults those leco lacks change nothing
+        'noise_offset = 0\nloss_type = "l2"\nhuber_c = 0.1\nmax_timestep = 1000\nsave_state = true\n'
+        "sample_every_n_steps = 0\ntrain_batch_size = 1\nzero_terminal_snr = false\n"
     )
     config = load_config(full)
     train = config.train
@@ -453,6 +456,8 @@ def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, m
     [
         ("sdpaa = true", r"sdpaa: a train_leco option leco has no equivalent for; did you mean 'sdpa'\?"),
         ("noise_offset = 0.05", r"noise_offset: 0.05 has no leco equivalent; remove it"),
+        ('loss_type = "huber"', r"loss_type: 'huber' has no leco equivalent; remove it"),
+        ("network_weights = 'a.safetensors'", r"network_weights: 'a.safetensors' has no leco equivalent"),
         (
             'optimizer_type = "AdaFactor"',
             r"optimizer_type: 'AdaFactor' has no leco equivalent; use one of AdamW, ",

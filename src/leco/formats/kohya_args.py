@@ -54,6 +54,28 @@ _PASSED_OVER = {
     "network_train_unet_only", "sdxl", "full_fp16", "full_bf16", "fp8_base", "lr_warmup_steps_ratio",
     "wandb_run_name", "wandb_api_key", "log_prefix", "log_tracker_config", "ddp_timeout",
     "ddp_gradient_as_bucket_view", "ddp_static_graph", "dynamo_backend", "torch_compile",
+    "save_state", "save_state_on_train_end", "train_batch_size", "sample_sampler", "log_config",
+    "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size",
+    "disable_mmap_load_safetensors", "blocks_to_swap", "fused_backward_pass", "prior_loss_weight",
+    "async_upload",
+}  # fmt: skip
+# Options leco has no equivalent for, with the values at which they do nothing (kohya's defaults, as
+# GUIs write them into every file): any other value is refused, naming the option.
+_INERT_ONLY_AT = {
+    "noise_offset": (0,), "noise_offset_random_strength": (False,), "multires_noise_iterations": (0,),
+    "multires_noise_discount": (0.3,), "ip_noise_gamma": (0,), "ip_noise_gamma_random_strength": (False,),
+    "adaptive_noise_scale": (0,), "zero_terminal_snr": (False,), "min_timestep": (0,),
+    "max_timestep": (1000,), "loss_type": ("l2",), "huber_schedule": ("snr",), "huber_c": (0.1,),
+    "huber_scale": (1.0,), "scale_v_pred_loss_like_noise_pred": (False,), "v_pred_like_loss": (0,),
+    "debiased_estimation_loss": (False,), "masked_loss": (False,), "weighting_scheme": ("uniform",),
+    "sample_every_n_steps": (0,), "sample_every_n_epochs": (0,), "sample_at_first": (False,),
+    "sample_prompts": ("",), "max_train_epochs": (0,), "save_every_n_epochs": (0,),
+    "save_n_epoch_ratio": (0,), "save_last_n_epochs": (0,), "save_last_n_epochs_state": (0,),
+    "save_last_n_steps": (0,), "save_last_n_steps_state": (0,), "resume": ("",),
+    "lr_scheduler_type": ("",), "lr_decay_steps": (0,), "lr_scheduler_timescale": (0,),
+    "lr_scheduler_min_lr_ratio": (0,), "network_dropout": (0,), "scale_weight_norms": (0,),
+    "dim_from_weights": (False,), "conditioning_data_dir": ("",), "huggingface_repo_id": ("",),
+    "save_state_to_huggingface": (False,), "resume_from_huggingface": (False,),
 }  # fmt: skip
 
 
@@ -116,11 +138,6 @@ class _Options:
         ):
             if self.arguments.get(kohya_key) is not None:
                 model[leco_key] = self.get(kohya_key, f"pretrained_model.{leco_key}")
-        self.refuse_unless(
-            "zero_terminal_snr",
-            not self.arguments.get("zero_terminal_snr"),
-            "has no leco equivalent; remove it",
-        )
         return model
 
     def network(self) -> dict[str, Any]:
@@ -146,12 +163,11 @@ class _Options:
                 raise ConfigError(
                     f"{self.path}: network_args: {item!r}: leco reads conv_dim and conv_alpha here; remove it"
                 )
-        for name in ("network_weights", "dim_from_weights", "network_dropout", "scale_weight_norms"):
-            self.refuse_unless(
-                name,
-                not self.arguments.get(name),
-                "has no leco equivalent (leco starts every LoRA at zero); remove it",
-            )
+        self.refuse_unless(
+            "network_weights",
+            not self.arguments.get("network_weights"),
+            "has no leco equivalent (a leco LoRA starts at zero; --resume continues a leco run); remove it",
+        )
         self.refuse_unless(
             "network_train_text_encoder_only",
             not self.arguments.get("network_train_text_encoder_only"),
@@ -180,9 +196,6 @@ class _Options:
                 train[leco_key] = self.get(name, f"train.{leco_key}")
         train.update(self.optimizer())
         train.update(self.schedule())
-        self.refuse_unless(
-            "noise_offset", not self.arguments.get("noise_offset"), "has no leco equivalent; remove it"
-        )
         self.refuse_unless(
             "gradient_accumulation_steps",
             self.arguments.get("gradient_accumulation_steps") in (None, 1),
@@ -213,11 +226,12 @@ class _Options:
             "optimizer_args": {**implied, **self.parsed(given)} if given else implied,
         }
 
-    def parsed(self, text: str) -> dict[str, Any]:
+    def parsed(self, text: str, name: str = "optimizer_args") -> dict[str, Any]:
+        """kohya's `key=value` items, values as Python literals."""
         try:
             return parse_optimizer_args(text)
         except ValueError as error:
-            raise ConfigError(f"{self.path}: optimizer_args: {error}") from None
+            raise ConfigError(f"{self.path}: {name}: {error}") from None
 
     def schedule(self) -> dict[str, Any]:
         name = str(self.get("lr_scheduler", "train.lr_scheduler")).lower()
@@ -234,11 +248,9 @@ class _Options:
         self.read.update(("lr_scheduler_num_cycles", "lr_scheduler_power"))
         if self.arguments.get("lr_warmup_steps") is not None:
             schedule["lr_warmup_steps"] = self.get("lr_warmup_steps", "train.lr_warmup_steps")
-        self.refuse_unless(
-            "lr_scheduler_args",
-            not self.arguments.get("lr_scheduler_args"),
-            "has no leco equivalent; remove it",
-        )
+        given = self.get("lr_scheduler_args", "train.lr_scheduler_args") or []
+        text = " ".join(str(item) for item in ([given] if isinstance(given, str) else given))
+        schedule["lr_scheduler_args"].update(self.parsed(text, "lr_scheduler_args") if text else {})
         return schedule
 
     def save(self) -> dict[str, Any]:
@@ -255,14 +267,6 @@ class _Options:
         save["per_steps"] = every if every else self.get("max_train_steps")  # kohya: none between
         if self.arguments.get("save_precision") is not None:
             save["precision"] = self.get("save_precision", "save.precision")
-        for name in (
-            "save_last_n_steps",
-            "save_n_epoch_ratio",
-            "save_every_n_epochs",
-            "save_state",
-            "resume",
-        ):
-            self.refuse_unless(name, not self.arguments.get(name), "has no leco equivalent; remove it")
         if self.arguments.get("save_model_as") not in (None, "safetensors"):
             raise ConfigError(
                 f"{self.path}: save_model_as: leco writes .safetensors only; set it to safetensors"
@@ -284,7 +288,11 @@ class _Options:
         return logging
 
     def finish(self) -> None:
-        for name in self.arguments:
+        for name, value in self.arguments.items():
+            if name in _INERT_ONLY_AT and name not in self.read:
+                if value not in (None, *_INERT_ONLY_AT[name]):
+                    raise ConfigError(f"{self.path}: {name}: {value!r} has no leco equivalent; remove it")
+                continue
             if name not in self.read:
                 close = difflib.get_close_matches(name, sorted(self.read), n=1)
                 fix = (
