@@ -378,11 +378,25 @@ def test_any_kohya_toml_gives_prompts_or_a_config_error(tmp_path, document):
 
 
 def test_a_kohya_toml_given_as_the_config_says_where_it_belongs(tmp_path):
+    (tmp_path / "slider.toml").write_text((DATA / "kohya_slider.toml").read_text())
     with pytest.raises(ConfigError, match="prompts_file: slider.toml"):
         load_config(tmp_path / "slider.toml")
+    with pytest.raises(ConfigError, match="absent.toml: file not found"):
+        load_config(tmp_path / "absent.toml")
 
 
 KOHYA_PROMPTS = '[[prompts]]\ntarget = "a digit seven"\naction = "erase"\nresolution = 16\n'
+
+
+def kohya_arguments(tmp_path: Path, lines: str, name: str = "args.toml") -> Path:
+    """An arguments file with the options every run needs, and `lines`, beside a prompt TOML."""
+    (tmp_path / "erase.toml").write_text(KOHYA_PROMPTS)
+    path = tmp_path / name
+    path.write_text(
+        'pretrained_model_name_or_path = "ink-digits"\nprompts_file = "erase.toml"\noutput_dir = "out"\n'
+        + lines
+    )
+    return path
 
 
 def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, monkeypatch):
@@ -390,56 +404,60 @@ def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, m
     config they mean; what the file leaves out takes kohya's default, not leco's."""
     monkeypatch.chdir(tmp_path)  # kohya opens prompts_file and output_dir from the working directory
     (tmp_path / "erase.toml").write_text(KOHYA_PROMPTS)
-    minimal = tmp_path / "args.toml"
+    minimal = tmp_path / "run1.toml"
     minimal.write_text(
         '[model_arguments]\npretrained_model_name_or_path = "ink-digits"\n'
         '[training_arguments]\nprompts_file = "erase.toml"\noutput_dir = "out"\n'
     )
     config = load_config(minimal)
-    assert (config.train.iterations, config.train.lr, config.train.max_grad_norm) == (1600, 2e-6, 1.0)
-    assert (config.train.max_denoising_steps, config.train.rollout_guidance_scale) == (40, 3.0)
-    assert (config.train.precision, config.train.optimizer, config.train.lr_scheduler) == (
-        "fp32",
-        "adamw",
-        "constant",
+    train = config.train
+    assert (train.iterations, train.lr, train.max_grad_norm, train.min_snr_gamma) == (1600, 2e-6, 1.0, None)
+    assert (train.max_denoising_steps, train.rollout_guidance_scale, train.noise_scheduler) == (
+        40,
+        3.0,
+        "ddpm",
     )
+    assert (train.precision, train.optimizer, train.lr_scheduler) == ("fp32", "adamw", "constant")
     assert (config.network.type, config.network.rank, config.network.alpha) == ("lierla", 4, 1.0)
+    # leco's files are NAME_last / NAME_Nsteps: NAME is the file's own name without output_name
     assert (config.save.name, Path(config.save.path), config.save.per_steps) == (
-        "last",
+        "run1",
         tmp_path / "out",
         1600,
     )
     assert [entry.target for entry in config.prompts] == ["a digit seven"]
-    full = tmp_path / "full.toml"
-    full.write_text(
-        'pretrained_model_name_or_path = "ink-digits"\nprompts_file = "erase.toml"\noutput_dir = "runs"\n'
+    full = kohya_arguments(
+        tmp_path,
         'output_name = "no_seven"\nmax_train_steps = 300\nlearning_rate = 1e-4\nunet_lr = 3e-3\n'
         'optimizer_type = "SGDNesterov"\noptimizer_args = ["weight_decay=0.01"]\n'
-        'lr_scheduler = "cosine_with_restarts"\nlr_scheduler_num_cycles = 3\nlr_warmup_steps = 10\n'
-        'network_dim = 8\nnetwork_alpha = 4\nnetwork_args = ["conv_dim=2", "conv_alpha=1"]\n'
+        'lr_scheduler = "polynomial"\nlr_scheduler_power = 2\nlr_warmup_steps = 0.1\n'
+        'lr_scheduler_args = "lr_end=1e-7"\nnetwork_dim = 8\nnetwork_alpha = 4\n'
+        'network_args = ["conv_dim=2"]\n'
         "max_denoising_steps = 25\nleco_denoise_guidance_scale = 5.0\nmax_grad_norm = 0\nseed = 7\n"
         'mixed_precision = "bf16"\nsave_precision = "fp16"\nsave_every_n_steps = 100\nmin_snr_gamma = 5\n'
-        'sdpa = true\nnetwork_train_unet_only = true\nlogging_dir = "logs"\n'
+        'sdpa = true\nnetwork_train_unet_only = true\nlog_with = "wandb"\nlog_tracker_name = "leco-runs"\n'
         # as kohya_ss' GUI writes every option: at their defaults those leco lacks change nothing
-        'noise_offset = 0\nloss_type = "l2"\nhuber_c = 0.1\nmax_timestep = 1000\nsave_state = true\n'
-        "sample_every_n_steps = 0\ntrain_batch_size = 1\nzero_terminal_snr = false\n"
+        'noise_offset = 0\nloss_type = "l2"\nmax_timestep = 1000\nsave_state = true\ntrain_batch_size = 1\n'
+        "zero_terminal_snr = false\nnetwork_dropout = 0\n",
+        name="full.toml",
     )
     config = load_config(full)
     train = config.train
     assert (train.iterations, train.lr, train.lr_warmup_steps, train.seed) == (
         300,
         3e-3,
-        10,
+        30,
         7,
     )  # unet_lr wins
-    assert (train.optimizer, train.optimizer_args) == (
-        "sgd",
-        {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+    assert train.optimizer_args == {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}
+    assert (train.lr_scheduler, train.lr_scheduler_args) == (
+        "polynomial",
+        {"power": 2, "lr_end": 1e-7},
     )
-    assert (train.lr_scheduler, train.lr_scheduler_args) == ("cosine_with_restarts", {"num_cycles": 3})
     assert (train.max_denoising_steps, train.rollout_guidance_scale, train.max_grad_norm) == (25, 5.0, None)
-    assert (train.precision, train.min_snr_gamma) == ("bf16", 5.0)
+    assert (train.optimizer, train.precision, train.min_snr_gamma) == ("sgd", "bf16", 5.0)
     network = config.network
+    # conv_dim without conv_alpha: kohya scales the convolutions at alpha 1, not network_alpha
     assert (network.type, network.rank, network.alpha, network.conv_rank, network.conv_alpha) == (
         "c3lier",
         8,
@@ -448,15 +466,69 @@ def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, m
         1.0,
     )
     assert (config.save.name, config.save.per_steps, config.save.precision) == ("no_seven", 100, "fp16")
-    assert config.logging.use_tensorboard and config.logging.tensorboard_dir == "logs"
+    assert config.logging.use_wandb and config.logging.wandb_project == "leco-runs"
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ('network_args = ["conv_alpha=4"]', lambda c: c.network.type == "lierla"),  # no conv_dim: no convs
+        ("min_snr_gamma = 0", lambda c: c.train.min_snr_gamma is None),  # kohya: 0 is off
+        (
+            "lr_scheduler = 'cosine_with_restarts'\nlr_scheduler_num_cycles = 3",
+            lambda c: c.train.lr_scheduler_args == {"num_cycles": 3},
+        ),
+        ("use_8bit_adam = true", lambda c: c.train.optimizer == "adamw8bit"),
+        ("use_lion_optimizer = true", lambda c: c.train.optimizer == "lion"),
+        ('logging_dir = "logs"', lambda c: c.logging.use_tensorboard and c.logging.tensorboard_dir == "logs"),
+        ("lr_warmup_steps = 5\nlr_scheduler = 'linear'", lambda c: c.train.lr_warmup_steps == 5),
+        ("[extra]\nlearning_rate = 1e-3", lambda c: c.train.lr == 1e-3),  # a table: flattened
+    ],
+)
+def test_kohya_options_read_as_kohya_reads_them(tmp_path, monkeypatch, lines, expected):
+    monkeypatch.chdir(tmp_path)
+    assert expected(load_config(kohya_arguments(tmp_path, lines + "\n")))
+
+
+def test_kohya_options_train_leco_never_reads_are_said_and_ignored(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    path = kohya_arguments(tmp_path, 'loss_type = "huber"\nmax_train_epochs = 10\nhuber_c = 0.1\n')
+    assert load_config(path).train.iterations == 1600
+    said = f"{path}: loss_type, max_train_epochs: not read by train_leco either; ignored"
+    assert said in capsys.readouterr().err
+
+
+def test_the_kohya_arguments_example_loads_as_written():
+    config = load_config(EXAMPLES / "slider_red_blue_kohya_args.toml")
+    assert (config.train.iterations, config.train.lr, config.save.per_steps) == (300, 3e-3, 100)
+    assert {entry.multiplier for entry in config.prompts} == {1.0, -1.0}  # kohya's four slider entries
 
 
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("sdpaa = true", r"sdpaa: a train_leco option leco has no equivalent for; did you mean 'sdpa'\?"),
+        (
+            "sdpaa = true",
+            r"sdpaa: not an option of train_leco \(kohya would skip it without a word\); did you mean 'sdpa'",
+        ),
         ("noise_offset = 0.05", r"noise_offset: 0.05 has no leco equivalent; remove it"),
-        ('loss_type = "huber"', r"loss_type: 'huber' has no leco equivalent; remove it"),
+        ("zero_terminal_snr = true", r"zero_terminal_snr: True has no leco equivalent; remove it"),
+        (
+            'optimizer_type = "DAdaptation"',
+            r"optimizer_type: 'DAdaptation' is D-Adaptation's AdamPreprint .* nearest is DAdaptAdam",
+        ),
+        ('use_8bit_adam = true\noptimizer_type = "Lion"', r"use_8bit_adam, optimizer_type: give one of them"),
+        ("network_args = 5", r'network_args: give a list of "key=value" strings \(got 5\)'),
+        ("optimizer_args = [1]", r'optimizer_args: give a list of "key=value" strings'),
+        (
+            "lr_scheduler_power = 0\nlr_scheduler = 'polynomial'",
+            r"lr_scheduler_power \(leco: train.lr_scheduler_args\)",
+        ),
+        (
+            "max_train_steps = 0",
+            r"max_train_steps \(leco: train.iterations\): Input should be greater than or equal to 1",
+        ),
+        ("[broken", r"invalid TOML"),
         ("network_weights = 'a.safetensors'", r"network_weights: 'a.safetensors' has no leco equivalent"),
         (
             'optimizer_type = "AdaFactor"',
@@ -467,7 +539,7 @@ def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, m
             r"network_dim \(leco: network.rank\): Input should be greater than or equal to 1",
         ),
         ('network_module = "lycoris.kohya"', r"network_module: 'lycoris.kohya': leco trains kohya's LoRA"),
-        ('network_args = ["algo=locon"]', r"network_args: 'algo=locon': leco reads conv_dim and conv_alpha"),
+        ('network_args = ["algo=locon"]', r"network_args: algo: leco reads conv_dim and conv_alpha"),
         (
             'lr_scheduler = "adafactor"',
             r"lr_scheduler: 'adafactor' has no leco equivalent; use one of constant",

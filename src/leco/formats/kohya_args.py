@@ -1,11 +1,12 @@
 """kohya sd-scripts' train_leco.py / sdxl_train_leco.py arguments file (`--config_file args.toml`).
 
 The TOML holds the script's command-line options by their argparse names, flat or in tables (kohya
-flattens one level of tables and reads every key as an option). `leco train args.toml` runs it: each
-option with a leco equivalent is mapped, at kohya's default where the file leaves it out (kohya's
-defaults differ from leco's: lr 2e-6, 1600 steps, gradient clipping at 1.0, fp32 math); options that
-only change speed, memory or logs are passed over; the rest is one line naming the key. The prompt
-file it names (`prompts_file`) is read as `leco train` reads every kohya prompt TOML.
+flattens one level of tables). `leco train args.toml` runs it: each option with a leco equivalent is
+mapped, at kohya's default where the file leaves it out (kohya's defaults differ from leco's: lr
+2e-6, 1600 steps, gradient clipping at 1.0, fp32 math, DDPM rollouts); options that change only
+speed, memory or logs, and those train_leco itself never reads, are passed over; options it reads
+that leco lacks are accepted at the values where they do nothing and refused at any other, in one
+line naming the option. The prompt file it names is read as every kohya prompt TOML is.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from leco.config import LR_SCHEDULERS, ConfigError, LecoConfig, config_from_document, parse_optimizer_args
+from leco.errors import warn
 
 # kohya's defaults (train_util / train_leco argparse) for options leco maps.
 KOHYA_DEFAULTS = {
@@ -26,7 +28,6 @@ KOHYA_DEFAULTS = {
     "leco_denoise_guidance_scale": 3.0,
     "max_grad_norm": 1.0,
     "mixed_precision": "no",
-    "output_name": "last",
     "lr_scheduler": "constant",
     "lr_scheduler_num_cycles": 1,
     "lr_scheduler_power": 1.0,
@@ -39,49 +40,64 @@ _OPTIMIZERS = {
     "Lion": ("lion", {}),
     "Lion8bit": ("lion8bit", {}),
     "Prodigy": ("prodigy", {}),
-    "DAdaptation": ("dadaptadam", {}),
     "DAdaptAdam": ("dadaptadam", {}),
     "DAdaptLion": ("dadaptlion", {}),
     "SGDNesterov": ("sgd", {"momentum": 0.9, "nesterov": True}),
 }
 _OPTIMIZERS_BY_LOWER = {name.lower(): settings for name, settings in _OPTIMIZERS.items()}
-# Options that change speed, memory, logs or metadata only, or that every run of these scripts has.
+# Options that change only speed, memory, logs or metadata.
 _PASSED_OVER = {
     "sdpa", "mem_eff_attn", "lowram", "highvram", "vae", "vae_batch_size", "no_half_vae", "cache_latents",
     "cache_latents_to_disk", "deepspeed", "max_data_loader_n_workers", "persistent_data_loader_workers",
-    "tokenizer_cache_dir", "max_token_length", "training_comment", "no_metadata", "output_config",
-    "config_file", "console_log_level", "console_log_file", "console_log_simple", "save_model_as",
-    "network_train_unet_only", "sdxl", "full_fp16", "full_bf16", "fp8_base", "lr_warmup_steps_ratio",
-    "wandb_run_name", "wandb_api_key", "log_prefix", "log_tracker_config", "ddp_timeout",
-    "ddp_gradient_as_bucket_view", "ddp_static_graph", "dynamo_backend", "torch_compile",
-    "save_state", "save_state_on_train_end", "train_batch_size", "sample_sampler", "log_config",
-    "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size",
-    "disable_mmap_load_safetensors", "blocks_to_swap", "fused_backward_pass", "prior_loss_weight",
-    "async_upload",
+    "tokenizer_cache_dir", "training_comment", "no_metadata", "output_config", "config_file",
+    "console_log_level", "console_log_file", "console_log_simple", "network_train_unet_only", "full_fp16",
+    "full_bf16", "fp8_base", "wandb_run_name", "wandb_api_key", "log_prefix", "log_tracker_config",
+    "ddp_timeout", "ddp_gradient_as_bucket_view", "ddp_static_graph", "dynamo_backend", "torch_compile",
+    "save_state", "save_state_on_train_end", "train_batch_size", "log_config", "cache_text_encoder_outputs",
+    "cache_text_encoder_outputs_to_disk", "text_encoder_batch_size", "disable_mmap_load_safetensors",
+    "blocks_to_swap", "fused_backward_pass", "async_upload",
 }  # fmt: skip
-# Options leco has no equivalent for, with the values at which they do nothing (kohya's defaults, as
-# GUIs write them into every file): any other value is refused, naming the option.
-_INERT_ONLY_AT = {
-    "noise_offset": (0,), "noise_offset_random_strength": (False,), "multires_noise_iterations": (0,),
-    "multires_noise_discount": (0.3,), "ip_noise_gamma": (0,), "ip_noise_gamma_random_strength": (False,),
-    "adaptive_noise_scale": (0,), "zero_terminal_snr": (False,), "min_timestep": (0,),
-    "max_timestep": (1000,), "loss_type": ("l2",), "huber_schedule": ("snr",), "huber_c": (0.1,),
-    "huber_scale": (1.0,), "scale_v_pred_loss_like_noise_pred": (False,), "v_pred_like_loss": (0,),
-    "debiased_estimation_loss": (False,), "masked_loss": (False,), "weighting_scheme": ("uniform",),
-    "sample_every_n_steps": (0,), "sample_every_n_epochs": (0,), "sample_at_first": (False,),
-    "sample_prompts": ("",), "max_train_epochs": (0,), "save_every_n_epochs": (0,),
-    "save_n_epoch_ratio": (0,), "save_last_n_epochs": (0,), "save_last_n_epochs_state": (0,),
-    "save_last_n_steps": (0,), "save_last_n_steps_state": (0,), "resume": ("",),
-    "lr_scheduler_type": ("",), "lr_decay_steps": (0,), "lr_scheduler_timescale": (0,),
-    "lr_scheduler_min_lr_ratio": (0,), "network_dropout": (0,), "scale_weight_norms": (0,),
-    "dim_from_weights": (False,), "conditioning_data_dir": ("",), "huggingface_repo_id": ("",),
-    "save_state_to_huggingface": (False,), "resume_from_huggingface": (False,),
+# Options of kohya's shared parser that train_leco never reads (its loop has its own loss, timesteps,
+# saving and no samples): ignored there, so here too; said when set to something.
+_NOT_READ_BY_TRAIN_LECO = {
+    "loss_type": "l2", "huber_schedule": "snr", "huber_c": 0.1, "huber_scale": 1.0, "min_timestep": 0,
+    "max_timestep": 1000, "max_train_epochs": 0, "save_every_n_epochs": 0, "save_n_epoch_ratio": 0,
+    "save_last_n_epochs": 0, "save_last_n_epochs_state": 0, "save_last_n_steps": 0,
+    "save_last_n_steps_state": 0, "sample_every_n_steps": 0, "sample_every_n_epochs": 0,
+    "sample_at_first": False, "sample_prompts": "", "sample_sampler": "ddim", "resume": "",
+    "scale_weight_norms": 0, "ip_noise_gamma": 0, "ip_noise_gamma_random_strength": False,
+    "multires_noise_iterations": 0, "multires_noise_discount": 0.3, "noise_offset_random_strength": False,
+    "adaptive_noise_scale": 0, "debiased_estimation_loss": False, "scale_v_pred_loss_like_noise_pred": False,
+    "v_pred_like_loss": 0, "masked_loss": False, "weighting_scheme": "uniform", "logit_mean": 0.0,
+    "logit_std": 1.0, "mode_scale": 1.29, "conditioning_data_dir": "", "prior_loss_weight": 1.0,
+}  # fmt: skip
+_NO_EQUIVALENT = "has no leco equivalent; remove it"
+# Options train_leco reads that leco lacks: the values at which they do nothing, and what to say.
+_REFUSED_UNLESS = {
+    "noise_offset": ((0,), _NO_EQUIVALENT),
+    "zero_terminal_snr": ((False,), _NO_EQUIVALENT),
+    "network_dropout": ((0,), _NO_EQUIVALENT),
+    "dim_from_weights": ((False,), _NO_EQUIVALENT),
+    "lr_scheduler_type": (("",), _NO_EQUIVALENT + " (use one of lr_scheduler's names)"),
+    "lr_decay_steps": ((0,), _NO_EQUIVALENT),
+    "lr_scheduler_timescale": ((0,), _NO_EQUIVALENT),
+    "lr_scheduler_min_lr_ratio": ((0,), _NO_EQUIVALENT),
+    "max_token_length": ((75,), "has no leco equivalent (leco reads the model's 75 tokens); remove it"),
+    "huggingface_repo_id": (("",), "has no leco equivalent (leco uploads nothing); remove it"),
+    "save_state_to_huggingface": ((False,), "has no leco equivalent (leco uploads nothing); remove it"),
+    "resume_from_huggingface": ((False,), "has no leco equivalent; continue a leco run with --resume"),
+    "network_weights": (("",), "has no leco equivalent (a leco LoRA starts at zero); continue a leco "
+                        "run with --resume, or remove it"),
+    "network_train_text_encoder_only": ((False,), "is refused by train_leco too (LECO trains the UNet)"),
+    "gradient_accumulation_steps": ((1,), "has no leco equivalent; raise train.samples_per_step in a "
+                                    "leco config instead, or remove it"),
 }  # fmt: skip
 
 
 def load_kohya_arguments(path: Path, arguments: dict[str, Any]) -> LecoConfig:
     """The leco config a kohya train_leco arguments TOML stands for (`arguments`: its options, flat)."""
     options = _Options(path, arguments)
+    options.refuse_what_leco_lacks()
     document = {
         "prompts_file": options.prompts_file(),
         "pretrained_model": options.model(),
@@ -89,32 +105,50 @@ def load_kohya_arguments(path: Path, arguments: dict[str, Any]) -> LecoConfig:
         "train": options.train(),
         "save": options.save(),
         "logging": options.logging(),
-        "other": {"use_xformers": bool(options.get("xformers", "other.use_xformers"))},
+        "other": {"use_xformers": options.get("xformers", "other.use_xformers") is True},
     }
     options.finish()
     try:
         return config_from_document(document, path)
-    except ConfigError as error:
-        raise ConfigError(options.in_kohya_keys(str(error))) from None
+    except ConfigError as error:  # the first problem, told with the option it came from
+        raise ConfigError(options.in_kohya_keys(str(error).splitlines()[0])) from None
 
 
 class _Options:
     def __init__(self, path: Path, arguments: dict[str, Any]) -> None:
         self.path, self.arguments = path, arguments
-        self.read: set[str] = set(_PASSED_OVER)
-        self.origin: dict[str, str] = {}  # leco key -> the kohya option it came from
+        self.read: set[str] = set(_PASSED_OVER) | set(_NOT_READ_BY_TRAIN_LECO) | set(_REFUSED_UNLESS)
+        self.origin: dict[str, str] = {}  # leco key -> the kohya option it came from, where given
 
     def get(self, name: str, leco_key: str | None = None) -> Any:
+        """An option's value, kohya's default where the file leaves it out."""
         self.read.add(name)
-        if leco_key:
-            self.origin[leco_key] = name
         value = self.arguments.get(name)
+        if leco_key and value is not None:
+            self.origin[leco_key] = name
         return KOHYA_DEFAULTS.get(name) if value is None else value
 
-    def refuse_unless(self, name: str, inert: bool, why: str) -> None:
-        self.read.add(name)
-        if name in self.arguments and not inert:
-            raise ConfigError(f"{self.path}: {name}: {self.arguments[name]!r} {why}")
+    def items(self, name: str, leco_key: str) -> str:
+        """A list option of `key=value` strings (one string: one item), as one text."""
+        value = self.get(name, leco_key) or []
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ConfigError(f'{self.path}: {name}: give a list of "key=value" strings (got {value!r})')
+        return " ".join(items)
+
+    def parsed(self, name: str, leco_key: str) -> dict[str, Any]:
+        """kohya's `key=value` items, values as Python literals."""
+        text = self.items(name, leco_key)
+        try:
+            return parse_optimizer_args(text) if text else {}
+        except ValueError as error:
+            raise ConfigError(f"{self.path}: {name}: {error}") from None
+
+    def refuse_what_leco_lacks(self) -> None:
+        for name, (inert, why) in _REFUSED_UNLESS.items():
+            value = self.arguments.get(name)
+            if value is not None and value not in inert:
+                raise ConfigError(f"{self.path}: {name}: {value!r} {why}")
 
     def prompts_file(self) -> str:
         named = self.get("prompts_file", "prompts_file")
@@ -150,107 +184,84 @@ class _Options:
             "rank": self.get("network_dim", "network.rank"),
             "alpha": self.get("network_alpha", "network.alpha"),
         }
-        items = self.get("network_args") or []
-        for item in [items] if isinstance(items, str) else items:  # one string: one key=value
-            key, _, value = str(item).partition("=")
-            key = key.strip()
-            if key in ("conv_dim", "conv_alpha"):
-                network["type"] = "c3lier"
-                leco_key = "conv_rank" if key == "conv_dim" else "conv_alpha"
-                network[leco_key] = value.strip()
-                self.origin[f"network.{leco_key}"] = f"network_args {key}"
-            else:
-                raise ConfigError(
-                    f"{self.path}: network_args: {item!r}: leco reads conv_dim and conv_alpha here; remove it"
-                )
-        self.refuse_unless(
-            "network_weights",
-            not self.arguments.get("network_weights"),
-            "has no leco equivalent (a leco LoRA starts at zero; --resume continues a leco run); remove it",
-        )
-        self.refuse_unless(
-            "network_train_text_encoder_only",
-            not self.arguments.get("network_train_text_encoder_only"),
-            "is refused by train_leco too (LECO trains the UNet); remove it",
-        )
-        return network
+        settings = self.parsed("network_args", "network.type")
+        unknown = sorted(set(settings) - {"conv_dim", "conv_alpha"})
+        if unknown:
+            raise ConfigError(
+                f"{self.path}: network_args: {unknown[0]}: leco reads conv_dim and conv_alpha here; remove it"
+            )
+        if "conv_dim" in settings:  # kohya: the 3x3 convolutions too, at conv_alpha (1 unless given)
+            network |= {"type": "c3lier", "conv_rank": settings["conv_dim"]}
+            network["conv_alpha"] = settings.get("conv_alpha", 1.0)
+            self.origin |= {"network.conv_rank": "network_args", "network.conv_alpha": "network_args"}
+        return network  # conv_alpha alone trains no convolution in kohya either
 
     def train(self) -> dict[str, Any]:
+        steps = self.get("max_train_steps", "train.iterations")
         train: dict[str, Any] = {
-            "iterations": self.get("max_train_steps", "train.iterations"),
+            "iterations": steps,
             "max_denoising_steps": self.get("max_denoising_steps", "train.max_denoising_steps"),
             "rollout_guidance_scale": self.get("leco_denoise_guidance_scale", "train.rollout_guidance_scale"),
-            "gradient_checkpointing": bool(self.get("gradient_checkpointing")),
+            "noise_scheduler": "ddpm",  # train_leco's rollouts step a DDPMScheduler
+            "gradient_checkpointing": self.get("gradient_checkpointing") is True,
         }
-        lr = self.get("learning_rate", "train.lr")
-        unet_lr = self.get("unet_lr")
-        train["lr"] = lr if unet_lr is None else unet_lr  # kohya trains the UNet at unet_lr when set
-        if unet_lr is not None:
-            self.origin["train.lr"] = "unet_lr"
+        learning_rate = self.get("learning_rate", "train.lr")
+        unet_lr = self.get("unet_lr", "train.lr")  # kohya trains the UNet at unet_lr when set
+        train["lr"] = learning_rate if unet_lr is None else unet_lr
         clip = self.get("max_grad_norm", "train.max_grad_norm")
         train["max_grad_norm"] = None if clip == 0 else clip  # kohya: 0 turns clipping off
         precision = str(self.get("mixed_precision", "train.precision")).lower()
         train["precision"] = _PRECISIONS.get(precision, precision)
-        for name, leco_key in (("seed", "seed"), ("min_snr_gamma", "min_snr_gamma")):
-            if self.arguments.get(name) is not None:
-                train[leco_key] = self.get(name, f"train.{leco_key}")
-        train.update(self.optimizer())
-        train.update(self.schedule())
-        self.refuse_unless(
-            "gradient_accumulation_steps",
-            self.arguments.get("gradient_accumulation_steps") in (None, 1),
-            "has no leco equivalent; raise train.samples_per_step in a leco config instead, or remove it",
-        )
-        return train
+        if self.arguments.get("seed") is not None:
+            train["seed"] = self.get("seed", "train.seed")
+        gamma = self.get("min_snr_gamma", "train.min_snr_gamma")
+        train["min_snr_gamma"] = gamma or None  # kohya: 0 (or unset) weighs nothing
+        return train | self.optimizer() | self.schedule(steps)
 
     def optimizer(self) -> dict[str, Any]:
         name = str(self.get("optimizer_type", "train.optimizer") or "")
-        if self.arguments.get("use_8bit_adam"):
-            name = "AdamW8bit"
-        elif self.arguments.get("use_lion_optimizer"):
-            name = "Lion"
-        self.read.update(("use_8bit_adam", "use_lion_optimizer"))
+        flags = [flag for flag in ("use_8bit_adam", "use_lion_optimizer") if self.get(flag) is True]
+        if len(flags) > 1 or (flags and name):  # kohya asserts the same
+            given = [*flags, *(["optimizer_type"] if name else [])]
+            raise ConfigError(f"{self.path}: {', '.join(given)}: give one of them (kohya refuses both too)")
+        name = {"use_8bit_adam": "AdamW8bit", "use_lion_optimizer": "Lion"}.get(flags[0]) if flags else name
         name = name or "AdamW"  # kohya's default
+        if name.lower() in ("dadaptation", "dadaptadampreprint"):
+            raise ConfigError(
+                f"{self.path}: optimizer_type: {name!r} is D-Adaptation's AdamPreprint in kohya, which leco "
+                "lacks; the nearest is DAdaptAdam"
+            )
         if name.lower() not in _OPTIMIZERS_BY_LOWER:
             known = ", ".join(_OPTIMIZERS)
             raise ConfigError(
                 f"{self.path}: optimizer_type: {name!r} has no leco equivalent; use one of {known}"
             )
         optimizer, implied = _OPTIMIZERS_BY_LOWER[name.lower()]
-        arguments = self.get("optimizer_args", "train.optimizer_args") or []
-        if isinstance(arguments, str):
-            arguments = [arguments]
-        given = " ".join(str(item) for item in arguments)  # kohya's key=value items
         return {
             "optimizer": optimizer,
-            "optimizer_args": {**implied, **self.parsed(given)} if given else implied,
+            "optimizer_args": implied | self.parsed("optimizer_args", "train.optimizer_args"),
         }
 
-    def parsed(self, text: str, name: str = "optimizer_args") -> dict[str, Any]:
-        """kohya's `key=value` items, values as Python literals."""
-        try:
-            return parse_optimizer_args(text)
-        except ValueError as error:
-            raise ConfigError(f"{self.path}: {name}: {error}") from None
-
-    def schedule(self) -> dict[str, Any]:
+    def schedule(self, steps: Any) -> dict[str, Any]:
         name = str(self.get("lr_scheduler", "train.lr_scheduler")).lower()
         if name not in LR_SCHEDULERS:
             raise ConfigError(
                 f"{self.path}: lr_scheduler: {name!r} has no leco equivalent; use one of "
                 + ", ".join(LR_SCHEDULERS)
             )
-        schedule: dict[str, Any] = {"lr_scheduler": name, "lr_scheduler_args": {}}
+        arguments: dict[str, Any] = {}
         if name == "cosine_with_restarts":
-            schedule["lr_scheduler_args"]["num_cycles"] = self.get("lr_scheduler_num_cycles")
+            arguments["num_cycles"] = self.get("lr_scheduler_num_cycles", "train.lr_scheduler_args")
         if name == "polynomial":
-            schedule["lr_scheduler_args"]["power"] = self.get("lr_scheduler_power")
+            arguments["power"] = self.get("lr_scheduler_power", "train.lr_scheduler_args")
         self.read.update(("lr_scheduler_num_cycles", "lr_scheduler_power"))
-        if self.arguments.get("lr_warmup_steps") is not None:
-            schedule["lr_warmup_steps"] = self.get("lr_warmup_steps", "train.lr_warmup_steps")
-        given = self.get("lr_scheduler_args", "train.lr_scheduler_args") or []
-        text = " ".join(str(item) for item in ([given] if isinstance(given, str) else given))
-        schedule["lr_scheduler_args"].update(self.parsed(text, "lr_scheduler_args") if text else {})
+        arguments |= self.parsed("lr_scheduler_args", "train.lr_scheduler_args")
+        schedule: dict[str, Any] = {"lr_scheduler": name, "lr_scheduler_args": arguments}
+        warmup = self.get("lr_warmup_steps", "train.lr_warmup_steps")
+        if isinstance(warmup, float) and 0 <= warmup < 1 and isinstance(steps, int):
+            warmup = int(warmup * steps)  # kohya: a number below 1 is a share of the steps
+        if warmup is not None:
+            schedule["lr_warmup_steps"] = warmup
         return schedule
 
     def save(self) -> dict[str, Any]:
@@ -259,15 +270,14 @@ class _Options:
             raise ConfigError(
                 f"{self.path}: output_dir: required (train_leco refuses to run without it); add it"
             )
-        save: dict[str, Any] = {
-            "path": str(Path.cwd() / Path(folder).expanduser()),
-            "name": self.get("output_name", "save.name"),
-        }
+        # leco names its files NAME_last / NAME_Nsteps: without output_name, the arguments file's name
+        name = self.get("output_name", "save.name") or self.path.stem
+        save: dict[str, Any] = {"path": str(Path.cwd() / Path(folder).expanduser()), "name": name}
         every = self.get("save_every_n_steps", "save.per_steps")
-        save["per_steps"] = every if every else self.get("max_train_steps")  # kohya: none between
+        save["per_steps"] = every or self.get("max_train_steps")  # kohya: none between when unset
         if self.arguments.get("save_precision") is not None:
             save["precision"] = self.get("save_precision", "save.precision")
-        if self.arguments.get("save_model_as") not in (None, "safetensors"):
+        if self.get("save_model_as") not in (None, "safetensors"):
             raise ConfigError(
                 f"{self.path}: save_model_as: leco writes .safetensors only; set it to safetensors"
             )
@@ -275,39 +285,41 @@ class _Options:
 
     def logging(self) -> dict[str, Any]:
         trackers = str(self.get("log_with") or "").lower()
+        folder = self.get("logging_dir", "logging.tensorboard_dir")
         logging: dict[str, Any] = {}
         if trackers in ("wandb", "all"):
             logging["use_wandb"] = True
-        if trackers in ("tensorboard", "all") or (not trackers and self.arguments.get("logging_dir")):
+        if trackers in ("tensorboard", "all") or (not trackers and folder):  # kohya: a folder alone
             logging["use_tensorboard"] = True
-            if self.arguments.get("logging_dir"):
-                logging["tensorboard_dir"] = self.get("logging_dir", "logging.tensorboard_dir")
-        if self.arguments.get("log_tracker_name"):
-            logging["wandb_project"] = self.get("log_tracker_name", "logging.wandb_project")
-        self.read.update(("logging_dir", "log_tracker_name"))
+            if folder:
+                logging["tensorboard_dir"] = folder
+        project = self.get("log_tracker_name", "logging.wandb_project")
+        if project:
+            logging["wandb_project"] = project
         return logging
 
     def finish(self) -> None:
-        for name, value in self.arguments.items():
-            if name in _INERT_ONLY_AT and name not in self.read:
-                if value not in (None, *_INERT_ONLY_AT[name]):
-                    raise ConfigError(f"{self.path}: {name}: {value!r} has no leco equivalent; remove it")
-                continue
+        for name in self.arguments:
             if name not in self.read:
                 close = difflib.get_close_matches(name, sorted(self.read), n=1)
-                fix = (
-                    f"did you mean {close[0]!r}?"
-                    if close
-                    else "remove it, or write the run as a leco config YAML"
-                )
+                fix = f"did you mean {close[0]!r}?" if close else "remove it"
                 raise ConfigError(
-                    f"{self.path}: {name}: a train_leco option leco has no equivalent for; {fix}"
+                    f"{self.path}: {name}: not an option of train_leco (kohya would skip it without a word); "
+                    + fix
                 )
+        ignored = [
+            name
+            for name, default in _NOT_READ_BY_TRAIN_LECO.items()
+            if self.arguments.get(name) not in (None, default)
+        ]
+        if ignored:
+            warn(f"{self.path}: {', '.join(ignored)}: not read by train_leco either; ignored")
 
     def in_kohya_keys(self, message: str) -> str:
         """A message about a leco key set from an option, told with the option's name."""
         for ours, theirs in sorted(self.origin.items(), key=lambda item: -len(item[0])):
             opening = f"{self.path}: {ours}"
-            if message.startswith((f"{opening}:", f"{opening} ")):
-                return f"{self.path}: {theirs} (leco: {ours}){message[len(opening) :]}"
+            if message.startswith((f"{opening}:", f"{opening} ", f"{opening}.")):
+                told = theirs if theirs == ours else f"{theirs} (leco: {ours})"
+                return f"{self.path}: {told}{message[len(opening) :]}"
         return message

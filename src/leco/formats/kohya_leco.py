@@ -113,8 +113,8 @@ def load_kohya_prompts(path: Path, data: dict[str, Any] | None = None) -> list[P
         raise ConfigError(f"{path}: the file is empty; write [[prompts]] entries or slider [[targets]]")
     if "prompts" not in data and "targets" not in data and kohya_arguments_in(data):
         raise ConfigError(
-            f"{path}: is a kohya train_leco arguments file (--config_file), not its prompt file; give "
-            "prompts_file the TOML it names, and its options to the leco config (README)"
+            f"{path}: is a kohya train_leco arguments file (--config_file), not its prompt file; run it "
+            f"as it is: leco train {path}"
         )
     reader = _KohyaReader(path)
     entries = reader.prompts_form(data) if "prompts" in data else reader.slider_form(data)
@@ -400,11 +400,9 @@ KOHYA_ARGUMENT_KEYS = {
 
 
 def kohya_arguments(path: Path) -> dict[str, Any] | None:
-    """The options of a kohya train_leco arguments TOML (tables flattened); None if it is none."""
-    try:
-        return kohya_arguments_in(_read_toml(path))
-    except ConfigError:
-        return None
+    """The options of a kohya train_leco arguments TOML (tables flattened); None if it is none.
+    ConfigError if it is not TOML at all."""
+    return kohya_arguments_in(_read_toml(path))
 
 
 def kohya_arguments_in(data: dict[str, Any]) -> dict[str, Any] | None:
