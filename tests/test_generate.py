@@ -499,6 +499,10 @@ def test_run_generation_refuses_files_an_earlier_run_left_unless_told(tmp_path, 
     grid.touch()
     run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=True)
     assert grid.stat().st_size > 0  # leco's own: replaced
+    Image.new("RGB", (4, 4)).save(grid)  # an earlier release's grid carried no text: leco's beside its images
+    run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=True)
+    for path in paths:
+        path.unlink()
     Image.new("RGB", (4, 4)).save(grid)  # the user's own image of that name: never replaced
     for overwrite in (False, True):
         with pytest.raises(

@@ -175,15 +175,29 @@ SOFTWARE = "leco"  # the PNG "Software" text of every image leco writes
 
 def written_by_leco(path: Path) -> bool:
     """Whether `path` is a PNG leco wrote: its Software text, or (images of earlier releases) A1111
-    parameters naming leco's version."""
+    parameters naming leco's version, or (their grids, which carried no text) a grid.png without
+    text beside images leco wrote."""
+    text = _png_text(path)
+    if text is None:
+        return False
+    if text.get("Software", "").startswith(SOFTWARE) or "Version: leco " in text.get("parameters", ""):
+        return True
+    siblings = (p for p in path.parent.glob("*.png") if p != path) if path.name == GRID else ()
+    return not text and any(written_by_leco(sibling) for sibling in siblings)
+
+
+GRID = "grid.png"  # the labelled grid generate writes beside its images
+
+
+def _png_text(path: Path) -> dict[str, str] | None:
+    """A PNG's text chunks; None if it is no readable image."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            text = dict(getattr(image, "text", {}))
+            return dict(getattr(image, "text", {}))
     except (OSError, UnidentifiedImageError, ValueError):
-        return False
-    return text.get("Software", "").startswith(SOFTWARE) or "Version: leco " in text.get("parameters", "")
+        return None
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:

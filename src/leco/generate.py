@@ -37,7 +37,7 @@ from leco import __version__
 from leco.conditioning import warn_if_misread
 from leco.config import typed_float
 from leco.errors import LecoError, warn
-from leco.files import load_torch_file, refuse_earlier_outputs, safetensors_metadata
+from leco.files import GRID, load_torch_file, refuse_earlier_outputs, safetensors_metadata
 from leco.images import ImageRequest, format_strength, make_grid, save_image, unique_slugs
 from leco.models import (
     CHECKPOINT_SUFFIXES,
@@ -728,7 +728,7 @@ def refuse_earlier_files(requests: list[ImageRequest], out: str | Path, overwrit
 def output_files(requests: list[ImageRequest], out: str | Path) -> list[Path]:
     """The files `run_generation` writes into `out`: one PNG per request, then the grid."""
     slugs = unique_slugs(request.prompt for request in requests)
-    return [Path(out) / request.file_name(slugs) for request in requests] + [Path(out) / "grid.png"]
+    return [Path(out) / request.file_name(slugs) for request in requests] + [Path(out) / GRID]
 
 
 def requests_for(prompts: list[str], strengths: list[float], seeds: list[int]) -> list[ImageRequest]:
