@@ -40,6 +40,10 @@ _PLACEHOLDER_HASH = "0" * 8
 ANOTHER_MODEL = "the LoRA was trained for another model"  # what a file that does not fit the model says
 
 
+class LoraDoesNotFit(LecoError):
+    """A LoRA file whose layers or shapes are not this model's."""
+
+
 def kohya_key(module_name: str, family: ModelFamily, unet_config: dict[str, Any]) -> str:
     path = to_sgm_name(module_name, unet_config) if family.is_sdxl else module_name
     return UNET_PREFIX + path.replace(".", "_")
@@ -117,9 +121,7 @@ def naming_its_model(metadata: dict[str, str]) -> Iterator[None]:
     """A LoRA that fits no layer (or a layer's shape) of the model says which model to give instead."""
     try:
         yield
-    except LecoError as error:
-        if ANOTHER_MODEL not in str(error):
-            raise
+    except LoraDoesNotFit as error:
         raise LecoError(f"{error}; {made_for(metadata)}") from None
 
 
@@ -366,7 +368,7 @@ def canonical_unet_modules(
     modules: dict[str, ModuleWeights] = {}
     for key, weights in group_modules(tensors, source).items():
         if key not in by_key:
-            raise LecoError(
+            raise LoraDoesNotFit(
                 f"{source}: {key} matches no layer of this {family.name} UNet; {ANOTHER_MODEL} family"
             )
         name = by_key[key]
@@ -398,7 +400,7 @@ def fit_to_layer(weights: ModuleWeights, layer: nn.Module, where: str) -> Module
         expected_up = (layer.out_channels, weights.rank, 1, 1)
     for part, value, expected in (("lora_down", down, expected_down), ("lora_up", up, expected_up)):
         if tuple(value.shape) != expected:
-            raise LecoError(
+            raise LoraDoesNotFit(
                 f"{where}.{part}.weight has shape {list(value.shape)} but the layer needs {list(expected)}; "
                 + ANOTHER_MODEL
             )

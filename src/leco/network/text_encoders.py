@@ -13,9 +13,15 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from leco.errors import LecoError
 from leco.models import ModelFamily
-from leco.network.kohya import ANOTHER_MODEL, ModuleWeights, delta_weight, fit_to_layer, group_modules
+from leco.network.kohya import (
+    ANOTHER_MODEL,
+    LoraDoesNotFit,
+    ModuleWeights,
+    delta_weight,
+    fit_to_layer,
+    group_modules,
+)
 
 
 def text_encoder_prefixes(family: ModelFamily) -> tuple[str, ...]:
@@ -54,7 +60,7 @@ class TextEncoderLoRA:
         fitted = {}
         for key, weights in self.modules.items():
             if key not in layers:
-                raise LecoError(
+                raise LoraDoesNotFit(
                     f"{self.source}: {key} matches no text-encoder layer of this {family.name} model; "
                     f"{ANOTHER_MODEL} family"
                 )
