@@ -23,7 +23,7 @@ from safetensors import safe_open
 from leco import train
 from leco.cli import main
 from leco.config import ConfigError, PromptSettings, TrainConfig, load_config, load_prompts
-from leco.formats.ai_toolkit import in_job_keys
+from leco.formats.origins import in_file_keys
 from leco.models import load_models
 from leco.network import read_lora_file
 from leco.prompts import encode_texts, prepare_prompts
@@ -590,8 +590,12 @@ def test_kohyas_arguments_toml_trains_with_leco_train(tmp_path, monkeypatch, cap
     (tmp_path / "args.toml").write_text(
         'pretrained_model_name_or_path = "ink-digits"\nprompts_file = "erase.toml"\noutput_dir = "out"\n'
         'output_name = "no_seven"\nmax_train_steps = 3\nlearning_rate = 1e-3\nmax_denoising_steps = 4\n'
+        "lr_warmup_steps = 2\n"
     )
-    assert main(["train", "args.toml", "--no-progress"]) == 0, capsys.readouterr().err
+    assert main(["train", "args.toml", "--no-progress"]) == 0
+    # a setting without effect is named by the option the file wrote
+    said = "lr_warmup_steps (leco: train.lr_warmup_steps): the constant schedule has no warmup; ignored"
+    assert said in capsys.readouterr().err
     with safe_open(str(tmp_path / "out" / "no_seven_last.safetensors"), "pt") as file:
         keys, metadata = list(file.keys()), file.metadata()  # noqa: SIM118
     assert metadata["ss_network_dim"] == "4" and any(key.startswith("lora_unet_") for key in keys)
@@ -978,8 +982,8 @@ def test_ai_toolkit_problems_found_after_conversion_name_the_jobs_own_key(ai_too
         f"{path}: config.process[0].model.is_v2 (leco: pretrained_model.v2): is true but ink-digits" in error
     )
     # leco's own count of expanded entries is no key of the job: such a message stays as it is
-    assert in_job_keys(path, "prompts entry 5: resolution 10") == "prompts entry 5: resolution 10"
-    assert in_job_keys(path, "prompts: x").startswith("config.process[0].slider.targets (leco: prompts): x")
+    assert in_file_keys(path, "prompts entry 5: resolution 10") == "prompts entry 5: resolution 10"
+    assert in_file_keys(path, "prompts: x").startswith("config.process[0].slider.targets (leco: prompts): x")
 
 
 AI_TOOLKIT_KEYS = [

@@ -28,13 +28,15 @@ def train(
     """
     from leco.config import ready_config
     from leco.errors import LecoError, warn
+    from leco.formats.origins import in_file_keys
 
     if not isinstance(overwrite, bool):  # "no" would read as true and replace an earlier run
         raise LecoError(f"overwrite: {overwrite!r}; give True or False")
+    config_file = config if isinstance(config, (str, Path)) else None  # another tool's: its keys
     config = ready_config(config)
     if os.environ.get("RANK", "0") == "0":  # once, not per process
         for note in config.unused_settings():
-            warn(note)
+            warn(in_file_keys(config_file, note) if config_file else note)
     if config.train.method == "closed_form":
         from leco import closed_form
         from leco.trainer import TrainResult

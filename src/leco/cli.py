@@ -536,11 +536,9 @@ _CONFIG_KEY_PROBLEM = re.compile(
 
 
 def _in_config_file(config: str, message: str) -> str:
-    from leco.formats.ai_toolkit import in_job_keys
+    from leco.formats.origins import in_file_keys
 
-    return (
-        f"{config}: {in_job_keys(Path(config), message)}" if _CONFIG_KEY_PROBLEM.match(message) else message
-    )
+    return f"{config}: {in_file_keys(config, message)}" if _CONFIG_KEY_PROBLEM.match(message) else message
 
 
 def load_for_images(args: argparse.Namespace):

@@ -38,6 +38,7 @@ from pydantic import ValidationError
 from leco.config import MAX_SIDE, ConfigError, LecoConfig, dotted_key, refuse_non_text_prompts
 from leco.errors import warn
 from leco.formats.kohya_leco import slider_pairs
+from leco.formats.origins import remember, with_origin
 
 # ai-toolkit's defaults (toolkit/config_modules.py) where they differ from leco's.
 AI_TOOLKIT_TRAIN_DEFAULTS = {
@@ -125,9 +126,6 @@ def read_document(path: Path, quiet: bool = False) -> Any:
 
 # leco key -> the job's own key, per job file read: checks that run after conversion (the device,
 # the model's family, an optimizer's package) name the key the user wrote.
-_KEY_ORIGINS: dict[Path, dict[str, str]] = {}
-
-
 def load_ai_toolkit_config(path: Path) -> LecoConfig:
     """Read an ai-toolkit slider job config into a leco config (its prompts expanded)."""
     document = read_document(path)
@@ -135,20 +133,8 @@ def load_ai_toolkit_config(path: Path) -> LecoConfig:
         raise ConfigError(f"{path}: must be a mapping with job: and config:")
     converter = _Converter(path)
     config = converter.convert(document)
-    _KEY_ORIGINS[path.resolve()] = converter.origin
+    remember(path, converter.origin)
     return config
-
-
-def in_job_keys(path: Path, message: str) -> str:
-    """`message`, opening with a leco key set from the job file at `path`, told with the job's key."""
-    return _with_origin(message, _KEY_ORIGINS.get(Path(path).resolve(), {}))
-
-
-def _with_origin(message: str, origin: dict[str, str]) -> str:
-    for ours, theirs in origin.items():
-        if message.startswith(f"{ours}: "):  # the key itself; "prompts entry 5" counts leco's entries
-            return f"{theirs} (leco: {ours}){message[len(ours) :]}"
-    return message
 
 
 def _parse(path: Path, text: str) -> Any:
@@ -921,7 +907,7 @@ class _Converter:
             config.check_combination()
         except ConfigError as error:
             message = str(error).removeprefix(f"{self.path.name}: ")  # an entry's: the full path instead
-            raise ConfigError(f"{self.path}: {_with_origin(message, self.origin)}") from None
+            raise ConfigError(f"{self.path}: {with_origin(message, self.origin)}") from None
         return config
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from leco.config import LR_SCHEDULERS, ConfigError, LecoConfig, config_from_document, parse_optimizer_args
 from leco.errors import warn
+from leco.formats.origins import remember, with_origin
 
 # kohya's defaults (train_util / train_leco argparse) for options leco maps.
 KOHYA_DEFAULTS = {
@@ -108,6 +109,7 @@ def load_kohya_arguments(path: Path, arguments: dict[str, Any]) -> LecoConfig:
         "other": {"use_xformers": options.get("xformers", "other.use_xformers") is True},
     }
     options.finish()
+    remember(path, options.origin)
     try:
         return config_from_document(document, path)
     except ConfigError as error:  # the first problem, told with the option it came from
@@ -317,9 +319,7 @@ class _Options:
 
     def in_kohya_keys(self, message: str) -> str:
         """A message about a leco key set from an option, told with the option's name."""
-        for ours, theirs in sorted(self.origin.items(), key=lambda item: -len(item[0])):
-            opening = f"{self.path}: {ours}"
-            if message.startswith((f"{opening}:", f"{opening} ", f"{opening}.")):
-                told = theirs if theirs == ours else f"{theirs} (leco: {ours})"
-                return f"{self.path}: {told}{message[len(opening) :]}"
-        return message
+        opening = f"{self.path}: "
+        if not message.startswith(opening):
+            return message
+        return opening + with_origin(message[len(opening) :], self.origin)
