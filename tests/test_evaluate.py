@@ -147,8 +147,13 @@ def test_spec_errors_name_the_file_and_key(tmp_path):
     path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nstrengths: [1]\n")
     assert load_spec(path).strengths == [0.0, 1.0]  # drift needs the strength-0 images
     path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nsampler: eulr\n")
-    with pytest.raises(ConfigError, match=r"spec.yaml: sampler: not a known sampler; use model or one"):
+    with pytest.raises(ConfigError, match=r"spec.yaml: sampler: 'eulr' is not known; use model or one"):
         load_spec(path)  # named as the spec's key, not as the command line's --sampler
+    path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nsampler: DPM++ SDE\n")
+    with pytest.raises(
+        ConfigError, match=r"spec.yaml: sampler: 'DPM\+\+ SDE' is not offered: .*'DPM\+\+ 2M SDE'"
+    ):
+        load_spec(path)
 
 
 def test_nudenet_detector_runs_offline_and_counts_exposed_parts_only():
