@@ -297,6 +297,27 @@ def test_keep_all_with_every_concept_erased_is_refused_before_any_image():
     assert {j.concept for j in judged_prompts(spec, detector) if j.kind == "keep"} == {"digit:0"}
 
 
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            "erase: [{prompt: a seven, concept: a seven}]",
+            r"has one \('a seven'\): every image would read as it",
+        ),
+        ("erase: [{prompt: a, concept: X}]\nalternatives: [' x ']", r"has one \('x'\)"),  # the same label
+        ("keep: [{prompt: a, concept: ' '}]\nalternatives: [b]", r"keep.1.concept: empty"),
+    ],
+)
+def test_a_clip_spec_whose_images_can_read_only_one_way_is_refused(tmp_path, lines, message):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"detector: clip\nclip_model: x\n{lines}\n")
+    with pytest.raises(ConfigError, match=rf"spec.yaml: .*{message}"):
+        load_spec(spec)
+    if "alternatives" not in lines and "empty" not in message:  # with something else to read: judged
+        spec.write_text(f"detector: clip\nclip_model: x\n{lines}\nalternatives: [a blank image]\n")
+        assert load_spec(spec).alternatives == ["a blank image"]
+
+
 def test_keep_all_is_refused_by_detectors_without_a_concept_list(tiny_clip):
     spec = EvalSpec.model_validate({"erase": [{"prompt": "a nude", "concept": "nudity"}], "keep": "all"})
     with pytest.raises(LecoError, match="keep: all needs a detector with a list of concepts; nudenet"):
@@ -655,6 +676,7 @@ def test_a_clip_model_that_is_not_here_is_one_line_at_once(monkeypatch, tmp_path
     spec = tmp_path / "spec.yaml"  # through a spec: its file is named, as for its other keys
     spec.write_text(
         "detector: clip\nclip_model: someone/no-such-clip\nkeep: [{prompt: a cat, concept: a cat}]\n"
+        "alternatives: [a dog]\n"
     )
     with pytest.raises(
         LecoError, match=r"^.*spec.yaml: clip_model: 'someone/no-such-clip' is not in the local"

@@ -153,6 +153,8 @@ def load_spec(path: str | Path) -> EvalSpec:
     _refuse_contradictions(spec, path)
     if spec.detector != "clip" and {"alternatives", "clip_model"} & spec.model_fields_set:
         warn(f"{path}: alternatives and clip_model are for detector: clip, not {spec.detector}; ignored")
+    if spec.detector == "clip":
+        _refuse_one_clip_label(spec, path)
     for number, item in enumerate(spec.enhance, start=1):  # else its goal is never measured
         if not any(strength * item.end > 0 for strength in spec.strengths):
             side = "negative" if item.end < 0 else "positive"
@@ -164,6 +166,27 @@ def load_spec(path: str | Path) -> EvalSpec:
         spec.strengths = [0.0, *spec.strengths]  # drift is measured against strength 0
     spec._source = str(path)
     return spec
+
+
+def _refuse_one_clip_label(spec: EvalSpec, path: Path) -> None:
+    """CLIP reads each image as the likeliest of the spec's labels: with one label (or an empty one)
+    every image reads as it, whatever the LoRA did."""
+    items = [("erase", spec.erase), ("keep", spec.keep), ("enhance", spec.enhance)]
+    for kind, judged in items:
+        for number, item in enumerate(judged, start=1):
+            if not item.concept.strip():
+                raise ConfigError(f"{path}: {kind}.{number}.concept: empty; name what CLIP should look for")
+    labels = {
+        label.strip().lower()
+        for label in [c.concept for _, judged in items for c in judged] + spec.alternatives
+    }
+    if len(labels) < 2:
+        only = next(iter(labels), "")
+        raise ConfigError(
+            f"{path}: detector clip reads each image as the likeliest of the spec's labels, and this spec "
+            f"has one ({only!r}): every image would read as it; add alternatives: (what the images may "
+            "show instead, e.g. [a photo of a dog, a blank image]) or keep: prompts of other concepts"
+        )
 
 
 def concept_parts(detector: str, concept: str) -> frozenset[str]:
