@@ -13,7 +13,7 @@ from diffusers.loaders.single_file_utils import (
     create_diffusers_clip_model_from_ldm,
 )
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from leco import __version__
@@ -447,6 +447,9 @@ def test_a_bundled_models_checkpoint_loads_back_into_leco(tmp_path, name):
     checkpoint = merge(name, [LoraStrength(lora, 1.0)], tmp_path / "ink.safetensors", precision="fp32")
     original, loaded = load_models(name), load_models(str(checkpoint))
     assert loaded.family == original.family
+    stripped = tmp_path / "stripped.safetensors"  # re-saved by another tool: its metadata lost
+    save_file(load_file(str(checkpoint)), str(stripped))
+    assert load_models(str(stripped)).family == original.family  # the layout's own folder says it
     assert loaded.scheduler_config["prediction_type"] == original.scheduler_config["prediction_type"]
     assert [t.model_max_length for t in loaded.tokenizers] == [16]  # ink-digits' prompt length
     # its judge, model card and prompt list are found where the bundled model keeps them

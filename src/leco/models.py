@@ -495,8 +495,11 @@ def _load_single_file(
             f"model of its own layout loads from its diffusers folder{with_config}"
         ) from None
     said_v = _stated_v_prediction(path) if arch == "sd2" else None
+    declared_v = _declared_v_prediction(Path(config_dir)) if arch == "sd2" and spec.config else None
     if said_v is not None:
         detected_v, evidence = said_v, f"{path} (its modelspec.prediction_type)"
+    elif declared_v is not None:  # the layout's own folder (a bundled model's), whatever the file lost
+        detected_v, evidence = declared_v, f"{config_dir} (its scheduler's prediction_type)"
     else:  # the probe reads real SD2 models right; the file's own word is firmer for small ones
         detected_v, evidence = (
             (probe_v_prediction(unet) if arch == "sd2" else None),
@@ -546,6 +549,15 @@ def _stated_v_prediction(path: Path) -> bool | None:
     if "leco.merge" not in metadata:
         return None
     return {"v": True, "epsilon": False}.get(metadata.get("modelspec.prediction_type", ""))
+
+
+def _declared_v_prediction(config_dir: Path) -> bool | None:
+    """What a model config folder's scheduler says of v-prediction, if it says."""
+    try:
+        config = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"v_prediction": True, "epsilon": False}.get(config.get("prediction_type", ""))
 
 
 def _bundled_layout(checkpoint: dict[str, torch.Tensor], dtype: torch.dtype) -> str | None:
