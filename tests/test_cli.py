@@ -800,6 +800,20 @@ def test_report_json_is_untouched_by_a_refused_command(tmp_path, capsys, no_load
     assert json.loads(report.read_text()) == earlier
 
 
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["generate", "--model", "m", "--prompt", "x", "--seeds", "0-1", "--seeds=5"], "--seeds"),
+        (["merge", "--model", "m", "--lora", "a", "--out", "o1", "--out", "o2"], "--out"),
+        (["eval", "--model", "m", "--spec", "a.yaml", "--spec", "b.yaml"], "--spec"),
+    ],
+)
+def test_an_option_that_takes_one_value_given_twice_is_refused(capsys, argv, option):
+    """argparse would keep the last and drop the first without a word."""
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, f"argument {option}: given twice; give it once")
+
+
 def test_train_without_a_config_or_with_two_says_which(capsys, tmp_path):
     code, _, err = run_cli(["train"], capsys)
     assert_one_line_error(code, err, "no config given; run leco train CONFIG.yaml")

@@ -794,6 +794,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if unknown:  # named by the command it was given to, as its other errors are
         (args.commands.get(args.command) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     args.words = words  # the command line, for commands that start copies of themselves
+    if args.command is not None:
+        _refuse_repeated_options(args.commands[args.command], words)
     if args.command is None:
         parser.print_usage(sys.stderr)
         print("leco: error: name a command, e.g. leco train CONFIG.yaml (see leco --help)", file=sys.stderr)
@@ -822,6 +824,23 @@ def _main(argv: Sequence[str] | None) -> int:
             raise
         print(f"leco {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _refuse_repeated_options(command: argparse.ArgumentParser, words: list[str]) -> None:
+    """argparse keeps the last of an option given twice; for one that takes a value, the first is
+    then dropped without a word (--seeds 0-1 --seeds 5 draws seed 5 only)."""
+    seen: set[str] = set()
+    for word in words:
+        if word == "--":
+            break
+        action = command._option_string_actions.get(word.split("=", 1)[0])  # argparse's own table
+        if action is None or action.nargs == 0 or isinstance(action, argparse._AppendAction):
+            continue  # a flag (twice is once) or an option meant to be repeated
+        name = action.option_strings[-1]
+        if name in seen:
+            lists = {"--seeds": " (a list goes in one value: 0-1,5)", "--strengths": " (one list: -1,0,1)"}
+            command.error(f"argument {name}: given twice; give it once{lists.get(name, '')}")
+        seen.add(name)
 
 
 def _disk_full(error: BaseException) -> str | None:
