@@ -146,6 +146,9 @@ def test_spec_errors_name_the_file_and_key(tmp_path):
         load_spec(path)
     path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nstrengths: [1]\n")
     assert load_spec(path).strengths == [0.0, 1.0]  # drift needs the strength-0 images
+    path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nstrengths: [0.1, 0.10000001]\n")
+    with pytest.raises(ConfigError, match=r"spec.yaml: strengths: 0.1 and 0.10000001 are both labelled 0.1"):
+        load_spec(path)
     path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nsampler: eulr\n")
     with pytest.raises(ConfigError, match=r"spec.yaml: sampler: 'eulr' is not known; use model or one"):
         load_spec(path)  # named as the spec's key, not as the command line's --sampler

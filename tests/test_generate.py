@@ -88,6 +88,9 @@ def test_seed_and_strength_lists():
     assert parse_seeds(str(2**64 - 1)) == [2**64 - 1]
     assert parse_strengths("-1,0,0.5") == [-1.0, 0.0, 0.5]
     assert [str(s) for s in parse_strengths("-0,1,1")] == ["0.0", "1.0"]  # -0 is 0: one image, one name
+    with pytest.raises(LecoError, match=r"^--strengths: 0.1 and 0.10000001 are both labelled 0.1"):
+        parse_strengths("0.1,0.10000001")  # one file name, one grid column, one summary key
+    assert parse_strengths("0.1,0.100001") == [0.1, 0.100001]
     for text, says in [
         ("a-b", "not a list of seeds"),
         ("5-1", "counts down; write the smaller seed first: 1-5"),

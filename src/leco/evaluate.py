@@ -54,7 +54,7 @@ from leco.generate import (
     warn_if_distilled,
     warn_if_negative_unread,
 )
-from leco.images import ImageRequest, save_image, unique_slugs
+from leco.images import ImageRequest, format_strength, save_image, strengths_named_alike, unique_slugs
 from leco.models import LoadedModels, check_hub_repo_available, quiet_library_logs, recommended_sampling
 
 KINDS = ("erase", "keep", "enhance")
@@ -97,6 +97,17 @@ class EvalSpec(BaseModel):
     keep: list[ConceptPrompt] = Field(default_factory=list)  # should stay, unchanged
     keep_all: bool = False  # written `keep: all` (or `all` as an item of keep:)
     enhance: list[EnhancedPrompt] = Field(default_factory=list)  # should appear more often (at its end)
+
+    @field_validator("strengths")
+    @classmethod
+    def _strengths_told_apart(cls, strengths: list[float]) -> list[float]:
+        alike = strengths_named_alike(strengths)
+        if alike:  # the report's summary and the image files are keyed by the label
+            raise ValueError(
+                f"{alike[0]!r} and {alike[1]!r} are both labelled {format_strength(alike[0])}; give "
+                "strengths that differ in 6 significant digits"
+            )
+        return strengths
 
     @field_validator("sampler")
     @classmethod

@@ -38,7 +38,14 @@ from leco.conditioning import warn_if_misread
 from leco.config import typed_float
 from leco.errors import LecoError, warn
 from leco.files import GRID, load_torch_file, refuse_earlier_outputs, safetensors_metadata
-from leco.images import ImageRequest, format_strength, make_grid, save_image, unique_slugs
+from leco.images import (
+    ImageRequest,
+    format_strength,
+    make_grid,
+    save_image,
+    strengths_named_alike,
+    unique_slugs,
+)
 from leco.models import (
     CHECKPOINT_SUFFIXES,
     LoadedModels,
@@ -769,6 +776,12 @@ def parse_strengths(text: str) -> list[float]:
     for value in values:
         if not math.isfinite(value):
             raise LecoError(f"--strengths: {text!r} holds {value}; strengths are finite numbers, e.g. -1,0,1")
+    alike = strengths_named_alike(values)
+    if alike:
+        raise LecoError(
+            f"--strengths: {alike[0]!r} and {alike[1]!r} are both labelled {format_strength(alike[0])} (and "
+            "one image file would replace the other); give strengths that differ in 6 significant digits"
+        )
     return list(dict.fromkeys(value + 0.0 for value in values))
 
 

@@ -113,3 +113,14 @@ def slug(text: str) -> str:
 
 def format_strength(value: float) -> str:
     return f"{value:g}"
+
+
+def strengths_named_alike(strengths: Iterable[float]) -> tuple[float, float] | None:
+    """Two different strengths whose label (and image file name) would be the same, if any."""
+    seen: dict[str, float] = {}
+    for value in strengths:
+        label = format_strength(value + 0.0)  # -0 is 0
+        if label in seen and seen[label] != value:
+            return seen[label], value
+        seen.setdefault(label, value)
+    return None
