@@ -814,6 +814,27 @@ def test_an_option_that_takes_one_value_given_twice_is_refused(capsys, argv, opt
     assert_one_line_error(code, err, f"argument {option}: given twice; give it once")
 
 
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["generate", "--model", "m", "--prompt", "x", "--out", ""], "--out"),
+        (["generate", "--model", "m", "--prompt", "x", "--lora", " "], "--lora"),
+        (["generate", "--model", "m", "--prompt", "x", "--embedding", ""], "--embedding"),
+        (["eval", "--model", "m", "--spec", "", "--images", "x"], "--spec"),
+        (["eval", "--model", "m", "--spec", "s.yaml", "--images", ""], "--images"),
+        (["merge", "--model", "m", "--lora", "", "--out", "x.safetensors"], "--lora"),
+        (["convert", "", "--out", "z.safetensors", "--family", "sd1"], "IN"),
+    ],
+)
+def test_an_empty_path_is_refused_not_read_as_the_working_directory(
+    capsys, tmp_path, monkeypatch, argv, option
+):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(argv, capsys)
+    assert_one_line_error(code, err, f"argument {option}: empty; name a file or folder")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_train_without_a_config_or_with_two_says_which(capsys, tmp_path):
     code, _, err = run_cli(["train"], capsys)
     assert_one_line_error(code, err, "no config given; run leco train CONFIG.yaml")

@@ -143,9 +143,16 @@ def _number(text: str, kind: type, what: str) -> Any:
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
 
 
+def _named(text: str) -> str:
+    """A path option's value: Path("") would be the working directory, never what was meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; name a file or folder")
+    return text
+
+
 def _output_folder(text: str) -> Path:
     """A folder leco can create or write into (checked now, not after minutes of loading)."""
-    path = Path(text).expanduser()
+    path = Path(_named(text)).expanduser()
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{path} is a file; name a folder for the images")
     _check_writable(path)
@@ -153,7 +160,7 @@ def _output_folder(text: str) -> Path:
 
 
 def _output_file(text: str) -> Path:
-    path = Path(text).expanduser()
+    path = Path(_named(text)).expanduser()
     if path.is_dir():
         raise argparse.ArgumentTypeError(
             f"{path} is a folder; name the report file, e.g. {path / 'report.json'}"
@@ -207,7 +214,7 @@ def _check_writable(path: Path) -> None:
 
 def _lora_file(text: str) -> str:
     """generate's --lora: a LoRA file (its strengths are --strengths)."""
-    _refuse_strength_suffix(text, "generate draws each image at --strengths (e.g. --strengths 0.5)")
+    _refuse_strength_suffix(_named(text), "generate draws each image at --strengths (e.g. --strengths 0.5)")
     return _read_lora(text)
 
 
@@ -234,7 +241,7 @@ def _lora_or_embedding_file(text: str) -> str:
     """eval's --lora: a LoRA, or a negative embedding (judged with its token in the negative prompt)."""
     from leco.generate import is_embedding_file, read_embedding
 
-    if is_embedding_file(text):
+    if is_embedding_file(_named(text)):
         return str(_checked(read_embedding)(text).path)
     _refuse_strength_suffix(text, "eval judges each LoRA at the spec's strengths: [...]")
     return _read_lora(text)
@@ -354,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--embedding",
         action="append",
+        type=_named,
         default=[],
         metavar="FILE[:TOKEN]",
         help="textual-inversion embedding (kohya/leco .safetensors, A1111 .pt) to use in prompts as TOKEN "
@@ -400,11 +408,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="LoRA to judge (omit to judge the plain model); repeat to judge several on the same seeds; "
         "a negative embedding is judged with its token added to the negative prompt",
     )
-    evaluate.add_argument("--spec", required=True, help="eval spec YAML (prompts, concepts, detector)")
+    evaluate.add_argument(
+        "--spec", type=_named, required=True, help="eval spec YAML (prompts, concepts, detector)"
+    )
     evaluate.add_argument("--negative", help="negative prompt (overrides the spec's negative_prompt:)")
     evaluate.add_argument(
         "--embedding",
         action="append",
+        type=_named,
         default=[],
         metavar="FILE[:TOKEN]",
         help="textual-inversion embedding the prompts may use, as for generate; repeatable",
@@ -446,12 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument(
         "--lora",
         action="append",
+        type=_named,
         required=True,
         metavar="FILE[:STRENGTH]",
         help="LoRA to bake in at STRENGTH (default 1, negative inverts it); repeat to stack several",
     )
     merge.add_argument(
         "--out",
+        type=_named,
         required=True,
         help="X.safetensors: one checkpoint in the original layout (A1111, ComfyUI); else a diffusers folder",
     )
@@ -466,8 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
         description=CONVERT_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    convert.add_argument("source", metavar="IN", help="LoRA .safetensors or .pt (a plain state dict)")
-    convert.add_argument("--out", required=True, help="output .safetensors (kohya format with metadata)")
+    convert.add_argument(
+        "source", type=_named, metavar="IN", help="LoRA .safetensors or .pt (a plain state dict)"
+    )
+    convert.add_argument(
+        "--out", type=_named, required=True, help="output .safetensors (kohya format with metadata)"
+    )
     convert.add_argument("--model", help="the model the LoRA is for (its configs tell the family)")
     convert.add_argument("--family", help="sd1, sd2, sd2-v or sdxl, instead of --model (no weights needed)")
     convert.add_argument(
