@@ -447,8 +447,10 @@ def test_a_bundled_models_checkpoint_loads_back_into_leco(tmp_path, name):
     checkpoint = merge(name, [LoraStrength(lora, 1.0)], tmp_path / "ink.safetensors", precision="fp32")
     original, loaded = load_models(name), load_models(str(checkpoint))
     assert loaded.family == original.family
+    with safe_open(str(checkpoint), "pt") as file:  # what it predicts, as ComfyUI reads it
+        assert ("v_pred" in file.keys()) == original.family.v_pred  # noqa: SIM118
     stripped = tmp_path / "stripped.safetensors"  # re-saved by another tool: its metadata lost
-    save_file(load_file(str(checkpoint)), str(stripped))
+    save_file({k: v for k, v in load_file(str(checkpoint)).items() if k != "v_pred"}, str(stripped))
     assert load_models(str(stripped)).family == original.family  # the layout's own folder says it
     assert loaded.scheduler_config["prediction_type"] == original.scheduler_config["prediction_type"]
     assert [t.model_max_length for t in loaded.tokenizers] == [16]  # ink-digits' prompt length
@@ -589,7 +591,6 @@ def test_merge_and_convert_never_write_over_or_into_what_the_user_has(tmp_path, 
         ([*merge_args, str(tmp_path / "a_file" / "m")], "is a file, so"),
         ([*merge_args, str(models)], "holds files this command did not write (no modelspec.json)"),
         ([*merge_args, str(diffusers_model)], "holds files this command did not write (no modelspec.json)"),
-        ([*merge_args, ""], "--out: name the file or folder to write"),
         ([*merge_args, str(tmp_path / "mine" / ".." / "l.safetensors")], "would replace, hold or sit inside"),
         (
             [

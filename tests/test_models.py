@@ -1,5 +1,7 @@
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,6 +110,39 @@ def test_only_leco_merges_prediction_type_overrides_the_probe(tmp_path, tiny_fol
             name_or_path=str(tmp_path / f"{name}.safetensors"), config=str(tiny_folders["sd2-v"])
         )
         assert load_models(spec).family.v_pred is v_pred, name
+
+
+def test_what_a_file_says_it_predicts_is_read_and_a_probes_guess_gives_way(
+    tmp_path, tiny_folders, tiny_single_files, capsys
+):
+    """SDXL has no probe: a file's v_pred / ztsnr keys (as ComfyUI reads them) or its config folder's
+    scheduler say what it predicts; SD2's probe guess yields to an explicit v_pred, with a word."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(tiny_single_files["sdxl"]))
+    marked = tmp_path / "vpred.safetensors"
+    save_file({**tensors, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, str(marked))
+    layout = str(tiny_folders["sdxl"])  # the tiny models' layout (its scheduler says epsilon)
+    loaded = load_models(PretrainedModelConfig(name_or_path=str(marked), config=layout))
+    assert loaded.family.v_pred and loaded.scheduler_config["rescale_betas_zero_snr"] is True
+    plain = load_models(PretrainedModelConfig(name_or_path=str(tiny_single_files["sdxl"]), config=layout))
+    assert not plain.family.v_pred and not plain.scheduler_config.get("rescale_betas_zero_snr")
+    v_folder = tmp_path / "sdxl-v"
+    shutil.copytree(tiny_folders["sdxl"], v_folder)
+    scheduler = v_folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": "v_prediction"}))
+    spec = PretrainedModelConfig(name_or_path=str(tiny_single_files["sdxl"]), config=str(v_folder))
+    assert load_models(spec).family.v_pred
+    sd2 = load_file(str(tiny_single_files["sd2-v"]))  # random weights: the probe guesses epsilon
+    save_file(sd2, str(tmp_path / "sd2.safetensors"))
+    spec = PretrainedModelConfig(
+        name_or_path=str(tmp_path / "sd2.safetensors"), v_pred=True, config=str(tiny_folders["sd2-v"])
+    )
+    assert load_models(spec).family.v_pred
+    assert (
+        "pretrained_model.v_pred: true, as set (the UNet probe guessed epsilon-prediction)"
+        in capsys.readouterr().err
+    )
 
 
 def test_checkpoint_structure_detection(tiny_single_files):

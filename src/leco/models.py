@@ -494,17 +494,7 @@ def _load_single_file(
             f"{path}: the UNet weights do not match the {arch} architecture ({_first_line(error)}); a "
             f"model of its own layout loads from its diffusers folder{with_config}"
         ) from None
-    said_v = _stated_v_prediction(path) if arch == "sd2" else None
-    declared_v = _declared_v_prediction(Path(config_dir)) if arch == "sd2" and spec.config else None
-    if said_v is not None:
-        detected_v, evidence = said_v, f"{path} (its modelspec.prediction_type)"
-    elif declared_v is not None:  # the layout's own folder (a bundled model's), whatever the file lost
-        detected_v, evidence = declared_v, f"{config_dir} (its scheduler's prediction_type)"
-    else:  # the probe reads real SD2 models right; the file's own word is firmer for small ones
-        detected_v, evidence = (
-            (probe_v_prediction(unet) if arch == "sd2" else None),
-            f"{path} (probed the UNet)",
-        )
+    detected_v, evidence = _prediction_evidence(path, checkpoint, arch, spec, Path(config_dir), unet)
     family = _reconcile(spec, arch, detected_v, evidence, names)
     if family.arch == "sd2" and family.v_pred and not spec.config:
         _use_sd2_v_defaults(unet)
@@ -526,6 +516,8 @@ def _load_single_file(
             ) from None
     scheduler_config = json.loads((Path(config_dir) / "scheduler" / "scheduler_config.json").read_text())
     scheduler_config["prediction_type"] = family.prediction_type
+    if ZERO_SNR_MARKER in checkpoint:  # as ComfyUI reads the key: a zero-terminal-SNR schedule
+        scheduler_config |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     return LoadedModels(
         family=family,
         unet=unet,
@@ -538,6 +530,40 @@ def _load_single_file(
         vae=vae,
         config_folder=config_dir if spec.config else None,
     )
+
+
+# Keys a single-file checkpoint carries to say what it predicts: ComfyUI reads them (NoobAI-style
+# SDXL v-prediction files carry both), and `leco merge` writes them.
+V_PREDICTION_MARKER = "v_pred"
+ZERO_SNR_MARKER = "ztsnr"
+
+
+def _prediction_evidence(
+    path: Path,
+    checkpoint: dict[str, torch.Tensor],
+    arch: Arch,
+    spec: PretrainedModelConfig,
+    config_dir: Path,
+    unet: UNet2DConditionModel,
+) -> tuple[bool | None, str]:
+    """(v-prediction or not, what says so), firmest first; (None, ...) where nothing does."""
+    said_v = _stated_v_prediction(path)
+    if said_v is not None:
+        return said_v, f"{path} (its modelspec.prediction_type)"
+    if V_PREDICTION_MARKER in checkpoint:
+        return True, f"{path} (its {V_PREDICTION_MARKER} key)"
+    # A config folder's word: for SD2 only a bundled model's (SD2's 512 and 768-v models share one
+    # layout, so a folder given for the layout may be the other one's; the probe tells them apart).
+    trusted = spec.config and (arch != "sd2" or spec.config in BUNDLED_MODELS)
+    declared_v = _declared_v_prediction(config_dir) if trusted else None
+    if declared_v is not None:  # the layout's own folder, whatever the file lost
+        return declared_v, f"{config_dir} (its scheduler's prediction_type)"
+    if arch == "sd2":  # the probe reads real SD2 models right; a file's own word is firmer
+        return probe_v_prediction(unet), PROBED
+    return None, f"{path}"
+
+
+PROBED = "the UNet probe"  # evidence an explicit v_pred overrides
 
 
 def _stated_v_prediction(path: Path) -> bool | None:
@@ -724,6 +750,11 @@ def _reconcile(
         )
     if spec.v_pred is not None and detected_v is not None and spec.v_pred != detected_v:
         said = "v-prediction" if detected_v else "epsilon-prediction"
+        if evidence == PROBED:  # a heuristic: the user's word wins, said
+            warn(
+                f"{names.section}.v_pred: {str(spec.v_pred).lower()}, as set (the UNet probe guessed {said})"
+            )
+            return ModelFamily(arch=arch, v_pred=spec.v_pred)
         raise LecoError(
             f"{names.section}.v_pred: is {str(spec.v_pred).lower()} but {evidence} says {said}; "
             f"set v_pred: {str(detected_v).lower()} or remove the key (it is detected)"

@@ -31,7 +31,16 @@ from leco.files import (
 from leco.ink_digits.judge import BUILD_REPORT, JUDGE_FILE
 from leco.ink_digits.quality import trained_inks
 from leco.interop.original_layout import original_state_dict
-from leco.models import BUNDLED_MODELS, CONFIG_ROOT, MODEL_CARD, LoadedModels, load_models, resolve_bundled
+from leco.models import (
+    BUNDLED_MODELS,
+    CONFIG_ROOT,
+    MODEL_CARD,
+    V_PREDICTION_MARKER,
+    ZERO_SNR_MARKER,
+    LoadedModels,
+    load_models,
+    resolve_bundled,
+)
 from leco.network import kohya
 from leco.network.text_encoders import TextEncoderLoRA
 from leco.preservation import KNOWN_PROMPTS_FILE
@@ -226,6 +235,11 @@ def _folder_metadata(folder: Path) -> dict:
 
 def _save_single_file(models: LoadedModels, out: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
     state = original_state_dict(models, dtype)
+    # What the model predicts, as the keys ComfyUI reads (an SDXL file without them is epsilon there)
+    if models.family.v_pred:
+        state[V_PREDICTION_MARKER] = torch.tensor([])
+    if models.scheduler_config.get("rescale_betas_zero_snr"):
+        state[ZERO_SNR_MARKER] = torch.tensor([])
     with atomic_output(out) as file:
         file.write(safetensors_bytes(state, metadata))
     return out
