@@ -119,3 +119,24 @@ def test_rollouts_never_clip_latents_unless_the_model_says_so(sampler):
              "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon"}  # fmt: skip
     assert Rollout(euler, sampler, steps=4).scheduler.config.clip_sample is False
     assert Rollout({**euler, "clip_sample": True}, sampler, steps=4).scheduler.config.clip_sample is True
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "euler_a", "lms"])
+def test_a_zero_terminal_snr_model_rolls_out_on_its_own_schedule_or_is_refused(sampler):
+    """The rollout's sampler must keep rescale_betas_zero_snr: the loss reads the rescaled alphas."""
+    from leco.config import TrainConfig
+    from leco.errors import LecoError
+
+    config = {
+        "num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+        "beta_end": 0.012, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
+    }  # fmt: skip
+    train = TrainConfig(noise_scheduler=sampler)
+    if sampler == "lms":
+        with pytest.raises(LecoError, match=r"^train.noise_scheduler: lms cannot sample this zero-terminal"):
+            Rollout.for_training(config, train)
+        return
+    rollout = Rollout.for_training(config, train)
+    assert float(rollout.alphas_cumprod[-1]) == 0.0
+    # (Euler keeps 2**-24 there, so that its last sigma stays finite: diffusers' choice)
+    assert float(rollout.scheduler.alphas_cumprod[-1]) <= 2**-24

@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteSchedu
 from torch import Tensor
 
 from leco.config import TrainConfig
+from leco.errors import LecoError
 from leco.models import sampler_from_config
 from leco.prompts import PreparedPrompt
 from leco.trainable import EditedModel
@@ -105,6 +106,19 @@ class Rollout:
 
     @classmethod
     def for_training(cls, scheduler_config: dict[str, Any], train: TrainConfig) -> Rollout:
+        sampler = SAMPLERS[train.noise_scheduler]
+        keeps_zero_snr = "rescale_betas_zero_snr" in inspect.signature(sampler.__init__).parameters
+        if scheduler_config.get("rescale_betas_zero_snr") and not keeps_zero_snr:
+            others = ", ".join(
+                name
+                for name, other in SAMPLERS.items()
+                if "rescale_betas_zero_snr" in inspect.signature(other.__init__).parameters
+            )
+            raise LecoError(
+                f"train.noise_scheduler: {train.noise_scheduler} cannot sample this zero-terminal-SNR model "
+                f"({sampler.__name__} drops rescale_betas_zero_snr: the rollouts would run on another noise "
+                f"schedule than the loss reads); use {others}"
+            )
         return cls(scheduler_config, train.noise_scheduler, train.max_denoising_steps, train.timestep_offset)
 
     @staticmethod
