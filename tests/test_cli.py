@@ -23,7 +23,7 @@ from leco.config import NetworkConfig, PretrainedModelConfig
 from leco.errors import LecoError
 from leco.generate import check_lora_fits, read_lora_header
 from leco.models import load_models, pick_device, quiet_library_logs, recommended_sampling
-from leco.network import LoRANetwork
+from leco.network import LoRANetwork, read_lora_file
 from leco.network.layers import adaptable_layers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -359,7 +359,8 @@ def test_an_embedding_token_inside_a_prompt_word_is_refused(capsys, no_loading, 
         )
         error = capsys.readouterr().err
         assert f"its token {token.lower()!r} is inside the word" in error and "Traceback" not in error
-    alone = ["--prompt", "a fox", "--negative", "blurry,<no-fox>", "--embedding", f"{embedding}:<no-fox>"]
+    alone = ["--prompt", "a fox", "--negative", "blurry,<no-fox>,EasyNegativeV2"]
+    alone += ["--embedding", f"{embedding}:<no-fox>"]
     # inside a longer loaded token it is no word: the tokenizer reads easynegativev2 whole
     other = tmp_path / "EasyNegativeV2.safetensors"
     save_file({"emb_params": torch.randn(2, 32)}, str(other))
@@ -368,8 +369,6 @@ def test_an_embedding_token_inside_a_prompt_word_is_refused(capsys, no_loading, 
         f"{embedding}:EasyNegative",
         "--embedding",
         str(other),
-        "--negative",
-        "EasyNegativeV2",
     ]
     with pytest.raises(AssertionError, match="a model was loaded"):  # a token standing alone passes
         main(["generate", "--model", model, *alone])
@@ -394,7 +393,6 @@ def test_an_embedding_whose_token_no_prompt_uses_is_pointed_out(capsys, no_loadi
         # (sd1_bare on sd2-v is read: its 1x1-conv proj_in/proj_out is kohya's SD2 form, and the tiny
         # families share every width, so nothing else tells them apart)
         ("sd2-v_bare", "sd1", "has shape [2, 16], this model's layer needs [2, 16, 1, 1]"),
-        ("sd1", "sd2-v", "was trained for sd1 but the model is sd2-v"),
     ],
 )
 def test_a_lora_of_another_family_is_refused_by_its_layers(loras, tiny_folders, lora, model, says):
@@ -405,6 +403,37 @@ def test_a_lora_of_another_family_is_refused_by_its_layers(loras, tiny_folders, 
     own = model
     for name in (own, f"{own}_bare"):
         check_lora_fits(read_lora_header(loras[name]), models.unet, models.family)
+
+
+def test_an_incomplete_lora_and_a_diffusers_embedding_given_as_lora_say_what_they_are(
+    tmp_path, loras, tiny_folders
+):
+    models = load_models(str(tiny_folders["sd1"]))
+    tensors, metadata = read_lora_file(loras["sd1"])
+    up = next(key for key in tensors if key.startswith("lora_unet_") and key.endswith("lora_up.weight"))
+    save_file({k: v for k, v in tensors.items() if k != up}, str(tmp_path / "noup.safetensors"), metadata)
+    with pytest.raises(
+        LecoError, match=r"has lora_unet_\w+ without its lora_up.weight; the file is incomplete$"
+    ):
+        check_lora_fits(read_lora_header(tmp_path / "noup.safetensors"), models.unet, models.family)
+    save_file({"<cat-toy>": torch.randn(2, 32)}, str(tmp_path / "cat.safetensors"))
+    with pytest.raises(
+        LecoError,
+        match=r"a textual-inversion embedding \(diffusers' form\), not a LoRA; give it as --embedding",
+    ):
+        read_lora_header(tmp_path / "cat.safetensors")
+
+
+def test_a_lora_whose_metadata_its_layers_contradict_is_applied_with_a_word(loras, tiny_folders, capsys):
+    """The tiny families share every width: an sd1 file's layers fit sd2-v, and the layers decide
+    (A1111 reads ss_base_model_version only to list files); without kohya layers the metadata does."""
+    models = load_models(str(tiny_folders["sd2-v"]))
+    check_lora_fits(read_lora_header(loras["sd1"]), models.unet, models.family)
+    err = capsys.readouterr().err
+    assert (
+        "its metadata says sd1 (ss_base_model_version), but its layers fit this sd2-v model; applied" in err
+    )
+    assert "trained on an epsilon-prediction model and this sd2-v model predicts v_prediction" in err
 
 
 def test_dora_tensors_are_refused_and_layers_this_model_lacks_are_named(
@@ -530,7 +559,7 @@ def test_generate_without_a_lora_draws_strength_zero_at_the_recommended_settings
     assert code == 2 and "Traceback" not in err, err
     assert "--out" in err and "already holds 3 of the files this run writes" in err and "--overwrite" in err
     code, out, err = run_cli(
-        [*argv[:-2], "--seeds", "5", "--out", tmp_path / "out", "--no-progress"], capsys
+        [*argv[:-4], "--seeds", "5", "--out", tmp_path / "out", "--no-progress"], capsys
     )  # other seeds: other files, nothing replaced
     assert code == 2 and "already holds 1 of the files" in err  # the grid is always grid.png
     (tmp_path / "out" / "grid.png").write_bytes(b"the user's")  # not leco's: kept even with --overwrite

@@ -220,7 +220,10 @@ def is_embedding_file(path: str | Path) -> bool:
 
     try:
         with safe_open(str(path), framework="pt") as file:
-            return kohya.is_embedding(list(file.keys()))
+            keys = list(file.keys())
+            # diffusers' form: {token: [vectors, width]}
+            one_token = len(keys) == 1 and len(file.get_slice(keys[0]).get_shape()) == 2
+            return kohya.is_embedding(keys) or one_token
     except (SafetensorError, OSError):
         return False  # read_lora_header names the damage
 
@@ -622,6 +625,11 @@ def read_lora_header(path: str | Path, family: ModelFamily | None = None) -> Lor
         )
     if not shapes:
         raise LecoError(f"--lora: {path} holds no tensors, so it is no LoRA (an empty or unfinished file?)")
+    if len(shapes) == 1 and len(next(iter(shapes.values()))) == 2:  # diffusers' {token: [N, width]}
+        raise LecoError(
+            f"--lora: {path} holds one [vectors, width] tensor, a textual-inversion embedding (diffusers' "
+            "form), not a LoRA; give it as --embedding and put its token in --prompt or --negative"
+        )
     if not _has_lora_keys(shapes):
         example = next(iter(shapes))
         raise LecoError(
@@ -635,49 +643,83 @@ def read_lora_header(path: str | Path, family: ModelFamily | None = None) -> Lor
 
 
 def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> None:
-    """Refuse a LoRA made for another model family: by its metadata, else by its UNet layers.
-
-    Layers are checked for kohya-format files (leco's, A1111's, ComfyUI's); other layouts are
-    left to diffusers.
-    """
-    from leco.network.kohya import UNET_PREFIX, unet_layer_keys
-
+    """Refuse a LoRA made for another model family, by its UNet layers (kohya-format files: leco's,
+    A1111's, ComfyUI's; other layouts are left to diffusers), else by its metadata. Metadata that
+    its layers contradict, and a prediction type other than the model's, are said."""
     lora_arch = arch_from_metadata(header.metadata)
-    if lora_arch is not None and lora_arch != family.arch:
+    mislabelled = lora_arch is not None and lora_arch != family.arch
+    modules = _kohya_modules(header)
+    by_key = kohya.unet_layer_keys(unet, family) if modules else {}
+    misfit = _layer_misfit(header, modules, by_key, unet, family)
+    if mislabelled and (misfit is not None or not modules):  # the layers agree, or cannot be checked
         raise LecoError(
             f"--lora: {header.path} was trained for {lora_arch} but the model is {family.name}; "
             f"use a LoRA of this family, or {kohya.made_for(header.metadata)}"
         )
-    kohya_keys = [key for key in header.shapes if key.startswith((UNET_PREFIX, *kohya.TEXT_ENCODER_PREFIXES))]
-    kohya.refuse_lycoris(kohya_keys, f"--lora: {header.path}")  # diffusers would drop them silently
-    modules = sorted({key.split(".", 1)[0] for key in kohya_keys if key.startswith(UNET_PREFIX)})
-    if not modules:
-        return
-    by_key = unet_layer_keys(unet, family)  # SDXL files may use SGM or diffusers paths
-    known = [module for module in modules if module in by_key]
-    if not known:
-        raise LecoError(
-            f"--lora: {header.path} fits no layer of this {family.name} model ({modules[0]} and "
-            f"{len(modules) - 1} more); it was made for another model family; "
-            + kohya.made_for(header.metadata)
+    if misfit is not None:
+        raise LecoError(f"--lora: {header.path} {misfit}; {kohya.made_for(header.metadata)}")
+    if mislabelled:  # every layer fits: the metadata is wrong
+        warn(
+            f"--lora: {header.path}: its metadata says {lora_arch} (ss_base_model_version), but its layers "
+            f"fit this {family.name} model; applied"
+        )
+    said = {"v": True, "epsilon": False}.get(header.metadata.get("modelspec.prediction_type", ""))
+    if said is not None and said != family.v_pred:
+        trained = "a v-prediction" if said else "an epsilon-prediction"
+        warn(
+            f"--lora: {header.path} was trained on {trained} model and this {family.name} model predicts "
+            f"{family.prediction_type}; its edit may not carry over"
         )
     unknown = [module for module in modules if module not in by_key]
-    if unknown:  # as A1111 and ComfyUI do: the rest is applied, what is left out is said
+    if unknown:  # as A1111 and ComfyUI do: the modules this model has are applied, the others said
         more = ", ..." if len(unknown) > 1 else ""
         warn(
             f"--lora: {header.path}: {len(unknown)} of its {len(modules)} UNet modules match no layer of "
             f"this {family.name} model and are not applied ({unknown[0]}{more})"
         )
+
+
+def _kohya_modules(header: LoraHeader) -> list[str]:
+    """The file's UNet modules, in kohya's naming (none for other layouts)."""
+    from leco.network.kohya import UNET_PREFIX
+
+    kohya_keys = [key for key in header.shapes if key.startswith((UNET_PREFIX, *kohya.TEXT_ENCODER_PREFIXES))]
+    kohya.refuse_lycoris(kohya_keys, f"--lora: {header.path}")  # diffusers would drop them silently
+    return sorted({key.split(".", 1)[0] for key in kohya_keys if key.startswith(UNET_PREFIX)})
+
+
+def _layer_misfit(
+    header: LoraHeader,
+    modules: list[str],
+    by_key: dict[str, str],
+    unet: torch.nn.Module,
+    family: ModelFamily,
+) -> str | None:
+    """Why the file's kohya-named UNet `modules` cannot be applied to this UNet, if they cannot
+    (`by_key`: its layers by every key a file may use; SDXL files use SGM or diffusers paths)."""
+    if not modules:
+        return None
+    known = [module for module in modules if module in by_key]
+    if not known:
+        return (
+            f"fits no layer of this {family.name} model ({modules[0]} and {len(modules) - 1} more); it was "
+            "made for another model family"
+        )
     for module in known:
         layer = unet.get_submodule(by_key[module])
         down = header.shapes.get(f"{module}.lora_down.weight")
-        as_conv = isinstance(layer, torch.nn.Linear) and down and down[1:] == [layer.in_features, 1, 1]
-        if down and down[1:] != list(layer.weight.shape[1:]) and not as_conv:  # kohya's SD2 form is read
+        if f"{module}.lora_up.weight" not in header.shapes or down is None:
+            missing = "lora_down" if down is None else "lora_up"
             raise LecoError(
-                f"--lora: {header.path} does not fit this {family.name} model: {module}.lora_down.weight "
-                f"has shape {down}, this model's layer needs {[down[0], *layer.weight.shape[1:]]}; "
-                f"it was made for another model; {kohya.made_for(header.metadata)}"
+                f"--lora: {header.path} has {module} without its {missing}.weight; the file is incomplete"
             )
+        as_conv = isinstance(layer, torch.nn.Linear) and down[1:] == [layer.in_features, 1, 1]
+        if down[1:] != list(layer.weight.shape[1:]) and not as_conv:  # kohya's SD2 form is read
+            return (
+                f"does not fit this {family.name} model: {module}.lora_down.weight has shape {down}, this "
+                f"model's layer needs {[down[0], *layer.weight.shape[1:]]}; it was made for another model"
+            )
+    return None
 
 
 def arch_of_lora(path: Path) -> str | None:
