@@ -663,13 +663,9 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
             f"--lora: {header.path}: its metadata says {lora_arch} (ss_base_model_version), but its layers "
             f"fit this {family.name} model; applied"
         )
-    said = {"v": True, "epsilon": False}.get(header.metadata.get("modelspec.prediction_type", ""))
-    if said is not None and said != family.v_pred:
-        trained = "a v-prediction" if said else "an epsilon-prediction"
-        warn(
-            f"--lora: {header.path} was trained on {trained} model and this {family.name} model predicts "
-            f"{family.prediction_type}; its edit may not carry over"
-        )
+    other = kohya.other_prediction(header.metadata, family)
+    if other:
+        warn(f"--lora: {header.path} {other}")
     unknown = [module for module in modules if module not in by_key]
     if unknown:  # as A1111 and ComfyUI do: the modules this model has are applied, the others said
         more = ", ..." if len(unknown) > 1 else ""

@@ -84,6 +84,9 @@ def bake(models: LoadedModels, lora: LoraStrength) -> None:
     """Add one LoRA's weight changes, times its strength, to the UNet and text encoders in place."""
     source = str(lora.path)
     tensors, metadata = kohya.read_lora_file(lora.path, models.family)
+    other = kohya.other_prediction(metadata, models.family)
+    if other:
+        warn(f"--lora: {lora.path} {other}")
     unet_tensors, text_tensors = kohya.split_by_model(tensors, source)
     text_lora = TextEncoderLoRA(text_tensors, source)
     with kohya.naming_its_model(metadata):  # every key checked before any weight changes

@@ -116,6 +116,18 @@ def made_for(metadata: dict[str, str]) -> str:
     return "give --model the model it was trained on"
 
 
+def other_prediction(metadata: dict[str, str], family: ModelFamily) -> str | None:
+    """What to say of a LoRA trained on a model of the other prediction type (its ModelSpec says so)."""
+    said = {"v": True, "epsilon": False}.get(metadata.get("modelspec.prediction_type", ""))
+    if said is None or said == family.v_pred:
+        return None
+    trained = "a v-prediction" if said else "an epsilon-prediction"
+    return (
+        f"was trained on {trained} model and this {family.name} model predicts {family.prediction_type}; "
+        "its edit may not carry over"
+    )
+
+
 @contextmanager
 def naming_its_model(metadata: dict[str, str]) -> Iterator[None]:
     """A LoRA that fits no layer (or a layer's shape) of the model says which model to give instead."""
