@@ -84,14 +84,14 @@ def bake(models: LoadedModels, lora: LoraStrength) -> None:
     """Add one LoRA's weight changes, times its strength, to the UNet and text encoders in place."""
     source = str(lora.path)
     tensors, metadata = kohya.read_lora_file(lora.path, models.family)
-    other = kohya.other_prediction(metadata, models.family)
-    if other:
-        warn(f"--lora: {lora.path} {other}")
     unet_tensors, text_tensors = kohya.split_by_model(tensors, source)
     text_lora = TextEncoderLoRA(text_tensors, source)
     with kohya.naming_its_model(metadata):  # every key checked before any weight changes
         modules = kohya.canonical_unet_modules(unet_tensors, models.unet, models.family, source)
         text_lora.fitted(models.text_encoders, models.family)
+    other = kohya.other_prediction(metadata, models.family)
+    if other:
+        warn(f"--lora: {lora.path} {other}")
     layers = kohya.unet_layer_keys(models.unet, models.family)
     for key, weights in modules.items():
         weight = models.unet.get_submodule(layers[key]).weight
