@@ -1287,13 +1287,19 @@ def test_kohyas_512_default_on_a_small_model_is_pointed_out(tmp_path, tiny_folde
     assert f"set `resolution: {models.resolution}`" in warning
     prepare_prompts(load_prompts(toml)[1:], models, TrainConfig())  # its own size: nothing to say
     assert capsys.readouterr().err == ""
+    written = [
+        PromptSettings(target=t, resolution=512).written_at(f"p.yaml: entry {n}")
+        for n, t in ((1, "a"), (3, "b"))
+    ]
+    prepare_prompts(written, models, TrainConfig())
+    assert "p.yaml: entries 1, 3 train at 512x512 px" in capsys.readouterr().err
 
 
 def test_dynamic_crops_on_a_model_without_crop_conditioning_is_named(tiny_folders, capsys):
     entries = [PromptSettings(target="a fox"), PromptSettings(target="a cat", dynamic_crops=True)]
     prepare_prompts(entries, load_models(str(tiny_folders["sd1"])), TrainConfig())
     assert (
-        "prompts entries 2: dynamic_crops is SDXL's crop conditioning, which sd1 lacks"
+        "prompts entry 2: dynamic_crops is SDXL's crop conditioning, which sd1 lacks"
         in capsys.readouterr().err
     )
     prepare_prompts(entries, load_models(str(tiny_folders["sdxl"])), TrainConfig())

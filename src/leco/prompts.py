@@ -161,6 +161,11 @@ def _row(cond: Conditioning, index: int) -> Conditioning:
 def entries_named(entries: list[tuple[int, PromptSettings]]) -> str:
     """Several entries as messages name them: "prompts entries 1, 2", or where they were written."""
     names = list(dict.fromkeys(entry.named(number) for number, entry in entries))
-    if all(name.startswith("prompts entry ") for name in names):
-        return "prompts entries " + ", ".join(name.removeprefix("prompts entry ") for name in names)
+    if len(names) == 1:
+        return names[0]
+    # "prompts entry 1" or "prompts.yaml: entry 1": one opening, then the numbers
+    openings = {name.rpartition("entry ")[0] for name in names}
+    if len(openings) == 1 and all("entry " in name for name in names):
+        opening = openings.pop()
+        return f"{opening}entries " + ", ".join(name.rpartition("entry ")[2] for name in names)
     return "; ".join(names)
