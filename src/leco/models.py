@@ -574,6 +574,11 @@ def _stated_v_prediction(path: Path) -> bool | None:
     metadata = safetensors_metadata(path)
     if "leco.merge" not in metadata:
         return None
+    return modelspec_v_prediction(metadata)
+
+
+def modelspec_v_prediction(metadata: dict[str, str]) -> bool | None:
+    """What a file's ModelSpec metadata says of v-prediction ("v" or "epsilon"), if it says."""
     return {"v": True, "epsilon": False}.get(metadata.get("modelspec.prediction_type", ""))
 
 

@@ -25,7 +25,7 @@ from leco import __version__
 from leco.config import read_config_text
 from leco.errors import LecoError
 from leco.files import atomic_output, load_torch_file
-from leco.models import ModelFamily
+from leco.models import ModelFamily, modelspec_v_prediction
 from leco.network.layers import adaptable_layers
 from leco.network.peft_format import KOHYA_PREFIXES, as_kohya, is_diffusers_layout
 from leco.network.sgm_names import to_sgm_name
@@ -118,7 +118,7 @@ def made_for(metadata: dict[str, str]) -> str:
 
 def other_prediction(metadata: dict[str, str], family: ModelFamily) -> str | None:
     """What to say of a LoRA trained on a model of the other prediction type (its ModelSpec says so)."""
-    said = {"v": True, "epsilon": False}.get(metadata.get("modelspec.prediction_type", ""))
+    said = modelspec_v_prediction(metadata)
     if said is None or said == family.v_pred:
         return None
     trained = "a v-prediction" if said else "an epsilon-prediction"
