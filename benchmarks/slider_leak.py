@@ -41,12 +41,11 @@ from leco import train
 from leco.cli import quiet_libraries
 from leco.conditioning import PromptEncoder, predict
 from leco.config import AnchorConfig, ConfigError, load_config
-from leco.generate import build_pipeline
+from leco.generate import build_pipeline, lora_strengths
 from leco.ink_digits import model_path
 from leco.ink_digits.data import ALL_INKS, DIGIT_WORDS, MODEL_INKS
 from leco.ink_digits.judge import InkDigitsJudge
 from leco.models import load_models
-from leco.network import LoRANetwork
 from leco.objectives import OBJECTIVES, guided
 from leco.preservation import anchor_prompts
 
@@ -211,6 +210,20 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
     "anchors+text0.5": [_anchors(), _set("anchors.text_weight", 0.5)],
     "anchors+text1+600": [_anchors(), _set("anchors.text_weight", 1.0), _set("train.iterations", 600)],
     "anchors+text1+guidance3": [_anchors(), _set("anchors.text_weight", 1.0), _guidance(3.0)],
+    # The LoRA on the text encoder, which reads each prompt whole (leco.network.text_encoder_lora).
+    "te": [_set("network.training_method", "text-encoder")],
+    **{
+        f"te+text{weight:g}": [
+            _set("network.training_method", "text-encoder"),
+            _set("anchors.text_weight", weight),
+        ]
+        for weight in (0.03, 0.1, 0.3)
+    },
+    "te+text0.1+minus-weight3": [
+        _set("network.training_method", "text-encoder"),
+        _set("anchors.text_weight", 0.1),
+        _minus_end("weight", 3.0),
+    ],
     "full": [_set("network.training_method", "full")],
     # Every layer, the resnets and self-attention included: features of the drawn five, not only
     # of the words, may tell the five from the other digits.
@@ -240,13 +253,16 @@ def aim(config) -> None:
     """The example's words for its digit and inks replaced by --slider's, in every prompt text."""
     words = {DIGIT_WORDS[5]: DIGIT_WORDS[TARGET], "5": str(TARGET), "red": PLUS, "blue": MINUS}
     pattern = re.compile(r"\b(" + "|".join(map(re.escape, words)) + r")\b")
-    for entry in config.prompts:
+    for index, entry in enumerate(config.prompts):
+        changes = {}
         for role in ("target", "positive", "unconditional", "neutral"):
             value = getattr(entry, role)
             if isinstance(value, str):
-                setattr(entry, role, pattern.sub(lambda m: words[m.group()], value))
+                changes[role] = pattern.sub(lambda m: words[m.group()], value)
             elif value:
-                setattr(entry, role, [pattern.sub(lambda m: words[m.group()], text) for text in value])
+                changes[role] = [pattern.sub(lambda m: words[m.group()], text) for text in value]
+        # All roles at once: one at a time, swapped poles would pass through positive == unconditional.
+        config.prompts[index] = entry.model_copy(update=changes)
 
 
 def configure(recipe: str, seed: int, out: Path, changes: list[str] = (), base: Path = EXAMPLE):
@@ -261,10 +277,12 @@ def configure(recipe: str, seed: int, out: Path, changes: list[str] = (), base: 
 
 
 @torch.no_grad()
-def readings(pipe, network: LoRANetwork, judge: InkDigitsJudge, cases, seeds, strength: float):
+def readings(
+    pipe, set_strength: Callable[[float], None], judge: InkDigitsJudge, cases, seeds, strength: float
+):
     """Digit and ink read off every (prompt, seed) image at one strength."""
     jobs = [(p, s) for p, _ in cases for s in seeds]
-    network.multiplier = strength
+    set_strength(strength)
     digits, inks = [], []
     for start in range(0, len(jobs), 200):
         chunk = jobs[start : start + 200]
@@ -278,7 +296,7 @@ def readings(pipe, network: LoRANetwork, judge: InkDigitsJudge, cases, seeds, st
         reading = judge.read(images)
         digits.append(reading.digits)
         inks.append(reading.inks)
-    network.multiplier = 1.0
+    set_strength(1.0)
     return np.concatenate(digits), np.concatenate(inks)
 
 
@@ -286,12 +304,12 @@ def ink_counts(inks: np.ndarray) -> str:
     return " ".join(f"{ALL_INKS[i]} {int((inks == i).sum())}" for i in np.unique(inks))
 
 
-def ladder(pipe, network: LoRANetwork, judge: InkDigitsJudge) -> str:
+def ladder(pipe, set_strength: Callable[[float], None], judge: InkDigitsJudge) -> str:
     """The inks of the slider's own prompt (OWN_IMAGES seeds) at each strength of LADDER."""
     own = [(f"a digit {DIGIT_WORDS[TARGET]}", "own")]
     parts = []
     for strength in LADDER:
-        _, inks = readings(pipe, network, judge, own, list(range(1000, 1000 + OWN_IMAGES)), strength)
+        _, inks = readings(pipe, set_strength, judge, own, list(range(1000, 1000 + OWN_IMAGES)), strength)
         parts.append(f"{strength:+g}: {ink_counts(inks)}")
     return "; ".join(parts)
 
@@ -345,26 +363,27 @@ def measure(
         config = configure(recipe, seed, folder / recipe / str(seed), changes, config_path)
         result = train(config, progress=False)
         seconds.append(time.perf_counter() - start)
-        network = LoRANetwork.from_file(models.unet, models.family, result.path)
         pipe = build_pipeline(models)
         judge = InkDigitsJudge.load(models.source)
-        image_seeds = list(range(1000, 1000 + images))
-        base = readings(pipe, network, judge, cases, image_seeds, 0.0)
-        if with_ladder:
-            ladders.append(f"seed {seed}: {ladder(pipe, network, judge)}")
-        for strength in (-1.0, 1.0):
-            digit, ink = readings(pipe, network, judge, cases, image_seeds, strength)
-            moved = (digit != base[0]) | (ink != base[1])
-            for kind in KINDS:
-                changed[kind].append(float(moved[kinds == kind].mean()))
-            # The slider's own ends over OWN_IMAGES seeds: one prompt, so more images cost little.
-            own_cases = [case for case in cases if case[1] == "own"]
-            _, own_ink = readings(
-                pipe, network, judge, own_cases, list(range(1000, 1000 + OWN_IMAGES)), strength
-            )
-            wanted = ALL_INKS.index(PLUS if strength > 0 else MINUS)
-            own["red at +1" if strength > 0 else "blue at -1"].append(float((own_ink == wanted).mean()))
-        network.remove()
+        # Applied as `leco generate` applies a file (diffusers for the UNet part, leco for the text
+        # encoders'): what users get, whichever part a recipe trains.
+        with lora_strengths(pipe, result.path, models.family) as set_strength:
+            image_seeds = list(range(1000, 1000 + images))
+            base = readings(pipe, set_strength, judge, cases, image_seeds, 0.0)
+            if with_ladder:
+                ladders.append(f"seed {seed}: {ladder(pipe, set_strength, judge)}")
+            for strength in (-1.0, 1.0):
+                digit, ink = readings(pipe, set_strength, judge, cases, image_seeds, strength)
+                moved = (digit != base[0]) | (ink != base[1])
+                for kind in KINDS:
+                    changed[kind].append(float(moved[kinds == kind].mean()))
+                # The slider's own ends over OWN_IMAGES seeds: one prompt, so more images cost little.
+                own_cases = [case for case in cases if case[1] == "own"]
+                _, own_ink = readings(
+                    pipe, set_strength, judge, own_cases, list(range(1000, 1000 + OWN_IMAGES)), strength
+                )
+                wanted = ALL_INKS.index(PLUS if strength > 0 else MINUS)
+                own["red at +1" if strength > 0 else "blue at -1"].append(float((own_ink == wanted).mean()))
     untargeted = [v for kind in KINDS for v in changed[kind]]
     return {
         **{kind: float(np.mean(v)) for kind, v in changed.items()},

@@ -141,6 +141,14 @@ RECIPES: dict[str, list[Callable[[dict, Any], None]]] = {
     "anchors+scaled": [_auto_anchors(), _scaled_steps],
     "anchors1+m16+scaled": [_auto_anchors(per_step=1), _set("train.samples_per_rollout", 16), _scaled_steps],
     "closed-form": [_closed_form],
+    # The LoRA on the text encoder (it reads each prompt whole), with auto anchors riding along and
+    # kept through their text states too.
+    "te+anchors": [_set("network.training_method", "text-encoder"), _auto_anchors()],
+    "te+anchors+text0.1": [
+        _set("network.training_method", "text-encoder"),
+        _auto_anchors(),
+        lambda config, task: config["anchors"].__setitem__("text_weight", 0.1),
+    ],
     **{f"text{w:g}+strict": [_text_anchors(w)] for w in (0.1, 1, 10)},
     **{
         f"text{w:g}+strict+m16+scaled": [

@@ -93,11 +93,11 @@ def test_text_state_change_is_the_change_of_keys_and_values_over_the_anchor_toke
                 direct.append((layer(states) - base).square().sum() / base.square().sum())
         assert len(direct) > 0 and len(direct) < len(network.layers)  # q and out do not read text
         torch.testing.assert_close(
-            network.text_state_change(moments), torch.stack(direct).mean(), rtol=1e-4, atol=0
+            network.text_state_change(moments, []), torch.stack(direct).mean(), rtol=1e-4, atol=0
         )
         with network.strength(0.0):  # the change is the trained edit's, whatever strength is applied
             torch.testing.assert_close(
-                network.text_state_change(moments), torch.stack(direct).mean(), rtol=1e-4, atol=0
+                network.text_state_change(moments, []), torch.stack(direct).mean(), rtol=1e-4, atol=0
             )
 
 

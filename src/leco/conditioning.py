@@ -35,6 +35,10 @@ class Conditioning:
             *(None if t is None else t.to(device=device, dtype=dtype) for t in self._tensors())
         )
 
+    def row(self, index: int) -> Conditioning:
+        """Row `index` alone, as a batch of one."""
+        return Conditioning(*(None if t is None else t[index : index + 1] for t in self._tensors()))
+
     def with_time_ids(self, time_ids: Tensor) -> Conditioning:
         return replace(self, time_ids=time_ids.expand(len(self), -1).to(self.hidden_states))
 
@@ -107,6 +111,21 @@ class PromptEncoder:
             states.append(out.hidden_states[-1 - self.clip_skip])
             pooled = out[0]  # the projected pooled text of the second encoder is what SDXL uses
         return Conditioning(torch.cat(states, dim=-1), pooled=pooled)
+
+
+def layers_read(text_encoders: Sequence[torch.nn.Module], sdxl: bool, clip_skip: int | None) -> list[int]:
+    """How many transformer layers of each encoder reach the conditioning as PromptEncoder reads
+    it; the later ones are skipped (clip skip, SDXL's penultimate layer), except by the pooled
+    text SDXL takes from the second encoder's last layer."""
+    skip, counts = clip_skip or 1, []
+    for index, encoder in enumerate(text_encoders):
+        layers = encoder.config.num_hidden_layers
+        if not sdxl:
+            counts.append(layers - skip + 1)
+        else:
+            pooled = index == len(text_encoders) - 1
+            counts.append(layers if pooled else layers - skip)
+    return counts
 
 
 def _token_ids(tokenizer, prompts: list[str], encoder: torch.nn.Module) -> Tensor:

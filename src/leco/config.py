@@ -140,9 +140,10 @@ class NetworkConfig(_Section):
     alpha: float = Field(1.0, ge=0, allow_inf_nan=False)
     conv_rank: int | None = Field(None, ge=1)
     conv_alpha: float | None = Field(None, ge=0, allow_inf_nan=False)
-    # The reference tool's key for the layer preset (its filters selected nothing for xattn).
+    # The reference tool's key for the layer preset (its filters selected nothing for xattn);
+    # text-encoder: the LoRA is on the text encoder(s) instead of the UNet (leco.network.text_encoder_lora).
     training_method: Literal[
-        "full", "xattn", "xattn-strict", "xattn-values", "noxattn", "selfattn", "innoxattn"
+        "full", "xattn", "xattn-strict", "xattn-values", "noxattn", "selfattn", "innoxattn", "text-encoder"
     ] = "full"
     # type: embedding only: the new word users write in the negative prompt, its number of vectors,
     # and the text whose token vectors it starts from (default: the vocabulary's mean vector).
@@ -350,7 +351,7 @@ class AnchorConfig(_Section):
 # Layer presets that train no cross-attention key or value (leco.network.layers.PRESETS).
 PRESETS_WITHOUT_KEYS_VALUES = ("noxattn", "innoxattn", "selfattn")
 # ... and those that train attention layers only: with them c3lier's convolutions are never chosen.
-PRESETS_WITHOUT_CONVS = ("xattn", "xattn-strict", "xattn-values", "selfattn")
+PRESETS_WITHOUT_CONVS = ("xattn", "xattn-strict", "xattn-values", "selfattn", "text-encoder")
 
 ACTIONS = ("erase", "enhance", "distill", "preserve", "imitate")
 # Keys of a prompt entry its action never reads (leco.objectives: the roles each target reads;
@@ -702,7 +703,8 @@ class LecoConfig(_Section):
                 f"samples_per_step {per_rollout}"
             )
         if self.train.method == "closed_form":
-            if self.network.type != "lierla" or self.network.training_method in PRESETS_WITHOUT_KEYS_VALUES:
+            solved = self.network.training_method not in (*PRESETS_WITHOUT_KEYS_VALUES, "text-encoder")
+            if self.network.type != "lierla" or not solved:
                 raise ConfigError(
                     "train.method: closed_form edits the cross-attention key/value layers; use network.type "
                     "lierla with training_method xattn-strict (or leave them unset)"
@@ -740,6 +742,13 @@ class LecoConfig(_Section):
             raise ConfigError(
                 "anchors.text_weight: a negative embedding leaves every other prompt's text states as they "
                 "are; remove it"
+            )
+        network = self.network
+        text_encoder_lora = network.training_method == "text-encoder" and network.type != "embedding"
+        if text_encoder_lora and self.train.steps_per_forward > 1:
+            raise ConfigError(
+                "train.steps_per_forward: a text-encoder LoRA reads every step's prompts through the "
+                "same trained encoders, so its gradients cannot be split by step; set 1"
             )
         if self.network.type == "embedding":
             if self.train.steps_per_forward > 1:

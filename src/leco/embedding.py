@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,11 @@ class TokenEmbedding:
         """The token prompt through the text encoder(s), with gradients to the vectors."""
         return PromptEncoder(self.models, self.clip_skip).encode([self.prompt])
 
+    def edited_conditions(
+        self, texts: list[str], cached: Mapping[str, Conditioning]
+    ) -> dict[str, Conditioning]:
+        return {text: cached[text] for text in texts}  # the encoders are not trained
+
     def student_condition(self, target: Conditioning) -> Conditioning:
         return self.encode()
 
@@ -110,7 +115,7 @@ class TokenEmbedding:
             return negative
         return f"{negative}, {self.token}" if negative else self.token
 
-    def text_state_change(self, moments: Tensor) -> Tensor:
+    def text_state_change(self, moments: Tensor, texts: list[str]) -> Tensor:
         return moments.new_zeros(())  # a new token leaves every other prompt's text states as they are
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -141,6 +141,7 @@ class TextAnchors:
 
     moments: torch.Tensor
     weight: float
+    texts: list[str]
 
     @classmethod
     def of_run(
@@ -149,10 +150,11 @@ class TextAnchors:
         """The run's anchor prompts (whether they ride along or have rollouts of their own), kept."""
         if config.anchors.text_weight == 0 or not anchors:
             return None
-        return cls(text_state_moments([embeddings[text] for text in anchors]), config.anchors.text_weight)
+        moments = text_state_moments([embeddings[text] for text in anchors])
+        return cls(moments, config.anchors.text_weight, list(anchors))
 
     def loss(self, trainable: Trainable) -> torch.Tensor:
-        return self.weight * trainable.text_state_change(self.moments)
+        return self.weight * trainable.text_state_change(self.moments, self.texts)
 
 
 def draw_anchors(prompts: list[str], per_step: int, generator: torch.Generator) -> list[str]:

@@ -84,7 +84,7 @@ def encode_texts(
             for start in range(0, len(texts), 256):  # a 10,000-line target_file stays within memory
                 chunk = texts[start : start + 256]
                 encoded = encoder.encode(chunk)
-                result.update({text: _row(encoded, i) for i, text in enumerate(chunk)})
+                result.update({text: encoded.row(i) for i, text in enumerate(chunk)})
     finally:
         for text_encoder in models.text_encoders:  # embeddings are cached: the GPU is the UNet's
             text_encoder.to("cpu")
@@ -152,10 +152,6 @@ def _warn_if_far_from_native(prepared: list[PreparedPrompt], native: int) -> Non
             f"`resolution` means 512: write `resolution = {native}` at its top, or in its [slider] table; "
             f"an ai-toolkit job: `slider.resolutions: [[{native}, {native}]]`)"
         )
-
-
-def _row(cond: Conditioning, index: int) -> Conditioning:
-    return Conditioning(*(None if t is None else t[index : index + 1] for t in cond._tensors()))
 
 
 def entries_named(entries: list[tuple[int, PromptSettings]]) -> str:

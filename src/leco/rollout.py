@@ -266,15 +266,15 @@ class SampleQueue:
         by_teacher = self._by_teacher(generator)
         by_edited = self.train.rollout_model == "edited" and not by_teacher  # or the frozen model
         target_text, negative_text = texts["target"], texts["unconditional"]
-        if by_teacher:
-            model = self.teacher.guided(target_text, negative_text, guidance, size, crop)
-        else:
-            model = self.edited.guided(target_text, negative_text, guidance, size, crop, batch, by_edited)
         teacher_on_device = self.teacher.resident(self.device) if by_teacher else contextlib.nullcontext()
         with (
             self.edited.trainable.strength(prompt.settings.multiplier if by_edited else 0.0),
             teacher_on_device,
-        ):
+        ):  # the sampler made inside: trained text encoders read its prompts at this strength
+            if by_teacher:
+                model = self.teacher.guided(target_text, negative_text, guidance, size, crop)
+            else:
+                model = self.edited.guided(target_text, negative_text, guidance, size, crop, batch, by_edited)
             latents = self.rollout.run(model, noise, plans, generator)
         order = torch.randperm(len(plans), generator=generator).tolist()
         timesteps = [torch.full((prompt.batch_size,), plan.timestep, device=self.device) for plan in plans]

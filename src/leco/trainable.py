@@ -6,7 +6,7 @@ they work the same for both.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +33,12 @@ class Trainable(Protocol):
     def strength(self, value: float) -> AbstractContextManager:
         """Apply the trained part at `value` (0: the original model) inside the block."""
 
+    def edited_conditions(
+        self, texts: list[str], cached: Mapping[str, Conditioning]
+    ) -> dict[str, Conditioning]:
+        """How the edited model reads prompt texts: their `cached` encodings, or read anew through
+        trained text encoders at the current strength."""
+
     def student_condition(self, target: Conditioning) -> Conditioning:
         """The conditioning whose prediction is trained (the target prompt, or the trained token)."""
 
@@ -45,9 +51,9 @@ class Trainable(Protocol):
     def negative_prompt(self, strength: float, negative: str = "") -> str:
         """The negative prompt to sample with at `strength`."""
 
-    def text_state_change(self, moments: Tensor) -> Tensor:
-        """The relative change of cross-attention keys and values for text states with these second
-        moments (anchors.text_weight)."""
+    def text_state_change(self, moments: Tensor, texts: list[str]) -> Tensor:
+        """How much the anchor prompts `texts` (whose token states have these second moments) change
+        in what the UNet reads of them, relative to its size (anchors.text_weight)."""
 
     def state_dict(self) -> dict[str, Tensor]: ...
 
@@ -70,6 +76,12 @@ class Trainable(Protocol):
 def create_trainable(models: LoadedModels, config: LecoConfig, device: torch.device) -> Trainable:
     """A fresh LoRA (identity at start) or token embedding, as `network.type` says."""
     network = config.network
+    if network.training_method == "text-encoder" and network.type != "embedding":
+        from leco.network.text_encoder_lora import TextEncoderLoRANetwork
+
+        for encoder in models.text_encoders:  # prompts are read through the trained encoders every step
+            encoder.to(device)
+        return TextEncoderLoRANetwork(models, network.rank, network.alpha, config.pretrained_model.clip_skip)
     if network.type == "embedding":
         from leco.embedding import TokenEmbedding
 
@@ -110,7 +122,9 @@ class EditedModel:
 
     def student(self, samples: list, targets: list[tuple[int, str]]) -> list[Tensor]:
         """The trained predictions for (sample index, target text) pairs, in one UNet call."""
-        conds = {text: self.trainable.student_condition(self.embeddings[text]) for _, text in targets}
+        with self.autocast():
+            edited = self.trainable.edited_conditions([text for _, text in targets], self.embeddings)
+        conds = {text: self.trainable.student_condition(edited[text]) for text in edited}
         picked = [samples[index] for index, _ in targets]
         cond = Conditioning.cat(
             [
@@ -134,10 +148,16 @@ class EditedModel:
         edited: bool = True,
     ) -> Callable[[Tensor, Tensor], Tensor]:
         """Sampling `target` with classifier-free guidance against the trainable's negative side (the
-        plain `unconditional` where not `edited`: the frozen model samples)."""
-        positive = self.condition(self.embeddings[target], batch, size, crop)
-        unconditional_embeds = self.embeddings[unconditional]
-        negative = self.trainable.negative_condition(unconditional_embeds) if edited else unconditional_embeds
+        plain `unconditional` where not `edited`: the frozen model samples). The texts are read as
+        the edited model reads them at the strength set when this is called."""
+        texts = [target, unconditional]
+        if edited:
+            with self.autocast():
+                read = self.trainable.edited_conditions(texts, self.embeddings)
+        else:
+            read = {text: self.embeddings[text] for text in texts}
+        positive = self.condition(read[target], batch, size, crop)
+        negative = self.trainable.negative_condition(read[unconditional]) if edited else read[unconditional]
         both = Conditioning.cat([self.condition(negative, batch, size, crop), positive])
 
         def model(latents: Tensor, timestep: Tensor) -> Tensor:

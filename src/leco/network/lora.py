@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -116,7 +116,10 @@ class LoRANetwork:
         unet_tensors, text_tensors = kohya.split_by_model(tensors, str(path))
         modules = kohya.canonical_unet_modules(unet_tensors, unet, family, source=str(path))
         if not modules:
-            raise LecoError(f"{path}: holds no UNet layer (text-encoder layers only); leco needs a UNet LoRA")
+            raise LecoError(
+                f"{path}: holds no UNet layer (text-encoder layers only); apply it with leco generate, "
+                "eval or merge (leco.generate.lora_strengths in Python)"
+            )
         by_key = kohya.unet_layer_keys(unet, family)
         ranks = {by_key[key]: (weights.rank, weights.alpha) for key, weights in modules.items()}
         convs = any(".resnets." in n or "samplers." in n for n in ranks)
@@ -157,6 +160,11 @@ class LoRANetwork:
 
     # -- how the trainer uses it ----------------------------------------------------------------
 
+    def edited_conditions(
+        self, texts: list[str], cached: Mapping[str, Conditioning]
+    ) -> dict[str, Conditioning]:
+        return {text: cached[text] for text in texts}  # the encoders are not trained
+
     def student_condition(self, target: Conditioning) -> Conditioning:
         return target
 
@@ -169,7 +177,7 @@ class LoRANetwork:
     def negative_prompt(self, strength: float, negative: str = "") -> str:
         return negative
 
-    def text_state_change(self, moments: Tensor) -> Tensor:
+    def text_state_change(self, moments: Tensor, texts: list[str]) -> Tensor:
         """How much the LoRA moves cross-attention keys and values, relative to their size, for text
         states whose second moments (mean of x xᵀ over tokens) are `moments`; mean over the layers
         that read text. sum ‖ΔW x‖² = trace(ΔW M ΔWᵀ), so no text state goes through a layer."""
@@ -223,8 +231,8 @@ class LoRANetwork:
         tensors = {}
         for name, layer in self.layers.items():
             key = kohya.kohya_key(name, self.family, self.unet.config)
-            tensors[f"{key}.lora_down.weight"] = _export(layer.lora_A[ADAPTER].weight, dtype)
-            tensors[f"{key}.lora_up.weight"] = _export(layer.lora_B[ADAPTER].weight, dtype)
+            tensors[f"{key}.lora_down.weight"] = export_weight(layer.lora_A[ADAPTER].weight, dtype)
+            tensors[f"{key}.lora_up.weight"] = export_weight(layer.lora_B[ADAPTER].weight, dtype)
             tensors[f"{key}.alpha"] = torch.tensor(float(self.ranks[name][1]), dtype=torch.float32)
         return tensors
 
@@ -256,23 +264,14 @@ class LoRANetwork:
 
     def metadata(self, resolution: int, title: str) -> dict[str, str]:
         """kohya/A1111 (ss_*), ModelSpec and leco metadata; hashes are added when saving."""
-        (rank, alpha), _ = Counter(self.ranks.values()).most_common(1)[0]
         args: dict[str, str] = {}
         conv = [value for name, value in self.ranks.items() if is_conv3x3(self.layers[name].get_base_layer())]
         if conv:
             args = {"conv_dim": str(conv[0][0]), "conv_alpha": _number(conv[0][1])}
-        return {
-            "ss_network_module": "networks.lora",
-            "ss_network_dim": str(rank),
-            "ss_network_alpha": _number(alpha),
-            "ss_network_args": kohya.json_metadata(args),
-            "ss_output_name": title,
-            **kohya.family_metadata(self.family, resolution),
-            "modelspec.title": title,
-            "leco.version": __version__,
-            "leco.network_type": self.network_type,
-            "leco.training_method": self.training_method,
-        }
+        ranks = list(self.ranks.values())
+        return network_metadata(
+            ranks, self.family, resolution, title, self.network_type, self.training_method, args
+        )
 
     def save(
         self,
@@ -284,13 +283,7 @@ class LoRANetwork:
         extra_metadata: dict[str, Any] | None = None,
     ) -> Path:
         path = Path(path)
-        metadata = self.metadata(resolution, title or path.stem)
-        metadata.update(
-            {
-                k: v if isinstance(v, str) else kohya.json_metadata(v)
-                for k, v in (extra_metadata or {}).items()
-            }
-        )
+        metadata = with_extra_metadata(self.metadata(resolution, title or path.stem), extra_metadata)
         tensors = self.kohya_state_dict(dtype)
         if self.proj_4d and self.family.arch == "sd2":
             metadata["leco.sd2_proj"] = "4d"
@@ -314,12 +307,43 @@ class LoRANetwork:
                 del self.unet.peft_config
 
 
+def network_metadata(
+    ranks: list[tuple[int, float]],
+    family: ModelFamily,
+    resolution: int,
+    title: str,
+    network_type: str,
+    training_method: str,
+    args: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The metadata of a LoRA file: kohya/A1111 (ss_*, the most common rank and alpha), ModelSpec, leco."""
+    (rank, alpha), _ = Counter(ranks).most_common(1)[0]
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": _number(alpha),
+        "ss_network_args": kohya.json_metadata(args or {}),
+        "ss_output_name": title,
+        **kohya.family_metadata(family, resolution),
+        "modelspec.title": title,
+        "leco.version": __version__,
+        "leco.network_type": network_type,
+        "leco.training_method": training_method,
+    }
+
+
+def with_extra_metadata(metadata: dict[str, str], extra: dict[str, Any] | None) -> dict[str, str]:
+    """`metadata` and the run's own entries (JSON where not text)."""
+    extra = {k: v if isinstance(v, str) else kohya.json_metadata(v) for k, v in (extra or {}).items()}
+    return {**metadata, **extra}
+
+
 def _exact(name: str) -> str:
     # peft matches rank/alpha patterns as regexes against the end of a module path.
     return "^" + name.replace(".", r"\.")
 
 
-def _export(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def export_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return weight.detach().to("cpu", dtype).contiguous().clone()
 
 

@@ -29,19 +29,38 @@ def text_encoder_prefixes(family: ModelFamily) -> tuple[str, ...]:
     return ("lora_te1_", "lora_te2_") if family.is_sdxl else ("lora_te_",)
 
 
-def text_encoder_layers(text_encoders: Sequence[nn.Module], family: ModelFamily) -> dict[str, nn.Linear]:
-    """kohya key -> Linear layer of the encoders' transformer blocks (attention q/k/v/out, MLP).
+def text_encoder_layer_names(
+    text_encoders: Sequence[nn.Module], family: ModelFamily
+) -> dict[str, tuple[int, str]]:
+    """kohya key -> (which encoder, the module path in it) of every Linear layer of the encoders'
+    transformer blocks (attention q/k/v/out, MLP): the layers kohya's LoRA adapts.
 
     Keys use the canonical `text_model_encoder_...` path: transformers 5 dropped the `text_model.`
     level from CLIPTextModel (not from CLIPTextModelWithProjection), files never did.
     """
-    layers = {}
-    for prefix, encoder in zip(text_encoder_prefixes(family), text_encoders, strict=False):
+    names = {}
+    for index, (prefix, encoder) in enumerate(
+        zip(text_encoder_prefixes(family), text_encoders, strict=False)
+    ):
         for name, module in encoder.named_modules():
-            if isinstance(module, nn.Linear) and ".layers." in f".{name}":
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}" and not _inside_lora(name):
+                name = name.removesuffix(".base_layer")  # a LoRA injected: the original layer's path
                 path = "text_model." + name.removeprefix("text_model.")
-                layers[prefix + path.replace(".", "_")] = module
+                names[prefix + path.replace(".", "_")] = (index, name)
+    return names
+
+
+def text_encoder_layers(text_encoders: Sequence[nn.Module], family: ModelFamily) -> dict[str, nn.Linear]:
+    """kohya key -> Linear layer of the encoders' transformer blocks (see text_encoder_layer_names)."""
+    layers = {}
+    for key, (index, name) in text_encoder_layer_names(text_encoders, family).items():
+        module = text_encoders[index].get_submodule(name)
+        layers[key] = getattr(module, "base_layer", module)
     return layers
+
+
+def _inside_lora(name: str) -> bool:
+    return any(part in ("lora_A", "lora_B") for part in name.split("."))
 
 
 class TextEncoderLoRA:
