@@ -893,7 +893,11 @@ AI_TOOLKIT_ERRORS = {
     "not_a_slider": (("- type: slider", "- type: sd_trainer"), "config.process[0].type: 'sd_trainer'"),
     "lokr": (('type: "lierla"', 'type: "lokr"'), "network.type: 'lokr' has no leco equivalent"),
     "linear_schedule": (('lr_scheduler: "cosine"', 'lr_scheduler: "linear"'), "train.lr_scheduler: 'linear'"),
-    "text_encoder": (("train_text_encoder: false", "train_text_encoder: true"), "train.train_text_encoder"),
+    "text_encoder": (
+        ("train_text_encoder: false", "train_text_encoder: true"),
+        "train.train_text_encoder: true is not what ai-toolkit's slider process trains (it caches the "
+        "prompts); a leco config trains it instead of the UNet with network.training_method: text-encoder",
+    ),
     "no_pole": (('positive: "a face, wide open eyes"', 'positive: ""'), "slider.targets[1]: needs positive"),
     "bad_number": (
         ("multiplier: 1.0\n            weight", "multiplier: lots\n            weight"),

@@ -398,8 +398,21 @@ class _Converter:
             "linear_timesteps",
             "linear_timesteps2",
         )
-        train.only("train_unet", lambda v: v is True, "is not supported: leco trains a UNet LoRA")
-        train.only("train_text_encoder", lambda v: v is False, "is not supported: leco trains the UNet only")
+        # ai-toolkit's slider process caches the prompts' text states and trains the UNet alone;
+        # leco's own configs can train the text encoder instead.
+        text_encoder_hint = (
+            "a leco config trains it instead of the UNet with network.training_method: text-encoder"
+        )
+        train.only(
+            "train_unet",
+            lambda v: v is True,
+            f"is not what ai-toolkit's slider process trains; {text_encoder_hint}",
+        )
+        train.only(
+            "train_text_encoder",
+            lambda v: v is False,
+            f"is not what ai-toolkit's slider process trains (it caches the prompts); {text_encoder_hint}",
+        )
         if train.get("min_snr_gamma", 0):
             self.put("train.min_snr_gamma", train.get("min_snr_gamma"), train.key("min_snr_gamma"))
         train.only("noise_offset", lambda v: v == 0, "has no leco equivalent; remove it (or set it to 0)")

@@ -89,7 +89,9 @@ _REFUSED_UNLESS = {
     "resume_from_huggingface": ((False,), "has no leco equivalent; continue a leco run with --resume"),
     "network_weights": (("",), "has no leco equivalent (a leco LoRA starts at zero); continue a leco "
                         "run with --resume, or remove it"),
-    "network_train_text_encoder_only": ((False,), "is refused by train_leco too (LECO trains the UNet)"),
+    "network_train_text_encoder_only": ((False,), "is refused by train_leco too (LECO trains the UNet); "
+                                        "a leco config trains the text encoder with network.training_method: "
+                                        "text-encoder"),
     "gradient_accumulation_steps": ((1,), "has no leco equivalent; raise train.samples_per_step in a "
                                     "leco config instead, or remove it"),
 }  # fmt: skip
