@@ -212,6 +212,21 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
     "anchors+text1+guidance3": [_anchors(), _set("anchors.text_weight", 1.0), _guidance(3.0)],
     # The LoRA on the text encoder, which reads each prompt whole (leco.network.text_encoder_lora).
     "te": [_set("network.training_method", "text-encoder")],
+    "te-no-anchors": [_set("network.training_method", "text-encoder"), _set("anchors.prompts", [])],
+    # Anchors kept through their text alone (no anchor rows in the UNet calls), or UNet anchors held
+    # more lightly: the -1 end needs a large change of the states after the prompt (slider_padding.py).
+    **{
+        f"te+text{weight:g}-rows": [
+            _set("network.training_method", "text-encoder"),
+            _set("anchors.text_weight", weight),
+            _set("anchors.per_step", 0),
+        ]
+        for weight in (0.01, 0.03, 0.1)
+    },
+    **{
+        f"te+anchors-weight{weight:g}": [_set("network.training_method", "text-encoder"), _anchors(4, weight)]
+        for weight in (0.1, 0.3)
+    },
     **{
         f"te+text{weight:g}": [
             _set("network.training_method", "text-encoder"),

@@ -36,6 +36,7 @@ def test_gpu_scale_smoke_prints_a_row_per_setting():
         (["slider_closed_form.py", "--settings", "2:eos,bogus"], "--settings: 'bogus' is not PUSH:START"),
         (["distill.py", "--images", "0"], "argument --images: 0 must be 1 or more"),
         (["slider_leak.py", "--slider", "3,green,purple"], "--slider: give a digit and two of the inks"),
+        (["slider_padding.py", "--steps", "0"], "argument --steps: 0 must be 1 or more"),
     ],
 )
 def test_a_benchmark_refuses_a_bad_flag_in_one_line_before_any_work(command, expected, monkeypatch, capsys):
