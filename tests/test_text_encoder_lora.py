@@ -116,24 +116,39 @@ def test_a_resumed_run_ends_with_the_same_file_as_an_uninterrupted_one(tmp_path,
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_text_weight_keeps_the_anchors_text_states_at_both_signs(tmp_path, tiny_folders):
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_text_weight_keeps_the_anchors_text_at_both_signs(tmp_path, tiny_folders, name):
+    """The token states, and SDXL's pooled text (the second encoder's last layer, read by nothing else)."""
+    from leco.conditioning import PromptEncoder
+
     changes = []
     for weight in (0.0, 100.0):
-        trainer = Trainer(
-            text_encoder_config(tiny_folders["sd1"], tmp_path / str(weight), text_weight=weight)
-        )
-        trainer.progress = False
-        for _ in range(6):
+        config = text_encoder_config(tiny_folders[name], tmp_path / str(weight), text_weight=weight)
+        trainer = Trainer(config, progress=False)
+        for _ in range(24):  # past Adam's first steps, which move every weight by about lr whatever the loss
             trainer.train_step()
-        models = trainer.models
-        with trainer.trainable.strength(0.0):
-            frozen = encoded(models, ["a house", "a green car", ""])
+        encoder, texts = PromptEncoder(trainer.models), ["a house", "a green car", ""]
+        with torch.no_grad(), trainer.trainable.strength(0.0):
+            frozen = encoder.encode(texts)
         moved = []
         for strength in (1.0, -1.0):
-            with trainer.trainable.strength(strength):
-                moved.append((encoded(models, ["a house", "a green car", ""]) - frozen).pow(2).mean())
-        changes.append(max(moved))
-    assert changes[1] < changes[0] / 10
+            with torch.no_grad(), trainer.trainable.strength(strength):
+                now = encoder.encode(texts)
+            moved.append([(now.hidden_states - frozen.hidden_states).pow(2).mean()])
+            if name == "sdxl":
+                moved[-1].append((now.pooled - frozen.pooled).pow(2).mean())
+        changes.append(torch.tensor(moved).amax(dim=0))  # per kind of text, the worse sign
+    assert (changes[1] < changes[0] / 10).all(), changes
+
+
+def test_an_encoder_clip_skip_passes_by_trains_nothing_and_the_other_one_trains(tmp_path, tiny_folders):
+    # Tiny SDXL encoders have 2 layers, read at the penultimate one: skipping 2 leaves the first
+    # encoder none (full-size SDXL: clip_skip 12). The second still gives the pooled text.
+    config = text_encoder_config(tiny_folders["sdxl"], tmp_path, iterations=2)
+    config.pretrained_model.clip_skip = 2
+    result = train(config, progress=False)
+    keys = {key.split(".")[0] for key in read_lora_file(result.path)[0]}
+    assert keys and all(key.startswith("lora_te2_") for key in keys)
 
 
 def test_settings_a_text_encoder_lora_cannot_take_are_refused(tmp_path, tiny_folders):

@@ -63,6 +63,8 @@ class TextEncoderLoRANetwork:
         self.rank, self.alpha = rank, float(alpha or rank)  # kohya: alpha 0 means alpha = rank
         for index, encoder in enumerate(models.text_encoders):
             paths = [name for i, name in names.values() if i == index]
+            if not paths:  # clip skip passes every layer of this encoder by (SDXL's first at 12)
+                continue
             config = LoraConfig(
                 r=rank, lora_alpha=self.alpha, target_modules=paths, lora_dropout=0.0, init_lora_weights=True
             )
@@ -74,7 +76,7 @@ class TextEncoderLoRANetwork:
             parameter.data = parameter.data.float()  # trained in fp32 whatever the encoders' dtype
             parameter.requires_grad_(True)
         self._multiplier = 1.0
-        self._kept: tuple[tuple[str, ...], Tensor] | None = None  # anchors' frozen text states
+        self._kept: tuple[tuple[str, ...], list[Tensor]] | None = None  # anchors' frozen text
 
     # -- strength -------------------------------------------------------------------------------
 
@@ -120,19 +122,20 @@ class TextEncoderLoRANetwork:
         return negative
 
     def text_state_change(self, moments: Tensor, texts: list[str]) -> Tensor:
-        """The relative change of the anchors' text states (and the empty prompt's, every image's
-        negative side) at strengths +1 and -1: the mean squared change over the mean square."""
+        """The relative change of the anchors' text (and the empty prompt's, every image's negative
+        side) at strengths +1 and -1: the mean squared change over the mean square, of the token
+        states and, for SDXL, of the pooled text."""
         texts = sorted({*texts, ""})
         if self._kept is None or self._kept[0] != tuple(texts):
             with torch.no_grad(), self.strength(0.0):
-                self._kept = (tuple(texts), self.encoder.encode(texts).hidden_states.float())
+                self._kept = (tuple(texts), _read_by_unet(self.encoder.encode(texts)))
         frozen = self._kept[1]
-        size = frozen.pow(2).mean()
         changes = []
         for strength in KEPT_AT:
             with self.strength(strength):
-                states = self.encoder.encode(texts).hidden_states.float()
-            changes.append((states - frozen).pow(2).mean() / size)
+                now = _read_by_unet(self.encoder.encode(texts))
+            for state, kept in zip(now, frozen, strict=True):
+                changes.append((state - kept).pow(2).mean() / kept.pow(2).mean())
         return torch.stack(changes).mean()
 
     # -- weights --------------------------------------------------------------------------------
@@ -214,6 +217,12 @@ class TextEncoderLoRANetwork:
                 configs.pop(ADAPTER, None)
                 if not configs:
                     del encoder.peft_config
+
+
+def _read_by_unet(encoded: Conditioning) -> list[Tensor]:
+    """The text the UNet reads: the token states, and SDXL's pooled text (from the second encoder's
+    last layer, which only it reaches)."""
+    return [t.float() for t in (encoded.hidden_states, encoded.pooled) if t is not None]
 
 
 def trained_layers(
