@@ -32,7 +32,55 @@ from leco.objectives import Predictions
 ADAPTER = "leco"
 
 
-class LoRANetwork:
+class SwitchableLoRA:
+    """peft LoRA layers whose branches share one strength (multiplier): what a UNet LoRA and a
+    text-encoder LoRA have in common."""
+
+    layers: dict[str, LoraLayer]
+    _multiplier: float = 1.0
+
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: float) -> None:
+        for layer in self.layers.values():
+            layer.set_scale(ADAPTER, float(value))
+        self._multiplier = float(value)
+
+    @contextmanager
+    def strength(self, value: float) -> Iterator[SwitchableLoRA]:
+        """Temporarily apply the LoRA at `value` (0 = the original model)."""
+        previous = self.multiplier
+        self.multiplier = value
+        try:
+            yield self
+        finally:
+            self.multiplier = previous
+
+    # A LoRA edits the model itself: the prompt's own prediction is trained, and sampling is as usual.
+    def student_condition(self, target: Conditioning) -> Conditioning:
+        return target
+
+    def negative_condition(self, unconditional: Conditioning) -> Conditioning:
+        return unconditional
+
+    def training_target(self, conditional_target: Tensor, frozen: Predictions) -> Tensor:
+        return conditional_target
+
+    def negative_prompt(self, strength: float, negative: str = "") -> str:
+        return negative
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [
+            p
+            for layer in self.layers.values()
+            for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
+        ]
+
+
+class LoRANetwork(SwitchableLoRA):
     """LoRA modules on selected UNet layers, each with its own rank and alpha (scale = alpha/rank).
 
     Implements `leco.trainable.Trainable`: the edited model is the UNet with the LoRA on, for every
@@ -136,46 +184,12 @@ class LoRANetwork:
             network.text_encoder_lora.fitted(text_encoders, family)
         return network
 
-    # -- strength -------------------------------------------------------------------------------
-
-    @property
-    def multiplier(self) -> float:
-        return self._multiplier
-
-    @multiplier.setter
-    def multiplier(self, value: float) -> None:
-        for layer in self.layers.values():
-            layer.set_scale(ADAPTER, float(value))
-        self._multiplier = float(value)
-
-    @contextmanager
-    def strength(self, value: float) -> Iterator[LoRANetwork]:
-        """Temporarily apply the LoRA at `value` (0 = the original model)."""
-        previous = self.multiplier
-        self.multiplier = value
-        try:
-            yield self
-        finally:
-            self.multiplier = previous
-
     # -- how the trainer uses it ----------------------------------------------------------------
 
     def edited_conditions(
         self, texts: list[str], cached: Mapping[str, Conditioning]
     ) -> dict[str, Conditioning]:
         return {text: cached[text] for text in texts}  # the encoders are not trained
-
-    def student_condition(self, target: Conditioning) -> Conditioning:
-        return target
-
-    def negative_condition(self, unconditional: Conditioning) -> Conditioning:
-        return unconditional
-
-    def training_target(self, conditional_target: Tensor, frozen: Predictions) -> Tensor:
-        return conditional_target
-
-    def negative_prompt(self, strength: float, negative: str = "") -> str:
-        return negative
 
     def text_state_change(self, moments: Tensor, texts: list[str]) -> Tensor:
         """How much the LoRA moves cross-attention keys and values, relative to their size, for text
@@ -211,12 +225,6 @@ class LoRANetwork:
 
     # -- weights --------------------------------------------------------------------------------
 
-    def parameters(self) -> list[nn.Parameter]:
-        params = []
-        for layer in self.layers.values():
-            params += [layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight]
-        return params
-
     def weight_modules(self) -> list[nn.Module]:
         modules: list[nn.Module] = []
         for layer in self.layers.values():
@@ -228,39 +236,16 @@ class LoRANetwork:
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Tensors under kohya keys: down/up in `dtype`, alpha as fp32 scalars."""
-        tensors = {}
-        for name, layer in self.layers.items():
-            key = kohya.kohya_key(name, self.family, self.unet.config)
-            tensors[f"{key}.lora_down.weight"] = export_weight(layer.lora_A[ADAPTER].weight, dtype)
-            tensors[f"{key}.lora_up.weight"] = export_weight(layer.lora_B[ADAPTER].weight, dtype)
-            tensors[f"{key}.alpha"] = torch.tensor(float(self.ranks[name][1]), dtype=torch.float32)
-        return tensors
+        return lora_tensors(self._by_key(), dtype)
 
-    @torch.no_grad()
     def load_kohya_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        expected = self.kohya_state_dict()
-        missing = sorted(set(expected) - set(tensors))
-        unexpected = sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            first = (missing or unexpected)[0]
-            kind = "lacks" if missing else "has an unexpected"
-            raise LecoError(f"{source}: {kind} key {first}; it was not saved from this network's layers")
-        for name, layer in self.layers.items():
-            key = kohya.kohya_key(name, self.family, self.unet.config)
-            for target, suffix in (
-                (layer.lora_A[ADAPTER].weight, "lora_down"),
-                (layer.lora_B[ADAPTER].weight, "lora_up"),
-            ):
-                value = tensors[f"{key}.{suffix}.weight"]
-                if value.shape != target.shape:
-                    raise LecoError(
-                        f"{source}: {key}.{suffix}.weight has shape {list(value.shape)}, "
-                        f"expected {list(target.shape)}"
-                    )
-                target.copy_(value.to(target))
-            alpha = float(tensors[f"{key}.alpha"])
-            if not math.isclose(alpha, self.ranks[name][1], rel_tol=1e-6):
-                raise LecoError(f"{source}: {key}.alpha is {alpha}, the network has {self.ranks[name][1]}")
+        load_lora_tensors(self._by_key(), tensors, source)
+
+    def _by_key(self) -> dict[str, tuple[LoraLayer, float]]:
+        return {
+            kohya.kohya_key(name, self.family, self.unet.config): (layer, self.ranks[name][1])
+            for name, layer in self.layers.items()
+        }
 
     def metadata(self, resolution: int, title: str) -> dict[str, str]:
         """kohya/A1111 (ss_*), ModelSpec and leco metadata; hashes are added when saving."""
@@ -305,6 +290,43 @@ class LoRANetwork:
             configs.pop(ADAPTER, None)
             if not configs:
                 del self.unet.peft_config
+
+
+def lora_tensors(modules: dict[str, tuple[LoraLayer, float]], dtype: torch.dtype) -> dict[str, Tensor]:
+    """kohya key -> (layer, alpha) as a file's tensors: down/up in `dtype`, alpha as fp32 scalars."""
+    tensors = {}
+    for key, (layer, alpha) in modules.items():
+        tensors[f"{key}.lora_down.weight"] = export_weight(layer.lora_A[ADAPTER].weight, dtype)
+        tensors[f"{key}.lora_up.weight"] = export_weight(layer.lora_B[ADAPTER].weight, dtype)
+        tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return tensors
+
+
+@torch.no_grad()
+def load_lora_tensors(
+    modules: dict[str, tuple[LoraLayer, float]], tensors: dict[str, Tensor], source: str
+) -> None:
+    """Copy a state saved by `lora_tensors` back into the layers; every key, shape and alpha checked."""
+    expected = lora_tensors(modules, torch.float32)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        kind, first = ("lacks", missing[0]) if missing else ("has an unexpected", unexpected[0])
+        raise LecoError(f"{source}: {kind} key {first}; it was not saved from this network's layers")
+    for key, (layer, alpha) in modules.items():
+        for target, suffix in (
+            (layer.lora_A[ADAPTER].weight, "lora_down"),
+            (layer.lora_B[ADAPTER].weight, "lora_up"),
+        ):
+            value = tensors[f"{key}.{suffix}.weight"]
+            if value.shape != target.shape:
+                raise LecoError(
+                    f"{source}: {key}.{suffix}.weight has shape {list(value.shape)}, "
+                    f"expected {list(target.shape)}"
+                )
+            target.copy_(value.to(target))
+        saved = float(tensors[f"{key}.alpha"])
+        if not math.isclose(saved, alpha, rel_tol=1e-6):
+            raise LecoError(f"{source}: {key}.alpha is {saved}, the network has {alpha}")
 
 
 def network_metadata(

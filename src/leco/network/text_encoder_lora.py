@@ -12,10 +12,8 @@ A1111, ComfyUI, kohya's scripts and `leco generate` / `eval` / `merge` apply the
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +26,15 @@ from leco.conditioning import Conditioning, PromptEncoder, layers_read
 from leco.errors import LecoError
 from leco.models import LoadedModels, ModelFamily
 from leco.network import kohya
-from leco.network.lora import ADAPTER, export_weight, network_metadata, with_extra_metadata
+from leco.network.lora import (
+    ADAPTER,
+    SwitchableLoRA,
+    load_lora_tensors,
+    lora_tensors,
+    network_metadata,
+    with_extra_metadata,
+)
 from leco.network.text_encoders import text_encoder_layer_names
-from leco.objectives import Predictions
 
 TRAINING_METHOD = "text-encoder"
 # Strengths at which anchors' text states are kept (anchors.text_weight): a LoRA file is used at
@@ -38,7 +42,7 @@ TRAINING_METHOD = "text-encoder"
 KEPT_AT = (1.0, -1.0)
 
 
-class TextEncoderLoRANetwork:
+class TextEncoderLoRANetwork(SwitchableLoRA):
     """LoRA modules on every attention and MLP Linear layer of the text encoder(s).
 
     Implements `leco.trainable.Trainable`: the edited model is the UNet reading prompts through the
@@ -78,27 +82,6 @@ class TextEncoderLoRANetwork:
         self._multiplier = 1.0
         self._kept: tuple[tuple[str, ...], list[Tensor]] | None = None  # anchors' frozen text
 
-    # -- strength -------------------------------------------------------------------------------
-
-    @property
-    def multiplier(self) -> float:
-        return self._multiplier
-
-    @multiplier.setter
-    def multiplier(self, value: float) -> None:
-        for layer in self.layers.values():
-            layer.set_scale(ADAPTER, float(value))
-        self._multiplier = float(value)
-
-    @contextmanager
-    def strength(self, value: float) -> Iterator[TextEncoderLoRANetwork]:
-        previous = self.multiplier
-        self.multiplier = value
-        try:
-            yield self
-        finally:
-            self.multiplier = previous
-
     # -- how the trainer uses it ----------------------------------------------------------------
 
     def edited_conditions(
@@ -108,18 +91,6 @@ class TextEncoderLoRANetwork:
         distinct = sorted(set(texts))
         encoded = self.encoder.encode(distinct)
         return {text: encoded.row(i) for i, text in enumerate(distinct)}
-
-    def student_condition(self, target: Conditioning) -> Conditioning:
-        return target
-
-    def negative_condition(self, unconditional: Conditioning) -> Conditioning:
-        return unconditional
-
-    def training_target(self, conditional_target: Tensor, frozen: Predictions) -> Tensor:
-        return conditional_target
-
-    def negative_prompt(self, strength: float, negative: str = "") -> str:
-        return negative
 
     def text_state_change(self, moments: Tensor, texts: list[str]) -> Tensor:
         """The relative change of the anchors' text (and the empty prompt's, every image's negative
@@ -140,13 +111,6 @@ class TextEncoderLoRANetwork:
 
     # -- weights --------------------------------------------------------------------------------
 
-    def parameters(self) -> list[nn.Parameter]:
-        return [
-            p
-            for layer in self.layers.values()
-            for p in (layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight)
-        ]
-
     def weight_modules(self) -> None:
         return None  # the encoders serve every step of a batch alike: one step per backward
 
@@ -154,35 +118,10 @@ class TextEncoderLoRANetwork:
         return self.kohya_state_dict(torch.float32)
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        tensors = {}
-        for key, layer in self.layers.items():
-            tensors[f"{key}.lora_down.weight"] = export_weight(layer.lora_A[ADAPTER].weight, dtype)
-            tensors[f"{key}.lora_up.weight"] = export_weight(layer.lora_B[ADAPTER].weight, dtype)
-            tensors[f"{key}.alpha"] = torch.tensor(self.alpha, dtype=torch.float32)
-        return tensors
+        return lora_tensors({key: (layer, self.alpha) for key, layer in self.layers.items()}, dtype)
 
-    @torch.no_grad()
     def load_state_dict(self, tensors: dict[str, Tensor], source: str = "state dict") -> None:
-        expected = self.kohya_state_dict()
-        missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        if missing or unexpected:
-            kind, first = ("lacks", missing[0]) if missing else ("has an unexpected", unexpected[0])
-            raise LecoError(f"{source}: {kind} key {first}; it was not saved from this network's layers")
-        for key, layer in self.layers.items():
-            for target, suffix in (
-                (layer.lora_A[ADAPTER].weight, "lora_down"),
-                (layer.lora_B[ADAPTER].weight, "lora_up"),
-            ):
-                value = tensors[f"{key}.{suffix}.weight"]
-                if value.shape != target.shape:
-                    raise LecoError(
-                        f"{source}: {key}.{suffix}.weight has shape {list(value.shape)}, "
-                        f"expected {list(target.shape)}"
-                    )
-                target.copy_(value.to(target))
-            alpha = float(tensors[f"{key}.alpha"])
-            if not math.isclose(alpha, self.alpha, rel_tol=1e-6):
-                raise LecoError(f"{source}: {key}.alpha is {alpha}, the network has {self.alpha}")
+        load_lora_tensors({key: (layer, self.alpha) for key, layer in self.layers.items()}, tensors, source)
 
     def save(
         self,
