@@ -896,7 +896,8 @@ AI_TOOLKIT_ERRORS = {
     "text_encoder": (
         ("train_text_encoder: false", "train_text_encoder: true"),
         "train.train_text_encoder: true is not what ai-toolkit's slider process trains (it caches the "
-        "prompts); a leco config trains it instead of the UNet with network.training_method: text-encoder",
+        "prompts); a leco config trains the text encoder instead of the UNet with network.training_method: "
+        "text-encoder",
     ),
     "no_pole": (('positive: "a face, wide open eyes"', 'positive: ""'), "slider.targets[1]: needs positive"),
     "bad_number": (

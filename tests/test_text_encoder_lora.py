@@ -82,6 +82,8 @@ def test_rollouts_and_the_trained_prediction_read_prompts_through_the_lora(tmp_p
         read = trainer.trainable.edited_conditions(["a red fox", entry.texts(0)["unconditional"]], {})
     negative, positive = seen[0].chunk(2)
     torch.testing.assert_close(positive, read["a red fox"].hidden_states.expand_as(positive))
+    unconditional = read[entry.texts(0)["unconditional"]].hidden_states
+    torch.testing.assert_close(negative, unconditional.expand_as(negative))
     cached = trainer.edited.embeddings["a red fox"].hidden_states
     assert not torch.allclose(positive[:1], cached)  # not the frozen encoders' reading
 
@@ -106,12 +108,17 @@ def test_the_file_holds_kohya_text_encoder_modules_that_generate_applies_as_trai
     torch.testing.assert_close(encoded(models, ["a red fox"]), encoded(before, ["a red fox"]))  # taken out
 
 
-def test_a_resumed_run_ends_with_the_same_file_as_an_uninterrupted_one(tmp_path, tiny_folders):
-    whole = train(text_encoder_config(tiny_folders["sd1"], tmp_path / "whole"), progress=False)
-    first = train(text_encoder_config(tiny_folders["sd1"], tmp_path / "split", iterations=2), progress=False)
-    resumed = train(
-        text_encoder_config(tiny_folders["sd1"], tmp_path / "split"), resume=first.state, progress=False
-    )
+def test_a_resumed_run_ends_with_the_same_file_as_an_uninterrupted_one(tmp_path, tiny_folders, monkeypatch):
+    import leco.preservation
+
+    monkeypatch.setattr(leco.preservation, "TEXTS_PER_STEP", 1)  # the anchors' window turns each step
+
+    def config(out, iterations=4):
+        return text_encoder_config(tiny_folders["sd1"], out, iterations=iterations, text_weight=0.5)
+
+    whole = train(config(tmp_path / "whole"), progress=False)
+    first = train(config(tmp_path / "split", iterations=2), progress=False)
+    resumed = train(config(tmp_path / "split"), resume=first.state, progress=False)
     a, b = read_lora_file(whole.path)[0], read_lora_file(resumed.path)[0]
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

@@ -323,7 +323,8 @@ class AnchorConfig(_Section):
     per_step: int = Field(1, ge=0)
     # Keep what the anchors' text makes of the cross-attention keys and values: each step adds this
     # weight times the LoRA's relative change of them, over every token of every anchor (no UNet call;
-    # with training_method xattn-strict the anchors' predictions then stay exactly the model's).
+    # with training_method xattn-strict the anchors' predictions then stay exactly the model's). With
+    # training_method text-encoder: the relative change of the anchors' text states themselves.
     text_weight: float = Field(0.0, ge=0)
     # auto only: more words whose prompts are left out (synonyms of the concept, e.g. "7" for seven),
     # and how many prompts to draw (all by default).
@@ -350,7 +351,7 @@ class AnchorConfig(_Section):
 
 # Layer presets that train no cross-attention key or value (leco.network.layers.PRESETS).
 PRESETS_WITHOUT_KEYS_VALUES = ("noxattn", "innoxattn", "selfattn")
-# ... and those that train attention layers only: with them c3lier's convolutions are never chosen.
+# ... and those that train no UNet convolution: with them c3lier's convolutions are never chosen.
 PRESETS_WITHOUT_CONVS = ("xattn", "xattn-strict", "xattn-values", "selfattn", "text-encoder")
 
 ACTIONS = ("erase", "enhance", "distill", "preserve", "imitate")

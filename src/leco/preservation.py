@@ -133,11 +133,15 @@ def text_state_moments(anchors: list[Conditioning]) -> torch.Tensor:
     return states.T @ states / len(states)
 
 
+TEXTS_PER_STEP = 64  # anchors a text-encoder LoRA reads per step for anchors.text_weight
+
+
 @dataclass
 class TextAnchors:
     """`anchors.text_weight`: the anchors are kept through their text. A LoRA on the cross-attention
     keys and values changes a prompt's prediction only through what it makes of the prompt's token
-    states, so keeping those for every anchor token keeps the anchors at every latent at once."""
+    states, so keeping those for every anchor token keeps the anchors at every latent at once; a
+    LoRA on the text encoder keeps the anchors' text states themselves."""
 
     moments: torch.Tensor
     weight: float
@@ -153,8 +157,18 @@ class TextAnchors:
         moments = text_state_moments([embeddings[text] for text in anchors])
         return cls(moments, config.anchors.text_weight, list(anchors))
 
-    def loss(self, trainable: Trainable) -> torch.Tensor:
-        return self.weight * trainable.text_state_change(self.moments, self.texts)
+    def loss(self, trainable: Trainable, step: int) -> torch.Tensor:
+        return self.weight * trainable.text_state_change(self.moments, self.texts_at(step))
+
+    def texts_at(self, step: int) -> list[str]:
+        """The anchor texts read at this step: all of them for a key/value LoRA (their moments
+        stand for them), a window that turns with the step for a text-encoder LoRA, which reads each
+        through the encoders with gradients (every anchor at once would hold activations of the
+        whole prompt list per step: gigabytes on SDXL). By the step, so a resumed run reads the same."""
+        if len(self.texts) <= TEXTS_PER_STEP:
+            return self.texts
+        start = step * TEXTS_PER_STEP % len(self.texts)
+        return (self.texts + self.texts)[start : start + TEXTS_PER_STEP]
 
 
 def draw_anchors(prompts: list[str], per_step: int, generator: torch.Generator) -> list[str]:

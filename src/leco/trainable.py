@@ -1,7 +1,8 @@
-"""What a run trains, behind one small interface: a LoRA on the UNet, or a token embedding.
+"""What a run trains, behind one small interface: a LoRA on the UNet or on the text encoders, or a
+token embedding.
 
 The training loop, checkpoints, exact resume, Ctrl-C and previews only talk to this interface, so
-they work the same for both.
+they work the same for all three.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class Trainable(Protocol):
 
 
 def create_trainable(models: LoadedModels, config: LecoConfig, device: torch.device) -> Trainable:
-    """A fresh LoRA (identity at start) or token embedding, as `network.type` says."""
+    """A fresh LoRA (identity at start) on the UNet or, with `training_method: text-encoder`, on the
+    text encoders, or a token embedding (`network.type: embedding`)."""
     network = config.network
     if network.training_method == "text-encoder" and network.type != "embedding":
         from leco.network.text_encoder_lora import TextEncoderLoRANetwork

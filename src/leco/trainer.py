@@ -118,7 +118,7 @@ class Trainer:
         loss, gradients = waiting.pop(0)
         self.updates.start(gradients)
         if self.text_anchors is not None:  # a function of the weights alone: taken as they are now
-            text_loss = self.text_anchors.loss(self.trainable)
+            text_loss = self.text_anchors.loss(self.trainable, self.step)
             self.updates.backward(text_loss)
             loss = loss + text_loss.detach()
         if self.ranks.any(not torch.isfinite(loss), self.device):
@@ -173,7 +173,9 @@ class Trainer:
         """One step's loss at the weights as they are (the anchors' text term included)."""
         with self.strength([step]):  # a backward of it outside recomputes checkpointed layers at 1
             (loss,) = self.step_losses([step])
-        return loss + self.text_anchors.loss(self.trainable) if self.text_anchors is not None else loss
+        if self.text_anchors is None:
+            return loss
+        return loss + self.text_anchors.loss(self.trainable, self.step)
 
     # -- saving and resuming ----------------------------------------------------------------------
 

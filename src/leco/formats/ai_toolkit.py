@@ -401,7 +401,8 @@ class _Converter:
         # ai-toolkit's slider process caches the prompts' text states and trains the UNet alone;
         # leco's own configs can train the text encoder instead.
         text_encoder_hint = (
-            "a leco config trains it instead of the UNet with network.training_method: text-encoder"
+            "a leco config trains the text encoder instead of the UNet with network.training_method: "
+            "text-encoder"
         )
         train.only(
             "train_unet",

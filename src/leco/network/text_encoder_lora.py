@@ -58,11 +58,11 @@ class TextEncoderLoRANetwork(SwitchableLoRA):
         self.models, self.family = models, models.family
         self.encoder = PromptEncoder(models, clip_skip)
         names = trained_layers(models.text_encoders, models.family, clip_skip)
-        largest = min(min(models.text_encoders[i].get_submodule(n).weight.shape) for i, n in names.values())
-        if rank > largest:
+        smallest = min(min(models.text_encoders[i].get_submodule(n).weight.shape) for i, n in names.values())
+        if rank > smallest:
             raise LecoError(
-                f"network.rank: above the size of the text encoder's layers (the smallest allows {largest}); "
-                f"use at most {largest}"
+                f"network.rank: above the size of the text encoder's layers (the smallest allows "
+                f"{smallest}); use at most {smallest}"
             )
         self.rank, self.alpha = rank, float(alpha or rank)  # kohya: alpha 0 means alpha = rank
         for index, encoder in enumerate(models.text_encoders):
