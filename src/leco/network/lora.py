@@ -283,13 +283,18 @@ class LoRANetwork(SwitchableLoRA):
             parent_name, _, child = name.rpartition(".")
             setattr(self.unet.get_submodule(parent_name), child, layer.get_base_layer())
         self.layers = {}
-        # peft records the adapter on the model; left there, the next injection (ours or a
-        # diffusers load_lora_weights) warns about, or trips over, an adapter that is gone.
-        configs = getattr(self.unet, "peft_config", None)
-        if configs is not None:
-            configs.pop(ADAPTER, None)
-            if not configs:
-                del self.unet.peft_config
+        forget_adapter(self.unet)
+
+
+def forget_adapter(model: nn.Module) -> None:
+    """Drop the adapter's record peft keeps on the model once its layers are taken out: left there,
+    the next injection (ours or a diffusers load_lora_weights) warns about, or trips over, an
+    adapter that is gone."""
+    configs = getattr(model, "peft_config", None)
+    if configs is not None:
+        configs.pop(ADAPTER, None)
+        if not configs:
+            del model.peft_config
 
 
 def lora_tensors(modules: dict[str, tuple[LoraLayer, float]], dtype: torch.dtype) -> dict[str, Tensor]:

@@ -29,6 +29,7 @@ from leco.network import kohya
 from leco.network.lora import (
     ADAPTER,
     SwitchableLoRA,
+    forget_adapter,
     load_lora_tensors,
     lora_tensors,
     network_metadata,
@@ -80,7 +81,7 @@ class TextEncoderLoRANetwork(SwitchableLoRA):
             parameter.data = parameter.data.float()  # trained in fp32 whatever the encoders' dtype
             parameter.requires_grad_(True)
         self._multiplier = 1.0
-        self._kept: tuple[tuple[str, ...], list[Tensor]] | None = None  # anchors' frozen text
+        self._kept: dict[str, list[Tensor]] = {}  # text -> what the UNet reads of it, frozen
 
     # -- how the trainer uses it ----------------------------------------------------------------
 
@@ -97,10 +98,7 @@ class TextEncoderLoRANetwork(SwitchableLoRA):
         side) at strengths +1 and -1: the mean squared change over the mean square, of the token
         states and, for SDXL, of the pooled text."""
         texts = sorted({*texts, ""})
-        if self._kept is None or self._kept[0] != tuple(texts):
-            with torch.no_grad(), self.strength(0.0):
-                self._kept = (tuple(texts), _read_by_unet(self.encoder.encode(texts)))
-        frozen = self._kept[1]
+        frozen = self._frozen(texts)
         changes = []
         for strength in KEPT_AT:
             with self.strength(strength):
@@ -108,6 +106,17 @@ class TextEncoderLoRANetwork(SwitchableLoRA):
             for state, kept in zip(now, frozen, strict=True):
                 changes.append((state - kept).pow(2).mean() / kept.pow(2).mean())
         return torch.stack(changes).mean()
+
+    def _frozen(self, texts: list[str]) -> list[Tensor]:
+        """What the UNet reads of `texts` without the LoRA, each text encoded once per run (the
+        anchors come a window at a time, so a cache of one window would encode them every step)."""
+        missing = [text for text in texts if text not in self._kept]
+        if missing:
+            with torch.no_grad(), self.strength(0.0):
+                read = _read_by_unet(self.encoder.encode(missing))
+            self._kept.update({text: [t[i : i + 1] for t in read] for i, text in enumerate(missing)})
+        kinds = len(self._kept[texts[0]])
+        return [torch.cat([self._kept[text][kind] for text in texts]) for kind in range(kinds)]
 
     # -- weights --------------------------------------------------------------------------------
 
@@ -118,10 +127,13 @@ class TextEncoderLoRANetwork(SwitchableLoRA):
         return self.kohya_state_dict(torch.float32)
 
     def kohya_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-        return lora_tensors({key: (layer, self.alpha) for key, layer in self.layers.items()}, dtype)
+        return lora_tensors(self._by_key(), dtype)
 
     def load_state_dict(self, tensors: dict[str, Tensor], source: str = "state dict") -> None:
-        load_lora_tensors({key: (layer, self.alpha) for key, layer in self.layers.items()}, tensors, source)
+        load_lora_tensors(self._by_key(), tensors, source)
+
+    def _by_key(self) -> dict[str, tuple[LoraLayer, float]]:
+        return {key: (layer, self.alpha) for key, layer in self.layers.items()}
 
     def save(
         self,
@@ -151,11 +163,7 @@ class TextEncoderLoRANetwork(SwitchableLoRA):
             setattr(encoder.get_submodule(parent), child, layer.get_base_layer())
         self.layers = {}
         for encoder in self.models.text_encoders:
-            configs = getattr(encoder, "peft_config", None)
-            if configs is not None:
-                configs.pop(ADAPTER, None)
-                if not configs:
-                    del encoder.peft_config
+            forget_adapter(encoder)
 
 
 def _read_by_unet(encoded: Conditioning) -> list[Tensor]:
