@@ -208,6 +208,12 @@ def test_sd2_projections_in_the_form_each_tool_needs(tmp_path, tiny_folders):
     back = convert(conv, tmp_path / "back.safetensors", family="sd2")  # 4-D in, 2-D out
     assert all(torch.equal(v, read_lora_file(linear)[0][k]) for k, v in read_lora_file(back)[0].items())
     assert "leco.sd2_proj" not in read_lora_file(back)[1]  # the input's form is not copied onto the output
+    cross_attention = {k: v for k, v in foreign.items() if "proj_in" not in k and "proj_out" not in k}
+    save_file(cross_attention, str(tmp_path / "xattn.safetensors"))
+    unchanged = convert(
+        tmp_path / "xattn.safetensors", tmp_path / "x4d.safetensors", family="sd2", sd2_proj="4d"
+    )
+    assert "leco.sd2_proj" not in read_lora_file(unchanged)[1]  # not stamped 4d: there is nothing 4-D in it
 
     # On a real (tiny) SD2 model: leco reads both forms the same, diffusers only the 2-D one.
     folder = str(tiny_folders["sd2-v"])

@@ -554,6 +554,26 @@ def test_negative_prompt_from_the_spec_reaches_the_images(tmp_path, tiny_folders
     assert np.abs(plain - other).mean() > 0.5
 
 
+def test_clip_skip_from_the_spec_reaches_the_images_and_the_report(tmp_path, tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    spec = {
+        "images_per_prompt": 1,
+        "steps": 3,
+        "guidance": 3.0,
+        "keep": [{"prompt": "a dog", "concept": "bright>0.5"}],
+    }
+    for folder, extra in (("one", {}), ("two", {"clip_skip": 2})):
+        judged = EvalSpec.model_validate({**spec, **extra})
+        report = evaluate(models, None, judged, "cpu", BrightnessDetector(), tmp_path / folder, False)
+    assert report["sampling"]["Clip skip"] == 2
+    one, two = (np.asarray(Image.open(tmp_path / f / "a-dog_0_0.png"), np.int16) for f in ("one", "two"))
+    assert np.abs(one - two).mean() > 0.5
+    assert "Clip skip: 2" in Image.open(tmp_path / "two" / "a-dog_0_0.png").text["parameters"]
+    too_far = EvalSpec.model_validate({**spec, "clip_skip": 99})
+    with pytest.raises(LecoError, match=r"^eval spec: clip_skip: 99 skips past the \d+ text-encoder layers"):
+        evaluate(models, None, too_far, "cpu", BrightnessDetector(), tmp_path / "far", False)
+
+
 def test_an_embedding_judged_as_a_lora_is_named_by_that_option(tmp_path, tiny_folders):
     models = load_models(str(tiny_folders["sd1"]), with_vae=True)
     wrong_width = tmp_path / "neg.safetensors"  # the tiny model's text encoder is 32 wide

@@ -286,6 +286,34 @@ def test_kohya_empty_neutral_files_fall_back_to_neutral_and_a_bom_is_no_prompt(t
     assert capsys.readouterr().err.count("empty.txt holds no prompts; the neutral prompt is used") == 2
 
 
+def test_kohya_reads_neutral_lists_only_in_targets_and_a_zero_pole_as_none(tmp_path, capsys):
+    path = tmp_path / "prompts.toml"
+    path.write_text(
+        '[[prompts]]\ntarget_class = "a digit five"\npositive = "red"\nnegative = "blue"\nneutral = "z"\n'
+        'neutrals = ["x", "y"]\n'
+    )
+    entries = load_prompts(path)
+    # kohya's [[prompts]] slider item reads `neutral` alone: four entries, every one with "z"
+    assert [fields(e, *POLES) for e in entries] == slider_rows("a digit five", "red", "blue", "z", 1.0)
+    assert (
+        "prompts 1.neutrals: kohya reads only `neutral` in a [[prompts]] slider item"
+        in capsys.readouterr().err
+    )
+    # str(value or ""): a 0 pole is no pole (one-pole target: two entries), a 0 neutral is ""; the
+    # class and the neutral lists keep the text "0"
+    path.write_text('[[targets]]\ntarget_class = 0\npositive = "red"\nnegative = 0\nneutral = 0\n')
+    entries = load_prompts(path)
+    assert [fields(e, *POLES) for e in entries] == [
+        ("0", "red", "", "", "enhance", 1.0),
+        ("0", "red", "", "", "erase", -1.0),
+    ]
+    assert (
+        'targets 1.negative: 0 is read as no prompt, as kohya reads it; write "0"' in capsys.readouterr().err
+    )
+    path.write_text('neutrals = [0]\n[[targets]]\ntarget_class = "c"\npositive = "p"\n')
+    assert {e.neutral for e in load_prompts(path)} == {"0"}
+
+
 def _refused_at_once(read, path) -> str:
     """read(path)'s ConfigError, failing (not hanging) if reading blocks on a FIFO."""
     outcome: list[str] = []
@@ -652,7 +680,12 @@ def test_ai_toolkit_yaml_maps_every_section(ai_toolkit_env):
     config = load_config(DATA / "ai_toolkit_slider.yaml")
     model, network, train_, save = config.pretrained_model, config.network, config.train, config.save
     assert (model.name_or_path, model.v2, model.v_pred) == (str(ai_toolkit_env / "model"), False, False)
-    assert (network.type, network.rank, network.alpha, network.training_method) == ("lierla", 8, 4.0, "full")
+    assert (network.type, network.rank, network.alpha, network.training_method) == (
+        "all-linear",
+        8,
+        4.0,
+        "full",
+    )
     assert (train_.iterations, train_.lr, train_.optimizer, train_.optimizer_args) == (
         3,
         2e-4,  # written 2e-4: ai-toolkit's YAML reads it as a number, plain PyYAML as text
@@ -843,7 +876,7 @@ def test_ai_toolkit_json_maps_optimizer_scheduler_network_and_shuffle():
     assert (train_.device, config.other.use_xformers) == ("auto", True)
     network = config.network
     assert (network.type, network.rank, network.alpha, network.conv_rank, network.conv_alpha) == (
-        "c3lier",
+        "all",
         4,
         4.0,
         2,
@@ -878,6 +911,13 @@ def edit(text: str, old: str, new: str) -> str:
 
 
 AI_TOOLKIT_ERRORS = {
+    "network_left_empty": (
+        (
+            '      network:\n        type: "lierla"\n        linear: 8\n        linear_alpha: 4\n',
+            "      network:\n",
+        ),
+        "config.process[0].network: required key is missing or empty; leco trains a LoRA",
+    ),
     "noise_offset": (
         ("        noise_offset: 0.0\n", "        noise_offset: 0.1\n"),
         "config.process[0].train.noise_offset: 0.1 has no leco equivalent",
@@ -1085,6 +1125,19 @@ def test_sliders_gpt_prompt_files_run_with_the_keys_sliders_ignores_named(capsys
     assert "guidance (entries 1-2), rank (entries 1-2): keys of rohitgandikota/sliders'" in warning
 
 
+def test_sliders_files_left_at_its_defaults_train_at_its_size_and_batch(tmp_path):
+    path = tmp_path / "prompts.yaml"
+    path.write_text(
+        "- {target: woman, positive: woman with a hat, rank: 4}\n"
+        "- {target: man, positive: man with a hat, rank: 4, resolution: 1024, batch_size: 2}\n"
+        "- {target: child, positive: child with a hat}\n"
+    )
+    entries = load_prompts(path)
+    # sliders' PromptSettings defaults (512, 1) where its file leaves them out, as its SDXL script
+    # uses them too; a leco entry (no `rank`) keeps leco's: the model's size, the run's batch
+    assert [(e.resolution, e.batch_size) for e in entries] == [(512, 1), (1024, 2), (None, None)]
+
+
 def test_sliders_attributes_duplicate_an_entry_with_each_attribute_before_its_four_prompts():
     entries = load_prompts(DATA / "sliders_attributes.yaml")
     rows = [fields(e, "target", "positive", "unconditional", "neutral") for e in entries]
@@ -1151,7 +1204,7 @@ def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidanc
     # steered away from its unconditional, the other pole)
     assert (config.train.rollout_model, config.train.rollout_guidance_scale) == ("frozen", 1.0)
     assert (config.train.iterations, config.train.lr, config.train.max_denoising_steps) == (3, 1e-4, 50)
-    assert (config.network.type, config.network.rank, config.network.alpha) == ("lierla", 4, 4.0)
+    assert (config.network.type, config.network.rank, config.network.alpha) == ("all-linear", 4, 4.0)
     assert config.save.precision == "fp16" and config.preview.prompts == ["a person, close-up"]
     warnings = capsys.readouterr().err
     assert "datasets: leco trains from the model's own images of the target class" in warnings

@@ -687,3 +687,87 @@ def test_unipc_is_diffusers_bh2_variant_under_every_name():
 def test_samplers_that_know_zero_terminal_snr_keep_it(name):
     zero_snr = {**SDE_KARRAS_MODEL, "rescale_betas_zero_snr": True}
     assert make_scheduler(zero_snr, name).config.rescale_betas_zero_snr is True
+
+
+# -- clip skip ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sd1", "sdxl"])
+def test_clip_skip_samples_the_text_states_training_reads(tiny_folders, name):
+    """Images at clip skip 2 are drawn from the very states leco trains on at clip skip 2."""
+    from leco.conditioning import PromptEncoder
+    from leco.generate import generate
+
+    models = load_models(str(tiny_folders[name]), with_vae=True)
+    pipe = build_pipeline(models)
+    request = ImageRequest("a red fox", 0.0, 5)
+
+    def ours(clip_skip):
+        settings = SamplingSettings(steps=3, guidance=4.0, clip_skip=clip_skip)
+        ((_, image),) = generate(pipe, [request], settings, lambda s: None, False)
+        return np.asarray(image, dtype=np.int16)
+
+    with torch.no_grad():
+        encoder = PromptEncoder(models, 2)
+        prompt, negative = encoder.encode(["a red fox"]), encoder.encode([""])
+    extra = {}
+    if models.family.is_sdxl:
+        extra = {"pooled_prompt_embeds": prompt.pooled, "negative_pooled_prompt_embeds": negative.pooled}
+    extra |= {"prompt_embeds": prompt.hidden_states, "negative_prompt_embeds": negative.hidden_states}
+    generator = [torch.Generator("cpu").manual_seed(5)]
+    images = pipe(
+        num_inference_steps=3, guidance_scale=4.0, generator=generator, output_type="np", **extra
+    ).images
+    trained_states = (images[0] * 255).round().astype(np.int16)
+    assert np.abs(ours(2) - trained_states).max() <= 1
+    assert np.abs(ours(1) - trained_states).mean() > 1  # the option changes the image
+
+
+def test_generate_follows_the_clip_skip_a_lora_was_trained_with(tmp_path, tiny_folders, lora_files, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from leco.generate import clip_skip_for
+
+    models = load_models(str(tiny_folders["sd1"]))
+    tensors = load_file(lora_files["sd1"])
+    trained = {}
+    for skip in ("2", "None"):
+        trained[skip] = tmp_path / f"skip{skip}.safetensors"
+        save_file(tensors, trained[skip], metadata={"ss_clip_skip": skip})
+    assert clip_skip_for(models, None, [trained["2"]]) == 2
+    assert "clip skip 2, as skip2.safetensors was trained with" in capsys.readouterr().err
+    assert clip_skip_for(models, 1, [trained["2"]]) == 1  # the option wins
+    assert clip_skip_for(models, None, [trained["None"]]) == 1
+    assert clip_skip_for(models, None, []) == 1
+    assert clip_skip_for(models, None, [trained["2"], trained["None"]]) == 2
+    layers = models.text_encoders[0].config.num_hidden_layers
+    with pytest.raises(LecoError, match=rf"^--clip-skip: {layers + 1} skips past the {layers} text-encoder"):
+        clip_skip_for(models, layers + 1, [])
+    # and the images say so, as A1111 writes it
+    files, _ = run_generation(
+        load_models(str(tiny_folders["sd1"]), with_vae=True),
+        trained["2"],
+        requests_for(["a red fox"], [1.0], [0]),
+        SamplingSettings(steps=2, clip_skip=2),
+        tmp_path / "images",
+        "cpu",
+        False,
+    )
+    assert ", Clip skip: 2," in Image.open(files[0]).text["parameters"]
+
+
+def test_trained_files_record_their_clip_skip_as_kohya_does(tmp_path, tiny_folders):
+    from leco import train
+    from leco.config import LecoConfig
+    from leco.files import safetensors_metadata
+
+    config = LecoConfig.model_validate(
+        {
+            "pretrained_model": {"name_or_path": str(tiny_folders["sd1"]), "clip_skip": 2},
+            "prompts": [{"target": "a cat"}],
+            "train": {"precision": "fp32", "iterations": 1, "max_denoising_steps": 4},
+            "save": {"path": str(tmp_path), "name": "cat"},
+        }
+    )
+    path = train(config, progress=False).path
+    assert safetensors_metadata(path)["ss_clip_skip"] == "2"

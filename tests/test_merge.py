@@ -31,6 +31,9 @@ from leco.network.kohya import ModuleWeights, delta_weight
 from leco.preservation import known_prompts
 
 C3LIER = NetworkConfig(type="c3lier", rank=3, alpha=1.5, conv_rank=2, conv_alpha=4.0)
+EVERY_LAYER = NetworkConfig(
+    type="all", rank=3, alpha=1.5, conv_rank=2, conv_alpha=4.0
+)  # outside the blocks too
 PIPELINES = {
     "sd1": StableDiffusionPipeline,
     "sd2-v": StableDiffusionPipeline,
@@ -109,7 +112,7 @@ def pooled_dim(pipe) -> int:
 @pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl"])
 def test_merged_unet_equals_the_lora_applied_at_runtime(tmp_path, tiny_folders, name):
     folder = str(tiny_folders[name])
-    lora = random_lora(folder, tmp_path / "lora.safetensors", seed=1)
+    lora = random_lora(folder, tmp_path / "lora.safetensors", seed=1, config=EVERY_LAYER)
     merged = merge(folder, [LoraStrength(lora, 0.7)], tmp_path / "merged", precision="fp32")
 
     models = load_models(folder)

@@ -48,6 +48,12 @@ def test_full_size_module_counts(full_size, family, lierla, conv3x3, linear_in_r
     ]
     assert sum(k == (3, 3) for k in kernels) == conv3x3
     assert sum(k != (3, 3) for k in kernels) == linear_in_resnets
+    # ai-toolkit's lora: every Linear and 1x1 conv of the UNet (230 on SD1, as its own network counts),
+    # the timestep embedding (and SDXL's size embedding) included; with conv every 3x3 conv too
+    outside = 4 if family == "sdxl" else 2
+    every_linear = select_layers(unet, "all-linear", "full")
+    assert len(every_linear) == lierla + linear_in_resnets + outside
+    assert len(select_layers(unet, "all", "full")) == len(every_linear) + conv3x3 + 2  # conv_in, conv_out
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
@@ -117,6 +123,20 @@ def test_golden_key_names(full_size, family):
     keys = {kohya_key(n, ModelFamily(family), unet.config) for n in adaptable_layers(unet, "c3lier")}
     assert set(GOLDEN[family]) <= keys
     assert "lora_unet_output_blocks_2_1_conv" not in keys  # diffusers-style index: dropped by A1111 on SDXL
+    # network.type all: the layers outside the blocks, by the names A1111 and ComfyUI look them up
+    every = {kohya_key(n, ModelFamily(family), unet.config) for n in adaptable_layers(unet, "all")}
+    outside = {
+        "sd1": ["conv_in", "time_embedding_linear_1", "time_embedding_linear_2", "conv_out"],
+        "sdxl": [
+            "input_blocks_0_0",
+            "time_embed_0",
+            "time_embed_2",
+            "label_emb_0_0",
+            "label_emb_0_2",
+            "out_2",
+        ],
+    }[family]
+    assert every - keys == {f"lora_unet_{name}" for name in outside}
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
@@ -151,10 +171,13 @@ def unet_inputs(models, batch: int = 2, seed: int = 0):
 NETWORKS = [
     NetworkConfig(type="lierla", rank=4, alpha=2.0),
     NetworkConfig(type="c3lier", rank=3, alpha=1.5, conv_rank=2, conv_alpha=4.0),
+    # the layers outside the blocks too (ai-toolkit's lora without and with conv)
+    NetworkConfig(type="all-linear", rank=3, alpha=1.5),
+    NetworkConfig(type="all", rank=3, alpha=1.5, conv_rank=2, conv_alpha=4.0),
 ]
 
 
-@pytest.mark.parametrize("network_config", NETWORKS, ids=["lierla", "c3lier"])
+@pytest.mark.parametrize("network_config", NETWORKS, ids=["lierla", "c3lier", "all-linear", "all"])
 @pytest.mark.parametrize("name", ["sd1", "sd2-v", "sdxl"])
 def test_diffusers_loads_our_file_exactly(tmp_path, tiny_folders, name, network_config):
     models = load_models(str(tiny_folders[name]))

@@ -657,6 +657,23 @@ def test_sd2_projections_can_be_saved_in_the_form_kohyas_scripts_load(tmp_path, 
     assert all(torch.equal(loaded.state_dict()[k], ours[k]) for k in ours)
 
 
+def test_sd2_projections_asked_of_a_network_without_them_is_one_line(tmp_path, tiny_folders):
+    from leco.config import ConfigError, LecoConfig
+
+    config = make_config(tiny_folders["sd1"], tmp_path)
+    config.save.sd2_proj_4d = True
+    with pytest.raises(
+        LecoError, match=r"^save.sd2_proj_4d: only SD2 models have Linear proj_in/proj_out; .* is sd1"
+    ):
+        Trainer(config, progress=False)
+    assert not any(tmp_path.iterdir())
+    document = make_config(tiny_folders["sd2-v"], tmp_path).model_dump()
+    document["save"]["sd2_proj_4d"] = True
+    document["network"]["training_method"] = "text-encoder"
+    with pytest.raises(ConfigError, match="sd2_proj_4d: a text-encoder LoRA has no UNet proj_in/proj_out"):
+        LecoConfig.model_validate(document).check_combination()
+
+
 def test_a_clip_skip_past_the_text_encoders_layers_is_one_line(tmp_path, tiny_folders):
     config = make_config(tiny_folders["sd1"], tmp_path)
     config.pretrained_model.clip_skip = 99

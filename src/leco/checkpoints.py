@@ -408,6 +408,7 @@ def run_metadata(
         **({"leco.resumes": resumes} if resumes else {}),
         "ss_steps": str(step),
         "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
+        "ss_clip_skip": str(config.pretrained_model.clip_skip),  # "None" where unset, as kohya writes it
     }
 
 

@@ -113,6 +113,19 @@ def _batch_size(text: str) -> int:
     return size
 
 
+CLIP_SKIP_HELP = (
+    "text-encoder layers back from the last, as A1111's clip skip (2: the penultimate layer); "
+    "default: what the LoRA was trained with (its ss_clip_skip), else 1"
+)
+
+
+def _clip_skip(text: str) -> int:
+    skip = _number(text, int, "a whole number")
+    if skip < 1:
+        raise argparse.ArgumentTypeError(f"{skip}: clip skip counts from 1 (the last layer), as A1111's")
+    return skip
+
+
 def _guidance(text: str) -> float:
     guidance = _number(text, float, "a number")
     if not math.isfinite(guidance) or guidance < 0:
@@ -370,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--batch-size", type=_batch_size, help="images per pipeline call (default: by size, 8 at 512x512)"
     )
+    generate.add_argument("--clip-skip", type=_clip_skip, help=CLIP_SKIP_HELP)
     generate.add_argument(
         "--sampler",
         type=_sampler,
@@ -423,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--batch-size", type=_batch_size, help="images per pipeline call (overrides the spec's batch_size:)"
     )
+    evaluate.add_argument("--clip-skip", type=_clip_skip, help=CLIP_SKIP_HELP + " (overrides the spec's)")
     evaluate.add_argument(
         "--all-rows", action="store_true", help="print every kept prompt, not only the worst ones"
     )
@@ -580,6 +595,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.negative is not None:
         spec.negative_prompt = args.negative
     spec.batch_size = args.batch_size or spec.batch_size
+    spec.clip_skip = args.clip_skip or spec.clip_skip
     spec_texts = [spec.negative_prompt, *(p.prompt for p in (*spec.erase, *spec.keep, *spec.enhance))]
     _read_embeddings(args.embedding, spec_texts, args.lora or ())
     models, device = load_for_images(args)
@@ -655,6 +671,7 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
 def run_generate(args: argparse.Namespace) -> int:
     from leco.generate import (
         SamplingSettings,
+        clip_skip_for,
         infotext_model_name,
         refuse_earlier_files,
         requests_for,
@@ -682,8 +699,9 @@ def run_generate(args: argparse.Namespace) -> int:
     models, device = load_for_images(args)
     # models.folder: where its card is (a single file built with a model folder: that folder's)
     steps, guidance = recommended_sampling(models.folder).fill(args.steps, args.guidance)
+    clip_skip = clip_skip_for(models, args.clip_skip, [args.lora] if args.lora else [])
     settings = SamplingSettings(
-        steps, guidance, args.height, args.width, args.negative, args.sampler, args.batch_size
+        steps, guidance, args.height, args.width, args.negative, args.sampler, args.batch_size, clip_skip
     )
     warn_if_distilled(args.lora, settings.guidance)
     warn_if_negative_unread(settings.guidance, settings.negative_prompt, "--negative")

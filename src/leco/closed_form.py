@@ -53,6 +53,7 @@ def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetw
                 "leco.method": "closed_form",
                 "leco.kept_prompts": str(len(kept)),
                 "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
+                "ss_clip_skip": str(config.pretrained_model.clip_skip),
             },
         )
     finally:

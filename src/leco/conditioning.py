@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -85,32 +86,39 @@ class PromptEncoder:
         self, models: LoadedModels, clip_skip: int | None = None, key: str = "pretrained_model.clip_skip"
     ) -> None:
         self.models = models
-        self.clip_skip = clip_skip or 1
-        layers = min(encoder.config.num_hidden_layers for encoder in models.text_encoders)
-        if self.clip_skip > layers:  # the Nth layer from the end must be a layer
-            raise LecoError(
-                f"{key}: {self.clip_skip} skips past the {layers} text-encoder layers of "
-                f"{models.source}; use 1 to {layers} (2: the penultimate layer, as A1111's clip skip 2)"
-            )
+        self.clip_skip = checked_clip_skip(models, clip_skip, key)
 
     def encode(self, prompts: list[str]) -> Conditioning:
         """Runs with gradients where the caller allows them (a trained embedding needs them)."""
-        if self.models.family.is_sdxl:
-            return self._encode_sdxl(prompts)
-        tokenizer, encoder = self.models.tokenizers[0], self.models.text_encoders[0]
-        ids = _token_ids(tokenizer, prompts, encoder)
-        if self.clip_skip == 1:
-            return Conditioning(encoder(ids)[0])
-        hidden = encoder(ids, output_hidden_states=True).hidden_states[-self.clip_skip]
-        return Conditioning(_final_layer_norm(encoder)(hidden))
+        models = self.models
+        return encode_text(models.tokenizers, models.text_encoders, prompts, self.clip_skip)
 
-    def _encode_sdxl(self, prompts: list[str]) -> Conditioning:
-        states, pooled = [], None
-        for tokenizer, encoder in zip(self.models.tokenizers, self.models.text_encoders, strict=True):
-            out = encoder(_token_ids(tokenizer, prompts, encoder), output_hidden_states=True)
-            states.append(out.hidden_states[-1 - self.clip_skip])
-            pooled = out[0]  # the projected pooled text of the second encoder is what SDXL uses
-        return Conditioning(torch.cat(states, dim=-1), pooled=pooled)
+
+def encode_text(
+    tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module], prompts: list[str], clip_skip: int
+) -> Conditioning:
+    """The UNet's conditions for `prompts` at A1111's clip skip (1: as the model reads them); two
+    encoders: SDXL, whose second one also gives the pooled text."""
+    if len(encoders) == 1:
+        return Conditioning(sd_text_states(tokenizers[0], encoders[0], prompts, clip_skip))
+    states, pooled = [], None
+    for tokenizer, encoder in zip(tokenizers, encoders, strict=True):
+        out = encoder(_token_ids(tokenizer, prompts, encoder), output_hidden_states=True)
+        states.append(out.hidden_states[-1 - clip_skip])  # SDXL reads the penultimate layer at 1
+        pooled = out[0]  # the projected pooled text of the second encoder is what SDXL uses
+    return Conditioning(torch.cat(states, dim=-1), pooled=pooled)
+
+
+def checked_clip_skip(models: LoadedModels, clip_skip: int | None, key: str) -> int:
+    """`clip_skip` (unset: 1), or LecoError naming `key` where it skips past every layer."""
+    clip_skip = clip_skip or 1
+    layers = min(encoder.config.num_hidden_layers for encoder in models.text_encoders)
+    if clip_skip > layers:  # the Nth layer from the end must be a layer
+        raise LecoError(
+            f"{key}: {clip_skip} skips past the {layers} text-encoder layers of "
+            f"{models.source}; use 1 to {layers} (2: the penultimate layer, as A1111's clip skip 2)"
+        )
+    return clip_skip
 
 
 def layers_read(text_encoders: Sequence[torch.nn.Module], sdxl: bool, clip_skip: int | None) -> list[int]:
@@ -126,6 +134,15 @@ def layers_read(text_encoders: Sequence[torch.nn.Module], sdxl: bool, clip_skip:
             pooled = index == len(text_encoders) - 1
             counts.append(layers if pooled else layers - skip)
     return counts
+
+
+def sd_text_states(tokenizer: Any, encoder: torch.nn.Module, prompts: list[str], clip_skip: int) -> Tensor:
+    """SD1/SD2 text states at A1111's clip skip (1: the last layer's output)."""
+    ids = _token_ids(tokenizer, prompts, encoder)
+    if clip_skip == 1:
+        return encoder(ids)[0]
+    hidden = encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    return _final_layer_norm(encoder)(hidden)
 
 
 def _token_ids(tokenizer, prompts: list[str], encoder: torch.nn.Module) -> Tensor:

@@ -133,8 +133,10 @@ class PretrainedModelConfig(_Section):
 
 class NetworkConfig(_Section):
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)  # init_text: 7, as prompts take
-    # lierla / c3lier: a LoRA (kohya's names); embedding: the vectors of a new token (a negative embedding).
-    type: Literal["lierla", "c3lier", "embedding"] = "lierla"
+    # lierla / c3lier: a LoRA (kohya's names); all-linear / all: a LoRA on every Linear and 1x1 conv of
+    # the UNet, or on every layer (ai-toolkit's lora without and with conv); embedding: the vectors
+    # of a new token (a negative embedding).
+    type: Literal["lierla", "c3lier", "all-linear", "all", "embedding"] = "lierla"
     rank: int = Field(4, ge=1)
     # kohya semantics: scale = alpha / rank; alpha 0 means alpha = rank (scale 1).
     alpha: float = Field(1.0, ge=0, allow_inf_nan=False)
@@ -557,13 +559,16 @@ class LecoConfig(_Section):
             )
         else:
             unused(network, "network", {"token", "vectors", "init_text"}, "only for network.type: embedding")
-            if network.type == "lierla":
+            if network.type in ("lierla", "all-linear"):
                 unused(
-                    network, "network", {"conv_rank", "conv_alpha"}, "only for c3lier (lierla has no convs)"
+                    network,
+                    "network",
+                    {"conv_rank", "conv_alpha"},
+                    f"only for c3lier and all ({network.type} has no 3x3 convs)",
                 )
             elif network.training_method in PRESETS_WITHOUT_CONVS:
                 notes.append(
-                    f"network.type: c3lier adds the convolutions, which training_method "
+                    f"network.type: {network.type} adds the convolutions, which training_method "
                     f"{network.training_method} never chooses: the file is what lierla makes"
                     + (
                         ", and conv_rank / conv_alpha are ignored"
@@ -693,7 +698,9 @@ class LecoConfig(_Section):
                 "change; add an entry that erases, enhances, imitates or distills"
             )
         if self.network.type == "embedding" and self.teacher is not None:
-            raise ConfigError("teacher: transplants train a LoRA; use network.type lierla or c3lier")
+            raise ConfigError(
+                "teacher: transplants train a LoRA; use network.type lierla, c3lier, all-linear or all"
+            )
         _check_schedule_args(self.train.lr_scheduler, self.train.lr_scheduler_args, self.train.lr)
         per_rollout = self.train.samples_per_rollout * self.train.parallel_rollouts
         if self.train.samples_per_step > per_rollout:  # a step takes its latents from one rollout
@@ -746,6 +753,11 @@ class LecoConfig(_Section):
             )
         network = self.network
         text_encoder_lora = network.training_method == "text-encoder" and network.type != "embedding"
+        if self.save.sd2_proj_4d and (text_encoder_lora or network.type == "embedding"):
+            trained = "a negative embedding" if network.type == "embedding" else "a text-encoder LoRA"
+            raise ConfigError(
+                f"save.sd2_proj_4d: {trained} has no UNet proj_in/proj_out to write as 4-D; remove it"
+            )
         if text_encoder_lora and self.train.steps_per_forward > 1:
             raise ConfigError(
                 "train.steps_per_forward: a text-encoder LoRA reads every step's prompts through the "

@@ -42,6 +42,7 @@ from leco.generate import (
     build_pipeline,
     check_lora_finite,
     check_lora_fits,
+    clip_skip_for,
     embeddings_loaded,
     generate,
     image_size,
@@ -93,6 +94,7 @@ class EvalSpec(BaseModel):
     sampler: str = "model"
     negative_prompt: str = ""
     batch_size: int | None = Field(None, ge=1)  # images per pipeline call; unset: by image size
+    clip_skip: int | None = Field(None, ge=1)  # A1111's; unset: as the LoRAs were trained, else 1
     erase: list[ConceptPrompt] = Field(default_factory=list)  # should disappear
     keep: list[ConceptPrompt] = Field(default_factory=list)  # should stay, unchanged
     keep_all: bool = False  # written `keep: all` (or `all` as an item of keep:)
@@ -357,7 +359,7 @@ def evaluate(
             f"{spec._source}: strengths: the spec lists no strength but 0, so no LoRA would apply; "
             "e.g. [0, 1]"
         )
-    settings = sampling_settings(spec, models)
+    settings = sampling_settings(spec, models, loras)
     fix = f"guidance: 3 in {spec._source}"
     warn_if_negative_unread(
         settings.guidance, settings.negative_prompt, f"{spec._source}: negative_prompt", fix
@@ -411,7 +413,12 @@ def evaluate(
         "embeddings": [str(e) for e in embeddings],
         "spec": spec.model_dump(),
         # the sampler used (spec.sampler may say "model"), in A1111's words
-        "sampling": {"steps": settings.steps, "guidance": settings.guidance, **a1111_sampler(pipe.scheduler)},
+        "sampling": {
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            **a1111_sampler(pipe.scheduler),
+            **({"Clip skip": settings.clip_skip} if settings.clip_skip > 1 else {}),
+        },
         "rows": rows,
         "summary": summarise(rows, ordered),
         "per_lora": {label: summarise(_rows_of(rows, label), ordered) for label in labels},
@@ -421,9 +428,11 @@ def evaluate(
     return report
 
 
-def sampling_settings(spec: EvalSpec, models: LoadedModels) -> SamplingSettings:
-    """The spec's sampling; unset steps and guidance take what the model recommends."""
+def sampling_settings(spec: EvalSpec, models: LoadedModels, loras: Sequence[Path] = ()) -> SamplingSettings:
+    """The spec's sampling; unset steps and guidance take what the model recommends, an unset clip
+    skip what the LoRAs were trained with."""
     steps, guidance = recommended_sampling(models.folder).fill(spec.steps, spec.guidance)
+    clip_skip = clip_skip_for(models, spec.clip_skip, loras, f"{spec._source}: clip_skip")
     return SamplingSettings(
         steps,
         guidance,
@@ -432,6 +441,7 @@ def sampling_settings(spec: EvalSpec, models: LoadedModels) -> SamplingSettings:
         spec.negative_prompt,
         spec.sampler,
         spec.batch_size,
+        clip_skip,
     )
 
 

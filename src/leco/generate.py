@@ -34,7 +34,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from leco import __version__
-from leco.conditioning import warn_if_misread
+from leco.conditioning import checked_clip_skip, encode_text, warn_if_misread
 from leco.config import typed_float
 from leco.errors import LecoError, warn
 from leco.files import GRID, load_torch_file, refuse_earlier_outputs, safetensors_metadata
@@ -245,6 +245,7 @@ class SamplingSettings:
     negative_prompt: str = ""
     sampler: str = "model"  # the model's own scheduler, or one of SAMPLERS
     batch_size: int | None = None  # images per pipeline call; None: as many as AUTO_BATCH_PIXELS allows
+    clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the penultimate one
 
 
 def build_pipeline(models: LoadedModels, sampler: str = "model") -> DiffusionPipeline:
@@ -495,12 +496,14 @@ def generate(
     with tqdm(total=len(requests), desc="images", disable=not progress, dynamic_ncols=True) as bar:
         for batch in strength_batches(requests, size):
             set_strength(batch[0].strength)
+            prompts = with_tokens_in_their_case(pipe, [request.prompt for request in batch])
+            # "" given, not None: SDXL pipelines replace a missing negative prompt by zeros, where
+            # training reads the encoded "" as the unconditional prediction (as ComfyUI's empty text
+            # does); SD1/SD2 pipelines encode "" for None anyway
+            texts = _texts(pipe, prompts, [negative] * len(batch), settings.clip_skip)
             images = pipe(
-                with_tokens_in_their_case(pipe, [request.prompt for request in batch]),
-                # "" given, not None: SDXL pipelines replace a missing negative prompt by zeros, where
-                # training reads the encoded "" as the unconditional prediction (as ComfyUI's empty
-                # text does); SD1/SD2 pipelines encode "" for None anyway
-                negative_prompt=[negative] * len(batch),
+                texts.pop("prompt", None),
+                **texts,
                 num_inference_steps=settings.steps,
                 guidance_scale=settings.guidance,
                 height=height,
@@ -517,6 +520,26 @@ def generate(
                 images = np.nan_to_num(images)
             bar.update(len(batch))
             yield from zip(batch, pipe.image_processor.numpy_to_pil(images), strict=True)
+
+
+def _texts(pipe: DiffusionPipeline, prompts: list[str], negatives: list[str], clip_skip: int) -> dict:
+    """The pipeline's text arguments at A1111's `clip_skip`.
+
+    Past 1 the states are encoded here, as training encodes them (multi-vector tokens spelled out):
+    diffusers' own clip skip reads `text_encoder.text_model` on SD1/SD2, which CLIPTextModel no longer
+    has (transformers >= 5.6), and on SDXL skips layers for the prompt but not the negative prompt."""
+    if clip_skip == 1:
+        return {"prompt": prompts, "negative_prompt": negatives}
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if sdxl else [pipe.tokenizer]
+    encoders = [pipe.text_encoder, pipe.text_encoder_2] if sdxl else [pipe.text_encoder]
+    with torch.no_grad():
+        spelled = [pipe.maybe_convert_prompt(text, pipe.tokenizer) for text in [*prompts, *negatives]]
+        both, n = encode_text(tokenizers, encoders, spelled, clip_skip), len(prompts)
+    texts = {"prompt_embeds": both.hidden_states[:n], "negative_prompt_embeds": both.hidden_states[n:]}
+    if sdxl:
+        texts |= {"pooled_prompt_embeds": both.pooled[:n], "negative_pooled_prompt_embeds": both.pooled[n:]}
+    return texts
 
 
 def _check_step_count(scheduler: Any, steps: int) -> None:
@@ -758,6 +781,39 @@ def warn_if_distilled(lora: str | None, guidance: float, fix: str = "--guidance 
         )
 
 
+def trained_clip_skip(path: str | Path) -> int | None:
+    """The clip skip a LoRA or embedding was trained with, where its file says (kohya's and leco's
+    `ss_clip_skip`; "None" where the run left it unset)."""
+    try:
+        value = safetensors_metadata(Path(path)).get("ss_clip_skip", "")
+    except (OSError, ValueError):
+        return None
+    return int(value) if value.isdigit() and int(value) >= 1 else None
+
+
+def clip_skip_for(
+    models: LoadedModels, given: int | None, files: Sequence[str | Path], option: str = "--clip-skip"
+) -> int:
+    """`given`, or else the clip skip `files` were trained with (said in a note), else 1.
+
+    A LoRA trained on the penultimate layer (an SD1 anime model's usual clip skip 2) shows its effect
+    only when sampled the same way, so leco follows the file where the user does not say."""
+    if given is not None:
+        return checked_clip_skip(models, given, option)
+    trained = {Path(file).name: trained_clip_skip(file) for file in files}
+    values = set(trained.values()) - {None}
+    if not values or values == {1}:
+        return 1
+    if len(values) > 1:
+        said = ", ".join(f"{name}: {value}" for name, value in trained.items() if value)
+        warn(f"the files were trained with different clip skips ({said}); sampling with 1; set {option}")
+        return 1
+    (value,) = values
+    names = ", ".join(name for name, skip in trained.items() if skip)
+    warn(f"clip skip {value}, as {names} was trained with; {option} 1 to change")
+    return checked_clip_skip(models, value, option)
+
+
 def warn_if_negative_unread(guidance: float, negative: str, where: str, fix: str = "--guidance 3") -> None:
     """At guidance 1 or below diffusers makes one UNet call a step, for the prompt alone."""
     if guidance <= 1 and negative.strip():
@@ -899,6 +955,7 @@ def a1111_parameters(
         "Seed": request.seed,
         "Size": f"{size[1]}x{size[0]}",  # width x height
         "Model": model_name,
+        "Clip skip": settings.clip_skip if settings.clip_skip > 1 else None,  # A1111 writes it past 1
         "RNG": "CPU",  # each image's noise comes from a CPU generator with its seed
         "Version": f"leco {__version__}",
     }

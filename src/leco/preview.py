@@ -36,6 +36,7 @@ def render_preview(
     path: Path,
     device: torch.device,
     autocast: AbstractContextManager,
+    clip_skip: int | None = None,
 ) -> Path:
     """Render the grid with the models' own pipeline and write it to `path` (PNG)."""
     parts = [*models.text_encoders, models.vae]
@@ -48,7 +49,11 @@ def render_preview(
         with autocast:
             for strength in preview.strengths:  # an embedding's strength is its use in the negative prompt
                 settings = SamplingSettings(
-                    preview.steps, preview.guidance, *size, trainable.negative_prompt(strength)
+                    preview.steps,
+                    preview.guidance,
+                    *size,
+                    trainable.negative_prompt(strength),
+                    clip_skip=clip_skip or 1,
                 )
                 requests = requests_for(preview.prompts, [strength], preview.seeds)
                 with trainable.strength(strength):

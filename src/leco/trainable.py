@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from leco.conditioning import Conditioning, conditioning_for, predict
-from leco.config import LecoConfig
+from leco.config import ConfigError, LecoConfig
 from leco.models import LoadedModels
 from leco.objectives import Predictions, guided
 
@@ -99,6 +99,13 @@ def create_trainable(models: LoadedModels, config: LecoConfig, device: torch.dev
         )
     from leco.network import LoRANetwork
 
+    if (
+        config.save.sd2_proj_4d and models.family.arch != "sd2"
+    ):  # the form exists for SD2's Linear projections
+        raise ConfigError(
+            f"save.sd2_proj_4d: only SD2 models have Linear proj_in/proj_out; {models.source} is "
+            f"{models.family.name}; remove it"
+        )
     lora = LoRANetwork.create(models.unet, models.family, network)
     lora.proj_4d = config.save.sd2_proj_4d
     return lora

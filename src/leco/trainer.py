@@ -219,7 +219,10 @@ class Trainer:
         """The preview grid as of now, written by the main process when the config asks for one."""
         preview, size, path = self.config.preview, self.preview_size, self.folder.preview_file(suffix)
         if self.ranks.is_main and preview.prompts:
-            render_preview(self.models, self.trainable, preview, size, path, self.device, self.autocast())
+            skip = self.config.pretrained_model.clip_skip
+            render_preview(
+                self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip
+            )
 
     # -- the loop ---------------------------------------------------------------------------------
 

@@ -7,8 +7,9 @@ exactly: each target's four pairs are kohya's slider entries (`kohya_leco.slider
 1, the rollout sampled by the frozen model (the network is asserted inactive there) from the target
 class alone, one entry per step as with `batch_full_slide: false` (true, the default, sums a
 target's pairs in one step: leco gives a one-pole target's two pairs twice the draws, so every
-target trains as often). `slider.prompt_file` is read and changes nothing, as there (the loss reads
-""). leco differs where the README says: anchors are trained.
+target trains as often), on the layers its network adapts (every Linear and 1x1 conv of the UNet:
+leco's all-linear; with `conv`, all). `slider.prompt_file` is read and changes nothing, as there
+(the loss reads ""). leco differs where the README says: anchors are trained.
 
 Keys are handled in three ways, so that nothing is dropped without a word:
 - mapped to the leco key that does the same (the table in the README);
@@ -535,9 +536,10 @@ class _Converter:
         model.finish()
 
     def read_network(self, process: _Section) -> None:
-        if not process.has("network"):
+        if process.data.get("network") is None:  # ai-toolkit reads `network:` left empty as no network
             raise ConfigError(
-                f"{self.path}: {process.key('network')}: required key is missing; leco trains a LoRA"
+                f"{self.path}: {process.key('network')}: required key is missing or empty; leco trains a "
+                "LoRA: e.g. network: {type: lora, linear: 4, linear_alpha: 1}"
             )
         network = process.section("network")
         kind = str(network.get("type", "lora")).lower()
@@ -553,13 +555,16 @@ class _Converter:
         alpha = network.get("linear_alpha", network.get("alpha", 1.0))
         self.put("network.rank", rank, network.key(rank_key))
         self.put("network.alpha", alpha, network.key("linear_alpha"))
+        # Its lora network adapts every Linear and 1x1 conv of the UNet (LoRASpecialNetwork targets the
+        # whole UNet2DConditionModel), its locon the same but SDXL's size embedding; with `conv`,
+        # whatever the type says, every 3x3 conv too: leco's all-linear and all.
         conv = network.get("conv")
-        if conv:  # ai-toolkit adds the 3x3 convs whenever conv is set, whatever the type says
-            self.put("network.type", "c3lier", network.key("conv"))
+        if conv:
+            self.put("network.type", "all", network.key("conv"))
             self.put("network.conv_rank", conv, network.key("conv"))
             self.put("network.conv_alpha", network.get("conv_alpha", conv), network.key("conv_alpha"))
         else:
-            self.put("network.type", "lierla", network.key("type"))
+            self.put("network.type", "all-linear", network.key("type"))
             network.accept("conv_alpha")
         network.only("dropout", lambda v: v == 0, "has no leco equivalent; remove it")
         network.only(

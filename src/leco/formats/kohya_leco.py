@@ -139,9 +139,13 @@ class _KohyaReader:
         entries: list[Entry] = []
         for where, item in self.tables(data["prompts"], "prompts"):
             if "target_class" in item:
-                # kohya reads only `neutral` here; leco also honours the neutral lists (as in [[targets]]).
-                neutrals = self.item_neutrals(item, where) or [self.text(item, "neutral", where)]
-                entries += self.slider_entries(item, defaults, neutrals, where)
+                # kohya reads only `neutral` here, so a file means here what it means to kohya.
+                for unread in (key for key in NEUTRAL_LIST_KEYS if key in item):
+                    warn(
+                        f"{self.path}: {where}.{unread}: kohya reads only `neutral` in a [[prompts]] "
+                        "slider item, and so does leco; move the item to [[targets]] to use a neutral list"
+                    )
+                entries += self.slider_entries(item, defaults, [self.text(item, "neutral", where)], where)
             else:
                 entries.append(self.prompt_entry(item, defaults, where))
         return entries
@@ -262,7 +266,7 @@ class _KohyaReader:
         for key in ("neutral_prompt_file", "prompt_file"):
             if key in config:
                 values += self.lines(config[key], f"{prefix}{key}")
-        return values or [self._prompt(config.get("neutral"), f"{prefix}neutral")]
+        return values or [self.text(config, "neutral", prefix.rstrip(".") or "(top level)")]
 
     def item_neutrals(self, item: dict[str, Any], where: str, with_neutral: bool = False) -> list[str] | None:
         """A target's own neutral list (kohya's precedence), or None when it names none."""
@@ -307,8 +311,16 @@ class _KohyaReader:
         return [self._prompt(v, f"{key}[{i}]") for i, v in enumerate(value)]
 
     def text(self, table: dict[str, Any], key: str, where: str) -> str:
-        """A prompt key of a slider table ("" when unset), as kohya reads it: str() of the value."""
-        return self._prompt(table.get(key), _key(where, key))
+        """A prompt key of a slider table ("" when unset), as kohya reads it: str() of the value, and
+        its poles and neutral as `str(value or "")`, which reads a 0 as no prompt at all."""
+        value = table.get(key)
+        if key != "target_class" and value == 0 and not isinstance(value, bool):
+            warn(
+                f'{self.path}: {_key(where, key)}: 0 is read as no prompt, as kohya reads it; write "0" '
+                "(quoted) for the text 0"
+            )
+            return ""
+        return self._prompt(value, _key(where, key))
 
     def _prompt(self, value: Any, key: str) -> str:
         # kohya would str() a list or table into "['a', 'b']" and train on that text; a number is a

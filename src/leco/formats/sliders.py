@@ -31,10 +31,14 @@ ATTRIBUTES_KEY = "attributes"
 # guidance_scale, 1 unless set. An entry with `rank:` (a network setting, never a prompt entry's) is
 # read as such a file's; `guidance:` alone stays an error (a typo of guidance_scale in leco's own).
 SLIDERS_UNREAD_KEYS = ("guidance", "rank")
+# sliders' PromptSettings defaults, which its SDXL script uses too (leco's own: the model's native
+# size, and the run's samples per rollout), filled into entries recognised as its files'.
+SLIDERS_DEFAULTS = {"resolution": 512, "batch_size": 1}
 
 
 def drop_sliders_unread_keys(entries: list[Any], path: Path, where: str) -> list[Any]:
-    """Entries without the keys sliders ignores, named in one warning: its files run as they do there."""
+    """Entries without the keys sliders ignores, named in one warning, and with sliders' defaults
+    (SLIDERS_DEFAULTS) where unset: its files run as they do there."""
     dropped: dict[str, list[int]] = {}
     kept = []
     for number, entry in enumerate(entries, start=1):
@@ -42,13 +46,14 @@ def drop_sliders_unread_keys(entries: list[Any], path: Path, where: str) -> list
             for key in SLIDERS_UNREAD_KEYS:
                 if key in entry:
                     dropped.setdefault(key, []).append(number)
-            entry = {k: v for k, v in entry.items() if k not in SLIDERS_UNREAD_KEYS}
+            entry = {**SLIDERS_DEFAULTS, **{k: v for k, v in entry.items() if k not in SLIDERS_UNREAD_KEYS}}
         kept.append(entry)
     if dropped:
         keys = ", ".join(f"{key} ({_numbers(where, numbers)})" for key, numbers in dropped.items())
         warn(
             f"{path}: {keys}: keys of rohitgandikota/sliders' prompt files that its trainer ignores; "
-            "ignored here too: entries train at their guidance_scale (1 unless set), as in sliders"
+            "ignored here too: entries train at their guidance_scale (1 unless set), as in sliders, and "
+            "at its resolution 512 and batch_size 1 unless set"
         )
     return kept
 

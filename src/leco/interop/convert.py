@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 from leco.files import check_output
 from leco.models import CONFIG_ROOT, ModelFamily, arch_from_unet_config, load_models, resolve_bundled
 from leco.network import kohya
@@ -102,6 +102,10 @@ def convert(
             skeleton.text_encoders, skeleton.family
         )
     if sd2_proj == "4d":
+        projections = [key for key in unet_modules if key.endswith(("_proj_in", "_proj_out"))]
+        if not projections:  # a text-encoder LoRA, or one trained on the cross-attention alone
+            warn(f"--sd2-proj 4d: {source} has no proj_in/proj_out; written as it is")
+            sd2_proj = "2d"
         unet_modules = {key: _as_conv(key, weights) for key, weights in unet_modules.items()}
     output = kohya.flatten_modules(unet_modules) | kohya.flatten_modules(text_modules)
     new_metadata = {k: v for k, v in metadata.items() if k not in _RECOMPUTED}

@@ -26,7 +26,7 @@ from leco.config import read_config_text
 from leco.errors import LecoError
 from leco.files import atomic_output, load_torch_file
 from leco.models import ModelFamily, modelspec_v_prediction
-from leco.network.layers import adaptable_layers
+from leco.network.layers import OUTSIDE_BLOCKS, adaptable_layers
 from leco.network.peft_format import KOHYA_PREFIXES, as_kohya, is_diffusers_layout
 from leco.network.sgm_names import to_sgm_name
 
@@ -348,16 +348,6 @@ def unet_layer_keys(unet: nn.Module, family: ModelFamily) -> dict[str, str]:
         keys[kohya_key(name, family, unet.config)] = name
         keys[UNET_PREFIX + name.replace(".", "_")] = name
     return keys
-
-
-OUTSIDE_BLOCKS = (
-    "conv_in",
-    "conv_out",
-    "time_embedding.linear_1",
-    "time_embedding.linear_2",
-    "add_embedding.linear_1",  # SDXL's size and pooled-text conditioning
-    "add_embedding.linear_2",
-)
 
 
 def _has_module(unet: nn.Module, name: str) -> bool:

@@ -24,8 +24,18 @@ PRESETS: dict[str, Callable[[str], bool]] = {
     "innoxattn": lambda name: ".attn2." not in name,  # the reference tool's alias of noxattn
     "selfattn": lambda name: ".attn1." in name,
 }
-NETWORK_TYPES = ("lierla", "c3lier")
+NETWORK_TYPES = ("lierla", "c3lier", "all-linear", "all")
 _CONV_BLOCKS = (ResnetBlock2D, Downsample2D, Upsample2D)
+# The UNet's layers outside its blocks: the input and output convs, the timestep embedding and
+# SDXL's size and pooled-text embedding. A1111, ComfyUI, kohya and diffusers apply them all.
+OUTSIDE_BLOCKS = (
+    "conv_in",
+    "conv_out",
+    "time_embedding.linear_1",
+    "time_embedding.linear_2",
+    "add_embedding.linear_1",
+    "add_embedding.linear_2",
+)
 
 
 def adaptable_layers(unet: nn.Module, network_type: str = "c3lier") -> list[str]:
@@ -33,21 +43,30 @@ def adaptable_layers(unet: nn.Module, network_type: str = "c3lier") -> list[str]
 
     lierla: every Linear and 1x1 conv inside transformer blocks (attention q/k/v/out, feed-forward,
     proj_in/proj_out). c3lier (LoCon) adds the layers of resnets, downsamplers and upsamplers.
+    all-linear: every Linear and 1x1 conv of the UNet, the layers outside the blocks too (ai-toolkit's
+    `lora`); all: every Linear and conv of the UNet (ai-toolkit's `lora` with `conv`).
     """
     if network_type not in NETWORK_TYPES:
-        raise LecoError(f"network.type: {network_type!r} is not known; use lierla or c3lier")
+        raise LecoError(f"network.type: {network_type!r} is not known; use {', '.join(NETWORK_TYPES)}")
     blocks: tuple[type, ...] = (Transformer2DModel,)
-    if network_type == "c3lier":
+    if network_type != "lierla":
         blocks += _CONV_BLOCKS
     names = []
     for block_name, block in unet.named_modules():
-        if not isinstance(block, blocks):
-            continue
-        for child_name, child in block.named_modules():
-            if isinstance(child, (nn.Linear, nn.Conv2d)) and not _inside_lora(child_name):
-                # With a LoRA injected, the original layer is the wrapper's `base_layer`.
-                names.append(f"{block_name}.{child_name.removesuffix('.base_layer')}")
+        if isinstance(block, blocks):
+            for child_name, child in block.named_modules():
+                if isinstance(child, (nn.Linear, nn.Conv2d)) and not _inside_lora(child_name):
+                    # With a LoRA injected, the original layer is the wrapper's `base_layer`.
+                    names.append(f"{block_name}.{child_name.removesuffix('.base_layer')}")
+        elif network_type in ("all-linear", "all") and block_name in OUTSIDE_BLOCKS:
+            names.append(block_name)
+    if network_type == "all-linear":
+        names = [name for name in names if not is_conv3x3(_base(unet.get_submodule(name)))]
     return names
+
+
+def _base(layer: nn.Module) -> nn.Module:
+    return getattr(layer, "base_layer", layer)
 
 
 def select_layers(unet: nn.Module, network_type: str, preset: str) -> list[str]:

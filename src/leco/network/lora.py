@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from leco.config import NetworkConfig
 from leco.errors import LecoError
 from leco.models import ModelFamily
 from leco.network import kohya
-from leco.network.layers import PRESETS, is_conv3x3, select_layers
+from leco.network.layers import OUTSIDE_BLOCKS, PRESETS, is_conv3x3, select_layers
 from leco.network.text_encoders import TextEncoderLoRA
 from leco.objectives import Predictions
 
@@ -170,12 +170,11 @@ class LoRANetwork(SwitchableLoRA):
             )
         by_key = kohya.unet_layer_keys(unet, family)
         ranks = {by_key[key]: (weights.rank, weights.alpha) for key, weights in modules.items()}
-        convs = any(".resnets." in n or "samplers." in n for n in ranks)
         network = cls(
             unet,
             family,
             ranks,
-            network_type="c3lier" if convs else "lierla",
+            network_type=_network_type(unet, ranks),
             training_method=metadata.get("leco.training_method", "full"),
         )
         network.load_kohya_state_dict(kohya.flatten_modules(modules), source=str(path))
@@ -363,6 +362,17 @@ def with_extra_metadata(metadata: dict[str, str], extra: dict[str, Any] | None) 
     """`metadata` and the run's own entries (JSON where not text)."""
     extra = {k: v if isinstance(v, str) else kohya.json_metadata(v) for k, v in (extra or {}).items()}
     return {**metadata, **extra}
+
+
+def _network_type(unet: nn.Module, layers: Iterable[str]) -> str:
+    """The smallest network type whose layers include `layers` (a file read back)."""
+    layers = set(layers)
+    if layers & set(OUTSIDE_BLOCKS):
+        convs = any(
+            is_conv3x3(getattr(layer, "base_layer", layer)) for layer in map(unet.get_submodule, layers)
+        )
+        return "all" if convs else "all-linear"
+    return "c3lier" if any(".resnets." in n or "samplers." in n for n in layers) else "lierla"
 
 
 def _exact(name: str) -> str:
