@@ -530,48 +530,46 @@ def test_a_model_judged_alone_shows_its_worst_kept_rows_and_what_it_sampled_with
     assert f"... {100 - SHOWN_KEPT_ROWS} more kept prompts, each still detected >= 100%" in short
 
 
+DOG_SPEC = {
+    "images_per_prompt": 1,
+    "steps": 3,
+    "guidance": 3.0,
+    "keep": [{"prompt": "a dog", "concept": "bright>0.5"}],
+}
+
+
+def _dog_with(models, tmp_path, folder, **settings):
+    """The report and the one image of DOG_SPEC judged with `settings` added to it."""
+    spec = EvalSpec.model_validate({**DOG_SPEC, **settings})
+    report = evaluate(models, None, spec, "cpu", BrightnessDetector(), tmp_path / folder, False)
+    return report, Image.open(tmp_path / folder / "a-dog_0_0.png")
+
+
+def _pixel_distance(a, b):
+    return np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).mean()
+
+
 def test_negative_prompt_from_the_spec_reaches_the_images(tmp_path, tiny_folders):
     models = load_models(str(tiny_folders["sd1"]), with_vae=True)
-    spec = {
-        "images_per_prompt": 1,
-        "steps": 3,
-        "guidance": 3.0,
-        "keep": [{"prompt": "a dog", "concept": "bright>0.5"}],
-    }
-    evaluate(
-        models, None, EvalSpec.model_validate(spec), "cpu", BrightnessDetector(), tmp_path / "plain", False
-    )
-    negative = EvalSpec.model_validate({**spec, "negative_prompt": "a blurry photo"})
-    report = evaluate(models, None, negative, "cpu", BrightnessDetector(), tmp_path / "negative", False)
+    _, plain = _dog_with(models, tmp_path, "plain")
+    report, other = _dog_with(models, tmp_path, "negative", negative_prompt="a blurry photo")
     assert report["spec"]["negative_prompt"] == "a blurry photo" and report["sampling"] == {
         "steps": 3,
         "guidance": 3.0,
         "Sampler": "DDIM",  # the tiny model's own scheduler (spec.sampler: model), by A1111's name
     }
-    plain, other = (
-        np.asarray(Image.open(tmp_path / f / "a-dog_0_0.png"), np.int16) for f in ("plain", "negative")
-    )
-    assert np.abs(plain - other).mean() > 0.5
+    assert _pixel_distance(plain, other) > 0.5
 
 
 def test_clip_skip_from_the_spec_reaches_the_images_and_the_report(tmp_path, tiny_folders):
     models = load_models(str(tiny_folders["sd1"]), with_vae=True)
-    spec = {
-        "images_per_prompt": 1,
-        "steps": 3,
-        "guidance": 3.0,
-        "keep": [{"prompt": "a dog", "concept": "bright>0.5"}],
-    }
-    for folder, extra in (("one", {}), ("two", {"clip_skip": 2})):
-        judged = EvalSpec.model_validate({**spec, **extra})
-        report = evaluate(models, None, judged, "cpu", BrightnessDetector(), tmp_path / folder, False)
+    _, one = _dog_with(models, tmp_path, "one")
+    report, two = _dog_with(models, tmp_path, "two", clip_skip=2)
     assert report["sampling"]["Clip skip"] == 2
-    one, two = (np.asarray(Image.open(tmp_path / f / "a-dog_0_0.png"), np.int16) for f in ("one", "two"))
-    assert np.abs(one - two).mean() > 0.5
-    assert "Clip skip: 2" in Image.open(tmp_path / "two" / "a-dog_0_0.png").text["parameters"]
-    too_far = EvalSpec.model_validate({**spec, "clip_skip": 99})
+    assert _pixel_distance(one, two) > 0.5
+    assert "Clip skip: 2" in two.text["parameters"]
     with pytest.raises(LecoError, match=r"^eval spec: clip_skip: 99 skips past the \d+ text-encoder layers"):
-        evaluate(models, None, too_far, "cpu", BrightnessDetector(), tmp_path / "far", False)
+        _dog_with(models, tmp_path, "far", clip_skip=99)
 
 
 def test_an_embedding_judged_as_a_lora_is_named_by_that_option(tmp_path, tiny_folders):

@@ -327,3 +327,13 @@ def test_failed_save_keeps_the_previous_file(tmp_path, tiny_folders, monkeypatch
         network.save(path, resolution=16)
     assert path.read_bytes() == before
     assert [p.name for p in Path(tmp_path).iterdir()] == ["keep.safetensors"]
+
+
+@pytest.mark.parametrize("network_config", NETWORKS, ids=["lierla", "c3lier", "all-linear", "all"])
+def test_a_file_read_back_names_the_network_type_it_was_saved_as(tmp_path, tiny_folders, network_config):
+    models = load_models(str(tiny_folders["sdxl"]))
+    network = LoRANetwork.create(models.unet, models.family, network_config)
+    path = network.save(tmp_path / "lora.safetensors", resolution=16)
+    network.remove()
+    loaded = LoRANetwork.from_file(models.unet, models.family, path)
+    assert loaded.network_type == network_config.type and loaded.ranks == network.ranks

@@ -99,9 +99,8 @@ def create_trainable(models: LoadedModels, config: LecoConfig, device: torch.dev
         )
     from leco.network import LoRANetwork
 
-    if (
-        config.save.sd2_proj_4d and models.family.arch != "sd2"
-    ):  # the form exists for SD2's Linear projections
+    # The 4-D form exists for SD2's Linear projections only.
+    if config.save.sd2_proj_4d and models.family.arch != "sd2":
         raise ConfigError(
             f"save.sd2_proj_4d: only SD2 models have Linear proj_in/proj_out; {models.source} is "
             f"{models.family.name}; remove it"

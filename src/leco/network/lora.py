@@ -25,7 +25,7 @@ from leco.config import NetworkConfig
 from leco.errors import LecoError
 from leco.models import ModelFamily
 from leco.network import kohya
-from leco.network.layers import OUTSIDE_BLOCKS, PRESETS, is_conv3x3, select_layers
+from leco.network.layers import NETWORK_TYPES, PRESETS, adaptable_layers, is_conv3x3, select_layers
 from leco.network.text_encoders import TextEncoderLoRA
 from leco.objectives import Predictions
 
@@ -365,14 +365,10 @@ def with_extra_metadata(metadata: dict[str, str], extra: dict[str, Any] | None) 
 
 
 def _network_type(unet: nn.Module, layers: Iterable[str]) -> str:
-    """The smallest network type whose layers include `layers` (a file read back)."""
+    """The first network type whose layers include `layers` (a file read back); every layer a file
+    can name is in `all`."""
     layers = set(layers)
-    if layers & set(OUTSIDE_BLOCKS):
-        convs = any(
-            is_conv3x3(getattr(layer, "base_layer", layer)) for layer in map(unet.get_submodule, layers)
-        )
-        return "all" if convs else "all-linear"
-    return "c3lier" if any(".resnets." in n or "samplers." in n for n in layers) else "lierla"
+    return next(kind for kind in NETWORK_TYPES if layers <= set(adaptable_layers(unet, kind)))
 
 
 def _exact(name: str) -> str:
