@@ -159,6 +159,40 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_trains(tmp_pat
     assert not list(tmp_path.glob(".*lock"))
 
 
+def test_a_run_writing_its_state_now_is_named_before_resume_or_overwrite_is_suggested(tmp_path):
+    first = RunFolder(tmp_path, "fox")
+    first.open(overwrite=False)
+    try:
+        first.write_state({"step": 1})  # the run has saved once: its name is taken twice over
+        for options in (
+            {"overwrite": False},
+            {"overwrite": True},
+            {"overwrite": False, "resume_source": first.state_dir},
+        ):
+            with pytest.raises(LecoError, match=r"another `leco train` \(pid \d+\) is writing the run 'fox'"):
+                RunFolder(tmp_path, "fox").check(**options)
+        assert (tmp_path / ".fox.lock").is_file()  # the check leaves the running run's lock as it was
+    finally:
+        first.close()
+    with pytest.raises(LecoError, match=r"already holds the run 'fox'.*--resume"):
+        RunFolder(tmp_path, "fox").check(overwrite=False)
+
+
+@pytest.mark.parametrize("damage", ["optimizer", "ranks", "step", "sampling"])
+def test_a_damaged_state_is_one_line_naming_it(tmp_path, tiny_folders, damage):
+    first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=4), progress=False)
+    file = first.state / "training_state.pt"
+    state = torch.load(file, weights_only=True)
+    if damage == "sampling":
+        state["ranks"][0] = {"edited": 1}  # of the right kind, but not what the run saved
+    else:
+        del state[damage]
+    torch.save(state, file)
+    says = "optimizer or sampling state cannot be read" if damage == "sampling" else f"lacks its {damage}"
+    with pytest.raises(LecoError, match=rf"--resume: .*{says}.*start the run again with --overwrite"):
+        train(make_config(tiny_folders["sd1"], tmp_path, iterations=6), resume=first.state, progress=False)
+
+
 def test_temp_files_of_a_killed_save_are_cleared_when_the_run_continues(tmp_path, tiny_folders):
     first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=4), progress=False)
     left = [tmp_path / ".fox_8steps.safetensors.x1y2.tmp", first.state / ".training_state.pt.a1.tmp"]

@@ -141,15 +141,17 @@ BAD_OPTIONS = [
     (["--steps", "1001"], "--steps", "at most 1000 steps"),
     (["--steps", "2_5"], "--steps", "not a whole number"),
     (["--guidance", "1_0"], "--guidance", "not a number"),
-    (["--guidance", "nan"], "--guidance", "finite"),
-    (["--guidance", "inf"], "--guidance", "finite"),
+    (["--guidance", "nan"], "--guidance", "from 0 to 100"),
+    (["--guidance", "inf"], "--guidance", "from 0 to 100"),
     (["--guidance", "-1"], "--guidance", "from 0"),
+    (["--guidance", "1e30"], "--guidance", "from 0 to 100"),
     (["--height", "20"], "--height", "multiples of 8"),
     (["--width", "0"], "--width", "multiples of 8"),
     (["--width", "-16"], "--width", "multiples of 8"),
     (["--width", "100000"], "--width", "up to 16384"),
-    (["--strengths", "1,nan"], "--strengths", "finite"),
-    (["--strengths", "-1,inf"], "--strengths", "finite"),
+    (["--strengths", "1,nan"], "--strengths", "from -100 to 100"),
+    (["--strengths", "-1,inf"], "--strengths", "from -100 to 100"),
+    (["--strengths", "0,1e9"], "--strengths", "from -100 to 100"),
     (["--strengths", "1,,2"], "--strengths", "not a list of numbers"),
     (["--sampler", "heun++"], "--sampler", "not known"),
 ]
@@ -570,6 +572,10 @@ def test_generate_without_a_lora_draws_strength_zero_at_the_recommended_settings
     code, out, err = run_cli([*argv, "--no-progress", "--overwrite"], capsys)
     assert code == 0, err
     assert (tmp_path / "out" / "grid.png").is_file()
+    one_seed = [*argv[:-4], "--seeds", "0", "--out", tmp_path / "out", "--no-progress", "--overwrite"]
+    code, out, err = run_cli(one_seed, capsys)  # the new grid leaves seed 1's image out: said, not deleted
+    assert code == 0 and "also holds 1 image(s) this run does not write (e.g. a-cat_0_1.png)" in err
+    assert (tmp_path / "out" / "a-cat_0_1.png").is_file()
 
 
 def test_eval_spec_checks_its_numbers_and_leaves_steps_to_the_model(tmp_path):
@@ -1083,3 +1089,9 @@ def test_a_termination_before_training_ends_with_one_line_like_ctrl_c(tmp_path, 
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] in ("leco generate: aborted", "leco: aborted")
+
+
+def test_an_empty_resume_is_one_line_before_the_config_is_read(capsys):
+    code, _, err = run_cli(["train", "missing.yaml", "--resume", " "], capsys)
+    assert_one_line_error(code, err, "--resume")
+    assert "empty; give the *_state folder" in err

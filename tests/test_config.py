@@ -165,6 +165,7 @@ def test_inline_prompts_are_accepted(tmp_path):
         (MINIMAL + "save:\n  name: '..'\n", ["save.name:", "plain file name"]),
         (MINIMAL + 'save:\n  name: "a\\0b"\n', ["save.name:", "without control characters"]),
         (MINIMAL + 'save:\n  name: "a\\tb"\n', ["save.name:", "without control characters"]),
+        (MINIMAL + 'save:\n  name: " "\n', ["save.name:", "starts or ends with spaces"]),
         (MINIMAL + f"save:\n  name: {'n' * 201}\n", ["save.name:", "is 201 bytes long; use at most 200"]),
         (
             MINIMAL + "train:\n  seed: 99999999999999999999999\n",
@@ -422,9 +423,13 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         ("- target_file:\n", {}, "entry 1.target_file: empty; name the text file"),
         ("- target: [a, b]\n  neutral: [c]\n", {}, "entry 1.neutral: a list of 1 prompts, but target has 2"),
         ("- target: a\n  action: distill\n", {}, "entry 1.guidance_scale: distill needs the CFG scale"),
-        ("- target: ''\n", {}, "entry 1.target: '' with positive, unconditional and neutral as they are"),
+        ("- target: ''\n", {}, "entry 1.target: '': positive reads as unconditional and neutral as target"),
         ("- target: a\n  neutral: a\n  unconditional: a\n", {}, "leaves erase nothing to learn"),
-        ("- target: [a digit seven, '']\n", {}, "entry 1.target: '' (prompt 2 of the list) with positive"),
+        (
+            "- target: [a digit seven, '']\n",
+            {},
+            "entry 1.target: '' (prompt 2 of the list): positive reads",
+        ),
         ("- target: ''\n  action: distill\n  guidance_scale: 3\n", {}, "distill has nothing to learn"),
         (  # CLIP reads both the same: lower case, spaces collapsed
             "- target: a digit three\n  unconditional: 'A Digit  Three '\n"

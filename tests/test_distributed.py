@@ -115,6 +115,26 @@ def test_a_stray_world_size_is_one_line(monkeypatch, environment, message):
         Ranks(torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    ("environment", "main"),
+    [
+        ({}, True),
+        ({"RANK": "1"}, True),
+        ({"RANK": "1", "WORLD_SIZE": "1"}, True),
+        ({"RANK": "1", "WORLD_SIZE": "2"}, False),
+        ({"RANK": "0", "WORLD_SIZE": "2"}, True),
+    ],
+)
+def test_a_stray_rank_alone_does_not_silence_the_one_process(monkeypatch, environment, main):
+    from leco.errors import is_main_process
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert is_main_process() is main
+
+
 def test_what_can_be_refused_before_loading_is_said_once_before_any_process_starts(
     tmp_path, tiny_folders, monkeypatch, capsys
 ):

@@ -119,8 +119,14 @@ def test_resumed_embedding_run_ends_where_an_uninterrupted_one_does(tmp_path, ti
 
 
 def test_a_token_already_in_the_vocabulary_is_refused(tmp_path, tiny_folders):
-    with pytest.raises(LecoError, match=r"network.token: 'fox' is already in this model's vocabulary"):
-        Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="fox"), progress=False)
+    with pytest.raises(LecoError, match=r"network.token: 'photo' is already in this model's vocabulary"):
+        Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="photo"), progress=False)
+    # A word and punctuation, or the token in the run's own prompts: refused before any loading.
+    with pytest.raises(LecoError, match=r"network.token: 'photo\.' is the word\(s\) photo and punctuation"):
+        Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="photo."), progress=False)
+    config = embedding_config(tiny_folders["sd1"], tmp_path, token="fox")
+    with pytest.raises(ConfigError, match=r"entry 1: 'a red fox' holds 'fox', the token this run"):
+        config.check_combination()
 
 
 def test_a_token_inside_words_is_refused(tmp_path, tiny_folders):

@@ -144,6 +144,22 @@ def test_spec_errors_name_the_file_and_key(tmp_path):
     path.write_text("detector: ink-digits\n")
     with pytest.raises(ConfigError, match="erase:, keep: and enhance: are all empty"):
         load_spec(path)
+    for text, says in [
+        ("", "the spec is empty; write its sections"),
+        ("[1, 2]\n", "an eval spec is a YAML mapping of sections .*, not a list"),
+        ("keep: all\nkeep_all: false\n", "keep_all: false, but keep: says all"),
+        (
+            "erase: [{prompt: a, concept: 'digit:7'}]\nguidance: 1e30\n",
+            "guidance: .*less than or equal to 100",
+        ),
+        (
+            "erase: [{prompt: a, concept: 'digit:7'}]\nstrengths: [1e9]\n",
+            "strengths.1: .*less than or equal to 100",
+        ),
+    ]:
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=rf"spec.yaml: {says}"):
+            load_spec(path)
     path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nstrengths: [1]\n")
     assert load_spec(path).strengths == [0.0, 1.0]  # drift needs the strength-0 images
     path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nstrengths: [0.1, 0.10000001]\n")

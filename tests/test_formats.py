@@ -172,6 +172,10 @@ def test_a_config_yaml_names_a_kohya_toml_as_its_prompts_file(tmp_path):
 
 
 KOHYA_ERRORS = {
+    "text_for_a_flag": (  # kohya's bool("false") is True: neither reading is safe
+        '[[prompts]]\ntarget = "seven"\ndynamic_resolution = "false"\n',
+        "prompts 1.dynamic_resolution: must be true or false (got 'false')",
+    ),
     "empty": ("", "the file is empty"),
     "no_prompts_or_targets": ('guidance_scale = 2.0\nneutral = "x"\n', "no [[prompts]] or [[targets]]"),
     "empty_targets": ("targets = []\n", "targets: the list is empty"),
@@ -409,6 +413,14 @@ def test_a_kohya_toml_given_as_the_config_says_where_it_belongs(tmp_path):
     (tmp_path / "slider.toml").write_text((DATA / "kohya_slider.toml").read_text())
     with pytest.raises(ConfigError, match="prompts_file: slider.toml"):
         load_config(tmp_path / "slider.toml")
+    # The same written as YAML, and a list of entries (leco's or sliders' prompts file): one line each.
+    (tmp_path / "slider.yaml").write_text("targets:\n  - target_class: a digit five\n    positive: red\n")
+    (tmp_path / "entries.yaml").write_text("- target: a digit seven\n  action: erase\n")
+    for name in ("slider.yaml", "entries.yaml"):
+        with pytest.raises(
+            ConfigError, match=rf"prompts file.*, not a training config.*prompts_file: {name}"
+        ):
+            load_config(tmp_path / name)
     with pytest.raises(ConfigError, match="absent.toml: file not found"):
         load_config(tmp_path / "absent.toml")
 
@@ -839,6 +851,30 @@ def test_ai_toolkit_rank_wins_over_linear_as_in_its_network_config(ai_toolkit_en
 
 
 @pytest.mark.parametrize(
+    ("keys", "alphas"),
+    [
+        ({"linear_alpha": None}, (8, None)),  # its LoRAModule: an alpha of null or 0 is the rank
+        ({"linear_alpha": 0}, (8, None)),
+        ({"alpha": None, "linear_alpha": "absent"}, (8, None)),
+        ({"alpha": 2, "linear_alpha": "absent"}, (2, None)),
+        ({"conv": 2, "conv_alpha": None}, (4, 2)),
+        ({"conv": 2}, (4, 2)),
+        ({"conv": 2, "conv_alpha": 1}, (4, 1)),
+    ],
+)
+def test_ai_toolkit_alphas_read_as_its_network_reads_them(ai_toolkit_env, tmp_path, keys, alphas):
+    job = yaml.safe_load((DATA / "ai_toolkit_slider.yaml").read_text())
+    network = job["config"]["process"][0]["network"]
+    network.update(keys)
+    if network.get("linear_alpha") == "absent":
+        del network["linear_alpha"]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    read = load_config(path).network
+    assert (read.alpha, read.conv_alpha if "conv" in keys else None) == alphas
+
+
+@pytest.mark.parametrize(
     ("keys", "lr", "warned"),
     [
         ({"lr": 2e-4, "unet_lr": 1e-3}, 2e-4, True),
@@ -1177,7 +1213,7 @@ def test_attributes_work_in_inline_config_prompts(tmp_path):
         load_config(path)
 
 
-@pytest.mark.parametrize("value", ["'a,,b'", "[a, 3]", "{a: 1}"])
+@pytest.mark.parametrize("value", ["'a,,b'", "[a, 3]", "{a: 1}", "[]"])
 def test_bad_attributes_are_one_line_errors(tmp_path, value):
     path = tmp_path / "prompts.yaml"
     path.write_text(f"- target: cat\n- target: dog\n  attributes: {value}\n")
@@ -1413,5 +1449,14 @@ def test_a_leco_config_given_as_a_prompts_file_is_named_as_such(tmp_path):
     path.write_text("pretrained_model: {name_or_path: ink-digits}\nprompts:\n  - target: a digit seven\n")
     with pytest.raises(
         ConfigError, match=r"is a leco config, not a prompts file; run it as `leco train .*prompts.yaml`"
+    ):
+        load_prompts(path)
+
+
+def test_a_misspelt_attributes_key_is_named_with_the_keys_an_entry_takes(tmp_path):
+    path = tmp_path / "prompts.yaml"
+    path.write_text("- target: cat\n  atributes: male, female\n")
+    with pytest.raises(
+        ConfigError, match=r"entry 1.atributes: unknown key; did you mean 'attributes'\?.*attributes"
     ):
         load_prompts(path)

@@ -450,6 +450,15 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
         assert len(pipe.tokenizer) == before  # nothing stays loaded after a refused file
 
 
+def test_a_token_made_of_known_words_is_loaded_with_a_warning(tiny_folders, embedding_files, capsys):
+    from leco.generate import build_pipeline, embeddings_loaded
+
+    pipe = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True))
+    with embeddings_loaded(pipe, [f"{embedding_files['root'] / 'ugly.safetensors'}:red fox"]):
+        assert "red fox" in pipe.tokenizer.get_vocab()  # as A1111 reads a file named "red fox.pt"
+    assert "the token 'red fox' is made of the words red, fox: wherever a prompt" in capsys.readouterr().err
+
+
 def test_embedding_option_parsing(tmp_path):
     from leco.generate import parse_embedding_option
 

@@ -529,6 +529,29 @@ def test_a_strength_that_is_no_number_and_an_embedding_are_named(tmp_path, tiny_
     save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
     with pytest.raises(LecoError, match="is a textual-inversion embedding .* use it with --embedding"):
         merge(str(tiny_folders["sd1"]), [LoraStrength(embedding)], tmp_path / "m", precision="fp32")
+    a1111 = tmp_path / "no_fox.pt"  # A1111's own form of an embedding
+    torch.save({"string_to_param": {"*": torch.randn(2, 32)}, "name": "no_fox"}, a1111)
+    with pytest.raises(LecoError, match=r"no_fox.pt: an A1111 textual-inversion embedding, not a LoRA"):
+        merge(str(tiny_folders["sd1"]), [LoraStrength(a1111)], tmp_path / "m", precision="fp32")
+    save_file({"<tok>": torch.randn(32)}, str(tmp_path / "learned_embeds.safetensors"))  # diffusers' form
+    save_file({"model.diffusion_model.out.2.weight": torch.randn(4, 4)}, str(tmp_path / "whole.safetensors"))
+    for name, says in [
+        ("learned_embeds", "a textual-inversion embedding"),
+        ("whole", "is a model checkpoint"),
+    ]:
+        with pytest.raises(LecoError, match=rf"{name}.safetensors: .*{says}.*, not a LoRA"):
+            merge(str(tiny_folders["sd1"]), [LoraStrength(tmp_path / f"{name}.safetensors")], tmp_path / "m")
+    with pytest.raises(LecoError, match=r"^--model: 'nowhere' is neither a file"):  # the option merge has
+        merge("nowhere", [LoraStrength(lora)], tmp_path / "m", precision="fp32")
+    assert not (tmp_path / "m").exists()
+
+
+def test_loras_of_two_models_are_named_as_such_not_sent_to_the_second_model(tmp_path, tiny_folders):
+    ours = random_lora(str(tiny_folders["sd1"]), tmp_path / "ours.safetensors", seed=1)
+    theirs = random_lora(str(tiny_folders["sdxl"]), tmp_path / "theirs.safetensors", seed=2)
+    loras = [LoraStrength(ours), LoraStrength(theirs)]
+    with pytest.raises(LecoError, match=r"ours.safetensors fits --model .*cannot be merged into one"):
+        merge(str(tiny_folders["sd1"]), loras, tmp_path / "m", precision="fp32")
     assert not (tmp_path / "m").exists()
 
 

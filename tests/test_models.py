@@ -196,6 +196,26 @@ def test_bad_sources_give_clear_errors(tmp_path):
             load_models(relative)
     with pytest.raises(LecoError, match="not a complete diffusers model folder"):
         load_models(str(tmp_path))
+    with pytest.raises(LecoError, match=r"\(relative paths are read from .*\); fix the path"):
+        load_models("./missing-model")
+
+
+@pytest.mark.parametrize("part", ["unet", "tokenizer"])
+def test_a_damaged_part_of_a_model_folder_is_named(tmp_path, tiny_folders, part):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folders["sd1"], folder)
+    if part == "unet":
+        damaged = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        damaged.write_bytes(damaged.read_bytes()[:100])  # a download cut short
+    else:
+        for file in (folder / "tokenizer").iterdir():  # a copy cut short
+            file.write_text("{")
+    with pytest.raises(
+        LecoError, match=rf"is a damaged or incomplete diffusers model folder \(its {part}/ cannot"
+    ):
+        load_models(str(folder))
 
 
 def test_a_part_of_a_model_folder_is_named_not_fetched_as_a_hub_repo(tiny_folders, monkeypatch):

@@ -350,6 +350,19 @@ def test_saved_metadata_records_config_prompts_and_version(tmp_path, tiny_folder
     assert json.loads(metadata["leco.prompts"])[0]["target"] == "a red fox"
     assert metadata["leco.step"] == metadata["ss_steps"] == "2" and metadata["leco.seed"] == "3"
     assert metadata["ss_sd_model_name"] == "sd1"
+    # What kohya's train_leco writes about its prompts, for tools that show its files.
+    assert metadata["ss_leco_prompt_count"] == "2" and "ss_leco_prompts_file" not in metadata  # inline
+    first, second = json.loads(metadata["ss_leco_preview"])
+    assert first == {
+        "target": "a red fox",
+        "positive": "a red fox",
+        "unconditional": "",
+        "neutral": "",
+        "action": "erase",
+        "multiplier": 1.0,
+        "weight": 1.0,
+    }
+    assert (second["action"], second["neutral"]) == ("enhance", "a car")
 
 
 def test_a_bundled_model_is_recorded_by_the_name_the_user_gave(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +26,14 @@ def train(
     any other runs the training loop (leco.trainer). Imported lazily so that `import leco` stays light.
     """
     from leco.config import ready_config
-    from leco.errors import LecoError, warn
+    from leco.errors import LecoError, is_main_process, warn
     from leco.formats.origins import in_file_keys
 
     if not isinstance(overwrite, bool):  # "no" would read as true and replace an earlier run
         raise LecoError(f"overwrite: {overwrite!r}; give True or False")
     config_file = config if isinstance(config, (str, Path)) else None  # another tool's: its keys
     config = ready_config(config)
-    if os.environ.get("RANK", "0") == "0":  # once, not per process
+    if is_main_process():  # once, not per process
         for note in config.unused_settings():
             warn(in_file_keys(config_file, note) if config_file else note)
     if config.train.method == "closed_form":

@@ -9,6 +9,7 @@ continued (`--resume`). Temp files a killed process left behind are removed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from leco.config import LecoConfig
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, is_main_process, warn
 from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
 from leco.models import looks_like_repo_id
 from leco.optim import optimizer_class
@@ -135,6 +136,8 @@ class RunFolder:
             )
         if resume_source is not None and resume_source.exists():
             state_file_of(resume_source)  # a folder or file that holds no state is named as such first
+        if self._lock is None:  # a run writing this name now: neither --resume nor --overwrite may
+            _refuse_if_locked(self.path / f".{self.name}.lock", self.name, self.path)
         earlier = self.earlier_files()
         # A path that is not there is read_state's to name.
         foreign = (
@@ -362,7 +365,7 @@ class StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and self._saving:
             self._abort_after_save = True
-            if os.environ.get("RANK", "0") == "0":  # data-parallel: the first process says so
+            if is_main_process():  # data-parallel: the first process says so
                 with contextlib.suppress(OSError):
                     print("\nleco: aborting once the file being saved is written", flush=True)
             return
@@ -371,7 +374,7 @@ class StopRequest:
         self.requested = True
         if signum == getattr(signal, "SIGHUP", None):
             _leave_lost_terminal()
-        if os.environ.get("RANK", "0") == "0":  # data-parallel: every process stops, the first one says so
+        if is_main_process():  # data-parallel: every process stops, the first one says so
             again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             message = f"stopping after this step and saving ({again} again aborts without saving)"
             with contextlib.suppress(OSError):  # where output goes may be gone; the save must not be
@@ -409,7 +412,30 @@ def run_metadata(
         "ss_steps": str(step),
         "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
         "ss_clip_skip": str(config.pretrained_model.clip_skip),  # "None" where unset, as kohya writes it
+        **kohya_leco_metadata(config, entries),
     }
+
+
+def kohya_leco_metadata(config: Any, entries: list[Any]) -> dict[str, str]:
+    """What kohya's train_leco writes about its prompts, so that tools showing its files show ours:
+    the count and first 16 of the pairs trained (an entry of many targets counts each)."""
+    pairs = (  # a target_file of 100,000 lines: only the first 16 are built
+        {
+            "target": target,
+            "positive": entry.role_text("positive", index),
+            "unconditional": entry.role_text("unconditional", index),
+            "neutral": entry.role_text("neutral", index),
+            "action": entry.action,
+            "multiplier": entry.multiplier,
+            "weight": entry.weight,
+        }
+        for entry in entries
+        for index, target in enumerate(entry.targets)
+    )
+    count = sum(len(entry.targets) for entry in entries)
+    named = {"ss_leco_prompts_file": Path(config.prompts_file).name} if config.prompts_file else {}
+    preview = json.dumps(list(itertools.islice(pairs, 16)), ensure_ascii=False)
+    return {"ss_leco_prompt_count": str(count), **named, "ss_leco_preview": preview}
 
 
 def resumed_with(state: dict[str, Any], config_json: str) -> list[dict[str, Any]]:
@@ -452,6 +478,18 @@ def state_file_of(path: Path) -> Path:
     return file
 
 
+# What Trainer.save writes, by type: a state missing one cannot continue the run exactly.
+_STATE_PARTS = {
+    "step": int,
+    "seed": int,
+    "trainable": dict,
+    "optimizer": dict,
+    "lr_scheduler": dict,
+    "scaler": dict,
+    "ranks": list,
+}
+
+
 def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[str, Any]:
     """Load a state folder (or its file) and check it belongs to this config and process count."""
     file = state_file_of(Path(path))
@@ -466,6 +504,12 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
             f"--resume: {file} is not a leco training state (it holds no run config); "
             "pass the *_state folder a leco run saved"
         ) from None
+    damaged = [key for key, kind in _STATE_PARTS.items() if not isinstance(state.get(key), kind)]
+    if damaged:
+        raise LecoError(
+            f"--resume: {file} lacks its {', '.join(damaged)} (damaged, or edited by hand), so it cannot "
+            "continue the run exactly; start the run again with --overwrite"
+        )
     current = json.loads(config_json)
     for key in _MUST_MATCH:
         was = _with_later_defaults(key, saved.get(key), current.get(key))
@@ -506,24 +550,57 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
     return state
 
 
+@contextlib.contextmanager
+def state_parts_of(path: str | Path) -> Iterator[None]:
+    """Loading a state's optimizer and sampling parts: damage read_state's check of their kinds
+    cannot see (a tensor of another shape, an edited entry) is one line naming the state."""
+    try:
+        yield
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as error:
+        raise LecoError(
+            f"--resume: {path}: its optimizer or sampling state cannot be read ({type(error).__name__}: "
+            f"{str(error)[:100]}), so it cannot continue the run exactly; start the run again with "
+            "--overwrite"
+        ) from None
+
+
 def _acquire_lock(path: Path, name: str, folder: Path) -> Any:
     """An OS lock on a small file: released by the OS even when the process is killed."""
     handle = open(path, "a+")  # noqa: SIM115 (held open for the whole run)
     try:
         _lock_file(handle)
     except OSError:
-        handle.seek(0)
-        owner = handle.read().strip() or "another process"
-        handle.close()
-        raise LecoError(
-            f"save.path: another `leco train` ({owner}) is writing the run {name!r} in {folder}; "
-            "wait for it to finish or choose another save.name"
-        ) from None
+        raise _running_elsewhere(handle, name, folder) from None
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()}")
     handle.flush()
     return handle
+
+
+def _refuse_if_locked(path: Path, name: str, folder: Path) -> None:
+    """The lock taken and let go at once, its file left as it is (its owner, if any, keeps it)."""
+    if not path.is_file():
+        return
+    try:
+        handle = open(path)  # noqa: SIM115 (closed below, or by _running_elsewhere)
+    except OSError:
+        return  # unreadable: open() meets it when it locks
+    try:
+        _lock_file(handle)
+    except OSError:
+        raise _running_elsewhere(handle, name, folder) from None
+    handle.close()  # closing lets go of the lock (flock, and msvcrt's with the handle)
+
+
+def _running_elsewhere(handle: Any, name: str, folder: Path) -> LecoError:
+    handle.seek(0)
+    owner = handle.read().strip() or "another process"
+    handle.close()
+    return LecoError(
+        f"save.path: another `leco train` ({owner}) is writing the run {name!r} in {folder}; "
+        "wait for it to finish (then --resume or --overwrite it) or choose another save.name"
+    )
 
 
 def _lock_file(handle: Any) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from leco import __version__
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, is_main_process, warn
 from leco.launcher import LAUNCHED_BY_LECO, check_process_count, launch_processes, tell_launcher_ready
 
 NUMERIC_LIST_OPTIONS = ("--strengths",)
@@ -126,11 +126,21 @@ def _clip_skip(text: str) -> int:
     return skip
 
 
-def _guidance(text: str) -> float:
-    guidance = _number(text, float, "a number")
-    if not math.isfinite(guidance) or guidance < 0:
+def _state_folder(text: str) -> str:
+    if not text.strip():
         raise argparse.ArgumentTypeError(
-            f"{text}: the guidance scale is a finite number from 0, e.g. 3 or 7.5"
+            "empty; give the *_state folder a run saved (its path is printed at the end)"
+        )
+    return text
+
+
+def _guidance(text: str) -> float:
+    from leco.config import MAX_GUIDANCE
+
+    guidance = _number(text, float, "a number")
+    if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise argparse.ArgumentTypeError(
+            f"{text}: the guidance scale is a number from 0 to {MAX_GUIDANCE:g}, e.g. 3 or 7.5"
         )
     return guidance
 
@@ -319,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", nargs="?", help="config YAML (the reference LECO format)")
     train.add_argument("--config_file", help="the same, spelled as the reference tool spells it")
-    train.add_argument("--resume", metavar="DIR", help="continue from the *_state folder a run saved")
+    train.add_argument(
+        "--resume", metavar="DIR", type=_state_folder, help="continue from the *_state folder a run saved"
+    )
     train.add_argument(
         "--num-processes",
         type=int,
@@ -548,7 +560,7 @@ def run_train(args: argparse.Namespace) -> int:
     # Started by --num-processes: torchrun reads 130 as a failed process (and prints a traceback);
     # the leco process that started it reports the interruption instead.
     interrupted_code = 0 if os.environ.get(LAUNCHED_BY_LECO) else 130
-    if os.environ.get("RANK", "0") != "0":  # a data-parallel process that is not the main one
+    if not is_main_process():  # a data-parallel process that is not the main one
         return interrupted_code if result.interrupted else 0
     if result.interrupted:
         processes = int(os.environ.get("WORLD_SIZE", "1"))  # a resume needs as many
@@ -678,6 +690,7 @@ def run_generate(args: argparse.Namespace) -> int:
         run_generation,
         warn_if_distilled,
         warn_if_negative_unread,
+        warn_of_other_images,
     )
     from leco.models import recommended_sampling
 
@@ -695,6 +708,8 @@ def run_generate(args: argparse.Namespace) -> int:
         warn(f"--prompt {repeated!r} is given {args.prompt.count(repeated)} times; it is drawn once")
     requests = requests_for(prompts, strengths, args.seeds)
     refuse_earlier_files(requests, args.out, args.overwrite)  # before minutes of loading; and again later
+    if args.overwrite:
+        warn_of_other_images(requests, args.out)
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
     # models.folder: where its card is (a single file built with a model folder: that folder's)
@@ -843,7 +858,7 @@ def _main(argv: Sequence[str] | None) -> int:
         print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated):
-        if os.environ.get("RANK", "0") == "0":  # data-parallel: said once
+        if is_main_process():  # data-parallel: said once
             with contextlib.suppress(OSError):  # after a hang-up the terminal may be gone
                 print(f"leco {args.command}: aborted", file=sys.stderr)
         if os.environ.get(LAUNCHED_BY_LECO):  # torchrun reads 130 as a crash; the launcher says 130

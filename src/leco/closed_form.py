@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from leco.checkpoints import RunFolder
+from leco.checkpoints import RunFolder, kohya_leco_metadata
 from leco.conditioning import PromptEncoder
 from leco.config import LecoConfig, NetworkConfig
 from leco.models import DTYPES, LoadedModels, load_models
@@ -54,6 +54,7 @@ def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetw
                 "leco.kept_prompts": str(len(kept)),
                 "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
                 "ss_clip_skip": str(config.pretrained_model.clip_skip),
+                **kohya_leco_metadata(config, config.prompts),
             },
         )
     finally:

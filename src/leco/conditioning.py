@@ -176,11 +176,16 @@ A1111_SYNTAX = (
 )
 
 
+# Training loads no embeddings: a <token> in its prompts stays the pieces of its spelling.
+NO_EMBEDDINGS_IN_TRAINING = "training loads no embeddings; write out what it stands for"
+
+
 def warn_if_misread(
     models: LoadedModels,
     texts: Sequence[str],
     where: str = "prompt",
     expand: Callable[[str], str] | None = None,
+    embedding_hint: str = "if it is an embedding's, load its file with --embedding FILE",
 ) -> None:
     """Name the prompts that are not read as written: those the tokenizer cuts short (the words
     past its length are never read) and those in A1111's syntax (read as plain words).
@@ -192,7 +197,7 @@ def warn_if_misread(
         return
     _warn_of_a1111_syntax(texts, where)
     tokenizer = models.tokenizers[0]
-    _warn_of_unknown_tokens(texts, where, tokenizer.get_vocab())
+    _warn_of_unknown_tokens(texts, where, tokenizer.get_vocab(), embedding_hint)
     limit = tokenizer.model_max_length
     read = [expand(text) for text in texts] if expand else texts
     # One batched call: a 100,000-line target_file took 4 s prompt by prompt.
@@ -204,11 +209,23 @@ def warn_if_misread(
         warn(f"{len(long)} {where}s are longer than {limit} tokens and are cut there, e.g. {example!r}...")
 
 
+def words_a_token_spells(tokenizer: Any, token: str) -> list[str]:
+    """The known words a new token is made of ("digit seven", "seven."), or [] for a word of its
+    own. Such a token would stand in for those words wherever a prompt writes them that way."""
+    vocabulary = tokenizer.get_vocab()
+    words = [word.strip(".,;:!?\"'") for word in token.split()]
+    if not all(words) or (len(words) == 1 and words[0] == token):  # one word: the vocabulary check's
+        return []
+    single = [tokenizer.tokenize(word) for word in words]
+    known = all(len(pieces) == 1 and pieces[0] in vocabulary for pieces in single)
+    return words if known else []
+
+
 # An embedding's token as users write it: <name> (A1111's and our own spelling), not a <lora:...> tag.
 EMBEDDING_TOKEN = re.compile(r"<[^<>:|\s]+>")
 
 
-def _warn_of_unknown_tokens(texts: Sequence[str], where: str, vocabulary: dict[str, int]) -> None:
+def _warn_of_unknown_tokens(texts: Sequence[str], where: str, vocabulary: dict[str, int], hint: str) -> None:
     """An embedding's <token> that no loaded embedding adds is read as the pieces of its spelling."""
     found = [
         (text, token)
@@ -221,7 +238,7 @@ def _warn_of_unknown_tokens(texts: Sequence[str], where: str, vocabulary: dict[s
         more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
         warn(
             f"{where} {text[:60]!r}: {token!r}{more} is no token this model knows and is read as words; "
-            "if it is an embedding's, load its file with --embedding FILE"
+            f"{hint}"
         )
 
 

@@ -16,7 +16,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -40,6 +40,8 @@ from leco.errors import LecoError
 DEFAULT_SAMPLES_PER_ROLLOUT = 4
 # Larger sides are typos (the largest SD models draw 4096 px at most); caught before any allocation.
 MAX_SIDE = 16384
+MAX_STRENGTH = 100.0  # of a LoRA, as trained (multiplier) or drawn; far past it images are noise
+MAX_GUIDANCE = 100.0  # ComfyUI's limit (A1111's slider stops at 30); far past it images overflow to NaN
 MAX_NAME_BYTES = 200  # save.name: room for leco's suffixes and temp-file wrappers within 255 bytes
 
 # The spellings torch, diffusers and ai-toolkit's get_torch_dtype use.
@@ -276,6 +278,8 @@ class SaveConfig(_Section):
             raise ValueError('must be a plain file name, not starting with ".", without / \\ : * ? " < > |')
         if any(unicodedata.category(c) == "Cc" for c in value):  # a NUL cannot be in a path at all
             raise ValueError("must be a plain file name, without control characters (tabs, line breaks, NUL)")
+        if value != value.strip():  # " " or "fox " names files no one finds (Windows drops the end)
+            raise ValueError(f"{value!r} starts or ends with spaces; write the name without them")
         if len(value.encode()) > MAX_NAME_BYTES:  # checked now, not when the first save fails
             raise ValueError(
                 f"is {len(value.encode())} bytes long; use at most {MAX_NAME_BYTES} (file names add a suffix "
@@ -303,12 +307,12 @@ class PreviewConfig(_Section):
 
     prompts: list[str] = Field(default_factory=list)  # none: no previews
     # At least one of each: an empty list would leave the grid with no row or column to draw.
-    strengths: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(
+    strengths: list[Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)]] = Field(
         default_factory=lambda: [-1.0, 0.0, 1.0], min_length=1
     )
     seeds: list[Annotated[int, Field(ge=0, lt=2**64)]] = Field(default_factory=lambda: [0], min_length=1)
     steps: int = Field(20, ge=1, le=1000)  # at most one per training timestep
-    guidance: float = Field(7.0, ge=0, allow_inf_nan=False)
+    guidance: float = Field(7.0, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     every: int | None = Field(None, ge=1)  # default: save.per_steps
 
 
@@ -379,6 +383,8 @@ class PromptSettings(_Section):
     # Where the entry was written when that is not "prompts entry N" of the config: a prompt file's
     # entry, or one that a kohya target or sliders attributes expanded into several (`named`).
     _origin: str | None = PrivateAttr(default=None)
+    # Keys read into the entry's fields on loading, named where an unknown key lists what is allowed.
+    READ_ON_LOADING: ClassVar[tuple[str, ...]] = ("target_file", "attributes")
 
     target: str | list[str]  # `target_file: F` (one prompt a line) is read into this list on loading
     positive: str | list[str] | None = None
@@ -394,7 +400,7 @@ class PromptSettings(_Section):
     dynamic_crops: bool = False
     # The LoRA strength this entry is trained at (rollout and student). A two-sided slider pairs an
     # entry at 1 with one at -1 whose poles are swapped, so both ends of the slider are trained.
-    multiplier: float = Field(1.0, ge=-100, le=100, allow_inf_nan=False)
+    multiplier: float = Field(1.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
     # Loss factor of this entry (kohya's `weight`).
     weight: float = Field(1.0, ge=0, le=1e4, allow_inf_nan=False)
 
@@ -455,14 +461,15 @@ class PromptSettings(_Section):
         idle = [  # prompts whose target is the prediction they already make
             i
             for i, target in enumerate(self.targets)
-            if self.role_text("positive", i) == self.role_text("unconditional", i)
-            and self.role_text("neutral", i) == target
+            if as_read(self.role_text("positive", i)) == as_read(self.role_text("unconditional", i))
+            and as_read(self.role_text("neutral", i)) == as_read(target)
         ]
         if self.action in ("erase", "enhance") and idle:
             which = "" if isinstance(self.target, str) else f" (prompt {idle[0] + 1} of the list)"
             raise ValueError(
-                f"target: {self.targets[idle[0]]!r}{which} with positive, unconditional and neutral as they "
-                f"are leaves {self.action} nothing to learn; name the concept in target (or positive)"
+                f"target: {self.targets[idle[0]]!r}{which}: positive reads as unconditional and neutral as "
+                f"target (the model reads prompts in lower case), which leaves {self.action} nothing to "
+                "learn; name the concept in positive (or target)"
             )
         if self.action == "distill" and self.guidance_scale <= 1:
             given = f"got {self.guidance_scale:g}"
@@ -806,6 +813,14 @@ class LecoConfig(_Section):
                     f"network.token: {token!r} is inside the word {word!r} of {where}, where a "
                     f"tokenizer reads it too; choose a token no word contains, e.g. '<{token}>'"
                 )
+            # The run's prompts are read before the token exists (it is what is trained), so there
+            # it would be the pieces of its spelling; a preview draws after training and knows it.
+            if token in text.lower() and where != "preview.prompts":
+                raise ConfigError(
+                    f"{where}: {text!r} holds {token!r}, the token this run trains; write the run's "
+                    "prompts without it (the token learns to stand for them in a negative prompt), and "
+                    "make the token a new word, e.g. <no-seven>"
+                )
 
 
 def word_around(text: str, token: str, longer_tokens: Sequence[str] = ()) -> str | None:
@@ -897,11 +912,18 @@ def parse_optimizer_args(text: str) -> dict[str, Any]:
 
 
 # Top-level keys of the other YAML files leco reads, which users hand to `leco train` by mistake.
+_KOHYA_PROMPTS_KEYS = {"targets", "slider", "neutrals", "neutral_prompt_file", "target_class"}
 _EVAL_SPEC_KEYS = {"erase", "keep", "enhance", "detector", "images_per_prompt", "strengths", "clip_model"}
 
 
 def _refuse_other_kinds_of_file(path: Path, document: dict) -> None:
     keys = {str(k) for k in document}
+    kohya_keys = sorted(keys & _KOHYA_PROMPTS_KEYS)
+    if kohya_keys and not keys & set(LecoConfig.model_fields):
+        raise ConfigError(
+            f"{path}: this is a kohya train_leco prompts file ({', '.join(kohya_keys)}), not a training "
+            f"config; name it in a config YAML: prompts_file: {path.name}"
+        )
     if keys & _EVAL_SPEC_KEYS and not keys & set(LecoConfig.model_fields):
         raise ConfigError(
             f"{path}: this is an eval spec ({', '.join(sorted(keys & _EVAL_SPEC_KEYS))}), not a training "
@@ -922,6 +944,11 @@ def load_config(path: str | Path) -> LecoConfig:
     if foreign is not None:
         return foreign
     document = read_yaml(path)
+    if isinstance(document, list) and document and all(isinstance(item, dict) for item in document):
+        raise ConfigError(
+            f"{path}: a list of prompt entries is a prompts file, not a training config; name it in a "
+            f"config YAML: prompts_file: {path.name}"
+        )
     if not isinstance(document, dict):
         raise ConfigError(
             f"{path}: the file must be a YAML mapping of sections (pretrained_model:, train:, ...)"
@@ -1319,7 +1346,7 @@ def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
             continue
         candidates = (field.annotation, *get_args(field.annotation))
         model = next((t for t in candidates if isinstance(t, type) and issubclass(t, BaseModel)), model)
-    return list(model.model_fields)
+    return [*model.model_fields, *getattr(model, "READ_ON_LOADING", ())]
 
 
 def _short(value: Any) -> str:

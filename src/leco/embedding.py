@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from leco import __version__
-from leco.conditioning import Conditioning, PromptEncoder
+from leco.conditioning import Conditioning, PromptEncoder, words_a_token_spells
 from leco.errors import LecoError, warn
 from leco.models import LoadedModels
 from leco.network import kohya
@@ -196,6 +196,11 @@ class TokenEmbedding:
                     "e.g. <no-seven>"
                 )
         token = self.tokens[0]  # lower case (config): CLIP's tokenizer lowercases prompts
+        if words := words_a_token_spells(tokenizer, token):
+            raise LecoError(
+                f"network.token: {token!r} is the word(s) {', '.join(words)} and punctuation, which "
+                "prompts write anyway; choose a new word, e.g. <no-seven>"
+            )
         # A token is matched wherever it stands, inside words too ("igi" in "digit", as diffusers'
         # tokenizer reads them): it would change every prompt with such a word.
         inside = sorted({word.removesuffix("</w>") for word in vocabulary if token in word} - {token})

@@ -1,6 +1,7 @@
 """The one exception type a user ever sees: a problem with their input, stated in one line; and
 warnings, which go where errors go (stderr), so that output piped elsewhere stays clean."""
 
+import os
 import sys
 
 
@@ -15,3 +16,14 @@ class LecoError(Exception):
 def warn(message: str) -> None:
     """`leco: warning: <message>` on stderr."""
     print(f"leco: warning: {message}", file=sys.stderr, flush=True)
+
+
+def is_main_process() -> bool:
+    """False only in a data-parallel process other than the first, which leaves messages to it.
+    RANK alone (a variable left over in a shell) does not count: without WORLD_SIZE > 1 there is
+    one process, and it must speak."""
+    try:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        processes = 1  # distributed.Ranks names the bad value
+    return processes <= 1 or os.environ.get("RANK", "0") == "0"

@@ -31,7 +31,15 @@ from pydantic import (
 )
 
 from leco.conditioning import warn_if_misread
-from leco.config import MAX_SIDE, ConfigError, as_read, describe_validation_error, read_yaml
+from leco.config import (
+    MAX_GUIDANCE,
+    MAX_SIDE,
+    MAX_STRENGTH,
+    ConfigError,
+    as_read,
+    describe_validation_error,
+    read_yaml,
+)
 from leco.errors import LecoError, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
@@ -83,12 +91,15 @@ class EvalSpec(BaseModel):
     alternatives: list[str] = Field(default_factory=list)  # extra zero-shot labels (detector: clip)
     # at most as many seeds as generate's --seeds takes: every image of a strength is held in memory
     images_per_prompt: int = Field(8, ge=1, le=MAX_SEEDS)
-    strengths: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(default_factory=lambda: [0.0, 1.0])
+    strengths: list[Annotated[float, Field(ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: [0.0, 1.0]
+    )
     seed: int = Field(0, ge=0, lt=2**63)
     steps: int | None = Field(
         None, ge=1, le=1000
     )  # at most one per training timestep; unset: the model's recommended steps, else 30
-    guidance: float | None = Field(None, ge=0, allow_inf_nan=False)  # unset: as steps, else 7
+    # unset: the model's recommended guidance, else 7
+    guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     height: int | None = Field(None, gt=0, le=MAX_SIDE, multiple_of=8)  # diffusers needs multiples of 8
     width: int | None = Field(None, gt=0, le=MAX_SIDE, multiple_of=8)
     sampler: str = "model"
@@ -129,6 +140,9 @@ class EvalSpec(BaseModel):
                 raise ValueError(f"keep: {keep!r} is neither `all` nor a list; write keep: all, or prompts")
             if isinstance(keep, str):  # `All`, ` all `: what was meant is plain
                 keep = KEEP_ALL
+            says_all = keep == KEEP_ALL or (isinstance(keep, list) and KEEP_ALL in keep)
+            if says_all and data.get("keep_all") is False:
+                raise ValueError("keep_all: false, but keep: says all; remove one of them")
             if keep == KEEP_ALL:
                 data = {**data, "keep": [], "keep_all": True}
             elif isinstance(keep, list) and KEEP_ALL in keep:
@@ -149,7 +163,16 @@ class Detector(Protocol):
 
 def load_spec(path: str | Path) -> EvalSpec:
     path = Path(path)
-    document = read_yaml(path) or {}
+    document = read_yaml(path)
+    if document is None:
+        raise ConfigError(
+            f"{path}: the spec is empty; write its sections, as in examples/ink-digits/erase_seven_eval.yaml"
+        )
+    if not isinstance(document, dict):
+        raise ConfigError(
+            f"{path}: an eval spec is a YAML mapping of sections (detector:, erase:, keep:, ...), not a "
+            f"{type(document).__name__}; see examples/ink-digits/erase_seven_eval.yaml"
+        )
     training_keys = {"prompts_file", "prompts", "pretrained_model", "network", "train", "job", "config"}
     keys = {str(k) for k in document} if isinstance(document, dict) else set()
     if keys & training_keys and not keys & set(EvalSpec.model_fields):

@@ -34,8 +34,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from leco import __version__
-from leco.conditioning import checked_clip_skip, encode_text, warn_if_misread
-from leco.config import typed_float
+from leco.conditioning import checked_clip_skip, encode_text, warn_if_misread, words_a_token_spells
+from leco.config import MAX_STRENGTH, typed_float
 from leco.errors import LecoError, warn
 from leco.files import GRID, load_torch_file, refuse_earlier_outputs, safetensors_metadata
 from leco.images import (
@@ -829,6 +829,19 @@ def refuse_earlier_files(requests: list[ImageRequest], out: str | Path, overwrit
     refuse_earlier_outputs(output_files(requests, out), f"--out {out}", "files this run writes", overwrite)
 
 
+def warn_of_other_images(requests: list[ImageRequest], out: str | Path) -> None:
+    """--overwrite replaces this run's files only: an earlier run's other images stay beside the new
+    grid (they may be wanted), which is said, as the grid no longer shows them."""
+    written = output_files(requests, out)
+    if any(path.exists() for path in written):
+        others = sorted(set(Path(out).glob("*.png")) - set(written))
+        if others:
+            warn(
+                f"--out {out}: also holds {len(others)} image(s) this run does not write (e.g. "
+                f"{others[0].name}), left as they are beside the new {GRID}"
+            )
+
+
 def output_files(requests: list[ImageRequest], out: str | Path) -> list[Path]:
     """The files `run_generation` writes into `out`: one PNG per request, then the grid."""
     slugs = unique_slugs(request.prompt for request in requests)
@@ -871,8 +884,11 @@ def parse_strengths(text: str) -> list[float]:
     except ValueError:
         raise LecoError(f"--strengths: {text!r} is not a list of numbers; write e.g. -1,0,1") from None
     for value in values:
-        if not math.isfinite(value):
-            raise LecoError(f"--strengths: {text!r} holds {value}; strengths are finite numbers, e.g. -1,0,1")
+        if not math.isfinite(value) or abs(value) > MAX_STRENGTH:
+            raise LecoError(
+                f"--strengths: {text!r} holds {value:g}; strengths are numbers from -{MAX_STRENGTH:g} to "
+                f"{MAX_STRENGTH:g} (usually -2 to 2), e.g. -1,0,1"
+            )
     alike = strengths_named_alike(values)
     if alike:
         raise LecoError(
@@ -1095,6 +1111,12 @@ def _check_embeddings(embeddings: list[Embedding], pairs: list[tuple]) -> None:
                 raise LecoError(
                     f"{option}: {path}: the token {token!r} is already a word of this model's tokenizer; "
                     f"name another one: {option} {path}:NEW_TOKEN"
+                )
+            if (words := words_a_token_spells(tokenizer, token)) and tokenizer is pairs[0][0]:
+                warn(  # A1111 reads a file named "bad hands 5" so too; a warning, not a refusal
+                    f"{option}: {path}: the token {token!r} is made of the words {', '.join(words)}: "
+                    f"wherever a prompt writes {token!r} the embedding stands in for them; to keep the "
+                    f"words, name it: {option} {path}:NEW_TOKEN"
                 )
     refuse_shared_tokens(embeddings)
 

@@ -193,9 +193,10 @@ def load_models(
         elif looks_like_repo_id(spec.name_or_path):
             loaded = _load_hub_repo(spec.name_or_path, spec, dtype, with_vae, names)
         else:
+            where = "" if path.is_absolute() else f" (relative paths are read from {Path.cwd()})"
             raise LecoError(
                 f"{names.model}: {spec.name_or_path!r} is neither a file, a folder nor a "
-                "Hugging Face repo id (owner/name); fix the path"
+                f"Hugging Face repo id (owner/name){where}; fix the path"
             )
     for module in [loaded.unet, *loaded.text_encoders, loaded.vae]:
         if module is not None:
@@ -285,8 +286,8 @@ def _load_folder(
         return _load_diffusers(folder, spec, dtype, with_vae, {"local_files_only": True}, names)
     except _Unreadable as error:
         raise LecoError(
-            f"{folder}: not a complete diffusers model folder ({error}); "
-            "it needs unet/, text_encoder/, tokenizer/, scheduler/"
+            f"{names.model}: {folder} is a damaged or incomplete diffusers model folder ({error}); copy or "
+            "download the model again"
         ) from None
 
 
@@ -411,19 +412,24 @@ def _load_diffusers(
     declared_v = scheduler_config.get("prediction_type", "epsilon") == "v_prediction"
     family = _reconcile(spec, arch, declared_v, f"{source}/scheduler/scheduler_config.json", names)
     scheduler_config["prediction_type"] = family.prediction_type
+    part = "unet"  # named in the error: which part of the folder is damaged
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common)
+        part = "tokenizer"
         tokenizers = [CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)]
+        part = "text_encoder"
         text_encoders: list[torch.nn.Module] = [
             CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=dtype, **common)
         ]
         if family.is_sdxl:
+            part = "tokenizer_2 or text_encoder_2"
             tokenizers.append(CLIPTokenizer.from_pretrained(source, subfolder="tokenizer_2", **common))
             text_encoders.append(
                 CLIPTextModelWithProjection.from_pretrained(
                     source, subfolder="text_encoder_2", torch_dtype=dtype, **common
                 )
             )
+        part = "vae"
         vae_config = AutoencoderKL.load_config(source, subfolder="vae", **common)
         vae = (
             AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **common)
@@ -431,7 +437,7 @@ def _load_diffusers(
             else None
         )
     except (OSError, ValueError) as error:
-        raise _Unreadable(_first_line(error)) from None
+        raise _Unreadable(f"its {part}/ cannot be read: {_first_line(error)}") from None
     return LoadedModels(
         family=family,
         unet=unet,

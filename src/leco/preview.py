@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 
 from leco.config import PreviewConfig
-from leco.errors import warn
+from leco.errors import is_main_process, warn
 from leco.generate import SamplingSettings, build_pipeline, generate, requests_for
 from leco.images import make_grid, save_image
 from leco.models import LoadedModels
@@ -19,7 +18,7 @@ from leco.trainable import Trainable
 def preview_size(preview: PreviewConfig, size: tuple[int, int]) -> tuple[int, int]:
     """The training size, rounded up to the multiples of 8 diffusers' pipelines need (with a note)."""
     rounded = (-(-size[0] // 8) * 8, -(-size[1] // 8) * 8)
-    if preview.prompts and rounded != size and os.environ.get("RANK", "0") == "0":  # once, not per process
+    if preview.prompts and rounded != size and is_main_process():  # once, not per process
         warn(
             f"preview: drawn at {rounded[0]}x{rounded[1]}, the training resolution "
             f"{size[0]}x{size[1]} rounded up to multiples of 8 (as diffusers' pipelines need)"

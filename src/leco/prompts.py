@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leco.conditioning import Conditioning, PromptEncoder, warn_if_misread
+from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, Conditioning, PromptEncoder, warn_if_misread
 from leco.config import PromptSettings, TrainConfig
 from leco.errors import LecoError, warn
 from leco.models import LoadedModels
@@ -74,7 +74,7 @@ def encode_texts(
 ) -> dict[str, Conditioning]:
     """Encode every distinct text once (one row each) on `device`; the encoders go back to the CPU."""
     texts = sorted(set(texts))
-    warn_if_misread(models, texts)
+    warn_if_misread(models, texts, embedding_hint=NO_EMBEDDINGS_IN_TRAINING)
     encoder = PromptEncoder(models, clip_skip, key)
     result = {}
     for text_encoder in models.text_encoders:

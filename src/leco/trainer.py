@@ -20,8 +20,15 @@ from typing import Any
 import torch
 
 from leco import objectives
-from leco.checkpoints import StopRequest, check_before_loading, read_state, resumed_with, run_metadata
-from leco.conditioning import warn_if_misread
+from leco.checkpoints import (
+    StopRequest,
+    check_before_loading,
+    read_state,
+    resumed_with,
+    run_metadata,
+    state_parts_of,
+)
+from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, warn_if_misread
 from leco.config import LecoConfig
 from leco.distributed import Ranks
 from leco.models import (
@@ -89,7 +96,7 @@ class Trainer:
         self.unet = prepare_for_training(models.unet, self.device, config)
         torch.manual_seed(self.seed)  # the trained part's initial weights
         self.trainable = create_trainable(models, config, self.device)
-        warn_if_misread(models, config.preview.prompts, "preview prompt")  # a new token known
+        warn_if_misread(models, config.preview.prompts, "preview prompt", None, NO_EMBEDDINGS_IN_TRAINING)
         self.edited = EditedModel(self.unet, self.trainable, embeddings, models.family.is_sdxl, self.autocast)
         self.teachers = teachers_of_run(config, self.edited, models, self.prompts, self.dtype, self.device)
         self.text_anchors = TextAnchors.of_run(config, anchors, embeddings)
@@ -202,8 +209,9 @@ class Trainer:
     def resume(self, state: dict[str, Any], path: str | Path) -> None:
         """Continue from a state read_state() checked (before the models were loaded)."""
         self.trainable.load_state_dict(state["trainable"], source=str(path))
-        self.updates.load_state_dict(state)
-        self.step_queue.load_state(state["ranks"][self.ranks.index], self.device)
+        with state_parts_of(path):  # a damaged part: one line, not a traceback
+            self.updates.load_state_dict(state)
+            self.step_queue.load_state(state["ranks"][self.ranks.index], self.device)
         self.step, self.seed = state["step"], state["seed"]
         self.resumes = resumed_with(state, self.config.to_json())
 

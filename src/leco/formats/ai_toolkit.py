@@ -552,7 +552,9 @@ class _Converter:
         rank_key = "linear" if network.get("rank") is None else "rank"
         network.accept("linear")
         rank = network.get(rank_key, 4)
-        alpha = network.get("linear_alpha", network.get("alpha", 1.0))
+        given = "linear_alpha" if "linear_alpha" in network.data else "alpha"
+        alpha = _alpha_or_rank(network.data.get(given, 1.0), rank)
+        network.accept("linear_alpha", "alpha")
         self.put("network.rank", rank, network.key(rank_key))
         self.put("network.alpha", alpha, network.key("linear_alpha"))
         # Its lora network adapts every Linear and 1x1 conv of the UNet (LoRASpecialNetwork targets the
@@ -562,7 +564,9 @@ class _Converter:
         if conv:
             self.put("network.type", "all", network.key("conv"))
             self.put("network.conv_rank", conv, network.key("conv"))
-            self.put("network.conv_alpha", network.get("conv_alpha", conv), network.key("conv_alpha"))
+            conv_alpha = _alpha_or_rank(network.data.get("conv_alpha", conv), conv)
+            network.accept("conv_alpha")
+            self.put("network.conv_alpha", conv_alpha, network.key("conv_alpha"))
         else:
             self.put("network.type", "all-linear", network.key("type"))
             network.accept("conv_alpha")
@@ -680,10 +684,11 @@ class _Converter:
             target = _Section(raw, f"{slider.key('targets')}[{number - 1}]", self.path)
             expanded += [(target.where, *pair) for pair in self.slider_target(target, rng)]
         if len(expanded) > steps:  # ai-toolkit trims targets (with permutations) to the step count
+            shuffled = any(isinstance(raw, dict) and raw.get("shuffle") for raw in targets)
+            counted = " (with shuffle, one per phrase order)" if shuffled else ""
             warn(
-                f"{self.path}: {slider.key('targets')}: {len(expanded)} targets (with shuffle, one per "
-                f"phrase order) but train.steps is {steps}; as ai-toolkit does, only the first {steps} are "
-                "trained"
+                f"{self.path}: {slider.key('targets')}: {len(expanded)} targets{counted} but train.steps "
+                f"is {steps}; as ai-toolkit does, only the first {steps} are trained"
             )
             expanded = expanded[:steps]
         resolutions = self.resolutions(slider)
@@ -955,3 +960,8 @@ def _is_size(value: Any) -> bool:
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _alpha_or_rank(alpha: Any, rank: Any) -> Any:
+    """ai-toolkit's LoRAModule reads an alpha of null or 0 as the rank (a scale of 1)."""
+    return rank if alpha is None or alpha == 0 else alpha

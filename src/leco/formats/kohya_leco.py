@@ -386,6 +386,10 @@ def _pick(table: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
 
 
 def _validate(path: Path, where: str, fields: dict[str, Any]) -> PromptSettings:
+    for key in ("dynamic_resolution", "dynamic_crops"):
+        # kohya takes bool() of the value, so the text "false" is true: neither reading is safe.
+        if key in fields and not isinstance(fields[key], bool):
+            raise ConfigError(f"{path}: {where}.{key}: must be true or false (got {fields[key]!r})")
     try:
         return PromptSettings.model_validate(fields)
     except ValidationError as error:  # the first problem only: one line

@@ -92,7 +92,9 @@ def parse_attributes(value: Any, where: str) -> list[str]:
         attributes = [v.strip() for v in value]
     else:
         raise ConfigError(f'{where}: must be text like "male, female" or a list of strings (got {value!r})')
-    if not attributes or not all(attributes):
+    if not attributes:
+        raise ConfigError(f'{where}: no attributes given; write e.g. "male, female", or remove the key')
+    if not all(attributes):
         raise ConfigError(f'{where}: an attribute is empty; write e.g. "male, female"')
     return attributes
 

@@ -25,7 +25,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from leco.errors import LecoError, warn
 from leco.files import check_output
-from leco.models import CONFIG_ROOT, ModelFamily, arch_from_unet_config, load_models, resolve_bundled
+from leco.models import (
+    CLI_OPTION_NAMES,
+    CONFIG_ROOT,
+    ModelFamily,
+    arch_from_unet_config,
+    load_models,
+    resolve_bundled,
+)
 from leco.network import kohya
 from leco.network.text_encoders import TextEncoderLoRA
 
@@ -168,7 +175,8 @@ def model_skeleton(model: str | None, family: str | None) -> ModelSkeleton:
         scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
         v_pred = scheduler.get("prediction_type") == "v_prediction"
         return _skeleton_from_configs(folder, ModelFamily(arch_from_unet_config(unet_config), v_pred))
-    models = load_models(model)  # a single file or a repo id: only the weights tell the family
+    # A single file or a repo id: only the weights tell the family.
+    models = load_models(model, names=CLI_OPTION_NAMES)
     return ModelSkeleton(models.family, models.unet, models.text_encoders, models.resolution)
 
 

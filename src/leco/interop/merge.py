@@ -33,6 +33,7 @@ from leco.ink_digits.quality import trained_inks
 from leco.interop.original_layout import original_state_dict
 from leco.models import (
     BUNDLED_MODELS,
+    CLI_OPTION_NAMES,
     CONFIG_ROOT,
     MODEL_CARD,
     V_PREDICTION_MARKER,
@@ -126,9 +127,17 @@ def merge(
         except LecoError as error:
             raise LecoError(f"--lora: {error}") from None
     _warn_of_repeats(loras)
-    models = load_models(spec, dtype=torch.float32, with_vae=True)
-    for lora in loras:
-        bake(models, lora)
+    models = load_models(spec, dtype=torch.float32, with_vae=True, names=CLI_OPTION_NAMES)
+    for index, lora in enumerate(loras):
+        try:
+            bake(models, lora)
+        except LecoError as error:
+            if index and kohya.ANOTHER_MODEL in str(error):  # the model it names would refuse the first
+                raise LecoError(
+                    f"{error} ({loras[0].path} fits --model {spec.name_or_path}: LoRAs made for different "
+                    "models cannot be merged into one; merge each into its own model)"
+                ) from None
+            raise
     _check_finite(models, PRECISIONS[precision], loras)
     metadata = merge_metadata(models, spec.name_or_path, loras, out)
     if _is_single_file(out):

@@ -194,6 +194,11 @@ def _read_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise LecoError(
             f"{path}: cannot be read safely as a plain state dict ({reason}); only tensors are accepted"
         ) from None
+    if isinstance(state, dict) and "string_to_param" in state:
+        raise LecoError(
+            f"{path}: an A1111 textual-inversion embedding, not a LoRA; an embedding is used as it is "
+            "(leco generate/eval --embedding), not merged or converted"
+        )
     if not isinstance(state, dict) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
     ):
@@ -241,6 +246,10 @@ class ModuleWeights:
         return self.down.shape[0]
 
 
+# Keys of a whole model in the original single-file layout (SD1/SD2/SDXL), which users mistake for a LoRA.
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
+
+
 def is_embedding(keys: Iterable[str]) -> bool:
     """Whether a file's keys are a textual-inversion embedding's (A1111/kohya SD1/2, SDXL, A1111 .pt)."""
     keys = set(keys)
@@ -265,6 +274,16 @@ def split_by_model(
         )
     if not tensors:
         raise LecoError(f"{source}: holds no tensors, so it is no LoRA (an empty or unfinished file?)")
+    (first_key, first), *_ = tensors.items()
+    if any(key.startswith(CHECKPOINT_PREFIXES) for key in tensors):
+        raise LecoError(
+            f"{source}: is a model checkpoint (keys like {first_key}), not a LoRA; give it as --model"
+        )
+    if len(tensors) == 1 and first.dim() in (1, 2) and not first_key.startswith(("lora_", "lycoris_")):
+        raise LecoError(  # diffusers' learned_embeds: {token: vectors}
+            f"{source}: holds one tensor, {first_key!r} {list(first.shape)}: a textual-inversion embedding "
+            "(diffusers' form), not a LoRA; use it with --embedding and its token in a prompt"
+        )
     unet, text = {}, {}
     check_finite(tensors.items(), source)
     for key, value in tensors.items():
