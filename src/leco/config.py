@@ -793,11 +793,12 @@ class LecoConfig(_Section):
                         "token in the negative prompt; use [0, 1]"
                     )
                 self.preview.strengths = [0.0, 1.0]  # the default's -1 would draw 1 again, labelled -1
-            self._refuse_token_inside_words(self.network.token or "")
+            self._refuse_token_in_prompts(self.network.token or "")
 
-    def _refuse_token_inside_words(self, token: str) -> None:
+    def _refuse_token_in_prompts(self, token: str) -> None:
         """Tokenizers match an added token inside words too ("igi" in "digit"): the run's own prompts
-        would change with it, and so would every user prompt with that word."""
+        would change with it, and so would every user prompt with that word. Nor may the run's
+        prompts hold the token itself, which does not exist while they are read."""
         texts = [
             (entry.named(number), text)
             for number, entry in enumerate(self.prompts, start=1)

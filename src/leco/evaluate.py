@@ -174,7 +174,7 @@ def load_spec(path: str | Path) -> EvalSpec:
             f"{type(document).__name__}; see examples/ink-digits/erase_seven_eval.yaml"
         )
     training_keys = {"prompts_file", "prompts", "pretrained_model", "network", "train", "job", "config"}
-    keys = {str(k) for k in document} if isinstance(document, dict) else set()
+    keys = {str(k) for k in document}
     if keys & training_keys and not keys & set(EvalSpec.model_fields):
         raise ConfigError(
             f"{path}: this is a training config, not an eval spec; train with it (leco train {path}) and "

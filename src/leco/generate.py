@@ -221,14 +221,9 @@ def is_embedding_file(path: str | Path) -> bool:
     try:
         with safe_open(str(path), framework="pt") as file:
             shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}  # noqa: SIM118
-            return kohya.is_embedding(list(shapes)) or is_one_token_embedding(shapes)
+            return kohya.is_embedding(list(shapes)) or kohya.is_one_token_embedding(shapes)
     except (SafetensorError, OSError):
         return False  # read_lora_header names the damage
-
-
-def is_one_token_embedding(shapes: dict[str, list[int]]) -> bool:
-    """diffusers' embedding file: one tensor, {token: [vectors, width]}."""
-    return len(shapes) == 1 and len(next(iter(shapes.values()))) == 2
 
 
 def _has_lora_keys(keys: Iterable[str]) -> bool:
@@ -651,7 +646,7 @@ def read_lora_header(path: str | Path, family: ModelFamily | None = None) -> Lor
         )
     if not shapes:
         raise LecoError(f"--lora: {path} holds no tensors, so it is no LoRA (an empty or unfinished file?)")
-    if is_one_token_embedding(shapes):
+    if kohya.is_one_token_embedding(shapes):
         raise LecoError(
             f"--lora: {path} holds one [vectors, width] tensor, a textual-inversion embedding (diffusers' "
             "form), not a LoRA; give it as --embedding and put its token in --prompt or --negative"

@@ -96,7 +96,9 @@ class Trainer:
         self.unet = prepare_for_training(models.unet, self.device, config)
         torch.manual_seed(self.seed)  # the trained part's initial weights
         self.trainable = create_trainable(models, config, self.device)
-        warn_if_misread(models, config.preview.prompts, "preview prompt", None, NO_EMBEDDINGS_IN_TRAINING)
+        warn_if_misread(
+            models, config.preview.prompts, "preview prompt", embedding_hint=NO_EMBEDDINGS_IN_TRAINING
+        )
         self.edited = EditedModel(self.unet, self.trainable, embeddings, models.family.is_sdxl, self.autocast)
         self.teachers = teachers_of_run(config, self.edited, models, self.prompts, self.dtype, self.device)
         self.text_anchors = TextAnchors.of_run(config, anchors, embeddings)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -250,6 +250,14 @@ class ModuleWeights:
 CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
 
+def is_one_token_embedding(shapes: Mapping[str, Sequence[int]]) -> bool:
+    """diffusers' embedding file: one tensor, {token: [vectors, width]} (or [width] for one vector)."""
+    if len(shapes) != 1:
+        return False
+    (key, shape), *_ = shapes.items()
+    return len(shape) in (1, 2) and not key.startswith(("lora_", "lycoris_"))
+
+
 def is_embedding(keys: Iterable[str]) -> bool:
     """Whether a file's keys are a textual-inversion embedding's (A1111/kohya SD1/2, SDXL, A1111 .pt)."""
     keys = set(keys)
@@ -279,8 +287,8 @@ def split_by_model(
         raise LecoError(
             f"{source}: is a model checkpoint (keys like {first_key}), not a LoRA; give it as --model"
         )
-    if len(tensors) == 1 and first.dim() in (1, 2) and not first_key.startswith(("lora_", "lycoris_")):
-        raise LecoError(  # diffusers' learned_embeds: {token: vectors}
+    if is_one_token_embedding({key: value.shape for key, value in tensors.items()}):
+        raise LecoError(  # diffusers' learned_embeds
             f"{source}: holds one tensor, {first_key!r} {list(first.shape)}: a textual-inversion embedding "
             "(diffusers' form), not a LoRA; use it with --embedding and its token in a prompt"
         )
