@@ -17,25 +17,27 @@ from leco.evaluate import evaluate, load_spec
 from leco.models import load_models
 from leco.network import LoRANetwork
 
-# One worker trains and judges the examples once for all the tests below (pytest-xdist).
+# One worker trains and judges the examples once for all the tests below (pytest-xdist). The
+# fixtures live for the session: xdist may run another module's tests on that worker between
+# these, which would end a module fixture and train the examples a second time (66 s).
 pytestmark = pytest.mark.xdist_group("bundled-example")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "ink-digits"
 PARAPHRASE = "the number 7 written in green"  # never a training prompt
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def models():
     return load_models("ink-digits", with_vae=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def spec():
     spec = load_spec(EXAMPLES / "erase_seven_eval.yaml")  # keep: all, every other digit and ink
     spec.images_per_prompt = 4  # the example uses 16; 4 keeps CI short and still separates 0% from 100%
     return spec
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory, models, spec):
     """The erase-seven example and its closed-form variant, judged in one eval: the plain model's
     strength-0 images are made once for both."""
