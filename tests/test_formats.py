@@ -522,6 +522,9 @@ def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, m
         ("use_lion_optimizer = true", lambda c: c.train.optimizer == "lion"),
         ('logging_dir = "logs"', lambda c: c.logging.use_tensorboard and c.logging.tensorboard_dir == "logs"),
         ("lr_warmup_steps = 5\nlr_scheduler = 'linear'", lambda c: c.train.lr_warmup_steps == 5),
+        # kohya's get_scheduler_fix: any float is a share of the steps (default 1600), 1.0 included
+        ("lr_warmup_steps = 1.0\nlr_scheduler = 'linear'", lambda c: c.train.lr_warmup_steps == 1600),
+        ("lr_warmup_steps = 0.25\nlr_scheduler = 'linear'", lambda c: c.train.lr_warmup_steps == 400),
         ("[extra]\nlearning_rate = 1e-3", lambda c: c.train.lr == 1e-3),  # a table: flattened
     ],
 )
@@ -812,7 +815,43 @@ def test_ai_toolkit_anchor_multipliers_are_accepted_and_said_unused(ai_toolkit_e
     )
     path.write_text(text)
     assert load_config(path).anchors.prompts == ["a house"]
-    assert "slider.anchors[0].multiplier: 0.2 is not used" in capsys.readouterr().err
+    warnings = capsys.readouterr().err
+    assert "slider.anchors[0].multiplier: 0.2 is not used" in warnings
+    # ai-toolkit's loop never trains its anchors: the LoRA differs from its, said once on loading
+    assert warnings.count("builds these anchors but never trains them") == 1
+
+
+def test_ai_toolkit_targets_written_as_one_mapping_say_to_make_a_list(ai_toolkit_env):
+    path = ai_toolkit_env / "job.yaml"
+    text = (DATA / "ai_toolkit_slider.yaml").read_text()
+    second = '          - target_class: "a face"\n            positive: "a face, wide open eyes"\n'
+    path.write_text(
+        edit(
+            edit(text, second, ""), '          - target_class: "person"', '            target_class: "person"'
+        )
+    )
+    with pytest.raises(
+        ConfigError, match=r"slider.targets: is one target written as a mapping; make it a list"
+    ):
+        load_config(path)
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_a_kohya_slider_target_where_leco_entries_go_says_where_it_belongs(tmp_path, inline):
+    target = "- target_class: a digit five\n  positive: a digit five in red ink\n  negative: blue\n"
+    config = tmp_path / "config.yaml"
+    if inline:
+        config.write_text("pretrained_model: {name_or_path: ink-digits}\nprompts:\n" + target)
+        where = "prompts.1.target_class"
+    else:
+        (tmp_path / "sliders.yaml").write_text(target)
+        config.write_text("pretrained_model: {name_or_path: ink-digits}\nprompts_file: sliders.yaml\n")
+        where = "entry 1.target_class"
+    with pytest.raises(ConfigError) as error:
+        load_config(config)
+    message = str(error.value)
+    assert f"{where}: a kohya slider target" in message and "top-level `targets:`" in message
+    assert "\n" not in message
 
 
 def test_ai_toolkit_log_dir_without_tensorboard_warns_and_trains_unlogged(
@@ -1235,6 +1274,17 @@ def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidanc
         for size in (16, 24)  # the datasets' resolutions
     }
     assert len(config.prompts) == 4
+    # its norm_like_tensor: each end's target moved to the neutral prediction's mean and spread
+    from leco.prompts import objective_of
+
+    generator = torch.Generator().manual_seed(0)
+    p = {
+        role: torch.randn(1, 4, 8, 8, generator=generator)
+        for role in ("neutral", "positive", "unconditional")
+    }
+    for entry in config.prompts:
+        target = objective_of(entry).target(p, entry.guidance_scale)
+        torch.testing.assert_close((target.mean(), target.std()), (p["neutral"].mean(), p["neutral"].std()))
     assert (config.anchors.prompts, config.anchors.weight) == (["a house"], 0.25)
     # the same images for both ends, as its dataset's: unguided (guided, each end's rollout would be
     # steered away from its unconditional, the other pole)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from leco.objectives import OBJECTIVES, as_negative_prompt, guided, loss
+from leco.objectives import OBJECTIVES, as_negative_prompt, guided, loss, rescaled_like_neutral
 
 P = {
     "neutral": torch.tensor([1.0, 2.0]),
@@ -20,6 +20,24 @@ def test_each_action_on_hand_made_tensors():
     assert torch.equal(OBJECTIVES["distill"].target(P, 3.0), torch.tensor([8.0, -4.0]))  # u + 3 (p - u)
     assert torch.equal(OBJECTIVES["preserve"].target(P, 5.0), P["target"])
     assert torch.equal(OBJECTIVES["imitate"].target(P, 5.0), P["positive"])  # the teacher's, in a transplant
+
+
+@pytest.mark.parametrize("action", ["erase", "enhance"])
+def test_a_rescaled_target_has_the_neutral_predictions_mean_and_spread_and_points_the_same_way(action):
+    generator = torch.Generator().manual_seed(0)
+    p = {
+        role: torch.randn(1, 4, 8, 8, generator=generator)
+        for role in ("neutral", "positive", "unconditional")
+    }
+    unscaled = OBJECTIVES[action].target(p, 3.0)
+    rescaled = rescaled_like_neutral(OBJECTIVES[action]).target(p, 3.0)
+    torch.testing.assert_close(rescaled.mean(), p["neutral"].mean())
+    torch.testing.assert_close(rescaled.std(), p["neutral"].std())
+    assert not torch.allclose(rescaled, unscaled)  # guidance 3 widens the spread: this one is narrower
+    # an affine map of the unscaled target with a positive factor: the same pattern, another scale
+    centred = lambda t: (t - t.mean()).flatten()  # noqa: E731
+    assert torch.nn.functional.cosine_similarity(centred(rescaled), centred(unscaled), dim=0) > 0.9999
+    assert set(rescaled_like_neutral(OBJECTIVES["distill"]).roles) == {"positive", "unconditional", "neutral"}
 
 
 def test_each_objective_reads_only_the_roles_it_declares():

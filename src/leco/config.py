@@ -364,9 +364,9 @@ ACTIONS = ("erase", "enhance", "distill", "preserve", "imitate")
 # Keys of a prompt entry its action never reads (leco.objectives: the roles each target reads;
 # `unconditional` is read by every action, as the rollout's negative prompt).
 UNREAD_BY_ACTION = {
-    "distill": {"neutral"},
-    "imitate": {"guidance_scale", "neutral"},
-    "preserve": {"guidance_scale", "positive", "neutral"},
+    "distill": {"neutral", "rescale_target"},
+    "imitate": {"guidance_scale", "neutral", "rescale_target"},
+    "preserve": {"guidance_scale", "positive", "neutral", "rescale_target"},
 }
 
 
@@ -403,6 +403,9 @@ class PromptSettings(_Section):
     multiplier: float = Field(1.0, ge=-MAX_STRENGTH, le=MAX_STRENGTH, allow_inf_nan=False)
     # Loss factor of this entry (kohya's `weight`).
     weight: float = Field(1.0, ge=0, le=1e4, allow_inf_nan=False)
+    # Erase/enhance: move the target to the neutral prediction's mean and standard deviation, as
+    # ai-toolkit's Concept Slider does, so the LoRA learns a direction and not a change of scale.
+    rescale_target: bool = False
 
     def named(self, number: int) -> str:
         """The entry as messages name it: where it was written (`number`: its place in the run)."""
@@ -967,6 +970,7 @@ def config_from_document(document: dict[str, Any], path: Path) -> LecoConfig:
         from leco.formats.sliders import expand_attributes
 
         entries = read_target_files(document["prompts"], path, "prompts.")
+        _refuse_kohya_targets(entries, path, "prompts.")
         expanded = expand_attributes(entries, path, "prompts.")
         written_as = [number for number, _ in expanded]
         if written_as != list(range(1, len(expanded) + 1)):  # attributes made several of one entry
@@ -1071,7 +1075,9 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
             "kohya train_leco's prompts / targets tables"
         )
     prompts = []
-    for number, entry in expand_attributes(read_target_files(document, path, "entry "), path, "entry "):
+    entries = read_target_files(document, path, "entry ")
+    _refuse_kohya_targets(entries, path, "entry ")
+    for number, entry in expand_attributes(entries, path, "entry "):
         if not isinstance(entry, dict):
             raise ConfigError(f"{path}: entry {number}: must be a mapping with at least `target:`")
         try:
@@ -1081,6 +1087,18 @@ def load_prompts(path: str | Path) -> list[PromptSettings]:
                 describe_validation_error(error, path, PromptSettings, prefix=f"entry {number}.")
             ) from None
     return prompts
+
+
+def _refuse_kohya_targets(entries: list[Any], path: Path, where: str) -> None:
+    """A kohya slider target (target_class with its poles) written where leco entries go: say where
+    it belongs instead of listing the keys an entry lacks."""
+    for number, entry in enumerate(entries, start=1):
+        if isinstance(entry, dict) and "target_class" in entry and "target" not in entry:
+            raise ConfigError(
+                f"{path}: {where}{number}.target_class: a kohya slider target, not a leco entry; list "
+                "such targets under a top-level `targets:` of a prompts file (prompts_file: slider.toml "
+                "or .yaml), which leco expands as kohya does, or write the entry with target:"
+            )
 
 
 def read_target_files(entries: list[Any], path: Path, where: str) -> list[Any]:

@@ -13,7 +13,7 @@ prediction for the entry's target prompt. The predictions are named by role:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -66,6 +66,19 @@ OBJECTIVES: dict[str, Objective] = {
     "preserve": Objective(preserve, ("target",)),
     "imitate": Objective(imitate, ("positive",)),
 }
+
+
+def rescaled_like_neutral(objective: Objective) -> Objective:
+    """The objective with its target moved to the neutral prediction's mean and standard deviation
+    (over the sample), as ai-toolkit's Concept Slider trains (`rescale_target`)."""
+
+    def target(p: Predictions, guidance_scale: float) -> Tensor:
+        unscaled, neutral = objective.target(p, guidance_scale), p["neutral"]
+        # the small constant keeps a flat target (a zero push on a constant prediction) finite
+        standardized = (unscaled - unscaled.mean()) / (unscaled.std() + 1e-8)
+        return standardized * neutral.std() + neutral.mean()
+
+    return replace(objective, target=target, roles=tuple(dict.fromkeys((*objective.roles, "neutral"))))
 
 
 def as_negative_prompt(conditional_target: Tensor, p: Predictions, cfg_scale: float) -> Tensor:

@@ -11,7 +11,7 @@ from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, Conditioning, PromptEnc
 from leco.config import PromptSettings, TrainConfig
 from leco.errors import LecoError, warn
 from leco.models import LoadedModels
-from leco.objectives import OBJECTIVES, Objective
+from leco.objectives import OBJECTIVES, Objective, rescaled_like_neutral
 
 # Aspect ratios tried by dynamic_resolution, as (width, height) shares of the square's area.
 ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16))
@@ -102,6 +102,11 @@ def prompt_texts(prompts: list[PreparedPrompt], roles: tuple[str, ...] | None = 
     ]
 
 
+def objective_of(settings: PromptSettings) -> Objective:
+    objective = OBJECTIVES[settings.action]
+    return rescaled_like_neutral(objective) if settings.rescale_target else objective
+
+
 def prepare_prompts(
     prompts: list[PromptSettings], models: LoadedModels, train: TrainConfig
 ) -> list[PreparedPrompt]:
@@ -120,7 +125,7 @@ def prepare_prompts(
         prepared.append(
             PreparedPrompt(
                 settings=settings,
-                objective=OBJECTIVES[settings.action],
+                objective=objective_of(settings),
                 size=size,
                 batch_size=settings.batch_size or train.batch_size or 1,
                 size_step=size_step,

@@ -677,6 +677,11 @@ class _Converter:
         seed = self.config.get("train", {}).get("seed")
         rng = random.Random(seed if isinstance(seed, int) else 0)  # shuffles: fixed, reproducible
         targets = slider.get("targets", [])
+        if isinstance(targets, dict):
+            raise ConfigError(
+                f"{self.path}: {slider.key('targets')}: is one target written as a mapping; make it a "
+                "list: put '- ' before its first key (target_class: ...)"
+            )
         if not isinstance(targets, list) or not targets:
             raise ConfigError(f"{self.path}: {slider.key('targets')}: add at least one target (a list)")
         expanded = []
@@ -781,7 +786,8 @@ class _Converter:
     def read_concept_slider(self, slider: _Section, resolutions: list[int | None]) -> None:
         """ConceptSliderTrainer: the target class's prediction goes to neutral + g * (positive -
         negative) at +1 and to neutral + g * (negative - positive) at -1, neutral being the target
-        class's own prediction; that is leco's enhance with the poles as positive and unconditional.
+        class's own prediction; that is leco's enhance with the poles as positive and unconditional,
+        the target rescaled to the neutral prediction's mean and spread (its `norm_like_tensor`).
         Its anchor class keeps its prediction at both strengths, at anchor_strength against the two
         (equal) losses of each end: leco's anchor weight anchor_strength / 2."""
         target_class, positive, negative = self.poles(
@@ -798,6 +804,7 @@ class _Converter:
                 "guidance_scale": guidance,
                 "resolution": resolution,
                 "multiplier": strength,
+                "rescale_target": True,
             }
             for resolution in resolutions
             for pole, other, strength in ((positive, negative, 1.0), (negative, positive, -1.0))
@@ -854,13 +861,17 @@ class _Converter:
             if multiplier != 1:
                 warn(
                     f"{self.path}: {anchor.key('multiplier')}: {_short(multiplier)} is not used: leco "
-                    "keeps an anchor at the strength its step trains (+1 or -1); ai-toolkit builds "
-                    "anchors but does not train them"
+                    "keeps an anchor at the strength its step trains (+1 or -1)"
                 )
             anchor.accept("neg_prompt")  # the unconditional half of a guidance-1 prediction: no effect
             anchor.finish()
         if prompts:
             self.put("anchors.prompts", prompts, slider.key("anchors"))
+            warn(
+                f"{self.path}: {slider.key('anchors')}: ai-toolkit's slider loop builds these anchors but "
+                "never trains them; leco does (their prompts stay as the model draws them), so the "
+                "LoRA differs from ai-toolkit's: remove the list to train what ai-toolkit trains"
+            )
 
     # -- helpers ----------------------------------------------------------------------------------
 

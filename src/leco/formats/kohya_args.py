@@ -262,8 +262,8 @@ class _Options:
         arguments |= self.parsed("lr_scheduler_args", "train.lr_scheduler_args")
         schedule: dict[str, Any] = {"lr_scheduler": name, "lr_scheduler_args": arguments}
         warmup = self.get("lr_warmup_steps", "train.lr_warmup_steps")
-        if isinstance(warmup, float) and 0 <= warmup < 1 and isinstance(steps, int):
-            warmup = int(warmup * steps)  # kohya: a number below 1 is a share of the steps
+        if isinstance(warmup, float) and warmup >= 0 and isinstance(steps, int):
+            warmup = int(warmup * steps)  # kohya (get_scheduler_fix): a float is a share of the steps
         if warmup is not None:
             schedule["lr_warmup_steps"] = warmup
         return schedule
