@@ -1073,6 +1073,21 @@ def test_generate_tells_a_distilled_lora_is_for_guidance_one(tmp_path, capsys, a
     assert (message in capsys.readouterr().err) == warned
 
 
+def test_a_partly_distilled_lora_and_a_distilled_negative_prompt_are_said(tmp_path, capsys):
+    from leco.generate import warn_if_distilled
+
+    lora = tmp_path / "mixed.safetensors"
+    entries = [
+        {"action": "distill", "guidance_scale": 3.0, "unconditional": "blurry"},
+        {"action": "erase", "guidance_scale": 1.0},
+    ]
+    save_file({"x": torch.zeros(1)}, str(lora), metadata={"leco.prompts": json.dumps(entries)})
+    for guidance in (1.0, 3.0):
+        warn_if_distilled(str(lora), guidance)
+        err = capsys.readouterr().err
+        assert "partly CFG-distilled" in err and "guidance 3 with negative prompt 'blurry'" in err
+
+
 @pytest.mark.parametrize("stop_signal", ["SIGTERM", "SIGHUP"])
 def test_a_termination_before_training_ends_with_one_line_like_ctrl_c(tmp_path, tiny_folders, stop_signal):
     import signal

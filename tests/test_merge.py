@@ -857,3 +857,42 @@ def test_two_files_of_one_title_are_told_apart_in_merged_from(tmp_path, tiny_fol
     assert (
         json.loads((out / FOLDER_METADATA).read_text())["modelspec.merged_from"] == "sd1, a/lora:1, b/lora:1"
     )
+
+
+def distilled_lora(tmp_path: Path, actions: list[str]) -> Path:
+    """A random ink-digits LoRA whose run says it distilled guidance 3 (and trained `actions`)."""
+    lora = random_lora("ink-digits", tmp_path / "plain.safetensors", seed=4, config=NetworkConfig(rank=2))
+    with safe_open(str(lora), "pt") as file:
+        metadata = file.metadata()
+    entries = [{"action": action, "guidance_scale": 3.0, "unconditional": ""} for action in actions]
+    distilled = tmp_path / "cfg3.safetensors"
+    save_file(
+        load_file(str(lora)), str(distilled), metadata={**metadata, "leco.prompts": json.dumps(entries)}
+    )
+    return distilled
+
+
+@pytest.mark.parametrize("suffix", ["", ".safetensors"])
+def test_a_model_merged_with_a_distilled_lora_samples_at_guidance_one(tmp_path, capsys, suffix):
+    from PIL import Image
+
+    lora = distilled_lora(tmp_path, ["distill"])
+    out = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / f"fast{suffix}", precision="fp32")
+    assert "the merged model recommends guidance 1" in capsys.readouterr().err
+    if not suffix:  # the card says so, for the Hub's widget and for people
+        assert recommended_sampling(str(out)).guidance == 1.0 and recommended_sampling(str(out)).steps == 25
+        card = (out / "README.md").read_text()
+        assert "sample at guidance 1, 25 steps" in card and "# ink-digits" in card  # the source's text kept
+    assert (
+        main(["generate", "--model", str(out), "--prompt", "a digit two", "--out", str(tmp_path / "o")]) == 0
+    )
+    parameters = Image.open(tmp_path / "o" / "a-digit-two_0_0.png").text["parameters"]
+    assert "Steps: 25, Sampler: DDIM, CFG scale: 1," in parameters
+    assert "CFG-distilled" not in capsys.readouterr().err  # the merged model is no distilled LoRA
+
+
+def test_a_partly_distilled_lora_keeps_the_models_guidance_and_says_so(tmp_path, capsys):
+    lora = distilled_lora(tmp_path, ["distill", "erase"])
+    out = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "mixed", precision="fp32")
+    assert "partly CFG-distilled" in capsys.readouterr().err
+    assert recommended_sampling(str(out)) == recommended_sampling("ink-digits")

@@ -55,6 +55,16 @@ def test_paraphrase_contexts_are_not_the_concept_and_slider_poles_are_kept():
     assert "a digit five in green ink" in kept and "red ink" in kept and "a digit three" in kept
 
 
+def test_paraphrases_sharing_no_word_still_leave_out_every_prompt_that_holds_one_of_them():
+    # "a digit seven" and "the number 7" share no word: the words rule finds nothing, the phrases do
+    paraphrases = [PromptSettings(target=["a digit seven", "the number 7"])]
+    assert concept_words(paraphrases, known_prompts(model_path("ink-digits"))) == set()
+    kept = anchor_prompts(AnchorConfig(prompts="auto"), paraphrases, model_path("ink-digits"))
+    assert not [p for p in kept if "a digit seven" in p or "the number 7 " in p + " "], kept
+    assert "a digit three in red ink" in kept and "the number 4 written in blue" in kept
+    assert "the number 3" in kept  # a phrase is whole words: "the number 7" is not in "the number 70"
+
+
 def test_count_draws_the_same_prompts_every_time(tmp_path: Path):
     config = AnchorConfig(prompts="auto", count=7)
     erase = [PromptSettings(target="a photo of a dog")]

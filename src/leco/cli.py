@@ -692,7 +692,7 @@ def run_generate(args: argparse.Namespace) -> int:
         warn_if_negative_unread,
         warn_of_other_images,
     )
-    from leco.models import recommended_sampling
+    from leco.models import sampling_for
 
     if args.lora and len(args.lora) > 1:
         raise LecoError(
@@ -713,7 +713,7 @@ def run_generate(args: argparse.Namespace) -> int:
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
     # models.folder: where its card is (a single file built with a model folder: that folder's)
-    steps, guidance = recommended_sampling(models.folder).fill(args.steps, args.guidance)
+    steps, guidance = sampling_for(models).fill(args.steps, args.guidance)
     clip_skip = clip_skip_for(models, args.clip_skip, [args.lora] if args.lora else [])
     settings = SamplingSettings(
         steps, guidance, args.height, args.width, args.negative, args.sampler, args.batch_size, clip_skip

@@ -64,7 +64,7 @@ from leco.generate import (
     warn_if_negative_unread,
 )
 from leco.images import ImageRequest, format_strength, save_image, strengths_named_alike, unique_slugs
-from leco.models import LoadedModels, check_hub_repo_available, quiet_library_logs, recommended_sampling
+from leco.models import LoadedModels, check_hub_repo_available, quiet_library_logs, sampling_for
 
 KINDS = ("erase", "keep", "enhance")
 KEEP_ALL = "all"
@@ -454,7 +454,7 @@ def evaluate(
 def sampling_settings(spec: EvalSpec, models: LoadedModels, loras: Sequence[Path] = ()) -> SamplingSettings:
     """The spec's sampling; unset steps and guidance take what the model recommends, an unset clip
     skip what the LoRAs were trained with."""
-    steps, guidance = recommended_sampling(models.folder).fill(spec.steps, spec.guidance)
+    steps, guidance = sampling_for(models).fill(spec.steps, spec.guidance)
     clip_skip = clip_skip_for(models, spec.clip_skip, loras, f"{spec._source}: clip_skip")
     return SamplingSettings(
         steps,

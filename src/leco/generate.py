@@ -758,21 +758,60 @@ def arch_from_metadata(metadata: dict[str, str]) -> str | None:
     return None
 
 
-def warn_if_distilled(lora: str | None, guidance: float, fix: str = "--guidance 1") -> None:
-    """A CFG-distilled LoRA is made for guidance 1; at the usual guidance it guides twice."""
-    if lora is None or guidance == 1:
-        return
+@dataclass(frozen=True)
+class Distillation:
+    """What a LoRA's run distilled (its `leco.prompts`): the guidance scales its distill entries
+    reproduce at guidance 1, their negative prompts, and whether other actions trained it too."""
+
+    scales: list[float]
+    negatives: list[str]
+    mixed: bool
+
+    def reproduces(self) -> str:
+        """'guidance 3' or 'guidance 3 with negative prompt "blurry"'."""
+        said = f"guidance {', '.join(f'{scale:g}' for scale in self.scales)}"
+        negatives = [n for n in self.negatives if n]
+        return said + (f" with negative prompt {', '.join(map(repr, negatives))}" if negatives else "")
+
+
+def distillation_of(lora: str | Path) -> Distillation | None:
+    """The CFG distillation a leco file was trained for, or None (no distill entry, or no leco file)."""
     try:
         entries = json.loads(safetensors_metadata(Path(lora)).get("leco.prompts", "[]"))
-    except ValueError:
+    except (OSError, ValueError):
+        return None
+    entries = [entry for entry in entries if isinstance(entry, dict)] if isinstance(entries, list) else []
+    distilled = [entry for entry in entries if entry.get("action") == "distill"]
+    if not distilled:
+        return None
+    scales = sorted(
+        {
+            entry.get("guidance_scale")
+            for entry in distilled
+            if isinstance(entry.get("guidance_scale"), (int, float))
+        }
+    )
+    negatives = sorted({str(entry.get("unconditional") or "") for entry in distilled})
+    mixed = any(entry.get("action") not in ("distill", "preserve") for entry in entries)
+    return Distillation(scales, negatives, mixed)
+
+
+def warn_if_distilled(lora: str | None, guidance: float, fix: str = "--guidance 1") -> None:
+    """A CFG-distilled LoRA is made for guidance 1; at the usual guidance it guides twice."""
+    distillation = distillation_of(lora) if lora is not None else None
+    if distillation is None:
         return
-    actions = {entry.get("action") for entry in entries if isinstance(entry, dict)}
-    if "distill" in actions and actions <= {"distill", "preserve"}:
-        distilled = [entry for entry in entries if entry.get("action") == "distill"]
-        scales = sorted({entry.get("guidance_scale") for entry in distilled})
+    if distillation.mixed:
         warn(
-            f"--lora {lora}: CFG-distilled (it draws at guidance 1 what the model draws at guidance "
-            f"{', '.join(f'{scale:g}' for scale in scales)}); sample with {fix}, not {guidance:g}"
+            f"--lora {lora}: partly CFG-distilled (its distill entries draw at guidance 1 what the model "
+            f"draws at {distillation.reproduces()}; its other entries were trained for guided sampling): "
+            f"at guidance {guidance:g} only the {'other' if guidance != 1 else 'distill'} entries work "
+            "as trained"
+        )
+    elif guidance != 1:
+        warn(
+            f"--lora {lora}: CFG-distilled (it draws at guidance 1 what the model draws at "
+            f"{distillation.reproduces()}); sample with {fix}, not {guidance:g}"
         )
 
 

@@ -33,6 +33,8 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 Arch = Literal["sd1", "sd2", "sdxl"]
 MODEL_CARD = "README.md"  # a model folder's card: its recommended steps and guidance
+# The same for a single-file checkpoint, which has no card (leco merge writes it for a distilled model).
+SAMPLING_METADATA = "leco.sampling"
 BUNDLED_MODEL = "ink-digits"  # the default bundled model (SD 1.x)
 BUNDLED_MODELS = ("ink-digits", "ink-digits-2")  # = leco.ink_digits.MODEL_NAMES (a test checks)
 
@@ -60,6 +62,10 @@ class SamplingDefaults:
 
     steps: int = 30
     guidance: float = 7.0
+
+    def as_card_parameters(self) -> dict[str, int | float]:
+        """As a model card's front matter (and a merged single file's leco.sampling) write them."""
+        return {"num_inference_steps": self.steps, "guidance_scale": self.guidance}
 
     def fill(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
         """The user's steps and guidance, these where unset (None; steps 0 too)."""
@@ -213,6 +219,16 @@ def resolve_bundled(name: str) -> Path:
     return Path(name).expanduser()
 
 
+def sampling_for(models: LoadedModels) -> SamplingDefaults:
+    """What the loaded model recommends: a single file's own word first (leco merge of a distilled
+    LoRA), else its folder's card (a single file's config folder's)."""
+    if models.config_folder is not None:
+        own = recommended_sampling(models.source)
+        if own != SamplingDefaults():
+            return own
+    return recommended_sampling(models.folder)
+
+
 def recommended_sampling(name_or_path: str) -> SamplingDefaults:
     """The steps and guidance a model folder recommends, else SD's usual 30 steps at guidance 7.
 
@@ -222,13 +238,20 @@ def recommended_sampling(name_or_path: str) -> SamplingDefaults:
     """
     folder = resolve_bundled(name_or_path)
     card = folder / MODEL_CARD
-    if card.is_file():
+    parameters: Any = {}
+    if folder.is_file() and folder.suffix == ".safetensors":  # a merged single file says it here
+        try:
+            parameters = json.loads(safetensors_metadata(folder).get(SAMPLING_METADATA, "{}"))
+        except (OSError, ValueError):
+            parameters = {}
+    elif card.is_file():
         from huggingface_hub.repocard import metadata_load
 
         try:
             parameters = ((metadata_load(card) or {}).get("inference") or {}).get("parameters") or {}
         except Exception:  # a card whose front matter is not YAML declares nothing
             parameters = {}
+    if isinstance(parameters, dict):
         steps, guidance = parameters.get("num_inference_steps"), parameters.get("guidance_scale")
         if isinstance(steps, int) and steps >= 1 and isinstance(guidance, (int, float)):
             return SamplingDefaults(steps, float(guidance))

@@ -3,7 +3,8 @@
 `anchors: {prompts: auto}` draws its anchor prompts from what the model knows: the `prompts.txt`
 beside the model (one prompt a line; the bundled models ship one listing their captions), else a
 list of everyday prompts that ships with leco. Prompts that contain a word of an edited concept
-are left out: the entries' own targets, the words named in `anchors.exclude`, and the words every
+are left out: the entries' own targets and prompts holding one of them whole (a slider's target,
+which its neutral prompt repeats, excepted), the words named in `anchors.exclude`, and the words every
 target of an erase or enhance entry shares and its neutral prompt lacks, except function words and
 words so common among the candidates (in more than a third of them) that they cannot be what the
 concept is about.
@@ -65,6 +66,26 @@ def concept_words(prompts: list[PromptSettings], candidates: list[str]) -> set[s
     return {word for word, count in counts.items() if count <= COMMON_SHARE * max(len(candidates), 1)}
 
 
+def concept_phrases(prompts: list[PromptSettings]) -> set[str]:
+    """The edited entries' targets that name something their neutral prompt lacks: a prompt holding
+    one whole ("a digit seven in red ink" holds "a digit seven") is that concept, even where a list
+    of paraphrases ("a digit seven", "the number 7") shares no word for concept_words to find."""
+    phrases = set()
+    for entry in prompts:
+        if entry.action not in ("erase", "enhance", "imitate"):
+            continue
+        for i, target in enumerate(entry.targets):
+            if words(target) - words(entry.role_text("neutral", i)) - FUNCTION_WORDS:
+                phrases.add(target.strip().lower())
+    return {phrase for phrase in phrases if words(phrase)}
+
+
+def _as_phrase(text: str) -> re.Pattern[str]:
+    """`text` as whole words ("a digit seven" is not in "a digit sevens"), in any case and spacing."""
+    body = r"\s+".join(re.escape(part) for part in text.split())
+    return re.compile(rf"(?<![\w']){body}(?![\w'])", re.IGNORECASE)
+
+
 def anchor_prompts(
     anchors: AnchorConfig, prompts: list[PromptSettings], model_folder: str | Path
 ) -> list[str]:
@@ -78,12 +99,14 @@ def anchor_prompts(
     phrases = [text for text in excluded if not re.fullmatch(r"[\w']+", text)]
     banned = {text for text in excluded if text not in phrases} | concept_words(prompts, candidates)
     targets = {t.strip().lower() for entry in prompts for t in entry.targets}
+    within = [_as_phrase(t) for t in concept_phrases(prompts)]
     kept = [
         c
         for c in candidates
         if not words(c) & banned
         and not any(p in c.lower() for p in phrases)
         and c.strip().lower() not in targets
+        and not any(phrase.search(c) for phrase in within)
     ]
     if not kept:
         raise LecoError(

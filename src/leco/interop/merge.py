@@ -36,10 +36,13 @@ from leco.models import (
     CLI_OPTION_NAMES,
     CONFIG_ROOT,
     MODEL_CARD,
+    SAMPLING_METADATA,
     V_PREDICTION_MARKER,
     ZERO_SNR_MARKER,
     LoadedModels,
+    SamplingDefaults,
     load_models,
+    recommended_sampling,
     resolve_bundled,
 )
 from leco.network import kohya
@@ -140,10 +143,39 @@ def merge(
             raise
     _check_finite(models, PRECISIONS[precision], loras)
     metadata = merge_metadata(models, spec.name_or_path, loras, out)
+    sampling = _sampling_after_merge(spec.name_or_path, loras)
     if _is_single_file(out):
         _warn_if_layout_is_its_own(models, spec.name_or_path)
+        if sampling is not None:
+            metadata[SAMPLING_METADATA] = json.dumps(sampling.as_card_parameters())
         return _save_single_file(models, out, metadata, PRECISIONS[precision])
-    return _save_folder(models, out, metadata, PRECISIONS[precision])
+    return _save_folder(models, out, metadata, PRECISIONS[precision], sampling)
+
+
+def _sampling_after_merge(model_name: str, loras: Sequence[LoraStrength]) -> SamplingDefaults | None:
+    """The merged model's recommended sampling where a CFG-distilled LoRA changes it (guidance 1: the
+    model now guides itself); None where the source's recommendation still holds."""
+    from leco.generate import distillation_of
+
+    distilled = [(lora, distillation_of(lora.path)) for lora in loras if lora.strength != 0]
+    distilled = [(lora, found) for lora, found in distilled if found is not None]
+    for lora, found in distilled:
+        if found.mixed:
+            warn(
+                f"--lora {lora.path.name}: partly CFG-distilled (with entries trained for guided sampling): "
+                "the merged model keeps the model's recommended guidance; its distill entries work at 1"
+            )
+    whole = [(lora, found) for lora, found in distilled if not found.mixed]
+    if not whole:
+        return None
+    for lora, found in whole:
+        share = "" if lora.strength == 1 else f"; at strength {lora.strength:g} it is distilled in part"
+        warn(
+            f"--lora {lora.path.name}: CFG-distilled (at guidance 1 it draws what the model draws at "
+            f"{found.reproduces()}): the merged model recommends guidance 1 (leco generate and eval "
+            f"default to it){share}"
+        )
+    return SamplingDefaults(recommended_sampling(model_name).steps, 1.0)
 
 
 def _warn_of_repeats(loras: Sequence[LoraStrength]) -> None:
@@ -257,7 +289,13 @@ def _save_single_file(models: LoadedModels, out: Path, metadata: dict[str, str],
     return out
 
 
-def _save_folder(models: LoadedModels, out: Path, metadata: dict[str, str], dtype: torch.dtype) -> Path:
+def _save_folder(
+    models: LoadedModels,
+    out: Path,
+    metadata: dict[str, str],
+    dtype: torch.dtype,
+    sampling: SamplingDefaults | None = None,
+) -> Path:
     from leco.generate import build_pipeline
 
     for module in (models.unet, models.vae, *models.text_encoders):
@@ -266,6 +304,8 @@ def _save_folder(models: LoadedModels, out: Path, metadata: dict[str, str], dtyp
     with atomic_folder(out) as staging:
         pipe.save_pretrained(staging)
         _copy_model_files(Path(models.source), staging)
+        if sampling is not None:
+            _recommend_in_card(staging / MODEL_CARD, sampling)
         written = sorted({entry.name for entry in staging.iterdir()} | {FOLDER_METADATA})
         # What this merge wrote, so that an --overwrite later replaces that and nothing else.
         metadata = {**metadata, MERGE_FILES: json.dumps(written)}
@@ -341,6 +381,21 @@ def _copy_model_files(source: Path, staging: Path) -> None:
         return
     report = {"inks": list(inks), "merged_from": str(source)}
     (staging / BUILD_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _recommend_in_card(card_path: Path, sampling: SamplingDefaults) -> None:
+    """The card's recommended steps and guidance (the Hub widget's front matter, which leco reads),
+    with a line above the source's text, whose own recommendation no longer holds."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
+    card.data.inference = {"parameters": sampling.as_card_parameters()}
+    note = (
+        f"**Merged with a CFG-distilled LoRA: sample at guidance {sampling.guidance:g}, "
+        f"{sampling.steps} steps** (what follows describes the model it was merged into).\n\n"
+    )
+    card.text = note + card.text.lstrip("\n")
+    card.save(card_path)
 
 
 def _warn_if_layout_is_its_own(models: LoadedModels, name: str) -> None:
