@@ -424,3 +424,20 @@ def test_resume_keeps_the_stopped_weights_once_and_their_grid_beside_them(tmp_pa
         tmp_path / "fox_last.safetensors"
     ).exists()
     assert (tmp_path / "previews" / "fox_6steps.png").read_bytes() == b"grid at 6"
+
+
+def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, tiny_folders):
+    # the folder is made to prove it can be, then taken away: only a run that starts keeps it
+    config = make_config(tmp_path / "no_model", tmp_path / "new" / "deeper")
+    with pytest.raises(LecoError, match="pretrained_model.name_or_path"):
+        train(config, progress=False)
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()  # a folder the user made stays, even empty
+    config = make_config(tmp_path / "no_model", tmp_path / "kept")
+    with pytest.raises(LecoError):
+        train(config, progress=False)
+    assert (tmp_path / "kept").is_dir()
+    unwritable = make_config(tiny_folders["sd1"], tmp_path / "a_file" / "out")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(LecoError, match="is a file, not a folder"):
+        train(unwritable, progress=False)

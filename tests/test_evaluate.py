@@ -436,6 +436,7 @@ def test_several_loras_share_the_plain_images_and_name_the_worst(
         "mean": pytest.approx(np.mean(list(kept_drift.values()))),
         "worst": pytest.approx(kept_drift["seed1"]),
         "worst_lora": "seed1",
+        "tied": 0,
     }
     assert report["per_lora"]["seed0"]["1"]["kept_drift"] == 0.0
     worst = report["summary"]["1"]["kept_drift_worst"]
@@ -470,6 +471,8 @@ def test_summary_names_the_worst_row_of_each_measure():
         "prompt": "e2",
         "concept": "digit:7",
         "detected": 0.25,
+        "tied": 0,
+        "of": 2,
     }
     assert (
         summary["kept_still_right"] == pytest.approx(0.85)
@@ -477,6 +480,17 @@ def test_summary_names_the_worst_row_of_each_measure():
     )
     assert summary["kept_drift"] == pytest.approx(0.11) and summary["kept_drift_worst"]["prompt"] == "k3"
     assert summary["enhanced_detected"] == 0.625 and summary["enhanced_detected_worst"]["prompt"] == "n2"
+
+
+def test_a_tie_for_worst_names_the_row_that_moved_most_and_counts_the_others():
+    rows = [
+        _row("keep", "k1", 1.0, 0.5, 0.01), _row("keep", "k2", 1.0, 0.5, 0.05), _row("keep", "k3", 1.0, 1.0),
+    ]  # fmt: skip
+    summary = summarise(rows, [1.0])
+    assert summary["1"]["kept_still_right_worst"]["prompt"] == "k2"  # as bad as k1, and moved more
+    assert "kept: still right           67%    50%  k2 [c] and 1 more as bad" in _summary_table(summary)
+    every = summarise([_row("keep", p, 1.0, 1.0) for p in ("k1", "k2", "k3")], [1.0])
+    assert "100%  every one of the 3 prompts" in _summary_table(every)  # no prompt singled out
 
 
 def test_a_one_sided_loras_other_end_is_summarised_by_the_enhanced_prompt_it_leaves_most():

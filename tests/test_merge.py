@@ -544,6 +544,14 @@ def test_a_strength_that_is_no_number_and_an_embedding_are_named(tmp_path, tiny_
     with pytest.raises(LecoError, match=r"^--model: 'nowhere' is neither a file"):  # the option merge has
         merge("nowhere", [LoraStrength(lora)], tmp_path / "m", precision="fp32")
     assert not (tmp_path / "m").exists()
+    # convert too says what the file is before asking which model it is for
+    from leco.interop.convert import convert
+
+    for name in ("no_fox.safetensors", "no_fox.pt", "learned_embeds.safetensors", "whole.safetensors"):
+        with pytest.raises(LecoError, match=r"(embedding|model checkpoint).*, not a LoRA"):
+            convert(tmp_path / name, tmp_path / "c.safetensors")
+    with pytest.raises(LecoError, match="give the model the LoRA is for"):
+        convert(lora, tmp_path / "c.safetensors")
 
 
 def test_loras_of_two_models_are_named_as_such_not_sent_to_the_second_model(tmp_path, tiny_folders):

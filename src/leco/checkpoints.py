@@ -128,7 +128,7 @@ class RunFolder:
     def check(self, *, overwrite: bool, resume_source: Path | None = None, previews: bool = False) -> None:
         """Before anything slow: the folder can be written, and no earlier run is silently replaced
         (continuing another run's state under this name would replace this name's files too)."""
-        self._check_writable()
+        self._check_writable(keep=False)
         if previews and self.previews.exists() and not self.previews.is_dir():
             raise LecoError(
                 f"save.path: {self.previews} is a file, but the preview grids go into a folder of that name; "
@@ -298,18 +298,25 @@ class RunFolder:
             _release_lock(self._lock)
             self._lock = None
 
-    def _check_writable(self) -> None:
+    def _check_writable(self, keep: bool = True) -> None:
+        """save.path can be made and written; made to find out, and taken away again unless `keep`
+        (a run that fails before it starts leaves no empty folder behind)."""
         parent = nearest_existing(self.path, "save.path: ")
         if not parent.is_dir():
             raise LecoError(f"save.path: {parent} is a file, not a folder; choose another save.path")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise LecoError(f"save.path: {parent} is not writable; choose another save.path")
+        made = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
         try:  # os.access passes for root, and on /proc and /sys, where mkdir then fails
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise LecoError(
                 f"save.path: {self.path} cannot be made ({error.strerror or error}); choose another save.path"
             ) from None
+        if not keep:
+            for folder in made:  # the deepest first; one that something else filled meanwhile stays
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         for suffix in ("last", "interrupted"):
             if self.file(suffix).is_dir():
                 raise LecoError(

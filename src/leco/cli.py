@@ -833,7 +833,12 @@ def _abort_on_termination() -> dict[int, Any]:
         return {}
     stops = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
     # a signal the caller ignores (`nohup` ignores SIGHUP) stays ignored
-    return {n: signal.signal(n, abort) for n in stops if signal.getsignal(n) is not signal.SIG_IGN}
+    previous = {n: signal.signal(n, abort) for n in stops if signal.getsignal(n) is not signal.SIG_IGN}
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and not os.environ.get(LAUNCHED_BY_LECO):
+        # A shell starts a background job with SIGINT ignored so that the terminal's Ctrl-C passes it
+        # by; one sent on purpose (`kill -INT`) stops the loading as it stops training.
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    return previous
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -635,9 +635,17 @@ def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, A
         for name, kind, field, worse_higher in MEASURES:
             values = _measured(at, name, kind, field, strength)
             entry[name] = float(np.mean([r[field] for r in values])) if values else None
-            worst = (max if worse_higher else min)(values, key=lambda r: r[field], default=None)
+            # among rows as bad, the one that moved most (the row the table lists first)
+            sign = 1 if worse_higher else -1
+            worst = max(values, key=lambda r: (sign * r[field], r.get("drift") or 0.0), default=None)
             entry[f"{name}_worst"] = (
-                {k: worst[k] for k in ("lora", "prompt", "concept", field)} if worst is not None else None
+                {
+                    **{k: worst[k] for k in ("lora", "prompt", "concept", field)},
+                    "tied": sum(r[field] == worst[field] for r in values) - 1,  # other rows as bad
+                    "of": len(values),
+                }
+                if worst is not None
+                else None
             )
         summary[f"{strength:g}"] = entry
     return summary
@@ -659,6 +667,7 @@ def across_loras(per_lora: dict[str, dict[str, Any]], strengths: list[float]) ->
                 "mean": float(np.mean(list(means.values()))),
                 "worst": means[worst],
                 "worst_lora": worst,
+                "tied": sum(value == means[worst] for value in means.values()) - 1,
             }
         across[key] = entry
     return across
@@ -796,9 +805,17 @@ def _summary_table(summary: dict[str, Any]) -> str:
             label = SUMMARY_NAMES[name]
             lines.append(
                 f"{strength:>8}  {label:<24}{_figure(name, entry[name]):>7}"
-                f"{_figure(name, worst[field]):>7}  {worst['prompt']} [{worst['concept']}]"
+                f"{_figure(name, worst[field]):>7}  {_worst_prompt(worst)}"
             )
     return "\n".join(lines)
+
+
+def _worst_prompt(worst: dict[str, Any]) -> str:
+    """The worst row, and how many others are as bad: on a tie the name alone would mislead."""
+    tied, of = worst.get("tied", 0), worst.get("of", 1)
+    if of > 1 and tied == of - 1:
+        return f"every one of the {of} prompts"
+    return f"{worst['prompt']} [{worst['concept']}]" + (f" and {tied} more as bad" if tied else "")
 
 
 def _across_table(across: dict[str, Any], count: int) -> str:
@@ -811,9 +828,16 @@ def _across_table(across: dict[str, Any], count: int) -> str:
             if value is not None:
                 lines.append(
                     f"{strength:>8}  {SUMMARY_NAMES[name]:<24}{_figure(name, value['mean']):>7}"
-                    f"{_figure(name, value['worst']):>7}  {value['worst_lora']}"
+                    f"{_figure(name, value['worst']):>7}  {_worst_lora(value, count)}"
                 )
     return "\n".join(lines)
+
+
+def _worst_lora(value: dict[str, Any], count: int) -> str:
+    tied = value.get("tied", 0)
+    if count > 1 and tied == count - 1:
+        return f"every one of the {count} LoRAs"
+    return value["worst_lora"] + (f" and {tied} more as bad" if tied else "")
 
 
 def _figure(measure: str, value: float) -> str:

@@ -95,6 +95,8 @@ def convert(
         )
     if sd2_proj not in SD2_PROJ_FORMS:
         raise LecoError(f"--sd2-proj: {sd2_proj!r} is not known; use 2d or 4d")
+    if model is None and family is None:  # what is wrong with the file itself comes first
+        kohya.split_by_model(kohya.read_lora_file(source)[0], str(source))
     skeleton = model_skeleton(model, family)
     if sd2_proj == "4d" and skeleton.family.arch != "sd2":
         raise LecoError(
