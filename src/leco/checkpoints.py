@@ -306,7 +306,14 @@ class RunFolder:
             raise LecoError(f"save.path: {parent} is a file, not a folder; choose another save.path")
         if not os.access(parent, os.W_OK | os.X_OK):
             raise LecoError(f"save.path: {parent} is not writable; choose another save.path")
-        made = [folder for folder in (self.path, *self.path.parents) if not folder.exists()]
+        made = []  # the folders the mkdir below makes, deepest first
+        for folder in (self.path, *self.path.parents):
+            try:
+                if folder.exists():
+                    break
+            except OSError:  # a name too long, say: the mkdir below names the problem
+                break
+            made.append(folder)
         try:  # os.access passes for root, and on /proc and /sys, where mkdir then fails
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as error:

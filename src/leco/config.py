@@ -705,7 +705,8 @@ class LecoConfig(_Section):
         if all(entry.action == "preserve" for entry in self.prompts):
             raise ConfigError(
                 "prompts: every entry is action preserve, which keeps things as they are: nothing would "
-                "change; add an entry that erases, enhances, imitates or distills"
+                "change; add an entry that "
+                + ("erases" if self.network.type == "embedding" else "erases, enhances, imitates or distills")
             )
         if self.network.type == "embedding" and self.teacher is not None:
             raise ConfigError(

@@ -708,7 +708,8 @@ def _lora_title(report: dict[str, Any], label: str) -> str:
     if token is None:
         return f"LoRA {label} ({report['loras'][label]})"
     path = report["loras"][label]
-    return f"negative embedding {label} ({path}): strength 1 = {token!r} in the negative prompt"
+    negative = _negative_with_token(report.get("spec", {}).get("negative_prompt") or "", token)
+    return f"negative embedding {label} ({path}): strength 1 = negative prompt {negative!r}"
 
 
 def _plain_title(report: dict[str, Any]) -> str:
