@@ -904,3 +904,26 @@ def test_a_partly_distilled_lora_keeps_the_models_guidance_and_says_so(tmp_path,
     out = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "mixed", precision="fp32")
     assert "partly CFG-distilled" in capsys.readouterr().err
     assert recommended_sampling(str(out)) == recommended_sampling("ink-digits")
+
+
+def test_a_distilled_merge_merged_again_stays_at_guidance_one_and_a_negative_strength_does_not(
+    tmp_path, capsys
+):
+    from leco.models import single_file_sampling
+
+    lora = distilled_lora(tmp_path, ["distill"])
+    first = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "fast.safetensors", precision="fp32")
+    plain = random_lora("ink-digits", tmp_path / "other.safetensors", seed=5, config=NetworkConfig(rank=2))
+    spec = PretrainedModelConfig(name_or_path=str(first), config=str(model_path("ink-digits")))
+    again = merge(spec, [LoraStrength(plain, 1.0)], tmp_path / "again.safetensors", precision="fp32")
+    loaded = load_models(PretrainedModelConfig(name_or_path=str(again), config=str(model_path("ink-digits"))))
+    assert single_file_sampling(loaded) == recommended_sampling("ink-digits").__class__(25, 1.0)
+    capsys.readouterr()
+    undone = merge(
+        "ink-digits", [LoraStrength(lora, -1.0)], tmp_path / "undone.safetensors", precision="fp32"
+    )
+    assert "undoes distillation" in capsys.readouterr().err
+    loaded = load_models(
+        PretrainedModelConfig(name_or_path=str(undone), config=str(model_path("ink-digits")))
+    )
+    assert single_file_sampling(loaded) is None

@@ -63,6 +63,12 @@ def test_paraphrases_sharing_no_word_still_leave_out_every_prompt_that_holds_one
     assert not [p for p in kept if "a digit seven" in p or "the number 7 " in p + " "], kept
     assert "a digit three in red ink" in kept and "the number 4 written in blue" in kept
     assert "the number 3" in kept  # a phrase is whole words: "the number 7" is not in "the number 70"
+    everything = known_prompts(model_path("ink-digits"))
+    for common in ("ink", "a digit"):  # a target of words most prompts hold bans nothing by itself
+        kept = anchor_prompts(
+            AnchorConfig(prompts="auto"), [PromptSettings(target=common)], model_path("ink-digits")
+        )
+        assert len(kept) == len(everything) - (common in everything)  # the target itself is no anchor
 
 
 def test_count_draws_the_same_prompts_every_time(tmp_path: Path):

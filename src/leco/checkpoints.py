@@ -176,7 +176,11 @@ class RunFolder:
     def open(self, *, overwrite: bool, resume_source: Path | None = None) -> None:
         """Lock the run's name in the folder for this process, check again, and clear what may be cleared."""
         self._check_writable()
-        self._lock = _acquire_lock(self.path / f".{self.name}.lock", self.name, self.path)
+        try:
+            self._lock = _acquire_lock(self.path / f".{self.name}.lock", self.name, self.path)
+        except FileNotFoundError:  # another run's check took the folder away in that instant: again
+            self._check_writable()
+            self._lock = _acquire_lock(self.path / f".{self.name}.lock", self.name, self.path)
         try:  # a run that finished meanwhile counts
             self.check(overwrite=overwrite, resume_source=resume_source)
         except LecoError:
@@ -320,7 +324,10 @@ class RunFolder:
             raise LecoError(
                 f"save.path: {self.path} cannot be made ({error.strerror or error}); choose another save.path"
             ) from None
-        if not keep:
+        # Data-parallel: only the first process, which alone opens the folder later, takes it away (the
+        # others could remove it between its mkdir and its lock; open() makes it again if another
+        # run's check does).
+        if not keep and is_main_process():
             for folder in made:  # the deepest first; one that something else filled meanwhile stays
                 with contextlib.suppress(OSError):
                     folder.rmdir()

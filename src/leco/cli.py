@@ -712,7 +712,7 @@ def run_generate(args: argparse.Namespace) -> int:
         warn_of_other_images(requests, args.out)
     _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
-    # models.folder: where its card is (a single file built with a model folder: that folder's)
+    # a merged single file's own recommendation, else its card's (or its config folder's card's)
     steps, guidance = sampling_for(models).fill(args.steps, args.guidance)
     clip_skip = clip_skip_for(models, args.clip_skip, [args.lora] if args.lora else [])
     settings = SamplingSettings(
@@ -835,8 +835,10 @@ def _abort_on_termination() -> dict[int, Any]:
     # a signal the caller ignores (`nohup` ignores SIGHUP) stays ignored
     previous = {n: signal.signal(n, abort) for n in stops if signal.getsignal(n) is not signal.SIG_IGN}
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and not os.environ.get(LAUNCHED_BY_LECO):
-        # A shell starts a background job with SIGINT ignored so that the terminal's Ctrl-C passes it
-        # by; one sent on purpose (`kill -INT`) stops the loading as it stops training.
+        # A non-interactive shell starts a background job with SIGINT ignored. Training has always
+        # stopped on a SIGINT sent on purpose (`kill -INT`, checkpoints.StopRequest); so does the
+        # loading before it now, rather than ignore it and train to the end. A terminal's Ctrl-C
+        # reaches such a job too: it stops, as it would in the foreground.
         previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     return previous
 

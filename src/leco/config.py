@@ -673,7 +673,8 @@ class LecoConfig(_Section):
                 "network.training_method: a closed-form edit solves the cross-attention keys and values "
                 "(xattn-strict); ignored"
             )
-        entry_keys = {"guidance_scale", "weight", "multiplier"}  # (kohya files spell out sizes: not named)
+        # (kohya files spell out sizes: not named)
+        entry_keys = {"guidance_scale", "weight", "multiplier", "rescale_target"}
         for number, entry in enumerate(self.prompts, start=1):
             chosen = entry.changed_keys(entry_keys)
             if chosen:

@@ -635,14 +635,17 @@ def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, A
         for name, kind, field, worse_higher in MEASURES:
             values = _measured(at, name, kind, field, strength)
             entry[name] = float(np.mean([r[field] for r in values])) if values else None
-            # among rows as bad, the one that moved most (the row the table lists first)
+            # among rows as bad, the one whose images moved most
             sign = 1 if worse_higher else -1
             worst = max(values, key=lambda r: (sign * r[field], r.get("drift") or 0.0), default=None)
             entry[f"{name}_worst"] = (
                 {
                     **{k: worst[k] for k in ("lora", "prompt", "concept", field)},
-                    "tied": sum(r[field] == worst[field] for r in values) - 1,  # other rows as bad
-                    "of": len(values),
+                    # other prompts as bad, of how many (several LoRAs: each prompt once)
+                    "tied": len(
+                        {r["prompt"] for r in values if r[field] == worst[field]} - {worst["prompt"]}
+                    ),
+                    "of": len({r["prompt"] for r in values}),
                 }
                 if worst is not None
                 else None

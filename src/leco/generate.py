@@ -763,8 +763,8 @@ class Distillation:
     """What a LoRA's run distilled (its `leco.prompts`): the guidance scales its distill entries
     reproduce at guidance 1, their negative prompts, and whether other actions trained it too."""
 
-    scales: list[float]
-    negatives: list[str]
+    scales: tuple[float, ...]
+    negatives: tuple[str, ...]
     mixed: bool
 
     def reproduces(self) -> str:
@@ -793,7 +793,7 @@ def distillation_of(lora: str | Path) -> Distillation | None:
     )
     negatives = sorted({str(entry.get("unconditional") or "") for entry in distilled})
     mixed = any(entry.get("action") not in ("distill", "preserve") for entry in entries)
-    return Distillation(scales, negatives, mixed)
+    return Distillation(tuple(scales), tuple(negatives), mixed)
 
 
 def warn_if_distilled(lora: str | None, guidance: float, fix: str = "--guidance 1") -> None:

@@ -222,11 +222,19 @@ def resolve_bundled(name: str) -> Path:
 def sampling_for(models: LoadedModels) -> SamplingDefaults:
     """What the loaded model recommends: a single file's own word first (leco merge of a distilled
     LoRA), else its folder's card (a single file's config folder's)."""
-    if models.config_folder is not None:
-        own = recommended_sampling(models.source)
-        if own != SamplingDefaults():
-            return own
-    return recommended_sampling(models.folder)
+    return single_file_sampling(models) or recommended_sampling(models.folder)
+
+
+def single_file_sampling(models: LoadedModels) -> SamplingDefaults | None:
+    """What a single-file checkpoint itself declares (its leco.sampling metadata), if anything."""
+    source = Path(models.source)
+    if not (source.is_file() and source.suffix == ".safetensors"):
+        return None
+    try:
+        parameters = json.loads(safetensors_metadata(source).get(SAMPLING_METADATA, "{}"))
+    except (OSError, ValueError):
+        return None
+    return _declared(parameters)
 
 
 def recommended_sampling(name_or_path: str) -> SamplingDefaults:
@@ -238,23 +246,16 @@ def recommended_sampling(name_or_path: str) -> SamplingDefaults:
     """
     folder = resolve_bundled(name_or_path)
     card = folder / MODEL_CARD
-    parameters: Any = {}
-    if folder.is_file() and folder.suffix == ".safetensors":  # a merged single file says it here
-        try:
-            parameters = json.loads(safetensors_metadata(folder).get(SAMPLING_METADATA, "{}"))
-        except (OSError, ValueError):
-            parameters = {}
-    elif card.is_file():
+    if card.is_file():
         from huggingface_hub.repocard import metadata_load
 
         try:
             parameters = ((metadata_load(card) or {}).get("inference") or {}).get("parameters") or {}
         except Exception:  # a card whose front matter is not YAML declares nothing
             parameters = {}
-    if isinstance(parameters, dict):
-        steps, guidance = parameters.get("num_inference_steps"), parameters.get("guidance_scale")
-        if isinstance(steps, int) and steps >= 1 and isinstance(guidance, (int, float)):
-            return SamplingDefaults(steps, float(guidance))
+        declared = _declared(parameters)
+        if declared is not None:
+            return declared
     from leco import ink_digits
 
     if folder.resolve().is_relative_to(Path(ink_digits.__file__).parent.resolve()):
@@ -262,6 +263,21 @@ def recommended_sampling(name_or_path: str) -> SamplingDefaults:
 
         return SamplingDefaults(STEPS, GUIDANCE)
     return SamplingDefaults()
+
+
+def _declared(parameters: Any) -> SamplingDefaults | None:
+    """The card's (or file's) inference parameters, where both are given and make sense."""
+    if not isinstance(parameters, dict):
+        return None
+    steps, guidance = parameters.get("num_inference_steps"), parameters.get("guidance_scale")
+    if (
+        isinstance(steps, int)
+        and not isinstance(steps, bool)
+        and steps >= 1
+        and isinstance(guidance, (int, float))
+    ):
+        return SamplingDefaults(steps, float(guidance))
+    return None
 
 
 # The Hub's rule for each half of owner/name: word characters, '-' and '.', neither first nor last,

@@ -73,7 +73,8 @@ def rescaled_like_neutral(objective: Objective) -> Objective:
     (over the sample), as ai-toolkit's Concept Slider trains (`rescale_target`)."""
 
     def target(p: Predictions, guidance_scale: float) -> Tensor:
-        unscaled, neutral = objective.target(p, guidance_scale), p["neutral"]
+        # in float32: in half precision the small constant below would round to 0
+        unscaled, neutral = objective.target(p, guidance_scale).float(), p["neutral"].float()
         # the small constant keeps a flat target (a zero push on a constant prediction) finite
         standardized = (unscaled - unscaled.mean()) / (unscaled.std() + 1e-8)
         return standardized * neutral.std() + neutral.mean()

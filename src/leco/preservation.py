@@ -66,18 +66,29 @@ def concept_words(prompts: list[PromptSettings], candidates: list[str]) -> set[s
     return {word for word, count in counts.items() if count <= COMMON_SHARE * max(len(candidates), 1)}
 
 
-def concept_phrases(prompts: list[PromptSettings]) -> set[str]:
+def concept_phrases(prompts: list[PromptSettings], candidates: list[str]) -> set[str]:
     """The edited entries' targets that name something their neutral prompt lacks: a prompt holding
     one whole ("a digit seven in red ink" holds "a digit seven") is that concept, even where a list
-    of paraphrases ("a digit seven", "the number 7") shares no word for concept_words to find."""
+    of paraphrases ("a digit seven", "the number 7") shares no word for concept_words to find. Not
+    a target made only of words too common to be a concept ("a digit", "ink"), as concept_words."""
+    common = _common_words(candidates)
     phrases = set()
     for entry in prompts:
         if entry.action not in ("erase", "enhance", "imitate"):
             continue
         for i, target in enumerate(entry.targets):
-            if words(target) - words(entry.role_text("neutral", i)) - FUNCTION_WORDS:
+            added = words(target) - words(entry.role_text("neutral", i)) - FUNCTION_WORDS
+            if added - common:
                 phrases.add(target.strip().lower())
-    return {phrase for phrase in phrases if words(phrase)}
+    return phrases
+
+
+def _common_words(candidates: list[str]) -> set[str]:
+    counts: dict[str, int] = {}
+    for candidate in candidates:
+        for word in words(candidate):
+            counts[word] = counts.get(word, 0) + 1
+    return {word for word, count in counts.items() if count > COMMON_SHARE * max(len(candidates), 1)}
 
 
 def _as_phrase(text: str) -> re.Pattern[str]:
@@ -99,7 +110,7 @@ def anchor_prompts(
     phrases = [text for text in excluded if not re.fullmatch(r"[\w']+", text)]
     banned = {text for text in excluded if text not in phrases} | concept_words(prompts, candidates)
     targets = {t.strip().lower() for entry in prompts for t in entry.targets}
-    within = [_as_phrase(t) for t in concept_phrases(prompts)]
+    within = [_as_phrase(t) for t in concept_phrases(prompts, candidates)]
     kept = [
         c
         for c in candidates

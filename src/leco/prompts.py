@@ -103,8 +103,12 @@ def prompt_texts(prompts: list[PreparedPrompt], roles: tuple[str, ...] | None = 
 
 
 def objective_of(settings: PromptSettings) -> Objective:
+    """The entry's objective; `rescale_target` applies where the target has a neutral to match
+    (erase, enhance), other actions are told it is ignored (config.UNREAD_BY_ACTION)."""
     objective = OBJECTIVES[settings.action]
-    return rescaled_like_neutral(objective) if settings.rescale_target else objective
+    if settings.rescale_target and settings.action in ("erase", "enhance"):
+        return rescaled_like_neutral(objective)
+    return objective
 
 
 def prepare_prompts(

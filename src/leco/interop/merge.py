@@ -42,8 +42,9 @@ from leco.models import (
     LoadedModels,
     SamplingDefaults,
     load_models,
-    recommended_sampling,
     resolve_bundled,
+    sampling_for,
+    single_file_sampling,
 )
 from leco.network import kohya
 from leco.network.text_encoders import TextEncoderLoRA
@@ -143,7 +144,7 @@ def merge(
             raise
     _check_finite(models, PRECISIONS[precision], loras)
     metadata = merge_metadata(models, spec.name_or_path, loras, out)
-    sampling = _sampling_after_merge(spec.name_or_path, loras)
+    sampling = _sampling_after_merge(models, loras)
     if _is_single_file(out):
         _warn_if_layout_is_its_own(models, spec.name_or_path)
         if sampling is not None:
@@ -152,30 +153,37 @@ def merge(
     return _save_folder(models, out, metadata, PRECISIONS[precision], sampling)
 
 
-def _sampling_after_merge(model_name: str, loras: Sequence[LoraStrength]) -> SamplingDefaults | None:
-    """The merged model's recommended sampling where a CFG-distilled LoRA changes it (guidance 1: the
-    model now guides itself); None where the source's recommendation still holds."""
+def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -> SamplingDefaults | None:
+    """The merged model's recommended sampling where it is not its card's: guidance 1 where a
+    CFG-distilled LoRA is baked in at a positive strength (the model then guides itself), or what a
+    single file merged into declared (a distilled merge merged again); None: the card holds."""
     from leco.generate import distillation_of
 
-    distilled = [(lora, distillation_of(lora.path)) for lora in loras if lora.strength != 0]
-    distilled = [(lora, found) for lora, found in distilled if found is not None]
-    for lora, found in distilled:
-        if found.mixed:
+    inherited = single_file_sampling(models)
+    found = [(lora, distillation_of(lora.path)) for lora in loras if lora.strength != 0]
+    distilled = [(lora, d) for lora, d in found if d is not None]
+    for lora, distillation in distilled:
+        if distillation.mixed:
             warn(
                 f"--lora {lora.path.name}: partly CFG-distilled (with entries trained for guided sampling): "
                 "the merged model keeps the model's recommended guidance; its distill entries work at 1"
             )
-    whole = [(lora, found) for lora, found in distilled if not found.mixed]
+        elif lora.strength < 0:
+            warn(
+                f"--lora {lora.path.name}: CFG-distilled, baked at strength {lora.strength:g}: that undoes "
+                "distillation rather than adding it; the merged model keeps the model's recommended guidance"
+            )
+    whole = [(lora, d) for lora, d in distilled if not d.mixed and lora.strength > 0]
     if not whole:
-        return None
-    for lora, found in whole:
-        share = "" if lora.strength == 1 else f"; at strength {lora.strength:g} it is distilled in part"
+        return inherited
+    for lora, distillation in whole:
+        share = "" if lora.strength == 1 else f"; at strength {lora.strength:g} it is distilled only in part"
         warn(
             f"--lora {lora.path.name}: CFG-distilled (at guidance 1 it draws what the model draws at "
-            f"{found.reproduces()}): the merged model recommends guidance 1 (leco generate and eval "
+            f"{distillation.reproduces()}): the merged model recommends guidance 1 (leco generate and eval "
             f"default to it){share}"
         )
-    return SamplingDefaults(recommended_sampling(model_name).steps, 1.0)
+    return SamplingDefaults(sampling_for(models).steps, 1.0)
 
 
 def _warn_of_repeats(loras: Sequence[LoraStrength]) -> None:
@@ -388,7 +396,7 @@ def _recommend_in_card(card_path: Path, sampling: SamplingDefaults) -> None:
     with a line above the source's text, whose own recommendation no longer holds."""
     from huggingface_hub import ModelCard
 
-    card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("---\n---\n")
+    card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("")
     card.data.inference = {"parameters": sampling.as_card_parameters()}
     note = (
         f"**Merged with a CFG-distilled LoRA: sample at guidance {sampling.guidance:g}, "
