@@ -748,7 +748,14 @@ def test_generate_follows_the_clip_skip_a_lora_was_trained_with(tmp_path, tiny_f
     assert clip_skip_for(models, 1, [trained["2"]]) == 1  # the option wins
     assert clip_skip_for(models, None, [trained["None"]]) == 1
     assert clip_skip_for(models, None, []) == 1
-    assert clip_skip_for(models, None, [trained["2"], trained["None"]]) == 2
+    # "None": the run left it unset, so the model's own layer (1), not unknown: the files disagree
+    assert clip_skip_for(models, None, [trained["2"], trained["None"]]) == 1
+    assert "trained with different clip skips (skip2.safetensors: 2, skipNone.safetensors: 1)" in (
+        capsys.readouterr().err
+    )
+    foreign = tmp_path / "foreign.safetensors"  # another tool's file, which does not say
+    save_file(tensors, foreign)
+    assert clip_skip_for(models, None, [trained["2"], foreign]) == 2
     layers = models.text_encoders[0].config.num_hidden_layers
     with pytest.raises(LecoError, match=rf"^--clip-skip: {layers + 1} skips past the {layers} text-encoder"):
         clip_skip_for(models, layers + 1, [])

@@ -927,3 +927,12 @@ def test_a_distilled_merge_merged_again_stays_at_guidance_one_and_a_negative_str
         PretrainedModelConfig(name_or_path=str(undone), config=str(model_path("ink-digits")))
     )
     assert single_file_sampling(loaded) is None
+
+
+def test_a_lora_trained_at_another_clip_skip_is_said_to_need_it_after_merging(tmp_path, tiny_folders, capsys):
+    lora = random_lora(str(tiny_folders["sd1"]), tmp_path / "l.safetensors", seed=6)
+    with safe_open(str(lora), "pt") as file:
+        metadata = {**file.metadata(), "ss_clip_skip": "2"}
+    save_file(load_file(str(lora)), str(lora), metadata=metadata)
+    merge(str(tiny_folders["sd1"]), [LoraStrength(lora)], tmp_path / "m", precision="fp32")
+    assert "trained with clip skip 2, which the merged weights cannot carry" in capsys.readouterr().err

@@ -607,7 +607,8 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.negative is not None:
         spec.negative_prompt = args.negative
     spec.batch_size = args.batch_size or spec.batch_size
-    spec.clip_skip = args.clip_skip or spec.clip_skip
+    if args.clip_skip:
+        spec.clip_skip, spec._clip_skip_option = args.clip_skip, "--clip-skip"
     spec_texts = [spec.negative_prompt, *(p.prompt for p in (*spec.erase, *spec.keep, *spec.enhance))]
     _read_embeddings(args.embedding, spec_texts, args.lora or ())
     models, device = load_for_images(args)

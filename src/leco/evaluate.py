@@ -86,6 +86,7 @@ class EnhancedPrompt(ConceptPrompt):
 class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     _source: str = PrivateAttr("eval spec")  # what messages name: the spec's file, once loaded
+    _clip_skip_option: str | None = PrivateAttr(None)  # where clip_skip came from, if not the spec
     detector: Literal["ink-digits", "clip", "nudenet"] = "ink-digits"
     clip_model: str | None = None  # HF id or local folder of a CLIP model (detector: clip)
     alternatives: list[str] = Field(default_factory=list)  # extra zero-shot labels (detector: clip)
@@ -455,7 +456,8 @@ def sampling_settings(spec: EvalSpec, models: LoadedModels, loras: Sequence[Path
     """The spec's sampling; unset steps and guidance take what the model recommends, an unset clip
     skip what the LoRAs were trained with."""
     steps, guidance = sampling_for(models).fill(spec.steps, spec.guidance)
-    clip_skip = clip_skip_for(models, spec.clip_skip, loras, f"{spec._source}: clip_skip")
+    option = spec._clip_skip_option or f"{spec._source}: clip_skip"
+    clip_skip = clip_skip_for(models, spec.clip_skip, loras, option)
     return SamplingSettings(
         steps,
         guidance,

@@ -822,6 +822,8 @@ def trained_clip_skip(path: str | Path) -> int | None:
         value = safetensors_metadata(Path(path)).get("ss_clip_skip", "")
     except (OSError, ValueError):
         return None
+    if value == "None":  # the run left it unset: the model's own layer, clip skip 1
+        return 1
     return int(value) if value.isdigit() and int(value) >= 1 else None
 
 

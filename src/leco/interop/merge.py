@@ -131,6 +131,7 @@ def merge(
         except LecoError as error:
             raise LecoError(f"--lora: {error}") from None
     _warn_of_repeats(loras)
+    _warn_of_clip_skips(loras)
     models = load_models(spec, dtype=torch.float32, with_vae=True, names=CLI_OPTION_NAMES)
     for index, lora in enumerate(loras):
         try:
@@ -184,6 +185,20 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
             f"default to it){share}"
         )
     return SamplingDefaults(sampling_for(models).steps, 1.0)
+
+
+def _warn_of_clip_skips(loras: Sequence[LoraStrength]) -> None:
+    """A LoRA trained at another clip skip shows its effect only sampled that way, and a model's
+    weights cannot say which layer to read: the user must (leco generate reads it from the LoRA)."""
+    from leco.generate import trained_clip_skip
+
+    for lora in loras:
+        skip = trained_clip_skip(lora.path)
+        if lora.strength != 0 and skip is not None and skip != 1:
+            warn(
+                f"--lora {lora.path.name}: trained with clip skip {skip}, which the merged weights cannot "
+                f"carry: sample the merged model with --clip-skip {skip} (A1111, ComfyUI: clip skip {skip})"
+            )
 
 
 def _warn_of_repeats(loras: Sequence[LoraStrength]) -> None:
