@@ -834,14 +834,7 @@ def _abort_on_termination() -> dict[int, Any]:
         return {}
     stops = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
     # a signal the caller ignores (`nohup` ignores SIGHUP) stays ignored
-    previous = {n: signal.signal(n, abort) for n in stops if signal.getsignal(n) is not signal.SIG_IGN}
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and not os.environ.get(LAUNCHED_BY_LECO):
-        # A non-interactive shell starts a background job with SIGINT ignored. Training has always
-        # stopped on a SIGINT sent on purpose (`kill -INT`, checkpoints.StopRequest); so does the
-        # loading before it now, rather than ignore it and train to the end. A terminal's Ctrl-C
-        # reaches such a job too: it stops, as it would in the foreground.
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
-    return previous
+    return {n: signal.signal(n, abort) for n in stops if signal.getsignal(n) is not signal.SIG_IGN}
 
 
 def _main(argv: Sequence[str] | None) -> int:
