@@ -42,8 +42,8 @@ from leco.models import (
     LoadedModels,
     SamplingDefaults,
     load_models,
+    recommended_sampling,
     resolve_bundled,
-    sampling_for,
     single_file_sampling,
 )
 from leco.network import kohya
@@ -184,7 +184,8 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
             f"{distillation.reproduces()}): the merged model recommends guidance 1 (leco generate and eval "
             f"default to it){share}"
         )
-    return SamplingDefaults(sampling_for(models).steps, 1.0)
+    # the steps the model as loaded recommends (sampling_for, without reading the file a second time)
+    return SamplingDefaults((inherited or recommended_sampling(models.folder)).steps, 1.0)
 
 
 def _warn_of_clip_skips(loras: Sequence[LoraStrength]) -> None:
