@@ -365,6 +365,17 @@ def test_saved_metadata_records_config_prompts_and_version(tmp_path, tiny_folder
     assert (second["action"], second["neutral"]) == ("enhance", "a car")
 
 
+def test_the_file_records_the_precision_the_steps_ran_in(tmp_path, tiny_folders):
+    asked = {
+        precision: make_config(tiny_folders["sd1"], tmp_path / precision, iterations=1, precision=precision)
+        for precision in ("fp16", "bf16")
+    }
+    recorded = {
+        p: read_lora_file(train(c, progress=False).path)[1]["ss_mixed_precision"] for p, c in asked.items()
+    }
+    assert recorded == {"fp16": "no", "bf16": "bf16"}  # the CPU trains fp16 in fp32; kohya says "no" for it
+
+
 def test_a_bundled_model_is_recorded_by_the_name_the_user_gave(tmp_path):
     result = train(make_config("ink-digits", tmp_path, iterations=1), progress=False)
     assert read_lora_file(result.path)[1]["ss_sd_model_name"] == "ink-digits"  # not its folder's name

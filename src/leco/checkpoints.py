@@ -419,11 +419,17 @@ def _leave_lost_terminal() -> None:
 
 
 def run_metadata(
-    config: Any, entries: list[Any], step: int, seed: int, resumes: list[dict[str, Any]] | None = None
+    config: Any,
+    entries: list[Any],
+    step: int,
+    seed: int,
+    resumes: list[dict[str, Any]] | None = None,
+    trained_in: str = "fp32",
 ) -> dict[str, Any]:
     """What a trained file records about its run (besides the network's own keys); the model by
     the name the user gave, as kohya does (ink-digits, not the bundled folder's name). `resumes`:
-    where the run was resumed with other settings (leco.config holds the latest ones)."""
+    where the run was resumed with other settings (leco.config holds the latest ones);
+    `trained_in`: the precision the steps ran in, which on a CPU may not be train.precision."""
     return {
         "leco.config": config.model_dump(mode="json"),
         "leco.prompts": [entry.model_dump() for entry in entries],
@@ -433,6 +439,7 @@ def run_metadata(
         "ss_steps": str(step),
         "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
         "ss_clip_skip": str(config.pretrained_model.clip_skip),  # "None" where unset, as kohya writes it
+        "ss_mixed_precision": "no" if trained_in == "fp32" else trained_in,  # kohya's values
         **kohya_leco_metadata(config, entries),
     }
 
