@@ -204,7 +204,7 @@ class Trainer:
         save, entries = self.config.save, [p.settings for p in self.prompts]
         trained_in = next(name for name, dtype in DTYPES.items() if dtype == self.dtype)
         metadata = run_metadata(self.config, entries, self.step, self.seed, self.resumes, trained_in)
-        resolution, dtype = max(self.prompts[0].size), DTYPES[save.precision]
+        resolution, dtype = max(max(p.size) for p in self.prompts), DTYPES[save.precision]
         return self.folder.save(
             self.trainable, suffix, state, metadata, dtype, resolution, save.max_step_files
         )
