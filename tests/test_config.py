@@ -158,6 +158,10 @@ def test_inline_prompts_are_accepted(tmp_path):
         (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.1:"]),
         (MINIMAL + "train:\n  lr: .inf\n", ["train.lr:", "finite"]),
         (MINIMAL + "network:\n  alpha: .inf\n", ["network.alpha:", "finite"]),
+        (MINIMAL + "anchors:\n  prompts: [a]\n  weight: .inf\n", ["anchors.weight:", "finite"]),
+        (MINIMAL + "anchors:\n  prompts: [a]\n  text_weight: .inf\n", ["anchors.text_weight:", "finite"]),
+        (MINIMAL + "train:\n  max_grad_norm: .inf\n", ["train.max_grad_norm:", "finite"]),
+        (MINIMAL + "anchors:\n  prompts: auto\n  exclude: ['7', ' ']\n", ["anchors.exclude:", "empty entry"]),
         (
             MINIMAL + "preview:\n  prompts: [a]\n  steps: 2000\n",
             ["preview.steps:", "less than or equal to 1000"],

@@ -295,6 +295,9 @@ def test_keep_all_in_spec_files(tmp_path):
     assert not load_spec(path).keep_all
     path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nkeep: All\n")
     assert load_spec(path).keep_all
+    for written in ("ALL", "' all'"):  # in a list too, however it is written
+        path.write_text(f"erase: [{{prompt: a, concept: 'digit:7'}}]\nkeep: [{written}]\n")
+        assert load_spec(path).keep_all and load_spec(path).keep == []
     path.write_text("erase: [{prompt: a, concept: 'digit:7'}]\nkeep: alll\n")
     with pytest.raises(ConfigError, match=r"spec.yaml: keep: 'alll' is neither `all` nor a list"):
         load_spec(path)
@@ -803,6 +806,13 @@ def test_images_an_earlier_eval_left_are_replaced_only_with_overwrite(tmp_path, 
             },
             r"keep 'a digit seven in red ink' \(digit:7,ink:red\) asks to keep what erase 'a digit seven in",
         ),
+        (  # the same prompt as CLIP reads it
+            {
+                "erase": [{"prompt": "a digit seven in red ink", "concept": "digit:7"}],
+                "keep": [{"prompt": "A digit seven in red  ink", "concept": "digit:7,ink:red"}],
+            },
+            r"keep 'A digit seven in red  ink' \(digit:7,ink:red\) asks to keep what erase",
+        ),
     ],
 )
 def test_a_spec_that_asks_for_opposites_is_one_line(tmp_path, document, message):
@@ -830,11 +840,34 @@ def test_keep_all_does_not_judge_a_listed_prompt_again_however_its_concept_is_wr
     from leco.models import resolve_bundled
 
     path = tmp_path / "spec.yaml"
-    listed = {"prompt": "a digit zero in red ink", "concept": "ink:red, digit:0"}
-    path.write_text(json.dumps({"erase": [{"prompt": "7", "concept": "digit:7"}], "keep": ["all", listed]}))
+    listed = [
+        {"prompt": "a digit zero in red ink", "concept": "ink:red, digit:0"},
+        {"prompt": "A Digit Four", "concept": "digit:4"},  # as CLIP reads it: "a digit four"
+        {"prompt": "the number  5", "concept": "digit:5"},
+    ]
+    path.write_text(json.dumps({"erase": [{"prompt": "7", "concept": "digit:7"}], "keep": ["all", *listed]}))
     detector = InkDigitsDetector.for_model(resolve_bundled("ink-digits"))
     prompts = [entry.prompt for entry in judged_prompts(load_spec(path), detector) if entry.kind == "keep"]
     assert prompts.count("a digit zero in red ink") == 1 and len(prompts) > 50
+    read = [" ".join(p.lower().split()) for p in prompts]
+    assert read.count("a digit four") == 1 and read.count("the number 5") == 1
+
+
+def test_a_listed_kept_prompt_that_is_also_erased_on_leaves_the_kept_drift(tmp_path):
+    from leco.evaluate import judged_prompts
+    from leco.ink_digits.judge import InkDigitsDetector
+    from leco.models import resolve_bundled
+
+    path = tmp_path / "spec.yaml"
+    erase = [{"prompt": "a digit two in red ink", "concept": "ink:red"}]
+    keep = [
+        {"prompt": "A digit two in red ink", "concept": "digit:2"},  # its ink is meant to change
+        {"prompt": "a digit two in blue ink", "concept": "ink:blue"},
+    ]
+    path.write_text(json.dumps({"erase": erase, "keep": keep}))
+    detector = InkDigitsDetector.for_model(resolve_bundled("ink-digits"))
+    kept = {e.prompt: e.names_edit for e in judged_prompts(load_spec(path), detector) if e.kind == "keep"}
+    assert kept == {"A digit two in red ink": True, "a digit two in blue ink": False}
 
 
 def test_an_ink_digits_concept_with_two_digits_is_refused():

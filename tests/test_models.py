@@ -98,6 +98,18 @@ def test_single_file_needs_matching_configs(tiny_single_files):
         load_models(str(tiny_single_files["sd1"]))
 
 
+@pytest.mark.parametrize("said", ["sample", "v-prediction"])
+def test_a_scheduler_predicting_anything_but_noise_or_v_is_one_line(tmp_path, tiny_folders, said):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folders["sd1"], folder)
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    scheduler.write_text(json.dumps({**json.loads(scheduler.read_text()), "prediction_type": said}))
+    with pytest.raises(
+        LecoError, match=rf"scheduler_config.json: prediction_type '{said}': leco trains models"
+    ):
+        load_models(PretrainedModelConfig(name_or_path=str(folder)))
+
+
 def test_only_leco_merges_prediction_type_overrides_the_probe(tmp_path, tiny_folders, tiny_single_files):
     """kohya's merge labels every SD2 model "v"; a file leco merged states what it knows."""
     from safetensors.torch import load_file, save_file

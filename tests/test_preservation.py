@@ -186,5 +186,7 @@ def test_exclude_takes_phrases_and_a_filter_that_leaves_nothing_is_an_error():
     every = anchor_prompts(AnchorConfig(prompts="auto"), seven, folder)
     phrase = anchor_prompts(AnchorConfig(prompts="auto", exclude=["the number 7"]), seven, folder)
     assert set(every) - set(phrase) == {p for p in every if "the number 7" in p} and len(phrase) < len(every)
+    # written as CLIP reads it: in any case and spacing
+    assert anchor_prompts(AnchorConfig(prompts="auto", exclude=["The  number 7 "]), seven, folder) == phrase
     with pytest.raises(LecoError, match="anchors.prompts: auto left no prompt to keep"):
         anchor_prompts(AnchorConfig(prompts="auto", exclude=["digit", "number", "ink"]), seven, folder)

@@ -190,9 +190,9 @@ class ClosedFormConfig(_Section):
     """`train.method: closed_form`: one least-squares solve on the cross-attention key/value layers."""
 
     # Weight of the kept prompts' text states against the erased ones (UCE's preserve_scale).
-    preserve_scale: float = Field(0.1, ge=0)
+    preserve_scale: float = Field(0.1, ge=0, allow_inf_nan=False)
     # Pull towards the original weights (UCE's lambda); keeps the solve well posed.
-    regularization: float = Field(0.1, gt=0)
+    regularization: float = Field(0.1, gt=0, allow_inf_nan=False)
 
 
 class TrainConfig(_Section):
@@ -234,10 +234,10 @@ class TrainConfig(_Section):
     seed: int | None = Field(None, ge=-1, lt=2**63)  # unset or -1 (as A1111 and kohya_ss): random, saved
     device: str = "auto"
     gradient_checkpointing: bool = False
-    max_grad_norm: float | None = Field(None, gt=0)
+    max_grad_norm: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Min-SNR-gamma loss weighting (kohya's and ai-toolkit's min_snr_gamma): low-noise timesteps,
     # whose errors are tiny but many, stop dominating. null: every timestep weighs the same.
-    min_snr_gamma: float | None = Field(None, gt=0)
+    min_snr_gamma: float | None = Field(None, gt=0, allow_inf_nan=False)
     # Defaults for prompts that name none (the reference example files carry these keys).
     resolution: int | None = Field(None, ge=8, le=MAX_SIDE)
     batch_size: int | None = Field(None, ge=1)
@@ -323,7 +323,7 @@ class AnchorConfig(_Section):
 
     # A list, or `auto`: prompts the model knows without the edited concept's words (leco.preservation).
     prompts: list[str] | Literal["auto"] = Field(default_factory=list)
-    weight: float = Field(1.0, ge=0)
+    weight: float = Field(1.0, ge=0, allow_inf_nan=False)
     # Anchors trained next to each sample (batched with the LECO prompts: no extra UNet call); 0 with
     # text_weight keeps them through their text states alone.
     per_step: int = Field(1, ge=0)
@@ -331,11 +331,18 @@ class AnchorConfig(_Section):
     # weight times the LoRA's relative change of them, over every token of every anchor (no UNet call;
     # with training_method xattn-strict the anchors' predictions then stay exactly the model's). With
     # training_method text-encoder: the relative change of the anchors' text states themselves.
-    text_weight: float = Field(0.0, ge=0)
+    text_weight: float = Field(0.0, ge=0, allow_inf_nan=False)
     # auto only: more words whose prompts are left out (synonyms of the concept, e.g. "7" for seven),
     # and how many prompts to draw (all by default).
     exclude: list[str] = Field(default_factory=list)
     count: int | None = Field(None, ge=1)
+
+    @field_validator("exclude")
+    @classmethod
+    def _no_empty_exclude(cls, value: list[str]) -> list[str]:
+        if any(not text.strip() for text in value):  # "" is in every prompt: nothing would be left
+            raise ValueError('an empty entry would leave out every prompt; remove it (e.g. exclude: ["7"])')
+        return value
 
     @field_validator("prompts", mode="before")
     @classmethod

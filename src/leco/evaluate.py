@@ -141,6 +141,8 @@ class EvalSpec(BaseModel):
                 raise ValueError(f"keep: {keep!r} is neither `all` nor a list; write keep: all, or prompts")
             if isinstance(keep, str):  # `All`, ` all `: what was meant is plain
                 keep = KEEP_ALL
+            elif isinstance(keep, list):  # [ALL, {...}] too
+                keep = [KEEP_ALL if _says_all(k) else k for k in keep]
             says_all = keep == KEEP_ALL or (isinstance(keep, list) and KEEP_ALL in keep)
             if says_all and data.get("keep_all") is False:
                 raise ValueError("keep_all: false, but keep: says all; remove one of them")
@@ -149,6 +151,10 @@ class EvalSpec(BaseModel):
             elif isinstance(keep, list) and KEEP_ALL in keep:
                 data = {**data, "keep": [k for k in keep if k != KEEP_ALL], "keep_all": True}
         return data
+
+
+def _says_all(item: Any) -> bool:
+    return isinstance(item, str) and item.strip().lower() == KEEP_ALL
 
 
 class Detector(Protocol):
@@ -265,7 +271,8 @@ def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
                 f"{path}: concept {erased.concept!r} is both erased and enhanced; judge one of them"
             )
         for kept in spec.keep:  # the same image judged both ways (other prompts may keep it: red vs blue)
-            if kept.prompt == erased.prompt and parts(erased.concept) <= parts(kept.concept):
+            same_prompt = as_read(kept.prompt) == as_read(erased.prompt)
+            if same_prompt and parts(erased.concept) <= parts(kept.concept):
                 raise ConfigError(
                     f"{path}: keep {kept.prompt!r} ({kept.concept}) asks to keep what erase "
                     f"{erased.prompt!r} ({erased.concept}) takes away; keep another concept of it"
@@ -295,22 +302,31 @@ class JudgedPrompt:
     kind: str  # erase | keep | enhance
     prompt: str
     concept: str
-    # A `keep: all` prompt that also names what the spec erases or enhances ("a digit seven in red
-    # ink" judged on its ink when 7 is erased): its image is meant to change, so its drift is
-    # left out of the kept drift.
+    # A kept prompt that also names what the spec erases or enhances ("a digit seven in red ink"
+    # judged on its ink when 7 is erased), or that the spec erases or enhances on: its image is
+    # meant to change, so its drift is left out of the kept drift.
     names_edit: bool = False
     end: int = 1  # enhance: the strength sign where the concept should appear
 
 
 def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
     """Every prompt the eval judges, `keep: all` expanded by the detector; each concept checked."""
+    # A kept prompt the spec also erases or enhances on (keep "a digit two in red ink" on its digit
+    # where red is erased): its image is meant to change, as for `keep: all`'s own such prompts.
+    edited = {as_read(i.prompt) for i in spec.erase + spec.enhance}
     entries = [
-        JudgedPrompt(kind, i.prompt, i.concept, end=getattr(i, "end", 1))
+        JudgedPrompt(
+            kind,
+            i.prompt,
+            i.concept,
+            names_edit=kind == "keep" and as_read(i.prompt) in edited,
+            end=getattr(i, "end", 1),
+        )
         for kind in KINDS
         for i in getattr(spec, kind)
     ]
     if spec.keep_all:
-        listed = {(item.prompt, concept_parts(spec.detector, item.concept)) for item in spec.keep}
+        listed = {(as_read(item.prompt), concept_parts(spec.detector, item.concept)) for item in spec.keep}
         touched = [item.concept for item in spec.erase + spec.enhance]
         with _named_by(spec):
             whole = dict(detector.concept_universe([]))  # each prompt's concept with nothing left out
@@ -318,7 +334,7 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
         entries += [
             JudgedPrompt("keep", prompt, concept, names_edit=whole.get(prompt, concept) != concept)
             for prompt, concept in universe
-            if (prompt, concept_parts(spec.detector, concept)) not in listed
+            if (as_read(prompt), concept_parts(spec.detector, concept)) not in listed
         ]
         if not any(entry.kind == "keep" for entry in entries):
             raise LecoError(

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from leco.conditioning import Conditioning
-from leco.config import AnchorConfig, LecoConfig, PromptSettings
+from leco.config import AnchorConfig, LecoConfig, PromptSettings, as_read
 from leco.errors import LecoError, warn
 
 if TYPE_CHECKING:
@@ -105,18 +105,18 @@ def anchor_prompts(
         _warn_of_edited_anchors(anchors.prompts, prompts)
         return list(anchors.prompts)
     candidates = known_prompts(model_folder)
-    excluded = [text.lower().strip() for text in anchors.exclude or []]
+    excluded = [as_read(text) for text in anchors.exclude or []]  # "The  number 3" is "the number 3"
     # A word leaves out every prompt holding it; anything else ("the number 7", "7,") where it occurs.
     phrases = [text for text in excluded if not re.fullmatch(r"[\w']+", text)]
     banned = {text for text in excluded if text not in phrases} | concept_words(prompts, candidates)
-    targets = {t.strip().lower() for entry in prompts for t in entry.targets}
+    targets = {as_read(t) for entry in prompts for t in entry.targets}
     within = [_as_phrase(t) for t in concept_phrases(prompts, candidates)]
     kept = [
         c
         for c in candidates
         if not words(c) & banned
-        and not any(p in c.lower() for p in phrases)
-        and c.strip().lower() not in targets
+        and not any(p in as_read(c) for p in phrases)
+        and as_read(c) not in targets
         and not any(phrase.search(c) for phrase in within)
     ]
     if not kept:
