@@ -31,6 +31,7 @@ from recipe_runs import positive_int
 from reference import reference_step
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+import leco.prompts
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
 from leco.models import CONFIG_ROOT, LoadedModels, ModelFamily, clip_tokenizers
@@ -39,6 +40,10 @@ from leco.trainer import Trainer
 
 FAMILIES = {"sd1.5": ("sd1", False, 512), "sd2.1-v": ("sd2-v", True, 768), "sdxl": ("sdxl", False, 1024)}
 GIB = 2**30
+
+# Rows here train far from the model's native size on purpose: the warning meant for users' configs
+# would print on every row.
+leco.prompts._warn_if_far_from_native = lambda prepared, native: None
 
 
 def unet_config(folder: Path, smoke: bool) -> dict[str, Any]:

@@ -61,14 +61,20 @@ def measure(models, network: LoRANetwork, images: int) -> dict[str, float]:
     kinds = np.repeat([k for _, k in cases], images)
     pipe, judge = build_pipeline(models), InkDigitsJudge.load(models.source)
     seeds = list(range(1000, 1000 + images))
-    base = readings(pipe, network, judge, cases, seeds, 0.0)
+
+    def set_strength(strength: float) -> None:  # the network is already in the pipeline's UNet
+        network.multiplier = strength
+
+    base = readings(pipe, set_strength, judge, cases, seeds, 0.0)
     changed, own = [], {}
     own_cases = [case for case in cases if case[1] == "own"]
     for strength in (-1.0, 1.0):
-        digit, ink = readings(pipe, network, judge, cases, seeds, strength)
+        digit, ink = readings(pipe, set_strength, judge, cases, seeds, strength)
         moved = (digit != base[0]) | (ink != base[1])
         changed += [float(moved[kinds == kind].mean()) for kind in KINDS]
-        _, own_ink = readings(pipe, network, judge, own_cases, list(range(1000, 1000 + OWN_IMAGES)), strength)
+        _, own_ink = readings(
+            pipe, set_strength, judge, own_cases, list(range(1000, 1000 + OWN_IMAGES)), strength
+        )
         wanted = ALL_INKS.index(PLUS if strength > 0 else MINUS)
         own[f"{PLUS} at +1" if strength > 0 else f"{MINUS} at -1"] = float((own_ink == wanted).mean())
     return {"untargeted": float(np.mean(changed)), "worst": max(changed), **own}
