@@ -97,6 +97,15 @@ def _minus_end(key: str, value: float) -> Callable[[Any], None]:
     return apply
 
 
+def _plus_end(key: str, value: float) -> Callable[[Any], None]:
+    def apply(config: Any) -> None:
+        for entry in config.prompts:
+            if entry.multiplier > 0:
+                setattr(entry, key, value)
+
+    return apply
+
+
 def _anchors(per_step: int = 4, weight: float = 1.0) -> Callable[[Any], None]:
     def apply(config: Any) -> None:
         config.anchors.prompts, config.anchors.per_step = "auto", per_step
@@ -239,6 +248,17 @@ RECIPES: dict[str, list[Callable[[Any], None]]] = {
         _set("anchors.text_weight", 0.1),
         _minus_end("weight", 3.0),
     ],
+    # The +1 end trained at a smaller strength: red lies nearer the model's mix than blue (it needs
+    # half the change, slider_padding.py), so the file's scale is set by the far end; red saturates
+    # past its trained strength (--ladder: red 16 of 16 at +1.5).
+    **{
+        f"te+text0.1+plus-at{m:g}": [
+            _set("network.training_method", "text-encoder"),
+            _set("anchors.text_weight", 0.1),
+            _plus_end("multiplier", m),
+        ]
+        for m in (0.5, 0.7)
+    },
     "full": [_set("network.training_method", "full")],
     # Every layer, the resnets and self-attention included: features of the drawn five, not only
     # of the words, may tell the five from the other digits.

@@ -1306,6 +1306,11 @@ def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidanc
         ("guidance_strength: 3.0", "guidance_strength: 5", lambda c: c.prompts[0].guidance_scale == 5.0),
         ("arch: sd15", "arch: sdxl", lambda c: True),
         ("      datasets:\n", "      unused_datasets:\n", None),  # none: the model's own size
+        (  # an index bound of its timestep draw (its default, every timestep), not a rollout's length
+            "        steps: 3\n",
+            "        steps: 3\n        min_denoising_steps: 0\n        max_denoising_steps: 1000\n",
+            lambda c: c.train.max_denoising_steps == 50,
+        ),
     ],
 )
 def test_ai_toolkit_concept_slider_settings(ai_toolkit_env, old, new, expected):
@@ -1332,6 +1337,15 @@ def test_ai_toolkit_concept_slider_settings(ai_toolkit_env, old, new, expected):
             "did you mean 'guidance_strength'",
         ),
         ("arch: sd15", "arch: flux", "leco trains sd1, sd2 and sdxl"),
+        # its timestep draw narrowed or biased (BaseSDTrainProcess): leco has no such draw
+        ("content_or_style: balanced", "content_or_style: content", "content_or_style: 'content' biases the"),
+        ("timestep_type: sigmoid", "timestep_type: two_step", "timestep_type: 'two_step' draws a few fixed"),
+        (
+            "        steps: 3\n",
+            "        steps: 3\n        min_denoising_steps: 100\n",
+            "100 narrows the timesteps",
+        ),
+        ("        steps: 3\n", "        steps: 3\n        max_denoising_steps: 200\n", "set 999 (or 1000)"),
     ],
 )
 def test_ai_toolkit_concept_slider_errors_are_one_line(ai_toolkit_env, old, new, says):

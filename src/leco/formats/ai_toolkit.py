@@ -345,6 +345,30 @@ class _Converter:
         # trigger_word fills [trigger] in sample prompts; a slider's targets name their words themselves.
         process.cosmetic(self.warnings, "trigger_word")
 
+    def read_concept_timesteps(self, train: _Section) -> None:
+        """The Concept Slider draws each step's timestep index (into the scheduler's 1000, noisiest
+        first) between min_ and max_denoising_steps, cubed towards the noisy end for `content` and
+        the clean end for `style`, or from a fixed set for the *_step types (BaseSDTrainProcess);
+        leco's rollouts spread their latents over every timestep, which is ai-toolkit's default."""
+        every = "leco trains every timestep, as ai-toolkit's default does"
+        train.only("min_denoising_steps", lambda v: v == 0, f"narrows the timesteps: {every}; set 0")
+        train.only(
+            "max_denoising_steps",
+            lambda v: isinstance(v, int | float) and v >= 999,
+            f"narrows the timesteps: {every}; set 999 (or 1000)",
+        )
+        train.only(
+            "content_or_style",
+            lambda v: str(v).lower() == "balanced",
+            "biases the timesteps: leco trains every timestep alike, as ai-toolkit's default (balanced) "
+            "does; set balanced",
+        )
+        train.only(
+            "timestep_type",
+            lambda v: v not in ("one_step", "two_step", "four_step", "eight_step", "next_sample"),
+            f"draws a few fixed timesteps: {every}; remove it",
+        )
+
     def read_train(self, train: _Section) -> int:
         defaults = AI_TOOLKIT_TRAIN_DEFAULTS
         steps = self.integer(train, "steps", defaults["steps"])
@@ -353,10 +377,13 @@ class _Converter:
         self.read_optimizer(train, lr)
         self.ignore_unet_lr(train, lr)
         self.read_lr_scheduler(train, steps)
+        if self.concept:
+            self.read_concept_timesteps(train)
         for key in ("max_denoising_steps", "batch_size"):
-            # The concept slider noises dataset images at one timestep and has no rollout to size: the
-            # rollout leco draws instead takes leco's number of steps unless the job names one.
-            if not (self.concept and key == "max_denoising_steps" and not train.has(key)):
+            # The concept slider noises dataset images at one timestep and has no rollout to size (its
+            # max_denoising_steps bounds that timestep): the rollout leco draws instead takes leco's
+            # number of steps.
+            if not (self.concept and key == "max_denoising_steps"):
                 self.put(f"train.{key}", train.get(key, defaults[key]), train.key(key))
         self.put("train.precision", train.get("dtype", defaults["dtype"]), train.key("dtype"))
         self.put(
