@@ -356,7 +356,9 @@ class _KohyaReader:
 
     def tables(self, value: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            raise ConfigError(f"{self.path}: {key}: must be a list of tables ([[{key.split('.')[-1]}]])")
+            name = key.split(".")[-1]
+            one = f"; one inline table too: {name} = [{{ ... }}]" if isinstance(value, dict) else ""
+            raise ConfigError(f"{self.path}: {key}: must be a list of tables ([[{name}]]){one}")
         return [(f"{key} {number}", item) for number, item in enumerate(value, start=1)]
 
     def check_keys(self, table: dict[str, Any], allowed: Iterable[str], prefix: str, what: str) -> None:
