@@ -196,10 +196,12 @@ def test_a_damaged_state_is_one_line_naming_it(tmp_path, tiny_folders, damage):
 def test_temp_files_of_a_killed_save_are_cleared_when_the_run_continues(tmp_path, tiny_folders):
     first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=4), progress=False)
     left = [tmp_path / ".fox_8steps.safetensors.x1y2.tmp", first.state / ".training_state.pt.a1.tmp"]
-    for path in left:
+    # a run whose name starts with this one's, saving in the same folder now: its temp files stay
+    others = [tmp_path / ".fox_v2_last.safetensors.k3j4.tmp", tmp_path / ".fox_v2_8steps.safetensors.q1.tmp"]
+    for path in left + others:
         path.write_bytes(b"half a file")
     train(make_config(tiny_folders["sd1"], tmp_path, iterations=6), resume=first.state, progress=False)
-    assert not any(path.exists() for path in left)
+    assert not any(path.exists() for path in left) and all(path.exists() for path in others)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: the ssh session gone
@@ -441,3 +443,36 @@ def test_a_run_that_fails_before_training_leaves_no_folder_behind(tmp_path, tiny
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(LecoError, match="is a file, not a folder"):
         train(unwritable, progress=False)
+
+
+def test_a_run_whose_folder_is_deleted_locks_its_name_again_at_its_next_save(tmp_path):
+    out = tmp_path / "out"
+    running = RunFolder(out, "fox")
+    running.open(overwrite=False)
+    try:
+        shutil.rmtree(out)  # the save makes the folder again; its lock file went with it
+        assert RunFolder(out, "fox").check(overwrite=False) is None  # nothing stops a second run now
+        running._lock_again_if_gone()  # what each save does first
+        with pytest.raises(LecoError, match=r"another `leco train` \(pid \d+\) is writing the run 'fox'"):
+            RunFolder(out, "fox").check(overwrite=True)
+    finally:
+        running.close()
+    assert not (out / ".fox.lock").exists()
+
+
+def test_a_preview_that_cannot_be_written_is_a_warning_and_training_goes_on(
+    tmp_path, tiny_folders, monkeypatch, capsys
+):
+    import errno
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "previews" / "fox_last.png"))
+
+    monkeypatch.setattr("leco.trainer.render_preview", read_only)
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=4)
+    config.preview.prompts = ["a red fox"]
+    assert train(config, progress=False).steps == 4
+    assert (
+        "fox_last.png not written (Read-only file system); the trained files are saved"
+        in capsys.readouterr().err
+    )

@@ -248,6 +248,10 @@ def test_a_lora_with_a_strength_points_to_where_strengths_are_given(capsys, lora
     code, _, err = run_cli(drawn, capsys)  # A1111's <lora:name:-1>, merge's FILE:-1
     assert_one_line_error(code, err, "--lora")
     assert "no strength after the file here; generate draws each image at --strengths" in err
+    drawn[-1] = f"{loras['sd1']}:abc"  # not a strength either: the file is there, not "not found"
+    code, _, err = run_cli(drawn, capsys)
+    assert_one_line_error(code, err, "--lora")
+    assert f"{loras['sd1']} is, and ':abc' after it is neither a strength nor taken here" in err
 
 
 def test_a_missing_model_is_one_line_naming_the_option(capsys, tmp_path, monkeypatch):
@@ -989,6 +993,19 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys, failure):
     assert err.startswith("leco generate: error: out of memory") and "smaller images" in err
     if isinstance(failure, RuntimeError) and "40000000000" in str(failure):
         assert "(37.3 GiB asked for at once)" in err
+
+
+def test_an_output_that_cannot_be_written_mid_run_is_one_line(monkeypatch, capsys):
+    import errno
+
+    def run_train(args):  # the save folder remounted read-only while the run trains
+        raise OSError(errno.EROFS, "Read-only file system", "out/.fox_8steps.safetensors.a1b2.tmp")
+
+    monkeypatch.setattr("leco.cli.run_train", run_train)
+    code, _, err = run_cli(["train", "config.yaml"], capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("leco train: error: cannot write out/.fox_8steps.safetensors.a1b2.tmp (Read-only")
+    assert "continues from its last save with --resume" in err
 
 
 def test_another_runtime_error_is_not_called_out_of_memory(monkeypatch, capsys):

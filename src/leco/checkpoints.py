@@ -134,6 +134,11 @@ class RunFolder:
                 f"save.path: {self.previews} is a file, but the preview grids go into a folder of that name; "
                 "move the file or choose another save.path"
             )
+        if previews and self.previews.is_dir() and not os.access(self.previews, os.W_OK | os.X_OK):
+            raise LecoError(
+                f"save.path: {self.previews}, where the preview grids go, is not writable; make it "
+                "writable, or choose another save.path"
+            )
         if resume_source is not None and resume_source.exists():
             state_file_of(resume_source)  # a folder or file that holds no state is named as such first
         if self._lock is None:  # a run writing this name now: neither --resume nor --overwrite may
@@ -186,11 +191,8 @@ class RunFolder:
         except LecoError:
             self.close()
             raise
-        temps = [(self.path, f".{self.name}_*.tmp"), (self.state_dir, f".{STATE_FILE}.*.tmp")]
-        temps.append((self.previews, f".{self.name}_*.tmp"))
-        for folder, pattern in temps:  # left by a process killed mid-save
-            for temp in folder.glob(pattern) if folder.is_dir() else []:
-                temp.unlink(missing_ok=True)
+        for temp in self._own_temp_files():  # left by a process killed mid-save
+            temp.unlink(missing_ok=True)
         # Replaced at the first save, not now: a run that fails before it leaves the earlier one whole.
         self._replaced = self.earlier_files() if overwrite and resume_source is None else []
 
@@ -245,6 +247,23 @@ class RunFolder:
         own = self.state_dir.resolve()
         return path in (own, own / STATE_FILE)
 
+    def _own_temp_files(self) -> list[Path]:
+        """Temp files (leco.files.atomic_output's `.<file>.<random>.tmp`) of this run's own files
+        only: a run named `no_seven_v2` saving in the same folder keeps its own."""
+        own = rf"{re.escape(self.name)}_(\d+steps|last|interrupted)"
+        patterns = [
+            (self.path, rf"\.{own}\.safetensors\.\w+\.tmp"),
+            (self.previews, rf"\.{own}\.png\.\w+\.tmp"),
+            (self.state_dir, rf"\.{re.escape(STATE_FILE)}\.\w+\.tmp"),
+        ]
+        return [
+            path
+            for folder, pattern in patterns
+            if folder.is_dir()
+            for path in folder.iterdir()
+            if re.fullmatch(pattern, path.name)
+        ]
+
     def earlier_files(self) -> list[Path]:
         """What a run of this name wrote here: its state, trained files and preview grids."""
         found = []
@@ -266,6 +285,7 @@ class RunFolder:
     ) -> Path:
         """The trained file and the resumable state: the run --overwrite replaces goes first, step
         files beyond save.max_step_files after."""
+        self._lock_again_if_gone()
         self.clear_replaced()
         path = trainable.save(
             self.file(suffix), dtype=dtype, resolution=resolution, title=self.name, extra_metadata=metadata
@@ -296,6 +316,14 @@ class RunFolder:
         )
         for _, old in found[keep:]:
             old.unlink(missing_ok=True)
+
+    def _lock_again_if_gone(self) -> None:
+        """The folder deleted while the run trains (the save makes it again): its lock file went
+        with it, and a second run of this name could start there; lock the name again."""
+        if self._lock is not None and not Path(self._lock.name).exists():
+            self.path.mkdir(parents=True, exist_ok=True)
+            stale, self._lock = self._lock, _acquire_lock(Path(self._lock.name), self.name, self.path)
+            stale.close()
 
     def close(self) -> None:
         if self._lock is not None:
@@ -646,7 +674,8 @@ def _release_lock(handle: Any) -> None:
     # Removed while still locked. A process that opened the old file just before could then lock it
     # while a third locks a new one; both would still meet the files this run wrote and refuse.
     try:
-        Path(handle.name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder gone read-only: what failed there is reported
+            Path(handle.name).unlink(missing_ok=True)
     finally:
         handle.close()
 

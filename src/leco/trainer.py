@@ -31,6 +31,7 @@ from leco.checkpoints import (
 from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, warn_if_misread
 from leco.config import LecoConfig
 from leco.distributed import Ranks
+from leco.errors import warn
 from leco.models import (
     DTYPES,
     LoadedModels,
@@ -231,9 +232,15 @@ class Trainer:
         preview, size, path = self.config.preview, self.preview_size, self.folder.preview_file(suffix)
         if self.ranks.is_main and preview.prompts:
             skip = self.config.pretrained_model.clip_skip
-            render_preview(
-                self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip
-            )
+            try:  # a grid is for looking at: a folder gone read-only must not end the run
+                render_preview(
+                    self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip
+                )
+            except OSError as error:
+                warn(
+                    f"preview {path} not written ({error.strerror or error}); "
+                    "the trained files are saved as usual"
+                )
 
     # -- the loop ---------------------------------------------------------------------------------
 
