@@ -242,8 +242,11 @@ def test_resume_past_train_iterations_or_from_no_state_is_one_line(tmp_path, tin
     not_a_state = tmp_path / "config.yaml"
     not_a_state.write_text("train: {}\n")
     for path in (not_a_state, tmp_path / "a"):  # a config file; the run's folder, not its *_state folder
-        with pytest.raises(LecoError, match=r"--resume: .* holds no training_state.pt; pass the \*_state"):
+        with pytest.raises(
+            LecoError, match=r"--resume: .* holds no training_state.pt; pass the \*_state"
+        ) as e:
             train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=8), resume=path)
+    assert str(e.value).endswith(f"(here: {first.state})")  # the run's folder: its state is named
     run_seed = torch.load(first.state / "training_state.pt", weights_only=True)["seed"]
     other_seed = make_config(tiny_folders["sd1"], tmp_path / "a", iterations=8)
     other_seed.train.seed = run_seed + 1  # the state continues its own streams: refused, not ignored
@@ -312,7 +315,9 @@ def test_resume_allows_settings_of_where_weights_are_read_but_not_of_what_is_tra
     config.pretrained_model.allow_pickle = True  # as teacher.offload: where and how weights are read
     assert read_state(state, config.to_json())["step"] == 2
     config.network.rank = 4
-    with pytest.raises(LecoError, match=r"trained with a different `network` section"):
+    with pytest.raises(
+        LecoError, match=r"trained with a different `network` section \(network.rank: 2 then, 4 now\)"
+    ):
         read_state(state, config.to_json())
 
 

@@ -513,6 +513,11 @@ def _changed_keys(before: Any, after: Any, prefix: str = "") -> dict[str, list[A
     return {} if before == after else {prefix.rstrip("."): [before, after]}
 
 
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _written_by_leco(path: Path) -> bool:
     """Whether a .safetensors file carries the metadata every file leco trains has."""
     return "leco.version" in safetensors_metadata(path)
@@ -530,7 +535,9 @@ def state_file_of(path: Path) -> Path:
         raise LecoError(f"--resume: {path} not found; pass the *_state folder a run saved")
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file() or file.suffix != ".pt":  # a copy under another name is still a state
-        raise LecoError(f"--resume: {path} holds no {STATE_FILE}; pass the *_state folder a run saved")
+        inside = sorted(p for p in path.glob(f"*_state/{STATE_FILE}")) if path.is_dir() else []
+        hint = f" (here: {', '.join(str(p.parent) for p in inside[:3])})" if inside else ""
+        raise LecoError(f"--resume: {path} holds no {STATE_FILE}; pass the *_state folder a run saved{hint}")
     return file
 
 
@@ -571,9 +578,12 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
         was = _with_later_defaults(key, saved.get(key), current.get(key))
         was = _moved_model(key, was, current.get(key), file)
         if _trained_part(was) != _trained_part(current.get(key)):
+            changed = _changed_keys(_trained_part(was), _trained_part(current.get(key)), f"{key}.")
+            first = next(iter(changed.items()), None)  # a list's entries are compared whole
+            what = f" ({first[0]}: {_short(first[1][0])} then, {_short(first[1][1])} now)" if first else ""
             raise LecoError(
-                f"--resume: {file} was trained with a different `{key}` section; resume with the config "
-                "that started the run (only train/save/logging settings, offload, allow_pickle and "
+                f"--resume: {file} was trained with a different `{key}` section{what}; resume with the "
+                "config that started the run (only train/save/logging settings, offload, allow_pickle and "
                 "rollout_share may change)"
             )
     # Their saved state is another kind's (sgd has no moments, amsgrad more of them, StepLR keeps its
