@@ -1153,11 +1153,25 @@ def test_any_ai_toolkit_job_gives_a_config_or_a_config_error(tmp_path, config, j
         assert str(error).startswith(f"{path}: ") and "\n" not in str(error)
 
 
-def test_ai_toolkit_job_with_two_processes_is_refused(tmp_path):
-    path = tmp_path / "job.json"
-    path.write_text('{"job": "train", "config": {"name": "a", "training_folder": "o", "process": [{}, {}]}}')
+def test_ai_toolkit_job_runs_its_one_slider_process_among_others(ai_toolkit_env, capsys):
+    job = yaml.safe_load((DATA / "ai_toolkit_slider.yaml").read_text())
+    slider = job["config"]["process"][0]
+    job["config"]["process"] = [{"type": "vae"}, slider]  # ai-toolkit runs both in turn
+    path = ai_toolkit_env / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    alone = load_config(DATA / "ai_toolkit_slider.yaml")
+    capsys.readouterr()
+    assert load_config(path).model_dump() == alone.model_dump()
+    assert (
+        "config.process[0] ('vae'): not a slider, skipped; leco runs config.process[1]"
+        in capsys.readouterr().err
+    )
+    job["config"]["process"] = [slider, {"type": "vae"}, slider]
+    path.write_text(yaml.safe_dump(job))
     with pytest.raises(
-        ConfigError, match=r"config\.process: leco runs one slider process per file \(found 2\)"
+        ConfigError,
+        match=r"config\.process: leco runs one slider process per file \(found config\.process\[0\], "
+        r"config\.process\[2\]\)",
     ):
         load_config(path)
 

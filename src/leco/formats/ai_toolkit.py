@@ -288,19 +288,35 @@ class _Converter:
                 f"{self.path}: config.process: must be a list of processes; make the slider process a list "
                 "item (`- type: slider` under process:)"
             )
-        if len(processes) != 1:
-            count = len(processes)
-            raise ConfigError(
-                f"{self.path}: config.process: leco runs one slider process per file (found {count}); "
-                "split the file"
-            )
-        process = _Section(processes[0], "config.process[0]", self.path)
+        index = 0
+        if len(processes) > 1:  # ai-toolkit runs them in turn; leco runs the slider among them
+            sliders = [
+                i for i, p in enumerate(processes) if isinstance(p, dict) and p.get("type") == expected
+            ]
+            if len(sliders) > 1:
+                found = ", ".join(f"config.process[{i}]" for i in sliders)
+                raise ConfigError(
+                    f"{self.path}: config.process: leco runs one slider process per file (found {found}); "
+                    "split the file"
+                )
+            if sliders:
+                index = sliders[0]
+                others = [
+                    f"config.process[{i}] ({_short(p.get('type') if isinstance(p, dict) else p)})"
+                    for i, p in enumerate(processes)
+                    if i != index
+                ]
+                warn(
+                    f"{self.path}: {', '.join(others)}: not a slider, skipped; leco runs "
+                    f"config.process[{index}] (ai-toolkit would run every process in turn)"
+                )
+        process = _Section(processes[index], f"config.process[{index}]", self.path)
         kind = process.require("type")
         if kind != expected:
             job = next(job for job, process in _PROCESS_OF_JOB.items() if process == expected)
             raise ConfigError(
-                f"{self.path}: config.process[0].type: {_short(kind)}: leco runs ai-toolkit's sliders, which "
-                f"in a `job: {job}` are `type: {expected}`"
+                f"{self.path}: config.process[{index}].type: {_short(kind)}: leco runs ai-toolkit's "
+                f"sliders, which in a `job: {job}` are `type: {expected}`"
             )
         return process
 
