@@ -463,6 +463,19 @@ def test_a_run_whose_folder_is_deleted_locks_its_name_again_at_its_next_save(tmp
     finally:
         running.close()
     assert not (out / ".fox.lock").exists()
+    # a second run started in the folder made again before the first one's next save: the first
+    # stops there (one line) instead of writing over the second's files
+    first = RunFolder(out, "fox")
+    first.open(overwrite=False)
+    shutil.rmtree(out)
+    second = RunFolder(out, "fox")
+    second.open(overwrite=False)
+    try:
+        with pytest.raises(LecoError, match=r"another `leco train` \(pid \d+\) is writing the run 'fox'"):
+            first._lock_again_if_gone()
+    finally:
+        first.close()
+        second.close()
 
 
 def test_a_preview_that_cannot_be_written_is_a_warning_and_training_goes_on(

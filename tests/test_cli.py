@@ -251,7 +251,7 @@ def test_a_lora_with_a_strength_points_to_where_strengths_are_given(capsys, lora
     drawn[-1] = f"{loras['sd1']}:abc"  # not a strength either: the file is there, not "not found"
     code, _, err = run_cli(drawn, capsys)
     assert_one_line_error(code, err, "--lora")
-    assert f"{loras['sd1']} is, and ':abc' after it is neither a strength nor taken here" in err
+    assert f"':abc' after {loras['sd1']} is not a strength" in err and f"give --lora {loras['sd1']}" in err
 
 
 def test_a_missing_model_is_one_line_naming_the_option(capsys, tmp_path, monkeypatch):
@@ -995,17 +995,31 @@ def test_running_out_of_memory_is_one_line(monkeypatch, capsys, failure):
         assert "(37.3 GiB asked for at once)" in err
 
 
-def test_an_output_that_cannot_be_written_mid_run_is_one_line(monkeypatch, capsys):
+def test_an_output_that_cannot_be_written_mid_run_is_one_line(tmp_path, monkeypatch, capsys):
     import errno
 
-    def run_train(args):  # the save folder remounted read-only while the run trains
-        raise OSError(errno.EROFS, "Read-only file system", "out/.fox_8steps.safetensors.a1b2.tmp")
+    from leco.files import atomic_output
 
+    def run_train(args):  # the save folder remounted read-only while the run trains
+        with atomic_output("out/fox_8steps.safetensors") as file:
+            raise OSError(errno.EROFS, "Read-only file system", file.name)
+
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setattr("leco.cli.run_train", run_train)
     code, _, err = run_cli(["train", "config.yaml"], capsys)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("leco train: error: cannot write out/.fox_8steps.safetensors.a1b2.tmp (Read-only")
+    assert err.startswith("leco train: error: cannot write out/fox_8steps.safetensors (Read-only")
     assert "continues from its last save with --resume" in err
+    assert list((tmp_path / "out").iterdir()) == []  # no temp file left
+
+    def run_generate(args):  # an input that cannot be read is not called an output
+        raise FileNotFoundError(
+            errno.ENOENT, "No such file or directory", "model/scheduler/scheduler_config.json"
+        )
+
+    monkeypatch.setattr("leco.cli.run_generate", run_generate)
+    with pytest.raises(FileNotFoundError):
+        main(["generate", "--model", "m", "--prompt", "a", "--out", "o"])
 
 
 def test_another_runtime_error_is_not_called_out_of_memory(monkeypatch, capsys):

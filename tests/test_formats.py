@@ -1352,7 +1352,11 @@ def test_ai_toolkit_concept_slider_settings(ai_toolkit_env, old, new, expected):
         ),
         ("arch: sd15", "arch: flux", "leco trains sd1, sd2 and sdxl"),
         # its timestep draw narrowed or biased (BaseSDTrainProcess): leco has no such draw
-        ("content_or_style: balanced", "content_or_style: content", "content_or_style: 'content' biases the"),
+        (
+            "content_or_style: balanced",
+            "content_or_style: content",
+            "content_or_style: 'content' (the UI's Timestep Bias) biases the",
+        ),
         ("timestep_type: sigmoid", "timestep_type: two_step", "timestep_type: 'two_step' draws a few fixed"),
         (
             "        steps: 3\n",

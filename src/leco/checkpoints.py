@@ -319,11 +319,19 @@ class RunFolder:
 
     def _lock_again_if_gone(self) -> None:
         """The folder deleted while the run trains (the save makes it again): its lock file went
-        with it, and a second run of this name could start there; lock the name again."""
-        if self._lock is not None and not Path(self._lock.name).exists():
-            self.path.mkdir(parents=True, exist_ok=True)
-            stale, self._lock = self._lock, _acquire_lock(Path(self._lock.name), self.name, self.path)
-            stale.close()
+        with it, and a second run of this name could start there; lock the name again (a run that
+        did start there keeps its files: this one stops with one line instead of writing over them)."""
+        if self._lock is None:
+            return
+        path, held = Path(self._lock.name), os.fstat(self._lock.fileno())
+        with contextlib.suppress(OSError):
+            now = os.stat(path)
+            if (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+                return  # still the file this run locked
+        self.path.mkdir(parents=True, exist_ok=True)
+        stale, self._lock = self._lock, None
+        stale.close()
+        self._lock = _acquire_lock(path, self.name, self.path)
 
     def close(self) -> None:
         if self._lock is not None:
@@ -513,9 +521,32 @@ def _changed_keys(before: Any, after: Any, prefix: str = "") -> dict[str, list[A
     return {} if before == after else {prefix.rstrip("."): [before, after]}
 
 
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+def _first_difference(before: Any, after: Any, key: str) -> tuple[str, str, str] | None:
+    """Where two saved settings first differ (into sections and lists: `prompts[4].guidance_scale`),
+    with both values shown around where they differ."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        for name in dict.fromkeys([*before, *after]):
+            found = _first_difference(before.get(name), after.get(name), f"{key}.{name}")
+            if found:
+                return found
+        return None
+    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        for index, (one, other) in enumerate(zip(before, after, strict=True)):
+            found = _first_difference(one, other, f"{key}[{index}]")
+            if found:
+                return found
+        return None
+    if before == after:
+        return None
+    one, other = json.dumps(before), json.dumps(after)
+    start = next((i for i, (a, b) in enumerate(zip(one, other, strict=False)) if a != b), 0)
+    start = max(0, min(start, len(one), len(other)) - 20)  # show the values from just before they part
+
+    def window(text: str) -> str:
+        part = text[start : start + 40]
+        return ("..." if start else "") + part + ("..." if start + 40 < len(text) else "")
+
+    return key, window(one), window(other)
 
 
 def _written_by_leco(path: Path) -> bool:
@@ -578,9 +609,8 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
         was = _with_later_defaults(key, saved.get(key), current.get(key))
         was = _moved_model(key, was, current.get(key), file)
         if _trained_part(was) != _trained_part(current.get(key)):
-            changed = _changed_keys(_trained_part(was), _trained_part(current.get(key)), f"{key}.")
-            first = next(iter(changed.items()), None)  # a list's entries are compared whole
-            what = f" ({first[0]}: {_short(first[1][0])} then, {_short(first[1][1])} now)" if first else ""
+            first = _first_difference(_trained_part(was), _trained_part(current.get(key)), key)
+            what = f" ({first[0]}: {first[1]} then, {first[2]} now)" if first else ""
             raise LecoError(
                 f"--resume: {file} was trained with a different `{key}` section{what}; resume with the "
                 "config that started the run (only train/save/logging settings, offload, allow_pickle and "

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import math
 import os
 import re
@@ -258,8 +257,8 @@ def _refuse_strength_suffix(text: str, where_strengths_go: str) -> None:
             typed_float(strength)
         except ValueError:  # "a.safetensors:abc": the file is there, what follows it is nothing
             raise argparse.ArgumentTypeError(
-                f"{text}: not a file; {path} is, and {':' + strength!r} after it is neither a strength nor "
-                f"taken here; give --lora {path}"
+                f"no file {text!r}; {':' + strength!r} after {path} is not a strength (and this command "
+                f"takes none after the file); give --lora {path}"
             ) from None
         raise argparse.ArgumentTypeError(
             f"{text}: no strength after the file here; {where_strengths_go} (give --lora {path})"
@@ -876,7 +875,7 @@ def _main(argv: Sequence[str] | None) -> int:
             os._exit(0)
         return 130
     except Exception as error:  # torch.OutOfMemoryError is a RuntimeError; a full disk an OSError or not
-        message = _out_of_memory(error) or _disk_full(error) or _write_failed(error)
+        message = _out_of_memory(error) or _disk_full(error) or _write_failed(error, args.command)
         if not message:
             raise
         print(f"leco {args.command}: error: {message}", file=sys.stderr)
@@ -911,18 +910,15 @@ def _disk_full(error: BaseException) -> str | None:
     return f"the disk is full{f' (writing {where})' if where else ''}; free some space or write elsewhere"
 
 
-def _write_failed(error: BaseException) -> str | None:
+def _write_failed(error: BaseException, command: str) -> str | None:
     """One line for an output that could not be written (a folder gone read-only or taken away
     under a running job); files written before it are left as they were."""
-    refused = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EDQUOT)
-    causes = [error, error.__cause__, error.__context__]
-    failed = next((c for c in causes if isinstance(c, OSError) and c.errno in refused and c.filename), None)
-    if failed is None:
+    from leco.files import OutputNotWritten
+
+    if not isinstance(error, OutputNotWritten):
         return None
-    return (
-        f"cannot write {failed.filename} ({failed.strerror}); files written before it are kept (a "
-        "training run continues from its last save with --resume)"
-    )
+    resume = "; the run continues from its last save with --resume" if command == "train" else ""
+    return f"cannot write {error.filename} ({error.strerror}); files written before it are kept{resume}"
 
 
 def _out_of_memory(error: BaseException) -> str | None:

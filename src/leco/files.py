@@ -14,6 +14,11 @@ from typing import Any, BinaryIO
 from leco.errors import LecoError
 
 
+class OutputNotWritten(OSError):
+    """An output file or folder that could not be written (a folder gone read-only or taken away
+    under a running job, no permission): what the command line reports as such."""
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     """A binary file handle whose content replaces `path` only if the block finishes.
@@ -22,8 +27,11 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
     and no half-written one; the temp file is in the same folder so the rename is atomic.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _not_written(error, path) from error
     try:
         with os.fdopen(handle, "wb") as file:
             yield file
@@ -35,7 +43,15 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
         Path(temp).unlink(missing_ok=True)
         if is_disk_full(error):  # torch and safetensors wrap it without the path: the user is told which file
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
+        if isinstance(error, OSError):
+            raise _not_written(error, path) from error
         raise
+
+
+def _not_written(error: OSError, path: Path) -> OSError:
+    if is_disk_full(error):
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OutputNotWritten(error.errno, error.strerror or str(error), str(path))
 
 
 def is_disk_full(error: BaseException) -> bool:

@@ -449,7 +449,7 @@ def _load_diffusers(
         raise _Unreadable(_first_line(error)) from None
     arch = arch_from_unet_config(unet_config)
     scheduler_file = f"{source}/scheduler/scheduler_config.json"
-    declared_v = _says_v_prediction(scheduler_config, scheduler_file)
+    declared_v = says_v_prediction(scheduler_config, scheduler_file)
     family = _reconcile(spec, arch, declared_v, scheduler_file, names)
     scheduler_config["prediction_type"] = family.prediction_type
     part = "unet"  # named in the error: which part of the folder is damaged
@@ -636,19 +636,19 @@ def _declared_v_prediction(config_dir: Path) -> bool | None:
         return None
     if "prediction_type" not in config:
         return None
-    return _says_v_prediction(config, config_dir / "scheduler" / "scheduler_config.json")
+    return says_v_prediction(config, config_dir / "scheduler" / "scheduler_config.json")
 
 
-def _says_v_prediction(scheduler_config: dict[str, Any], where: str | Path) -> bool:
+def says_v_prediction(scheduler_config: dict[str, Any], where: str | Path) -> bool:
     """A scheduler config's prediction_type (unset: epsilon) as v-prediction or not; one line for
     any other value: a model predicting the clean latents ("sample"), or a typo, would otherwise be
     trained as a noise predictor."""
-    value = scheduler_config.get("prediction_type", "epsilon")
+    value = scheduler_config.get("prediction_type") or "epsilon"  # null: unset
     if value not in ("epsilon", "v_prediction"):
         raise LecoError(
             f"{where}: prediction_type {value!r}: leco trains models that predict the noise "
-            '("epsilon") or v ("v_prediction"), as every SD 1.x, 2.x and SDXL model does; set the one '
-            "this model was trained with"
+            '("epsilon") or v ("v_prediction"), as every SD 1.x, 2.x and SDXL model does; edit '
+            "prediction_type in that file to the one this model was trained with"
         )
     return value == "v_prediction"
 

@@ -139,9 +139,9 @@ def _warn_of_edited_anchors(anchors: list[str], prompts: list[PromptSettings]) -
         if entry.action != "preserve":
             for index, target in enumerate(entry.targets):
                 for text in (target, entry.role_text("positive", index)):
-                    edited.setdefault(text.strip().lower(), number)
+                    edited.setdefault(as_read(text), number)
     for anchor in anchors:
-        number = edited.get(anchor.strip().lower())
+        number = edited.get(as_read(anchor))
         if number is not None:
             warn(
                 f"anchors.prompts: {anchor!r} is a prompt that prompts entry {number} edits; as an anchor it "

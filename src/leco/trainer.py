@@ -32,6 +32,7 @@ from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, warn_if_misread
 from leco.config import LecoConfig
 from leco.distributed import Ranks
 from leco.errors import warn
+from leco.files import is_disk_full
 from leco.models import (
     DTYPES,
     LoadedModels,
@@ -237,6 +238,8 @@ class Trainer:
                     self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip
                 )
             except OSError as error:
+                if is_disk_full(error):  # the next save would fail too: say it now
+                    raise
                 warn(
                     f"preview {path} not written ({error.strerror or error}); "
                     "the trained files are saved as usual"

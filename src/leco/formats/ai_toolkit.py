@@ -376,8 +376,8 @@ class _Converter:
         train.only(
             "content_or_style",
             lambda v: str(v).lower() == "balanced",
-            "biases the timesteps: leco trains every timestep alike, as ai-toolkit's default (balanced) "
-            "does; set balanced",
+            "(the UI's Timestep Bias) biases the timesteps: leco trains every timestep alike, as "
+            "ai-toolkit's default (balanced) does; set balanced",
         )
         train.only(
             "timestep_type",

@@ -357,7 +357,12 @@ class _KohyaReader:
     def tables(self, value: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
             name = key.split(".")[-1]
-            one = f"; one inline table too: {name} = [{{ ... }}]" if isinstance(value, dict) else ""
+            toml = self.path.suffix.lower() == ".toml"
+            one = (
+                f"; a single table goes in a list too: {name} = [{{ ... }}]"
+                if isinstance(value, dict) and toml
+                else ""
+            )
             raise ConfigError(f"{self.path}: {key}: must be a list of tables ([[{name}]]){one}")
         return [(f"{key} {number}", item) for number, item in enumerate(value, start=1)]
 

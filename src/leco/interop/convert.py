@@ -32,6 +32,7 @@ from leco.models import (
     arch_from_unet_config,
     load_models,
     resolve_bundled,
+    says_v_prediction,
 )
 from leco.network import kohya
 from leco.network.text_encoders import TextEncoderLoRA
@@ -174,8 +175,14 @@ def model_skeleton(model: str | None, family: str | None) -> ModelSkeleton:
     folder = resolve_bundled(model)
     if (folder / "unet" / "config.json").is_file():
         unet_config = json.loads((folder / "unet" / "config.json").read_text())
-        scheduler = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-        v_pred = scheduler.get("prediction_type") == "v_prediction"
+        scheduler_file = folder / "scheduler" / "scheduler_config.json"
+        try:
+            scheduler = json.loads(scheduler_file.read_text())
+        except (OSError, ValueError) as error:
+            raise LecoError(
+                f"--model: {scheduler_file} cannot be read ({error}); is {folder} a whole model folder?"
+            ) from None
+        v_pred = says_v_prediction(scheduler, scheduler_file)
         return _skeleton_from_configs(folder, ModelFamily(arch_from_unet_config(unet_config), v_pred))
     # A single file or a repo id: only the weights tell the family.
     models = load_models(model, names=CLI_OPTION_NAMES)
