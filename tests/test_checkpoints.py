@@ -486,7 +486,7 @@ def test_a_preview_that_cannot_be_written_is_a_warning_and_training_goes_on(
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "previews" / "fox_last.png"))
 
-    monkeypatch.setattr("leco.trainer.render_preview", read_only)
+    monkeypatch.setattr("leco.preview.save_image", read_only)
     config = make_config(tiny_folders["sd1"], tmp_path, iterations=4)
     config.preview.prompts = ["a red fox"]
     assert train(config, progress=False).steps == 4

@@ -9,6 +9,7 @@ import torch
 
 from leco.config import PreviewConfig
 from leco.errors import is_main_process, warn
+from leco.files import is_disk_full
 from leco.generate import SamplingSettings, build_pipeline, generate, requests_for
 from leco.images import make_grid, save_image
 from leco.models import LoadedModels
@@ -36,8 +37,10 @@ def render_preview(
     device: torch.device,
     autocast: AbstractContextManager,
     clip_skip: int | None = None,
-) -> Path:
-    """Render the grid with the models' own pipeline and write it to `path` (PNG)."""
+) -> Path | None:
+    """Render the grid with the models' own pipeline and write it to `path` (PNG); None, with a
+    warning, where it cannot be written: a grid is for looking at, and a folder gone read-only must
+    not end the run (a full disk does: the next save would fail too)."""
     parts = [*models.text_encoders, models.vae]
     placed = [next(part.parameters()).device for part in parts]
     for part in parts:
@@ -64,4 +67,10 @@ def render_preview(
         for part, where in zip(parts, placed, strict=True):
             part.to(where)
     ordered = {r: images[r] for r in requests_for(preview.prompts, preview.strengths, preview.seeds)}
-    return save_image(make_grid(ordered).image, path)
+    try:
+        return save_image(make_grid(ordered).image, path)
+    except OSError as error:
+        if is_disk_full(error):
+            raise
+        warn(f"preview {path} not written ({error.strerror or error}); the trained files are saved as usual")
+        return None

@@ -31,8 +31,6 @@ from leco.checkpoints import (
 from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, warn_if_misread
 from leco.config import LecoConfig
 from leco.distributed import Ranks
-from leco.errors import warn
-from leco.files import is_disk_full
 from leco.models import (
     DTYPES,
     LoadedModels,
@@ -233,17 +231,9 @@ class Trainer:
         preview, size, path = self.config.preview, self.preview_size, self.folder.preview_file(suffix)
         if self.ranks.is_main and preview.prompts:
             skip = self.config.pretrained_model.clip_skip
-            try:  # a grid is for looking at: a folder gone read-only must not end the run
-                render_preview(
-                    self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip
-                )
-            except OSError as error:
-                if is_disk_full(error):  # the next save would fail too: say it now
-                    raise
-                warn(
-                    f"preview {path} not written ({error.strerror or error}); "
-                    "the trained files are saved as usual"
-                )
+            render_preview(
+                self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip
+            )
 
     # -- the loop ---------------------------------------------------------------------------------
 
