@@ -66,6 +66,30 @@ def test_strength_zero_is_byte_identical_to_no_lora(tmp_path, tiny_folders, lora
     assert np.abs(pixels[1] - pixels[0]).mean() > 0.5 and np.abs(pixels[2] - pixels[0]).mean() > 0.5
 
 
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"steps": 0}, "steps: 0; sampling takes 1 to 1000 steps"),
+        ({"guidance": float("nan")}, "guidance: nan; a number from 0 to"),
+        ({"height": 7}, "height: 7; image sides are positive multiples of 8"),
+        ({"width": 0}, "width: 0; image sides"),
+        ({"batch_size": 0}, "batch_size: 0; a pipeline call makes at least 1 image"),
+        ({"clip_skip": 0}, "clip_skip: 0; it counts from 1"),
+    ],
+)
+def test_sampling_settings_of_the_python_api_are_checked_as_the_cli_options_are(settings, says):
+    with pytest.raises(LecoError, match=re.escape(says)):
+        SamplingSettings(**settings)
+
+
+def test_a_strength_without_a_lora_is_refused_through_the_python_api(tmp_path, tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    requests = requests_for(["a red fox"], [1.0], [3])  # it would be the plain model, named _1_
+    with pytest.raises(LecoError, match="without a LoRA every strength draws the same image"):
+        run_generation(models, None, requests, SETTINGS, tmp_path / "out", "cpu", False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_grid_layout_and_labels():
     images = {
         ImageRequest(prompt, strength, seed): Image.new("RGB", (16, 16), (40 * seed, 100, 200))

@@ -839,6 +839,10 @@ def test_the_python_api_takes_a_file_a_dict_or_a_config_and_refuses_the_rest(
     assert train(LecoConfig(**document), progress=False, overwrite=True).steps == 2
     with pytest.raises(LecoError, match="overwrite: 'no'; give True or False"):
         train(path, overwrite="no")
+    with pytest.raises(LecoError, match="progress: 'no'; give True or False"):
+        train(path, progress="no")
+    with pytest.raises(LecoError, match="resume= continues a run and overwrite= replaces it"):
+        train(path, resume=tmp_path / "out_state", overwrite=True)
     with pytest.raises(LecoError, match="config: a int; give a config file's path, a dict"):
         train(3)
     with pytest.raises(LecoError, match="prompts_file: missing; name the prompts YAML"):
@@ -874,3 +878,23 @@ def test_a_size_off_the_latent_grid_names_where_it_was_set(tmp_path, tiny_folder
     config.prompts = load_prompts(prompts_file)
     with pytest.raises(LecoError, match=r"^my_prompts.yaml: entry 2: resolution 18"):
         Trainer(config, progress=False)
+
+
+def test_the_python_api_leaves_the_callers_config_and_torch_state_as_they_were(tmp_path, tiny_folders):
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=1)
+    config.prompts, config.prompts_file = [], str(tmp_path / "prompts.yaml")
+    (tmp_path / "prompts.yaml").write_text("- target: a red fox\n")
+    written = config.model_dump()
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    torch.set_default_dtype(torch.float64)  # a notebook's settings, which training must not trip over
+    try:
+        with torch.no_grad():
+            assert train(config, progress=False).steps == 1
+            assert not torch.is_grad_enabled()
+        assert torch.get_default_dtype() == torch.float64
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert torch.equal(torch.rand(3), expected)  # the caller's random stream goes on where it was
+    assert config.model_dump() == written  # its prompts still come from its prompts_file next time

@@ -19,18 +19,46 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train as the config says (a file, a dict of its sections or a LecoConfig), as `leco train
-    CONFIG` does; returns where the final file was written.
+    """Train as the config says (a file, a dict of its sections or a LecoConfig, which is left as
+    it is), as `leco train CONFIG` does. Returns a TrainResult: `path` of the final file, `state`
+    (the folder `resume=` continues from; None for a closed-form edit), `steps`, `interrupted` (a
+    first Ctrl-C saves `_interrupted` and returns; a second raises KeyboardInterrupt) and
+    `trainable` (the trained part, still applied to the loaded models).
 
-    A config with `train.method: closed_form` is one edit of the cross-attention (leco.closed_form);
-    any other runs the training loop (leco.trainer). Imported lazily so that `import leco` stays light.
+    The caller's torch state is left as it was: its random generators (the run seeds its own),
+    grad mode and default dtype. A config with `train.method: closed_form` is one edit of the
+    cross-attention (leco.closed_form); any other runs the training loop (leco.trainer). Imported
+    lazily so that `import leco` stays light.
     """
+    import torch
+
+    from leco.errors import LecoError
+
+    for name, value in (("overwrite", overwrite), ("progress", progress)):
+        if not isinstance(value, bool):  # "no" would read as true (and replace an earlier run)
+            raise LecoError(f"{name}: {value!r}; give True or False")
+    if resume is not None and overwrite:
+        raise LecoError("train: resume= continues a run and overwrite= replaces it; give one of them")
+    dtype = torch.get_default_dtype()
+    devices = list(range(torch.cuda.device_count()))
+    try:  # a notebook's settings (no_grad, float64 defaults) would break the run, and it seeds torch
+        torch.set_default_dtype(torch.float32)
+        with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+            return _train(config, resume, overwrite, progress)
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+def _train(
+    config: LecoConfig | dict[str, Any] | str | Path,
+    resume: str | Path | None,
+    overwrite: bool,
+    progress: bool,
+) -> TrainResult:
     from leco.config import ready_config
     from leco.errors import LecoError, is_main_process, warn
     from leco.formats.origins import in_file_keys
 
-    if not isinstance(overwrite, bool):  # "no" would read as true and replace an earlier run
-        raise LecoError(f"overwrite: {overwrite!r}; give True or False")
     config_file = config if isinstance(config, (str, Path)) else None  # another tool's: its keys
     config = ready_config(config)
     if is_main_process():  # once, not per process

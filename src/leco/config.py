@@ -1032,6 +1032,7 @@ def ready_config(config: LecoConfig | dict[str, Any] | str | Path) -> LecoConfig
             f"config: a {type(config).__name__}; give a config file's path, a dict of its sections or a "
             "LecoConfig"
         )
+    config = config.model_copy(deep=True)  # the caller's own object stays as written: it may train again
     if config.prompts_file is not None and not config.prompts:
         config.prompts = load_prompts(_resolve_prompts_file(config.prompts_file, Path.cwd() / "config"))
     config.check_combination()

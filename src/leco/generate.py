@@ -242,6 +242,26 @@ class SamplingSettings:
     batch_size: int | None = None  # images per pipeline call; None: as many as AUTO_BATCH_PIXELS allows
     clip_skip: int = 1  # A1111's: 1 = the text encoder's last layer, 2 = the penultimate one
 
+    def __post_init__(self) -> None:
+        """What `leco generate` checks of its options, for callers of the Python API (one line, not
+        a ZeroDivisionError or diffusers' error halfway through)."""
+        from leco.config import MAX_GUIDANCE, MAX_SIDE
+
+        if not 1 <= self.steps <= 1000:
+            raise LecoError(
+                f"steps: {self.steps}; sampling takes 1 to 1000 steps (one per training timestep)"
+            )
+        if not math.isfinite(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:
+            raise LecoError(f"guidance: {self.guidance}; a number from 0 to {MAX_GUIDANCE:g}, e.g. 3 or 7.5")
+        for name in ("height", "width"):
+            side = getattr(self, name)
+            if side is not None and (side <= 0 or side % 8 or side > MAX_SIDE):
+                raise LecoError(f"{name}: {side}; image sides are positive multiples of 8 up to {MAX_SIDE}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise LecoError(f"batch_size: {self.batch_size}; a pipeline call makes at least 1 image")
+        if self.clip_skip < 1:
+            raise LecoError(f"clip_skip: {self.clip_skip}; it counts from 1 (the last layer), as A1111's")
+
 
 def build_pipeline(models: LoadedModels, sampler: str = "model") -> DiffusionPipeline:
     """A diffusers text-to-image pipeline over already loaded parts (VAE included)."""
@@ -954,6 +974,8 @@ def run_generation(
     Files of those names already in `out` stop it before the first image, unless `overwrite`.
     """
     out = Path(out)
+    if lora is None and any(request.strength != 0 for request in requests):
+        raise LecoError("strengths: without a LoRA every strength draws the same image; give lora= or 0")
     refuse_earlier_files(requests, out, overwrite)
     pipe = build_pipeline(models, settings.sampler).to(device)
     with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
