@@ -151,8 +151,11 @@ class InkDigitsJudge:
                 f"{Path(folder)}: no {JUDGE_FILE} in this model folder; the ink-digits detector only judges "
                 f"the ink-digits models ({', '.join(MODEL_NAMES)}), use detector: clip for other models"
             )
-        net = DigitNet()
-        net.load_state_dict(load_file(str(path)))
+        with torch.device(
+            "meta"
+        ):  # its weights come from the file: no random start drawn from torch's stream
+            net = DigitNet()
+        net.load_state_dict(load_file(str(path)), assign=True)
         return cls(net)
 
     def save(self, folder: str | Path) -> None:
