@@ -7,6 +7,7 @@ from diffusers import DiffusionPipeline
 from leco import train
 from leco.closed_form import aligned_states, edit_prompts, last_word, text_states
 from leco.config import ConfigError, LecoConfig
+from leco.errors import LecoError
 from leco.models import load_models
 from leco.network import read_lora_file
 
@@ -102,3 +103,19 @@ def test_training_keys_a_closed_form_edit_does_not_use_are_warned_of(tmp_path, t
     document["train"].update(lr=1e-3, iterations=900)
     train(LecoConfig.model_validate(document), progress=False)
     assert "train.iterations, train.lr: not used by train.method: closed_form" in capsys.readouterr().err
+
+
+def test_an_edit_that_keeps_nothing_is_warned_of_and_one_onto_itself_refused(tmp_path, tiny_folders, capsys):
+    models = load_models(str(tiny_folders["sd1"]))
+    alone = config(tiny_folders["sd1"], tmp_path)
+    alone.prompts = alone.prompts[:1]  # no preserve entry, no anchors: nothing holds the rest in place
+    edit_prompts(alone, models)
+    assert "closed form: no prompt is kept" in capsys.readouterr().err
+    edit_prompts(config(tiny_folders["sd1"], tmp_path, preserve_scale=0.0), models)  # kept, weighed 0
+    assert "closed form: no prompt is kept" in capsys.readouterr().err
+    edit_prompts(config(tiny_folders["sd1"], tmp_path), models)
+    assert "no prompt is kept" not in capsys.readouterr().err
+    itself = config(tiny_folders["sd1"], tmp_path)
+    itself.prompts[0].neutral = "A red  fox"  # as CLIP reads it, the target itself: an all-zero edit
+    with pytest.raises(LecoError, match="'a red fox' is its own neutral, so the closed-form edit"):
+        edit_prompts(itself, models)

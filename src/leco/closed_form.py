@@ -23,7 +23,8 @@ from torch import Tensor
 
 from leco.checkpoints import RunFolder, kohya_leco_metadata
 from leco.conditioning import PromptEncoder
-from leco.config import LecoConfig, NetworkConfig
+from leco.config import LecoConfig, NetworkConfig, as_read
+from leco.errors import LecoError, warn
 from leco.models import DTYPES, LoadedModels, load_models
 from leco.network import LoRANetwork
 from leco.preservation import anchor_prompts
@@ -77,6 +78,18 @@ def edit_prompts(config: LecoConfig, models: LoadedModels) -> tuple[list[str], l
         else:
             kept += entry.targets
     kept += anchor_prompts(config.anchors, config.prompts, models.folder)
+    same = [text for text, guide in zip(erased, guides, strict=True) if as_read(text) == as_read(guide)]
+    if same:  # the solve would map the prompt onto itself: an all-zero file
+        raise LecoError(
+            f"prompts: {same[0]!r} is its own neutral, so the closed-form edit has nothing to move it to; "
+            'give the erase entry a neutral that lacks the concept (e.g. neutral: "a digit")'
+        )
+    if not kept or not config.closed_form.preserve_scale:
+        warn(
+            "closed form: no prompt is kept (no anchors or preserve entries, or closed_form.preserve_scale "
+            "0), so whatever shares the erased prompts' words may change with them; add anchors: "
+            "{prompts: auto}"
+        )
     return erased, guides, list(dict.fromkeys(kept))
 
 
