@@ -491,7 +491,7 @@ def test_an_sdxl_lora_naming_layers_the_diffusers_way_fits(loras, tiny_folders, 
     models = load_models(str(tiny_folders["sdxl"]), with_vae=True)
     images = {}
     for name, lora in (("none", None), *files.items()):
-        request = requests_for(["x"], [1.0], [0])
+        request = requests_for(["x"], [1.0 if lora else 0.0], [0])  # without a LoRA only 0 is drawn
         paths, _ = run_generation(
             models, lora, request, SamplingSettings(steps=2), tmp_path / name, "cpu", False
         )
