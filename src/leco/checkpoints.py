@@ -250,7 +250,7 @@ class RunFolder:
     def _own_temp_files(self) -> list[Path]:
         """Temp files (leco.files.atomic_output's `.<file>.<random>.tmp`) of this run's own files
         only: a run named `no_seven_v2` saving in the same folder keeps its own."""
-        own = rf"{re.escape(self.name)}_(\d+steps|last|interrupted)"
+        own = self._own_file_stems
         patterns = [
             (self.path, rf"\.{own}\.safetensors\.\w+\.tmp"),
             (self.previews, rf"\.{own}\.png\.\w+\.tmp"),
@@ -264,11 +264,16 @@ class RunFolder:
             if re.fullmatch(pattern, path.name)
         ]
 
+    @property
+    def _own_file_stems(self) -> str:
+        """The names (without extension) of the files a run of this name writes, as a regex."""
+        return rf"{re.escape(self.name)}_(\d+steps|last|interrupted)"
+
     def earlier_files(self) -> list[Path]:
         """What a run of this name wrote here: its state, trained files and preview grids."""
         found = []
         for folder, extension in ((self.path, "safetensors"), (self.previews, "png")):
-            pattern = re.compile(rf"{re.escape(self.name)}_(\d+steps|last|interrupted)\.{extension}")
+            pattern = re.compile(rf"{self._own_file_stems}\.{extension}")
             if folder.is_dir():
                 found += sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
         return ([self.state_dir] if self.state_dir.is_dir() else []) + found
@@ -512,11 +517,19 @@ def resumed_with(state: dict[str, Any], config_json: str) -> list[dict[str, Any]
     return resumes
 
 
-def _changed_keys(before: Any, after: Any, prefix: str = "") -> dict[str, list[Any]]:
+def _changed_keys(
+    before: Any, after: Any, prefix: str = "", into_lists: bool = False
+) -> dict[str, list[Any]]:
+    """Each changed setting as {"train.lr": [before, after]}, in the order of the keys; with
+    `into_lists`, lists of one length compared entry by entry (`prompts[4].guidance_scale`)."""
+    changed: dict[str, list[Any]] = {}
     if isinstance(before, dict) and isinstance(after, dict):
-        changed: dict[str, list[Any]] = {}
         for key in dict.fromkeys([*before, *after]):
-            changed |= _changed_keys(before.get(key), after.get(key), f"{prefix}{key}.")
+            changed |= _changed_keys(before.get(key), after.get(key), f"{prefix}{key}.", into_lists)
+        return changed
+    if into_lists and isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
+        for index, (one, other) in enumerate(zip(before, after, strict=True)):
+            changed |= _changed_keys(one, other, f"{prefix.rstrip('.')}[{index}].", into_lists)
         return changed
     return {} if before == after else {prefix.rstrip("."): [before, after]}
 
@@ -524,20 +537,10 @@ def _changed_keys(before: Any, after: Any, prefix: str = "") -> dict[str, list[A
 def _first_difference(before: Any, after: Any, key: str) -> tuple[str, str, str] | None:
     """Where two saved settings first differ (into sections and lists: `prompts[4].guidance_scale`),
     with both values shown around where they differ."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        for name in dict.fromkeys([*before, *after]):
-            found = _first_difference(before.get(name), after.get(name), f"{key}.{name}")
-            if found:
-                return found
+    changed = _changed_keys(before, after, f"{key}.", into_lists=True)
+    if not changed:
         return None
-    if isinstance(before, list) and isinstance(after, list) and len(before) == len(after):
-        for index, (one, other) in enumerate(zip(before, after, strict=True)):
-            found = _first_difference(one, other, f"{key}[{index}]")
-            if found:
-                return found
-        return None
-    if before == after:
-        return None
+    key, (before, after) = next(iter(changed.items()))
     one, other = json.dumps(before), json.dumps(after)
     start = next((i for i, (a, b) in enumerate(zip(one, other, strict=False)) if a != b), 0)
     start = max(0, min(start, len(one), len(other)) - 20)  # show the values from just before they part

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import re
 import signal
@@ -98,11 +97,15 @@ def _checked(parse: Callable[[str], Any]) -> Callable[[str], Any]:
 
 
 def _steps(text: str) -> int:
+    from leco.generate import MAX_SAMPLING_STEPS
+
     steps = _number(text, int, "a whole number")
     if steps < 1:
         raise argparse.ArgumentTypeError(f"{steps}: sampling needs at least 1 step")
-    if steps > 1000:  # the samplers take at most one step per training timestep (1000)
-        raise argparse.ArgumentTypeError(f"{steps}: at most 1000 steps (one per training timestep)")
+    if steps > MAX_SAMPLING_STEPS:
+        raise argparse.ArgumentTypeError(
+            f"{steps}: at most {MAX_SAMPLING_STEPS} steps (one per training timestep)"
+        )
     return steps
 
 
@@ -136,9 +139,10 @@ def _state_folder(text: str) -> str:
 
 def _guidance(text: str) -> float:
     from leco.config import MAX_GUIDANCE
+    from leco.generate import is_guidance
 
     guidance = _number(text, float, "a number")
-    if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+    if not is_guidance(guidance):
         raise argparse.ArgumentTypeError(
             f"{text}: the guidance scale is a number from 0 to {MAX_GUIDANCE:g}, e.g. 3 or 7.5"
         )
@@ -147,9 +151,10 @@ def _guidance(text: str) -> float:
 
 def _size(text: str) -> int:
     from leco.config import MAX_SIDE
+    from leco.generate import is_image_side
 
     pixels = _number(text, int, "a whole number of pixels")
-    if pixels <= 0 or pixels % 8 or pixels > MAX_SIDE:
+    if not is_image_side(pixels):
         raise argparse.ArgumentTypeError(
             f"{pixels}: image sizes are positive multiples of 8 (diffusers needs them) up to {MAX_SIDE}, "
             "e.g. 16, 512, 1024"

@@ -41,16 +41,17 @@ def atomic_output(path: str | Path) -> Iterator[BinaryIO]:
         os.replace(temp, path)
     except BaseException as error:
         Path(temp).unlink(missing_ok=True)
-        if is_disk_full(error):  # torch and safetensors wrap it without the path: the user is told which file
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from error
-        if isinstance(error, OSError):
+        if isinstance(error, OSError) or is_disk_full(error):
             raise _not_written(error, path) from error
         raise
 
 
-def _not_written(error: OSError, path: Path) -> OSError:
+def _not_written(error: BaseException, path: Path) -> OSError:
+    """The error named by the file it was writing: torch and safetensors wrap a full disk without
+    the path, and a folder gone read-only names only the temp file."""
     if is_disk_full(error):
         return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    assert isinstance(error, OSError)
     return OutputNotWritten(error.errno, error.strerror or str(error), str(path))
 
 

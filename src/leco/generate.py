@@ -231,6 +231,22 @@ def _has_lora_keys(keys: Iterable[str]) -> bool:
     return any(marker in key for key in keys for marker in LORA_KEY_MARKERS)
 
 
+MAX_SAMPLING_STEPS = 1000  # the samplers take at most one step per training timestep
+
+
+def is_image_side(pixels: int) -> bool:
+    """A height or width diffusers draws: a positive multiple of 8 (the VAE's), at most MAX_SIDE."""
+    from leco.config import MAX_SIDE
+
+    return 0 < pixels <= MAX_SIDE and pixels % 8 == 0
+
+
+def is_guidance(scale: float) -> bool:
+    from leco.config import MAX_GUIDANCE
+
+    return math.isfinite(scale) and 0 <= scale <= MAX_GUIDANCE
+
+
 @dataclass
 class SamplingSettings:
     steps: int = 30
@@ -247,15 +263,16 @@ class SamplingSettings:
         a ZeroDivisionError or diffusers' error halfway through)."""
         from leco.config import MAX_GUIDANCE, MAX_SIDE
 
-        if not 1 <= self.steps <= 1000:
+        if not 1 <= self.steps <= MAX_SAMPLING_STEPS:
             raise LecoError(
-                f"steps: {self.steps}; sampling takes 1 to 1000 steps (one per training timestep)"
+                f"steps: {self.steps}; sampling takes 1 to {MAX_SAMPLING_STEPS} steps (one per "
+                "training timestep)"
             )
-        if not math.isfinite(self.guidance) or not 0 <= self.guidance <= MAX_GUIDANCE:
+        if not is_guidance(self.guidance):
             raise LecoError(f"guidance: {self.guidance}; a number from 0 to {MAX_GUIDANCE:g}, e.g. 3 or 7.5")
         for name in ("height", "width"):
             side = getattr(self, name)
-            if side is not None and (side <= 0 or side % 8 or side > MAX_SIDE):
+            if side is not None and not is_image_side(side):
                 raise LecoError(f"{name}: {side}; image sides are positive multiples of 8 up to {MAX_SIDE}")
         if self.batch_size is not None and self.batch_size < 1:
             raise LecoError(f"batch_size: {self.batch_size}; a pipeline call makes at least 1 image")

@@ -151,9 +151,8 @@ class InkDigitsJudge:
                 f"{Path(folder)}: no {JUDGE_FILE} in this model folder; the ink-digits detector only judges "
                 f"the ink-digits models ({', '.join(MODEL_NAMES)}), use detector: clip for other models"
             )
-        with torch.device(
-            "meta"
-        ):  # its weights come from the file: no random start drawn from torch's stream
+        # Its weights come from the file: no random start drawn from the caller's torch stream.
+        with torch.device("meta"):
             net = DigitNet()
         net.load_state_dict(load_file(str(path)), assign=True)
         return cls(net)
