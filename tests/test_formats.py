@@ -547,9 +547,45 @@ def test_the_kohya_arguments_example_loads_as_written():
     assert {entry.multiplier for entry in config.prompts} == {1.0, -1.0}  # kohya's four slider entries
 
 
+def test_the_prompt_file_comes_from_the_command_line_as_kohya_takes_it(tmp_path, monkeypatch, capsys):
+    """kohya's train_leco requires --prompts_file on its command line, so a user's arguments file
+    often lacks it: `--prompts_file` gives it, and replaces the prompts of a leco config too."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "erase.toml").write_text(KOHYA_PROMPTS)
+    one_pole = '[[targets]]\ntarget_class = "a digit five"\nnegative = "red ink"\n'
+    (tmp_path / "slider.toml").write_text(one_pole)
+    arguments = tmp_path / "args.toml"
+    arguments.write_text('pretrained_model_name_or_path = "ink-digits"\noutput_dir = "out"\n')
+    with pytest.raises(ConfigError, match=r"args.toml: prompts_file: required .* --prompts_file PROMPTS"):
+        load_config(arguments)
+    from_command_line = load_config(arguments, prompts_file="slider.toml")
+    slider = [("red ink", "erase", 1.0), ("red ink", "enhance", -1.0)]  # kohya's pairs for one pole
+    slider = [(f"a digit five/{pole}", action, m) for pole, action, m in slider]
+    assert [(f"{e.target}/{e.positive}", e.action, e.multiplier) for e in from_command_line.prompts] == slider
+    written = kohya_arguments(tmp_path, "", name="written.toml")  # names erase.toml; the command line wins
+    read = load_config(written, prompts_file="slider.toml")
+    assert [(f"{e.target}/{e.positive}", e.action, e.multiplier) for e in read.prompts] == slider
+    leco_config = tmp_path / "config.yaml"
+    leco_config.write_text(
+        "pretrained_model: {name_or_path: ink-digits}\nprompts:\n  - target: a digit seven\n"
+    )
+    read = load_config(leco_config, prompts_file="slider.toml")
+    assert [(f"{e.target}/{e.positive}", e.action, e.multiplier) for e in read.prompts] == slider
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "job: extension\nconfig:\n  process:\n    - type: slider\n      model: {name_or_path: ink-digits}\n"
+        "      slider: {targets: [{target_class: a digit five, positive: red ink}]}\n"
+    )
+    assert main(["train", str(job), "--prompts_file", "slider.toml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("an ai-toolkit job, whose slider targets are its prompts; leave the option out")
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
+        ('lr_scheduler = "constant"\nlr_warmup_steps = 3', r"lr_warmup_steps: 3 with lr_scheduler constant"),
+        ("lr_warmup_steps = 0.5", r"lr_warmup_steps: 800 with lr_scheduler constant"),  # kohya's default
         (
             "sdpaa = true",
             r"sdpaa: not an option of train_leco \(kohya would skip it without a word\); did you mean 'sdpa'",
@@ -633,11 +669,11 @@ def test_kohyas_arguments_toml_trains_with_leco_train(tmp_path, monkeypatch, cap
     (tmp_path / "args.toml").write_text(
         'pretrained_model_name_or_path = "ink-digits"\nprompts_file = "erase.toml"\noutput_dir = "out"\n'
         'output_name = "no_seven"\nmax_train_steps = 3\nlearning_rate = 1e-3\nmax_denoising_steps = 4\n'
-        "lr_warmup_steps = 2\n"
+        'lr_scheduler = "constant_with_warmup"\nlr_warmup_steps = 3\n'
     )
     assert main(["train", "args.toml", "--no-progress"]) == 0
     # a setting without effect is named by the option the file wrote
-    said = "lr_warmup_steps (leco: train.lr_warmup_steps): the constant schedule has no warmup; ignored"
+    said = "lr_warmup_steps (leco: train.lr_warmup_steps): 3 is not below train.iterations (3)"
     assert said in capsys.readouterr().err
     with safe_open(str(tmp_path / "out" / "no_seven_last.safetensors"), "pt") as file:
         keys, metadata = list(file.keys()), file.metadata()  # noqa: SIM118

@@ -57,6 +57,34 @@ def test_latents_carry_their_true_timestep(prediction_type):
         )
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "lms"])
+@pytest.mark.parametrize("steps", [7, 30, 50])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_a_latent_is_noised_exactly_as_its_label_says_at_any_step_count(sampler, steps, prediction_type):
+    """With a model that knows the one clean sample, every latent must be that sample noised to the
+    timestep it is labelled with, also where the step count does not divide 1000 (where diffusers'
+    DDIM step would leave the grid)."""
+    rollout = Rollout({**CONFIG, "prediction_type": prediction_type}, sampler, steps=steps)
+    alphas = rollout.alphas_cumprod.double()
+    clean = 2 * torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(5)).double()
+    noise = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(6)).double()
+
+    def knows_the_sample(latents, timestep):
+        a = alphas[int(round(float(timestep)))]
+        epsilon = (latents.double() - a.sqrt() * clean) / (1 - a).sqrt()
+        velocity = a.sqrt() * epsilon - (1 - a).sqrt() * clean
+        return (epsilon if prediction_type == "epsilon" else velocity).float()
+
+    generator = torch.Generator().manual_seed(steps)
+    plans = rollout.plan(steps, generator)
+    start = (alphas[999].sqrt() * clean + (1 - alphas[999]).sqrt() * noise).float()
+    basis = torch.stack([clean.flatten(), noise.flatten()], 1)
+    for plan, latent in zip(plans, rollout.run(knows_the_sample, start, plans, generator), strict=True):
+        signal, _ = torch.linalg.lstsq(basis, latent.double().flatten()[:, None]).solution.flatten()
+        noised_to = int(torch.argmin((alphas.sqrt() - signal).abs()))
+        assert abs(noised_to - plan.timestep) <= 1, plan  # (LMS integrates to about a tenth of a step)
+
+
 def test_grid_and_offsets_cover_every_training_timestep():
     rollout = Rollout(CONFIG, "ddim", steps=50)
     assert rollout.grid[0] == 999 and len(rollout.grid) == 50
@@ -140,3 +168,16 @@ def test_a_zero_terminal_snr_model_rolls_out_on_its_own_schedule_or_is_refused(s
     assert float(rollout.alphas_cumprod[-1]) == 0.0
     # (Euler keeps 2**-24 there, so that its last sigma stays finite: diffusers' choice)
     assert float(rollout.scheduler.alphas_cumprod[-1]) <= 2**-24
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "lms", "euler_a"])
+def test_latents_stay_float32_when_the_model_predicts_in_half_precision(sampler):
+    rollout = Rollout(CONFIG, sampler, steps=10, timestep_offset=False)
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def bfloat16_model(latents, timestep):  # what a UNet under bf16 autocast returns
+        return FakeModel()(latents, timestep).to(torch.bfloat16)
+
+    plans = [SamplePlan(step, rollout.grid[step - 1]) for step in (3, 6, 9)]
+    latents = rollout.run(bfloat16_model, noise, plans, torch.Generator().manual_seed(0))
+    assert [latent.dtype for latent in latents] == [torch.float32] * 3

@@ -18,12 +18,14 @@ def train(
     resume: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    prompts_file: str | Path | None = None,
 ) -> TrainResult:
     """Train as the config says (a file, a dict of its sections or a LecoConfig, which is left as
     it is), as `leco train CONFIG` does. Returns a TrainResult: `path` of the final file, `state`
     (the folder `resume=` continues from; None for a closed-form edit), `steps`, `interrupted` (a
     first Ctrl-C saves `_interrupted` and returns; a second raises KeyboardInterrupt) and
-    `trainable` (the trained part, still applied to the loaded models).
+    `trainable` (the trained part, still applied to the loaded models). `prompts_file` replaces a
+    config file's prompts, as `leco train --prompts_file` does.
 
     The caller's torch state is left as it was: its random generators (the run seeds its own),
     grad mode and default dtype. A config with `train.method: closed_form` is one edit of the
@@ -44,7 +46,7 @@ def train(
     try:  # a notebook's settings (no_grad, float64 defaults) would break the run, and it seeds torch
         torch.set_default_dtype(torch.float32)
         with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
-            return _train(config, resume, overwrite, progress)
+            return _train(config, resume, overwrite, progress, prompts_file)
     finally:
         torch.set_default_dtype(dtype)
 
@@ -54,13 +56,14 @@ def _train(
     resume: str | Path | None,
     overwrite: bool,
     progress: bool,
+    prompts_file: str | Path | None,
 ) -> TrainResult:
     from leco.config import ready_config
     from leco.errors import LecoError, is_main_process, warn
     from leco.formats.origins import in_file_keys
 
     config_file = config if isinstance(config, (str, Path)) else None  # another tool's: its keys
-    config = ready_config(config)
+    config = ready_config(config, prompts_file)
     if is_main_process():  # once, not per process
         for note in config.unused_settings():
             warn(in_file_keys(config_file, note) if config_file else note)

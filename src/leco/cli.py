@@ -340,6 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="?", help="config YAML (the reference LECO format)")
     train.add_argument("--config_file", help="the same, spelled as the reference tool spells it")
     train.add_argument(
+        "--prompts_file",
+        "--prompts-file",
+        metavar="FILE",
+        help="the prompts file (YAML, or a kohya train_leco TOML), in place of the config's; as kohya's "
+        "train_leco takes it next to its --config_file",
+    )
+    train.add_argument(
         "--resume", metavar="DIR", type=_state_folder, help="continue from the *_state folder a run saved"
     )
     train.add_argument(
@@ -556,7 +563,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise LecoError(f"--resume: {args.resume} not found; pass the *_state folder a run saved")
         check_process_count(args.num_processes)  # before anything is made on disk
         try:  # its errors as one line here, not once per process
-            loaded = load_config(config)
+            loaded = load_config(config, args.prompts_file)
             check_before_loading(loaded, Path(args.resume) if args.resume else None, args.overwrite)
             if args.resume:  # a state of another run, config or process count
                 read_state(args.resume, loaded.to_json(), args.num_processes)
@@ -564,7 +571,13 @@ def run_train(args: argparse.Namespace) -> int:
             raise LecoError(_in_config_file(config, str(error))) from None
         return launch_processes(args.num_processes, args.words)
     try:
-        result = train(config, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+        result = train(
+            config,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            prompts_file=args.prompts_file,
+        )
     except LecoError as error:  # found once models are loaded: a key of the config, named with its file
         raise LecoError(_in_config_file(config, str(error))) from None
     # Started by --num-processes: torchrun reads 130 as a failed process (and prints a traceback);
@@ -576,7 +589,8 @@ def run_train(args: argparse.Namespace) -> int:
         processes = int(os.environ.get("WORLD_SIZE", "1"))  # a resume needs as many
         again = f" --num-processes {processes}" if processes > 1 else ""
         print(f"interrupted after step {result.steps}; saved {result.path}")
-        print(f"continue with: leco train {config} --resume {result.state}{again}")
+        prompts = f" --prompts_file {args.prompts_file}" if args.prompts_file else ""
+        print(f"continue with: leco train {config}{prompts} --resume {result.state}{again}")
         return interrupted_code
     done = "closed-form edit" if result.state is None else f"{result.steps} steps"
     print(f"done: {done}; saved {result.path}")

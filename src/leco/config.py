@@ -324,8 +324,8 @@ class AnchorConfig(_Section):
     # A list, or `auto`: prompts the model knows without the edited concept's words (leco.preservation).
     prompts: list[str] | Literal["auto"] = Field(default_factory=list)
     weight: float = Field(1.0, ge=0, allow_inf_nan=False)
-    # Anchors trained next to each sample (batched with the LECO prompts: no extra UNet call); 0 with
-    # text_weight keeps them through their text states alone.
+    # Anchors trained next to each sample (batched with the LECO prompts: no extra UNet call), each
+    # adding `weight` times its own error; 0 with text_weight keeps them through their text states alone.
     per_step: int = Field(1, ge=0)
     # Keep what the anchors' text makes of the cross-attention keys and values: each step adds this
     # weight times the LoRA's relative change of them, over every token of every anchor (no UNet call;
@@ -944,19 +944,24 @@ def _refuse_other_kinds_of_file(path: Path, document: dict) -> None:
         )
 
 
-def load_config(path: str | Path) -> LecoConfig:
+def load_config(path: str | Path, prompts_file: str | Path | None = None) -> LecoConfig:
     """Read a config YAML (and its prompts file) into a validated `LecoConfig`.
 
     An ai-toolkit job config (top-level `job:` / `config:`) is read as the leco config it stands for.
+    `prompts_file` (from the working directory, as `leco train --prompts_file` gives it) replaces the
+    config's prompts, as kohya's train_leco takes its prompt file on the command line.
     """
     path = Path(path)
     refuse_special_file(path, "config YAML")
     from leco.formats import foreign_config  # leco.formats builds on this module
 
-    foreign = foreign_config(path)
+    foreign = foreign_config(path, None if prompts_file is None else str(prompts_file))
     if foreign is not None:
         return foreign
     document = read_yaml(path)
+    if prompts_file is not None and isinstance(document, dict):
+        document = {key: value for key, value in document.items() if key != "prompts"}
+        document["prompts_file"] = str(Path.cwd() / Path(prompts_file).expanduser())
     if isinstance(document, list) and document and all(isinstance(item, dict) for item in document):
         raise ConfigError(
             f"{path}: a list of prompt entries is a prompts file, not a training config; name it in a "
@@ -1020,11 +1025,18 @@ def _check_entries_as_written(expanded: list[tuple[int, Any]], path: Path) -> No
                 ) from None
 
 
-def ready_config(config: LecoConfig | dict[str, Any] | str | Path) -> LecoConfig:
-    """What the Python API accepts as a config: a file (as `leco train` reads it), a dict of its
-    sections, or a LecoConfig; a `prompts_file` of the last two is read from the working directory."""
+def ready_config(
+    config: LecoConfig | dict[str, Any] | str | Path, prompts_file: str | Path | None = None
+) -> LecoConfig:
+    """What the Python API accepts as a config: a file (as `leco train` reads it, `prompts_file` as
+    its --prompts_file), a dict of its sections, or a LecoConfig; a `prompts_file` of the last two is
+    read from the working directory."""
     if isinstance(config, (str, Path)):
-        return load_config(config)
+        return load_config(config, prompts_file)
+    if prompts_file is not None:
+        raise ConfigError(
+            "prompts_file: replaces a config file's prompts; in a dict or LecoConfig set its own prompts_file"
+        )
     if isinstance(config, dict):  # as a file in the working directory would be read
         return config_from_document(config, Path.cwd() / "config")
     if not isinstance(config, LecoConfig):

@@ -168,9 +168,21 @@ class Rollout:
                     latent, predicted = model_input[rows[i]], prediction[rows[i]]
                     results[i] = self.jump(latent, predicted, self.grid[index], plan.timestep)
             if index < last - 1:
-                extra = {"generator": generator} if self.takes_generator else {}
-                latents = scheduler.step(prediction, t, latents, **extra).prev_sample
+                latents = self.advance(latents, prediction.float(), index, generator)
         return [results[i] for i in range(len(plans))]
+
+    def advance(self, latents: Tensor, prediction: Tensor, index: int, generator: torch.Generator) -> Tensor:
+        """The trajectory's next latent, at grid point `index + 1`.
+
+        diffusers' DDIMScheduler.step moves to t - T // S, which is the next point of a trailing grid
+        only where S divides T (a rollout of 30 steps would drift off the timesteps its latents are
+        labelled with), so DDIM steps along the grid itself. The prediction comes in float32, because
+        some samplers (euler_a) return the prediction's dtype and the latents stay float32.
+        """
+        if isinstance(self.scheduler, DDIMScheduler):
+            return self.jump(latents, prediction, self.grid[index], self.grid[index + 1])
+        extra = {"generator": generator} if self.takes_generator else {}
+        return self.scheduler.step(prediction, self.scheduler.timesteps[index], latents, **extra).prev_sample
 
     def jump(self, latents: Tensor, prediction: Tensor, timestep: int, target: int) -> Tensor:
         """A deterministic DDIM step from `timestep` to any earlier `target` timestep.

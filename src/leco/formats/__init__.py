@@ -17,16 +17,22 @@ from leco.formats.kohya_args import load_kohya_arguments
 from leco.formats.kohya_leco import kohya_arguments
 
 
-def foreign_config(path: Path) -> LecoConfig | None:
-    """The config another trainer's file stands for, or None when `path` is leco's own YAML."""
+def foreign_config(path: Path, prompts_file: str | None = None) -> LecoConfig | None:
+    """The config another trainer's file stands for, or None when `path` is leco's own YAML
+    (`prompts_file`: given on the command line, which a kohya arguments file leaves to it)."""
     if path.suffix.lower() == ".toml":
         arguments = kohya_arguments(path)
         if arguments is not None:
-            return load_kohya_arguments(path, arguments)
+            return load_kohya_arguments(path, arguments, prompts_file)
         raise ConfigError(
             f"{path}: a kohya train_leco TOML is a prompts file, not a training config; name it in a "
             f"config YAML: prompts_file: {path.name}"
         )
     if is_ai_toolkit_config(read_document(path, quiet=path.suffix.lower() not in (".json", ".jsonc"))):
+        if prompts_file is not None:
+            raise ConfigError(
+                f"--prompts_file: {path} is an ai-toolkit job, whose slider targets are its prompts; "
+                "leave the option out"
+            )
         return load_ai_toolkit_config(path)
     return None

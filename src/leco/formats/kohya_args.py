@@ -97,12 +97,15 @@ _REFUSED_UNLESS = {
 }  # fmt: skip
 
 
-def load_kohya_arguments(path: Path, arguments: dict[str, Any]) -> LecoConfig:
-    """The leco config a kohya train_leco arguments TOML stands for (`arguments`: its options, flat)."""
+def load_kohya_arguments(
+    path: Path, arguments: dict[str, Any], prompts_file: str | None = None
+) -> LecoConfig:
+    """The leco config a kohya train_leco arguments TOML stands for (`arguments`: its options, flat;
+    `prompts_file`: the one given on the command line, as kohya takes it, over the file's)."""
     options = _Options(path, arguments)
     options.refuse_what_leco_lacks()
     document = {
-        "prompts_file": options.prompts_file(),
+        "prompts_file": options.prompts_file(prompts_file),
         "pretrained_model": options.model(),
         "network": options.network(),
         "train": options.train(),
@@ -154,10 +157,15 @@ class _Options:
             if value is not None and value not in inert:
                 raise ConfigError(f"{self.path}: {name}: {value!r} {why}")
 
-    def prompts_file(self) -> str:
+    def prompts_file(self, from_command_line: str | None) -> str:
         named = self.get("prompts_file", "prompts_file")
+        if from_command_line is not None:
+            return str(Path.cwd() / Path(from_command_line).expanduser())
         if not isinstance(named, str) or not named.strip():
-            raise ConfigError(f"{self.path}: prompts_file: required (train_leco's prompt TOML); add it")
+            raise ConfigError(
+                f"{self.path}: prompts_file: required (train_leco's prompt TOML); kohya takes it on its "
+                "command line: leco train ARGS.toml --prompts_file PROMPTS.toml (or add it to the file)"
+            )
         # kohya opens it from the working directory, as the command line gave it; beside the TOML
         # where it is not there (a run started from another folder)
         from_cwd = Path.cwd() / Path(named).expanduser()
@@ -264,6 +272,11 @@ class _Options:
         warmup = self.get("lr_warmup_steps", "train.lr_warmup_steps")
         if isinstance(warmup, float) and warmup >= 0 and isinstance(steps, int):
             warmup = int(warmup * steps)  # kohya (get_scheduler_fix): a float is a share of the steps
+        if name == "constant" and warmup:  # kohya (get_scheduler_fix) refuses it rather than ignore it
+            raise ConfigError(
+                f"{self.path}: lr_warmup_steps: {warmup!r} with lr_scheduler constant, which kohya refuses "
+                "(the constant schedule has no warmup); use constant_with_warmup, or set it to 0"
+            )
         if warmup is not None:
             schedule["lr_warmup_steps"] = warmup
         return schedule
