@@ -811,3 +811,50 @@ def test_trained_files_record_their_clip_skip_as_kohya_does(tmp_path, tiny_folde
     )
     path = train(config, progress=False).path
     assert safetensors_metadata(path)["ss_clip_skip"] == "2"
+
+
+def test_an_sdxl_lora_named_by_diffusers_paths_draws_what_its_sgm_names_draw(
+    tmp_path, tiny_folders, lora_files
+):
+    """p1atdev/LECO and sliders name SDXL layers by diffusers paths; diffusers' kohya reader knows the
+    SGM names only (it dropped add_embedding without a word), so leco hands it SGM names."""
+    from safetensors.torch import load_file, save_file
+
+    from leco.network import kohya
+
+    models = load_models(str(tiny_folders["sdxl"]), with_vae=True)
+    by_key = kohya.unet_layer_keys(models.unet, models.family)
+    sgm = load_file(lora_files["sdxl"])
+    size_embedding = models.unet.get_submodule("add_embedding.linear_1")
+    module = kohya.kohya_key("add_embedding.linear_1", models.family, models.unet.config)
+    generator = torch.Generator().manual_seed(1)
+    sgm[f"{module}.lora_down.weight"] = torch.randn(2, size_embedding.in_features, generator=generator)
+    sgm[f"{module}.lora_up.weight"] = torch.randn(size_embedding.out_features, 2, generator=generator)
+    sgm[f"{module}.alpha"] = torch.tensor(2.0)
+    save_file(sgm, tmp_path / "sgm.safetensors")
+
+    def diffusers_name(key):
+        module, _, part = key.partition(".")
+        return f"{kohya.UNET_PREFIX}{by_key[module].replace('.', '_')}.{part}" if module in by_key else key
+
+    save_file({diffusers_name(k): v for k, v in sgm.items()}, tmp_path / "diffusers.safetensors")
+    requests = requests_for(["a red fox"], [1.0], [3])
+    images = {}
+    for name in ("sgm", "diffusers"):
+        (path,), _ = run_generation(
+            models, tmp_path / f"{name}.safetensors", requests, SETTINGS, tmp_path / name, "cpu", False
+        )
+        images[name] = np.asarray(Image.open(path), dtype=np.int16)  # (the infotext names the file)
+    assert np.array_equal(images["sgm"], images["diffusers"])
+    without = {k: v for k, v in sgm.items() if not k.startswith(module)}
+    save_file(without, tmp_path / "without.safetensors")
+    (path,), _ = run_generation(
+        models, tmp_path / "without.safetensors", requests, SETTINGS, tmp_path / "without", "cpu", False
+    )
+    # the size embedding's module does change the image
+    assert np.abs(np.asarray(Image.open(path), dtype=np.int16) - images["sgm"]).mean() > 0.5
+    both = {**sgm, **{diffusers_name(k): v.clone() for k, v in sgm.items() if k.startswith(module)}}
+    both_file = tmp_path / "both.safetensors"
+    save_file(both, both_file)
+    with pytest.raises(LecoError, match=r"add_embedding_linear_1 names the same layer as .*two namings"):
+        run_generation(models, both_file, requests, SETTINGS, tmp_path / "both", "cpu", False)

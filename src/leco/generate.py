@@ -423,16 +423,19 @@ def _as_diffusers_loads_it(
       1x1 convs, which diffusers refuses where A1111 and ComfyUI reshape them: reshaped to 2-D;
     - where the modules' alphas differ (resized or merged LoRAs), diffusers files the attention
       layers' alphas under names no layer has, so those layers get the most common alpha: each
-      module's alpha/rank is folded into its lora_up and the alphas left out (scale 1 each).
+      module's alpha/rank is folded into its lora_up and the alphas left out (scale 1 each);
+    - SDXL modules named by diffusers paths (p1atdev/LECO, sliders) take their SGM names, the ones
+      diffusers' kohya reader knows (it has no rule for add_embedding and drops it without a word).
     """
     linear_as_conv = _linear_layers_in_conv_form(header, unet, family)
+    renamed = _sgm_names(header, unet, family)
     alphas = _module_alphas(header)
     plain = all(
         key.partition(".")[2] in ("lora_down.weight", "lora_up.weight", "alpha") for key in header.shapes
     )
     fold = len(set(alphas.values())) > 1 and plain  # DoRA and other kinds: diffusers' reading stands
     has_text = any(key.startswith(kohya.TEXT_ENCODER_PREFIXES) for key in header.shapes)
-    if not linear_as_conv and not fold and not has_text and header.tensors is None:
+    if not linear_as_conv and not fold and not has_text and not renamed and header.tensors is None:
         return str(header.path), {}
     from safetensors.torch import load_file
 
@@ -450,7 +453,31 @@ def _as_diffusers_loads_it(
                 alpha / header.shapes[f"{module}.lora_down.weight"][0]
             )
             tensors.pop(f"{module}.alpha", None)
+    for key in list(tensors):
+        module, _, part = key.partition(".")
+        if module in renamed:
+            tensors[f"{renamed[module]}.{part}"] = tensors.pop(key)
     return (tensors or None), text
+
+
+def _sgm_names(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> dict[str, str]:
+    """An SDXL file's modules named by diffusers paths -> their SGM names (a file naming one layer
+    both ways is refused, as `leco merge` refuses it)."""
+    if not family.is_sdxl:
+        return {}
+    by_key = kohya.unet_layer_keys(unet, family)
+    modules = {key.partition(".")[0] for key in header.shapes}  # text-encoder ones are in no by_key
+    renamed = {}
+    for module in sorted(modules & set(by_key)):
+        sgm = kohya.kohya_key(by_key[module], family, unet.config)
+        if sgm != module:
+            if sgm in modules:
+                raise LecoError(
+                    f"--lora: {header.path}: {module} names the same layer as {sgm}; the file mixes two "
+                    "namings (leco convert refuses it too)"
+                )
+            renamed[module] = sgm
+    return renamed
 
 
 def _linear_layers_in_conv_form(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> list[str]:
