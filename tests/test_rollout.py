@@ -160,6 +160,9 @@ def test_a_zero_terminal_snr_model_rolls_out_on_its_own_schedule_or_is_refused(s
         "beta_end": 0.012, "rescale_betas_zero_snr": True, "prediction_type": "v_prediction",
     }  # fmt: skip
     train = TrainConfig(noise_scheduler=sampler)
+    epsilon = {**config, "prediction_type": "epsilon"}  # pure noise at t = 999 predicts nothing (nan)
+    with pytest.raises(LecoError, match=r"^pretrained_model: .*zero terminal SNR .* predicts epsilon"):
+        Rollout.for_training(epsilon, train)
     if sampler == "lms":
         with pytest.raises(LecoError, match=r"^train.noise_scheduler: lms cannot sample this zero-terminal"):
             Rollout.for_training(config, train)

@@ -71,10 +71,11 @@ def encode_texts(
     clip_skip: int | None,
     device: torch.device | str,
     key: str = "pretrained_model.clip_skip",  # where clip_skip was set, for its error
+    reader: str = "prompt",  # whose tokenizer reads them, in its warnings
 ) -> dict[str, Conditioning]:
     """Encode every distinct text once (one row each) on `device`; the encoders go back to the CPU."""
     texts = sorted(set(texts))
-    warn_if_misread(models, texts, embedding_hint=NO_EMBEDDINGS_IN_TRAINING)
+    warn_if_misread(models, texts, reader, embedding_hint=NO_EMBEDDINGS_IN_TRAINING)
     encoder = PromptEncoder(models, clip_skip, key)
     result = {}
     for text_encoder in models.text_encoders:

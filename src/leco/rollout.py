@@ -106,6 +106,7 @@ class Rollout:
 
     @classmethod
     def for_training(cls, scheduler_config: dict[str, Any], train: TrainConfig) -> Rollout:
+        refuse_epsilon_at_zero_snr(scheduler_config, "pretrained_model")
         sampler = SAMPLERS[train.noise_scheduler]
         keeps_zero_snr = "rescale_betas_zero_snr" in inspect.signature(sampler.__init__).parameters
         if scheduler_config.get("rescale_betas_zero_snr") and not keeps_zero_snr:
@@ -206,6 +207,20 @@ class Rollout:
         last = max(p.step for p in plans)
         exact_last = all(p.timestep == self.grid[p.step - 1] for p in plans if p.step == last)
         return last - 1 if exact_last else last
+
+
+def refuse_epsilon_at_zero_snr(scheduler_config: dict[str, Any], model: str) -> None:
+    """A zero-terminal-SNR schedule with an epsilon model: at t = 999 the latent is pure noise, so its
+    prediction says nothing of the image and every conversion from it divides by zero (the loss
+    would turn nan at the first step)."""
+    predicts = scheduler_config.get("prediction_type", "epsilon")
+    if scheduler_config.get("rescale_betas_zero_snr") and predicts == "epsilon":
+        raise LecoError(
+            f"{model}: its scheduler rescales the noise schedule to zero terminal SNR "
+            "(rescale_betas_zero_snr: true) but the model predicts epsilon, which cannot be trained "
+            "there; such models predict v: set v_pred: true if it is one, else the scheduler's "
+            "rescale_betas_zero_snr: false"
+        )
 
 
 class SampleQueue:

@@ -24,7 +24,7 @@ from leco.errors import LecoError, warn
 from leco.models import TEACHER_OPTION_NAMES, LoadedModels, load_models
 from leco.objectives import CONCEPT_ROLES, guided
 from leco.prompts import PreparedPrompt, encode_texts, prompt_texts
-from leco.rollout import Rollout
+from leco.rollout import Rollout, refuse_epsilon_at_zero_snr
 from leco.trainable import EditedModel
 
 
@@ -238,7 +238,8 @@ def load_teacher(
         )
     if config.offload and torch.device(device).type == "cpu":
         warn("teacher.offload: this run is on the CPU, where the teacher already is; nothing to offload")
-    embeddings = encode_texts(models, texts, config.clip_skip, device, "teacher.clip_skip")
+    reader = "teacher's prompt"
+    embeddings = encode_texts(models, texts, config.clip_skip, device, "teacher.clip_skip", reader)
     return Teacher(
         models.unet.to("cpu" if config.offload else device),
         embeddings,
@@ -278,6 +279,7 @@ def check_compatible(student: LoadedModels, teacher: LoadedModels, name: str) ->
             raise LecoError(
                 f"teacher.name_or_path: {name} has {what} {theirs}, the student {ours}: they do {why}"
             )
+    refuse_epsilon_at_zero_snr(teacher.scheduler_config, f"teacher.name_or_path: {name}")
     ours, theirs = (Rollout.alphas_cumprod_of(m.scheduler_config) for m in (student, teacher))
     if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6):
         raise LecoError(
