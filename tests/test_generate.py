@@ -327,10 +327,14 @@ def embedding_files(tmp_path_factory):
         {"string_to_token": {"*": 265}, "string_to_param": {"*": a1111[0]}, "name": "other", "step": 500},
         root / "bad-hands.pt",
     )
+    original = _vectors(WIDTHS["sd1"], 3, seed=3)  # the original textual inversion's ParameterDict
+    parameters = torch.nn.ParameterDict({"*": torch.nn.Parameter(original[0])})
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": parameters}, root / "rinon-ti.pt")
     return {
         "sd1": (root / "ugly.safetensors", "<ugly>", sd1),
         "sdxl": (root / "ugly-xl.safetensors", "ugly-xl", sdxl),
         "a1111": (root / "bad-hands.pt", "bad-hands", a1111),
+        "original": (root / "rinon-ti.pt", "rinon-ti", original),
         "root": root,
     }
 
@@ -343,7 +347,7 @@ def _text_state(models):
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["sd1", "sdxl", "a1111"])
+@pytest.mark.parametrize("name", ["sd1", "sdxl", "a1111", "original"])
 def test_embedding_vectors_sit_behind_the_token_and_leave_on_exit(tiny_folders, embedding_files, name):
     from leco.generate import build_pipeline, embeddings_loaded
 

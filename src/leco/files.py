@@ -238,7 +238,9 @@ def load_torch_file(path: Path) -> Any:
     import torch
 
     try:
-        with warnings.catch_warnings():
+        # The original textual inversion (and early A1111) kept its vectors in a ParameterDict, which
+        # A1111's own safe unpickler allows too: a container of tensors, no code.
+        with warnings.catch_warnings(), torch.serialization.safe_globals([torch.nn.ParameterDict]):
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

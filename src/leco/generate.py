@@ -1175,8 +1175,9 @@ def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         data = load_torch_file(path)  # never runs pickled code
     except LecoError as reason:
         raise LecoError(f"--embedding: {path} cannot be read ({reason})") from None
-    if isinstance(data, dict) and isinstance(data.get("string_to_param"), dict):  # A1111
-        data = dict(data["string_to_param"])
+    vectors = data.get("string_to_param") if isinstance(data, dict) else None
+    if isinstance(vectors, dict | torch.nn.ParameterDict):  # A1111 (the original: a ParameterDict)
+        data = {name: tensor.detach() for name, tensor in vectors.items()}
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()) or not data:
         raise LecoError(f"--embedding: {path} holds no embedding tensors (expected A1111's string_to_param)")
     return data, {}
