@@ -776,6 +776,19 @@ def test_a_lora_given_twice_is_baked_twice_with_a_warning(tmp_path, tiny_folders
         torch.testing.assert_close(weight, baked_once[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_a_lora_whose_metadata_names_another_family_is_baked_with_the_word_generate_says(
+    tmp_path, tiny_folders, capsys
+):
+    folder = str(tiny_folders["sd1"])
+    tensors, metadata = read_lora_file(random_lora(folder, tmp_path / "lora.safetensors", seed=1))
+    relabelled = save_lora_file(
+        tmp_path / "sd2.safetensors", tensors, {**metadata, "ss_base_model_version": "sd_v2"}
+    )
+    merge(folder, [LoraStrength(relabelled)], tmp_path / "merged", precision="fp32")
+    said = "its metadata says sd2 (ss_base_model_version), but its layers fit this sd1 model; applied"
+    assert said in capsys.readouterr().err
+
+
 def test_a_folder_without_a_build_report_is_judged_on_ink_digits_inks_and_says_so(tmp_path, capsys):
     assert inks_for_model(tmp_path) == inks_for_model(model_path("ink-digits"))
     assert "no build_report.json names the inks this model draws" in capsys.readouterr().err

@@ -731,7 +731,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     """Refuse a LoRA made for another model family, by its UNet layers (kohya-format files: leco's,
     A1111's, ComfyUI's; other layouts are left to diffusers), else by its metadata. Metadata that
     its layers contradict, and a prediction type other than the model's, are said."""
-    lora_arch = arch_from_metadata(header.metadata)
+    lora_arch = kohya.arch_from_metadata(header.metadata)
     mislabelled = lora_arch is not None and lora_arch != family.arch
     modules = _kohya_modules(header)
     by_key = kohya.unet_layer_keys(unet, family) if modules else {}
@@ -744,10 +744,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     if misfit is not None:
         raise LecoError(f"--lora: {header.path} {misfit}; {kohya.made_for(header.metadata)}")
     if mislabelled:  # every layer fits: the metadata is wrong
-        warn(
-            f"--lora: {header.path}: its metadata says {lora_arch} (ss_base_model_version), but its layers "
-            f"fit this {family.name} model; applied"
-        )
+        warn(f"--lora: {header.path}: {kohya.mislabelled_family(header.metadata, family)}")
     other = kohya.other_prediction(header.metadata, family)
     if other:
         warn(f"--lora: {header.path} {other}")
@@ -805,21 +802,12 @@ def _layer_misfit(
 
 def arch_of_lora(path: Path) -> str | None:
     """The family a LoRA file's metadata names (ss_base_model_version), if any."""
-    return arch_from_metadata(read_lora_header(path).metadata)
+    return kohya.arch_from_metadata(read_lora_header(path).metadata)
 
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
-
-
-def arch_from_metadata(metadata: dict[str, str]) -> str | None:
-    """The family `ss_base_model_version` names (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0), if any."""
-    version = metadata.get("ss_base_model_version", "")
-    for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
-        if version.startswith(prefix):
-            return arch
-    return None
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,9 @@ def bake(models: LoadedModels, lora: LoraStrength) -> None:
     with kohya.naming_its_model(metadata):  # every key checked before any weight changes
         modules = kohya.canonical_unet_modules(unet_tensors, models.unet, models.family, source)
         text_lora.fitted(models.text_encoders, models.family)
+    mislabelled = kohya.mislabelled_family(metadata, models.family)
+    if mislabelled:
+        warn(f"--lora: {lora.path}: {mislabelled}")
     other = kohya.other_prediction(metadata, models.family)
     if other:
         warn(f"--lora: {lora.path} {other}")

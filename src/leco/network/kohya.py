@@ -116,6 +116,26 @@ def made_for(metadata: dict[str, str]) -> str:
     return "give --model the model it was trained on"
 
 
+def arch_from_metadata(metadata: dict[str, str]) -> str | None:
+    """The family `ss_base_model_version` names (sd_v1, sd_v2, sd_v2_v, sdxl_base_v1-0), if any."""
+    version = metadata.get("ss_base_model_version", "")
+    for prefix, arch in (("sdxl", "sdxl"), ("sd_v2", "sd2"), ("sd_v1", "sd1")):
+        if version.startswith(prefix):
+            return arch
+    return None
+
+
+def mislabelled_family(metadata: dict[str, str], family: ModelFamily) -> str | None:
+    """What to say of a LoRA whose layers fit the model but whose metadata names another family."""
+    said = arch_from_metadata(metadata)
+    if said is None or said == family.arch:
+        return None
+    return (
+        f"its metadata says {said} (ss_base_model_version), but its layers fit this {family.name} "
+        "model; applied"
+    )
+
+
 def other_prediction(metadata: dict[str, str], family: ModelFamily) -> str | None:
     """What to say of a LoRA trained on a model of the other prediction type (its ModelSpec says so)."""
     said = modelspec_v_prediction(metadata)
