@@ -373,6 +373,24 @@ def test_embedding_vectors_sit_behind_the_token_and_leave_on_exit(tiny_folders, 
         assert encoder.config.vocab_size == vocab and not module.weight.requires_grad
 
 
+def test_an_embedding_longer_than_a_prompt_says_its_last_vectors_are_never_read(
+    tmp_path, tiny_folders, capsys
+):
+    from safetensors.torch import save_file
+
+    from leco.generate import build_pipeline, embeddings_loaded
+
+    pipe = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True))
+    room = pipe.tokenizer.model_max_length - 2
+    for count in (room, room + 1):
+        save_file({"emb_params": torch.randn(count, WIDTHS["sd1"][0])}, tmp_path / f"long{count}.safetensors")
+        with embeddings_loaded(pipe, [tmp_path / f"long{count}.safetensors"]):
+            pass
+    err = capsys.readouterr().err
+    assert f"long{room + 1}.safetensors: its {room + 1} vectors are more than the {room} tokens" in err
+    assert f"long{room}.safetensors" not in err
+
+
 def test_embedding_token_override_and_negative_prompt_changes_the_image(
     tmp_path, tiny_folders, embedding_files
 ):

@@ -1198,6 +1198,12 @@ def _check_embeddings(embeddings: list[Embedding], pairs: list[tuple]) -> None:
                     f"{option}: {path} has vectors of width {vectors.shape[1]}, but this model's text "
                     f"encoder takes {width}; use an embedding made for this model family"
                 )
+            room = tokenizer.model_max_length - 2  # a prompt's tokens between its start and end
+            if len(vectors) > room and tokenizer is pairs[0][0]:
+                warn(
+                    f"{option}: {path}: its {len(vectors)} vectors are more than the {room} tokens this "
+                    "model reads of a prompt; the prompt is cut inside them, so the last are never read"
+                )
             if _is_known_word(tokenizer, embedding.tokens):
                 raise LecoError(
                     f"{option}: {path}: the token {token!r} is already a word of this model's tokenizer; "
