@@ -373,6 +373,17 @@ def test_embedding_vectors_sit_behind_the_token_and_leave_on_exit(tiny_folders, 
         assert encoder.config.vocab_size == vocab and not module.weight.requires_grad
 
 
+def test_a_kohya_lora_with_a_stray_key_is_refused_naming_the_key(tmp_path, tiny_folders, lora_files):
+    from safetensors.torch import load_file, save_file
+
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    extra = tmp_path / "extra.safetensors"
+    save_file({**load_file(lora_files["sd1"]), "extra_tensor": torch.zeros(2)}, extra)
+    requests = requests_for(["a red fox"], [1.0], [0])
+    with pytest.raises(LecoError, match=r"extra.safetensors: extra_tensor is not a kohya LoRA key"):
+        run_generation(models, extra, requests, SETTINGS, tmp_path / "o", "cpu", False)
+
+
 def test_an_embedding_longer_than_a_prompt_says_its_last_vectors_are_never_read(
     tmp_path, tiny_folders, capsys
 ):

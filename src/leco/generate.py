@@ -762,6 +762,12 @@ def _kohya_modules(header: LoraHeader) -> list[str]:
     from leco.network.kohya import UNET_PREFIX
 
     kohya_keys = [key for key in header.shapes if key.startswith((UNET_PREFIX, *kohya.TEXT_ENCODER_PREFIXES))]
+    stray = sorted(set(header.shapes) - set(kohya_keys))
+    if kohya_keys and stray:  # diffusers' own message would not name the key
+        raise LecoError(
+            f"--lora: {header.path}: {stray[0]} is not a kohya LoRA key (they start with {UNET_PREFIX} or "
+            "lora_te); this file is not a LoRA leco can read"
+        )
     kohya.refuse_lycoris(kohya_keys, f"--lora: {header.path}")  # diffusers would drop them silently
     return sorted({key.split(".", 1)[0] for key in kohya_keys if key.startswith(UNET_PREFIX)})
 
