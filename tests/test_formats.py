@@ -571,6 +571,12 @@ def test_the_prompt_file_comes_from_the_command_line_as_kohya_takes_it(tmp_path,
     )
     read = load_config(leco_config, prompts_file="slider.toml")
     assert [(f"{e.target}/{e.positive}", e.action, e.multiplier) for e in read.prompts] == slider
+    with pytest.raises(ConfigError, match=r"^--prompts_file: absent.toml is not found; name the prompts"):
+        load_config(arguments, prompts_file="absent.toml")
+    spec = tmp_path / "spec.yaml"  # still told apart from a config, with the option
+    spec.write_text("erase: [a digit seven]\nkeep: all\n")
+    with pytest.raises(ConfigError, match=r"this is an eval spec .*, not a training config"):
+        load_config(spec, prompts_file="slider.toml")
     job = tmp_path / "job.yaml"
     job.write_text(
         "job: extension\nconfig:\n  process:\n    - type: slider\n      model: {name_or_path: ink-digits}\n"
@@ -585,7 +591,7 @@ def test_the_prompt_file_comes_from_the_command_line_as_kohya_takes_it(tmp_path,
     ("line", "message"),
     [
         ('lr_scheduler = "constant"\nlr_warmup_steps = 3', r"lr_warmup_steps: 3 with lr_scheduler constant"),
-        ("lr_warmup_steps = 0.5", r"lr_warmup_steps: 800 with lr_scheduler constant"),  # kohya's default
+        ("lr_warmup_steps = 0.5", r"lr_warmup_steps: 0.5 with lr_scheduler constant"),  # kohya's default
         (
             "sdpaa = true",
             r"sdpaa: not an option of train_leco \(kohya would skip it without a word\); did you mean 'sdpa'",

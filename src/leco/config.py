@@ -959,9 +959,6 @@ def load_config(path: str | Path, prompts_file: str | Path | None = None) -> Lec
     if foreign is not None:
         return foreign
     document = read_yaml(path)
-    if prompts_file is not None and isinstance(document, dict):
-        document = {key: value for key, value in document.items() if key != "prompts"}
-        document["prompts_file"] = str(Path.cwd() / Path(prompts_file).expanduser())
     if isinstance(document, list) and document and all(isinstance(item, dict) for item in document):
         raise ConfigError(
             f"{path}: a list of prompt entries is a prompts file, not a training config; name it in a "
@@ -972,7 +969,21 @@ def load_config(path: str | Path, prompts_file: str | Path | None = None) -> Lec
             f"{path}: the file must be a YAML mapping of sections (pretrained_model:, train:, ...)"
         )
     _refuse_other_kinds_of_file(path, document)
+    if prompts_file is not None:
+        document = {key: value for key, value in document.items() if key != "prompts"}
+        document["prompts_file"] = given_prompts_file(prompts_file)
     return config_from_document(document, path)
+
+
+def given_prompts_file(name: str | Path) -> str:
+    """`--prompts_file`, from the working directory as a command line gives it."""
+    path = Path.cwd() / Path(name).expanduser()
+    if not path.is_file():
+        raise ConfigError(
+            f"--prompts_file: {name} is {'a folder' if path.is_dir() else 'not found'}; name the prompts "
+            "YAML or TOML file (from the working directory)"
+        )
+    return str(path)
 
 
 def config_from_document(document: dict[str, Any], path: Path) -> LecoConfig:

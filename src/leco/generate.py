@@ -1170,7 +1170,9 @@ def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     except LecoError as reason:
         raise LecoError(f"--embedding: {path} cannot be read ({reason})") from None
     vectors = data.get("string_to_param") if isinstance(data, dict) else None
-    if isinstance(vectors, dict | torch.nn.ParameterDict):  # A1111 (the original: a ParameterDict)
+    if isinstance(vectors, torch.nn.ParameterDict):  # the original textual inversion's
+        vectors = vectors._parameters  # (a ParameterDict pickled by torch < 1.12 has no other index)
+    if isinstance(vectors, dict):  # A1111
         data = {name: tensor.detach() for name, tensor in vectors.items()}
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()) or not data:
         raise LecoError(f"--embedding: {path} holds no embedding tensors (expected A1111's string_to_param)")

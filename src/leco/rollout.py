@@ -218,8 +218,8 @@ def refuse_epsilon_at_zero_snr(scheduler_config: dict[str, Any], model: str) -> 
         raise LecoError(
             f"{model}: its scheduler rescales the noise schedule to zero terminal SNR "
             "(rescale_betas_zero_snr: true) but the model predicts epsilon, which cannot be trained "
-            "there; such models predict v: set v_pred: true if it is one, else the scheduler's "
-            "rescale_betas_zero_snr: false"
+            "there; such models predict v: set v_pred: true if it is one, else its scheduler config's "
+            "rescale_betas_zero_snr is wrong (false for an epsilon model)"
         )
 
 

@@ -15,7 +15,14 @@ import difflib
 from pathlib import Path
 from typing import Any
 
-from leco.config import LR_SCHEDULERS, ConfigError, LecoConfig, config_from_document, parse_optimizer_args
+from leco.config import (
+    LR_SCHEDULERS,
+    ConfigError,
+    LecoConfig,
+    config_from_document,
+    given_prompts_file,
+    parse_optimizer_args,
+)
 from leco.errors import warn
 from leco.formats.origins import remember, with_origin
 
@@ -160,7 +167,7 @@ class _Options:
     def prompts_file(self, from_command_line: str | None) -> str:
         named = self.get("prompts_file", "prompts_file")
         if from_command_line is not None:
-            return str(Path.cwd() / Path(from_command_line).expanduser())
+            return given_prompts_file(from_command_line)
         if not isinstance(named, str) or not named.strip():
             raise ConfigError(
                 f"{self.path}: prompts_file: required (train_leco's prompt TOML); kohya takes it on its "
@@ -269,13 +276,14 @@ class _Options:
         self.read.update(("lr_scheduler_num_cycles", "lr_scheduler_power"))
         arguments |= self.parsed("lr_scheduler_args", "train.lr_scheduler_args")
         schedule: dict[str, Any] = {"lr_scheduler": name, "lr_scheduler_args": arguments}
-        warmup = self.get("lr_warmup_steps", "train.lr_warmup_steps")
+        warmup = given = self.get("lr_warmup_steps", "train.lr_warmup_steps")
         if isinstance(warmup, float) and warmup >= 0 and isinstance(steps, int):
             warmup = int(warmup * steps)  # kohya (get_scheduler_fix): a float is a share of the steps
         if name == "constant" and warmup:  # kohya (get_scheduler_fix) refuses it rather than ignore it
             raise ConfigError(
-                f"{self.path}: lr_warmup_steps: {warmup!r} with lr_scheduler constant, which kohya refuses "
-                "(the constant schedule has no warmup); use constant_with_warmup, or set it to 0"
+                f"{self.path}: lr_warmup_steps: {given!r} with lr_scheduler constant, "
+                "which kohya refuses: the constant schedule has no warmup; use constant_with_warmup, or "
+                "set it to 0"
             )
         if warmup is not None:
             schedule["lr_warmup_steps"] = warmup
