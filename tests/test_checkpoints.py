@@ -319,6 +319,10 @@ def test_resume_allows_settings_of_where_weights_are_read_but_not_of_what_is_tra
         LecoError, match=r"trained with a different `network` section \(network.rank: 2 then, 4 now\)"
     ):
         read_state(state, config.to_json())
+    config.network.rank = 2
+    config.prompts[0].target = "a blue fox"  # e.g. resumed without the --prompts_file it was started with
+    with pytest.raises(LecoError, match=r"`prompts` section .* started the run \(and the --prompts_file it"):
+        read_state(state, config.to_json())
 
 
 def test_a_model_moved_to_another_folder_resumes_but_another_model_does_not(tmp_path, tiny_folders, capsys):

@@ -614,10 +614,11 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
         if _trained_part(was) != _trained_part(current.get(key)):
             first = _first_difference(_trained_part(was), _trained_part(current.get(key)), key)
             what = f" ({first[0]}: {first[1]} then, {first[2]} now)" if first else ""
+            option = " (and the --prompts_file it was given, if any)" if key == "prompts" else ""
             raise LecoError(
                 f"--resume: {file} was trained with a different `{key}` section{what}; resume with the "
-                "config that started the run (only train/save/logging settings, offload, allow_pickle and "
-                "rollout_share may change)"
+                f"config that started the run{option} (only train/save/logging settings, offload, "
+                "allow_pickle and rollout_share may change)"
             )
     # Their saved state is another kind's (sgd has no moments, amsgrad more of them, StepLR keeps its
     # step_size): continuing under other ones would fail, or silently keep the first run's.
