@@ -789,6 +789,23 @@ def test_a_lora_whose_metadata_names_another_family_is_baked_with_the_word_gener
     assert said in capsys.readouterr().err
 
 
+def test_an_sdxl_lora_naming_one_layer_in_both_namings_is_refused_before_baking(tmp_path, tiny_folders):
+    from leco.network import kohya
+
+    folder = str(tiny_folders["sdxl"])
+    tensors, metadata = read_lora_file(random_lora(folder, tmp_path / "lora.safetensors", seed=1))
+    models = load_models(folder)
+    by_key = kohya.unet_layer_keys(models.unet, models.family)
+    sgm = next(key.partition(".")[0] for key in tensors if key.startswith(kohya.UNET_PREFIX))
+    diffusers_name = kohya.UNET_PREFIX + by_key[sgm].replace(".", "_")
+    assert diffusers_name != sgm
+    twin = {k.replace(sgm, diffusers_name): v.clone() for k, v in tensors.items() if k.startswith(f"{sgm}.")}
+    lora = save_lora_file(tmp_path / "both.safetensors", {**tensors, **twin}, metadata)
+    with pytest.raises(LecoError, match=rf"{diffusers_name} names the same layer as another key; the file"):
+        merge(folder, [LoraStrength(lora)], tmp_path / "merged", precision="fp32")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_a_folder_without_a_build_report_is_judged_on_ink_digits_inks_and_says_so(tmp_path, capsys):
     assert inks_for_model(tmp_path) == inks_for_model(model_path("ink-digits"))
     assert "no build_report.json names the inks this model draws" in capsys.readouterr().err

@@ -569,7 +569,7 @@ def state_file_of(path: Path) -> Path:
         raise LecoError(f"--resume: {path} not found; pass the *_state folder a run saved")
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file() or file.suffix != ".pt":  # a copy under another name is still a state
-        inside = sorted(p for p in path.glob(f"*_state/{STATE_FILE}")) if path.is_dir() else []
+        inside = sorted(path.glob(f"*_state/{STATE_FILE}")) if path.is_dir() else []
         hint = f" (here: {', '.join(str(p.parent) for p in inside[:3])})" if inside else ""
         raise LecoError(f"--resume: {path} holds no {STATE_FILE}; pass the *_state folder a run saved{hint}")
     return file

@@ -427,8 +427,9 @@ def _as_diffusers_loads_it(
     - SDXL modules named by diffusers paths (p1atdev/LECO, sliders) take their SGM names, the ones
       diffusers' kohya reader knows (it has no rule for add_embedding and drops it without a word).
     """
-    linear_as_conv = _linear_layers_in_conv_form(header, unet, family)
-    renamed = _sgm_names(header, unet, family)
+    by_key = kohya.unet_layer_keys(unet, family)
+    linear_as_conv = _linear_layers_in_conv_form(header, unet, by_key)
+    renamed = _sgm_names(header, unet, family, by_key)
     alphas = _module_alphas(header)
     plain = all(
         key.partition(".")[2] in ("lora_down.weight", "lora_up.weight", "alpha") for key in header.shapes
@@ -460,29 +461,22 @@ def _as_diffusers_loads_it(
     return (tensors or None), text
 
 
-def _sgm_names(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> dict[str, str]:
+def _sgm_names(
+    header: LoraHeader, unet: torch.nn.Module, family: ModelFamily, by_key: dict[str, str]
+) -> dict[str, str]:
     """An SDXL file's modules named by diffusers paths -> their SGM names (a file naming one layer
     both ways is refused, as `leco merge` refuses it)."""
     if not family.is_sdxl:
         return {}
-    by_key = kohya.unet_layer_keys(unet, family)
-    modules = {key.partition(".")[0] for key in header.shapes}  # text-encoder ones are in no by_key
-    renamed = {}
-    for module in sorted(modules & set(by_key)):
-        sgm = kohya.kohya_key(by_key[module], family, unet.config)
-        if sgm != module:
-            if sgm in modules:
-                raise LecoError(
-                    f"--lora: {header.path}: {module} names the same layer as {sgm}; the file mixes two "
-                    "namings (leco convert refuses it too)"
-                )
-            renamed[module] = sgm
-    return renamed
+    modules = dict.fromkeys(key.partition(".")[0] for key in header.shapes)  # text encoders: in no by_key
+    canonical = kohya.canonical_keys(modules, by_key, family, unet.config, f"--lora: {header.path}")
+    return {module: sgm for module, sgm in canonical.items() if sgm != module}
 
 
-def _linear_layers_in_conv_form(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> list[str]:
+def _linear_layers_in_conv_form(
+    header: LoraHeader, unet: torch.nn.Module, by_key: dict[str, str]
+) -> list[str]:
     """The file's modules whose layer is Linear but whose tensors are 1x1 convs (kohya's SD2 form)."""
-    by_key = kohya.unet_layer_keys(unet, family)
     downs = {k.partition(".")[0]: s for k, s in header.shapes.items() if k.endswith(".lora_down.weight")}
     return [
         module

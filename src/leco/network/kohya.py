@@ -414,21 +414,40 @@ def canonical_unet_modules(
     not fit the layer is an error naming the key.
     """
     by_key = unet_layer_keys(unet, family)
-    modules: dict[str, ModuleWeights] = {}
-    for key, weights in group_modules(tensors, source).items():
+    grouped = group_modules(tensors, source)
+    for key in grouped:
         if key not in by_key:
             raise LoraDoesNotFit(
                 f"{source}: {key} matches no layer of this {family.name} UNet; {ANOTHER_MODEL} family"
             )
-        name = by_key[key]
-        canonical = kohya_key(name, family, unet.config)
-        if canonical in modules:
-            raise LecoError(
-                f"{source}: {key} names the same layer as another key; the file mixes two namings"
-            )
-        layer = unet.get_submodule(name)
-        modules[canonical] = fit_to_layer(weights, getattr(layer, "base_layer", layer), f"{source}: {key}")
+    canonical = canonical_keys(grouped, by_key, family, unet.config, source)
+    modules: dict[str, ModuleWeights] = {}
+    for key, weights in grouped.items():
+        layer = unet.get_submodule(by_key[key])
+        layer = getattr(layer, "base_layer", layer)
+        modules[canonical[key]] = fit_to_layer(weights, layer, f"{source}: {key}")
     return modules
+
+
+def canonical_keys(
+    keys: Iterable[str], by_key: dict[str, str], family: ModelFamily, unet_config: dict[str, Any], source: str
+) -> dict[str, str]:
+    """Each of a file's module keys that names a UNet layer (`by_key`: unet_layer_keys) -> the key
+    leco writes for that layer (SGM names for SDXL); a layer named twice, once in each of SDXL's two
+    namings, is refused naming the key that is not the one leco writes."""
+    canonical: dict[str, str] = {}
+    named_by: dict[str, str] = {}  # canonical key -> the file's key for it
+    for key in keys:
+        if key not in by_key:
+            continue
+        name = kohya_key(by_key[key], family, unet_config)
+        if name in named_by:
+            twice = key if key != name else named_by[name]
+            raise LecoError(
+                f"{source}: {twice} names the same layer as another key; the file mixes two namings"
+            )
+        named_by[name], canonical[key] = key, name
+    return canonical
 
 
 def fit_to_layer(weights: ModuleWeights, layer: nn.Module, where: str) -> ModuleWeights:
