@@ -119,3 +119,39 @@ def test_an_edit_that_keeps_nothing_is_warned_of_and_one_onto_itself_refused(tmp
     itself.prompts[0].neutral = "A red  fox"  # as CLIP reads it, the target itself: an all-zero edit
     with pytest.raises(LecoError, match="'a red fox' is its own neutral, so the closed-form edit"):
         edit_prompts(itself, models)
+
+
+def test_a_prompt_longer_than_the_encoder_reads_is_cut_warned_of_and_still_edited(
+    tmp_path, tiny_folders, capsys
+):
+    long = "a red fox " * 40  # past the prompt length: the states stop where the tokenizer cuts it
+    models = load_models(str(tiny_folders["sd1"]))
+    limit = models.tokenizers[0].model_max_length
+    assert last_word(models, long) == limit - 2
+    settings = config(tiny_folders["sd1"], tmp_path)
+    settings.prompts[0].target = long
+    result = train(settings, progress=False)
+    assert f"is longer than {limit} tokens and is cut there" in capsys.readouterr().err
+    tensors, _ = read_lora_file(result.path)
+    assert max(float(t.abs().max()) for key, t in tensors.items() if "lora_up" in key) > 0
+
+
+def test_unconditional_standing_in_for_the_neutral_is_not_called_ignored(tmp_path, tiny_folders, capsys):
+    document = config(tiny_folders["sd1"], tmp_path).model_dump(mode="json", exclude_unset=True)
+    del document["prompts"][0]["neutral"]
+    document["prompts"][0]["unconditional"] = GUIDE  # the neutral defaults to it: the solve reads it
+    settings = LecoConfig.model_validate(document)
+    settings.check_combination()
+    models = load_models(str(tiny_folders["sd1"]))
+    assert edit_prompts(settings, models)[1] == [GUIDE]
+    train(settings, progress=False)
+    assert "ignored" not in capsys.readouterr().err
+
+
+def test_a_preserved_prompt_that_is_also_erased_is_warned_of(tmp_path, tiny_folders, capsys):
+    settings = config(tiny_folders["sd1"], tmp_path)
+    settings.prompts[1].target = [*KEPT, "A red  fox"]  # the erased prompt, as CLIP reads it
+    edit_prompts(settings, load_models(str(tiny_folders["sd1"])))
+    assert "prompts entry 2 (preserve): 'A red  fox' is a prompt that prompts entry 1 edits" in (
+        capsys.readouterr().err
+    )

@@ -427,6 +427,11 @@ def test_an_entry_names_many_prompts_by_list_or_file(folder):
         ("- target_file:\n", {}, "entry 1.target_file: empty; name the text file"),
         ("- target: [a, b]\n  neutral: [c]\n", {}, "entry 1.neutral: a list of 1 prompts, but target has 2"),
         ("- target: a\n  action: distill\n", {}, "entry 1.guidance_scale: distill needs the CFG scale"),
+        (
+            "- target: a\n  action: distill\n  guidance_scale: 3\n  multiplier: -1\n",
+            {},
+            "entry 1.multiplier: -1, but a distilled LoRA is used at strength 1",
+        ),
         ("- target: ''\n", {}, "entry 1.target: '': positive reads as unconditional and neutral as target"),
         ("- target: a\n  neutral: a\n  unconditional: a\n", {}, "leaves erase nothing to learn"),
         (
@@ -689,7 +694,8 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
             {
                 "train": {"method": "closed_form"},
                 "prompts": [
-                    {"target": "x", "positive": "x in red", "unconditional": "x in blue"},
+                    # (with a neutral of its own: without one, unconditional stands in for it)
+                    {"target": "x", "positive": "x in red", "unconditional": "x in blue", "neutral": "z"},
                     {"target": "y", "positive": "y"},  # the target itself: what is read anyway
                 ],
             },

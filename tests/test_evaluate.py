@@ -686,8 +686,8 @@ def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path
     assert [r["strength"] for r in report["rows"]] == [0.0, 1.0] and report["rows"][1]["drift"] > 0
     # the negative prompt strength 1 samples with, whole: the spec's and the token
     title = "negative embedding no_dog"
-    assert f"{title} ({embedding}): strength 1 = negative prompt 'blurry <no-dog>'" in format_report(report)
-    by_hand = EvalSpec.model_validate({**spec, "negative_prompt": "blurry <no-dog>"})
+    assert f"{title} ({embedding}): strength 1 = negative prompt 'blurry, <no-dog>'" in format_report(report)
+    by_hand = EvalSpec.model_validate({**spec, "negative_prompt": "blurry, <no-dog>"})
     evaluate(models, None, by_hand, "cpu", BrightnessDetector(), tmp_path / "by_hand", False, [embedding])
     evaluate(
         models, None, EvalSpec.model_validate(spec), "cpu", BrightnessDetector(), tmp_path / "plain", False
@@ -939,3 +939,114 @@ def test_a_lora_holding_nan_stops_eval_before_any_image_is_made(tmp_path, tiny_f
     spec = EvalSpec(detector="nudenet", erase=[{"prompt": "a nude", "concept": "nudity"}])
     with pytest.raises(LecoError, match=rf"nan.safetensors: {first} holds NaN or inf values"):
         evaluate(models, [good, tmp_path / "nan.safetensors"], spec, "cpu", progress=False)
+
+
+# -- what a second read of eval found ----------------------------------------------------------
+
+
+def test_clip_reads_labels_that_differ_only_in_case_as_one(tiny_clip):
+    # CLIP lower-cases: "A Seven" and "a seven" score alike, so two labels would always hand every
+    # image to the first and the second would read as never drawn.
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(6)]
+    detector = ClipDetector(str(tiny_clip), ["a seven", "A  Seven", "a blank image"])
+    assert detector.labels == ["a seven", "a blank image"]
+    assert detector.present(images, "A  Seven") == detector.present(images, "a seven")
+    assert any(detector.present(images, "A Seven") + detector.present(images, "a blank image"))
+
+
+def test_a_kept_prompt_listed_as_well_as_by_keep_all_is_judged_as_keep_all_judges_it(tmp_path):
+    from leco.ink_digits.judge import InkDigitsDetector
+    from leco.models import resolve_bundled
+
+    detector = InkDigitsDetector.for_model(resolve_bundled("ink-digits"))
+    erase = [{"prompt": "a digit seven in red ink", "concept": "digit:7"}]
+    path = tmp_path / "spec.yaml"
+    path.write_text(json.dumps({"erase": erase, "keep": "all"}))
+    universe = {
+        (e.prompt, e.concept): e for e in judged_prompts(load_spec(path), detector) if e.kind == "keep"
+    }
+    marked = next(key for key, entry in universe.items() if entry.names_edit)  # a seven judged on its ink
+    path.write_text(
+        json.dumps({"erase": erase, "keep": ["all", {"prompt": marked[0], "concept": marked[1]}]})
+    )
+    listed = {(e.prompt, e.concept): e for e in judged_prompts(load_spec(path), detector) if e.kind == "keep"}
+    assert listed == universe
+
+
+def test_a_prompt_kept_on_two_concepts_counts_its_drift_once():
+    def row(concept: str, prompt: str, drift: float) -> dict:
+        return {"lora": "a", "kind": "keep", "prompt": prompt, "concept": concept, "strength": 1.0,
+                "detected": 1.0, "drift": drift}  # fmt: skip
+
+    rows = [
+        row("digit:3", "a digit three in blue ink", 0.3),
+        row("ink:blue", "a digit three in blue ink", 0.3),
+    ]
+    rows.append(row("digit:4", "a digit four", 0.0))
+    summary = summarise(rows, [1.0])["1"]
+    assert summary["kept_drift"] == pytest.approx(0.15)  # one image set each: (0.3 + 0) / 2
+    assert summary["kept_still_right"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ("strengths: [0, 1, 1]", "strengths: 1 is listed twice; list each strength once"),
+        ("strengths: [true]", "strengths: true/false, which this key does not take"),
+        ("images_per_prompt: true", "images_per_prompt: true/false, which this key does not take"),
+    ],
+)
+def test_spec_numbers_are_numbers_each_once(tmp_path, lines, message):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"{lines}\nerase: [{{prompt: a digit seven, concept: 'digit:7'}}]\n")
+    with pytest.raises(ConfigError, match=rf"spec.yaml: {re.escape(message)}"):
+        load_spec(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec_text", "message"),
+    [
+        ("erase: [{prompt: a digit seven, concept: 'digit:12'}]", "concept 'digit:12' is not known"),
+        ("detector: nudenet\nerase: [{prompt: a nude, concept: nudes}]", 'knows one concept, "nudity"'),
+        ("detector: nudenet\nerase: [{prompt: a nude, concept: Nudity}]\nkeep: all", "keep: all needs a"),
+        (
+            "detector: clip\nerase: [{prompt: a cat, concept: a cat}]\nalternatives: [a dog]",
+            "clip_model: missing",
+        ),
+    ],
+)
+def test_a_specs_detector_problems_stop_eval_before_the_model_loads(
+    tmp_path, monkeypatch, capsys, spec_text, message
+):
+    from leco import cli
+
+    def no_loading(args):
+        raise AssertionError("the model was loaded before the spec's detector was checked")
+
+    monkeypatch.setattr(cli, "load_for_images", no_loading)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(spec_text + "\n")
+    code = cli.main(["eval", "--model", "ink-digits", "--spec", str(spec), "--out", str(tmp_path / "r.json")])
+    error = capsys.readouterr().err
+    assert code == 2 and f"{spec}: " in error and message in error, error
+
+
+def test_nudenet_missing_is_said_with_the_extra_to_install_before_the_model_loads(
+    tmp_path, monkeypatch, capsys
+):
+    import importlib.util
+
+    from leco import cli
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "nudenet" else real_find_spec(name, *a)
+    )
+    monkeypatch.setattr(cli, "load_for_images", lambda args: pytest.fail("the model was loaded first"))
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("detector: nudenet\nerase: [{prompt: a nude, concept: Nudity}]\n")
+    code = cli.main(["eval", "--model", "ink-digits", "--spec", str(spec), "--out", str(tmp_path / "r.json")])
+    error = capsys.readouterr().err
+    assert code == 2 and f"{spec}: detector: nudenet needs the nudenet package" in error
+    assert 'pip install -e ".[nudenet]"' in error

@@ -622,7 +622,7 @@ def load_for_images(args: argparse.Namespace):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from leco.evaluate import evaluate, format_report, load_spec, write_report
+    from leco.evaluate import check_detector, evaluate, format_report, load_spec, write_report
     from leco.generate import infotext_model_name
 
     if Path(args.out).exists() and not args.overwrite:  # checked now, not after minutes of images
@@ -635,6 +635,7 @@ def run_eval(args: argparse.Namespace) -> int:
         spec.clip_skip, spec._clip_skip_option = args.clip_skip, "--clip-skip"
     spec_texts = [spec.negative_prompt, *(p.prompt for p in (*spec.erase, *spec.keep, *spec.enhance))]
     _read_embeddings(args.embedding, spec_texts, args.lora or ())
+    check_detector(spec)  # a missing package or a typo in a concept, before minutes of loading
     models, device = load_for_images(args)
     report = evaluate(
         models,

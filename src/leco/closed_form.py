@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from leco.checkpoints import RunFolder, kohya_leco_metadata
-from leco.conditioning import PromptEncoder
+from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, PromptEncoder, warn_if_misread
 from leco.config import LecoConfig, NetworkConfig, as_read
 from leco.errors import LecoError, warn
 from leco.models import DTYPES, LoadedModels, load_models
@@ -36,6 +36,7 @@ def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetw
     folder.check(overwrite=overwrite)
     models = load_models(config.pretrained_model, dtype=torch.float32)
     erased, guides, kept = edit_prompts(config, models)
+    warn_if_misread(models, [*erased, *guides, *kept], embedding_hint=NO_EMBEDDINGS_IN_TRAINING)
     states = text_states(models, config.pretrained_model.clip_skip, [*erased, *guides, *kept])
     erase_rows, guide_rows = aligned_states(models, states, erased, guides)
     keep_rows = torch.cat([states[text] for text in kept]) if kept else erase_rows[:0]
@@ -107,8 +108,11 @@ def text_states(models: LoadedModels, clip_skip: int | None, texts: list[str]) -
 
 
 def last_word(models: LoadedModels, text: str) -> int:
-    """The position of a prompt's last token before the end token (start token at 0)."""
-    return max(1, len(models.tokenizers[0](text).input_ids) - 2)
+    """The position of a prompt's last token before the end token (start token at 0), in the prompt
+    as the text encoder reads it: cut at the tokenizer's length (the states past it do not exist)."""
+    tokenizer = models.tokenizers[0]
+    ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    return max(1, len(ids) - 2)
 
 
 def aligned_states(

@@ -221,8 +221,15 @@ def words_a_token_spells(tokenizer: Any, token: str) -> list[str]:
     return words if known else []
 
 
-# An embedding's token as users write it: <name> (A1111's and our own spelling), not a <lora:...> tag.
-EMBEDDING_TOKEN = re.compile(r"<[^<>:|\s]+>")
+def negative_with_token(negative_prompt: str, token: str) -> str:
+    """A negative prompt with a negative embedding's token added, as A1111 users write it
+    ("blurry, <no-seven>"): training previews and eval add it alike."""
+    return f"{negative_prompt.strip()}, {token}" if negative_prompt.strip() else token
+
+
+# An embedding's token as users write it: <name> (A1111's and our own spelling), not a <lora:...> tag,
+# with what a token given on the command line may add after it (<no-seven>_1).
+EMBEDDING_TOKEN = re.compile(r"<[^<>:|\s]+>[\w-]*")
 
 
 def _warn_of_unknown_tokens(texts: Sequence[str], where: str, vocabulary: dict[str, int], hint: str) -> None:

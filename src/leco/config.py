@@ -106,14 +106,20 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
-        # pydantic reads `iterations: true` as 1; in a config that is a slip, never a number.
-        field = cls.model_fields.get(info.field_name or "")
-        if isinstance(value, bool) and field is not None and not _accepts_bool(field.annotation):
-            raise ValueError(
-                "true/false, which this key does not take; give its value (in YAML, quote the words it "
-                "reads as true/false: yes, no, on, off)"
-            )
-        return value
+        return no_bool_for_numbers(cls, value, info)
+
+
+def no_bool_for_numbers(model: type[BaseModel], value: Any, info: ValidationInfo) -> Any:
+    """A field validator: pydantic reads `iterations: true` as 1 (and `[true]` as [1.0]); in a config
+    that is a slip, never a number."""
+    field = model.model_fields.get(info.field_name or "")
+    values = value if isinstance(value, list) else [value]
+    if field is not None and any(isinstance(v, bool) for v in values) and not _accepts_bool(field.annotation):
+        raise ValueError(
+            "true/false, which this key does not take; give its value (in YAML, quote the words it "
+            "reads as true/false: yes, no, on, off)"
+        )
+    return value
 
 
 def _accepts_bool(annotation: Any) -> bool:
@@ -489,6 +495,12 @@ class PromptSettings(_Section):
                 f"guidance_scale: distill needs the CFG scale to distill, above 1 ({given}); e.g. "
                 "guidance_scale: 3"
             )
+        if self.action == "distill" and self.multiplier != 1:
+            # generate, eval and merge read a distilled LoRA as made for strength 1 (and guidance 1)
+            raise ValueError(
+                f"multiplier: {self.multiplier:g}, but a distilled LoRA is used at strength 1, where "
+                "it is trained; leave multiplier out of distill entries"
+            )
         return self
 
     def changed_keys(self, keys: set[str]) -> list[str]:
@@ -689,6 +701,8 @@ class LecoConfig(_Section):
             # The solve maps each target's text onto its neutral's (erase) or keeps it (preserve):
             # a direction between two other prompts is not something it can take.
             texts = {"unconditional", "positive"} | ({"neutral"} if entry.action == "preserve" else set())
+            if entry.action == "erase" and not entry.changed_keys({"neutral"}):
+                texts.discard("unconditional")  # it stands in for the neutral, which the solve reads
             unread = [key for key in entry.changed_keys(texts) if getattr(entry, key) != entry.target]
             if unread:
                 notes.append(

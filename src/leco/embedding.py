@@ -23,7 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from leco import __version__
-from leco.conditioning import Conditioning, PromptEncoder, words_a_token_spells
+from leco.conditioning import (
+    EMBEDDING_TOKEN,
+    Conditioning,
+    PromptEncoder,
+    negative_with_token,
+    words_a_token_spells,
+)
 from leco.errors import LecoError, warn
 from leco.models import LoadedModels
 from leco.network import kohya
@@ -111,9 +117,7 @@ class TokenEmbedding:
 
     def negative_prompt(self, strength: float, negative: str = "") -> str:
         """What a sampler's negative prompt is at this 'strength' (0: without the embedding)."""
-        if strength == 0:
-            return negative
-        return f"{negative}, {self.token}" if negative else self.token
+        return negative if strength == 0 else negative_with_token(negative, self.token)
 
     def text_state_change(self, moments: Tensor, texts: list[str]) -> Tensor:
         return moments.new_zeros(())  # a new token leaves every other prompt's text states as they are
@@ -196,6 +200,11 @@ class TokenEmbedding:
                     "e.g. <no-seven>"
                 )
         token = self.tokens[0]  # lower case (config): CLIP's tokenizer lowercases prompts
+        if not re.search(r"[^\W\d_]", token) and not EMBEDDING_TOKEN.fullmatch(token):
+            raise LecoError(  # "77" would stand in wherever a prompt writes the number 77
+                f"network.token: {token!r} is digits and punctuation, which prompts write anyway; choose "
+                f"a new word, e.g. <{token}>"
+            )
         if words := words_a_token_spells(tokenizer, token):
             raise LecoError(
                 f"network.token: {token!r} is the word(s) {', '.join(words)} and punctuation, which "

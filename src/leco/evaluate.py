@@ -11,6 +11,7 @@ several seeds) are judged on the same images of the plain model and the same see
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -26,11 +27,12 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from leco.conditioning import warn_if_misread
+from leco.conditioning import negative_with_token, warn_if_misread
 from leco.config import (
     MAX_GUIDANCE,
     MAX_SIDE,
@@ -38,6 +40,7 @@ from leco.config import (
     ConfigError,
     as_read,
     describe_validation_error,
+    no_bool_for_numbers,
     read_yaml,
 )
 from leco.errors import LecoError, warn
@@ -67,6 +70,12 @@ from leco.images import ImageRequest, format_strength, save_image, strengths_nam
 from leco.models import LoadedModels, check_hub_repo_available, quiet_library_logs, sampling_for
 
 KINDS = ("erase", "keep", "enhance")
+NO_CONCEPT_LIST = {  # keep: all, with a detector that cannot list what it knows
+    "clip": "keep: all needs a detector with a closed list of concepts; the clip detector takes any "
+    "text, so list the keep: prompts yourself",
+    "nudenet": 'keep: all needs a detector with a list of concepts; nudenet knows one ("nudity"), '
+    "so list the keep: prompts yourself",
+}
 KEEP_ALL = "all"
 SHOWN_KEPT_ROWS = 12  # format_report lists at most this many kept rows (the worst) unless all_rows
 
@@ -112,9 +121,17 @@ class EvalSpec(BaseModel):
     keep_all: bool = False  # written `keep: all` (or `all` as an item of keep:)
     enhance: list[EnhancedPrompt] = Field(default_factory=list)  # should appear more often (at its end)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        return no_bool_for_numbers(cls, value, info)
+
     @field_validator("strengths")
     @classmethod
     def _strengths_told_apart(cls, strengths: list[float]) -> list[float]:
+        repeated = next((s for n, s in enumerate(strengths) if s in strengths[:n]), None)
+        if repeated is not None:  # each strength is rendered once: a repeat would be judged as one
+            raise ValueError(f"{repeated:g} is listed twice; list each strength once")
         alike = strengths_named_alike(strengths)
         if alike:  # the report's summary and the image files are keyed by the label
             raise ValueError(
@@ -279,19 +296,43 @@ def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:
                 )
 
 
+NUDENET_MISSING = (
+    'detector: nudenet needs the nudenet package; install leco with its extra: pip install -e ".[nudenet]" '
+    "in the checkout (or pip install nudenet)"
+)
+
+
+def check_detector(spec: EvalSpec) -> None:
+    """What the spec asks of its detector that is known before the diffusion model loads (minutes
+    on SD): the detector's package, its model, `keep: all`, and the concepts it is asked for."""
+    with _named_by(spec):
+        if spec.detector == "nudenet" and importlib.util.find_spec("nudenet") is None:
+            raise LecoError(NUDENET_MISSING)
+        if spec.detector == "clip":
+            if not spec.clip_model:
+                raise LecoError("clip_model: missing; name a CLIP model (HF id or local folder)")
+            check_hub_repo_available(spec.clip_model, "clip_model", "config.json")
+        if spec.keep_all and spec.detector != "ink-digits":
+            raise LecoError(NO_CONCEPT_LIST[spec.detector])
+        for item in spec.erase + spec.keep + spec.enhance:
+            if spec.detector == "nudenet":
+                NudeNetDetector.check_concept(item.concept)
+            elif spec.detector == "ink-digits":
+                from leco.ink_digits.judge import InkDigitsDetector
+
+                InkDigitsDetector.check_concept(item.concept)
+
+
 def make_detector(spec: EvalSpec, models: LoadedModels) -> Detector:
+    check_detector(spec)
     if spec.detector == "ink-digits":
         from leco.ink_digits.judge import InkDigitsDetector
 
         return InkDigitsDetector.for_model(models.folder)
     if spec.detector == "clip":
-        if not spec.clip_model:
-            raise ConfigError(
-                f"{spec._source}: clip_model: missing; name a CLIP model (HF id or local folder)"
-            )
         labels = [c.concept for c in spec.erase + spec.keep + spec.enhance] + spec.alternatives
         try:
-            return ClipDetector(spec.clip_model, labels)
+            return ClipDetector(str(spec.clip_model), labels)
         except LecoError as error:  # "clip_model: ..." is the spec's key: name its file
             raise LecoError(f"{spec._source}: {error}") from None
     return NudeNetDetector()
@@ -314,28 +355,36 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
     # A kept prompt the spec also erases or enhances on (keep "a digit two in red ink" on its digit
     # where red is erased): its image is meant to change, as for `keep: all`'s own such prompts.
     edited = {as_read(i.prompt) for i in spec.erase + spec.enhance}
+    universe: list[JudgedPrompt] = []
+    if spec.keep_all:
+        touched = [item.concept for item in spec.erase + spec.enhance]
+        with _named_by(spec):
+            whole = dict(detector.concept_universe([]))  # each prompt's concept with nothing left out
+            universe = [
+                JudgedPrompt("keep", prompt, concept, names_edit=whole.get(prompt, concept) != concept)
+                for prompt, concept in detector.concept_universe(touched)
+            ]
+
+    def judged_as(prompt: str, concept: str) -> tuple[str, frozenset[str]]:
+        return as_read(prompt), concept_parts(spec.detector, concept)
+
+    # A kept prompt `keep: all` also holds is marked as `all` marks it: listing it changes nothing.
+    marked = {judged_as(entry.prompt, entry.concept) for entry in universe if entry.names_edit}
     entries = [
         JudgedPrompt(
             kind,
             i.prompt,
             i.concept,
-            names_edit=kind == "keep" and as_read(i.prompt) in edited,
+            names_edit=kind == "keep"
+            and (as_read(i.prompt) in edited or judged_as(i.prompt, i.concept) in marked),
             end=getattr(i, "end", 1),
         )
         for kind in KINDS
         for i in getattr(spec, kind)
     ]
     if spec.keep_all:
-        listed = {(as_read(item.prompt), concept_parts(spec.detector, item.concept)) for item in spec.keep}
-        touched = [item.concept for item in spec.erase + spec.enhance]
-        with _named_by(spec):
-            whole = dict(detector.concept_universe([]))  # each prompt's concept with nothing left out
-            universe = detector.concept_universe(touched)
-        entries += [
-            JudgedPrompt("keep", prompt, concept, names_edit=whole.get(prompt, concept) != concept)
-            for prompt, concept in universe
-            if (as_read(prompt), concept_parts(spec.detector, concept)) not in listed
-        ]
+        listed = {judged_as(item.prompt, item.concept) for item in spec.keep}
+        entries += [entry for entry in universe if judged_as(entry.prompt, entry.concept) not in listed]
         if not any(entry.kind == "keep" for entry in entries):
             raise LecoError(
                 f"{spec._source}: keep: all leaves nothing to keep; the spec erases or enhances every "
@@ -431,7 +480,7 @@ def evaluate(
         warn_if_misread(models, [settings.negative_prompt], "negative prompt", expand=expand)
         for negative in negatives.values():  # each loads alone (seeds of one run share a token): check now
             with embeddings_loaded(pipe, [negative]):
-                with_token = _negative_with_token(settings.negative_prompt, negative.token)
+                with_token = negative_with_token(settings.negative_prompt, negative.token)
                 warn_if_misread(models, [with_token], f"negative prompt with {negative.path.name}", expand)
         base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
         _save_images(base, folders.values(), slugs, _infotext(pipe, settings, model_name, None))
@@ -501,11 +550,6 @@ def _negative_embeddings(loras: list[Path], labels: list[str], strengths: list[f
     return negatives
 
 
-def _negative_with_token(negative_prompt: str, token: str) -> str:
-    """The spec's negative prompt with a negative embedding's token added (its strength 1)."""
-    return f"{negative_prompt} {token}".strip()
-
-
 @contextmanager
 def _applied(
     pipe, path: Path, family, settings: SamplingSettings, negative: Any | None
@@ -513,7 +557,7 @@ def _applied(
     """A LoRA loaded at a settable strength, or a negative embedding's token added to the negative prompt."""
     if negative is not None:
         with_token = replace(
-            settings, negative_prompt=_negative_with_token(settings.negative_prompt, negative.token)
+            settings, negative_prompt=negative_with_token(settings.negative_prompt, negative.token)
         )
         with embeddings_loaded(pipe, [negative]):
             yield (lambda _: None), with_token
@@ -636,6 +680,8 @@ MEASURES = (
 
 def _measured(rows: list[dict[str, Any]], name: str, kind: str, field: str, strength: float) -> list[dict]:
     values = [r for r in rows if r["kind"] == kind and not (field == "drift" and r.get("names_edit"))]
+    if field == "drift":  # a prompt judged on several concepts has one set of images: one drift
+        values = list({(r["lora"], as_read(r["prompt"])): r for r in reversed(values)}.values())[::-1]
     if kind != "enhance":
         return values
     if strength == 0:  # the model as it is: every enhanced concept before
@@ -729,7 +775,7 @@ def _lora_title(report: dict[str, Any], label: str) -> str:
     if token is None:
         return f"LoRA {label} ({report['loras'][label]})"
     path = report["loras"][label]
-    negative = _negative_with_token(report.get("spec", {}).get("negative_prompt") or "", token)
+    negative = negative_with_token(report.get("spec", {}).get("negative_prompt") or "", token)
     return f"negative embedding {label} ({path}): strength 1 = negative prompt {negative!r}"
 
 
@@ -897,7 +943,9 @@ class ClipDetector:
             raise LecoError(
                 f"clip_model: {model!r} cannot be loaded ({str(error).splitlines()[0][:120]})"
             ) from None
-        self.labels = list(dict.fromkeys(labels))
+        # CLIP's tokenizer lower-cases and collapses spaces: "A Seven" and "a seven" are one label
+        # to it, scored alike, so kept as one (two would split every image's vote between them).
+        self.labels = list(dict.fromkeys(map(as_read, labels)))
 
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
         import torch
@@ -911,14 +959,11 @@ class ClipDetector:
         pass  # any text is a zero-shot label
 
     def concept_universe(self, exclude: Sequence[str]) -> list[tuple[str, str]]:
-        raise LecoError(
-            "keep: all needs a detector with a closed list of concepts; the clip detector "
-            "takes any text, so list the keep: prompts yourself"
-        )
+        raise LecoError(NO_CONCEPT_LIST["clip"])
 
     def present(self, images: list[Image.Image], concept: str) -> list[bool]:
         best = self.probabilities(images).argmax(axis=1)
-        return [self.labels[i] == concept for i in best]
+        return [self.labels[i] == as_read(concept) for i in best]
 
     def clip_score(self, images: list[Image.Image], text: str) -> float:
         """100 x the mean cosine similarity of image and text embeddings (the usual CLIP score)."""
@@ -947,19 +992,17 @@ class NudeNetDetector:
         try:
             from nudenet import NudeDetector
         except ImportError:
-            raise LecoError("detector: nudenet needs the nudenet package; pip install nudenet") from None
+            raise LecoError(NUDENET_MISSING) from None
         self.detector = NudeDetector()
         self.threshold = threshold
 
-    def check_concept(self, concept: str) -> None:
-        if concept != "nudity":
+    @staticmethod
+    def check_concept(concept: str) -> None:
+        if concept.strip().lower() != "nudity":
             raise LecoError(f'the nudenet detector knows one concept, "nudity", not {concept!r}')
 
     def concept_universe(self, exclude: Sequence[str]) -> list[tuple[str, str]]:
-        raise LecoError(
-            'keep: all needs a detector with a list of concepts; nudenet knows one ("nudity"), '
-            "so list the keep: prompts yourself"
-        )
+        raise LecoError(NO_CONCEPT_LIST["nudenet"])
 
     def present(self, images: list[Image.Image], concept: str) -> list[bool]:
         found = []

@@ -101,8 +101,11 @@ def anchor_prompts(
     anchors: AnchorConfig, prompts: list[PromptSettings], model_folder: str | Path
 ) -> list[str]:
     """The anchor prompts a run uses: as listed, or drawn from what the model knows (`auto`)."""
+    for number, entry in enumerate(prompts, start=1):
+        if entry.action == "preserve":
+            _warn_of_edited_anchors(entry.targets, prompts, f"prompts entry {number} (preserve)")
     if anchors.prompts != "auto":
-        _warn_of_edited_anchors(anchors.prompts, prompts)
+        _warn_of_edited_anchors(anchors.prompts, prompts, "anchors.prompts")
         return list(anchors.prompts)
     candidates = known_prompts(model_folder)
     excluded = [as_read(text) for text in anchors.exclude or []]  # "The  number 3" is "the number 3"
@@ -132,8 +135,9 @@ def anchor_prompts(
     return kept
 
 
-def _warn_of_edited_anchors(anchors: list[str], prompts: list[PromptSettings]) -> None:
-    """An anchor that is an edited prompt (a config copied for another concept) pulls against it."""
+def _warn_of_edited_anchors(anchors: list[str], prompts: list[PromptSettings], where: str) -> None:
+    """An anchor (or preserved prompt) that is an edited prompt (a config copied for another concept)
+    pulls against the edit."""
     edited = {}
     for number, entry in enumerate(prompts, start=1):
         if entry.action != "preserve":
@@ -144,8 +148,8 @@ def _warn_of_edited_anchors(anchors: list[str], prompts: list[PromptSettings]) -
         number = edited.get(as_read(anchor))
         if number is not None:
             warn(
-                f"anchors.prompts: {anchor!r} is a prompt that prompts entry {number} edits; as an anchor it "
-                "is kept as the model draws it, against the edit: remove it from the anchors"
+                f"{where}: {anchor!r} is a prompt that prompts entry {number} edits; kept as the model "
+                f"draws it, it pulls against the edit: remove it from {where}"
             )
 
 

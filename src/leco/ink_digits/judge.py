@@ -234,8 +234,9 @@ class InkDigitsDetector:
     def _name(kind: str, value: int) -> str:
         return str(value) if kind == "digit" else ALL_INKS[value]
 
-    def check_concept(self, concept: str) -> None:
-        self._parse(concept)
+    @staticmethod
+    def check_concept(concept: str) -> None:
+        InkDigitsDetector._parse(concept)
 
     def present(self, images: list[Image.Image], concept: str) -> list[bool]:
         reading = self.judge.read(images)
