@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipe_runs import apply_changes, positive_int, seed_list
+from recipe_runs import apply_changes, positive_int, seed_list, train_fully
 
-from leco import train
 from leco.cli import quiet_libraries
 from leco.conditioning import PromptEncoder, predict
 from leco.config import load_config
@@ -215,7 +214,7 @@ def main() -> None:
                 config.train.iterations = args.iterations
             apply_changes(config, args.set)
             start = time.perf_counter()
-            result = train(config, progress=False)
+            result = train_fully(config, progress=False)
             runs.append((f"seed {seed}", result.path, time.perf_counter() - start))
         for name, path, trained in runs:
             network = LoRANetwork.from_file(models.unet, models.family, path)

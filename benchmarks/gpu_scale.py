@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from recipe_runs import positive_int
+from recipe_runs import known_names, positive_int
 from reference import reference_step
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -174,11 +174,21 @@ def estimate(family: str) -> dict[str, float]:
         )
         weights = sum(p.numel() for p in models.unet.parameters()) * 2 / GIB
         lora = sum(p.numel() for p in trainer.trainable.parameters()) * 4 * 4 / GIB  # weight, grad, 2 moments
+        # Autograd saves a frozen layer's weight for its input's gradient: already counted above, and
+        # the same whatever the image size, so not an activation to scale with the pixels.
+        weights_held = {
+            p.untyped_storage().data_ptr()
+            for p in [*models.unet.parameters(), *trainer.trainable.parameters()]
+        }
         saved = []
+
+        def count(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.untyped_storage().data_ptr() not in weights_held:
+                saved.append(tensor.numel() * tensor.element_size())
+            return tensor
+
         samples = trainer.samples.next()
-        with torch.autograd.graph.saved_tensors_hooks(
-            lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t
-        ):
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
             trainer.loss(Step(samples, []))
     activations = sum(saved) * 16 / GIB  # 4x the side: 16x the pixels
     return {
@@ -206,7 +216,7 @@ def main() -> None:
     )
     parser.add_argument("--estimate", action="store_true", help="no GPU: estimated peak memory")
     args = parser.parse_args()
-    families = args.families.split(",")
+    families = known_names(parser, "--families", args.families, FAMILIES)
     if args.estimate:
         print("ESTIMATE (no GPU run): peak GiB = UNet fp16 weights + LoRA/AdamW + saved activations + 1")
         print("| model | size | weights | LoRA + optimizer | activations (no checkpointing) | peak |")

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from recipe_runs import apply_changes, positive_int, seed_list
+from recipe_runs import apply_changes, positive_int, seed_list, train_fully
 
-from leco import embedding, train
+from leco import embedding
 from leco.cli import quiet_libraries
 from leco.conditioning import Conditioning
 from leco.config import load_config
@@ -117,7 +117,7 @@ def train_states(kind: type[FreeStates], folder: str) -> torch.Tensor:
     config.train.lr, config.train.iterations = 1e-2, 900  # the states' own scale: a smaller lr, longer
     original, embedding.TokenEmbedding = embedding.TokenEmbedding, kind  # what create_trainable builds
     try:
-        result = train(config, progress=False)
+        result = train_fully(config, progress=False)
     finally:
         embedding.TokenEmbedding = original
     result.trainable.remove()
@@ -242,7 +242,7 @@ def main() -> None:
             for entry in config.prompts:
                 if guidance is not None and entry.action == "erase":
                     entry.guidance_scale = guidance
-            result = train(config, progress=False)
+            result = train_fully(config, progress=False)
             result.trainable.remove()
             with embeddings_loaded(pipe, [str(result.path)]):
                 images = [render(pipe, cases, seeds, token) for cases in (ERASED, kept_cases)]

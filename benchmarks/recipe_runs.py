@@ -15,6 +15,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from leco.config import describe_validation_error
 from leco.errors import LecoError
 from leco.evaluate import ConceptPrompt, EnhancedPrompt, EvalSpec
 
@@ -78,9 +79,23 @@ def known_names(parser: argparse.ArgumentParser, option: str, text: str, known: 
 def seed_list(parser: argparse.ArgumentParser, text: str) -> list[int]:
     """--seeds as whole numbers; anything else stops with one line."""
     try:
-        return [int(s) for s in text.split(",")]
+        seeds = [int(s) for s in text.split(",")]
     except ValueError:
         parser.error(f"--seeds: {text!r} is not a comma-separated list of whole numbers, e.g. 0,1,2")
+    if any(seed < 0 for seed in seeds):  # leco reads -1 as "draw one": a row that cannot be repeated
+        parser.error(f"--seeds: {text!r}: seeds are 0 or more, so that every row can be trained again")
+    return seeds
+
+
+def train_fully(config: Any, **options: Any) -> Any:
+    """leco.train, but a run stopped by Ctrl-C or SIGTERM (which leco.train saves and returns)
+    ends the benchmark: no row is printed from a half-trained file."""
+    from leco import train
+
+    result = train(config, **options)
+    if result.interrupted:
+        raise SystemExit(f"interrupted at step {result.steps}; the benchmark stops (saved {result.path})")
+    return result
 
 
 def print_table(
@@ -139,9 +154,11 @@ def apply_changes(config: Any, changes: list[str]) -> None:
             # Only the keys set so far: the others stay defaults, not keys the config "set".
             given = section.model_dump(exclude_unset=True)
             updated = type(section).model_validate({**given, field: yaml.safe_load(value)})
-        except (ValidationError, yaml.YAMLError) as error:
-            reason = error.errors()[0]["msg"] if isinstance(error, ValidationError) else "not valid YAML"
-            raise SystemExit(f"--set {change!r}: {reason}") from None
+        except yaml.YAMLError:
+            raise SystemExit(f"--set {change!r}: not valid YAML") from None
+        except ValidationError as error:  # leco's own words: the key, what is wrong, what is allowed
+            reason = describe_validation_error(error, Path("--set"), type(section), prefix=f"{name}.")
+            raise SystemExit(f"--set {change!r}: {reason.removeprefix('--set: ')}") from None
         setattr(config, name, updated)
     if changes and hasattr(config, "check_combination"):  # settings fine alone but not together
         try:

@@ -35,9 +35,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from recipe_runs import apply_changes, known_names, positive_int, seed_list
+from recipe_runs import apply_changes, known_names, positive_int, seed_list, train_fully
 
-from leco import train
 from leco.cli import quiet_libraries
 from leco.conditioning import PromptEncoder, predict
 from leco.config import AnchorConfig, ConfigError, load_config
@@ -396,7 +395,7 @@ def measure(
     for seed in seeds:
         start = time.perf_counter()
         config = configure(recipe, seed, folder / recipe / str(seed), changes, config_path)
-        result = train(config, progress=False)
+        result = train_fully(config, progress=False)
         seconds.append(time.perf_counter() - start)
         pipe = build_pipeline(models)
         judge = InkDigitsJudge.load(models.source)

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser
+from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser, train_fully
 
-from leco import train
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
 from leco.evaluate import EvalSpec, evaluate
@@ -224,7 +223,7 @@ def run(task_name: str, recipe: str, seeds: list[int], images: int, models, fold
         for change in RECIPES[recipe]:
             change(document, task)
         start = time.perf_counter()
-        result = train(LecoConfig.model_validate(document), progress=False)
+        result = train_fully(LecoConfig.model_validate(document), progress=False)
         seconds.append(time.perf_counter() - start)
         files.append(result.path)
     report = evaluate(models, files, eval_spec(task, images), "cpu", progress=False)

@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--reuse", default="1,2,4,8", help="samples_per_rollout values to time")
     parser.add_argument("--threads", type=positive_int, default=2)
     args = parser.parse_args()
+    reuses = positive_ints(parser, "--reuse", args.reuse)  # before minutes of timing
+    if args.model is not None and not Path(args.model).is_dir():
+        parser.error(f"--model: {args.model} is not a folder; name a diffusers model folder")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
@@ -97,7 +100,7 @@ def main() -> None:
             f"{'reference (m=1, doubled teacher)':<34}{ref_speed:>9.2f}{ref_calls:>17.1f}{ref_rows:>11.1f}"
             f"{1.0:>10.2f}"
         )
-        for reuse in positive_ints(parser, "--reuse", args.reuse):
+        for reuse in reuses:
             trainer = make_trainer(model, tmp, reuse, args.denoising_steps)
             speed, calls, rows = measure(trainer.train_step, trainer, args.steps)
             print(

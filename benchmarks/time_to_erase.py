@@ -290,8 +290,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--max-steps", type=positive_int, default=400)
     parser.add_argument("--check-every", type=positive_int, default=10)
-    parser.add_argument("--skip-scaling", action="store_true", help="only the settings table")
-    parser.add_argument("--only-scaling", action="store_true", help="only the scaling tables")
+    tables = parser.add_mutually_exclusive_group()
+    tables.add_argument("--skip-scaling", action="store_true", help="only the settings table")
+    tables.add_argument("--only-scaling", action="store_true", help="only the scaling tables")
     parser.add_argument(
         "--concepts", default="1,5,9,20", help="the scaling rows: concepts erased in one LoRA"
     )

@@ -27,9 +27,8 @@ from typing import Any
 
 import numpy as np
 import yaml
-from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser
+from recipe_runs import ink_digits_spec, parse, print_table, recipe_parser, train_fully
 
-from leco import train
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
 from leco.evaluate import EvalSpec, evaluate
@@ -211,9 +210,9 @@ def run(task: str, recipe: str, seeds: list[int], images: int, folder: Path) -> 
             half = config.model_copy(deep=True)
             half.train.iterations //= 2
             half.teacher.rollout_share = 1.0
-            result = train(config, resume=train(half, progress=False).state, progress=False)
+            result = train_fully(config, resume=train_fully(half, progress=False).state, progress=False)
         else:
-            result = train(config, progress=False)
+            result = train_fully(config, progress=False)
         seconds.append(time.perf_counter() - start)
         files.append(result.path)
     student = load_models(document["pretrained_model"]["name_or_path"], with_vae=True)

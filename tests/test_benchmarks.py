@@ -37,6 +37,11 @@ def test_gpu_scale_smoke_prints_a_row_per_setting():
         (["distill.py", "--images", "0"], "argument --images: 0 must be 1 or more"),
         (["slider_leak.py", "--slider", "3,green,purple"], "--slider: give a digit and two of the inks"),
         (["slider_padding.py", "--steps", "0"], "argument --steps: 0 must be 1 or more"),
+        (["specificity.py", "--seeds", "0,-1"], "--seeds: '0,-1': seeds are 0 or more"),  # -1: drawn
+        (["gpu_scale.py", "--families", "sd1.5,bogus"], "--families: bogus not known; choose from sd1.5"),
+        (["step_speed.py", "--reuse", "x"], "--reuse: 'x' is not a whole number"),  # before the timing
+        (["time_to_erase.py", "--skip-scaling", "--only-scaling"], "not allowed with argument"),
+        (["rollout_reuse.py", "--example", "nope"], "--example: "),
     ],
 )
 def test_a_benchmark_refuses_a_bad_flag_in_one_line_before_any_work(command, expected, monkeypatch, capsys):
@@ -65,3 +70,18 @@ def test_the_eval_specs_benchmarks_build_are_valid(monkeypatch):
     assert {item.concept for item in spec.enhance} == {"ink:teal"} and all(i.end == 1 for i in spec.enhance)
     for task in specificity.TASKS.values():
         assert specificity.eval_spec(task, images=1).erase
+
+
+def test_a_benchmark_stops_rather_than_judge_a_run_stopped_half_way(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import recipe_runs
+
+    from leco.trainer import TrainResult
+
+    stopped = TrainResult(Path("fox_interrupted.safetensors"), Path("fox_state"), 7, True, None)
+    monkeypatch.setattr("leco.train", lambda config, **options: stopped)
+    with pytest.raises(SystemExit, match="interrupted at step 7; the benchmark stops"):
+        recipe_runs.train_fully({}, progress=False)
+    finished = TrainResult(Path("fox_last.safetensors"), Path("fox_state"), 9, False, None)
+    monkeypatch.setattr("leco.train", lambda config, **options: finished)
+    assert recipe_runs.train_fully({}, progress=False) is finished

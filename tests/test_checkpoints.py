@@ -1,5 +1,6 @@
 """Run folders: outputs checked before training, one run per name at a time, nothing silently lost."""
 
+import shlex
 import shutil
 import signal
 from pathlib import Path
@@ -209,7 +210,7 @@ def test_sigterm_and_a_hang_up_save_an_interrupted_file_like_ctrl_c(tmp_path, ti
     process, out, err = stop_a_cli_run(tmp_path, tiny_folders["sd1"], stop_signal)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "continue with: leco train" in out
-    assert f"{stop_signal.name} again aborts without saving" in out
+    assert f"{stop_signal.name} again aborts without saving" in err  # stdout stays the results
     _, metadata = read_lora_file(tmp_path / "out" / "fox_interrupted.safetensors")
     assert 2 <= int(metadata["leco.step"]) < 400
 
@@ -363,7 +364,7 @@ def test_a_second_signal_during_a_save_aborts_after_the_save_not_inside_it(capsy
             stop._handle(signal.SIGINT, None)  # the second, mid-save: waits for it
             written.append("file and state")
         assert written == ["file and state"]
-        assert "aborting once the file being saved is written" in capsys.readouterr().out
+        assert "aborting once the file being saved is written" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
             stop._handle(signal.SIGINT, None)  # outside a save: at once
 
@@ -498,3 +499,54 @@ def test_a_preview_that_cannot_be_written_is_a_warning_and_training_goes_on(
         "fox_last.png not written (Read-only file system); the trained files are saved"
         in capsys.readouterr().err
     )
+
+
+def overwritten_with_previews(folder, out: Path):
+    """A run whose grids (every 2 steps) come before its first save (step 4)."""
+    config = make_config(folder, out, iterations=5, max_denoising_steps=2)
+    config.preview.prompts, config.preview.every, config.preview.steps = ["a fox"], 2, 2
+    return config
+
+
+def test_overwrite_keeps_the_grids_the_new_run_drew_before_its_first_save(tmp_path, tiny_folders):
+    train(overwritten_with_previews(tiny_folders["sd1"], tmp_path), progress=False)
+    grids = tmp_path / "previews"
+    (grids / "fox_2steps.png").write_bytes(b"the earlier run's grid")
+    train(overwritten_with_previews(tiny_folders["sd1"], tmp_path), overwrite=True, progress=False)
+    assert sorted(p.name for p in grids.iterdir()) == ["fox_2steps.png", "fox_4steps.png", "fox_last.png"]
+    assert (grids / "fox_2steps.png").read_bytes() != b"the earlier run's grid"  # drawn again, kept
+
+
+def test_a_stop_asked_for_does_not_wait_for_a_scheduled_grid(tmp_path, tiny_folders, monkeypatch):
+    trainer = Trainer(overwritten_with_previews(tiny_folders["sd1"], tmp_path), progress=False)
+    drawn = []
+    monkeypatch.setattr(trainer, "render_preview", drawn.append)
+    trainer.step = 2
+    with StopRequest() as stop:
+        trainer.save_if_due(stop)
+        stop._handle(signal.SIGINT, None)
+        trainer.step = 6
+        trainer.save_if_due(stop)  # due, but the run is about to save and stop: its grid then
+    assert drawn == ["2steps"]
+
+
+def test_the_resume_hint_pastes_as_one_argument_per_path(tmp_path, tiny_folders):
+    spaced = tmp_path / "my runs"
+    spaced.mkdir()
+    process, out, err = stop_a_cli_run(spaced, tiny_folders["sd1"], signal.SIGINT)
+    assert process.returncode == 130, err
+    hint = next(line for line in out.splitlines() if line.startswith("continue with: "))
+    words = shlex.split(hint.removeprefix("continue with: "))
+    assert words[:2] == ["leco", "train"] and Path(words[2]).is_file() and Path(words[-1]).is_dir(), words
+
+
+def test_overwrite_takes_the_earlier_runs_tensorboard_curves_with_it(tmp_path, tiny_folders):
+    train(make_config(tiny_folders["sd1"], tmp_path, iterations=4), progress=False)
+    logs, named = tmp_path / "logs" / "fox", tmp_path / "runs"
+    logs.mkdir(parents=True)
+    named.mkdir()
+    for folder in (logs, named):  # the default folder's, and one a config named itself
+        (folder / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"the earlier run's curves")
+    (logs / "notes.txt").write_text("the user's")
+    train(make_config(tiny_folders["sd1"], tmp_path, iterations=4), overwrite=True, progress=False)
+    assert sorted(p.name for p in logs.iterdir()) == ["notes.txt"] and len(list(named.iterdir())) == 1

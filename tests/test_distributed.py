@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from test_trainer import make_config, stop_a_cli_run, write_yaml_config
 
 from leco.distributed import Ranks
@@ -73,7 +74,7 @@ def test_a_stopped_data_parallel_run_saves_once_without_a_traceback(tmp_path, ti
     process, out, err = stop_a_cli_run(tmp_path, tiny_folders["sd1"], stop_signal, "--num-processes", "2")
     assert process.returncode == 130, err
     assert "Traceback" not in err and "Error" not in err, err  # torchrun's, when it was signalled itself
-    assert out.count("stopping after this step") == 1 and "continue with: leco train" in out, out
+    assert err.count("stopping after this step") == 1 and "continue with: leco train" in out, (out, err)
     assert "--num-processes 2" in out.splitlines()[-1]  # the resume needs as many processes
     _, metadata = read_lora_file(tmp_path / "out" / "fox_interrupted.safetensors")
     assert 2 <= int(metadata["leco.step"]) < 400
@@ -95,7 +96,7 @@ def test_ctrl_c_while_torchrun_starts_waits_for_the_processes_and_aborts_quietly
     assert process.returncode == 130, err
     assert "Traceback" not in err and "FAILED" not in err and "exitcode" not in err, err
     # Stopped while loading (most runs): aborted; if the processes were already training: saved.
-    aborted, saved = err.count("leco train: aborted"), out.count("stopping after this step")
+    aborted, saved = err.count("leco train: aborted"), err.count("stopping after this step")
     assert (aborted, saved) in ((1, 0), (0, 1)), (out, err)
 
 
@@ -170,3 +171,18 @@ def test_a_resume_another_process_count_saved_is_refused_once_before_any_process
     assert main(["train", str(config), "--resume", str(state), "--num-processes", "2"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and "was saved by 1 data-parallel processes" in errors[0]
+
+
+def test_a_bad_input_the_processes_find_after_loading_is_one_line_and_exit_2(tmp_path, tiny_folders):
+    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=ITERATIONS)
+    document = yaml.safe_load(config.read_text())
+    document["pretrained_model"]["clip_skip"] = 40  # found once the text encoder is loaded
+    config.write_text(yaml.safe_dump(document))
+    result = subprocess.run(
+        [sys.executable, "-m", "leco", "train", str(config), "--no-progress", "--num-processes", "2"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr  # once, not torchrun's report too
+    assert errors[0].startswith(f"leco train: error: {config}: pretrained_model.clip_skip: 40 skips past")
+    assert result.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in result.stderr

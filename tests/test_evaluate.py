@@ -1050,3 +1050,15 @@ def test_nudenet_missing_is_said_with_the_extra_to_install_before_the_model_load
     error = capsys.readouterr().err
     assert code == 2 and f"{spec}: detector: nudenet needs the nudenet package" in error
     assert 'pip install -e ".[nudenet]"' in error
+
+
+def test_evaluate_takes_a_spec_as_a_dict_checked_as_a_file_is(tmp_path, tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    keep = [{"prompt": "a dog", "concept": "bright>0.5"}]
+    spec = {"images_per_prompt": 1, "steps": 2, "strengths": [1], "keep": keep}
+    report = evaluate(models, None, spec, "cpu", BrightnessDetector(), progress=False)
+    assert report["spec"]["strengths"] == [0.0, 1.0] and [r["prompt"] for r in report["rows"]] == ["a dog"]
+    with pytest.raises(ConfigError, match=r"^spec: images_per_prompt: Input should be greater than or equal"):
+        evaluate(models, None, {**spec, "images_per_prompt": 0}, "cpu", BrightnessDetector(), progress=False)
+    with pytest.raises(ConfigError, match=r"^spec: a list; give a spec file's path, a dict or an EvalSpec"):
+        evaluate(models, None, [spec], "cpu", BrightnessDetector(), progress=False)

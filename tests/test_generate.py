@@ -892,3 +892,10 @@ def test_an_sdxl_lora_named_by_diffusers_paths_draws_what_its_sgm_names_draw(
     save_file(both, both_file)
     with pytest.raises(LecoError, match=r"add_embedding_linear_1 names the same layer as .*two namings"):
         run_generation(models, both_file, requests, SETTINGS, tmp_path / "both", "cpu", False)
+
+
+def test_no_requests_is_one_line_not_an_empty_grid(tmp_path, tiny_folders):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    with pytest.raises(LecoError, match="requests: an empty list; give at least one ImageRequest"):
+        run_generation(models, None, [], SamplingSettings(steps=2), tmp_path / "out", torch.device("cpu"))
+    assert not (tmp_path / "out").exists()

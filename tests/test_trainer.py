@@ -845,8 +845,12 @@ def test_the_python_api_takes_a_file_a_dict_or_a_config_and_refuses_the_rest(
         train(path, resume=tmp_path / "out_state", overwrite=True)
     with pytest.raises(LecoError, match="config: a int; give a config file's path, a dict"):
         train(3)
-    with pytest.raises(LecoError, match="prompts_file: missing; name the prompts YAML"):
+    # a dict is no file: its problems are named "config", not a path beside the working folder
+    with pytest.raises(LecoError, match="^config: prompts_file: missing; name the prompts YAML"):
         train({key: value for key, value in document.items() if key != "prompts_file"})
+    absent = r"^config: prompts_file: .absent.yaml. not found \(looked at absent.yaml\)"
+    with pytest.raises(LecoError, match=absent):
+        train({**document, "prompts_file": "absent.yaml"})
     (tmp_path / "targets.txt").write_text("a red fox\na fox, red\n")  # read as a config file's are
     inline = {**document, "prompts": [{"target_file": "targets.txt", "neutral": "a fox"}]}
     inline.pop("prompts_file")

@@ -194,7 +194,11 @@ class RunFolder:
         for temp in self._own_temp_files():  # left by a process killed mid-save
             temp.unlink(missing_ok=True)
         # Replaced at the first save, not now: a run that fails before it leaves the earlier one whole.
-        self._replaced = self.earlier_files() if overwrite and resume_source is None else []
+        self._replaced = []
+        if overwrite and resume_source is None:  # the earlier run's TensorBoard curves go with it
+            logs = self.path / "logs" / self.name  # (the default folder; one the user named stays)
+            events = sorted(logs.glob("events.out.tfevents.*")) if logs.is_dir() else []
+            self._replaced = self.earlier_files() + events
 
     def keep_final_files(self, step: int) -> None:
         """On resume: the earlier run's `_last` (or `_interrupted`) file holds its weights at `step`;
@@ -224,6 +228,11 @@ class RunFolder:
             for entry in self.state_dir.iterdir()
             if entry.is_dir() or not (own.match(entry.name) or entry.name in _FOLDER_VIEW_FILES)
         )
+
+    def written(self, path: Path) -> None:
+        """`path` is this run's own (a preview grid drawn before its first save): not one of the
+        earlier run's files that --overwrite deletes at that save."""
+        self._replaced = [old for old in self._replaced if old != path]
 
     def clear_replaced(self) -> None:
         """Delete what --overwrite replaces (the earlier run's files and state), before the first save."""
@@ -429,7 +438,8 @@ class StopRequest:
             self._abort_after_save = True
             if is_main_process():  # data-parallel: the first process says so
                 with contextlib.suppress(OSError):
-                    print("\nleco: aborting once the file being saved is written", flush=True)
+                    message = "aborting once the file being saved is written"
+                    print(f"\nleco: {message}", file=sys.stderr, flush=True)
             return
         if self.requested:
             raise KeyboardInterrupt
@@ -440,7 +450,7 @@ class StopRequest:
             again = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             message = f"stopping after this step and saving ({again} again aborts without saving)"
             with contextlib.suppress(OSError):  # where output goes may be gone; the save must not be
-                print(f"\nleco: {message}", flush=True)
+                print(f"\nleco: {message}", file=sys.stderr, flush=True)
 
 
 def _leave_lost_terminal() -> None:

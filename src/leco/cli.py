@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import os
 import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -16,7 +17,13 @@ from typing import Any, NoReturn
 
 from leco import __version__
 from leco.errors import LecoError, is_main_process, warn
-from leco.launcher import LAUNCHED_BY_LECO, check_process_count, launch_processes, tell_launcher_ready
+from leco.launcher import (
+    LAUNCHED_BY_LECO,
+    check_process_count,
+    launch_processes,
+    report_to_launcher,
+    tell_launcher_ready,
+)
 
 NUMERIC_LIST_OPTIONS = ("--strengths",)
 
@@ -589,8 +596,9 @@ def run_train(args: argparse.Namespace) -> int:
         processes = int(os.environ.get("WORLD_SIZE", "1"))  # a resume needs as many
         again = f" --num-processes {processes}" if processes > 1 else ""
         print(f"interrupted after step {result.steps}; saved {result.path}")
-        prompts = f" --prompts_file {args.prompts_file}" if args.prompts_file else ""
-        print(f"continue with: leco train {config}{prompts} --resume {result.state}{again}")
+        prompts = f" --prompts_file {shlex.quote(str(args.prompts_file))}" if args.prompts_file else ""
+        state = shlex.quote(str(result.state))  # a path with spaces pastes as one argument
+        print(f"continue with: leco train {shlex.quote(str(config))}{prompts} --resume {state}{again}")
         return interrupted_code
     done = "closed-form edit" if result.state is None else f"{result.steps} steps"
     print(f"done: {done}; saved {result.path}")
@@ -881,7 +889,9 @@ def _main(argv: Sequence[str] | None) -> int:
         tell_launcher_ready()  # past the imports: a Ctrl-C inside one can leave a module half-made
         return args.run(args)
     except LecoError as error:  # prefixed as argparse prefixes a bad option of the same command
-        print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
+        message = f"leco {args.command}: error: {_error_message(error, words)}"
+        if not report_to_launcher(message):  # data-parallel: the launcher says it once
+            print(message, file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated):
         if is_main_process():  # data-parallel: said once

@@ -1063,7 +1063,7 @@ def ready_config(
             "prompts_file: replaces a config file's prompts; in a dict or LecoConfig set its own prompts_file"
         )
     if isinstance(config, dict):  # as a file in the working directory would be read
-        return config_from_document(config, Path.cwd() / "config")
+        return config_from_document(config, Path("config"))  # messages name it so; files are cwd's
     if not isinstance(config, LecoConfig):
         raise ConfigError(
             f"config: a {type(config).__name__}; give a config file's path, a dict of its sections or a "
@@ -1071,7 +1071,7 @@ def ready_config(
         )
     config = config.model_copy(deep=True)  # the caller's own object stays as written: it may train again
     if config.prompts_file is not None and not config.prompts:
-        config.prompts = load_prompts(_resolve_prompts_file(config.prompts_file, Path.cwd() / "config"))
+        config.prompts = load_prompts(_resolve_prompts_file(config.prompts_file, Path("config")))
     config.check_combination()
     return config
 
@@ -1222,9 +1222,9 @@ def _resolve_prompts_file(name: str, config_path: Path) -> Path:
     if not name.strip():
         raise ConfigError(f"{config_path}: prompts_file: empty; name the prompts YAML or TOML file")
     candidate = Path(name).expanduser()
-    tried = (
-        [candidate] if candidate.is_absolute() else [config_path.parent / candidate, Path.cwd() / candidate]
-    )
+    tried = [candidate if candidate.is_absolute() else config_path.parent / candidate]
+    if Path.cwd() / candidate != tried[0].absolute():  # a config in the working folder: looked at once
+        tried.append(Path.cwd() / candidate)
     for option in tried:
         try:
             if option.is_file():

@@ -197,6 +197,11 @@ def load_spec(path: str | Path) -> EvalSpec:
             f"{path}: an eval spec is a YAML mapping of sections (detector:, erase:, keep:, ...), not a "
             f"{type(document).__name__}; see examples/ink-digits/erase_seven_eval.yaml"
         )
+    return spec_from_document(document, path)
+
+
+def spec_from_document(document: dict[str, Any], path: Path) -> EvalSpec:
+    """A spec's sections (as read from `path`, which messages name), checked."""
     training_keys = {"prompts_file", "prompts", "pretrained_model", "network", "train", "job", "config"}
     keys = {str(k) for k in document}
     if keys & training_keys and not keys & set(EvalSpec.model_fields):
@@ -405,10 +410,22 @@ def _named_by(spec: EvalSpec) -> Iterator[None]:
         raise LecoError(f"{spec._source}: {error}") from None
 
 
+def _ready_spec(spec: EvalSpec | dict[str, Any] | str | Path) -> EvalSpec:
+    """What evaluate() accepts as a spec: a file, a dict of its sections (checked as a file is), or an
+    EvalSpec."""
+    if isinstance(spec, EvalSpec):
+        return spec
+    if isinstance(spec, dict):
+        return spec_from_document(spec, Path("spec"))
+    if not isinstance(spec, (str, Path)):
+        raise ConfigError(f"spec: a {type(spec).__name__}; give a spec file's path, a dict or an EvalSpec")
+    return load_spec(spec)
+
+
 def evaluate(
     models: LoadedModels,
     lora: str | Path | Sequence[str | Path] | None,
-    spec: EvalSpec | str | Path,
+    spec: EvalSpec | dict[str, Any] | str | Path,
     device: Any,
     detector: Detector | None = None,
     image_dir: str | Path | None = None,
@@ -428,7 +445,7 @@ def evaluate(
     and leco wrote them; each carries its settings as A1111 writes them (`model_name`: the model as
     the user named it).
     """
-    spec = spec if isinstance(spec, EvalSpec) else load_spec(spec)
+    spec = _ready_spec(spec)
     loras = _lora_list(lora)
     labels = lora_labels(loras)
     resolved = [Path(path).resolve() for path in loras]
@@ -681,7 +698,10 @@ MEASURES = (
 def _measured(rows: list[dict[str, Any]], name: str, kind: str, field: str, strength: float) -> list[dict]:
     values = [r for r in rows if r["kind"] == kind and not (field == "drift" and r.get("names_edit"))]
     if field == "drift":  # a prompt judged on several concepts has one set of images: one drift
-        values = list({(r["lora"], as_read(r["prompt"])): r for r in reversed(values)}.values())[::-1]
+        once: dict[tuple[Any, str], dict] = {}
+        for row in values:
+            once.setdefault((row["lora"], as_read(row["prompt"])), row)
+        values = list(once.values())
     if kind != "enhance":
         return values
     if strength == 0:  # the model as it is: every enhanced concept before

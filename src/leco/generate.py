@@ -1006,6 +1006,8 @@ def run_generation(
     Files of those names already in `out` stop it before the first image, unless `overwrite`.
     """
     out = Path(out)
+    if not requests:
+        raise LecoError("requests: an empty list; give at least one ImageRequest(prompt, strength, seed)")
     if lora is None and any(request.strength != 0 for request in requests):
         raise LecoError("strengths: without a LoRA every strength draws the same image; give lora= or 0")
     refuse_earlier_files(requests, out, overwrite)

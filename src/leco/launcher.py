@@ -10,7 +10,9 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from leco.errors import LecoError
 
@@ -86,16 +88,51 @@ def launch_processes(count: int, words: list[str]) -> int:
         if not (number == signal.SIGHUP and signal.getsignal(number) is signal.SIG_IGN)
     }
     try:
-        launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
+        launcher = subprocess.Popen(
+            [*command, "-m", "leco", *argv], start_new_session=True, env=environment, stderr=subprocess.PIPE
+        )
         started.append(launcher)
+        relay = threading.Thread(target=_relay_until_error, args=(launcher.stderr, ready), daemon=True)
+        relay.start()
         while (code := launcher.poll()) is None:
             time.sleep(0.1)
             pass_on(launcher)
-        return 130 if received and code == 0 else code  # stopped and saved, as a single process says
+        relay.join(timeout=5)
+        if (ready / ERROR_FILE).is_file():  # a bad input the processes found: one line, as one process
+            print((ready / ERROR_FILE).read_text(), file=sys.stderr)
+            return 2
+        if received and (code == 0 or code < 0):  # stopped and saved, or ended by a third signal:
+            return 130  # what a single process says on Ctrl-C, not 247 for torchrun's SIGKILL
+        return code
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
         shutil.rmtree(ready, ignore_errors=True)
+
+
+ERROR_FILE = "error"  # in the launcher's folder: the one line of a LecoError a training process hit
+
+
+def _relay_until_error(stream: Any, ready: Path) -> None:
+    """Pass torchrun's and the processes' stderr on as it comes, until a process has reported a
+    LecoError: what follows is torchrun's report of the failed process (a traceback), not news."""
+    while chunk := os.read(stream.fileno(), 65536):
+        if not (ready / ERROR_FILE).exists():
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.flush()
+
+
+def report_to_launcher(message: str) -> bool:
+    """Under `--num-processes`: hand a bad input's one line to the launcher, which says it once
+    (each process finds it); False when this process was not started by it."""
+    folder = os.environ.get(LAUNCHED_BY_LECO)
+    if not folder or not Path(folder).is_dir():
+        return False
+    with contextlib.suppress(OSError):
+        temporary = Path(folder) / f".{ERROR_FILE}.{os.getpid()}"
+        temporary.write_text(message)
+        temporary.replace(Path(folder) / ERROR_FILE)
+    return True
 
 
 def tell_launcher_ready() -> None:

@@ -31,6 +31,7 @@ from leco.checkpoints import (
 from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, warn_if_misread
 from leco.config import LecoConfig
 from leco.distributed import Ranks
+from leco.errors import warn
 from leco.models import (
     DTYPES,
     LoadedModels,
@@ -223,13 +224,15 @@ class Trainer:
         if self.step % save.per_steps == 0:
             with stop.saving():
                 self.save(suffix)
-        if self.step % (preview.every or save.per_steps) == 0:
+        # A stop asked for meanwhile is not kept waiting by a grid: the run saves and stops first.
+        if self.step % (preview.every or save.per_steps) == 0 and not stop.requested:
             self.render_preview(suffix)
 
     def render_preview(self, suffix: str) -> None:
         """The preview grid as of now, written by the main process when the config asks for one."""
         preview, size, path = self.config.preview, self.preview_size, self.folder.preview_file(suffix)
         if self.ranks.is_main and preview.prompts:
+            self.folder.written(path)  # this run's own grid: not one --overwrite deletes as replaced
             skip = self.config.pretrained_model.clip_skip
             render_preview(
                 self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip
@@ -259,5 +262,8 @@ class Trainer:
                 suffix = "interrupted" if stopping else "last"
                 with stop.saving():
                     path = self.save(suffix)
-            self.render_preview(suffix)  # saved: Ctrl-C now ends the run at once
+            try:
+                self.render_preview(suffix)  # saved: Ctrl-C now ends the preview at once
+            except KeyboardInterrupt:
+                warn(f"the {suffix} preview grid was skipped (Ctrl-C); the trained file was saved first")
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
