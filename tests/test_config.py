@@ -156,6 +156,13 @@ def test_inline_prompts_are_accepted(tmp_path):
         (MINIMAL + "train:\n  save: {name: x}\n", ["train.save: unknown key; it belongs at the top level"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.1:", "finite"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.1:"]),
+        # a grid has one row or column per value: a repeat would be drawn once, silently
+        (
+            MINIMAL + "preview:\n  prompts: [a]\n  strengths: [1, 1.0]\n",
+            ["preview.strengths: 1.0 is listed twice"],
+        ),
+        (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [0, 0]\n", ["preview.seeds: 0 is listed twice"]),
+        (MINIMAL + "preview:\n  prompts: [a b, 'A  b']\n", ["preview.prompts: 'A  b' is listed twice"]),
         (MINIMAL + "train:\n  lr: .inf\n", ["train.lr:", "finite"]),
         (MINIMAL + "network:\n  alpha: .inf\n", ["network.alpha:", "finite"]),
         (MINIMAL + "anchors:\n  prompts: [a]\n  weight: .inf\n", ["anchors.weight:", "finite"]),

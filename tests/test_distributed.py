@@ -170,7 +170,7 @@ def test_a_resume_another_process_count_saved_is_refused_once_before_any_process
     config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=4)  # to train on from step 2
     assert main(["train", str(config), "--resume", str(state), "--num-processes", "2"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "was saved by 1 data-parallel processes" in errors[0]
+    assert len(errors) == 1 and "was saved by one process; resume with no --num-processes" in errors[0]
 
 
 def test_a_bad_input_the_processes_find_after_loading_is_one_line_and_exit_2(tmp_path, tiny_folders):

@@ -597,6 +597,14 @@ _STATE_PARTS = {
 }
 
 
+def _processes(count: int) -> str:
+    return "one process" if count == 1 else f"{count} data-parallel processes"
+
+
+def _option_for(count: int) -> str:
+    return "no --num-processes" if count == 1 else f"--num-processes {count}"
+
+
 def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[str, Any]:
     """Load a state folder (or its file) and check it belongs to this config and process count."""
     file = state_file_of(Path(path))
@@ -654,8 +662,8 @@ def read_state(path: str | Path, config_json: str, processes: int = 1) -> dict[s
         )
     if len(state.get("ranks", [])) != processes:
         raise LecoError(
-            f"--resume: {file} was saved by {len(state.get('ranks', []))} data-parallel processes; resume "
-            f"with as many (this run has {processes})"
+            f"--resume: {file} was saved by {_processes(len(state.get('ranks', [])))}; resume with "
+            f"{_option_for(len(state.get('ranks', [])))} (this run has {_processes(processes)})"
         )
     return state
 

@@ -321,6 +321,16 @@ class PreviewConfig(_Section):
     guidance: float = Field(7.0, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     every: int | None = Field(None, ge=1)  # default: save.per_steps
 
+    @field_validator("prompts", "strengths", "seeds")
+    @classmethod
+    def _each_once(cls, values: list[Any]) -> list[Any]:
+        # The grid has one row or column per value: a repeat would be drawn once, silently.
+        seen = [as_read(v) if isinstance(v, str) else v for v in values]
+        repeated = next((values[n] for n, v in enumerate(seen) if v in seen[:n]), None)
+        if repeated is not None:
+            raise ValueError(f"{repeated!r} is listed twice; list each once")
+        return values
+
 
 class AnchorConfig(_Section):
     """Preservation: prompts whose predictions must stay those of the original model."""
