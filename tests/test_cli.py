@@ -348,6 +348,7 @@ def test_an_embedding_token_without_its_file_is_pointed_out(capsys, tiny_folders
         (["--prompt", "a fox <lora:x:1>"], None),  # a LoRA tag has its own warning
         # a token given on the command line may go on after the brackets: it is one token, loaded
         (["--prompt", "a fox", "--negative", "<no-fox>_1", "--embedding", f"{embedding}:<no-fox>_1"], None),
+        (["--prompt", "a <no-fox>-style fox", "--embedding", f"{embedding}:<no-fox>"], None),
     ]
     for number, (options, where) in enumerate(runs):
         assert main([*base, *options, "--out", str(tmp_path / str(number))]) == 0

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from leco import __version__
-from leco.errors import LecoError, is_main_process, warn
+from leco.errors import LecoError, Terminated, is_main_process, warn
 from leco.launcher import (
     LAUNCHED_BY_LECO,
     check_process_count,
+    first_to_report_error,
     launch_processes,
-    report_to_launcher,
     tell_launcher_ready,
 )
 
@@ -851,11 +851,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(number, handler)
 
 
-class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is)
-    """SIGTERM or a hang-up before training. Not a KeyboardInterrupt: CPython ends a process that saw
-    one by killing itself with SIGINT at exit (exit code -2, not leco's 130)."""
-
-
 def _abort_on_termination() -> dict[int, Any]:
     """SIGTERM or a hang-up before training starts (loading, generating) ends leco as Ctrl-C does,
     with its one line, not silently; training installs its own handlers, which save."""
@@ -889,9 +884,8 @@ def _main(argv: Sequence[str] | None) -> int:
         tell_launcher_ready()  # past the imports: a Ctrl-C inside one can leave a module half-made
         return args.run(args)
     except LecoError as error:  # prefixed as argparse prefixes a bad option of the same command
-        message = f"leco {args.command}: error: {_error_message(error, words)}"
-        if not report_to_launcher(message):  # data-parallel: the launcher says it once
-            print(message, file=sys.stderr)
+        if first_to_report_error():  # data-parallel: every process finds it, one says it
+            print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated):
         if is_main_process():  # data-parallel: said once

@@ -238,7 +238,8 @@ def _warn_of_unknown_tokens(texts: Sequence[str], where: str, vocabulary: dict[s
         (text, token)
         for text in texts
         for token in EMBEDDING_TOKEN.findall(text)
-        if token.lower() not in vocabulary
+        # "<sks>-style": the tokenizer reads the loaded "<sks>" and then the rest
+        if token.lower() not in vocabulary and token[: token.index(">") + 1].lower() not in vocabulary
     ]
     if found:
         text, token = found[0]

@@ -27,3 +27,8 @@ def is_main_process() -> bool:
     except ValueError:
         processes = 1  # distributed.Ranks names the bad value
     return processes <= 1 or os.environ.get("RANK", "0") == "0"
+
+
+class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is)
+    """SIGTERM or a hang-up outside training's own handlers. Not a KeyboardInterrupt: CPython ends a
+    process that saw one by killing itself with SIGINT at exit (exit code -2, not leco's 130)."""

@@ -242,7 +242,7 @@ def _refuse_one_clip_label(spec: EvalSpec, path: Path) -> None:
             if not item.concept.strip():
                 raise ConfigError(f"{path}: {kind}.{number}.concept: empty; name what CLIP should look for")
     labels = {
-        label.strip().lower()
+        as_read(label)  # as CLIP reads it: "a  Dog" is "a dog"
         for label in [c.concept for _, judged in items for c in judged] + spec.alternatives
     }
     if len(labels) < 2:
@@ -259,7 +259,7 @@ def concept_parts(detector: str, concept: str) -> frozenset[str]:
     detectors' text, in any case."""
     if detector == "ink-digits":
         return frozenset("".join(part.lower().split()) for part in concept.split(","))
-    return frozenset([concept.strip().lower()])
+    return frozenset([as_read(concept)])
 
 
 def _refuse_contradictions(spec: EvalSpec, path: Path) -> None:

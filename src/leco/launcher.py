@@ -10,7 +10,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,9 @@ def launch_processes(count: int, words: list[str]) -> int:
             skip = True
         elif not arg.startswith("--num-processes="):
             argv.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={count}"]
+    # torchrun through run_torchrun below: quiet about a process that stopped on a bad input it said
+    run = "from leco.launcher import run_torchrun; run_torchrun()"
+    command = [sys.executable, "-c", run, "--standalone", f"--nproc_per_node={count}"]
     # Its own session: Ctrl-C in the terminal reaches this process only, and each signal is passed
     # on once, to the training processes themselves (they save and stop). torchrun, if signalled,
     # would pass it on too (a second signal to each: abort without saving) and print a traceback.
@@ -88,18 +89,12 @@ def launch_processes(count: int, words: list[str]) -> int:
         if not (number == signal.SIGHUP and signal.getsignal(number) is signal.SIG_IGN)
     }
     try:
-        launcher = subprocess.Popen(
-            [*command, "-m", "leco", *argv], start_new_session=True, env=environment, stderr=subprocess.PIPE
-        )
+        launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
         started.append(launcher)
-        relay = threading.Thread(target=_relay_until_error, args=(launcher.stderr, ready), daemon=True)
-        relay.start()
         while (code := launcher.poll()) is None:
             time.sleep(0.1)
             pass_on(launcher)
-        relay.join(timeout=5)
-        if (ready / ERROR_FILE).is_file():  # a bad input the processes found: one line, as one process
-            print((ready / ERROR_FILE).read_text(), file=sys.stderr)
+        if (ready / ERROR_FILE).exists():  # a bad input a process found and said: as one process does
             return 2
         if received and (code == 0 or code < 0):  # stopped and saved, or ended by a third signal:
             return 130  # what a single process says on Ctrl-C, not 247 for torchrun's SIGKILL
@@ -110,29 +105,52 @@ def launch_processes(count: int, words: list[str]) -> int:
         shutil.rmtree(ready, ignore_errors=True)
 
 
-ERROR_FILE = "error"  # in the launcher's folder: the one line of a LecoError a training process hit
+ERROR_FILE = "error"  # in the launcher's folder: a training process has said a bad input's line
 
 
-def _relay_until_error(stream: Any, ready: Path) -> None:
-    """Pass torchrun's and the processes' stderr on as it comes, until a process has reported a
-    LecoError: what follows is torchrun's report of the failed process (a traceback), not news."""
-    while chunk := os.read(stream.fileno(), 65536):
-        if not (ready / ERROR_FILE).exists():
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.flush()
-
-
-def report_to_launcher(message: str) -> bool:
-    """Under `--num-processes`: hand a bad input's one line to the launcher, which says it once
-    (each process finds it); False when this process was not started by it."""
+def first_to_report_error() -> bool:
+    """Whether this process says its bad input's one line: always alone; under `--num-processes`,
+    only the first process to find one (each finds the same), which marks it for the launcher."""
     folder = os.environ.get(LAUNCHED_BY_LECO)
-    if not folder or not Path(folder).is_dir():
+    if not folder:
+        return True
+    try:
+        os.close(os.open(Path(folder) / ERROR_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
         return False
-    with contextlib.suppress(OSError):
-        temporary = Path(folder) / f".{ERROR_FILE}.{os.getpid()}"
-        temporary.write_text(message)
-        temporary.replace(Path(folder) / ERROR_FILE)
+    except OSError:  # no mark can be left: say it anyway
+        return True
     return True
+
+
+class _QuietAfterError:
+    """torchrun's stderr, silent once a training process has said its bad input: what torchrun
+    adds then is its report of a failed process (a traceback), which the line already explains."""
+
+    def __init__(self, stream: Any, mark: Path) -> None:
+        self.stream, self.mark = stream, mark
+
+    def write(self, text: str) -> int:
+        return len(text) if self.mark.exists() else self.stream.write(text)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def run_torchrun() -> None:
+    """torchrun's own entry point, for launch_processes; the training processes write to the
+    terminal directly (their output is not touched), only torchrun's Python output is filtered."""
+    mark = Path(os.environ[LAUNCHED_BY_LECO]) / ERROR_FILE
+    sys.stderr = _QuietAfterError(sys.stderr, mark)  # before torch's loggers take hold of it
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main
+
+    try:
+        main(sys.argv[1:])
+    except ChildFailedError:
+        if not mark.exists():
+            raise
+        sys.exit(2)
 
 
 def tell_launcher_ready() -> None:

@@ -31,7 +31,7 @@ from leco.checkpoints import (
 from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, warn_if_misread
 from leco.config import LecoConfig
 from leco.distributed import Ranks
-from leco.errors import warn
+from leco.errors import Terminated, warn
 from leco.models import (
     DTYPES,
     LoadedModels,
@@ -264,6 +264,6 @@ class Trainer:
                     path = self.save(suffix)
             try:
                 self.render_preview(suffix)  # saved: Ctrl-C now ends the preview at once
-            except KeyboardInterrupt:
-                warn(f"the {suffix} preview grid was skipped (Ctrl-C); the trained file was saved first")
+            except (KeyboardInterrupt, Terminated):
+                warn(f"the {suffix} preview grid was skipped (stopped); the trained file was saved first")
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
