@@ -450,6 +450,13 @@ def test_optimizers_and_schedules_train(tmp_path, tiny_folders, optimizer, sched
     assert any(not torch.equal(a, b) for a, b in zip(start, trainer.trainable.parameters(), strict=True))
 
 
+def test_a_learning_rate_free_optimizer_at_a_small_lr_is_pointed_out(tmp_path, tiny_folders, capsys):
+    Trainer(make_config(tiny_folders["sd1"], tmp_path, optimizer="prodigy", lr=1e-4), progress=False)
+    assert "train.lr: 0.0001 with prodigy, which finds its own step size" in capsys.readouterr().err
+    Trainer(make_config(tiny_folders["sd1"], tmp_path, optimizer="prodigy", lr=1.0), progress=False)
+    assert "train.lr" not in capsys.readouterr().err
+
+
 def test_missing_optional_optimizer_names_the_package(tmp_path, tiny_folders, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
     monkeypatch.setitem(sys.modules, "bitsandbytes.optim", None)
@@ -473,6 +480,10 @@ def test_missing_optional_optimizer_names_the_package(tmp_path, tiny_folders, mo
             r"train.optimizer_args: Invalid weight_decay .* \(for AdamW\)",
         ),
         ({"optimizer_args": {"betas": [0.9]}}, r"train.optimizer_args: .*\(for AdamW\)"),  # an IndexError
+        # read only when stepping: found by a step on a stand-in before the first rollout
+        ({"optimizer_args": {"betas": [0.9, 0.99, 0.5]}}, r"train.optimizer_args: .*\(for AdamW\)"),
+        ({"optimizer": "lion", "optimizer_args": {"betas": [0.9]}}, r"train.optimizer_args: .*\(for Lion\)"),
+        ({"optimizer": "prodigy", "optimizer_args": {"d_coef": "x"}}, r"train.optimizer_args: d_coef='x'"),
         (
             {"lr_scheduler": "step", "lr_scheduler_args": {"gama": 0.1}},
             "train.lr_scheduler_args: 'gama' is not read by the step schedule; it takes step_size, gamma",

@@ -14,8 +14,9 @@ from diffusers.optimization import (
 from torch.optim.lr_scheduler import LRScheduler
 
 from leco.config import LR_SCHEDULER_ARGS, TrainConfig
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 
+ADAPTIVE_STEP = ("prodigy", "dadaptadam", "dadaptlion")  # learning-rate-free: lr is a multiplier, ~1
 # name -> (module, class, pip package that provides it)
 _OPTIMIZERS = {
     "adamw": ("torch.optim", "AdamW", None),
@@ -46,8 +47,20 @@ def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> tor
     """train.optimizer over the trained parameters, with train.lr and train.optimizer_args."""
     lr, args = train.lr, train.optimizer_args
     chosen = optimizer_class(train)
+    if train.optimizer in ADAPTIVE_STEP and lr < 0.1:
+        warn(
+            f"train.lr: {lr:g} with {train.optimizer}, which finds its own step size and is meant to "
+            "run at lr 1 (its lr scales that step): at this lr it barely trains; set train.lr: 1"
+        )
     try:
-        return chosen(params, lr=lr, **args)
+        optimizer = chosen(params, lr=lr, **args)
+        if _OPTIMIZERS[train.optimizer][0] != "bitsandbytes.optim":  # (8-bit ones need a GPU to step)
+            # Some arguments are read only when stepping (betas: [0.9, 0.99, 0.5] in AdamW): one step
+            # on a stand-in parameter says so now, not as a traceback after the first rollout.
+            stand_in = torch.nn.Parameter(torch.zeros(2))
+            stand_in.grad = torch.ones(2)
+            chosen([stand_in], lr=lr, **args).step()
+        return optimizer
     # optimizers check their arguments in their own ways: betas: [0.9] is an IndexError in AdamW,
     # an AssertionError in Lion
     except (TypeError, ValueError, IndexError, KeyError, AssertionError, RuntimeError) as error:
