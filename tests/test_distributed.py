@@ -69,7 +69,8 @@ def test_two_processes_write_one_file_equal_to_averaging_two_streams_in_one(tmp_
         torch.testing.assert_close(distributed[key].float(), single[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+# (a hang-up is passed on by the same code as SIGTERM; a single process is tested with all three)
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
 def test_a_stopped_data_parallel_run_saves_once_without_a_traceback(tmp_path, tiny_folders, stop_signal):
     process, out, err = stop_a_cli_run(tmp_path, tiny_folders["sd1"], stop_signal, "--num-processes", "2")
     assert process.returncode == 130, err
