@@ -325,8 +325,7 @@ class PreviewConfig(_Section):
     @classmethod
     def _each_once(cls, values: list[Any]) -> list[Any]:
         # The grid has one row or column per value: a repeat would be drawn once, silently.
-        seen = [as_read(v) if isinstance(v, str) else v for v in values]
-        repeated = next((values[n] for n, v in enumerate(seen) if v in seen[:n]), None)
+        repeated = first_repeated(values)
         if repeated is not None:
             raise ValueError(f"{repeated!r} is listed twice; list each once")
         return values
@@ -902,6 +901,12 @@ def _check_schedule_args(name: str, args: dict[str, Any], lr: float) -> None:
             f"train.lr: {lr:g} is not above the polynomial schedule's lr_end ({args.get('lr_end', 1e-7):g}), "
             "where it decays to; raise train.lr or set a lower lr_scheduler_args.lr_end"
         )
+
+
+def first_repeated(values: list[Any]) -> Any | None:
+    """The first value listed a second time (prompts compared as CLIP reads them), if any."""
+    seen = [as_read(v) if isinstance(v, str) else v for v in values]
+    return next((values[n] for n, v in enumerate(seen) if v in seen[:n]), None)
 
 
 def as_read(text: str) -> str:

@@ -40,6 +40,7 @@ from leco.config import (
     ConfigError,
     as_read,
     describe_validation_error,
+    first_repeated,
     no_bool_for_numbers,
     read_yaml,
 )
@@ -129,7 +130,7 @@ class EvalSpec(BaseModel):
     @field_validator("strengths")
     @classmethod
     def _strengths_told_apart(cls, strengths: list[float]) -> list[float]:
-        repeated = next((s for n, s in enumerate(strengths) if s in strengths[:n]), None)
+        repeated = first_repeated(strengths)
         if repeated is not None:  # each strength is rendered once: a repeat would be judged as one
             raise ValueError(f"{repeated:g} is listed twice; list each strength once")
         alike = strengths_named_alike(strengths)
