@@ -31,7 +31,6 @@ from recipe_runs import known_names, positive_int
 from reference import reference_step
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-import leco.prompts
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
 from leco.models import CONFIG_ROOT, LoadedModels, ModelFamily, clip_tokenizers
@@ -41,13 +40,12 @@ from leco.trainer import Trainer
 FAMILIES = {"sd1.5": ("sd1", False, 512), "sd2.1-v": ("sd2-v", True, 768), "sdxl": ("sdxl", False, 1024)}
 GIB = 2**30
 
-# Rows here train far from the model's native size on purpose: the warning meant for users' configs
-# would print on every row.
-leco.prompts._warn_if_far_from_native = lambda prepared, native: None
 
-
-def unet_config(folder: Path, smoke: bool) -> dict[str, Any]:
+def unet_config(folder: Path, smoke: bool, size: int) -> dict[str, Any]:
     config = dict(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+    # A row may train below the family's size (the CPU rows): the model is told that size is its
+    # own, so the warning meant for a user's config far from the model's size stays quiet.
+    config["sample_size"] = size // 8
     if smoke:  # the same blocks, an eighth of the width, one transformer layer each (SDXL has ten)
         config["transformer_layers_per_block"] = 1
         config["block_out_channels"] = [c // 8 for c in config["block_out_channels"]]
@@ -70,13 +68,13 @@ def text_encoder(folder: Path, subfolder: str, smoke: bool, cls: type) -> torch.
     return cls(config)
 
 
-def build(family: str, dtype: torch.dtype, device: torch.device, smoke: bool) -> LoadedModels:
-    """Random weights in the family's layout, made directly on the device."""
+def build(family: str, dtype: torch.dtype, device: torch.device, smoke: bool, size: int) -> LoadedModels:
+    """Random weights in the family's layout, made directly on the device, drawing at `size` px."""
     name, v_pred, _ = FAMILIES[family]
     arch = name.split("-")[0]
     folder = CONFIG_ROOT / name
     with torch.device(device):
-        unet = UNet2DConditionModel.from_config(unet_config(folder, smoke)).to(dtype)
+        unet = UNet2DConditionModel.from_config(unet_config(folder, smoke, size)).to(dtype)
         encoders = [text_encoder(folder, "text_encoder", smoke, CLIPTextModel).to(dtype)]
         if arch == "sdxl":
             encoders.append(
@@ -125,7 +123,7 @@ def measure(
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if args.smoke:
         dtype, precision = torch.float32, "fp32"  # the CPU has no fast half precision
-    models = build(family, dtype, device, args.smoke)
+    models = build(family, dtype, device, args.smoke, size)
     run = config(out, precision, size, checkpointing, schedule)
     run.train.device = device.type
     if args.smoke:
@@ -166,8 +164,8 @@ def estimate(family: str) -> dict[str, float]:
     autograd saves for one student pass, measured on the CPU (bf16) at a quarter of the side and
     scaled by the pixel count (memory-efficient attention keeps them linear in pixels), plus 1 GiB for
     the CUDA context and allocator. The text encoders are on the CPU while the UNet trains."""
-    models = build(family, torch.bfloat16, torch.device("cpu"), smoke=False)
     size = FAMILIES[family][2]
+    models = build(family, torch.bfloat16, torch.device("cpu"), smoke=False, size=size // 4)
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(
             config(out, "bf16", size // 4, False, "leco default"), progress=False, models=models

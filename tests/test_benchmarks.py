@@ -49,12 +49,27 @@ def test_a_benchmark_refuses_a_bad_flag_in_one_line_before_any_work(command, exp
     monkeypatch.chdir(BENCHMARKS)
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setattr(sys, "argv", command)
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # set by the scripts: undone after
+        monkeypatch.delenv(name, raising=False)
+    before = _leco_functions()
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(BENCHMARKS / command[0]), run_name="__main__")
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert stop.value.code == 2 and expected in lines[-1], err
     assert out == ""  # stopped before the first table line
+    # A script imported into this process leaves leco as it was: the tests after it use leco too
+    assert {name: f for name, f in _leco_functions().items() if name in before} == before
+
+
+def _leco_functions() -> dict[str, object]:
+    return {
+        f"{module.__name__}.{name}": value
+        for module in list(sys.modules.values())
+        if module is not None and module.__name__.startswith("leco")
+        for name, value in list(vars(module).items())
+        if callable(value)
+    }
 
 
 def test_the_eval_specs_benchmarks_build_are_valid(monkeypatch):
