@@ -10,6 +10,13 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
+@pytest.fixture(autouse=True)
+def _scripts_environment_undone(monkeypatch):
+    # The scripts quiet the libraries through these at import; tests after one here must not inherit it
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        monkeypatch.delenv(name, raising=False)
+
+
 def test_gpu_scale_smoke_prints_a_row_per_setting():
     result = subprocess.run(
         [sys.executable, "gpu_scale.py", "--smoke", "--steps", "1", "--families", "sdxl"],
@@ -49,8 +56,6 @@ def test_a_benchmark_refuses_a_bad_flag_in_one_line_before_any_work(command, exp
     monkeypatch.chdir(BENCHMARKS)
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setattr(sys, "argv", command)
-    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):  # set by the scripts: undone after
-        monkeypatch.delenv(name, raising=False)
     before = _leco_functions()
     with pytest.raises(SystemExit) as stop:
         runpy.run_path(str(BENCHMARKS / command[0]), run_name="__main__")
