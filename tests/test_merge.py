@@ -673,10 +673,28 @@ def test_empty_damaged_and_overflowing_loras_are_named_before_anything_is_writte
     tensors[f"{module}.lora_up.weight"] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 1)
     ranks = tmp_path / "ranks.safetensors"  # lora_up one column wider than lora_down has rows
     save_file(tensors, str(ranks), metadata)
+    tensors, _ = read_lora_file(lora)
+    down = tensors[f"{module}.lora_down.weight"]
+    tensors[f"{module}.lora_down.weight"] = down[:0]
+    tensors[f"{module}.lora_up.weight"] = tensors[f"{module}.lora_up.weight"][:, :0]
+    rank_zero = tmp_path / "rank0.safetensors"
+    save_file(tensors, str(rank_zero), metadata)
+    tensors, _ = read_lora_file(lora)
+    tensors[f"{module}.alpha"] = torch.tensor([1.0, 2.0])
+    alphas = tmp_path / "alphas.safetensors"
+    save_file(tensors, str(alphas), metadata)
+    tensors, _ = read_lora_file(lora)
+    for part, loha_part in (("lora_down.weight", "hada_w1_b"), ("lora_up.weight", "hada_w1_a")):
+        tensors[f"{module}.{loha_part}"] = tensors.pop(f"{module}.{part}")  # LoHa, in kohya's naming
+    loha = tmp_path / "loha.safetensors"
+    save_file(tensors, str(loha), metadata)
     cases = [
         (LoraStrength(empty), "holds no tensors"),
         (LoraStrength(damaged), f"{key} holds NaN or inf values"),
         (LoraStrength(ranks), f"{module} has lora_down .* whose ranks differ"),
+        (LoraStrength(rank_zero), f"{module} has rank 0"),
+        (LoraStrength(alphas), f"{module}.alpha holds 2 values, expected one number"),
+        (LoraStrength(loha), f"{module}.hada_w1_a is not a plain LoRA tensor"),
         (LoraStrength(lora, 1e30), "overflow in torch.float16"),
     ]
     for given, message in cases:
@@ -692,6 +710,9 @@ def test_empty_damaged_and_overflowing_loras_are_named_before_anything_is_writte
         pass
     with pytest.raises(LecoError, match=f"--lora: .*ranks.safetensors: {module} has .* ranks differ"):
         read_lora_header(ranks)
+    for given, message in cases[3:6]:  # generate reads them as merge does (not a traceback, not "no LoRA")
+        with pytest.raises(LecoError, match=f"--lora: .*{given.path.name}: {message}"):
+            read_lora_header(given.path)
 
 
 def test_single_file_model_merges_like_its_folder(tmp_path, tiny_folders):

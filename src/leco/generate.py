@@ -693,10 +693,12 @@ def read_lora_header(path: str | Path, family: ModelFamily | None = None) -> Lor
         ) from None
     whole = {key: _SAFETENSORS_DTYPES.get(t, t) for key, t in dtypes.items() if not t.startswith(("F", "BF"))}
     kohya.refuse_whole_numbers(whole, f"--lora: {path}")
-    for key, down in shapes.items():
+    for key, shape in shapes.items():
         module, _, part = key.partition(".")
         if part == "lora_down.weight" and f"{module}.lora_up.weight" in shapes:
-            kohya.check_ranks(module, down, shapes[f"{module}.lora_up.weight"], f"--lora: {path}")
+            kohya.check_ranks(module, shape, shapes[f"{module}.lora_up.weight"], f"--lora: {path}")
+        elif part == "alpha":
+            kohya.check_alpha(module, shape, f"--lora: {path}")
     if kohya.is_embedding(shapes):
         raise LecoError(
             f"--lora: {path} is a textual-inversion embedding, not a LoRA; give it as --embedding "
@@ -709,6 +711,8 @@ def read_lora_header(path: str | Path, family: ModelFamily | None = None) -> Lor
             f"--lora: {path} holds one [vectors, width] tensor, a textual-inversion embedding (diffusers' "
             "form), not a LoRA; give it as --embedding and put its token in --prompt or --negative"
         )
+    # LoHa/LoKr modules in kohya's naming: named as such, not as "no LoRA weights"
+    kohya.refuse_lycoris((k for k in shapes if k.startswith(kohya.KOHYA_PREFIXES)), f"--lora: {path}")
     if not _has_lora_keys(shapes):
         example = next(iter(shapes))
         raise LecoError(

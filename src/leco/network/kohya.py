@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -353,8 +354,8 @@ def group_modules(tensors: dict[str, torch.Tensor], source: str) -> dict[str, Mo
         down, up = found["lora_down.weight"], found["lora_up.weight"]
         check_ranks(module, list(down.shape), list(up.shape), source)
         alpha = found.get("alpha")
-        if alpha is not None and alpha.numel() != 1:
-            raise LecoError(f"{source}: {module}.alpha holds {alpha.numel()} values, expected one number")
+        if alpha is not None:
+            check_alpha(module, list(alpha.shape), source)
         # Missing alpha means scale 1 in A1111, ComfyUI and diffusers, i.e. alpha = rank.
         modules[module] = ModuleWeights(down, up, float(alpha.item()) if alpha is not None else down.shape[0])
     return modules
@@ -367,6 +368,17 @@ def check_ranks(module: str, down: list[int], up: list[int], source: str) -> Non
             f"{source}: {module} has lora_down {down} and lora_up {up}, whose ranks differ; the file is "
             "damaged or was written wrongly (no tool can apply it)"
         )
+    if down[0] == 0:  # its scale alpha / rank is undefined, and it changes nothing
+        raise LecoError(
+            f"{source}: {module} has rank 0 (lora_down {down}), so no weights; the file is damaged or "
+            "was written wrongly: train or convert it again"
+        )
+
+
+def check_alpha(module: str, shape: list[int], source: str) -> None:
+    """An alpha is one number (a 0-d or one-element tensor)."""
+    if math.prod(shape) != 1:
+        raise LecoError(f"{source}: {module}.alpha holds {math.prod(shape)} values, expected one number")
 
 
 def flatten_modules(
