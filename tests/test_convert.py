@@ -282,6 +282,7 @@ def test_cli_convert(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "s.pt"), "--out", str(out), "--family", "sd1"]) == 2
     assert "exists; choose another path or pass --overwrite" in capsys.readouterr().err
     again = ["convert", str(tmp_path / "s.pt"), "--out", str(out), "--family", "sd1", "--overwrite"]
+    again.append("--no-progress")  # as a script may give every command
     assert main(again) == 0  # an earlier conversion is a LoRA: replaced
     notes = tmp_path / "notes.safetensors"
     notes.write_text("my notes")

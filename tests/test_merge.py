@@ -578,7 +578,8 @@ def test_cli_merge_refuses_to_overwrite_and_reports_bad_input(tmp_path, tiny_fol
     shutil.copy(lora, out)  # a LoRA where the checkpoint would go: the user's, kept too
     assert main([*args, "--overwrite"]) == 2 and out.read_bytes() == lora.read_bytes()
     out.unlink()
-    assert main(args) == 0 and main([*args, "--overwrite"]) == 0  # an earlier merge's file is replaced
+    # an earlier merge's file is replaced; --no-progress as a script gives it to every command
+    assert main(args) == 0 and main([*args, "--overwrite", "--no-progress"]) == 0
     capsys.readouterr()  # its warning (a tiny model's layout in one file) is not what is tested below
     with safe_open(str(out), "pt") as file:
         assert {t.dtype for t in (file.get_tensor(k) for k in file.keys())} == {torch.float16}  # noqa: SIM118

@@ -210,6 +210,9 @@ def test_bad_sources_give_clear_errors(tmp_path):
         load_models(str(tmp_path))
     with pytest.raises(LecoError, match=r"\(relative paths are read from .*\); fix the path"):
         load_models("./missing-model")
+    for misspelt, shipped in (("ink_digits", "ink-digits"), ("Ink Digits 2", "ink-digits-2")):
+        with pytest.raises(LecoError, match=f"; did you mean {shipped} \\(a model leco ships\\)\\?$"):
+            load_models(misspelt)
 
 
 @pytest.mark.parametrize("part", ["unet", "tokenizer"])

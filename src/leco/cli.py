@@ -522,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--precision", default="fp16", help="saved weights: fp16 (default), bf16 or fp32")
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     merge.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt model")
+    _add_no_progress_for_scripts(merge)
     merge.set_defaults(run=run_merge)
 
     convert = commands.add_parser(
@@ -545,9 +546,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="SD2 proj_in/proj_out tensors: 2d (diffusers, A1111, ComfyUI; default) or 4d (kohya's scripts)",
     )
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_no_progress_for_scripts(convert)
     convert.set_defaults(run=run_convert)
     parser.set_defaults(commands=commands.choices)  # for an unknown option, the command's own error line
     return parser
+
+
+def _add_no_progress_for_scripts(command: argparse.ArgumentParser) -> None:
+    # A script may pass --no-progress to every leco command; these draw no bar to turn off.
+    command.add_argument("--no-progress", action="store_true", help="accepted as train's (no bar is drawn)")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -766,7 +773,7 @@ def run_generate(args: argparse.Namespace) -> int:
         args.overwrite,
         model_name=infotext_model_name(args.model),
     )
-    print(f"wrote {len(paths)} images and {grid}")
+    print(f"wrote {len(paths)} image{'' if len(paths) == 1 else 's'} and {grid}")
     return 0
 
 

@@ -200,14 +200,22 @@ def load_models(
             loaded = _load_hub_repo(spec.name_or_path, spec, dtype, with_vae, names)
         else:
             where = "" if path.is_absolute() else f" (relative paths are read from {Path.cwd()})"
+            bundled = close_bundled_name(spec.name_or_path)
+            fix = f"did you mean {bundled} (a model leco ships)?" if bundled else "fix the path"
             raise LecoError(
                 f"{names.model}: {spec.name_or_path!r} is neither a file, a folder nor a "
-                f"Hugging Face repo id (owner/name){where}; fix the path"
+                f"Hugging Face repo id (owner/name){where}; {fix}"
             )
     for module in [loaded.unet, *loaded.text_encoders, loaded.vae]:
         if module is not None:
             module.requires_grad_(False).eval()
     return loaded
+
+
+def close_bundled_name(name: str) -> str | None:
+    """The shipped model `name` misspells (ink_digits, Ink Digits, inkdigits2), if one."""
+    squeezed = re.sub(r"[\W_]", "", name.lower())
+    return next((known for known in BUNDLED_MODELS if known.replace("-", "") == squeezed), None)
 
 
 def resolve_bundled(name: str) -> Path:
