@@ -189,6 +189,10 @@ def test_pickled_code_is_never_run(tmp_path):
             with pytest.raises(LecoError, match=r"cannot be read safely .*torch's safe reader refused it \("):
                 convert(tmp_path / "evil.pt", tmp_path / "out.safetensors", family="sd1")
     assert not (tmp_path / "pwned").exists()
+    torch.save({"lora_unet_x.alpha": print}, tmp_path / "print.pt")
+    # torch's reason (the global it refused), not its advice to pass weights_only=False
+    with pytest.raises(LecoError, match=r"refused it \(Unsupported global: GLOBAL print was not"):
+        convert(tmp_path / "print.pt", tmp_path / "out.safetensors", family="sd1")
     torch.save([torch.zeros(1)], tmp_path / "list.pt")
     with pytest.raises(LecoError, match="not a LoRA state dict"):
         convert(tmp_path / "list.pt", tmp_path / "out.safetensors", family="sd1")

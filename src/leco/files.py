@@ -246,9 +246,12 @@ def load_torch_file(path: Path) -> Any:
     except pickle.UnpicklingError as error:
         text = str(error)
         if text.startswith("Weights only load failed"):  # torch's paragraphs around one line of reason
-            lines = [line.replace("WeightsUnpickler error:", "").strip() for line in text.splitlines()[1:]]
-            advice = ("Please file", "Check the documentation")
-            detail = next((line for line in lines if line and not line.startswith(advice)), "?")
+            marker = "WeightsUnpickler error:"  # torch >= 2.6 puts its advice first, the reason here
+            after = text.partition(marker)[2].strip()
+            lines = [line.strip() for line in text.splitlines()[1:]]
+            advice = ("Please file", "Check the documentation", "(1)", "(2)")
+            others = (line for line in lines if line and not line.startswith(advice))
+            detail = after.splitlines()[0].partition(". ")[0] if after else next(others, "?")
             raise LecoError(
                 f"torch's safe reader refused it ({detail[:120]}): it holds more than plain tensors, which "
                 "could run code when loaded, or it is damaged"
