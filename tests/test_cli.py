@@ -463,6 +463,18 @@ def test_dora_tensors_are_refused_and_layers_this_model_lacks_are_named(
     check_lora_fits(read_lora_header(extra), models.unet, models.family)
     warning = capsys.readouterr().err
     assert "extra.safetensors: 1 of its" in warning and f"are not applied ({absent})" in warning
+    # the same in diffusers' (PEFT) layout, which diffusers reads and drops the module of in its quiet log
+    layer = next(n for n, m in models.unet.named_modules() if n.endswith("attn2.to_k"))
+    width = models.unet.get_submodule(layer)
+    peft = {f"unet.{layer}.lora_A.weight": torch.zeros(2, width.in_features)}
+    peft[f"unet.{layer}.lora_B.weight"] = torch.zeros(width.out_features, 2)
+    gone = "down_blocks.3.attentions.0.transformer_blocks.0.attn2.to_k"
+    peft[f"unet.{gone}.lora_A.weight"] = torch.zeros(2, 16)
+    peft[f"unet.{gone}.lora_B.weight"] = torch.zeros(16, 2)
+    save_file(peft, str(tmp_path / "peft.safetensors"))
+    check_lora_fits(read_lora_header(tmp_path / "peft.safetensors"), models.unet, models.family)
+    warning = capsys.readouterr().err
+    assert "peft.safetensors: 1 of its 2 UNet modules" in warning and f"are not applied ({gone})" in warning
 
 
 def test_an_sdxl_lora_naming_layers_the_diffusers_way_fits(loras, tiny_folders, tmp_path):

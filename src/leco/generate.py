@@ -747,12 +747,34 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     if other:
         warn(f"--lora: {header.path} {other}")
     unknown = [module for module in modules if module not in by_key]
+    unknown = unknown or _unknown_diffusers_modules(header, unet)
     if unknown:  # as A1111 and ComfyUI do: the modules this model has are applied, the others said
+        modules = modules or _diffusers_unet_modules(header)
         more = ", ..." if len(unknown) > 1 else ""
         warn(
             f"--lora: {header.path}: {len(unknown)} of its {len(modules)} UNet modules match no layer of "
             f"this {family.name} model and are not applied ({unknown[0]}{more})"
         )
+
+
+# Where a diffusers/PEFT key's module path ends: "unet.<path>.lora_A.weight", "unet.<path>.lora.down.weight"
+_DIFFUSERS_LORA_PART = re.compile(r"\.(lora_[AB]|lora\.(down|up)|lora_magnitude_vector)(\.|$)")
+
+
+def _diffusers_unet_modules(header: LoraHeader) -> list[str]:
+    """The UNet module paths a diffusers-layout file names (none for other layouts)."""
+    paths = {
+        key[len("unet.") :].split(match.group(0))[0]
+        for key in header.shapes
+        if key.startswith("unet.") and (match := _DIFFUSERS_LORA_PART.search(key))
+    }
+    return sorted(paths)
+
+
+def _unknown_diffusers_modules(header: LoraHeader, unet: torch.nn.Module) -> list[str]:
+    # diffusers leaves out the modules its UNet lacks and says so only in a log leco keeps quiet
+    layers = dict(unet.named_modules())
+    return [path for path in _diffusers_unet_modules(header) if path not in layers]
 
 
 def _kohya_modules(header: LoraHeader) -> list[str]:
