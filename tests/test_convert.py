@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -164,8 +165,11 @@ def test_unmappable_keys_are_errors_naming_the_first(tmp_path):
     save_file(foreign, str(tmp_path / "bad.safetensors"))
     with pytest.raises(
         LecoError, match="lora_unet_down_blocks_9_attentions_0_proj_in matches no layer of this sd1"
-    ):
+    ) as refused:
         convert(tmp_path / "bad.safetensors", tmp_path / "out.safetensors", family="sd1")
+    # every other module fits sd1: the file is at fault, not the model it is given for
+    assert re.search(r"though \d+ of its other modules do; the file is damaged", str(refused.value))
+    assert "another model" not in str(refused.value)
 
     sd1_file = foreign_state_dict(unet, "Attention", rank=1, alpha=1.0, seed=2)
     save_file(sd1_file, str(tmp_path / "sd1.safetensors"))

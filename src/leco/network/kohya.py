@@ -427,11 +427,17 @@ def canonical_unet_modules(
     """
     by_key = unet_layer_keys(unet, family)
     grouped = group_modules(tensors, source)
-    for key in grouped:
-        if key not in by_key:
-            raise LoraDoesNotFit(
-                f"{source}: {key} matches no layer of this {family.name} UNet; {ANOTHER_MODEL} family"
-            )
+    unknown = [key for key in grouped if key not in by_key]
+    if unknown and len(unknown) < len(grouped):  # the model is right: the file names a layer wrongly
+        raise LecoError(
+            f"{source}: {unknown[0]} matches no layer of this {family.name} UNet, though "
+            f"{len(grouped) - len(unknown)} of its other modules do; the file is damaged or names layers "
+            "in a way leco cannot read (generate applies the modules that fit, and names the others)"
+        )
+    if unknown:
+        raise LoraDoesNotFit(
+            f"{source}: {unknown[0]} matches no layer of this {family.name} UNet; {ANOTHER_MODEL} family"
+        )
     canonical = canonical_keys(grouped, by_key, family, unet.config, source)
     modules: dict[str, ModuleWeights] = {}
     for key, weights in grouped.items():
