@@ -157,6 +157,20 @@ def test_family_option_needs_no_weights_and_maps_full_size_sdxl(tmp_path):
     assert metadata["modelspec.resolution"] == "1024x1024"
 
 
+def test_metadata_naming_another_model_is_told_where_conversion_rewrites_it(tmp_path, capsys):
+    foreign = foreign_state_dict(full_size_unet("sd1"), "Attention", rank=1, alpha=1.0, seed=2)
+    said = {"ss_base_model_version": "sd_v2", "modelspec.prediction_type": "v"}
+    save_file(foreign, str(tmp_path / "v2.safetensors"), said)
+    out = convert(tmp_path / "v2.safetensors", tmp_path / "out.safetensors", family="sd1")
+    warning = capsys.readouterr().err
+    assert (
+        "its metadata says sd2 (ss_base_model_version), but its layers fit this sd1 model; written as sd1"
+        in warning
+    )
+    assert "trained on a v-prediction model and this sd1 model predicts epsilon" in warning
+    assert read_lora_file(out)[1]["modelspec.prediction_type"] == "epsilon"
+
+
 def test_unmappable_keys_are_errors_naming_the_first(tmp_path):
     unet = full_size_unet("sd1")
     foreign = foreign_state_dict(unet, "Attention", rank=1, alpha=1.0, seed=2)

@@ -111,6 +111,7 @@ def convert(
         text_modules = TextEncoderLoRA(text_tensors, str(source)).fitted(
             skeleton.text_encoders, skeleton.family
         )
+    _warn_of_other_model_in_metadata(metadata, skeleton.family, source)
     if sd2_proj == "4d":
         projections = [key for key in unet_modules if key.endswith(("_proj_in", "_proj_out"))]
         if not projections:  # a text-encoder LoRA, or one trained on the cross-attention alone
@@ -128,6 +129,17 @@ def convert(
     if sd2_proj == "4d":
         new_metadata["leco.sd2_proj"] = "4d"
     return kohya.save_lora_file(out, output, new_metadata)
+
+
+def _warn_of_other_model_in_metadata(metadata: dict[str, str], family: ModelFamily, source: Path) -> None:
+    # The converted file's metadata is written for `family`: what the source said otherwise is told,
+    # as generate and merge tell it, not replaced without a word.
+    mislabelled = kohya.mislabelled_family(metadata, family)
+    if mislabelled:
+        warn(f"{source}: {mislabelled.removesuffix('; applied')}; written as {family.name}")
+    other = kohya.other_prediction(metadata, family)
+    if other:
+        warn(f"{source} {other}; written as {family.prediction_type}")
 
 
 def lora_metadata(
