@@ -206,6 +206,7 @@ def test_bad_config_gives_one_clear_line(folder, text, expected):
     [
         ("- target: a\n  guidance: 3\n", ["entry 1.guidance: unknown key", "guidance_scale"]),
         ("- positive: a\n", ["entry 1.target: required key is missing"]),
+        ("- targets: a\n", ["entry 1.targets: unknown key; did you mean 'target'?"]),  # not also "missing"
         ("- target: a\n  action: delete\n", ["entry 1.action:", "'erase'"]),
         ("- target: a\n- target: b\n  batch_size: 0\n", ["entry 2.batch_size:"]),
         ("[]\n", ["non-empty YAML list"]),

@@ -1352,7 +1352,24 @@ def describe_validation_error(
         kept = by_key.get(key)
         if kept is None or (inside_list and len(kept["loc"]) == len(key)):  # kept names no item yet
             by_key[key] = {**item, "loc": (*key, *loc[form + 1 :]) if inside_list else key}
-    return "\n".join(f"{path}: {prefix}{_problem(item, model)}" for item in by_key.values())
+    items = _without_misspelt_missing(list(by_key.values()))
+    return "\n".join(f"{path}: {prefix}{_problem(item, model)}" for item in items)
+
+
+def _without_misspelt_missing(items: list[Any]) -> list[Any]:
+    # `targets:` for `target:` fails twice (target missing, targets unknown); the unknown key's line
+    # says "did you mean 'target'?", the whole fix, so the missing key's line goes.
+    misspelt = {
+        (tuple(item["loc"][:-1]), close)
+        for item in items
+        if item["type"] == "extra_forbidden"
+        for close in difflib.get_close_matches(str(item["loc"][-1]), [str(m["loc"][-1]) for m in items], n=3)
+    }
+    return [
+        item
+        for item in items
+        if not (item["type"] == "missing" and (tuple(item["loc"][:-1]), str(item["loc"][-1])) in misspelt)
+    ]
 
 
 def dotted_key(loc: tuple[Any, ...] | list[Any]) -> str:
