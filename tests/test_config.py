@@ -759,7 +759,8 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
         ),
         (
             {"prompts": [{"target": "x", "resolution": 512}], "train": {"resolution": 16, "batch_size": 2}},
-            "train.resolution: every prompts entry sets its own",  # batch_size: the entries leave it
+            # batch_size: the entries leave it; no word of kohya's defaults (no kohya file here)
+            "train.resolution: every prompts entry sets its own; ignored",
         ),  # `teacher:` and nothing
     ],
 )

@@ -541,6 +541,9 @@ class PromptSettings(_Section):
         return self.resolution if isinstance(self.resolution, tuple) else (self.resolution, self.resolution)
 
 
+# How an entry read from a kohya prompt file is named: "p.toml: prompts 2", "p.toml: slider.targets 1"
+_KOHYA_ENTRY = re.compile(r": (slider\.)?(prompts|targets) \d")
+
 _SECTIONS = (
     "pretrained_model",
     "network",
@@ -628,7 +631,9 @@ class LecoConfig(_Section):
                 )
         for key in ("resolution", "batch_size"):  # the defaults for entries that name none
             if self.prompts and all(getattr(entry, key) is not None for entry in self.prompts):
-                why = "every prompts entry sets its own (a kohya prompt file's do: 512 and 1 unless set)"
+                why = "every prompts entry sets its own"
+                if any(_KOHYA_ENTRY.search(entry._origin or "") for entry in self.prompts):
+                    why += " (a kohya prompt file's do: 512 and 1 unless set)"
                 unused(self.train, "train", {key}, why)
         if preview.prompts and preview.guidance <= 1 and network.type == "embedding":
             notes.append(
