@@ -1156,3 +1156,13 @@ def test_an_empty_resume_is_one_line_before_the_config_is_read(capsys):
     code, _, err = run_cli(["train", "missing.yaml", "--resume", " "], capsys)
     assert_one_line_error(code, err, "--resume")
     assert "empty; give the *_state folder" in err
+
+
+def test_generate_help_lists_every_sampler_it_takes():
+    from leco.cli import build_parser
+    from leco.generate import SAMPLERS
+
+    generate = build_parser().parse_args(["generate", "--model", "m", "--prompt", "a", "--out", "o"])
+    sampler_help = next(a.help for a in generate.commands["generate"]._actions if a.dest == "sampler")
+    listed = {word.strip(" ,()'") for word in sampler_help.split()}
+    assert set(SAMPLERS) <= listed, set(SAMPLERS) - listed

@@ -424,9 +424,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampler",
         type=_sampler,
         default="model",
-        help="model (its own scheduler), ddim, ddpm, euler, euler_a, dpm++ (DPM++ 2M), dpm++_sde, dpm2, "
-        "dpm2_a, heun, lms, plms, unipc, or A1111's and ComfyUI's names ('DPM++ 2M Karras', dpmpp_2m); "
-        "' Karras' appended: Karras sigmas",
+        help="model (its own scheduler), ddim, ddpm, euler, euler_a, dpm++ (DPM++ 2M), dpm++_sde, "
+        "dpm++_sde_heun, dpm++_3m_sde, deis, dpm2, dpm2_a, heun, lms, lcm, plms, unipc, or A1111's and "
+        "ComfyUI's names ('DPM++ 2M Karras', dpmpp_2m); ' Karras' appended: Karras sigmas",
     )
     generate.add_argument(
         "--device", default="auto", help="auto (default: cuda, then mps, then cpu), cpu, cuda:N"
