@@ -988,3 +988,25 @@ def test_a_lora_trained_at_another_clip_skip_is_said_to_need_it_after_merging(tm
     save_file(load_file(str(lora)), str(lora), metadata=metadata)
     merge(str(tiny_folders["sd1"]), [LoraStrength(lora)], tmp_path / "m", precision="fp32")
     assert "trained with clip skip 2, which the merged weights cannot carry" in capsys.readouterr().err
+
+
+def test_a_diffusers_layout_file_with_alpha_tensors_applies_at_its_alpha(tmp_path, tiny_folders):
+    """`unet.<layer>.alpha` beside lora_A/lora_B: diffusers refuses such a file ("Invalid LoRA
+    checkpoint"); generate reads it as merge does, at the scale its alpha gives."""
+    from leco.generate import build_pipeline, lora_strengths
+
+    folder = str(tiny_folders["sd1"])
+    models = load_models(folder, with_vae=True)
+    layer = next(n for n, m in models.unet.named_modules() if n.endswith("attn2.to_k"))
+    linear = models.unet.get_submodule(layer)
+    torch.manual_seed(0)
+    down, up = torch.randn(2, linear.in_features), torch.randn(linear.out_features, 2)
+    path = tmp_path / "peft_alpha.safetensors"
+    save_file({f"unet.{layer}.lora_A.weight": down, f"unet.{layer}.lora_B.weight": up,
+               f"unet.{layer}.alpha": torch.tensor(1.0)}, str(path))  # fmt: skip
+    before = linear.weight.detach().clone()
+    with lora_strengths(build_pipeline(models), path, models.family) as set_strength:
+        set_strength(1.0)
+        x = torch.randn(3, linear.in_features)
+        expected = x @ (before + up @ down * (1.0 / 2)).T + (linear.bias if linear.bias is not None else 0)
+        assert torch.allclose(models.unet.get_submodule(layer)(x), expected, atol=1e-5)

@@ -41,9 +41,11 @@ def diffusers_pipeline_reads(keys: list[str]) -> bool:
     """Whether diffusers' `pipe.load_lora_weights` finds every tensor of a diffusers-layout file: each
     key under its model's name, no adapter name kept. `unet.save_lora_adapter` and PEFT's
     `save_pretrained` write none (it would load nothing), PEFT state dicts may keep the adapter's
-    name (it would leave those weights unset): leco reads such files itself (as_kohya)."""
+    name (it would leave those weights unset), and a module's own `.alpha` tensor (kohya's way, in
+    this layout) stops diffusers with "Invalid LoRA checkpoint": leco reads such files itself (as_kohya)."""
     models = tuple(f"{model}." for model in _MODELS)
-    return all(key.startswith(models) and not _ADAPTER_NAMED.search(key) for key in keys)
+    unread = (_ADAPTER_NAMED.search(key) or key.endswith(".alpha") for key in keys)
+    return all(key.startswith(models) and not bad for key, bad in zip(keys, unread, strict=True))
 
 
 def is_diffusers_layout(keys: list[str]) -> bool:
