@@ -17,6 +17,10 @@ from leco.launcher import child_processes
 from leco.network import read_lora_file
 from leco.trainer import Trainer
 
+# One worker runs them in turn: two torchrun launches at once on 2 cores can collide (each takes a
+# free port by binding and letting go of it) and a worker dies before training (CI saw it once).
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 ITERATIONS = 4
 
 
