@@ -54,7 +54,7 @@ from leco.models import (
     sampler_from_config,
 )
 from leco.network import kohya
-from leco.network.peft_format import diffusers_pipeline_reads, is_diffusers_layout
+from leco.network.peft_format import diffusers_pipeline_reads, is_diffusers_layout, unet_module_paths
 from leco.network.text_encoders import AppliedTextEncoderLoRA, TextEncoderLoRA
 
 
@@ -749,7 +749,7 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     unknown = [module for module in modules if module not in by_key]
     unknown = unknown or _unknown_diffusers_modules(header, unet)
     if unknown:  # as A1111 and ComfyUI do: the modules this model has are applied, the others said
-        modules = modules or _diffusers_unet_modules(header)
+        modules = modules or unet_module_paths(header.shapes)
         more = ", ..." if len(unknown) > 1 else ""
         warn(
             f"--lora: {header.path}: {len(unknown)} of its {len(modules)} UNet modules match no layer of "
@@ -757,24 +757,10 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
         )
 
 
-# Where a diffusers/PEFT key's module path ends: "unet.<path>.lora_A.weight", "unet.<path>.lora.down.weight"
-_DIFFUSERS_LORA_PART = re.compile(r"\.(lora_[AB]|lora\.(down|up)|lora_magnitude_vector)(\.|$)")
-
-
-def _diffusers_unet_modules(header: LoraHeader) -> list[str]:
-    """The UNet module paths a diffusers-layout file names (none for other layouts)."""
-    paths = {
-        key[len("unet.") :].split(match.group(0))[0]
-        for key in header.shapes
-        if key.startswith("unet.") and (match := _DIFFUSERS_LORA_PART.search(key))
-    }
-    return sorted(paths)
-
-
 def _unknown_diffusers_modules(header: LoraHeader, unet: torch.nn.Module) -> list[str]:
     # diffusers leaves out the modules its UNet lacks and says so only in a log leco keeps quiet
     layers = dict(unet.named_modules())
-    return [path for path in _diffusers_unet_modules(header) if path not in layers]
+    return [path for path in unet_module_paths(header.shapes) if path not in layers]
 
 
 def _kohya_modules(header: LoraHeader) -> list[str]:

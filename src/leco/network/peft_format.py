@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -44,8 +45,9 @@ def diffusers_pipeline_reads(keys: list[str]) -> bool:
     name (it would leave those weights unset), and a module's own `.alpha` tensor (kohya's way, in
     this layout) stops diffusers with "Invalid LoRA checkpoint": leco reads such files itself (as_kohya)."""
     models = tuple(f"{model}." for model in _MODELS)
-    unread = (_ADAPTER_NAMED.search(key) or key.endswith(".alpha") for key in keys)
-    return all(key.startswith(models) and not bad for key, bad in zip(keys, unread, strict=True))
+    return all(
+        key.startswith(models) and not (_ADAPTER_NAMED.search(key) or key.endswith(".alpha")) for key in keys
+    )
 
 
 def is_diffusers_layout(keys: list[str]) -> bool:
@@ -82,8 +84,7 @@ def as_kohya(
             model, path = "kohya", key
         else:
             model, path = _model_and_path(key)
-        for pattern, replacement in _OLD_NAMES:
-            path = pattern.sub(replacement, path)
+        path = _in_current_names(path)
         module_path, _, part = path.rpartition(".lora_")
         kohya_part = _PEFT_PARTS.get(f"lora_{part}", f"lora_{part}")
         if path.endswith(".alpha"):  # diffusers' network_alphas form
@@ -116,6 +117,26 @@ def as_kohya(
                 ) from None
             result[f"{module}.alpha"] = torch.tensor(alpha)
     return result
+
+
+def unet_module_paths(keys: Iterable[str]) -> list[str]:
+    """The UNet module paths (diffusers' names) that a diffusers/PEFT-layout file's LoRA tensors name;
+    kohya-named keys and alphas are left out."""
+    paths = set()
+    for key in keys:
+        if key.startswith(KOHYA_PREFIXES) or key.endswith(".alpha"):
+            continue
+        model, path = _model_and_path(key)
+        module_path, found, _ = _in_current_names(path).rpartition(".lora_")
+        if model == "unet" and found:
+            paths.add(module_path)
+    return sorted(paths)
+
+
+def _in_current_names(path: str) -> str:
+    for pattern, replacement in _OLD_NAMES:
+        path = pattern.sub(replacement, path)
+    return path
 
 
 def _model_and_path(key: str) -> tuple[str, str]:
