@@ -295,6 +295,43 @@ def test_generate_applies_each_modules_own_alpha_as_kohya_does(tmp_path, tiny_fo
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)  # alpha/rank folded in: rounding
 
 
+def test_generate_reads_1x1_tensors_in_either_form_as_merge_and_comfyui_do(tmp_path, tiny_folders):
+    # Some tools write SD1's 1x1-conv proj_in/proj_out, or a 3x3 conv's lora_up, as 2-D tensors; merge,
+    # convert, A1111 and ComfyUI reshape them, diffusers refuses them ("size mismatch").
+    folder = str(tiny_folders["sd1"])
+    models = load_models(folder)
+    network = LoRANetwork.create(models.unet, models.family, NetworkConfig(type="c3lier", rank=2))
+    with torch.no_grad():
+        for parameter in network.parameters():
+            parameter.normal_(std=0.3)
+    saved = network.save(tmp_path / "4d.safetensors", resolution=16)
+    expected = unet_prediction(models.unet, False)
+    network.remove()
+    tensors, metadata = read_lora_file(saved)
+    flattened = {
+        key: value.flatten(1) if ("proj_in" in key or "conv1.lora_up" in key) and value.ndim == 4 else value
+        for key, value in tensors.items()
+    }
+    assert sum(a.ndim != b.ndim for a, b in zip(tensors.values(), flattened.values(), strict=True)) >= 4
+    save_file(flattened, str(tmp_path / "2d.safetensors"), {**metadata, "ss_sd_model_name": folder})
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    with lora_strengths(pipe, tmp_path / "2d.safetensors", models.family, folder) as set_strength:
+        set_strength(1.0)
+        torch.testing.assert_close(unet_prediction(pipe.unet, False), expected, rtol=1e-3, atol=1e-4)
+
+    # A file that fits no form is refused naming its layer, and not sent back to the model it names.
+    flattened["lora_unet_mid_block_resnets_0_conv1.lora_down.weight"] = torch.zeros(2, 5)
+    save_file(flattened, str(tmp_path / "bad.safetensors"), {**metadata, "ss_sd_model_name": folder})
+    with (
+        pytest.raises(LecoError) as error,
+        lora_strengths(pipe, tmp_path / "bad.safetensors", models.family, folder),
+    ):
+        pass
+    message = str(error.value)
+    assert "lora_unet_mid_block_resnets_0_conv1.lora_down.weight has shape [2, 5]" in message, message
+    assert f"its metadata names this very model ({folder!r})" in message and "give --model" not in message
+
+
 def test_cli_convert(tmp_path, capsys):
     foreign = foreign_state_dict(full_size_unet("sd1"), "Attention", rank=1, alpha=1.0, seed=4)
     torch.save(foreign, tmp_path / "s.pt")

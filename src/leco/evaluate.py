@@ -477,7 +477,7 @@ def evaluate(
         )
     for label, path in zip(labels, loras, strict=True):  # a bad second file stops the run now
         if label not in negatives:
-            check_lora_fits(read_lora_header(path, models.family), models.unet, models.family)
+            check_lora_fits(read_lora_header(path, models.family), models.unet, models.family, models.source)
             check_lora_finite(Path(path))  # before minutes of images, not when its turn comes
             warn_if_distilled(str(path), settings.guidance, fix=f"guidance: 1 in {spec._source}")
     detector = detector or make_detector(spec, models)

@@ -367,7 +367,7 @@ def a1111_sampler(scheduler: Any) -> dict[str, str]:
 
 @contextmanager
 def lora_strengths(
-    pipe: DiffusionPipeline, lora: str | Path | None, family: ModelFamily
+    pipe: DiffusionPipeline, lora: str | Path | None, family: ModelFamily, model: str | None = None
 ) -> Iterator[Callable[[float], None]]:
     """Load a LoRA the way diffusers users do; yields a function that sets its strength.
 
@@ -379,7 +379,7 @@ def lora_strengths(
         return
     path = Path(lora)
     header = read_lora_header(path, family)
-    check_lora_fits(header, pipe.unet, family)
+    check_lora_fits(header, pipe.unet, family, model)
     check_lora_finite(path)
     unet_part, text_part = _as_diffusers_loads_it(header, pipe.unet, family)
     # diffusers 0.42 with transformers 5 keeps a kohya file's text-encoder MLP modules but drops its
@@ -390,9 +390,11 @@ def lora_strengths(
     text_deltas = AppliedTextEncoderLoRA(text_lora, encoders, family)
     if unet_part is not None:
         try:
-            with quiet_library_logs():  # diffusers logs every mismatched tensor before it raises
+            with quiet_library_logs(errors=False):  # diffusers logs the error it raises, and more
                 pipe.load_lora_weights(unet_part, adapter_name=ADAPTER)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
+        except KeyError as error:
+            raise LecoError(_unread_settings(path, header, error)) from None
+        except (OSError, ValueError, RuntimeError) as error:
             raise LecoError(
                 f"--lora: {path} cannot be applied to this model ({str(error).splitlines()[0][:160]})"
             ) from None
@@ -410,6 +412,16 @@ def lora_strengths(
             pipe.unload_lora_weights()
 
 
+def _unread_settings(path: Path, header: LoraHeader, error: KeyError) -> str:
+    """What to say when diffusers finds a key missing: in a PEFT file, its adapter settings."""
+    if "lora_adapter_metadata" in header.metadata:
+        return (
+            f"--lora: {path}: its lora_adapter_metadata (the adapter settings diffusers reads) lacks "
+            f"{error}; save the file again with diffusers' save_lora_weights, or remove that metadata"
+        )
+    return f"--lora: {path} cannot be applied to this model (no {error} where diffusers looks for it)"
+
+
 def _as_diffusers_loads_it(
     header: LoraHeader, unet: torch.nn.Module, family: ModelFamily
 ) -> tuple[str | dict | None, dict[str, torch.Tensor]]:
@@ -420,7 +432,8 @@ def _as_diffusers_loads_it(
     does (every other tensor handed over as it is, for diffusers to read):
 
     - kohya's SD2 trainers (and `leco convert --sd2-proj 4d`) write the Linear proj_in/proj_out as
-      1x1 convs, which diffusers refuses where A1111 and ComfyUI reshape them: reshaped to 2-D;
+      1x1 convs, and some tools write a conv's 1x1 tensors as 2-D, which diffusers refuses where
+      A1111 and ComfyUI reshape them: reshaped to the layer's form;
     - where the modules' alphas differ (resized or merged LoRAs), diffusers files the attention
       layers' alphas under names no layer has, so those layers get the most common alpha: each
       module's alpha/rank is folded into its lora_up and the alphas left out (scale 1 each);
@@ -428,7 +441,7 @@ def _as_diffusers_loads_it(
       diffusers' kohya reader knows (it has no rule for add_embedding and drops it without a word).
     """
     by_key = kohya.unet_layer_keys(unet, family)
-    linear_as_conv = _linear_layers_in_conv_form(header, unet, by_key)
+    reshaped = _modules_in_another_form(header, unet, by_key)
     renamed = _sgm_names(header, unet, family, by_key)
     alphas = _module_alphas(header)
     plain = all(
@@ -436,15 +449,15 @@ def _as_diffusers_loads_it(
     )
     fold = len(set(alphas.values())) > 1 and plain  # DoRA and other kinds: diffusers' reading stands
     has_text = any(key.startswith(kohya.TEXT_ENCODER_PREFIXES) for key in header.shapes)
-    if not linear_as_conv and not fold and not has_text and not renamed and header.tensors is None:
+    if not reshaped and not fold and not has_text and not renamed and header.tensors is None:
         return str(header.path), {}
     from safetensors.torch import load_file
 
     tensors = dict(header.tensors) if header.tensors is not None else load_file(str(header.path))
     text = {key: tensors.pop(key) for key in list(tensors) if key.startswith(kohya.TEXT_ENCODER_PREFIXES)}
-    for module in linear_as_conv:
-        for part in ("lora_down.weight", "lora_up.weight"):
-            tensors[f"{module}.{part}"] = tensors[f"{module}.{part}"].flatten(1)
+    for module, shapes in reshaped.items():
+        for part, shape in zip(("lora_down.weight", "lora_up.weight"), shapes, strict=True):
+            tensors[f"{module}.{part}"] = tensors[f"{module}.{part}"].reshape(shape)
     if fold:
         for module, alpha in alphas.items():
             if f"{module}.lora_up.weight" not in tensors:
@@ -473,18 +486,22 @@ def _sgm_names(
     return {module: sgm for module, sgm in canonical.items() if sgm != module}
 
 
-def _linear_layers_in_conv_form(
+def _modules_in_another_form(
     header: LoraHeader, unet: torch.nn.Module, by_key: dict[str, str]
-) -> list[str]:
-    """The file's modules whose layer is Linear but whose tensors are 1x1 convs (kohya's SD2 form)."""
-    downs = {k.partition(".")[0]: s for k, s in header.shapes.items() if k.endswith(".lora_down.weight")}
-    return [
-        module
-        for module, down in downs.items()
-        if len(down) == 4
-        and module in by_key
-        and isinstance(unet.get_submodule(by_key[module]), torch.nn.Linear)
-    ]
+) -> dict[str, tuple[list[int], list[int]]]:
+    """The file's modules whose 1x1 tensors are in the other form than their layer's (Linear layers
+    given as 1x1 convs, kohya's SD2 form; 1x1 convs or a conv's lora_up given as 2-D), with the
+    shapes diffusers needs for them (it refuses either form where A1111 and ComfyUI reshape)."""
+    reshaped = {}
+    for key, down in header.shapes.items():
+        module, _, part = key.partition(".")
+        up = header.shapes.get(f"{module}.lora_up.weight")
+        if part != "lora_down.weight" or module not in by_key or up is None:
+            continue
+        shapes = _fitted_shapes(down, up, unet.get_submodule(by_key[module]))
+        if shapes != (down, up):
+            reshaped[module] = shapes
+    return reshaped
 
 
 def _module_alphas(header: LoraHeader) -> dict[str, float]:
@@ -725,10 +742,13 @@ def read_lora_header(path: str | Path, family: ModelFamily | None = None) -> Lor
     return LoraHeader(path, shapes, metadata)
 
 
-def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFamily) -> None:
+def check_lora_fits(
+    header: LoraHeader, unet: torch.nn.Module, family: ModelFamily, model: str | None = None
+) -> None:
     """Refuse a LoRA made for another model family, by its UNet layers (kohya-format files: leco's,
     A1111's, ComfyUI's; other layouts are left to diffusers), else by its metadata. Metadata that
-    its layers contradict, and a prediction type other than the model's, are said."""
+    its layers contradict, and a prediction type other than the model's, are said. `model`: the
+    --model given, which the advice does not name back."""
     lora_arch = kohya.arch_from_metadata(header.metadata)
     mislabelled = lora_arch is not None and lora_arch != family.arch
     modules = _kohya_modules(header)
@@ -737,10 +757,10 @@ def check_lora_fits(header: LoraHeader, unet: torch.nn.Module, family: ModelFami
     if mislabelled and (misfit is not None or not modules):  # the layers agree, or cannot be checked
         raise LecoError(
             f"--lora: {header.path} was trained for {lora_arch} but the model is {family.name}; "
-            f"use a LoRA of this family, or {kohya.made_for(header.metadata)}"
+            f"use a LoRA of this family, or {kohya.made_for(header.metadata, model)}"
         )
     if misfit is not None:
-        raise LecoError(f"--lora: {header.path} {misfit}; {kohya.made_for(header.metadata)}")
+        raise LecoError(f"--lora: {header.path} {misfit}; {kohya.made_for(header.metadata, model)}")
     if mislabelled:  # every layer fits: the metadata is wrong
         warn(f"--lora: {header.path}: {kohya.mislabelled_family(header.metadata, family)}")
     other = kohya.other_prediction(header.metadata, family)
@@ -803,13 +823,23 @@ def _layer_misfit(
             raise LecoError(
                 f"--lora: {header.path} has {module} without its {missing}.weight; the file is incomplete"
             )
-        as_conv = isinstance(layer, torch.nn.Linear) and down[1:] == [layer.in_features, 1, 1]
-        if down[1:] != list(layer.weight.shape[1:]) and not as_conv:  # kohya's SD2 form is read
-            return (
-                f"does not fit this {family.name} model: {module}.lora_down.weight has shape {down}, this "
-                f"model's layer needs {[down[0], *layer.weight.shape[1:]]}; it was made for another model"
-            )
+        up = header.shapes[f"{module}.lora_up.weight"]
+        try:  # the shapes `leco merge`, A1111 and ComfyUI read: 1x1 tensors in Linear or conv form
+            _fitted_shapes(down, up, layer, module)
+        except kohya.LoraDoesNotFit as error:
+            why = str(error).removesuffix(f"; {kohya.ANOTHER_MODEL}")
+            return f"does not fit this {family.name} model: {why}"
     return None
+
+
+def _fitted_shapes(
+    down: list[int], up: list[int], layer: torch.nn.Module, where: str = ""
+) -> tuple[list[int], list[int]]:
+    """The shapes of a module's lora_down and lora_up in the form `layer` takes (kohya.fit_to_layer,
+    on shapes alone: no tensor is read)."""
+    empty = kohya.ModuleWeights(torch.empty(down, device="meta"), torch.empty(up, device="meta"), 1.0)
+    fitted = kohya.fit_to_layer(empty, getattr(layer, "base_layer", layer), where)
+    return list(fitted.down.shape), list(fitted.up.shape)
 
 
 def arch_of_lora(path: Path) -> str | None:
@@ -1024,7 +1054,8 @@ def run_generation(
         raise LecoError("strengths: without a LoRA every strength draws the same image; give lora= or 0")
     refuse_earlier_files(requests, out, overwrite)
     pipe = build_pipeline(models, settings.sampler).to(device)
-    with embeddings_loaded(pipe, embeddings), lora_strengths(pipe, lora, models.family) as set_strength:
+    applied = lora_strengths(pipe, lora, models.family, models.source)
+    with embeddings_loaded(pipe, embeddings), applied as set_strength:
         # With the embeddings' tokens known: a token of N vectors is N tokens, not its spelling.
         *prompts, negative = with_tokens_in_their_case(
             pipe, [*(r.prompt for r in requests), settings.negative_prompt]

@@ -73,11 +73,12 @@ class SamplingDefaults:
 
 
 @contextmanager
-def quiet_library_logs() -> Iterator[None]:
+def quiet_library_logs(errors: bool = True) -> Iterator[None]:
     """diffusers' and transformers' loading chatter off (warnings, loading bars), for leco's own calls.
 
     Their verbosity and progress bars are process-wide settings that a Python user may have chosen;
-    they are restored on exit, so only leco's loading calls are quieted. Errors still print.
+    they are restored on exit, so only leco's loading calls are quieted. Errors still print, unless
+    not `errors` (where leco says what failed itself, and the library's log would repeat it).
     """
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -87,7 +88,7 @@ def quiet_library_logs() -> Iterator[None]:
         for lib in (diffusers_logging, transformers_logging)
     ]
     for lib, _, _ in saved:
-        lib.set_verbosity_error()
+        lib.set_verbosity(lib.ERROR if errors else lib.CRITICAL)
         lib.disable_progress_bar()
     try:
         with warnings.catch_warnings():  # e.g. hub arguments diffusers still passes, now deprecated

@@ -106,7 +106,7 @@ def convert(
 
     tensors, metadata = kohya.read_lora_file(source, skeleton.family)
     unet_tensors, text_tensors = kohya.split_by_model(tensors, str(source))
-    with kohya.naming_its_model(metadata):
+    with kohya.naming_its_model(metadata, model):
         unet_modules = kohya.canonical_unet_modules(unet_tensors, skeleton.unet, skeleton.family, str(source))
         text_modules = TextEncoderLoRA(text_tensors, str(source)).fitted(
             skeleton.text_encoders, skeleton.family

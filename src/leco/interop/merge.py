@@ -91,7 +91,7 @@ def bake(models: LoadedModels, lora: LoraStrength) -> None:
     tensors, metadata = kohya.read_lora_file(lora.path, models.family)
     unet_tensors, text_tensors = kohya.split_by_model(tensors, source)
     text_lora = TextEncoderLoRA(text_tensors, source)
-    with kohya.naming_its_model(metadata):  # every key checked before any weight changes
+    with kohya.naming_its_model(metadata, models.source):  # every key checked before any weight changes
         modules = kohya.canonical_unet_modules(unet_tensors, models.unet, models.family, source)
         text_lora.fitted(models.text_encoders, models.family)
     mislabelled = kohya.mislabelled_family(metadata, models.family)

@@ -109,12 +109,23 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
     return path
 
 
-def made_for(metadata: dict[str, str]) -> str:
-    """What to do about a LoRA that does not fit the model: its model, if its metadata names one."""
+def made_for(metadata: dict[str, str], model: str | None = None) -> str:
+    """What to do about a LoRA that does not fit `model`: its model, if its metadata names another."""
     name = metadata.get("ss_sd_model_name", "").strip()
+    if name and model is not None and _model_name(name) == _model_name(model):
+        return (
+            f"its metadata names this very model ({name!r}), so the file was changed after training "
+            "(damaged, or converted or resized for another model); use the file as it was saved"
+        )
     if name:
         return f"give --model {name!r} (the model its metadata names)"
     return "give --model the model it was trained on"
+
+
+def _model_name(model: str) -> str:
+    # kohya writes the checkpoint's file name (its stem on some versions), leco the --model given
+    path = Path(model.strip().rstrip("/\\"))
+    return (path.stem if path.suffix.lower() in (".safetensors", ".ckpt") else path.name).lower()
 
 
 def arch_from_metadata(metadata: dict[str, str]) -> str | None:
@@ -150,12 +161,12 @@ def other_prediction(metadata: dict[str, str], family: ModelFamily) -> str | Non
 
 
 @contextmanager
-def naming_its_model(metadata: dict[str, str]) -> Iterator[None]:
-    """A LoRA that fits no layer (or a layer's shape) of the model says which model to give instead."""
+def naming_its_model(metadata: dict[str, str], model: str | None = None) -> Iterator[None]:
+    """A LoRA that fits no layer (or a layer's shape) of `model` says which model to give instead."""
     try:
         yield
     except LoraDoesNotFit as error:
-        raise LecoError(f"{error}; {made_for(metadata)}") from None
+        raise LecoError(f"{error}; {made_for(metadata, model)}") from None
 
 
 def read_lora_file(
