@@ -559,10 +559,15 @@ def test_a_run_whose_every_entry_weighs_0_is_refused():
     )
     with pytest.raises(ConfigError, match="every entry has weight 0, so the loss is 0"):
         config.check_combination()
-    entries[1]["weight"] = 0.5  # one weighing entry is enough
-    LecoConfig.model_validate(
+    entries[1]["weight"] = 0.5  # one weighing entry is enough, and the other is said to waste steps
+    config = LecoConfig.model_validate(
         {"pretrained_model": {"name_or_path": "ink-digits"}, "prompts": entries}
-    ).check_combination()
+    )
+    config.check_combination()
+    assert config.unused_settings() == [
+        "prompts entry 1: weight 0 trains nothing, yet the entry still takes its share of the steps; "
+        "remove it to give them to the others"
+    ]
 
 
 def test_an_eval_spec_given_to_train_and_a_config_given_to_eval_say_so():

@@ -623,6 +623,11 @@ class LecoConfig(_Section):
                     f"{entry.named(number)}: multiplier: an embedding has no strength (its token is in the "
                     "negative prompt or not); ignored"
                 )
+            if entry.weight == 0 and self.train.method != "closed_form":
+                notes.append(
+                    f"{entry.named(number)}: weight 0 trains nothing, yet the entry still takes its "
+                    "share of the steps; remove it to give them to the others"
+                )
             unread = entry.changed_keys(UNREAD_BY_ACTION.get(entry.action, set()))
             if unread:
                 notes.append(
