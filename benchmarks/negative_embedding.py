@@ -40,7 +40,8 @@ from leco import embedding
 from leco.cli import quiet_libraries
 from leco.conditioning import Conditioning
 from leco.config import load_config
-from leco.generate import build_pipeline, embeddings_loaded
+from leco.embedding_files import embeddings_loaded
+from leco.generate import build_pipeline
 from leco.ink_digits.judge import InkDigitsDetector
 from leco.models import load_models
 

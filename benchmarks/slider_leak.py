@@ -40,10 +40,11 @@ from recipe_runs import apply_changes, known_names, positive_int, seed_list, tra
 from leco.cli import quiet_libraries
 from leco.conditioning import PromptEncoder, predict
 from leco.config import AnchorConfig, ConfigError, load_config
-from leco.generate import build_pipeline, lora_strengths
+from leco.generate import build_pipeline
 from leco.ink_digits import model_path
 from leco.ink_digits.data import ALL_INKS, DIGIT_WORDS, MODEL_INKS
 from leco.ink_digits.judge import InkDigitsJudge
+from leco.lora_files import lora_strengths
 from leco.models import load_models
 from leco.objectives import OBJECTIVES, guided
 from leco.preservation import anchor_prompts

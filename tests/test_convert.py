@@ -17,9 +17,9 @@ from leco.cli import main
 from leco.conditioning import Conditioning, predict, sdxl_time_ids
 from leco.config import NetworkConfig
 from leco.errors import LecoError
-from leco.generate import check_lora_fits, lora_strengths, read_lora_header
 from leco.interop.convert import convert
 from leco.interop.merge import LoraStrength, bake
+from leco.lora_files import check_lora_fits, lora_strengths, read_lora_header
 from leco.models import CONFIG_ROOT, ModelFamily, load_models
 from leco.network import LoRANetwork, adaptable_layers, read_lora_file
 from leco.network.kohya import ModuleWeights, data_hash_of_file, delta_weight, kohya_key
@@ -434,7 +434,7 @@ def test_generate_hands_diffusers_the_layers_leco_does_not_train(
 
 
 def test_a_lora_of_whole_numbers_is_refused_in_one_line_everywhere(tmp_path, tiny_folders):
-    from leco.generate import read_lora_header
+    from leco.lora_files import read_lora_header
 
     models = load_models(str(tiny_folders["sd1"]))
     network = LoRANetwork.create(models.unet, models.family, NetworkConfig(rank=2))

@@ -14,22 +14,18 @@ from leco.config import NetworkConfig
 from leco.errors import LecoError
 from leco.files import written_by_leco
 from leco.generate import (
-    KARRAS,
-    SAMPLERS,
-    ImageRequest,
     SamplingSettings,
-    a1111_sampler,
     build_pipeline,
-    make_scheduler,
     parse_seeds,
     parse_strengths,
     requests_for,
     run_generation,
-    sampler_name,
 )
+from leco.images import ImageRequest
 from leco.models import load_models
 from leco.network import LoRANetwork
 from leco.preview import make_grid
+from leco.samplers import KARRAS, SAMPLERS, a1111_sampler, make_scheduler, sampler_name
 
 
 @pytest.fixture(scope="module")
@@ -350,7 +346,8 @@ def _text_state(models):
 
 @pytest.mark.parametrize("name", ["sd1", "sdxl", "a1111", "original"])
 def test_embedding_vectors_sit_behind_the_token_and_leave_on_exit(tiny_folders, embedding_files, name):
-    from leco.generate import build_pipeline, embeddings_loaded
+    from leco.embedding_files import embeddings_loaded
+    from leco.generate import build_pipeline
 
     path, token, vectors = embedding_files[name]
     models = load_models(str(tiny_folders["sdxl" if name == "sdxl" else "sd1"]), with_vae=True)
@@ -390,7 +387,8 @@ def test_an_embedding_longer_than_a_prompt_says_its_last_vectors_are_never_read(
 ):
     from safetensors.torch import save_file
 
-    from leco.generate import build_pipeline, embeddings_loaded
+    from leco.embedding_files import embeddings_loaded
+    from leco.generate import build_pipeline
 
     pipe = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True))
     room = pipe.tokenizer.model_max_length - 2
@@ -465,7 +463,8 @@ def test_a_capitalised_token_finds_every_vector_as_a1111_does(tmp_path, tiny_fol
 def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embedding_files):
     from safetensors.torch import save_file
 
-    from leco.generate import build_pipeline, embeddings_loaded
+    from leco.embedding_files import embeddings_loaded
+    from leco.generate import build_pipeline
 
     root = embedding_files["root"]
     (tmp_path / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
@@ -509,7 +508,8 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
 
 
 def test_a_token_made_of_known_words_is_loaded_with_a_warning(tiny_folders, embedding_files, capsys):
-    from leco.generate import build_pipeline, embeddings_loaded
+    from leco.embedding_files import embeddings_loaded
+    from leco.generate import build_pipeline
 
     pipe = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True))
     with embeddings_loaded(pipe, [f"{embedding_files['root'] / 'ugly.safetensors'}:red fox"]):
@@ -518,7 +518,7 @@ def test_a_token_made_of_known_words_is_loaded_with_a_warning(tiny_folders, embe
 
 
 def test_embedding_option_parsing(tmp_path):
-    from leco.generate import parse_embedding_option
+    from leco.embedding_files import parse_embedding_option
 
     assert parse_embedding_option("a/b.safetensors") == (Path("a/b.safetensors"), None)
     assert parse_embedding_option("a/b.safetensors:<tok>") == (Path("a/b.safetensors"), "<tok>")
@@ -533,7 +533,7 @@ def test_embedding_option_parsing(tmp_path):
 def test_embedding_tokens_no_prompt_can_match_are_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from leco.generate import read_embedding
+    from leco.embedding_files import read_embedding
 
     path = tmp_path / "neg.safetensors"
     save_file({"emb_params": torch.zeros(2, 8)}, str(path))

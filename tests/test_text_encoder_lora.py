@@ -6,7 +6,8 @@ import torch
 
 from leco import train
 from leco.config import ConfigError, LecoConfig
-from leco.generate import build_pipeline, lora_strengths
+from leco.generate import build_pipeline
+from leco.lora_files import lora_strengths
 from leco.models import load_models
 from leco.network import read_lora_file
 from leco.network.text_encoders import text_encoder_layers

@@ -254,7 +254,7 @@ def _lora_file(text: str) -> str:
 
 
 def _read_lora(text: str) -> str:
-    from leco.generate import read_lora_header
+    from leco.lora_files import read_lora_header
 
     return str(_checked(read_lora_header)(text).path)
 
@@ -279,7 +279,7 @@ def _refuse_strength_suffix(text: str, where_strengths_go: str) -> None:
 
 def _lora_or_embedding_file(text: str) -> str:
     """eval's --lora: a LoRA, or a negative embedding (judged with its token in the negative prompt)."""
-    from leco.generate import is_embedding_file, read_embedding
+    from leco.embedding_files import is_embedding_file, read_embedding
 
     if is_embedding_file(_named(text)):
         return str(_checked(read_embedding)(text).path)
@@ -288,7 +288,7 @@ def _lora_or_embedding_file(text: str) -> str:
 
 
 def _sampler(text: str) -> str:
-    from leco.generate import sampler_name, unknown_sampler
+    from leco.samplers import sampler_name, unknown_sampler
 
     name = sampler_name(text)
     if name is None:
@@ -681,7 +681,12 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
     """Missing or damaged embedding files stop the run now, not after the model has loaded; one whose
     token no prompt uses is pointed out (a typo in the token draws as plain words)."""
     from leco.config import word_around
-    from leco.generate import is_embedding_file, parse_embedding_option, read_embedding, refuse_shared_tokens
+    from leco.embedding_files import (
+        is_embedding_file,
+        parse_embedding_option,
+        read_embedding,
+        refuse_shared_tokens,
+    )
 
     given = [(path.resolve(), token) for path, token in map(parse_embedding_option, options)]
     for (path, token), option in zip(given, options, strict=True):
@@ -729,10 +734,10 @@ def run_generate(args: argparse.Namespace) -> int:
         refuse_earlier_files,
         requests_for,
         run_generation,
-        warn_if_distilled,
         warn_if_negative_unread,
         warn_of_other_images,
     )
+    from leco.lora_files import warn_if_distilled
     from leco.models import sampling_for
 
     if args.lora and len(args.lora) > 1:

@@ -32,3 +32,9 @@ def is_main_process() -> bool:
 class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is)
     """SIGTERM or a hang-up outside training's own handlers. Not a KeyboardInterrupt: CPython ends a
     process that saw one by killing itself with SIGINT at exit (exit code -2, not leco's 130)."""
+
+
+def first_line(error: BaseException, limit: int | None = 160) -> str:
+    """A library error's first line, for one-line messages (its name when it says nothing)."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__

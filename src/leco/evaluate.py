@@ -44,31 +44,29 @@ from leco.config import (
     no_bool_for_numbers,
     read_yaml,
 )
+from leco.embedding_files import embeddings_loaded, is_embedding_file, read_embedding
 from leco.errors import LecoError, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
     MAX_SEEDS,
     SamplingSettings,
     a1111_parameters,
-    a1111_sampler,
     build_pipeline,
-    check_lora_finite,
-    check_lora_fits,
     clip_skip_for,
-    embeddings_loaded,
     generate,
     image_size,
-    is_embedding_file,
-    lora_strengths,
-    read_embedding,
-    read_lora_header,
-    sampler_name,
-    unknown_sampler,
-    warn_if_distilled,
     warn_if_negative_unread,
 )
 from leco.images import ImageRequest, format_strength, save_image, strengths_named_alike, unique_slugs
+from leco.lora_files import (
+    check_lora_finite,
+    check_lora_fits,
+    lora_strengths,
+    read_lora_header,
+    warn_if_distilled,
+)
 from leco.models import LoadedModels, check_hub_repo_available, quiet_library_logs, sampling_for
+from leco.samplers import a1111_sampler, sampler_name, unknown_sampler
 
 KINDS = ("erase", "keep", "enhance")
 NO_CONCEPT_LIST = {  # keep: all, with a detector that cannot list what it knows

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from leco.errors import LecoError
+from leco.errors import LecoError, first_line
 
 
 class OutputNotWritten(OSError):
@@ -256,11 +256,6 @@ def load_torch_file(path: Path) -> Any:
                 f"torch's safe reader refused it ({detail[:120]}): it holds more than plain tensors, which "
                 "could run code when loaded, or it is damaged"
             ) from None
-        raise LecoError(f"damaged or not a torch file: {_first_line(error)}") from None
+        raise LecoError(f"damaged or not a torch file: {first_line(error)}") from None
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
-        raise LecoError(f"damaged or not a torch file: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:160] if text else type(error).__name__
+        raise LecoError(f"damaged or not a torch file: {first_line(error)}") from None

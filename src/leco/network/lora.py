@@ -166,7 +166,7 @@ class LoRANetwork(SwitchableLoRA):
         if not modules:
             raise LecoError(
                 f"{path}: holds no UNet layer (text-encoder layers only); apply it with leco generate, "
-                "eval or merge (leco.generate.lora_strengths in Python)"
+                "eval or merge (leco.lora_files.lora_strengths in Python)"
             )
         by_key = kohya.unet_layer_keys(unet, family)
         ranks = {by_key[key]: (weights.rank, weights.alpha) for key, weights in modules.items()}

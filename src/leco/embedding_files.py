@@ -1,0 +1,293 @@
+"""Embedding files (textual inversion, e.g. a negative embedding): read, checked against the
+pipeline's text encoders, and their tokens loaded for sampling."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DiffusionPipeline,
+)
+
+from leco.conditioning import words_a_token_spells
+from leco.errors import LecoError, first_line, warn
+from leco.files import load_torch_file
+from leco.models import (
+    quiet_library_logs,
+)
+from leco.network import kohya
+
+LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
+
+
+def has_lora_keys(keys: Iterable[str]) -> bool:
+    """Whether any key names a LoRA layer, in any layout diffusers loads."""
+    return any(marker in key for key in keys for marker in LORA_KEY_MARKERS)
+
+
+def is_embedding_file(path: str | Path) -> bool:
+    """Whether `path` is a readable textual-inversion file: .safetensors, or A1111's .pt / .bin."""
+    path = Path(path)
+    if path.suffix.lower() not in (".safetensors", ".pt", ".bin") or not path.is_file():
+        return False
+    if path.suffix.lower() != ".safetensors":
+        try:  # an embedding is a few KB; anything read_embedding refuses (a LoRA .pt) is none
+            return path.stat().st_size < 16 * 2**20 and bool(read_embedding(path))
+        except (LecoError, OSError):
+            return False
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as file:
+            shapes = {key: file.get_slice(key).get_shape() for key in file.keys()}  # noqa: SIM118
+            return kohya.is_embedding(list(shapes)) or kohya.is_one_token_embedding(shapes)
+    except (SafetensorError, OSError):
+        return False  # read_lora_header names the damage
+
+
+@dataclass(frozen=True)
+class Embedding:
+    """A textual-inversion file's vectors: one [N, width] tensor per text encoder (SDXL: clip_l, clip_g)."""
+
+    path: Path
+    token: str
+    vectors: tuple[torch.Tensor, ...]
+    option: str = "--embedding"  # how the user gave it, for messages (eval judges one given as --lora)
+
+    @property
+    def tokens(self) -> list[str]:
+        """The token and the ones diffusers adds for vectors 2..N (token_1, token_2, ...)."""
+        return [self.token] + [f"{self.token}_{i}" for i in range(1, len(self.vectors[0]))]
+
+
+def parse_embedding_option(option: str | Path) -> tuple[Path, str | None]:
+    """`FILE` or `FILE:TOKEN`; a path that exists as written is taken whole (C:\\x.pt, a:b.pt)."""
+    text = str(option)
+    path, colon, token = text.rpartition(":")
+    if colon and path and not token and not Path(text).exists() and Path(path).exists():
+        raise LecoError(
+            f"--embedding {text!r}: nothing follows the ':'; give {path} alone (the file names the token) "
+            f"or {path}:TOKEN"
+        )
+    if Path(text).exists() or not (colon and path and token) or any(c in token for c in "/\\"):
+        return Path(text), None
+    return Path(path), token
+
+
+def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
+    """Read kohya/leco `.safetensors` (emb_params, or clip_l + clip_g), A1111 `.pt` or diffusers files.
+
+    The token: `token` if given, else the file's `leco.token` metadata, else diffusers' key, else
+    the file name without its suffix (as A1111 names embeddings).
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
+        raise LecoError(f"--embedding: {path} {what}; give the embedding's file")
+    tensors, metadata = _embedding_tensors(path)
+    if has_lora_keys(tensors):
+        raise LecoError(f"--embedding: {path} is a LoRA, not an embedding; give it as --lora")
+    key_token = None
+    if set(tensors) == {"clip_l", "clip_g"}:
+        vectors = (tensors["clip_l"], tensors["clip_g"])
+    elif len(tensors) == 1:
+        (key, vector), *_ = tensors.items()
+        vectors = (vector,)
+        key_token = None if key in ("emb_params", "*") else key  # diffusers' learned_embeds: {token: vector}
+    else:
+        raise LecoError(
+            f"--embedding: {path} holds {', '.join(sorted(tensors))[:80]}, not an embedding "
+            "(expected emb_params, clip_l + clip_g, or A1111's string_to_param)"
+        )
+    usable = (
+        v.dim() in (1, 2) and v.numel() > 0 and v.is_floating_point() and v.isfinite().all() for v in vectors
+    )
+    if not all(usable):
+        raise LecoError(f"--embedding: {path} holds no usable vectors (shape, type or NaN); is it damaged?")
+    vectors = tuple(v.reshape(-1, v.shape[-1]).float() for v in vectors)
+    if len(vectors) == 2 and len(vectors[0]) != len(vectors[1]):
+        raise LecoError(f"--embedding: {path}: clip_l and clip_g hold different numbers of vectors")
+    chosen = token or metadata.get("leco.token") or key_token or path.stem
+    if not chosen.strip() or chosen != chosen.strip() or any(c.isspace() and c != " " for c in chosen):
+        raise LecoError(
+            f"--embedding {path}: its token {chosen!r} has tabs, line breaks or spaces at its ends, which no "
+            f"prompt can match; give one with {path}:TOKEN"
+        )
+    # CLIP reads prompts in lower case and A1111 finds "EasyNegative" by its token ids, so in any
+    # case; diffusers looks the token up in the lower-cased prompt and would miss a capital one,
+    # using its first vector only. The token is loaded in lower case (with_tokens_in_their_case).
+    return Embedding(path, chosen.lower(), vectors)
+
+
+def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                names = list(file.keys())
+                return {name: file.get_tensor(name) for name in names}, dict(file.metadata() or {})
+        except Exception as error:  # safetensors raises its own error types, OSError or ValueError
+            raise _unreadable(path, error) from None
+    if path.suffix.lower() not in (".pt", ".bin"):
+        raise LecoError(f"--embedding: {path} is not .safetensors, .pt or .bin; give an embedding file")
+    try:
+        data = load_torch_file(path)  # never runs pickled code
+    except LecoError as reason:
+        raise LecoError(f"--embedding: {path} cannot be read ({reason})") from None
+    vectors = data.get("string_to_param") if isinstance(data, dict) else None
+    if isinstance(vectors, torch.nn.ParameterDict):  # the original textual inversion's
+        vectors = vectors._parameters  # (a ParameterDict pickled by torch < 1.12 has no other index)
+    if isinstance(vectors, dict):  # A1111
+        data = {name: tensor.detach() for name, tensor in vectors.items()}
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()) or not data:
+        raise LecoError(f"--embedding: {path} holds no embedding tensors (expected A1111's string_to_param)")
+    return data, {}
+
+
+def _unreadable(path: Path, error: BaseException) -> LecoError:
+    return LecoError(f"--embedding: {path} cannot be read ({first_line(error)}); is it damaged?")
+
+
+def text_encoder_pairs(pipe: DiffusionPipeline) -> list[tuple]:
+    """(tokenizer, text encoder) pairs of the pipeline: one for SD1/SD2, two for SDXL."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    return pairs
+
+
+def _check_embeddings(embeddings: list[Embedding], pairs: list[tuple]) -> None:
+    """Each problem as one line naming the file, before anything is loaded."""
+    for embedding in embeddings:
+        path, token, option = embedding.path, embedding.token, embedding.option
+        if len(embedding.vectors) != len(pairs):
+            held = "clip_l + clip_g (SDXL)" if len(embedding.vectors) == 2 else "one text encoder's vectors"
+            needed = "SDXL's clip_l + clip_g" if len(pairs) == 2 else "one text encoder's vectors (SD1/SD2)"
+            raise LecoError(f"{option}: {path} holds {held}, but this model needs {needed}")
+        for (tokenizer, encoder), vectors in zip(pairs, embedding.vectors, strict=True):
+            width = encoder.get_input_embeddings().weight.shape[1]
+            if vectors.shape[1] != width:
+                raise LecoError(
+                    f"{option}: {path} has vectors of width {vectors.shape[1]}, but this model's text "
+                    f"encoder takes {width}; use an embedding made for this model family"
+                )
+            room = tokenizer.model_max_length - 2  # a prompt's tokens between its start and end
+            if len(vectors) > room and tokenizer is pairs[0][0]:
+                warn(
+                    f"{option}: {path}: its {len(vectors)} vectors are more than the {room} tokens this "
+                    "model reads of a prompt; the prompt is cut inside them, so the last are never read"
+                )
+            if _is_known_word(tokenizer, embedding.tokens):
+                raise LecoError(
+                    f"{option}: {path}: the token {token!r} is already a word of this model's tokenizer; "
+                    f"name another one: {option} {path}:NEW_TOKEN"
+                )
+            if (words := words_a_token_spells(tokenizer, token)) and tokenizer is pairs[0][0]:
+                warn(  # A1111 reads a file named "bad hands 5" so too; a warning, not a refusal
+                    f"{option}: {path}: the token {token!r} is made of the words {', '.join(words)}: "
+                    f"wherever a prompt writes {token!r} the embedding stands in for them; to keep the "
+                    f"words, name it: {option} {path}:NEW_TOKEN"
+                )
+    refuse_shared_tokens(embeddings)
+
+
+def refuse_shared_tokens(embeddings: list[Embedding]) -> None:
+    """Two files under one token: the second would silently replace the first."""
+    seen: dict[str, Path] = {}
+    for embedding in embeddings:
+        if embedding.token in seen:
+            raise LecoError(
+                f"--embedding: {embedding.path} and {seen[embedding.token]} both use the token "
+                f"{embedding.token!r}; name one of them: --embedding {embedding.path}:NEW_TOKEN"
+            )
+        seen[embedding.token] = embedding.path
+
+
+def _is_known_word(tokenizer, tokens: list[str]) -> bool:
+    """A token the vocabulary has, or one that already reads as a single word ("cat" is "cat</w>")."""
+    vocabulary = tokenizer.get_vocab()
+    pieces = tokenizer.tokenize(tokens[0])
+    return any(token in vocabulary for token in tokens) or (len(pieces) == 1 and pieces[0] in vocabulary)
+
+
+@dataclass
+class _TokenTable:
+    """A text encoder's token table as loaded, to put back after the embeddings are unloaded."""
+
+    module: torch.nn.Embedding
+    weight: torch.Tensor
+    vocab_size: int
+
+    @classmethod
+    def of(cls, encoder) -> _TokenTable:
+        module = encoder.get_input_embeddings()
+        return cls(module, module.weight.data, encoder.config.vocab_size)
+
+    def restore(self, encoder) -> None:
+        # transformers grows the table by swapping its weight's data, and diffusers' unload builds a
+        # new, trainable module and leaves config.vocab_size grown: the caller's text encoder must
+        # come back exactly as it was loaded (frozen, same tensors, same config).
+        self.module.weight.data = self.weight
+        self.module.num_embeddings = self.weight.shape[0]
+        encoder.set_input_embeddings(self.module)
+        encoder.config.vocab_size = self.vocab_size
+
+
+@contextmanager
+def embeddings_loaded(
+    pipe: DiffusionPipeline, options: Sequence[str | Path | Embedding]
+) -> Iterator[list[Embedding]]:
+    """Load textual-inversion files (`FILE`, `FILE:TOKEN` or read ones) into the pipeline; unloaded on exit.
+
+    diffusers' `load_textual_inversion` refuses SDXL's two-key files as a whole, so clip_l goes
+    into the first tokenizer/text encoder and clip_g into the second, under the same token.
+    """
+    embeddings = [
+        option if isinstance(option, Embedding) else read_embedding(*parse_embedding_option(option))
+        for option in options
+    ]
+    if not embeddings:
+        yield []
+        return
+    pairs = text_encoder_pairs(pipe)
+    _check_embeddings(embeddings, pairs)
+    tables = [_TokenTable.of(encoder) for _, encoder in pairs]
+    try:
+        for embedding in embeddings:
+            for (tokenizer, encoder), vectors in zip(pairs, embedding.vectors, strict=True):
+                try:
+                    with quiet_library_logs():  # transformers explains how it initialises new rows
+                        pipe.load_textual_inversion(
+                            vectors, token=embedding.token, tokenizer=tokenizer, text_encoder=encoder
+                        )
+                except (ValueError, RuntimeError) as error:
+                    raise LecoError(
+                        f"{embedding.option}: {embedding.path} cannot be loaded ({first_line(error)})"
+                    ) from None
+        yield embeddings
+    finally:
+        tokens = [token for embedding in embeddings for token in embedding.tokens]
+        for (tokenizer, encoder), table in zip(pairs, tables, strict=True):
+            loaded = [token for token in tokens if token in tokenizer.get_vocab()]
+            if loaded:
+                pipe.unload_textual_inversion(tokens=loaded, tokenizer=tokenizer, text_encoder=encoder)
+            table.restore(encoder)
+
+
+def with_tokens_in_their_case(pipe: DiffusionPipeline, texts: list[str]) -> list[str]:
+    """`texts` with the loaded embeddings' tokens (lower case) written so, wherever a prompt writes
+    them in another case: A1111 finds EasyNegative in any case, diffusers only as loaded."""
+    tokenizer = pipe.tokenizer
+    special = set(tokenizer.all_special_tokens)
+    tokens = [t for t in tokenizer.get_added_vocab() if t not in special and t == t.lower()]
+    if not tokens:
+        return list(texts)
+    longest_first = sorted(tokens, key=len, reverse=True)  # easynegativev2 before easynegative
+    pattern = re.compile("|".join(map(re.escape, longest_first)), re.IGNORECASE)
+    return [pattern.sub(lambda match: match.group().lower(), text) for text in texts]
