@@ -79,12 +79,27 @@ def test_new_keys_have_defaults(folder):
     assert config.train.max_denoising_steps == 50 and config.train.rollout_guidance_scale == 3.0
 
 
-def test_prompts_file_is_resolved_next_to_the_config_first(tmp_path, monkeypatch):
+def test_prompts_file_is_resolved_next_to_the_config_first(tmp_path, monkeypatch, capsys):
     (tmp_path / "cfg").mkdir()
     write(tmp_path / "cfg", "prompts.yaml", "- target: near\n")
     write(tmp_path, "prompts.yaml", "- target: cwd\n")
     monkeypatch.chdir(tmp_path)
     assert load_config(write(tmp_path / "cfg", "c.yaml", MINIMAL)).prompts[0].target == "near"
+    # the reference tool reads the working directory's: the choice is said
+    assert "prompts.yaml, in the working directory, is another file of that name" in capsys.readouterr().err
+    write(tmp_path, "prompts.yaml", "- target: near\n")  # a copy: nothing to tell apart
+    load_config(tmp_path / "cfg" / "c.yaml")
+    assert capsys.readouterr().err == ""
+
+
+def test_the_reference_tools_first_prompt_key_for_dynamic_resolution_still_loads(tmp_path):
+    # p1atdev/LECO's example prompts.yaml of its first releases named dynamic_resolution `bucketing`
+    text = "- target: van gogh\n  resolution: 512\n  bucketing: {}\n  batch_size: 2\n"
+    for value in ("false", "true"):
+        (entry,) = load_prompts(write(tmp_path, "p.yaml", text.format(value)))
+        assert entry.dynamic_resolution is (value == "true")
+    with pytest.raises(ConfigError, match=r"entry 1.bucketing: the reference tool's old name for dynamic_"):
+        load_prompts(write(tmp_path, "p.yaml", text.format("true") + "  dynamic_resolution: false\n"))
 
 
 def test_prompts_file_falls_back_to_the_working_directory(tmp_path, monkeypatch):

@@ -594,7 +594,8 @@ def test_the_prompt_file_comes_from_the_command_line_as_kohya_takes_it(tmp_path,
         ("lr_warmup_steps = 0.5", r"lr_warmup_steps: 0.5 with lr_scheduler constant"),  # kohya's default
         (
             "sdpaa = true",
-            r"sdpaa: not an option of train_leco \(kohya would skip it without a word\); did you mean 'sdpa'",
+            r"sdpaa: did you mean 'sdpa'\? \(not options of train_leco, which would skip them without a "
+            "word\\)",
         ),
         ("noise_offset = 0.05", r"noise_offset: 0.05 has no leco equivalent; remove it"),
         ("zero_terminal_snr = true", r"zero_terminal_snr: True has no leco equivalent; remove it"),
@@ -644,6 +645,29 @@ def test_kohya_options_without_equivalent_are_one_line_naming_them(tmp_path, mon
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(arguments))}: {message}") as error:
         load_config(arguments)
     assert "\n" not in str(error.value)
+
+
+def test_a_kohya_gui_dump_loads_naming_the_options_train_leco_skips(tmp_path, monkeypatch, capsys):
+    # kohya_ss's GUI writes train_network's dataset and bucket settings into every arguments file;
+    # train_leco skips what it does not know, and so does leco, naming them all at once.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "erase.toml").write_text(KOHYA_PROMPTS)
+    arguments = tmp_path / "args.toml"
+    gui = 'enable_bucket = true\ncaption_extension = ".txt"\ntext_encoder_lr = 0.0001\ntrain_data_dir = ""\n'
+    arguments.write_text(
+        f'pretrained_model_name_or_path = "ink-digits"\nprompts_file = "erase.toml"\noutput_dir = "o"\n{gui}'
+    )
+    assert load_config(arguments).train.lr == pytest.approx(2e-6)  # kohya's learning_rate default
+    said = capsys.readouterr().err
+    assert (
+        "enable_bucket, caption_extension, text_encoder_lr, train_data_dir: not options of train_leco" in said
+    )
+    arguments.write_text(arguments.read_text() + "network_dimm = 8\nlearnig_rate = 0.001\n")
+    with pytest.raises(ConfigError) as error:  # a typo of an option is no other script's setting
+        load_config(arguments)
+    assert "network_dimm: did you mean 'network_dim'?; learnig_rate: did you mean 'learning_rate'?" in str(
+        error.value
+    )
 
 
 def test_kohyas_arguments_toml_is_told_apart_from_its_prompt_file(tmp_path, monkeypatch):

@@ -251,7 +251,7 @@ def test_unet_adapter_files_without_model_names_merge_and_generate_at_their_alph
     scale lora_alpha / r they were made with."""
     from peft.utils import get_peft_model_state_dict
 
-    from leco.generate import lora_strengths
+    from leco.lora_files import lora_strengths
 
     folder = str(tiny_folders["sd1"])
     config = NetworkConfig(type="lierla", rank=4, alpha=1.0)  # PEFT: r 4, lora_alpha 1 (scale 1/4)
@@ -597,7 +597,9 @@ def test_cli_merge_refuses_to_overwrite_and_reports_bad_input(tmp_path, tiny_fol
     for command in (["merge", "--lora"], ["convert"]):
         assert main([*command, str(other), "--model", folder, "--out", str(tmp_path / "x.safetensors")]) == 2
         error = capsys.readouterr().err.strip()
-        assert error.endswith("give --model 'my-xl-model' (the model its metadata names)"), error
+        assert error.endswith("use it with the model it was trained on (its metadata names 'my-xl-model')"), (
+            error
+        )
     assert not (tmp_path / "x.safetensors").exists()
 
 
@@ -659,7 +661,8 @@ def test_merge_and_convert_never_write_over_or_into_what_the_user_has(tmp_path, 
 
 
 def test_empty_damaged_and_overflowing_loras_are_named_before_anything_is_written(tmp_path, tiny_folders):
-    from leco.generate import build_pipeline, lora_strengths, read_lora_header
+    from leco.generate import build_pipeline
+    from leco.lora_files import lora_strengths, read_lora_header
 
     folder = str(tiny_folders["sd1"])
     lora = random_lora(folder, tmp_path / "l.safetensors", seed=5)
@@ -838,7 +841,8 @@ def test_a_folder_without_a_build_report_is_judged_on_ink_digits_inks_and_says_s
 def test_generate_applies_every_text_encoder_module_as_merge_bakes_it(tmp_path, tiny_folders, name):
     # diffusers drops a kohya file's text-encoder attention modules when only some of them are there
     # (q and v, as a LoRA trained on those alone has); generate and eval must apply what merge bakes.
-    from leco.generate import build_pipeline, lora_strengths
+    from leco.generate import build_pipeline
+    from leco.lora_files import lora_strengths
 
     folder = str(tiny_folders[name])
     full = with_text_encoder_modules(random_lora(folder, tmp_path / "a.safetensors", seed=3), folder, seed=4)
@@ -951,6 +955,20 @@ def test_a_model_merged_with_a_distilled_lora_samples_at_guidance_one(tmp_path, 
     assert "CFG-distilled" not in capsys.readouterr().err  # the merged model is no distilled LoRA
 
 
+def test_a_distilled_merge_of_a_model_without_a_card_writes_one_saying_only_that(
+    tmp_path, tiny_folders, capsys
+):
+    folder = str(tiny_folders["sd1"])
+    lora = random_lora(folder, tmp_path / "plain.safetensors", seed=4)
+    tensors, metadata = read_lora_file(lora)
+    entries = [{"action": "distill", "guidance_scale": 3.0, "unconditional": ""}]
+    save_file(tensors, str(tmp_path / "cfg3.safetensors"), {**metadata, "leco.prompts": json.dumps(entries)})
+    out = merge(folder, [LoraStrength(tmp_path / "cfg3.safetensors", 1.0)], tmp_path / "m", precision="fp32")
+    card = (out / "README.md").read_text()
+    assert "sample at guidance 1" in card and "what follows" not in card  # nothing follows
+    assert "Repo card metadata" not in capsys.readouterr().err  # the hub library's log of a card it made
+
+
 def test_a_partly_distilled_lora_keeps_the_models_guidance_and_says_so(tmp_path, capsys):
     lora = distilled_lora(tmp_path, ["distill", "erase"])
     out = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "mixed", precision="fp32")
@@ -993,7 +1011,8 @@ def test_a_lora_trained_at_another_clip_skip_is_said_to_need_it_after_merging(tm
 def test_a_diffusers_layout_file_with_alpha_tensors_applies_at_its_alpha(tmp_path, tiny_folders):
     """`unet.<layer>.alpha` beside lora_A/lora_B: diffusers refuses such a file ("Invalid LoRA
     checkpoint"); generate reads it as merge does, at the scale its alpha gives."""
-    from leco.generate import build_pipeline, lora_strengths
+    from leco.generate import build_pipeline
+    from leco.lora_files import lora_strengths
 
     folder = str(tiny_folders["sd1"])
     models = load_models(folder, with_vae=True)

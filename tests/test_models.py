@@ -147,6 +147,13 @@ def test_what_a_file_says_it_predicts_is_read_and_a_probes_guess_gives_way(
     assert load_models(spec).family.v_pred
     sd2 = load_file(str(tiny_single_files["sd2-v"]))  # random weights: the probe guesses epsilon
     save_file(sd2, str(tmp_path / "sd2.safetensors"))
+    # the folder's scheduler (v_prediction) is not taken for SD2 (512 and 768-v share a layout), but
+    # where the probe says otherwise, the user is told, with the key that takes the folder's word
+    folder_says = PretrainedModelConfig(
+        name_or_path=str(tmp_path / "sd2.safetensors"), config=str(tiny_folders["sd2-v"])
+    )
+    assert not load_models(folder_says).family.v_pred
+    assert "reads it as epsilon-prediction, though its config folder" in capsys.readouterr().err
     spec = PretrainedModelConfig(
         name_or_path=str(tmp_path / "sd2.safetensors"), v_pred=True, config=str(tiny_folders["sd2-v"])
     )

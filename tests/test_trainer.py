@@ -698,7 +698,7 @@ def test_sd2_projections_asked_of_a_network_without_them_is_one_line(tmp_path, t
     config = make_config(tiny_folders["sd1"], tmp_path)
     config.save.sd2_proj_4d = True
     with pytest.raises(
-        LecoError, match=r"^save.sd2_proj_4d: only SD2 models have Linear proj_in/proj_out; .* is sd1"
+        LecoError, match=r"^save.sd2_proj_4d: only for SD2, whose Linear proj_in/proj_out .* is sd1"
     ):
         Trainer(config, progress=False)
     assert not any(tmp_path.iterdir())

@@ -116,7 +116,12 @@ def checked_clip_skip(models: LoadedModels, clip_skip: int | None, key: str) -> 
     if clip_skip > layers:  # the Nth layer from the end must be a layer
         raise LecoError(
             f"{key}: {clip_skip} skips past the {layers} text-encoder layers of "
-            f"{models.source}; use 1 to {layers} (2: the penultimate layer, as A1111's clip skip 2)"
+            f"{models.source}; use 1 to {layers} ("
+            + (
+                "1 is already the penultimate layer on SDXL)"
+                if models.family.is_sdxl
+                else "2: the penultimate layer, as A1111's clip skip 2)"
+            )
         )
     return clip_skip
 

@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from leco.errors import LecoError
+from leco.errors import LecoError, warn
 
 # Samples taken from one partial rollout (see leco.rollout). benchmarks/time_to_erase.py: one entry
 # erases in as many steps at 16 as at 1, each step a third of the cost (erase_seven.yaml uses 16);
@@ -467,6 +467,21 @@ class PromptSettings(_Section):
         if isinstance(value, list) and not value:
             raise ValueError("is an empty list; name at least one prompt")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bucketing_is_dynamic_resolution(cls, data: Any) -> Any:
+        # The reference tool's first releases (and its example prompts.yaml of then) named
+        # dynamic_resolution `bucketing`; its files still load.
+        if isinstance(data, dict) and "bucketing" in data:
+            data = dict(data)
+            bucketing = data.pop("bucketing")
+            if data.setdefault("dynamic_resolution", bucketing) != bucketing:
+                raise ValueError(
+                    "bucketing: the reference tool's old name for dynamic_resolution, which the entry "
+                    "also sets to another value; keep one of them"
+                )
+        return data
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> PromptSettings:
@@ -1253,6 +1268,7 @@ def _resolve_prompts_file(name: str, config_path: Path) -> Path:
     for option in tried:
         try:
             if option.is_file():
+                _warn_of_a_second_prompts_file(option, tried, config_path)
                 return option
             if option.is_dir():
                 raise ConfigError(
@@ -1264,6 +1280,25 @@ def _resolve_prompts_file(name: str, config_path: Path) -> Path:
         refuse_special_file(option, "prompts YAML or TOML", f"{config_path}: prompts_file: ")
     where = " or ".join(str(p) for p in tried)
     raise ConfigError(f"{config_path}: prompts_file: {name!r} not found (looked at {where}); fix the path")
+
+
+def _warn_of_a_second_prompts_file(chosen: Path, tried: list[Path], config_path: Path) -> None:
+    """Both places hold a prompts file of that name: the reference tool (and sliders) would read the
+    one in the working directory, leco reads the one beside the config; say which."""
+    other = tried[-1]
+    if chosen == other or not other.is_file() or _same_text(chosen, other):
+        return
+    warn(
+        f"{config_path}: prompts_file: reading {chosen} (beside the config); {other}, in the working "
+        "directory, is another file of that name, which the reference LECO tool would read instead"
+    )
+
+
+def _same_text(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b) or a.read_bytes() == b.read_bytes()
+    except OSError:
+        return False
 
 
 def refuse_special_file(path: Path, kind: str, where: str = "") -> None:

@@ -25,7 +25,7 @@ from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from leco.config import PretrainedModelConfig
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, first_line, warn
 from leco.files import load_torch_file, path_exists, safetensors_metadata
 
 CONFIG_ROOT = Path(__file__).parent / "model_configs"
@@ -438,7 +438,7 @@ def _check_hub_answers(repo_id: str, revision: str | None, names: OptionNames, g
     except Exception as error:  # connection errors are httpx's or requests' types, by hub version
         raise LecoError(
             f"{names.model}: {repo_id!r} is not in the local Hugging Face cache and the Hub cannot be "
-            f"reached ({_first_line(error)}); {get_it}"
+            f"reached ({_first_sentence(error)}); {get_it}"
         ) from None
 
 
@@ -455,7 +455,7 @@ def _load_diffusers(
         unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", **common)
         scheduler_config = dict(_load_json_config(source, "scheduler", "scheduler_config.json", common))
     except (OSError, ValueError) as error:
-        raise _Unreadable(_first_line(error)) from None
+        raise _Unreadable(_first_sentence(error)) from None
     arch = arch_from_unet_config(unet_config)
     scheduler_file = f"{source}/scheduler/scheduler_config.json"
     declared_v = says_v_prediction(scheduler_config, scheduler_file)
@@ -486,7 +486,7 @@ def _load_diffusers(
             else None
         )
     except (OSError, ValueError) as error:
-        raise _Unreadable(f"its {part}/ cannot be read: {_first_line(error)}") from None
+        raise _Unreadable(f"its {part}/ cannot be read: {_first_sentence(error)}") from None
     return LoadedModels(
         family=family,
         unet=unet,
@@ -546,10 +546,10 @@ def _load_single_file(
             return _load_single_file(path, spec, dtype, with_vae, names, checkpoint)
         with_config = f" (or with {names.config})" if names.config else ""
         raise LecoError(
-            f"{path}: the UNet weights do not match the {arch} architecture ({_first_line(error)}); a "
+            f"{path}: the UNet weights do not match the {arch} architecture ({_first_sentence(error)}); a "
             f"model of its own layout loads from its diffusers folder{with_config}"
         ) from None
-    detected_v, evidence = _prediction_evidence(path, checkpoint, arch, spec, Path(config_dir), unet)
+    detected_v, evidence = _prediction_evidence(path, checkpoint, arch, spec, Path(config_dir), unet, names)
     family = _reconcile(spec, arch, detected_v, evidence, names)
     if family.arch == "sd2" and family.v_pred and not spec.config:
         _use_sd2_v_defaults(unet)
@@ -567,7 +567,7 @@ def _load_single_file(
             vae = AutoencoderKL.from_single_file(checkpoint, subfolder="vae", torch_dtype=dtype, **quiet)
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise LecoError(
-                f"{path}: the VAE weights do not match the {arch} architecture ({_first_line(error)})"
+                f"{path}: the VAE weights do not match the {arch} architecture ({_first_sentence(error)})"
             ) from None
     scheduler_config = json.loads((Path(config_dir) / "scheduler" / "scheduler_config.json").read_text())
     scheduler_config["prediction_type"] = family.prediction_type
@@ -600,6 +600,7 @@ def _prediction_evidence(
     spec: PretrainedModelConfig,
     config_dir: Path,
     unet: UNet2DConditionModel,
+    names: OptionNames = CONFIG_OPTION_NAMES,
 ) -> tuple[bool | None, str]:
     """(v-prediction or not, what says so), firmest first; (None, ...) where nothing does."""
     said_v = _stated_v_prediction(path)
@@ -614,7 +615,17 @@ def _prediction_evidence(
     if declared_v is not None:  # the layout's own folder, whatever the file lost
         return declared_v, f"{config_dir} (its scheduler's prediction_type)"
     if arch == "sd2":  # the probe reads real SD2 models right; a file's own word is firmer
-        return probe_v_prediction(unet), PROBED
+        probed = probe_v_prediction(unet)
+        folder_says = _declared_v_prediction(config_dir) if spec.config else None
+        if folder_says is not None and folder_says != probed and spec.v_pred is None:
+            kinds = ("epsilon-prediction", "v-prediction")
+            warn(
+                f"{path}: the UNet probe reads it as {kinds[probed]}, though its config folder {spec.config} "
+                f"says {kinds[folder_says]} (SD2's 512 and 768-v models share one layout, so a folder may "
+                f"be the other one's); if the folder is right, set {names.section}.v_pred: "
+                f"{str(folder_says).lower()}"
+            )
+        return probed, PROBED
     return None, f"{path}"
 
 
@@ -688,7 +699,7 @@ def read_checkpoint(
         try:
             return load_file(str(path))
         except Exception as error:  # safetensors raises its own error types for damaged files
-            raise LecoError(f"{path}: not a readable .safetensors file ({_first_line(error)})") from None
+            raise LecoError(f"{path}: not a readable .safetensors file ({_first_sentence(error)})") from None
     if suffix not in PICKLE_SUFFIXES:
         raise LecoError(
             f"{path}: unsupported file type {suffix!r}; use a .safetensors file or a diffusers folder"
@@ -791,7 +802,7 @@ def _single_file_text_encoders(
             )
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise LecoError(
-                f"{path}: its text encoder ({subfolder}) cannot be read ({_first_line(error)}); "
+                f"{path}: its text encoder ({subfolder}) cannot be read ({_first_sentence(error)}); "
                 "is this a full checkpoint and not a UNet-only file?"
             ) from None
     return encoders
@@ -852,10 +863,9 @@ def sampler_from_config(cls: type, scheduler_config: dict[str, Any], **settings:
     return cls.from_config(config, **settings)
 
 
-def _first_line(error: BaseException) -> str:
+def _first_sentence(error: BaseException) -> str:
     """The library's first sentence: what is wrong (its advice after it is about its own API)."""
-    text = str(error).strip()
-    return text.splitlines()[0].split(". ")[0][:200] if text else type(error).__name__
+    return first_line(error, None).split(". ")[0][:200]
 
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

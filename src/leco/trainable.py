@@ -102,8 +102,8 @@ def create_trainable(models: LoadedModels, config: LecoConfig, device: torch.dev
     # The 4-D form exists for SD2's Linear projections only.
     if config.save.sd2_proj_4d and models.family.arch != "sd2":
         raise ConfigError(
-            f"save.sd2_proj_4d: only SD2 models have Linear proj_in/proj_out; {models.source} is "
-            f"{models.family.name}; remove it"
+            f"save.sd2_proj_4d: only for SD2, whose Linear proj_in/proj_out kohya's SD2 scripts build as 1x1 "
+            f"convs; {models.source} is {models.family.name}, read in the one form by every tool; remove it"
         )
     lora = LoRANetwork.create(models.unet, models.family, network)
     lora.proj_4d = config.save.sd2_proj_4d

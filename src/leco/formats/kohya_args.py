@@ -324,14 +324,26 @@ class _Options:
         return logging
 
     def finish(self) -> None:
-        for name in self.arguments:
-            if name not in self.read:
-                close = difflib.get_close_matches(name, sorted(self.read), n=1)
-                fix = f"did you mean {close[0]!r}?" if close else "remove it"
-                raise ConfigError(
-                    f"{self.path}: {name}: not an option of train_leco (kohya would skip it without a word); "
-                    + fix
-                )
+        unknown = [name for name in self.arguments if name not in self.read]
+        # A name a letter or two from an option is a typo, which kohya would skip without a word:
+        # refused. Others are options of kohya's other scripts (a GUI's dump holds train_network's
+        # dataset and bucket settings), which train_leco skips: said, and skipped too.
+        typos = {
+            name: close[0]
+            for name in unknown
+            for close in [difflib.get_close_matches(name, sorted(self.read), n=1, cutoff=0.85)]
+            if close
+        }
+        if typos:
+            fixes = "; ".join(f"{name}: did you mean {option!r}?" for name, option in typos.items())
+            raise ConfigError(
+                f"{self.path}: {fixes} (not options of train_leco, which would skip them without a word)"
+            )
+        if unknown:
+            warn(
+                f"{self.path}: {', '.join(unknown)}: not options of train_leco (other kohya scripts' "
+                "settings, which it skips too); ignored"
+            )
         ignored = [
             name
             for name, default in _NOT_READ_BY_TRAIN_LECO.items()

@@ -101,7 +101,8 @@ def convert(
     skeleton = model_skeleton(model, family)
     if sd2_proj == "4d" and skeleton.family.arch != "sd2":
         raise LecoError(
-            f"--sd2-proj 4d: only SD2 models have Linear proj_in/proj_out; this is {skeleton.family.name}"
+            f"--sd2-proj 4d: only for SD2, whose Linear proj_in/proj_out kohya's SD2 scripts build as 1x1 "
+            f"convs; this is {skeleton.family.name}"
         )
 
     tensors, metadata = kohya.read_lora_file(source, skeleton.family)

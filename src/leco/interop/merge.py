@@ -161,7 +161,7 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
     """The merged model's recommended sampling where it is not its card's: guidance 1 where a
     CFG-distilled LoRA is baked in at a positive strength (the model then guides itself), or what a
     single file merged into declared (a distilled merge merged again); None: the card holds."""
-    from leco.generate import distillation_of
+    from leco.lora_files import distillation_of
 
     inherited = single_file_sampling(models)
     found = [(lora, distillation_of(lora.path)) for lora in loras if lora.strength != 0]
@@ -194,7 +194,7 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
 def _warn_of_clip_skips(loras: Sequence[LoraStrength]) -> None:
     """A LoRA trained at another clip skip shows its effect only sampled that way, and a model's
     weights cannot say which layer to read: the user must (leco generate reads it from the LoRA)."""
-    from leco.generate import trained_clip_skip
+    from leco.lora_files import trained_clip_skip
 
     for lora in loras:
         skip = trained_clip_skip(lora.path)
@@ -414,14 +414,22 @@ def _recommend_in_card(card_path: Path, sampling: SamplingDefaults) -> None:
     """The card's recommended steps and guidance (the Hub widget's front matter, which leco reads),
     with a line above the source's text, whose own recommendation no longer holds."""
     from huggingface_hub import ModelCard
+    from huggingface_hub.utils import logging as hub_logging
 
-    card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("")
+    saved = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # a card without front matter is no fault here, as the hub logs it
+    try:
+        card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("")
+    finally:
+        hub_logging.set_verbosity(saved)
     card.data.inference = {"parameters": sampling.as_card_parameters()}
+    text = card.text.lstrip("\n")
     note = (
         f"**Merged with a CFG-distilled LoRA: sample at guidance {sampling.guidance:g}, "
-        f"{sampling.steps} steps** (what follows describes the model it was merged into).\n\n"
+        f"{sampling.steps} steps**"
+        + (" (what follows describes the model it was merged into)" if text.strip() else "")
     )
-    card.text = note + card.text.lstrip("\n")
+    card.text = f"{note}.\n\n{text}" if text.strip() else f"{note}.\n"
     card.save(card_path)
 
 

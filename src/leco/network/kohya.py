@@ -117,8 +117,8 @@ def made_for(metadata: dict[str, str], model: str | None = None) -> str:
             f"its metadata names this very model ({name!r}), so the file was changed after training "
             "(damaged, or converted or resized for another model); use the file as it was saved"
         )
-    if name:
-        return f"give --model {name!r} (the model its metadata names)"
+    if name:  # kohya and leco write the model's file or folder name, not a path --model could take
+        return f"use it with the model it was trained on (its metadata names {name!r})"
     return "give --model the model it was trained on"
 
 
