@@ -332,6 +332,17 @@ def test_generate_reads_1x1_tensors_in_either_form_as_merge_and_comfyui_do(tmp_p
     assert f"its metadata names this very model ({folder!r})" in message and "give --model" not in message
 
 
+def test_each_tensor_of_a_module_takes_its_layers_form_on_its_own():
+    from leco.network.kohya import fit_to_layer
+
+    linear, conv = torch.nn.Linear(8, 16), torch.nn.Conv2d(8, 16, 1)
+    for down, up in (((4, 8, 1, 1), (16, 4)), ((4, 8), (16, 4, 1, 1)), ((4, 8, 1, 1), (16, 4, 1, 1))):
+        fitted = fit_to_layer(ModuleWeights(torch.ones(down), torch.ones(up), 1.0), linear, "m")
+        assert (fitted.down.shape, fitted.up.shape) == ((4, 8), (16, 4))
+        fitted = fit_to_layer(ModuleWeights(torch.ones(down), torch.ones(up), 1.0), conv, "m")
+        assert (fitted.down.shape, fitted.up.shape) == ((4, 8, 1, 1), (16, 4, 1, 1))
+
+
 def test_cli_convert(tmp_path, capsys):
     foreign = foreign_state_dict(full_size_unet("sd1"), "Attention", rank=1, alpha=1.0, seed=4)
     torch.save(foreign, tmp_path / "s.pt")

@@ -594,8 +594,8 @@ def test_the_prompt_file_comes_from_the_command_line_as_kohya_takes_it(tmp_path,
         ("lr_warmup_steps = 0.5", r"lr_warmup_steps: 0.5 with lr_scheduler constant"),  # kohya's default
         (
             "sdpaa = true",
-            r"sdpaa: did you mean 'sdpa'\? \(not options of train_leco, which would skip them without a "
-            "word\\)",
+            r"sdpaa \(did you mean 'sdpa'\?\): not options of any kohya script \(kohya would skip it "
+            "without a word\\); fix or remove it",
         ),
         ("noise_offset = 0.05", r"noise_offset: 0.05 has no leco equivalent; remove it"),
         ("zero_terminal_snr = true", r"zero_terminal_snr: True has no leco equivalent; remove it"),
@@ -659,14 +659,13 @@ def test_a_kohya_gui_dump_loads_naming_the_options_train_leco_skips(tmp_path, mo
     )
     assert load_config(arguments).train.lr == pytest.approx(2e-6)  # kohya's learning_rate default
     said = capsys.readouterr().err
-    assert (
-        "enable_bucket, caption_extension, text_encoder_lr, train_data_dir: not options of train_leco" in said
-    )
-    arguments.write_text(arguments.read_text() + "network_dimm = 8\nlearnig_rate = 0.001\n")
-    with pytest.raises(ConfigError) as error:  # a typo of an option is no other script's setting
+    assert "4 options of kohya's other scripts, which train_leco skips too; ignored: enable_bucket, " in said
+    arguments.write_text(arguments.read_text() + "network_dimm = 8\nlearnig_rate = 0.001\nmax_steps = 9\n")
+    with pytest.raises(ConfigError) as error:  # a typo of an option is no script's setting: all named
         load_config(arguments)
-    assert "network_dimm: did you mean 'network_dim'?; learnig_rate: did you mean 'learning_rate'?" in str(
-        error.value
+    assert (
+        "network_dimm (did you mean 'network_dim'?), learnig_rate (did you mean 'learning_rate'?), max_steps "
+        "(did you mean" in str(error.value)
     )
 
 

@@ -638,7 +638,7 @@ def load_for_images(args: argparse.Namespace):
 
 def run_eval(args: argparse.Namespace) -> int:
     from leco.evaluate import check_detector, evaluate, format_report, load_spec, write_report
-    from leco.generate import infotext_model_name
+    from leco.models import model_name
 
     if Path(args.out).exists() and not args.overwrite:  # checked now, not after minutes of images
         raise LecoError(f"--out: {args.out} holds an earlier eval's report; pass --overwrite to replace it")
@@ -661,7 +661,7 @@ def run_eval(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         embeddings=args.embedding,
         overwrite=args.overwrite,
-        model_name=infotext_model_name(args.model),
+        model_name=model_name(args.model),
     )
     written = write_report(report, args.out)  # first: the minutes of work are kept whatever printing does
     print(format_report(report, all_rows=args.all_rows))
@@ -730,7 +730,6 @@ def run_generate(args: argparse.Namespace) -> int:
     from leco.generate import (
         SamplingSettings,
         clip_skip_for,
-        infotext_model_name,
         refuse_earlier_files,
         requests_for,
         run_generation,
@@ -738,7 +737,7 @@ def run_generate(args: argparse.Namespace) -> int:
         warn_of_other_images,
     )
     from leco.lora_files import warn_if_distilled
-    from leco.models import sampling_for
+    from leco.models import model_name, sampling_for
 
     if args.lora and len(args.lora) > 1:
         raise LecoError(
@@ -776,7 +775,7 @@ def run_generate(args: argparse.Namespace) -> int:
         not args.no_progress,
         args.embedding,
         args.overwrite,
-        model_name=infotext_model_name(args.model),
+        model_name=model_name(args.model),
     )
     print(f"wrote {len(paths)} image{'' if len(paths) == 1 else 's'} and {grid}")
     return 0

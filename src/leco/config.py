@@ -476,7 +476,12 @@ class PromptSettings(_Section):
         if isinstance(data, dict) and "bucketing" in data:
             data = dict(data)
             bucketing = data.pop("bucketing")
-            if data.setdefault("dynamic_resolution", bucketing) != bucketing:
+            if not isinstance(bucketing, bool):
+                raise ValueError(
+                    f"bucketing: {bucketing!r}; give true or false (the reference tool's old name for "
+                    "dynamic_resolution)"
+                )
+            if data.setdefault("dynamic_resolution", bucketing) not in (bucketing, str(bucketing).lower()):
                 raise ValueError(
                     "bucketing: the reference tool's old name for dynamic_resolution, which the entry "
                     "also sets to another value; keep one of them"
@@ -640,8 +645,9 @@ class LecoConfig(_Section):
                 )
             if entry.weight == 0 and self.train.method != "closed_form":
                 notes.append(
-                    f"{entry.named(number)}: weight 0 trains nothing, yet the entry still takes its "
-                    "share of the steps; remove it to give them to the others"
+                    f"{entry.named(number)}: weight 0 adds nothing to the loss, yet the entry still takes "
+                    "its share of the steps (training only the anchors there); remove it to give them to "
+                    "the others"
                 )
             unread = entry.changed_keys(UNREAD_BY_ACTION.get(entry.action, set()))
             if unread:

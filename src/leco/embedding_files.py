@@ -10,18 +10,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import (
-    DiffusionPipeline,
-)
+from diffusers import DiffusionPipeline
 
 from leco.conditioning import words_a_token_spells
 from leco.errors import LecoError, first_line, warn
 from leco.files import load_torch_file
-from leco.models import (
-    quiet_library_logs,
-)
+from leco.models import quiet_library_logs
 from leco.network import kohya
 
+# Key parts of every LoRA layout diffusers loads (kohya, diffusers/peft, older diffusers).
 LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
 
 

@@ -11,9 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import (
-    DiffusionPipeline,
-)
+from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -32,27 +30,15 @@ from leco.images import (
     unique_slugs,
 )
 from leco.lora_files import lora_strengths, trained_clip_skip
-from leco.models import (
-    CHECKPOINT_SUFFIXES,
-    LoadedModels,
-    quiet_library_logs,
-)
+from leco.models import LoadedModels, quiet_library_logs
 from leco.samplers import a1111_sampler, make_scheduler
 
 # Images per pipeline call when the user sets none: 8 at 512x512, 2 at 1024x1024 (CFG doubles the
 # UNet batch), and at most MAX_AUTO_BATCH for small models, where bigger batches stop paying off.
 AUTO_BATCH_PIXELS = 8 * 512 * 512
-
-
 MAX_AUTO_BATCH = 64
-
-
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes seeds below 2**64
-
-
 MAX_SEEDS = 10_000  # one --seeds list; more is a typo, not a plan
-
-
 MAX_SAMPLING_STEPS = 1000  # the samplers take at most one step per training timestep
 
 
@@ -399,12 +385,6 @@ def run_generation(
     return paths, grid
 
 
-def infotext_model_name(model: str) -> str:
-    """The model as A1111 names it in its infotext: a checkpoint's file stem, a folder's (or repo's) name."""
-    path = Path(model)
-    return path.stem if path.suffix.lower() in CHECKPOINT_SUFFIXES else path.name
-
-
 def a1111_parameters(
     request: ImageRequest,
     settings: SamplingSettings,
@@ -434,7 +414,3 @@ def a1111_parameters(
     }
     lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items() if value is not None))
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
-# Textual-inversion embeddings, loaded with diffusers' load_textual_inversion as its users do

@@ -11,17 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import (
-    DiffusionPipeline,
-)
+from diffusers import DiffusionPipeline
 
 from leco.embedding_files import has_lora_keys, is_embedding_file, text_encoder_pairs
 from leco.errors import LecoError, first_line, warn
 from leco.files import safetensors_metadata
-from leco.models import (
-    ModelFamily,
-    quiet_library_logs,
-)
+from leco.models import ModelFamily, quiet_library_logs
 from leco.network import kohya
 from leco.network.peft_format import diffusers_pipeline_reads, is_diffusers_layout, unet_module_paths
 from leco.network.text_encoders import AppliedTextEncoderLoRA, TextEncoderLoRA
@@ -29,7 +24,6 @@ from leco.network.text_encoders import AppliedTextEncoderLoRA, TextEncoderLoRA
 ADAPTER = "lora"
 
 
-# Key parts of every LoRA layout diffusers loads (kohya, diffusers/peft, older diffusers).
 @contextmanager
 def lora_strengths(
     pipe: DiffusionPipeline, lora: str | Path | None, family: ModelFamily, model: str | None = None
@@ -298,12 +292,10 @@ def check_lora_fits(
     by_key = kohya.unet_layer_keys(unet, family) if modules else {}
     misfit = _layer_misfit(header, modules, by_key, unet, family)
     if mislabelled and (misfit is not None or not modules):  # the layers agree, or cannot be checked
-        raise LecoError(
-            f"--lora: {header.path} was trained for {lora_arch} but the model is {family.name}; "
-            f"use a LoRA of this family, or {kohya.made_for(header.metadata, model)}"
-        )
+        why = f"--lora: {header.path} was trained for {lora_arch} but the model is {family.name}"
+        raise LecoError(kohya.does_not_fit(why, header.metadata, model))
     if misfit is not None:
-        raise LecoError(f"--lora: {header.path} {misfit}; {kohya.made_for(header.metadata, model)}")
+        raise LecoError(kohya.does_not_fit(f"--lora: {header.path} {misfit}", header.metadata, model))
     if mislabelled:  # every layer fits: the metadata is wrong
         warn(f"--lora: {header.path}: {kohya.mislabelled_family(header.metadata, family)}")
     other = kohya.other_prediction(header.metadata, family)

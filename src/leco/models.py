@@ -219,6 +219,20 @@ def close_bundled_name(name: str) -> str | None:
     return next((known for known in BUNDLED_MODELS if known.replace("-", "") == squeezed), None)
 
 
+def model_name(model: str) -> str:
+    """The model as LoRA metadata (ss_sd_model_name) and A1111's infotext name it: a bundled model's
+    name (also for its folder), a checkpoint's file stem, a folder's or repo's last name."""
+    given = model.strip().rstrip("/\\")
+    for known in BUNDLED_MODELS:
+        if given == known or (
+            Path(given).is_dir() and Path(given).resolve() == resolve_bundled(known).resolve()
+        ):
+            return known
+    last = re.split(r"[\\/]", given)[-1]  # a Windows path written into metadata splits too
+    stem, dot, suffix = last.rpartition(".")
+    return stem if dot and f".{suffix.lower()}" in CHECKPOINT_SUFFIXES else last
+
+
 def resolve_bundled(name: str) -> Path:
     """`ink-digits`, `ink-digits-2` name the small models leco ships; anything else is a path (or repo id)."""
     if name in BUNDLED_MODELS:
@@ -616,7 +630,10 @@ def _prediction_evidence(
         return declared_v, f"{config_dir} (its scheduler's prediction_type)"
     if arch == "sd2":  # the probe reads real SD2 models right; a file's own word is firmer
         probed = probe_v_prediction(unet)
-        folder_says = _declared_v_prediction(config_dir) if spec.config else None
+        try:  # the folder's word only decides whether to warn: a value it cannot have is left unread
+            folder_says = _declared_v_prediction(config_dir) if spec.config else None
+        except LecoError:
+            folder_says = None
         if folder_says is not None and folder_says != probed and spec.v_pred is None:
             kinds = ("epsilon-prediction", "v-prediction")
             warn(

@@ -23,9 +23,7 @@ from diffusers import (
 )
 
 from leco.errors import LecoError, warn
-from leco.models import (
-    sampler_from_config,
-)
+from leco.models import sampler_from_config
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ line naming the option. The prompt file it names is read as every kohya prompt T
 from __future__ import annotations
 
 import difflib
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -325,24 +326,22 @@ class _Options:
 
     def finish(self) -> None:
         unknown = [name for name in self.arguments if name not in self.read]
-        # A name a letter or two from an option is a typo, which kohya would skip without a word:
-        # refused. Others are options of kohya's other scripts (a GUI's dump holds train_network's
-        # dataset and bucket settings), which train_leco skips: said, and skipped too.
-        typos = {
-            name: close[0]
-            for name in unknown
-            for close in [difflib.get_close_matches(name, sorted(self.read), n=1, cutoff=0.85)]
-            if close
-        }
+        # Options of kohya's other scripts (a GUI's file holds train_network's dataset and bucket
+        # settings) train_leco skips: said, and skipped too. Any other name is a typo, which kohya
+        # would skip without a word: refused, every one at once.
+        others = [name for name in unknown if name in _kohya_script_options()]
+        typos = [name for name in unknown if name not in others]
         if typos:
-            fixes = "; ".join(f"{name}: did you mean {option!r}?" for name, option in typos.items())
+            fixes = ", ".join(_with_nearest(name, sorted(self.read)) for name in typos)
             raise ConfigError(
-                f"{self.path}: {fixes} (not options of train_leco, which would skip them without a word)"
+                f"{self.path}: {fixes}: not options of any kohya script (kohya would skip "
+                f"{'them' if len(typos) > 1 else 'it'} without a word); fix or remove "
+                f"{'them' if len(typos) > 1 else 'it'}"
             )
-        if unknown:
+        if others:
             warn(
-                f"{self.path}: {', '.join(unknown)}: not options of train_leco (other kohya scripts' "
-                "settings, which it skips too); ignored"
+                f"{self.path}: {len(others)} options of kohya's other scripts, which train_leco skips too; "
+                f"ignored: {', '.join(others)}"
             )
         ignored = [
             name
@@ -358,3 +357,14 @@ class _Options:
         if not message.startswith(opening):
             return message
         return opening + with_origin(message[len(opening) :], self.origin)
+
+
+@cache
+def _kohya_script_options() -> frozenset[str]:
+    text = (Path(__file__).parents[1] / "data" / "kohya_script_options.txt").read_text(encoding="utf-8")
+    return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def _with_nearest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1)
+    return f"{name} (did you mean {close[0]!r}?)" if close else name

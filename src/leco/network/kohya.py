@@ -26,7 +26,7 @@ from leco import __version__
 from leco.config import read_config_text
 from leco.errors import LecoError
 from leco.files import atomic_output, load_torch_file
-from leco.models import ModelFamily, modelspec_v_prediction
+from leco.models import ModelFamily, model_name, modelspec_v_prediction
 from leco.network.layers import OUTSIDE_BLOCKS, adaptable_layers
 from leco.network.peft_format import KOHYA_PREFIXES, as_kohya, is_diffusers_layout
 from leco.network.sgm_names import to_sgm_name
@@ -109,23 +109,21 @@ def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata:
     return path
 
 
-def made_for(metadata: dict[str, str], model: str | None = None) -> str:
-    """What to do about a LoRA that does not fit `model`: its model, if its metadata names another."""
+def does_not_fit(why: str, metadata: dict[str, str], model: str | None = None) -> str:
+    """`why` a LoRA does not fit `model`, and what to do: use it with its own model, which its
+    metadata may name; or, where that name is this model's, know that the file was changed since."""
     name = metadata.get("ss_sd_model_name", "").strip()
-    if name and model is not None and _model_name(name) == _model_name(model):
+    if name and model is not None and model_name(name).lower() == model_name(model).lower():
+        guesses = (f"; {ANOTHER_MODEL}", "; it was made for another model")
+        for guess in (*(f"{guess} family" for guess in guesses), *guesses):
+            why = why.removesuffix(guess)
         return (
-            f"its metadata names this very model ({name!r}), so the file was changed after training "
-            "(damaged, or converted or resized for another model); use the file as it was saved"
+            f"{why}; yet its metadata names this very model ({name!r}): the file was changed after "
+            "training (damaged, or converted or resized for another model); use the file as it was saved"
         )
     if name:  # kohya and leco write the model's file or folder name, not a path --model could take
-        return f"use it with the model it was trained on (its metadata names {name!r})"
-    return "give --model the model it was trained on"
-
-
-def _model_name(model: str) -> str:
-    # kohya writes the checkpoint's file name (its stem on some versions), leco the --model given
-    path = Path(model.strip().rstrip("/\\"))
-    return (path.stem if path.suffix.lower() in (".safetensors", ".ckpt") else path.name).lower()
+        return f"{why}; use it with the model it was trained on (its metadata names {name!r})"
+    return f"{why}; give --model the model it was trained on"
 
 
 def arch_from_metadata(metadata: dict[str, str]) -> str | None:
@@ -166,7 +164,7 @@ def naming_its_model(metadata: dict[str, str], model: str | None = None) -> Iter
     try:
         yield
     except LoraDoesNotFit as error:
-        raise LecoError(f"{error}; {made_for(metadata, model)}") from None
+        raise LecoError(does_not_fit(str(error), metadata, model)) from None
 
 
 def read_lora_file(
@@ -482,9 +480,9 @@ def canonical_keys(
 def fit_to_layer(weights: ModuleWeights, layer: nn.Module, where: str) -> ModuleWeights:
     """Reshape 1x1 tensors between Linear and 1x1-conv form; refuse shapes the layer cannot take."""
     down, up = weights.down, weights.up
-    if isinstance(layer, nn.Linear):
-        if down.ndim == 4 and down.shape[2:] == (1, 1) and up.ndim == 4 and up.shape[2:] == (1, 1):
-            down, up = down.flatten(1), up.flatten(1)
+    if isinstance(layer, nn.Linear):  # each tensor on its own, as A1111 and ComfyUI reshape them
+        down = down.flatten(1) if down.ndim == 4 and down.shape[2:] == (1, 1) else down
+        up = up.flatten(1) if up.ndim == 4 and up.shape[2:] == (1, 1) else up
         expected_down = (weights.rank, layer.in_features)
         expected_up = (layer.out_features, weights.rank)
     else:
