@@ -375,7 +375,7 @@ def test_cli_convert(tmp_path, capsys):
             "4d",
         ]
     )
-    assert code == 2 and "--sd2-proj 4d: only for SD2, whose Linear proj_in/proj_out" in capsys.readouterr().err
+    assert code == 2 and "--sd2-proj 4d: only for SD2, whose Linear proj_in" in capsys.readouterr().err
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["notes.safetensors", "s.pt", "s.safetensors"]
 
 
