@@ -102,12 +102,17 @@ def test_grid_layout_and_labels():
     assert pixel == (80, 100, 200)
 
 
-def test_seed_and_strength_lists():
+def test_seed_and_strength_lists(capsys):
     assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
-    assert parse_seeds(" 9 , 2-3,3") == [9, 2, 3]  # order kept, repeats once
+    assert parse_seeds(" 9 , 2-3,3") == [9, 2, 3]  # order kept, repeats once, said
+    assert "--seeds: 3 given more than once; drawn once" in capsys.readouterr().err
     assert parse_seeds(str(2**64 - 1)) == [2**64 - 1]
     assert parse_strengths("-1,0,0.5") == [-1.0, 0.0, 0.5]
     assert [str(s) for s in parse_strengths("-0,1,1")] == ["0.0", "1.0"]  # -0 is 0: one image, one name
+    assert "--strengths: 1 given more than once; drawn once" in capsys.readouterr().err
+    parse_seeds("0-7")
+    parse_strengths("-1,0,1")
+    assert capsys.readouterr().err == ""
     with pytest.raises(LecoError, match=r"^--strengths: 0.1 and 0.10000001 are both labelled 0.1"):
         parse_strengths("0.1,0.10000001")  # one file name, one grid column, one summary key
     assert parse_strengths("0.1,0.100001") == [0.1, 0.100001]

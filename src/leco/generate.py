@@ -294,6 +294,7 @@ def requests_for(prompts: list[str], strengths: list[float], seeds: list[int]) -
 def parse_seeds(text: str) -> list[int]:
     """'0-7' or '1,4,9' or '0-3,10': whole numbers from 0, ranges counting up; repeats kept once."""
     seeds: dict[int, None] = {}
+    repeated: list[int] = []
     for part in text.split(","):
         # 20 digits hold every seed below 2**64 (and keep int() away from huge digit strings)
         match = re.fullmatch(r"\s*([0-9]{1,20})\s*(?:-\s*([0-9]{1,20})\s*)?", part)
@@ -311,8 +312,15 @@ def parse_seeds(text: str) -> list[int]:
             raise LecoError(f"--seeds: {last} is too large; seeds go from 0 to 2**64-1")
         if len(seeds) + last - first + 1 > MAX_SEEDS:
             raise LecoError(f"--seeds: {text!r} asks for more than {MAX_SEEDS} seeds; split the run")
+        repeated.extend(seed for seed in range(first, last + 1) if seed in seeds)
         seeds.update(dict.fromkeys(range(first, last + 1)))
+    _warn_of_repeats("--seeds", [str(seed) for seed in dict.fromkeys(repeated)])
     return list(seeds)
+
+
+def _warn_of_repeats(option: str, repeated: list[str]) -> None:
+    if repeated:  # one image per strength and seed: a second one would be the same file
+        warn(f"{option}: {', '.join(repeated)} given more than once; drawn once")
 
 
 def parse_strengths(text: str) -> list[float]:
@@ -333,7 +341,11 @@ def parse_strengths(text: str) -> list[float]:
             f"--strengths: {alike[0]!r} and {alike[1]!r} are both labelled {format_strength(alike[0])} (and "
             "one image file would replace the other); give strengths that differ in 6 significant digits"
         )
-    return list(dict.fromkeys(value + 0.0 for value in values))
+    distinct = list(dict.fromkeys(value + 0.0 for value in values))
+    _warn_of_repeats(
+        "--strengths", [format_strength(v) for v in distinct if [w + 0.0 for w in values].count(v) > 1]
+    )
+    return distinct
 
 
 def run_generation(
