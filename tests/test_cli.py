@@ -238,6 +238,17 @@ def test_a_folder_that_takes_no_new_file_is_refused_before_loading(
     assert f"{tmp_path} takes no new files (Permission denied)" in err
 
 
+def test_an_eval_report_where_its_images_go_is_refused_before_any_image(
+    capsys, tmp_path, tiny_folders, no_loading
+):
+    spec = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
+    for out, images in (("x", "x"), ("y", "y/imgs"), ("z/../y", "y/imgs/")):
+        code, _, err = run_cli([*spec, "--out", tmp_path / out, "--images", tmp_path / images], capsys)
+        assert_one_line_error(code, err, "--out")
+        assert "--images folder" in err and "name a report file outside it" in err
+    assert not list(tmp_path.iterdir())  # nothing made
+
+
 def test_a_lora_with_a_strength_points_to_where_strengths_are_given(capsys, loras, tiny_folders):
     spec = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
     code, _, err = run_cli([*spec, "--lora", f"{loras['sd1']}:0.5"], capsys)

@@ -92,6 +92,16 @@ def test_prompts_file_is_resolved_next_to_the_config_first(tmp_path, monkeypatch
     assert capsys.readouterr().err == ""
 
 
+def test_a_utf16_config_is_told_to_be_saved_as_utf8(tmp_path):
+    # Windows editors save "Unicode" as UTF-16 with a byte-order mark
+    path = tmp_path / "c.yaml"
+    path.write_text(MINIMAL, encoding="utf-16")
+    with pytest.raises(
+        ConfigError, match=r"c.yaml: cannot be read as UTF-8 text: it is UTF-16; save it again"
+    ):
+        load_config(path)
+
+
 def test_the_reference_tools_first_prompt_key_for_dynamic_resolution_still_loads(tmp_path):
     # p1atdev/LECO's example prompts.yaml of its first releases named dynamic_resolution `bucketing`
     text = "- target: van gogh\n  resolution: 512\n  bucketing: {}\n  batch_size: 2\n"

@@ -1326,13 +1326,23 @@ def read_config_text(path: Path, kind: str) -> str:
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, not a {kind} file") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot be read {_why_unreadable(error)}") from None
+        raise ConfigError(f"{path}: cannot be read {_why_unreadable(error, path)}") from None
 
 
-def _why_unreadable(error: Exception) -> str:
+def _why_unreadable(error: Exception, path: Path) -> str:
     if isinstance(error, PermissionError):
         return "(permission denied); make it readable (chmod) or copy it somewhere you can read"
+    if isinstance(error, UnicodeDecodeError) and _is_utf16(path):  # Windows editors' "Unicode"
+        return "as UTF-8 text: it is UTF-16; save it again as UTF-8"
     return f"as UTF-8 text ({type(error).__name__})"
+
+
+def _is_utf16(path: Path) -> bool:
+    try:
+        with path.open("rb") as file:
+            return file.read(2) in (b"\xff\xfe", b"\xfe\xff")
+    except OSError:
+        return False
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -437,10 +437,11 @@ def canonical_unet_modules(
     by_key = unet_layer_keys(unet, family)
     grouped = group_modules(tensors, source)
     unknown = [key for key in grouped if key not in by_key]
-    if unknown and len(unknown) < len(grouped):  # the model is right: the file names a layer wrongly
+    if unknown and len(unknown) < len(grouped):  # a model of another layout, or a misnamed layer
         raise LecoError(
             f"{source}: {unknown[0]} matches no layer of this {family.name} UNet, though "
-            f"{len(grouped) - len(unknown)} of its other modules do; the file is damaged or names layers "
+            f"{len(grouped) - len(unknown)} of its other modules do; it was made for a model of another "
+            "layout (give the one it was trained on as --model), or the file is damaged or names layers "
             "in a way leco cannot read (generate applies the modules that fit, and names the others)"
         )
     if unknown:
