@@ -392,6 +392,47 @@ def test_resumed_run_ends_with_the_same_lora_as_an_uninterrupted_one(tmp_path, t
     assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # a: not empty
 
 
+class FakeSummaryWriter:
+    """Records what a run asks of TensorBoard (tensorboard is an extra the suite does not install)."""
+
+    made: list = []
+
+    def __init__(self, folder, purge_step=None):
+        self.purge_step, self.steps = purge_step, []
+        FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, key, value, step):
+        if key == "loss":
+            self.steps.append(step)
+
+    def close(self):
+        pass
+
+
+def test_a_resumed_run_drops_the_tensorboard_steps_logged_after_its_state(
+    tmp_path, tiny_folders, monkeypatch
+):
+    import importlib.util
+    import types
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: name == "tensorboard" or find_spec(name, *a)
+    )
+    monkeypatch.setitem(
+        sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeSummaryWriter)
+    )
+    monkeypatch.setattr(FakeSummaryWriter, "made", [])
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=4)
+    config.logging.use_tensorboard = True
+    first = train(config, progress=False)
+    config.train.iterations = 6
+    train(config, resume=first.state, progress=False)
+    fresh, resumed = FakeSummaryWriter.made
+    assert fresh.purge_step is None and fresh.steps == [1, 2, 3, 4]
+    assert resumed.purge_step == 4 and resumed.steps == [5, 6]  # TensorBoard drops whatever came after step 4
+
+
 def test_resume_refuses_a_state_of_another_run(tmp_path, tiny_folders):
     first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=2), progress=False)
     other = make_config(tiny_folders["sd1"], tmp_path, iterations=4)

@@ -18,7 +18,7 @@ class Progress:
     """The progress bar and the trackers, one call a step; quiet on every process but the main one."""
 
     def __init__(self, config: LecoConfig, step: int, *, show: bool, main: bool) -> None:
-        self.tracker = Tracker(config if main else None)
+        self.tracker = Tracker(config if main else None, first_step=step)
         total = config.train.iterations
         self.bar = tqdm(total=total, initial=step, desc=config.save.name, disable=not (show and main))
 
@@ -58,8 +58,9 @@ def check_log_folder(config: LecoConfig) -> None:
 class Tracker:
     """Sends scalars to the sinks the config enables; does nothing when none is."""
 
-    def __init__(self, config: LecoConfig | None) -> None:
-        """`None`: a process that logs nothing (not the main one of a data-parallel run)."""
+    def __init__(self, config: LecoConfig | None, first_step: int = 0) -> None:
+        """`None`: a process that logs nothing (not the main one of a data-parallel run).
+        `first_step`: where a resumed run goes on from."""
         self.sinks: list[Any] = []
         if config is None:
             return
@@ -83,7 +84,11 @@ class Tracker:
                 raise LecoError(
                     "logging.use_tensorboard: tensorboard is not installed; pip install tensorboard"
                 ) from None
-            self.sinks.append(_TensorBoard(SummaryWriter(str(tensorboard_folder(config)))))
+            # A run killed after its last save logged steps past the one it resumes from; purging
+            # them keeps the curve single-valued instead of drawing those steps twice.
+            purge_step = first_step if first_step > 0 else None
+            writer = SummaryWriter(str(tensorboard_folder(config)), purge_step=purge_step)
+            self.sinks.append(_TensorBoard(writer))
 
     def log(self, values: dict[str, float], step: int) -> None:
         for sink in self.sinks:
