@@ -102,6 +102,41 @@ def test_a_utf16_config_is_told_to_be_saved_as_utf8(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("encoding", "said"),
+    [
+        ("utf-32", "cannot be read as UTF-8 text: it is UTF-32; save it again as UTF-8"),
+        ("utf-16-le", "holds NUL bytes: UTF-16 or UTF-32 text, or not a text file; save it as UTF-8"),
+    ],
+)
+def test_wide_text_without_or_with_another_mark_is_named_too(tmp_path, encoding, said):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(MINIMAL.encode(encoding))  # utf-16-le: no byte-order mark, every other byte NUL
+    with pytest.raises(ConfigError, match=re.escape(f"c.yaml: {said}")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("data", "said"),
+    [
+        (
+            "a digit seven\n".encode("utf-16"),
+            "sevens.txt cannot be read as UTF-8 text: it is UTF-16; save it",
+        ),
+        (
+            "caf\u00e9 au lait\n".encode("latin-1"),
+            "sevens.txt cannot be read as UTF-8 text (UnicodeDecodeError)",
+        ),
+    ],
+)
+def test_a_prompt_list_that_is_not_utf8_is_one_line(folder, data, said):
+    (folder / "sevens.txt").write_bytes(data)
+    write(folder, "prompts.yaml", "- target_file: sevens.txt\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(folder, "c.yaml", MINIMAL))
+    assert said in str(caught.value) and "\n" not in str(caught.value), caught.value
+
+
 def test_the_reference_tools_first_prompt_key_for_dynamic_resolution_still_loads(tmp_path):
     # p1atdev/LECO's example prompts.yaml of its first releases named dynamic_resolution `bucketing`
     text = "- target: van gogh\n  resolution: 512\n  bucketing: {}\n  batch_size: 2\n"
@@ -110,6 +145,11 @@ def test_the_reference_tools_first_prompt_key_for_dynamic_resolution_still_loads
         assert entry.dynamic_resolution is (value == "true")
     with pytest.raises(ConfigError, match=r"entry 1.bucketing: the reference tool's old name for dynamic_"):
         load_prompts(write(tmp_path, "p.yaml", text.format("true") + "  dynamic_resolution: false\n"))
+    for same in ("'True'", "'on'", "'yes'", "1"):  # each reads as true for the field itself: no conflict
+        (entry,) = load_prompts(
+            write(tmp_path, "p.yaml", text.format("true") + f"  dynamic_resolution: {same}\n")
+        )
+        assert entry.dynamic_resolution is True
 
 
 def test_prompts_file_falls_back_to_the_working_directory(tmp_path, monkeypatch):

@@ -345,6 +345,30 @@ def test_each_tensor_of_a_module_takes_its_layers_form_on_its_own():
         assert (fitted.down.shape, fitted.up.shape) == ((4, 8, 1, 1), (16, 4, 1, 1))
 
 
+def test_a_tensor_that_fits_no_form_is_named_by_its_shape_in_the_file():
+    from leco.network.kohya import LoraDoesNotFit, fit_to_layer
+
+    conv = torch.nn.Conv2d(8, 16, 1)
+    with pytest.raises(
+        LoraDoesNotFit, match=r"m.lora_down.weight has shape \[4, 5\] but the layer needs \[4, 8, 1, 1\]"
+    ):
+        fit_to_layer(ModuleWeights(torch.ones(4, 5), torch.ones(16, 4), 1.0), conv, "m")
+
+
+def test_a_partly_fitting_file_that_names_this_very_model_is_said_to_be_changed(tmp_path, tiny_folders):
+    folder = str(tiny_folders["sd1"])
+    models = load_models(folder)
+    tensors = foreign_state_dict(models.unet, "Attention", rank=1, alpha=1.0, seed=2)
+    tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_down.weight"] = torch.zeros(1, 32)
+    tensors["lora_unet_down_blocks_9_attentions_0_proj_in.lora_up.weight"] = torch.zeros(32, 1)
+    save_file(tensors, str(tmp_path / "bad.safetensors"), {"ss_sd_model_name": Path(folder).name})
+    with pytest.raises(LecoError) as refused:
+        convert(tmp_path / "bad.safetensors", tmp_path / "out.safetensors", model=folder)
+    message = str(refused.value)
+    assert "though" in message and f"its metadata names this very model ({Path(folder).name!r})" in message
+    assert "as --model" not in message and "give --model" not in message  # it is the model given
+
+
 def test_cli_convert(tmp_path, capsys):
     foreign = foreign_state_dict(full_size_unet("sd1"), "Attention", rank=1, alpha=1.0, seed=4)
     torch.save(foreign, tmp_path / "s.pt")

@@ -77,3 +77,13 @@ def test_an_output_through_a_symlink_that_leads_nowhere_is_one_line(tmp_path, ta
             check_output(out, overwrite=False)
         with pytest.raises(LecoError, match=r"^save.path: .* is a symlink that leads nowhere"):
             RunFolder(out, "run").check(overwrite=False)
+
+
+def test_an_output_inside_an_input_is_found_however_either_is_spelled(tmp_path):
+    from leco.files import holds_or_is
+
+    (tmp_path / "runs" / "real").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "runs" / "real")
+    assert holds_or_is(tmp_path / "runs" / "real", tmp_path / "link" / "images")
+    assert holds_or_is(tmp_path / "link", tmp_path / "runs" / "x" / ".." / "real")
+    assert not holds_or_is(tmp_path / "runs" / "real" / "report.json", tmp_path / "runs" / "real")

@@ -594,7 +594,7 @@ def test_the_prompt_file_comes_from_the_command_line_as_kohya_takes_it(tmp_path,
         ("lr_warmup_steps = 0.5", r"lr_warmup_steps: 0.5 with lr_scheduler constant"),  # kohya's default
         (
             "sdpaa = true",
-            r"sdpaa \(did you mean 'sdpa'\?\): not options of any kohya script \(kohya would skip it "
+            r"sdpaa \(did you mean 'sdpa'\?\): not an option of any kohya script \(kohya would skip it "
             "without a word\\); fix or remove it",
         ),
         ("noise_offset = 0.05", r"noise_offset: 0.05 has no leco equivalent; remove it"),

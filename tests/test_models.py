@@ -273,3 +273,20 @@ def test_hub_repo_id_loads_from_the_local_cache_offline(tmp_path, tiny_folders):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "sd1"
+
+
+def test_a_models_name_for_metadata_and_infotext(tmp_path, monkeypatch):
+    from leco.ink_digits import model_path
+    from leco.models import model_name, recorded_model_name
+
+    assert (
+        model_name("C:\\models\\dream.ckpt") == "dream"
+        and recorded_model_name("C:\\models\\dream.ckpt") == "dream.ckpt"
+    )
+    assert model_name(str(model_path("ink-digits"))) == "ink-digits"  # the bundled model's folder
+    assert model_name("x" * 300) == "x" * 300  # too long for a path: a name, not an OSError
+    assert model_name("ink-digits/..", on_disk=False) == ".."  # metadata is never looked up on disk
+    (tmp_path / "my-model").mkdir()
+    monkeypatch.chdir(tmp_path / "my-model")
+    assert model_name(".") == recorded_model_name(".") == recorded_model_name("./") == "my-model"
+    assert recorded_model_name("..") == tmp_path.name

@@ -26,7 +26,7 @@ import torch
 from leco.config import LecoConfig
 from leco.errors import LecoError, is_main_process, warn
 from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
-from leco.models import looks_like_repo_id
+from leco.models import looks_like_repo_id, recorded_model_name
 from leco.optim import optimizer_class
 from leco.tracking import check_log_folder
 
@@ -488,7 +488,7 @@ def run_metadata(
         "leco.seed": str(seed),
         **({"leco.resumes": resumes} if resumes else {}),
         "ss_steps": str(step),
-        "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
+        "ss_sd_model_name": recorded_model_name(config.pretrained_model.name_or_path),
         "ss_clip_skip": str(config.pretrained_model.clip_skip),  # "None" where unset, as kohya writes it
         "ss_mixed_precision": "no" if trained_in == "fp32" else trained_in,  # kohya's values
         **kohya_leco_metadata(config, entries),

@@ -638,15 +638,15 @@ def load_for_images(args: argparse.Namespace):
 
 def run_eval(args: argparse.Namespace) -> int:
     from leco.evaluate import check_detector, evaluate, format_report, load_spec, write_report
+    from leco.files import holds_or_is
     from leco.models import model_name
 
-    if args.images is not None:  # the report is written last, where the images would be
-        report, images = (Path(os.path.abspath(p)) for p in (args.out, args.images))
-        if report == images or report in images.parents:
-            raise LecoError(
-                f"--out: {args.out} is the --images folder {args.images} or holds it; name a report file "
-                "outside it, e.g. eval_report.json"
-            )
+    # The report is written last, where the images would be: refused before any image is drawn.
+    if args.images is not None and holds_or_is(args.out, args.images):
+        raise LecoError(
+            f"--out: {args.out} is the --images folder {args.images} or holds it; name a report file "
+            "outside it, e.g. eval_report.json"
+        )
     if Path(args.out).exists() and not args.overwrite:  # checked now, not after minutes of images
         raise LecoError(f"--out: {args.out} holds an earlier eval's report; pass --overwrite to replace it")
     spec = load_spec(args.spec)

@@ -25,7 +25,7 @@ from leco.checkpoints import RunFolder, kohya_leco_metadata
 from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, PromptEncoder, warn_if_misread
 from leco.config import LecoConfig, NetworkConfig, as_read
 from leco.errors import LecoError, warn
-from leco.models import DTYPES, LoadedModels, load_models
+from leco.models import DTYPES, LoadedModels, load_models, recorded_model_name
 from leco.network import LoRANetwork
 from leco.preservation import anchor_prompts
 
@@ -54,7 +54,7 @@ def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetw
                 "leco.config": config.model_dump(mode="json"),
                 "leco.method": "closed_form",
                 "leco.kept_prompts": str(len(kept)),
-                "ss_sd_model_name": Path(config.pretrained_model.name_or_path).name,
+                "ss_sd_model_name": recorded_model_name(config.pretrained_model.name_or_path),
                 "ss_clip_skip": str(config.pretrained_model.clip_skip),
                 **kohya_leco_metadata(config, config.prompts),
             },

@@ -8,6 +8,7 @@ such as `guidance: 4` must never be dropped silently.
 from __future__ import annotations
 
 import ast
+import codecs
 import contextlib
 import difflib
 import json
@@ -25,13 +26,14 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, first_line, warn
 
 # Samples taken from one partial rollout (see leco.rollout). benchmarks/time_to_erase.py: one entry
 # erases in as many steps at 16 as at 1, each step a third of the cost (erase_seven.yaml uses 16);
@@ -481,7 +483,7 @@ class PromptSettings(_Section):
                     f"bucketing: {bucketing!r}; give true or false (the reference tool's old name for "
                     "dynamic_resolution)"
                 )
-            if data.setdefault("dynamic_resolution", bucketing) not in (bucketing, str(bucketing).lower()):
+            if not _same_bool(data.setdefault("dynamic_resolution", bucketing), bucketing):
                 raise ValueError(
                     "bucketing: the reference tool's old name for dynamic_resolution, which the entry "
                     "also sets to another value; keep one of them"
@@ -1253,7 +1255,7 @@ def read_prompt_lines(file: Path, where: str) -> list[str]:
             f"{where}: {file} not found; paths are relative to the file that names them"
         ) from None
     except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise ConfigError(f"{where}: {file} cannot be read {_why_unreadable(error)}") from None
+        raise ConfigError(f"{where}: {file} cannot be read {_why_unreadable(error, file)}") from None
     refuse_non_text_prompts(file, where, text)
     lines = [line.strip() for line in text_lines(text)]
     prompts = [line for line in lines if line and not line.startswith("#")]
@@ -1316,11 +1318,25 @@ def refuse_special_file(path: Path, kind: str, where: str = "") -> None:
         raise ConfigError(f"{where}{path}: is not a regular file; name a {kind} file")
 
 
+def _same_bool(value: Any, flag: bool) -> bool:
+    """Whether `value` reads as `flag` the way a bool field reads it ("on", "yes", 1...); a value
+    that is no bool at all is left to the field's own check."""
+    try:
+        return TypeAdapter(bool).validate_python(value) == flag
+    except ValidationError:
+        return True
+
+
 def read_config_text(path: Path, kind: str) -> str:
     """A config or prompt file's text; a missing, folder or unreadable path is one line naming it."""
     refuse_special_file(path, kind)
     try:
-        return path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
+        if "\x00" in text:  # UTF-16 or UTF-32 without a byte-order mark decodes as UTF-8 with NULs
+            raise ConfigError(
+                f"{path}: holds NUL bytes: UTF-16 or UTF-32 text, or not a text file; save it as UTF-8"
+            )
+        return text
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found; check the path") from None
     except IsADirectoryError:
@@ -1332,17 +1348,22 @@ def read_config_text(path: Path, kind: str) -> str:
 def _why_unreadable(error: Exception, path: Path) -> str:
     if isinstance(error, PermissionError):
         return "(permission denied); make it readable (chmod) or copy it somewhere you can read"
-    if isinstance(error, UnicodeDecodeError) and _is_utf16(path):  # Windows editors' "Unicode"
-        return "as UTF-8 text: it is UTF-16; save it again as UTF-8"
+    encoding = _wide_encoding(path) if isinstance(error, UnicodeDecodeError) else None
+    if encoding:  # Windows editors' "Unicode"
+        return f"as UTF-8 text: it is {encoding}; save it again as UTF-8"
     return f"as UTF-8 text ({type(error).__name__})"
 
 
-def _is_utf16(path: Path) -> bool:
+def _wide_encoding(path: Path) -> str | None:
+    """ "UTF-16" or "UTF-32" for a file that starts with their byte-order mark, None otherwise."""
     try:
         with path.open("rb") as file:
-            return file.read(2) in (b"\xff\xfe", b"\xfe\xff")
+            start = file.read(4)
     except OSError:
-        return False
+        return None
+    if start.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):  # before UTF-16: FF FE 00 00
+        return "UTF-32"
+    return "UTF-16" if start.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -1386,7 +1407,7 @@ def read_yaml(path: Path) -> Any:
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        problem = getattr(error, "problem", None) or first_line(error, None)
         raise ConfigError(f"{path}: {where}invalid YAML ({problem})") from None
 
 

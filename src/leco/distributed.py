@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from leco.errors import LecoError
+from leco.errors import LecoError, first_line
 
 
 def _world_size() -> int:
@@ -37,7 +37,7 @@ class Ranks:
             try:  # accelerate picks gloo for CPU processes and nccl for GPUs.
                 self.state = PartialState(cpu=device.type == "cpu")
             except (ValueError, RuntimeError, KeyError) as error:
-                reason = str(error).strip().splitlines()[0][:120]
+                reason = first_line(error, 120)
                 raise LecoError(
                     f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for data-parallel processes, which cannot "
                     f"meet ({reason}); start them with `accelerate launch -m leco train ...` or `leco train "

@@ -45,7 +45,7 @@ from leco.config import (
     read_yaml,
 )
 from leco.embedding_files import embeddings_loaded, is_embedding_file, read_embedding
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, first_line, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
     MAX_SEEDS,
@@ -959,9 +959,7 @@ class ClipDetector:
                 self.model = CLIPModel.from_pretrained(model).eval()
                 self.processor = CLIPProcessor.from_pretrained(model)
         except OSError as error:
-            raise LecoError(
-                f"clip_model: {model!r} cannot be loaded ({str(error).splitlines()[0][:120]})"
-            ) from None
+            raise LecoError(f"clip_model: {model!r} cannot be loaded ({first_line(error, 120)})") from None
         # CLIP's tokenizer lower-cases and collapses spaces: "A Seven" and "a seven" are one label
         # to it, scored alike, so kept as one (two would split every image's vote between them).
         self.labels = list(dict.fromkeys(map(as_read, labels)))

@@ -113,10 +113,21 @@ def nearest_existing(path: Path, option: str = "") -> Path:
     return existing
 
 
+def canonical(path: str | Path) -> Path:
+    """The path as the file system sees it: `..` and symlinks resolved, case folded where the
+    file system ignores it (Windows), so two spellings of one place compare equal."""
+    return Path(os.path.normcase(os.path.realpath(path)))
+
+
+def holds_or_is(outer: str | Path, inner: str | Path) -> bool:
+    """Whether `outer` is `inner` or a folder above it, however either is spelled."""
+    outer, inner = canonical(outer), canonical(inner)
+    return inner == outer or inner.is_relative_to(outer)
+
+
 def _same_or_nested(a: Path, b: Path) -> bool:
-    """Whether a and b are one path, or one holds the other, after `..`, symlinks and case folding."""
-    a, b = (Path(os.path.normcase(os.path.realpath(p))) for p in (a, b))
-    return a == b or a.is_relative_to(b) or b.is_relative_to(a)
+    """Whether a and b are one path, or one holds the other, however either is spelled."""
+    return holds_or_is(a, b) or holds_or_is(b, a)
 
 
 def check_output(

@@ -320,7 +320,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def _warn_of_repeats(option: str, repeated: list[str]) -> None:
     if repeated:  # one image per strength and seed: a second one would be the same file
-        warn(f"{option}: {', '.join(repeated)} given more than once; drawn once")
+        shown = ", ".join(repeated[:10]) + (f" and {len(repeated) - 10} more" if len(repeated) > 10 else "")
+        warn(f"{option}: {shown} given more than once; drawn once")
 
 
 def parse_strengths(text: str) -> list[float]:

@@ -54,9 +54,7 @@ def lora_strengths(
         except KeyError as error:
             raise LecoError(_unread_settings(path, header, error)) from None
         except (OSError, ValueError, RuntimeError) as error:
-            raise LecoError(
-                f"--lora: {path} cannot be applied to this model ({str(error).splitlines()[0][:160]})"
-            ) from None
+            raise LecoError(f"--lora: {path} cannot be applied to this model ({first_line(error)})") from None
 
     def set_strength(strength: float) -> None:
         if unet_part is not None:

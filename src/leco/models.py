@@ -219,18 +219,34 @@ def close_bundled_name(name: str) -> str | None:
     return next((known for known in BUNDLED_MODELS if known.replace("-", "") == squeezed), None)
 
 
-def model_name(model: str) -> str:
-    """The model as LoRA metadata (ss_sd_model_name) and A1111's infotext name it: a bundled model's
-    name (also for its folder), a checkpoint's file stem, a folder's or repo's last name."""
+def model_name(model: str, *, on_disk: bool = True) -> str:
+    """The model as A1111's infotext names it: a bundled model's name (also for its folder), a
+    checkpoint's file stem, a folder's or repo's last name. `on_disk=False`: a name read from a
+    file's metadata, never looked up on this machine."""
     given = model.strip().rstrip("/\\")
     for known in BUNDLED_MODELS:
-        if given == known or (
-            Path(given).is_dir() and Path(given).resolve() == resolve_bundled(known).resolve()
-        ):
+        if given == known or (on_disk and _is_folder_of(given, known)):
             return known
-    last = re.split(r"[\\/]", given)[-1]  # a Windows path written into metadata splits too
+    last = recorded_model_name(given) if on_disk else re.split(r"[\\/]", given)[-1]
     stem, dot, suffix = last.rpartition(".")
     return stem if dot and f".{suffix.lower()}" in CHECKPOINT_SUFFIXES else last
+
+
+def recorded_model_name(name_or_path: str) -> str:
+    """The model's last name as kohya records it in ss_sd_model_name (a checkpoint's with its suffix);
+    `.` or `..` name the folder they stand for."""
+    last = re.split(r"[\\/]", name_or_path.strip().rstrip("/\\"))[-1]  # a Windows path splits too
+    if last in ("", ".", ".."):  # `--model .` from inside the model's folder
+        with contextlib.suppress(OSError, ValueError):
+            last = Path(name_or_path).expanduser().resolve().name
+    return last
+
+
+def _is_folder_of(given: str, bundled: str) -> bool:
+    """Whether `given` is the bundled model's folder (a name too long or odd for a path is not)."""
+    with contextlib.suppress(OSError, ValueError):
+        return Path(given).is_dir() and Path(given).resolve() == resolve_bundled(bundled).resolve()
+    return False
 
 
 def resolve_bundled(name: str) -> Path:
@@ -912,7 +928,7 @@ def prepare_for_training(
         try:
             unet.enable_xformers_memory_efficient_attention()
         except (ModuleNotFoundError, ValueError) as error:
-            reason = textwrap.shorten(str(error).splitlines()[0], 120, placeholder="...")
+            reason = textwrap.shorten(first_line(error, None), 120, placeholder="...")
             warn(f"xformers unavailable ({reason}); using PyTorch SDPA")
     if config.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

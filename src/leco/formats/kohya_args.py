@@ -24,7 +24,7 @@ from leco.config import (
     given_prompts_file,
     parse_optimizer_args,
 )
-from leco.errors import warn
+from leco.errors import first_line, warn
 from leco.formats.origins import remember, with_origin
 
 # kohya's defaults (train_util / train_leco argparse) for options leco maps.
@@ -126,7 +126,7 @@ def load_kohya_arguments(
     try:
         return config_from_document(document, path)
     except ConfigError as error:  # the first problem, told with the option it came from
-        raise ConfigError(options.in_kohya_keys(str(error).splitlines()[0])) from None
+        raise ConfigError(options.in_kohya_keys(first_line(error, None))) from None
 
 
 class _Options:
@@ -333,14 +333,16 @@ class _Options:
         typos = [name for name in unknown if name not in others]
         if typos:
             fixes = ", ".join(_with_nearest(name, sorted(self.read)) for name in typos)
+            many = len(typos) > 1
             raise ConfigError(
-                f"{self.path}: {fixes}: not options of any kohya script (kohya would skip "
-                f"{'them' if len(typos) > 1 else 'it'} without a word); fix or remove "
-                f"{'them' if len(typos) > 1 else 'it'}"
+                f"{self.path}: {fixes}: {'not options' if many else 'not an option'} of any kohya script "
+                f"(kohya would skip {'them' if many else 'it'} without a word); fix or remove "
+                f"{'them' if many else 'it'}"
             )
         if others:
+            what = f"{len(others)} options" if len(others) > 1 else "an option"
             warn(
-                f"{self.path}: {len(others)} options of kohya's other scripts, which train_leco skips too; "
+                f"{self.path}: {what} of kohya's other scripts, which train_leco skips too; "
                 f"ignored: {', '.join(others)}"
             )
         ignored = [

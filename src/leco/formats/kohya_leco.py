@@ -33,7 +33,7 @@ from leco.config import (
     refuse_non_text_prompts,
     text_lines,
 )
-from leco.errors import warn
+from leco.errors import first_line, warn
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -441,7 +441,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: invalid TOML ({str(error).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: invalid TOML ({first_line(error, None)})") from None
 
 
 def _key(where: str, key: str) -> str:

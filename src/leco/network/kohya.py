@@ -24,7 +24,7 @@ from torch import nn
 
 from leco import __version__
 from leco.config import read_config_text
-from leco.errors import LecoError
+from leco.errors import LecoError, first_line
 from leco.files import atomic_output, load_torch_file
 from leco.models import ModelFamily, model_name, modelspec_v_prediction
 from leco.network.layers import OUTSIDE_BLOCKS, adaptable_layers
@@ -113,7 +113,7 @@ def does_not_fit(why: str, metadata: dict[str, str], model: str | None = None) -
     """`why` a LoRA does not fit `model`, and what to do: use it with its own model, which its
     metadata may name; or, where that name is this model's, know that the file was changed since."""
     name = metadata.get("ss_sd_model_name", "").strip()
-    if name and model is not None and model_name(name).lower() == model_name(model).lower():
+    if name and model is not None and model_name(name, on_disk=False).lower() == model_name(model).lower():
         guesses = (f"; {ANOTHER_MODEL}", "; it was made for another model")
         for guess in (*(f"{guess} family" for guess in guesses), *guesses):
             why = why.removesuffix(guess)
@@ -187,9 +187,7 @@ def read_lora_file(
                 metadata = dict(file.metadata() or {})
                 tensors = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
         except Exception as error:  # safetensors has its own error types for damaged headers
-            raise LecoError(
-                f"{path}: not a readable .safetensors LoRA ({str(error).splitlines()[0]})"
-            ) from None
+            raise LecoError(f"{path}: not a readable .safetensors LoRA ({first_line(error, None)})") from None
     refuse_whole_numbers(
         {key: str(t.dtype).removeprefix("torch.") for key, t in tensors.items() if not t.is_floating_point()},
         path,
@@ -438,11 +436,11 @@ def canonical_unet_modules(
     grouped = group_modules(tensors, source)
     unknown = [key for key in grouped if key not in by_key]
     if unknown and len(unknown) < len(grouped):  # a model of another layout, or a misnamed layer
-        raise LecoError(
+        raise LoraDoesNotFit(  # naming_its_model adds which model to give, or that the file changed
             f"{source}: {unknown[0]} matches no layer of this {family.name} UNet, though "
             f"{len(grouped) - len(unknown)} of its other modules do; it was made for a model of another "
-            "layout (give the one it was trained on as --model), or the file is damaged or names layers "
-            "in a way leco cannot read (generate applies the modules that fit, and names the others)"
+            "layout, or the file is damaged or names layers in a way leco cannot read (generate applies "
+            "the modules that fit, and names the others)"
         )
     if unknown:
         raise LoraDoesNotFit(
@@ -494,11 +492,12 @@ def fit_to_layer(weights: ModuleWeights, layer: nn.Module, where: str) -> Module
             up = up[:, :, None, None]
         expected_down = (weights.rank, layer.in_channels, *kernel)
         expected_up = (layer.out_channels, weights.rank, 1, 1)
-    for part, value, expected in (("lora_down", down, expected_down), ("lora_up", up, expected_up)):
+    fitted = (("lora_down", down, weights.down, expected_down), ("lora_up", up, weights.up, expected_up))
+    for part, value, as_stored, expected in fitted:
         if tuple(value.shape) != expected:
             raise LoraDoesNotFit(
-                f"{where}.{part}.weight has shape {list(value.shape)} but the layer needs {list(expected)}; "
-                + ANOTHER_MODEL
+                f"{where}.{part}.weight has shape {list(as_stored.shape)} but the layer needs "
+                f"{list(expected)}; {ANOTHER_MODEL}"
             )
     return ModuleWeights(down, up, weights.alpha)
 
