@@ -169,6 +169,14 @@ def test_bad_numbers_are_one_line_errors_before_loading(
     assert says in err
 
 
+@pytest.mark.parametrize(("count", "says"), [("0", "give 1 to 10000 images"), ("2.5", "not a whole number")])
+def test_bad_image_counts_for_eval_are_one_line_errors_before_loading(count, says, capsys, no_loading):
+    argv = ["eval", "--model", "ink-digits", "--spec", str(EXAMPLES / "erase_seven_eval.yaml")]
+    code, _, err = run_cli([*argv, "--images-per-prompt", count], capsys)
+    assert_one_line_error(code, err, "--images-per-prompt")
+    assert says in err
+
+
 def test_strengths_without_a_lora_are_refused_before_loading(capsys, no_loading, tiny_folders, tmp_path):
     argv = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", "--strengths", "-1,1"]
     code, _, err = run_cli([*argv, "--out", tmp_path], capsys)
@@ -967,11 +975,13 @@ def test_eval_warns_when_the_model_does_not_draw_what_is_to_be_erased(tmp_path, 
         {"prompt": "a digit three in blue ink", "concept": "ink:purple"},  # never drawn either
     ]
     spec.write_text(
-        yaml.safe_dump({"detector": "ink-digits", "images_per_prompt": 2, "erase": erase, "keep": keep})
+        yaml.safe_dump({"detector": "ink-digits", "images_per_prompt": 16, "erase": erase, "keep": keep})
     )
     argv = ["eval", "--model", "ink-digits", "--lora", lora, "--spec", spec, "--out", tmp_path / "r.json"]
-    code, out, err = run_cli([*argv, "--no-progress"], capsys)
+    code, out, err = run_cli([*argv, "--images-per-prompt", "2", "--no-progress"], capsys)
     assert code == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["spec"]["images_per_prompt"] == 2  # the option's count, not the spec's 16
     warnings = [line for line in err.splitlines() if "barely draws it" in line]
     assert len(warnings) == 2 and "erase prompt 'a digit seven in purple ink'" in warnings[0], err
     assert "keep prompt 'a digit three in blue ink' [ink:purple]" in warnings[1]

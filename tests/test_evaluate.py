@@ -539,7 +539,7 @@ def test_long_reports_print_the_worst_kept_rows_unless_all_rows():
     shown = [line for line in short.splitlines() if line.startswith("keep ")]
     assert len(shown) == SHOWN_KEPT_ROWS
     assert "prompt 99" in shown[0] and "prompt 98" in shown[1] and not any("prompt 0 " in s for s in shown)
-    assert "... 88 more kept prompts, each still detected >= 100% with drift <= 0.087" in short
+    assert "... 88 more kept prompts, each still detected >= 100%, drift <= 0.087 (--all-rows" in short
     assert sum(line.startswith("keep ") for line in full.splitlines()) == 100 and "more kept" not in full
     assert "a digit seven" in short  # erased rows are always printed
     assert "50%  prompt 99 [c]" in short  # the summary names the worst kept prompt and its figure
@@ -560,7 +560,29 @@ def test_a_model_judged_alone_shows_its_worst_kept_rows_and_what_it_sampled_with
     )
     shown = [line for line in short.splitlines() if line.startswith("keep ")]
     assert len(shown) == SHOWN_KEPT_ROWS and "prompt 70 " in shown[0]
-    assert f"... {100 - SHOWN_KEPT_ROWS} more kept prompts, each still detected >= 100%" in short
+    assert f"... {100 - SHOWN_KEPT_ROWS} more kept prompts, each still detected >= 100% (--all-rows" in short
+
+
+def test_the_table_shows_the_summarys_worst_kept_prompt_and_says_what_its_hidden_line_leaves_out():
+    """A prompt the model already got wrong (0% -> 12%) fell by nothing, yet the summary names it as
+    the worst kept: it is in the table, ahead of prompts read right that merely drifted. A keep* row
+    (it names what is edited) drifts as it should; the line for the hidden rows says so."""
+    rows = []
+    for n in range(30):
+        rows += [_row("keep", f"prompt {n}", 0.0, 1.0), _row("keep", f"prompt {n}", 1.0, 1.0, drift=n / 1000)]
+    rows += [_row("keep", "0, teal ink", 0.0, 0.0), _row("keep", "0, teal ink", 1.0, 0.125, drift=0.01)]
+    starred = [_row("keep", "7, black ink", s, 1.0, drift=0.3 * s) for s in (0.0, 1.0)]
+    rows += [{**row, "names_edit": True} for row in starred]
+    summary = summarise(rows, [0.0, 1.0])
+    report = {"loras": {"a": "a.safetensors"}, "rows": rows, "per_lora": {"a": summary}, "summary": summary}
+    short = format_report(report)
+    shown = [line for line in short.splitlines() if line.startswith("keep")]
+    assert summary["1"]["kept_still_right_worst"]["prompt"] == "0, teal ink" and "0, teal ink" in shown[0]
+    assert (
+        "... 20 more kept prompts, each still detected >= 100%, drift <= 0.018 but for 1 keep* prompt ("
+        in short
+    )
+    assert "keep*: the prompt also names what is erased/enhanced" in short
 
 
 DOG_SPEC = {

@@ -123,6 +123,15 @@ def _batch_size(text: str) -> int:
     return size
 
 
+def _images_per_prompt(text: str) -> int:
+    from leco.generate import MAX_SEEDS
+
+    count = _number(text, int, "a whole number")
+    if not 1 <= count <= MAX_SEEDS:
+        raise argparse.ArgumentTypeError(f"{count}: give 1 to {MAX_SEEDS} images a prompt and strength")
+    return count
+
+
 CLIP_SKIP_HELP = (
     "text-encoder layers back from the last, as A1111's clip skip (2: the penultimate layer); "
     "default: what the LoRA was trained with (its ss_clip_skip), else 1"
@@ -471,6 +480,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="textual-inversion embedding the prompts may use, as for generate; repeatable",
     )
     evaluate.add_argument(
+        "--images-per-prompt",
+        type=_images_per_prompt,
+        metavar="N",
+        help="images of each prompt at each strength, on seeds counting up from the spec's (overrides "
+        "the spec's images_per_prompt:; 4 for a quick look, 16 for firm figures)",
+    )
+    evaluate.add_argument(
         "--batch-size", type=_batch_size, help="images per pipeline call (overrides the spec's batch_size:)"
     )
     evaluate.add_argument("--clip-skip", type=_clip_skip, help=CLIP_SKIP_HELP + " (overrides the spec's)")
@@ -653,6 +669,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.negative is not None:
         spec.negative_prompt = args.negative
     spec.batch_size = args.batch_size or spec.batch_size
+    spec.images_per_prompt = args.images_per_prompt or spec.images_per_prompt
     if args.clip_skip:
         spec.clip_skip, spec._clip_skip_option = args.clip_skip, "--clip-skip"
     spec_texts = [spec.negative_prompt, *(p.prompt for p in (*spec.erase, *spec.keep, *spec.enhance))]

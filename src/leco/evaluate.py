@@ -830,7 +830,7 @@ def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
         lines += [_row_line(key, by, strengths, scored) for key, by in entries]
     if hidden:
         lines.append(_hidden_line(hidden))
-    if any(line.startswith("keep*") for line in lines):
+    if any(line.startswith("keep*") for line in lines) or any(r.get("names_edit") for r in hidden):
         lines.append(
             "keep*: the prompt also names what is erased/enhanced: judged on the rest, drift not counted"
         )
@@ -852,25 +852,33 @@ def _row_line(
 
 
 def _hidden_line(hidden: list[dict[str, Any]]) -> str:
-    """What the kept rows left out of the table have in common: their lowest rate, largest drift."""
+    """What the kept rows left out of the table have in common: their lowest rate, largest drift
+    (keep* rows' drift is not counted, as in the summary: what they name is meant to change)."""
     lowest = min(r["detected"] for r in hidden)
-    largest = max((r["drift"] for r in hidden if not r.get("names_edit")), default=0.0)
     count = len({(r["prompt"], r["concept"]) for r in hidden})
-    return (
-        f"... {count} more kept prompts, each still detected >= {lowest:.0%} with drift <= {largest:.3f} "
-        "(--all-rows prints them)"
-    )
+    line = f"... {count} more kept prompts, each still detected >= {lowest:.0%}"
+    moved = [r for r in hidden if r["strength"] != 0.0]
+    if moved:  # judged with a LoRA: the images moved by so much
+        largest = max((r["drift"] for r in moved if not r.get("names_edit")), default=0.0)
+        starred = len({(r["prompt"], r["concept"]) for r in moved if r.get("names_edit")})
+        exception = f" but for {starred} keep* prompt{'s' if starred > 1 else ''}" if starred else ""
+        line += f", drift <= {largest:.3f}{exception}"
+    return line + " (--all-rows prints them)"
 
 
-def _keep_badness(by_strength: dict[float, dict[str, Any]], moved: list[float]) -> tuple[float, float]:
-    """How badly a kept prompt fared: its largest fall in detection, then its largest drift."""
+def _keep_badness(by_strength: dict[float, dict[str, Any]], moved: list[float]) -> tuple[float, float, float]:
+    """How badly a kept prompt fared: its largest fall in detection, then how far below 100% it is
+    read with the LoRA (a prompt the model already got wrong: the summary's worst may be one), then
+    its largest drift."""
     base = by_strength[0.0]["detected"] if 0.0 in by_strength else 1.0
     if not moved:  # nothing to compare with: the lowest detection first
-        return 1.0 - base, 0.0
+        return 1.0 - base, 0.0, 0.0
     at = [by_strength[s] for s in moved if s in by_strength]
     fall = max((base - row["detected"] for row in at), default=0.0)
+    fall = max(fall, 0.0)  # a prompt the LoRA improved fell by nothing
+    shortfall = max((1.0 - row["detected"] for row in at), default=0.0)
     drift = max((row["drift"] for row in at if not row.get("names_edit")), default=0.0)
-    return fall, drift
+    return fall, shortfall, drift
 
 
 SUMMARY_NAMES = {
