@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from pydantic import BaseModel, ValidationError
 
-from leco.config import describe_validation_error
+from leco.config import apply_overrides
 from leco.errors import LecoError
 from leco.evaluate import ConceptPrompt, EnhancedPrompt, EvalSpec
 
@@ -140,28 +138,8 @@ def ink_digits_spec(
 
 
 def apply_changes(config: Any, changes: list[str]) -> None:
-    """`section.key=value` changes, the value read as YAML (`anchors.prompts=[""]`), checked and
-    converted by the section's own pydantic model."""
-    for change in changes:
-        key, equals, value = change.partition("=")
-        name, dot, field = key.partition(".")
-        section = getattr(config, name, None)
-        if equals and dot and section is None and name in type(config).model_fields:
-            raise SystemExit(f"--set {change!r}: this config has no {name}: section to change")
-        if not (equals and dot and isinstance(section, BaseModel)):
-            raise SystemExit(f"--set {change!r}: give SECTION.KEY=VALUE, e.g. train.lr=3e-3")
-        try:
-            # Only the keys set so far: the others stay defaults, not keys the config "set".
-            given = section.model_dump(exclude_unset=True)
-            updated = type(section).model_validate({**given, field: yaml.safe_load(value)})
-        except yaml.YAMLError:
-            raise SystemExit(f"--set {change!r}: not valid YAML") from None
-        except ValidationError as error:  # leco's own words: the key, what is wrong, what is allowed
-            reason = describe_validation_error(error, Path("--set"), type(section), prefix=f"{name}.")
-            raise SystemExit(f"--set {change!r}: {reason.removeprefix('--set: ')}") from None
-        setattr(config, name, updated)
-    if changes and hasattr(config, "check_combination"):  # settings fine alone but not together
-        try:
-            config.check_combination()
-        except LecoError as error:
-            raise SystemExit(f"--set {' '.join(changes)}: {error}") from None
+    """`--set SECTION.KEY=VALUE` changes to the example's config, as `leco train --set` makes them."""
+    try:
+        apply_overrides(config, changes)
+    except LecoError as error:
+        raise SystemExit(str(error)) from None

@@ -209,7 +209,7 @@ def test_temp_files_of_a_killed_save_are_cleared_when_the_run_continues(tmp_path
 def test_sigterm_and_a_hang_up_save_an_interrupted_file_like_ctrl_c(tmp_path, tiny_folders, stop_signal):
     spaced = tmp_path / "my runs"  # the resume hint must paste as one argument per path
     spaced.mkdir()
-    process, out, err = stop_a_cli_run(spaced, tiny_folders["sd1"], stop_signal)
+    process, out, err = stop_a_cli_run(spaced, tiny_folders["sd1"], stop_signal, "--set", "train.seed=5")
     assert process.returncode == 130, err
     assert "Traceback" not in err
     assert f"{stop_signal.name} again aborts without saving" in err  # stdout stays the results
@@ -218,6 +218,7 @@ def test_sigterm_and_a_hang_up_save_an_interrupted_file_like_ctrl_c(tmp_path, ti
     hint = next(line for line in out.splitlines() if line.startswith("continue with: "))
     words = shlex.split(hint.removeprefix("continue with: "))
     assert words[:2] == ["leco", "train"] and Path(words[2]).is_file() and Path(words[-1]).is_dir(), words
+    assert words[3:5] == ["--set", "train.seed=5"] and metadata["leco.seed"] == "5"  # resumed the same
 
 
 def test_previews_are_rendered_again_when_a_run_is_resumed(tmp_path, tiny_folders):

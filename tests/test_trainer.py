@@ -623,6 +623,27 @@ def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
     assert "'rollout_guidance_scale'" in line
 
 
+def test_train_set_changes_a_setting_without_editing_the_config(tmp_path, tiny_folders, capsys):
+    from leco.cli import main
+
+    config = write_yaml_config(tmp_path, tiny_folders["sd1"], iterations=400)
+    changes = ["--set", "train.iterations=2", "--set", "train.seed=7", "--set", "save.name=fox_seed7"]
+    assert main(["train", str(config), *changes, "--no-progress"]) == 0, capsys.readouterr().err
+    metadata = read_lora_file(tmp_path / "out" / "fox_seed7_last.safetensors")[1]
+    assert (metadata["leco.step"], metadata["leco.seed"]) == ("2", "7")
+    assert "iterations: 400" in config.read_text()  # the file is as it was
+    for change, says in (
+        ("train.seed=-5", "--set 'train.seed=-5': train.seed: "),
+        ("train.sed=1", "did you mean 'seed'"),
+        ("seed=1", "give SECTION.KEY=VALUE, e.g. train.seed=1"),
+        ("train.samples_per_step=64", "--set train.iterations=2 train.samples_per_step=64: "),  # fine alone
+    ):
+        assert main(["train", str(config), "--set", "train.iterations=2", "--set", change]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if not line.startswith("leco: warning: ")]
+        assert len(errors) == 1 and says in errors[0], err  # (the test config sets keys it never reads)
+
+
 def stop_a_cli_run(
     tmp_path: Path, tiny: Path, stop_signal: int, *options: str
 ) -> tuple[subprocess.Popen, str, str]:

@@ -363,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
         "train_leco takes it next to its --config_file",
     )
     train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="change one setting of the config without editing it, the value read as YAML "
+        "(e.g. --set train.seed=1 --set save.name=no_seven_s1); repeatable; a --resume needs the same",
+    )
+    train.add_argument(
         "--resume", metavar="DIR", type=_state_folder, help="continue from the *_state folder a run saved"
     )
     train.add_argument(
@@ -587,13 +595,14 @@ def run_train(args: argparse.Namespace) -> int:
         raise LecoError(f"--num-processes: {args.num_processes} is not a number of processes; use 1 or more")
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from leco.checkpoints import check_before_loading, read_state
-        from leco.config import load_config
+        from leco.config import apply_overrides, load_config
 
         if args.resume and not Path(args.resume).exists():
             raise LecoError(f"--resume: {args.resume} not found; pass the *_state folder a run saved")
         check_process_count(args.num_processes)  # before anything is made on disk
         try:  # its errors as one line here, not once per process
             loaded = load_config(config, args.prompts_file)
+            apply_overrides(loaded, args.set)
             check_before_loading(loaded, Path(args.resume) if args.resume else None, args.overwrite)
             if args.resume:  # a state of another run, config or process count
                 read_state(args.resume, loaded.to_json(), args.num_processes)
@@ -602,11 +611,11 @@ def run_train(args: argparse.Namespace) -> int:
         return launch_processes(args.num_processes, args.words)
     try:
         result = train(
-            config,
+            _with_overrides(config, args.prompts_file, args.set),
             resume=args.resume,
             overwrite=args.overwrite,
             progress=not args.no_progress,
-            prompts_file=args.prompts_file,
+            prompts_file=None if args.set else args.prompts_file,
         )
     except LecoError as error:  # found once models are loaded: a key of the config, named with its file
         raise LecoError(_in_config_file(config, str(error))) from None
@@ -620,12 +629,26 @@ def run_train(args: argparse.Namespace) -> int:
         again = f" --num-processes {processes}" if processes > 1 else ""
         print(f"interrupted after step {result.steps}; saved {result.path}")
         prompts = f" --prompts_file {shlex.quote(str(args.prompts_file))}" if args.prompts_file else ""
+        changes = "".join(f" --set {shlex.quote(change)}" for change in args.set)
         state = shlex.quote(str(result.state))  # a path with spaces pastes as one argument
-        print(f"continue with: leco train {shlex.quote(str(config))}{prompts} --resume {state}{again}")
+        print(
+            f"continue with: leco train {shlex.quote(str(config))}{prompts}{changes} --resume {state}{again}"
+        )
         return interrupted_code
     done = "closed-form edit" if result.state is None else f"{result.steps} steps"
     print(f"done: {done}; saved {result.path}")
     return 0
+
+
+def _with_overrides(config: str, prompts_file: str | None, changes: list[str]) -> Any:
+    """The config file as given, or loaded and changed by --set."""
+    if not changes:
+        return config
+    from leco.config import apply_overrides, load_config
+
+    loaded = load_config(config, prompts_file)
+    apply_overrides(loaded, changes)
+    return loaded
 
 
 # A problem with a config key, found after loading (the file is named when the config is read).

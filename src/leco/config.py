@@ -1006,6 +1006,34 @@ def _refuse_other_kinds_of_file(path: Path, document: dict) -> None:
         )
 
 
+def apply_overrides(config: LecoConfig, changes: Sequence[str]) -> None:
+    """`leco train --set SECTION.KEY=VALUE`: each change, its value read as YAML (`anchors.prompts=[""]`),
+    checked and converted by its section's own model; then the settings together, as a file's are."""
+    for change in changes:
+        key, equals, value = change.partition("=")
+        name, dot, field = key.strip().partition(".")
+        section = getattr(config, name, None)
+        if equals and dot and section is None and name in LecoConfig.model_fields:
+            raise ConfigError(f"--set {change!r}: this config has no {name}: section to change")
+        if not (equals and dot and field and isinstance(section, BaseModel)):
+            raise ConfigError(f"--set {change!r}: give SECTION.KEY=VALUE, e.g. train.seed=1")
+        try:
+            # Only the keys set so far: the others stay defaults, not keys the config "set".
+            given = section.model_dump(exclude_unset=True)
+            updated = type(section).model_validate({**given, field: yaml.safe_load(value)})
+        except yaml.YAMLError:
+            raise ConfigError(f"--set {change!r}: the value is not valid YAML") from None
+        except ValidationError as error:  # leco's own words: the key, what is wrong, what is allowed
+            reason = describe_validation_error(error, Path("--set"), type(section), prefix=f"{name}.")
+            raise ConfigError(f"--set {change!r}: {reason.removeprefix('--set: ')}") from None
+        setattr(config, name, updated)
+    if changes:  # settings fine alone but not together
+        try:
+            config.check_combination()
+        except LecoError as error:
+            raise ConfigError(f"--set {' '.join(changes)}: {error}") from None
+
+
 def load_config(path: str | Path, prompts_file: str | Path | None = None) -> LecoConfig:
     """Read a config YAML (and its prompts file) into a validated `LecoConfig`.
 
