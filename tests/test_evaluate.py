@@ -1,3 +1,4 @@
+import functools
 import json
 import re
 
@@ -1084,3 +1085,28 @@ def test_evaluate_takes_a_spec_as_a_dict_checked_as_a_file_is(tmp_path, tiny_fol
         evaluate(models, None, {**spec, "images_per_prompt": 0}, "cpu", BrightnessDetector(), progress=False)
     with pytest.raises(ConfigError, match=r"^spec: a list; give a spec file's path, a dict or an EvalSpec"):
         evaluate(models, None, [spec], "cpu", BrightnessDetector(), progress=False)
+
+
+def test_a_missed_concept_of_several_parts_says_which_part_was_missed():
+    """ "digit:9,ink:red" read as a nine in black: the summary says the ink failed, not the digit."""
+    from PIL import Image
+
+    from leco.evaluate import JudgedPrompt, _Judge
+    from leco.images import ImageRequest
+
+    class BlackNines:  # every image a nine in black ink
+        def present(self, images, concept):
+            return [concept in ("digit:9", "ink:black", "digit:9,ink:black")] * len(images)
+
+    entries = [JudgedPrompt("keep", "a digit nine in red ink", "digit:9,ink:red"),
+               JudgedPrompt("keep", "a digit nine", "digit:9")]  # fmt: skip
+    images = {ImageRequest(e.prompt, 1.0, seed): Image.new("RGB", (8, 8)) for e in entries for seed in (0, 1)}
+    base = {ImageRequest(r.prompt, 0.0, r.seed): image for r, image in images.items()}
+    judge = _Judge(BlackNines(), entries, [0, 1], functools.partial(concept_parts, "ink-digits"))
+    red, plain = judge.rows(images, base, "a", 1.0)
+    assert red["detected"] == 0.0 and red["parts"] == {"digit:9": 1.0, "ink:red": 0.0}
+    assert "parts" not in plain  # one part, found: nothing to split
+    table = _summary_table(summarise([red, plain], [1.0]))
+    assert (
+        "kept: still right           50%     0%  a digit nine in red ink [digit:9 100%, ink:red 0%]" in table
+    )

@@ -486,7 +486,7 @@ def evaluate(
     pipe = build_pipeline(models, spec.sampler).to(device)
     folders = _image_folders(image_dir, labels)
     _refuse_earlier_images(folders, prompts, [0.0, *strengths], seeds, slugs, overwrite)
-    judge = _Judge(detector, entries, seeds)
+    judge = _Judge(detector, entries, seeds, functools.partial(concept_parts, spec.detector))
     with embeddings_loaded(pipe, embeddings):
         # Cut words are never read: an erase prompt cut before its concept measures nothing.
         def expand(text: str) -> str:
@@ -648,8 +648,14 @@ def _save_images(
 class _Judge:
     """Turns one strength's images into report rows: detection rate and drift per judged prompt."""
 
-    def __init__(self, detector: Detector, entries: list[JudgedPrompt], seeds: list[int]):
-        self.detector = detector
+    def __init__(
+        self,
+        detector: Detector,
+        entries: list[JudgedPrompt],
+        seeds: list[int],
+        parts_of: Callable[[str], frozenset[str]],
+    ):
+        self.detector, self.parts_of = detector, parts_of
         self.entries = entries
         self.seeds = seeds
         self.clip_score = getattr(detector, "clip_score", None)  # only CLIP detectors score prompt fit
@@ -671,10 +677,23 @@ class _Judge:
                 "detected": float(np.mean(found)),
                 "drift": float(np.mean([pixel_drift(a, b) for a, b in zip(batch, reference, strict=True)])),
             }
+            parts = self.part_rates(batch, entry.concept, found)
+            if parts is not None:
+                row["parts"] = parts
             if self.clip_score is not None:
                 row["clip_score"] = self.clip_score(batch, entry.prompt)
             rows.append(row)
         return rows
+
+    def part_rates(
+        self, batch: list[Image.Image], concept: str, found: list[bool]
+    ) -> dict[str, float] | None:
+        """Each part's own rate where a concept of several ("digit:9,ink:red") was missed in some image:
+        which of them failed, the digit or the ink."""
+        parts = sorted(self.parts_of(concept))
+        if len(parts) < 2 or all(found):
+            return None
+        return {part: float(np.mean(self.detector.present(batch, part))) for part in parts}
 
 
 def _rows_of(rows: list[dict[str, Any]], label: str) -> list[dict[str, Any]]:
@@ -723,7 +742,7 @@ def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, A
             worst = max(values, key=lambda r: (sign * r[field], r.get("drift") or 0.0), default=None)
             entry[f"{name}_worst"] = (
                 {
-                    **{k: worst[k] for k in ("lora", "prompt", "concept", field)},
+                    **{k: worst[k] for k in ("lora", "prompt", "concept", field, "parts") if k in worst},
                     # other prompts as bad, of how many (several LoRAs: each prompt once)
                     "tied": len(
                         {r["prompt"] for r in values if r[field] == worst[field]} - {worst["prompt"]}
@@ -910,7 +929,9 @@ def _worst_prompt(worst: dict[str, Any]) -> str:
     tied, of = worst.get("tied", 0), worst.get("of", 1)
     if of > 1 and tied == of - 1:
         return f"every one of the {of} prompts"
-    return f"{worst['prompt']} [{worst['concept']}]" + (f" and {tied} more as bad" if tied else "")
+    parts = worst.get("parts")  # which part of the concept was missed
+    concept = ", ".join(f"{part} {rate:.0%}" for part, rate in parts.items()) if parts else worst["concept"]
+    return f"{worst['prompt']} [{concept}]" + (f" and {tied} more as bad" if tied else "")
 
 
 def _across_table(across: dict[str, Any], count: int) -> str:
