@@ -1110,3 +1110,14 @@ def test_a_missed_concept_of_several_parts_says_which_part_was_missed():
     assert (
         "kept: still right           50%     0%  a digit nine in red ink [digit:9 100%, ink:red 0%]" in table
     )
+
+
+def test_the_summarys_worst_kept_prompt_is_shown_even_behind_many_that_fell():
+    rows = []
+    for n in range(20):  # twenty prompts fell a little...
+        rows += [_row("keep", f"prompt {n}", 0.0, 1.0), _row("keep", f"prompt {n}", 1.0, 0.75)]
+    rows += [_row("keep", "0, teal ink", 0.0, 0.0), _row("keep", "0, teal ink", 1.0, 0.125)]  # ...one was low
+    summary = summarise(rows, [0.0, 1.0])
+    report = {"loras": {"a": "a.safetensors"}, "rows": rows, "per_lora": {"a": summary}, "summary": summary}
+    shown = [line for line in format_report(report).splitlines() if line.startswith("keep")]
+    assert summary["1"]["kept_still_right_worst"]["prompt"] == "0, teal ink" and "0, teal ink" in shown[0]

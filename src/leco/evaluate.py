@@ -842,7 +842,15 @@ def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
     for kind in KINDS:
         entries = [(key, by) for key, by in lines_of.items() if key[0] == kind]
         if kind == "keep" and not all_rows and len(entries) > SHOWN_KEPT_ROWS:
-            entries.sort(key=lambda e: _keep_badness(e[1], moved), reverse=True)
+            # The summary's worst kept prompt at each strength first, whatever it fell by.
+            lowest = {s: min(by[s]["detected"] for _, by in entries if s in by) for s in moved}
+            entries.sort(
+                key=lambda e: (
+                    any(s in e[1] and e[1][s]["detected"] == low for s, low in lowest.items()),
+                    *_keep_badness(e[1], moved),
+                ),
+                reverse=True,
+            )
             entries, rest = entries[:SHOWN_KEPT_ROWS], entries[SHOWN_KEPT_ROWS:]
             # Judged at strength 0 only (no LoRA): those rows are all there is.
             hidden = [row for _, by in rest for s, row in by.items() if s != 0.0 or not moved]
