@@ -931,3 +931,23 @@ def test_a_save_name_may_hold_unicode_spaces_and_marks_but_no_control_character(
         assert SaveConfig(name=name).name == name
     with pytest.raises(ValueError, match="without control characters"):
         SaveConfig(name="a\x1bb")
+
+
+def test_a_set_change_refused_by_its_sections_own_check_names_the_key_once():
+    from leco.config import apply_overrides
+
+    config = load_config(Path(__file__).parents[1] / "examples" / "ink-digits" / "negative_seven.yaml")
+    with pytest.raises(ConfigError) as refused:
+        apply_overrides(config, ["network.token=<No-Seven>", "train.seed=1"])
+    message = str(refused.value)
+    assert (
+        message.startswith("--set 'network.token=<No-Seven>': network.token: ")
+        and "network.network" not in message
+    )
+    apply_overrides(config, ["train.seed=0123"])  # as written, not YAML 1.1's octal
+    assert config.train.seed == 123
+    # One section's changes are checked together: an embedding needs its token, in either order.
+    erase = load_config(Path(__file__).parents[1] / "examples" / "ink-digits" / "erase_seven.yaml")
+    with pytest.raises(ConfigError) as refused:  # the network section passed; the settings together not
+        apply_overrides(erase, ["network.type=embedding", "network.token=<no-seven>"])
+    assert "anchors.text_weight: a negative embedding leaves" in str(refused.value)

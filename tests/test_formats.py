@@ -250,7 +250,7 @@ KOHYA_ERRORS = {
     ),
     "neutral_file_is_binary": (
         'neutral_prompt_file = "binary.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
-        "binary.txt is not a text file",
+        "binary.txt holds NUL bytes: UTF-16 or UTF-32 text, or not a text file",
     ),
 }
 

@@ -430,7 +430,7 @@ def test_a_resumed_run_drops_the_tensorboard_steps_logged_after_its_state(
     train(config, resume=first.state, progress=False)
     fresh, resumed = FakeSummaryWriter.made
     assert fresh.purge_step is None and fresh.steps == [1, 2, 3, 4]
-    assert resumed.purge_step == 4 and resumed.steps == [5, 6]  # TensorBoard drops whatever came after step 4
+    assert resumed.purge_step == 5 and resumed.steps == [5, 6]  # TensorBoard drops steps >= 5 logged before
 
 
 def test_resume_refuses_a_state_of_another_run(tmp_path, tiny_folders):
@@ -633,15 +633,21 @@ def test_train_set_changes_a_setting_without_editing_the_config(tmp_path, tiny_f
     assert (metadata["leco.step"], metadata["leco.seed"]) == ("2", "7")
     assert "iterations: 400" in config.read_text()  # the file is as it was
     for change, says in (
-        ("train.seed=-5", "--set 'train.seed=-5': train.seed: "),
+        ("train.seed=-5", "--set train.seed=-5: train.seed: "),
         ("train.sed=1", "did you mean 'seed'"),
         ("seed=1", "give SECTION.KEY=VALUE, e.g. train.seed=1"),
+        ("trian.seed=1", "trian is not a section of a leco config; did you mean 'train'?"),
+        ("prompts.0.target=a cat", "prompts are a list; change them in the prompts file"),
+        ("save.name=", "no value; give one"),
+        ("save.name=fox #2", "' #' starts a YAML comment, which would cut the value; quote it"),
         ("train.samples_per_step=64", "--set train.iterations=2 train.samples_per_step=64: "),  # fine alone
     ):
         assert main(["train", str(config), "--set", "train.iterations=2", "--set", change]) == 2
         err = capsys.readouterr().err
         errors = [line for line in err.splitlines() if not line.startswith("leco: warning: ")]
         assert len(errors) == 1 and says in errors[0], err  # (the test config sets keys it never reads)
+    assert main(["train", str(config), "--set", "save.name=fox_seed7"]) == 2  # that run's files are there
+    assert f"error: {config} with --set save.name=fox_seed7: save.path: " in capsys.readouterr().err
 
 
 def stop_a_cli_run(

@@ -607,7 +607,7 @@ def run_train(args: argparse.Namespace) -> int:
             if args.resume:  # a state of another run, config or process count
                 read_state(args.resume, loaded.to_json(), args.num_processes)
         except LecoError as error:
-            raise LecoError(_in_config_file(config, str(error))) from None
+            raise LecoError(_in_config_file(config, str(error), args.set)) from None
         return launch_processes(args.num_processes, args.words)
     try:
         result = train(
@@ -618,7 +618,7 @@ def run_train(args: argparse.Namespace) -> int:
             prompts_file=None if args.set else args.prompts_file,
         )
     except LecoError as error:  # found once models are loaded: a key of the config, named with its file
-        raise LecoError(_in_config_file(config, str(error))) from None
+        raise LecoError(_in_config_file(config, str(error), args.set)) from None
     # Started by --num-processes: torchrun reads 130 as a failed process (and prints a traceback);
     # the leco process that started it reports the interruption instead.
     interrupted_code = 0 if os.environ.get(LAUNCHED_BY_LECO) else 130
@@ -657,10 +657,17 @@ _CONFIG_KEY_PROBLEM = re.compile(
 )
 
 
-def _in_config_file(config: str, message: str) -> str:
+def _in_config_file(config: str, message: str, changes: Sequence[str] = ()) -> str:
+    """A problem with a key, named with the config file (in its own format's words) and the --set
+    changes made to it; a key --set changed keeps leco's name."""
     from leco.formats.origins import in_file_keys
 
-    return f"{config}: {in_file_keys(config, message)}" if _CONFIG_KEY_PROBLEM.match(message) else message
+    if not _CONFIG_KEY_PROBLEM.match(message):
+        return message
+    if any(message.startswith(f"{change.partition('=')[0].strip()}:") for change in changes):
+        return f"{config} with --set {' '.join(map(shlex.quote, changes))}: {message}"
+    where = f"{config} with --set {' '.join(map(shlex.quote, changes))}" if changes else config
+    return f"{where}: {in_file_keys(config, message)}"
 
 
 def load_for_images(args: argparse.Namespace):

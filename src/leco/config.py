@@ -14,6 +14,7 @@ import difflib
 import json
 import math
 import re
+import shlex
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -1007,31 +1008,66 @@ def _refuse_other_kinds_of_file(path: Path, document: dict) -> None:
 
 
 def apply_overrides(config: LecoConfig, changes: Sequence[str]) -> None:
-    """`leco train --set SECTION.KEY=VALUE`: each change, its value read as YAML (`anchors.prompts=[""]`),
-    checked and converted by its section's own model; then the settings together, as a file's are."""
+    """`leco train --set SECTION.KEY=VALUE`: each value read as YAML (`anchors.prompts=[""]`), the
+    changes to one section checked together by its own model (`network.type=embedding` needs
+    `network.token` too), then every setting together, as a file's are."""
+    by_section: dict[str, dict[str, tuple[str, Any]]] = {}  # section -> key -> (change, value)
     for change in changes:
-        key, equals, value = change.partition("=")
-        name, dot, field = key.strip().partition(".")
-        section = getattr(config, name, None)
-        if equals and dot and section is None and name in LecoConfig.model_fields:
-            raise ConfigError(f"--set {change!r}: this config has no {name}: section to change")
-        if not (equals and dot and field and isinstance(section, BaseModel)):
-            raise ConfigError(f"--set {change!r}: give SECTION.KEY=VALUE, e.g. train.seed=1")
+        name, field, value = _override(config, change)
+        by_section.setdefault(name, {})[field] = (change, value)
+    for name, fields in by_section.items():
+        section = getattr(config, name)
+        # Only the keys set so far: the others stay defaults, not keys the config "set".
+        given = section.model_dump(exclude_unset=True)
         try:
-            # Only the keys set so far: the others stay defaults, not keys the config "set".
-            given = section.model_dump(exclude_unset=True)
-            updated = type(section).model_validate({**given, field: yaml.safe_load(value)})
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {change!r}: the value is not valid YAML") from None
+            updated = type(section).model_validate({**given, **{k: v for k, (_, v) in fields.items()}})
         except ValidationError as error:  # leco's own words: the key, what is wrong, what is allowed
             reason = describe_validation_error(error, Path("--set"), type(section), prefix=f"{name}.")
-            raise ConfigError(f"--set {change!r}: {reason.removeprefix('--set: ')}") from None
+            first = reason.splitlines()[0].removeprefix("--set: ")
+            named = [change for key, (change, _) in fields.items() if first.startswith(f"{name}.{key}")]
+            raise ConfigError(f"--set {_quoted(named or [c for c, _ in fields.values()])}: {first}") from None
         setattr(config, name, updated)
     if changes:  # settings fine alone but not together
         try:
             config.check_combination()
         except LecoError as error:
-            raise ConfigError(f"--set {' '.join(changes)}: {error}") from None
+            raise ConfigError(f"--set {_quoted(changes)}: {error}") from None
+
+
+def _override(config: LecoConfig, change: str) -> tuple[str, str, Any]:
+    """One `--set` change as (section, key, value read as YAML), or one line saying what to write."""
+    key, equals, text = change.partition("=")
+    name, dot, field = key.strip().partition(".")
+    where = f"--set {_quoted([change])}"
+    sections = [n for n in LecoConfig.model_fields if isinstance(getattr(config, n, None), BaseModel)]
+    if name == "prompts" or name == "prompts_file":
+        raise ConfigError(
+            f"{where}: prompts are a list; change them in the prompts file, or give --prompts_file"
+        )
+    if name in LecoConfig.model_fields and name not in sections:
+        raise ConfigError(f"{where}: this config has no {name}: section to change; add it to the file")
+    if not (equals and dot and field and "." not in field):
+        raise ConfigError(f"{where}: give SECTION.KEY=VALUE, e.g. train.seed=1")
+    if name not in sections:
+        close = difflib.get_close_matches(name, sections, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"{where}: {name} is not a section of a leco config; {hint}sections: {', '.join(sections)}"
+        )
+    if not text.strip():
+        raise ConfigError(f"{where}: no value; give one (null where the key may be unset)")
+    if re.search(r"\s#", text) and text.strip()[:1] not in "'\"[{":
+        raise ConfigError(f"{where}: ' #' starts a YAML comment, which would cut the value; quote it")
+    if re.fullmatch(r"\s*[-+]?0\d+\s*", text):  # YAML 1.1 reads 0123 as octal (83): a number as written
+        return name, field, int(text, 10)
+    try:
+        return name, field, yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"{where}: the value is not valid YAML; quote it") from None
+
+
+def _quoted(changes: Sequence[str]) -> str:
+    return " ".join(shlex.quote(change) for change in changes)
 
 
 def load_config(path: str | Path, prompts_file: str | Path | None = None) -> LecoConfig:
@@ -1261,8 +1297,11 @@ def refuse_non_text_prompts(file: Path, where: str, text: str | None = None) -> 
         raise ConfigError(
             f"{where}: {file} is a {file.suffix[1:]} file; name a text file with one prompt a line"
         )
-    if text is not None and "\x00" in text:
-        raise ConfigError(f"{where}: {file} is not a text file; name a text file with one prompt a line")
+    if text is not None and "\x00" in text:  # UTF-16/32 without a byte-order mark decodes so too
+        raise ConfigError(
+            f"{where}: {file} holds NUL bytes: UTF-16 or UTF-32 text, or not a text file; save it as "
+            "UTF-8 text with one prompt a line"
+        )
 
 
 def text_lines(text: str) -> list[str]:
@@ -1463,7 +1502,8 @@ def describe_validation_error(
         if kept is None or (inside_list and len(kept["loc"]) == len(key)):  # kept names no item yet
             by_key[key] = {**item, "loc": (*key, *loc[form + 1 :]) if inside_list else key}
     items = _without_misspelt_missing(list(by_key.values()))
-    return "\n".join(f"{path}: {prefix}{_problem(item, model)}" for item in items)
+    problems = [_problem(item, model) for item in items]  # a check across keys may name the full key
+    return "\n".join(f"{path}: {'' if p.startswith(prefix) else prefix}{p}" for p in problems)
 
 
 def _without_misspelt_missing(items: list[Any]) -> list[Any]:

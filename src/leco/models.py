@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import json
+import os
 import re
 import textwrap
 import warnings
@@ -237,8 +238,8 @@ def recorded_model_name(name_or_path: str) -> str:
     `.` or `..` name the folder they stand for."""
     last = re.split(r"[\\/]", name_or_path.strip().rstrip("/\\"))[-1]  # a Windows path splits too
     if last in ("", ".", ".."):  # `--model .` from inside the model's folder
-        with contextlib.suppress(OSError, ValueError):
-            last = Path(name_or_path).expanduser().resolve().name
+        with contextlib.suppress(OSError, ValueError):  # as written, not where a symlink leads
+            last = Path(os.path.abspath(Path(name_or_path).expanduser())).name
     return last
 
 

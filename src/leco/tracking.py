@@ -85,8 +85,9 @@ class Tracker:
                     "logging.use_tensorboard: tensorboard is not installed; pip install tensorboard"
                 ) from None
             # A run killed after its last save logged steps past the one it resumes from; purging
-            # them keeps the curve single-valued instead of drawing those steps twice.
-            purge_step = first_step if first_step > 0 else None
+            # them keeps the curve single-valued instead of drawing those steps twice. The resumed
+            # run logs from first_step + 1 (TensorBoard drops every event at or after purge_step).
+            purge_step = first_step + 1 if first_step > 0 else None
             writer = SummaryWriter(str(tensorboard_folder(config)), purge_step=purge_step)
             self.sinks.append(_TensorBoard(writer))
 

@@ -162,7 +162,8 @@ class LoRANetwork(SwitchableLoRA):
         """
         tensors, metadata = kohya.read_lora_file(path, family)
         unet_tensors, text_tensors = kohya.split_by_model(tensors, str(path))
-        modules = kohya.canonical_unet_modules(unet_tensors, unet, family, source=str(path))
+        with kohya.naming_its_model(metadata):  # which model to use instead, or that the file changed
+            modules = kohya.canonical_unet_modules(unet_tensors, unet, family, source=str(path))
         if not modules:
             raise LecoError(
                 f"{path}: holds no UNet layer (text-encoder layers only); apply it with leco generate, "
