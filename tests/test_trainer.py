@@ -433,6 +433,36 @@ def test_a_resumed_run_drops_the_tensorboard_steps_logged_after_its_state(
     assert resumed.purge_step == 5 and resumed.steps == [5, 6]  # TensorBoard drops steps >= 5 logged before
 
 
+def test_a_resumed_run_goes_on_in_its_own_wandb_run(tmp_path, tiny_folders, monkeypatch):
+    import importlib.util
+    import types
+
+    runs = []
+
+    class FakeRun:
+        def log(self, values, step):
+            pass
+
+        def finish(self):
+            pass
+
+    def init(**options):
+        runs.append(options)
+        return FakeRun()
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: name == "wandb" or find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=4)
+    config.logging.use_wandb = True
+    first = train(config, progress=False)
+    config.train.iterations = 6
+    train(config, resume=first.state, progress=False)
+    other = train(config, overwrite=True, progress=False)  # a new run of that name: a new W&B run
+    assert other.steps == 6 and runs[0]["resume"] == "allow" and runs[0]["id"]
+    assert runs[1]["id"] == runs[0]["id"] != runs[2]["id"]
+
+
 def test_resume_refuses_a_state_of_another_run(tmp_path, tiny_folders):
     first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=2), progress=False)
     other = make_config(tiny_folders["sd1"], tmp_path, iterations=4)

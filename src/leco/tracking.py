@@ -17,8 +17,8 @@ from leco.files import nearest_existing
 class Progress:
     """The progress bar and the trackers, one call a step; quiet on every process but the main one."""
 
-    def __init__(self, config: LecoConfig, step: int, *, show: bool, main: bool) -> None:
-        self.tracker = Tracker(config if main else None, first_step=step)
+    def __init__(self, config: LecoConfig, step: int, run_id: str, *, show: bool, main: bool) -> None:
+        self.tracker = Tracker(config if main else None, first_step=step, run_id=run_id)
         total = config.train.iterations
         self.bar = tqdm(total=total, initial=step, desc=config.save.name, disable=not (show and main))
 
@@ -58,9 +58,9 @@ def check_log_folder(config: LecoConfig) -> None:
 class Tracker:
     """Sends scalars to the sinks the config enables; does nothing when none is."""
 
-    def __init__(self, config: LecoConfig | None, first_step: int = 0) -> None:
+    def __init__(self, config: LecoConfig | None, first_step: int = 0, run_id: str | None = None) -> None:
         """`None`: a process that logs nothing (not the main one of a data-parallel run).
-        `first_step`: where a resumed run goes on from."""
+        `first_step`: where a resumed run goes on from; `run_id`: the run's own, kept by its resumes."""
         self.sinks: list[Any] = []
         if config is None:
             return
@@ -75,6 +75,8 @@ class Tracker:
                     project=logging.wandb_project,
                     name=config.save.name,
                     config=config.model_dump(mode="json"),
+                    id=run_id,
+                    resume="allow",  # a resumed run goes on with its own curves
                 )
             )
         if logging.use_tensorboard:

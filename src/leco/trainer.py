@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import secrets
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class Trainer:
         self.autocast = functools.partial(autocast_for, self.device, self.dtype)
         self.seed = train.seed if train.seed not in (None, -1) else random.SystemRandom().randrange(2**31)
         self.resumes: list[dict[str, Any]] = []  # where the run was resumed with other settings
+        self.run_id = secrets.token_hex(8)  # a resumed run keeps its first one: one W&B run, not two
         self.folder = check_before_loading(config, self.resume_source, overwrite)
         previews = bool(config.preview.prompts)
         state = read_state(resume, config.to_json(), self.ranks.count) if resume is not None else None
@@ -199,6 +201,7 @@ class Trainer:
             **self.updates.state_dict(),  # optimizer, lr_scheduler, scaler
             "ranks": self.ranks.gather(self.step_queue.state()),  # each process's own, in rank order
             "resumes": self.resumes,
+            "run_id": self.run_id,
         }
         if not self.ranks.is_main:
             return self.folder.file(suffix)
@@ -217,6 +220,7 @@ class Trainer:
             self.updates.load_state_dict(state)
             self.step_queue.load_state(state["ranks"][self.ranks.index], self.device)
         self.step, self.seed = state["step"], state["seed"]
+        self.run_id = state.get("run_id", self.run_id)  # states of earlier releases have none
         self.resumes = resumed_with(state, self.config.to_json())
 
     def save_if_due(self, stop: StopRequest) -> None:
@@ -248,7 +252,7 @@ class Trainer:
                 if self.resume_source is not None:
                     self.folder.keep_final_files(self.step)
                 cleanup.callback(self.folder.close)
-            progress = Progress(self.config, self.step, show=self.progress, main=main)
+            progress = Progress(self.config, self.step, self.run_id, show=self.progress, main=main)
             cleanup.callback(progress.close)
             stopping = False
             with StopRequest() as stop:
