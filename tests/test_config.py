@@ -631,7 +631,7 @@ def test_a_run_whose_every_entry_weighs_0_is_refused():
     config.check_combination()
     assert config.unused_settings() == [
         "prompts entry 1: weight 0 adds nothing to the loss, yet the entry still takes its share of the "
-        "steps (training only the anchors there); remove it to give them to the others"
+        "steps (training nothing); remove it to give them to the others"
     ]
 
 

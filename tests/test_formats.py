@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from leco import train
 from leco.cli import main
-from leco.config import ConfigError, PromptSettings, TrainConfig, load_config, load_prompts
+from leco.config import ConfigError, LecoConfig, PromptSettings, TrainConfig, load_config, load_prompts
 from leco.formats.origins import in_file_keys
 from leco.models import load_models
 from leco.network import read_lora_file
@@ -267,6 +267,16 @@ def test_kohya_errors_are_one_line_naming_the_file_and_key(tmp_path, case):
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     assert expected in message
+
+
+def test_kohya_targets_that_all_weigh_0_are_named_where_they_are_written(tmp_path, capsys):
+    path = tmp_path / "prompts.toml"
+    path.write_text('neutrals = []\n[[targets]]\ntarget_class = "c"\npositive = "p"\nweight = 0\n')
+    config = LecoConfig.model_validate({"pretrained_model": {"name_or_path": "ink-digits"}})
+    config.prompts = load_prompts(path)
+    assert "prompts.toml: neutrals: an empty list; the neutral prompt is used" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"every entry has weight 0 \(.*prompts.toml: targets 1\), so the"):
+        config.check_combination()
 
 
 def test_kohya_empty_neutral_files_fall_back_to_neutral_and_a_bom_is_no_prompt(tmp_path, capsys):

@@ -65,7 +65,7 @@ def _train(
     config_file = config if isinstance(config, (str, Path)) else None  # another tool's: its keys
     config = ready_config(config, prompts_file)
     if is_main_process():  # once, not per process
-        for note in config.unused_settings():
+        for note in dict.fromkeys(config.unused_settings()):  # a kohya target's entries: said once
             warn(in_file_keys(config_file, note) if config_file else note)
     if config.train.method == "closed_form":
         from leco import closed_form

@@ -647,10 +647,10 @@ class LecoConfig(_Section):
                     "negative prompt or not); ignored"
                 )
             if entry.weight == 0 and self.train.method != "closed_form":
+                there = "training only the anchors there" if self.anchors.prompts else "training nothing"
                 notes.append(
                     f"{entry.named(number)}: weight 0 adds nothing to the loss, yet the entry still takes "
-                    "its share of the steps (training only the anchors there); remove it to give them to "
-                    "the others"
+                    f"its share of the steps ({there}); remove it to give them to the others"
                 )
             unread = entry.changed_keys(UNREAD_BY_ACTION.get(entry.action, set()))
             if unread:
@@ -763,9 +763,11 @@ class LecoConfig(_Section):
                 "leco.config.load_config / leco.config.ready_config"
             )
         if self.prompts and all(entry.weight == 0 for entry in self.prompts):
+            written = dict.fromkeys(e._origin for e in self.prompts if e._origin)  # a foreign file's
+            where = f" ({', '.join(written)})" if written else ""
             raise ConfigError(
-                "prompts: every entry has weight 0, so the loss is 0 and nothing would be trained; "
-                "give at least one entry a weight above 0 (1 is the default)"
+                f"prompts: every entry has weight 0{where}, so the loss is 0 and nothing would be "
+                "trained; give at least one entry a weight above 0 (1 is the default)"
             )
         if all(entry.action == "preserve" for entry in self.prompts):
             raise ConfigError(

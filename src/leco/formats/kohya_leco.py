@@ -308,6 +308,8 @@ class _KohyaReader:
     def string_list(self, value: Any, key: str) -> list[str]:
         if not isinstance(value, list):
             raise ConfigError(f'{self.path}: {key}: must be a list of prompts, e.g. ["", "a photo"]')
+        if not value and key.endswith("neutrals"):  # as an empty neutral_prompt_file is said
+            warn(f"{self.path}: {key}: an empty list; the neutral prompt is used, as kohya does")
         return [self._prompt(v, f"{key}[{i}]") for i, v in enumerate(value)]
 
     def text(self, table: dict[str, Any], key: str, where: str) -> str:
