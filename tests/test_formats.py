@@ -186,6 +186,11 @@ KOHYA_ERRORS = {
         '[[targets]]\ntarget_class = "c"\npositive = "p"\nnegatve = "n"\n',
         "targets 1.negatve: unknown key in a slider target; did you mean 'negative'?",
     ),
+    "unknown_target_keys_all_at_once": (
+        '[[targets]]\ntarget_class = "c"\npositive = "p"\nnegatve = "n"\nwieght = 2\n',
+        "targets 1.negatve (did you mean 'negative'?), targets 1.wieght (did you mean 'weight'?): unknown "
+        "keys in a slider target",
+    ),
     "targets_beside_prompts": (
         '[[prompts]]\ntarget = "a"\n[[targets]]\ntarget_class = "b"\npositive = "c"\n',
         "targets: kohya reads only [[prompts]] when a file has them",
@@ -1162,6 +1167,19 @@ def test_ai_toolkit_errors_are_one_line_naming_the_file_and_key(ai_toolkit_env, 
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
     assert expected in message
+
+
+def test_ai_toolkit_keys_without_equivalent_in_several_sections_are_named_at_once(ai_toolkit_env):
+    text = (DATA / "ai_toolkit_slider.yaml").read_text()
+    text = edit(text, "        noise_offset: 0.0\n", "        noise_offset: 0.0\n        nois_offset: 0.1\n")
+    path = ai_toolkit_env / "job.yaml"
+    path.write_text(edit(text, "            weight: 0.8\n", "            wieght: 0.8\n"))
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith(f"{path}: leco has no equivalent for these keys: ") and "\n" not in message
+    assert "config.process[0].train.nois_offset (did you mean 'noise_offset'?; read there: " in message
+    assert "config.process[0].slider.targets[0].wieght (did you mean 'weight'?; read there: " in message
 
 
 def test_ai_toolkit_problems_found_after_conversion_name_the_jobs_own_key(ai_toolkit_env, capsys):

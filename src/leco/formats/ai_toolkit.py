@@ -173,13 +173,16 @@ def _replace_name(value: Any, name: str) -> Any:
 class _Section:
     """One mapping of the file; remembers which keys were read so every other key can be reported."""
 
-    def __init__(self, data: Any, where: str, path: Path) -> None:
+    def __init__(self, data: Any, where: str, path: Path, unknown: list[str] | None = None) -> None:
+        """`unknown`: where every section of one file notes the keys leco has no equivalent for, so
+        that they are refused all at once (see `refuse_unknown`)."""
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: {where}: must be a mapping (got {_short(data)})")
         self.data, self.where, self.path = data, where, path
         self.used: set[str] = set()
+        self.unknown = [] if unknown is None else unknown
 
     def key(self, name: str) -> str:
         return f"{self.where}.{name}" if self.where else name
@@ -198,7 +201,11 @@ class _Section:
         return self.get(name)
 
     def section(self, name: str) -> _Section:
-        return _Section(self.get(name), self.key(name), self.path)
+        return _Section(self.get(name), self.key(name), self.path, self.unknown)
+
+    def item(self, data: Any, where: str) -> _Section:
+        """An element of one of this section's lists (a process, target, dataset or anchor)."""
+        return _Section(data, where, self.path, self.unknown)
 
     def accept(self, *names: str) -> None:
         """Keys whose value changes nothing in leco or in ai-toolkit's slider process."""
@@ -219,15 +226,22 @@ class _Section:
             warnings.append(self.key(name))
 
     def finish(self) -> None:
+        """Note every key of this section that was not read."""
         for name in self.data:
             if name not in self.used:
                 known = sorted(self.used)
                 close = difflib.get_close_matches(name, known, n=1)
                 fix = f"did you mean {close[0]!r}?" if close else "remove it"
-                raise ConfigError(
-                    f"{self.path}: {self.key(name)}: leco has no equivalent for this key; {fix} "
-                    f"(read here: {', '.join(known)})"
-                )
+                self.unknown.append(f"{self.key(name)} ({fix}; read there: {', '.join(known)})")
+
+    def refuse_unknown(self) -> None:
+        if len(self.unknown) == 1:
+            name, _, rest = self.unknown[0].partition(" (")
+            raise ConfigError(f"{self.path}: {name}: leco has no equivalent for this key; {rest[:-1]}")
+        if self.unknown:
+            raise ConfigError(
+                f"{self.path}: leco has no equivalent for these keys: {'; '.join(self.unknown)}"
+            )
 
 
 class _Converter:
@@ -268,6 +282,7 @@ class _Converter:
         self.read_sample(process.section("sample"))
         for section in (config, process):
             section.finish()
+        root.refuse_unknown()  # every section's, at once
         if self.warnings:
             warn(
                 f"{self.path}: not honoured (they change only samples, logs or metadata): "
@@ -310,7 +325,7 @@ class _Converter:
                     f"{self.path}: {', '.join(others)}: not a slider, skipped; leco runs "
                     f"config.process[{index}] (ai-toolkit would run every process in turn)"
                 )
-        process = _Section(processes[index], f"config.process[{index}]", self.path)
+        process = config.item(processes[index], f"config.process[{index}]")
         kind = process.require("type")
         if kind != expected:
             job = next(job for job, process in _PROCESS_OF_JOB.items() if process == expected)
@@ -729,7 +744,7 @@ class _Converter:
             raise ConfigError(f"{self.path}: {slider.key('targets')}: add at least one target (a list)")
         expanded = []
         for number, raw in enumerate(targets, start=1):
-            target = _Section(raw, f"{slider.key('targets')}[{number - 1}]", self.path)
+            target = slider.item(raw, f"{slider.key('targets')}[{number - 1}]")
             expanded += [(target.where, *pair) for pair in self.slider_target(target, rng)]
         if len(expanded) > steps:  # ai-toolkit trims targets (with permutations) to the step count
             shuffled = any(isinstance(raw, dict) and raw.get("shuffle") for raw in targets)
@@ -871,7 +886,7 @@ class _Converter:
             raise ConfigError(f"{self.path}: {process.key('datasets')}: must be a list of datasets")
         sizes: list[int | None] = []
         for number, raw in enumerate(datasets):
-            dataset = _Section(raw, f"{process.key('datasets')}[{number}]", self.path)
+            dataset = process.item(raw, f"{process.key('datasets')}[{number}]")
             value = dataset.get("resolution", 512)  # ai-toolkit's DatasetConfig default
             value = value if isinstance(value, list) else [value]
             if not value or not all(
@@ -897,7 +912,7 @@ class _Converter:
             raise ConfigError(f"{self.path}: {slider.key('anchors')}: must be a list of {{prompt: ...}}")
         prompts = []
         for number, raw in enumerate(anchors):
-            anchor = _Section(raw, f"{slider.key('anchors')}[{number}]", self.path)
+            anchor = slider.item(raw, f"{slider.key('anchors')}[{number}]")
             prompts.append(str(anchor.get("prompt", "")))
             multiplier = anchor.get("multiplier", 1.0)
             anchor.accept("multiplier")

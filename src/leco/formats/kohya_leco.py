@@ -370,14 +370,20 @@ class _KohyaReader:
 
     def check_keys(self, table: dict[str, Any], allowed: Iterable[str], prefix: str, what: str) -> None:
         allowed = list(dict.fromkeys(allowed))
-        for key in table:
-            if key not in allowed:
-                close = difflib.get_close_matches(key, allowed, n=1)
-                hint = f"did you mean {close[0]!r}? " if close else ""
-                raise ConfigError(
-                    f"{self.path}: {prefix}{key}: unknown key in {what}; {hint}"
-                    + (self.leco_form_hint() or f"allowed here: {', '.join(allowed)}")
-                )
+        unknown = [key for key in table if key not in allowed]
+        if not unknown:
+            return
+        if len(unknown) == 1:  # as one key has always been said
+            close = difflib.get_close_matches(unknown[0], allowed, n=1)
+            named = f"{prefix}{unknown[0]}: unknown key in {what}; " + (
+                f"did you mean {close[0]!r}? " if close else ""
+            )
+        else:  # every one at once: a file with several is fixed in one go
+            keys = ", ".join(_with_nearest(f"{prefix}{key}", key, allowed) for key in unknown)
+            named = f"{keys}: unknown keys in {what}; "
+        raise ConfigError(
+            f"{self.path}: {named}" + (self.leco_form_hint() or f"allowed here: {', '.join(allowed)}")
+        )
 
     def leco_form_hint(self) -> str:
         """For a YAML file read as kohya's tables (its top level is `prompts:`): leco's own form."""
@@ -388,6 +394,11 @@ class _KohyaReader:
             "own prompts file is a top-level list (- target: ...): drop the `prompts:` line, or put the "
             "entries under prompts: in the config itself"
         )
+
+
+def _with_nearest(name: str, key: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    return f"{name} (did you mean {close[0]!r}?)" if close else name
 
 
 def _pick(table: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
