@@ -595,14 +595,12 @@ def run_train(args: argparse.Namespace) -> int:
         raise LecoError(f"--num-processes: {args.num_processes} is not a number of processes; use 1 or more")
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
         from leco.checkpoints import check_before_loading, read_state
-        from leco.config import apply_overrides, load_config
 
         if args.resume and not Path(args.resume).exists():
             raise LecoError(f"--resume: {args.resume} not found; pass the *_state folder a run saved")
         check_process_count(args.num_processes)  # before anything is made on disk
         try:  # its errors as one line here, not once per process
-            loaded = load_config(config, args.prompts_file)
-            apply_overrides(loaded, args.set)
+            loaded = _changed_config(config, args.prompts_file, args.set)
             check_before_loading(loaded, Path(args.resume) if args.resume else None, args.overwrite)
             if args.resume:  # a state of another run, config or process count
                 read_state(args.resume, loaded.to_json(), args.num_processes)
@@ -611,7 +609,7 @@ def run_train(args: argparse.Namespace) -> int:
         return launch_processes(args.num_processes, args.words)
     try:
         result = train(
-            _with_overrides(config, args.prompts_file, args.set),
+            _changed_config(config, args.prompts_file, args.set) if args.set else config,
             resume=args.resume,
             overwrite=args.overwrite,
             progress=not args.no_progress,
@@ -640,10 +638,8 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_overrides(config: str, prompts_file: str | None, changes: list[str]) -> Any:
-    """The config file as given, or loaded and changed by --set."""
-    if not changes:
-        return config
+def _changed_config(config: str, prompts_file: str | None, changes: list[str]) -> Any:
+    """The config file loaded (with --prompts_file) and changed by --set."""
     from leco.config import apply_overrides, load_config
 
     loaded = load_config(config, prompts_file)
@@ -664,10 +660,9 @@ def _in_config_file(config: str, message: str, changes: Sequence[str] = ()) -> s
 
     if not _CONFIG_KEY_PROBLEM.match(message):
         return message
-    if any(message.startswith(f"{change.partition('=')[0].strip()}:") for change in changes):
-        return f"{config} with --set {' '.join(map(shlex.quote, changes))}: {message}"
     where = f"{config} with --set {' '.join(map(shlex.quote, changes))}" if changes else config
-    return f"{where}: {in_file_keys(config, message)}"
+    changed = any(message.startswith(f"{change.partition('=')[0].strip()}:") for change in changes)
+    return f"{where}: {message if changed else in_file_keys(config, message)}"
 
 
 def load_for_images(args: argparse.Namespace):

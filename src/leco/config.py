@@ -1068,6 +1068,13 @@ def _override(config: LecoConfig, change: str) -> tuple[str, str, Any]:
         raise ConfigError(f"{where}: the value is not valid YAML; quote it") from None
 
 
+def with_nearest(key: str, options: Sequence[str], shown: str | None = None) -> str:
+    """`shown` (default: the key) with the option nearest the key, if one is near: "x (did you mean 'y'?)"."""
+    close = difflib.get_close_matches(key, options, n=1)
+    shown = key if shown is None else shown
+    return f"{shown} (did you mean {close[0]!r}?)" if close else shown
+
+
 def _quoted(changes: Sequence[str]) -> str:
     return " ".join(shlex.quote(change) for change in changes)
 
@@ -1290,6 +1297,9 @@ def read_target_files(entries: list[Any], path: Path, where: str) -> list[Any]:
 _NOT_PROMPT_LISTS = (".yaml", ".yml", ".toml", ".json", ".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
+NUL_BYTES = "holds NUL bytes: UTF-16 or UTF-32 text, or not a text file"
+
+
 def refuse_non_text_prompts(file: Path, where: str, text: str | None = None) -> None:
     """One line for a prompt list that is a config or model file (by name, or by its NUL bytes), or
     no file at all."""
@@ -1300,10 +1310,7 @@ def refuse_non_text_prompts(file: Path, where: str, text: str | None = None) -> 
             f"{where}: {file} is a {file.suffix[1:]} file; name a text file with one prompt a line"
         )
     if text is not None and "\x00" in text:  # UTF-16/32 without a byte-order mark decodes so too
-        raise ConfigError(
-            f"{where}: {file} holds NUL bytes: UTF-16 or UTF-32 text, or not a text file; save it as "
-            "UTF-8 text with one prompt a line"
-        )
+        raise ConfigError(f"{where}: {file} {NUL_BYTES}; save it as UTF-8 text with one prompt a line")
 
 
 def text_lines(text: str) -> list[str]:
@@ -1402,9 +1409,7 @@ def read_config_text(path: Path, kind: str) -> str:
     try:
         text = path.read_text(encoding="utf-8")
         if "\x00" in text:  # UTF-16 or UTF-32 without a byte-order mark decodes as UTF-8 with NULs
-            raise ConfigError(
-                f"{path}: holds NUL bytes: UTF-16 or UTF-32 text, or not a text file; save it as UTF-8"
-            )
+            raise ConfigError(f"{path}: {NUL_BYTES}; save it as UTF-8")
         return text
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found; check the path") from None

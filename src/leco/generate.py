@@ -342,10 +342,9 @@ def parse_strengths(text: str) -> list[float]:
             f"--strengths: {alike[0]!r} and {alike[1]!r} are both labelled {format_strength(alike[0])} (and "
             "one image file would replace the other); give strengths that differ in 6 significant digits"
         )
-    distinct = list(dict.fromkeys(value + 0.0 for value in values))
-    _warn_of_repeats(
-        "--strengths", [format_strength(v) for v in distinct if [w + 0.0 for w in values].count(v) > 1]
-    )
+    values = [value + 0.0 for value in values]  # -0 is 0
+    distinct = list(dict.fromkeys(values))
+    _warn_of_repeats("--strengths", [format_strength(v) for v in distinct if values.count(v) > 1])
     return distinct
 
 

@@ -173,7 +173,9 @@ def _replace_name(value: Any, name: str) -> Any:
 class _Section:
     """One mapping of the file; remembers which keys were read so every other key can be reported."""
 
-    def __init__(self, data: Any, where: str, path: Path, unknown: list[str] | None = None) -> None:
+    def __init__(
+        self, data: Any, where: str, path: Path, unknown: list[tuple[str, str]] | None = None
+    ) -> None:
         """`unknown`: where every section of one file notes the keys leco has no equivalent for, so
         that they are refused all at once (see `refuse_unknown`)."""
         if data is None:
@@ -232,16 +234,15 @@ class _Section:
                 known = sorted(self.used)
                 close = difflib.get_close_matches(name, known, n=1)
                 fix = f"did you mean {close[0]!r}?" if close else "remove it"
-                self.unknown.append(f"{self.key(name)} ({fix}; read there: {', '.join(known)})")
+                self.unknown.append((self.key(name), f"{fix}; read there: {', '.join(known)}"))
 
     def refuse_unknown(self) -> None:
         if len(self.unknown) == 1:
-            name, _, rest = self.unknown[0].partition(" (")
-            raise ConfigError(f"{self.path}: {name}: leco has no equivalent for this key; {rest[:-1]}")
+            ((key, fix),) = self.unknown
+            raise ConfigError(f"{self.path}: {key}: leco has no equivalent for this key; {fix}")
         if self.unknown:
-            raise ConfigError(
-                f"{self.path}: leco has no equivalent for these keys: {'; '.join(self.unknown)}"
-            )
+            keys = "; ".join(f"{key} ({fix})" for key, fix in self.unknown)
+            raise ConfigError(f"{self.path}: leco has no equivalent for these keys: {keys}")
 
 
 class _Converter:

@@ -11,7 +11,6 @@ line naming the option. The prompt file it names is read as every kohya prompt T
 
 from __future__ import annotations
 
-import difflib
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from leco.config import (
     config_from_document,
     given_prompts_file,
     parse_optimizer_args,
+    with_nearest,
 )
 from leco.errors import first_line, warn
 from leco.formats.origins import remember, with_origin
@@ -332,7 +332,7 @@ class _Options:
         others = [name for name in unknown if name in _kohya_script_options()]
         typos = [name for name in unknown if name not in others]
         if typos:
-            fixes = ", ".join(_with_nearest(name, sorted(self.read)) for name in typos)
+            fixes = ", ".join(with_nearest(name, sorted(self.read)) for name in typos)
             many = len(typos) > 1
             raise ConfigError(
                 f"{self.path}: {fixes}: {'not options' if many else 'not an option'} of any kohya script "
@@ -365,8 +365,3 @@ class _Options:
 def _kohya_script_options() -> frozenset[str]:
     text = (Path(__file__).parents[1] / "data" / "kohya_script_options.txt").read_text(encoding="utf-8")
     return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
-
-
-def _with_nearest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1)
-    return f"{name} (did you mean {close[0]!r}?)" if close else name

@@ -32,6 +32,7 @@ from leco.config import (
     read_config_text,
     refuse_non_text_prompts,
     text_lines,
+    with_nearest,
 )
 from leco.errors import first_line, warn
 
@@ -379,7 +380,7 @@ class _KohyaReader:
                 f"did you mean {close[0]!r}? " if close else ""
             )
         else:  # every one at once: a file with several is fixed in one go
-            keys = ", ".join(_with_nearest(f"{prefix}{key}", key, allowed) for key in unknown)
+            keys = ", ".join(with_nearest(key, allowed, f"{prefix}{key}") for key in unknown)
             named = f"{keys}: unknown keys in {what}; "
         raise ConfigError(
             f"{self.path}: {named}" + (self.leco_form_hint() or f"allowed here: {', '.join(allowed)}")
@@ -394,11 +395,6 @@ class _KohyaReader:
             "own prompts file is a top-level list (- target: ...): drop the `prompts:` line, or put the "
             "entries under prompts: in the config itself"
         )
-
-
-def _with_nearest(name: str, key: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    return f"{name} (did you mean {close[0]!r}?)" if close else name
 
 
 def _pick(table: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
