@@ -455,6 +455,51 @@ def test_several_loras_share_the_plain_images_and_name_the_worst(
     json.dumps(report)
 
 
+class PixelReadingDetector(BrightnessDetector):
+    """Reads each image as its exact pixels: any change at all is another reading."""
+
+    def reading(self, images):
+        return [np.asarray(image).tobytes().hex() for image in images]
+
+
+def test_kept_prompts_are_judged_on_whether_their_images_read_as_before(tiny_folders, seed_loras):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    spec = EvalSpec.model_validate(
+        {
+            "images_per_prompt": 3,
+            "strengths": [0, 1],
+            "steps": 3,
+            "guidance": 2.0,
+            "keep": "all",
+            "erase": [{"prompt": "a cat", "concept": "bright>2"}],
+            "enhance": [{"prompt": "a tree", "concept": "bright>0.95"}],
+        }
+    )  # fmt: skip  (no image shows the erased concept: every image counts)
+    report = evaluate(models, seed_loras, spec, "cpu", detector=PixelReadingDetector(), progress=False)
+    by = {(r["lora"], r["prompt"]): r for r in report["rows"] if r["kind"] == "keep"}
+    # the identity LoRA draws every image as before; the moved one changes pixels, so readings
+    kept = ("a blue car", "a tree", "a sky")
+    assert {by[("seed0", p)]["unchanged"] for p in kept} == {1.0}
+    assert [by[("seed1", p)]["unchanged"] for p in kept] == [0.0, 0.0, 0.0]
+    assert all("unchanged" not in r for r in report["rows"] if r["kind"] != "keep")
+    # "a tree" is kept by `all` but enhanced by the spec: meant to change, so not counted
+    assert by[("seed1", "a tree")]["names_edit"] and not by[("seed1", "a blue car")]["names_edit"]
+    assert report["per_lora"]["seed0"]["1"]["kept_unchanged"] == 1.0
+    assert report["per_lora"]["seed1"]["1"]["kept_unchanged"] == 0.0
+    assert report["summary"]["0"]["kept_unchanged"] == 1.0  # the plain model: itself
+    assert report["across_loras"]["1"]["kept_unchanged"]["worst_lora"] == "seed1"
+    table = format_report(report)
+    assert "same@1" in table and "kept: unchanged" in table
+    assert not any(line.lstrip().startswith("0  kept: unchanged") for line in table.splitlines())
+    # a detector that cannot read whole images judges no such thing
+    plain = evaluate(models, seed_loras[1], spec, "cpu", detector=BrightnessDetector(), progress=False)
+    assert plain["summary"]["1"]["kept_unchanged"] is None and "same@1" not in format_report(plain)
+    # an image that showed the erased concept is meant to change: here every image does
+    spec.erase[0].concept = "bright>-1"
+    shown = evaluate(models, seed_loras[1], spec, "cpu", detector=PixelReadingDetector(), progress=False)
+    assert all("unchanged" not in r for r in shown["rows"])
+
+
 def _row(kind, prompt, strength, detected, drift=0.0, lora="a", concept="c"):
     return {"lora": None if strength == 0 else lora, "kind": kind, "prompt": prompt, "concept": concept,
             "strength": strength, "detected": detected, "drift": drift}  # fmt: skip

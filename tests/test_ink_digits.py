@@ -164,6 +164,12 @@ def test_detector_concepts(tmp_path):
         assert detector.present(found, "digit:7") == [True]
         assert detector.present(found, f"digit:7,ink:{ink}") == [True]
         assert detector.present(found, "ink:blue") == [False]
+    # What an image shows, named in the prompt or not: the kept prompts' "unchanged" reading.
+    shown = [
+        Image.fromarray(images[int(np.flatnonzero((digits == d) & (inks == ALL_INKS.index(ink)))[0])])
+        for d, ink in ((3, "teal"), (5, "red"))
+    ] + [Image.new("RGB", (16, 16), (255, 255, 255))]
+    assert detector.reading(shown) == ["digit:3,ink:teal", "digit:5,ink:red", "blank"]
     for wrong in ("digit:seven", "ink:magenta", "a seven", "digit:³", "digit:٣"):  # ASCII digits only
         with pytest.raises(LecoError, match="not known to the ink-digits detector"):
             detector.check_concept(wrong)

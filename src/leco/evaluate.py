@@ -183,6 +183,11 @@ class Detector(Protocol):
         """(prompt, concept) for every concept the detector knows, judged on what each prompt names,
         less the parts of the `exclude` concepts; LecoError if the detector has no such list."""
 
+    # Optional, `reading(images) -> list[str]`: everything the detector reads in each image as one
+    # label ("digit:3,ink:blue"), named or not in the prompt. With it a kept prompt is also judged
+    # on whether its images still read as they did without the LoRA, seed for seed: what the prompt
+    # leaves to the model (the ink of "a digit three") must not change either.
+
 
 def load_spec(path: str | Path) -> EvalSpec:
     path = Path(path)
@@ -364,8 +369,15 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
         touched = [item.concept for item in spec.erase + spec.enhance]
         with _named_by(spec):
             whole = dict(detector.concept_universe([]))  # each prompt's concept with nothing left out
+            # meant to change: a prompt judged on less than it names, or one the spec edits itself
+            # (enhance "the number 5" beside "a digit five": the paraphrase should turn too)
             universe = [
-                JudgedPrompt("keep", prompt, concept, names_edit=whole.get(prompt, concept) != concept)
+                JudgedPrompt(
+                    "keep",
+                    prompt,
+                    concept,
+                    names_edit=whole.get(prompt, concept) != concept or as_read(prompt) in edited,
+                )
                 for prompt, concept in detector.concept_universe(touched)
             ]
 
@@ -659,6 +671,10 @@ class _Judge:
         self.entries = entries
         self.seeds = seeds
         self.clip_score = getattr(detector, "clip_score", None)  # only CLIP detectors score prompt fit
+        self.reading = getattr(detector, "reading", None)
+        self.erased = list(dict.fromkeys(entry.concept for entry in entries if entry.kind == "erase"))
+        # per prompt: the plain model's readings, None where its image shows an erased concept
+        self._before: dict[str, list[str | None]] = {}
 
     def rows(self, images, base, lora: str | None, strength: float) -> list[dict[str, Any]]:
         rows = []
@@ -680,10 +696,30 @@ class _Judge:
             parts = self.part_rates(batch, entry.concept, found)
             if parts is not None:
                 row["parts"] = parts
+            unchanged = self.unchanged(entry.prompt, batch, reference) if entry.kind == "keep" else None
+            if unchanged is not None:
+                row["unchanged"] = unchanged
             if self.clip_score is not None:
                 row["clip_score"] = self.clip_score(batch, entry.prompt)
             rows.append(row)
         return rows
+
+    def unchanged(self, prompt: str, batch: list[Image.Image], reference: list[Image.Image]) -> float | None:
+        """Share of the images that read as the plain model's image of the same seed does. An image
+        that showed an erased concept is meant to change ("green ink" drawn as a seven, seven
+        erased) and is not counted; None when no image is (or the detector reads no whole image)."""
+        if self.reading is None:
+            return None
+        if prompt not in self._before:
+            shows_erased = np.zeros(len(reference), dtype=bool)
+            for concept in self.erased:
+                shows_erased |= np.array(self.detector.present(reference, concept), dtype=bool)
+            before = self.reading(reference)
+            self._before[prompt] = [None if hit else b for b, hit in zip(before, shows_erased, strict=True)]
+        pairs = [
+            (a, b) for a, b in zip(self.reading(batch), self._before[prompt], strict=True) if b is not None
+        ]
+        return float(np.mean([a == b for a, b in pairs])) if pairs else None
 
     def part_rates(
         self, batch: list[Image.Image], concept: str, found: list[bool]
@@ -706,6 +742,8 @@ MEASURES = (
     ("erased_still_detected", "erase", "detected", True),
     ("kept_still_right", "keep", "detected", False),
     ("kept_drift", "keep", "drift", True),
+    # the same reading as without the LoRA, seed for seed (detectors that read whole images)
+    ("kept_unchanged", "keep", "unchanged", False),
     ("enhanced_detected", "enhance", "detected", False),
     # enhanced concepts of the other end (a slider's end: -1 items at positive strengths, and the
     # reverse; a one-sided LoRA's at negative ones): there they should be gone
@@ -714,8 +752,9 @@ MEASURES = (
 
 
 def _measured(rows: list[dict[str, Any]], name: str, kind: str, field: str, strength: float) -> list[dict]:
-    values = [r for r in rows if r["kind"] == kind and not (field == "drift" and r.get("names_edit"))]
-    if field == "drift":  # a prompt judged on several concepts has one set of images: one drift
+    per_image = field in ("drift", "unchanged")  # what the images do, not the concept judged
+    values = [r for r in rows if r["kind"] == kind and field in r and not (per_image and r.get("names_edit"))]
+    if per_image:  # a prompt judged on several concepts has one set of images: one value
         once: dict[tuple[Any, str], dict] = {}
         for row in values:
             once.setdefault((row["lora"], as_read(row["prompt"])), row)
@@ -832,11 +871,13 @@ def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
     strengths = list(dict.fromkeys(r["strength"] for r in rows))
     moved = [s for s in strengths if s != 0.0]
     scored = bool(rows) and all("clip_score" in r for r in rows)
+    read = any("unchanged" in r for r in rows)  # the detector reads whole images
     lines_of: dict[tuple[str, str, str], dict[float, dict[str, Any]]] = {}
     for row in rows:
         lines_of.setdefault((row["kind"], row["prompt"], row["concept"]), {})[row["strength"]] = row
     header = f"{'kind':<8}{'prompt':<36}{'concept':<22}" + "".join(f"{f'@{s:g}':>7}" for s in strengths)
     header += "".join(f"{f'drift@{s:g}':>11}" for s in moved)
+    header += "".join(f"{f'same@{s:g}':>10}" for s in moved) if read else ""
     header += "".join(f"{f'CLIP@{s:g}':>9}" for s in strengths) if scored else ""
     lines, hidden = [header], []
     for kind in KINDS:
@@ -854,7 +895,7 @@ def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
             entries, rest = entries[:SHOWN_KEPT_ROWS], entries[SHOWN_KEPT_ROWS:]
             # Judged at strength 0 only (no LoRA): those rows are all there is.
             hidden = [row for _, by in rest for s, row in by.items() if s != 0.0 or not moved]
-        lines += [_row_line(key, by, strengths, scored) for key, by in entries]
+        lines += [_row_line(key, by, strengths, scored, read) for key, by in entries]
     if hidden:
         lines.append(_hidden_line(hidden))
     if any(line.startswith("keep*") for line in lines) or any(r.get("names_edit") for r in hidden):
@@ -865,14 +906,23 @@ def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
 
 
 def _row_line(
-    key: tuple[str, str, str], by: dict[float, dict[str, Any]], strengths: list[float], scored: bool
+    key: tuple[str, str, str],
+    by: dict[float, dict[str, Any]],
+    strengths: list[float],
+    scored: bool,
+    read: bool = False,
 ) -> str:
-    """One prompt: detected at every strength, drift at the non-zero ones (and CLIP scores)."""
+    """One prompt: detected at every strength, drift (and, for a kept prompt, the share of images
+    that read as before) at the non-zero ones, and CLIP scores."""
     kind, prompt, concept = key
     marked = kind + ("*" if any(r.get("names_edit") for r in by.values()) else "")
     line = f"{marked:<8}{prompt[:35]:<36}{concept[:21]:<22}"
     line += "".join(f"{_percent(by[s]['detected'] if s in by else None):>7}" for s in strengths)
     line += "".join(f"{by[s]['drift']:>11.3f}" if s in by else f"{'-':>11}" for s in strengths if s != 0.0)
+    if read:
+        line += "".join(
+            f"{_percent(by[s].get('unchanged') if s in by else None):>10}" for s in strengths if s != 0.0
+        )
     if scored:
         line += "".join(f"{by[s]['clip_score']:>9.1f}" if s in by else f"{'-':>9}" for s in strengths)
     return line
@@ -886,32 +936,39 @@ def _hidden_line(hidden: list[dict[str, Any]]) -> str:
     line = f"... {count} more kept prompts, each still detected >= {lowest:.0%}"
     moved = [r for r in hidden if r["strength"] != 0.0]
     if moved:  # judged with a LoRA: the images moved by so much
-        largest = max((r["drift"] for r in moved if not r.get("names_edit")), default=0.0)
+        counted = [r for r in moved if not r.get("names_edit")]
+        largest = max((r["drift"] for r in counted), default=0.0)
+        same = [r["unchanged"] for r in counted if "unchanged" in r]
         starred = len({(r["prompt"], r["concept"]) for r in moved if r.get("names_edit")})
         exception = f" but for {starred} keep* prompt{'s' if starred > 1 else ''}" if starred else ""
-        line += f", drift <= {largest:.3f}{exception}"
+        line += f", drift <= {largest:.3f}" + (f", unchanged >= {min(same):.0%}" if same else "") + exception
     return line + " (--all-rows prints them)"
 
 
-def _keep_badness(by_strength: dict[float, dict[str, Any]], moved: list[float]) -> tuple[float, float, float]:
+def _keep_badness(
+    by_strength: dict[float, dict[str, Any]], moved: list[float]
+) -> tuple[float, float, float, float]:
     """How badly a kept prompt fared: its largest fall in detection, then how far below 100% it is
     read with the LoRA (a prompt the model already got wrong: the summary's worst may be one), then
-    its largest drift."""
+    the share of its images that read otherwise than before, then its largest drift."""
     base = by_strength[0.0]["detected"] if 0.0 in by_strength else 1.0
     if not moved:  # nothing to compare with: the lowest detection first
-        return 1.0 - base, 0.0, 0.0
+        return 1.0 - base, 0.0, 0.0, 0.0
     at = [by_strength[s] for s in moved if s in by_strength]
     fall = max((base - row["detected"] for row in at), default=0.0)
     fall = max(fall, 0.0)  # a prompt the LoRA improved fell by nothing
     shortfall = max((1.0 - row["detected"] for row in at), default=0.0)
-    drift = max((row["drift"] for row in at if not row.get("names_edit")), default=0.0)
-    return fall, shortfall, drift
+    counted = [row for row in at if not row.get("names_edit")]
+    changed = max((1.0 - row.get("unchanged", 1.0) for row in counted), default=0.0)
+    drift = max((row["drift"] for row in counted), default=0.0)
+    return fall, shortfall, changed, drift
 
 
 SUMMARY_NAMES = {
     "erased_still_detected": "erased: still detected",
     "kept_still_right": "kept: still right",
     "kept_drift": "kept: drift",
+    "kept_unchanged": "kept: unchanged",
     "enhanced_detected": "enhanced: detected",
     "enhanced_other_end": "enhanced: other end left",  # worst: the prompt that keeps the most of it
 }
@@ -921,7 +978,8 @@ def _summary_table(summary: dict[str, Any]) -> str:
     lines = [f"{'strength':>8}  {'measure':<24}{'mean':>7}{'worst':>7}  worst prompt [concept]"]
     for strength, entry in summary.items():
         for name, _, field, _ in MEASURES:
-            if entry[name] is None or (name == "kept_drift" and strength == "0"):  # 0 by definition
+            # at strength 0 the images are the plain model's: no drift, all unchanged by definition
+            if entry[name] is None or (name in ("kept_drift", "kept_unchanged") and strength == "0"):
                 continue
             worst = entry[f"{name}_worst"]
             label = SUMMARY_NAMES[name]
@@ -1016,8 +1074,11 @@ class ClipDetector:
         raise LecoError(NO_CONCEPT_LIST["clip"])
 
     def present(self, images: list[Image.Image], concept: str) -> list[bool]:
-        best = self.probabilities(images).argmax(axis=1)
-        return [self.labels[i] == as_read(concept) for i in best]
+        return [label == as_read(concept) for label in self.reading(images)]
+
+    def reading(self, images: list[Image.Image]) -> list[str]:
+        """The most likely of the spec's labels, per image."""
+        return [self.labels[i] for i in self.probabilities(images).argmax(axis=1)]
 
     def clip_score(self, images: list[Image.Image], text: str) -> float:
         """100 x the mean cosine similarity of image and text embeddings (the usual CLIP score)."""

@@ -238,6 +238,14 @@ class InkDigitsDetector:
     def check_concept(concept: str) -> None:
         InkDigitsDetector._parse(concept)
 
+    def reading(self, images: list[Image.Image]) -> list[str]:
+        """What each image shows, digit and ink, whatever its prompt named ("digit:3,ink:blue")."""
+        reading = self.judge.read(images)
+        return [
+            f"digit:{digit},ink:{ALL_INKS[ink]}" if ink >= 0 else "blank"
+            for digit, ink in zip(reading.digits, reading.inks, strict=True)
+        ]
+
     def present(self, images: list[Image.Image], concept: str) -> list[bool]:
         reading = self.judge.read(images)
         found = np.ones(len(reading.digits), dtype=bool)
