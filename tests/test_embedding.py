@@ -125,8 +125,11 @@ def test_a_token_already_in_the_vocabulary_is_refused(tmp_path, tiny_folders):
     with pytest.raises(LecoError, match=r"network.token: 'photo\.' is the word\(s\) photo and punctuation"):
         Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="photo."), progress=False)
     # Digits alone stand in wherever a prompt writes that number; in brackets they are a new word.
-    with pytest.raises(LecoError, match=r"network.token: '77' is digits and punctuation, which prompts"):
+    with pytest.raises(LecoError, match=r"network.token: '77' has no letter, .*e.g. <77>$"):
         Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="77"), progress=False)
+    # ...but '<>' bracketed is no word either: the example given must be one that passes
+    with pytest.raises(LecoError, match=r"network.token: '<>' has no letter, .*e.g. <no-seven>$"):
+        Trainer(embedding_config(tiny_folders["sd1"], tmp_path, token="<>"), progress=False)
     config = embedding_config(tiny_folders["sd1"], tmp_path, token="fox")
     with pytest.raises(ConfigError, match=r"entry 1: 'a red fox' holds 'fox', the token this run"):
         config.check_combination()

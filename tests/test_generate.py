@@ -533,6 +533,12 @@ def test_embedding_option_parsing(tmp_path):
     assert parse_embedding_option("C:\\emb\\x.pt") == (Path("C:\\emb\\x.pt"), None)
     with pytest.raises(LecoError, match=r"nothing follows the ':'; give .*x:y.pt alone"):
         parse_embedding_option(f"{odd}:")  # an empty token after an existing file's name
+    # A token may hold ':' or '/' itself: the file is what exists before the first such ':'.
+    plain = tmp_path / "no.safetensors"
+    plain.write_bytes(b"")
+    assert parse_embedding_option(f"{plain}:<no/seven>") == (plain, "<no/seven>")
+    assert parse_embedding_option(f"{plain}:<x:y>") == (plain, "<x:y>")
+    assert parse_embedding_option(f"{odd}:<x:y>") == (odd, "<x:y>")  # the file's own ':' is its name's
 
 
 def test_embedding_tokens_no_prompt_can_match_are_refused(tmp_path):

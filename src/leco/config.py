@@ -890,8 +890,7 @@ class LecoConfig(_Section):
             if token in text.lower() and where != "preview.prompts":
                 raise ConfigError(
                     f"{where}: {text!r} holds {token!r}, the token this run trains; write the run's "
-                    "prompts without it (the token learns to stand for them in a negative prompt), and "
-                    "make the token a new word, e.g. <no-seven>"
+                    "prompts without it (the token learns to stand for them in a negative prompt)"
                 )
 
 

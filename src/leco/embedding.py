@@ -201,9 +201,11 @@ class TokenEmbedding:
                 )
         token = self.tokens[0]  # lower case (config): CLIP's tokenizer lowercases prompts
         if not re.search(r"[^\W\d_]", token) and not EMBEDDING_TOKEN.fullmatch(token):
+            bracketed = f"<{token}>"  # '<>' bracketed is still no word: then the usual example
+            example = bracketed if EMBEDDING_TOKEN.fullmatch(bracketed) else "<no-seven>"
             raise LecoError(  # "77" would stand in wherever a prompt writes the number 77
-                f"network.token: {token!r} is digits and punctuation, which prompts write anyway; choose "
-                f"a new word, e.g. <{token}>"
+                f"network.token: {token!r} has no letter, so prompts may write it for what it is "
+                f"(a number, a sign); choose a new word, e.g. {example}"
             )
         if words := words_a_token_spells(tokenizer, token):
             raise LecoError(

@@ -71,7 +71,13 @@ def parse_embedding_option(option: str | Path) -> tuple[Path, str | None]:
             f"--embedding {text!r}: nothing follows the ':'; give {path} alone (the file names the token) "
             f"or {path}:TOKEN"
         )
-    if Path(text).exists() or not (colon and path and token) or any(c in token for c in "/\\"):
+    if Path(text).exists():
+        return Path(text), None
+    # The first ':' after an existing file: a token may hold ':' or '/' itself (<no/seven>, <x:y>).
+    for at in (i for i, c in enumerate(text) if c == ":"):
+        if text[at + 1 :] and Path(text[:at]).is_file():
+            return Path(text[:at]), text[at + 1 :]
+    if not (colon and path and token) or any(c in token for c in "/\\"):
         return Path(text), None
     return Path(path), token
 
