@@ -23,6 +23,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,8 @@ from leco.config import load_config
 from leco.generate import build_pipeline
 from leco.ink_digits.data import ALL_INKS, DIGIT_PHRASINGS, INK_PHRASINGS, caption
 from leco.ink_digits.judge import InkDigitsJudge
+from leco.lora_files import lora_strengths
 from leco.models import load_models
-from leco.network import LoRANetwork
 from leco.objectives import guided
 from leco.rollout import Rollout
 
@@ -72,13 +73,19 @@ def gap_closed_by_phrasing(
 
 @torch.no_grad()
 def prediction_error_left(
-    models, network: LoRANetwork, held_out: list[tuple[str, int | None, str | None, str]], steps: int = 25
+    models,
+    set_strength: Callable[[float], None],
+    held_out: list[tuple[str, int | None, str | None, str]],
+    steps: int = 25,
 ) -> str:
     """Per phrasing: the LoRA's squared error to the guided prediction as a share of the base model's,
     summed over one guidance-1 rollout of the LoRA per prompt and every one of its steps."""
     prompts = [case[0] for case in held_out]
     encoder = PromptEncoder(models)
+    set_strength(0.0)  # the prompts as the base model reads them (a LoRA may hold text-encoder layers)
     conditional, empty = encoder.encode(prompts), encoder.encode([""] * len(prompts))
+    set_strength(1.0)
+    trained_conditional = encoder.encode(prompts)
     scheduler = Rollout(models.scheduler_config, "ddim", steps, False).scheduler
     scheduler.set_timesteps(steps)
     side, channels = models.resolution // models.vae_scale_factor, models.unet.config.in_channels
@@ -87,10 +94,11 @@ def prediction_error_left(
     base = torch.zeros(len(prompts))
     for t in scheduler.timesteps:
         timesteps = t.repeat(len(prompts))
-        with network.strength(0.0):
-            plain = predict(models.unet, latents, timesteps, conditional)
-            target = guided(predict(models.unet, latents, timesteps, empty), plain, 3.0)
-        trained = predict(models.unet, latents, timesteps, conditional)
+        set_strength(0.0)
+        plain = predict(models.unet, latents, timesteps, conditional)
+        target = guided(predict(models.unet, latents, timesteps, empty), plain, 3.0)
+        set_strength(1.0)
+        trained = predict(models.unet, latents, timesteps, trained_conditional)
         left += (trained - target).pow(2).flatten(1).mean(1)
         base += (plain - target).pow(2).flatten(1).mean(1)
         latents = scheduler.step(trained, t, latents).prev_sample
@@ -217,24 +225,23 @@ def main() -> None:
             result = train_fully(config, progress=False)
             runs.append((f"seed {seed}", result.path, time.perf_counter() - start))
         for name, path, trained in runs:
-            network = LoRANetwork.from_file(models.unet, models.family, path)
             took = f" ({trained:.0f} s to train)" if trained is not None else ""
-            for strength in strengths:
-                network.multiplier = strength
-                images, rows, seconds = sampler(1.0)
-                distance = float(np.abs(images[keep] - reference[keep]).mean())
-                by_phrasing = gap_closed_by_phrasing(images, plain, reference, phrasings)
-                at = f" at {strength:g}" if strength != 1 else ""
-                print(
-                    f"| LoRA {name}{took}{at}, 1 | {distance:.4f} | {1 - distance / gap:.0%} | "
-                    f"{accuracy(judge, images[keep], held_named):.1%} | {rows:.0f} | {seconds:.4f} |\n"
-                    f"|  | gap closed by phrasing: {by_phrasing} |",
-                    flush=True,
-                )
-            network.multiplier = 1.0
-            fit = prediction_error_left(models, network, held_out)
+            # applied as `leco generate` applies it: UNet and text-encoder layers alike
+            with lora_strengths(sampler.pipe, path, models.family) as set_strength:
+                for strength in strengths:
+                    set_strength(strength)
+                    images, rows, seconds = sampler(1.0)
+                    distance = float(np.abs(images[keep] - reference[keep]).mean())
+                    by_phrasing = gap_closed_by_phrasing(images, plain, reference, phrasings)
+                    at = f" at {strength:g}" if strength != 1 else ""
+                    print(
+                        f"| LoRA {name}{took}{at}, 1 | {distance:.4f} | {1 - distance / gap:.0%} | "
+                        f"{accuracy(judge, images[keep], held_named):.1%} | {rows:.0f} | {seconds:.4f} |\n"
+                        f"|  | gap closed by phrasing: {by_phrasing} |",
+                        flush=True,
+                    )
+                fit = prediction_error_left(models, set_strength, held_out)
             print(f"|  | prediction error left at strength 1 (share of the base's): {fit} |", flush=True)
-            network.remove()
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Negative embedding vs the plain word as negative prompt, on ink-digits at guidance 3.
 
-Trains examples/ink-digits/negative_seven.yaml for each seed, then draws the erased digit's prompts
-(several phrasings and inks) and every other digit in every ink (the `keep: all` universe of the
-ink-digits detector) with the negative prompt "", the word ("seven") and the embedding
-("<no-seven>"), same seeds. Prints how often the seven is still drawn, how often everything else
-is still right (mean and worst concept) and the pixel drift against the negative prompt "".
+Trains examples/ink-digits/negative_seven.yaml for each seed (aimed at another digit with --digit),
+then draws the erased digit's prompts (several phrasings and inks) and every other digit in every
+ink (the `keep: all` universe of the ink-digits detector) with the negative prompt "", the word
+("seven") and the embedding ("<no-seven>"), same seeds. Prints how often the digit is still drawn,
+how often everything else is still right (mean and worst concept) and the pixel drift against the
+negative prompt "".
 
 With --upper-bound it also trains, with the same objective, free text states (every row of the
 negative prompt's encoding, no text encoder in between): what no file A1111 or ComfyUI can load,
@@ -18,7 +19,7 @@ guidance_scale (the example's by default): how far the negative prompt's predict
 the concept, s(g+1)/(s-1) times its direction at sampling guidance s, against what it can reach.
 
 usage: OMP_NUM_THREADS=1 python benchmarks/negative_embedding.py [--seeds 0,1,2] [--images 8]
-           [--erase-guidance 0,0.5,1] [--upper-bound]
+           [--digit 7] [--erase-guidance 0,0.5,1] [--upper-bound]
 """
 
 from __future__ import annotations
@@ -42,17 +43,37 @@ from leco.conditioning import Conditioning
 from leco.config import load_config
 from leco.embedding_files import embeddings_loaded
 from leco.generate import build_pipeline
+from leco.ink_digits.data import DIGIT_WORDS
 from leco.ink_digits.judge import InkDigitsDetector
 from leco.models import load_models
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "ink-digits" / "negative_seven.yaml"
-ERASED = [
-    ("a digit seven in red ink", "digit:7"),
-    ("a digit seven in blue ink", "digit:7"),
-    ("the number 7 written in green", "digit:7"),
-    ("7, black ink", "digit:7"),
-    ("a digit seven", "digit:7"),
-]
+
+
+def erased_cases_for(digit: int) -> list[tuple[str, str]]:
+    """The erased digit's prompts: several phrasings and inks, and none."""
+    word, concept = DIGIT_WORDS[digit], f"digit:{digit}"
+    return [
+        (f"a digit {word} in red ink", concept),
+        (f"a digit {word} in blue ink", concept),
+        (f"the number {digit} written in green", concept),
+        (f"{digit}, black ink", concept),
+        (f"a digit {word}", concept),
+    ]
+
+
+def example_for(digit: int):
+    """The example's config aimed at `digit`, changed as its comment says: the token, init_text,
+    target, anchors.exclude and save.name."""
+    config = load_config(EXAMPLE)
+    if digit == 7:
+        return config
+    word = DIGIT_WORDS[digit]
+    config.network.token, config.network.init_text = f"<no-{word}>", word
+    config.prompts[0].target = [f"a digit {word}", f"the number {digit}"]
+    config.anchors.exclude = [str(digit)]
+    config.save.name = f"no_{word}_embedding"
+    return config
 
 
 @torch.no_grad()
@@ -111,9 +132,9 @@ class NormedStates(FreeStates):
         return Conditioning(self._norm()(fixed_first))
 
 
-def train_states(kind: type[FreeStates], folder: str) -> torch.Tensor:
+def train_states(kind: type[FreeStates], folder: str, digit: int) -> torch.Tensor:
     """Train `kind` in place of the token with the example's objective; its final text states."""
-    config = load_config(EXAMPLE)
+    config = example_for(digit)
     config.save.path, config.save.per_steps = folder, 10**9
     config.train.lr, config.train.iterations = 1e-2, 900  # the states' own scale: a smaller lr, longer
     original, embedding.TokenEmbedding = embedding.TokenEmbedding, kind  # what create_trainable builds
@@ -126,10 +147,10 @@ def train_states(kind: type[FreeStates], folder: str) -> torch.Tensor:
         return result.trainable.encode().hidden_states.detach()
 
 
-def fitted_token(models, states: torch.Tensor, steps: int = 3000) -> tuple[torch.Tensor, float]:
+def fitted_token(models, states: torch.Tensor, digit: int, steps: int = 3000) -> tuple[torch.Tensor, float]:
     """A token whose states come as near `states` as its vectors can bring them; its states and the
     error left (relative, rows after the first)."""
-    config = load_config(EXAMPLE)
+    config = example_for(digit)
     token = embedding.TokenEmbedding(models, "<fitted>", config.network.vectors, config.network.init_text)
     optimizer = torch.optim.Adam(token.parameters(), lr=2e-2)
     for _ in range(steps):
@@ -157,16 +178,20 @@ def render_states(pipe, cases, seeds, states: torch.Tensor) -> np.ndarray:
     ).images
 
 
-def upper_bound(pipe, models, detector, kept_cases, seeds, base_kept: np.ndarray, folder: str) -> list[str]:
+def upper_bound(
+    pipe, models, detector, cases: list, seeds, base_kept: np.ndarray, folder: str, digit: int
+) -> list[str]:
+    erased_cases, kept_cases = cases
+
     def row(name: str, states: torch.Tensor) -> str:
-        images = [render_states(pipe, cases, seeds, states) for cases in (ERASED, kept_cases)]
+        images = [render_states(pipe, cases, seeds, states) for cases in (erased_cases, kept_cases)]
         drift = float(np.abs(images[1] - base_kept).mean())
-        erased = judge(detector, ERASED, seeds, images[0])
+        erased = judge(detector, erased_cases, seeds, images[0])
         return line(name, erased, judge(detector, kept_cases, seeds, images[1]), kept_cases, drift)
 
-    free = train_states(FreeStates, folder + "/free")
-    normed = train_states(NormedStates, folder + "/normed")
-    fitted, left = fitted_token(models, free)
+    free = train_states(FreeStates, folder + "/free", digit)
+    normed = train_states(NormedStates, folder + "/normed", digit)
+    fitted, left = fitted_token(models, free, digit)
     return [
         row("free text states (upper bound; 900 steps, lr 1e-2, seed 0)", free),
         row("free text states through the final layer norm (as above)", normed),
@@ -200,6 +225,14 @@ def main() -> None:
     parser.add_argument("--images", type=positive_int, default=8, help="image seeds per prompt")
     parser.add_argument("--upper-bound", action="store_true", help="also train free text states")
     parser.add_argument(
+        "--digit",
+        type=int,
+        choices=range(10),
+        default=7,
+        metavar="D",
+        help="the digit to erase (default 7, the example's; others change the example as its comment says)",
+    )
+    parser.add_argument(
         "--erase-guidance", help="comma-separated guidance_scale values for the erase entries (one row each)"
     )
     parser.add_argument(
@@ -213,30 +246,33 @@ def main() -> None:
         parser.error(f"--erase-guidance: {args.erase_guidance!r} is not a comma-separated list of numbers")
     models = load_models("ink-digits", with_vae=True)
     detector = InkDigitsDetector.for_model(models.source)
-    kept_cases = [(p, c) for p, c in detector.concept_universe(["digit:7"])]
+    erased_cases = erased_cases_for(args.digit)
+    kept_cases = [(p, c) for p, c in detector.concept_universe([f"digit:{args.digit}"])]
     pipe = build_pipeline(models)
     seeds = list(range(2000, 2000 + args.images))
-    config = load_config(EXAMPLE)
+    config = example_for(args.digit)
     apply_changes(config, args.set)  # a bad change stops here, before minutes of sampling
     token = config.network.token
     print(
-        f"guidance 3, {args.images} images per prompt; {len(ERASED)} erased prompts, {len(kept_cases)} kept"
+        f"guidance 3, {args.images} images per prompt; {len(erased_cases)} erased prompts, "
+        f"{len(kept_cases)} kept"
     )
-    print('| negative prompt | seven still drawn | everything else right | worst kept | drift vs "" |')
+    word = DIGIT_WORDS[args.digit]
+    print(f'| negative prompt | {word} still drawn | everything else right | worst kept | drift vs "" |')
     print("|---|---|---|---|---|")
     base = {}
-    for negative in ("", "seven"):
-        images = [render(pipe, cases, seeds, negative) for cases in (ERASED, kept_cases)]
+    for negative in ("", word):
+        images = [render(pipe, cases, seeds, negative) for cases in (erased_cases, kept_cases)]
         base.setdefault("images", images)
         drift = float(np.abs(images[1] - base["images"][1]).mean())
         erased, kept = (
-            judge(detector, ERASED, seeds, images[0]),
+            judge(detector, erased_cases, seeds, images[0]),
             judge(detector, kept_cases, seeds, images[1]),
         )
         print(line(f'"{negative}"', erased, kept, kept_cases, drift), flush=True)
     with tempfile.TemporaryDirectory() as folder:
         for seed, guidance in ((s, g) for s in training_seeds for g in guidances):
-            config = load_config(EXAMPLE)
+            config = example_for(args.digit)
             run = f"{folder}/{seed}-{guidance}"
             config.train.seed, config.save.path, config.save.per_steps = seed, run, 10**9
             apply_changes(config, args.set)
@@ -246,17 +282,20 @@ def main() -> None:
             result = train_fully(config, progress=False)
             result.trainable.remove()
             with embeddings_loaded(pipe, [str(result.path)]):
-                images = [render(pipe, cases, seeds, token) for cases in (ERASED, kept_cases)]
+                images = [render(pipe, cases, seeds, token) for cases in (erased_cases, kept_cases)]
             drift = float(np.abs(images[1] - base["images"][1]).mean())
             erased, kept = (
-                judge(detector, ERASED, seeds, images[0]),
+                judge(detector, erased_cases, seeds, images[0]),
                 judge(detector, kept_cases, seeds, images[1]),
             )
             changed = "" if guidance is None else f", erase guidance {guidance:g}"
             label = f"{token} (seed {seed}{changed})"
             print(line(label, erased, kept, kept_cases, drift), flush=True)
         if args.upper_bound:
-            for row in upper_bound(pipe, models, detector, kept_cases, seeds, base["images"][1], folder):
+            cases = (erased_cases, kept_cases)
+            for row in upper_bound(
+                pipe, models, detector, cases, seeds, base["images"][1], folder, args.digit
+            ):
                 print(row, flush=True)
 
 
