@@ -500,6 +500,30 @@ def test_kept_prompts_are_judged_on_whether_their_images_read_as_before(tiny_fol
     assert all("unchanged" not in r for r in shown["rows"])
 
 
+def test_the_table_names_every_worst_prompt_of_the_summary_and_keeps_its_columns_apart():
+    rows = []
+    for prompt, detected, drift, unchanged in [
+        *[(f"fell {i}", 0.5, 0.01, 1.0) for i in range(SHOWN_KEPT_ROWS + 1)],
+        ("moved most", 1.0, 0.2, 1.0),  # the worst drift and the worst unchanged: never fell
+        ("read otherwise", 1.0, 0.05, 0.0),
+    ]:
+        for strength in (0.0, -0.25):
+            moved = strength != 0.0
+            row = _row("keep", prompt, strength, detected if moved else 1.0, drift if moved else 0.0)
+            rows.append({**row, "unchanged": unchanged if moved else 1.0, "names_edit": False})
+    summary = summarise(rows, [0.0, -0.25])
+    report = {"loras": {"a": "a.safetensors"}, "rows": rows, "summary": summary, "per_lora": {"a": summary}}
+    table = format_report(report)
+    shown = [line.split()[1:3] for line in table.splitlines() if line.startswith("keep ")]
+    assert ["moved", "most"] in shown and ["read", "otherwise"] in shown  # more fell, yet they show
+    assert len(shown) == SHOWN_KEPT_ROWS
+    header = next(line for line in table.splitlines() if line.startswith("kind"))
+    assert header.split()[3:] == ["@0", "@-0.25", "drift@-0.25", "same@-0.25"]  # apart, not run together
+    line = next(line for line in table.splitlines() if "read otherwise" in line)
+    assert line.split()[-4:] == ["100%", "100%", "0.050", "0%"]
+    assert len(line) == len(header)  # each value under its header
+
+
 def _row(kind, prompt, strength, detected, drift=0.0, lora="a", concept="c"):
     return {"lora": None if strength == 0 else lora, "kind": kind, "prompt": prompt, "concept": concept,
             "strength": strength, "detected": detected, "drift": drift}  # fmt: skip

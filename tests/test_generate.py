@@ -539,6 +539,9 @@ def test_embedding_option_parsing(tmp_path):
     assert parse_embedding_option(f"{plain}:<no/seven>") == (plain, "<no/seven>")
     assert parse_embedding_option(f"{plain}:<x:y>") == (plain, "<x:y>")
     assert parse_embedding_option(f"{odd}:<x:y>") == (odd, "<x:y>")  # the file's own ':' is its name's
+    shorter = tmp_path / "x"  # both "x" and "x:y.pt" exist: the longer name is the file
+    shorter.write_bytes(b"")
+    assert parse_embedding_option(f"{odd}:tok") == (odd, "tok")
 
 
 def test_embedding_tokens_no_prompt_can_match_are_refused(tmp_path):

@@ -73,8 +73,8 @@ def parse_embedding_option(option: str | Path) -> tuple[Path, str | None]:
         )
     if Path(text).exists():
         return Path(text), None
-    # The first ':' after an existing file: a token may hold ':' or '/' itself (<no/seven>, <x:y>).
-    for at in (i for i, c in enumerate(text) if c == ":"):
+    # The longest existing file before a ':': a token may hold ':' or '/' itself (<no/seven>, <x:y>).
+    for at in sorted((i for i, c in enumerate(text) if c == ":"), reverse=True):
         if text[at + 1 :] and Path(text[:at]).is_file():
             return Path(text[:at]), text[at + 1 :]
     if not (colon and path and token) or any(c in token for c in "/\\"):

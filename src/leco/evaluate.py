@@ -875,23 +875,16 @@ def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
     lines_of: dict[tuple[str, str, str], dict[float, dict[str, Any]]] = {}
     for row in rows:
         lines_of.setdefault((row["kind"], row["prompt"], row["concept"]), {})[row["strength"]] = row
-    header = f"{'kind':<8}{'prompt':<36}{'concept':<22}" + "".join(f"{f'@{s:g}':>7}" for s in strengths)
-    header += "".join(f"{f'drift@{s:g}':>11}" for s in moved)
-    header += "".join(f"{f'same@{s:g}':>10}" for s in moved) if read else ""
-    header += "".join(f"{f'CLIP@{s:g}':>9}" for s in strengths) if scored else ""
+    header = f"{'kind':<8}{'prompt':<36}{'concept':<22}"
+    for column, at in _columns(strengths, scored, read):
+        header += f"{column}@{at:g}".rjust(_width(column, at))
     lines, hidden = [header], []
     for kind in KINDS:
         entries = [(key, by) for key, by in lines_of.items() if key[0] == kind]
         if kind == "keep" and not all_rows and len(entries) > SHOWN_KEPT_ROWS:
-            # The summary's worst kept prompt at each strength first, whatever it fell by.
-            lowest = {s: min(by[s]["detected"] for _, by in entries if s in by) for s in moved}
-            entries.sort(
-                key=lambda e: (
-                    any(s in e[1] and e[1][s]["detected"] == low for s, low in lowest.items()),
-                    *_keep_badness(e[1], moved),
-                ),
-                reverse=True,
-            )
+            # The summary's worst kept prompts at each strength first, whatever they fell by.
+            pinned = _summary_worst(entries, moved)
+            entries.sort(key=lambda e: (pinned.get(e[0], 0), *_keep_badness(e[1], moved)), reverse=True)
             entries, rest = entries[:SHOWN_KEPT_ROWS], entries[SHOWN_KEPT_ROWS:]
             # Judged at strength 0 only (no LoRA): those rows are all there is.
             hidden = [row for _, by in rest for s, row in by.items() if s != 0.0 or not moved]
@@ -900,9 +893,31 @@ def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
         lines.append(_hidden_line(hidden))
     if any(line.startswith("keep*") for line in lines) or any(r.get("names_edit") for r in hidden):
         lines.append(
-            "keep*: the prompt also names what is erased/enhanced: judged on the rest, drift not counted"
+            "keep*: the prompt also names what is erased/enhanced: judged on the rest, its drift and "
+            "unchanged not counted"
         )
     return "\n".join(lines)
+
+
+# Each table column: (header name, row field, the least width); "" is the detection rate.
+_COLUMNS = {"": ("detected", 7), "drift": ("drift", 11), "same": ("unchanged", 10), "CLIP": ("clip_score", 9)}
+
+
+def _columns(strengths: list[float], scored: bool, read: bool) -> list[tuple[str, float]]:
+    """(column, strength) in table order: detected at every strength, drift (and, for detectors
+    that read whole images, unchanged) at the non-zero ones, CLIP scores at every strength."""
+    moved = [s for s in strengths if s != 0.0]
+    return (
+        [("", s) for s in strengths]
+        + [("drift", s) for s in moved]
+        + ([("same", s) for s in moved] if read else [])
+        + ([("CLIP", s) for s in strengths] if scored else [])
+    )
+
+
+def _width(column: str, strength: float) -> int:
+    """Room for the header with a space before it (-0.25 is wider than 1)."""
+    return max(_COLUMNS[column][1], len(f"{column}@{strength:g}") + 1)
 
 
 def _row_line(
@@ -917,15 +932,39 @@ def _row_line(
     kind, prompt, concept = key
     marked = kind + ("*" if any(r.get("names_edit") for r in by.values()) else "")
     line = f"{marked:<8}{prompt[:35]:<36}{concept[:21]:<22}"
-    line += "".join(f"{_percent(by[s]['detected'] if s in by else None):>7}" for s in strengths)
-    line += "".join(f"{by[s]['drift']:>11.3f}" if s in by else f"{'-':>11}" for s in strengths if s != 0.0)
-    if read:
-        line += "".join(
-            f"{_percent(by[s].get('unchanged') if s in by else None):>10}" for s in strengths if s != 0.0
-        )
-    if scored:
-        line += "".join(f"{by[s]['clip_score']:>9.1f}" if s in by else f"{'-':>9}" for s in strengths)
+    for column, at in _columns(strengths, scored, read):
+        value = by[at].get(_COLUMNS[column][0]) if at in by else None
+        if value is None:
+            text = "-"
+        elif column == "drift":
+            text = f"{value:.3f}"
+        elif column == "CLIP":
+            text = f"{value:.1f}"
+        else:
+            text = _percent(value)
+        line += text.rjust(_width(column, at))
     return line
+
+
+def _summary_worst(
+    entries: list[tuple[tuple[str, str, str], dict[float, dict[str, Any]]]], moved: list[float]
+) -> dict[tuple[str, str, str], int]:
+    """The kept prompts the summary names as worst at each strength, chosen as `summarise` chooses
+    them, so the table never hides one: the worst still right first (2), then drift and unchanged (1)."""
+    pinned: dict[tuple[str, str, str], int] = {}
+    for strength in moved:
+        at = [(key, by[strength]) for key, by in entries if strength in by]
+        counted = [(key, row) for key, row in at if not row.get("names_edit")]
+        read = [(key, row) for key, row in counted if "unchanged" in row]
+        for rows, badness, rank in (
+            (at, lambda row: (-row["detected"], row["drift"]), 2),
+            (counted, lambda row: (row["drift"], row["drift"]), 1),
+            (read, lambda row: (-row["unchanged"], row["drift"]), 1),
+        ):
+            if rows:
+                key = max(rows, key=lambda pair: badness(pair[1]))[0]
+                pinned[key] = max(pinned.get(key, 0), rank)
+    return pinned
 
 
 def _hidden_line(hidden: list[dict[str, Any]]) -> str:
