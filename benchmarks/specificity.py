@@ -3,7 +3,8 @@
 For each task (erase 1, 3, 5 or 8 digits, or one ink) and recipe, trains one LoRA per seed on the
 bundled ink-digits model, judges all of them in one `leco eval` with `keep: all` (every other
 digit in every ink, every ink), and prints: erased concepts still detected (mean, worst row),
-everything else still right (mean, worst concept, worst seed), inks kept, drift and training time.
+everything else still right (mean, worst concept, worst seed), inks kept, the kept prompts'
+images that read as before (`leco eval`'s unchanged: mean, worst seed), drift and training time.
 
 usage: python benchmarks/specificity.py [--tasks 1,3,5,8,ink,d0,...,d9] [--recipes default,anchors,...]
                                         [--seeds 0,1,2] [--images 8] [--json results.json]
@@ -259,6 +260,8 @@ def summarise(report: dict[str, Any], seconds: list[float]) -> dict[str, Any]:
             erased_concepts.setdefault((r["concept"], r["lora"]), []).append(r["detected"])
     worst_erased = max(erased_concepts, key=lambda k: np.mean(erased_concepts[k]))
     erased_worst_row = max((r["detected"] for r in rows if r["kind"] == "erase"), default=float("nan"))
+    # What the kept prompts' images read as, digit and ink, against the plain model's (same seed).
+    unchanged = [report["per_lora"][label]["1"]["kept_unchanged"] for label in labels]
     return {
         "erased_mean": float(np.mean(erased)),
         "erased_worst_seed": max(erased),
@@ -270,6 +273,8 @@ def summarise(report: dict[str, Any], seconds: list[float]) -> dict[str, Any]:
         "kept_worst_concept": worst_concept,
         "kept_worst_concept_value": float(min(kept_rows[worst_concept])),
         "ink_kept_mean": float(np.mean(inks)) if inks else float("nan"),
+        "unchanged_mean": float(np.mean(unchanged)),
+        "unchanged_worst_seed": min(unchanged),
         "drift": float(np.mean([r["drift"] for r in rows if r["kind"] == "keep"])),
         "train_seconds": float(np.mean(seconds)),
     }
@@ -281,7 +286,8 @@ def format_row(task: str, recipe: str, r: dict[str, Any]) -> str:
         f"{r['erased_worst_concept']} {r['erased_worst_concept_value']:.0%} | "
         f"{r['kept_mean']:.1%} / {r['kept_worst_seed']:.1%} | "
         f"{r['kept_worst_concept']} {r['kept_worst_concept_value']:.0%} | {r['ink_kept_mean']:.1%} | "
-        f"{r['drift']:.3f} | {r['train_seconds']:.1f} |"
+        f"{r['unchanged_mean']:.1%} / {r['unchanged_worst_seed']:.1%} | {r['drift']:.3f} | "
+        f"{r['train_seconds']:.1f} |"
     )
 
 
@@ -293,8 +299,9 @@ def main() -> None:
     header = [
         f"seeds {seeds}, {args.images} images per prompt and strength, strength 1 vs 0, keep: all",
         "| task | recipe | erased still detected: mean / worst seed / worst concept in a seed "
-        "| kept right: mean / worst seed | worst kept concept (worst seed) | inks kept | drift | train s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kept right: mean / worst seed | worst kept concept (worst seed) | inks kept "
+        "| unchanged: mean / worst seed | drift | train s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     print_table(
         args,
