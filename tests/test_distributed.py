@@ -191,3 +191,23 @@ def test_a_bad_input_the_processes_find_after_loading_is_one_line_and_exit_2(tmp
     assert result.returncode == 2 and len(errors) == 1, result.stderr  # once, not torchrun's report too
     assert errors[0].startswith(f"leco train: error: {config}: pretrained_model.clip_skip: 40 skips past")
     assert result.stderr.strip().splitlines()[-1] == errors[0] and "Traceback" not in result.stderr
+
+
+def test_a_later_process_does_not_take_the_first_ones_lock_for_another_run(
+    tmp_path, tiny_folders, monkeypatch
+):
+    """The first process locks the run's name when it starts training; a second process still
+    loading then must not read that lock as another run writing there (it writes nothing itself)."""
+    from leco.checkpoints import RunFolder
+
+    config = make_config(tiny_folders["sd1"], tmp_path / "out", iterations=ITERATIONS)
+    first = RunFolder(config.save.path, config.save.name)
+    first.open(overwrite=False)  # the first process, already training
+    try:
+        # as the first process it is refused: another run of the name is writing there
+        with pytest.raises(LecoError, match="another `leco train` .* is writing the run"):
+            Trainer(config, progress=False)
+        monkeypatch.setattr(Ranks, "is_main", property(lambda self: False))
+        Trainer(config, progress=False)  # as the second, it goes on to train beside the first
+    finally:
+        first.close()

@@ -742,13 +742,20 @@ def _release_lock(handle: Any) -> None:
         handle.close()
 
 
-def check_before_loading(config: LecoConfig, resume: Path | None, overwrite: bool) -> RunFolder:
+def check_before_loading(
+    config: LecoConfig, resume: Path | None, overwrite: bool, writes_files: bool = True
+) -> RunFolder:
     """All that can be refused before minutes of loading: the combination of settings, the outputs
     (no earlier run silently replaced), the log folder and the packages asked for. The launcher of
-    a data-parallel run calls it too, so one line is said once, not once per process."""
+    a data-parallel run calls it too, so one line is said once, not once per process.
+
+    `writes_files` False: a data-parallel process other than the first, which writes nothing. It
+    does not look at the outputs: the first process may have locked the run's name by then (its
+    own run), which would read as another run writing there."""
     config.check_combination()
     folder = RunFolder(config.save.path, config.save.name)
-    folder.check(overwrite=overwrite, resume_source=resume, previews=bool(config.preview.prompts))
+    if writes_files:
+        folder.check(overwrite=overwrite, resume_source=resume, previews=bool(config.preview.prompts))
     check_log_folder(config)
     optimizer_class(config.train)
     return folder

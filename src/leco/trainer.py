@@ -85,7 +85,7 @@ class Trainer:
         self.seed = train.seed if train.seed not in (None, -1) else random.SystemRandom().randrange(2**31)
         self.resumes: list[dict[str, Any]] = []  # where the run was resumed with other settings
         self.run_id = secrets.token_hex(8)  # a resumed run keeps its first one: one W&B run, not two
-        self.folder = check_before_loading(config, self.resume_source, overwrite)
+        self.folder = check_before_loading(config, self.resume_source, overwrite, self.ranks.is_main)
         previews = bool(config.preview.prompts)
         state = read_state(resume, config.to_json(), self.ranks.count) if resume is not None else None
         models = models or load_models(config.pretrained_model, dtype=self.dtype, with_vae=previews)
