@@ -678,6 +678,7 @@ class _Judge:
 
     def rows(self, images, base, lora: str | None, strength: float) -> list[dict[str, Any]]:
         rows = []
+        unchanged_of: dict[str, float | None] = {}  # a prompt judged on several concepts: one set of images
         for entry in self.entries:
             batch = [images[ImageRequest(entry.prompt, strength, seed)] for seed in self.seeds]
             reference = [base[ImageRequest(entry.prompt, 0.0, seed)] for seed in self.seeds]
@@ -696,9 +697,10 @@ class _Judge:
             parts = self.part_rates(batch, entry.concept, found)
             if parts is not None:
                 row["parts"] = parts
-            unchanged = self.unchanged(entry.prompt, batch, reference) if entry.kind == "keep" else None
-            if unchanged is not None:
-                row["unchanged"] = unchanged
+            if entry.kind == "keep" and entry.prompt not in unchanged_of:
+                unchanged_of[entry.prompt] = self.unchanged(entry.prompt, batch, reference)
+            if entry.kind == "keep" and unchanged_of[entry.prompt] is not None:
+                row["unchanged"] = unchanged_of[entry.prompt]
             if self.clip_score is not None:
                 row["clip_score"] = self.clip_score(batch, entry.prompt)
             rows.append(row)
@@ -767,6 +769,12 @@ def _measured(rows: list[dict[str, Any]], name: str, kind: str, field: str, stre
     return this_end if name == "enhanced_detected" else [r for r in values if r.get("end", 1) * strength < 0]
 
 
+def _worst_row(values: list[dict[str, Any]], field: str, worse_higher: bool) -> dict[str, Any] | None:
+    """The worst row of a measure; among rows as bad, the one whose images moved most."""
+    sign = 1 if worse_higher else -1
+    return max(values, key=lambda r: (sign * r[field], r.get("drift") or 0.0), default=None)
+
+
 def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, Any]:
     """Per strength and measure: the mean over rows and the worst row (`<measure>_worst`)."""
     summary: dict[str, Any] = {}
@@ -776,9 +784,7 @@ def summarise(rows: list[dict[str, Any]], strengths: list[float]) -> dict[str, A
         for name, kind, field, worse_higher in MEASURES:
             values = _measured(at, name, kind, field, strength)
             entry[name] = float(np.mean([r[field] for r in values])) if values else None
-            # among rows as bad, the one whose images moved most
-            sign = 1 if worse_higher else -1
-            worst = max(values, key=lambda r: (sign * r[field], r.get("drift") or 0.0), default=None)
+            worst = _worst_row(values, field, worse_higher)
             entry[f"{name}_worst"] = (
                 {
                     **{k: worst[k] for k in ("lora", "prompt", "concept", field, "parts") if k in worst},
@@ -949,21 +955,18 @@ def _row_line(
 def _summary_worst(
     entries: list[tuple[tuple[str, str, str], dict[float, dict[str, Any]]]], moved: list[float]
 ) -> dict[tuple[str, str, str], int]:
-    """The kept prompts the summary names as worst at each strength, chosen as `summarise` chooses
-    them, so the table never hides one: the worst still right first (2), then drift and unchanged (1)."""
+    """The kept prompts the summary names as worst at each strength (`summarise`'s own choice), so
+    the table never hides one: the worst still right first (2), then drift and unchanged (1)."""
     pinned: dict[tuple[str, str, str], int] = {}
     for strength in moved:
-        at = [(key, by[strength]) for key, by in entries if strength in by]
-        counted = [(key, row) for key, row in at if not row.get("names_edit")]
-        read = [(key, row) for key, row in counted if "unchanged" in row]
-        for rows, badness, rank in (
-            (at, lambda row: (-row["detected"], row["drift"]), 2),
-            (counted, lambda row: (row["drift"], row["drift"]), 1),
-            (read, lambda row: (-row["unchanged"], row["drift"]), 1),
-        ):
-            if rows:
-                key = max(rows, key=lambda pair: badness(pair[1]))[0]
-                pinned[key] = max(pinned.get(key, 0), rank)
+        at = [by[strength] for _, by in entries if strength in by]
+        for name, kind, field, worse_higher in MEASURES:
+            if kind != "keep":
+                continue
+            worst = _worst_row(_measured(at, name, kind, field, strength), field, worse_higher)
+            if worst is not None:
+                key = (worst["kind"], worst["prompt"], worst["concept"])
+                pinned[key] = max(pinned.get(key, 0), 2 if field == "detected" else 1)
     return pinned
 
 
