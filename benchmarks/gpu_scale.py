@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import argparse
+import gc
 import json
 import tempfile
 import time
@@ -33,6 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from leco.cli import quiet_libraries
 from leco.config import LecoConfig
+from leco.errors import first_line
 from leco.models import CONFIG_ROOT, LoadedModels, ModelFamily, clip_tokenizers
 from leco.steps import Step
 from leco.trainer import Trainer
@@ -92,6 +94,7 @@ def build(family: str, dtype: torch.dtype, device: torch.device, smoke: bool, si
 # from one batched forward and backward (train.steps_per_forward; memory: 4 latents' activations),
 # and the reference LECO schedule.
 SCHEDULES = {"leco default": 1, "leco, 4 steps per forward": 4, "reference LECO": 1}
+SCHEDULE_KEYS = dict(zip(["default", "steps4", "reference"], SCHEDULES, strict=True))  # --schedules
 
 
 def config(out: str, precision: str, size: int, checkpointing: bool, schedule: str) -> LecoConfig:
@@ -213,8 +216,18 @@ def main() -> None:
         "--smoke", action="store_true", help="CPU, tiny widths: the code runs, numbers mean nothing"
     )
     parser.add_argument("--estimate", action="store_true", help="no GPU: estimated peak memory")
+    parser.add_argument("--schedules", default=",".join(SCHEDULE_KEYS), help="default, steps4, reference")
+    parser.add_argument("--precisions", default="fp16,bf16")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=0,
+        help="start no new row after this many seconds (0: every row); the most telling rows run first",
+    )
     args = parser.parse_args()
     families = known_names(parser, "--families", args.families, FAMILIES)
+    schedules = [SCHEDULE_KEYS[k] for k in known_names(parser, "--schedules", args.schedules, SCHEDULE_KEYS)]
+    wanted_precisions = known_names(parser, "--precisions", args.precisions, ["fp16", "bf16"])
     if args.estimate:
         print("ESTIMATE (no GPU run): peak GiB = UNet fp16 weights + LoRA/AdamW + saved activations + 1")
         print("| model | size | weights | LoRA + optimizer | activations (no checkpointing) | peak |")
@@ -231,20 +244,51 @@ def main() -> None:
         raise SystemExit("gpu_scale: no CUDA GPU here; use --estimate (sizes) or --smoke (CPU check)")
     name = "CPU (smoke, tiny widths)" if args.smoke else torch.cuda.get_device_name()
     print(f"{name}; {args.steps} timed steps per row")
-    print("| model | size | precision | checkpointing | schedule | s/step | peak GiB |")
+    print("| model | precision | checkpointing | schedule | size | s/step | peak GiB |")
     print("|---|---|---|---|---|---|---|")
-    precisions = ["fp16"] if args.smoke else ["fp16", "bf16"]
+    precisions = ["fp16"] if args.smoke else wanted_precisions
+    start, skipped = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as out:
-        for family in families:
-            for precision in precisions:
-                for checkpointing in (False, True):
-                    for schedule in SCHEDULES:
-                        r = measure(family, precision, checkpointing, schedule, args, out)
-                        print(
-                            f"| {family} | {r['size']} | {precision} | {'yes' if checkpointing else 'no'} | "
-                            f"{schedule} | {r['seconds_per_step']:.3f} | {r['peak_gib']:.2f} |",
-                            flush=True,
-                        )
+        for family, precision, checkpointing, schedule in rows_in_order(families, precisions, schedules):
+            cells = f"| {family} | {precision} | {'yes' if checkpointing else 'no'} | {schedule} |"
+            if args.budget_s and time.perf_counter() - start > args.budget_s:
+                skipped.append(cells)
+                continue
+            try:
+                r = measure(family, precision, checkpointing, schedule, args, out)
+            except Exception as error:  # noqa: BLE001 - one row's failure (memory, a kernel) is a result too
+                print(f"{cells} failed: {type(error).__name__}: {first_line(error)} | - | - |", flush=True)
+                gc.collect()  # the failed row's models, before the next row builds its own
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            print(f"{cells} {r['size']} | {r['seconds_per_step']:.3f} | {r['peak_gib']:.2f} |", flush=True)
+    if skipped:
+        print(f"not measured (--budget-s {args.budget_s:g} spent): " + "; ".join(skipped))
+
+
+Row = tuple[str, str, bool, str]  # family, precision, gradient checkpointing, schedule
+
+
+def rows_in_order(families: list[str], precisions: list[str], schedules: list[str]) -> list[Row]:
+    """Every row, the ones the README's claims rest on first, so a time budget drops the least
+    telling: fp16 before bf16 (the same memory), leco's default and the reference before the
+    batched-forward variant, and checkpointing after the plain rows except for SDXL's default,
+    whose memory goal assumes it."""
+    rows = [
+        (family, precision, checkpointing, schedule)
+        for family in families
+        for precision in precisions
+        for checkpointing in (False, True)
+        for schedule in schedules
+    ]
+
+    def later(row: Row) -> tuple[bool, bool, bool]:
+        family, precision, checkpointing, schedule = row
+        sdxl_goal = family == "sdxl" and schedule == "leco default"
+        return precision != "fp16", schedule == "leco, 4 steps per forward", checkpointing and not sdxl_goal
+
+    return sorted(rows, key=later)  # stable: families keep their order within a rank
 
 
 if __name__ == "__main__":

@@ -41,25 +41,32 @@ def reference_step(trainer: Trainer, generator: torch.Generator, rollout_guidanc
     steps = rollout.steps
     k = int(torch.randint(1, steps, (1,), generator=generator))
     scheduler = rollout.scheduler
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(steps, device=trainer.device)
     scale = trainer.models.vae_scale_factor
     channels = trainer.unet.config.in_channels
-    latents = torch.randn(1, channels, size[0] // scale, size[1] // scale, generator=generator)
+    # Drawn on the CPU as leco's rollouts draw theirs, then moved: the same noise on every device.
+    noise = torch.randn(1, channels, size[0] // scale, size[1] // scale, generator=generator)
+    latents = noise.to(trainer.device)
+
+    def predict(cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+        with edited.autocast():  # the UNet's own precision, as leco's calls run it
+            doubled = edited.predict(torch.cat([latents, latents]), t, cond).float()
+        return doubled.chunk(2)
+
     with torch.no_grad():
         for t in scheduler.timesteps[:k]:
-            u, c = edited.predict(torch.cat([latents, latents]), t, target_cfg).chunk(2)
+            u, c = predict(target_cfg)
             latents = scheduler.step(objectives.guided(u, c, rollout_guidance), t, latents).prev_sample
-        t = torch.tensor([int(scheduler.timesteps[k])])
+        t = torch.tensor([int(scheduler.timesteps[k])], device=trainer.device)
         teacher = {}
         with trainer.trainable.strength(0.0):
             for role in ("positive", "neutral", "unconditional"):  # three separate, doubled calls
-                cond = Conditioning.cat([unconditional, condition(texts[role])])
-                teacher[role] = edited.predict(torch.cat([latents, latents]), t, cond).chunk(2)[1]
-    student = edited.predict(torch.cat([latents, latents]), t, target_cfg).chunk(2)[1]
+                teacher[role] = predict(Conditioning.cat([unconditional, condition(texts[role])]))[1]
+    student = predict(target_cfg)[1]
     target = prompt.objective.target(teacher, prompt.settings.guidance_scale)
     loss = objectives.loss(student, target)
-    trainer.updates.optimizer.zero_grad()
-    loss.backward()
-    trainer.updates.optimizer.step()
+    trainer.updates.start()
+    trainer.updates.backward(loss)  # through leco's fp16 loss scaler, as its own steps are
+    trainer.updates.step()
     trainer.step += 1
     return loss.item()

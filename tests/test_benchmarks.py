@@ -35,6 +35,23 @@ def test_gpu_scale_smoke_prints_a_row_per_setting():
         assert seconds > 0
 
 
+def test_gpu_scale_runs_the_rows_the_readme_rests_on_first(monkeypatch):
+    # A GPU call has minutes: a --budget-s cut must drop the least telling rows, never these.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_scale = runpy.run_path(str(BENCHMARKS / "gpu_scale.py"))
+    families, schedules = list(gpu_scale["FAMILIES"]), list(gpu_scale["SCHEDULES"])
+    assert schedules[::2] == ["leco default", "reference LECO"]
+    rows = gpu_scale["rows_in_order"](families, ["fp16", "bf16"], schedules)
+    assert len(rows) == len(set(rows)) == 3 * 2 * 2 * 3  # every row, once
+    first = {
+        *((family, "fp16", False, schedule) for family in families for schedule in schedules[::2]),
+        ("sdxl", "fp16", True, "leco default"),  # the SDXL memory goal assumes checkpointing
+    }
+    assert set(rows[: len(first)]) == first
+    last_fp16 = max(i for i, row in enumerate(rows) if row[1] == "fp16")
+    assert all(row[1] == "bf16" for row in rows[last_fp16 + 1 :]) and len(rows) - last_fp16 - 1 == 18
+
+
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
@@ -46,6 +63,7 @@ def test_gpu_scale_smoke_prints_a_row_per_setting():
         (["slider_padding.py", "--steps", "0"], "argument --steps: 0 must be 1 or more"),
         (["specificity.py", "--seeds", "0,-1"], "--seeds: '0,-1': seeds are 0 or more"),  # -1: drawn
         (["gpu_scale.py", "--families", "sd1.5,bogus"], "--families: bogus not known; choose from sd1.5"),
+        (["gpu_scale.py", "--schedules", "default,nope"], "--schedules: nope not known; choose from default"),
         (["step_speed.py", "--reuse", "x"], "--reuse: 'x' is not a whole number"),  # before the timing
         (["time_to_erase.py", "--skip-scaling", "--only-scaling"], "not allowed with argument"),
         (["rollout_reuse.py", "--example", "nope"], "--example: "),
