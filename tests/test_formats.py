@@ -1413,6 +1413,18 @@ def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidanc
         ("guidance_strength: 3.0", "guidance_strength: 5", lambda c: c.prompts[0].guidance_scale == 5.0),
         ("arch: sd15", "arch: sdxl", lambda c: True),
         ("      datasets:\n", "      unused_datasets:\n", None),  # none: the model's own size
+        # Its trainer's step clips the gradient norm (1.0 unless set) and its loss weighs no SNR
+        ("        steps: 3\n", "        steps: 3\n", lambda c: c.train.max_grad_norm == 1.0),
+        (
+            "        steps: 3\n",
+            "        steps: 3\n        max_grad_norm: 0.05\n",
+            lambda c: c.train.max_grad_norm == 0.05,
+        ),
+        (
+            "        steps: 3\n",
+            "        steps: 3\n        min_snr_gamma: 5\n",
+            lambda c: c.train.min_snr_gamma is None,
+        ),
         (  # an index bound of its timestep draw (its default, every timestep), not a rollout's length
             "        steps: 3\n",
             "        steps: 3\n        min_denoising_steps: 0\n        max_denoising_steps: 1000\n",

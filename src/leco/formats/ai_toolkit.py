@@ -14,8 +14,8 @@ leco's all-linear; with `conv`, all). `slider.prompt_file` is read and changes n
 Keys are handled in three ways, so that nothing is dropped without a word:
 - mapped to the leco key that does the same (the table in the README);
 - accepted because they change nothing here either (e.g. `model.dtype`, which ai-toolkit replaces
-  by `train.dtype`; `train.max_grad_norm`, which its slider loop never applies), or because their
-  value is ai-toolkit's no-op default (`train.noise_offset: 0`);
+  by `train.dtype`; `train.max_grad_norm` in a `type: slider` job, whose loop never clips), or
+  because their value is ai-toolkit's no-op default (`train.noise_offset: 0`);
 - anything else that changes what is trained is an error naming the key. Keys that only change
   sample images, logs or file metadata and have no leco equivalent are listed in one warning.
 """
@@ -411,6 +411,11 @@ class _Converter:
         self.read_lr_scheduler(train, steps)
         if self.concept:
             self.read_concept_timesteps(train)
+            # Its trainer runs ai-toolkit's image-trainer step, which clips the gradient norm every
+            # step (1.0 unless set; every optimizer read here); the `type: slider` loop never does.
+            self.put(
+                "train.max_grad_norm", self.number(train, "max_grad_norm", 1.0), train.key("max_grad_norm")
+            )
         for key in ("max_denoising_steps", "batch_size"):
             # The concept slider noises dataset images at one timestep and has no rollout to size (its
             # max_denoising_steps bounds that timestep): the rollout leco draws instead takes leco's
@@ -474,7 +479,8 @@ class _Converter:
             lambda v: v is False,
             f"is not what ai-toolkit's slider process trains (it caches the prompts); {text_encoder_hint}",
         )
-        if train.get("min_snr_gamma", 0):
+        # The concept slider's guided loss is its own and never weighs by SNR.
+        if train.get("min_snr_gamma", 0) and not self.concept:
             self.put("train.min_snr_gamma", train.get("min_snr_gamma"), train.key("min_snr_gamma"))
         train.only("noise_offset", lambda v: v == 0, "has no leco equivalent; remove it (or set it to 0)")
         train.only("learnable_snr_gos", lambda v: v is False, "has no leco equivalent; remove it")
