@@ -1,5 +1,6 @@
 """Run folders: outputs checked before training, one run per name at a time, nothing silently lost."""
 
+import os
 import shlex
 import shutil
 import signal
@@ -546,3 +547,26 @@ def test_overwrite_takes_the_earlier_runs_tensorboard_curves_with_it(tmp_path, t
     (logs / "notes.txt").write_text("the user's")
     train(make_config(tiny_folders["sd1"], tmp_path, iterations=4), overwrite=True, progress=False)
     assert sorted(p.name for p in logs.iterdir()) == ["notes.txt"] and len(list(named.iterdir())) == 1
+
+
+@pytest.mark.parametrize(("stop_signal", "grid"), [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_a_terminated_run_saves_and_exits_without_its_grid(
+    tmp_path, tiny_folders, monkeypatch, stop_signal, grid
+):
+    # A job scheduler's SIGTERM kills after a grace period: minutes of preview images would not fit
+    # in it. Ctrl-C is a person at the terminal, who gets the grid and can press again to skip it.
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=50, max_denoising_steps=2)
+    config.preview.prompts, config.preview.steps = ["a fox"], 2
+    trainer = Trainer(config, progress=False)
+    step = trainer.train_step
+
+    def step_then_signal() -> float:
+        loss = step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), stop_signal)
+        return loss
+
+    monkeypatch.setattr(trainer, "train_step", step_then_signal)
+    result = trainer.run()
+    assert result.interrupted and result.path.name == "fox_interrupted.safetensors" and result.path.is_file()
+    assert (tmp_path / "previews" / "fox_interrupted.png").is_file() == grid

@@ -401,6 +401,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
+        self.by_signal: int | None = None  # the signal that asked first
         self._previous: dict[int, Any] = {}
         self._saving = False  # a save is being written: a second signal waits for it to end
         self._abort_after_save = False
@@ -419,6 +420,12 @@ class StopRequest:
     def __exit__(self, *exc_info: object) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
+
+    @property
+    def wants_exit_now(self) -> bool:
+        """SIGTERM or a hang-up: a scheduler or a closed session that will not wait for extras (a
+        job scheduler kills after a grace period); Ctrl-C is a person, who can press it again."""
+        return self.requested and self.by_signal != signal.SIGINT
 
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
@@ -443,7 +450,7 @@ class StopRequest:
             return
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.by_signal = True, signum
         if signum == getattr(signal, "SIGHUP", None):
             _leave_lost_terminal()
         if is_main_process():  # data-parallel: every process stops, the first one says so

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import random
 import secrets
+import signal
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -266,6 +267,12 @@ class Trainer:
                 suffix = "interrupted" if stopping else "last"
                 with stop.saving():
                     path = self.save(suffix)
+            if stop.wants_exit_now:
+                name = signal.Signals(stop.by_signal).name
+                warn(
+                    f"the {suffix} preview grid was skipped ({name} asks for a quick exit); the file is saved"
+                )
+                return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
             try:
                 self.render_preview(suffix)  # saved: Ctrl-C now ends the preview at once
             except (KeyboardInterrupt, Terminated):
