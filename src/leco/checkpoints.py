@@ -425,7 +425,7 @@ class StopRequest:
     def wants_exit_now(self) -> bool:
         """SIGTERM or a hang-up: a scheduler or a closed session that will not wait for extras (a
         job scheduler kills after a grace period); Ctrl-C is a person, who can press it again."""
-        return self.requested and self.by_signal != signal.SIGINT
+        return self.requested and self.by_signal not in (None, signal.SIGINT)
 
     @contextlib.contextmanager
     def saving(self) -> Iterator[None]:
