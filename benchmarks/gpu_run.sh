@@ -9,7 +9,7 @@ set -u
 out=${1:-gpu_run_out}
 device=${LECO_DEVICE:-cuda}  # cpu: a dry run of the commands where there is no GPU
 loras_dir=$(mktemp -d)  # the LoRAs stay behind: only the logs and the report are results
-mkdir -p "$out"
+mkdir -p "$out" || exit 1  # the logs and the report go there: no run without it
 export PYTHONUNBUFFERED=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"

@@ -285,8 +285,8 @@ def rows_in_order(families: list[str], precisions: list[str], schedules: list[st
 
     def later(row: Row) -> tuple[bool, bool, bool]:
         family, precision, checkpointing, schedule = row
-        sdxl_goal = family == "sdxl" and schedule == "leco default"
-        return precision != "fp16", schedule == "leco, 4 steps per forward", checkpointing and not sdxl_goal
+        sdxl_goal = family == "sdxl" and schedule == SCHEDULE_KEYS["default"]
+        return precision != "fp16", schedule == SCHEDULE_KEYS["steps4"], checkpointing and not sdxl_goal
 
     return sorted(rows, key=later)  # stable: families keep their order within a rank
 

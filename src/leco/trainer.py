@@ -272,9 +272,9 @@ class Trainer:
                 warn(
                     f"the {suffix} preview grid was skipped ({name} asks for a quick exit); the file is saved"
                 )
-                return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
-            try:
-                self.render_preview(suffix)  # saved: Ctrl-C now ends the preview at once
-            except (KeyboardInterrupt, Terminated):
-                warn(f"the {suffix} preview grid was skipped (stopped); the trained file was saved first")
+            else:
+                try:
+                    self.render_preview(suffix)  # saved: Ctrl-C now ends the preview at once
+                except (KeyboardInterrupt, Terminated):
+                    warn(f"the {suffix} preview grid was skipped (stopped); the trained file was saved first")
         return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
