@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from recipe_runs import known_names, positive_int
+from recipe_runs import known_names, positive_int, seconds
 from reference import reference_step
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -220,7 +220,7 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp16,bf16")
     parser.add_argument(
         "--budget-s",
-        type=float,
+        type=seconds,
         default=0,
         help="start no new row after this many seconds (0: every row); the most telling rows run first",
     )

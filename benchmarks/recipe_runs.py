@@ -57,6 +57,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, 0 or more (argparse names the option)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):  # nan fails this too
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number of seconds, 0 or more")
+    return value
+
+
 def positive_ints(parser: argparse.ArgumentParser, option: str, text: str) -> list[int]:
     """A comma-separated list of whole numbers of 1 or more; anything else stops with one line."""
     try:

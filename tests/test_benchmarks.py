@@ -64,6 +64,8 @@ def test_gpu_scale_runs_the_rows_the_readme_rests_on_first(monkeypatch):
         (["specificity.py", "--seeds", "0,-1"], "--seeds: '0,-1': seeds are 0 or more"),  # -1: drawn
         (["gpu_scale.py", "--families", "sd1.5,bogus"], "--families: bogus not known; choose from sd1.5"),
         (["gpu_scale.py", "--schedules", "default,nope"], "--schedules: nope not known; choose from default"),
+        (["gpu_scale.py", "--budget-s", "-5"], "--budget-s: -5 must be a finite number of seconds"),
+        (["gpu_scale.py", "--budget-s", "nan"], "--budget-s: nan must be a finite number of seconds"),
         (["step_speed.py", "--reuse", "x"], "--reuse: 'x' is not a whole number"),  # before the timing
         (["time_to_erase.py", "--skip-scaling", "--only-scaling"], "not allowed with argument"),
         (["rollout_reuse.py", "--example", "nope"], "--example: "),

@@ -1469,6 +1469,9 @@ def test_ai_toolkit_concept_slider_settings(ai_toolkit_env, old, new, expected):
             "100 narrows the timesteps",
         ),
         ("        steps: 3\n", "        steps: 3\n        max_denoising_steps: 200\n", "set 999 (or 1000)"),
+        # its step scales every gradient by max_grad_norm / norm: 0 trains nothing, below 0 backwards
+        ("        steps: 3\n", "        steps: 3\n        max_grad_norm: 0\n", "max_grad_norm: 0 would"),
+        ("        steps: 3\n", "        steps: 3\n        max_grad_norm: -1\n", "to its opposite in"),
     ],
 )
 def test_ai_toolkit_concept_slider_errors_are_one_line(ai_toolkit_env, old, new, says):

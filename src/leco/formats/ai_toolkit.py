@@ -413,9 +413,14 @@ class _Converter:
             self.read_concept_timesteps(train)
             # Its trainer runs ai-toolkit's image-trainer step, which clips the gradient norm every
             # step (1.0 unless set; every optimizer read here); the `type: slider` loop never does.
-            self.put(
-                "train.max_grad_norm", self.number(train, "max_grad_norm", 1.0), train.key("max_grad_norm")
-            )
+            clip = self.number(train, "max_grad_norm", 1.0)
+            if clip <= 0:  # its clip_grad_norm_ scales every gradient by clip / norm: 0 trains nothing
+                raise ConfigError(
+                    f"{self.path}: {train.key('max_grad_norm')}: {clip:g} would scale every gradient to "
+                    f"{'zero' if clip == 0 else 'its opposite'} in ai-toolkit (it clips every step); "
+                    "give a positive norm or leave it out (1.0)"
+                )
+            self.put("train.max_grad_norm", clip, train.key("max_grad_norm"))
         for key in ("max_denoising_steps", "batch_size"):
             # The concept slider noises dataset images at one timestep and has no rollout to size (its
             # max_denoising_steps bounds that timestep): the rollout leco draws instead takes leco's
