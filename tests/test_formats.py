@@ -218,7 +218,16 @@ KOHYA_ERRORS = {
     ),
     "missing_neutral_file": (
         'neutral_prompt_file = "nope.txt"\n[[targets]]\ntarget_class = "c"\npositive = "p"\n',
-        "neutral_prompt_file: cannot read",
+        "nope.txt not found; paths are relative to the prompt file",
+    ),
+    # what is wrong with the file and its fix, as a leco target_file says
+    "neutral_file_is_a_folder": (
+        '[[targets]]\ntarget_class = "c"\npositive = "p"\nneutral_prompt_file = "folder"\n',
+        "targets 1.neutral_prompt_file: {tmp}/folder is a folder; name the text file with one prompt a line",
+    ),
+    "neutral_file_in_utf16": (
+        '[[targets]]\ntarget_class = "c"\npositive = "p"\nprompt_file = "wide.txt"\n',
+        "wide.txt cannot be read as UTF-8 text: it is UTF-16; save it again as UTF-8",
     ),
     "invalid_toml": ("[[prompts]\n", "invalid TOML"),
     "neutral_file_is_the_toml": (
@@ -265,13 +274,15 @@ def test_kohya_errors_are_one_line_naming_the_file_and_key(tmp_path, case):
     text, expected = KOHYA_ERRORS[case]
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "binary.txt").write_bytes(b"\x08\x00\x00\x00{}\x00\x00")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "wide.txt").write_text("a digit three\n", encoding="utf-16")  # with its byte-order mark
     path = tmp_path / "prompts.toml"
     path.write_text(text)
     with pytest.raises(ConfigError) as error:
         load_prompts(path)
     message = str(error.value)
     assert message.startswith(f"{path}: ") and "\n" not in message
-    assert expected in message
+    assert expected.replace("{tmp}", str(tmp_path)) in message
 
 
 def test_kohya_targets_that_all_weigh_0_are_named_where_they_are_written(tmp_path, capsys):

@@ -1318,20 +1318,25 @@ def text_lines(text: str) -> list[str]:
     return re.split(r"\r\n|\r|\n", text)
 
 
-def read_prompt_lines(file: Path, where: str) -> list[str]:
-    """One prompt a line; blank lines and lines starting with # are skipped (a UTF-8 BOM too)."""
+def read_prompt_text(file: Path, where: str, relative_to: str = "the file that names them") -> str:
+    """A text file of prompts (UTF-8, a BOM dropped); a folder, a missing file, a binary or a wide
+    encoding is one line naming `where` and the fix."""
     if file.is_dir():
         raise ConfigError(f"{where}: {file} is a folder; name the text file with one prompt a line")
     refuse_non_text_prompts(file, where)
     try:
         text = file.read_text(encoding="utf-8-sig")
     except (FileNotFoundError, IsADirectoryError):
-        raise ConfigError(
-            f"{where}: {file} not found; paths are relative to the file that names them"
-        ) from None
+        raise ConfigError(f"{where}: {file} not found; paths are relative to {relative_to}") from None
     except (OSError, UnicodeDecodeError, ValueError) as error:
         raise ConfigError(f"{where}: {file} cannot be read {_why_unreadable(error, file)}") from None
     refuse_non_text_prompts(file, where, text)
+    return text
+
+
+def read_prompt_lines(file: Path, where: str) -> list[str]:
+    """One prompt a line; blank lines and lines starting with # are skipped (a UTF-8 BOM too)."""
+    text = read_prompt_text(file, where)
     lines = [line.strip() for line in text_lines(text)]
     prompts = [line for line in lines if line and not line.startswith("#")]
     if not prompts:

@@ -30,7 +30,7 @@ from leco.config import (
     PromptSettings,
     describe_validation_error,
     read_config_text,
-    refuse_non_text_prompts,
+    read_prompt_text,
     text_lines,
     with_nearest,
 )
@@ -292,15 +292,7 @@ class _KohyaReader:
                 "prompt file), or leave the key out"
             )
         file = self.path.parent / Path(name).expanduser()
-        refuse_non_text_prompts(file, f"{self.path}: {key}")
-        try:
-            text = file.read_text(encoding="utf-8-sig")
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            raise ConfigError(
-                f"{self.path}: {key}: cannot read {file} ({type(error).__name__}); "
-                "paths are relative to the prompt file"
-            ) from None
-        refuse_non_text_prompts(file, f"{self.path}: {key}", text)
+        text = read_prompt_text(file, f"{self.path}: {key}", relative_to="the prompt file")
         lines = [line.strip() for line in text_lines(text) if line.strip()]
         if not lines:
             warn(f"{self.path}: {key}: {file} holds no prompts; the neutral prompt is used, as kohya does")
