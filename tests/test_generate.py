@@ -477,6 +477,7 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
     save_file({"emb_params": torch.ones(1, 16)}, tmp_path / "narrow.safetensors")
     save_file({"emb_params": torch.full((1, 32), float("nan"))}, tmp_path / "nan.safetensors")
     save_file({"emb_params": torch.ones(0, 32)}, tmp_path / "none.safetensors")
+    save_file({}, tmp_path / "empty.safetensors")
     save_file(
         {"lora_unet_x.lora_up.weight": torch.ones(2, 2), "x.alpha": torch.ones(())},
         tmp_path / "l.safetensors",
@@ -489,6 +490,7 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
         (sd1, [tmp_path / "damaged.pt"], "damaged.pt cannot be read"),
         (sd1, [tmp_path / "nan.safetensors"], "nan.safetensors holds no usable vectors"),
         (sd1, [tmp_path / "none.safetensors"], "none.safetensors holds no usable vectors"),
+        (sd1, [tmp_path / "empty.safetensors"], "empty.safetensors holds no tensors, not an embedding"),
         (
             sd1,
             [tmp_path / "l.safetensors"],

@@ -519,6 +519,16 @@ def test_lora_argument_parsing():
         parse_lora_argument("a.safetensors:nan")
 
 
+def test_a_file_whose_name_ends_in_a_strength_is_named_with_how_it_was_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path("y:0.5").write_bytes(b"")  # a name A1111's <lora:y:0.5> syntax might leave
+    with pytest.raises(LecoError, match=r"'y:0.5' reads as the file y at strength 0.5, .* give .*: y:0.5:1"):
+        parse_lora_argument("y:0.5")
+    assert parse_lora_argument("y:0.5:1") == LoraStrength(Path("y:0.5"), 1.0)
+    Path("y").write_bytes(b"")  # both there: the strength form wins, as documented
+    assert parse_lora_argument("y:0.5") == LoraStrength(Path("y"), 0.5)
+
+
 def test_a_strength_that_is_no_number_and_an_embedding_are_named(tmp_path, tiny_folders):
     lora = random_lora(str(tiny_folders["sd1"]), tmp_path / "l.safetensors", seed=4)
     with pytest.raises(LecoError, match=r"strength 'abc' in '.*l.safetensors:abc' is not a number"):

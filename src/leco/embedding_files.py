@@ -103,8 +103,9 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
         vectors = (vector,)
         key_token = None if key in ("emb_params", "*") else key  # diffusers' learned_embeds: {token: vector}
     else:
+        held = ", ".join(sorted(tensors))[:80] or "no tensors"
         raise LecoError(
-            f"--embedding: {path} holds {', '.join(sorted(tensors))[:80]}, not an embedding "
+            f"--embedding: {path} holds {held}, not an embedding "
             "(expected emb_params, clip_l + clip_g, or A1111's string_to_param)"
         )
     usable = (

@@ -80,6 +80,11 @@ def parse_lora_argument(text: str) -> LoraStrength:
             return LoraStrength(Path(text))
         if not math.isfinite(value):
             raise LecoError(f"--lora: strength {strength!r} in {text!r} is not a finite number")
+        if Path(text).is_file() and not Path(path).exists():  # a file whose name ends in ":0.5"
+            raise LecoError(
+                f"--lora: {text!r} reads as the file {path} at strength {strength}, and there is no such "
+                f"file (there is one named {text}); give its strength after it: {text}:1"
+            )
         return LoraStrength(Path(path), value)
     return LoraStrength(Path(text))
 
