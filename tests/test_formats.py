@@ -658,6 +658,7 @@ def test_the_prompt_file_comes_from_the_command_line_as_kohya_takes_it(tmp_path,
         ),
         ('save_model_as = "ckpt"', r"save_model_as: leco writes .safetensors only"),
         ("gradient_accumulation_steps = 4", r"gradient_accumulation_steps: 4 has no leco equivalent"),
+        ('mixed_precision = "fp8"', r"mixed_precision: 'fp8' is not one leco trains in; use 'no' \(full"),
     ],
 )
 def test_kohya_options_without_equivalent_are_one_line_naming_them(tmp_path, monkeypatch, line, message):

@@ -231,7 +231,12 @@ class _Options:
         clip = self.get("max_grad_norm", "train.max_grad_norm")
         train["max_grad_norm"] = None if clip == 0 else clip  # kohya: 0 turns clipping off
         precision = str(self.get("mixed_precision", "train.precision")).lower()
-        train["precision"] = _PRECISIONS.get(precision, precision)
+        if precision not in _PRECISIONS:  # said in kohya's values, not leco's
+            raise ConfigError(
+                f"{self.path}: mixed_precision: {precision!r} is not one leco trains in; "
+                "use 'no' (full precision), 'fp16' or 'bf16'"
+            )
+        train["precision"] = _PRECISIONS[precision]
         if self.arguments.get("seed") is not None:
             train["seed"] = self.get("seed", "train.seed")
         gamma = self.get("min_snr_gamma", "train.min_snr_gamma")
