@@ -979,6 +979,16 @@ def test_a_distilled_merge_of_a_model_without_a_card_writes_one_saying_only_that
     assert "Repo card metadata" not in capsys.readouterr().err  # the hub library's log of a card it made
 
 
+def test_a_distilled_lora_given_twice_is_said_once_at_its_summed_strength(tmp_path, capsys):
+    lora = distilled_lora(tmp_path, ["distill"])
+    twice = [LoraStrength(lora, 1.0), LoraStrength(tmp_path / ".." / tmp_path.name / lora.name, 1.0)]
+    merge("ink-digits", twice, tmp_path / "twice.safetensors", precision="fp32")
+    err = capsys.readouterr().err
+    assert err.count("CFG-distilled") == 1 and "at strength 2 it goes past the guidance it was" in err
+    merge("ink-digits", [LoraStrength(lora, 0.5)], tmp_path / "half.safetensors", precision="fp32")
+    assert "at strength 0.5 it is distilled only in part" in capsys.readouterr().err
+
+
 def test_a_partly_distilled_lora_keeps_the_models_guidance_and_says_so(tmp_path, capsys):
     lora = distilled_lora(tmp_path, ["distill", "erase"])
     out = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "mixed", precision="fp32")

@@ -185,8 +185,20 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
     whole = [(lora, d) for lora, d in distilled if not d.mixed and lora.strength > 0]
     if not whole:
         return inherited
+    strengths: dict[Path, float] = {}  # a file given twice is baked twice: said once, at its sum
+    for lora, _ in whole:
+        strengths[lora.path.resolve()] = strengths.get(lora.path.resolve(), 0.0) + lora.strength
     for lora, distillation in whole:
-        share = "" if lora.strength == 1 else f"; at strength {lora.strength:g} it is distilled only in part"
+        strength = strengths.pop(lora.path.resolve(), None)
+        if strength is None:
+            continue
+        share = (
+            ""
+            if strength == 1
+            else f"; at strength {strength:g} it is distilled only in part"
+            if strength < 1
+            else f"; at strength {strength:g} it goes past the guidance it was trained for"
+        )
         warn(
             f"--lora {lora.path.name}: CFG-distilled (at guidance 1 it draws what the model draws at "
             f"{distillation.reproduces()}): the merged model recommends guidance 1 (leco generate and eval "
