@@ -92,6 +92,12 @@ def test_a_lora_given_as_a_model_is_named_as_such(key):
         arch_from_checkpoint({key: torch.zeros(2, 2)}, "x.safetensors")
 
 
+@pytest.mark.parametrize("keys", [["emb_params"], ["clip_l", "clip_g"], ["string_to_param", "name"]])
+def test_an_embedding_given_as_a_model_is_named_as_such(keys):
+    with pytest.raises(LecoError, match=r"^x.pt: is a textual-inversion embedding, not a model; .*"):
+        arch_from_checkpoint(dict.fromkeys(keys, torch.zeros(2, 8)), "x.pt")
+
+
 def test_single_file_needs_matching_configs(tiny_single_files):
     # Without `config`, the shipped full-size SD1 architecture is used: a tiny file does not fit it.
     with pytest.raises(LecoError, match="do not match the sd1 architecture"):

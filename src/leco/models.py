@@ -784,6 +784,12 @@ def arch_from_checkpoint(checkpoint: dict[str, torch.Tensor], path: Path | str =
             f"{path}: is a LoRA, not a model; name the model (a folder, checkpoint or ink-digits) here, "
             "and give the LoRA where LoRAs go (--lora, or bake it in with leco merge)"
         )
+    # textual-inversion keys (A1111/kohya SD1/2, SDXL, A1111 .pt), as leco.network.kohya.is_embedding
+    if set(checkpoint) in ({"emb_params"}, {"clip_l", "clip_g"}) or "string_to_param" in checkpoint:
+        raise LecoError(
+            f"{path}: is a textual-inversion embedding, not a model; name the model (a folder, checkpoint "
+            "or ink-digits) here, and give the embedding to leco generate or eval with --embedding"
+        )
     raise LecoError(
         f"{path}: no Stable Diffusion UNet inside (no model.diffusion_model.*proj_in weights); "
         "expected an SD 1.x, 2.x or SDXL checkpoint"
