@@ -192,13 +192,11 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
         strength = strengths.pop(lora.path.resolve(), None)
         if strength is None:
             continue
-        share = (
-            ""
-            if strength == 1
-            else f"; at strength {strength:g} it is distilled only in part"
-            if strength < 1
-            else f"; at strength {strength:g} it goes past the guidance it was trained for"
-        )
+        share = ""
+        if strength < 1:
+            share = f"; at strength {strength:g} it is distilled only in part"
+        elif strength > 1:
+            share = f"; at strength {strength:g} it goes past the guidance it was trained for"
         warn(
             f"--lora {lora.path.name}: CFG-distilled (at guidance 1 it draws what the model draws at "
             f"{distillation.reproduces()}): the merged model recommends guidance 1 (leco generate and eval "
