@@ -14,7 +14,7 @@ import os
 import re
 import textwrap
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -766,6 +766,12 @@ def _is_torch_save_file(path: Path) -> bool:
     return zipfile.is_zipfile(path) or first == b"\x80"
 
 
+def is_embedding(keys: Iterable[str]) -> bool:
+    """Whether a file's keys are a textual-inversion embedding's (A1111/kohya SD1/2, SDXL, A1111 .pt)."""
+    keys = set(keys)
+    return keys in ({"emb_params"}, {"clip_l", "clip_g"}) or "string_to_param" in keys
+
+
 def arch_from_checkpoint(checkpoint: dict[str, torch.Tensor], path: Path | str = "checkpoint") -> Arch:
     """Tell SD1, SD2 and SDXL apart by structure, as the original repos lay their weights out."""
     if any(
@@ -784,8 +790,7 @@ def arch_from_checkpoint(checkpoint: dict[str, torch.Tensor], path: Path | str =
             f"{path}: is a LoRA, not a model; name the model (a folder, checkpoint or ink-digits) here, "
             "and give the LoRA where LoRAs go (--lora, or bake it in with leco merge)"
         )
-    # textual-inversion keys (A1111/kohya SD1/2, SDXL, A1111 .pt), as leco.network.kohya.is_embedding
-    if set(checkpoint) in ({"emb_params"}, {"clip_l", "clip_g"}) or "string_to_param" in checkpoint:
+    if is_embedding(checkpoint):
         raise LecoError(
             f"{path}: is a textual-inversion embedding, not a model; name the model (a folder, checkpoint "
             "or ink-digits) here, and give the embedding to leco generate or eval with --embedding"

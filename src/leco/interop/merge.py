@@ -185,13 +185,15 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
     whole = [(lora, d) for lora, d in distilled if not d.mixed and lora.strength > 0]
     if not whole:
         return inherited
-    strengths: dict[Path, float] = {}  # a file given twice is baked twice: said once, at its sum
-    for lora, _ in whole:
-        strengths[lora.path.resolve()] = strengths.get(lora.path.resolve(), 0.0) + lora.strength
+    # A file given twice is baked twice: said once, at its summed strength.
+    strengths: dict[Path, float] = {}
+    first_of: dict[Path, tuple] = {}  # (the first LoraStrength, its Distillation)
     for lora, distillation in whole:
-        strength = strengths.pop(lora.path.resolve(), None)
-        if strength is None:
-            continue
+        file = lora.path.resolve()
+        strengths[file] = strengths.get(file, 0.0) + lora.strength
+        first_of.setdefault(file, (lora, distillation))
+    for file, (lora, distillation) in first_of.items():
+        strength = strengths[file]
         share = ""
         if strength < 1:
             share = f"; at strength {strength:g} it is distilled only in part"

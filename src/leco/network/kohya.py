@@ -26,7 +26,7 @@ from leco import __version__
 from leco.config import read_config_text
 from leco.errors import LecoError, first_line
 from leco.files import atomic_output, load_torch_file
-from leco.models import ModelFamily, model_name, modelspec_v_prediction
+from leco.models import ModelFamily, is_embedding, model_name, modelspec_v_prediction
 from leco.network.layers import OUTSIDE_BLOCKS, adaptable_layers
 from leco.network.peft_format import KOHYA_PREFIXES, as_kohya, is_diffusers_layout
 from leco.network.sgm_names import to_sgm_name
@@ -284,12 +284,6 @@ def is_one_token_embedding(shapes: Mapping[str, Sequence[int]]) -> bool:
         return False
     (key, shape), *_ = shapes.items()
     return len(shape) in (1, 2) and not key.startswith(("lora_", "lycoris_"))
-
-
-def is_embedding(keys: Iterable[str]) -> bool:
-    """Whether a file's keys are a textual-inversion embedding's (A1111/kohya SD1/2, SDXL, A1111 .pt)."""
-    keys = set(keys)
-    return keys in ({"emb_params"}, {"clip_l", "clip_g"}) or "string_to_param" in keys
 
 
 def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
