@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import leco.cli as cli
 import leco.models
 from leco.checkpoints import read_state
 from leco.cli import build_parser, main
@@ -1171,6 +1172,27 @@ def test_a_termination_before_training_ends_with_one_line_like_ctrl_c(tmp_path, 
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130 and "Traceback" not in err, err
     assert err.strip().splitlines()[-1] in ("leco generate: aborted", "leco: aborted")
+
+
+def test_a_ctrl_c_inside_a_lazy_import_aborts_as_any_ctrl_c_does(capsys, monkeypatch):
+    # Ctrl-C while a library makes a class (pydantic on its first import, seen under torchrun): Python
+    # raises "RuntimeError: Error calling __set_name__" caused by the KeyboardInterrupt.
+    def interrupted_import(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("Error calling __set_name__ on 'cached_property' instance") from interrupt
+
+    monkeypatch.setattr(cli, "run_generate", interrupted_import)
+    code, _, err = run_cli(["generate", "--model", "ink-digits", "--prompt", "a digit two"], capsys)
+    assert (code, err.strip()) == (130, "leco generate: aborted")
+
+    def failing(args):
+        raise RuntimeError("a real failure")  # not an interrupt: still raised, not hidden as one
+
+    monkeypatch.setattr(cli, "run_generate", failing)
+    with pytest.raises(RuntimeError, match="a real failure"):
+        run_cli(["generate", "--model", "ink-digits", "--prompt", "a digit two"], capsys)
 
 
 def test_an_empty_resume_is_one_line_before_the_config_is_read(capsys):

@@ -948,22 +948,42 @@ def _main(argv: Sequence[str] | None) -> int:
             print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated):
-        if is_main_process():  # data-parallel: said once
-            with contextlib.suppress(OSError):  # after a hang-up the terminal may be gone
-                print(f"leco {args.command}: aborted", file=sys.stderr)
-        if os.environ.get(LAUNCHED_BY_LECO):  # torchrun reads 130 as a crash; the launcher says 130
-            # Ended here: CPython re-raises SIGINT at exit when the interrupt passed through code run
-            # from C (seen under torch), even though it was caught; torchrun would report a crash.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-        return 130
+        return _aborted(args.command)
     except Exception as error:  # torch.OutOfMemoryError is a RuntimeError; a full disk an OSError or not
+        if _raised_by_an_interrupt(error):
+            return _aborted(args.command)
         message = _out_of_memory(error) or _disk_full(error) or _write_failed(error, args.command)
         if not message:
             raise
         print(f"leco {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _aborted(command: str) -> int:
+    """Ctrl-C, SIGTERM or a hang-up outside training's own handling: one line, exit code 130."""
+    if is_main_process():  # data-parallel: said once
+        with contextlib.suppress(OSError):  # after a hang-up the terminal may be gone
+            print(f"leco {command}: aborted", file=sys.stderr)
+    if os.environ.get(LAUNCHED_BY_LECO):  # torchrun reads 130 as a crash; the launcher says 130
+        # Ended here: CPython re-raises SIGINT at exit when the interrupt passed through code run
+        # from C (seen under torch), even though it was caught; torchrun would report a crash.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    return 130
+
+
+def _raised_by_an_interrupt(error: BaseException) -> bool:
+    """An error Python raised because of a Ctrl-C or SIGTERM: an interrupt inside a class being made
+    (a library's lazy import) comes out as "RuntimeError: Error calling __set_name__" caused by it."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, KeyboardInterrupt | Terminated):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _refuse_repeated_options(command: argparse.ArgumentParser, words: list[str]) -> None:
