@@ -5,6 +5,9 @@ ships (nothing is downloaded) and trains the default config (LoRA rank 4 on ever
 layer, samples_per_rollout 4, 50 denoising steps, CFG 3 rollouts) at each family's native size, in
 fp16 and bf16, with and without gradient checkpointing, the same with 4 steps per forward
 (train.steps_per_forward), and the reference LECO schedule (benchmarks/reference.py) in one run.
+`--transplant` times a transplant instead: SD1.5 taught by SD2.1-v and the other way round, the
+teacher's UNet on the GPU and offloaded (teacher.offload). `--compile` compiles the student's UNet
+(torch.compile) in every row; the first rollout's seconds, the compilation in them, are printed.
 
   python benchmarks/gpu_scale.py              # on a CUDA GPU: the measured table
   python benchmarks/gpu_scale.py --estimate   # no GPU: peak memory estimated from sizes (labelled)
@@ -23,8 +26,10 @@ import gc
 import json
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -97,11 +102,20 @@ SCHEDULES = {"leco default": 1, "leco, 4 steps per forward": 4, "reference LECO"
 SCHEDULE_KEYS = dict(zip(["default", "steps4", "reference"], SCHEDULES, strict=True))  # --schedules
 
 
-def config(out: str, precision: str, size: int, checkpointing: bool, schedule: str) -> LecoConfig:
+# --transplant: each student's teacher, the family that shares its latent space and noise schedule
+# (SDXL shares neither with another family).
+TEACHER_OF = {"sd1.5": "sd2.1-v", "sd2.1-v": "sd1.5"}
+TRANSPLANTS = {"on the GPU": False, "offloaded": True}  # the teacher's UNet: teacher.offload
+
+
+def config(
+    out: str, precision: str, size: int, checkpointing: bool, schedule: str, teacher: dict | None = None
+) -> LecoConfig:
     reference = schedule == "reference LECO"
     return LecoConfig.model_validate(
         {
             "pretrained_model": {"name_or_path": "unused"},
+            **({"teacher": teacher} if teacher else {}),
             "prompts": [{"target": "a painting by van gogh", "resolution": size}],
             "network": {"training_method": "full" if reference else "xattn"},
             "train": {
@@ -127,11 +141,22 @@ def measure(
     if args.smoke:
         dtype, precision = torch.float32, "fp32"  # the CPU has no fast half precision
     models = build(family, dtype, device, args.smoke, size)
-    run = config(out, precision, size, checkpointing, schedule)
+    if args.compile:
+        models.unet.compile()  # in place: the LoRA injected next is compiled with it, at the first call
+    teacher, loading = None, nullcontext()
+    if schedule in TRANSPLANTS:
+        teacher_family = TEACHER_OF[family]
+        teacher = {"name_or_path": f"random {teacher_family}", "offload": TRANSPLANTS[schedule]}
+        # Nothing to load from disk: the teacher's loader is handed a model built like the student.
+        teacher_models = build(teacher_family, dtype, device, args.smoke, size)
+        loading = patch("leco.teacher.load_models", lambda *_, **__: teacher_models)
+    base_schedule = "leco default" if teacher else schedule
+    run = config(out, precision, size, checkpointing, base_schedule, teacher)
     run.train.device = device.type
     if args.smoke:
         run.train.max_denoising_steps = 6
-    trainer = Trainer(run, progress=False, models=models)
+    with loading:
+        trainer = Trainer(run, progress=False, models=models)
     generator = torch.Generator().manual_seed(0)
 
     def step() -> None:
@@ -144,11 +169,13 @@ def measure(
     # first step and the others are cheap, so a part of one would misstate a step.
     cycle = run.train.samples_per_rollout
     timed = cycle * -(-args.steps // cycle)
+    start = time.perf_counter()
     for _ in range(cycle):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    first_rollout = time.perf_counter() - start
     start = time.perf_counter()
     for _ in range(timed):
         step()
@@ -159,7 +186,7 @@ def measure(
     trainer.trainable.remove()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"seconds_per_step": seconds, "peak_gib": peak, "size": size}
+    return {"seconds_per_step": seconds, "peak_gib": peak, "size": size, "first_rollout_s": first_rollout}
 
 
 def estimate(family: str) -> dict[str, float]:
@@ -218,6 +245,15 @@ def main() -> None:
     parser.add_argument("--estimate", action="store_true", help="no GPU: estimated peak memory")
     parser.add_argument("--schedules", default=",".join(SCHEDULE_KEYS), help="default, steps4, reference")
     parser.add_argument("--precisions", default="fp16,bf16")
+    parser.add_argument("--checkpointing", default="no,yes", help="gradient checkpointing: no, yes")
+    parser.add_argument(
+        "--transplant",
+        action="store_true",
+        help="transplant rows instead: SD1.5 and SD2.1-v taught by each other, the teacher offloaded or not",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the student's UNet (the first rollout compiles)"
+    )
     parser.add_argument(
         "--budget-s",
         type=seconds,
@@ -227,7 +263,15 @@ def main() -> None:
     args = parser.parse_args()
     families = known_names(parser, "--families", args.families, FAMILIES)
     schedules = [SCHEDULE_KEYS[k] for k in known_names(parser, "--schedules", args.schedules, SCHEDULE_KEYS)]
+    if args.transplant:
+        families = [family for family in families if family in TEACHER_OF]
+        if not families:
+            parser.error(f"--transplant: a student of {', '.join(TEACHER_OF)} (SDXL shares no latent space)")
+        schedules = list(TRANSPLANTS)
     wanted_precisions = known_names(parser, "--precisions", args.precisions, ["fp16", "bf16"])
+    checkpointed = [
+        c == "yes" for c in known_names(parser, "--checkpointing", args.checkpointing, ["no", "yes"])
+    ]
     if args.estimate:
         print("ESTIMATE (no GPU run): peak GiB = UNet fp16 weights + LoRA/AdamW + saved activations + 1")
         print("| model | size | weights | LoRA + optimizer | activations (no checkpointing) | peak |")
@@ -243,26 +287,34 @@ def main() -> None:
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_scale: no CUDA GPU here; use --estimate (sizes) or --smoke (CPU check)")
     name = "CPU (smoke, tiny widths)" if args.smoke else torch.cuda.get_device_name()
-    print(f"{name}; {args.steps} timed steps per row")
-    print("| model | precision | checkpointing | schedule | size | s/step | peak GiB |")
-    print("|---|---|---|---|---|---|---|")
+    compiled = "; the student's UNet compiled (torch.compile)" if args.compile else ""
+    print(f"{name}; {args.steps} timed steps per row{compiled}")
+    schedule_column = "teacher's UNet" if args.transplant else "schedule"
+    figures = "size | s/step | peak GiB | first rollout s"
+    print(f"| model | precision | checkpointing | {schedule_column} | {figures} |")
+    print("|---|---|---|---|---|---|---|---|")
     precisions = ["fp16"] if args.smoke else wanted_precisions
     start, skipped = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as out:
-        for family, precision, checkpointing, schedule in rows_in_order(families, precisions, schedules):
-            cells = f"| {family} | {precision} | {'yes' if checkpointing else 'no'} | {schedule} |"
+        for family, precision, checkpointing, schedule in rows_in_order(
+            families, precisions, schedules, checkpointed
+        ):
+            student = f"{family} taught by {TEACHER_OF[family]}" if args.transplant else family
+            cells = f"| {student} | {precision} | {'yes' if checkpointing else 'no'} | {schedule} |"
             if args.budget_s and time.perf_counter() - start > args.budget_s:
                 skipped.append(cells)
                 continue
             try:
                 r = measure(family, precision, checkpointing, schedule, args, out)
             except Exception as error:  # noqa: BLE001 - one row's failure (memory, a kernel) is a result too
-                print(f"{cells} failed: {type(error).__name__}: {first_line(error)} | - | - |", flush=True)
+                failure = f"{type(error).__name__}: {first_line(error)}"
+                print(f"{cells} failed: {failure} | - | - | - |", flush=True)
                 gc.collect()  # the failed row's models, before the next row builds its own
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
                 continue
-            print(f"{cells} {r['size']} | {r['seconds_per_step']:.3f} | {r['peak_gib']:.2f} |", flush=True)
+            figures = f"{r['seconds_per_step']:.3f} | {r['peak_gib']:.2f} | {r['first_rollout_s']:.1f}"
+            print(f"{cells} {r['size']} | {figures} |", flush=True)
     if skipped:
         print(f"not measured (--budget-s {args.budget_s:g} spent): " + "; ".join(skipped))
 
@@ -270,7 +322,12 @@ def main() -> None:
 Row = tuple[str, str, bool, str]  # family, precision, gradient checkpointing, schedule
 
 
-def rows_in_order(families: list[str], precisions: list[str], schedules: list[str]) -> list[Row]:
+def rows_in_order(
+    families: list[str],
+    precisions: list[str],
+    schedules: list[str],
+    checkpointed: tuple[bool, ...] | list[bool] = (False, True),
+) -> list[Row]:
     """Every row, the ones the README's claims rest on first, so a time budget drops the least
     telling: fp16 before bf16 (the same memory), leco's default and the reference before the
     batched-forward variant, and checkpointing after the plain rows except for SDXL's default,
@@ -279,7 +336,7 @@ def rows_in_order(families: list[str], precisions: list[str], schedules: list[st
         (family, precision, checkpointing, schedule)
         for family in families
         for precision in precisions
-        for checkpointing in (False, True)
+        for checkpointing in checkpointed
         for schedule in schedules
     ]
 

@@ -1,5 +1,6 @@
 """The GPU benchmark's code path runs on the CPU at a tiny size (the figures come from a GPU)."""
 
+import argparse
 import runpy
 import subprocess
 import sys
@@ -52,6 +53,30 @@ def test_gpu_scale_runs_the_rows_the_readme_rests_on_first(monkeypatch):
     assert all(row[1] == "bf16" for row in rows[last_fp16 + 1 :]) and len(rows) - last_fp16 - 1 == 18
 
 
+@pytest.mark.parametrize("offloaded", [False, True])
+def test_gpu_scale_transplant_rows_train_with_the_other_familys_unet_as_teacher(
+    offloaded, monkeypatch, tmp_path
+):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    gpu_scale = runpy.run_path(str(BENCHMARKS / "gpu_scale.py"))
+    built, build, teacher_calls = [], gpu_scale["build"], []
+
+    def build_and_watch(family, *args):
+        models = build(family, *args)
+        if family == "sd2.1-v":
+            models.unet.register_forward_hook(lambda *_: teacher_calls.append(1))
+        built.append(family)
+        return models
+
+    # runpy hands back a copy of the script's globals: measure() looks `build` up in its own
+    monkeypatch.setitem(gpu_scale["measure"].__globals__, "build", build_and_watch)
+    schedule = "offloaded" if offloaded else "on the GPU"
+    args = argparse.Namespace(smoke=True, steps=1, compile=False)
+    row = gpu_scale["measure"]("sd1.5", "fp16", False, schedule, args, str(tmp_path))
+    assert built == ["sd1.5", "sd2.1-v"] and row["seconds_per_step"] > 0
+    assert teacher_calls  # the SD2.1-v UNet predicted for the student's concept
+
+
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
@@ -66,6 +91,8 @@ def test_gpu_scale_runs_the_rows_the_readme_rests_on_first(monkeypatch):
         (["gpu_scale.py", "--schedules", "default,nope"], "--schedules: nope not known; choose from default"),
         (["gpu_scale.py", "--budget-s", "-5"], "--budget-s: -5 must be a finite number of seconds"),
         (["gpu_scale.py", "--budget-s", "nan"], "--budget-s: nan must be a finite number of seconds"),
+        (["gpu_scale.py", "--checkpointing", "maybe"], "--checkpointing: maybe not known; choose from no"),
+        (["gpu_scale.py", "--transplant", "--families", "sdxl"], "--transplant: a student of sd1.5, sd2.1-v"),
         (["step_speed.py", "--reuse", "x"], "--reuse: 'x' is not a whole number"),  # before the timing
         (["time_to_erase.py", "--skip-scaling", "--only-scaling"], "not allowed with argument"),
         (["rollout_reuse.py", "--example", "nope"], "--example: "),

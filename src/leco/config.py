@@ -188,7 +188,8 @@ class NetworkConfig(_Section):
 class TeacherConfig(PretrainedModelConfig):
     """Another model whose knowledge of the concept is transplanted (same latent space and schedule)."""
 
-    # Keep its UNet on the CPU between calls: slower, but two full-size UNets fit a 12 GB GPU.
+    # Keep its UNet on the CPU between its calls: the student's training pass then runs without the
+    # teacher's weights beside it (its own calls still hold both UNets); slower a step.
     offload: bool = False
     # The share of rollouts the teacher samples (its guided prediction, on its own way to the
     # image); the others as train.rollout_model says. 0: the student samples them all.
