@@ -281,6 +281,15 @@ def test_a_missing_model_is_one_line_naming_the_option(capsys, tmp_path, monkeyp
     assert "pretrained_model" not in err
 
 
+@pytest.mark.parametrize("name", ["prompts.toml", "train.toml", "network.toml"])  # named like a section
+def test_a_kohya_prompts_file_given_to_train_is_named_once(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_text((EXAMPLES / "slider_red_blue_kohya.toml").read_text())
+    code, _, err = run_cli(["train", name], capsys)
+    assert code == 2 and err.count(name) == 2, err  # the file, then the prompts_file: line to write
+    assert f"error: {name}: a kohya train_leco TOML is a prompts file" in err
+
+
 # -- LoRA files -------------------------------------------------------------------------------------
 
 

@@ -538,6 +538,21 @@ def test_bad_prompt_lists_are_one_line(folder, prompts, files, expected):
     assert message.startswith(str(folder)) and "\n" not in message and expected in message, message
 
 
+def test_an_entry_written_as_its_text_alone_is_shown_in_its_keys(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("pretrained_model: {name_or_path: ink-digits}\nprompts: [a digit seven]\n")
+    with pytest.raises(
+        ConfigError, match=r"prompts.1: .*write e.g. prompts.1: \{target: \"a digit seven\"\}$"
+    ):
+        load_config(config)
+    for kind in ("erase", "keep", "enhance"):
+        spec = tmp_path / "spec.yaml"
+        spec.write_text(f"{kind}: [a digit three]\n")
+        expected = rf"{kind}.1: .*write e.g. {kind}.1: \{{prompt: \"a digit three\", concept: "
+        with pytest.raises(ConfigError, match=expected):
+            load_spec(spec)
+
+
 def test_distill_between_equal_prompts_learns_only_from_a_teacher():
     entry = {
         "target": "a digit three",

@@ -351,6 +351,17 @@ def test_keep_all_is_refused_by_detectors_without_a_concept_list(tiny_clip):
         judged_prompts(spec, ClipDetector(str(tiny_clip), ["nudity"]))
 
 
+@pytest.mark.parametrize("detector", ["clip", "nudenet"])
+def test_keep_all_with_a_detector_without_a_concept_list_is_the_first_thing_said(tmp_path, detector):
+    # A spec's own problem, before a missing clip_model, a download or another label check
+    path = tmp_path / "spec.yaml"
+    path.write_text(
+        f"detector: {detector}\nerase: [{{prompt: a digit seven, concept: a seven}}]\nkeep: all\n"
+    )
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: keep: all needs a detector with a"):
+        load_spec(path)
+
+
 def test_a_loaded_specs_own_problems_name_its_file(tmp_path):
     path = tmp_path / "nudes.yaml"
     path.write_text("detector: nudenet\nerase: [{prompt: a nude, concept: nudity}]\nkeep: all\n")

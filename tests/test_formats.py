@@ -465,7 +465,20 @@ def kohya_arguments(tmp_path: Path, lines: str, name: str = "args.toml") -> Path
     return path
 
 
-def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, monkeypatch):
+@pytest.fixture
+def loggers_installed(monkeypatch):
+    """As if TensorBoard and wandb were installed (the dev extras leave them out): a kohya file's
+    loggers are read only where they can run."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    installed = lambda name, *a: real("json") if name in ("tensorboard", "wandb") else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", installed)
+
+
+def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(
+    tmp_path, monkeypatch, loggers_installed
+):
     """train_leco.py --config_file: its options by argparse name, flat or in tables, become the leco
     config they mean; what the file leaves out takes kohya's default, not leco's."""
     monkeypatch.chdir(tmp_path)  # kohya opens prompts_file and output_dir from the working directory
@@ -554,9 +567,35 @@ def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(tmp_path, m
         ("[extra]\nlearning_rate = 1e-3", lambda c: c.train.lr == 1e-3),  # a table: flattened
     ],
 )
-def test_kohya_options_read_as_kohya_reads_them(tmp_path, monkeypatch, lines, expected):
+def test_kohya_options_read_as_kohya_reads_them(tmp_path, monkeypatch, loggers_installed, lines, expected):
     monkeypatch.chdir(tmp_path)
     assert expected(load_config(kohya_arguments(tmp_path, lines + "\n")))
+
+
+@pytest.mark.parametrize(
+    ("lines", "said"),
+    [
+        ('logging_dir = "logs"', "logging_dir: tensorboard is not installed"),  # kohya_ss GUI files hold it
+        ('log_with = "tensorboard"\nlogging_dir = "logs"', "log_with: tensorboard is not installed"),
+        ('log_with = "wandb"', "log_with: wandb is not installed"),
+    ],
+)
+def test_a_kohya_logger_that_is_not_installed_is_said_and_the_run_trains_unlogged(
+    tmp_path, monkeypatch, capsys, lines, said
+):
+    # kohya hands its loggers to accelerate, which skips one whose package is missing
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = {"tensorboard", "wandb"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a)
+    )
+    monkeypatch.chdir(tmp_path)
+    path = kohya_arguments(tmp_path, lines + "\n")
+    logging = load_config(path).logging
+    assert not logging.use_tensorboard and not logging.use_wandb
+    assert f"{path}: {said}, so no logs are written; pip install" in capsys.readouterr().err
 
 
 def test_kohya_options_train_leco_never_reads_are_said_and_ignored(tmp_path, monkeypatch, capsys):
@@ -898,6 +937,48 @@ def test_ai_toolkit_accepts_what_changes_nothing_in_its_slider_loop(ai_toolkit_e
         check = lambda c: c.preview.prompts == []  # noqa: E731
     path.write_text(edit(text, old, new))
     assert check(load_config(path))
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "params", "said"),
+    [
+        ("cosine", "{T_max: 100, eta_min: 0}", "lr_scheduler_params.T_max: ai-toolkit replaces it"),
+        ("cosine_with_restarts", "{T_0: 50}", "lr_scheduler_params.T_0: ai-toolkit replaces it"),
+        ("constant", "{total_iters: 7}", "lr_scheduler_params.total_iters: ai-toolkit replaces it"),
+        ("cosine", "{T_max: 3}", None),  # its own steps: nothing to say
+    ],
+)
+def test_ai_toolkit_schedule_lengths_it_replaces_with_its_steps_are_said_and_ignored(
+    ai_toolkit_env, capsys, scheduler, params, said
+):
+    # BaseSDTrainProcess sets total_iters to train.steps; its cosine schedules take T_max / T_0 from it
+    path = ai_toolkit_env / "job.yaml"
+    path.write_text(
+        edit(
+            (DATA / "ai_toolkit_slider.yaml").read_text(),
+            'lr_scheduler: "cosine"',
+            f'lr_scheduler: "{scheduler}"\n        lr_scheduler_params: {params}',
+        )
+    )
+    config = load_config(path)
+    assert config.train.lr_scheduler == scheduler and config.train.iterations == 3
+    assert config.train.lr_scheduler_args == {}  # one cycle over the steps, as ai-toolkit's T_0 = steps
+    warnings = capsys.readouterr().err
+    assert (said in warnings and "train.steps (3)" in warnings) if said else "replaces" not in warnings
+
+
+def test_ai_toolkit_max_iterations_in_the_schedule_is_refused(ai_toolkit_env):
+    path = ai_toolkit_env / "job.yaml"
+    text = (DATA / "ai_toolkit_slider.yaml").read_text()
+    path.write_text(
+        edit(
+            text,
+            'lr_scheduler: "cosine"',
+            'lr_scheduler: "cosine"\n        lr_scheduler_params: {max_iterations: 9, T_max: 9}',
+        )
+    )
+    with pytest.raises(ConfigError, match=r"lr_scheduler_params.max_iterations: has no leco equivalent"):
+        load_config(path)
 
 
 def test_ai_toolkit_anchor_multipliers_are_accepted_and_said_unused(ai_toolkit_env, capsys):

@@ -658,7 +658,8 @@ def _in_config_file(config: str, message: str, changes: Sequence[str] = ()) -> s
     changes made to it; a key --set changed keeps leco's name."""
     from leco.formats.origins import in_file_keys
 
-    if not _CONFIG_KEY_PROBLEM.match(message):
+    named_file = message.partition(": ")[0]  # a file such as prompts.toml opens like a key
+    if not _CONFIG_KEY_PROBLEM.match(message) or Path(named_file).is_file():
         return message
     where = f"{config} with --set {' '.join(map(shlex.quote, changes))}" if changes else config
     changed = any(message.startswith(f"{change.partition('=')[0].strip()}:") for change in changes)

@@ -1546,6 +1546,14 @@ _SECTION_EXAMPLES = {
     "network": "{type: lierla, rank: 4}",
 }
 
+# A list entry written as its text alone (`- a digit seven`): the entry that text may stand for.
+_ENTRY_EXAMPLES = {
+    "prompts.N": "{{target: {}}}",
+    "erase.N": "{{prompt: {}, concept: WHAT_THE_DETECTOR_LOOKS_FOR}}",
+    "keep.N": "{{prompt: {}, concept: WHAT_THE_DETECTOR_LOOKS_FOR}}",
+    "enhance.N": "{{prompt: {}, concept: WHAT_THE_DETECTOR_LOOKS_FOR, end: 1}}",
+}
+
 # How pydantic tags the form of a union an error belongs to: int, list[str], literal['auto'], ...
 _UNION_MEMBER = re.compile(r"^(int|float|str|bool|none|(list|tuple|dict|set|literal)\[.*\])$")
 
@@ -1572,6 +1580,9 @@ def _problem(item: Any, model: type[BaseModel]) -> str:
         return f"{key}: {given} is not allowed; use one of {expected}"
     if kind in ("model_type", "dict_type"):  # `teacher: ink-digits-2` for teacher: {name_or_path: ...}
         example = _SECTION_EXAMPLES.get(key, "{key: value, ...}")
+        entry = _ENTRY_EXAMPLES.get(re.sub(r"\.\d+$", ".N", key))
+        if entry and isinstance(item.get("input"), str):  # the entry's text alone: show it in its keys
+            example = entry.format(json.dumps(item["input"], ensure_ascii=False))
         return f"{key}: a section of keys, not {given}; write e.g. {key}: {example}"
     message = item["msg"].replace("Value error, ", "")
     return f"{key}: {message} (got {given})"

@@ -222,6 +222,8 @@ def spec_from_document(document: dict[str, Any], path: Path) -> EvalSpec:
     _refuse_contradictions(spec, path)
     if spec.detector != "clip" and {"alternatives", "clip_model"} & spec.model_fields_set:
         warn(f"{path}: alternatives and clip_model are for detector: clip, not {spec.detector}; ignored")
+    if spec.keep_all and spec.detector in NO_CONCEPT_LIST:  # what else is wrong matters less
+        raise ConfigError(f"{path}: {NO_CONCEPT_LIST[spec.detector]}")
     if spec.detector == "clip":
         _refuse_one_clip_label(spec, path)
     for number, item in enumerate(spec.enhance, start=1):  # else its goal is never measured
@@ -315,14 +317,14 @@ def check_detector(spec: EvalSpec) -> None:
     """What the spec asks of its detector that is known before the diffusion model loads (minutes
     on SD): the detector's package, its model, `keep: all`, and the concepts it is asked for."""
     with _named_by(spec):
+        if spec.keep_all and spec.detector != "ink-digits":  # the spec alone: before any install or download
+            raise LecoError(NO_CONCEPT_LIST[spec.detector])
         if spec.detector == "nudenet" and importlib.util.find_spec("nudenet") is None:
             raise LecoError(NUDENET_MISSING)
         if spec.detector == "clip":
             if not spec.clip_model:
                 raise LecoError("clip_model: missing; name a CLIP model (HF id or local folder)")
             check_hub_repo_available(spec.clip_model, "clip_model", "config.json")
-        if spec.keep_all and spec.detector != "ink-digits":
-            raise LecoError(NO_CONCEPT_LIST[spec.detector])
         for item in spec.erase + spec.keep + spec.enhance:
             if spec.detector == "nudenet":
                 NudeNetDetector.check_concept(item.concept)

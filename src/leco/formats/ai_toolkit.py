@@ -540,9 +540,16 @@ class _Converter:
         if not isinstance(params, dict):
             raise ConfigError(f"{self.path}: {key}: must be a mapping of scheduler args")
         params = dict(params)
-        if params.get("total_iters", steps) != steps:
-            raise ConfigError(f"{self.path}: {key}.total_iters: leco schedules over train.steps; remove it")
-        params.pop("total_iters", None)
+        # BaseSDTrainProcess sets total_iters to train.steps whatever the file says, and its cosine
+        # schedules take their length from it (toolkit/scheduler.py): T_max and T_0 are replaced too.
+        # (max_iterations stops that, and has no leco equivalent: refused below)
+        replaced = {"cosine": "T_max", "cosine_with_restarts": "T_0"}.get(name)
+        for length in ("total_iters", replaced) if "max_iterations" not in params else ():
+            if length in params and params.pop(length) != steps:
+                warn(
+                    f"{self.path}: {key}.{length}: ai-toolkit replaces it with train.steps ({steps}), "
+                    "and so does leco; remove it"
+                )
         if name.startswith("cosine") and params.get("eta_min", 0) == 0:
             params.pop("eta_min", None)  # torch's default; leco's cosine falls to 0 too
         args: dict[str, Any] = {}

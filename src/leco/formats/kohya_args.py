@@ -11,6 +11,7 @@ line naming the option. The prompt file it names is read as every kohya prompt T
 
 from __future__ import annotations
 
+import importlib.util
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -318,9 +319,12 @@ class _Options:
         trackers = str(self.get("log_with") or "").lower()
         folder = self.get("logging_dir", "logging.tensorboard_dir")
         logging: dict[str, Any] = {}
-        if trackers in ("wandb", "all"):
+        asked_by = "log_with" if trackers else "logging_dir"
+        if trackers in ("wandb", "all") and self._installed("wandb", "log_with"):
             logging["use_wandb"] = True
-        if trackers in ("tensorboard", "all") or (not trackers and folder):  # kohya: a folder alone
+        # kohya: a folder alone asks for TensorBoard
+        wants_tensorboard = trackers in ("tensorboard", "all") or (not trackers and folder)
+        if wants_tensorboard and self._installed("tensorboard", asked_by):
             logging["use_tensorboard"] = True
             if folder:
                 logging["tensorboard_dir"] = folder
@@ -328,6 +332,14 @@ class _Options:
         if project:
             logging["wandb_project"] = project
         return logging
+
+    def _installed(self, tracker: str, key: str) -> bool:
+        """Whether a logger the file asks for can run. kohya's accelerate skips a missing one and
+        trains unlogged, and so does leco, saying so (GUI-written files always hold logging_dir)."""
+        if importlib.util.find_spec(tracker) is not None:
+            return True
+        warn(f"{self.path}: {key}: {tracker} is not installed, so no logs are written; pip install {tracker}")
+        return False
 
     def finish(self) -> None:
         unknown = [name for name in self.arguments if name not in self.read]
