@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import re
 import subprocess
@@ -76,6 +77,32 @@ def test_strength_zero_is_byte_identical_to_no_lora(tmp_path, tiny_folders, lora
 def test_sampling_settings_of_the_python_api_are_checked_as_the_cli_options_are(settings, says):
     with pytest.raises(LecoError, match=re.escape(says)):
         SamplingSettings(**settings)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, LecoError])
+def test_images_drawn_before_a_stop_are_kept_on_disk(tmp_path, tiny_folders, monkeypatch, capsys, stop):
+    import leco.generate
+
+    drawn = []
+    real = leco.generate.generate
+
+    def stopped_after_two(*args, **kwargs):
+        for request, image in real(*args, **kwargs):
+            if len(drawn) == 2:
+                raise stop("stopped") if stop is LecoError else stop()
+            drawn.append(request)
+            yield request, image
+
+    monkeypatch.setattr(leco.generate, "generate", stopped_after_two)
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    requests = requests_for(["a red fox"], [0.0], [1, 2, 3, 4])
+    with pytest.raises(stop):
+        run_generation(
+            models, None, requests, dataclasses.replace(SETTINGS, batch_size=1), tmp_path, "cpu", False
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-red-fox_0_1.png", "a-red-fox_0_2.png"]
+    assert all(written_by_leco(p) for p in tmp_path.iterdir())  # whole PNGs, nothing half-written
+    assert f"2 of 4 images were written to {tmp_path} before the stop" in capsys.readouterr().err
 
 
 def test_a_strength_without_a_lora_is_refused_through_the_python_api(tmp_path, tiny_folders):

@@ -19,7 +19,7 @@ from leco import __version__
 from leco.conditioning import checked_clip_skip, encode_text, warn_if_misread
 from leco.config import MAX_STRENGTH, typed_float
 from leco.embedding_files import embeddings_loaded, with_tokens_in_their_case
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, Terminated, warn
 from leco.files import GRID, refuse_earlier_outputs
 from leco.images import (
     ImageRequest,
@@ -386,15 +386,25 @@ def run_generation(
 
         warn_if_misread(models, prompts, expand=expand)
         warn_if_misread(models, [negative], "negative prompt", expand=expand)
-        images = dict(generate(pipe, requests, settings, set_strength, progress))
-    *files, grid_file = output_files(requests, out)
-    size = image_size(pipe, settings)
-    paths = [
-        save_image(images[request], file, a1111_parameters(request, settings, pipe, size, model_name, lora))
-        for request, file in zip(requests, files, strict=True)
-    ]
+        *files, grid_file = output_files(requests, out)
+        file_of = dict(zip(requests, files, strict=True))
+        size = image_size(pipe, settings)
+        images: dict[ImageRequest, Image.Image] = {}
+        try:
+            # Each image written as it comes: a stop or a failure later keeps what was drawn
+            for request, image in generate(pipe, requests, settings, set_strength, progress):
+                parameters = a1111_parameters(request, settings, pipe, size, model_name, lora)
+                save_image(image, file_of[request], parameters)
+                images[request] = image
+        except (KeyboardInterrupt, Terminated, LecoError):
+            if images:
+                warn(
+                    f"{len(images)} of {len(requests)} images were written to {out} before the stop "
+                    "(no grid); to draw them all, run again with --overwrite"
+                )
+            raise
     grid = save_image(make_grid({request: images[request] for request in requests}).image, grid_file)
-    return paths, grid
+    return files, grid
 
 
 def a1111_parameters(
