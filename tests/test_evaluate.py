@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
 from leco.config import ConfigError, NetworkConfig
@@ -717,6 +717,23 @@ def test_an_embedding_judged_as_a_lora_is_named_by_that_option(tmp_path, tiny_fo
     )
     with pytest.raises(LecoError, match=r"^--lora: .*neg.safetensors has vectors of width 8"):
         evaluate(models, wrong_width, spec, "cpu", BrightnessDetector(), None, False)
+
+
+def test_a_loras_warnings_are_said_once_per_eval(tmp_path, tiny_folders, seed_loras, capsys):
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    extra = tmp_path / "extra.safetensors"
+    absent = "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn2_to_k"  # no such block here
+    tensors = load_file(str(seed_loras[1]))
+    tensors[f"{absent}.lora_down.weight"], tensors[f"{absent}.lora_up.weight"] = (
+        torch.zeros(2, 16),
+        torch.zeros(16, 2),
+    )
+    save_file(tensors, str(extra))
+    spec = EvalSpec.model_validate(
+        {"images_per_prompt": 1, "steps": 2, "keep": [{"prompt": "a dog", "concept": "bright>0.5"}]}
+    )
+    evaluate(models, extra, spec, "cpu", BrightnessDetector(), None, False)
+    assert capsys.readouterr().err.count(f"are not applied ({absent})") == 1
 
 
 def test_cli_eval_judges_several_loras_with_an_embedding(tmp_path, tiny_folders, tiny_clip, seed_loras):

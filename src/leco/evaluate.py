@@ -592,7 +592,7 @@ def _applied(
         with embeddings_loaded(pipe, [negative]):
             yield (lambda _: None), with_token
         return
-    with lora_strengths(pipe, path, family) as set_strength:
+    with lora_strengths(pipe, path, family, checked=True) as set_strength:  # checked before any image
         yield set_strength, settings
 
 

@@ -26,20 +26,26 @@ ADAPTER = "lora"
 
 @contextmanager
 def lora_strengths(
-    pipe: DiffusionPipeline, lora: str | Path | None, family: ModelFamily, model: str | None = None
+    pipe: DiffusionPipeline,
+    lora: str | Path | None,
+    family: ModelFamily,
+    model: str | None = None,
+    checked: bool = False,
 ) -> Iterator[Callable[[float], None]]:
     """Load a LoRA the way diffusers users do; yields a function that sets its strength.
 
     The LoRA is unloaded on exit: the pipeline shares its UNet with the caller's loaded models,
     which must come back unchanged (a second evaluation on them would otherwise find it there).
+    `checked`: the caller already ran check_lora_fits and check_lora_finite (their warnings said once).
     """
     if lora is None:
         yield lambda strength: None
         return
     path = Path(lora)
     header = read_lora_header(path, family)
-    check_lora_fits(header, pipe.unet, family, model)
-    check_lora_finite(path)
+    if not checked:
+        check_lora_fits(header, pipe.unet, family, model)
+        check_lora_finite(path)
     unet_part, text_part = _as_diffusers_loads_it(header, pipe.unet, family)
     # diffusers 0.42 with transformers 5 keeps a kohya file's text-encoder MLP modules but drops its
     # attention ones (q/k/v/out, "unexpected keys" it logs and goes on), where A1111, ComfyUI and
