@@ -506,6 +506,24 @@ def test_dora_tensors_are_refused_and_layers_this_model_lacks_are_named(
     assert "peft.safetensors: 1 of its 2 UNet modules" in warning and f"are not applied ({gone})" in warning
 
 
+def test_a_file_naming_one_layer_the_kohya_and_the_peft_way_is_refused(loras, tiny_folders, tmp_path):
+    # Read together, PEFT's lora_B replaced kohya's lora_up under kohya's alpha: the layer applied at
+    # alpha/rank twice over, silently
+    models = load_models(str(tiny_folders["sd1"]))
+    tensors = load_file(str(loras["sd1_bare"]))
+    layer = next(n for n, _ in models.unet.named_modules() if n.endswith("attn2.to_k"))
+    kohya_name = "lora_unet_" + layer.replace(".", "_")
+    assert f"{kohya_name}.lora_down.weight" in tensors
+    tensors[f"unet.{layer}.lora_A.weight"] = tensors[f"{kohya_name}.lora_down.weight"].clone()
+    tensors[f"unet.{layer}.lora_B.weight"] = tensors[f"{kohya_name}.lora_up.weight"].clone()
+    mixed = tmp_path / "mixed.safetensors"
+    save_file(tensors, str(mixed))
+    with pytest.raises(
+        LecoError, match=rf"mixed.safetensors: unet.{layer}.lora_\w.weight names the same layer"
+    ):
+        read_lora_file(mixed)
+
+
 def test_an_sdxl_lora_naming_layers_the_diffusers_way_fits(loras, tiny_folders, tmp_path):
     """p1atdev/LECO and sliders write SDXL layers by diffusers paths; kohya and ComfyUI read them."""
     from leco.network.kohya import UNET_PREFIX, kohya_key

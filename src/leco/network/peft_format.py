@@ -79,6 +79,7 @@ def as_kohya(
     text_encoders = 2 if (sdxl if sdxl is not None else second) else 1
     modules: dict[str, dict[str, torch.Tensor]] = {}
     paths: dict[str, tuple[str, str]] = {}  # kohya module -> (model, diffusers path), for its alpha
+    read_as: dict[tuple[str, str], str] = {}  # (kohya module, part) -> the file's key for it
     for key, value in tensors.items():
         if key.startswith(KOHYA_PREFIXES):  # kohya's module names with PEFT's part names
             model, path = "kohya", key
@@ -102,7 +103,13 @@ def as_kohya(
             if model == "kohya"
             else _kohya_prefix(model, text_encoders) + module_path.replace(".", "_")
         )
-        modules.setdefault(module, {})[kohya_part] = value
+        parts = modules.setdefault(module, {})
+        if kohya_part in parts:  # e.g. kohya's lora_unet_... and PEFT's unet.... for one layer
+            raise LecoError(
+                f"{source}: {key} names the same layer as {read_as[(module, kohya_part)]}; the file mixes "
+                "two namings, and which of them a tool applies (at which alpha) differs: keep one"
+            )
+        parts[kohya_part], read_as[(module, kohya_part)] = value, key
         paths[module] = paths_key
     result: dict[str, torch.Tensor] = {}
     for module, parts in modules.items():
