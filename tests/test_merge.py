@@ -529,6 +529,24 @@ def test_a_file_whose_name_ends_in_a_strength_is_named_with_how_it_was_read(tmp_
     assert parse_lora_argument("y:0.5") == LoraStrength(Path("y"), 0.5)
 
 
+def test_alpha_zero_is_said_where_the_tools_disagree_on_it(tmp_path, tiny_folders, capsys):
+    lora = random_lora(str(tiny_folders["sd1"]), tmp_path / "l.safetensors", seed=4)
+    tensors = load_file(str(lora))
+    alphas = [key for key in tensors if key.endswith(".alpha")]
+    save_file({**tensors, **{key: torch.tensor(0.0) for key in alphas}}, str(tmp_path / "zero.safetensors"))
+    merge(
+        str(tiny_folders["sd1"]),
+        [LoraStrength(tmp_path / "zero.safetensors")],
+        tmp_path / "m",
+        precision="fp32",
+    )
+    said = capsys.readouterr().err
+    assert f"alpha 0 in {alphas[0]} and {len(alphas) - 1} more: those modules change nothing" in said
+    assert "kohya's scripts read alpha 0 as alpha = rank" in said
+    merge(str(tiny_folders["sd1"]), [LoraStrength(lora)], tmp_path / "m2", precision="fp32")
+    assert "alpha 0" not in capsys.readouterr().err
+
+
 def test_a_strength_that_is_no_number_and_an_embedding_are_named(tmp_path, tiny_folders):
     lora = random_lora(str(tiny_folders["sd1"]), tmp_path / "l.safetensors", seed=4)
     with pytest.raises(LecoError, match=r"strength 'abc' in '.*l.safetensors:abc' is not a number"):
@@ -537,7 +555,9 @@ def test_a_strength_that_is_no_number_and_an_embedding_are_named(tmp_path, tiny_
         parse_lora_argument(f"{lora}:1_0")  # not ten
     embedding = tmp_path / "no_fox.safetensors"
     save_file({"emb_params": torch.randn(2, 32)}, str(embedding))
-    with pytest.raises(LecoError, match="is a textual-inversion embedding .* use it with --embedding"):
+    with pytest.raises(
+        LecoError, match="is a textual-inversion embedding .* leco generate or eval --embedding"
+    ):
         merge(str(tiny_folders["sd1"]), [LoraStrength(embedding)], tmp_path / "m", precision="fp32")
     a1111 = tmp_path / "no_fox.pt"  # A1111's own form of an embedding
     torch.save({"string_to_param": {"*": torch.randn(2, 32)}, "name": "no_fox"}, a1111)

@@ -188,7 +188,7 @@ def check_lora_finite(path: Path) -> None:
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as file:
-        kohya.check_finite(((key, file.get_tensor(key)) for key in file.keys()), f"--lora: {path}")  # noqa: SIM118
+        kohya.check_values(((key, file.get_tensor(key)) for key in file.keys()), f"--lora: {path}")  # noqa: SIM118
 
 
 @dataclass(frozen=True)

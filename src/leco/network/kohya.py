@@ -24,7 +24,7 @@ from torch import nn
 
 from leco import __version__
 from leco.config import read_config_text
-from leco.errors import LecoError, first_line
+from leco.errors import LecoError, first_line, warn
 from leco.files import atomic_output, load_torch_file
 from leco.models import ModelFamily, is_embedding, model_name, modelspec_v_prediction
 from leco.network.layers import OUTSIDE_BLOCKS, adaptable_layers
@@ -286,11 +286,22 @@ def is_one_token_embedding(shapes: Mapping[str, Sequence[int]]) -> bool:
     return len(shape) in (1, 2) and not key.startswith(("lora_", "lycoris_"))
 
 
-def check_finite(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
-    """A LoRA holding NaN or inf breaks every image it touches, silently: name the first such key."""
+def check_values(tensors: Iterable[tuple[str, torch.Tensor]], source: str) -> None:
+    """A LoRA holding NaN or inf breaks every image it touches, silently: name the first such key.
+    An alpha of 0 is said: the tools disagree on it, and here it makes its module change nothing."""
+    zero_alphas = []
     for key, value in tensors:
         if value.is_floating_point() and not value.isfinite().all():
             raise LecoError(f"{source}: {key} holds NaN or inf values; the file is damaged: train it again")
+        if key.endswith(".alpha") and value.numel() == 1 and float(value) == 0:
+            zero_alphas.append(key)
+    if zero_alphas:
+        more = f" and {len(zero_alphas) - 1} more" if len(zero_alphas) > 1 else ""
+        warn(
+            f"{source}: alpha 0 in {zero_alphas[0]}{more}: those modules change nothing here, in A1111, "
+            "ComfyUI and diffusers (scale alpha/rank), while kohya's scripts read alpha 0 as alpha = rank; "
+            "if the file was made for kohya's, set each alpha to its rank"
+        )
 
 
 def split_by_model(
@@ -300,7 +311,8 @@ def split_by_model(
     if is_embedding(tensors):
         raise LecoError(
             f"{source}: is a textual-inversion embedding ({', '.join(sorted(tensors))}), not a LoRA: it "
-            "changes no weights to merge or convert; use it with --embedding and its token in a prompt"
+            "changes no weights to merge or convert; use it with leco generate or eval --embedding and "
+            "its token in a prompt"
         )
     if not tensors:
         raise LecoError(f"{source}: holds no tensors, so it is no LoRA (an empty or unfinished file?)")
@@ -312,10 +324,11 @@ def split_by_model(
     if is_one_token_embedding({key: value.shape for key, value in tensors.items()}):
         raise LecoError(  # diffusers' learned_embeds
             f"{source}: holds one tensor, {first_key!r} {list(first.shape)}: a textual-inversion embedding "
-            "(diffusers' form), not a LoRA; use it with --embedding and its token in a prompt"
+            "(diffusers' form), not a LoRA; use it with leco generate or eval --embedding and its token "
+            "in a prompt"
         )
     unet, text = {}, {}
-    check_finite(tensors.items(), source)
+    check_values(tensors.items(), source)
     for key, value in tensors.items():
         if key.startswith(UNET_PREFIX):
             unet[key] = value
