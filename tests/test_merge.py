@@ -529,6 +529,21 @@ def test_a_file_whose_name_ends_in_a_strength_is_named_with_how_it_was_read(tmp_
     assert parse_lora_argument("y:0.5") == LoraStrength(Path("y"), 0.5)
 
 
+def test_a_peft_folder_given_as_the_lora_names_the_file_in_it(tmp_path, tiny_folders, capsys):
+    from leco.cli import main
+
+    folder = tmp_path / "peft_adapter"  # what PEFT's save_pretrained writes
+    folder.mkdir()
+    random_lora(str(tiny_folders["sd1"]), folder / "adapter_model.safetensors", seed=4)
+    with pytest.raises(
+        LecoError, match=r"peft_adapter: is a folder; .*file: .*peft_adapter/adapter_model.safetensors$"
+    ):
+        merge(str(tiny_folders["sd1"]), [LoraStrength(folder)], tmp_path / "m", precision="fp32")
+    with pytest.raises(SystemExit) as stop:  # argparse's own refusal of the option
+        main(["generate", "--model", str(tiny_folders["sd1"]), "--lora", str(folder), "--prompt", "x"])
+    assert stop.value.code == 2 and f"file: {folder / 'adapter_model.safetensors'}" in capsys.readouterr().err
+
+
 def test_alpha_zero_is_said_where_the_tools_disagree_on_it(tmp_path, tiny_folders, capsys):
     lora = random_lora(str(tiny_folders["sd1"]), tmp_path / "l.safetensors", seed=4)
     tensors = load_file(str(lora))

@@ -228,7 +228,8 @@ def read_lora_header(path: str | Path, family: ModelFamily | None = None) -> Lor
     path = Path(path)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "not found"
-        raise LecoError(f"--lora: {path} {what}; give the LoRA's .safetensors file")
+        inside = kohya.file_in_folder(path) if path.is_dir() else ""
+        raise LecoError(f"--lora: {path} {what}; give the LoRA's .safetensors file{inside}")
     if path.suffix.lower() != ".safetensors":
         if is_embedding_file(path):  # A1111's .pt embeddings
             raise LecoError(

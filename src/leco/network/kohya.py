@@ -167,6 +167,15 @@ def naming_its_model(metadata: dict[str, str], model: str | None = None) -> Iter
         raise LecoError(does_not_fit(str(error), metadata, model)) from None
 
 
+def file_in_folder(folder: Path) -> str:
+    """ ": FILE" for the LoRA file PEFT's save_pretrained or diffusers' save_lora_weights wrote in
+    `folder` (what a user naming the folder means), else ""."""
+    for name in ("adapter_model.safetensors", "pytorch_lora_weights.safetensors"):
+        if (folder / name).is_file():
+            return f": {folder / name}"
+    return ""
+
+
 def read_lora_file(
     path: str | Path, family: ModelFamily | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -177,7 +186,7 @@ def read_lora_file(
     path = Path(path)
     if not path.is_file():
         if path.is_dir():
-            raise LecoError(f"{path}: is a folder; give the LoRA's .safetensors file")
+            raise LecoError(f"{path}: is a folder; give the LoRA's .safetensors file{file_in_folder(path)}")
         raise LecoError(f"{path}: LoRA file not found; check the path")
     if path.suffix.lower() in PICKLED_LORA_SUFFIXES:
         tensors, metadata = _read_pickled_state_dict(path), {}
