@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -12,6 +13,7 @@ from diffusers.loaders.single_file_utils import (
     convert_ldm_vae_checkpoint,
     create_diffusers_clip_model_from_ldm,
 )
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -527,6 +529,38 @@ def test_a_file_whose_name_ends_in_a_strength_is_named_with_how_it_was_read(tmp_
     assert parse_lora_argument("y:0.5:1") == LoraStrength(Path("y:0.5"), 1.0)
     Path("y").write_bytes(b"")  # both there: the strength form wins, as documented
     assert parse_lora_argument("y:0.5") == LoraStrength(Path("y"), 0.5)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2-v"])
+def test_an_sd_lora_named_by_ldm_paths_applies_as_its_diffusers_named_twin(tmp_path, tiny_folders, family):
+    # kohya keys built from the original LDM layout (input_blocks_4_1_...), which A1111 and ComfyUI
+    # apply to SD1/SD2 as they apply the diffusers-named ones
+    from leco.generate import SamplingSettings, requests_for, run_generation
+    from leco.network.kohya import unet_layer_keys
+    from leco.network.sgm_names import to_sgm_name
+
+    model = str(tiny_folders[family])
+    lora = random_lora(model, tmp_path / "diffusers_named.safetensors", seed=5)
+    models = load_models(model, with_vae=True)
+    by_key = unet_layer_keys(models.unet, models.family)
+    renamed = {}
+    for key, value in load_file(str(lora)).items():
+        module, _, part = key.partition(".")
+        ldm = "lora_unet_" + to_sgm_name(by_key[module], models.unet.config).replace(".", "_")
+        renamed[f"{ldm}.{part}"] = value
+    assert renamed.keys() != load_file(str(lora)).keys()
+    ldm_named = tmp_path / "ldm_named.safetensors"
+    save_file(renamed, str(ldm_named))
+    merged = {}
+    for name, file in (("diffusers", lora), ("ldm", ldm_named)):
+        merge(model, [LoraStrength(file)], tmp_path / f"{name}.safetensors", precision="fp32")
+        merged[name] = load_file(str(tmp_path / f"{name}.safetensors"))
+    assert all(torch.equal(merged["ldm"][key], merged["diffusers"][key]) for key in merged["diffusers"])
+    requests = requests_for(["a red fox"], [1.0], [3])
+    settings = SamplingSettings(steps=2, guidance=3.0)
+    (twin,), _ = run_generation(models, lora, requests, settings, tmp_path / "twin", "cpu", False)
+    (ldm,), _ = run_generation(models, ldm_named, requests, settings, tmp_path / "ldm", "cpu", False)
+    assert np.array_equal(np.asarray(Image.open(ldm)), np.asarray(Image.open(twin)))  # the names differ
 
 
 def test_a_peft_folder_given_as_the_lora_names_the_file_in_it(tmp_path, tiny_folders, capsys):

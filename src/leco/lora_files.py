@@ -101,11 +101,12 @@ def _as_diffusers_loads_it(
       layers' alphas under names no layer has, so those layers get the most common alpha: each
       module's alpha/rank is folded into its lora_up and the alphas left out (scale 1 each);
     - SDXL modules named by diffusers paths (p1atdev/LECO, sliders) take their SGM names, the ones
-      diffusers' kohya reader knows (it has no rule for add_embedding and drops it without a word).
+      diffusers' kohya reader knows (it has no rule for add_embedding and drops it without a word);
+      SD1/SD2 modules named by LDM paths (input_blocks_...) take their diffusers paths.
     """
-    by_key = kohya.unet_layer_keys(unet, family)
+    by_key = kohya.unet_layer_keys_of_file(header.shapes, unet, family)
     reshaped = _modules_in_another_form(header, unet, by_key)
-    renamed = _sgm_names(header, unet, family, by_key)
+    renamed = _renamed_modules(header, unet, family, by_key)
     alphas = _module_alphas(header)
     plain = all(
         key.partition(".")[2] in ("lora_down.weight", "lora_up.weight", "alpha") for key in header.shapes
@@ -137,13 +138,12 @@ def _as_diffusers_loads_it(
     return (tensors or None), text
 
 
-def _sgm_names(
+def _renamed_modules(
     header: LoraHeader, unet: torch.nn.Module, family: ModelFamily, by_key: dict[str, str]
 ) -> dict[str, str]:
-    """An SDXL file's modules named by diffusers paths -> their SGM names (a file naming one layer
-    both ways is refused, as `leco merge` refuses it)."""
-    if not family.is_sdxl:
-        return {}
+    """The file's modules named otherwise than diffusers' kohya reader expects -> the names it
+    reads: an SDXL file's diffusers paths -> SGM names, an SD1/SD2 file's LDM paths -> diffusers
+    paths (a file naming one layer both ways is refused, as `leco merge` refuses it)."""
     modules = dict.fromkeys(key.partition(".")[0] for key in header.shapes)  # text encoders: in no by_key
     canonical = kohya.canonical_keys(modules, by_key, family, unet.config, f"--lora: {header.path}")
     return {module: sgm for module, sgm in canonical.items() if sgm != module}
@@ -294,7 +294,7 @@ def check_lora_fits(
     lora_arch = kohya.arch_from_metadata(header.metadata)
     mislabelled = lora_arch is not None and lora_arch != family.arch
     modules = _kohya_modules(header)
-    by_key = kohya.unet_layer_keys(unet, family) if modules else {}
+    by_key = kohya.unet_layer_keys_of_file(header.shapes, unet, family) if modules else {}
     misfit = _layer_misfit(header, modules, by_key, unet, family)
     if mislabelled and (misfit is not None or not modules):  # the layers agree, or cannot be checked
         why = f"--lora: {header.path} was trained for {lora_arch} but the model is {family.name}"

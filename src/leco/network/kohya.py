@@ -432,6 +432,33 @@ def unet_layer_keys(unet: nn.Module, family: ModelFamily) -> dict[str, str]:
     return keys
 
 
+def unet_layer_keys_of_file(
+    shapes: Mapping[str, Sequence[int]], unet: nn.Module, family: ModelFamily
+) -> dict[str, str]:
+    """unet_layer_keys for one file (`shapes`: its tensors' shapes by key), with an SD1/SD2 file
+    named wholly by the original LDM paths (input_blocks_4_1_..., which A1111 and ComfyUI apply as
+    they apply diffusers-named ones) read by those paths. Only where every module is such a path of
+    this model and fits its layer: an SDXL file's SGM names are LDM paths too, of other layers."""
+    by_key = unet_layer_keys(unet, family)
+    modules = {key.partition(".")[0] for key in shapes if key.startswith(UNET_PREFIX)}
+    if family.is_sdxl or not modules or modules & by_key.keys():
+        return by_key
+    ldm = {UNET_PREFIX + to_sgm_name(name, unet.config).replace(".", "_"): name for name in by_key.values()}
+    if not modules <= ldm.keys():
+        return by_key
+    for module in modules:
+        down, up = shapes.get(f"{module}.lora_down.weight"), shapes.get(f"{module}.lora_up.weight")
+        if down is None or up is None:
+            return by_key
+        empty = ModuleWeights(torch.empty(down, device="meta"), torch.empty(up, device="meta"), 1.0)
+        layer = unet.get_submodule(ldm[module])
+        try:
+            fit_to_layer(empty, getattr(layer, "base_layer", layer), module)
+        except LoraDoesNotFit:
+            return by_key
+    return {**by_key, **ldm}
+
+
 def _has_module(unet: nn.Module, name: str) -> bool:
     try:
         return isinstance(unet.get_submodule(name), nn.Linear | nn.Conv2d)
@@ -448,7 +475,7 @@ def canonical_unet_modules(
     a 2-D tensor for a 1x1 conv is the reverse case. Both are reshaped; anything that still does
     not fit the layer is an error naming the key.
     """
-    by_key = unet_layer_keys(unet, family)
+    by_key = unet_layer_keys_of_file({key: value.shape for key, value in tensors.items()}, unet, family)
     grouped = group_modules(tensors, source)
     unknown = [key for key in grouped if key not in by_key]
     if unknown and len(unknown) < len(grouped):  # a model of another layout, or a misnamed layer
