@@ -506,6 +506,29 @@ def test_dora_tensors_are_refused_and_layers_this_model_lacks_are_named(
     assert "peft.safetensors: 1 of its 2 UNet modules" in warning and f"are not applied ({gone})" in warning
 
 
+@pytest.mark.parametrize(
+    ("prefix", "says"),
+    [
+        (
+            "diffusion_model.input_blocks.1.1.proj_in",
+            "(ComfyUI's diffusion_model. layout) is not a kohya LoRA key",
+        ),
+        ("lycoris_down_blocks_0_attentions_0_proj_in", "is not a kohya LoRA key (they start with lora_unet_"),
+    ],
+)
+def test_lora_keys_leco_cannot_read_are_one_line_before_diffusers(tmp_path, prefix, says):
+    # diffusers answered them with "Invalid LoRA checkpoint ... contain 'lora'", which they do
+    other = tmp_path / "other.safetensors"
+    down, up = torch.zeros(2, 16), torch.zeros(16, 2)
+    save_file({f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up}, str(other))
+    with pytest.raises(
+        LecoError, match=rf"^--lora: .*other.safetensors: {re.escape(prefix)}\.lora_\w+.weight"
+    ):
+        read_lora_header(other)
+    with pytest.raises(LecoError, match=re.escape(says)):
+        read_lora_header(other)
+
+
 def test_a_file_naming_one_layer_the_kohya_and_the_peft_way_is_refused(loras, tiny_folders, tmp_path):
     # Read together, PEFT's lora_B replaced kohya's lora_up under kohya's alpha: the layer applied at
     # alpha/rank twice over, silently

@@ -278,9 +278,12 @@ def read_lora_header(path: str | Path, family: ModelFamily | None = None) -> Lor
             f"--lora: {path} holds no LoRA weights (keys like {example}); if it is a model checkpoint, "
             "give it as --model"
         )
-    if is_diffusers_layout(list(shapes)) and not diffusers_pipeline_reads(list(shapes)):
+    if is_diffusers_layout(list(shapes)):
+        if diffusers_pipeline_reads(list(shapes)):
+            return LoraHeader(path, shapes, metadata)
         tensors, _ = kohya.read_lora_file(path, family)  # the family: which SDXL encoder text keys are
         return LoraHeader(path, {key: list(t.shape) for key, t in tensors.items()}, metadata, tensors)
+    kohya.refuse_other_keys(shapes, f"--lora: {path}")  # diffusers' vague "Invalid LoRA checkpoint" else
     return LoraHeader(path, shapes, metadata)
 
 

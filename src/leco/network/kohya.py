@@ -338,17 +338,21 @@ def split_by_model(
         )
     unet, text = {}, {}
     check_values(tensors.items(), source)
-    for key, value in tensors.items():
-        if key.startswith(UNET_PREFIX):
-            unet[key] = value
-        elif key.startswith(TEXT_ENCODER_PREFIXES):
-            text[key] = value
-        else:
-            raise LecoError(
-                f"{source}: {key} is not a kohya LoRA key (they start with {UNET_PREFIX} or lora_te); "
-                "this file is not a LoRA leco can read"
-            )
+    refuse_other_keys(tensors, source)
+    unet = {key: value for key, value in tensors.items() if key.startswith(UNET_PREFIX)}
+    text = {key: value for key, value in tensors.items() if key.startswith(TEXT_ENCODER_PREFIXES)}
     return unet, text
+
+
+def refuse_other_keys(keys: Iterable[str], source: str) -> None:
+    """Keys read as kohya's (diffusers' and PEFT's layouts come here converted): any other is an error."""
+    for key in keys:
+        if not key.startswith((UNET_PREFIX, *TEXT_ENCODER_PREFIXES)):
+            layout = " (ComfyUI's diffusion_model. layout)" if key.startswith("diffusion_model.") else ""
+            raise LecoError(
+                f"{source}: {key}{layout} is not a kohya LoRA key (they start with {UNET_PREFIX} or "
+                "lora_te); this file is not a LoRA leco can read"
+            )
 
 
 def refuse_lycoris(keys: Iterable[str], source: str) -> None:
