@@ -505,6 +505,10 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
     save_file({"emb_params": torch.full((1, 32), float("nan"))}, tmp_path / "nan.safetensors")
     save_file({"emb_params": torch.ones(0, 32)}, tmp_path / "none.safetensors")
     save_file({}, tmp_path / "empty.safetensors")
+    model_keys = [
+        f"cond_stage_model.transformer.text_model.encoder.layers.{i}.mlp.fc1.weight" for i in range(3)
+    ]
+    save_file({key: torch.ones(1) for key in model_keys}, tmp_path / "model.safetensors")
     save_file(
         {"lora_unet_x.lora_up.weight": torch.ones(2, 2), "x.alpha": torch.ones(())},
         tmp_path / "l.safetensors",
@@ -518,6 +522,11 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
         (sd1, [tmp_path / "nan.safetensors"], "nan.safetensors holds no usable vectors"),
         (sd1, [tmp_path / "none.safetensors"], "none.safetensors holds no usable vectors"),
         (sd1, [tmp_path / "empty.safetensors"], "empty.safetensors holds no tensors, not an embedding"),
+        (  # every key whole: the message names one, not a list cut inside a name
+            sd1,
+            [tmp_path / "model.safetensors"],
+            rf"model.safetensors holds 3 tensors \(keys like {re.escape(model_keys[0])}\), not an embedding",
+        ),
         (
             sd1,
             [tmp_path / "l.safetensors"],

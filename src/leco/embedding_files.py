@@ -103,7 +103,7 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
         vectors = (vector,)
         key_token = None if key in ("emb_params", "*") else key  # diffusers' learned_embeds: {token: vector}
     else:
-        held = ", ".join(sorted(tensors))[:80] or "no tensors"
+        held = ", ".join(sorted(tensors)) or "no tensors"  # two at most: a larger file is named above
         raise LecoError(
             f"--embedding: {path} holds {held}, not an embedding "
             "(expected emb_params, clip_l + clip_g, or A1111's string_to_param)"
@@ -135,9 +135,14 @@ def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         try:
             with safe_open(str(path), framework="pt") as file:
                 names = list(file.keys())
-                return {name: file.get_tensor(name) for name in names}, dict(file.metadata() or {})
+                if len(names) <= 2 or has_lora_keys(names):  # else a model: named without reading GBs
+                    return {name: file.get_tensor(name) for name in names}, dict(file.metadata() or {})
         except Exception as error:  # safetensors raises its own error types, OSError or ValueError
             raise _unreadable(path, error) from None
+        raise LecoError(
+            f"--embedding: {path} holds {len(names)} tensors (keys like {names[0]}), not an embedding "
+            "(expected emb_params, clip_l + clip_g, or A1111's string_to_param); a model goes to --model"
+        )
     if path.suffix.lower() not in (".pt", ".bin"):
         raise LecoError(f"--embedding: {path} is not .safetensors, .pt or .bin; give an embedding file")
     try:
