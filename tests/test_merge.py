@@ -563,6 +563,34 @@ def test_an_sd_lora_named_by_ldm_paths_applies_as_its_diffusers_named_twin(tmp_p
     assert np.array_equal(np.asarray(Image.open(ldm)), np.asarray(Image.open(twin)))  # the names differ
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_text_encoder_keys_without_text_model_read_as_the_same_layers(tmp_path, tiny_folders, family):
+    # kohya's scripts under transformers 5 (no text_model. level in CLIPTextModel) name them so
+    from leco.interop.convert import convert
+
+    model = str(tiny_folders[family])
+    canonical = with_text_encoder_modules(
+        random_lora(model, tmp_path / "c.safetensors", seed=6), model, seed=7
+    )
+    tensors = load_file(str(canonical))
+    short = {key.replace("_text_model_encoder_", "_encoder_"): value for key, value in tensors.items()}
+    assert short.keys() != tensors.keys()
+    save_file(short, str(tmp_path / "short.safetensors"))
+    merged = {}
+    for name in ("c", "short"):
+        merge(
+            model, [LoraStrength(tmp_path / f"{name}.safetensors")], tmp_path / f"m_{name}", precision="fp32"
+        )
+        merged[name] = load_file(str(tmp_path / f"m_{name}" / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(merged["c"][key], merged["short"][key]) for key in merged["c"])
+    written = convert(tmp_path / "short.safetensors", tmp_path / "converted.safetensors", model=model)
+    assert load_file(str(written)).keys() == tensors.keys()  # written in the form A1111 and ComfyUI read
+    both = {**tensors, **{k: v.clone() for k, v in short.items() if "_encoder_layers_0_mlp_fc1" in k}}
+    save_file(both, str(tmp_path / "both.safetensors"))
+    with pytest.raises(LecoError, match=r"encoder_layers_0_mlp_fc1 names the same layer as .*text_model_"):
+        merge(model, [LoraStrength(tmp_path / "both.safetensors")], tmp_path / "m_both", precision="fp32")
+
+
 def test_a_peft_folder_given_as_the_lora_names_the_file_in_it(tmp_path, tiny_folders, capsys):
     from leco.cli import main
 

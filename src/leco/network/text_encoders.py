@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from leco.errors import LecoError
 from leco.models import ModelFamily
 from leco.network.kohya import (
     ANOTHER_MODEL,
@@ -59,6 +60,16 @@ def text_encoder_layers(text_encoders: Sequence[nn.Module], family: ModelFamily)
     return layers
 
 
+def _with_text_model(key: str) -> str:
+    """A kohya text-encoder key in the canonical `text_model_encoder_...` form: kohya's scripts name
+    keys by the loaded model's module paths, and under transformers 5 CLIPTextModel has no
+    `text_model.` level, so `lora_te_encoder_layers_...` names the same layer."""
+    for prefix in ("lora_te1_", "lora_te2_", "lora_te_"):
+        if key.startswith(f"{prefix}encoder_layers_"):
+            return f"{prefix}text_model_{key.removeprefix(prefix)}"
+    return key
+
+
 def _inside_lora(name: str) -> bool:
     return any(part in ("lora_A", "lora_B") for part in name.split("."))
 
@@ -68,7 +79,14 @@ class TextEncoderLoRA:
 
     def __init__(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         self.source = source
-        self.modules = group_modules(tensors, source)
+        self.modules: dict[str, ModuleWeights] = {}
+        for key, weights in group_modules(tensors, source).items():
+            canonical = _with_text_model(key)
+            if canonical in self.modules:
+                raise LecoError(
+                    f"{source}: {key} names the same layer as {canonical}; the file mixes two namings"
+                )
+            self.modules[canonical] = weights
 
     def __len__(self) -> int:
         return len(self.modules)
