@@ -161,7 +161,7 @@ def _modules_in_another_form(
         up = header.shapes.get(f"{module}.lora_up.weight")
         if part != "lora_down.weight" or module not in by_key or up is None:
             continue
-        shapes = _fitted_shapes(down, up, unet.get_submodule(by_key[module]))
+        shapes = kohya.fitted_shapes(down, up, unet.get_submodule(by_key[module]))
         if shapes != (down, up):
             reshaped[module] = shapes
     return reshaped
@@ -368,21 +368,11 @@ def _layer_misfit(
             )
         up = header.shapes[f"{module}.lora_up.weight"]
         try:  # the shapes `leco merge`, A1111 and ComfyUI read: 1x1 tensors in Linear or conv form
-            _fitted_shapes(down, up, layer, module)
+            kohya.fitted_shapes(down, up, layer, module)
         except kohya.LoraDoesNotFit as error:
             why = str(error).removesuffix(f"; {kohya.ANOTHER_MODEL}")
             return f"does not fit this {family.name} model: {why}"
     return None
-
-
-def _fitted_shapes(
-    down: list[int], up: list[int], layer: torch.nn.Module, where: str = ""
-) -> tuple[list[int], list[int]]:
-    """The shapes of a module's lora_down and lora_up in the form `layer` takes (kohya.fit_to_layer,
-    on shapes alone: no tensor is read)."""
-    empty = kohya.ModuleWeights(torch.empty(down, device="meta"), torch.empty(up, device="meta"), 1.0)
-    fitted = kohya.fit_to_layer(empty, getattr(layer, "base_layer", layer), where)
-    return list(fitted.down.shape), list(fitted.up.shape)
 
 
 def arch_of_lora(path: Path) -> str | None:

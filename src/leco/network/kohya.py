@@ -454,10 +454,8 @@ def unet_layer_keys_of_file(
         down, up = shapes.get(f"{module}.lora_down.weight"), shapes.get(f"{module}.lora_up.weight")
         if down is None or up is None:
             return by_key
-        empty = ModuleWeights(torch.empty(down, device="meta"), torch.empty(up, device="meta"), 1.0)
-        layer = unet.get_submodule(ldm[module])
         try:
-            fit_to_layer(empty, getattr(layer, "base_layer", layer), module)
+            fitted_shapes(down, up, unet.get_submodule(ldm[module]), module)
         except LoraDoesNotFit:
             return by_key
     return {**by_key, **ldm}
@@ -521,6 +519,16 @@ def canonical_keys(
             )
         named_by[name], canonical[key] = key, name
     return canonical
+
+
+def fitted_shapes(
+    down: Sequence[int], up: Sequence[int], layer: nn.Module, where: str = ""
+) -> tuple[list[int], list[int]]:
+    """The shapes of a module's lora_down and lora_up in the form `layer` takes (fit_to_layer on
+    shapes alone: no tensor is read)."""
+    empty = ModuleWeights(torch.empty(down, device="meta"), torch.empty(up, device="meta"), 1.0)
+    fitted = fit_to_layer(empty, getattr(layer, "base_layer", layer), where)
+    return list(fitted.down.shape), list(fitted.up.shape)
 
 
 def fit_to_layer(weights: ModuleWeights, layer: nn.Module, where: str) -> ModuleWeights:

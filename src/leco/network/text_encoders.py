@@ -17,6 +17,7 @@ from leco.errors import LecoError
 from leco.models import ModelFamily
 from leco.network.kohya import (
     ANOTHER_MODEL,
+    TEXT_ENCODER_PREFIXES,
     LoraDoesNotFit,
     ModuleWeights,
     delta_weight,
@@ -64,7 +65,7 @@ def _with_text_model(key: str) -> str:
     """A kohya text-encoder key in the canonical `text_model_encoder_...` form: kohya's scripts name
     keys by the loaded model's module paths, and under transformers 5 CLIPTextModel has no
     `text_model.` level, so `lora_te_encoder_layers_...` names the same layer."""
-    for prefix in ("lora_te1_", "lora_te2_", "lora_te_"):
+    for prefix in TEXT_ENCODER_PREFIXES:
         if key.startswith(f"{prefix}encoder_layers_"):
             return f"{prefix}text_model_{key.removeprefix(prefix)}"
     return key
