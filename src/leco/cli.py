@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from leco import __version__
-from leco.errors import LecoError, Terminated, is_main_process, warn
+from leco.errors import LecoError, Terminated, is_main_process, stopped_exit_code, warn
 from leco.launcher import (
     LAUNCHED_BY_LECO,
     check_process_count,
@@ -619,7 +619,7 @@ def run_train(args: argparse.Namespace) -> int:
         raise LecoError(_in_config_file(config, str(error), args.set)) from None
     # Started by --num-processes: torchrun reads 130 as a failed process (and prints a traceback);
     # the leco process that started it reports the interruption instead.
-    interrupted_code = 0 if os.environ.get(LAUNCHED_BY_LECO) else 130
+    interrupted_code = 0 if os.environ.get(LAUNCHED_BY_LECO) else stopped_exit_code(result.stopped_by)
     if not is_main_process():  # a data-parallel process that is not the main one
         return interrupted_code if result.interrupted else 0
     if result.interrupted:
@@ -903,10 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = _abort_on_termination()
     try:
         return _main(argv)
-    except (KeyboardInterrupt, Terminated):  # while the options are read (some import torch): no traceback
+    except (KeyboardInterrupt, Terminated) as stop:  # while the options are read (some import torch)
         with contextlib.suppress(OSError):
             print("leco: aborted", file=sys.stderr)
-        return 130
+        return stopped_exit_code(getattr(stop, "signal_number", None))
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
@@ -917,7 +917,7 @@ def _abort_on_termination() -> dict[int, Any]:
     with its one line, not silently; training installs its own handlers, which save."""
 
     def abort(number: int, frame: object) -> None:
-        raise Terminated
+        raise Terminated(number)
 
     if threading.current_thread() is not threading.main_thread():
         return {}
@@ -948,11 +948,11 @@ def _main(argv: Sequence[str] | None) -> int:
         if first_to_report_error():  # data-parallel: every process finds it, one says it
             print(f"leco {args.command}: error: {_error_message(error, words)}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, Terminated):
-        return _aborted(args.command)
+    except (KeyboardInterrupt, Terminated) as stop:
+        return _aborted(args.command, getattr(stop, "signal_number", None))
     except Exception as error:  # torch.OutOfMemoryError is a RuntimeError; a full disk an OSError or not
-        if _raised_by_an_interrupt(error):
-            return _aborted(args.command)
+        if (stop := _raised_by_an_interrupt(error)) is not None:
+            return _aborted(args.command, getattr(stop, "signal_number", None))
         message = _out_of_memory(error) or _disk_full(error) or _write_failed(error, args.command)
         if not message:
             raise
@@ -960,8 +960,9 @@ def _main(argv: Sequence[str] | None) -> int:
         return 1
 
 
-def _aborted(command: str) -> int:
-    """Ctrl-C, SIGTERM or a hang-up outside training's own handling: one line, exit code 130."""
+def _aborted(command: str, signal_number: int | None) -> int:
+    """Ctrl-C, SIGTERM or a hang-up outside training's own handling: one line, exit code 128 + the
+    signal's number (130, 143, 129)."""
     if is_main_process():  # data-parallel: said once
         with contextlib.suppress(OSError):  # after a hang-up the terminal may be gone
             print(f"leco {command}: aborted", file=sys.stderr)
@@ -971,20 +972,20 @@ def _aborted(command: str) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
-    return 130
+    return stopped_exit_code(signal_number)
 
 
-def _raised_by_an_interrupt(error: BaseException) -> bool:
-    """An error Python raised because of a Ctrl-C or SIGTERM: an interrupt inside a class being made
-    (a library's lazy import) comes out as "RuntimeError: Error calling __set_name__" caused by it."""
+def _raised_by_an_interrupt(error: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM behind an error Python raised because of it: an interrupt inside a class
+    being made (a library's lazy import) comes out as "RuntimeError: Error calling __set_name__"."""
     seen: set[int] = set()
     cause: BaseException | None = error
     while cause is not None and id(cause) not in seen:
         if isinstance(cause, KeyboardInterrupt | Terminated):
-            return True
+            return cause
         seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
-    return False
+    return None
 
 
 def _refuse_repeated_options(command: argparse.ArgumentParser, words: list[str]) -> None:

@@ -2,6 +2,7 @@
 warnings, which go where errors go (stderr), so that output piped elsewhere stays clean."""
 
 import os
+import signal
 import sys
 
 
@@ -31,7 +32,17 @@ def is_main_process() -> bool:
 
 class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is)
     """SIGTERM or a hang-up outside training's own handlers. Not a KeyboardInterrupt: CPython ends a
-    process that saw one by killing itself with SIGINT at exit (exit code -2, not leco's 130)."""
+    process that saw one by killing itself with SIGINT at exit (exit code -2, not leco's 143)."""
+
+    def __init__(self, signal_number: int = signal.SIGTERM) -> None:
+        super().__init__(signal_number)
+        self.signal_number = int(signal_number)
+
+
+def stopped_exit_code(signal_number: int | None) -> int:
+    """The shell's convention for a process a signal ended, 128 + its number: 130 for Ctrl-C, 143 for
+    SIGTERM, 129 for a hang-up; schedulers and `wait` read it as that signal."""
+    return 128 + int(signal_number if signal_number is not None else signal.SIGINT)
 
 
 def first_line(error: BaseException, limit: int | None = 160) -> str:

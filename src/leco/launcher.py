@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from leco.errors import LecoError
+from leco.errors import LecoError, stopped_exit_code
 
 
 def check_process_count(count: int) -> None:
@@ -97,7 +97,7 @@ def launch_processes(count: int, words: list[str]) -> int:
         if (ready / ERROR_FILE).exists():  # a bad input a process found and said: as one process does
             return 2
         if received and (code == 0 or code < 0):  # stopped and saved, or ended by a third signal:
-            return 130  # what a single process says on Ctrl-C, not 247 for torchrun's SIGKILL
+            return stopped_exit_code(received[0])  # what a single process says, not torchrun's 247
         return code
     finally:
         for number, handler in previous.items():

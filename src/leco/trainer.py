@@ -63,6 +63,7 @@ class TrainResult:
     steps: int
     interrupted: bool
     trainable: Trainable
+    stopped_by: int | None = None  # the signal that stopped it; None where another process's did
 
 
 class Trainer:
@@ -277,4 +278,5 @@ class Trainer:
                     self.render_preview(suffix)  # saved: Ctrl-C now ends the preview at once
                 except (KeyboardInterrupt, Terminated):
                     warn(f"the {suffix} preview grid was skipped (stopped); the trained file was saved first")
-        return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable)
+        stopped_by = stop.by_signal if stopping else None
+        return TrainResult(path, self.folder.state_dir, self.step, stopping, self.trainable, stopped_by)
