@@ -1259,3 +1259,49 @@ def test_generate_help_lists_every_sampler_it_takes():
     sampler_help = next(a.help for a in generate.commands["generate"]._actions if a.dest == "sampler")
     listed = {word.strip(" ,()'") for word in sampler_help.split()}
     assert set(SAMPLERS) <= listed, set(SAMPLERS) - listed
+
+
+def test_embeddings_are_named_by_their_file_as_a1111_and_comfyui_do_or_as_diffusers_does(
+    capsys, tiny_folders, tmp_path
+):
+    from leco.embedding_files import named_as_written, read_embedding
+
+    vectors = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
+    a1111 = tmp_path / "sevB.pt"  # A1111 ignores the key of string_to_param; diffusers reads `name`
+    torch.save({"string_to_token": {"<s>": 265}, "string_to_param": {"<s>": vectors}, "name": "<sev>"}, a1111)
+    one_key = tmp_path / "learned_embeds.safetensors"  # diffusers' form: {token: vector}
+    save_file({"<cat-toy>": vectors[0]}, str(one_key))
+    read = read_embedding(a1111), read_embedding(one_key)
+    names = [("sevb", ("<sev>",)), ("learned_embeds", ("<cat-toy>",))]
+    assert [(e.token, e.other_names) for e in read] == names
+    assert named_as_written(read_embedding(one_key), ["a <Cat-Toy> fox"]).token == "<cat-toy>"
+    assert named_as_written(read_embedding(one_key), ["a learned_embeds fox"]).token == "learned_embeds"
+    assert read_embedding(one_key, "<x>").other_names == ()  # a token given is the token
+
+    def image(prompt, *embedding):
+        out = tmp_path / f"images{len(list(tmp_path.iterdir()))}"
+        words = ["generate", "--model", tiny_folders["sd1"], "--prompt", prompt, "--seeds", "3"]
+        code, _, err = run_cli([str(w) for w in [*words, *embedding, "--out", out, "--steps", 2]], capsys)
+        assert code == 0 and "in no prompt" not in err, err
+        (drawn,) = (file for file in out.glob("*.png") if file.name != "grid.png")
+        return np.asarray(Image.open(drawn), dtype=np.int16)
+
+    for file, names in ((a1111, ("sevB", "<sev>")), (one_key, ("learned_embeds", "<cat-toy>"))):
+        plain = image("a red fox")
+        for name in names:  # each name the other tools give it draws with its vectors, not as words
+            given = image(f"a red fox {name}", "--embedding", f"{file}:{name.lower()}")
+            assert np.array_equal(image(f"a red fox {name}", "--embedding", file), given)
+            assert np.abs(given - plain).mean() > 0.5
+
+
+def test_a_kohya_config_file_named_without_toml_is_read_as_kohya_reads_it(
+    capsys, no_loading, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)  # kohya's train_util adds ".toml" to a --config_file that lacks it
+    (tmp_path / "args.toml").write_text(
+        'pretrained_model_name_or_path = "ink-digits"\nprompts_file = "p.toml"\nmixed_precision = "fp8"\n'
+    )
+    code, _, err = run_cli(["train", "--config_file", "args"], capsys)
+    assert code == 2 and "args.toml: mixed_precision: 'fp8' is not one leco trains in" in err, err
+    code, _, err = run_cli(["train", "args"], capsys)  # leco's own spelling takes the name as given
+    assert code == 2 and "args: file not found" in err, err

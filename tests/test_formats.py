@@ -92,6 +92,21 @@ def test_kohya_prompt_entries_take_the_file_defaults_and_their_own_keys():
     assert {(e.guidance_scale, e.resolution, e.batch_size) for e in slider} == {(1.5, 768, 2)}
 
 
+def test_kohya_sizes_and_batch_sizes_with_a_fraction_are_cut_as_kohya_reads_them(tmp_path):
+    # kohya's PromptSettings takes int() of both (24.9 trains at 24); a text with a fraction it refuses
+    (tmp_path / "p.toml").write_text(
+        '[[prompts]]\ntarget = "a digit four"\nresolution = 24.9\nbatch_size = 1.5\n'
+        '[[prompts]]\ntarget_class = "a digit two"\npositive = "red"\nresolutions = [[16.7, 16.2], 20.5]\n'
+        "batch_size = 2.0\n"
+    )
+    entry, *slider = load_prompts(tmp_path / "p.toml")
+    assert fields(entry, "resolution", "batch_size") == (24, 1)
+    assert {fields(e, "resolution", "batch_size") for e in slider} == {(16, 2), (20, 2)}
+    (tmp_path / "q.toml").write_text('[[prompts]]\ntarget = "a digit four"\nbatch_size = "1.5"\n')
+    with pytest.raises(ConfigError, match=r"q.toml: prompts 1.batch_size"):
+        load_prompts(tmp_path / "q.toml")
+
+
 def test_kohya_slider_targets_expand_into_kohyas_entries_with_signs():
     entries = load_prompts(DATA / "kohya_slider.toml")
     rows = [fields(e, *POLES) for e in entries]

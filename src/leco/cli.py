@@ -589,6 +589,8 @@ def run_train(args: argparse.Namespace) -> int:
         raise LecoError("train: no config given; run leco train CONFIG.yaml (or --config_file CONFIG.yaml)")
     if args.config and args.config_file:
         raise LecoError("train: give the config once: leco train CONFIG.yaml (or --config_file CONFIG.yaml)")
+    if args.config_file and not args.config_file.endswith(".toml") and not Path(args.config_file).exists():
+        config = args.config_file + ".toml"  # kohya's train_util adds it to a --config_file without one
     if args.resume and args.overwrite:
         raise LecoError("train: --resume continues a run and --overwrite replaces it; give one of them")
     if args.num_processes < 1:
@@ -699,7 +701,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.clip_skip:
         spec.clip_skip, spec._clip_skip_option = args.clip_skip, "--clip-skip"
     spec_texts = [spec.negative_prompt, *(p.prompt for p in (*spec.erase, *spec.keep, *spec.enhance))]
-    _read_embeddings(args.embedding, spec_texts, args.lora or ())
+    args.embedding = _read_embeddings(args.embedding, spec_texts, args.lora or ())
     check_detector(spec)  # a missing package or a typo in a concept, before minutes of loading
     models, device = load_for_images(args)
     report = evaluate(
@@ -727,12 +729,14 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequence[str] = ()) -> None:
+def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequence[str] = ()) -> list[str]:
     """Missing or damaged embedding files stop the run now, not after the model has loaded; one whose
-    token no prompt uses is pointed out (a typo in the token draws as plain words)."""
+    token no prompt uses is pointed out (a typo in the token draws as plain words). The options as
+    loaded: a file the prompts name as diffusers would (its key) becomes FILE:THAT_NAME."""
     from leco.config import word_around
     from leco.embedding_files import (
         is_embedding_file,
+        named_as_written,
         parse_embedding_option,
         read_embedding,
         refuse_shared_tokens,
@@ -751,7 +755,8 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                 "give it once"
             )
     judged = {read_embedding(lora).token: lora for lora in lora_options if is_embedding_file(lora)}
-    embeddings = [read_embedding(*parse_embedding_option(option)) for option in options]
+    read = [read_embedding(*parse_embedding_option(option)) for option in options]
+    embeddings = [named_as_written(embedding, texts) for embedding in read]
     refuse_shared_tokens(embeddings)  # said before the model loads, and before any other note
     tokens = [embedding.token for embedding in embeddings]
     for embedding in embeddings:
@@ -770,10 +775,15 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                     f"{embedding.path}:<TOKEN>"
                 )
         if not any(embedding.token in text.lower() for text in texts):
+            also = "".join(f" (or {name!r}, as diffusers names it)" for name in embedding.other_names)
             warn(
-                f"--embedding {embedding.path}: its token {embedding.token!r} is in no "
+                f"--embedding {embedding.path}: its token {embedding.token!r}{also} is in no "
                 f"prompt; write it in the prompt or the negative prompt (e.g. --negative {embedding.token!r})"
             )
+    return [
+        option if after.token == before.token else f"{option}:{after.token}"
+        for option, before, after in zip(options, read, embeddings, strict=True)
+    ]
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -805,7 +815,7 @@ def run_generate(args: argparse.Namespace) -> int:
     refuse_earlier_files(requests, args.out, args.overwrite)  # before minutes of loading; and again later
     if args.overwrite:
         warn_of_other_images(requests, args.out)
-    _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
+    args.embedding = _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
     # a merged single file's own recommendation, else its card's (or its config folder's card's)
     steps, guidance = sampling_for(models).fill(args.steps, args.guidance)

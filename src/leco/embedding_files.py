@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -18,6 +18,7 @@ from leco.files import load_torch_file
 from leco.models import quiet_library_logs
 from leco.network import kohya
 
+A1111_KEY = "string_to_param"  # an A1111 file's one vector set, whatever its own key
 # Key parts of every LoRA layout diffusers loads (kohya, diffusers/peft, older diffusers).
 LORA_KEY_MARKERS = ("lora_down", "lora_up", "lora_A", "lora_B", "lora.down", "lora.up", "lora_linear_layer")
 
@@ -55,6 +56,9 @@ class Embedding:
     token: str
     vectors: tuple[torch.Tensor, ...]
     option: str = "--embedding"  # how the user gave it, for messages (eval judges one given as --lora)
+    # What diffusers would call it instead (a one-key file's key, a .pt's `name`): A1111 and ComfyUI
+    # name an embedding by its file, diffusers by these; a prompt written for either works.
+    other_names: tuple[str, ...] = ()
 
     @property
     def tokens(self) -> list[str]:
@@ -85,8 +89,9 @@ def parse_embedding_option(option: str | Path) -> tuple[Path, str | None]:
 def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     """Read kohya/leco `.safetensors` (emb_params, or clip_l + clip_g), A1111 `.pt` or diffusers files.
 
-    The token: `token` if given, else the file's `leco.token` metadata, else diffusers' key, else
-    the file name without its suffix (as A1111 names embeddings).
+    The token: `token` if given, else the file's `leco.token` metadata, else the file name without
+    its suffix (as A1111 and ComfyUI name embeddings); the names diffusers reads (a one-key file's
+    key, a .pt's `name`) are kept as `other_names`.
     """
     path = Path(path)
     if not path.is_file():
@@ -95,13 +100,14 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     tensors, metadata = _embedding_tensors(path)
     if has_lora_keys(tensors):
         raise LecoError(f"--embedding: {path} is a LoRA, not an embedding; give it as --lora")
-    key_token = None
+    diffusers_names = [metadata["name"]] if metadata.get("name") else []
     if set(tensors) == {"clip_l", "clip_g"}:
         vectors = (tensors["clip_l"], tensors["clip_g"])
     elif len(tensors) == 1:
         (key, vector), *_ = tensors.items()
         vectors = (vector,)
-        key_token = None if key in ("emb_params", "*") else key  # diffusers' learned_embeds: {token: vector}
+        if key not in ("emb_params", "*", A1111_KEY):  # diffusers' learned_embeds: {token: vector}
+            diffusers_names.append(key)
     else:
         held = ", ".join(sorted(tensors)) or "no tensors"  # two at most: a larger file is named above
         raise LecoError(
@@ -116,8 +122,8 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     vectors = tuple(v.reshape(-1, v.shape[-1]).float() for v in vectors)
     if len(vectors) == 2 and len(vectors[0]) != len(vectors[1]):
         raise LecoError(f"--embedding: {path}: clip_l and clip_g hold different numbers of vectors")
-    chosen = token or metadata.get("leco.token") or key_token or path.stem
-    if not chosen.strip() or chosen != chosen.strip() or any(c.isspace() and c != " " for c in chosen):
+    chosen = token or metadata.get("leco.token") or path.stem
+    if not _matchable(chosen):
         raise LecoError(
             f"--embedding {path}: its token {chosen!r} has tabs, line breaks or spaces at its ends, which no "
             f"prompt can match; give one with {path}:TOKEN"
@@ -125,7 +131,25 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     # CLIP reads prompts in lower case and A1111 finds "EasyNegative" by its token ids, so in any
     # case; diffusers looks the token up in the lower-cased prompt and would miss a capital one,
     # using its first vector only. The token is loaded in lower case (with_tokens_in_their_case).
-    return Embedding(path, chosen.lower(), vectors)
+    others = [] if token else [n.lower() for n in diffusers_names if _matchable(n)]
+    others = [n for n in dict.fromkeys(others) if n != chosen.lower()]
+    return Embedding(path, chosen.lower(), vectors, other_names=tuple(others))
+
+
+def _matchable(token: str) -> bool:
+    return bool(token.strip()) and token == token.strip() and not any(c.isspace() and c != " " for c in token)
+
+
+def named_as_written(embedding: Embedding, texts: Sequence[str]) -> Embedding:
+    """The embedding under the name the prompts use: its token, else a name diffusers gives it (a
+    prompt written for diffusers' `load_textual_inversion` of a one-key file uses the key)."""
+    written = [text.lower() for text in texts]
+    if any(embedding.token in text for text in written):
+        return embedding
+    for name in embedding.other_names:
+        if any(name in text for text in written):
+            return replace(embedding, token=name, other_names=())
+    return embedding
 
 
 def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -150,13 +174,15 @@ def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     except LecoError as reason:
         raise LecoError(f"--embedding: {path} cannot be read ({reason})") from None
     vectors = data.get("string_to_param") if isinstance(data, dict) else None
+    name = data.get("name") if isinstance(data, dict) and isinstance(data.get("name"), str) else None
     if isinstance(vectors, torch.nn.ParameterDict):  # the original textual inversion's
         vectors = vectors._parameters  # (a ParameterDict pickled by torch < 1.12 has no other index)
-    if isinstance(vectors, dict):  # A1111
-        data = {name: tensor.detach() for name, tensor in vectors.items()}
+    if isinstance(vectors, dict):  # A1111, which names it by the file and never by this key ("*")
+        keys = [A1111_KEY] if len(vectors) == 1 else list(vectors)
+        data = {key: tensor.detach() for key, tensor in zip(keys, vectors.values(), strict=True)}
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()) or not data:
         raise LecoError(f"--embedding: {path} holds no embedding tensors (expected A1111's string_to_param)")
-    return data, {}
+    return data, ({"name": name} if name else {})
 
 
 def _unreadable(path: Path, error: BaseException) -> LecoError:

@@ -347,7 +347,7 @@ class _KohyaReader:
                 )
             height, width = int(value[0]), int(value[1])
             return height if height == width else (height, width)
-        return value
+        return _whole(value)
 
     def tables(self, value: Any, key: str) -> list[tuple[str, dict[str, Any]]]:
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
@@ -389,11 +389,20 @@ class _KohyaReader:
         )
 
 
+def _whole(value: Any) -> Any:
+    """kohya reads a size and a batch size with int(), so 24.9 trains at 24; other values: validation."""
+    if isinstance(value, float) and math.isfinite(value):
+        return int(value)
+    return value
+
+
 def _pick(table: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
     return {k: v for k, v in table.items() if k in keys}
 
 
 def _validate(path: Path, where: str, fields: dict[str, Any]) -> PromptSettings:
+    if "batch_size" in fields:
+        fields = {**fields, "batch_size": _whole(fields["batch_size"])}
     for key in ("dynamic_resolution", "dynamic_crops"):
         # kohya takes bool() of the value, so the text "false" is true: neither reading is safe.
         if key in fields and not isinstance(fields[key], bool):
