@@ -1267,12 +1267,12 @@ def test_embeddings_are_named_by_their_file_as_a1111_and_comfyui_do_or_as_diffus
     from leco.embedding_files import named_as_written, read_embedding
 
     vectors = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
-    a1111 = tmp_path / "sevB.pt"  # A1111 ignores the key of string_to_param; diffusers reads `name`
-    torch.save({"string_to_token": {"<s>": 265}, "string_to_param": {"<s>": vectors}, "name": "<sev>"}, a1111)
+    a1111 = tmp_path / "sevB.pt"  # A1111 names it by the file, never by string_to_param's key
+    torch.save({"string_to_token": {"<s>": 265}, "string_to_param": {"<s>": vectors}, "name": "other"}, a1111)
     one_key = tmp_path / "learned_embeds.safetensors"  # diffusers' form: {token: vector}
     save_file({"<cat-toy>": vectors[0]}, str(one_key))
     read = read_embedding(a1111), read_embedding(one_key)
-    names = [("sevb", ("<sev>",)), ("learned_embeds", ("<cat-toy>",))]
+    names = [("sevb", ()), ("learned_embeds", ("<cat-toy>",))]
     assert [(e.token, e.other_names) for e in read] == names
     assert named_as_written(read_embedding(one_key), ["a <Cat-Toy> fox"]).token == "<cat-toy>"
     assert named_as_written(read_embedding(one_key), ["a learned_embeds fox"]).token == "learned_embeds"
@@ -1286,7 +1286,7 @@ def test_embeddings_are_named_by_their_file_as_a1111_and_comfyui_do_or_as_diffus
         (drawn,) = (file for file in out.glob("*.png") if file.name != "grid.png")
         return np.asarray(Image.open(drawn), dtype=np.int16)
 
-    for file, names in ((a1111, ("sevB", "<sev>")), (one_key, ("learned_embeds", "<cat-toy>"))):
+    for file, names in ((a1111, ("sevB",)), (one_key, ("learned_embeds", "<cat-toy>"))):
         plain = image("a red fox")
         for name in names:  # each name the other tools give it draws with its vectors, not as words
             given = image(f"a red fox {name}", "--embedding", f"{file}:{name.lower()}")

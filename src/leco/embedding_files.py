@@ -56,8 +56,8 @@ class Embedding:
     token: str
     vectors: tuple[torch.Tensor, ...]
     option: str = "--embedding"  # how the user gave it, for messages (eval judges one given as --lora)
-    # What diffusers would call it instead (a one-key file's key, a .pt's `name`): A1111 and ComfyUI
-    # name an embedding by its file, diffusers by these; a prompt written for either works.
+    # What diffusers calls a one-key file ({token: vector}): its key. A1111 and ComfyUI name an
+    # embedding by its file; a prompt written for either works.
     other_names: tuple[str, ...] = ()
 
     @property
@@ -90,8 +90,8 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     """Read kohya/leco `.safetensors` (emb_params, or clip_l + clip_g), A1111 `.pt` or diffusers files.
 
     The token: `token` if given, else the file's `leco.token` metadata, else the file name without
-    its suffix (as A1111 and ComfyUI name embeddings); the names diffusers reads (a one-key file's
-    key, a .pt's `name`) are kept as `other_names`.
+    its suffix (as A1111 and ComfyUI name embeddings); the name diffusers reads from a one-key
+    file (its key) is kept in `other_names`.
     """
     path = Path(path)
     if not path.is_file():
@@ -100,7 +100,8 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     tensors, metadata = _embedding_tensors(path)
     if has_lora_keys(tensors):
         raise LecoError(f"--embedding: {path} is a LoRA, not an embedding; give it as --lora")
-    diffusers_names = [metadata["name"]] if metadata.get("name") else []
+    # (not an A1111 .pt's `name`, which diffusers reads too: A1111 files carry any word there)
+    diffusers_names = []
     if set(tensors) == {"clip_l", "clip_g"}:
         vectors = (tensors["clip_l"], tensors["clip_g"])
     elif len(tensors) == 1:
@@ -141,8 +142,8 @@ def _matchable(token: str) -> bool:
 
 
 def named_as_written(embedding: Embedding, texts: Sequence[str]) -> Embedding:
-    """The embedding under the name the prompts use: its token, else a name diffusers gives it (a
-    prompt written for diffusers' `load_textual_inversion` of a one-key file uses the key)."""
+    """The embedding under the name the prompts use: its token, else the name diffusers gives it (a
+    prompt written for diffusers' `load_textual_inversion` of a one-key file uses its key)."""
     written = [text.lower() for text in texts]
     if any(embedding.token in text for text in written):
         return embedding
@@ -174,7 +175,6 @@ def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     except LecoError as reason:
         raise LecoError(f"--embedding: {path} cannot be read ({reason})") from None
     vectors = data.get("string_to_param") if isinstance(data, dict) else None
-    name = data.get("name") if isinstance(data, dict) and isinstance(data.get("name"), str) else None
     if isinstance(vectors, torch.nn.ParameterDict):  # the original textual inversion's
         vectors = vectors._parameters  # (a ParameterDict pickled by torch < 1.12 has no other index)
     if isinstance(vectors, dict):  # A1111, which names it by the file and never by this key ("*")
@@ -182,7 +182,7 @@ def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
         data = {key: tensor.detach() for key, tensor in zip(keys, vectors.values(), strict=True)}
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()) or not data:
         raise LecoError(f"--embedding: {path} holds no embedding tensors (expected A1111's string_to_param)")
-    return data, ({"name": name} if name else {})
+    return data, {}
 
 
 def _unreadable(path: Path, error: BaseException) -> LecoError:
