@@ -4,6 +4,9 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -374,6 +377,50 @@ def test_a_second_signal_during_a_save_aborts_after_the_save_not_inside_it(capsy
         assert "aborting once the file being saved is written" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
             stop._handle(signal.SIGINT, None)  # outside a save: at once
+
+
+SECOND_SIGNAL_SCRIPT = """
+import os, signal, sys, time
+from leco.checkpoints import StopRequest
+with StopRequest() as stop:
+    os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step
+    while not stop.requested:
+        time.sleep(0.01)
+    print("asked", flush=True)
+    sum(range(10**10))  # one long call in C, as a UNet step at 512 px is: no Python handler runs in it
+"""
+
+
+def test_a_second_signal_ends_the_run_at_once_even_inside_a_long_call():
+    process = subprocess.Popen(
+        [sys.executable, "-c", SECOND_SIGNAL_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout.readline().strip() == "asked", process.communicate()
+        time.sleep(0.5)  # inside the call
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=20)  # the call alone takes minutes
+    finally:
+        process.kill()
+    assert process.returncode == -signal.SIGINT  # as the shell reports a Ctrl-C: 130
+
+
+def test_a_second_signal_waits_for_a_save_and_for_data_parallel_peers(monkeypatch):
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        stop._handle(signal.SIGTERM, None)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # the next one ends the process
+        with stop.saving():
+            assert signal.getsignal(signal.SIGINT) == stop._handle  # not inside a save
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    monkeypatch.setenv("WORLD_SIZE", "2")  # processes of one run end together, through their launcher
+    with StopRequest() as stop:
+        stop._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+    assert signal.getsignal(signal.SIGINT) == before  # the caller's again
 
 
 def test_resuming_with_another_optimizer_is_one_line(tmp_path, tiny_folders):

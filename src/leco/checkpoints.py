@@ -432,6 +432,7 @@ class StopRequest:
         """A save in progress: aborting inside it would leave the file and the resumable state at
         different steps (or a traceback from inside torch.save), so a second signal aborts after it."""
         self._saving = True
+        self._second_signal(abort_at_once=False)
         try:
             yield
         finally:
@@ -439,6 +440,18 @@ class StopRequest:
         if self._abort_after_save:
             self._abort_after_save = False
             raise KeyboardInterrupt
+        self._second_signal(abort_at_once=True)
+
+    def _second_signal(self, *, abort_at_once: bool) -> None:
+        """Once a stop is asked for, a second signal ends the process at once, as the signal's
+        default does: Python runs a handler only between bytecodes, so in a step's minutes-long
+        torch call it would never run, and two Ctrl-Cs would count as one. A save waits for it; so
+        do data-parallel processes, which end together through their launcher."""
+        if not self.requested or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            return
+        if threading.current_thread() is threading.main_thread():
+            for number in self._previous:
+                signal.signal(number, signal.SIG_DFL if abort_at_once else self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and self._saving:
@@ -451,6 +464,8 @@ class StopRequest:
         if self.requested:
             raise KeyboardInterrupt
         self.requested, self.by_signal = True, signum
+        if not self._saving:
+            self._second_signal(abort_at_once=True)
         if signum == getattr(signal, "SIGHUP", None):
             _leave_lost_terminal()
         if is_main_process():  # data-parallel: every process stops, the first one says so
