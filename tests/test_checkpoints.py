@@ -217,6 +217,7 @@ def test_sigterm_and_a_hang_up_save_an_interrupted_file_like_ctrl_c(tmp_path, ti
     assert process.returncode == 128 + stop_signal, err  # the shell's code for that signal: 143, 129
     assert "Traceback" not in err
     assert f"{stop_signal.name} again aborts without saving" in err  # stdout stays the results
+    assert "preview grid" not in err  # none was asked for: none was skipped
     _, metadata = read_lora_file(spaced / "out" / "fox_interrupted.safetensors")
     assert 2 <= int(metadata["leco.step"]) < 400
     hint = next(line for line in out.splitlines() if line.startswith("continue with: "))

@@ -80,6 +80,7 @@ def test_a_stopped_data_parallel_run_saves_once_without_a_traceback(tmp_path, ti
     assert process.returncode == 128 + stop_signal, err
     assert "Traceback" not in err and "Error" not in err, err  # torchrun's, when it was signalled itself
     assert err.count("stopping after this step") == 1 and "continue with: leco train" in out, (out, err)
+    assert "preview grid" not in err  # none was asked for: none was skipped
     assert "--num-processes 2" in out.splitlines()[-1]  # the resume needs as many processes
     _, metadata = read_lora_file(tmp_path / "out" / "fox_interrupted.safetensors")
     assert 2 <= int(metadata["leco.step"]) < 400

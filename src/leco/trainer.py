@@ -270,9 +270,9 @@ class Trainer:
                     path = self.save(suffix)
             if stop.wants_exit_now:
                 name = signal.Signals(stop.by_signal).name
-                warn(
-                    f"the {suffix} preview grid was skipped ({name} asks for a quick exit); the file is saved"
-                )
+                if main and self.config.preview.prompts:  # data-parallel: said once
+                    skipped = f"the {suffix} preview grid was skipped ({name} asks for a quick exit)"
+                    warn(f"{skipped}; the file is saved")
             else:
                 try:
                     self.render_preview(suffix)  # saved: Ctrl-C now ends the preview at once
