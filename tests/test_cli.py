@@ -203,6 +203,7 @@ def test_bad_device_names_the_option_the_user_used(capsys, no_loading, tiny_fold
         ("generate", "--out", "file", "is a file; name a folder"),
         ("generate", "--out", "under_file", "cannot be created"),
         ("eval", "--out", "folder", "is a folder; name the report file"),
+        ("eval", "--out", "new_folder/", "names a folder (it ends in a slash); name the report file"),
         ("eval", "--out", "under_file", "cannot be created"),
         ("eval", "--images", "file", "is a file; name a folder"),
         ("eval", "--images", "under_file", "cannot be created"),
@@ -213,7 +214,8 @@ def test_unwritable_outputs_are_refused_before_loading(
 ):
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
-    target = {"file": a_file, "under_file": a_file / "out" / "x.json", "folder": tmp_path}[layout]
+    places = {"file": a_file, "under_file": a_file / "out" / "x.json", "folder": tmp_path}
+    target = places.get(layout, f"{tmp_path}/{layout}")
     if command == "generate":
         argv = ["generate", "--model", tiny_folders["sd1"], "--prompt", "a cat", option, target]
     else:
@@ -229,7 +231,7 @@ def test_unwritable_outputs_are_refused_before_loading(
     code, _, err = run_cli(argv, capsys)
     assert_one_line_error(code, err, option)
     assert says in err
-    assert a_file.read_text() == "mine"
+    assert a_file.read_text() == "mine" and sorted(tmp_path.iterdir()) == [a_file]
 
 
 def test_a_folder_that_takes_no_new_file_is_refused_before_loading(

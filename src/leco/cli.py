@@ -205,10 +205,10 @@ def _output_folder(text: str) -> Path:
 
 def _output_file(text: str) -> Path:
     path = Path(_named(text)).expanduser()
-    if path.is_dir():
-        raise argparse.ArgumentTypeError(
-            f"{path} is a folder; name the report file, e.g. {path / 'report.json'}"
-        )
+    # "reports/" names a folder (Path drops the slash): a report file called "reports" is not meant
+    if path.is_dir() or text.rstrip().endswith(("/", os.sep)):
+        what = "is a folder" if path.is_dir() else "names a folder (it ends in a slash)"
+        raise argparse.ArgumentTypeError(f"{text} {what}; name the report file, e.g. {path / 'report.json'}")
     if path.exists() and not _is_eval_report(path):
         raise argparse.ArgumentTypeError(
             f"{path} exists and is not a leco eval report, which is all leco replaces; name a new file"
