@@ -804,7 +804,7 @@ def test_loading_is_quiet_and_leaves_the_library_settings_as_they_were(
 def test_a_damaged_resume_state_names_torchs_reason_not_its_boilerplate(tmp_path):
     state = tmp_path / "run_state"
     state.mkdir()
-    (state / "training_state.pt").write_bytes(b"garbage, not a torch file " * 20)
+    (state / "training_state.pt").write_bytes(b"\xff\xfe garbage, not a torch file " * 20)  # not text
     try:
         torch.load(state / "training_state.pt", weights_only=True)
     except Exception as error:

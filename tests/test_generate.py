@@ -501,6 +501,7 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
     root = embedding_files["root"]
     (tmp_path / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     (tmp_path / "damaged.pt").write_bytes(b"PK\x03\x04 truncated")
+    (tmp_path / "notes.pt").write_text("hi\n")  # torch's own reason would be a bare byte value: 105
     save_file({"emb_params": torch.ones(1, 16)}, tmp_path / "narrow.safetensors")
     save_file({"emb_params": torch.full((1, 32), float("nan"))}, tmp_path / "nan.safetensors")
     save_file({"emb_params": torch.ones(0, 32)}, tmp_path / "none.safetensors")
@@ -519,6 +520,11 @@ def test_bad_embedding_files_are_one_line_errors(tmp_path, tiny_folders, embeddi
         (sd1, [tmp_path / "missing.safetensors"], "missing.safetensors not found"),
         (sd1, [tmp_path / "damaged.safetensors"], "damaged.safetensors cannot be read"),
         (sd1, [tmp_path / "damaged.pt"], "damaged.pt cannot be read"),
+        (
+            sd1,
+            [tmp_path / "notes.pt"],
+            r"notes.pt cannot be read \(not a torch file: it is text \(starting 'hi'\)",
+        ),
         (sd1, [tmp_path / "nan.safetensors"], "nan.safetensors holds no usable vectors"),
         (sd1, [tmp_path / "none.safetensors"], "none.safetensors holds no usable vectors"),
         (sd1, [tmp_path / "empty.safetensors"], "empty.safetensors holds no tensors, not an embedding"),

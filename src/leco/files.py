@@ -239,6 +239,25 @@ def safetensors_metadata(path: Path) -> dict[str, str]:
         return {}
 
 
+def _not_a_torch_file(path: Path) -> str | None:
+    """What a file is when it cannot be a torch save (a zip since torch 1.6, a pickle before)."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(512)
+    except OSError:
+        return None  # torch.load names what stops reading it
+    if not start:
+        return "it is empty"
+    if start.startswith(b"PK") or start[:1] == b"\x80":  # a zip, or a pickle's PROTO opcode
+        return None
+    try:
+        text = start.decode("utf-8")
+    except UnicodeDecodeError:
+        return None  # binary: torch's reader says what it found
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"it is text (starting {first!r}), not the weights a torch .pt/.bin/.ckpt holds"
+
+
 def load_torch_file(path: Path) -> Any:
     """torch.load with weights_only: tensors and plain containers only, no pickled code runs. What it
     refuses or cannot read raises LecoError with the reason alone (callers name the file and key);
@@ -267,6 +286,14 @@ def load_torch_file(path: Path) -> Any:
                 f"torch's safe reader refused it ({detail[:120]}): it holds more than plain tensors, which "
                 "could run code when loaded, or it is damaged"
             ) from None
-        raise LecoError(f"damaged or not a torch file: {first_line(error)}") from None
+        raise _unreadable_torch_file(path, error) from None
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
-        raise LecoError(f"damaged or not a torch file: {first_line(error)}") from None
+        raise _unreadable_torch_file(path, error) from None
+
+
+def _unreadable_torch_file(path: Path, error: BaseException) -> LecoError:
+    # torch's own answer for a text file is a bare byte value ("105"): say what the file is instead
+    kind = _not_a_torch_file(path)
+    if kind:
+        return LecoError(f"not a torch file: {kind}")
+    return LecoError(f"damaged or not a torch file: {first_line(error)}")
