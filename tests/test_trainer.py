@@ -674,6 +674,7 @@ def test_train_set_changes_a_setting_without_editing_the_config(tmp_path, tiny_f
         ("seed=1", "give SECTION.KEY=VALUE, e.g. train.seed=1"),
         ("trian.seed=1", "trian is not a section of a leco config; did you mean 'train'?"),
         ("prompts.0.target=a cat", "prompts are a list; change them in the prompts file"),
+        ("prompts_file=red.yaml", "the prompts file is an option of its own; give --prompts_file red.yaml"),
         ("save.name=", "no value; give one"),
         ("save.name=fox #2", "' #' starts a YAML comment, which would cut the value; quote it"),
         ("train.samples_per_step=64", "--set train.iterations=2 train.samples_per_step=64: "),  # fine alone

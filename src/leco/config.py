@@ -1042,7 +1042,10 @@ def _override(config: LecoConfig, change: str) -> tuple[str, str, Any]:
     name, dot, field = key.strip().partition(".")
     where = f"--set {_quoted([change])}"
     sections = [n for n in LecoConfig.model_fields if isinstance(getattr(config, n, None), BaseModel)]
-    if name == "prompts" or name == "prompts_file":
+    if name == "prompts_file":
+        file = text.strip() or "FILE"
+        raise ConfigError(f"{where}: the prompts file is an option of its own; give --prompts_file {file}")
+    if name == "prompts":
         raise ConfigError(
             f"{where}: prompts are a list; change them in the prompts file, or give --prompts_file"
         )
