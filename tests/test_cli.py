@@ -192,6 +192,11 @@ def test_bad_device_names_the_option_the_user_used(capsys, no_loading, tiny_fold
     assert "train.device" not in err
     with pytest.raises(LecoError, match=r"^train\.device: 'gpu' is not a device"):
         pick_device("gpu")
+    with pytest.raises(
+        LecoError, match=r"^--device: cpu:1: there is one cpu device, with no number; use cpu"
+    ):
+        pick_device("cpu:1", option="--device")
+    assert pick_device("cpu:0") == torch.device("cpu:0")
     if not torch.cuda.is_available():
         with pytest.raises(LecoError, match=r"^--device: cuda:1 but no CUDA GPU"):
             pick_device("cuda:1", option="--device")

@@ -164,6 +164,10 @@ def pick_device(name: str, option: str = "train.device") -> torch.device:
         raise LecoError(f"{option}: {name} but no CUDA GPU is available; use auto or cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise LecoError(f"{option}: {name} but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if device.type in ("cpu", "mps") and device.index:  # torch would use the one there is, silently
+        raise LecoError(
+            f"{option}: {name}: there is one {device.type} device, with no number; use {device.type}"
+        )
     if device.type == "mps" and not _mps_available():
         raise LecoError(f"{option}: mps but no Apple GPU (MPS) is available; use auto or cpu")
     if device.type not in ("cpu", "cuda", "mps"):
