@@ -16,7 +16,7 @@ from test_trainer import make_config, stop_a_cli_run
 
 from leco import train
 from leco.checkpoints import RunFolder, StopRequest, read_state
-from leco.errors import LecoError
+from leco.errors import LecoError, Terminated
 from leco.network import read_lora_file
 from leco.trainer import Trainer
 
@@ -378,11 +378,19 @@ def test_a_second_signal_during_a_save_aborts_after_the_save_not_inside_it(capsy
         assert "aborting once the file being saved is written" in capsys.readouterr().err
         with pytest.raises(KeyboardInterrupt):
             stop._handle(signal.SIGINT, None)  # outside a save: at once
+    with StopRequest() as stop:  # a SIGTERM's abort keeps its own exit code (143), not Ctrl-C's
+        stop._handle(signal.SIGTERM, None)
+        with pytest.raises(Terminated) as raised, stop.saving():
+            stop._handle(signal.SIGTERM, None)
+        assert raised.value.signal_number == signal.SIGTERM
+        with pytest.raises(Terminated):
+            stop._handle(signal.SIGHUP, None)  # outside a save: at once
 
 
 SECOND_SIGNAL_SCRIPT = """
 import os, signal, sys, time
 from leco.checkpoints import StopRequest
+StopRequest.second_signal_ends_process = True  # as the leco command sets it
 with StopRequest() as stop:
     os.kill(os.getpid(), signal.SIGINT)  # the first: stop after this step
     while not stop.requested:
@@ -411,6 +419,12 @@ def test_a_second_signal_ends_the_run_at_once_even_inside_a_long_call():
 
 def test_a_second_signal_waits_for_a_save_and_for_data_parallel_peers(monkeypatch):
     before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:  # in Python (leco.train in a notebook): a KeyboardInterrupt to catch
+        stop._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        with pytest.raises(KeyboardInterrupt):
+            stop._handle(signal.SIGINT, None)
+    monkeypatch.setattr(StopRequest, "second_signal_ends_process", True)  # the leco command
     with StopRequest() as stop:
         stop._handle(signal.SIGTERM, None)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_DFL  # the next one ends the process

@@ -1284,6 +1284,13 @@ def test_embeddings_are_named_by_their_file_as_a1111_and_comfyui_do_or_as_diffus
     assert named_as_written(read_embedding(one_key), ["a <Cat-Toy> fox"]).token == "<cat-toy>"
     assert named_as_written(read_embedding(one_key), ["a learned_embeds fox"]).token == "learned_embeds"
     assert read_embedding(one_key, "<x>").other_names == ()  # a token given is the token
+    renamed = tmp_path / "cat-toy.safetensors"  # a concept file renamed after its key
+    save_file({"<cat-toy>": vectors[0]}, str(renamed))
+    assert named_as_written(read_embedding(renamed), ["a <cat-toy> fox"]).token == "<cat-toy>"
+    assert named_as_written(read_embedding(renamed), ["a cat-toy fox"]).token == "cat-toy"
+    style = tmp_path / "my_style.safetensors"
+    save_file({"ink": vectors[0]}, str(style))  # the key only inside a word: not adopted
+    assert named_as_written(read_embedding(style), ["a pink fox"]).token == "my_style"
 
     def image(prompt, *embedding):
         out = tmp_path / f"images{len(list(tmp_path.iterdir()))}"
@@ -1312,3 +1319,5 @@ def test_a_kohya_config_file_named_without_toml_is_read_as_kohya_reads_it(
     assert code == 2 and "args.toml: mixed_precision: 'fp8' is not one leco trains in" in err, err
     code, _, err = run_cli(["train", "args"], capsys)  # leco's own spelling takes the name as given
     assert code == 2 and "args: file not found" in err, err
+    code, _, err = run_cli(["train", "--config_file", "missing.yaml"], capsys)  # no .toml there either
+    assert code == 2 and "missing.yaml: file not found" in err, err

@@ -4,7 +4,7 @@ import stat
 import pytest
 
 from leco.errors import LecoError
-from leco.files import atomic_folder, atomic_output, check_output
+from leco.files import atomic_folder, atomic_output, check_output, load_torch_file
 
 
 def test_written_file_gets_the_mode_plain_open_would_give(tmp_path):
@@ -87,3 +87,19 @@ def test_an_output_inside_an_input_is_found_however_either_is_spelled(tmp_path):
     assert holds_or_is(tmp_path / "runs" / "real", tmp_path / "link" / "images")
     assert holds_or_is(tmp_path / "link", tmp_path / "runs" / "x" / ".." / "real")
     assert not holds_or_is(tmp_path / "runs" / "real" / "report.json", tmp_path / "runs" / "real")
+
+
+def test_a_text_file_for_a_torch_file_is_named_as_text_and_torchs_other_formats_are_not(tmp_path):
+    import torch
+
+    notes = tmp_path / "notes.pt"
+    notes.write_text("é" * 255 + "\nmore", encoding="utf-8")  # 512 bytes end inside a character
+    with pytest.raises(LecoError, match=r"^not a torch file: it is text \(starting 'é"):
+        load_torch_file(notes)
+    legacy = tmp_path / "legacy.pt"  # torch's old .tar format: text names, then NULs
+    legacy.write_bytes(b"sys_info" + b"\x00" * 92 + b"0000644\x00" + b"\x00" * 400)
+    with pytest.raises(LecoError) as raised:
+        load_torch_file(legacy)
+    assert "text" not in str(raised.value)
+    torch.save({"x": torch.ones(2)}, tmp_path / "real.pt")
+    assert torch.equal(load_torch_file(tmp_path / "real.pt")["x"], torch.ones(2))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from leco.config import LecoConfig
-from leco.errors import LecoError, is_main_process, warn
+from leco.errors import LecoError, Terminated, is_main_process, warn
 from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
 from leco.models import looks_like_repo_id, recorded_model_name
 from leco.optim import optimizer_class
@@ -398,6 +398,9 @@ class StopRequest:
     after the current step and save; a second one aborts."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+    # Set by the `leco` command: a second signal ends the process. In Python (a notebook, a script
+    # calling leco.train) it raises KeyboardInterrupt, which the caller can catch.
+    second_signal_ends_process = False
 
     def __init__(self) -> None:
         self.requested = False
@@ -405,6 +408,7 @@ class StopRequest:
         self._previous: dict[int, Any] = {}
         self._saving = False  # a save is being written: a second signal waits for it to end
         self._abort_after_save = False
+        self._second = signal.SIGINT  # the signal that asked to abort
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -439,7 +443,7 @@ class StopRequest:
             self._saving = False
         if self._abort_after_save:
             self._abort_after_save = False
-            raise KeyboardInterrupt
+            raise _stop_now(self._second)
         self._second_signal(abort_at_once=True)
 
     def _second_signal(self, *, abort_at_once: bool) -> None:
@@ -447,7 +451,9 @@ class StopRequest:
         default does: Python runs a handler only between bytecodes, so in a step's minutes-long
         torch call it would never run, and two Ctrl-Cs would count as one. A save waits for it; so
         do data-parallel processes, which end together through their launcher."""
-        if not self.requested or int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        if not (self.requested and self.second_signal_ends_process):
+            return
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             return
         if threading.current_thread() is threading.main_thread():
             for number in self._previous:
@@ -455,14 +461,14 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested and self._saving:
-            self._abort_after_save = True
+            self._abort_after_save, self._second = True, signum
             if is_main_process():  # data-parallel: the first process says so
                 with contextlib.suppress(OSError):
                     message = "aborting once the file being saved is written"
                     print(f"\nleco: {message}", file=sys.stderr, flush=True)
             return
         if self.requested:
-            raise KeyboardInterrupt
+            raise _stop_now(signum)
         self.requested, self.by_signal = True, signum
         if not self._saving:
             self._second_signal(abort_at_once=True)
@@ -473,6 +479,12 @@ class StopRequest:
             message = f"stopping after this step and saving ({again} again aborts without saving)"
             with contextlib.suppress(OSError):  # where output goes may be gone; the save must not be
                 print(f"\nleco: {message}", file=sys.stderr, flush=True)
+
+
+def _stop_now(signum: int) -> BaseException:
+    """What a second signal raises: Ctrl-C as Python raises it, others as leco's Terminated, so that
+    the exit code is that signal's (130, 143, 129)."""
+    return KeyboardInterrupt() if signum == signal.SIGINT else Terminated(signum)
 
 
 def _leave_lost_terminal() -> None:

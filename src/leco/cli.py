@@ -583,13 +583,20 @@ def _add_no_progress_for_scripts(command: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from leco import train
+    from leco.checkpoints import StopRequest
+
+    StopRequest.second_signal_ends_process = True  # even in a minutes-long step (a command, not a notebook)
 
     config = args.config or args.config_file
     if config is None:
         raise LecoError("train: no config given; run leco train CONFIG.yaml (or --config_file CONFIG.yaml)")
     if args.config and args.config_file:
         raise LecoError("train: give the config once: leco train CONFIG.yaml (or --config_file CONFIG.yaml)")
-    if args.config_file and not args.config_file.endswith(".toml") and not Path(args.config_file).exists():
+    if (
+        args.config_file
+        and not Path(args.config_file).exists()
+        and Path(args.config_file + ".toml").is_file()
+    ):
         config = args.config_file + ".toml"  # kohya's train_util adds it to a --config_file without one
     if args.resume and args.overwrite:
         raise LecoError("train: --resume continues a run and --overwrite replaces it; give one of them")

@@ -1043,7 +1043,7 @@ def _override(config: LecoConfig, change: str) -> tuple[str, str, Any]:
     where = f"--set {_quoted([change])}"
     sections = [n for n in LecoConfig.model_fields if isinstance(getattr(config, n, None), BaseModel)]
     if name == "prompts_file":
-        file = text.strip() or "FILE"
+        file = shlex.quote(text.strip()) if text.strip() and not dot else "FILE"
         raise ConfigError(f"{where}: the prompts file is an option of its own; give --prompts_file {file}")
     if name == "prompts":
         raise ConfigError(

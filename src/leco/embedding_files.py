@@ -13,6 +13,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from leco.conditioning import words_a_token_spells
+from leco.config import word_around
 from leco.errors import LecoError, first_line, warn
 from leco.files import load_torch_file
 from leco.models import quiet_library_logs
@@ -144,13 +145,23 @@ def _matchable(token: str) -> bool:
 def named_as_written(embedding: Embedding, texts: Sequence[str]) -> Embedding:
     """The embedding under the name the prompts use: its token, else the name diffusers gives it (a
     prompt written for diffusers' `load_textual_inversion` of a one-key file uses its key)."""
+    names = [embedding.token, *embedding.other_names]
     written = [text.lower() for text in texts]
-    if any(embedding.token in text for text in written):
+    if any(_written_as_a_word(text, embedding.token, names) for text in written):
         return embedding
     for name in embedding.other_names:
-        if any(name in text for text in written):
+        if any(_written_as_a_word(text, name, names) for text in written):
             return replace(embedding, token=name, other_names=())
-    return embedding
+    return embedding  # a token in no prompt (warned of), or inside a word (refused)
+
+
+def _written_as_a_word(text: str, name: str, names: Sequence[str]) -> bool:
+    """`name` in `text` on its own: not inside a word ("ink" in "pink"), nor inside a longer name of
+    the same embedding ("cat-toy" in "<cat-toy>", the key of cat-toy.safetensors)."""
+    for longer in names:
+        if name in longer and longer != name:
+            text = text.replace(longer, " " * len(longer))
+    return name in text and word_around(text, name) is None
 
 
 def _embedding_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -252,8 +252,12 @@ def _not_a_torch_file(path: Path) -> str | None:
         return None
     try:
         text = start.decode("utf-8")
-    except UnicodeDecodeError:
-        return None  # binary: torch's reader says what it found
+    except UnicodeDecodeError as error:  # binary, or text cut inside a character at byte 512
+        if error.start < len(start) - 3:
+            return None  # torch's reader says what it found
+        text = start[: error.start].decode("utf-8")
+    if any(ord(c) < 32 and c not in "\t\n\r" for c in text):
+        return None  # NULs and control bytes: binary (torch's legacy .tar format starts with text)
     first = text.strip().splitlines()[0][:40] if text.strip() else ""
     return f"it is text (starting {first!r}), not the weights a torch .pt/.bin/.ckpt holds"
 
@@ -275,6 +279,8 @@ def load_torch_file(path: Path) -> Any:
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         text = str(error)
+        if (kind := _not_a_torch_file(path)) is not None:  # refused or not, it was never weights
+            raise LecoError(f"not a torch file: {kind}") from None
         if text.startswith("Weights only load failed"):  # torch's paragraphs around one line of reason
             marker = "WeightsUnpickler error:"  # torch >= 2.6 puts its advice first, the reason here
             after = text.partition(marker)[2].strip()

@@ -98,13 +98,12 @@ def _arguments_error(key: str, args: dict[str, Any], error: Exception, owner: st
     texts = [f"{name}={value!r}" for name, value in args.items() if isinstance(value, str)]
     if texts:
         return LecoError(f"{key}: {texts[0]} is not a number; give it a number")
-    lists = [f"{name}={value!r}" for name, value in args.items() if isinstance(value, list | tuple)]
+    lists = {name: value for name, value in args.items() if isinstance(value, list | tuple)}
     unpacked = isinstance(error, ValueError) and "values to unpack" in str(error)
-    if lists and (unpacked or isinstance(error, IndexError | AssertionError)):  # a list's length
-        return LecoError(
-            f"{key}: {lists[0]} has the wrong number of items (for {owner}); betas takes two, e.g. "
-            "[0.9, 0.999]"
-        )
+    if len(lists) == 1 and (unpacked or isinstance(error, IndexError)):  # read item by item
+        (name, value), *_ = lists.items()
+        hint = "; betas takes two, e.g. [0.9, 0.999]" if name == "betas" else ""
+        return LecoError(f"{key}: {name}={value!r} has the wrong number of items (for {owner}){hint}")
     return LecoError(f"{key}: {error} (for {owner})")
 
 
