@@ -823,6 +823,12 @@ def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path
         models, [embedding, other_seed], EvalSpec.model_validate(spec), "cpu", BrightnessDetector()
     )
     assert both["negative_embeddings"] == {"no_dog": "<no-dog>", "no_dog_seed1": "<no-dog>"}
+    # judged, no prompt writes its token: one named by a word ("dog") or by diffusers' key is safe
+    word, one_key = tmp_path / "dog.safetensors", tmp_path / "dog_concept.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(word))  # the file's name: a word the model knows
+    save_file({"<dog-concept>": torch.randn(32)}, str(one_key))
+    named = evaluate(models, [word, one_key], EvalSpec.model_validate(spec), "cpu", BrightnessDetector())
+    assert named["negative_embeddings"] == {"dog": "<dog>", "dog_concept": "<dog-concept>"}
     with pytest.raises(LecoError, match=r"strengths: the spec lists no strength but 0"):
         evaluate(models, embedding, EvalSpec.model_validate({**spec, "strengths": []}), "cpu")
     with pytest.raises(

@@ -743,6 +743,7 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
     from leco.config import word_around
     from leco.embedding_files import (
         is_embedding_file,
+        judged_embedding,
         named_as_written,
         parse_embedding_option,
         read_embedding,
@@ -761,7 +762,7 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                 f"--embedding: {lora} is also a --lora, where it is judged as a negative embedding; "
                 "give it once"
             )
-    judged = {read_embedding(lora).token: lora for lora in lora_options if is_embedding_file(lora)}
+    judged = {judged_embedding(lora).token: lora for lora in lora_options if is_embedding_file(lora)}
     read = [read_embedding(*parse_embedding_option(option)) for option in options]
     embeddings = [named_as_written(embedding, texts) for embedding in read]
     refuse_shared_tokens(embeddings)  # said before the model loads, and before any other note

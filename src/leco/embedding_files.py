@@ -138,6 +138,17 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     return Embedding(path, chosen.lower(), vectors, other_names=tuple(others))
 
 
+def judged_embedding(path: str | Path) -> Embedding:
+    """An embedding given to `leco eval --lora`, judged with its token added to the negative prompt
+    by leco: no prompt writes the token, so it is chosen to be safe, not to match a file name that may
+    be a word ("seven.safetensors"): diffusers' key, else the token, in <...> unless it already is."""
+    embedding = replace(read_embedding(path), option="--lora")
+    name = embedding.other_names[0] if embedding.other_names else embedding.token
+    if not (name.startswith("<") and name.endswith(">")):
+        name = f"<{name}>"
+    return replace(embedding, token=name, other_names=())
+
+
 def _matchable(token: str) -> bool:
     return bool(token.strip()) and token == token.strip() and not any(c.isspace() and c != " " for c in token)
 

@@ -44,7 +44,7 @@ from leco.config import (
     no_bool_for_numbers,
     read_yaml,
 )
-from leco.embedding_files import embeddings_loaded, is_embedding_file, read_embedding
+from leco.embedding_files import embeddings_loaded, is_embedding_file, judged_embedding
 from leco.errors import LecoError, first_line, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
@@ -567,7 +567,7 @@ def sampling_settings(spec: EvalSpec, models: LoadedModels, loras: Sequence[Path
 
 def _negative_embeddings(loras: list[Path], labels: list[str], strengths: list[float]) -> dict[str, Any]:
     """The embeddings among the files judged like LoRAs, by label; each is on (1) or off (0) only."""
-    negatives = {label: replace(read_embedding(path), option="--lora")
+    negatives = {label: judged_embedding(path)
                  for label, path in zip(labels, loras, strict=True) if is_embedding_file(path)}  # fmt: skip
     other = [s for s in strengths if s not in (0.0, 1.0)]
     if negatives and other:
