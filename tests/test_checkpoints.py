@@ -418,6 +418,9 @@ def test_a_second_signal_ends_the_run_at_once_even_inside_a_long_call():
 
 
 def test_a_second_signal_waits_for_a_save_and_for_data_parallel_peers(monkeypatch):
+    from leco.cli import main
+
+    main(["train", "--config_file", "missing.yaml"])  # the command sets it for its run alone
     before = signal.getsignal(signal.SIGINT)
     with StopRequest() as stop:  # in Python (leco.train in a notebook): a KeyboardInterrupt to catch
         stop._handle(signal.SIGINT, None)

@@ -582,10 +582,17 @@ def _add_no_progress_for_scripts(command: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from leco import train
     from leco.checkpoints import StopRequest
 
     StopRequest.second_signal_ends_process = True  # even in a minutes-long step (a command, not a notebook)
+    try:
+        return _train_command(args)
+    finally:  # main() called from Python (tests, scripts) leaves leco.train as it was
+        StopRequest.second_signal_ends_process = False
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from leco import train
 
     config = args.config or args.config_file
     if config is None:
