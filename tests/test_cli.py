@@ -258,7 +258,7 @@ def test_an_eval_report_where_its_images_go_is_refused_before_any_image(
     capsys, tmp_path, tiny_folders, no_loading
 ):
     spec = ["eval", "--model", tiny_folders["sd1"], "--spec", EXAMPLES / "erase_seven_eval.yaml"]
-    for out, images in (("x", "x"), ("y", "y/imgs"), ("z/../y", "y/imgs/")):
+    for out, images in (("x", "x"), ("y", "y/imgs"), ("z/../y", "y/imgs/"), ("w/a_1_0.png", "w")):
         code, _, err = run_cli([*spec, "--out", tmp_path / out, "--images", tmp_path / images], capsys)
         assert_one_line_error(code, err, "--out")
         assert "--images folder" in err and "name a report file outside it" in err
@@ -945,6 +945,14 @@ def test_an_option_that_takes_one_value_given_twice_is_refused(capsys, argv, opt
     assert_one_line_error(code, err, f"argument {option}: given twice; give it once")
 
 
+def test_an_abbreviated_option_is_not_taken_for_another(capsys):
+    # argparse's prefix matching read --seed as --seeds: `--seeds 0-1 --seed 5` drew seed 5 alone
+    code, _, err = run_cli(
+        ["generate", "--model", "m", "--prompt", "x", "--seeds", "0-1", "--seed", "5"], capsys
+    )
+    assert_one_line_error(code, err, "unrecognized arguments: --seed 5")
+
+
 @pytest.mark.parametrize(
     ("argv", "option"),
     [
@@ -1164,12 +1172,13 @@ def test_an_embedding_given_twice_or_also_as_a_lora_is_one_line(tmp_path, capsys
     code, _, err = run_cli(["eval", "--model", "m", *lora_too, "--out", tmp_path / "r.json"], capsys)
     assert_one_line_error(code, err, "--embedding")
     assert "is also a --lora, where it is judged as a negative embedding" in err
-    other = tmp_path / "other.safetensors"  # another file, the same token: both would be "neg"
-    save_file({"emb_params": torch.ones(1, 8)}, str(other), metadata={"leco.token": "neg"})
+    other = tmp_path / "other.safetensors"  # another file, the judged one's token: both would be "<neg>"
+    save_file({"emb_params": torch.ones(1, 8)}, str(other), metadata={"leco.token": "<neg>"})
     same_token = ["--lora", embedding, "--embedding", other, "--spec", spec]
     code, _, err = run_cli(["eval", "--model", "m", *same_token, "--out", tmp_path / "r.json"], capsys)
     assert_one_line_error(code, err, "--embedding")
-    assert "its token 'neg' is also the token of --lora" in err and f"--embedding {other}:NEW_TOKEN" in err
+    assert "its token '<neg>' is also the token of --lora" in err and f"--embedding {other}:NEW_TOKEN" in err
+    save_file({"emb_params": torch.ones(1, 8)}, str(other), metadata={"leco.token": "neg"})
     shared = ["--embedding", embedding, "--embedding", other]  # two files, one token, no prompt using it
     code, _, err = run_cli(["generate", "--model", "m", "--prompt", "a", "--out", tmp_path, *shared], capsys)
     assert_one_line_error(code, err, "--embedding")

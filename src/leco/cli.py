@@ -83,7 +83,12 @@ def _error_message(error: LecoError, words: Sequence[str]) -> str:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad command line in leco's style: one line naming the option, exit 2."""
+    """argparse that reports a bad command line in leco's style: one line naming the option, exit 2.
+    Options are taken only as spelled out: an abbreviation (--seed for --seeds) would slip past the
+    check for an option given twice, and one of them would be dropped without a word."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
 
     def error(self, message: str) -> NoReturn:
         one_line = _escape_line_breaks(" ".join(message.split("\n")))
@@ -700,10 +705,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from leco.models import model_name
 
     # The report is written last, where the images would be: refused before any image is drawn.
-    if args.images is not None and holds_or_is(args.out, args.images):
+    if args.images is not None and (holds_or_is(args.out, args.images) or holds_or_is(args.images, args.out)):
         raise LecoError(
-            f"--out: {args.out} is the --images folder {args.images} or holds it; name a report file "
-            "outside it, e.g. eval_report.json"
+            f"--out: {args.out} is the --images folder {args.images}, inside it or above it; name a report "
+            "file outside it, e.g. eval_report.json"
         )
     if Path(args.out).exists() and not args.overwrite:  # checked now, not after minutes of images
         raise LecoError(f"--out: {args.out} holds an earlier eval's report; pass --overwrite to replace it")
