@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from leco.config import LecoConfig
-from leco.errors import LecoError, Terminated, is_main_process, warn
+from leco.errors import LecoError, Terminated, is_main_process, process_count, warn
 from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
 from leco.models import looks_like_repo_id, recorded_model_name
 from leco.optim import optimizer_class
@@ -453,7 +453,7 @@ class StopRequest:
         do data-parallel processes, which end together through their launcher."""
         if not (self.requested and self.second_signal_ends_process):
             return
-        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        if process_count() > 1:
             return
         if threading.current_thread() is threading.main_thread():
             for number in self._previous:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from leco import __version__
-from leco.errors import LecoError, Terminated, is_main_process, stopped_exit_code, warn
+from leco.errors import LecoError, Terminated, is_main_process, process_count, stopped_exit_code, warn
 from leco.launcher import (
     LAUNCHED_BY_LECO,
     check_process_count,
@@ -644,7 +644,7 @@ def _train_command(args: argparse.Namespace) -> int:
     if not is_main_process():  # a data-parallel process that is not the main one
         return interrupted_code if result.interrupted else 0
     if result.interrupted:
-        processes = int(os.environ.get("WORLD_SIZE", "1"))  # a resume needs as many
+        processes = process_count()  # a resume needs as many
         again = f" --num-processes {processes}" if processes > 1 else ""
         print(f"interrupted after step {result.steps}; saved {result.path}")
         prompts = f" --prompts_file {shlex.quote(str(args.prompts_file))}" if args.prompts_file else ""

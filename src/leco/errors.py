@@ -19,15 +19,19 @@ def warn(message: str) -> None:
     print(f"leco: warning: {message}", file=sys.stderr, flush=True)
 
 
+def process_count() -> int:
+    """How many data-parallel processes this run has (WORLD_SIZE, as launchers set it)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1  # distributed.Ranks names the bad value
+
+
 def is_main_process() -> bool:
     """False only in a data-parallel process other than the first, which leaves messages to it.
     RANK alone (a variable left over in a shell) does not count: without WORLD_SIZE > 1 there is
     one process, and it must speak."""
-    try:
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        processes = 1  # distributed.Ranks names the bad value
-    return processes <= 1 or os.environ.get("RANK", "0") == "0"
+    return process_count() <= 1 or os.environ.get("RANK", "0") == "0"
 
 
 class Terminated(BaseException):  # noqa: N818 (a signal, as KeyboardInterrupt is)

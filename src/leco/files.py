@@ -278,10 +278,8 @@ def load_torch_file(path: Path) -> Any:
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        text = str(error)
-        if (kind := _not_a_torch_file(path)) is not None:  # refused or not, it was never weights
-            raise LecoError(f"not a torch file: {kind}") from None
-        if text.startswith("Weights only load failed"):  # torch's paragraphs around one line of reason
+        text, kind = str(error), _not_a_torch_file(path)  # a text file: refused or not, never weights
+        if text.startswith("Weights only load failed") and kind is None:  # torch's paragraphs, one reason
             marker = "WeightsUnpickler error:"  # torch >= 2.6 puts its advice first, the reason here
             after = text.partition(marker)[2].strip()
             lines = [line.strip() for line in text.splitlines()[1:]]
@@ -292,14 +290,13 @@ def load_torch_file(path: Path) -> Any:
                 f"torch's safe reader refused it ({detail[:120]}): it holds more than plain tensors, which "
                 "could run code when loaded, or it is damaged"
             ) from None
-        raise _unreadable_torch_file(path, error) from None
+        raise _unreadable_torch_file(kind, error) from None
     except Exception as error:  # torch raises RuntimeError, EOFError, ... for damaged files
-        raise _unreadable_torch_file(path, error) from None
+        raise _unreadable_torch_file(_not_a_torch_file(path), error) from None
 
 
-def _unreadable_torch_file(path: Path, error: BaseException) -> LecoError:
+def _unreadable_torch_file(kind: str | None, error: BaseException) -> LecoError:
     # torch's own answer for a text file is a bare byte value ("105"): say what the file is instead
-    kind = _not_a_torch_file(path)
     if kind:
         return LecoError(f"not a torch file: {kind}")
     return LecoError(f"damaged or not a torch file: {first_line(error)}")
