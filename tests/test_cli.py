@@ -359,7 +359,11 @@ def test_a_negative_prompt_at_guidance_1_is_pointed_out(capsys, tiny_folders, tm
     for guidance, warned in (("1", True), ("0.5", True), ("3", False)):
         out = ["--out", str(tmp_path / guidance), "--steps", "1", "--no-progress"]
         assert main([*command, "--guidance", guidance, *out]) == 0
-        assert ("the negative prompt ('blurry') is never read" in capsys.readouterr().err) == warned
+        err = capsys.readouterr().err
+        assert ("the negative prompt ('blurry') is never read" in err) == warned
+        assert ("--guidance: guidance 0.5 samples as guidance 1" in err) == (guidance == "0.5")
+        settings = Image.open(next((tmp_path / guidance).glob("a-fox_*.png"))).text["parameters"]
+        assert f"CFG scale: {max(float(guidance), 1):g}," in settings  # what the image was made at
 
 
 def test_an_embedding_token_without_its_file_is_pointed_out(capsys, tiny_folders, tmp_path):

@@ -814,6 +814,7 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
             {"network": {"type": "embedding", "token": "<x>"}, "preview": {"prompts": ["x"], "guidance": 1}},
             "preview.guidance: 1 never reads the negative prompt",
         ),
+        ({"preview": {"prompts": ["x"], "guidance": 0.5}}, "preview.guidance: 0.5 samples as guidance 1"),
         (
             {
                 "prompts": [{"target": "x", "action": "distill", "guidance_scale": 3}],

@@ -1,6 +1,7 @@
 import functools
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -464,6 +465,32 @@ def test_several_loras_share_the_plain_images_and_name_the_worst(
     assert "== LoRA seed0" in table and "== LoRA seed1" in table and "== across 2 LoRAs" in table
     assert any(line.endswith("  seed1") and "kept: drift" in line for line in table.splitlines())
     json.dumps(report)
+
+
+def test_loras_whose_labels_would_share_an_image_folder_each_get_their_own(
+    tmp_path, tiny_folders, seed_loras
+):
+    """Two files named x and a third named 1-x: "1:x" would go to the folder 1-x, the third's own."""
+    files = []
+    for folder, name, source in (("a", "x", 0), ("b", "x", 1), ("c", "1-x", 1)):
+        (tmp_path / folder).mkdir()
+        files.append(tmp_path / folder / f"{name}.safetensors")
+        files[-1].write_bytes(seed_loras[source].read_bytes())
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    spec = EvalSpec.model_validate(
+        {"images_per_prompt": 1, "strengths": [0, 1], "steps": 2, "guidance": 2.0,
+         "keep": [{"prompt": "a tree", "concept": "bright>0.6"}]}
+    )  # fmt: skip
+    images = tmp_path / "images"
+    report = evaluate(
+        models, files, spec, "cpu", detector=BrightnessDetector(), image_dir=images, progress=False
+    )
+    assert len(set(report["loras"])) == 3 and [Path(p) for p in report["loras"].values()] == files
+    folders = sorted(path for path in images.iterdir())
+    assert len(folders) == 3 and all(len(list(folder.iterdir())) == 2 for folder in folders)
+    assert [folder.name for folder in folders] == ["1-x", "2-x", "3-1-x"]  # all numbered, none shared
+    first, second, third = (np.asarray(Image.open(folder / "a-tree_1_0.png")) for folder in folders)
+    assert np.array_equal(second, third) and not np.array_equal(first, second)  # 2nd and 3rd: one LoRA
 
 
 class PixelReadingDetector(BrightnessDetector):

@@ -202,6 +202,9 @@ def test_prompts_that_share_a_slug_keep_their_own_images(tmp_path, tiny_folders)
     slugs = unique_slugs(prompts)
     assert len(set(slugs.values())) == len(prompts) and slugs["a cat"] == "a-cat"
     assert slugs["a digit seven"].startswith("a-digit-seven-") and slugs == unique_slugs(reversed(prompts))
+    # a prompt whose own slug is another prompt's hashed name ("a b" hashes to a-b-7dbde9)
+    clash = unique_slugs(["a b", "A b!", "a b 7dbde9"])
+    assert len(set(clash.values())) == 3 and clash["a b 7dbde9"] == "a-b-7dbde9"
     models = load_models(str(tiny_folders["sd1"]), with_vae=True)
     paths, _ = run_generation(
         models, None, requests_for(prompts, [0.0], [0]), SETTINGS, tmp_path, "cpu", False

@@ -813,6 +813,7 @@ def run_generate(args: argparse.Namespace) -> int:
         refuse_earlier_files,
         requests_for,
         run_generation,
+        warn_if_guidance_below_one,
         warn_if_negative_unread,
         warn_of_other_images,
     )
@@ -844,6 +845,7 @@ def run_generate(args: argparse.Namespace) -> int:
         steps, guidance, args.height, args.width, args.negative, args.sampler, args.batch_size, clip_skip
     )
     warn_if_distilled(args.lora, settings.guidance)
+    warn_if_guidance_below_one(settings.guidance, "--guidance")
     warn_if_negative_unread(settings.guidance, settings.negative_prompt, "--negative")
     paths, grid = run_generation(
         models,

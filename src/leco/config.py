@@ -670,6 +670,11 @@ class LecoConfig(_Section):
                 f"preview.guidance: {preview.guidance:g} never reads the negative prompt, where the "
                 "embedding is previewed, so its grids cannot change; set it above 1 (e.g. 3)"
             )
+        if preview.prompts and preview.guidance < 1:
+            notes.append(
+                f"preview.guidance: {preview.guidance:g} samples as guidance 1 (diffusers reads the prompt "
+                "alone at 1 or below); set 1, or above 1 for CFG"
+            )
         distill_only = self.prompts and {entry.action for entry in self.prompts} <= {"distill", "preserve"}
         if preview.prompts and distill_only and preview.guidance != 1:
             notes.append(

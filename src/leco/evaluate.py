@@ -55,6 +55,7 @@ from leco.generate import (
     clip_skip_for,
     generate,
     image_size,
+    warn_if_guidance_below_one,
     warn_if_negative_unread,
 )
 from leco.images import ImageRequest, format_strength, save_image, strengths_named_alike, unique_slugs
@@ -480,6 +481,7 @@ def evaluate(
         )
     settings = sampling_settings(spec, models, loras)
     fix = f"guidance: 3 in {spec._source}"
+    warn_if_guidance_below_one(settings.guidance, f"{spec._source}: guidance")
     warn_if_negative_unread(
         settings.guidance, settings.negative_prompt, f"{spec._source}: negative_prompt", fix
     )
@@ -607,7 +609,16 @@ def _lora_list(lora: str | Path | Sequence[str | Path] | None) -> list[Path]:
 def lora_labels(paths: Sequence[Path]) -> list[str]:
     """Short unique names for LoRA files: the file name without suffix, numbered where two share one."""
     stems = [p.stem for p in paths]
-    return [s if stems.count(s) == 1 else f"{i + 1}:{s}" for i, s in enumerate(stems)]
+    labels = [s if stems.count(s) == 1 else f"{i + 1}:{s}" for i, s in enumerate(stems)]
+    # A stem such as "1-x" beside two "x" files, or "X" beside "x" on a disk blind to case, would
+    # share an image folder: then every label is numbered, which no two files can share.
+    if len({_folder_name(label).casefold() for label in labels}) < len(labels):
+        labels = [f"{i + 1}:{s}" for i, s in enumerate(stems)]
+    return labels
+
+
+def _folder_name(label: str) -> str:
+    return label.replace(":", "-")
 
 
 def _render(
@@ -624,7 +635,7 @@ def _image_folders(image_dir: str | Path | None, labels: list[str]) -> dict[str 
     root = Path(image_dir)
     if len(labels) <= 1:
         return {label: root for label in labels or [None]}
-    return {label: root / label.replace(":", "-") for label in labels}
+    return {label: root / _folder_name(label) for label in labels}
 
 
 def _refuse_earlier_images(

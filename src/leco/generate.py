@@ -252,6 +252,21 @@ def clip_skip_for(
     return checked_clip_skip(models, value, option)
 
 
+def cfg_scale(guidance: float) -> float:
+    """The CFG scale images are made at: diffusers samples any guidance at or below 1 as 1 (the prompt
+    alone), where A1111 would mix in the unconditional prediction below 1."""
+    return max(guidance, 1.0)
+
+
+def warn_if_guidance_below_one(guidance: float, where: str) -> None:
+    if guidance < 1:
+        warn(
+            f"{where}: guidance {guidance:g} samples as guidance 1 (diffusers reads the prompt alone at 1 "
+            "or below; A1111 would mix in the unconditional prediction), and the images' settings say "
+            "CFG scale 1"
+        )
+
+
 def warn_if_negative_unread(guidance: float, negative: str, where: str, fix: str = "--guidance 3") -> None:
     """At guidance 1 or below diffusers makes one UNet call a step, for the prompt alone."""
     if guidance <= 1 and negative.strip():
@@ -426,7 +441,7 @@ def a1111_parameters(
     pairs = {
         "Steps": settings.steps,
         **a1111_sampler(pipe.scheduler),
-        "CFG scale": f"{settings.guidance:g}",
+        "CFG scale": f"{cfg_scale(settings.guidance):g}",
         "Seed": request.seed,
         "Size": f"{size[1]}x{size[0]}",  # width x height
         "Model": model_name,

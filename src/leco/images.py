@@ -38,10 +38,18 @@ def unique_slugs(prompts: Iterable[str]) -> dict[str, str]:
     that no image overwrites another."""
     distinct = list(dict.fromkeys(prompts))
     shared = Counter(slug(p) for p in distinct)
-    return {
-        p: slug(p) if shared[slug(p)] == 1 else f"{slug(p)}-{hashlib.sha1(p.encode()).hexdigest()[:6]}"
-        for p in distinct
-    }
+    names = {p: slug(p) for p in distinct if shared[slug(p)] == 1}
+    taken = set(names.values())
+    for prompt in distinct:
+        if prompt in names:
+            continue
+        digest, length = hashlib.sha1(prompt.encode()).hexdigest(), 6
+        # a hashed name may be another prompt's own slug ("a b" beside "a-b-<hash>"): hash longer
+        while (name := f"{slug(prompt)}-{digest[:length]}") in taken:
+            length += 2
+        names[prompt] = name
+        taken.add(name)
+    return {p: names[p] for p in distinct}
 
 
 MIN_CELL = 128  # small models' images are scaled up (nearest neighbour) to stay readable
