@@ -1023,6 +1023,29 @@ def test_a_listed_kept_prompt_that_is_also_erased_on_leaves_the_kept_drift(tmp_p
     assert kept == {"A digit two in red ink": True, "a digit two in blue ink": False}
 
 
+def test_a_listed_kept_prompt_that_names_the_erased_concept_in_other_words_is_marked(tmp_path):
+    """Erase seven: "the number 7 written in red" kept on its ink names seven too, so its image is
+    meant to change and its drift is not kept drift, however the seven is written."""
+    from leco.evaluate import judged_prompts
+    from leco.ink_digits.judge import InkDigitsDetector
+    from leco.models import resolve_bundled
+
+    path = tmp_path / "spec.yaml"
+    erase = [{"prompt": "a digit seven", "concept": "digit:7"}, {"prompt": "teal ink", "concept": "ink:teal"}]
+    keep = [
+        {"prompt": "the number 7 written in red", "concept": "ink:red"},
+        {"prompt": "7, blue ink", "concept": "ink:blue"},
+        {"prompt": "A digit SEVEN in green ink", "concept": "ink:green"},
+        {"prompt": "a digit six in teal ink", "concept": "digit:6"},  # the erased ink named
+        {"prompt": "the number 17 written in red", "concept": "ink:red"},  # not a seven
+        {"prompt": "a digit six in red ink", "concept": "digit:6,ink:red"},
+    ]
+    path.write_text(json.dumps({"erase": erase, "keep": keep}))
+    detector = InkDigitsDetector.for_model(resolve_bundled("ink-digits"))
+    kept = {e.prompt: e.names_edit for e in judged_prompts(load_spec(path), detector) if e.kind == "keep"}
+    assert kept == {k["prompt"]: n < 4 for n, k in enumerate(keep)}
+
+
 def test_an_ink_digits_concept_with_two_digits_is_refused():
     from leco.ink_digits.judge import InkDigitsDetector
     from leco.models import resolve_bundled

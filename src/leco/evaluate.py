@@ -184,6 +184,9 @@ class Detector(Protocol):
         """(prompt, concept) for every concept the detector knows, judged on what each prompt names,
         less the parts of the `exclude` concepts; LecoError if the detector has no such list."""
 
+    # Optional, `named_concept(prompt) -> str | None`: what a prompt names in the detector's terms
+    # ("a digit seven in red ink" -> "digit:7,ink:red"), so that a listed kept prompt that names an
+    # erased concept is marked keep* as `keep: all` marks its own.
     # Optional, `reading(images) -> list[str]`: everything the detector reads in each image as one
     # label ("digit:3,ink:blue"), named or not in the prompt. With it a kept prompt is also judged
     # on whether its images still read as they did without the LoRA, seed for seed: what the prompt
@@ -389,13 +392,20 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
 
     # A kept prompt `keep: all` also holds is marked as `all` marks it: listing it changes nothing.
     marked = {judged_as(entry.prompt, entry.concept) for entry in universe if entry.names_edit}
+
+    def names_edit(prompt: str, concept: str) -> bool:
+        return (
+            as_read(prompt) in edited
+            or judged_as(prompt, concept) in marked
+            or _names_touched(spec, detector, prompt)
+        )
+
     entries = [
         JudgedPrompt(
             kind,
             i.prompt,
             i.concept,
-            names_edit=kind == "keep"
-            and (as_read(i.prompt) in edited or judged_as(i.prompt, i.concept) in marked),
+            names_edit=kind == "keep" and names_edit(i.prompt, i.concept),
             end=getattr(i, "end", 1),
         )
         for kind in KINDS
@@ -413,6 +423,16 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
         for entry in entries:
             detector.check_concept(entry.concept)
     return entries
+
+
+def _names_touched(spec: EvalSpec, detector: Detector, prompt: str) -> bool:
+    """Whether `prompt` names all of a concept the spec erases or enhances ("a digit seven in red
+    ink" kept on its ink while seven is erased), for a detector that reads prompts (`named_concept`)."""
+    named = getattr(detector, "named_concept", lambda prompt: None)(prompt)
+    if named is None:
+        return False
+    parts = concept_parts(spec.detector, named)
+    return any(concept_parts(spec.detector, i.concept) <= parts for i in spec.erase + spec.enhance)
 
 
 @contextmanager

@@ -8,6 +8,7 @@ real digits. The CNN is stored as safetensors, so loading it runs no pickle.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from leco.ink_digits import INK_DIGITS, MODEL_NAMES
 from leco.ink_digits.data import (
     ALL_INKS,
     DIGIT_PHRASINGS,
+    DIGIT_WORDS,
     INK_PHRASINGS,
     INKS,
     MODEL_INKS,
@@ -33,6 +35,8 @@ from leco.ink_digits.data import (
 )
 
 JUDGE_FILE = "judge.safetensors"
+# The words a prompt names a digit by: "seven" or "7" (a lone figure, not "17").
+DIGIT_NAMES = frozenset(DIGIT_WORDS) | {str(d) for d in range(10)}
 BUILD_REPORT = "build_report.json"  # written by an ink-digits build: its inks, timings, quality
 INKED = 0.15  # a pixel this dark (0..1, strongest channel) takes part in the ink fit
 # Softmax temperature of the ink fit, in mean squared darkness residual: about 18/255 per channel.
@@ -229,6 +233,17 @@ class InkDigitsDetector:
         for ink in self.inks:
             for phrasing in ink_only:
                 yield caption(None, ink, phrasing), [("ink", ALL_INKS.index(ink))]
+
+    @staticmethod
+    def named_concept(prompt: str) -> str | None:
+        """What a prompt names in the model's words ("the number 7 written in red" -> "digit:7,ink:red");
+        None where it names no digit or ink, or two of one kind."""
+        words = re.findall(r"[^\W_]+", prompt.lower())
+        digits = {str(DIGIT_WORDS.index(w)) if w in DIGIT_WORDS else w for w in words if w in DIGIT_NAMES}
+        inks = {w for w in words if w in ALL_INKS}
+        if len(digits) > 1 or len(inks) > 1 or not digits | inks:
+            return None
+        return ",".join([*(f"digit:{d}" for d in digits), *(f"ink:{i}" for i in inks)])
 
     @staticmethod
     def _name(kind: str, value: int) -> str:
