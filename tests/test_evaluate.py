@@ -653,18 +653,20 @@ def test_long_reports_print_the_worst_kept_rows_unless_all_rows():
     assert "50%  prompt 99 [c]" in short  # the summary names the worst kept prompt and its figure
 
 
-def test_a_model_judged_alone_shows_its_worst_kept_rows_and_what_it_sampled_with():
+def test_a_model_judged_alone_shows_its_worst_kept_rows_and_what_it_sampled_with(tmp_path):
     rows = [_row("keep", f"prompt {n}", 0.0, 1.0 if n != 70 else 0.25) for n in range(100)]
+    (tmp_path / "bad.pt").write_bytes(b"")  # a token with '/' after an existing file: kept whole
     report = {
         "loras": {},
-        "embeddings": ["out/no_seven.safetensors"],
+        "embeddings": ["out/no_seven.safetensors", f"{tmp_path / 'bad.pt'}:<no/hands>"],
         "spec": {"negative_prompt": "<no-seven>"},
         "rows": rows,
         "summary": summarise(rows, [0.0]),
     }
     short = format_report(report)
     assert short.startswith(
-        "== the model without LoRAs (negative prompt '<no-seven>'; embeddings no_seven.safetensors)"
+        "== the model without LoRAs (negative prompt '<no-seven>'; embeddings no_seven.safetensors, "
+        "bad.pt:<no/hands>)"
     )
     shown = [line for line in short.splitlines() if line.startswith("keep ")]
     assert len(shown) == SHOWN_KEPT_ROWS and "prompt 70 " in shown[0]

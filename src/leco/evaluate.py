@@ -44,7 +44,12 @@ from leco.config import (
     no_bool_for_numbers,
     read_yaml,
 )
-from leco.embedding_files import embeddings_loaded, is_embedding_file, judged_embedding
+from leco.embedding_files import (
+    embeddings_loaded,
+    is_embedding_file,
+    judged_embedding,
+    parse_embedding_option,
+)
 from leco.errors import LecoError, first_line, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
@@ -902,8 +907,14 @@ def _plain_title(report: dict[str, Any]) -> str:
     if negative:
         extras.append(f"negative prompt {negative!r}")
     if report.get("embeddings"):
-        extras.append(f"embeddings {', '.join(Path(e).name for e in report['embeddings'])}")
+        extras.append(f"embeddings {', '.join(_embedding_name(e) for e in report['embeddings'])}")
     return "the model without LoRAs" + (f" ({'; '.join(extras)})" if extras else "")
+
+
+def _embedding_name(option: str) -> str:
+    """FILE or FILE:TOKEN as the file's name, with the token whole (it may hold '/': <no/seven>)."""
+    path, token = parse_embedding_option(option)
+    return f"{path.name}:{token}" if token else path.name
 
 
 def _row_table(rows: list[dict[str, Any]], all_rows: bool) -> str:
