@@ -129,6 +129,17 @@ def test_grid_layout_and_labels():
     assert pixel == (80, 100, 200)
 
 
+def test_grid_labels_draw_accented_letters_as_themselves():
+    """Pillow's own font draws é and ñ as the same box; a label must show which prompt it is."""
+
+    def label_pixels(prompt: str) -> np.ndarray:
+        grid = make_grid({ImageRequest(prompt, 0.0, 0): Image.new("RGB", (16, 16))})
+        return np.asarray(grid.image)[:, : grid.image.width - grid.cell[0]]  # the row label only
+
+    assert not np.array_equal(label_pixels("café"), label_pixels("cafñ"))
+    assert not np.array_equal(label_pixels("naïve"), label_pixels("naöve"))
+
+
 def test_seed_and_strength_lists(capsys):
     assert parse_seeds("0-3,7") == [0, 1, 2, 3, 7]
     assert parse_seeds(" 9 , 2-3,3") == [9, 2, 3]  # order kept, repeats once, said

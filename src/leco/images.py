@@ -5,6 +5,7 @@ Columns are LoRA strengths, rows are prompts x seeds, as users compare them in A
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections import Counter
@@ -72,7 +73,7 @@ def make_grid(images: dict[ImageRequest, Image.Image]) -> Grid:
     first = next(iter(images.values()))
     factor = max(1, -(-MIN_CELL // min(first.size)))
     cell_w, cell_h = first.width * factor, first.height * factor
-    font = ImageFont.load_default(size=14)
+    font = label_font()
     column_labels = [f"strength {format_strength(s)}" for s in strengths]
     row_labels = [f"{_shorten(prompt)}\nseed {seed}" for prompt, seed in rows]
     label_w = (
@@ -95,6 +96,21 @@ def make_grid(images: dict[ImageRequest, Image.Image]) -> Grid:
                 scaled = picture.convert("RGB").resize((cell_w, cell_h), Image.NEAREST)
                 grid.paste(scaled, (label_w + column * (cell_w + PAD), top))
     return Grid(grid, (cell_w, cell_h), column_labels, row_labels)
+
+
+# Pillow's own font draws accented and non-Latin letters as boxes ("café" as "caf□"): a system
+# font that has them is used where one is installed (Pillow looks in the system's font folders).
+LABEL_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf", "Arial.ttf")
+
+
+@functools.cache
+def label_font(size: int = 14) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    for name in LABEL_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:  # not installed here
+            continue
+    return ImageFont.load_default(size=size)
 
 
 def save_image(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
