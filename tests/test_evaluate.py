@@ -73,6 +73,9 @@ def test_clip_detector_picks_the_most_likely_label(tiny_clip):
     for label in labels:
         assert detector.present(images, label) == [winner == label for winner in winners]
     assert 0 <= detector.clip_score(images, labels[0]) <= 100
+    with torch.no_grad():
+        expected = out.logits_per_image.softmax(dim=-1).numpy()
+    assert np.allclose(detector.probabilities(images), expected, atol=1e-5)  # CLIP's own forward
 
 
 def test_eval_report_with_a_clip_detector(tmp_path, tiny_folders, tiny_clip, capsys):
@@ -91,7 +94,15 @@ def test_eval_report_with_a_clip_detector(tmp_path, tiny_folders, tiny_clip, cap
         guidance=2, erase=[{"prompt": "a painting by van gogh", "concept": "van gogh"}],
         keep=[{"prompt": "a photo of a dog", "concept": "a dog"}],
     )  # fmt: skip
-    report = evaluate(models, lora, spec, "cpu", image_dir=tmp_path / "images", progress=False)
+    detector = ClipDetector(str(tiny_clip), ["van gogh", "a dog"])
+    embedded = []  # each image goes through CLIP's vision tower once, however often it is asked about
+    detector.model.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: embedded.append(len(kwargs["pixel_values"])), with_kwargs=True
+    )
+    report = evaluate(
+        models, lora, spec, "cpu", detector=detector, image_dir=tmp_path / "images", progress=False
+    )
+    assert sum(embedded) == 2 * 2 * 3  # prompts x strengths x seeds
     rows = {(r["kind"], r["strength"]): r for r in report["rows"]}
     assert set(rows) == {("erase", 0.0), ("erase", 1.0), ("keep", 0.0), ("keep", 1.0)}
     assert rows[("keep", 0.0)]["drift"] == 0.0 and rows[("keep", 1.0)]["drift"] > 0.001

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -1144,14 +1145,48 @@ class ClipDetector:
         # CLIP's tokenizer lower-cases and collapses spaces: "A Seven" and "a seven" are one label
         # to it, scored alike, so kept as one (two would split every image's vote between them).
         self.labels = list(dict.fromkeys(map(as_read, labels)))
+        # Eval asks about one image up to four times (present, unchanged, part rates, CLIP score):
+        # each image is embedded once, held by id while the image lives, and each text once.
+        self._image_embeddings: dict[int, tuple[weakref.ref, Any]] = {}
+        self._text_embeddings: dict[str, Any] = {}
 
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        scale = self.model.logit_scale.detach().exp()
+        logits = scale * self._embed_images(images) @ self._embed_texts(self.labels).T
+        return logits.softmax(dim=-1).numpy()
+
+    def _embed_images(self, images: list[Image.Image]) -> Any:
+        """Each image's unit-length CLIP embedding, as CLIPModel's forward computes it."""
         import torch
 
-        inputs = self.processor(text=self.labels, images=images, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            logits = self.model(**inputs).logits_per_image
-        return logits.softmax(dim=-1).numpy()
+        def known(image: Image.Image) -> bool:
+            held = self._image_embeddings.get(id(image))
+            return held is not None and held[0]() is image
+
+        new = list({id(image): image for image in images if not known(image)}.values())
+        if new:
+            self._image_embeddings = {k: v for k, v in self._image_embeddings.items() if v[0]() is not None}
+            pixels = self.processor(images=new, return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                pooled = self.model.vision_model(pixel_values=pixels).pooler_output
+                embeddings = torch.nn.functional.normalize(self.model.visual_projection(pooled), dim=-1)
+            for image, embedding in zip(new, embeddings, strict=True):
+                self._image_embeddings[id(image)] = (weakref.ref(image), embedding)
+        return torch.stack([self._image_embeddings[id(image)][1] for image in images])
+
+    def _embed_texts(self, texts: list[str]) -> Any:
+        import torch
+
+        new = [text for text in dict.fromkeys(texts) if text not in self._text_embeddings]
+        if new:
+            inputs = self.processor(text=new, return_tensors="pt", padding=True)
+            with torch.no_grad():
+                pooled = self.model.text_model(
+                    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
+                ).pooler_output
+                embeddings = torch.nn.functional.normalize(self.model.text_projection(pooled), dim=-1)
+            self._text_embeddings.update(zip(new, embeddings, strict=True))
+        return torch.stack([self._text_embeddings[text] for text in texts])
 
     def check_concept(self, concept: str) -> None:
         pass  # any text is a zero-shot label
@@ -1168,14 +1203,8 @@ class ClipDetector:
 
     def clip_score(self, images: list[Image.Image], text: str) -> float:
         """100 x the mean cosine similarity of image and text embeddings (the usual CLIP score)."""
-        import torch
-
-        inputs = self.processor(text=[text], images=images, return_tensors="pt", padding=True)
-        with torch.no_grad():
-            outputs = self.model(**inputs)
-        image = outputs.image_embeds / outputs.image_embeds.norm(dim=-1, keepdim=True)
-        words = outputs.text_embeds / outputs.text_embeds.norm(dim=-1, keepdim=True)
-        return float(100 * (image @ words.T).clamp(min=0).mean())
+        similarity = self._embed_images(images) @ self._embed_texts([text]).T
+        return float(100 * similarity.clamp(min=0).mean())
 
 
 class NudeNetDetector:
