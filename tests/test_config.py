@@ -660,6 +660,11 @@ def test_an_eval_spec_given_to_train_and_a_config_given_to_eval_say_so():
         load_config(examples / "erase_seven_eval.yaml")
     with pytest.raises(ConfigError, match=r"erase_seven.yaml: this is a training config, not an eval spec"):
         load_spec(examples / "erase_seven.yaml")
+    for toml in examples.glob("*.toml"):  # kohya's prompt files (one read as a YAML string before)
+        with pytest.raises(
+            ConfigError, match=rf"{toml.name}: a TOML file .* is for training, not an eval spec"
+        ):
+            load_spec(toml)
 
 
 @pytest.mark.parametrize("method", ["leco", "closed_form"])

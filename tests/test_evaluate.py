@@ -1052,6 +1052,9 @@ def test_a_listed_kept_prompt_that_names_the_erased_concept_in_other_words_is_ma
         {"prompt": "a digit six in teal ink", "concept": "digit:6"},  # the erased ink named
         {"prompt": "the number 17 written in red", "concept": "ink:red"},  # not a seven
         {"prompt": "a digit six in red ink", "concept": "digit:6,ink:red"},
+        # kept on the erased concept itself (erased on other prompts only): meant to stay as it is
+        {"prompt": "the number 7 written in blue", "concept": "digit:7"},
+        {"prompt": "a digit seven in black ink", "concept": "ink:black,digit:7"},
     ]
     path.write_text(json.dumps({"erase": erase, "keep": keep}))
     detector = InkDigitsDetector.for_model(resolve_bundled("ink-digits"))

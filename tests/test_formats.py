@@ -1189,6 +1189,10 @@ AI_TOOLKIT_ERRORS = {
         ("        weight: 0.8\n", "        wieght: 0.8\n"),
         "slider.targets[0].wieght: leco has no equivalent for this key; did you mean 'weight'?",
     ),
+    "misspelt_targets": (
+        ("        targets:\n", "        targetz:\n"),  # not "add at least one target"
+        "config.process[0].slider.targetz: leco has no equivalent for this key; did you mean 'targets'?",
+    ),
     "negative_step_files": (
         ("max_step_saves_to_keep: 3", "max_step_saves_to_keep: -1"),
         "max_step_saves_to_keep: must be a whole number >= 0",

@@ -201,6 +201,12 @@ class Detector(Protocol):
 
 def load_spec(path: str | Path) -> EvalSpec:
     path = Path(path)
+    if path.suffix.lower() == ".toml" and path.is_file():
+        raise ConfigError(
+            f"{path}: a TOML file (kohya's train_leco prompts or arguments) is for training, not an eval "
+            f"spec; train with it (prompts_file: {path.name} in a config YAML) and judge the LoRA with a "
+            "YAML spec such as examples/ink-digits/erase_seven_eval.yaml"
+        )
     document = read_yaml(path)
     if document is None:
         raise ConfigError(
@@ -403,7 +409,7 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
         return (
             as_read(prompt) in edited
             or judged_as(prompt, concept) in marked
-            or _names_touched(spec, detector, prompt)
+            or _names_touched(spec, detector, prompt, concept)
         )
 
     entries = [
@@ -431,14 +437,16 @@ def judged_prompts(spec: EvalSpec, detector: Detector) -> list[JudgedPrompt]:
     return entries
 
 
-def _names_touched(spec: EvalSpec, detector: Detector, prompt: str) -> bool:
-    """Whether `prompt` names all of a concept the spec erases or enhances ("a digit seven in red
-    ink" kept on its ink while seven is erased), for a detector that reads prompts (`named_concept`)."""
+def _names_touched(spec: EvalSpec, detector: Detector, prompt: str, concept: str) -> bool:
+    """Whether `prompt` names all of a concept the spec erases or enhances while the kept `concept`
+    leaves it out ("a digit seven in red ink" kept on its ink while seven is erased), for a detector
+    that reads prompts (`named_concept`). Kept on all of it, the prompt is meant to stay as it is."""
     named = getattr(detector, "named_concept", lambda prompt: None)(prompt)
     if named is None:
         return False
-    parts = concept_parts(spec.detector, named)
-    return any(concept_parts(spec.detector, i.concept) <= parts for i in spec.erase + spec.enhance)
+    parts, kept = concept_parts(spec.detector, named), concept_parts(spec.detector, concept)
+    touched = [concept_parts(spec.detector, i.concept) for i in spec.erase + spec.enhance]
+    return any(edit <= parts and not edit <= kept for edit in touched)
 
 
 @contextmanager

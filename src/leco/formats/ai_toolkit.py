@@ -759,6 +759,14 @@ class _Converter:
                 f"{self.path}: {slider.key('targets')}: is one target written as a mapping; make it a "
                 "list: put '- ' before its first key (target_class: ...)"
             )
+        misspelt = (
+            [] if slider.has("targets") else difflib.get_close_matches("targets", map(str, slider.data), 1)
+        )
+        if misspelt:  # the misspelling is the news, not the missing list
+            raise ConfigError(
+                f"{self.path}: {slider.key(misspelt[0])}: leco has no equivalent for this key; did you mean "
+                "'targets'?"
+            )
         if not isinstance(targets, list) or not targets:
             raise ConfigError(f"{self.path}: {slider.key('targets')}: add at least one target (a list)")
         expanded = []
