@@ -641,16 +641,18 @@ def test_run_generation_refuses_files_an_earlier_run_left_unless_told(tmp_path, 
     grid.touch()
     run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=True)
     assert grid.stat().st_size > 0  # leco's own: replaced
-    Image.new("RGB", (4, 4)).save(grid)  # an earlier release's grid carried no text: leco's beside its images
-    run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=True)
-    for path in paths:
-        path.unlink()
-    Image.new("RGB", (4, 4)).save(grid)  # the user's own image of that name: never replaced
-    for overwrite in (False, True):
-        with pytest.raises(
-            LecoError, match=r"holds 1 file\(s\) leco did not write .* \(e.g. grid.png\); move"
-        ):
-            run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=overwrite)
+    # the user's own image of that name, beside leco's images or not (an earlier release's grid had no
+    # text either, so it cannot be told from one): never replaced
+    Image.new("RGB", (4, 4)).save(grid)
+    for beside_leco_images in (True, False):
+        for overwrite in (False, True):
+            with pytest.raises(
+                LecoError, match=r"holds 1 file\(s\) leco did not write .* \(e.g. grid.png\); move"
+            ):
+                run_generation(models, None, requests, SETTINGS, tmp_path, "cpu", False, overwrite=overwrite)
+        assert all(path.is_file() for path in paths) == beside_leco_images
+        for path in paths:
+            path.unlink(missing_ok=True)
     assert Image.open(grid).size == (4, 4)
 
 
@@ -668,6 +670,11 @@ def test_more_steps_than_the_sampler_can_take_is_one_line_before_any_image(tmp_p
             generate(
                 pipe, [ImageRequest("a cat", 0.0, 0)], SamplingSettings(steps=1000), lambda s: None, False
             )
+        )
+    lcm = build_pipeline(load_models(str(tiny_folders["sd1"]), with_vae=True), sampler="lcm")
+    with pytest.raises(LecoError, match=r"60 sampling steps: .* takes at most 50 steps .*; use 50 or fewer"):
+        list(
+            generate(lcm, [ImageRequest("a cat", 0.0, 0)], SamplingSettings(steps=60), lambda s: None, False)
         )
 
 

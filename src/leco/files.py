@@ -203,15 +203,12 @@ SOFTWARE = "leco"  # the PNG "Software" text of every image leco writes
 
 def written_by_leco(path: Path) -> bool:
     """Whether `path` is a PNG leco wrote: its Software text, or (images of earlier releases) A1111
-    parameters naming leco's version, or (their grids, which carried no text) a grid.png without
-    text beside images leco wrote."""
+    parameters naming leco's version. Earlier releases' grids carried no text; one is not told
+    from a user's own grid.png, so it is left for the user to move."""
     text = _png_text(path)
     if text is None:
         return False
-    if text.get("Software", "").startswith(SOFTWARE) or "Version: leco " in text.get("parameters", ""):
-        return True
-    siblings = (p for p in path.parent.glob("*.png") if p != path) if path.name == GRID else ()
-    return not text and any(written_by_leco(sibling) for sibling in siblings)
+    return text.get("Software", "").startswith(SOFTWARE) or "Version: leco " in text.get("parameters", "")
 
 
 GRID = "grid.png"  # the labelled grid generate writes beside its images

@@ -194,7 +194,16 @@ def _texts(pipe: DiffusionPipeline, prompts: list[str], negatives: list[str], cl
 def _check_step_count(scheduler: Any, steps: int) -> None:
     """A sampler with "leading" spacing and steps_offset 1 (SD 1.x's) asks the UNet for timestep
     1000 at 1000 steps, which diffusers answers with an IndexError mid-run: said before instead."""
-    scheduler.set_timesteps(steps)
+    try:
+        scheduler.set_timesteps(steps)
+    except ValueError:  # LCM spreads its steps over original_inference_steps (50) of the schedule
+        most = getattr(scheduler.config, "original_inference_steps", None)
+        raise LecoError(
+            f"{steps} sampling steps: this sampler ({type(scheduler).__name__}) takes at most {most} "
+            f"steps (its original_inference_steps); use {most} or fewer"
+            if most
+            else f"{steps} sampling steps: this model's sampler cannot take that many; use fewer steps"
+        ) from None
     last = int(max(float(t) for t in scheduler.timesteps))
     trained = int(scheduler.config.num_train_timesteps)
     if last >= trained:
