@@ -27,7 +27,7 @@ from leco.ink_digits import default_model_path, model_path
 from leco.ink_digits.judge import inks_for_model
 from leco.interop.merge import FOLDER_METADATA, LoraStrength, merge, parse_lora_argument
 from leco.interop.original_layout import VAE_PREFIX, original_state_dict, vae_original_name
-from leco.models import CONFIG_ROOT, load_models, recommended_sampling
+from leco.models import CONFIG_ROOT, load_models, recommended_sampling, sampling_for
 from leco.network import LoRANetwork, read_lora_file, save_lora_file
 from leco.network.kohya import ModuleWeights, delta_weight
 from leco.preservation import known_prompts
@@ -1114,6 +1114,27 @@ def test_a_distilled_merge_merged_again_stays_at_guidance_one_and_a_negative_str
         PretrainedModelConfig(name_or_path=str(undone), config=str(model_path("ink-digits")))
     )
     assert single_file_sampling(loaded) is None
+    # taken out of the distilled merge itself: the model guides as its card says again
+    undone_again = merge(spec, [LoraStrength(lora, -1.0)], tmp_path / "undone2.safetensors", precision="fp32")
+    assert "the merged model is sampled at guidance 3, the model's recommended" in capsys.readouterr().err
+    loaded = load_models(
+        PretrainedModelConfig(name_or_path=str(undone_again), config=str(model_path("ink-digits")))
+    )
+    assert single_file_sampling(loaded) is None and sampling_for(loaded) == recommended_sampling("ink-digits")
+
+
+def test_a_single_file_of_a_bundled_model_merged_into_a_folder_keeps_its_card_prompts_and_judge(tmp_path):
+    from leco.ink_digits.judge import JUDGE_FILE
+    from leco.preservation import KNOWN_PROMPTS_FILE
+
+    plain = random_lora("ink-digits", tmp_path / "p.safetensors", seed=5, config=NetworkConfig(rank=2))
+    file = merge("ink-digits", [LoraStrength(plain, 1.0)], tmp_path / "m.safetensors", precision="fp32")
+    spec = PretrainedModelConfig(name_or_path=str(file), config=str(model_path("ink-digits")))
+    folder = merge(spec, [LoraStrength(plain, -1.0)], tmp_path / "folder", precision="fp32")
+    for name in ("README.md", KNOWN_PROMPTS_FILE, JUDGE_FILE):
+        assert (folder / name).read_bytes() == (model_path("ink-digits") / name).read_bytes()
+    assert recommended_sampling(str(folder)) == recommended_sampling("ink-digits")  # 25 steps, guidance 3
+    assert inks_for_model(folder) == inks_for_model(model_path("ink-digits"))
 
 
 def test_a_lora_trained_at_another_clip_skip_is_said_to_need_it_after_merging(tmp_path, tiny_folders, capsys):

@@ -177,14 +177,19 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
                 f"--lora {lora.path.name}: partly CFG-distilled (with entries trained for guided sampling): "
                 "the merged model keeps the model's recommended guidance; its distill entries work at 1"
             )
-        elif lora.strength < 0:
-            warn(
-                f"--lora {lora.path.name}: CFG-distilled, baked at strength {lora.strength:g}: that undoes "
-                "distillation rather than adding it; the merged model keeps the model's recommended guidance"
-            )
+    undone = [lora for lora, d in distilled if not d.mixed and lora.strength < 0]
+    # A distilled merge (guidance 1) with distillation taken out again guides as its card says.
+    after_undoing = None if inherited is not None and inherited.guidance == 1 else inherited
+    for lora in undone:
+        guidance = (after_undoing or recommended_sampling(models.folder)).guidance
+        warn(
+            f"--lora {lora.path.name}: CFG-distilled, baked at strength {lora.strength:g}: that undoes "
+            f"distillation rather than adding it; the merged model is sampled at guidance {guidance:g}, "
+            "the model's recommended"
+        )
     whole = [(lora, d) for lora, d in distilled if not d.mixed and lora.strength > 0]
     if not whole:
-        return inherited
+        return after_undoing if undone else inherited
     # A file given twice is baked twice: said once, at its summed strength.
     strengths: dict[Path, float] = {}
     first_of: dict[Path, tuple] = {}  # (the first LoraStrength, its Distillation)
@@ -347,7 +352,7 @@ def _save_folder(
     pipe = build_pipeline(models)
     with atomic_folder(out) as staging:
         pipe.save_pretrained(staging)
-        _copy_model_files(Path(models.source), staging)
+        _copy_model_files(Path(models.folder), staging)  # a single file's: its config folder's
         if sampling is not None:
             _recommend_in_card(staging / MODEL_CARD, sampling)
         written = sorted({entry.name for entry in staging.iterdir()} | {FOLDER_METADATA})
