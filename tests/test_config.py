@@ -809,6 +809,10 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
             "anchors.per_step: with a negative embedding the anchors have rollouts of their own",
         ),
         (
+            {"anchors": {"prompts": ["a"], "per_step": 0, "text_weight": 0.1, "weight": 5}},
+            "anchors.weight: anchors.per_step is 0, so no anchor prompt rides along",
+        ),
+        (
             {
                 "network": {"type": "embedding", "token": "<x>"},
                 "prompts": [{"target": "x", "multiplier": -1}],

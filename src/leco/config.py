@@ -696,6 +696,9 @@ class LecoConfig(_Section):
         elif anchors.rollouts or network.type == "embedding":
             why = "anchors.rollouts: true" if anchors.rollouts else "a negative embedding"
             unused(anchors, "anchors", {"per_step"}, f"with {why} the anchors have rollouts of their own")
+        elif anchors.per_step == 0:  # only text_weight keeps them: no anchor prompt's prediction is trained
+            why = "anchors.per_step is 0, so no anchor prompt rides along (anchors.text_weight keeps them)"
+            unused(anchors, "anchors", {"weight"}, why)
         if self.prompts and all(entry.action == "distill" for entry in self.prompts) and not anchors.rollouts:
             why = "every entry is distill, whose rollouts run at guidance 1 (as the LoRA is used)"
             unused(self.train, "train", {"rollout_guidance_scale"}, why)
