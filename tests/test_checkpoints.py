@@ -589,6 +589,30 @@ def test_overwrite_keeps_the_grids_the_new_run_drew_before_its_first_save(tmp_pa
     assert (grids / "fox_2steps.png").read_bytes() != b"the earlier run's grid"  # drawn again, kept
 
 
+def test_an_overwrite_run_that_fails_before_its_first_save_leaves_the_earlier_grids_whole(
+    tmp_path, tiny_folders, monkeypatch
+):
+    def files() -> dict[Path, bytes]:
+        return {
+            path: path.read_bytes()
+            for path in tmp_path.rglob("*")
+            if path.is_file() and "logs" not in path.parts
+        }
+
+    train(overwritten_with_previews(tiny_folders["sd1"], tmp_path), progress=False)
+    before = files()
+
+    def disk_full(*args, **kwargs):
+        raise LecoError("save.path: disk full")
+
+    monkeypatch.setattr(RunFolder, "save", disk_full)  # its grid at step 2 is drawn, its save at 4 fails
+    other = overwritten_with_previews(tiny_folders["sd1"], tmp_path)
+    other.train.seed = 7  # another grid at step 2
+    with pytest.raises(LecoError, match="disk full"):
+        train(other, overwrite=True, progress=False)
+    assert files() == before  # the earlier run's grid of step 2 included, and no temp file left
+
+
 def test_a_stop_asked_for_does_not_wait_for_a_scheduled_grid(tmp_path, tiny_folders, monkeypatch):
     trainer = Trainer(overwritten_with_previews(tiny_folders["sd1"], tmp_path), progress=False)
     drawn = []

@@ -110,6 +110,7 @@ class RunFolder:
         self.name = name
         self._lock: Any = None
         self._replaced: list[Path] = []
+        self._pending_grids: dict[Path, Path] = {}  # grid -> where it waits for the first save
 
     @property
     def previews(self) -> Path:
@@ -229,10 +230,14 @@ class RunFolder:
             if entry.is_dir() or not (own.match(entry.name) or entry.name in _FOLDER_VIEW_FILES)
         )
 
-    def written(self, path: Path) -> None:
-        """`path` is this run's own (a preview grid drawn before its first save): not one of the
-        earlier run's files that --overwrite deletes at that save."""
-        self._replaced = [old for old in self._replaced if old != path]
+    def grid_target(self, path: Path) -> Path:
+        """Where to draw the preview grid `path`: there, or, before the first save of a run that
+        --overwrite lets replace an earlier one, a hidden temp name that the first save moves into
+        place. A run that fails before that leaves the earlier run whole, grids included."""
+        if not self._replaced:
+            return path
+        self._pending_grids[path] = path.with_name(f".{path.name}.pending.tmp")  # cleared by open()
+        return self._pending_grids[path]
 
     def clear_replaced(self) -> None:
         """Delete what --overwrite replaces (the earlier run's files and state), before the first save."""
@@ -249,6 +254,10 @@ class RunFolder:
             else:
                 old.unlink(missing_ok=True)
         self._replaced = []
+        for grid, pending in self._pending_grids.items():
+            if pending.is_file():
+                os.replace(pending, grid)
+        self._pending_grids = {}
 
     def is_own_state(self, path: str | Path) -> bool:
         """Whether `path` (a state folder or its file) is this run's own state."""
@@ -348,6 +357,9 @@ class RunFolder:
         self._lock = _acquire_lock(path, self.name, self.path)
 
     def close(self) -> None:
+        for pending in self._pending_grids.values():  # the run ended before its first save
+            pending.unlink(missing_ok=True)
+        self._pending_grids = {}
         if self._lock is not None:
             _release_lock(self._lock)
             self._lock = None

@@ -236,9 +236,9 @@ class Trainer:
 
     def render_preview(self, suffix: str) -> None:
         """The preview grid as of now, written by the main process when the config asks for one."""
-        preview, size, path = self.config.preview, self.preview_size, self.folder.preview_file(suffix)
+        preview, size, grid = self.config.preview, self.preview_size, self.folder.preview_file(suffix)
         if self.ranks.is_main and preview.prompts:
-            self.folder.written(path)  # this run's own grid: not one --overwrite deletes as replaced
+            path = self.folder.grid_target(grid)  # beside an earlier run --overwrite replaces: a temp name
             skip = self.config.pretrained_model.clip_skip
             render_preview(
                 self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip
