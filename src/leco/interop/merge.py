@@ -180,8 +180,8 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
     undone = [lora for lora, d in distilled if not d.mixed and lora.strength < 0]
     # A distilled merge (guidance 1) with distillation taken out again guides as its card says.
     after_undoing = None if inherited is not None and inherited.guidance == 1 else inherited
-    for lora in undone:
-        guidance = (after_undoing or recommended_sampling(models.folder)).guidance
+    guidance = (after_undoing or recommended_sampling(models.folder)).guidance if undone else None
+    for lora in undone:  # the card read once, however many files are baked out
         warn(
             f"--lora {lora.path.name}: CFG-distilled, baked at strength {lora.strength:g}: that undoes "
             f"distillation rather than adding it; the merged model is sampled at guidance {guidance:g}, "
