@@ -1086,6 +1086,34 @@ def test_a_distilled_lora_given_twice_is_said_once_at_its_summed_strength(tmp_pa
     assert "at strength 0.5 it is distilled only in part" in capsys.readouterr().err
 
 
+def test_a_distilled_lora_baked_in_and_out_in_one_merge_is_judged_by_its_net_strength(tmp_path, capsys):
+    lora = distilled_lora(tmp_path, ["distill"])
+    cancelled = merge(
+        "ink-digits", [LoraStrength(lora, 1.0), LoraStrength(lora, -1.0)], tmp_path / "zero", precision="fp32"
+    )
+    err = capsys.readouterr().err
+    assert "CFG-distilled" not in err and "baked at strength 0 in all" in err  # neither added nor undone
+    assert recommended_sampling(str(cancelled)) == recommended_sampling("ink-digits")
+    half = merge(
+        "ink-digits", [LoraStrength(lora, 1.0), LoraStrength(lora, -0.5)], tmp_path / "half", precision="fp32"
+    )
+    err = capsys.readouterr().err
+    assert "undoes distillation" not in err and "at strength 0.5 it is distilled only in part" in err
+    assert recommended_sampling(str(half)).guidance == 1.0
+    other = tmp_path / "other"
+    other.mkdir()
+    baked_out = distilled_lora(other, ["distill"])
+    merge(
+        "ink-digits",
+        [LoraStrength(lora, 1.0), LoraStrength(baked_out, -1.0)],
+        tmp_path / "b",
+        precision="fp32",
+    )
+    err = capsys.readouterr().err  # two files: the one baked in decides, and nothing says otherwise
+    assert "undoes distillation rather than adding it\n" in err and "sampled at guidance 3" not in err
+    assert "the merged model recommends guidance 1" in err
+
+
 def test_a_partly_distilled_lora_keeps_the_models_guidance_and_says_so(tmp_path, capsys):
     lora = distilled_lora(tmp_path, ["distill", "erase"])
     out = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "mixed", precision="fp32")

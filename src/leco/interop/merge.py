@@ -171,34 +171,35 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
     inherited = single_file_sampling(models)
     found = [(lora, distillation_of(lora.path)) for lora in loras if lora.strength != 0]
     distilled = [(lora, d) for lora, d in found if d is not None]
+    for lora in {lora.path.resolve(): lora for lora, d in distilled if d.mixed}.values():  # each file once
+        warn(
+            f"--lora {lora.path.name}: partly CFG-distilled (with entries trained for guided sampling): "
+            "the merged model keeps the model's recommended guidance; its distill entries work at 1"
+        )
+    # A file given more than once is baked at its summed strength: judged, and said, once at that.
+    net: dict[Path, float] = {}
+    first_of: dict[Path, tuple] = {}  # (the first LoraStrength, its Distillation)
     for lora, distillation in distilled:
-        if distillation.mixed:
-            warn(
-                f"--lora {lora.path.name}: partly CFG-distilled (with entries trained for guided sampling): "
-                "the merged model keeps the model's recommended guidance; its distill entries work at 1"
-            )
-    undone = [lora for lora, d in distilled if not d.mixed and lora.strength < 0]
+        if not distillation.mixed:
+            file = lora.path.resolve()
+            net[file] = net.get(file, 0.0) + lora.strength
+            first_of.setdefault(file, (lora, distillation))
+    whole = [(*first_of[file], strength) for file, strength in net.items() if strength > 0]
+    undone = [(first_of[file][0], strength) for file, strength in net.items() if strength < 0]
     # A distilled merge (guidance 1) with distillation taken out again guides as its card says.
     after_undoing = None if inherited is not None and inherited.guidance == 1 else inherited
-    guidance = (after_undoing or recommended_sampling(models.folder)).guidance if undone else None
-    for lora in undone:  # the card read once, however many files are baked out
+    outcome = ""  # with another file distilling it, the merged model follows that one (below)
+    if undone and not whole:  # the card read once, however many files are baked out
+        guidance = (after_undoing or recommended_sampling(models.folder)).guidance
+        outcome = f"; the merged model is sampled at guidance {guidance:g}, the model's recommended"
+    for lora, strength in undone:
         warn(
-            f"--lora {lora.path.name}: CFG-distilled, baked at strength {lora.strength:g}: that undoes "
-            f"distillation rather than adding it; the merged model is sampled at guidance {guidance:g}, "
-            "the model's recommended"
+            f"--lora {lora.path.name}: CFG-distilled, baked at strength {strength:g}: that undoes "
+            f"distillation rather than adding it{outcome}"
         )
-    whole = [(lora, d) for lora, d in distilled if not d.mixed and lora.strength > 0]
     if not whole:
         return after_undoing if undone else inherited
-    # A file given twice is baked twice: said once, at its summed strength.
-    strengths: dict[Path, float] = {}
-    first_of: dict[Path, tuple] = {}  # (the first LoraStrength, its Distillation)
-    for lora, distillation in whole:
-        file = lora.path.resolve()
-        strengths[file] = strengths.get(file, 0.0) + lora.strength
-        first_of.setdefault(file, (lora, distillation))
-    for file, (lora, distillation) in first_of.items():
-        strength = strengths[file]
+    for lora, distillation, strength in whole:
         share = ""
         if strength < 1:
             share = f"; at strength {strength:g} it is distilled only in part"
