@@ -155,3 +155,26 @@ def test_a_preserved_prompt_that_is_also_erased_is_warned_of(tmp_path, tiny_fold
     assert "prompts entry 2 (preserve): 'A red  fox' is a prompt that prompts entry 1 edits" in (
         capsys.readouterr().err
     )
+
+
+def test_a_closed_form_edit_asked_for_several_processes_solves_once_in_one(tmp_path, tiny_folders, capsys):
+    from leco.cli import main
+
+    path = tmp_path / "cf.yaml"
+    path.write_text(config(tiny_folders["sd1"], tmp_path / "fresh").model_dump_json())
+    assert main(["train", str(path), "--num-processes", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert "--num-processes 2: a closed-form edit is one solve; it runs in this process" in err
+    assert "done: closed-form edit" in out and (tmp_path / "fresh" / "cf_last.safetensors").is_file()
+
+
+def test_every_process_of_a_launched_closed_form_solves_and_only_the_main_one_writes(
+    tmp_path, tiny_folders, monkeypatch
+):
+    main_file = train(config(tiny_folders["sd1"], tmp_path)).path  # the main process's
+    written = main_file.stat().st_mtime_ns
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    other = train(config(tiny_folders["sd1"], tmp_path))  # no "already holds the run" for its file
+    assert other.path == main_file and main_file.stat().st_mtime_ns == written
+    assert other.trainable is not None

@@ -627,7 +627,11 @@ def _train_command(args: argparse.Namespace) -> int:
                 read_state(args.resume, loaded.to_json(), args.num_processes)
         except LecoError as error:
             raise LecoError(_in_config_file(config, str(error), args.set)) from None
-        return launch_processes(args.num_processes, args.words)
+        if loaded.train.method != "closed_form":
+            return launch_processes(args.num_processes, args.words)
+        warn(
+            f"--num-processes {args.num_processes}: a closed-form edit is one solve; it runs in this process"
+        )
     try:
         result = train(
             _changed_config(config, args.prompts_file, args.set) if args.set else config,

@@ -24,7 +24,7 @@ from torch import Tensor
 from leco.checkpoints import RunFolder, kohya_leco_metadata
 from leco.conditioning import NO_EMBEDDINGS_IN_TRAINING, PromptEncoder, warn_if_misread
 from leco.config import LecoConfig, NetworkConfig, as_read
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, is_main_process, warn
 from leco.models import DTYPES, LoadedModels, load_models, recorded_model_name
 from leco.network import LoRANetwork
 from leco.preservation import anchor_prompts
@@ -33,7 +33,9 @@ from leco.preservation import anchor_prompts
 def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetwork, dict[str, float]]:
     """Solve, export and save; returns the file, the network (on the loaded UNet) and fit figures."""
     folder = RunFolder(config.save.path, config.save.name)
-    folder.check(overwrite=overwrite)
+    main = is_main_process()  # started by `accelerate launch`: every process solves, one writes
+    if main:
+        folder.check(overwrite=overwrite)
     models = load_models(config.pretrained_model, dtype=torch.float32)
     erased, guides, kept = edit_prompts(config, models)
     warn_if_misread(models, [*erased, *guides, *kept], embedding_hint=NO_EMBEDDINGS_IN_TRAINING)
@@ -42,6 +44,8 @@ def edit(config: LecoConfig, *, overwrite: bool = False) -> tuple[Path, LoRANetw
     keep_rows = torch.cat([states[text] for text in kept]) if kept else erase_rows[:0]
     network = LoRANetwork.create(models.unet, models.family, lora_settings(config.network))
     fit = solve_into(network, erase_rows, guide_rows, keep_rows, config)
+    if not main:
+        return folder.file("last"), network, fit
     folder.open(overwrite=overwrite)
     try:
         folder.clear_replaced()
