@@ -196,6 +196,10 @@ KOHYA_ERRORS = {
     "empty_targets": ("targets = []\n", "targets: the list is empty"),
     "empty_prompts": ("prompts = []\n", "prompts: the list is empty"),
     "neither_pole": ('[[targets]]\ntarget_class = "cat"\nweight = 2.0\n', "targets 1: a slider target needs"),
+    "same_poles": (
+        '[[targets]]\ntarget_class = "a cat"\npositive = "Fat  cat"\nnegative = "fat cat"\n',
+        "targets 1: positive and negative are the same prompt ('Fat  cat', as the model reads it)",
+    ),
     "unknown_entry_key": ('[[prompts]]\ntarget = "cat"\nguidance = 3\n', "prompts 1.guidance: unknown key"),
     "unknown_target_key": (
         '[[targets]]\ntarget_class = "c"\npositive = "p"\nnegatve = "n"\n',
@@ -1207,6 +1211,10 @@ AI_TOOLKIT_ERRORS = {
         "text-encoder",
     ),
     "no_pole": (('positive: "a face, wide open eyes"', 'positive: ""'), "slider.targets[1]: needs positive"),
+    "same_poles": (
+        ('negative: "person with tiny eyes"', 'negative: "Person with  huge eyes"'),
+        "slider.targets[0]: positive and negative are the same prompt ('person with huge eyes'",
+    ),
     "bad_number": (
         ("multiplier: 1.0\n            weight", "multiplier: lots\n            weight"),
         "multiplier",

@@ -38,7 +38,7 @@ from pydantic import ValidationError
 
 from leco.config import MAX_SIDE, ConfigError, LecoConfig, dotted_key, refuse_non_text_prompts
 from leco.errors import warn
-from leco.formats.kohya_leco import slider_pairs
+from leco.formats.kohya_leco import same_poles, slider_pairs
 from leco.formats.origins import remember, with_origin
 
 # ai-toolkit's defaults (toolkit/config_modules.py) where they differ from leco's.
@@ -983,6 +983,9 @@ class _Converter:
             raise ConfigError(
                 f"{self.path}: {section.where}: needs {positive} or {negative} (its two ends); set one"
             )
+        why = same_poles(texts[1], texts[2], (positive, negative))
+        if why:
+            raise ConfigError(f"{self.path}: {section.where}: {why}")
         return texts
 
     def text(self, section: _Section, name: str) -> str:

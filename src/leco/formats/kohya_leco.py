@@ -28,6 +28,7 @@ from leco.config import (
     ACTIONS,
     ConfigError,
     PromptSettings,
+    as_read,
     describe_validation_error,
     read_config_text,
     read_prompt_text,
@@ -86,6 +87,17 @@ KOHYA_DEFAULTS = {
 _SLIDER_SHARED = ("guidance_scale", "dynamic_resolution", "batch_size", "dynamic_crops", "weight")
 
 Entry = tuple[str, dict[str, Any]]  # (where in the file, PromptSettings fields)
+
+
+def same_poles(positive: str, negative: str, keys: tuple[str, str] = ("positive", "negative")) -> str | None:
+    """Why a slider with these ends (named by `keys` in its file) has no direction: both the same
+    prompt as the model reads it, so each of its entries would only pull the target to its neutral."""
+    if positive.strip() and as_read(positive) == as_read(negative):
+        return (
+            f"{keys[0]} and {keys[1]} are the same prompt ({positive!r}, as the model reads it), so the "
+            "slider has no direction between its ends; give two different prompts, or one of them"
+        )
+    return None
 
 
 def slider_pairs(positive: str, negative: str, multiplier: float) -> list[tuple[str, str, str, float]]:
@@ -231,6 +243,9 @@ class _KohyaReader:
                 f"{self.path}: {where}: a slider target needs positive or negative (its two ends); "
                 "set at least one"
             )
+        why = same_poles(positive, negative)
+        if why:
+            raise ConfigError(f"{self.path}: {where}: {why}")
         multiplier = merged.get("multiplier", 1.0)
         if isinstance(multiplier, bool) or not isinstance(multiplier, int | float):
             raise ConfigError(f"{self.path}: {where}.multiplier: must be a number (got {multiplier!r})")
