@@ -90,6 +90,30 @@ def test_an_anchor_that_is_an_edited_prompt_is_named(tmp_path: Path, capsys):
     assert "red ink" not in warning
 
 
+def test_a_listed_anchor_holding_an_erased_concept_is_named_and_a_sliders_context_is_not(capsys):
+    erase = [PromptSettings(target=["a digit seven", "the number 7"])]
+    listed = AnchorConfig(
+        prompts=["a digit seven in red ink", "the number 70", "A  digit  SEVEN", "a digit two"]
+    )
+    assert anchor_prompts(listed, erase, model_path("ink-digits")) == listed.prompts  # used as written
+    warning = capsys.readouterr().err
+    assert (
+        "anchors.prompts: 'a digit seven in red ink' holds 'a digit seven', which prompts entry 1 erases"
+        in (warning)
+    )
+    assert "'the number 70' holds" not in warning and "'a digit two'" not in warning  # whole words only
+    assert warning.count("A  digit  SEVEN") == 1  # an edited prompt itself: named once, as one
+    slider = PromptSettings(
+        target="a digit five",
+        positive="a digit five in red ink",
+        unconditional="a digit five in blue ink",
+        neutral="a digit five",
+        action="enhance",
+    )
+    anchor_prompts(AnchorConfig(prompts=["a digit five in green ink"]), [slider], model_path("ink-digits"))
+    assert "holds" not in capsys.readouterr().err  # a slider's target is its context, not its concept
+
+
 def test_text_state_change_is_the_change_of_keys_and_values_over_the_anchor_tokens(tiny_folders):
     models = load_models(str(tiny_folders["sd1"]))
     network = LoRANetwork.create(models.unet, models.family, NetworkConfig(training_method="xattn"))

@@ -106,6 +106,7 @@ def anchor_prompts(
             _warn_of_edited_anchors(entry.targets, prompts, f"prompts entry {number} (preserve)")
     if anchors.prompts != "auto":
         _warn_of_edited_anchors(anchors.prompts, prompts, "anchors.prompts")
+        _warn_of_anchors_holding_concepts(anchors.prompts, prompts, known_prompts(model_folder))
         return list(anchors.prompts)
     candidates = known_prompts(model_folder)
     excluded = [as_read(text) for text in anchors.exclude or []]  # "The  number 3" is "the number 3"
@@ -150,6 +151,27 @@ def _warn_of_edited_anchors(anchors: list[str], prompts: list[PromptSettings], w
             warn(
                 f"{where}: {anchor!r} is a prompt that prompts entry {number} edits; kept as the model "
                 f"draws it, it pulls against the edit: remove it from {where}"
+            )
+
+
+def _warn_of_anchors_holding_concepts(
+    anchors: list[str], prompts: list[PromptSettings], known: list[str]
+) -> None:
+    """A listed anchor that holds an edited concept whole ("a digit seven in red ink" while "a digit
+    seven" is erased) keeps the concept there: what `auto` leaves out, said when the user lists it."""
+    edited = {as_read(text) for entry in prompts for text in entry.targets}
+    phrases = sorted(concept_phrases(prompts, known))
+    for anchor in anchors:
+        held = next((p for p in phrases if _as_phrase(p).search(anchor)), None)
+        if held is not None and as_read(anchor) not in edited:  # an edited prompt itself: said above
+            number = next(
+                n for n, e in enumerate(prompts, 1) if held in {t.strip().lower() for t in e.targets}
+            )
+            action = prompts[number - 1].action
+            warn(
+                f"anchors.prompts: {anchor!r} holds {held!r}, which prompts entry {number} {action}s; kept "
+                "as the model draws it, it holds the edit back wherever prompts read like it (anchors: "
+                "auto leaves such prompts out); remove it unless that is meant"
             )
 
 
