@@ -246,6 +246,19 @@ def test_a_damaged_part_of_a_model_folder_is_named(tmp_path, tiny_folders, part)
         load_models(str(folder))
 
 
+@pytest.mark.parametrize("part", ["unet", "text_encoder", "vae"])
+def test_a_part_of_a_model_folder_without_weights_is_named_in_one_line(tmp_path, tiny_folders, part, capfd):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folders["sd1"], folder)
+    for weights in (folder / part).glob("*.safetensors"):
+        weights.unlink()  # a copy that left the large files behind
+    with pytest.raises(LecoError, match=rf"incomplete diffusers model folder: its {part}/ holds no weights"):
+        load_models(str(folder), with_vae=True)
+    assert capfd.readouterr().err == ""  # no library's log line before leco's error
+
+
 def test_a_part_of_a_model_folder_is_named_not_fetched_as_a_hub_repo(tiny_folders, monkeypatch):
     """`model/unet` exists here and looks like owner/name: it must not reach for the Hub."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

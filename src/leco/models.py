@@ -365,6 +365,14 @@ def _load_folder(
         raise LecoError(
             f"{names.model}: {folder} has no {scheduler_config.relative_to(folder)}; the folder is incomplete"
         )
+    weightless = [
+        part for part in _weight_parts(Path(folder), with_vae) if not _holds_weights(Path(folder) / part)
+    ]
+    if weightless:  # diffusers would log one error and raise another, naming a .bin file
+        raise LecoError(
+            f"{names.model}: {folder} is an incomplete diffusers model folder: its {weightless[0]}/ holds no "
+            "weights (.safetensors or .bin); copy or download the model again"
+        )
     try:  # local files only: a folder must never be fetched as a Hub repo of the same name
         return _load_diffusers(folder, spec, dtype, with_vae, {"local_files_only": True}, names)
     except _Unreadable as error:
@@ -372,6 +380,17 @@ def _load_folder(
             f"{names.model}: {folder} is a damaged or incomplete diffusers model folder ({error}); copy or "
             "download the model again"
         ) from None
+
+
+def _weight_parts(folder: Path, with_vae: bool) -> list[str]:
+    """The parts of a diffusers folder whose weights a load reads."""
+    optional = ["text_encoder_2", *(["vae"] if with_vae else [])]
+    return ["unet", "text_encoder", *(part for part in optional if (folder / part).is_dir())]
+
+
+def _holds_weights(part: Path) -> bool:
+    """Any weights file, whole or sharded, in any of the names diffusers and transformers read."""
+    return any(part.glob("*.safetensors")) or any(part.glob("*.bin")) or any(part.glob("*.index.json"))
 
 
 def _load_hub_repo(
