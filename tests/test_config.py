@@ -578,6 +578,11 @@ def test_imitate_without_a_teacher_is_one_line():
     )
     with pytest.raises(ConfigError, match=r"^prompts entry 1: action imitate copies a teacher model's"):
         config.check_combination()
+    empty = LecoConfig.model_validate({**config.model_dump(exclude_unset=True), "teacher": None})
+    with pytest.raises(
+        ConfigError, match=r"prediction; teacher: is empty; give teacher.name_or_path \(or use"
+    ):
+        empty.check_combination()  # `teacher:` written with nothing under it is not a section to add
 
 
 @pytest.mark.parametrize(

@@ -815,9 +815,15 @@ class LecoConfig(_Section):
         if self.teacher is None:
             for number, entry in enumerate(self.prompts, start=1):
                 if entry.action == "imitate":
+                    empty = "teacher" in self.model_fields_set  # `teacher:` with nothing under it
                     raise ConfigError(
-                        f"{entry.named(number)}: action imitate copies a teacher model's prediction; add a "
-                        "teacher: section (or use enhance)"
+                        f"{entry.named(number)}: action imitate copies a teacher model's prediction; "
+                        + (
+                            "teacher: is empty; give teacher.name_or_path"
+                            if empty
+                            else "add a teacher: section"
+                        )
+                        + " (or use enhance)"
                     )
                 if entry.action == "distill":
                     _refuse_unguided(entry, number)
