@@ -246,6 +246,13 @@ def test_a_damaged_part_of_a_model_folder_is_named(tmp_path, tiny_folders, part)
         load_models(str(folder))
 
 
+def test_a_revision_of_a_model_on_disk_is_said_to_be_ignored(tiny_folders, capsys):
+    load_models(PretrainedModelConfig(name_or_path=str(tiny_folders["sd1"]), revision="v1.0"))
+    assert "pretrained_model.revision: " in capsys.readouterr().err
+    load_models(PretrainedModelConfig(name_or_path=str(tiny_folders["sd1"])))
+    assert "revision" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("part", ["unet", "text_encoder", "vae"])
 def test_a_part_of_a_model_folder_without_weights_is_named_in_one_line(tmp_path, tiny_folders, part, capfd):
     import shutil

@@ -197,6 +197,9 @@ def load_models(
         )
     path = resolve_bundled(spec.name_or_path)
     exists = path_exists(path)  # False for a name the system refuses (too long), which is_file raises on
+    if exists and spec.revision:
+        kind = "file" if path.is_file() else "folder"
+        warn(f"{names.section}.revision: {spec.name_or_path} is a {kind} here, not a Hub repo; ignored")
     with quiet_library_logs():
         if exists and path.is_file():
             loaded = _load_single_file(path, spec, dtype, with_vae, names)
