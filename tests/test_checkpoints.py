@@ -638,6 +638,23 @@ def test_overwrite_takes_the_earlier_runs_tensorboard_curves_with_it(tmp_path, t
     assert sorted(p.name for p in logs.iterdir()) == ["notes.txt"] and len(list(named.iterdir())) == 1
 
 
+def test_a_named_tensorboard_folder_gets_a_folder_per_run_which_overwrite_clears(tmp_path, tiny_folders):
+    from leco.tracking import tensorboard_folder
+
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=2)
+    config.logging.tensorboard_dir = str(tmp_path / "tb")
+    assert tensorboard_folder(config) == tmp_path / "tb" / "fox"  # TensorBoard draws a folder as one run
+    train(config, progress=False)
+    for run in ("fox", "other"):
+        (tmp_path / "tb" / run).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "tb" / run / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"curves")
+    train(config, overwrite=True, progress=False)
+    assert (
+        not list((tmp_path / "tb" / "fox").iterdir())
+        and len(list((tmp_path / "tb" / "other").iterdir())) == 1
+    )
+
+
 @pytest.mark.parametrize(("stop_signal", "grid"), [(signal.SIGINT, True), (signal.SIGTERM, False)])
 def test_a_terminated_run_saves_and_exits_without_its_grid(
     tmp_path, tiny_folders, monkeypatch, stop_signal, grid

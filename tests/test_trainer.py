@@ -463,6 +463,33 @@ def test_a_resumed_run_goes_on_in_its_own_wandb_run(tmp_path, tiny_folders, monk
     assert runs[1]["id"] == runs[0]["id"] != runs[2]["id"]
 
 
+def test_wandb_failing_to_start_is_one_line_and_a_project_it_refuses_is_named_before_loading(
+    tmp_path, tiny_folders, monkeypatch
+):
+    import importlib.util
+    import types
+
+    class UsageError(Exception):  # wandb's own error types: anything may come out of wandb.init
+        pass
+
+    def init(**options):
+        raise UsageError("No API key configured. Use `wandb login` to log in.\nmore")
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: name == "wandb" or find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=2)
+    config.logging.use_wandb = True
+    with pytest.raises(
+        LecoError, match=r"^logging.use_wandb: W&B did not start \(No API key configured\. Use"
+    ):
+        train(config, progress=False)
+    config.logging.wandb_project = "team/ink"
+    monkeypatch.setattr("leco.trainer.load_models", lambda *a, **k: pytest.fail("loaded before the check"))
+    with pytest.raises(LecoError, match=r"^logging.wandb_project: 'team/ink' is no W&B project name"):
+        train(config, progress=False)
+
+
 def test_resume_refuses_a_state_of_another_run(tmp_path, tiny_folders):
     first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=2), progress=False)
     other = make_config(tiny_folders["sd1"], tmp_path, iterations=4)

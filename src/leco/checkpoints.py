@@ -28,7 +28,7 @@ from leco.errors import LecoError, Terminated, is_main_process, process_count, w
 from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
 from leco.models import looks_like_repo_id, recorded_model_name
 from leco.optim import optimizer_class
-from leco.tracking import check_log_folder
+from leco.tracking import check_log_folder, tensorboard_folder
 
 STATE_FILE = "training_state.pt"
 # Parts of the config that must match for a resumed run to continue the same training.
@@ -105,9 +105,10 @@ def _section_model(annotation: Any) -> type | None:
 
 
 class RunFolder:
-    def __init__(self, path: str | Path, name: str) -> None:
+    def __init__(self, path: str | Path, name: str, logs: Path | None = None) -> None:
         self.path = Path(path).expanduser()
         self.name = name
+        self.logs = logs if logs is not None else self.path / "logs" / name  # the run's TensorBoard events
         self._lock: Any = None
         self._replaced: list[Path] = []
         self._pending_grids: dict[Path, Path] = {}  # grid -> where it waits for the first save
@@ -197,7 +198,7 @@ class RunFolder:
         # Replaced at the first save, not now: a run that fails before it leaves the earlier one whole.
         self._replaced = []
         if overwrite and resume_source is None:  # the earlier run's TensorBoard curves go with it
-            logs = self.path / "logs" / self.name  # (the default folder; one the user named stays)
+            logs = self.logs
             events = sorted(logs.glob("events.out.tfevents.*")) if logs.is_dir() else []
             self._replaced = self.earlier_files() + events
 
@@ -799,7 +800,7 @@ def check_before_loading(
     does not look at the outputs: the first process may have locked the run's name by then (its
     own run), which would read as another run writing there."""
     config.check_combination()
-    folder = RunFolder(config.save.path, config.save.name)
+    folder = RunFolder(config.save.path, config.save.name, tensorboard_folder(config))
     if writes_files:
         folder.check(overwrite=overwrite, resume_source=resume, previews=bool(config.preview.prompts))
     check_log_folder(config)

@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from leco.config import LecoConfig
-from leco.errors import LecoError
+from leco.errors import LecoError, first_line
 from leco.files import nearest_existing
 
 
@@ -32,9 +32,14 @@ class Progress:
         self.tracker.close()
 
 
+WANDB_PROJECT_REFUSES = ("/", "\\", "#", "?", "%", ":")  # wandb.init refuses them, after the model loaded
+
+
 def tensorboard_folder(config: LecoConfig) -> Path:
-    logging = config.logging
-    return Path(logging.tensorboard_dir or Path(config.save.path) / "logs" / config.save.name).expanduser()
+    """The run's TensorBoard events: a folder of its own under the one named (TensorBoard draws each
+    folder as one run: two runs in one would be one zig-zag curve), by default `save.path/logs`."""
+    root = config.logging.tensorboard_dir or Path(config.save.path) / "logs"
+    return Path(root).expanduser() / config.save.name
 
 
 def check_log_folder(config: LecoConfig) -> None:
@@ -42,6 +47,13 @@ def check_log_folder(config: LecoConfig) -> None:
     TensorBoard folder can be made where it is asked for."""
     if config.logging.use_wandb and importlib.util.find_spec("wandb") is None:
         raise LecoError("logging.use_wandb: wandb is not installed; pip install wandb")
+    project = config.logging.wandb_project
+    refused = [c for c in WANDB_PROJECT_REFUSES if c in project]
+    if config.logging.use_wandb and (refused or not project.strip()):
+        raise LecoError(
+            f"logging.wandb_project: {project!r} is no W&B project name (it may not be empty or hold any of "
+            f"{' '.join(WANDB_PROJECT_REFUSES)}); choose another"
+        )
     if not config.logging.use_tensorboard:
         return
     if importlib.util.find_spec("tensorboard") is None:
@@ -70,15 +82,20 @@ class Tracker:
                 import wandb
             except ImportError:
                 raise LecoError("logging.use_wandb: wandb is not installed; pip install wandb") from None
-            self.sinks.append(
-                wandb.init(
+            try:
+                run = wandb.init(
                     project=logging.wandb_project,
                     name=config.save.name,
                     config=config.model_dump(mode="json"),
                     id=run_id,
                     resume="allow",  # a resumed run goes on with its own curves
                 )
-            )
+            except Exception as error:  # not logged in, no network, a project W&B refuses: its own types
+                raise LecoError(
+                    f"logging.use_wandb: W&B did not start ({first_line(str(error))}); log in with `wandb "
+                    "login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to log here and sync later"
+                ) from None
+            self.sinks.append(run)
         if logging.use_tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

@@ -368,7 +368,7 @@ class _Converter:
             )
         elif log_dir is not None:
             self.put("logging.use_tensorboard", True, log_key)
-            self.put("logging.tensorboard_dir", str(Path(str(log_dir)) / name), log_key)
+            self.put("logging.tensorboard_dir", str(log_dir), log_key)  # leco adds save.name: log_dir/name
         config.only("is_v2", lambda v: v is False, "is not read by the slider process; set model.is_v2")
         seed = process.get("training_seed")
         if seed is not None:
