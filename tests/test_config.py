@@ -219,6 +219,18 @@ def test_inline_prompts_are_accepted(tmp_path):
             ["anchors.prompts: ", "give a list of prompts", "or auto", "(got 'a digit three')"],
         ),
         (MINIMAL + "train:\n  save: {name: x}\n", ["train.save: unknown key; it belongs at the top level"]),
+        # another trainer's names are pointed to leco's, not to a near spelling ("lr_warmup_steps")
+        (MINIMAL + "train:\n  steps: 500\n", ["train.steps: unknown key; leco calls it train.iterations;"]),
+        (MINIMAL + "learning_rate: 1e-4\n", ["learning_rate: unknown key; leco calls it train.lr;"]),
+        (
+            MINIMAL + "save:\n  save_every: 50\n",
+            ["save.save_every: unknown key; leco calls it save.per_steps"],
+        ),
+        # a key of another section, in a section
+        (
+            MINIMAL + "train:\n  use_tensorboard: true\n",
+            ["train.use_tensorboard: unknown key; it belongs under logging: (logging.use_tensorboard)"],
+        ),
         (MINIMAL + "preview:\n  prompts: [a]\n  strengths: [.inf]\n", ["preview.strengths.1:", "finite"]),
         (MINIMAL + "preview:\n  prompts: [a]\n  seeds: [-1]\n", ["preview.seeds.1:"]),
         # a grid has one row or column per value: a repeat would be drawn once, silently
@@ -974,6 +986,12 @@ def test_a_set_change_refused_by_its_sections_own_check_names_the_key_once():
         message.startswith("--set 'network.token=<No-Seven>': network.token: ")
         and "network.network" not in message
     )
+    for change, hint in (
+        ("train.steps=5", "train.steps: unknown key; leco calls it train.iterations;"),
+        ("save.iterations=5", "save.iterations: unknown key; it belongs under train: (train.iterations);"),
+    ):  # a section changed alone is still read as a section of the whole config
+        with pytest.raises(ConfigError, match=re.escape(hint)):
+            apply_overrides(config, [change])
     apply_overrides(config, ["train.seed=0123"])  # as written, not YAML 1.1's octal
     assert config.train.seed == 123
     # One section's changes are checked together: an embedding needs its token, in either order.

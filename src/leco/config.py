@@ -1531,7 +1531,8 @@ def describe_validation_error(
         if kept is None or (inside_list and len(kept["loc"]) == len(key)):  # kept names no item yet
             by_key[key] = {**item, "loc": (*key, *loc[form + 1 :]) if inside_list else key}
     items = _without_misspelt_missing(list(by_key.values()))
-    problems = [_problem(item, model) for item in items]  # a check across keys may name the full key
+    outer = [part for part in prefix.rstrip(".").split(".") if part]  # where `model` sits in the config
+    problems = [_problem(item, model, outer) for item in items]  # a check across keys may name the full key
     return "\n".join(f"{path}: {'' if p.startswith(prefix) else prefix}{p}" for p in problems)
 
 
@@ -1575,7 +1576,7 @@ _ENTRY_EXAMPLES = {
 _UNION_MEMBER = re.compile(r"^(int|float|str|bool|none|(list|tuple|dict|set|literal)\[.*\])$")
 
 
-def _problem(item: Any, model: type[BaseModel]) -> str:
+def _problem(item: Any, model: type[BaseModel], outer: list[str] | None = None) -> str:
     loc = [str(part) for part in item["loc"]]
     key = dotted_key(item["loc"]) or "(top level)"
     kind = item["type"]
@@ -1586,8 +1587,12 @@ def _problem(item: Any, model: type[BaseModel]) -> str:
     if kind == "extra_forbidden":
         allowed = _allowed_keys(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], allowed, n=1) or [k for k in allowed if loc[-1] in k][:1]
-        home = _home_of(model, loc)
-        hint = f"it belongs {home}; " if home else f"did you mean {close[0]!r}? " if close else ""
+        whole = [*(outer or []), *loc]  # a --set section checked alone is still a section of the config
+        top = LecoConfig if outer and outer[0] in LecoConfig.model_fields and len(outer) == 1 else model
+        foreign = _foreign_name(whole) if top is LecoConfig else None  # not in prompt files' entries
+        home = _home_of(top, whole if top is not model else loc)
+        hint = f"leco calls it {foreign}; " if foreign else f"it belongs {home}; " if home else ""
+        hint = hint or (f"did you mean {close[0]!r}? " if close else "")
         return f"{key}: unknown key; {hint}allowed here: {', '.join(allowed)}"
     if kind == "missing":
         return f"{key}: required key is missing; add it"
@@ -1605,13 +1610,48 @@ def _problem(item: Any, model: type[BaseModel]) -> str:
     return f"{key}: {message} (got {given})"
 
 
+# What kohya's and ai-toolkit's users write for a key leco names otherwise: (section or "*", their
+# name) -> ours. A near spelling of another key would mislead ("steps" is not "lr_warmup_steps").
+_FOREIGN_NAMES = {
+    ("train", "steps"): "train.iterations",
+    ("*", "max_train_steps"): "train.iterations",
+    ("*", "learning_rate"): "train.lr",
+    ("*", "optimizer_type"): "train.optimizer",
+    ("*", "mixed_precision"): "train.precision",
+    ("*", "sample_every"): "preview.every",
+    ("*", "sample_every_n_steps"): "preview.every",
+    ("*", "save_every"): "save.per_steps",
+    ("*", "save_every_n_steps"): "save.per_steps",
+    ("*", "output_dir"): "save.path",
+    ("*", "output_name"): "save.name",
+    ("*", "log_dir"): "logging.tensorboard_dir",
+    ("*", "logging_dir"): "logging.tensorboard_dir",
+    ("*", "log_with"): "logging.use_tensorboard or logging.use_wandb",
+    ("*", "network_dim"): "network.rank",
+    ("*", "network_alpha"): "network.alpha",
+    ("*", "pretrained_model_name_or_path"): "pretrained_model.name_or_path",
+}
+
+
+def _foreign_name(loc: list[str]) -> str | None:
+    """leco's name for a key another trainer's users write (`train.steps` -> train.iterations)."""
+    if not loc or loc[0] in ("prompts", "erase", "keep", "enhance"):  # entries have their own keys
+        return None
+    ours = _FOREIGN_NAMES.get((loc[0] if len(loc) > 1 else "", loc[-1])) or _FOREIGN_NAMES.get(("*", loc[-1]))
+    return ours
+
+
 def _home_of(model: type[BaseModel], loc: list[str]) -> str | None:
-    """Where a key put in the wrong place belongs: `iterations` at the top -> under train:."""
+    """Where a key put in the wrong place belongs: `iterations` at the top -> under train:, and
+    `train.use_tensorboard` -> under logging:."""
     name, sections = loc[-1], _sections(model)
     if len(loc) > 1 and name in sections:
         return "at the top level, as a section of its own"
+    in_a_section = (
+        len(loc) == 2 and loc[0] in sections and get_origin(model.model_fields[loc[0]].annotation) is not list
+    )
     homes = [section for section, fields in sections.items() if name in fields and section != loc[0]]
-    if len(homes) != 1 or len(loc) != 1:
+    if len(homes) != 1 or not (len(loc) == 1 or in_a_section):
         return None
     if get_origin(model.model_fields[homes[0]].annotation) is list:
         return f"in an entry of {homes[0]}: (- {name}: ...)"
