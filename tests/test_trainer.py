@@ -490,6 +490,15 @@ def test_wandb_failing_to_start_is_one_line_and_a_project_it_refuses_is_named_be
         train(config, progress=False)
 
 
+def test_accelerates_mixed_precision_is_said_not_to_be_read(tmp_path, tiny_folders, monkeypatch, capsys):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # accelerate launch --mixed_precision bf16
+    result = train(make_config(tiny_folders["sd1"], tmp_path, iterations=1), progress=False)
+    assert "accelerate's mixed precision bf16 is not read: this run trains in train.precision fp32" in (
+        capsys.readouterr().err
+    )
+    assert result.trainable.parameters()[0].dtype == torch.float32
+
+
 def test_resume_refuses_a_state_of_another_run(tmp_path, tiny_folders):
     first = train(make_config(tiny_folders["sd1"], tmp_path, iterations=2), progress=False)
     other = make_config(tiny_folders["sd1"], tmp_path, iterations=4)

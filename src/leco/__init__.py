@@ -59,6 +59,7 @@ def _train(
     prompts_file: str | Path | None,
 ) -> TrainResult:
     from leco.config import ready_config
+    from leco.distributed import launcher_precision_note
     from leco.errors import LecoError, is_main_process, warn
     from leco.formats.origins import in_file_keys
 
@@ -67,6 +68,9 @@ def _train(
     if is_main_process():  # once, not per process
         for note in dict.fromkeys(config.unused_settings()):  # a kohya target's entries: said once
             warn(in_file_keys(config_file, note) if config_file else note)
+        precision_note = launcher_precision_note(config.train.precision)
+        if precision_note:
+            warn(precision_note)
     if config.train.method == "closed_form":
         from leco import closed_form
         from leco.trainer import TrainResult

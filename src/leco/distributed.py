@@ -28,6 +28,18 @@ def _world_size() -> int:
         ) from None
 
 
+def launcher_precision_note(precision: str) -> str | None:
+    """`accelerate launch --mixed_precision bf16` (or its config file) sets a variable leco does not
+    read: the run's precision is train.precision, which a kohya user would not think to change."""
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if asked in ("fp16", "bf16") and asked != precision:
+        return (
+            f"accelerate's mixed precision {asked} is not read: this run trains in train.precision "
+            f"{precision}; set train.precision: {asked} for it"
+        )
+    return None
+
+
 class Ranks:
     def __init__(self, device: torch.device) -> None:
         self.state = None
