@@ -238,6 +238,26 @@ def test_previews_are_rendered_again_when_a_run_is_resumed(tmp_path, tiny_folder
     assert sorted(p.name for p in (tmp_path / "previews").iterdir()) == ["fox_8steps.png", "fox_last.png"]
 
 
+def test_previews_sample_as_the_model_recommends_where_the_config_says_nothing(
+    tmp_path, tiny_folders, monkeypatch
+):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_folders["sd1"], model)
+    (model / "README.md").write_text("---\ninference:\n  parameters:\n    num_inference_steps: 3\n"
+                                     "    guidance_scale: 2.5\n---\n# a model\n")  # fmt: skip
+    drawn = []
+    monkeypatch.setattr("leco.trainer.render_preview", lambda *args: drawn.append(args[-1]))
+    config = make_config(model, tmp_path / "a", iterations=1)
+    config.preview.prompts = ["a red fox"]
+    train(config, progress=False)
+    config.preview.steps, config.save.path = 2, str(tmp_path / "b")  # what is set wins
+    train(config, progress=False)
+    config.prompts = [config.prompts[0].model_copy(update={"action": "distill", "guidance_scale": 3.0})]
+    config.preview.steps, config.save.path = None, str(tmp_path / "c")  # a distilled LoRA works at 1
+    train(config, progress=False)
+    assert drawn == [(3, 2.5), (2, 2.5), (3, 1.0)]
+
+
 def test_resume_past_train_iterations_or_from_no_state_is_one_line(tmp_path, tiny_folders, monkeypatch):
     first = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=5), progress=False)
     with monkeypatch.context() as patched:  # named before minutes of model loading, not after

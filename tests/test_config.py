@@ -844,7 +844,7 @@ def test_an_embedding_token_with_whitespace_is_one_line(token):
         (
             {
                 "prompts": [{"target": "x", "action": "distill", "guidance_scale": 3}],
-                "preview": {"prompts": ["x"], "strengths": [0, 1]},
+                "preview": {"prompts": ["x"], "strengths": [0, 1], "guidance": 7},
             },
             "preview.guidance: 7, but a CFG-distilled LoRA is made for guidance 1",
         ),

@@ -321,9 +321,16 @@ class PreviewConfig(_Section):
         default_factory=lambda: [-1.0, 0.0, 1.0], min_length=1
     )
     seeds: list[Annotated[int, Field(ge=0, lt=2**64)]] = Field(default_factory=lambda: [0], min_length=1)
-    steps: int = Field(20, ge=1, le=1000)  # at most one per training timestep
-    guidance: float = Field(7.0, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
+    # Unset: what the model recommends (its card; 25 steps at guidance 3 on ink-digits, else 30 at
+    # 7), as leco generate and eval sample; guidance 1 for a CFG-distilled LoRA.
+    steps: int | None = Field(None, ge=1, le=1000)  # at most one per training timestep
+    guidance: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     every: int | None = Field(None, ge=1)  # default: save.per_steps
+
+    def sampling(self, recommended: tuple[int, float], distilled: bool) -> tuple[int, float]:
+        """(steps, guidance) of the grids: as set, else the model's `recommended` ones."""
+        guidance = self.guidance if self.guidance is not None else 1.0 if distilled else recommended[1]
+        return self.steps or recommended[0], guidance
 
     @field_validator("prompts", "strengths", "seeds")
     @classmethod
@@ -606,6 +613,11 @@ class LecoConfig(_Section):
     def to_json(self) -> str:
         return self.model_dump_json()
 
+    @property
+    def distills_only(self) -> bool:
+        """Every entry distills CFG (or keeps a prompt): the LoRA is used at guidance 1."""
+        return bool(self.prompts) and {entry.action for entry in self.prompts} <= {"distill", "preserve"}
+
     def unused_settings(self) -> list[str]:
         """Keys set in the file that the rest of the config leaves without effect, one line each."""
         notes = []
@@ -665,18 +677,18 @@ class LecoConfig(_Section):
                 if any(_KOHYA_ENTRY.search(entry._origin or "") for entry in self.prompts):
                     why += " (a kohya prompt file's do: 512 and 1 unless set)"
                 unused(self.train, "train", {key}, why)
-        if preview.prompts and preview.guidance <= 1 and network.type == "embedding":
+        guidance_set = preview.prompts and preview.guidance is not None
+        if guidance_set and preview.guidance <= 1 and network.type == "embedding":
             notes.append(
                 f"preview.guidance: {preview.guidance:g} never reads the negative prompt, where the "
                 "embedding is previewed, so its grids cannot change; set it above 1 (e.g. 3)"
             )
-        if preview.prompts and preview.guidance < 1:
+        if guidance_set and preview.guidance < 1:
             notes.append(
                 f"preview.guidance: {preview.guidance:g} samples as guidance 1 (diffusers reads the prompt "
                 "alone at 1 or below); set 1, or above 1 for CFG"
             )
-        distill_only = self.prompts and {entry.action for entry in self.prompts} <= {"distill", "preserve"}
-        if preview.prompts and distill_only and preview.guidance != 1:
+        if guidance_set and self.distills_only and preview.guidance != 1:
             notes.append(
                 f"preview.guidance: {preview.guidance:g}, but a CFG-distilled LoRA is made for guidance 1; "
                 "set preview.guidance: 1 to preview it as it is used"
@@ -1591,6 +1603,8 @@ def _problem(item: Any, model: type[BaseModel], outer: list[str] | None = None) 
         top = LecoConfig if outer and outer[0] in LecoConfig.model_fields and len(outer) == 1 else model
         foreign = _foreign_name(whole) if top is LecoConfig else None  # not in prompt files' entries
         home = _home_of(top, whole if top is not model else loc)
+        if len(whole) > 1 and close:  # a key like one of its own section's is a slip of that one first
+            home = None  # (train.guidance: rollout_guidance_scale, not preview.guidance)
         hint = f"leco calls it {foreign}; " if foreign else f"it belongs {home}; " if home else ""
         hint = hint or (f"did you mean {close[0]!r}? " if close else "")
         return f"{key}: unknown key; {hint}allowed here: {', '.join(allowed)}"

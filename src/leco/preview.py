@@ -37,10 +37,12 @@ def render_preview(
     device: torch.device,
     autocast: AbstractContextManager,
     clip_skip: int | None = None,
+    sampling: tuple[int, float] = (30, 7.0),
 ) -> Path | None:
     """Render the grid with the models' own pipeline and write it to `path` (PNG); None, with a
     warning, where it cannot be written: a grid is for looking at, and a folder gone read-only must
-    not end the run (a full disk does: the next save would fail too)."""
+    not end the run (a full disk does: the next save would fail too). `sampling`: (steps, guidance)
+    where the preview section sets none (PreviewConfig.sampling)."""
     parts = [*models.text_encoders, models.vae]
     placed = [next(part.parameters()).device for part in parts]
     for part in parts:
@@ -51,8 +53,7 @@ def render_preview(
         with autocast:
             for strength in preview.strengths:  # an embedding's strength is its use in the negative prompt
                 settings = SamplingSettings(
-                    preview.steps,
-                    preview.guidance,
+                    *sampling,
                     *size,
                     trainable.negative_prompt(strength),
                     clip_skip=clip_skip or 1,

@@ -41,6 +41,7 @@ from leco.models import (
     load_models,
     pick_device,
     prepare_for_training,
+    sampling_for,
     training_dtype,
 )
 from leco.objectives import Predictions
@@ -240,8 +241,10 @@ class Trainer:
         if self.ranks.is_main and preview.prompts:
             path = self.folder.grid_target(grid)  # beside an earlier run --overwrite replaces: a temp name
             skip = self.config.pretrained_model.clip_skip
+            recommended = sampling_for(self.models)  # the model's card, as leco generate reads it
+            sampling = preview.sampling((recommended.steps, recommended.guidance), self.config.distills_only)
             render_preview(
-                self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip
+                self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip, sampling
             )
 
     # -- the loop ---------------------------------------------------------------------------------
