@@ -999,6 +999,9 @@ def test_generate_takes_one_lora_and_train_at_most_a_process_a_core(tmp_path, ca
     assert "use at most" in err
     code, _, err = run_cli(["train", tmp_path / "absent.yaml", "--num-processes", "2"], capsys)
     assert_one_line_error(code, err, "absent.yaml")  # checked once, before any process starts
+    sets = ["--set", "train.lr=1e-3", "--set", "train.lr = 2e-3", "--set", "train.iterations=0"]
+    code, _, err = run_cli(["train", config, *sets], capsys)
+    assert code == 2 and "--set train.lr is given more than once; the last, 'train.lr = 2e-3', is used" in err
 
 
 @pytest.mark.parametrize("victim", ["lora", "spec", "notes"])

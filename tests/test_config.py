@@ -993,6 +993,8 @@ def test_a_set_change_refused_by_its_sections_own_check_names_the_key_once():
         with pytest.raises(ConfigError, match=re.escape(hint)):
             apply_overrides(config, [change])
     apply_overrides(config, ["train.seed=0123"])  # as written, not YAML 1.1's octal
+    apply_overrides(config, ["train.lr=1e-3", "train.lr=2e-3"])
+    assert config.train.lr == 2e-3
     assert config.train.seed == 123
     # One section's changes are checked together: an embedding needs its token, in either order.
     erase = load_config(Path(__file__).parents[1] / "examples" / "ink-digits" / "erase_seven.yaml")

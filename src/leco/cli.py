@@ -612,6 +612,8 @@ def _train_command(args: argparse.Namespace) -> int:
         config = args.config_file + ".toml"  # kohya's train_util adds it to a --config_file without one
     if args.resume and args.overwrite:
         raise LecoError("train: --resume continues a run and --overwrite replaces it; give one of them")
+    if is_main_process() and not os.environ.get(LAUNCHED_BY_LECO):  # said once, not by each process
+        _warn_of_repeated_sets(args.set)
     if args.num_processes < 1:
         raise LecoError(f"--num-processes: {args.num_processes} is not a number of processes; use 1 or more")
     if args.num_processes > 1 and "WORLD_SIZE" not in os.environ:
@@ -865,6 +867,16 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(paths)} image{'' if len(paths) == 1 else 's'} and {grid}")
     return 0
+
+
+def _warn_of_repeated_sets(changes: list[str]) -> None:
+    """The same key set twice (a command line grown by copy and paste): the last wins, said."""
+    last: dict[str, str] = {}
+    for change in changes:
+        key = "".join(change.partition("=")[0].split())
+        if key in last and last[key] != change:
+            warn(f"--set {key} is given more than once; the last, {change!r}, is used")
+        last[key] = change
 
 
 def run_merge(args: argparse.Namespace) -> int:
