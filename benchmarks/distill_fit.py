@@ -12,7 +12,7 @@ on those N too: where the error on them stops falling is what the network can fi
 capacity); the gap between them and the held steps is what more data would buy.
 
 usage: OMP_NUM_THREADS=1 python benchmarks/distill_fit.py [--set train.lr=3e-3 --set network.rank=32 ...]
-       [--fixed 200]
+       [--fixed 200] [--held 48] [--every 150]   (steps held fixed to measure on, and how often)
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ its latents come from an older LoRA and from one trajectory; this prints whether
 erasure or preservation.
 
 usage: python benchmarks/rollout_reuse.py [--reuse 1,2,4,8] [--iterations 300] [--images 16]
+           [--threads N] [--example erase_seven]   (another example of examples/ink-digits, by name)
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ times for positive, neutral and unconditional, each call again a doubled (guidan
 runs the student on a doubled batch as well. Ours: one rollout feeds m steps (samples_per_rollout), the
 teacher is one batched call without duplicates, the student one plain call.
 
-usage: python benchmarks/step_speed.py [--model DIR] [--steps 40] [--reuse 1,2,4,8] [--threads 2]
+usage: python benchmarks/step_speed.py [--model DIR] [--steps 40] [--denoising-steps N] [--reuse 1,2,4,8]
+           [--threads 2]
 Prints steps/s, UNet calls per step and batch rows per step for each schedule, and the speed-up.
 """
 

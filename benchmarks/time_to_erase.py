@@ -13,6 +13,7 @@ the same digits kept in black, green and orange) in one LoRA (the example's reci
 step against resolution.
 
 usage: OMP_NUM_THREADS=1 python benchmarks/time_to_erase.py [--settings a,b] [--seeds 0,1] [--max-steps 400]
+           [--check-every N] [--skip-scaling | --only-scaling] [--concepts ...] [--scaling-settings ...]
 """
 
 from __future__ import annotations
