@@ -1337,3 +1337,18 @@ def test_a_kohya_config_file_named_without_toml_is_read_as_kohya_reads_it(
     assert code == 2 and "args: file not found" in err, err
     code, _, err = run_cli(["train", "--config_file", "missing.yaml"], capsys)  # no .toml there either
     assert code == 2 and "missing.yaml: file not found" in err, err
+
+
+def test_a_long_library_error_is_cut_at_a_sentence_not_mid_word():
+    from leco.errors import first_line
+
+    said = OSError(
+        "Can't load image processor for '/models/text_encoder'. If you were trying to load it from "
+        "'https://huggingface.co/models', make sure you don't have a local directory with the same name."
+    )
+    assert first_line(said, 120) == "Can't load image processor for '/models/text_encoder'."
+    assert first_line(ValueError("x" * 200), 50) == "x" * 47 + "..."  # no sentence short enough
+    assert (
+        first_line(ValueError("short. line"), 50) == "short. line"
+        and first_line(ValueError()) == "ValueError"
+    )

@@ -52,4 +52,10 @@ def stopped_exit_code(signal_number: int | None) -> int:
 def first_line(error: BaseException, limit: int | None = 160) -> str:
     """A library error's first line, for one-line messages (its name when it says nothing)."""
     text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    if limit is None or len(line) <= limit:
+        return line
+    sentence = line.split(". ")[0] + "."  # a whole sentence reads better than one cut mid-word
+    return sentence if len(sentence) <= limit else line[: limit - 3].rstrip() + "..."
