@@ -1290,3 +1290,32 @@ def test_the_summarys_worst_kept_prompt_is_shown_even_behind_many_that_fell():
     report = {"loras": {"a": "a.safetensors"}, "rows": rows, "per_lora": {"a": summary}, "summary": summary}
     shown = [line for line in format_report(report).splitlines() if line.startswith("keep")]
     assert summary["1"]["kept_still_right_worst"]["prompt"] == "0, teal ink" and "0, teal ink" in shown[0]
+
+
+def test_an_eval_stopped_midway_says_how_many_images_it_left(
+    tmp_path, tiny_folders, seed_loras, monkeypatch, capsys
+):
+    import leco.evaluate
+    from leco.errors import Terminated
+
+    real_generate, calls = leco.evaluate.generate, []
+
+    def stopped_on_the_second_lora(pipe, requests, *args, **kwargs):
+        calls.append(requests)
+        if len(calls) == 3:  # the plain model's images, the first LoRA's, then a SIGTERM
+            raise Terminated(15)
+        return real_generate(pipe, requests, *args, **kwargs)
+
+    monkeypatch.setattr(leco.evaluate, "generate", stopped_on_the_second_lora)
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    spec = EvalSpec.model_validate(
+        {"images_per_prompt": 2, "strengths": [0, 1], "steps": 2, "guidance": 2.0,
+         "erase": [{"prompt": "a cat", "concept": "bright>0.5"}]}
+    )  # fmt: skip
+    with pytest.raises(Terminated):
+        evaluate(models, seed_loras, spec, "cpu", detector=BrightnessDetector(), image_dir=tmp_path / "i")
+    written = len(list((tmp_path / "i").rglob("*.png")))
+    assert written == 2 * 2 + 2  # the plain images in both LoRAs' folders, then the first LoRA's
+    assert f"{written} of 8 images were written to {tmp_path / 'i'} before the stop (no report)" in (
+        capsys.readouterr().err
+    )

@@ -51,7 +51,7 @@ from leco.embedding_files import (
     judged_embedding,
     parse_embedding_option,
 )
-from leco.errors import LecoError, first_line, warn
+from leco.errors import LecoError, Terminated, first_line, warn
 from leco.files import atomic_output, refuse_earlier_outputs
 from leco.generate import (
     MAX_SEEDS,
@@ -548,18 +548,27 @@ def evaluate(
             with embeddings_loaded(pipe, [negative]):
                 with_token = negative_with_token(settings.negative_prompt, negative.token)
                 warn_if_misread(models, [with_token], f"negative prompt with {negative.path.name}", expand)
-        base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
-        _save_images(base, folders.values(), slugs, _infotext(pipe, settings, model_name, None))
-        rows = judge.rows(base, base, None, 0.0)
-        for label, path in zip(labels, loras, strict=True):
-            negative = negatives.get(label)
-            with _applied(pipe, path, models.family, settings, negative) as (set_strength, applied):
-                for strength in strengths:
-                    images = _render(pipe, prompts, strength, seeds, applied, set_strength, progress)
-                    lora_tag = None if negative is not None else path  # an embedding is in the negative
-                    infotext = _infotext(pipe, applied, model_name, lora_tag)
-                    _save_images(images, [folders[label]] if folders else [], slugs, infotext)
-                    rows += judge.rows(images, base, label, strength)
+        saved, total = 0, len(prompts) * len(seeds) * (len(folders) + len(loras) * len(strengths))
+        try:
+            base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
+            saved += _save_images(base, folders.values(), slugs, _infotext(pipe, settings, model_name, None))
+            rows = judge.rows(base, base, None, 0.0)
+            for label, path in zip(labels, loras, strict=True):
+                negative = negatives.get(label)
+                with _applied(pipe, path, models.family, settings, negative) as (set_strength, applied):
+                    for strength in strengths:
+                        images = _render(pipe, prompts, strength, seeds, applied, set_strength, progress)
+                        lora_tag = None if negative is not None else path  # an embedding is in the negative
+                        infotext = _infotext(pipe, applied, model_name, lora_tag)
+                        saved += _save_images(images, [folders[label]] if folders else [], slugs, infotext)
+                        rows += judge.rows(images, base, label, strength)
+        except (KeyboardInterrupt, Terminated, LecoError):
+            if saved:  # as leco generate says: the next run finds them and asks for --overwrite
+                warn(
+                    f"{saved} of {total} images were written to {image_dir} before the stop (no report); "
+                    "to make them all, run again with --overwrite"
+                )
+            raise
     ordered = [0.0, *strengths]
     report: dict[str, Any] = {
         "model": models.source,
@@ -698,10 +707,14 @@ def _save_images(
     folders,
     slugs: dict[str, str],
     infotext: Callable[[ImageRequest], str],
-) -> None:
+) -> int:
+    """Writes each image into each folder; how many files were written."""
+    written = 0
     for folder in folders:
         for request, image in images.items():
             save_image(image, folder / request.file_name(slugs), infotext(request))
+            written += 1
+    return written
 
 
 class _Judge:
