@@ -869,6 +869,16 @@ def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path
     save_file({"<dog-concept>": torch.randn(32)}, str(one_key))
     named = evaluate(models, [word, one_key], EvalSpec.model_validate(spec), "cpu", BrightnessDetector())
     assert named["negative_embeddings"] == {"dog": "<dog>", "dog_concept": "<dog-concept>"}
+    # a name no judged text holds stays as A1111 and ComfyUI know the file: its infotext pastes there
+    bare = tmp_path / "nosev.safetensors"
+    save_file({"emb_params": torch.randn(2, 32)}, str(bare))
+    kept_name = evaluate(
+        models, bare, EvalSpec.model_validate(spec), "cpu", BrightnessDetector(), tmp_path / "b"
+    )
+    assert kept_name["negative_embeddings"] == {"nosev": "nosev"}
+    assert (
+        "Negative prompt: blurry, nosev\n" in Image.open(tmp_path / "b" / "a-dog_1_0.png").text["parameters"]
+    )
     with pytest.raises(LecoError, match=r"strengths: the spec lists no strength but 0"):
         evaluate(models, embedding, EvalSpec.model_validate({**spec, "strengths": []}), "cpu")
     with pytest.raises(

@@ -780,7 +780,10 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
                 f"--embedding: {lora} is also a --lora, where it is judged as a negative embedding; "
                 "give it once"
             )
-    judged = {judged_embedding(lora).token: lora for lora in lora_options if is_embedding_file(lora)}
+    judged: dict[str, str] = {}
+    for lora in filter(is_embedding_file, lora_options):
+        token = judged_embedding(lora).token  # eval names it bare where no judged prompt holds it
+        judged |= {token: lora, token.removeprefix("<").removesuffix(">"): lora}
     read = [read_embedding(*parse_embedding_option(option)) for option in options]
     embeddings = [named_as_written(embedding, texts) for embedding in read]
     refuse_shared_tokens(embeddings)  # said before the model loads, and before any other note

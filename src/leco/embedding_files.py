@@ -138,13 +138,16 @@ def read_embedding(path: str | Path, token: str | None = None) -> Embedding:
     return Embedding(path, chosen.lower(), vectors, other_names=tuple(others))
 
 
-def judged_embedding(path: str | Path) -> Embedding:
+def judged_embedding(path: str | Path, texts: Sequence[str] = ()) -> Embedding:
     """An embedding given to `leco eval --lora`, judged with its token added to the negative prompt
-    by leco: no prompt writes the token, so it is chosen to be safe, not to match a file name that may
-    be a word ("seven.safetensors"): diffusers' key, else the token, in <...> unless it already is."""
+    by leco: diffusers' key, else the token. No prompt writes it, so it must be safe: a name inside
+    any of `texts` (the judged prompts and the negative prompt; "seven.safetensors" beside "a digit
+    seven") is put in <...>; any other keeps its name, as A1111 and ComfyUI know the file, so an
+    image's infotext can be pasted there. Without `texts`, always <...>."""
     embedding = replace(read_embedding(path), option="--lora")
     name = embedding.other_names[0] if embedding.other_names else embedding.token
-    if not (name.startswith("<") and name.endswith(">")):
+    inside = not texts or any(name.lower() in text.lower() for text in texts)
+    if inside and not (name.startswith("<") and name.endswith(">")):
         name = f"<{name}>"
     return replace(embedding, token=name, other_names=())
 

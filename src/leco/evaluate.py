@@ -531,6 +531,10 @@ def evaluate(
     detector = detector or make_detector(spec, models)
     entries = judged_prompts(spec, detector)  # every concept checked before any image is made
     prompts = list(dict.fromkeys(entry.prompt for entry in entries))  # one render per prompt
+    texts = [*prompts, settings.negative_prompt]
+    negatives = {  # named as A1111 knows the file, where no judged text holds that name
+        label: judged_embedding(negative.path, texts) for label, negative in negatives.items()
+    }
     slugs = unique_slugs(prompts)
     seeds = list(range(spec.seed, spec.seed + spec.images_per_prompt))
     pipe = build_pipeline(models, spec.sampler).to(device)
