@@ -39,18 +39,21 @@ def test_an_erased_digit_leaves_out_its_word_but_keeps_words_every_digit_shares(
     assert not [p for p in kept if "seven" in p or "7" in p.split(", ")[0].split()]
 
 
+# a red (+1) / blue (-1) slider of fives: its target is its context, not a concept it edits
+RED_BLUE_SLIDER = PromptSettings(
+    target="a digit five",
+    positive="a digit five in red ink",
+    unconditional="a digit five in blue ink",
+    neutral="a digit five",
+    action="enhance",
+)
+
+
 def test_paraphrase_contexts_are_not_the_concept_and_slider_poles_are_kept():
     candidates = known_prompts(model_path("ink-digits"))
     paraphrases = [PromptSettings(target=["a digit seven in red ink", "a digit seven in blue ink"])]
     assert concept_words(paraphrases, candidates) == {"seven"}  # red and blue are context
-    slider = PromptSettings(
-        target="a digit five",
-        positive="a digit five in red ink",
-        unconditional="a digit five in blue ink",
-        neutral="a digit five",
-        action="enhance",
-    )
-    kept = anchor_prompts(AnchorConfig(prompts="auto"), [slider], model_path("ink-digits"))
+    kept = anchor_prompts(AnchorConfig(prompts="auto"), [RED_BLUE_SLIDER], model_path("ink-digits"))
     assert "a digit five" not in kept  # the slider's own target is not an anchor
     assert "a digit five in green ink" in kept and "red ink" in kept and "a digit three" in kept
 
@@ -99,18 +102,13 @@ def test_a_listed_anchor_holding_an_erased_concept_is_named_and_a_sliders_contex
     warning = capsys.readouterr().err
     assert (
         "anchors.prompts: 'a digit seven in red ink' holds 'a digit seven', which prompts entry 1 erases"
-        in (warning)
+        in warning
     )
     assert "'the number 70' holds" not in warning and "'a digit two'" not in warning  # whole words only
     assert warning.count("A  digit  SEVEN") == 1  # an edited prompt itself: named once, as one
-    slider = PromptSettings(
-        target="a digit five",
-        positive="a digit five in red ink",
-        unconditional="a digit five in blue ink",
-        neutral="a digit five",
-        action="enhance",
+    anchor_prompts(
+        AnchorConfig(prompts=["a digit five in green ink"]), [RED_BLUE_SLIDER], model_path("ink-digits")
     )
-    anchor_prompts(AnchorConfig(prompts=["a digit five in green ink"]), [slider], model_path("ink-digits"))
     assert "holds" not in capsys.readouterr().err  # a slider's target is its context, not its concept
 
 
