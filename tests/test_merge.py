@@ -697,7 +697,7 @@ def test_cli_merge_refuses_to_overwrite_and_reports_bad_input(tmp_path, tiny_fol
     assert main(["merge", "--model", folder, "--lora", str(other), "--out", str(tmp_path / "x")]) == 2
     error = capsys.readouterr().err.strip()
     assert "matches no layer of this sd1 UNet" in error and len(error.splitlines()) == 1
-    assert error.endswith("give --model the model it was trained on")  # its metadata names none
+    assert error.endswith(f"use it with the model it was trained on, not {folder}")  # metadata names none
     assert not (tmp_path / "x").exists()
     tensors, metadata = read_lora_file(other)
     save_lora_file(other, tensors, {**metadata, "ss_sd_model_name": "my-xl-model"})

@@ -293,7 +293,7 @@ def check_lora_fits(
     """Refuse a LoRA made for another model family, by its UNet layers (kohya-format files: leco's,
     A1111's, ComfyUI's; other layouts are left to diffusers), else by its metadata. Metadata that
     its layers contradict, and a prediction type other than the model's, are said. `model`: the
-    --model given, which the advice does not name back."""
+    --model given, which the advice names as not the one (rather than "give --model")."""
     lora_arch = kohya.arch_from_metadata(header.metadata)
     mislabelled = lora_arch is not None and lora_arch != family.arch
     modules = _kohya_modules(header)

@@ -123,6 +123,8 @@ def does_not_fit(why: str, metadata: dict[str, str], model: str | None = None) -
         )
     if name:  # kohya and leco write the model's file or folder name, not a path --model could take
         return f"{why}; use it with the model it was trained on (its metadata names {name!r})"
+    if model is not None:  # the user gave one: say it is not the one, not "give --model"
+        return f"{why}; use it with the model it was trained on, not {model}"
     return f"{why}; give --model the model it was trained on"
 
 
@@ -484,8 +486,8 @@ def canonical_unet_modules(
         raise LoraDoesNotFit(  # naming_its_model adds which model to give, or that the file changed
             f"{source}: {unknown[0]} matches no layer of this {family.name} UNet, though "
             f"{len(grouped) - len(unknown)} of its other modules do; it was made for a model of another "
-            "layout, or the file is damaged or names layers in a way leco cannot read (generate applies "
-            "the modules that fit, and names the others)"
+            "layout, or the file is damaged or names layers in a way leco cannot read (leco generate "
+            "applies the modules this model has, where their shapes fit, and names the others)"
         )
     if unknown:
         raise LoraDoesNotFit(
