@@ -978,3 +978,19 @@ def test_no_requests_is_one_line_not_an_empty_grid(tmp_path, tiny_folders):
     with pytest.raises(LecoError, match="requests: an empty list; give at least one ImageRequest"):
         run_generation(models, None, [], SamplingSettings(steps=2), tmp_path / "out", torch.device("cpu"))
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_follows_the_clip_skip_an_embedding_was_trained_with(tmp_path, tiny_folders, capsys):
+    from safetensors.torch import save_file
+
+    embedding = tmp_path / "no_dog.safetensors"  # trained at clip skip 2, as its file says
+    save_file(
+        {"emb_params": torch.randn(2, 32)}, str(embedding), {"leco.token": "<no-dog>", "ss_clip_skip": "2"}
+    )
+    argv = ["generate", "--model", str(tiny_folders["sd1"]), "--prompt", "a dog", "--steps", "2"]
+    assert (
+        main([*argv, "--embedding", str(embedding), "--negative", "<no-dog>", "--out", str(tmp_path / "o")])
+        == 0
+    )
+    assert "clip skip 2, as no_dog.safetensors was trained with" in capsys.readouterr().err
+    assert "Clip skip: 2" in Image.open(tmp_path / "o" / "a-dog_0_0.png").text["parameters"]

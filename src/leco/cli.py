@@ -849,7 +849,10 @@ def run_generate(args: argparse.Namespace) -> int:
     models, device = load_for_images(args)
     # a merged single file's own recommendation, else its card's (or its config folder's card's)
     steps, guidance = sampling_for(models).fill(args.steps, args.guidance)
-    clip_skip = clip_skip_for(models, args.clip_skip, [args.lora] if args.lora else [])
+    from leco.embedding_files import parse_embedding_option
+
+    embedding_files = [parse_embedding_option(option)[0] for option in args.embedding]  # trained at one too
+    clip_skip = clip_skip_for(models, args.clip_skip, [*([args.lora] if args.lora else []), *embedding_files])
     settings = SamplingSettings(
         steps, guidance, args.height, args.width, args.negative, args.sampler, args.batch_size, clip_skip
     )
