@@ -513,9 +513,8 @@ def evaluate(
             f"{spec._source}: strengths: the spec lists no strength but 0, so no LoRA would apply; "
             "e.g. [0, 1]"
         )
-    embedding_files = [
-        parse_embedding_option(option)[0] for option in embeddings
-    ]  # trained at a clip skip too
+    # an embedding was trained at a clip skip too
+    embedding_files = [parse_embedding_option(option)[0] for option in embeddings]
     settings = sampling_settings(spec, models, [*loras, *embedding_files])
     fix = f"guidance: 3 in {spec._source}"
     warn_if_guidance_below_one(settings.guidance, f"{spec._source}: guidance")

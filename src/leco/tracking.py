@@ -92,7 +92,7 @@ class Tracker:
                 )
             except Exception as error:  # not logged in, no network, a project W&B refuses: its own types
                 raise LecoError(
-                    f"logging.use_wandb: W&B did not start ({first_line(str(error))}); log in with `wandb "
+                    f"logging.use_wandb: W&B did not start ({first_line(error)}); log in with `wandb "
                     "login` (or set WANDB_API_KEY), or set WANDB_MODE=offline to log here and sync later"
                 ) from None
             self.sinks.append(run)
