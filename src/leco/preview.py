@@ -36,13 +36,13 @@ def render_preview(
     path: Path,
     device: torch.device,
     autocast: AbstractContextManager,
-    clip_skip: int | None = None,
-    sampling: tuple[int, float] = (30, 7.0),
+    clip_skip: int | None,
+    sampling: tuple[int, float],
 ) -> Path | None:
     """Render the grid with the models' own pipeline and write it to `path` (PNG); None, with a
     warning, where it cannot be written: a grid is for looking at, and a folder gone read-only must
-    not end the run (a full disk does: the next save would fail too). `sampling`: (steps, guidance)
-    where the preview section sets none (PreviewConfig.sampling)."""
+    not end the run (a full disk does: the next save would fail too). `sampling`: the (steps, guidance)
+    to draw at, the preview section's or the model's own (PreviewConfig.sampling)."""
     parts = [*models.text_encoders, models.vae]
     placed = [next(part.parameters()).device for part in parts]
     for part in parts:

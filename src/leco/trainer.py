@@ -97,6 +97,9 @@ class Trainer:
         entries, self.anchors = entries_and_anchors(config, anchors)
         self.prompts = prepare_prompts(entries, models, train)
         self.preview_size = preview_size(config.preview, self.prompts[0].size)
+        recommended = sampling_for(models)  # the model's card, read once, as leco generate reads it
+        recommended_pair = (recommended.steps, recommended.guidance)
+        self.preview_sampling = config.preview.sampling(recommended_pair, config.distills_only)
         texts = [*prompt_texts(self.prompts), *self.anchors]
         embeddings = encode_texts(models, texts, config.pretrained_model.clip_skip, self.device)
         self.unet = prepare_for_training(models.unet, self.device, config)
@@ -241,10 +244,16 @@ class Trainer:
         if self.ranks.is_main and preview.prompts:
             path = self.folder.grid_target(grid)  # beside an earlier run --overwrite replaces: a temp name
             skip = self.config.pretrained_model.clip_skip
-            recommended = sampling_for(self.models)  # the model's card, as leco generate reads it
-            sampling = preview.sampling((recommended.steps, recommended.guidance), self.config.distills_only)
             render_preview(
-                self.models, self.trainable, preview, size, path, self.device, self.autocast(), skip, sampling
+                self.models,
+                self.trainable,
+                preview,
+                size,
+                path,
+                self.device,
+                self.autocast(),
+                skip,
+                self.preview_sampling,
             )
 
     # -- the loop ---------------------------------------------------------------------------------
