@@ -144,7 +144,11 @@ def judged_embedding(path: str | Path, texts: Sequence[str] = ()) -> Embedding:
     any of `texts` (the judged prompts and the negative prompt; "seven.safetensors" beside "a digit
     seven") is put in <...>; any other keeps its name, as A1111 and ComfyUI know the file, so an
     image's infotext can be pasted there. Without `texts`, always <...>."""
-    embedding = replace(read_embedding(path), option="--lora")
+    return judged_name(replace(read_embedding(path), option="--lora"), texts)
+
+
+def judged_name(embedding: Embedding, texts: Sequence[str] = ()) -> Embedding:
+    """`judged_embedding` of an embedding already read (its names as the file gives them)."""
     name = embedding.other_names[0] if embedding.other_names else embedding.token
     inside = not texts or any(name.lower() in text.lower() for text in texts)
     if inside and not (name.startswith("<") and name.endswith(">")):

@@ -48,8 +48,9 @@ from leco.config import (
 from leco.embedding_files import (
     embeddings_loaded,
     is_embedding_file,
-    judged_embedding,
+    judged_name,
     parse_embedding_option,
+    read_embedding,
 )
 from leco.errors import LecoError, Terminated, first_line, warn
 from leco.files import atomic_output, refuse_earlier_outputs
@@ -499,7 +500,8 @@ def evaluate(
     resolved = [Path(path).resolve() for path in loras]
     for repeated in {path for path in resolved if resolved.count(path) > 1}:
         warn(f"--lora: {repeated.name} is given {resolved.count(repeated)} times; each copy is judged again")
-    negatives = _negative_embeddings(loras, labels, spec.strengths)
+    read_negatives = _negative_embeddings(loras, labels, spec.strengths)  # each file read once
+    negatives = {label: judged_name(embedding) for label, embedding in read_negatives.items()}
     for label, negative in negatives.items():  # at strength 0 too, which would then judge nothing
         if negative.token in spec.negative_prompt.lower():
             raise LecoError(
@@ -534,9 +536,8 @@ def evaluate(
     entries = judged_prompts(spec, detector)  # every concept checked before any image is made
     prompts = list(dict.fromkeys(entry.prompt for entry in entries))  # one render per prompt
     texts = [*prompts, settings.negative_prompt]
-    negatives = {  # named as A1111 knows the file, where no judged text holds that name
-        label: judged_embedding(negative.path, texts) for label, negative in negatives.items()
-    }
+    # named as A1111 knows the file, where no judged text holds that name
+    negatives = {label: judged_name(embedding, texts) for label, embedding in read_negatives.items()}
     slugs = unique_slugs(prompts)
     seeds = list(range(spec.seed, spec.seed + spec.images_per_prompt))
     pipe = build_pipeline(models, spec.sampler).to(device)
@@ -617,8 +618,9 @@ def sampling_settings(spec: EvalSpec, models: LoadedModels, loras: Sequence[Path
 
 
 def _negative_embeddings(loras: list[Path], labels: list[str], strengths: list[float]) -> dict[str, Any]:
-    """The embeddings among the files judged like LoRAs, by label; each is on (1) or off (0) only."""
-    negatives = {label: judged_embedding(path)
+    """The embeddings among the files judged like LoRAs, by label, as read (named by `judged_name`);
+    each is on (1) or off (0) only."""
+    negatives = {label: replace(read_embedding(path), option="--lora")
                  for label, path in zip(labels, loras, strict=True) if is_embedding_file(path)}  # fmt: skip
     other = [s for s in strengths if s not in (0.0, 1.0)]
     if negatives and other:
