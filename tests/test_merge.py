@@ -1148,7 +1148,33 @@ def test_a_distilled_merge_merged_again_stays_at_guidance_one_and_a_negative_str
     loaded = load_models(
         PretrainedModelConfig(name_or_path=str(undone_again), config=str(model_path("ink-digits")))
     )
-    assert single_file_sampling(loaded) is None and sampling_for(loaded) == recommended_sampling("ink-digits")
+    # what the distilled merge recorded the model recommended before: declared again
+    assert single_file_sampling(loaded) == sampling_for(loaded) == recommended_sampling("ink-digits")
+
+
+def test_distillation_baked_out_of_a_distilled_folder_restores_what_its_card_said_before(tmp_path, capsys):
+    lora = distilled_lora(tmp_path, ["distill"])
+    fast = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "fast", precision="fp32")
+    plain = random_lora("ink-digits", tmp_path / "other.safetensors", seed=5, config=NetworkConfig(rank=2))
+    again = merge(str(fast), [LoraStrength(plain, 0.5)], tmp_path / "again", precision="fp32")
+    assert recommended_sampling(str(again)).guidance == 1.0  # still distilled, the record carried along
+    capsys.readouterr()
+    for out in (tmp_path / "undone", tmp_path / "undone.safetensors"):
+        undone = merge(str(again), [LoraStrength(lora, -1.0)], out, precision="fp32")
+        err = capsys.readouterr().err
+        assert "the merged model is sampled at guidance 3, the model's recommended" in err
+        loaded = load_models(
+            PretrainedModelConfig(name_or_path=str(undone), config=str(model_path("ink-digits")))
+        )
+        assert sampling_for(loaded) == recommended_sampling("ink-digits")
+    card, source = (tmp_path / "undone" / "README.md").read_text(), model_path("ink-digits") / "README.md"
+    assert "CFG-distilled" not in card and "leco_sampling_before" not in card
+    assert card.partition("\n---\n")[2] == source.read_text().partition("\n---\n")[2]  # its text as it was
+    # distilled twice over: one note on the card, and an undo still goes back to the start
+    twice = merge(str(fast), [LoraStrength(lora, 1.0)], tmp_path / "twice", precision="fp32")
+    assert (twice / "README.md").read_text().count("CFG-distilled") == 1
+    out = merge(str(twice), [LoraStrength(lora, -1.0)], tmp_path / "once_undone", precision="fp32")
+    assert recommended_sampling(str(out)) == recommended_sampling("ink-digits")
 
 
 def test_a_single_file_of_a_bundled_model_merged_into_a_folder_keeps_its_card_prompts_and_judge(tmp_path):

@@ -36,6 +36,10 @@ Arch = Literal["sd1", "sd2", "sdxl"]
 MODEL_CARD = "README.md"  # a model folder's card: its recommended steps and guidance
 # The same for a single-file checkpoint, which has no card (leco merge writes it for a distilled model).
 SAMPLING_METADATA = "leco.sampling"
+# What a model recommended before a CFG-distilled LoRA was merged into it: in a single file's
+# metadata, and in a folder's card front matter.
+SAMPLING_BEFORE_DISTILLATION = "leco.sampling_before_distillation"
+CARD_SAMPLING_BEFORE_DISTILLATION = "leco_sampling_before_distillation"
 BUNDLED_MODEL = "ink-digits"  # the default bundled model (SD 1.x)
 BUNDLED_MODELS = ("ink-digits", "ink-digits-2")  # = leco.ink_digits.MODEL_NAMES (a test checks)
 
@@ -274,14 +278,43 @@ def sampling_for(models: LoadedModels) -> SamplingDefaults:
 
 def single_file_sampling(models: LoadedModels) -> SamplingDefaults | None:
     """What a single-file checkpoint itself declares (its leco.sampling metadata), if anything."""
+    return _declared(_single_file_word(models, SAMPLING_METADATA))
+
+
+def sampling_before_distillation(models: LoadedModels) -> SamplingDefaults | None:
+    """What the model recommended before `leco merge` baked a CFG-distilled LoRA into it (it says
+    guidance 1 since), which baking that LoRA out again restores; None for a model without one (or
+    merged by a release that did not record it)."""
+    if Path(models.source).is_file():
+        return _declared(_single_file_word(models, SAMPLING_BEFORE_DISTILLATION))
+    return _declared(
+        _card_front_matter(resolve_bundled(models.folder)).get(CARD_SAMPLING_BEFORE_DISTILLATION)
+    )
+
+
+def _single_file_word(models: LoadedModels, key: str) -> Any:
+    """A JSON value in a single-file checkpoint's metadata; None where it is not one or has none."""
     source = Path(models.source)
     if not (source.is_file() and source.suffix == ".safetensors"):
         return None
     try:
-        parameters = json.loads(safetensors_metadata(source).get(SAMPLING_METADATA, "{}"))
+        return json.loads(safetensors_metadata(source).get(key, "null"))
     except (OSError, ValueError):
         return None
-    return _declared(parameters)
+
+
+def _card_front_matter(folder: Path) -> dict[str, Any]:
+    """A model folder's card front matter; empty where it has no card or the card no YAML."""
+    card = folder / MODEL_CARD
+    if not card.is_file():
+        return {}
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        front_matter = metadata_load(card) or {}
+    except Exception:  # a card whose front matter is not YAML declares nothing
+        return {}
+    return front_matter if isinstance(front_matter, dict) else {}
 
 
 def recommended_sampling(name_or_path: str) -> SamplingDefaults:
@@ -292,17 +325,10 @@ def recommended_sampling(name_or_path: str) -> SamplingDefaults:
     models' own settings come from their quality measurement.
     """
     folder = resolve_bundled(name_or_path)
-    card = folder / MODEL_CARD
-    if card.is_file():
-        from huggingface_hub.repocard import metadata_load
-
-        try:
-            parameters = ((metadata_load(card) or {}).get("inference") or {}).get("parameters") or {}
-        except Exception:  # a card whose front matter is not YAML declares nothing
-            parameters = {}
-        declared = _declared(parameters)
-        if declared is not None:
-            return declared
+    inference = _card_front_matter(folder).get("inference")
+    declared = _declared(inference.get("parameters") if isinstance(inference, dict) else None)
+    if declared is not None:
+        return declared
     from leco import ink_digits
 
     if folder.resolve().is_relative_to(Path(ink_digits.__file__).parent.resolve()):

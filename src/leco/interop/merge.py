@@ -33,9 +33,11 @@ from leco.ink_digits.quality import trained_inks
 from leco.interop.original_layout import original_state_dict
 from leco.models import (
     BUNDLED_MODELS,
+    CARD_SAMPLING_BEFORE_DISTILLATION,
     CLI_OPTION_NAMES,
     CONFIG_ROOT,
     MODEL_CARD,
+    SAMPLING_BEFORE_DISTILLATION,
     SAMPLING_METADATA,
     V_PREDICTION_MARKER,
     ZERO_SNR_MARKER,
@@ -44,6 +46,7 @@ from leco.models import (
     load_models,
     recommended_sampling,
     resolve_bundled,
+    sampling_before_distillation,
     single_file_sampling,
 )
 from leco.network import kohya
@@ -53,6 +56,7 @@ from leco.preservation import KNOWN_PROMPTS_FILE
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FOLDER_METADATA = "modelspec.json"  # diffusers folders have no header: the same keys go in this file
 MERGE_FILES = "leco.merge_files"  # in FOLDER_METADATA: the top-level names a merge wrote
+DISTILLATION_NOTE = "**Merged with a CFG-distilled LoRA"  # the card's first line, while it is
 
 
 @dataclass(frozen=True)
@@ -153,22 +157,29 @@ def merge(
             raise
     _check_finite(models, PRECISIONS[precision], loras)
     metadata = merge_metadata(models, spec.name_or_path, loras, out)
-    sampling = _sampling_after_merge(models, loras)
+    sampling, before = _sampling_after_merge(models, loras)
     if _is_single_file(out):
         _warn_if_layout_is_its_own(models, spec.name_or_path)
         if sampling is not None:
             metadata[SAMPLING_METADATA] = json.dumps(sampling.as_card_parameters())
+        if before is not None:
+            metadata[SAMPLING_BEFORE_DISTILLATION] = json.dumps(before.as_card_parameters())
         return _save_single_file(models, out, metadata, PRECISIONS[precision])
-    return _save_folder(models, out, metadata, PRECISIONS[precision], sampling)
+    return _save_folder(models, out, metadata, PRECISIONS[precision], sampling, before)
 
 
-def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -> SamplingDefaults | None:
+def _sampling_after_merge(
+    models: LoadedModels, loras: Sequence[LoraStrength]
+) -> tuple[SamplingDefaults | None, SamplingDefaults | None]:
     """The merged model's recommended sampling where it is not its card's: guidance 1 where a
-    CFG-distilled LoRA is baked in at a positive strength (the model then guides itself), or what a
-    single file merged into declared (a distilled merge merged again); None: the card holds."""
+    CFG-distilled LoRA is baked in at a positive strength (the model then guides itself), what it
+    recommended before where one is baked out of a distilled merge, or what a single file merged
+    into declared (a distilled merge merged again); None: the card holds. Second: what the model
+    recommended before distillation, kept while the merged model is distilled (None otherwise)."""
     from leco.lora_files import distillation_of
 
     inherited = single_file_sampling(models)
+    before = sampling_before_distillation(models)  # a distilled merge's record of it
     found = [(lora, distillation_of(lora.path)) for lora in loras if lora.strength != 0]
     distilled = [(lora, d) for lora, d in found if d is not None]
     for lora in {lora.path.resolve(): lora for lora, d in distilled if d.mixed}.values():  # each file once
@@ -186,8 +197,9 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
             first_of.setdefault(file, (lora, distillation))
     whole = [(*first_of[file], strength) for file, strength in net.items() if strength > 0]
     undone = [(first_of[file][0], strength) for file, strength in net.items() if strength < 0]
-    # A distilled merge (guidance 1) with distillation taken out again guides as its card says.
-    after_undoing = None if inherited is not None and inherited.guidance == 1 else inherited
+    # A distilled merge with distillation taken out again guides as it did before (as recorded;
+    # a single file merged by a release that kept no record: as its card says).
+    after_undoing = before or (None if inherited is not None and inherited.guidance == 1 else inherited)
     outcome = ""  # with another file distilling it, the merged model follows that one (below)
     if undone and not whole:  # the card read once, however many files are baked out
         guidance = (after_undoing or recommended_sampling(models.folder)).guidance
@@ -198,7 +210,7 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
             f"distillation rather than adding it{outcome}"
         )
     if not whole:
-        return after_undoing if undone else inherited
+        return (after_undoing, None) if undone else (inherited, before)
     for lora, distillation, strength in whole:
         share = ""
         if strength < 1:
@@ -211,7 +223,8 @@ def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -
             f"default to it){share}"
         )
     # the steps the model as loaded recommends (sampling_for, without reading the file a second time)
-    return SamplingDefaults((inherited or recommended_sampling(models.folder)).steps, 1.0)
+    as_loaded = inherited or recommended_sampling(models.folder)
+    return SamplingDefaults(as_loaded.steps, 1.0), before or as_loaded
 
 
 def _warn_of_clip_skips(loras: Sequence[LoraStrength]) -> None:
@@ -345,6 +358,7 @@ def _save_folder(
     metadata: dict[str, str],
     dtype: torch.dtype,
     sampling: SamplingDefaults | None = None,
+    before_distillation: SamplingDefaults | None = None,
 ) -> Path:
     from leco.generate import build_pipeline
 
@@ -355,7 +369,7 @@ def _save_folder(
         pipe.save_pretrained(staging)
         _copy_model_files(Path(models.folder), staging)  # a single file's: its config folder's
         if sampling is not None:
-            _recommend_in_card(staging / MODEL_CARD, sampling)
+            _recommend_in_card(staging / MODEL_CARD, sampling, before_distillation)
         written = sorted({entry.name for entry in staging.iterdir()} | {FOLDER_METADATA})
         # What this merge wrote, so that an --overwrite later replaces that and nothing else.
         metadata = {**metadata, MERGE_FILES: json.dumps(written)}
@@ -433,9 +447,13 @@ def _copy_model_files(source: Path, staging: Path) -> None:
     (staging / BUILD_REPORT).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _recommend_in_card(card_path: Path, sampling: SamplingDefaults) -> None:
-    """The card's recommended steps and guidance (the Hub widget's front matter, which leco reads),
-    with a line above the source's text, whose own recommendation no longer holds."""
+def _recommend_in_card(
+    card_path: Path, sampling: SamplingDefaults, before_distillation: SamplingDefaults | None
+) -> None:
+    """The card's recommended steps and guidance (the Hub widget's front matter, which leco reads).
+    Distilled (`before_distillation`: what the card said before, kept for an undo): with a line above
+    the source's text, whose own recommendation no longer holds; distillation baked out again: the
+    source's card as it was."""
     from huggingface_hub import ModelCard
     from huggingface_hub.utils import logging as hub_logging
 
@@ -446,14 +464,24 @@ def _recommend_in_card(card_path: Path, sampling: SamplingDefaults) -> None:
     finally:
         hub_logging.set_verbosity(saved)
     card.data.inference = {"parameters": sampling.as_card_parameters()}
-    text = card.text.lstrip("\n")
-    note = (
-        f"**Merged with a CFG-distilled LoRA: sample at guidance {sampling.guidance:g}, "
-        f"{sampling.steps} steps**"
-        + (" (what follows describes the model it was merged into)" if text.strip() else "")
+    text = _without_distillation_note(card.text.lstrip("\n"))
+    if before_distillation is None:
+        card.data.pop(CARD_SAMPLING_BEFORE_DISTILLATION, None)
+        card.text = f"\n{text}"  # as the hub writes a card: a blank line below the front matter
+        card.save(card_path)
+        return
+    card.data[CARD_SAMPLING_BEFORE_DISTILLATION] = before_distillation.as_card_parameters()
+    note = f"{DISTILLATION_NOTE}: sample at guidance {sampling.guidance:g}, {sampling.steps} steps**" + (
+        " (what follows describes the model it was merged into)" if text.strip() else ""
     )
     card.text = f"{note}.\n\n{text}" if text.strip() else f"{note}.\n"
     card.save(card_path)
+
+
+def _without_distillation_note(text: str) -> str:
+    """A card's text without the line an earlier distilled merge put above it."""
+    first, _, rest = text.partition("\n")
+    return rest.lstrip("\n") if first.startswith(DISTILLATION_NOTE) else text
 
 
 def _warn_if_layout_is_its_own(models: LoadedModels, name: str) -> None:
