@@ -7,6 +7,7 @@ from diffusers import DiffusionPipeline
 from leco import train
 from leco.config import ConfigError, LecoConfig
 from leco.errors import LecoError
+from leco.models import load_models
 from leco.network import read_lora_file
 from leco.trainer import Trainer
 
@@ -211,3 +212,16 @@ def test_an_init_text_that_does_not_start_the_vectors_as_written_is_named(
     Trainer(config, progress=False)
     lines = [line for line in capsys.readouterr().err.splitlines() if "network.init_text" in line]
     assert len(lines) == len(warned) and all(w in line for w, line in zip(warned, lines, strict=True)), lines
+
+
+@pytest.mark.parametrize(("guidance", "warned"), [(1.2, True), (1.5, False), (3.0, False)])
+def test_an_embedding_trained_for_guidance_near_one_is_told_what_that_costs(
+    tmp_path, tiny_folders, capsys, guidance, warned
+):
+    from leco.embedding import TokenEmbedding
+
+    models = load_models(str(tiny_folders["sd1"]))
+    TokenEmbedding(models, "<no-fox>", cfg_scale=guidance)
+    err = capsys.readouterr().err
+    assert ("train.rollout_guidance_scale: 1.2 is close to 1" in err) == warned
+    assert ("push 6x as far as the edit itself" in err) == warned

@@ -55,6 +55,7 @@ class TokenEmbedding:
         self.models = models
         self.token = token
         self.cfg_scale = cfg_scale
+        _warn_if_guidance_barely_acts(cfg_scale)
         self.clip_skip = clip_skip
         self.tokens = [token] + [f"{token}_{i}" for i in range(1, vectors)]  # the diffusers/A1111 convention
         self.vectors: list[nn.Parameter] = []
@@ -257,6 +258,20 @@ def _warn_about_init_pieces(tokenizer, init_text: str, vectors: int) -> None:
         warn(
             f"network.init_text: {init_text!r} is {len(ids)} tokens but network.vectors is "
             f"{vectors}: only the first {vectors} start the vectors; {advice}"
+        )
+
+
+def _warn_if_guidance_barely_acts(cfg_scale: float) -> None:
+    """Near guidance 1 a negative prompt barely acts: to carry an edit it must differ from the empty
+    prompt's prediction by s/(s-1) times the edit (leco.objectives.as_negative_prompt), a target so
+    far out that the loss grows instead of falling (negative_seven.yaml's first 120 steps: median
+    loss 0.004 throughout at guidance 3; at 1.1 from 0.011 to 0.12, single steps up to 8)."""
+    if 1 < cfg_scale < 1.5:
+        warn(
+            f"train.rollout_guidance_scale: {cfg_scale:g} is close to 1, where a negative prompt barely "
+            f"acts: the embedding must push {cfg_scale / (cfg_scale - 1):.0f}x as far as the edit itself "
+            "(1.5x at guidance 3) and its loss grows instead of falling; train for the guidance it will "
+            "be used at, 1.5 or more"
         )
 
 
