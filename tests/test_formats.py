@@ -1314,6 +1314,13 @@ def test_ai_toolkit_problems_found_after_conversion_name_the_jobs_own_key(ai_too
     assert (
         f"{path}: config.process[0].model.is_v2 (leco: pretrained_model.v2): is true but ink-digits" in error
     )
+    path.write_text(edit(text, "is_xl: false", "is_xl: true"))  # nor an SDXL one: ai-toolkit would fail
+    assert main(["train", str(path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        "config.process[0].model.is_xl (leco: pretrained_model.sdxl): is true but ink-digits is an sd1"
+        in error
+    )
     # leco's own count of expanded entries is no key of the job: such a message stays as it is
     assert in_file_keys(path, "prompts entry 5: resolution 10") == "prompts entry 5: resolution 10"
     assert in_file_keys(path, "prompts: x").startswith("config.process[0].slider.targets (leco: prompts): x")
@@ -1531,7 +1538,8 @@ def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidanc
         ("        anchor_class: a house\n", "", lambda c: c.anchors.prompts == []),  # no key: no anchor
         ("anchor_class: a house", "anchor_class: null", lambda c: c.anchors.prompts == []),  # its default
         ("guidance_strength: 3.0", "guidance_strength: 5", lambda c: c.prompts[0].guidance_scale == 5.0),
-        ("arch: sd15", "arch: sdxl", lambda c: True),
+        ("arch: sd15", "arch: sdxl", lambda c: c.pretrained_model.sdxl is True),
+        ("arch: sd15", "arch: sd2", lambda c: c.pretrained_model.v2 and c.pretrained_model.sdxl is False),
         ("      datasets:\n", "      unused_datasets:\n", None),  # none: the model's own size
         # Its trainer's step clips the gradient norm (1.0 unless set) and its loss weighs no SNR
         ("        steps: 3\n", "        steps: 3\n", lambda c: c.train.max_grad_norm == 1.0),

@@ -134,6 +134,7 @@ class PretrainedModelConfig(_Section):
     # None = detect from the weights; an explicit value that contradicts them is an error.
     v2: bool | None = None
     v_pred: bool | None = None
+    sdxl: bool | None = None
     clip_skip: int | None = Field(None, ge=1)
     # `.ckpt` files are pickles that can run code when loaded: the user must opt in.
     allow_pickle: bool = False

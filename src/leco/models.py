@@ -932,6 +932,11 @@ def _reconcile(
             f"{names.section}.v2: is {str(spec.v2).lower()} but {spec.name_or_path} is an {arch} model; "
             f"set v2: {str(arch == 'sd2').lower()} or remove the key (it is detected)"
         )
+    if spec.sdxl is not None and spec.sdxl != (arch == "sdxl"):
+        raise LecoError(
+            f"{names.section}.sdxl: is {str(spec.sdxl).lower()} but {spec.name_or_path} is an {arch} model; "
+            f"set sdxl: {str(arch == 'sdxl').lower()} or remove the key (it is detected)"
+        )
     if spec.v_pred is not None and detected_v is not None and spec.v_pred != detected_v:
         said = "v-prediction" if detected_v else "epsilon-prediction"
         if evidence == PROBED:  # a heuristic: the user's word wins, said

@@ -593,8 +593,14 @@ class _Converter:
             self.put("pretrained_model.v2", True, model.key("arch"))
         if model.get("is_xl", False) and model.get("is_v2", False):
             raise ConfigError(f"{self.path}: {model.key('is_xl')}: is_xl and is_v2 are both true; keep one")
-        # is_xl: leco detects SDXL from the weights. dtype: ai-toolkit replaces it by train.dtype.
-        model.accept("is_xl", "dtype", "low_vram")
+        # ai-toolkit builds the pipeline these name, which weights of another family do not fit: leco
+        # detects the family from the weights and refuses one that contradicts them.
+        if model.has("is_xl"):
+            self.put("pretrained_model.sdxl", model.get("is_xl"), model.key("is_xl"))
+        if arch is not None:
+            self.put("pretrained_model.sdxl", str(arch).startswith("sdxl"), model.key("arch"))
+        # dtype: ai-toolkit replaces it by train.dtype.
+        model.accept("dtype", "low_vram")
         for key in _OTHER_ARCHS:
             model.only(key, lambda v: v is False, "is not supported: leco trains SD1, SD2 and SDXL UNets")
         for key in ("quantize", "quantize_te"):
