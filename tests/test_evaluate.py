@@ -1,4 +1,5 @@
 import functools
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -876,9 +877,10 @@ def test_an_embedding_given_as_a_lora_is_judged_as_a_negative_embedding(tmp_path
         models, bare, EvalSpec.model_validate(spec), "cpu", BrightnessDetector(), tmp_path / "b"
     )
     assert kept_name["negative_embeddings"] == {"nosev": "nosev"}
-    assert (
-        "Negative prompt: blurry, nosev\n" in Image.open(tmp_path / "b" / "a-dog_1_0.png").text["parameters"]
-    )
+    infotext = Image.open(tmp_path / "b" / "a-dog_1_0.png").text["parameters"]
+    assert "Negative prompt: blurry, nosev\n" in infotext
+    assert f'TI hashes: "nosev: {hashlib.sha256(bare.read_bytes()).hexdigest()[:12]}"' in infotext
+    assert "TI hashes" not in Image.open(tmp_path / "b" / "a-dog_0_0.png").text["parameters"]  # not used
     with pytest.raises(LecoError, match=r"strengths: the spec lists no strength but 0"):
         evaluate(models, embedding, EvalSpec.model_validate({**spec, "strengths": []}), "cpu")
     with pytest.raises(

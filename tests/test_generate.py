@@ -1,4 +1,5 @@
 import dataclasses
+import hashlib
 import os
 import re
 import subprocess
@@ -25,6 +26,7 @@ from leco.generate import (
 from leco.images import ImageRequest
 from leco.models import load_models
 from leco.network import LoRANetwork
+from leco.network.kohya import data_hash_of_file
 from leco.preview import make_grid
 from leco.samplers import KARRAS, SAMPLERS, a1111_sampler, make_scheduler, sampler_name
 
@@ -484,6 +486,27 @@ def test_each_image_carries_its_settings_as_a1111_writes_them(tmp_path, tiny_fol
     for text in texts:
         assert text[1] == "Negative prompt: blurry" and text[2].startswith(settings_line)
     assert "parameters" not in Image.open(grid).text  # the grid is a comparison, not one image
+    # the LoRA as A1111 and Civitai know it: the first 12 hex of its tensor bytes' hash, quoted
+    tensor_hash = data_hash_of_file(lora_files["sd1"])[:12]
+    assert "Lora hashes" not in texts[0][2] and f', Lora hashes: "sd1: {tensor_hash}", ' in texts[1][2]
+
+
+def test_the_embeddings_a_prompt_uses_are_listed_with_a1111s_hash(tmp_path, tiny_folders, embedding_files):
+    path, token, _ = embedding_files["sd1"]
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    requests = requests_for(["a red fox", f"a red fox, {token}"], [0.0], [1])
+    settings = SamplingSettings(steps=2, guidance=3.0)
+    files, _ = run_generation(
+        models, None, requests, settings, tmp_path / "a", "cpu", False, [f"{path}:{token}"]
+    )
+    texts = [Image.open(file).text["parameters"] for file in files]
+    whole_file_hash = hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+    assert "TI hashes" not in texts[0] and f'TI hashes: "{token}: {whole_file_hash}"' in texts[1]
+    negative = SamplingSettings(steps=2, guidance=3.0, negative_prompt=f"blurry, {token.upper()}")
+    files, _ = run_generation(
+        models, None, requests[:1], negative, tmp_path / "b", "cpu", False, [f"{path}:{token}"]
+    )
+    assert f'TI hashes: "{token}: {whole_file_hash}"' in Image.open(files[0]).text["parameters"]
 
 
 def test_a_capitalised_token_finds_every_vector_as_a1111_does(tmp_path, tiny_folders, embedding_files):

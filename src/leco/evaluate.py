@@ -46,6 +46,7 @@ from leco.config import (
     read_yaml,
 )
 from leco.embedding_files import (
+    Embedding,
     embeddings_loaded,
     is_embedding_file,
     judged_name,
@@ -544,7 +545,7 @@ def evaluate(
     folders = _image_folders(image_dir, labels)
     _refuse_earlier_images(folders, prompts, [0.0, *strengths], seeds, slugs, overwrite)
     judge = _Judge(detector, entries, seeds, functools.partial(concept_parts, spec.detector))
-    with embeddings_loaded(pipe, embeddings):
+    with embeddings_loaded(pipe, embeddings) as loaded:
         # Cut words are never read: an erase prompt cut before its concept measures nothing.
         def expand(text: str) -> str:
             return pipe.maybe_convert_prompt(text, pipe.tokenizer)
@@ -558,7 +559,8 @@ def evaluate(
         saved, total = 0, len(prompts) * len(seeds) * (len(folders) + len(loras) * len(strengths))
         try:
             base = _render(pipe, prompts, 0.0, seeds, settings, lambda _: None, progress)
-            saved += _save_images(base, folders.values(), slugs, _infotext(pipe, settings, model_name, None))
+            infotext = _infotext(pipe, settings, model_name, None, loaded)
+            saved += _save_images(base, folders.values(), slugs, infotext)
             rows = judge.rows(base, base, None, 0.0)
             for label, path in zip(labels, loras, strict=True):
                 negative = negatives.get(label)
@@ -566,7 +568,8 @@ def evaluate(
                     for strength in strengths:
                         images = _render(pipe, prompts, strength, seeds, applied, set_strength, progress)
                         lora_tag = None if negative is not None else path  # an embedding is in the negative
-                        infotext = _infotext(pipe, applied, model_name, lora_tag)
+                        used = [*loaded, negative] if negative is not None else loaded
+                        infotext = _infotext(pipe, applied, model_name, lora_tag, used)
                         saved += _save_images(images, [folders[label]] if folders else [], slugs, infotext)
                         rows += judge.rows(images, base, label, strength)
         except (KeyboardInterrupt, Terminated, LecoError):
@@ -704,10 +707,14 @@ def _refuse_earlier_images(
 
 
 def _infotext(
-    pipe, settings: SamplingSettings, model_name: str | None, lora: Path | None
+    pipe,
+    settings: SamplingSettings,
+    model_name: str | None,
+    lora: Path | None,
+    embeddings: Sequence[Embedding],
 ) -> Callable[[ImageRequest], str]:
     size = image_size(pipe, settings)
-    return lambda request: a1111_parameters(request, settings, pipe, size, model_name, lora)
+    return lambda request: a1111_parameters(request, settings, pipe, size, model_name, lora, embeddings)
 
 
 def _save_images(

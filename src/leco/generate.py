@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,9 +22,9 @@ from tqdm.auto import tqdm
 from leco import __version__
 from leco.conditioning import checked_clip_skip, encode_text, warn_if_misread
 from leco.config import MAX_STRENGTH, typed_float
-from leco.embedding_files import embeddings_loaded, with_tokens_in_their_case
+from leco.embedding_files import Embedding, embeddings_loaded, with_tokens_in_their_case
 from leco.errors import LecoError, Terminated, warn
-from leco.files import GRID, refuse_earlier_outputs
+from leco.files import GRID, refuse_earlier_outputs, safetensors_metadata
 from leco.images import (
     ImageRequest,
     format_strength,
@@ -399,7 +403,7 @@ def run_generation(
     refuse_earlier_files(requests, out, overwrite)
     pipe = build_pipeline(models, settings.sampler).to(device)
     applied = lora_strengths(pipe, lora, models.family, models.source)
-    with embeddings_loaded(pipe, embeddings), applied as set_strength:
+    with embeddings_loaded(pipe, embeddings) as loaded, applied as set_strength:
         # With the embeddings' tokens known: a token of N vectors is N tokens, not its spelling.
         *prompts, negative = with_tokens_in_their_case(
             pipe, [*(r.prompt for r in requests), settings.negative_prompt]
@@ -417,7 +421,7 @@ def run_generation(
         try:
             # Each image written as it comes: a stop or a failure later keeps what was drawn
             for request, image in generate(pipe, requests, settings, set_strength, progress):
-                parameters = a1111_parameters(request, settings, pipe, size, model_name, lora)
+                parameters = a1111_parameters(request, settings, pipe, size, model_name, lora, loaded)
                 save_image(image, file_of[request], parameters)
                 images[request] = image
         except (KeyboardInterrupt, Terminated, LecoError):
@@ -438,12 +442,20 @@ def a1111_parameters(
     size: tuple[int, int],
     model_name: str | None,
     lora: str | Path | None,
+    embeddings: Sequence[Embedding] = (),
 ) -> str:
     """The image's settings in A1111's infotext form: the prompt (a LoRA as its <lora:name:strength>
-    tag), the negative prompt, then one line of `Key: value` pairs."""
+    tag), the negative prompt, then one line of `Key: value` pairs, with the hashes by which A1111
+    and Civitai know the LoRA and the embeddings the prompts use."""
     prompt = request.prompt
+    lora_hashes = None
     if lora is not None and request.strength != 0:
         prompt = f"{prompt} <lora:{Path(lora).stem}:{format_strength(request.strength)}>"
+        lora_hashes = f"{_hash_name(Path(lora).stem)}: {_short_hash(str(lora), kind='lora')}"
+    used = [e for e in embeddings if _names(e.token, [request.prompt, settings.negative_prompt or ""])]
+    ti_hashes = ", ".join(
+        f"{_hash_name(e.token)}: {_short_hash(str(e.path), kind='embedding')}" for e in used
+    )
     lines = [prompt]
     if settings.negative_prompt:
         lines.append(f"Negative prompt: {settings.negative_prompt}")
@@ -456,7 +468,50 @@ def a1111_parameters(
         "Model": model_name,
         "Clip skip": settings.clip_skip if settings.clip_skip > 1 else None,  # A1111 writes it past 1
         "RNG": "CPU",  # each image's noise comes from a CPU generator with its seed
+        "Lora hashes": lora_hashes,
+        "TI hashes": ti_hashes or None,
         "Version": f"leco {__version__}",
     }
-    lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items() if value is not None))
+    lines.append(", ".join(f"{key}: {_quoted(value)}" for key, value in pairs.items() if value is not None))
     return "\n".join(lines)
+
+
+def _quoted(value: Any) -> str:
+    """A value as A1111 writes it into the pairs line: in JSON quotes where it holds a separator."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _hash_name(name: str) -> str:
+    return name.replace(":", "").replace(",", "")  # as A1111 lists names beside their hashes
+
+
+def _names(token: str, texts: Sequence[str]) -> bool:
+    """Whether a prompt uses the embedding: its token as a word of its own."""
+    pattern = re.compile(rf"(?<!\w){re.escape(token)}(?!\w)", re.IGNORECASE)
+    return any(pattern.search(text) for text in texts)
+
+
+def _short_hash(path: str, *, kind: str) -> str:
+    """The first 12 hex digits of the hash A1111 lists a file by: for a LoRA the additional-networks
+    hash of its tensor bytes (its sshs_model_hash where the file carries one), for an embedding the
+    sha256 of the whole file. Read once per file and version."""
+    return _file_hash(path, os.stat(path).st_mtime_ns, kind)[:12]
+
+
+@functools.lru_cache(maxsize=64)
+def _file_hash(path: str, modified: int, kind: str) -> str:
+    if kind != "lora" or not path.endswith(".safetensors"):  # A1111: a .pt LoRA by the whole file
+        return _sha256(path)
+    from leco.network.kohya import data_hash_of_file
+
+    declared = safetensors_metadata(Path(path)).get("sshs_model_hash", "")
+    return declared if re.fullmatch(r"[0-9a-f]{64}", declared) else data_hash_of_file(path)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
