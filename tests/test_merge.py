@@ -1158,6 +1158,11 @@ def test_distillation_baked_out_of_a_distilled_folder_restores_what_its_card_sai
     plain = random_lora("ink-digits", tmp_path / "other.safetensors", seed=5, config=NetworkConfig(rank=2))
     again = merge(str(fast), [LoraStrength(plain, 0.5)], tmp_path / "again", precision="fp32")
     assert recommended_sampling(str(again)).guidance == 1.0  # still distilled, the record carried along
+    as_file = merge(str(fast), [LoraStrength(plain, 0.5)], tmp_path / "again.safetensors", precision="fp32")
+    loaded = load_models(
+        PretrainedModelConfig(name_or_path=str(as_file), config=str(model_path("ink-digits")))
+    )
+    assert sampling_for(loaded).guidance == 1.0  # a single file says so itself
     capsys.readouterr()
     for out in (tmp_path / "undone", tmp_path / "undone.safetensors"):
         undone = merge(str(again), [LoraStrength(lora, -1.0)], out, precision="fp32")

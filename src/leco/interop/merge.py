@@ -210,7 +210,10 @@ def _sampling_after_merge(
             f"distillation rather than adding it{outcome}"
         )
     if not whole:
-        return (after_undoing, None) if undone else (inherited, before)
+        if undone:
+            return after_undoing, None
+        # a distilled merge merged again stays distilled, said in whichever form it is written
+        return (inherited or (recommended_sampling(models.folder) if before else None)), before
     for lora, distillation, strength in whole:
         share = ""
         if strength < 1:
