@@ -1023,6 +1023,21 @@ def test_eval_replaces_no_file_but_an_earlier_report(
     assert "exists and is not a leco eval report" in err and files[victim].read_bytes() == before
 
 
+def test_a_default_output_that_cannot_be_written_says_it_was_not_given(
+    tmp_path, capsys, no_loading, tiny_folders, loras, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "generated").write_text("mine")  # a file where generate's default folder would go
+    (tmp_path / "eval_report.json").write_text("mine")  # no report: never replaced
+    code, _, err = run_cli(["generate", "--model", tiny_folders["sd1"], "--prompt", "a fox"], capsys)
+    assert_one_line_error(code, err, "--out: (not given: the default, ./generated) generated is a file")
+    argv = ["eval", "--model", tiny_folders["sd1"], "--lora", loras["sd1"]]
+    code, _, err = run_cli([*argv, "--spec", EXAMPLES / "erase_seven_eval.yaml"], capsys)
+    assert_one_line_error(
+        code, err, "--out: (not given: the default, ./eval_report.json) eval_report.json exists"
+    )
+
+
 def test_ci_runs_exactly_the_readme_set_up_commands():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Set up and test", 1)[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import re
 import shlex
@@ -199,6 +200,25 @@ def _named(text: str) -> str:
     return text
 
 
+class _Default(str):
+    """An option's default path: argparse checks it as it checks a given one, and a problem with it
+    must say the user gave none (the fix is to give one)."""
+
+
+def _said_of_defaults(check: Callable[[str], Path]) -> Callable[[str], Path]:
+    @functools.wraps(check)
+    def checked(text: str) -> Path:
+        try:
+            return check(text)
+        except argparse.ArgumentTypeError as error:
+            if not isinstance(text, _Default):
+                raise
+            raise argparse.ArgumentTypeError(f"(not given: the default, ./{text}) {error}") from None
+
+    return checked
+
+
+@_said_of_defaults
 def _output_folder(text: str) -> Path:
     """A folder leco can create or write into (checked now, not after minutes of loading)."""
     path = Path(_named(text)).expanduser()
@@ -208,6 +228,7 @@ def _output_folder(text: str) -> Path:
     return path
 
 
+@_said_of_defaults
 def _output_file(text: str) -> Path:
     path = Path(_named(text)).expanduser()
     # "reports/" names a folder (Path drops the slash): a report file called "reports" is not meant
@@ -455,7 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--allow-pickle", action="store_true", help="allow loading a .ckpt model")
     generate.add_argument(
-        "--out", type=_output_folder, default="generated", help="output folder (default ./generated)"
+        "--out",
+        type=_output_folder,
+        default=_Default("generated"),
+        help="output folder (default ./generated)",
     )
     generate.add_argument(
         "--overwrite", action="store_true", help="replace images and the grid an earlier run left in --out"
@@ -509,7 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--out",
         type=_output_file,
-        default="eval_report.json",
+        default=_Default("eval_report.json"),
         help="JSON report (default ./eval_report.json)",
     )
     evaluate.add_argument(
