@@ -648,6 +648,20 @@ def test_the_report_keeps_the_order_it_was_given(tmp_path):
     assert list(written["loras"]) == ["zeta", "alpha"] and list(written["summary"]) == ["10", "2"]
 
 
+def test_a_report_replaces_an_earlier_report_and_nothing_else(tmp_path):
+    from leco.evaluate import write_report
+
+    report = {"rows": [], "summary": {}, "spec": {"seed": 1}}
+    write_report(report, tmp_path / "r.json")
+    write_report({**report, "spec": {"seed": 2}}, tmp_path / "r.json")  # an eval run again
+    assert json.loads((tmp_path / "r.json").read_text())["spec"] == {"seed": 2}
+    (tmp_path / "config.yaml").write_text("mine")
+    for taken in (tmp_path / "config.yaml", tmp_path):
+        with pytest.raises(LecoError, match="is not a leco eval report"):
+            write_report(report, taken)
+    assert (tmp_path / "config.yaml").read_text() == "mine"
+
+
 def test_long_reports_print_the_worst_kept_rows_unless_all_rows():
     rows = [_row("erase", "a digit seven", s, 1.0 - s) for s in (0.0, 1.0)]
     for n in range(100):

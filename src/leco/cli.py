@@ -230,30 +230,19 @@ def _output_folder(text: str) -> Path:
 
 @_said_of_defaults
 def _output_file(text: str) -> Path:
+    from leco.files import is_eval_report
+
     path = Path(_named(text)).expanduser()
     # "reports/" names a folder (Path drops the slash): a report file called "reports" is not meant
     if path.is_dir() or text.rstrip().endswith(("/", os.sep)):
         what = "is a folder" if path.is_dir() else "names a folder (it ends in a slash)"
         raise argparse.ArgumentTypeError(f"{text} {what}; name the report file, e.g. {path / 'report.json'}")
-    if path.exists() and not _is_eval_report(path):
+    if path.exists() and not is_eval_report(path):
         raise argparse.ArgumentTypeError(
             f"{path} exists and is not a leco eval report, which is all leco replaces; name a new file"
         )
     _check_writable(path)
     return path
-
-
-def _is_eval_report(path: Path) -> bool:
-    """A JSON report an earlier `leco eval` wrote (re-running an eval may replace it)."""
-    import json
-
-    if path.stat().st_size > 1 << 30:
-        return False
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(report, dict) and {"rows", "summary", "spec"} <= report.keys()
 
 
 def _check_writable(path: Path) -> None:

@@ -54,7 +54,7 @@ from leco.embedding_files import (
     read_embedding,
 )
 from leco.errors import LecoError, Terminated, first_line, warn
-from leco.files import atomic_output, refuse_earlier_outputs
+from leco.files import atomic_output, is_eval_report, refuse_earlier_outputs
 from leco.generate import (
     MAX_SEEDS,
     SamplingSettings,
@@ -1154,7 +1154,12 @@ def _percent(value: float | None) -> str:
 
 
 def write_report(report: dict[str, Any], path: str | Path) -> Path:
+    """The report as JSON at `path`, which may hold an earlier report but no other file."""
     path = Path(path)
+    if path.is_dir() or (path.exists() and not is_eval_report(path)):
+        raise LecoError(
+            f"{path} exists and is not a leco eval report, which is all leco replaces; name a new file"
+        )
     text = json.dumps(report, indent=2, ensure_ascii=False, default=str)  # in the order given (--lora)
     with atomic_output(path) as file:
         file.write((text + "\n").encode())

@@ -201,6 +201,19 @@ def refuse_earlier_outputs(paths: Sequence[Path], option: str, what: str, overwr
 SOFTWARE = "leco"  # the PNG "Software" text of every image leco writes
 
 
+def is_eval_report(path: Path) -> bool:
+    """A JSON report an earlier `leco eval` wrote (re-running an eval may replace it)."""
+    import json
+
+    if path.stat().st_size > 1 << 30:
+        return False
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(report, dict) and {"rows", "summary", "spec"} <= report.keys()
+
+
 def written_by_leco(path: Path) -> bool:
     """Whether `path` is a PNG leco wrote: its Software text, or (images of earlier releases) A1111
     parameters naming leco's version. Earlier releases' grids carried no text; one is not told
