@@ -12,7 +12,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from leco.errors import LecoError
 from leco.evaluate import EvalSpec, evaluate
-from leco.ink_digits import INK_DIGITS, INK_DIGITS_2, MODEL_NAMES, model_path
+from leco.ink_digits import GUIDANCE, INK_DIGITS, INK_DIGITS_2, MODEL_NAMES, STEPS, model_path
 from leco.ink_digits.__main__ import main as ink_digits_command
 from leco.ink_digits.build import Recipe, build
 from leco.ink_digits.build2 import Recipe2, build2, drop_last_layer, make_text_encoder
@@ -27,7 +27,7 @@ from leco.ink_digits.data import (
     dataset,
 )
 from leco.ink_digits.judge import JUDGE_FILE, InkDigitsDetector, InkDigitsJudge
-from leco.ink_digits.quality import GUIDANCE, STEPS, load_pipeline, measure
+from leco.ink_digits.quality import load_pipeline, measure
 from leco.ink_digits.training import caption_table, text_states
 from leco.models import BUNDLED_MODELS, load_models
 

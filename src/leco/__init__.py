@@ -9,7 +9,9 @@ if TYPE_CHECKING:
     from leco.config import LecoConfig
     from leco.trainer import TrainResult
 
-__version__ = "0.1.0"
+from leco._version import __version__
+
+__all__ = ["__version__", "train"]
 
 
 def train(

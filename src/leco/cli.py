@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from leco import __version__
+from leco._version import __version__
 from leco.errors import LecoError, Terminated, is_main_process, process_count, stopped_exit_code, warn
 from leco.launcher import (
     LAUNCHED_BY_LECO,

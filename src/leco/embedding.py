@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from leco import __version__
+from leco._version import __version__
 from leco.conditioning import (
     EMBEDDING_TOKEN,
     Conditioning,

@@ -19,7 +19,7 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from leco import __version__
+from leco._version import __version__
 from leco.conditioning import checked_clip_skip, encode_text, warn_if_misread
 from leco.config import MAX_STRENGTH, typed_float
 from leco.embedding_files import Embedding, embeddings_loaded, with_tokens_in_their_case

@@ -16,7 +16,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from leco import __version__
+from leco._version import __version__
 from leco.files import SOFTWARE, atomic_output
 
 

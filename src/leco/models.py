@@ -332,9 +332,7 @@ def recommended_sampling(name_or_path: str) -> SamplingDefaults:
     from leco import ink_digits
 
     if folder.resolve().is_relative_to(Path(ink_digits.__file__).parent.resolve()):
-        from leco.ink_digits.quality import GUIDANCE, STEPS
-
-        return SamplingDefaults(STEPS, GUIDANCE)
+        return SamplingDefaults(ink_digits.STEPS, ink_digits.GUIDANCE)
     return SamplingDefaults()
 
 

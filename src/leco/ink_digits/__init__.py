@@ -17,6 +17,9 @@ INK_DIGITS_2 = "ink-digits-2"
 # Where each bundled model lives inside this package.
 MODEL_FOLDERS = {INK_DIGITS: "model", INK_DIGITS_2: "model2"}
 MODEL_NAMES = tuple(MODEL_FOLDERS)
+# The bundled models' recommended sampling settings (their model cards repeat them).
+GUIDANCE = 3.0
+STEPS = 25
 
 
 def model_path(name: str) -> Path:

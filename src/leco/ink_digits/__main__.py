@@ -96,7 +96,8 @@ def run_build(args: argparse.Namespace) -> None:
 
 
 def run_quality(args: argparse.Namespace) -> None:
-    from leco.ink_digits.quality import GUIDANCE, STEPS, format_quality, measure
+    from leco.ink_digits import GUIDANCE, STEPS
+    from leco.ink_digits.quality import format_quality, measure
     from leco.ink_digits.training import torch_threads
 
     guidance = GUIDANCE if args.guidance is None else args.guidance

@@ -25,7 +25,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from leco.files import atomic_folder
-from leco.ink_digits import INK_DIGITS
+from leco.ink_digits import GUIDANCE, INK_DIGITS, STEPS
 from leco.ink_digits.card import write_ink_digits_card
 from leco.ink_digits.data import (
     ALL_INKS,
@@ -38,7 +38,7 @@ from leco.ink_digits.data import (
     upsample,
 )
 from leco.ink_digits.judge import DigitNet, InkDigitsJudge, ink_amounts
-from leco.ink_digits.quality import GUIDANCE, STEPS, measure
+from leco.ink_digits.quality import measure
 from leco.ink_digits.tokenizer import MAX_LENGTH, build_tokenizer
 from leco.ink_digits.training import (
     EPSILON,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from leco.ink_digits import INK_DIGITS
+from leco.ink_digits import GUIDANCE, INK_DIGITS, STEPS
 from leco.ink_digits.data import ALL_INKS, EMPTY_CAPTION_RATE, MODEL_INKS, PHRASING_NAMES, SIZE, caption
-from leco.ink_digits.quality import GUIDANCE, STEPS, format_quality
+from leco.ink_digits.quality import format_quality
 from leco.ink_digits.tokenizer import MAX_LENGTH
 from leco.ink_digits.training import LATENT_SIZE, WARMUP_STEPS
 

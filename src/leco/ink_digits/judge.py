@@ -8,6 +8,7 @@ real digits. The CNN is stored as safetensors, so loading it runs no pickle.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -293,13 +294,24 @@ class InkDigitsDetector:
         return parts
 
 
+def trained_inks(folder: str | Path) -> tuple[str, ...]:
+    """The inks an ink-digits build was trained on, from the build_report.json its build wrote."""
+    report = Path(folder) / BUILD_REPORT
+    try:
+        inks = tuple(json.loads(report.read_text())["inks"])
+    except (OSError, ValueError, KeyError):
+        raise LecoError(f"{report}: no ink list from an ink-digits build; name the inks to measure") from None
+    unknown = [ink for ink in inks if ink not in ALL_INKS]
+    if unknown:
+        raise LecoError(f"{report}: unknown inks {', '.join(unknown)}; known: {', '.join(ALL_INKS)}")
+    return inks
+
+
 def inks_for_model(folder: str | Path) -> tuple[str, ...]:
     """The inks the ink-digits model in `folder` was trained on, from the build report of its build.
 
     Folders built before build reports listed their inks are the first, five-ink ink-digits.
     """
-    from leco.ink_digits.quality import trained_inks  # quality imports this module
-
     try:
         return trained_inks(folder)
     except LecoError:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from itertools import product
 from pathlib import Path
@@ -11,13 +10,9 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from leco.errors import LecoError
+from leco.ink_digits import GUIDANCE, STEPS
 from leco.ink_digits.data import ALL_INKS, DIGIT_PHRASINGS, INK_PHRASINGS, PHRASING_NAMES, caption
-from leco.ink_digits.judge import BUILD_REPORT, InkDigitsJudge
-
-# The model's recommended sampling settings (the model card repeats them).
-GUIDANCE = 3.0
-STEPS = 25
+from leco.ink_digits.judge import InkDigitsJudge, trained_inks
 
 
 def load_pipeline(folder: str | Path) -> StableDiffusionPipeline:
@@ -83,19 +78,6 @@ def measure(
             "images": len(cases),
         }
     return results
-
-
-def trained_inks(folder: str | Path) -> tuple[str, ...]:
-    """The inks an ink-digits build was trained on, from the build_report.json its build wrote."""
-    report = Path(folder) / BUILD_REPORT
-    try:
-        inks = tuple(json.loads(report.read_text())["inks"])
-    except (OSError, ValueError, KeyError):
-        raise LecoError(f"{report}: no ink list from an ink-digits build; name the inks to measure") from None
-    unknown = [ink for ink in inks if ink not in ALL_INKS]
-    if unknown:
-        raise LecoError(f"{report}: unknown inks {', '.join(unknown)}; known: {', '.join(ALL_INKS)}")
-    return inks
 
 
 def format_quality(results: dict[str, dict[str, float | int | None]]) -> str:

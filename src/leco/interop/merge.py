@@ -28,8 +28,7 @@ from leco.files import (
     path_exists,
     safetensors_metadata,
 )
-from leco.ink_digits.judge import BUILD_REPORT, JUDGE_FILE
-from leco.ink_digits.quality import trained_inks
+from leco.ink_digits.judge import BUILD_REPORT, JUDGE_FILE, trained_inks
 from leco.interop.original_layout import original_state_dict
 from leco.models import (
     BUNDLED_MODELS,

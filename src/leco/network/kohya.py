@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from leco import __version__
+from leco._version import __version__
 from leco.config import read_config_text
 from leco.errors import LecoError, first_line, warn
 from leco.files import atomic_output, load_torch_file

@@ -19,7 +19,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
-from leco import __version__
+from leco._version import __version__
 from leco.conditioning import Conditioning
 from leco.config import NetworkConfig
 from leco.errors import LecoError
