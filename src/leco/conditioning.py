@@ -98,7 +98,11 @@ def encode_text(
     tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module], prompts: list[str], clip_skip: int
 ) -> Conditioning:
     """The UNet's conditions for `prompts` at A1111's clip skip (1: as the model reads them); two
-    encoders: SDXL, whose second one also gives the pooled text."""
+    encoders: SDXL, whose second one also gives the pooled text.
+
+    Not the pipelines' `encode_prompt`: training encodes without a pipeline, with gradients (a
+    trained token's vectors, a text-encoder LoRA), and its `clip_skip` counts from A1111's minus
+    one (its 1 is A1111's 2)."""
     if len(encoders) == 1:
         return Conditioning(sd_text_states(tokenizers[0], encoders[0], prompts, clip_skip))
     states, pooled = [], None

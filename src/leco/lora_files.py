@@ -375,11 +375,6 @@ def _layer_misfit(
     return None
 
 
-def arch_of_lora(path: Path) -> str | None:
-    """The family a LoRA file's metadata names (ss_base_model_version), if any."""
-    return kohya.arch_from_metadata(read_lora_header(path).metadata)
-
-
 @dataclass(frozen=True)
 class Distillation:
     """What a LoRA's run distilled (its `leco.prompts`): the guidance scales its distill entries

@@ -40,7 +40,6 @@ SAMPLING_METADATA = "leco.sampling"
 # metadata, and in a folder's card front matter.
 SAMPLING_BEFORE_DISTILLATION = "leco.sampling_before_distillation"
 CARD_SAMPLING_BEFORE_DISTILLATION = "leco_sampling_before_distillation"
-BUNDLED_MODEL = "ink-digits"  # the default bundled model (SD 1.x)
 BUNDLED_MODELS = ("ink-digits", "ink-digits-2")  # = leco.ink_digits.MODEL_NAMES (a test checks)
 
 

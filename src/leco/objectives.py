@@ -105,7 +105,10 @@ def loss(student: Tensor, target: Tensor, weights: Tensor | None = None) -> Tens
 
 
 def min_snr_weights(alphas_cumprod: Tensor, timesteps: Tensor, gamma: float, v_prediction: bool) -> Tensor:
-    """Min-SNR-gamma weights (Hang et al. 2023): min(snr, gamma) / snr for noise, / (snr + 1) for v."""
+    """Min-SNR-gamma weights (Hang et al. 2023): min(snr, gamma) / snr for noise, / (snr + 1) for v.
+
+    SNR from the alphas the trainer holds as a tensor, not diffusers' compute_snr, which wants a
+    scheduler object."""
     alpha = alphas_cumprod.to(timesteps.device)[timesteps.long()]
     snr = alpha / (1 - alpha)
     return snr.clamp(max=gamma) / (snr + 1 if v_prediction else snr)

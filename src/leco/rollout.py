@@ -27,6 +27,7 @@ from leco.config import TrainConfig
 from leco.errors import LecoError
 from leco.models import sampler_from_config
 from leco.prompts import PreparedPrompt
+from leco.samplers import refuse_epsilon_at_zero_snr, training_alphas_cumprod
 from leco.trainable import EditedModel
 
 # (model input latents, timestep) -> the guided prediction (noise or v) of the edited model.
@@ -98,7 +99,7 @@ class Rollout:
         self.steps = steps
         self.timestep_offset = timestep_offset
         self.prediction_type = config.get("prediction_type", "epsilon")
-        self.alphas_cumprod = self.alphas_cumprod_of(config)
+        self.alphas_cumprod = training_alphas_cumprod(config)
         self.scheduler.set_timesteps(steps)
         # Stochastic samplers (ddpm, euler_a) draw their noise from our generator, for reproducibility.
         self.takes_generator = "generator" in inspect.signature(self.scheduler.step).parameters
@@ -121,12 +122,6 @@ class Rollout:
                 f"schedule than the loss reads); use {others}"
             )
         return cls(scheduler_config, train.noise_scheduler, train.max_denoising_steps, train.timestep_offset)
-
-    @staticmethod
-    def alphas_cumprod_of(scheduler_config: dict[str, Any]) -> Tensor:
-        """The training noise schedule's alpha_bar_t for t = 0 .. T-1."""
-        config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-        return DDPMScheduler.from_config(config).alphas_cumprod
 
     def plan(self, count: int, generator: torch.Generator, copy: int = 0) -> list[SamplePlan]:
         """`count` samples of trajectory `copy` at distinct step counts, each with its training timestep."""
@@ -207,20 +202,6 @@ class Rollout:
         last = max(p.step for p in plans)
         exact_last = all(p.timestep == self.grid[p.step - 1] for p in plans if p.step == last)
         return last - 1 if exact_last else last
-
-
-def refuse_epsilon_at_zero_snr(scheduler_config: dict[str, Any], model: str) -> None:
-    """A zero-terminal-SNR schedule with an epsilon model: at t = 999 the latent is pure noise, so its
-    prediction says nothing of the image and every conversion from it divides by zero (the loss
-    would turn nan at the first step)."""
-    predicts = scheduler_config.get("prediction_type", "epsilon")
-    if scheduler_config.get("rescale_betas_zero_snr") and predicts == "epsilon":
-        raise LecoError(
-            f"{model}: its scheduler rescales the noise schedule to zero terminal SNR "
-            "(rescale_betas_zero_snr: true) but the model predicts epsilon, which cannot be trained "
-            "there; such models predict v: set v_pred: true if it is one, else its scheduler config's "
-            "rescale_betas_zero_snr is wrong (false for an epsilon model)"
-        )
 
 
 class SampleQueue:

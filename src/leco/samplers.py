@@ -21,6 +21,7 @@ from diffusers import (
     PNDMScheduler,
     UniPCMultistepScheduler,
 )
+from torch import Tensor
 
 from leco.errors import LecoError, warn
 from leco.models import sampler_from_config
@@ -230,3 +231,23 @@ def a1111_sampler(scheduler: Any) -> dict[str, str]:
                 return {"Sampler": sampler.a1111}
             return {"Sampler": sampler.a1111, "Schedule type": "Karras" if karras else "Uniform"}
     return {"Sampler": type(scheduler).__name__}
+
+
+def training_alphas_cumprod(scheduler_config: dict[str, Any]) -> Tensor:
+    """The training noise schedule's alpha_bar_t for t = 0 .. T-1."""
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    return DDPMScheduler.from_config(config).alphas_cumprod
+
+
+def refuse_epsilon_at_zero_snr(scheduler_config: dict[str, Any], model: str) -> None:
+    """A zero-terminal-SNR schedule with an epsilon model: at t = 999 the latent is pure noise, so its
+    prediction says nothing of the image and every conversion from it divides by zero (the loss
+    would turn nan at the first step)."""
+    predicts = scheduler_config.get("prediction_type", "epsilon")
+    if scheduler_config.get("rescale_betas_zero_snr") and predicts == "epsilon":
+        raise LecoError(
+            f"{model}: its scheduler rescales the noise schedule to zero terminal SNR "
+            "(rescale_betas_zero_snr: true) but the model predicts epsilon, which cannot be trained "
+            "there; such models predict v: set v_pred: true if it is one, else its scheduler config's "
+            "rescale_betas_zero_snr is wrong (false for an epsilon model)"
+        )

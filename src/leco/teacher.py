@@ -24,7 +24,7 @@ from leco.errors import LecoError, warn
 from leco.models import TEACHER_OPTION_NAMES, LoadedModels, load_models
 from leco.objectives import CONCEPT_ROLES, guided
 from leco.prompts import PreparedPrompt, encode_texts, prompt_texts
-from leco.rollout import Rollout, refuse_epsilon_at_zero_snr
+from leco.samplers import refuse_epsilon_at_zero_snr, training_alphas_cumprod
 from leco.trainable import EditedModel
 
 
@@ -81,7 +81,7 @@ class Teacher:
             embeddings,
             prediction_type=models.family.prediction_type,
             student_prediction_type=models.family.prediction_type,
-            alphas_cumprod=Rollout.alphas_cumprod_of(models.scheduler_config),
+            alphas_cumprod=training_alphas_cumprod(models.scheduler_config),
             sdxl=models.family.is_sdxl,
             autocast=autocast,
             frozen=lambda: trainable.strength(0.0),
@@ -245,7 +245,7 @@ def load_teacher(
         embeddings,
         prediction_type=models.family.prediction_type,
         student_prediction_type=student.family.prediction_type,
-        alphas_cumprod=Rollout.alphas_cumprod_of(models.scheduler_config),
+        alphas_cumprod=training_alphas_cumprod(models.scheduler_config),
         sdxl=models.family.is_sdxl,
         autocast=autocast,
         offload=config.offload,
@@ -280,7 +280,7 @@ def check_compatible(student: LoadedModels, teacher: LoadedModels, name: str) ->
                 f"teacher.name_or_path: {name} has {what} {theirs}, the student {ours}: they do {why}"
             )
     refuse_epsilon_at_zero_snr(teacher.scheduler_config, f"teacher.name_or_path: {name}")
-    ours, theirs = (Rollout.alphas_cumprod_of(m.scheduler_config) for m in (student, teacher))
+    ours, theirs = (training_alphas_cumprod(m.scheduler_config) for m in (student, teacher))
     if not torch.allclose(ours, theirs, rtol=1e-4, atol=1e-6):
         raise LecoError(
             f"teacher.name_or_path: {name} was trained with another noise schedule (betas) than the student; "

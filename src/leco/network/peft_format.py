@@ -5,6 +5,10 @@ older diffusers wrote `...attn1.processor.to_q_lora.down.weight`), with the LoRA
 file's `lora_adapter_metadata` (PEFT's LoraConfig, per model) or not at all (scale 1). diffusers
 loads these for `leco generate`; kohya's layout names the same weights `lora_unet_<path with _>`
 with `lora_down` / `lora_up` / `alpha`.
+
+Not diffusers' `convert_state_dict_to_kohya`: it writes alpha = rank whatever the file's
+`lora_adapter_metadata` says (a LoRA trained at another alpha would come out at the wrong strength)
+and names SD1's text encoder `lora_te1`, where SD1 tools read `lora_te`.
 """
 
 from __future__ import annotations
