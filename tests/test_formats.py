@@ -1539,6 +1539,7 @@ def test_ai_toolkit_ui_concept_slider_maps_each_end_to_an_enhance_at_its_guidanc
         ("anchor_class: a house", "anchor_class: null", lambda c: c.anchors.prompts == []),  # its default
         ("guidance_strength: 3.0", "guidance_strength: 5", lambda c: c.prompts[0].guidance_scale == 5.0),
         ("arch: sd15", "arch: sdxl", lambda c: c.pretrained_model.sdxl is True),
+        ("arch: sd15", "arch: sdxl\n        is_xl: false", lambda c: c.pretrained_model.sdxl is True),
         ("arch: sd15", "arch: sd2", lambda c: c.pretrained_model.v2 and c.pretrained_model.sdxl is False),
         ("      datasets:\n", "      unused_datasets:\n", None),  # none: the model's own size
         # Its trainer's step clips the gradient norm (1.0 unless set) and its loss weighs no SNR
@@ -1584,6 +1585,7 @@ def test_ai_toolkit_concept_slider_settings(ai_toolkit_env, old, new, expected):
             "did you mean 'guidance_strength'",
         ),
         ("arch: sd15", "arch: flux", "leco trains sd1, sd2 and sdxl"),
+        ("arch: sd15", "arch: sd15\n        is_xl: true", "is_xl: is true but arch is 'sd15'; keep one"),
         # its timestep draw narrowed or biased (BaseSDTrainProcess): leco has no such draw
         (
             "content_or_style: balanced",

@@ -165,15 +165,15 @@ def named_as_written(embedding: Embedding, texts: Sequence[str]) -> Embedding:
     prompt written for diffusers' `load_textual_inversion` of a one-key file uses its key)."""
     names = [embedding.token, *embedding.other_names]
     written = [text.lower() for text in texts]
-    if any(_written_as_a_word(text, embedding.token, names) for text in written):
+    if any(written_as_a_word(text, embedding.token, names) for text in written):
         return embedding
     for name in embedding.other_names:
-        if any(_written_as_a_word(text, name, names) for text in written):
+        if any(written_as_a_word(text, name, names) for text in written):
             return replace(embedding, token=name, other_names=())
     return embedding  # a token in no prompt (warned of), or inside a word (refused)
 
 
-def _written_as_a_word(text: str, name: str, names: Sequence[str]) -> bool:
+def written_as_a_word(text: str, name: str, names: Sequence[str]) -> bool:
     """`name` in `text` on its own: not inside a word ("ink" in "pink"), nor inside a longer name of
     the same embedding ("cat-toy" in "<cat-toy>", the key of cat-toy.safetensors)."""
     for longer in names:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from leco._version import __version__
 from leco.conditioning import checked_clip_skip, encode_text, warn_if_misread
 from leco.config import MAX_STRENGTH, typed_float
-from leco.embedding_files import Embedding, embeddings_loaded, with_tokens_in_their_case
+from leco.embedding_files import Embedding, embeddings_loaded, with_tokens_in_their_case, written_as_a_word
 from leco.errors import LecoError, Terminated, warn
 from leco.files import GRID, refuse_earlier_outputs, safetensors_metadata
 from leco.images import (
@@ -452,7 +452,9 @@ def a1111_parameters(
     if lora is not None and request.strength != 0:
         prompt = f"{prompt} <lora:{Path(lora).stem}:{format_strength(request.strength)}>"
         lora_hashes = f"{_hash_name(Path(lora).stem)}: {_short_hash(str(lora), kind='lora')}"
-    used = [e for e in embeddings if _names(e.token, [request.prompt, settings.negative_prompt or ""])]
+    texts = [request.prompt.lower(), (settings.negative_prompt or "").lower()]  # CLIP reads lower case
+    tokens = [e.token.lower() for e in embeddings]
+    used = [e for e in embeddings if any(written_as_a_word(t, e.token.lower(), tokens) for t in texts)]
     ti_hashes = ", ".join(
         f"{_hash_name(e.token)}: {_short_hash(str(e.path), kind='embedding')}" for e in used
     )
@@ -486,12 +488,6 @@ def _hash_name(name: str) -> str:
     return name.replace(":", "").replace(",", "")  # as A1111 lists names beside their hashes
 
 
-def _names(token: str, texts: Sequence[str]) -> bool:
-    """Whether a prompt uses the embedding: its token as a word of its own."""
-    pattern = re.compile(rf"(?<!\w){re.escape(token)}(?!\w)", re.IGNORECASE)
-    return any(pattern.search(text) for text in texts)
-
-
 def _short_hash(path: str, *, kind: str) -> str:
     """The first 12 hex digits of the hash A1111 lists a file by: for a LoRA the additional-networks
     hash of its tensor bytes (its sshs_model_hash where the file carries one), for an embedding the
@@ -501,12 +497,12 @@ def _short_hash(path: str, *, kind: str) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _file_hash(path: str, modified: int, kind: str) -> str:
-    if kind != "lora" or not path.endswith(".safetensors"):  # A1111: a .pt LoRA by the whole file
+    if kind != "lora" or Path(path).suffix.lower() != ".safetensors":  # A1111: a .pt LoRA by the whole file
         return _sha256(path)
     from leco.network.kohya import data_hash_of_file
 
     declared = safetensors_metadata(Path(path)).get("sshs_model_hash", "")
-    return declared if re.fullmatch(r"[0-9a-f]{64}", declared) else data_hash_of_file(path)
+    return declared or data_hash_of_file(path)  # A1111 takes the file's word for it
 
 
 def _sha256(path: str) -> str:

@@ -294,7 +294,7 @@ def sampling_before_distillation(models: LoadedModels) -> SamplingDefaults | Non
 def _single_file_word(models: LoadedModels, key: str) -> Any:
     """A JSON value in a single-file checkpoint's metadata; None where it is not one or has none."""
     source = Path(models.source)
-    if not (source.is_file() and source.suffix == ".safetensors"):
+    if not (source.is_file() and source.suffix.lower() == ".safetensors"):
         return None
     try:
         return json.loads(safetensors_metadata(source).get(key, "null"))

@@ -598,6 +598,12 @@ class _Converter:
         if model.has("is_xl"):
             self.put("pretrained_model.sdxl", model.get("is_xl"), model.key("is_xl"))
         if arch is not None:
+            # arch sdxl makes ai-toolkit set is_xl itself (an is_xl: false beside it is moot); is_xl
+            # true beside another arch names two families
+            if model.get("is_xl") is True and not str(arch).startswith("sdxl"):
+                raise ConfigError(
+                    f"{self.path}: {model.key('is_xl')}: is true but arch is {_short(arch)}; keep one of them"
+                )
             self.put("pretrained_model.sdxl", str(arch).startswith("sdxl"), model.key("arch"))
         # dtype: ai-toolkit replaces it by train.dtype.
         model.accept("dtype", "low_vram")
