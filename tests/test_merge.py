@@ -1173,13 +1173,39 @@ def test_distillation_baked_out_of_a_distilled_folder_restores_what_its_card_sai
         )
         assert sampling_for(loaded) == recommended_sampling("ink-digits")
     card, source = (tmp_path / "undone" / "README.md").read_text(), model_path("ink-digits") / "README.md"
-    assert "CFG-distilled" not in card and "leco_sampling_before" not in card
+    assert "CFG-distilled" not in card and "leco_before_distillation" not in card
     assert card.partition("\n---\n")[2] == source.read_text().partition("\n---\n")[2]  # its text as it was
-    # distilled twice over: one note on the card, and an undo still goes back to the start
     twice = merge(str(fast), [LoraStrength(lora, 1.0)], tmp_path / "twice", precision="fp32")
-    assert (twice / "README.md").read_text().count("CFG-distilled") == 1
-    out = merge(str(twice), [LoraStrength(lora, -1.0)], tmp_path / "once_undone", precision="fp32")
-    assert recommended_sampling(str(out)) == recommended_sampling("ink-digits")
+    assert (twice / "README.md").read_text().count("CFG-distilled") == 1  # one note, however often
+
+
+def test_an_undone_distillation_gives_the_card_its_own_inference_settings_back(tmp_path):
+    from huggingface_hub.repocard import metadata_load
+
+    model = tmp_path / "model"
+    shutil.copytree(model_path("ink-digits"), model)
+    card = (model / "README.md").read_text()
+    settings = "  parameters:\n    num_inference_steps: 25\n    guidance_scale: 3\n"
+    assert settings in card
+    (model / "README.md").write_text(card.replace(settings, settings + "    negative_prompt: blurry\n"))
+    lora = distilled_lora(tmp_path, ["distill"])
+    fast = merge(str(model), [LoraStrength(lora, 1.0)], tmp_path / "fast", precision="fp32")
+    assert "negative_prompt" not in metadata_load(fast / "README.md")["inference"]["parameters"]
+    undone = merge(str(fast), [LoraStrength(lora, -1.0)], tmp_path / "undone", precision="fp32")
+    assert metadata_load(undone / "README.md") == metadata_load(model / "README.md")
+
+
+def test_a_single_file_distilled_by_an_earlier_release_stays_distilled_in_a_folder(tmp_path):
+    lora = distilled_lora(tmp_path, ["distill"])
+    fast = merge("ink-digits", [LoraStrength(lora, 1.0)], tmp_path / "fast.safetensors", precision="fp32")
+    tensors, metadata = load_file(str(fast)), safe_open(str(fast), "pt").metadata()
+    del metadata["leco.sampling_before_distillation"]  # an earlier release recorded only leco.sampling
+    save_file(tensors, str(fast), metadata=metadata)
+    plain = random_lora("ink-digits", tmp_path / "other.safetensors", seed=5, config=NetworkConfig(rank=2))
+    spec = PretrainedModelConfig(name_or_path=str(fast), config=str(model_path("ink-digits")))
+    folder = merge(spec, [LoraStrength(plain, 1.0)], tmp_path / "folder", precision="fp32")
+    card = (folder / "README.md").read_text()
+    assert recommended_sampling(str(folder)).guidance == 1.0 and "Merged with a CFG-distilled LoRA" in card
 
 
 def test_a_single_file_of_a_bundled_model_merged_into_a_folder_keeps_its_card_prompts_and_judge(tmp_path):

@@ -39,7 +39,8 @@ SAMPLING_METADATA = "leco.sampling"
 # What a model recommended before a CFG-distilled LoRA was merged into it: in a single file's
 # metadata, and in a folder's card front matter.
 SAMPLING_BEFORE_DISTILLATION = "leco.sampling_before_distillation"
-CARD_SAMPLING_BEFORE_DISTILLATION = "leco_sampling_before_distillation"
+# In the card: {recommended: {num_inference_steps, guidance_scale}, inference: the card's own block}.
+CARD_BEFORE_DISTILLATION = "leco_before_distillation"
 BUNDLED_MODELS = ("ink-digits", "ink-digits-2")  # = leco.ink_digits.MODEL_NAMES (a test checks)
 
 
@@ -286,9 +287,8 @@ def sampling_before_distillation(models: LoadedModels) -> SamplingDefaults | Non
     merged by a release that did not record it)."""
     if Path(models.source).is_file():
         return _declared(_single_file_word(models, SAMPLING_BEFORE_DISTILLATION))
-    return _declared(
-        _card_front_matter(resolve_bundled(models.folder)).get(CARD_SAMPLING_BEFORE_DISTILLATION)
-    )
+    record = _card_front_matter(resolve_bundled(models.folder)).get(CARD_BEFORE_DISTILLATION)
+    return _declared(record.get("recommended")) if isinstance(record, dict) else None
 
 
 def _single_file_word(models: LoadedModels, key: str) -> Any:

@@ -32,7 +32,7 @@ from leco.ink_digits.judge import BUILD_REPORT, JUDGE_FILE, trained_inks
 from leco.interop.original_layout import original_state_dict
 from leco.models import (
     BUNDLED_MODELS,
-    CARD_SAMPLING_BEFORE_DISTILLATION,
+    CARD_BEFORE_DISTILLATION,
     CLI_OPTION_NAMES,
     CONFIG_ROOT,
     MODEL_CARD,
@@ -156,25 +156,31 @@ def merge(
             raise
     _check_finite(models, PRECISIONS[precision], loras)
     metadata = merge_metadata(models, spec.name_or_path, loras, out)
-    sampling, before = _sampling_after_merge(models, loras)
+    merged = _sampling_after_merge(models, loras)
     if _is_single_file(out):
         _warn_if_layout_is_its_own(models, spec.name_or_path)
-        if sampling is not None:
-            metadata[SAMPLING_METADATA] = json.dumps(sampling.as_card_parameters())
-        if before is not None:
-            metadata[SAMPLING_BEFORE_DISTILLATION] = json.dumps(before.as_card_parameters())
+        if merged.sampling is not None:
+            metadata[SAMPLING_METADATA] = json.dumps(merged.sampling.as_card_parameters())
+        if merged.before is not None:
+            metadata[SAMPLING_BEFORE_DISTILLATION] = json.dumps(merged.before.as_card_parameters())
         return _save_single_file(models, out, metadata, PRECISIONS[precision])
-    return _save_folder(models, out, metadata, PRECISIONS[precision], sampling, before)
+    return _save_folder(models, out, metadata, PRECISIONS[precision], merged)
 
 
-def _sampling_after_merge(
-    models: LoadedModels, loras: Sequence[LoraStrength]
-) -> tuple[SamplingDefaults | None, SamplingDefaults | None]:
+@dataclass(frozen=True)
+class MergedSampling:
+    """How the merged model is to be sampled, where that is not its card's."""
+
+    sampling: SamplingDefaults | None  # what it recommends; None: its card (or config folder's) holds
+    distilled: bool = False  # a CFG-distilled LoRA is baked in: it guides itself
+    before: SamplingDefaults | None = None  # distilled: what it recommended before, for an undo
+
+
+def _sampling_after_merge(models: LoadedModels, loras: Sequence[LoraStrength]) -> MergedSampling:
     """The merged model's recommended sampling where it is not its card's: guidance 1 where a
     CFG-distilled LoRA is baked in at a positive strength (the model then guides itself), what it
     recommended before where one is baked out of a distilled merge, or what a single file merged
-    into declared (a distilled merge merged again); None: the card holds. Second: what the model
-    recommended before distillation, kept while the merged model is distilled (None otherwise)."""
+    into declared (a distilled merge merged again)."""
     from leco.lora_files import distillation_of
 
     inherited = single_file_sampling(models)
@@ -210,9 +216,13 @@ def _sampling_after_merge(
         )
     if not whole:
         if undone:
-            return after_undoing, None
+            return MergedSampling(after_undoing)
         # a distilled merge merged again stays distilled, said in whichever form it is written
-        return (inherited or (recommended_sampling(models.folder) if before else None)), before
+        # (one from a release that kept no record: its guidance 1 says so)
+        distilled = before is not None or (inherited is not None and inherited.guidance == 1)
+        return MergedSampling(
+            inherited or (recommended_sampling(models.folder) if before else None), distilled, before
+        )
     for lora, distillation, strength in whole:
         share = ""
         if strength < 1:
@@ -226,7 +236,9 @@ def _sampling_after_merge(
         )
     # the steps the model as loaded recommends (sampling_for, without reading the file a second time)
     as_loaded = inherited or recommended_sampling(models.folder)
-    return SamplingDefaults(as_loaded.steps, 1.0), before or as_loaded
+    if before is None and as_loaded.guidance != 1:  # (1: distilled by a release that kept no record)
+        before = as_loaded
+    return MergedSampling(SamplingDefaults(as_loaded.steps, 1.0), True, before)
 
 
 def _warn_of_clip_skips(loras: Sequence[LoraStrength]) -> None:
@@ -359,8 +371,7 @@ def _save_folder(
     out: Path,
     metadata: dict[str, str],
     dtype: torch.dtype,
-    sampling: SamplingDefaults | None = None,
-    before_distillation: SamplingDefaults | None = None,
+    merged: MergedSampling | None = None,
 ) -> Path:
     from leco.generate import build_pipeline
 
@@ -370,8 +381,8 @@ def _save_folder(
     with atomic_folder(out) as staging:
         pipe.save_pretrained(staging)
         _copy_model_files(Path(models.folder), staging)  # a single file's: its config folder's
-        if sampling is not None:
-            _recommend_in_card(staging / MODEL_CARD, sampling, before_distillation)
+        if merged is not None and merged.sampling is not None:
+            _recommend_in_card(staging / MODEL_CARD, merged)
         written = sorted({entry.name for entry in staging.iterdir()} | {FOLDER_METADATA})
         # What this merge wrote, so that an --overwrite later replaces that and nothing else.
         metadata = {**metadata, MERGE_FILES: json.dumps(written)}
@@ -449,13 +460,10 @@ def _copy_model_files(source: Path, staging: Path) -> None:
     (staging / BUILD_REPORT).write_text(json.dumps(report, indent=2) + "\n")
 
 
-def _recommend_in_card(
-    card_path: Path, sampling: SamplingDefaults, before_distillation: SamplingDefaults | None
-) -> None:
+def _recommend_in_card(card_path: Path, merged: MergedSampling) -> None:
     """The card's recommended steps and guidance (the Hub widget's front matter, which leco reads).
-    Distilled (`before_distillation`: what the card said before, kept for an undo): with a line above
-    the source's text, whose own recommendation no longer holds; distillation baked out again: the
-    source's card as it was."""
+    Distilled: with a line above the source's text, whose own recommendation no longer holds, and
+    the card's `inference` as it was kept for an undo; distillation baked out again: that restored."""
     from huggingface_hub import ModelCard
     from huggingface_hub.utils import logging as hub_logging
 
@@ -465,14 +473,26 @@ def _recommend_in_card(
         card = ModelCard.load(card_path) if card_path.is_file() else ModelCard("")
     finally:
         hub_logging.set_verbosity(saved)
-    card.data.inference = {"parameters": sampling.as_card_parameters()}
+    sampling, record = merged.sampling, card.data.get(CARD_BEFORE_DISTILLATION)
     text = _without_distillation_note(card.text.lstrip("\n"))
-    if before_distillation is None:
-        card.data.pop(CARD_SAMPLING_BEFORE_DISTILLATION, None)
+    if not merged.distilled:
+        if isinstance(record, dict):  # the source's own inference settings, whatever they held
+            card.data.pop(CARD_BEFORE_DISTILLATION)
+            card.data.pop("inference", None)
+            if record.get("inference") is not None:
+                card.data.inference = record["inference"]
+        else:
+            card.data.inference = {"parameters": sampling.as_card_parameters()}
         card.text = f"\n{text}"  # as the hub writes a card: a blank line below the front matter
         card.save(card_path)
         return
-    card.data[CARD_SAMPLING_BEFORE_DISTILLATION] = before_distillation.as_card_parameters()
+    if merged.before is not None and not isinstance(record, dict):
+        original = card.data.get("inference")
+        card.data[CARD_BEFORE_DISTILLATION] = {
+            "recommended": merged.before.as_card_parameters(),
+            "inference": original,
+        }
+    card.data.inference = {"parameters": sampling.as_card_parameters()}
     note = f"{DISTILLATION_NOTE}: sample at guidance {sampling.guidance:g}, {sampling.steps} steps**" + (
         " (what follows describes the model it was merged into)" if text.strip() else ""
     )
