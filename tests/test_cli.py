@@ -1004,6 +1004,26 @@ def test_generate_takes_one_lora_and_train_at_most_a_process_a_core(tmp_path, ca
     assert code == 2 and "--set train.lr is given more than once; the last, 'train.lr = 2e-3', is used" in err
 
 
+def test_a_report_whose_out_was_taken_during_the_eval_is_written_beside_it(
+    tmp_path, capsys, monkeypatch, tiny_folders, loras
+):
+    import leco.evaluate
+
+    out = tmp_path / "r.json"
+
+    def evaluate(*args, **kwargs):
+        out.write_text("mine")  # e.g. another job writing there meanwhile
+        return {"rows": [], "summary": {}, "spec": {}}
+
+    monkeypatch.setattr(leco.evaluate, "evaluate", evaluate)
+    monkeypatch.setattr(leco.evaluate, "format_report", lambda report, all_rows: "the table")
+    argv = ["eval", "--model", tiny_folders["sd1"], "--lora", loras["sd1"], "--out", out]
+    code, printed, err = run_cli([*argv, "--spec", EXAMPLES / "erase_seven_eval.yaml"], capsys)
+    assert code == 0 and out.read_text() == "mine"
+    assert json.loads((tmp_path / "r.1.json").read_text())["rows"] == []
+    assert "the report was written to" in err and "r.1.json" in printed
+
+
 @pytest.mark.parametrize("victim", ["lora", "spec", "notes"])
 def test_eval_replaces_no_file_but_an_earlier_report(
     tmp_path, capsys, no_loading, tiny_folders, loras, victim

@@ -753,7 +753,11 @@ def run_eval(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         model_name=model_name(args.model),
     )
-    written = write_report(report, args.out)  # first: the minutes of work are kept whatever printing does
+    try:  # first: the minutes of work are kept whatever printing does
+        written = write_report(report, args.out)
+    except LecoError as error:  # another file took --out during the eval (checked free at the start)
+        written = write_report(report, _free_name(args.out))
+        warn(f"--out: {error}; the report was written to {written} instead")
     print(format_report(report, all_rows=args.all_rows))
     print(f"report: {written}")
     for row in report["rows"]:  # a concept the model does not draw: its row measures nothing
@@ -886,6 +890,14 @@ def run_generate(args: argparse.Namespace) -> int:
     )
     print(f"wrote {len(paths)} image{'' if len(paths) == 1 else 's'} and {grid}")
     return 0
+
+
+def _free_name(path: Path) -> Path:
+    """`path` with the first free number before its suffix: report.1.json, report.2.json, ..."""
+    number = 1
+    while (taken := path.with_name(f"{path.stem}.{number}{path.suffix}")).exists():
+        number += 1
+    return taken
 
 
 def _warn_of_repeated_sets(changes: list[str]) -> None:
