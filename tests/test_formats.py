@@ -23,6 +23,7 @@ from safetensors import safe_open
 from leco import train
 from leco.cli import main
 from leco.config import ConfigError, LecoConfig, PromptSettings, TrainConfig, load_config, load_prompts
+from leco.errors import LecoError
 from leco.formats.origins import in_file_keys
 from leco.models import load_models
 from leco.network import read_lora_file
@@ -1324,6 +1325,12 @@ def test_ai_toolkit_problems_found_after_conversion_name_the_jobs_own_key(ai_too
     # leco's own count of expanded entries is no key of the job: such a message stays as it is
     assert in_file_keys(path, "prompts entry 5: resolution 10") == "prompts entry 5: resolution 10"
     assert in_file_keys(path, "prompts: x").startswith("config.process[0].slider.targets (leco: prompts): x")
+    # the Python call names them so too
+    with pytest.raises(LecoError) as raised:
+        train(path)
+    assert str(raised.value).startswith(
+        f"{path}: config.process[0].model.is_xl (leco: pretrained_model.sdxl)"
+    )
 
 
 AI_TOOLKIT_KEYS = [

@@ -63,7 +63,7 @@ def _train(
     from leco.config import ready_config
     from leco.distributed import launcher_precision_note
     from leco.errors import LecoError, is_main_process, warn
-    from leco.formats.origins import in_file_keys
+    from leco.formats.origins import in_config_file, in_file_keys
 
     config_file = config if isinstance(config, (str, Path)) else None  # another tool's: its keys
     config = ready_config(config, prompts_file)
@@ -73,6 +73,17 @@ def _train(
         precision_note = launcher_precision_note(config.train.precision)
         if precision_note:
             warn(precision_note)
+    try:
+        return _run(config, resume, overwrite, progress)
+    except LecoError as error:  # found once models are loaded: a key of the file, named with it
+        if config_file is None:
+            raise
+        raise LecoError(in_config_file(config_file, str(error))) from None
+
+
+def _run(config: LecoConfig, resume: str | Path | None, overwrite: bool, progress: bool) -> TrainResult:
+    from leco.errors import LecoError
+
     if config.train.method == "closed_form":
         from leco import closed_form
         from leco.trainer import TrainResult

@@ -611,6 +611,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _train_command(args: argparse.Namespace) -> int:
     from leco import train
+    from leco.formats.origins import in_config_file
 
     config = args.config or args.config_file
     if config is None:
@@ -641,7 +642,7 @@ def _train_command(args: argparse.Namespace) -> int:
             if args.resume:  # a state of another run, config or process count
                 read_state(args.resume, loaded.to_json(), args.num_processes)
         except LecoError as error:
-            raise LecoError(_in_config_file(config, str(error), args.set)) from None
+            raise LecoError(in_config_file(config, str(error), args.set)) from None
         if loaded.train.method != "closed_form":
             return launch_processes(args.num_processes, args.words)
         warn(
@@ -656,7 +657,7 @@ def _train_command(args: argparse.Namespace) -> int:
             prompts_file=None if args.set else args.prompts_file,
         )
     except LecoError as error:  # found once models are loaded: a key of the config, named with its file
-        raise LecoError(_in_config_file(config, str(error), args.set)) from None
+        raise LecoError(in_config_file(config, str(error), args.set)) from None
     # Started by --num-processes: torchrun reads 130 as a failed process (and prints a traceback);
     # the leco process that started it reports the interruption instead.
     interrupted_code = 0 if os.environ.get(LAUNCHED_BY_LECO) else stopped_exit_code(result.stopped_by)
@@ -688,24 +689,6 @@ def _changed_config(config: str, prompts_file: str | None, changes: list[str]) -
 
 
 # A problem with a config key, found after loading (the file is named when the config is read).
-_CONFIG_KEY_PROBLEM = re.compile(
-    r"^(pretrained_model|network|train|save|logging|other|anchors|preview|closed_form|teacher|prompts)\b"
-)
-
-
-def _in_config_file(config: str, message: str, changes: Sequence[str] = ()) -> str:
-    """A problem with a key, named with the config file (in its own format's words) and the --set
-    changes made to it; a key --set changed keeps leco's name."""
-    from leco.formats.origins import in_file_keys
-
-    named_file = message.partition(": ")[0]  # a file such as prompts.toml opens like a key
-    if not _CONFIG_KEY_PROBLEM.match(message) or Path(named_file).is_file():
-        return message
-    where = f"{config} with --set {' '.join(map(shlex.quote, changes))}" if changes else config
-    changed = any(message.startswith(f"{change.partition('=')[0].strip()}:") for change in changes)
-    return f"{where}: {message if changed else in_file_keys(config, message)}"
-
-
 def load_for_images(args: argparse.Namespace):
     import torch
 

@@ -3,6 +3,9 @@ model not found, a setting without effect) names the key the user wrote."""
 
 from __future__ import annotations
 
+import re
+import shlex
+from collections.abc import Sequence
 from pathlib import Path
 
 _ORIGINS: dict[Path, dict[str, str]] = {}  # file -> {leco key: its key there}
@@ -24,3 +27,20 @@ def with_origin(message: str, origin: dict[str, str]) -> str:
             told = theirs if theirs == ours else f"{theirs} (leco: {ours})"
             return f"{told}{message[len(ours) :]}"
     return message
+
+
+# A message about a key of a config's sections (leco's names), as the loaders word them.
+_CONFIG_KEY_PROBLEM = re.compile(
+    r"^(pretrained_model|network|train|save|logging|other|anchors|preview|closed_form|teacher|prompts)\b"
+)
+
+
+def in_config_file(config: str | Path, message: str, changes: Sequence[str] = ()) -> str:
+    """A problem with a key, named with the config file (in its own format's words) and the --set
+    changes made to it; a key --set changed keeps leco's name."""
+    named_file = message.partition(": ")[0]  # a file such as prompts.toml opens like a key
+    if not _CONFIG_KEY_PROBLEM.match(message) or Path(named_file).is_file():
+        return message
+    where = f"{config} with --set {' '.join(map(shlex.quote, changes))}" if changes else str(config)
+    changed = any(message.startswith(f"{change.partition('=')[0].strip()}:") for change in changes)
+    return f"{where}: {message if changed else in_file_keys(config, message)}"
