@@ -502,14 +502,7 @@ def evaluate(
     for repeated in {path for path in resolved if resolved.count(path) > 1}:
         warn(f"--lora: {repeated.name} is given {resolved.count(repeated)} times; each copy is judged again")
     read_negatives = _negative_embeddings(loras, labels, spec.strengths)  # each file read once
-    negatives = {label: judged_name(embedding) for label, embedding in read_negatives.items()}
-    for label, negative in negatives.items():  # at strength 0 too, which would then judge nothing
-        if negative.token in spec.negative_prompt.lower():
-            raise LecoError(
-                f"--lora {label}: its token {negative.token} is already in the negative prompt "
-                f"({spec.negative_prompt!r}); eval adds it at strength 1 and leaves it out at 0, so "
-                "take it out of --negative (or the spec's negative_prompt)"
-            )
+    _refuse_tokens_in_the_negative_prompt(read_negatives, spec)
     strengths = list(dict.fromkeys(s for s in spec.strengths if s != 0.0)) if loras else []
     if loras and not strengths:
         raise LecoError(
@@ -519,20 +512,8 @@ def evaluate(
     # an embedding was trained at a clip skip too
     embedding_files = [parse_embedding_option(option)[0] for option in embeddings]
     settings = sampling_settings(spec, models, [*loras, *embedding_files])
-    fix = f"guidance: 3 in {spec._source}"
-    warn_if_guidance_below_one(settings.guidance, f"{spec._source}: guidance")
-    warn_if_negative_unread(
-        settings.guidance, settings.negative_prompt, f"{spec._source}: negative_prompt", fix
-    )
-    for label in negatives:
-        warn_if_negative_unread(
-            settings.guidance, negatives[label].token, f"--lora {label} (a negative embedding)", fix
-        )
-    for label, path in zip(labels, loras, strict=True):  # a bad second file stops the run now
-        if label not in negatives:
-            check_lora_fits(read_lora_header(path, models.family), models.unet, models.family, models.source)
-            check_lora_finite(Path(path))  # before minutes of images, not when its turn comes
-            warn_if_distilled(str(path), settings.guidance, fix=f"guidance: 1 in {spec._source}")
+    by_label = dict(zip(labels, loras, strict=True))
+    _check_loras_and_settings(models, spec, settings, by_label, read_negatives)
     detector = detector or make_detector(spec, models)
     entries = judged_prompts(spec, detector)  # every concept checked before any image is made
     prompts = list(dict.fromkeys(entry.prompt for entry in entries))  # one render per prompt
@@ -579,10 +560,61 @@ def evaluate(
                     "to make them all, run again with --overwrite"
                 )
             raise
+    return _report(models, spec, settings, pipe, by_label, negatives, embeddings, rows, strengths)
+
+
+def _refuse_tokens_in_the_negative_prompt(read_negatives: dict[str, Embedding], spec: EvalSpec) -> None:
+    """A negative embedding's token already in the negative prompt would be there at strength 0
+    too, which would then judge nothing."""
+    for label, embedding in read_negatives.items():
+        token = judged_name(embedding).token
+        if token in spec.negative_prompt.lower():
+            raise LecoError(
+                f"--lora {label}: its token {token} is already in the negative prompt "
+                f"({spec.negative_prompt!r}); eval adds it at strength 1 and leaves it out at 0, so "
+                "take it out of --negative (or the spec's negative_prompt)"
+            )
+
+
+def _check_loras_and_settings(
+    models: LoadedModels,
+    spec: EvalSpec,
+    settings: SamplingSettings,
+    loras: dict[str, str | Path],
+    read_negatives: dict[str, Embedding],
+) -> None:
+    """What would make the minutes of images measure nothing, said (or refused) before the first."""
+    fix = f"guidance: 3 in {spec._source}"
+    warn_if_guidance_below_one(settings.guidance, f"{spec._source}: guidance")
+    warn_if_negative_unread(
+        settings.guidance, settings.negative_prompt, f"{spec._source}: negative_prompt", fix
+    )
+    for label, embedding in read_negatives.items():
+        token = judged_name(embedding).token
+        warn_if_negative_unread(settings.guidance, token, f"--lora {label} (a negative embedding)", fix)
+    for label, path in loras.items():  # a bad second file stops the run now
+        if label not in read_negatives:
+            check_lora_fits(read_lora_header(path, models.family), models.unet, models.family, models.source)
+            check_lora_finite(Path(path))  # before minutes of images, not when its turn comes
+            warn_if_distilled(str(path), settings.guidance, fix=f"guidance: 1 in {spec._source}")
+
+
+def _report(
+    models: LoadedModels,
+    spec: EvalSpec,
+    settings: SamplingSettings,
+    pipe: Any,
+    loras: dict[str, str | Path],
+    negatives: dict[str, Embedding],
+    embeddings: Sequence[str | Path],
+    rows: list[dict[str, Any]],
+    strengths: list[float],
+) -> dict[str, Any]:
+    """What `leco eval` writes as JSON: the run's inputs and settings, every judged row, summaries."""
     ordered = [0.0, *strengths]
     report: dict[str, Any] = {
         "model": models.source,
-        "loras": dict(zip(labels, map(str, loras), strict=True)),
+        "loras": {label: str(path) for label, path in loras.items()},
         "negative_embeddings": {label: embedding.token for label, embedding in negatives.items()},
         "embeddings": [str(e) for e in embeddings],
         "spec": spec.model_dump(),
@@ -595,9 +627,9 @@ def evaluate(
         },
         "rows": rows,
         "summary": summarise(rows, ordered),
-        "per_lora": {label: summarise(_rows_of(rows, label), ordered) for label in labels},
+        "per_lora": {label: summarise(_rows_of(rows, label), ordered) for label in loras},
     }
-    if len(labels) > 1:
+    if len(loras) > 1:
         report["across_loras"] = across_loras(report["per_lora"], strengths)
     return report
 
