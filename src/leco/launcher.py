@@ -37,14 +37,6 @@ def launch_processes(count: int, words: list[str]) -> int:
     import tempfile
     import time
 
-    argv, skip = [], False
-    for arg in words:  # the command line without --num-processes
-        if skip:
-            skip = False
-        elif arg == "--num-processes":
-            skip = True
-        elif not arg.startswith("--num-processes="):
-            argv.append(arg)
     # torchrun through run_torchrun below: quiet about a process that stopped on a bad input it said
     run = "from leco.launcher import run_torchrun; run_torchrun()"
     command = [sys.executable, "-c", run, "--standalone", f"--nproc_per_node={count}"]
@@ -56,53 +48,74 @@ def launch_processes(count: int, words: list[str]) -> int:
     # module half-made that the next import trips over, so signals wait until then.
     ready = Path(tempfile.mkdtemp(prefix="leco-ready-"))
     environment = {**os.environ, LAUNCHED_BY_LECO: str(ready)}
-    received: list[int] = []
-    passed_on: dict[int, int] = {}  # worker pid -> how many of `received` it was given
-    started: list[subprocess.Popen] = []
-
-    def pass_on(launcher: subprocess.Popen) -> None:
-        count = len(received)  # once: a signal arriving meanwhile is passed on next time
-        # Where processes cannot be listed (no Linux /proc), torchrun passes it on, traceback and all.
-        workers = child_processes(launcher.pid) if Path("/proc/self/task").is_dir() else [launcher.pid]
-        for pid in workers:
-            if pid == launcher.pid or (ready / str(pid)).exists():
-                for number in received[passed_on.get(pid, 0) : count]:
-                    # A hang-up (the terminal or ssh gone) is passed on as one: they save, and stop
-                    # writing to that terminal. SIGQUIT stops them as SIGTERM does.
-                    passed = number if number in (signal.SIGINT, signal.SIGHUP) else signal.SIGTERM
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, passed)
-                passed_on[pid] = count
-
-    def forward(number: int, frame: object) -> None:  # passed on by the loop below, never twice
-        received.append(number)
-        if len(received) >= 3:  # one may be stuck where its handler cannot run: end them all now
-            for launcher in started:
-                for pid in [*child_processes(launcher.pid), launcher.pid]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-
+    relay = _SignalRelay(ready)
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
     previous = {  # before torchrun exists; a hang-up the caller ignores (`nohup`) stays ignored
-        number: signal.signal(number, forward)
+        number: signal.signal(number, relay.receive)
         for number in stops
         if not (number == signal.SIGHUP and signal.getsignal(number) is signal.SIG_IGN)
     }
     try:
+        argv = _without_num_processes(words)
         launcher = subprocess.Popen([*command, "-m", "leco", *argv], start_new_session=True, env=environment)
-        started.append(launcher)
+        relay.launchers.append(launcher)
         while (code := launcher.poll()) is None:
             time.sleep(0.1)
-            pass_on(launcher)
+            relay.pass_on(launcher.pid)
         if (ready / ERROR_FILE).exists():  # a bad input a process found and said: as one process does
             return 2
-        if received and (code == 0 or code < 0):  # stopped and saved, or ended by a third signal:
-            return stopped_exit_code(received[0])  # what a single process says, not torchrun's 247
+        if relay.received and (code == 0 or code < 0):  # stopped and saved, or ended by a third signal:
+            return stopped_exit_code(relay.received[0])  # what a single process says, not torchrun's 247
         return code
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
         shutil.rmtree(ready, ignore_errors=True)
+
+
+def _without_num_processes(words: list[str]) -> list[str]:
+    """The command line the launched processes run: this one without --num-processes."""
+    kept, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif word == "--num-processes":
+            skip = True
+        elif not word.startswith("--num-processes="):
+            kept.append(word)
+    return kept
+
+
+class _SignalRelay:
+    """The launcher's signals, passed on once to each training process that is ready for them."""
+
+    def __init__(self, ready: Path) -> None:
+        self.ready = ready  # the folder where each process marks itself ready (its pid)
+        self.received: list[int] = []
+        self.passed_on: dict[int, int] = {}  # worker pid -> how many of `received` it was given
+        self.launchers: list[Any] = []  # the torchrun process (a subprocess.Popen)
+
+    def receive(self, number: int, frame: object) -> None:  # passed on by the launcher's loop, never twice
+        self.received.append(number)
+        if len(self.received) >= 3:  # one may be stuck where its handler cannot run: end them all now
+            for launcher in self.launchers:
+                for pid in [*child_processes(launcher.pid), launcher.pid]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+
+    def pass_on(self, launcher_pid: int) -> None:
+        count = len(self.received)  # once: a signal arriving meanwhile is passed on next time
+        # Where processes cannot be listed (no Linux /proc), torchrun passes it on, traceback and all.
+        workers = child_processes(launcher_pid) if Path("/proc/self/task").is_dir() else [launcher_pid]
+        for pid in workers:
+            if pid == launcher_pid or (self.ready / str(pid)).exists():
+                for number in self.received[self.passed_on.get(pid, 0) : count]:
+                    # A hang-up (the terminal or ssh gone) is passed on as one: they save, and stop
+                    # writing to that terminal. SIGQUIT stops them as SIGTERM does.
+                    passed = number if number in (signal.SIGINT, signal.SIGHUP) else signal.SIGTERM
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, passed)
+                self.passed_on[pid] = count
 
 
 ERROR_FILE = "error"  # in the launcher's folder: a training process has said a bad input's line
