@@ -362,6 +362,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"leco {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_train_command(commands)
+    _add_generate_command(commands)
+    _add_evaluate_command(commands)
+    _add_merge_command(commands)
+    _add_convert_command(commands)
+    parser.set_defaults(commands=commands.choices)  # for an unknown option, the command's own error line
+    return parser
+
+
+def _add_train_command(commands: Any) -> None:
     train = commands.add_parser(
         "train",
         help="train a LoRA from a config YAML",
@@ -404,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     train.set_defaults(run=run_train)
 
+
+def _add_generate_command(commands: Any) -> None:
     generate = commands.add_parser(
         "generate",
         help="images at several LoRA strengths, and a labelled grid",
@@ -476,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     generate.set_defaults(run=run_generate)
 
+
+def _add_evaluate_command(commands: Any) -> None:
     evaluate = commands.add_parser(
         "eval",
         help="how much of the concept is gone, how much else is unchanged",
@@ -540,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     evaluate.set_defaults(run=run_eval)
 
+
+def _add_merge_command(commands: Any) -> None:
     merge = commands.add_parser(
         "merge",
         help="bake LoRAs into a model: a single-file checkpoint or a folder",
@@ -567,6 +583,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_no_progress_for_scripts(merge)
     merge.set_defaults(run=run_merge)
 
+
+def _add_convert_command(commands: Any) -> None:
     convert = commands.add_parser(
         "convert",
         help="LoRAs of other trainers (LECO, sliders) -> kohya files",
@@ -590,8 +608,6 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_no_progress_for_scripts(convert)
     convert.set_defaults(run=run_convert)
-    parser.set_defaults(commands=commands.choices)  # for an unknown option, the command's own error line
-    return parser
 
 
 def _add_no_progress_for_scripts(command: argparse.ArgumentParser) -> None:
