@@ -85,28 +85,7 @@ def as_kohya(
     paths: dict[str, tuple[str, str]] = {}  # kohya module -> (model, diffusers path), for its alpha
     read_as: dict[tuple[str, str], str] = {}  # (kohya module, part) -> the file's key for it
     for key, value in tensors.items():
-        if key.startswith(KOHYA_PREFIXES):  # kohya's module names with PEFT's part names
-            model, path = "kohya", key
-        else:
-            model, path = _model_and_path(key)
-        path = _in_current_names(path)
-        module_path, _, part = path.rpartition(".lora_")
-        kohya_part = _PEFT_PARTS.get(f"lora_{part}", f"lora_{part}")
-        if path.endswith(".alpha"):  # diffusers' network_alphas form
-            module_path, kohya_part = path.removesuffix(".alpha"), "alpha"
-        elif kohya_part not in ("lora_down.weight", "lora_up.weight") or not module_path:
-            raise LecoError(
-                f"{source}: {key} is not a plain LoRA tensor (lora_A/lora_B, down/up); LyCORIS or DoRA "
-                "files cannot be read"
-            )
-        paths_key = (model, module_path)  # PEFT's patterns are matched against the module as named here
-        if model.startswith("text") and not module_path.startswith("text_model."):  # transformers 5's CLIP
-            module_path = f"text_model.{module_path}"
-        module = (
-            module_path
-            if model == "kohya"
-            else _kohya_prefix(model, text_encoders) + module_path.replace(".", "_")
-        )
+        module, kohya_part, paths_key = _kohya_name(key, source, text_encoders)
         parts = modules.setdefault(module, {})
         if kohya_part in parts:  # e.g. kohya's lora_unet_... and PEFT's unet.... for one layer
             raise LecoError(
@@ -128,6 +107,31 @@ def as_kohya(
                 ) from None
             result[f"{module}.alpha"] = torch.tensor(alpha)
     return result
+
+
+def _kohya_name(key: str, source: str, text_encoders: int) -> tuple[str, str, tuple[str, str]]:
+    """A tensor's kohya module and part (lora_down.weight, lora_up.weight or alpha), and the model
+    and module path PEFT's per-module patterns are matched against (for its alpha)."""
+    if key.startswith(KOHYA_PREFIXES):  # kohya's module names with PEFT's part names
+        model, path = "kohya", key
+    else:
+        model, path = _model_and_path(key)
+    path = _in_current_names(path)
+    module_path, _, part = path.rpartition(".lora_")
+    kohya_part = _PEFT_PARTS.get(f"lora_{part}", f"lora_{part}")
+    if path.endswith(".alpha"):  # diffusers' network_alphas form
+        module_path, kohya_part = path.removesuffix(".alpha"), "alpha"
+    elif kohya_part not in ("lora_down.weight", "lora_up.weight") or not module_path:
+        raise LecoError(
+            f"{source}: {key} is not a plain LoRA tensor (lora_A/lora_B, down/up); LyCORIS or DoRA "
+            "files cannot be read"
+        )
+    paths_key = (model, module_path)  # PEFT's patterns are matched against the module as named here
+    if model.startswith("text") and not module_path.startswith("text_model."):  # transformers 5's CLIP
+        module_path = f"text_model.{module_path}"
+    if model == "kohya":
+        return module_path, kohya_part, paths_key
+    return _kohya_prefix(model, text_encoders) + module_path.replace(".", "_"), kohya_part, paths_key
 
 
 def unet_module_paths(keys: Iterable[str]) -> list[str]:
