@@ -14,7 +14,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from leco._version import __version__
 from leco.errors import LecoError, Terminated, is_main_process, process_count, stopped_exit_code, warn
@@ -25,6 +25,11 @@ from leco.launcher import (
     launch_processes,
     tell_launcher_ready,
 )
+
+if TYPE_CHECKING:  # the command loads torch and the models only once its arguments are read
+    import torch
+
+    from leco.models import LoadedModels
 
 NUMERIC_LIST_OPTIONS = ("--strengths",)
 
@@ -705,7 +710,7 @@ def _changed_config(config: str, prompts_file: str | None, changes: list[str]) -
 
 
 # A problem with a config key, found after loading (the file is named when the config is read).
-def load_for_images(args: argparse.Namespace):
+def load_for_images(args: argparse.Namespace) -> tuple[LoadedModels, torch.device]:
     import torch
 
     from leco.config import PretrainedModelConfig

@@ -19,6 +19,7 @@ from diffusers import (
     LCMScheduler,
     LMSDiscreteScheduler,
     PNDMScheduler,
+    SchedulerMixin,
     UniPCMultistepScheduler,
 )
 from torch import Tensor
@@ -180,7 +181,7 @@ def sampler_name(text: str) -> str | None:
     return name + KARRAS if karras else name
 
 
-def make_scheduler(config: dict, sampler: str):
+def make_scheduler(config: dict, sampler: str) -> SchedulerMixin:
     name = sampler_name(sampler)
     if name is None:
         raise LecoError(f"--sampler: {unknown_sampler(sampler)}")

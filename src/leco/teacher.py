@@ -25,7 +25,7 @@ from leco.models import TEACHER_OPTION_NAMES, LoadedModels, load_models
 from leco.objectives import CONCEPT_ROLES, guided
 from leco.prompts import PreparedPrompt, encode_texts, prompt_texts
 from leco.samplers import refuse_epsilon_at_zero_snr, training_alphas_cumprod
-from leco.trainable import EditedModel
+from leco.trainable import EditedModel, Trainable
 
 
 class Sample(Protocol):
@@ -73,7 +73,11 @@ class Teacher:
 
     @classmethod
     def of_student(
-        cls, models: LoadedModels, embeddings: dict[str, Conditioning], trainable, autocast
+        cls,
+        models: LoadedModels,
+        embeddings: dict[str, Conditioning],
+        trainable: Trainable,
+        autocast: Callable[[], AbstractContextManager],
     ) -> Teacher:
         """The student's own UNet with the trained part switched off."""
         return cls(

@@ -6,11 +6,13 @@ For tests and benchmarks: they have the shapes and key names of the real familie
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DiffusionPipeline,
     EulerDiscreteScheduler,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
@@ -87,7 +89,7 @@ def tiny_pipeline(
     seed: int = 0,
     channels: tuple[int, int] = (16, 32),
     sample_size: int = 8,
-):
+) -> DiffusionPipeline:
     """A diffusers pipeline of the family's layout with a few thousand random parameters per part."""
     torch.manual_seed(seed)
     unet = _unet(arch, channels, sample_size)
@@ -134,7 +136,9 @@ def tiny_pipeline(
     )
 
 
-def save_tiny_pipeline(folder: Path, arch: str = "sd1", v_pred: bool = False, seed: int = 0, **sizes):
+def save_tiny_pipeline(
+    folder: Path, arch: str = "sd1", v_pred: bool = False, seed: int = 0, **sizes: Any
+) -> DiffusionPipeline:
     pipe = tiny_pipeline(arch, v_pred, seed, **sizes)
     pipe.save_pretrained(folder)
     return pipe
@@ -178,7 +182,7 @@ def _clip_state(encoder: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor
     }
 
 
-def ldm_state_dict(pipe, arch: str) -> dict[str, torch.Tensor]:
+def ldm_state_dict(pipe: DiffusionPipeline, arch: str) -> dict[str, torch.Tensor]:
     """The pipeline's UNet and text encoder(s) in the original single-file layout."""
     state = {
         "model.diffusion_model." + to_sgm_name(k, pipe.unet.config): v
@@ -194,6 +198,6 @@ def ldm_state_dict(pipe, arch: str) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().clone() for k, v in state.items()}
 
 
-def save_single_file(path: Path, pipe, arch: str) -> Path:
+def save_single_file(path: Path, pipe: DiffusionPipeline, arch: str) -> Path:
     save_file(ldm_state_dict(pipe, arch), str(path))
     return path
