@@ -1019,3 +1019,14 @@ def test_generate_follows_the_clip_skip_an_embedding_was_trained_with(tmp_path, 
     )
     assert "clip skip 2, as no_dog.safetensors was trained with" in capsys.readouterr().err
     assert "Clip skip: 2" in Image.open(tmp_path / "o" / "a-dog_0_0.png").text["parameters"]
+
+
+def test_the_library_samples_as_leco_generate_does(capsys):
+    from leco.generate import sampling_settings
+
+    ink_digits = load_models("ink-digits")
+    settings = sampling_settings(ink_digits, None, negative_prompt="blurry")
+    assert (settings.steps, settings.guidance, settings.negative_prompt) == (25, 3.0, "blurry")
+    given = sampling_settings(ink_digits, None, steps=10, guidance=1.0, negative_prompt="blurry")
+    assert (given.steps, given.guidance) == (10, 1.0)
+    assert "the negative prompt ('blurry') is never read" in capsys.readouterr().err

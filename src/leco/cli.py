@@ -838,17 +838,13 @@ def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequenc
 
 def run_generate(args: argparse.Namespace) -> int:
     from leco.generate import (
-        SamplingSettings,
-        clip_skip_for,
         refuse_earlier_files,
         requests_for,
         run_generation,
-        warn_if_guidance_below_one,
-        warn_if_negative_unread,
+        sampling_settings,
         warn_of_other_images,
     )
-    from leco.lora_files import warn_if_distilled
-    from leco.models import model_name, sampling_for
+    from leco.models import model_name
 
     if args.lora and len(args.lora) > 1:
         raise LecoError(
@@ -868,18 +864,19 @@ def run_generate(args: argparse.Namespace) -> int:
         warn_of_other_images(requests, args.out)
     args.embedding = _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
-    # a merged single file's own recommendation, else its card's (or its config folder's card's)
-    steps, guidance = sampling_for(models).fill(args.steps, args.guidance)
-    from leco.embedding_files import parse_embedding_option
-
-    embedding_files = [parse_embedding_option(option)[0] for option in args.embedding]  # trained at one too
-    clip_skip = clip_skip_for(models, args.clip_skip, [*([args.lora] if args.lora else []), *embedding_files])
-    settings = SamplingSettings(
-        steps, guidance, args.height, args.width, args.negative, args.sampler, args.batch_size, clip_skip
+    settings = sampling_settings(
+        models,
+        args.lora,
+        args.embedding,
+        steps=args.steps,
+        guidance=args.guidance,
+        clip_skip=args.clip_skip,
+        height=args.height,
+        width=args.width,
+        negative_prompt=args.negative,
+        sampler=args.sampler,
+        batch_size=args.batch_size,
     )
-    warn_if_distilled(args.lora, settings.guidance)
-    warn_if_guidance_below_one(settings.guidance, "--guidance")
-    warn_if_negative_unread(settings.guidance, settings.negative_prompt, "--negative")
     paths, grid = run_generation(
         models,
         args.lora,

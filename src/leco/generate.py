@@ -265,6 +265,33 @@ def clip_skip_for(
     return checked_clip_skip(models, value, option)
 
 
+def sampling_settings(
+    models: LoadedModels,
+    lora: str | Path | None,
+    embeddings: Sequence[str | Path] = (),
+    *,
+    steps: int | None = None,
+    guidance: float | None = None,
+    clip_skip: int | None = None,
+    **rest: Any,
+) -> SamplingSettings:
+    """`leco generate`'s sampling: unset steps and guidance as the model recommends (a merged single
+    file's own word, else its card's), an unset clip skip as the LoRA or embeddings (FILE or
+    FILE:TOKEN) were trained; settings that would not do what they seem are warned of. `rest`: the
+    other SamplingSettings fields."""
+    from leco.embedding_files import parse_embedding_option
+    from leco.lora_files import warn_if_distilled
+    from leco.models import sampling_for
+
+    steps, guidance = sampling_for(models).fill(steps, guidance)
+    files = [*([lora] if lora else []), *(parse_embedding_option(e)[0] for e in embeddings)]
+    settings = SamplingSettings(steps, guidance, clip_skip=clip_skip_for(models, clip_skip, files), **rest)
+    warn_if_distilled(str(lora) if lora else None, settings.guidance)
+    warn_if_guidance_below_one(settings.guidance, "--guidance")
+    warn_if_negative_unread(settings.guidance, settings.negative_prompt, "--negative")
+    return settings
+
+
 def cfg_scale(guidance: float) -> float:
     """The CFG scale images are made at: diffusers samples any guidance at or below 1 as 1 (the prompt
     alone), where A1111 would mix in the unconditional prediction below 1."""
