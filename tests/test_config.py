@@ -42,6 +42,24 @@ def folder(tmp_path):
     return tmp_path
 
 
+def test_arguments_yaml_reads_as_text_are_read_as_the_numbers_written(folder):
+    text = MINIMAL + (
+        "train:\n  optimizer_args:\n    eps: 1e-8\n    weight_decay: 1e-2\n    betas: (0.9, 0.99)\n"
+        "    foreach: no\n  lr_scheduler: polynomial\n  lr_scheduler_args: {power: 2, lr_end: 1e-7}\n"
+    )
+    config = load_config(write(folder, "c.yaml", text))
+    assert config.train.optimizer_args == {
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+        "betas": [0.9, 0.99],
+        "foreach": False,
+    }
+    assert config.train.lr_scheduler_args == {"power": 2, "lr_end": 1e-7}
+    flow = MINIMAL + "train:\n  optimizer_args: {eps: 1e-8, betas: (0.9, 0.99)}\n"
+    with pytest.raises(ConfigError, match=r"'\(0\.9' is half a list .* write betas: \[0\.9, 0\.99\]"):
+        load_config(write(folder, "flow.yaml", flow))
+
+
 def test_reference_style_files_load_with_their_meaning():
     config = load_config(DATA / "config.yaml")
     assert config.pretrained_model.v2 is True and config.pretrained_model.v_pred is True

@@ -253,10 +253,15 @@ class TrainConfig(_Section):
     resolution: int | None = Field(None, ge=8, le=MAX_SIDE)
     batch_size: int | None = Field(None, ge=1)
 
+    @field_validator("lr_scheduler_args", mode="before")
+    @classmethod
+    def _read_schedule_numbers(cls, value: Any) -> Any:
+        return numbers_as_written(value)
+
     @field_validator("optimizer_args", mode="before")
     @classmethod
     def _parse_optimizer_args(cls, value: Any) -> Any:
-        value = parse_optimizer_args(value) if isinstance(value, str) else value
+        value = numbers_as_written(parse_optimizer_args(value) if isinstance(value, str) else value)
         if isinstance(value, dict) and {"lr", "params"} & set(value):
             key = "lr" if "lr" in value else "params"
             fix = "set train.lr instead" if key == "lr" else "remove it (leco passes the trained parameters)"
@@ -998,6 +1003,36 @@ def typed_float(text: str) -> float:
     if "_" in text:
         raise ValueError(f"{text!r} is not a number")
     return float(text)
+
+
+def numbers_as_written(args: Any) -> Any:
+    """A dict of arguments with the numbers YAML reads as text (1e-8, which has no decimal point,
+    and (0.9, 0.99)) read as the numbers and lists of numbers they are."""
+    if not isinstance(args, dict):
+        return args
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    def read(key: str, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("(") and ")" not in value:  # {betas: (0.9, 0.99)}: cut at its comma
+            raise ValueError(
+                f"{key}: {value!r} is half a list (in {{...}} YAML splits (0.9, 0.99) at its comma); "
+                f"write {key}: [0.9, 0.99]"
+            )
+        try:
+            literal = ast.literal_eval(value.strip())
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return value
+        if number(literal):
+            return literal
+        if isinstance(literal, (tuple, list)) and literal and all(number(item) for item in literal):
+            return list(literal)
+        return value
+
+    return {key: read(key, value) for key, value in args.items()}
 
 
 def parse_optimizer_args(text: str) -> dict[str, Any]:
