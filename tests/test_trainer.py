@@ -11,6 +11,7 @@ import torch
 import yaml
 from diffusers import DiffusionPipeline
 
+import leco.trainer
 from leco import train
 from leco.conditioning import predict
 from leco.config import LecoConfig, PromptSettings, load_prompts
@@ -614,8 +615,12 @@ def test_missing_optional_optimizer_names_the_package(tmp_path, tiny_folders, mo
     ],
 )
 def test_optimizer_and_schedule_arguments_they_refuse_are_one_line(
-    tmp_path, tiny_folders, train_options, message
+    tmp_path, tiny_folders, train_options, message, monkeypatch
 ):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(leco.trainer, "load_models", refuse)  # said before minutes of loading
     with pytest.raises(LecoError, match=message):
         Trainer(make_config(tiny_folders["sd1"], tmp_path, **train_options), progress=False)
 

@@ -27,7 +27,7 @@ from leco.config import LecoConfig
 from leco.errors import LecoError, Terminated, is_main_process, process_count, warn
 from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
 from leco.models import looks_like_repo_id, recorded_model_name
-from leco.optim import optimizer_class
+from leco.optim import check_optimizer
 from leco.tracking import check_log_folder, tensorboard_folder
 
 STATE_FILE = "training_state.pt"
@@ -804,5 +804,6 @@ def check_before_loading(
     if writes_files:
         folder.check(overwrite=overwrite, resume_source=resume, previews=bool(config.preview.prompts))
     check_log_folder(config)
-    optimizer_class(config.train)
+    if config.train.method != "closed_form":  # an edit solved in one step has no optimizer
+        check_optimizer(config.train)
     return folder

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -43,8 +46,10 @@ def optimizer_class(train: TrainConfig) -> type[torch.optim.Optimizer]:
         ) from None
 
 
-def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """train.optimizer over the trained parameters, with train.lr and train.optimizer_args."""
+def check_optimizer(train: TrainConfig) -> None:
+    """train.optimizer and its arguments tried on a stand-in parameter, before any model loads: some
+    arguments are read only when stepping (betas: [0.9, 0.99, 0.5] in AdamW), which would otherwise
+    show as a traceback after minutes of loading and the first rollout."""
     lr, args = train.lr, train.optimizer_args
     chosen = optimizer_class(train)
     if train.optimizer in ADAPTIVE_STEP and lr < 0.1:
@@ -52,15 +57,27 @@ def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> tor
             f"train.lr: {lr:g} with {train.optimizer}, which finds its own step size and is meant to "
             "run at lr 1 (its lr scales that step): at this lr it barely trains; set train.lr: 1"
         )
-    try:
-        optimizer = chosen(params, lr=lr, **args)
+    stand_in = torch.nn.Parameter(torch.zeros(2))
+    stand_in.grad = torch.ones(2)
+    # what an optimizer prints of its settings (prodigy) is said once, by the real one
+    with _arguments_checked(args, chosen), contextlib.redirect_stdout(io.StringIO()):
+        optimizer = chosen([stand_in], lr=lr, **args)
         if _OPTIMIZERS[train.optimizer][0] != "bitsandbytes.optim":  # (8-bit ones need a GPU to step)
-            # Some arguments are read only when stepping (betas: [0.9, 0.99, 0.5] in AdamW): one step
-            # on a stand-in parameter says so now, not as a traceback after the first rollout.
-            stand_in = torch.nn.Parameter(torch.zeros(2))
-            stand_in.grad = torch.ones(2)
-            chosen([stand_in], lr=lr, **args).step()
-        return optimizer
+            optimizer.step()
+
+
+def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """train.optimizer over the trained parameters, with train.lr and train.optimizer_args (tried
+    before loading: check_optimizer)."""
+    chosen = optimizer_class(train)
+    with _arguments_checked(train.optimizer_args, chosen):
+        return chosen(params, lr=train.lr, **train.optimizer_args)
+
+
+@contextlib.contextmanager
+def _arguments_checked(args: dict[str, Any], chosen: type) -> Iterator[None]:
+    try:
+        yield
     # optimizers check their arguments in their own ways: betas: [0.9] is an IndexError in AdamW,
     # an AssertionError in Lion
     except (TypeError, ValueError, IndexError, KeyError, AssertionError, RuntimeError) as error:
@@ -104,7 +121,8 @@ def _arguments_error(key: str, args: dict[str, Any], error: Exception, owner: st
         (name, value), *_ = lists.items()
         hint = "; betas takes two, e.g. [0.9, 0.999]" if name == "betas" else ""
         return LecoError(f"{key}: {name}={value!r} has the wrong number of items (for {owner}){hint}")
-    return LecoError(f"{key}: {error} (for {owner})")
+    said = str(error)
+    return LecoError(f"{key}: {said}" if owner in said else f"{key}: {said} (for {owner})")
 
 
 class Updates:
