@@ -316,6 +316,28 @@ def test_a_resumed_run_trains_on_with_the_new_lr(tmp_path, tiny_folders):
     assert group["lr"] == saved_lr
 
 
+@pytest.mark.filterwarnings(
+    "ignore:Detected call of `lr_scheduler.step\\(\\)` before"
+)  # the fresh curve, stepped bare
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "polynomial"])
+def test_a_resumed_run_with_more_iterations_takes_its_lr_from_the_longer_curve(
+    tmp_path, tiny_folders, schedule
+):
+    """The documented way to go on with a finished run: the first new step's lr is the longer run's
+    at that step, not the end of the shorter curve (cosine's 0)."""
+    settings = {"lr_scheduler": schedule, "lr_warmup_steps": 1}
+    first = train(make_config(tiny_folders["sd1"], tmp_path / "a", iterations=4, **settings), progress=False)
+    longer = make_config(tiny_folders["sd1"], tmp_path / "b", iterations=12, **settings)
+    resumed = Trainer(longer, progress=False, resume=first.state).updates
+    fresh = Trainer(
+        make_config(tiny_folders["sd1"], tmp_path / "c", iterations=12, **settings), progress=False
+    )
+    for _ in range(4):  # the same curve, stepped as far
+        fresh.updates.lr_scheduler.step()
+    assert resumed.lr == fresh.updates.lr > 0
+    assert resumed.optimizer.param_groups[0]["lr"] == fresh.updates.optimizer.param_groups[0]["lr"]
+
+
 def test_a_resumed_step_schedule_follows_the_new_iterations(tmp_path, tiny_folders):
     first = make_config(tiny_folders["sd1"], tmp_path / "a", iterations=4, lr_scheduler="step")
     state = train(first, progress=False).state

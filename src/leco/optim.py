@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,6 +192,13 @@ class Updates:
                 group["lr"] = wanted * (group["lr"] / saved_base if saved_base else 1.0)
                 group["initial_lr"] = wanted
         self.lr_scheduler.base_lrs = [group["initial_lr"] for group in groups]
+        if isinstance(self.lr_scheduler, torch.optim.lr_scheduler.LambdaLR):  # diffusers' schedules
+            # the curve as configured now, at the step reached: a resume that raises train.iterations
+            # moves every later point of it, and the saved lr is the old curve's (cosine: 0 at its end)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # get_lr() outside step(): its closed form is wanted here
+                for group, lr in zip(groups, self.lr_scheduler.get_lr(), strict=True):
+                    group["lr"] = lr
         self.lr_scheduler._last_lr = [group["lr"] for group in groups]  # what get_last_lr() reports
 
 
