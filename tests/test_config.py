@@ -219,6 +219,7 @@ def test_inline_prompts_are_accepted(tmp_path):
             ["prompts_file: empty; name the prompts"],
         ),
         (MINIMAL + "train:\n  optimizer_args: {lr: 1}\n", ["optimizer_args:", "set train.lr instead"]),
+        (MINIMAL + "train:\n  lr_warmup_steps: 0.25\n", ["lr_warmup_steps:", "a share of the run, as kohya"]),
         (MINIMAL + "train:\n  optimizer_args: 'params=1'\n", ["optimizer_args:", "params is not"]),
         ("train: [1, 2\n", ["line", "invalid YAML"]),
         ("- just\n- a list\n", ["must be a YAML mapping"]),

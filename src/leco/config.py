@@ -258,6 +258,16 @@ class TrainConfig(_Section):
     def _read_schedule_numbers(cls, value: Any) -> Any:
         return numbers_as_written(value)
 
+    @field_validator("lr_warmup_steps", mode="before")
+    @classmethod
+    def _steps_not_a_share(cls, value: Any) -> Any:
+        if isinstance(value, float) and 0 < value < 1:  # kohya's form: a share of the run's steps
+            raise ValueError(
+                f"{value:g} is a share of the run, as kohya reads it; leco counts steps (a kohya file's "
+                "share is converted when leco reads the file): give a whole number of steps"
+            )
+        return value
+
     @field_validator("optimizer_args", mode="before")
     @classmethod
     def _parse_optimizer_args(cls, value: Any) -> Any:
@@ -734,7 +744,7 @@ class LecoConfig(_Section):
         if self.train.lr_scheduler in ("constant", "step") and self.train.lr_warmup_steps:
             notes.append(
                 f"train.lr_warmup_steps: the {self.train.lr_scheduler} schedule has no warmup; ignored "
-                "(constant_with_warmup, linear and cosine warm up)"
+                "(constant_with_warmup, linear, cosine, cosine_with_restarts and polynomial warm up)"
             )
         elif self.train.method != "closed_form" and self.train.lr_warmup_steps >= self.train.iterations:
             notes.append(
