@@ -377,6 +377,21 @@ def test_the_file_records_the_precision_the_steps_ran_in(tmp_path, tiny_folders)
     assert recorded == {"fp16": "no", "bf16": "bf16"}  # the CPU trains fp16 in fp32; kohya says "no" for it
 
 
+def test_the_file_records_its_training_settings_as_kohya_does(tmp_path, tiny_folders):
+    settings = {"optimizer_args": {"weight_decay": 0.01}, "lr_scheduler": "cosine", "lr_warmup_steps": 1}
+    config = make_config(tiny_folders["sd1"], tmp_path, iterations=2, lr=2e-3, seed=7, **settings)
+    metadata = read_lora_file(train(config, progress=False).path)[1]
+    expected = {
+        "ss_optimizer": "torch.optim.adamw.AdamW(weight_decay=0.01)",
+        "ss_learning_rate": "0.002",
+        "ss_lr_scheduler": "cosine",
+        "ss_lr_warmup_steps": "1",
+        "ss_max_train_steps": "2",
+        "ss_seed": "7",
+    }
+    assert {key: metadata.get(key) for key in expected} == expected
+
+
 def test_a_bundled_model_is_recorded_by_the_name_the_user_gave(tmp_path):
     result = train(make_config("ink-digits", tmp_path, iterations=1), progress=False)
     assert read_lora_file(result.path)[1]["ss_sd_model_name"] == "ink-digits"  # not its folder's name

@@ -27,7 +27,7 @@ from leco.config import LecoConfig
 from leco.errors import LecoError, Terminated, is_main_process, process_count, warn
 from leco.files import atomic_output, load_torch_file, nearest_existing, safetensors_metadata
 from leco.models import looks_like_repo_id, recorded_model_name
-from leco.optim import check_optimizer
+from leco.optim import check_optimizer, optimizer_class
 from leco.tracking import check_log_folder, tensorboard_folder
 
 STATE_FILE = "training_state.pt"
@@ -538,7 +538,25 @@ def run_metadata(
         "ss_sd_model_name": recorded_model_name(config.pretrained_model.name_or_path),
         "ss_clip_skip": str(config.pretrained_model.clip_skip),  # "None" where unset, as kohya writes it
         "ss_mixed_precision": "no" if trained_in == "fp32" else trained_in,  # kohya's values
+        **kohya_training_metadata(config.train, seed),
         **kohya_leco_metadata(config, entries),
+    }
+
+
+def kohya_training_metadata(train: Any, seed: int) -> dict[str, str]:
+    """The training settings as kohya's trainers record them (ss_*), which metadata viewers (A1111's,
+    Civitai's) show: the optimizer as its class's full name with its arguments, the lr, the schedule."""
+    chosen = optimizer_class(train)
+    arguments = ",".join(f"{key}={value}" for key, value in train.optimizer_args.items())
+    return {
+        "ss_optimizer": f"{chosen.__module__}.{chosen.__name__}" + (f"({arguments})" if arguments else ""),
+        "ss_learning_rate": str(train.lr),
+        "ss_lr_scheduler": train.lr_scheduler,
+        "ss_lr_warmup_steps": str(train.lr_warmup_steps),
+        "ss_max_train_steps": str(train.iterations),
+        "ss_seed": str(seed),
+        "ss_max_grad_norm": str(train.max_grad_norm),
+        "ss_min_snr_gamma": str(train.min_snr_gamma),
     }
 
 
