@@ -584,6 +584,10 @@ def test_kohyas_arguments_toml_runs_with_kohyas_defaults_and_meaning(
         # kohya's get_scheduler_fix: any float is a share of the steps (default 1600), 1.0 included
         ("lr_warmup_steps = 1.0\nlr_scheduler = 'linear'", lambda c: c.train.lr_warmup_steps == 1600),
         ("lr_warmup_steps = 0.25\nlr_scheduler = 'linear'", lambda c: c.train.lr_warmup_steps == 400),
+        (  # a whole number of steps written as a float
+            "max_train_steps = 800.0\nlr_warmup_steps = 0.25\nlr_scheduler = 'linear'",
+            lambda c: (c.train.iterations, c.train.lr_warmup_steps) == (800, 200),
+        ),
         ("[extra]\nlearning_rate = 1e-3", lambda c: c.train.lr == 1e-3),  # a table: flattened
     ],
 )

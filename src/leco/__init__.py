@@ -76,9 +76,11 @@ def _train(
     try:
         return _run(config, resume, overwrite, progress)
     except LecoError as error:  # found once models are loaded: a key of the file, named with it
-        if config_file is None:
+        told = in_config_file(config_file, str(error)) if config_file is not None else str(error)
+        if told == str(error):
             raise
-        raise LecoError(in_config_file(config_file, str(error))) from None
+        error.args = (told,)  # the same error (a ConfigError stays one), told in the file's words
+        raise error from None
 
 
 def _run(config: LecoConfig, resume: str | Path | None, overwrite: bool, progress: bool) -> TrainResult:

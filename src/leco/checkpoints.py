@@ -555,7 +555,7 @@ def kohya_training_metadata(train: Any, seed: int) -> dict[str, str]:
         "ss_lr_warmup_steps": str(train.lr_warmup_steps),
         "ss_max_train_steps": str(train.iterations),
         "ss_seed": str(seed),
-        "ss_max_grad_norm": str(train.max_grad_norm),
+        "ss_max_grad_norm": str(train.max_grad_norm or 0.0),  # kohya: 0.0 clips nothing
         "ss_min_snr_gamma": str(train.min_snr_gamma),
     }
 

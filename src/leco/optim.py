@@ -18,7 +18,7 @@ from diffusers.optimization import (
 from torch.optim.lr_scheduler import LRScheduler
 
 from leco.config import LR_SCHEDULER_ARGS, TrainConfig
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, is_main_process, warn
 
 ADAPTIVE_STEP = ("prodigy", "dadaptadam", "dadaptlion")  # learning-rate-free: lr is a multiplier, ~1
 # name -> (module, class, pip package that provides it)
@@ -53,17 +53,14 @@ def check_optimizer(train: TrainConfig) -> None:
     show as a traceback after minutes of loading and the first rollout."""
     lr, args = train.lr, train.optimizer_args
     chosen = optimizer_class(train)
-    if train.optimizer in ADAPTIVE_STEP and lr < 0.1:
-        warn(
-            f"train.lr: {lr:g} with {train.optimizer}, which finds its own step size and is meant to "
-            "run at lr 1 (its lr scales that step): at this lr it barely trains; set train.lr: 1"
-        )
     stand_in = torch.nn.Parameter(torch.zeros(2))
     stand_in.grad = torch.ones(2)
+    # Not stepped: 8-bit optimizers and capturable ones (CUDA graphs) step only on a GPU tensor.
+    steps = _OPTIMIZERS[train.optimizer][0] != "bitsandbytes.optim" and not args.get("capturable")
     # what an optimizer prints of its settings (prodigy) is said once, by the real one
     with _arguments_checked(args, chosen), contextlib.redirect_stdout(io.StringIO()):
         optimizer = chosen([stand_in], lr=lr, **args)
-        if _OPTIMIZERS[train.optimizer][0] != "bitsandbytes.optim":  # (8-bit ones need a GPU to step)
+        if steps:
             optimizer.step()
 
 
@@ -71,6 +68,11 @@ def build_optimizer(train: TrainConfig, params: list[torch.nn.Parameter]) -> tor
     """train.optimizer over the trained parameters, with train.lr and train.optimizer_args (tried
     before loading: check_optimizer)."""
     chosen = optimizer_class(train)
+    if train.optimizer in ADAPTIVE_STEP and train.lr < 0.1 and is_main_process():
+        warn(
+            f"train.lr: {train.lr:g} with {train.optimizer}, which finds its own step size and is meant "
+            "to run at lr 1 (its lr scales that step): at this lr it barely trains; set train.lr: 1"
+        )
     with _arguments_checked(train.optimizer_args, chosen):
         return chosen(params, lr=train.lr, **train.optimizer_args)
 

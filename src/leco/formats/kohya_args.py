@@ -284,7 +284,8 @@ class _Options:
         arguments |= self.parsed("lr_scheduler_args", "train.lr_scheduler_args")
         schedule: dict[str, Any] = {"lr_scheduler": name, "lr_scheduler_args": arguments}
         warmup = given = self.get("lr_warmup_steps", "train.lr_warmup_steps")
-        if isinstance(warmup, float) and warmup >= 0 and isinstance(steps, int):
+        whole_steps = isinstance(steps, (int, float)) and float(steps).is_integer()  # 1600.0 too
+        if isinstance(warmup, float) and warmup >= 0 and whole_steps:
             warmup = int(warmup * steps)  # kohya (get_scheduler_fix): a float is a share of the steps
         if name == "constant" and warmup:  # kohya (get_scheduler_fix) refuses it rather than ignore it
             raise ConfigError(
