@@ -742,8 +742,10 @@ def run_eval(args: argparse.Namespace) -> int:
     spec.images_per_prompt = args.images_per_prompt or spec.images_per_prompt
     if args.clip_skip:
         spec.clip_skip, spec._clip_skip_option = args.clip_skip, "--clip-skip"
+    from leco.embedding_files import check_embedding_options
+
     spec_texts = [spec.negative_prompt, *(p.prompt for p in (*spec.erase, *spec.keep, *spec.enhance))]
-    args.embedding = _read_embeddings(args.embedding, spec_texts, args.lora or ())
+    args.embedding = check_embedding_options(args.embedding, spec_texts, args.lora or ())
     check_detector(spec)  # a missing package or a typo in a concept, before minutes of loading
     models, device = load_for_images(args)
     report = evaluate(
@@ -775,67 +777,6 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_embeddings(options: list[str], texts: list[str], lora_options: Sequence[str] = ()) -> list[str]:
-    """Missing or damaged embedding files stop the run now, not after the model has loaded; one whose
-    token no prompt uses is pointed out (a typo in the token draws as plain words). The options as
-    loaded: a file the prompts name as diffusers would (its key) becomes FILE:THAT_NAME."""
-    from leco.config import word_around
-    from leco.embedding_files import (
-        is_embedding_file,
-        judged_embedding,
-        named_as_written,
-        parse_embedding_option,
-        read_embedding,
-        refuse_shared_tokens,
-    )
-
-    given = [(path.resolve(), token) for path, token in map(parse_embedding_option, options)]
-    for (path, token), option in zip(given, options, strict=True):
-        if given.count((path, token)) > 1:
-            raise LecoError(
-                f"--embedding: {option} is given {given.count((path, token))} times; give it once"
-            )
-    for lora in lora_options:
-        if any(Path(lora).resolve() == path for path, _ in given):
-            raise LecoError(
-                f"--embedding: {lora} is also a --lora, where it is judged as a negative embedding; "
-                "give it once"
-            )
-    judged: dict[str, str] = {}
-    for lora in filter(is_embedding_file, lora_options):
-        token = judged_embedding(lora).token  # eval names it bare where no judged prompt holds it
-        judged |= {token: lora, token.removeprefix("<").removesuffix(">"): lora}
-    read = [read_embedding(*parse_embedding_option(option)) for option in options]
-    embeddings = [named_as_written(embedding, texts) for embedding in read]
-    refuse_shared_tokens(embeddings)  # said before the model loads, and before any other note
-    tokens = [embedding.token for embedding in embeddings]
-    for embedding in embeddings:
-        if embedding.token in judged:  # eval adds a --lora embedding's token to the negative prompt
-            raise LecoError(
-                f"--embedding: {embedding.path}: its token {embedding.token!r} is also the token of --lora "
-                f"{judged[embedding.token]}, judged as a negative embedding; give this one another: "
-                f"--embedding {embedding.path}:NEW_TOKEN"
-            )
-        for text in texts:
-            word = word_around(text.lower(), embedding.token, [*tokens, *judged])
-            if word is not None:
-                raise LecoError(
-                    f"--embedding {embedding.path}: its token {embedding.token!r} is inside the word "
-                    f"{word!r} of a prompt, where the tokenizer reads it too; give it another: "
-                    f"{embedding.path}:<TOKEN>"
-                )
-        if not any(embedding.token in text.lower() for text in texts):
-            also = "".join(f" (or {name!r}, as diffusers names it)" for name in embedding.other_names)
-            warn(
-                f"--embedding {embedding.path}: its token {embedding.token!r}{also} is in no "
-                f"prompt; write it in the prompt or the negative prompt (e.g. --negative {embedding.token!r})"
-            )
-    return [
-        option if after.token == before.token else f"{option}:{after.token}"
-        for option, before, after in zip(options, read, embeddings, strict=True)
-    ]
-
-
 def run_generate(args: argparse.Namespace) -> int:
     from leco.generate import (
         refuse_earlier_files,
@@ -862,7 +803,9 @@ def run_generate(args: argparse.Namespace) -> int:
     refuse_earlier_files(requests, args.out, args.overwrite)  # before minutes of loading; and again later
     if args.overwrite:
         warn_of_other_images(requests, args.out)
-    args.embedding = _read_embeddings(args.embedding, [*args.prompt, args.negative or ""])
+    from leco.embedding_files import check_embedding_options
+
+    args.embedding = check_embedding_options(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
     settings = sampling_settings(
         models,

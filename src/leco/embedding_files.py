@@ -355,3 +355,60 @@ def with_tokens_in_their_case(pipe: DiffusionPipeline, texts: list[str]) -> list
     longest_first = sorted(tokens, key=len, reverse=True)  # easynegativev2 before easynegative
     pattern = re.compile("|".join(map(re.escape, longest_first)), re.IGNORECASE)
     return [pattern.sub(lambda match: match.group().lower(), text) for text in texts]
+
+
+def check_embedding_options(
+    options: Sequence[str], texts: Sequence[str], lora_options: Sequence[str] = ()
+) -> list[str]:
+    """`leco generate` and `leco eval`'s --embedding options (FILE or FILE:TOKEN) checked against the
+    prompts and negative prompt (`texts`) before any model loads: missing or damaged files, a token
+    the tokenizer would also find inside a word, a token shared with another file or with an
+    embedding judged as a --lora (`lora_options`) stop the run; one whose token no prompt uses is
+    pointed out (a typo in the token draws as plain words). Returns the options as to be loaded: a
+    file the prompts name as diffusers would (its key) becomes FILE:THAT_NAME."""
+
+    given = [(path.resolve(), token) for path, token in map(parse_embedding_option, options)]
+    for (path, token), option in zip(given, options, strict=True):
+        if given.count((path, token)) > 1:
+            raise LecoError(
+                f"--embedding: {option} is given {given.count((path, token))} times; give it once"
+            )
+    for lora in lora_options:
+        if any(Path(lora).resolve() == path for path, _ in given):
+            raise LecoError(
+                f"--embedding: {lora} is also a --lora, where it is judged as a negative embedding; "
+                "give it once"
+            )
+    judged: dict[str, str] = {}
+    for lora in filter(is_embedding_file, lora_options):
+        token = judged_embedding(lora).token  # eval names it bare where no judged prompt holds it
+        judged |= {token: lora, token.removeprefix("<").removesuffix(">"): lora}
+    read = [read_embedding(*parse_embedding_option(option)) for option in options]
+    embeddings = [named_as_written(embedding, texts) for embedding in read]
+    refuse_shared_tokens(embeddings)  # said before the model loads, and before any other note
+    tokens = [embedding.token for embedding in embeddings]
+    for embedding in embeddings:
+        if embedding.token in judged:  # eval adds a --lora embedding's token to the negative prompt
+            raise LecoError(
+                f"--embedding: {embedding.path}: its token {embedding.token!r} is also the token of --lora "
+                f"{judged[embedding.token]}, judged as a negative embedding; give this one another: "
+                f"--embedding {embedding.path}:NEW_TOKEN"
+            )
+        for text in texts:
+            word = word_around(text.lower(), embedding.token, [*tokens, *judged])
+            if word is not None:
+                raise LecoError(
+                    f"--embedding {embedding.path}: its token {embedding.token!r} is inside the word "
+                    f"{word!r} of a prompt, where the tokenizer reads it too; give it another: "
+                    f"{embedding.path}:<TOKEN>"
+                )
+        if not any(embedding.token in text.lower() for text in texts):
+            also = "".join(f" (or {name!r}, as diffusers names it)" for name in embedding.other_names)
+            warn(
+                f"--embedding {embedding.path}: its token {embedding.token!r}{also} is in no "
+                f"prompt; write it in the prompt or the negative prompt (e.g. --negative {embedding.token!r})"
+            )
+    return [
+        option if after.token == before.token else f"{option}:{after.token}"
+        for option, before, after in zip(options, read, embeddings, strict=True)
+    ]
