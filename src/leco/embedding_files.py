@@ -366,7 +366,6 @@ def check_embedding_options(
     embedding judged as a --lora (`lora_options`) stop the run; one whose token no prompt uses is
     pointed out (a typo in the token draws as plain words). Returns the options as to be loaded: a
     file the prompts name as diffusers would (its key) becomes FILE:THAT_NAME."""
-
     given = [(path.resolve(), token) for path, token in map(parse_embedding_option, options)]
     for (path, token), option in zip(given, options, strict=True):
         if given.count((path, token)) > 1:
