@@ -1013,7 +1013,7 @@ def test_a_report_whose_out_was_taken_during_the_eval_is_written_beside_it(
 
     def evaluate(*args, **kwargs):
         out.write_text("mine")  # e.g. another job writing there meanwhile
-        return {"rows": [], "summary": {}, "spec": {}}
+        return {"rows": [], "summary": {}, "spec": {}, "notes": []}
 
     monkeypatch.setattr(leco.evaluate, "evaluate", evaluate)
     monkeypatch.setattr(leco.evaluate, "format_report", lambda report, all_rows: "the table")
@@ -1094,6 +1094,7 @@ def test_eval_warns_when_the_model_does_not_draw_what_is_to_be_erased(tmp_path, 
     assert len(warnings) == 2 and "erase prompt 'a digit seven in purple ink'" in warnings[0], err
     assert "keep prompt 'a digit three in blue ink' [ink:purple]" in warnings[1]
     assert warnings[0].startswith("leco: warning: ") and "found in only 0%" in warnings[0]
+    assert [f"leco: warning: {note}" for note in report["notes"]] == warnings  # the report says so too
 
 
 @pytest.mark.parametrize(

@@ -766,14 +766,8 @@ def run_eval(args: argparse.Namespace) -> int:
         warn(f"--out: {error}; the report was written to {written} instead")
     print(format_report(report, all_rows=args.all_rows))
     print(f"report: {written}")
-    for row in report["rows"]:  # a concept the model does not draw: its row measures nothing
-        if row["kind"] in ("erase", "keep") and row["strength"] == 0.0 and row["detected"] < 0.5:
-            what = "what a LoRA leaves of it" if row["kind"] == "erase" else "whether a LoRA keeps it"
-            warn(
-                f"{args.spec}: {row['kind']} prompt {row['prompt']!r} [{row['concept']}] is found in only "
-                f"{row['detected']:.0%} of the model's own images (strength 0): it barely draws it, so "
-                f"{what} says little; check the prompt and the concept"
-            )
+    for note in report["notes"]:
+        warn(note)
     return 0
 
 

@@ -626,12 +626,27 @@ def _report(
             **({"Clip skip": settings.clip_skip} if settings.clip_skip > 1 else {}),
         },
         "rows": rows,
+        "notes": barely_drawn(rows, spec._source),
         "summary": summarise(rows, ordered),
         "per_lora": {label: summarise(_rows_of(rows, label), ordered) for label in loras},
     }
     if len(loras) > 1:
         report["across_loras"] = across_loras(report["per_lora"], strengths)
     return report
+
+
+def barely_drawn(rows: list[dict[str, Any]], spec_name: str) -> list[str]:
+    """A concept the model itself draws in under half of its images: its rows measure little."""
+    notes = []
+    for row in rows:
+        if row["kind"] in ("erase", "keep") and row["strength"] == 0.0 and row["detected"] < 0.5:
+            what = "what a LoRA leaves of it" if row["kind"] == "erase" else "whether a LoRA keeps it"
+            notes.append(
+                f"{spec_name}: {row['kind']} prompt {row['prompt']!r} [{row['concept']}] is found in only "
+                f"{row['detected']:.0%} of the model's own images (strength 0): it barely draws it, so "
+                f"{what} says little; check the prompt and the concept"
+            )
+    return notes
 
 
 def sampling_settings(spec: EvalSpec, models: LoadedModels, loras: Sequence[Path] = ()) -> SamplingSettings:
