@@ -1,8 +1,9 @@
-"""Full-size models: seconds per step and peak GPU memory of leco's default config, and the reference's.
+"""Full-size models: seconds per step and peak GPU memory of leco's config, and the reference's.
 
 Builds random-initialised UNets and text encoders of SD1.5, SD2.1-v and SDXL from the configs leco
-ships (nothing is downloaded) and trains the default config (LoRA rank 4 on every transformer
-layer, samples_per_rollout 4, 50 denoising steps, CFG 3 rollouts) at each family's native size, in
+ships (nothing is downloaded) and trains leco's default config with the LoRA on the cross-attention
+(rank 4, training_method xattn; samples_per_rollout 4, 50 denoising steps, CFG 3 rollouts) and the
+reference's on every transformer layer (training_method full) at each family's native size, in
 fp16 and bf16, with and without gradient checkpointing, the same with 4 steps per forward
 (train.steps_per_forward), and the reference LECO schedule (benchmarks/reference.py) in one run.
 `--transplant` times a transplant instead: SD1.5 taught by SD2.1-v and the other way round, the
