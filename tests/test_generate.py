@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import hashlib
 import os
 import re
@@ -140,6 +141,33 @@ def test_grid_labels_draw_accented_letters_as_themselves():
 
     assert not np.array_equal(label_pixels("café"), label_pixels("cafñ"))
     assert not np.array_equal(label_pixels("naïve"), label_pixels("naöve"))
+
+
+def test_grid_labels_of_chinese_japanese_or_korean_prompts_look_for_a_font_that_has_them(monkeypatch, capsys):
+    from PIL import ImageFont
+
+    from leco import images
+
+    tried = []
+    real_truetype = ImageFont.truetype
+
+    def truetype(name, size):
+        tried.append(name)
+        if name in images.CJK_FONTS:
+            raise OSError("not installed")  # as on a machine without one
+        return real_truetype(name, size)
+
+    monkeypatch.setattr(ImageFont, "truetype", truetype)
+    for cached in (images._first_installed, images._warn_no_cjk_font):
+        cached.cache_clear()
+        monkeypatch.setattr(images, cached.__name__, functools.cache(cached.__wrapped__))
+    make_grid({ImageRequest("a cat", 0.0, 0): Image.new("RGB", (16, 16))})
+    assert not set(tried) & set(images.CJK_FONTS)  # Latin prompts: the usual font
+    for prompt in ("猫の絵", "고양이"):
+        make_grid({ImageRequest(prompt, 0.0, 0): Image.new("RGB", (16, 16))})
+    assert tried[1 : 1 + len(images.CJK_FONTS)] == list(images.CJK_FONTS)  # tried first, in order
+    warned = [line for line in capsys.readouterr().err.splitlines() if "grid labels" in line]
+    assert len(warned) == 1 and "no installed font draws Chinese, Japanese or Korean" in warned[0]
 
 
 def test_seed_and_strength_lists(capsys):

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from leco._version import __version__
+from leco.errors import warn
 from leco.files import SOFTWARE, atomic_output
 
 
@@ -73,7 +74,7 @@ def make_grid(images: dict[ImageRequest, Image.Image]) -> Grid:
     first = next(iter(images.values()))
     factor = max(1, -(-MIN_CELL // min(first.size)))
     cell_w, cell_h = first.width * factor, first.height * factor
-    font = label_font()
+    font = label_font(text="".join(prompt for prompt, _ in rows))
     column_labels = [f"strength {format_strength(s)}" for s in strengths]
     row_labels = [f"{_shorten(prompt)}\nseed {seed}" for prompt, seed in rows]
     label_w = (
@@ -101,16 +102,51 @@ def make_grid(images: dict[ImageRequest, Image.Image]) -> Grid:
 # Pillow's own font draws accented and non-Latin letters as boxes ("café" as "caf□"): a system
 # font that has them is used where one is installed (Pillow looks in the system's font folders).
 LABEL_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf", "Arial.ttf")
+# Those have no Chinese, Japanese or Korean: fonts that do, on Linux, Windows and macOS.
+CJK_FONTS = (
+    "NotoSansCJK-Regular.ttc",
+    "NotoSansCJKjp-Regular.otf",
+    "wqy-microhei.ttc",
+    "DroidSansFallbackFull.ttf",
+    "msyh.ttc",
+    "YuGothR.ttc",
+    "malgun.ttf",
+    "Hiragino Sans GB.ttc",
+    "AppleSDGothicNeo.ttc",
+    "Arial Unicode.ttf",
+)
+_CJK = re.compile(  # Hangul, CJK punctuation and kana, CJK ideographs, Hangul syllables, full width
+    "[\u1100-\u11ff\u3000-\u30ff\u3130-\u318f\u3400-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]"
+)
+
+
+def label_font(size: int = 14, text: str = "") -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A font that draws the labels' `text`: one with Chinese, Japanese and Korean where it holds
+    any (said where none is installed), else the first of LABEL_FONTS installed."""
+    if _CJK.search(text):
+        font = _first_installed(CJK_FONTS, size)
+        if font is not None:
+            return font
+        _warn_no_cjk_font()
+    return _first_installed(LABEL_FONTS, size) or ImageFont.load_default(size=size)
 
 
 @functools.cache
-def label_font(size: int = 14) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    for name in LABEL_FONTS:
+def _first_installed(names: tuple[str, ...], size: int) -> ImageFont.FreeTypeFont | None:
+    for name in names:
         try:
             return ImageFont.truetype(name, size)
         except OSError:  # not installed here
             continue
-    return ImageFont.load_default(size=size)
+    return None
+
+
+@functools.cache  # once a run
+def _warn_no_cjk_font() -> None:
+    warn(
+        "grid labels: no installed font draws Chinese, Japanese or Korean, so those letters show as "
+        "boxes (the images and their saved prompts are as asked); install one, e.g. fonts-noto-cjk"
+    )
 
 
 def save_image(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
