@@ -1,3 +1,4 @@
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from leco.config import NetworkConfig
 from leco.errors import LecoError
 from leco.models import CONFIG_ROOT, ModelFamily, load_models
 from leco.network import LoRANetwork, adaptable_layers, read_lora_file, select_layers
-from leco.network.kohya import data_hash_of_file, kohya_key, legacy_hash
+from leco.network.kohya import kohya_key, legacy_hash
 from leco.network.sgm_names import to_sgm_name
 
 
@@ -260,9 +261,12 @@ def test_saved_file_round_trips_and_carries_metadata(tmp_path, tiny_folders):
     assert metadata["modelspec.title"] == metadata["ss_output_name"] == "no fox"
     assert json.loads(metadata["leco.config"]) == {"a": 1}
     assert "lora_adapter_metadata" not in metadata
-    data_hash = data_hash_of_file(path)
+    raw = path.read_bytes()  # the additional-networks hash: of the bytes after the JSON header
+    data_hash = hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest()
     assert metadata["sshs_model_hash"] == data_hash and metadata["modelspec.hash_sha256"] == "0x" + data_hash
-    assert metadata["sshs_legacy_hash"] == legacy_hash(path.read_bytes())
+    assert metadata["sshs_legacy_hash"] == legacy_hash(raw)
+    blob = bytes(range(256)) * 5000  # past 1 MiB: the legacy hash reads bytes 0x100000 to 0x110000
+    assert legacy_hash(blob) == hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
 
 
 @pytest.mark.parametrize(

@@ -377,6 +377,35 @@ def test_the_file_records_the_precision_the_steps_ran_in(tmp_path, tiny_folders)
     assert recorded == {"fp16": "no", "bf16": "bf16"}  # the CPU trains fp16 in fp32; kohya says "no" for it
 
 
+@pytest.mark.parametrize(("action", "sign"), [("erase", -1.0), ("enhance", 1.0)])
+def test_the_loss_is_the_distance_to_the_entrys_objective_at_its_guidance(
+    tmp_path, tiny_folders, action, sign
+):
+    """What the trainer minimises, written out: the trained prediction's squared distance to
+    neutral -/+ g * (positive - unconditional), at the entry's own guidance scale."""
+    from leco.steps import one_call
+
+    config = make_config(tiny_folders["sd1"], tmp_path)
+    entry = {"target": "a red fox", "neutral": "a fox", "action": action, "guidance_scale": 2.5}
+    config.prompts = [PromptSettings.model_validate(entry)]
+    trainer = Trainer(config, progress=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in trainer.trainable.parameters():  # a LoRA that moves the prediction
+            parameter.normal_(0, 0.05)
+    (step,) = trainer.step_queue.next_steps(1)
+    rows, frozen = trainer.step_queue.rows(step), trainer.step_queue.frozen(step)
+    with torch.no_grad(), trainer.strength([step]):
+        loss = trainer.loss(step)
+        student = list(trainer.edited.student(*one_call([step], [rows])))
+    distances = [
+        ((trained - (p["neutral"] + sign * 2.5 * (p["positive"] - p["unconditional"]))) ** 2).mean()
+        for p, trained in zip(frozen, student, strict=True)
+    ]
+    assert len(rows) == len(step.samples) and not torch.equal(frozen[0]["positive"], frozen[0]["neutral"])
+    assert loss.item() == pytest.approx((sum(distances) / len(step.samples)).item(), rel=1e-5)
+
+
 def test_the_file_records_its_training_settings_as_kohya_does(tmp_path, tiny_folders):
     settings = {"optimizer_args": {"weight_decay": 0.01}, "lr_scheduler": "cosine", "lr_warmup_steps": 1}
     config = make_config(tiny_folders["sd1"], tmp_path, iterations=2, lr=2e-3, seed=7, **settings)
@@ -824,6 +853,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_folders):
         trainer = Trainer(
             make_config(tiny_folders["sd1"], tmp_path, gradient_checkpointing=checkpointing), progress=False
         )
+        assert trainer.unet.is_gradient_checkpointing == checkpointing  # compared on and off, truly
         trainer.train_step()
         updates.append([p.detach().clone() for p in trainer.trainable.parameters()])
     for plain, checkpointed in zip(*updates, strict=True):
@@ -998,6 +1028,7 @@ def test_gradient_checkpointing_recomputes_at_the_entrys_strength(tmp_path, tiny
         config.prompts = config.prompts[:1]
         config.prompts[0].multiplier = -1.0
         trainer = Trainer(config, progress=False)
+        assert trainer.unet.is_gradient_checkpointing == checkpointing
         with torch.no_grad():
             for p in trainer.trainable.parameters():
                 p.normal_(0, 0.3)
