@@ -136,10 +136,13 @@ def test_an_enhance_item_whose_end_is_never_drawn_is_refused(tmp_path, strengths
 
 
 def test_ink_digits_concepts_read_in_any_case_and_spacing():
+    from leco.ink_digits.data import ALL_INKS
     from leco.ink_digits.judge import InkDigitsDetector
 
-    for concept in ("digit: 3", "Digit:3", "ink:Red, digit:3", " INK : red "):
-        InkDigitsDetector._parse(concept)  # raises for a concept it does not know
+    red = ALL_INKS.index("red")
+    assert InkDigitsDetector._parse("digit: 3") == InkDigitsDetector._parse("Digit:3") == [("digit", 3)]
+    assert InkDigitsDetector._parse(" INK : red ") == [("ink", red)]
+    assert sorted(InkDigitsDetector._parse("ink:Red, digit:3")) == [("digit", 3), ("ink", red)]
     assert concept_parts("ink-digits", "Ink: Red, digit:3") == concept_parts("ink-digits", "digit:3,ink:red")
 
 

@@ -693,9 +693,23 @@ def test_arguments_of_a_schedule_that_reads_none_are_ignored_as_the_note_says():
     from leco.config import TrainConfig
     from leco.optim import build_lr_scheduler
 
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    train = TrainConfig(lr=1e-3, iterations=10, lr_scheduler="linear", lr_scheduler_args={"gama": 0.5})
-    build_lr_scheduler(train, optimizer)  # diffusers would refuse the keyword after the model loaded
+    def curve(arguments: dict) -> list[float]:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        train = TrainConfig(lr=1e-3, iterations=10, lr_scheduler="linear", lr_scheduler_args=arguments)
+        schedule = build_lr_scheduler(train, optimizer)  # diffusers would refuse the keyword
+        lrs = []
+        for _ in range(10):
+            lrs.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return lrs
+
+    assert curve({"gama": 0.5}) == curve({})  # the linear schedule as if none were given
+    config = LecoConfig.model_validate(
+        {"pretrained_model": {"name_or_path": "x"}, "prompts": PROMPTS,
+         "train": {"lr_scheduler": "linear", "lr_scheduler_args": {"gama": 0.5}}}
+    )  # fmt: skip
+    assert "train.lr_scheduler_args: the linear schedule takes none; ignored" in config.unused_settings()
 
 
 def test_lora_weights_stay_fp32_under_bf16(tmp_path, tiny_folders):
