@@ -406,6 +406,35 @@ def test_the_loss_is_the_distance_to_the_entrys_objective_at_its_guidance(
     assert loss.item() == pytest.approx((sum(distances) / len(step.samples)).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize(("family", "v_prediction"), [("sd1", False), ("sd2-v", True)])
+def test_min_snr_weighting_weighs_each_samples_loss_by_its_timestep(
+    tmp_path, tiny_folders, family, v_prediction
+):
+    """min(SNR, gamma) / SNR for noise prediction, / (SNR + 1) for v, each sample's squared error
+    weighted by its own timestep's."""
+    from leco.steps import one_call
+
+    config = make_config(tiny_folders[family], tmp_path, min_snr_gamma=0.05, samples_per_rollout=4)
+    config.prompts = config.prompts[:1]
+    trainer = Trainer(config, progress=False)
+    (step,) = trainer.step_queue.next_steps(1)
+    rows, frozen = trainer.step_queue.rows(step), trainer.step_queue.frozen(step)
+    with torch.no_grad(), trainer.strength([step]):
+        loss = trainer.loss(step)
+        student = list(trainer.edited.student(*one_call([step], [rows])))
+    alphas = trainer.teachers.frozen.alphas_cumprod
+    total, weights = 0.0, []
+    for row, p, trained in zip(rows, frozen, student, strict=True):
+        target = row.objective.target(p, row.guidance_scale)
+        alpha = alphas[step.samples[row.sample].timesteps.long()]
+        snr = alpha / (1 - alpha)
+        weight = snr.clamp(max=0.05) / (snr + 1 if v_prediction else snr)
+        weights.append(weight)
+        total = total + (weight * (trained - target).pow(2).flatten(1).mean(dim=1)).mean()
+    assert torch.cat(weights).min() < 1  # some samples are weighed down: the weighting is at work
+    assert loss.item() == pytest.approx((total / len(step.samples)).item(), rel=1e-5)
+
+
 def test_the_file_records_its_training_settings_as_kohya_does(tmp_path, tiny_folders):
     settings = {"optimizer_args": {"weight_decay": 0.01}, "lr_scheduler": "cosine", "lr_warmup_steps": 1}
     config = make_config(tiny_folders["sd1"], tmp_path, iterations=2, lr=2e-3, seed=7, **settings)
