@@ -55,7 +55,7 @@ from leco.preservation import KNOWN_PROMPTS_FILE
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FOLDER_METADATA = "modelspec.json"  # diffusers folders have no header: the same keys go in this file
 MERGE_FILES = "leco.merge_files"  # in FOLDER_METADATA: the top-level names a merge wrote
-DISTILLATION_NOTE = "**Merged with a CFG-distilled LoRA"  # the card's first line, while it is
+DISTILLATION_NOTE = "**Merged with a CFG-distilled LoRA"  # a distilled merge's card opens so (not its undo)
 
 
 @dataclass(frozen=True)
