@@ -1020,3 +1020,17 @@ def test_a_set_change_refused_by_its_sections_own_check_names_the_key_once():
     with pytest.raises(ConfigError) as refused:  # the network section passed; the settings together not
         apply_overrides(erase, ["network.type=embedding", "network.token=<no-seven>"])
     assert "anchors.text_weight: a negative embedding leaves" in str(refused.value)
+
+
+def test_python_paths_are_taken_where_a_config_asks_for_a_path(tmp_path):
+    config = LecoConfig.model_validate(
+        {"pretrained_model": {"name_or_path": tmp_path / "model"}, "save": {"path": tmp_path / "out"},
+         "prompts": [{"target": "a fox"}]}
+    )  # fmt: skip
+    assert (config.pretrained_model.name_or_path, config.save.path) == (
+        str(tmp_path / "model"),
+        str(tmp_path / "out"),
+    )
+    from leco.config import apply_overrides
+
+    assert apply_overrides(config, ["train.iterations=3"]) is config and config.train.iterations == 3

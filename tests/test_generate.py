@@ -1058,3 +1058,41 @@ def test_the_library_samples_as_leco_generate_does(capsys):
     given = sampling_settings(ink_digits, None, steps=10, guidance=1.0, negative_prompt="blurry")
     assert (given.steps, given.guidance) == (10, 1.0)
     assert "the negative prompt ('blurry') is never read" in capsys.readouterr().err
+
+
+def test_the_python_api_refuses_what_would_be_misread(tmp_path, lora_files, tiny_folders):
+    """A string where a list goes would be read letter by letter; "no" for a flag would read as yes;
+    a value of the wrong type would fail deep inside diffusers."""
+    from leco.interop.convert import convert
+    from leco.interop.merge import merge
+
+    with pytest.raises(LecoError, match=r"^prompts: 'a digit' is not a list; give a list of prompts"):
+        requests_for("a digit", [1.0], [0])
+    for wrong, said in (
+        ({"steps": "30"}, "steps: '30' is not a whole number"),
+        ({"steps": 2.5}, "steps: 2.5 is not a whole number"),
+        ({"clip_skip": None}, "clip_skip: None is not a whole number"),
+        ({"guidance": "7"}, "guidance: '7' is not a number"),
+        ({"negative_prompt": None}, "negative_prompt: None; give text"),
+        ({"sampler": None}, "sampler: None; give text"),
+    ):
+        with pytest.raises(LecoError, match=re.escape(said)):
+            SamplingSettings(**wrong)
+    models = load_models(str(tiny_folders["sd1"]), with_vae=True)
+    requests = requests_for(["a fox"], [0.0], [0])
+    (tmp_path / "o").mkdir()
+    with pytest.raises(LecoError, match="overwrite: 'no'; give True or False"):
+        run_generation(
+            models, None, requests, SamplingSettings(steps=2), tmp_path / "o", "cpu", overwrite="no"
+        )
+    with pytest.raises(LecoError, match="embeddings: 'x.pt' is not a list"):
+        run_generation(
+            models, None, requests, SamplingSettings(steps=2), tmp_path / "o", "cpu", embeddings="x.pt"
+        )
+    with pytest.raises(LecoError, match="overwrite: 'no'"):
+        merge(str(tiny_folders["sd1"]), lora_files["sd1"], tmp_path / "m.safetensors", overwrite="no")
+    with pytest.raises(LecoError, match="overwrite: 'no'"):
+        convert(lora_files["sd1"], tmp_path / "c.safetensors", family="sd1", overwrite="no")
+    # paths as str or Path, one LoRA or many: what --lora takes
+    merged = merge(tiny_folders["sd1"], lora_files["sd1"], tmp_path / "m.safetensors", precision="fp32")
+    assert merged.is_file()

@@ -36,11 +36,9 @@ def train(
     """
     import torch
 
-    from leco.errors import LecoError
+    from leco.errors import LecoError, check_flags
 
-    for name, value in (("overwrite", overwrite), ("progress", progress)):
-        if not isinstance(value, bool):  # "no" would read as true (and replace an earlier run)
-            raise LecoError(f"{name}: {value!r}; give True or False")
+    check_flags(overwrite=overwrite, progress=progress)
     if resume is not None and overwrite:
         raise LecoError("train: resume= continues a run and overwrite= replaces it; give one of them")
     dtype = torch.get_default_dtype()

@@ -13,6 +13,7 @@ import contextlib
 import difflib
 import json
 import math
+import os
 import re
 import shlex
 import unicodedata
@@ -34,7 +35,7 @@ from pydantic import (
     model_validator,
 )
 
-from leco.errors import LecoError, first_line, warn
+from leco.errors import LecoError, check_list, first_line, warn
 
 # Samples taken from one partial rollout (see leco.rollout). benchmarks/time_to_erase.py: one entry
 # erases in as many steps at 16 as at 1, each step a third of the cost (erase_seven.yaml uses 16);
@@ -109,6 +110,8 @@ class _Section(BaseModel):
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, os.PathLike):  # a Python caller's Path where a path is asked for
+            value = os.fspath(value)
         return no_bool_for_numbers(cls, value, info)
 
 
@@ -1081,10 +1084,12 @@ def _refuse_other_kinds_of_file(path: Path, document: dict) -> None:
         )
 
 
-def apply_overrides(config: LecoConfig, changes: Sequence[str]) -> None:
+def apply_overrides(config: LecoConfig, changes: Sequence[str]) -> LecoConfig:
     """`leco train --set SECTION.KEY=VALUE`: each value read as YAML (`anchors.prompts=[""]`), the
     changes to one section checked together by its own model (`network.type=embedding` needs
-    `network.token` too), then every setting together, as a file's are."""
+    `network.token` too), then every setting together, as a file's are. `config` is changed in
+    place, and returned."""
+    check_list("changes", changes, "SECTION.KEY=VALUE changes")
     by_section: dict[str, dict[str, tuple[str, Any]]] = {}  # section -> key -> (change, value)
     for change in changes:
         name, field, value = _override(config, change)
@@ -1106,6 +1111,7 @@ def apply_overrides(config: LecoConfig, changes: Sequence[str]) -> None:
             config.check_combination()
         except LecoError as error:
             raise ConfigError(f"--set {_quoted(changes)}: {error}") from None
+    return config
 
 
 def _override(config: LecoConfig, change: str) -> tuple[str, str, Any]:

@@ -14,7 +14,7 @@ from diffusers import DiffusionPipeline
 
 from leco.conditioning import words_a_token_spells
 from leco.config import word_around
-from leco.errors import LecoError, first_line, warn
+from leco.errors import LecoError, check_list, first_line, warn
 from leco.files import load_torch_file
 from leco.models import quiet_library_logs
 from leco.network import kohya
@@ -366,6 +366,8 @@ def check_embedding_options(
     embedding judged as a --lora (`lora_options`) stop the run; one whose token no prompt uses is
     pointed out (a typo in the token draws as plain words). Returns the options as to be loaded: a
     file the prompts name as diffusers would (its key) becomes FILE:THAT_NAME."""
+    for name, values in (("options", options), ("texts", texts), ("lora_options", lora_options)):
+        check_list(name, values, "texts")
     given = [(path.resolve(), token) for path, token in map(parse_embedding_option, options)]
     for (path, token), option in zip(given, options, strict=True):
         if given.count((path, token)) > 1:

@@ -59,3 +59,17 @@ def first_line(error: BaseException, limit: int | None = 160) -> str:
         return line
     sentence = line.split(". ")[0] + "."  # a whole sentence reads better than one cut mid-word
     return sentence if len(sentence) <= limit else line[: limit - 3].rstrip() + "..."
+
+
+def check_flags(**flags: object) -> None:
+    """Python callers' yes/no arguments: a string such as "no" would read as true (and replace
+    earlier outputs)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise LecoError(f"{name}: {value!r}; give True or False")
+
+
+def check_list(name: str, value: object, of: str) -> None:
+    """A list where one is expected: a string would be read character by character."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise LecoError(f"{name}: {value!r} is not a list; give a list of {of}, e.g. [{value!r}]")

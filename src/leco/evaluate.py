@@ -53,7 +53,7 @@ from leco.embedding_files import (
     parse_embedding_option,
     read_embedding,
 )
-from leco.errors import LecoError, Terminated, first_line, warn
+from leco.errors import LecoError, Terminated, check_flags, check_list, first_line, warn
 from leco.files import atomic_output, is_eval_report, refuse_earlier_outputs
 from leco.generate import (
     MAX_SEEDS,
@@ -495,6 +495,8 @@ def evaluate(
     and leco wrote them; each carries its settings as A1111 writes them (`model_name`: the model as
     the user named it).
     """
+    check_flags(progress=progress, overwrite=overwrite)
+    check_list("embeddings", embeddings, "embedding files")
     spec = _ready_spec(spec)
     loras = _lora_list(lora)
     labels = lora_labels(loras)

@@ -23,7 +23,7 @@ from leco._version import __version__
 from leco.conditioning import checked_clip_skip, encode_text, warn_if_misread
 from leco.config import MAX_STRENGTH, typed_float
 from leco.embedding_files import Embedding, embeddings_loaded, with_tokens_in_their_case, written_as_a_word
-from leco.errors import LecoError, Terminated, warn
+from leco.errors import LecoError, Terminated, check_flags, check_list, warn
 from leco.files import GRID, refuse_earlier_outputs, safetensors_metadata
 from leco.images import (
     ImageRequest,
@@ -59,7 +59,7 @@ def is_guidance(scale: float) -> bool:
     return math.isfinite(scale) and 0 <= scale <= MAX_GUIDANCE
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingSettings:
     steps: int = 30
     guidance: float = 7.0
@@ -75,6 +75,18 @@ class SamplingSettings:
         a ZeroDivisionError or diffusers' error halfway through)."""
         from leco.config import MAX_GUIDANCE, MAX_SIDE
 
+        def whole(value: object) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        for name in ("steps", "clip_skip", "height", "width", "batch_size"):
+            value = getattr(self, name)
+            if not whole(value) and not (value is None and name in ("height", "width", "batch_size")):
+                raise LecoError(f"{name}: {value!r} is not a whole number; give one, e.g. {name}=2")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
+            raise LecoError(f"guidance: {self.guidance!r} is not a number; give one, e.g. guidance=7.5")
+        for name in ("negative_prompt", "sampler"):
+            if not isinstance(getattr(self, name), str):
+                raise LecoError(f"{name}: {getattr(self, name)!r}; give text (negative_prompt='' for none)")
         if not 1 <= self.steps <= MAX_SAMPLING_STEPS:
             raise LecoError(
                 f"steps: {self.steps}; sampling takes 1 to {MAX_SAMPLING_STEPS} steps (one per "
@@ -343,6 +355,9 @@ def output_files(requests: list[ImageRequest], out: str | Path) -> list[Path]:
 
 def requests_for(prompts: list[str], strengths: list[float], seeds: list[int]) -> list[ImageRequest]:
     """In grid order: rows are prompts x seeds, columns strengths."""
+    for name, values, of in (("prompts", prompts, "prompts"), ("strengths", strengths, "numbers")):
+        check_list(name, values, of)
+    check_list("seeds", seeds, "seeds")
     return [ImageRequest(p, s, seed) for p in prompts for seed in seeds for s in strengths]
 
 
@@ -423,6 +438,13 @@ def run_generation(
     Files of those names already in `out` stop it before the first image, unless `overwrite`.
     """
     out = Path(out)
+    check_flags(progress=progress, overwrite=overwrite)
+    check_list("requests", requests, "ImageRequest(prompt, strength, seed), e.g. from requests_for")
+    check_list("embeddings", embeddings, "embedding files")
+    if not all(isinstance(request, ImageRequest) for request in requests):
+        raise LecoError("requests: give ImageRequest(prompt, strength, seed) items, e.g. from requests_for")
+    if not isinstance(settings, SamplingSettings):
+        raise LecoError(f"settings: a {type(settings).__name__}; give a SamplingSettings")
     if not requests:
         raise LecoError("requests: an empty list; give at least one ImageRequest(prompt, strength, seed)")
     if lora is None and any(request.strength != 0 for request in requests):

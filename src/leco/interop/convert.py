@@ -23,7 +23,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, check_flags, warn
 from leco.files import check_output
 from leco.models import (
     CLI_OPTION_NAMES,
@@ -83,6 +83,7 @@ def convert(
     overwrite: bool = False,
 ) -> Path:
     """Write `source` (any kohya-style LoRA file) as a kohya file with full metadata at `out`."""
+    check_flags(overwrite=overwrite)
     source, out = Path(source), Path(out)
     if out.suffix.lower() != ".safetensors":
         raise LecoError(f"--out: {out} must end in .safetensors (the LoRA format A1111 and ComfyUI load)")

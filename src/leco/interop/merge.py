@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from leco.config import PretrainedModelConfig, typed_float
-from leco.errors import LecoError, warn
+from leco.errors import LecoError, check_flags, warn
 from leco.files import (
     atomic_folder,
     atomic_output,
@@ -66,6 +66,19 @@ class LoraStrength:
     @property
     def title(self) -> str:
         return self.path.stem
+
+
+def _as_lora_strength(lora: LoraStrength | str | os.PathLike) -> LoraStrength:
+    """What Python callers give merge: LoraStrength, or a path (`FILE:STRENGTH` too, as --lora)."""
+    if isinstance(lora, LoraStrength):
+        return LoraStrength(Path(lora.path), lora.strength)
+    if isinstance(lora, os.PathLike):
+        return LoraStrength(Path(lora))
+    if isinstance(lora, str):
+        return parse_lora_argument(lora)
+    raise LecoError(
+        f"loras: {lora!r}; give LoRA files (paths, FILE:STRENGTH) or LoraStrength(path, strength)"
+    )
 
 
 def parse_lora_argument(text: str) -> LoraStrength:
@@ -116,8 +129,8 @@ def bake(models: LoadedModels, lora: LoraStrength) -> None:
 
 
 def merge(
-    model: PretrainedModelConfig | str,
-    loras: Sequence[LoraStrength],
+    model: PretrainedModelConfig | str | Path,
+    loras: Sequence[LoraStrength | str | Path] | LoraStrength | str | Path,
     out: str | Path,
     *,
     precision: str = "fp16",
@@ -128,7 +141,16 @@ def merge(
     `out` ending in .safetensors is a single-file checkpoint in the original layout; any other
     path is a diffusers folder. An existing `out` is replaced only with `overwrite`.
     """
-    spec = PretrainedModelConfig(name_or_path=model) if isinstance(model, str) else model
+    check_flags(overwrite=overwrite)
+    if isinstance(model, (str, os.PathLike)):
+        model = PretrainedModelConfig(name_or_path=os.fspath(model))
+    if not isinstance(model, PretrainedModelConfig):
+        raise LecoError(f"model: a {type(model).__name__}; give a path, a repo id or a PretrainedModelConfig")
+    spec = model
+    loras = [
+        _as_lora_strength(lora)
+        for lora in ([loras] if isinstance(loras, (str, os.PathLike, LoraStrength)) else loras)
+    ]
     model_path = resolve_bundled(spec.name_or_path)
     inputs = [lora.path for lora in loras] + ([model_path] if path_exists(model_path) else [])
     out = _check_output(Path(out), overwrite, inputs)
