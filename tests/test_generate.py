@@ -1074,7 +1074,7 @@ def test_the_python_api_refuses_what_would_be_misread(tmp_path, lora_files, tiny
         ({"clip_skip": None}, "clip_skip: None is not a whole number"),
         ({"guidance": "7"}, "guidance: '7' is not a number"),
         ({"negative_prompt": None}, "negative_prompt: None; give text"),
-        ({"sampler": None}, "sampler: None; give text"),
+        ({"sampler": None}, "sampler: None; give a sampler's name"),
     ):
         with pytest.raises(LecoError, match=re.escape(said)):
             SamplingSettings(**wrong)

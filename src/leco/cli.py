@@ -723,6 +723,7 @@ def load_for_images(args: argparse.Namespace) -> tuple[LoadedModels, torch.devic
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from leco.embedding_files import check_embedding_options
     from leco.evaluate import check_detector, evaluate, format_report, load_spec, write_report
     from leco.files import holds_or_is
     from leco.models import model_name
@@ -742,8 +743,6 @@ def run_eval(args: argparse.Namespace) -> int:
     spec.images_per_prompt = args.images_per_prompt or spec.images_per_prompt
     if args.clip_skip:
         spec.clip_skip, spec._clip_skip_option = args.clip_skip, "--clip-skip"
-    from leco.embedding_files import check_embedding_options
-
     spec_texts = [spec.negative_prompt, *(p.prompt for p in (*spec.erase, *spec.keep, *spec.enhance))]
     args.embedding = check_embedding_options(args.embedding, spec_texts, args.lora or ())
     check_detector(spec)  # a missing package or a typo in a concept, before minutes of loading
@@ -772,6 +771,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from leco.embedding_files import check_embedding_options
     from leco.generate import (
         refuse_earlier_files,
         requests_for,
@@ -797,8 +797,6 @@ def run_generate(args: argparse.Namespace) -> int:
     refuse_earlier_files(requests, args.out, args.overwrite)  # before minutes of loading; and again later
     if args.overwrite:
         warn_of_other_images(requests, args.out)
-    from leco.embedding_files import check_embedding_options
-
     args.embedding = check_embedding_options(args.embedding, [*args.prompt, args.negative or ""])
     models, device = load_for_images(args)
     settings = sampling_settings(

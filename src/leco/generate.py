@@ -84,9 +84,10 @@ class SamplingSettings:
                 raise LecoError(f"{name}: {value!r} is not a whole number; give one, e.g. {name}=2")
         if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
             raise LecoError(f"guidance: {self.guidance!r} is not a number; give one, e.g. guidance=7.5")
-        for name in ("negative_prompt", "sampler"):
-            if not isinstance(getattr(self, name), str):
-                raise LecoError(f"{name}: {getattr(self, name)!r}; give text (negative_prompt='' for none)")
+        if not isinstance(self.negative_prompt, str):
+            raise LecoError(f"negative_prompt: {self.negative_prompt!r}; give text ('' for none)")
+        if not isinstance(self.sampler, str):
+            raise LecoError(f"sampler: {self.sampler!r}; give a sampler's name ('model' for its own)")
         if not 1 <= self.steps <= MAX_SAMPLING_STEPS:
             raise LecoError(
                 f"steps: {self.steps}; sampling takes 1 to {MAX_SAMPLING_STEPS} steps (one per "
@@ -355,9 +356,8 @@ def output_files(requests: list[ImageRequest], out: str | Path) -> list[Path]:
 
 def requests_for(prompts: list[str], strengths: list[float], seeds: list[int]) -> list[ImageRequest]:
     """In grid order: rows are prompts x seeds, columns strengths."""
-    for name, values, of in (("prompts", prompts, "prompts"), ("strengths", strengths, "numbers")):
-        check_list(name, values, of)
-    check_list("seeds", seeds, "seeds")
+    for name, values in (("prompts", prompts), ("strengths", strengths), ("seeds", seeds)):
+        check_list(name, values, name)
     return [ImageRequest(p, s, seed) for p in prompts for seed in seeds for s in strengths]
 
 
@@ -501,7 +501,7 @@ def a1111_parameters(
     if lora is not None and request.strength != 0:
         prompt = f"{prompt} <lora:{Path(lora).stem}:{format_strength(request.strength)}>"
         lora_hashes = f"{_hash_name(Path(lora).stem)}: {_short_hash(str(lora), kind='lora')}"
-    texts = [request.prompt.lower(), (settings.negative_prompt or "").lower()]  # CLIP reads lower case
+    texts = [request.prompt.lower(), settings.negative_prompt.lower()]  # CLIP reads lower case
     tokens = [e.token.lower() for e in embeddings]
     used = [e for e in embeddings if any(written_as_a_word(t, e.token.lower(), tokens) for t in texts)]
     ti_hashes = ", ".join(

@@ -924,16 +924,12 @@ def _reconcile(
     spec: PretrainedModelConfig, arch: Arch, detected_v: bool | None, evidence: str, names: OptionNames
 ) -> ModelFamily:
     """Combine what the weights say with the user's v2 / v_pred flags; contradictions are errors."""
-    if spec.v2 is not None and spec.v2 != (arch == "sd2"):
-        raise LecoError(
-            f"{names.section}.v2: is {str(spec.v2).lower()} but {spec.name_or_path} is an {arch} model; "
-            f"set v2: {str(arch == 'sd2').lower()} or remove the key (it is detected)"
-        )
-    if spec.sdxl is not None and spec.sdxl != (arch == "sdxl"):
-        raise LecoError(
-            f"{names.section}.sdxl: is {str(spec.sdxl).lower()} but {spec.name_or_path} is an {arch} model; "
-            f"set sdxl: {str(arch == 'sdxl').lower()} or remove the key (it is detected)"
-        )
+    for key, declared, family in (("v2", spec.v2, "sd2"), ("sdxl", spec.sdxl, "sdxl")):
+        if declared is not None and declared != (arch == family):
+            raise LecoError(
+                f"{names.section}.{key}: is {str(declared).lower()} but {spec.name_or_path} is an {arch} "
+                f"model; set {key}: {str(arch == family).lower()} or remove the key (it is detected)"
+            )
     if spec.v_pred is not None and detected_v is not None and spec.v_pred != detected_v:
         said = "v-prediction" if detected_v else "epsilon-prediction"
         if evidence == PROBED:  # a heuristic: the user's word wins, said

@@ -142,11 +142,13 @@ def merge(
     path is a diffusers folder. An existing `out` is replaced only with `overwrite`.
     """
     check_flags(overwrite=overwrite)
-    if isinstance(model, (str, os.PathLike)):
-        model = PretrainedModelConfig(name_or_path=os.fspath(model))
-    if not isinstance(model, PretrainedModelConfig):
-        raise LecoError(f"model: a {type(model).__name__}; give a path, a repo id or a PretrainedModelConfig")
-    spec = model
+    spec = (
+        PretrainedModelConfig(name_or_path=os.fspath(model))
+        if isinstance(model, (str, os.PathLike))
+        else model
+    )
+    if not isinstance(spec, PretrainedModelConfig):
+        raise LecoError(f"model: a {type(spec).__name__}; give a path, a repo id or a PretrainedModelConfig")
     loras = [
         _as_lora_strength(lora)
         for lora in ([loras] if isinstance(loras, (str, os.PathLike, LoraStrength)) else loras)
